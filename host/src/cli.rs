@@ -1,0 +1,287 @@
+//! The `lorahost` command line.
+
+use crate::metrics::Trace;
+use crate::plugin::{self, hook_list, Limits, PluginSet, PluginSpec, Runtime};
+use crate::replay;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// lorahost: fine-tune SAM3 with LoRA, steered by sandboxed, hot-reloaded WebAssembly plugins.
+#[derive(Parser, Debug)]
+#[command(name = "lorahost", version, about, long_about = None, after_help = "\
+Examples:
+  lorahost plugin check plugins/target/wasm32-wasip2/release/spike_guard.wasm
+  lorahost plugin replay spike_guard.wasm --trace examples/traces/diagnosis.jsonl
+  lorahost plugin new my_scheduler
+
+Logs go to stderr; set LORAHOST_LOG=debug (or a tracing filter) for more.")]
+pub struct Cli {
+    /// Where compiled plugins are cached [default: $LORAHOST_CACHE_DIR or ~/.cache/lorahost/components].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not read or write the compiled-plugin cache.
+    #[arg(long, global = true)]
+    pub no_cache: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Work with plugins: check, replay a recorded run through them, scaffold a new one.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+/// `lorahost plugin ...`
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Load a plugin, validate it against the contract, and print what it is.
+    ///
+    /// Compiles the component (or loads it from the cache), type-checks it against the
+    /// lorahost:plugin@0.1.0 world, calls describe() and init() with the given config, and
+    /// prints name, version, hooks, size and compile time. Exits non-zero when the plugin
+    /// would not load in training.
+    Check {
+        /// The plugin (.wasm component).
+        file: PathBuf,
+        #[command(flatten)]
+        config: PluginConfigArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Feed a recorded run's per-step metrics through plugins and print each step's answers.
+    ///
+    /// The trace is the metrics JSONL that `lorahost train` writes (one JSON object per
+    /// optimizer step with at least step, loss, lr, grad_norm; see docs/metrics-schema.md).
+    /// Plugins are called in the order given, exactly as training calls them. With --json,
+    /// prints one JSON object per step with `step` and `action` (continue, skip, scale_lr,
+    /// checkpoint, stop) and the details.
+    Replay {
+        /// Plugins (.wasm components), called in this order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The metrics JSONL to replay.
+        #[arg(long, value_name = "METRICS.jsonl")]
+        trace: PathBuf,
+        #[command(flatten)]
+        config: PluginConfigArgs,
+        /// Print one JSON object per step instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Keep going after a plugin answers stop (training would stop there).
+        #[arg(long)]
+        no_stop: bool,
+    },
+    /// Scaffold a new plugin crate that builds as-is with `cargo build --target wasm32-wasip2`.
+    New {
+        /// Plugin name, snake_case (also the crate name).
+        name: String,
+        /// Parent directory for the new crate.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Path to the lorahost-plugin SDK (plugins/sdk of the lorahost repo) [default: the one this binary was built from].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+}
+
+/// How plugins get their config sections and limits on the command line.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PluginConfigArgs {
+    /// YAML or JSON file mapping plugin name (file stem) to its config section,
+    /// e.g. `spike_guard: {z_threshold: 5}`. A top-level `plugins:` key is also accepted.
+    #[arg(long = "plugin-config", value_name = "FILE")]
+    pub plugin_config: Option<PathBuf>,
+    /// Set one config key: NAME.KEY=VALUE (VALUE is parsed as YAML: 5, true, "text").
+    #[arg(long = "set", value_name = "NAME.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// CPU budget per hook call, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub budget_ms: u64,
+    /// Memory limit per plugin, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub memory_mb: usize,
+}
+
+impl PluginConfigArgs {
+    /// Build the specs for `files`.
+    pub fn specs(&self, files: &[PathBuf]) -> Result<Vec<PluginSpec>> {
+        let mut sections: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        if let Some(path) = &self.plugin_config {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let mut value: serde_json::Value = serde_yaml::from_str(&text)
+                .with_context(|| format!("{} is not valid YAML/JSON", path.display()))?;
+            if let Some(inner) = value.get("plugins").cloned() {
+                value = inner;
+            }
+            let map = value.as_object().with_context(|| {
+                format!("{}: expected a mapping of plugin name to config section", path.display())
+            })?;
+            sections.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        for s in &self.set {
+            let (key, raw) =
+                s.split_once('=').with_context(|| format!("--set {s:?}: expected NAME.KEY=VALUE"))?;
+            let (name, field) = key.split_once('.').with_context(|| {
+                format!("--set {s:?}: expected NAME.KEY=VALUE (e.g. spike_guard.z_threshold=5)")
+            })?;
+            let value: serde_json::Value =
+                serde_yaml::from_str(raw).with_context(|| format!("--set {s:?}: value is not valid YAML"))?;
+            let entry = sections.entry(name.to_string()).or_insert_with(|| serde_json::json!({}));
+            match entry.as_object_mut() {
+                Some(obj) => {
+                    obj.insert(field.to_string(), value);
+                }
+                None => bail!("--set {s:?}: the config of {name} is not a mapping"),
+            }
+        }
+        let limits = Limits {
+            call_budget: Duration::from_millis(self.budget_ms.max(1)),
+            memory_bytes: self.memory_mb.max(2) << 20,
+            ..Limits::default()
+        };
+        let stems: Vec<String> = files.iter().map(|f| stem(f)).collect();
+        for name in sections.keys() {
+            if !stems.contains(name) {
+                bail!(
+                    "config given for plugin {name:?}, but no plugin file is named {name}.wasm (plugins: {})",
+                    stems.join(", ")
+                );
+            }
+        }
+        Ok(files
+            .iter()
+            .zip(stems)
+            .map(|(f, s)| PluginSpec {
+                path: f.clone(),
+                config: sections.get(&s).cloned().unwrap_or_else(|| serde_json::json!({})),
+                limits,
+            })
+            .collect())
+    }
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn runtime(cli: &Cli) -> Result<Arc<Runtime>> {
+    let cache = if cli.no_cache { None } else { cli.cache_dir.clone().or_else(Runtime::default_cache_dir) };
+    Ok(Runtime::new(cache)?)
+}
+
+fn ensure_file(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!(
+            "plugin file {} not found{}",
+            path.display(),
+            if path.to_string_lossy().contains("plugins/target") {
+                "; build the plugins first: cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Plugin(PluginCommand::Check { file, config, json }) => {
+            ensure_file(file)?;
+            let spec = config.specs(std::slice::from_ref(file))?.remove(0);
+            let p = plugin::check(runtime(&cli)?, &spec, &plugin::RunInfo::placeholder())?;
+            let m = p.manifest();
+            let c = p.compile_info();
+            if *json {
+                let v = serde_json::json!({
+                    "ok": true,
+                    "file": file,
+                    "contract": plugin::CONTRACT,
+                    "name": m.name,
+                    "version": m.version,
+                    "description": m.description,
+                    "hooks": m.hooks.iter().map(|h| h.wit_name()).collect::<Vec<_>>(),
+                    "size_bytes": c.size,
+                    "sha256": c.sha256,
+                    "compile_ms": c.elapsed.as_secs_f64() * 1e3,
+                    "cached": c.cached,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}: ok, implements {}", file.display(), plugin::CONTRACT);
+                println!("  name         {}", m.name);
+                println!("  version      {}", m.version);
+                println!("  description  {}", m.description);
+                println!("  hooks        {}", hook_list(m));
+                println!("  size         {:.1} KiB (sha256 {})", c.size as f64 / 1024.0, &c.sha256[..16]);
+                println!(
+                    "  compile      {:.1} ms{}",
+                    c.elapsed.as_secs_f64() * 1e3,
+                    if c.cached { " (from cache)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::Replay { files, trace, config, json, no_stop }) => {
+            for f in files {
+                ensure_file(f)?;
+            }
+            let trace_data = Trace::read(trace)?;
+            let run = replay::run_info_for(&trace_data);
+            let specs = config.specs(files)?;
+            let mut set = PluginSet::load(runtime(&cli)?, &specs, &run)?;
+            let steps = replay::replay(&mut set, &trace_data, &run, !*no_stop);
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for s in &steps {
+                if *json {
+                    writeln!(out, "{}", serde_json::to_string(s)?)?;
+                } else {
+                    writeln!(out, "{}", replay::render_text(s))?;
+                }
+            }
+            if !*json {
+                let flagged = steps.iter().filter(|s| s.action != "continue").count();
+                writeln!(
+                    out,
+                    "{} steps replayed through {}; {} with an action other than continue",
+                    steps.len(),
+                    set.plugins().iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+                    flagged
+                )?;
+            }
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::New { name, dir, sdk }) => {
+            let path = crate::scaffold::new_plugin(name, dir, sdk.as_deref())?;
+            println!("created {}", path.display());
+            println!("build it:  cd {} && cargo build --release --target wasm32-wasip2", path.display());
+            println!(
+                "check it:  lorahost plugin check {}/target/wasm32-wasip2/release/{name}.wasm",
+                path.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Set up logging to stderr (`LORAHOST_LOG` filter, default info).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LORAHOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

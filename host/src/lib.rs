@@ -1,0 +1,18 @@
+//! lorahost: a training host that fine-tunes SAM3 with LoRA on candle and lets sandboxed
+//! WebAssembly plugins steer training (metrics, gradients, LR, loss weights, sampling),
+//! hot-reloaded while training runs.
+//!
+//! Modules:
+//! - [`plugin`]: the wasmtime plugin runtime (contract in `wit/lorahost-plugin.wit`).
+//! - [`metrics`]: the per-step metrics JSONL that training writes and replay reads.
+//! - [`replay`]: feeding a recorded run through plugins.
+//! - [`scaffold`]: `lorahost plugin new`.
+//! - [`cli`]: the command line.
+//! - [`fsutil`]: atomic file writes.
+
+pub mod cli;
+pub mod fsutil;
+pub mod metrics;
+pub mod plugin;
+pub mod replay;
+pub mod scaffold;

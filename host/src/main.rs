@@ -1,0 +1,14 @@
+//! The `lorahost` binary.
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    lorahost::cli::init_logging();
+    let cli = lorahost::cli::Cli::parse();
+    match lorahost::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The per-step metrics log: one JSON object per line (JSONL). `lorahost train` writes it and
+//! `lorahost plugin replay` reads it; `docs/metrics-schema.md` documents every field.
+//!
+//! A line is one of:
+//! - a **step record**: an object with a `step` field (see [`StepRecord`]);
+//! - a **run header**: `{"run": {...}}` with the fields of the contract's `run-info`
+//!   (see [`RunHeader`]), written once at the start of a run;
+//! - anything else with an `event` field (plugin events, evaluations): ignored by readers
+//!   that do not know it.
+//!
+//! Non-finite numbers are written as `null` (JSON has no NaN) and read back as NaN.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One optimizer step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    /// Optimizer step (1-based).
+    pub step: u64,
+    /// Total weighted loss of the step (`null` when non-finite).
+    #[serde(deserialize_with = "nullable_f64", serialize_with = "finite_or_null")]
+    pub loss: f64,
+    /// Learning rate the step was taken with.
+    #[serde(deserialize_with = "nullable_f64", serialize_with = "finite_or_null")]
+    pub lr: f64,
+    /// Global gradient L2 norm before clipping.
+    #[serde(deserialize_with = "nullable_f64", serialize_with = "finite_or_null")]
+    pub grad_norm: f64,
+    /// Global gradient L2 norm after clipping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm_clipped: Option<f64>,
+    /// Micro-batches (forward/backward passes) in the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_steps: Option<u32>,
+    /// Epoch (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
+    /// Total optimizer steps planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<u64>,
+    /// Warmup length in optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
+    /// Unweighted per-term losses, e.g. `{"loss_mask": 0.12, "loss_dice": 0.4}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub losses: BTreeMap<String, f64>,
+    /// Weights applied to the terms in `losses`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub loss_weights: BTreeMap<String, f64>,
+    /// Samples in the step (all micro-batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    /// Annotated objects in the step's samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_count: Option<u32>,
+    /// Wall time of the step in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_time_ms: Option<f64>,
+    /// Peak memory during the step, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Per-group gradient statistics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grad_groups: Vec<GradGroupRecord>,
+    /// What the trainer did after the plugins answered (`continue`, `skip`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Any other fields (numbers become the hook's `extra` values).
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Gradient statistics of one parameter group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GradGroupRecord {
+    /// Group name (e.g. `vision`, `detr_decoder`).
+    pub name: String,
+    /// L2 norm.
+    pub l2_norm: f64,
+    /// Largest |g|.
+    #[serde(default)]
+    pub max_abs: f64,
+    /// NaN/inf entries.
+    #[serde(default)]
+    pub nonfinite: u64,
+    /// Entries.
+    #[serde(default)]
+    pub numel: u64,
+}
+
+/// The run header line: `{"run": {...}}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RunHeader {
+    /// Total optimizer steps.
+    pub total_steps: u64,
+    /// Warmup in optimizer steps.
+    pub warmup_steps: u64,
+    /// Gradient accumulation.
+    pub accumulation: u32,
+    /// Samples per micro-batch.
+    pub batch_size: u32,
+    /// Samples per optimizer step.
+    pub effective_batch_size: u32,
+    /// Peak LR.
+    pub base_lr: f64,
+    /// Scheduler name.
+    pub scheduler: String,
+    /// Training samples.
+    pub dataset_size: u32,
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Seed.
+    pub seed: u64,
+}
+
+fn nullable_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(*v)
+    } else {
+        s.serialize_none()
+    }
+}
+
+/// A parsed metrics log.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    /// The run header, when the log has one.
+    pub run: Option<RunHeader>,
+    /// Step records in file order.
+    pub steps: Vec<StepRecord>,
+}
+
+/// Why a metrics log could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// I/O.
+    #[error("cannot read metrics log {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// A bad line.
+    #[error("{path}:{line}: {reason}\n  fix: each line must be a JSON object with at least `step`, `loss`, `lr` and `grad_norm` (see docs/metrics-schema.md)")]
+    Line {
+        /// File.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No step record at all.
+    #[error("{0}: no step records found (expected JSON lines with a `step` field)")]
+    Empty(PathBuf),
+}
+
+impl Trace {
+    /// Read a JSONL metrics log.
+    pub fn read(path: &Path) -> Result<Trace, TraceError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| TraceError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse JSONL text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &Path) -> Result<Trace, TraceError> {
+        let mut trace = Trace::default();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let err = |reason: String| TraceError::Line { path: origin.into(), line: i + 1, reason };
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| err(format!("not JSON: {e}")))?;
+            let obj = value.as_object().ok_or_else(|| err("not a JSON object".into()))?;
+            if let Some(run) = obj.get("run") {
+                trace.run = Some(
+                    serde_json::from_value(run.clone()).map_err(|e| err(format!("bad run header: {e}")))?,
+                );
+            } else if obj.contains_key("step") {
+                let rec: StepRecord = serde_json::from_value(value).map_err(|e| err(e.to_string()))?;
+                trace.steps.push(rec);
+            } else if !obj.contains_key("event") {
+                return Err(err("no `step` field".into()));
+            }
+        }
+        if trace.steps.is_empty() {
+            return Err(TraceError::Empty(origin.into()));
+        }
+        Ok(trace)
+    }
+}
+
+impl StepRecord {
+    /// A record with only the four required fields.
+    pub fn new(step: u64, loss: f64, lr: f64, grad_norm: f64) -> Self {
+        StepRecord {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            grad_norm_clipped: None,
+            micro_steps: None,
+            epoch: None,
+            total_steps: None,
+            warmup_steps: None,
+            losses: BTreeMap::new(),
+            loss_weights: BTreeMap::new(),
+            batch_size: None,
+            object_count: None,
+            step_time_ms: None,
+            memory_bytes: None,
+            grad_groups: Vec::new(),
+            action: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// One JSONL line (no newline).
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_minimal_and_rich_lines() {
+        let text = r#"{"run": {"total_steps": 10, "warmup_steps": 2, "base_lr": 0.001}}
+{"step": 1, "loss": 2.5, "lr": 0.0005, "grad_norm": 3.0}
+{"event": "plugin_reloaded", "plugin": "x"}
+{"step": 2, "loss": null, "lr": 0.001, "grad_norm": 1.5, "losses": {"loss_mask": 0.2}, "custom": 7}
+"#;
+        let t = Trace::parse(text, Path::new("t.jsonl")).unwrap();
+        assert_eq!(t.run.as_ref().unwrap().total_steps, 10);
+        assert_eq!(t.steps.len(), 2);
+        assert!(t.steps[1].loss.is_nan());
+        assert_eq!(t.steps[1].losses["loss_mask"], 0.2);
+        assert_eq!(t.steps[1].extra["custom"], serde_json::json!(7));
+    }
+
+    #[test]
+    fn bad_line_names_file_and_line() {
+        let text =
+            "{\"step\": 1, \"loss\": 1.0, \"lr\": 0.1, \"grad_norm\": 1.0}\n{\"step\": 2, \"lr\": 0.1}\n";
+        let e = Trace::parse(text, Path::new("m.jsonl")).unwrap_err().to_string();
+        assert!(e.contains("m.jsonl:2"), "{e}");
+        assert!(e.contains("loss"), "{e}");
+    }
+
+    #[test]
+    fn nan_roundtrips_as_null() {
+        let r = StepRecord::new(3, f64::NAN, 0.1, 2.0);
+        let line = r.to_json_line();
+        assert!(line.contains("\"loss\":null"), "{line}");
+        let back = Trace::parse(&line, Path::new("x")).unwrap();
+        assert!(back.steps[0].loss.is_nan());
+    }
+}

@@ -1,0 +1,148 @@
+//! Hot reload: watch the plugins' directories (a compiler or editor replaces a file by
+//! rename, so a watch on the file itself would be lost), debounce, and act only when the
+//! content hash changes. New versions are compiled, validated and initialized on a worker
+//! thread; the training thread picks them up at the next step boundary and never waits.
+
+use super::error::PluginError;
+use super::instance::{prepare, Prepared};
+use super::runtime::{hex, Limits, Runtime};
+use super::RunInfo;
+use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode, DebounceEventResult, Debouncer};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Quiet time after the last file event before a change is looked at.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// A plugin file under watch, with what is needed to rebuild it.
+pub(crate) struct Watched {
+    pub(crate) path: PathBuf,
+    pub(crate) sha256: String,
+    pub(crate) config_json: String,
+    pub(crate) run: RunInfo,
+    pub(crate) limits: Limits,
+    pub(crate) name: String,
+}
+
+/// What the worker hands to the training thread.
+pub(crate) enum Message {
+    /// A validated, initialized new version for plugin `index`.
+    Ready { index: usize, prepared: Box<Prepared> },
+    /// A changed file that failed to compile, validate or init.
+    Rejected { index: usize, reason: String },
+}
+
+/// The watcher and its worker.
+pub(crate) struct Reloader {
+    rx: Mutex<Receiver<Message>>,
+    buffered: Mutex<VecDeque<Message>>,
+    _debouncer: Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>,
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    })
+}
+
+impl Reloader {
+    pub(crate) fn start(runtime: Arc<Runtime>, mut watched: Vec<Watched>) -> Result<Self, PluginError> {
+        for w in &mut watched {
+            w.path = absolute(&w.path);
+        }
+        let (event_tx, event_rx) = channel::<Vec<PathBuf>>();
+        let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| match res {
+            Ok(events) => {
+                let _ = event_tx.send(events.into_iter().map(|e| e.path).collect());
+            }
+            Err(e) => tracing::warn!("plugin file watcher: {e}"),
+        })
+        .map_err(|e| PluginError::Engine(format!("cannot start the plugin file watcher: {e}")))?;
+        let mut dirs: Vec<PathBuf> =
+            watched.iter().filter_map(|w| w.path.parent().map(Path::to_path_buf)).collect();
+        dirs.sort();
+        dirs.dedup();
+        for d in &dirs {
+            debouncer
+                .watcher()
+                .watch(d, RecursiveMode::NonRecursive)
+                .map_err(|e| PluginError::Engine(format!("cannot watch {}: {e}", d.display())))?;
+            tracing::info!("watching {} for plugin changes", d.display());
+        }
+
+        let (tx, rx) = channel::<Message>();
+        std::thread::Builder::new()
+            .name("lorahost-reload".into())
+            .spawn(move || {
+                while let Ok(mut paths) = event_rx.recv() {
+                    // Coalesce bursts that arrived while the last compile ran.
+                    while let Ok(more) = event_rx.try_recv() {
+                        paths.extend(more);
+                    }
+                    for (index, w) in watched.iter_mut().enumerate() {
+                        if !paths.iter().any(|p| absolute(p) == w.path || p == &w.path) {
+                            continue;
+                        }
+                        let Some(msg) = rebuild(&runtime, index, w) else { continue };
+                        if tx.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the reload worker: {e}")))?;
+        Ok(Reloader { rx: Mutex::new(rx), buffered: Mutex::new(VecDeque::new()), _debouncer: debouncer })
+    }
+
+    /// Messages ready now (non-blocking).
+    pub(crate) fn poll(&self) -> Vec<Message> {
+        let mut out: Vec<Message> =
+            self.buffered.lock().map(|mut b| b.drain(..).collect()).unwrap_or_default();
+        if let Ok(rx) = self.rx.lock() {
+            out.extend(rx.try_iter());
+        }
+        out
+    }
+
+    /// Block until a message is ready or `timeout` passes; the message stays queued for `poll`.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        if self.buffered.lock().map(|b| !b.is_empty()).unwrap_or(false) {
+            return true;
+        }
+        let Ok(rx) = self.rx.lock() else { return false };
+        match rx.recv_timeout(timeout) {
+            Ok(m) => {
+                if let Ok(mut b) = self.buffered.lock() {
+                    b.push_back(m);
+                }
+                true
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => false,
+        }
+    }
+}
+
+/// Look at a changed file: None when it is gone or unchanged, else the new version or why not.
+fn rebuild(runtime: &Runtime, index: usize, w: &mut Watched) -> Option<Message> {
+    let bytes = match std::fs::read(&w.path) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!("{} not readable ({e}); keeping the loaded version", w.path.display());
+            return None;
+        }
+    };
+    let sha = hex(&Sha256::digest(&bytes));
+    if sha == w.sha256 {
+        return None;
+    }
+    w.sha256 = sha;
+    tracing::info!(plugin = %w.name, "{} changed; compiling the new version in the background", w.path.display());
+    Some(match prepare(runtime, &bytes, &w.path, &w.config_json, &w.run, &w.limits) {
+        Ok(prepared) => Message::Ready { index, prepared: Box::new(prepared) },
+        Err(e) => Message::Rejected { index, reason: e.to_string() },
+    })
+}
