@@ -200,6 +200,11 @@ fn reload_latency() {
             std::thread::sleep(Duration::from_millis(1));
         }
         latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        eprintln!("reload round {round}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        // Let late file events of this round settle so they cannot serve the next one.
+        std::thread::sleep(Duration::from_millis(600));
+        set.step_boundary();
+        set.take_events();
     }
     println!("\n## Hot-reload latency (rename of a new .wasm -> active at a step boundary, 1 ms steps)");
     println!(
