@@ -266,6 +266,7 @@ pub fn render_text(s: &ReplayStep) -> String {
         let f: Vec<String> = s.loss_factors.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
         line.push_str(&format!("  weights {}", f.join(" ")));
     }
+    let mut line = line.trim_end().to_string();
     for e in &s.events {
         line.push_str(&format!("\n           ! {e}"));
     }

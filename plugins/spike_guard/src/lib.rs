@@ -189,10 +189,23 @@ fn spike_reason(what: &str, step: u64, value: f64, score: Option<Score>, thresho
     }
     let s = score.filter(|s| s.z > threshold)?;
     Some(format!(
-        "{what} spike at step {step}: {what} {value:.6} vs baseline median {:.6} \
-         (scale {:.3e}), z = {:.1} > {threshold}",
-        s.median, s.scale, s.z
+        "{what} spike at step {step}: {what} {} vs baseline median {} (robust scale {}), z = {:.1} > {threshold}",
+        num(value),
+        num(s.median),
+        num(s.scale),
+        s.z
     ))
+}
+
+/// A number with about four significant digits, without scientific notation for ordinary sizes.
+fn num(x: f64) -> String {
+    let a = x.abs();
+    if a == 0.0 || (1e-3..1e6).contains(&a) {
+        let decimals = (3 - a.log10().floor() as i32).clamp(0, 6) as usize;
+        format!("{x:.decimals$}")
+    } else {
+        format!("{x:.3e}")
+    }
 }
 
 /// The spike guard; see the crate docs.
