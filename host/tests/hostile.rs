@@ -46,7 +46,13 @@ fn infinite_loop_is_cut_off_by_the_cpu_budget() {
 #[test]
 fn memory_bomb_hits_the_memory_cap() {
     within(60, || {
-        let mut set = hostile(json!({"mode": "memory_bomb"}));
+        // A generous CPU budget, so only the memory cap can stop it even on a loaded machine.
+        let spec = PluginSpec {
+            config: json!({"mode": "memory_bomb"}),
+            limits: Limits { call_budget: Duration::from_secs(20), ..Limits::default() },
+            ..PluginSpec::new(plugin("hostile"))
+        };
+        let mut set = PluginSet::load(runtime(), &[spec], &run_info()).unwrap();
         let d = set.on_step(&metrics(1, 1.0));
         assert!(matches!(d.action, Action::Continue));
         let f = failures(&mut set);

@@ -39,8 +39,12 @@ impl Hostile {
                     x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
                 }
             }
+            // Reserve (without touching) 16 MiB at a time: the memory cap, not the CPU
+            // budget, must be what stops it.
             "memory_bomb" => loop {
-                self.hoard.push(vec![1u8; 1 << 20]);
+                let mut chunk = Vec::with_capacity(16 << 20);
+                chunk.push(1u8);
+                self.hoard.push(chunk);
             },
             "trap" => panic!("hostile plugin traps on purpose"),
             "log_flood" => {
