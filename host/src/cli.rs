@@ -36,6 +36,68 @@ pub enum Command {
     /// Work with plugins: check, replay a recorded run through them, scaffold a new one.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Run SAM3 on raw tensors (the parity contract with transformers' Sam3Model).
+    ///
+    /// IN holds pixel_values f32 (B,3,S,S), input_ids i64 (B,T), attention_mask i64 (B,T), and
+    /// optionally input_boxes f32 (B,N,4) normalized cxcywh with input_boxes_labels i64 (B,N)
+    /// (1 positive, 0 negative, -10 padding). OUT gets pred_logits (B,Q), pred_boxes (B,Q,4)
+    /// normalized xyxy, presence_logits (B,1), pred_masks (B,Q,H,W) and semantic_seg (B,1,H,W).
+    Forward {
+        /// Model directory: config.json + model.safetensors (or sharded with an index).
+        #[arg(long)]
+        model: PathBuf,
+        /// Input tensors (safetensors).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output file (safetensors), written atomically.
+        #[arg(long)]
+        out: PathBuf,
+        /// Device.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: crate::inference::DeviceArg,
+        /// Compute dtype.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::inference::DTypeArg,
+        /// Reproduce transformers exactly: skip the geometry encoder when no box is given
+        /// (Meta's original, the default, always appends the geometry CLS token).
+        #[arg(long)]
+        transformers_text_only: bool,
+    },
+    /// Segment an image with a text prompt (and optional boxes): JSON + overlay PNG.
+    ///
+    /// Applies EXIF orientation, resizes to the model size, scores each query as
+    /// σ(logit)·σ(presence), keeps those above --threshold, runs NMS, upsamples masks to the
+    /// image, and writes OUT/detections.json (boxes in pixels, scores, COCO RLE masks) and
+    /// OUT/overlay.png.
+    Predict {
+        /// Model directory (config.json, weights, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// The image (JPEG or PNG).
+        #[arg(long)]
+        image: PathBuf,
+        /// What to find, e.g. "crack".
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// A box prompt in image pixels, x0,y0,x1,y1 (repeatable).
+        #[arg(long = "box", value_name = "X0,Y0,X1,Y1")]
+        boxes: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Score threshold.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
+        /// NMS IoU threshold.
+        #[arg(long, default_value_t = 0.7)]
+        nms_iou: f32,
+        /// Device.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: crate::inference::DeviceArg,
+        /// Compute dtype.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::inference::DTypeArg,
+    },
 }
 
 /// `lorahost plugin ...`
@@ -193,9 +255,57 @@ fn ensure_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn parse_box(s: &str) -> Result<[f32; 4]> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--box {s:?}: expected four numbers x0,y0,x1,y1"))?;
+    match v.as_slice() {
+        [x0, y0, x1, y1] if x1 > x0 && y1 > y0 => Ok([*x0, *y0, *x1, *y1]),
+        [_, _, _, _] => bail!("--box {s:?}: need x1 > x0 and y1 > y0"),
+        _ => bail!("--box {s:?}: expected four numbers x0,y0,x1,y1"),
+    }
+}
+
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Forward { model, inputs, out, device, dtype, transformers_text_only } => {
+            let path = if *transformers_text_only {
+                crate::sam3::model::PromptPath::Transformers
+            } else {
+                crate::sam3::model::PromptPath::Original
+            };
+            crate::inference::forward(model, inputs, out, *device, *dtype, path)
+        }
+        Command::Predict { model, image, prompt, boxes, out, threshold, nms_iou, device, dtype } => {
+            let opts = crate::inference::PredictOptions {
+                model_dir: model.clone(),
+                image: image.clone(),
+                prompt: prompt.clone(),
+                boxes: boxes.iter().map(|b| parse_box(b)).collect::<Result<_>>()?,
+                out: out.clone(),
+                threshold: *threshold,
+                nms_iou: *nms_iou,
+                device: *device,
+                dtype: *dtype,
+            };
+            let dets = crate::inference::predict(&opts)?;
+            println!(
+                "{} detection(s) for {:?}; wrote {}/detections.json and overlay.png",
+                dets.len(),
+                prompt,
+                out.display()
+            );
+            for d in &dets {
+                println!(
+                    "  score {:.3}  box [{:.0}, {:.0}, {:.0}, {:.0}]  area {} px",
+                    d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3], d.area
+                );
+            }
+            Ok(())
+        }
         Command::Plugin(PluginCommand::Check { file, config, json }) => {
             ensure_file(file)?;
             let spec = config.specs(std::slice::from_ref(file))?.remove(0);

@@ -12,7 +12,10 @@
 
 pub mod cli;
 pub mod fsutil;
+pub mod imageio;
+pub mod inference;
 pub mod metrics;
 pub mod plugin;
 pub mod replay;
+pub mod sam3;
 pub mod scaffold;

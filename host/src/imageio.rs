@@ -1,0 +1,112 @@
+//! Reading images the way users have them: JPEG/PNG, EXIF orientation applied, resized to the
+//! model's square input (aspect ratio not preserved, as SAM3 does), normalized to [-1, 1].
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use std::path::{Path, PathBuf};
+
+/// Why an image could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Missing or unreadable file.
+    #[error("cannot read image {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Not a decodable image.
+    #[error("cannot decode image {path}: {reason} (supported: JPEG, PNG)")]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Decode an image file and apply its EXIF orientation, so pixels are as a person sees them.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let decode = |reason: String| ImageError::Decode { path: path.into(), reason };
+    let reader = ImageReader::open(path)
+        .map_err(|e| ImageError::Read { path: path.into(), reason: e.to_string() })?
+        .with_guessed_format()
+        .map_err(|e| ImageError::Read { path: path.into(), reason: e.to_string() })?;
+    let mut decoder = reader.into_decoder().map_err(|e| decode(e.to_string()))?;
+    let orientation = decoder.orientation().map_err(|e| decode(e.to_string()))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode(e.to_string()))?;
+    img.apply_orientation(orientation);
+    Ok(img.to_rgb8())
+}
+
+/// Resize to `size`×`size` (bilinear with antialiasing when shrinking) and normalize each
+/// channel as x/255·2 − 1 (mean 0.5, std 0.5): a (1, 3, size, size) f32 tensor.
+pub fn to_pixel_values(img: &RgbImage, size: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let resized =
+        image::imageops::resize(img, size as u32, size as u32, image::imageops::FilterType::Triangle);
+    let hw = size * size;
+    let mut data = vec![0f32; 3 * hw];
+    for (i, p) in resized.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * hw + i] = p[c] as f32 / 255.0 * 2.0 - 1.0;
+        }
+    }
+    Tensor::from_vec(data, (1, 3, size, size), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_to_minus_one_one() {
+        let img =
+            RgbImage::from_fn(
+                4,
+                4,
+                |x, _| if x < 2 { image::Rgb([0, 0, 0]) } else { image::Rgb([255, 255, 255]) },
+            );
+        let t = to_pixel_values(&img, 4, &Device::Cpu).unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v[0], -1.0);
+        assert_eq!(v[3], 1.0);
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("broken.jpg");
+        std::fs::write(&p, b"not an image").unwrap();
+        let e = load_rgb(&p).unwrap_err().to_string();
+        assert!(e.contains("broken.jpg"), "{e}");
+        let e = load_rgb(&dir.path().join("none.png")).unwrap_err().to_string();
+        assert!(e.contains("none.png") && e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // A 4x2 JPEG whose EXIF says "rotate 90° clockwise" (orientation 6) loads as 2x4.
+        let img = RgbImage::from_fn(4, 2, |x, _| image::Rgb([x as u8 * 60, 0, 0]));
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
+            .encode_image(&DynamicImage::ImageRgb8(img))
+            .unwrap();
+        // APP1 "Exif\0\0" + little-endian TIFF header + one IFD entry: 0x0112 SHORT 1 = 6.
+        let mut tiff = b"II*\0\x08\0\0\0".to_vec();
+        tiff.extend([1, 0]); // one entry
+        tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]);
+        tiff.extend([0, 0, 0, 0]); // no next IFD
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend(tiff);
+        let len = (app1.len() + 2) as u16;
+        let mut out = vec![0xFF, 0xD8, 0xFF, 0xE1, (len >> 8) as u8, len as u8];
+        out.extend(app1);
+        out.extend(&jpeg[2..]);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rotated.jpg");
+        std::fs::write(&p, out).unwrap();
+        let loaded = load_rgb(&p).unwrap();
+        assert_eq!(loaded.dimensions(), (2, 4));
+    }
+}

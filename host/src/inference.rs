@@ -1,0 +1,253 @@
+//! `lorahost forward` (the raw-tensor contract used for parity) and `lorahost predict`
+//! (real images and text prompts in, boxes/scores/masks and an overlay out).
+
+use crate::imageio;
+use crate::sam3::model::{PromptPath, Sam3Inputs, Sam3Model};
+use crate::sam3::postprocess::{self, Detection, RawOutputs};
+use crate::sam3::tokenizer::PromptTokenizer;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// CPU.
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 weights and activations (norms, softmax in f32).
+    Bf16,
+}
+
+impl DeviceArg {
+    /// The candle device.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => {
+                if !candle_core::utils::cuda_is_available() {
+                    bail!("--device cuda: this lorahost was built without CUDA support; rebuild with `cargo build --release --features cuda` (see ../shared/gpu/README.md)");
+                }
+                Device::new_cuda(0).context("cannot open CUDA device 0")
+            }
+        }
+    }
+}
+
+impl DTypeArg {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str, path: &Path) -> Result<&'a Tensor> {
+    map.get(name).with_context(|| format!("{}: missing tensor `{name}`", path.display()))
+}
+
+fn expect_rank(t: &Tensor, name: &str, rank: usize, what: &str, path: &Path) -> Result<()> {
+    if t.rank() != rank {
+        bail!("{}: `{name}` has shape {:?}, expected {what}", path.display(), t.dims());
+    }
+    Ok(())
+}
+
+/// Read and check the `forward` input file.
+pub fn read_inputs(path: &Path, device: &Device, image_size: usize) -> Result<Sam3Inputs> {
+    let map = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
+    let pixel_values = get(&map, "pixel_values", path)?;
+    expect_rank(pixel_values, "pixel_values", 4, "(B, 3, S, S)", path)?;
+    let (b, c, h, w) = pixel_values.dims4()?;
+    if c != 3 || h != w || h != image_size {
+        bail!(
+            "{}: pixel_values is {:?}; this model takes (B, 3, {image_size}, {image_size})",
+            path.display(),
+            pixel_values.dims()
+        );
+    }
+    let input_ids = get(&map, "input_ids", path)?;
+    expect_rank(input_ids, "input_ids", 2, "(B, T)", path)?;
+    let attention_mask = get(&map, "attention_mask", path)?;
+    if attention_mask.dims() != input_ids.dims() || input_ids.dim(0)? != b {
+        bail!(
+            "{}: input_ids {:?} and attention_mask {:?} must both be (B={b}, T)",
+            path.display(),
+            input_ids.dims(),
+            attention_mask.dims()
+        );
+    }
+    let boxes = map.get("input_boxes");
+    let labels = map.get("input_boxes_labels");
+    if let Some(bx) = boxes {
+        expect_rank(bx, "input_boxes", 3, "(B, N, 4) normalized cxcywh", path)?;
+        if bx.dim(0)? != b || bx.dim(2)? != 4 {
+            bail!("{}: input_boxes is {:?}, expected (B={b}, N, 4)", path.display(), bx.dims());
+        }
+        if let Some(l) = labels {
+            if l.dims() != &bx.dims()[..2] {
+                bail!(
+                    "{}: input_boxes_labels is {:?}, expected (B, N) = {:?}",
+                    path.display(),
+                    l.dims(),
+                    &bx.dims()[..2]
+                );
+            }
+        }
+    } else if labels.is_some() {
+        bail!("{}: input_boxes_labels given without input_boxes", path.display());
+    }
+    let to = |t: &Tensor, dt: DType| -> Result<Tensor> { Ok(t.to_dtype(dt)?.to_device(device)?) };
+    Ok(Sam3Inputs {
+        pixel_values: to(pixel_values, DType::F32)?,
+        input_ids: to(input_ids, DType::I64)?,
+        attention_mask: to(attention_mask, DType::I64)?,
+        input_boxes: boxes.map(|t| to(t, DType::F32)).transpose()?,
+        input_boxes_labels: labels.map(|t| to(t, DType::I64)).transpose()?,
+    })
+}
+
+/// `lorahost forward`.
+pub fn forward(
+    model_dir: &Path,
+    inputs: &Path,
+    out: &Path,
+    device: DeviceArg,
+    dtype: DTypeArg,
+    path: PromptPath,
+) -> Result<()> {
+    let device = device.device()?;
+    let start = std::time::Instant::now();
+    let model = Sam3Model::load_dir(model_dir, &device, dtype.dtype())?;
+    tracing::info!("loaded {} in {:.1} s", model_dir.display(), start.elapsed().as_secs_f64());
+    let inputs = read_inputs(inputs, &device, model.image_size())?;
+    let start = std::time::Instant::now();
+    let o = model.forward(&inputs, path)?;
+    tracing::info!("forward in {:.2} s", start.elapsed().as_secs_f64());
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in [
+        ("pred_logits", &o.pred_logits),
+        ("pred_boxes", &o.pred_boxes),
+        ("presence_logits", &o.presence_logits),
+        ("pred_masks", &o.pred_masks),
+        ("semantic_seg", &o.semantic_seg),
+    ] {
+        tensors.insert(name.to_string(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?);
+    }
+    let tmp = out.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot move the result to {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Options of `lorahost predict`.
+pub struct PredictOptions {
+    /// Model directory (config, weights, tokenizer).
+    pub model_dir: PathBuf,
+    /// The image.
+    pub image: PathBuf,
+    /// The text prompt.
+    pub prompt: String,
+    /// Optional box prompt in image pixels, xyxy.
+    pub boxes: Vec<[f32; 4]>,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Score threshold on σ(logit)·σ(presence).
+    pub threshold: f32,
+    /// NMS IoU threshold.
+    pub nms_iou: f32,
+    /// Device.
+    pub device: DeviceArg,
+    /// Dtype.
+    pub dtype: DTypeArg,
+}
+
+/// `lorahost predict`: writes `detections.json` and `overlay.png` into `out`.
+pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
+    let device = o.device.device()?;
+    let img = imageio::load_rgb(&o.image)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let tokenizer = PromptTokenizer::from_dir(&o.model_dir)?;
+    let model = Sam3Model::load_dir(&o.model_dir, &device, o.dtype.dtype())?;
+    let size = model.image_size();
+    let pixel_values = imageio::to_pixel_values(&img, size, &device)?;
+    let ctx = model.config().text_config.max_position_embeddings;
+    let prompt = o.prompt.trim();
+    let prompt = if prompt.is_empty() && !o.boxes.is_empty() { "visual" } else { prompt };
+    if prompt.is_empty() {
+        bail!("--prompt is empty; give a text prompt (e.g. --prompt \"crack\") or a --box");
+    }
+    let (ids, mask) = tokenizer.encode(prompt, ctx);
+    let t = ids.len();
+    let input_ids = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), &device)?;
+    let attention_mask =
+        Tensor::from_vec(mask.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), &device)?;
+    let (input_boxes, input_boxes_labels) = if o.boxes.is_empty() {
+        (None, None)
+    } else {
+        let mut data = Vec::new();
+        for b in &o.boxes {
+            let (x0, y0, x1, y1) = (b[0] / w as f32, b[1] / h as f32, b[2] / w as f32, b[3] / h as f32);
+            data.extend([(x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0).abs(), (y1 - y0).abs()]);
+        }
+        let n = o.boxes.len();
+        (
+            Some(Tensor::from_vec(data, (1, n, 4), &device)?),
+            Some(Tensor::from_vec(vec![1i64; n], (1, n), &device)?),
+        )
+    };
+    let inputs = Sam3Inputs { pixel_values, input_ids, attention_mask, input_boxes, input_boxes_labels };
+    let out = model.forward(&inputs, PromptPath::Original)?;
+    let f32v = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let logits = f32v(&out.pred_logits)?;
+    let presence = f32v(&out.presence_logits)?[0];
+    let boxes_flat = f32v(&out.pred_boxes)?;
+    let boxes: Vec<[f32; 4]> = boxes_flat.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+    let (_, _, mh, mw) = out.pred_masks.dims4()?;
+    let masks = f32v(&out.pred_masks)?;
+    let raw = RawOutputs {
+        logits: &logits,
+        presence_logit: presence,
+        boxes: &boxes,
+        masks: &masks,
+        mask_size: (mh, mw),
+    };
+    let dets = postprocess::detections(&raw, (w, h), o.threshold, o.nms_iou);
+    std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
+    let json = serde_json::json!({
+        "image": o.image,
+        "prompt": prompt,
+        "width": w,
+        "height": h,
+        "presence_score": postprocess::sigmoid(presence),
+        "threshold": o.threshold,
+        "detections": dets,
+    });
+    crate::fsutil::write_atomic(
+        &o.out.join("detections.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    let overlay = postprocess::overlay(&img, &dets);
+    let mut png = Vec::new();
+    overlay
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .context("cannot encode the overlay PNG")?;
+    crate::fsutil::write_atomic(&o.out.join("overlay.png"), &png)?;
+    Ok(dets)
+}

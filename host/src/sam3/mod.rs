@@ -1,0 +1,20 @@
+//! SAM3's image model (the detector) in candle, component by component as in the paper and
+//! the reference code: vision (ViT), neck (FPN), text (CLIP), geometry (box/exemplar prompts),
+//! encoder (fusion), decoder (DETR with presence token), scoring (dot product), mask head.
+//! Module paths equal transformers' `Sam3Model` key names.
+
+pub mod config;
+pub mod decoder;
+pub mod encoder;
+pub mod geometry;
+pub mod mask_head;
+pub mod model;
+pub mod neck;
+pub mod nn;
+pub mod position;
+pub mod postprocess;
+pub mod scoring;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;

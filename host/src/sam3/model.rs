@@ -1,0 +1,269 @@
+//! The whole SAM3 detector: transformers' `Sam3Model.forward`, plus Meta's original prompt path
+//! and the training-time outputs (per-layer logits, boxes and presence for auxiliary losses, and
+//! the one-to-many/DAC half of the decoder).
+//!
+//! Data flow: vision (ViT + FPN, the coarsest level dropped) → text (CLIP + resizer) → geometry
+//! (boxes + CLS) → prompt = [text; geometry] → fusion encoder → DETR decoder → box head,
+//! dot-product scoring, presence → mask head.
+
+use super::config::Sam3Config;
+use super::decoder::{DecoderOptions, DetrDecoder};
+use super::encoder::DetrEncoder;
+use super::geometry::{GeometryEncoder, NoBoxPolicy};
+use super::mask_head::MaskDecoder;
+use super::nn::box_cxcywh_to_xyxy;
+use super::scoring::DotProductScoring;
+use super::text::TextEncoder;
+use super::vision::VisionModel;
+use super::weights::{self, Checkpoint, Coverage};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use std::path::Path;
+
+/// Which prompt path to follow when no box is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptPath {
+    /// Meta's original (how SAM3 was trained): the geometry encoder always runs, so a text-only
+    /// prompt carries one geometry CLS token. Used for training and inference.
+    #[default]
+    Original,
+    /// transformers' `Sam3Model`: the geometry encoder is skipped without boxes (parity path).
+    Transformers,
+}
+
+/// Model inputs (the `forward` contract).
+#[derive(Debug, Clone)]
+pub struct Sam3Inputs {
+    /// (B, 3, S, S), normalized to [-1, 1].
+    pub pixel_values: Tensor,
+    /// (B, T) token ids.
+    pub input_ids: Tensor,
+    /// (B, T), 1 = valid token.
+    pub attention_mask: Tensor,
+    /// (B, N, 4) normalized cxcywh box prompts.
+    pub input_boxes: Option<Tensor>,
+    /// (B, N): 1 positive, 0 negative, -10 padding.
+    pub input_boxes_labels: Option<Tensor>,
+}
+
+/// Switches of one forward pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// Prompt path without boxes.
+    pub path: PromptPath,
+    /// Training mode: dropout on (as Meta's recipe).
+    pub train: bool,
+    /// Run the DAC one-to-many half of the decoder (training).
+    pub dac: bool,
+}
+
+/// Model outputs. Q = queries; N = Q, or 2Q with DAC (the one-to-many half last).
+#[derive(Debug, Clone)]
+pub struct Sam3Outputs {
+    /// Last-layer dot-product logits of the one-to-one queries (B, Q).
+    pub pred_logits: Tensor,
+    /// Last-layer boxes, normalized xyxy (B, Q, 4).
+    pub pred_boxes: Tensor,
+    /// Last-layer presence logit (B, 1).
+    pub presence_logits: Tensor,
+    /// Mask logits of the one-to-one queries (B, Q, H, W).
+    pub pred_masks: Tensor,
+    /// Semantic logits (B, 1, H, W).
+    pub semantic_seg: Tensor,
+    /// Logits of every layer and query (L, B, N).
+    pub all_logits: Tensor,
+    /// Boxes of every layer and query, cxcywh (L, B, N, 4).
+    pub all_boxes_cxcywh: Tensor,
+    /// Presence logits of every layer (L, B, 1).
+    pub all_presence: Tensor,
+    /// Mask logits of all N queries (B, N, H, W).
+    pub all_masks: Tensor,
+    /// Queries of the one-to-many half (0 without DAC).
+    pub num_o2m: usize,
+}
+
+/// SAM3's image model.
+pub struct Sam3Model {
+    config: Sam3Config,
+    /// ViT + FPN (`vision_encoder`).
+    pub vision: VisionModel,
+    /// CLIP text encoder + resizer (`text_encoder`, `text_projection`).
+    pub text: TextEncoder,
+    /// Box/exemplar prompts (`geometry_encoder`).
+    pub geometry: GeometryEncoder,
+    /// Fusion encoder (`detr_encoder`).
+    pub encoder: DetrEncoder,
+    /// DETR decoder (`detr_decoder`).
+    pub decoder: DetrDecoder,
+    /// Dot-product scoring (`dot_product_scoring`).
+    pub scoring: DotProductScoring,
+    /// Mask head (`mask_decoder`).
+    pub mask: MaskDecoder,
+    dtype: DType,
+}
+
+impl Sam3Model {
+    /// Build from a VarBuilder whose paths are transformers' `Sam3Model` keys.
+    pub fn load(vb: VarBuilder, config: &Sam3Config) -> Result<Self> {
+        Ok(Sam3Model {
+            vision: VisionModel::load(vb.pp("vision_encoder"), &config.vision_config)?,
+            text: TextEncoder::load(vb.clone(), &config.text_config, config.detr_encoder_config.hidden_size)?,
+            geometry: GeometryEncoder::load(vb.pp("geometry_encoder"), &config.geometry_encoder_config)?,
+            encoder: DetrEncoder::load(vb.pp("detr_encoder"), &config.detr_encoder_config)?,
+            decoder: DetrDecoder::load(vb.pp("detr_decoder"), &config.detr_decoder_config)?,
+            scoring: DotProductScoring::load(vb.pp("dot_product_scoring"), &config.detr_decoder_config)?,
+            mask: MaskDecoder::load(vb.pp("mask_decoder"), &config.mask_decoder_config)?,
+            config: config.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Build from an opened checkpoint and check that every tensor was used (strict).
+    pub fn from_checkpoint(
+        ck: &Checkpoint,
+        config: &Sam3Config,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<(Self, Coverage)> {
+        let model = Self::load(ck.var_builder(dtype, device), config)?;
+        let coverage = ck.finish()?;
+        Ok((model, coverage))
+    }
+
+    /// Load a model: a transformers directory (`config.json` + safetensors, either layout) or
+    /// Meta's `sam3.pt` with a `config.json` beside it.
+    pub fn load_dir(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let (config, ck) = if path.is_file() {
+            let config_path = path.with_file_name("config.json");
+            if !config_path.is_file() {
+                bail!(
+                    "{}: an original checkpoint carries no config; put the matching config.json next to it",
+                    path.display()
+                );
+            }
+            let (config, _) = super::config::Sam3Config::from_file(&config_path)?;
+            (config, weights::open_original(path)?)
+        } else {
+            weights::open_dir(path)?
+        };
+        let (model, cov) = Self::from_checkpoint(&ck, &config, device, dtype)
+            .with_context(|| format!("loading {}", path.display()))?;
+        tracing::info!(
+            "loaded {}: {}/{} tensors ({} tracker/unused tensors ignored)",
+            path.display(),
+            cov.used,
+            cov.available,
+            cov.ignored
+        );
+        Ok(model)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Sam3Config {
+        &self.config
+    }
+
+    /// Input image size (square).
+    pub fn image_size(&self) -> usize {
+        self.config.vision_config.backbone_config.image_size
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Inference forward pass (no dropout, no DAC).
+    pub fn forward(&self, inputs: &Sam3Inputs, path: PromptPath) -> Result<Sam3Outputs> {
+        self.forward_with(inputs, ForwardOptions { path, train: false, dac: false })
+    }
+
+    /// Forward pass with explicit options.
+    pub fn forward_with(&self, inputs: &Sam3Inputs, opts: ForwardOptions) -> Result<Sam3Outputs> {
+        let pixel_values = inputs.pixel_values.to_dtype(self.dtype)?;
+        let vision = self.vision.forward(&pixel_values)?;
+        // The coarsest FPN level (0.5x) is computed by the neck but not used (`scalp=1`).
+        let levels = vision.fpn.len().saturating_sub(1).max(1);
+        let fpn = &vision.fpn[..levels];
+        let fpn_pos = &vision.fpn_pos[..levels];
+        let (img, img_pos) = (&fpn[levels - 1], &fpn_pos[levels - 1]);
+
+        let text = self.text.forward(&inputs.input_ids, &inputs.attention_mask)?;
+        let text_mask = inputs.attention_mask.ne(0i64)?.to_dtype(DType::U8)?;
+        let policy = match opts.path {
+            PromptPath::Original => NoBoxPolicy::ClsToken,
+            PromptPath::Transformers => NoBoxPolicy::Skip,
+        };
+        let geometry = self.geometry.encode_prompt(
+            inputs.input_boxes.as_ref(),
+            inputs.input_boxes_labels.as_ref(),
+            img,
+            Some(img_pos),
+            policy,
+        )?;
+        let (prompt, prompt_mask) = match geometry {
+            Some(g) => {
+                let b = g.last_hidden_state.dim(0)?;
+                let (mut t, mut m) = (text.features.clone(), text_mask.clone());
+                if t.dim(0)? == 1 && b > 1 {
+                    t = t.repeat((b, 1, 1))?;
+                    m = m.repeat((b, 1))?;
+                }
+                let gm = g.attention_mask.to_dtype(DType::U8)?;
+                (
+                    Tensor::cat(&[t, g.last_hidden_state.to_dtype(text.features.dtype())?], 1)?,
+                    Tensor::cat(&[m, gm], 1)?,
+                )
+            }
+            None => (text.features.clone(), text_mask),
+        };
+
+        let enc = self.encoder.forward(
+            std::slice::from_ref(img),
+            &prompt,
+            std::slice::from_ref(img_pos),
+            Some(&prompt_mask),
+            opts.train,
+        )?;
+        let dec = self.decoder.forward(
+            &enc.last_hidden_state,
+            &enc.text_features,
+            &enc.pos_embeds_flattened,
+            Some(&prompt_mask),
+            &enc.spatial_shapes,
+            DecoderOptions { dac: opts.dac, train: opts.train },
+        )?;
+        let all_boxes_cxcywh = self.decoder.pred_boxes(&dec)?;
+        let all_logits = self.scoring.forward(
+            &dec.intermediate_hidden_states,
+            &enc.text_features,
+            Some(&prompt_mask),
+            opts.train,
+        )?;
+        let all_logits = all_logits.squeeze(D::Minus1)?.to_dtype(DType::F32)?;
+        let all_presence = dec.presence_logits.to_dtype(DType::F32)?;
+        let l = all_logits.dim(0)?;
+        let n = all_logits.dim(2)?;
+        let q = n - dec.num_o2m;
+
+        let queries = dec.intermediate_hidden_states.get(l - 1)?; // (B, N, C)
+        let masks =
+            self.mask.forward(&queries, fpn, &enc.last_hidden_state, Some(&prompt), Some(&prompt_mask))?;
+        let all_masks = masks.pred_masks.to_dtype(DType::F32)?;
+
+        let last_boxes = all_boxes_cxcywh.get(l - 1)?.narrow(1, 0, q)?;
+        Ok(Sam3Outputs {
+            pred_logits: all_logits.get(l - 1)?.narrow(1, 0, q)?,
+            pred_boxes: box_cxcywh_to_xyxy(&last_boxes)?,
+            presence_logits: all_presence.get(l - 1)?,
+            pred_masks: all_masks.narrow(1, 0, q)?,
+            semantic_seg: masks.semantic_seg.to_dtype(DType::F32)?,
+            all_logits,
+            all_boxes_cxcywh,
+            all_presence,
+            all_masks,
+            num_o2m: dec.num_o2m,
+        })
+    }
+}

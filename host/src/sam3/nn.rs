@@ -1,0 +1,338 @@
+//! Differentiable building blocks shared by every SAM3 component.
+//!
+//! Everything here has a backward in candle 0.11: LayerNorm and softmax are composed from
+//! elementary ops on purpose, because candle's fused `ops::layer_norm`, `softmax_last_dim`,
+//! `rope*` and the `candle_nn::LayerNorm` module have no backward and silently cut gradients
+//! (see `../shared/docs/candle-training.md`). Modules load through `VarBuilder` paths equal to
+//! transformers' key names, so checkpoint keys and LoRA target patterns are one vocabulary.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Additive bias for masked attention positions (large negative, finite to avoid NaN when a row
+/// is fully masked).
+pub const MASK_BIAS: f64 = -1e9;
+
+/// A linear layer `y = x Wᵀ + b` over the last dimension of any-rank input.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out, in)
+    pub weight: Tensor,
+    /// (out)
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Load `{path}.weight` (out, in) and, if `bias`, `{path}.bias` (out).
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+        let w = self.weight.to_dtype(x.dtype())?;
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm over the last dimension, composed (differentiable), computed in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Tensor,
+    /// Shift.
+    pub bias: Tensor,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Load `{path}.weight` and `{path}.bias` of width `dim`.
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = xn
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+        y.to_dtype(dtype)
+    }
+}
+
+/// Softmax over the last dimension, composed (differentiable), computed in f32.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)
+}
+
+/// Logistic sigmoid (differentiable).
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::sigmoid(x)
+}
+
+/// Scaled dot-product attention on (B, H, Nq, Dh) × (B, H, Nk, Dh): softmax(q kᵀ · scale + bias) v.
+/// `bias` is additive and broadcast to (B, H, Nq, Nk).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(b) = bias {
+        scores = scores.broadcast_add(&b.to_dtype(scores.dtype())?)?;
+    }
+    softmax_last(&scores)?.matmul(&v.contiguous()?)
+}
+
+/// (B, 1, 1, Nk) additive bias from a key mask (B, Nk) whose nonzero entries are valid keys.
+pub fn key_padding_bias(valid: &Tensor) -> Result<Tensor> {
+    let (b, n) = valid.dims2()?;
+    let valid = valid.to_dtype(DType::F32)?;
+    // valid=1 -> 0, valid=0 -> MASK_BIAS
+    ((valid - 1.0)? * (-MASK_BIAS))?.reshape((b, 1, 1, n))
+}
+
+/// Multi-head attention with separate q/k/v/output projections (transformers' `Sam3Attention`;
+/// CLIP names its output projection `out_proj`).
+#[derive(Debug, Clone)]
+pub struct MultiHeadAttention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Heads.
+    pub num_heads: usize,
+}
+
+impl MultiHeadAttention {
+    /// Load `{q,k,v}_proj` and `{out_name}` (usually `o_proj`) of width `dim`.
+    pub fn load(vb: VarBuilder, dim: usize, num_heads: usize, out_name: &str) -> Result<Self> {
+        Ok(MultiHeadAttention {
+            q_proj: Linear::load(vb.pp("q_proj"), dim, dim, true)?,
+            k_proj: Linear::load(vb.pp("k_proj"), dim, dim, true)?,
+            v_proj: Linear::load(vb.pp("v_proj"), dim, dim, true)?,
+            o_proj: Linear::load(vb.pp(out_name), dim, dim, true)?,
+            num_heads,
+        })
+    }
+
+    fn heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        x.reshape((b, n, self.num_heads, c / self.num_heads))?.transpose(1, 2)
+    }
+
+    /// query (B, Nq, C), key/value (B, Nk, C); `bias` additive, broadcastable to (B, H, Nq, Nk).
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, nq, c) = query.dims3()?;
+        let q = self.heads(&self.q_proj.forward(query)?)?;
+        let k = self.heads(&self.k_proj.forward(key)?)?;
+        let v = self.heads(&self.v_proj.forward(value)?)?;
+        let scale = 1.0 / ((c / self.num_heads) as f64).sqrt();
+        let o = attention(&q, &k, &v, scale, bias)?;
+        let o = o.transpose(1, 2)?.contiguous()?.reshape((b, nq, c))?;
+        self.o_proj.forward(&o)
+    }
+}
+
+/// Activation functions used by SAM3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact (erf) GELU, PyTorch's `nn.GELU()`.
+    Gelu,
+    /// ReLU.
+    Relu,
+}
+
+impl Activation {
+    /// From a transformers `hidden_act` name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "gelu" => Ok(Activation::Gelu),
+            "relu" => Ok(Activation::Relu),
+            other => candle_core::bail!("unsupported activation {other:?} (SAM3 uses \"gelu\" and \"relu\")"),
+        }
+    }
+
+    /// Apply.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// `fc1 → activation → fc2` (transformers' `Sam3MLP` and CLIP's MLP).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// First layer.
+    pub fc1: Linear,
+    /// Second layer.
+    pub fc2: Linear,
+    /// Activation between them.
+    pub act: Activation,
+}
+
+impl Mlp {
+    /// Load `fc1` (dim → hidden) and `fc2` (hidden → dim).
+    pub fn load(vb: VarBuilder, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
+        Ok(Mlp {
+            fc1: Linear::load(vb.pp("fc1"), dim, hidden, true)?,
+            fc2: Linear::load(vb.pp("fc2"), hidden, dim, true)?,
+            act,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.apply(&self.fc1.forward(x)?)?)
+    }
+}
+
+/// A stack of linear layers with ReLU between them, named `layer1..layerN`
+/// (transformers' `Sam3DecoderMLP`: box head, presence head, ref-point head, boxRPB MLPs).
+#[derive(Debug, Clone)]
+pub struct DecoderMlp {
+    /// The layers.
+    pub layers: Vec<Linear>,
+}
+
+impl DecoderMlp {
+    /// `dims` = [in, hidden..., out]; layers are `{path}.layer{i}` for i = 1..dims.len()-1.
+    pub fn load(vb: VarBuilder, dims: &[usize]) -> Result<Self> {
+        let layers = dims
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| Linear::load(vb.pp(format!("layer{}", i + 1)), w[0], w[1], true))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecoderMlp { layers })
+    }
+}
+
+impl Module for DecoderMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h)?;
+            if i + 1 < self.layers.len() {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// `inverse_sigmoid` with transformers' clamps: log(max(x,eps) / max(1-x,eps)) after x ∈ [0,1].
+pub fn inverse_sigmoid(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.clamp(0.0, 1.0)?;
+    let x1 = x.clamp(eps, f64::INFINITY)?;
+    let x2 = (1.0 - &x)?.clamp(eps, f64::INFINITY)?;
+    (x1 / x2)?.log()
+}
+
+/// (cx, cy, w, h) → (x0, y0, x1, y1) over the last dimension.
+pub fn box_cxcywh_to_xyxy(b: &Tensor) -> Result<Tensor> {
+    let cx = b.narrow(D::Minus1, 0, 1)?;
+    let cy = b.narrow(D::Minus1, 1, 1)?;
+    let w = b.narrow(D::Minus1, 2, 1)?;
+    let h = b.narrow(D::Minus1, 3, 1)?;
+    let x0 = (&cx - (&w * 0.5)?)?;
+    let y0 = (&cy - (&h * 0.5)?)?;
+    let x1 = (&cx + (&w * 0.5)?)?;
+    let y1 = (&cy + (&h * 0.5)?)?;
+    Tensor::cat(&[x0, y0, x1, y1], D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn layer_norm_matches_definition_and_has_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::new(&[[1.0f32, 2.0, 4.0], [0.5, -1.0, 3.0]], &dev)?;
+        let w = Var::new(&[1.0f32, 2.0, 0.5], &dev)?;
+        let b = Var::new(&[0.0f32, 1.0, -1.0], &dev)?;
+        let ln = LayerNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), eps: 1e-5 };
+        let y = ln.forward(x.as_tensor())?;
+        // row 0: mean 7/3, var = ((4/3)^2 + (1/3)^2 + (5/3)^2)/3 = 42/27
+        let sd = (42.0f32 / 27.0 + 1e-5).sqrt();
+        let expect0 =
+            [(1.0 - 7.0 / 3.0) / sd, 2.0 * (2.0 - 7.0 / 3.0) / sd + 1.0, 0.5 * (4.0 - 7.0 / 3.0) / sd - 1.0];
+        let got = y.to_vec2::<f32>()?;
+        for (g, e) in got[0].iter().zip(expect0) {
+            assert!((g - e).abs() < 1e-5, "{g} vs {e}");
+        }
+        let loss = (y.sqr()?.sum_all()? + y.sum_all()?)?;
+        let grads = loss.backward()?;
+        for v in [&x, &w, &b] {
+            let g = grads.get(v.as_tensor()).expect("gradient reaches every input");
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_masks_padded_keys_and_backpropagates() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Var::new(&[[[[1.0f32, 0.0], [0.0, 1.0]]]], &dev)?; // (1,1,2,2)
+        let k = Tensor::new(&[[[[1.0f32, 0.0], [0.0, 1.0], [5.0, 5.0]]]], &dev)?;
+        let v = Tensor::new(&[[[[1.0f32, 0.0], [0.0, 1.0], [100.0, 100.0]]]], &dev)?;
+        let valid = Tensor::new(&[[1u8, 1, 0]], &dev)?;
+        let bias = key_padding_bias(&valid)?;
+        let o = attention(q.as_tensor(), &k, &v, 1.0, Some(&bias))?;
+        let o = o.flatten_all()?.to_vec1::<f32>()?;
+        // The padded key (value 100) must not contribute.
+        assert!(o.iter().all(|x| *x <= 1.0), "{o:?}");
+        let e = 1f32.exp();
+        assert!((o[0] - e / (e + 1.0)).abs() < 1e-5);
+        let grads = attention(q.as_tensor(), &k, &v, 1.0, Some(&bias))?.sum_all()?.backward()?;
+        assert!(grads.get(q.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn inverse_sigmoid_clamps() -> Result<()> {
+        let x = Tensor::new(&[0.0f32, 0.5, 1.0, 0.25], &Device::Cpu)?;
+        let y = inverse_sigmoid(&x, 1e-3)?.to_vec1::<f32>()?;
+        assert!((y[0] - (1e-3f32 / 1.0).ln()).abs() < 1e-4);
+        assert!(y[1].abs() < 1e-6);
+        assert!((y[3] - (0.25f32 / 0.75).ln()).abs() < 1e-5);
+        Ok(())
+    }
+}

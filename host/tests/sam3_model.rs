@@ -1,0 +1,367 @@
+//! The whole SAM3 model against transformers' `Sam3Model` (fixtures from
+//! tools/gen_sam3_fixtures.py), strict checkpoint loading, the `forward` command, bad inputs,
+//! and gradients reaching every parameter.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lorahost::sam3::config::Sam3Config;
+use lorahost::sam3::model::{ForwardOptions, PromptPath, Sam3Inputs, Sam3Model};
+use lorahost::sam3::nn::box_cxcywh_to_xyxy;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam3").join(name)
+}
+
+/// Reference tensors, with the generator's alias table resolved.
+struct Reference {
+    outputs: HashMap<String, Tensor>,
+    inputs: HashMap<String, Tensor>,
+    aliases: HashMap<String, String>,
+}
+
+impl Reference {
+    fn open(dir: &Path) -> Self {
+        let outputs = candle_core::safetensors::load(dir.join("outputs.safetensors"), &Device::Cpu).unwrap();
+        let inputs = candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu).unwrap();
+        let bytes = std::fs::read(dir.join("outputs.safetensors")).unwrap();
+        let (_, meta) = safetensors_metadata(&bytes);
+        let aliases = meta
+            .get("aliases")
+            .and_then(|a| serde_json::from_str::<HashMap<String, String>>(a).ok())
+            .unwrap_or_default();
+        Reference { outputs, inputs, aliases }
+    }
+
+    fn get(&self, name: &str) -> Tensor {
+        if let Some(t) = self.outputs.get(name) {
+            return t.clone();
+        }
+        let target = self.aliases.get(name).unwrap_or_else(|| panic!("no reference tensor {name}"));
+        match target.strip_prefix("inputs:") {
+            Some(n) => self.inputs[n].clone(),
+            None => self.get(target),
+        }
+    }
+
+    fn model_inputs(&self, with_boxes: bool) -> Sam3Inputs {
+        Sam3Inputs {
+            pixel_values: self.inputs["pixel_values"].clone(),
+            input_ids: self.inputs["input_ids"].clone(),
+            attention_mask: self.inputs["attention_mask"].clone(),
+            input_boxes: with_boxes.then(|| self.inputs["input_boxes"].clone()),
+            input_boxes_labels: with_boxes.then(|| self.inputs["input_boxes_labels"].clone()),
+        }
+    }
+}
+
+/// The JSON header of a safetensors file: (header length, __metadata__ map).
+fn safetensors_metadata(bytes: &[u8]) -> (usize, HashMap<String, String>) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let meta = header
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value::<HashMap<String, String>>(m.clone()).ok())
+        .unwrap_or_default();
+    (n, meta)
+}
+
+/// max |a - b| <= 1e-4 * max(1, max |b|)
+fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.dims(), want.dims(), "{name}: shape");
+    let got = got.to_dtype(DType::F32).unwrap();
+    let want = want.to_dtype(DType::F32).unwrap();
+    let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    assert!(diff <= 1e-4 * scale, "{name}: max |diff| {diff} > 1e-4 x {scale}");
+}
+
+fn parity(name: &str) {
+    let dir = fixture(name);
+    let model = Sam3Model::load_dir(&dir, &Device::Cpu, DType::F32).expect("strict load");
+    let r = Reference::open(&dir);
+
+    // Box prompts: transformers and Meta's path agree (the geometry encoder runs in both).
+    for path in [PromptPath::Transformers, PromptPath::Original] {
+        let o = model.forward(&r.model_inputs(true), path).unwrap();
+        assert_close("pred_logits", &o.pred_logits, &r.get("pred_logits"));
+        assert_close("pred_boxes", &o.pred_boxes, &r.get("pred_boxes"));
+        assert_close("presence_logits", &o.presence_logits, &r.get("presence_logits"));
+        assert_close("pred_masks", &o.pred_masks, &r.get("pred_masks"));
+        assert_close("semantic_seg", &o.semantic_seg, &r.get("semantic_seg"));
+        // Per-layer (auxiliary) predictions.
+        assert_close("all logits", &o.all_logits, &r.get("heads.all_pred_logits"));
+        assert_close(
+            "all boxes",
+            &box_cxcywh_to_xyxy(&o.all_boxes_cxcywh).unwrap(),
+            &r.get("heads.all_pred_boxes"),
+        );
+    }
+
+    // Text only: transformers skips the geometry encoder...
+    let o = model.forward(&r.model_inputs(false), PromptPath::Transformers).unwrap();
+    assert_close("textonly.pred_logits", &o.pred_logits, &r.get("textonly.pred_logits"));
+    assert_close("textonly.pred_boxes", &o.pred_boxes, &r.get("textonly.pred_boxes"));
+    assert_close("textonly.presence_logits", &o.presence_logits, &r.get("textonly.presence_logits"));
+    // ...while Meta's original appends the geometry CLS token, which changes the answer.
+    let orig = model.forward(&r.model_inputs(false), PromptPath::Original).unwrap();
+    let d = (&orig.pred_logits - &o.pred_logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 1e-3, "the original text-only path must differ from transformers' (CLS token), diff {d}");
+}
+
+#[test]
+fn matches_transformers_tiny_a() {
+    parity("tiny_a");
+}
+
+#[test]
+fn matches_transformers_tiny_b() {
+    parity("tiny_b");
+}
+
+#[test]
+fn forward_command_writes_the_contract_outputs() {
+    let dir = fixture("tiny_a");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out.safetensors");
+    let status = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["forward", "--model"])
+        .arg(&dir)
+        .arg("--inputs")
+        .arg(dir.join("inputs.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let r = Reference::open(&dir);
+    for name in ["pred_logits", "pred_boxes", "presence_logits", "pred_masks", "semantic_seg"] {
+        assert_close(name, &got[name], &r.get(name));
+    }
+}
+
+fn forward_err(model_dir: &Path, inputs: &Path) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["forward", "--model"])
+        .arg(model_dir)
+        .arg("--inputs")
+        .arg(inputs)
+        .arg("--out")
+        .arg(out.path().join("o.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let good = fixture("tiny_a");
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let inputs = good.join("inputs.safetensors");
+
+    // Missing model directory / files.
+    let e = forward_err(&tmp.path().join("nowhere"), &inputs);
+    assert!(e.contains("nowhere") && e.contains("not found"), "{e}");
+    let d = copy("no_weights");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let e = forward_err(&d, &inputs);
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    // A config without a field names the field.
+    let d = copy("no_field");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["detr_decoder_config"].as_object_mut().unwrap().remove("num_layers");
+    std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+    let e = forward_err(&d, &inputs);
+    assert!(e.contains("detr_decoder_config") && e.contains("num_layers"), "{e}");
+
+    // A corrupt safetensors file.
+    let d = copy("corrupt");
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
+    let e = forward_err(&d, &inputs);
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    // A config that does not match the weights: every mis-shaped tensor is listed.
+    let d = copy("wrong_size");
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["detr_decoder_config"]["intermediate_size"] = serde_json::json!(48);
+    std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+    let e = forward_err(&d, &inputs);
+    assert!(e.contains("mis-shaped") && e.contains("detr_decoder.layers.0.mlp.fc1.weight"), "{e}");
+
+    // Wrong input shapes.
+    let bad_inputs = tmp.path().join("bad_inputs.safetensors");
+    let mut m = candle_core::safetensors::load(&inputs, &Device::Cpu).unwrap();
+    m.insert("pixel_values".into(), Tensor::zeros((2, 3, 64, 64), DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&m, &bad_inputs).unwrap();
+    let e = forward_err(&good, &bad_inputs);
+    assert!(e.contains("pixel_values") && e.contains("112"), "{e}");
+    m.remove("pixel_values");
+    candle_core::safetensors::save(&m, &bad_inputs).unwrap();
+    let e = forward_err(&good, &bad_inputs);
+    assert!(e.contains("missing tensor `pixel_values`"), "{e}");
+}
+
+#[test]
+fn unused_checkpoint_tensors_are_an_error() {
+    let good = fixture("tiny_a");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(good.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let mut m = candle_core::safetensors::load(good.join("model.safetensors"), &Device::Cpu).unwrap();
+    m.insert("detr_decoder.surprise.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    m.remove("mask_decoder.semantic_projection.weight");
+    candle_core::safetensors::save(&m, tmp.path().join("model.safetensors")).unwrap();
+    let e = Sam3Model::load_dir(tmp.path(), &Device::Cpu, DType::F32).err().unwrap();
+    let e = format!("{e:#}");
+    assert!(e.contains("unexpected  detr_decoder.surprise.weight"), "{e}");
+    assert!(e.contains("missing     mask_decoder.semantic_projection.weight"), "{e}");
+}
+
+#[test]
+fn video_layout_with_shards_loads_with_full_coverage() {
+    // The hub's Sam3VideoModel layout: detector keys under `detector_model.`, tracker keys
+    // ignored, weights sharded with an index.
+    let good = fixture("tiny_a");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("config.json")).unwrap()).unwrap();
+    let video = serde_json::json!({"model_type": "sam3_video", "detector_config": cfg});
+    std::fs::write(tmp.path().join("config.json"), video.to_string()).unwrap();
+    let m = candle_core::safetensors::load(good.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = m.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let mut shard: HashMap<String, Tensor> =
+            part.iter().map(|k| (format!("detector_model.{k}"), m[*k].clone())).collect();
+        if file.starts_with("model-00002") {
+            shard.insert(
+                "tracker_model.memory.weight".into(),
+                Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+            );
+            shard.insert(
+                "tracker_neck.fpn_layers.0.proj1.bias".into(),
+                Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+            );
+        }
+        for k in shard.keys() {
+            weight_map.insert(k.clone(), serde_json::json!(file));
+        }
+        candle_core::safetensors::save(&shard, tmp.path().join(file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let (config, ck) = lorahost::sam3::weights::open_dir(tmp.path()).unwrap();
+    let (model, cov) = Sam3Model::from_checkpoint(&ck, &config, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(cov.used, m.len());
+    assert_eq!(cov.available, m.len());
+    assert_eq!(cov.ignored, 2);
+    let r = Reference::open(&good);
+    let o = model.forward(&r.model_inputs(true), PromptPath::Transformers).unwrap();
+    assert_close("pred_logits", &o.pred_logits, &r.get("pred_logits"));
+}
+
+/// Every parameter of every component receives a gradient through the full forward pass
+/// (with DAC), except the tensors that are dead in SAM3 itself.
+#[test]
+fn gradients_reach_every_component() {
+    let (config, _) = Sam3Config::from_file(&fixture("tiny_a").join("config.json")).unwrap();
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let model = Sam3Model::load(vb, &config).unwrap();
+    // Random values everywhere (the VarMap starts at zeros, which would hide cut paths).
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let t = var.as_tensor();
+        let r = Tensor::randn(0f32, 1.0, t.shape(), &dev).unwrap();
+        let fan_in = t.dims().iter().skip(1).product::<usize>().max(1) as f64;
+        let v = if name.contains("norm") && name.ends_with("weight") {
+            ((r * 0.1).unwrap() + 1.0).unwrap()
+        } else {
+            (r * (1.0 / fan_in.sqrt())).unwrap()
+        };
+        var.set(&v).unwrap();
+    }
+    let r = Reference::open(&fixture("tiny_a"));
+    let o = model
+        .forward_with(
+            &r.model_inputs(true),
+            ForwardOptions { path: PromptPath::Original, train: false, dac: true },
+        )
+        .unwrap();
+    assert_eq!(o.num_o2m, o.pred_logits.dim(1).unwrap());
+    // A random projection of every output, so no output can cancel out.
+    let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();
+    for t in [&o.all_logits, &o.all_boxes_cxcywh, &o.all_presence, &o.all_masks, &o.semantic_seg] {
+        let w = Tensor::randn(0f32, 1.0, t.shape(), &dev).unwrap();
+        loss = (loss + (t * w).unwrap().sum_all().unwrap()).unwrap();
+    }
+    let grads = loss.backward().unwrap();
+    let dead = |n: &str| {
+        n == "text_encoder.text_projection.weight"
+            || n.starts_with("vision_encoder.neck.fpn_layers.3.")
+            || n.starts_with("mask_decoder.pixel_decoder.conv_layers.2.")
+            || n.starts_with("mask_decoder.pixel_decoder.norms.2.")
+            // softmax is invariant to a shift shared by all keys: without RoPE a key bias
+            // gets exactly zero gradient (the ViT's keys are rotated, so its key biases count).
+            || (n.ends_with("k_proj.bias") && !n.starts_with("vision_encoder"))
+    };
+    let data = varmap.data().lock().unwrap();
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    let mut components = std::collections::BTreeSet::new();
+    for (name, var) in data.iter() {
+        if dead(name) {
+            continue;
+        }
+        checked += 1;
+        let ok = grads
+            .get(var.as_tensor())
+            .map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+            .unwrap_or(false);
+        if ok {
+            components.insert(name.split('.').next().unwrap().to_string());
+        } else {
+            missing.push(name.clone());
+        }
+    }
+    missing.sort();
+    assert!(missing.is_empty(), "no gradient for {} of {checked} parameters: {missing:?}", missing.len());
+    let expected = [
+        "detr_decoder",
+        "detr_encoder",
+        "dot_product_scoring",
+        "geometry_encoder",
+        "mask_decoder",
+        "text_encoder",
+        "text_projection",
+        "vision_encoder",
+    ];
+    assert_eq!(components.into_iter().collect::<Vec<_>>(), expected);
+}
