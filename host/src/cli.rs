@@ -58,10 +58,12 @@ pub enum Command {
         /// Compute dtype.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: crate::inference::DTypeArg,
-        /// Reproduce transformers exactly: skip the geometry encoder when no box is given
-        /// (Meta's original, the default, always appends the geometry CLS token).
-        #[arg(long)]
-        transformers_text_only: bool,
+        /// Numerics where Meta's original and transformers differ: `transformers` (the parity
+        /// contract: text-only prompts skip the geometry encoder, presence clamped to ±10, the
+        /// config's ViT LayerNorm eps) or `original` (geometry CLS token always present, no
+        /// clamp, ViT eps 1e-5: how SAM3 was trained; what predict and train use).
+        #[arg(long, value_enum, default_value = "transformers")]
+        semantics: SemanticsArg,
     },
     /// Segment an image with a text prompt (and optional boxes): JSON + overlay PNG.
     ///
@@ -152,6 +154,15 @@ pub enum PluginCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+}
+
+/// `--semantics` of `forward`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SemanticsArg {
+    /// transformers' Sam3Model, exactly.
+    Transformers,
+    /// Meta's original Sam3Image.
+    Original,
 }
 
 /// How plugins get their config sections and limits on the command line.
@@ -271,13 +282,12 @@ fn parse_box(s: &str) -> Result<[f32; 4]> {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Forward { model, inputs, out, device, dtype, transformers_text_only } => {
-            let path = if *transformers_text_only {
-                crate::sam3::model::PromptPath::Transformers
-            } else {
-                crate::sam3::model::PromptPath::Original
+        Command::Forward { model, inputs, out, device, dtype, semantics } => {
+            let semantics = match semantics {
+                SemanticsArg::Transformers => crate::sam3::model::Semantics::Transformers,
+                SemanticsArg::Original => crate::sam3::model::Semantics::Original,
             };
-            crate::inference::forward(model, inputs, out, *device, *dtype, path)
+            crate::inference::forward(model, inputs, out, *device, *dtype, semantics)
         }
         Command::Predict { model, image, prompt, boxes, out, threshold, nms_iou, device, dtype } => {
             let opts = crate::inference::PredictOptions {

@@ -2,7 +2,7 @@
 //! (real images and text prompts in, boxes/scores/masks and an overlay out).
 
 use crate::imageio;
-use crate::sam3::model::{PromptPath, Sam3Inputs, Sam3Model};
+use crate::sam3::model::{Sam3Inputs, Sam3Model, Semantics};
 use crate::sam3::postprocess::{self, Detection, RawOutputs};
 use crate::sam3::tokenizer::PromptTokenizer;
 use anyhow::{bail, Context, Result};
@@ -126,16 +126,16 @@ pub fn forward(
     out: &Path,
     device: DeviceArg,
     dtype: DTypeArg,
-    path: PromptPath,
+    semantics: Semantics,
 ) -> Result<()> {
     let device = device.device()?;
     let start = std::time::Instant::now();
-    let model = Sam3Model::load_dir(model_dir, &device, dtype.dtype())?;
+    let model = Sam3Model::load_dir(model_dir, &device, dtype.dtype())?.with_semantics(semantics);
     tracing::info!("loaded {} in {:.1} s", model_dir.display(), start.elapsed().as_secs_f64());
     let inputs = read_inputs(inputs, &device, model.image_size())?;
     let start = std::time::Instant::now();
-    let o = model.forward(&inputs, path)?;
-    tracing::info!("forward in {:.2} s", start.elapsed().as_secs_f64());
+    let o = model.forward(&inputs)?;
+    tracing::info!("forward in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in [
         ("pred_logits", &o.pred_logits),
@@ -211,7 +211,7 @@ pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
         )
     };
     let inputs = Sam3Inputs { pixel_values, input_ids, attention_mask, input_boxes, input_boxes_labels };
-    let out = model.forward(&inputs, PromptPath::Original)?;
+    let out = model.forward(&inputs)?;
     let f32v = |t: &Tensor| -> Result<Vec<f32>> {
         Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
     };

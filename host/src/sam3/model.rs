@@ -21,16 +21,27 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use std::path::Path;
 
-/// Which prompt path to follow when no box is given.
+/// Whose numerics to follow where Meta's original code and transformers' port differ.
+///
+/// | | `Original` (default: training and inference) | `Transformers` (parity) |
+/// |---|---|---|
+/// | text-only prompt | geometry encoder runs: one CLS token | geometry encoder skipped |
+/// | presence logit | unclamped | clamped to ±10 |
+/// | ViT LayerNorm eps | 1e-5 | the config's `layer_norm_eps` (1e-6) |
+///
+/// Both return boxes as normalized xyxy in `pred_boxes` (transformers' format) and cxcywh in
+/// `all_boxes_cxcywh` (the original's format, used by the training loss).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PromptPath {
-    /// Meta's original (how SAM3 was trained): the geometry encoder always runs, so a text-only
-    /// prompt carries one geometry CLS token. Used for training and inference.
+pub enum Semantics {
+    /// Meta's original `Sam3Image` (how SAM3 was trained).
     #[default]
     Original,
-    /// transformers' `Sam3Model`: the geometry encoder is skipped without boxes (parity path).
+    /// transformers' `Sam3Model`: reproduces it exactly.
     Transformers,
 }
+
+/// ViT LayerNorm eps of Meta's original code.
+const ORIGINAL_VIT_EPS: f64 = 1e-5;
 
 /// Model inputs (the `forward` contract).
 #[derive(Debug, Clone)]
@@ -50,8 +61,6 @@ pub struct Sam3Inputs {
 /// Switches of one forward pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ForwardOptions {
-    /// Prompt path without boxes.
-    pub path: PromptPath,
     /// Training mode: dropout on (as Meta's recipe).
     pub train: bool,
     /// Run the DAC one-to-many half of the decoder (training).
@@ -101,6 +110,7 @@ pub struct Sam3Model {
     /// Mask head (`mask_decoder`).
     pub mask: MaskDecoder,
     dtype: DType,
+    semantics: Semantics,
 }
 
 impl Sam3Model {
@@ -116,7 +126,39 @@ impl Sam3Model {
             mask: MaskDecoder::load(vb.pp("mask_decoder"), &config.mask_decoder_config)?,
             config: config.clone(),
             dtype: vb.dtype(),
-        })
+            semantics: Semantics::Transformers,
+        }
+        .with_semantics(Semantics::Original))
+    }
+
+    /// Switch between Meta's original numerics and transformers' (see [`Semantics`]).
+    pub fn set_semantics(&mut self, semantics: Semantics) {
+        let vit_eps = match semantics {
+            Semantics::Original => ORIGINAL_VIT_EPS,
+            Semantics::Transformers => self.config.vision_config.backbone_config.layer_norm_eps,
+        };
+        let backbone = &mut self.vision.backbone;
+        backbone.layer_norm.eps = vit_eps;
+        for layer in &mut backbone.layers {
+            layer.layer_norm1.eps = vit_eps;
+            layer.layer_norm2.eps = vit_eps;
+        }
+        self.decoder.presence_logit_clamp = match semantics {
+            Semantics::Original => None,
+            Semantics::Transformers => Some(super::decoder::PRESENCE_LOGIT_CLAMP),
+        };
+        self.semantics = semantics;
+    }
+
+    /// Builder form of [`Sam3Model::set_semantics`].
+    pub fn with_semantics(mut self, semantics: Semantics) -> Self {
+        self.set_semantics(semantics);
+        self
+    }
+
+    /// The numerics in use.
+    pub fn semantics(&self) -> Semantics {
+        self.semantics
     }
 
     /// Build from an opened checkpoint and check that every tensor was used (strict).
@@ -175,8 +217,8 @@ impl Sam3Model {
     }
 
     /// Inference forward pass (no dropout, no DAC).
-    pub fn forward(&self, inputs: &Sam3Inputs, path: PromptPath) -> Result<Sam3Outputs> {
-        self.forward_with(inputs, ForwardOptions { path, train: false, dac: false })
+    pub fn forward(&self, inputs: &Sam3Inputs) -> Result<Sam3Outputs> {
+        self.forward_with(inputs, ForwardOptions::default())
     }
 
     /// Forward pass with explicit options.
@@ -191,9 +233,9 @@ impl Sam3Model {
 
         let text = self.text.forward(&inputs.input_ids, &inputs.attention_mask)?;
         let text_mask = inputs.attention_mask.ne(0i64)?.to_dtype(DType::U8)?;
-        let policy = match opts.path {
-            PromptPath::Original => NoBoxPolicy::ClsToken,
-            PromptPath::Transformers => NoBoxPolicy::Skip,
+        let policy = match self.semantics {
+            Semantics::Original => NoBoxPolicy::ClsToken,
+            Semantics::Transformers => NoBoxPolicy::Skip,
         };
         let geometry = self.geometry.encode_prompt(
             inputs.input_boxes.as_ref(),

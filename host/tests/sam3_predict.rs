@@ -1,0 +1,113 @@
+//! `lorahost predict` end to end on a tiny random model: an image and a text prompt in,
+//! detections.json (boxes in pixels, scores, RLE masks at image resolution) and an overlay out.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lorahost::sam3::config::Sam3Config;
+use lorahost::sam3::model::Sam3Model;
+use lorahost::sam3::postprocess::{rle_decode, Rle};
+use std::path::Path;
+use std::process::Command;
+
+/// A model directory with tiny_a's architecture, random weights, the test tokenizer's vocabulary.
+fn tiny_model_dir(dir: &Path) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("sam3/tiny_a/config.json")).unwrap())
+            .unwrap();
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("tokenizer/tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"].as_object().unwrap().len()
+        + tok["added_tokens"].as_array().map(|a| a.len()).unwrap_or(0);
+    cfg["text_config"]["vocab_size"] = serde_json::json!(vocab);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(fixtures.join("tokenizer/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let (config, _) = Sam3Config::from_file(&dir.join("config.json")).unwrap();
+    let varmap = VarMap::new();
+    Sam3Model::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &config).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let t = var.as_tensor();
+        let r = Tensor::randn(0f32, 1.0, t.shape(), &Device::Cpu).unwrap();
+        let fan_in = t.dims().iter().skip(1).product::<usize>().max(1) as f64;
+        let v = if name.contains("norm") && name.ends_with("weight") {
+            (r * 0.1).unwrap() + 1.0
+        } else {
+            r * (1.0 / fan_in.sqrt())
+        };
+        var.set(&v.unwrap()).unwrap();
+    }
+    varmap.save(dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn predict_writes_detections_and_overlay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir(&model);
+    // A 90x60 image with a dark diagonal stroke on a light background.
+    let img = image::RgbImage::from_fn(90, 60, |x, y| {
+        if (x as i32 - (y as i32) * 3 / 2).abs() < 3 {
+            image::Rgb([30, 30, 30])
+        } else {
+            image::Rgb([200, 190, 180])
+        }
+    });
+    let img_path = tmp.path().join("road.png");
+    img.save(&img_path).unwrap();
+    let out = tmp.path().join("pred");
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&img_path)
+        .args(["--prompt", "Crack", "--threshold", "0", "--nms-iou", "1.0", "--box", "10,5,50,40", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("detections.json")).unwrap()).unwrap();
+    assert_eq!((json["width"].as_u64(), json["height"].as_u64()), (Some(90), Some(60)));
+    assert_eq!(json["prompt"], "Crack");
+    let dets = json["detections"].as_array().unwrap();
+    // Threshold 0 and no suppression: every query is reported, best first.
+    assert_eq!(dets.len(), 8);
+    let scores: Vec<f64> = dets.iter().map(|d| d["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    for d in dets {
+        let b: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!(b[0] >= 0.0 && b[2] <= 90.0 && b[1] >= 0.0 && b[3] <= 60.0, "{b:?}");
+        let rle: Rle = Rle {
+            size: [60, 90],
+            counts: d["segmentation"]["counts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_u64().unwrap())
+                .collect(),
+        };
+        assert_eq!(d["segmentation"]["size"], serde_json::json!([60, 90]));
+        let area = rle_decode(&rle).iter().filter(|b| **b).count() as u64;
+        assert_eq!(area, d["area"].as_u64().unwrap());
+    }
+    let overlay = image::open(out.join("overlay.png")).unwrap();
+    assert_eq!((overlay.width(), overlay.height()), (90, 60));
+
+    // Bad input: a corrupt image is named.
+    let bad = tmp.path().join("broken.jpg");
+    std::fs::write(&bad, b"no jpeg here").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&bad)
+        .args(["--prompt", "crack", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("broken.jpg") && !err.contains("panicked"), "{err}");
+}
