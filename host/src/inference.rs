@@ -51,6 +51,14 @@ impl DTypeArg {
             DTypeArg::Bf16 => DType::BF16,
         }
     }
+
+    /// Check the dtype is usable on `device`.
+    pub fn check(self, device: &Device) -> Result<()> {
+        if self == DTypeArg::Bf16 && device.is_cpu() {
+            bail!("--dtype bf16 needs --device cuda: candle's CPU matmul has no bf16 kernel; use --dtype f32 on the CPU");
+        }
+        Ok(())
+    }
 }
 
 fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str, path: &Path) -> Result<&'a Tensor> {
@@ -129,6 +137,7 @@ pub fn forward(
     semantics: Semantics,
 ) -> Result<()> {
     let device = device.device()?;
+    dtype.check(&device)?;
     let start = std::time::Instant::now();
     let model = Sam3Model::load_dir(model_dir, &device, dtype.dtype())?.with_semantics(semantics);
     tracing::info!("loaded {} in {:.1} s", model_dir.display(), start.elapsed().as_secs_f64());
@@ -179,6 +188,7 @@ pub struct PredictOptions {
 /// `lorahost predict`: writes `detections.json` and `overlay.png` into `out`.
 pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
     let device = o.device.device()?;
+    o.dtype.check(&device)?;
     let img = imageio::load_rgb(&o.image)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let tokenizer = PromptTokenizer::from_dir(&o.model_dir)?;
