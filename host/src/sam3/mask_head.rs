@@ -19,7 +19,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::config::MaskDecoderConfig;
-use super::nn::{key_padding_bias, LayerNorm, Linear, MultiHeadAttention};
+use super::nn::{key_padding_bias, DecoderMlp, LayerNorm, Linear, MultiHeadAttention};
 
 /// PyTorch's default eps for `nn.LayerNorm` and `nn.GroupNorm` (transformers passes none).
 const NORM_EPS: f64 = 1e-5;
@@ -158,34 +158,13 @@ impl PixelDecoder {
     }
 }
 
-/// Query → mask-embedding MLP C → C → C → C with ReLU (transformers' `Sam3MaskEmbedder`).
-#[derive(Debug, Clone)]
-pub struct MaskEmbedder {
-    /// `layers.{0,1,2}`.
-    pub layers: Vec<Linear>,
-}
+/// Query → mask-embedding MLP C → C → C → C with ReLU (transformers' `Sam3MaskEmbedder`):
+/// a [`DecoderMlp`] whose layers are named `layers.{0,1,2}`.
+pub type MaskEmbedder = DecoderMlp;
 
-impl MaskEmbedder {
-    /// Load `layers.{0,1,2}`.
-    pub fn load(vb: VarBuilder, hidden: usize) -> Result<Self> {
-        let layers = (0..3)
-            .map(|i| Linear::load(vb.pp(format!("layers.{i}")), hidden, hidden, true))
-            .collect::<Result<_>>()?;
-        Ok(MaskEmbedder { layers })
-    }
-}
-
-impl Module for MaskEmbedder {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
-            if i + 1 < self.layers.len() {
-                h = h.relu()?;
-            }
-        }
-        Ok(h)
-    }
+/// Load the mask embedder (`layers.{0,1,2}`, each hidden → hidden).
+pub fn load_mask_embedder(vb: VarBuilder, hidden: usize) -> Result<MaskEmbedder> {
+    DecoderMlp::load_named(vb, &[hidden; 4], |i| format!("layers.{i}"))
 }
 
 /// What [`MaskDecoder::forward`] returns (transformers' `Sam3MaskDecoderOutput`).
@@ -220,7 +199,7 @@ impl MaskDecoder {
         let d = cfg.hidden_size;
         Ok(MaskDecoder {
             pixel_decoder: PixelDecoder::load(vb.pp("pixel_decoder"), cfg)?,
-            mask_embedder: MaskEmbedder::load(vb.pp("mask_embedder"), d)?,
+            mask_embedder: load_mask_embedder(vb.pp("mask_embedder"), d)?,
             instance_projection: conv1x1_as_linear(vb.pp("instance_projection"), d, d)?,
             semantic_projection: conv1x1_as_linear(vb.pp("semantic_projection"), d, 1)?,
             prompt_cross_attn: MultiHeadAttention::load(

@@ -234,10 +234,16 @@ pub struct DecoderMlp {
 impl DecoderMlp {
     /// `dims` = [in, hidden..., out]; layers are `{path}.layer{i}` for i = 1..dims.len()-1.
     pub fn load(vb: VarBuilder, dims: &[usize]) -> Result<Self> {
+        Self::load_named(vb, dims, |i| format!("layer{}", i + 1))
+    }
+
+    /// As [`DecoderMlp::load`], with the name of layer i (0-based) given by `name`
+    /// (e.g. the mask embedder's `layers.{i}`).
+    pub fn load_named(vb: VarBuilder, dims: &[usize], name: impl Fn(usize) -> String) -> Result<Self> {
         let layers = dims
             .windows(2)
             .enumerate()
-            .map(|(i, w)| Linear::load(vb.pp(format!("layer{}", i + 1)), w[0], w[1], true))
+            .map(|(i, w)| Linear::load(vb.pp(name(i)), w[0], w[1], true))
             .collect::<Result<Vec<_>>>()?;
         Ok(DecoderMlp { layers })
     }
