@@ -19,3 +19,4 @@ pub mod plugin;
 pub mod replay;
 pub mod sam3;
 pub mod scaffold;
+pub mod train_config;
