@@ -505,7 +505,7 @@ impl TrainConfig {
         if l.rank == 0 {
             p.push("lora.rank is 0: set a rank >= 1 (e.g. 16)".to_string());
         }
-        if !(l.alpha > 0.0) {
+        if l.alpha.is_nan() || l.alpha <= 0.0 {
             p.push(format!("lora.alpha is {}: set alpha > 0 (scale = alpha / rank)", l.alpha));
         }
         if !(0.0..1.0).contains(&l.dropout) {
@@ -535,7 +535,7 @@ impl TrainConfig {
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             p.push(format!("training.learning_rate is {}: must be > 0", t.learning_rate));
         }
-        if !(t.max_grad_norm >= 0.0) {
+        if t.max_grad_norm.is_nan() || t.max_grad_norm < 0.0 {
             p.push(format!(
                 "training.max_grad_norm is {}: must be >= 0 (0 disables clipping)",
                 t.max_grad_norm
