@@ -14,6 +14,7 @@ pub mod cli;
 pub mod fsutil;
 pub mod imageio;
 pub mod inference;
+pub mod lora;
 pub mod metrics;
 pub mod plugin;
 pub mod replay;

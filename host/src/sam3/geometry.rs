@@ -145,10 +145,11 @@ impl GeometryEncoder {
             candle_core::bail!("geometry hidden_size {d} must be even (sine box encoding)");
         }
         let pool = vb.pp("boxes_pool_project");
-        let boxes_pool_project = Linear {
-            weight: pool.get((d, d, r, r), "weight")?.reshape((d, d * r * r))?,
-            bias: Some(pool.get(d, "bias")?),
-        };
+        let boxes_pool_project = Linear::from_conv(
+            &pool,
+            pool.get((d, d, r, r), "weight")?.reshape((d, d * r * r))?,
+            Some(pool.get(d, "bias")?),
+        );
         let layers = (0..cfg.num_layers)
             .map(|i| GeometryEncoderLayer::load(vb.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;

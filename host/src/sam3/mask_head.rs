@@ -107,7 +107,7 @@ impl Module for GroupNorm {
 /// Load a 1×1 conv (`weight` (out, in, 1, 1), `bias` (out)) as a [`Linear`] over channels.
 fn conv1x1_as_linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim, 1, 1), "weight")?.reshape((out_dim, in_dim))?;
-    Ok(Linear { weight, bias: Some(vb.get(out_dim, "bias")?) })
+    Ok(Linear::from_conv(&vb, weight, Some(vb.get(out_dim, "bias")?)))
 }
 
 /// The FPN pixel decoder (transformers' `Sam3PixelDecoder`).

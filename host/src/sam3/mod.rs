@@ -17,4 +17,5 @@ pub mod scoring;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
+pub mod visit;
 pub mod weights;

@@ -13,13 +13,20 @@ use candle_nn::VarBuilder;
 /// is fully masked).
 pub const MASK_BIAS: f64 = -1e9;
 
-/// A linear layer `y = x Wᵀ + b` over the last dimension of any-rank input.
+/// A linear layer `y = x Wᵀ + b` over the last dimension of any-rank input, with an optional
+/// LoRA adapter: `y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// (out, in)
     pub weight: Tensor,
     /// (out)
     pub bias: Option<Tensor>,
+    /// Module path = transformers key prefix (e.g. `detr_decoder.layers.0.self_attn.q_proj`).
+    pub path: String,
+    /// True for a 1×1 (or patch) convolution held as a matrix; LoRA does not target those.
+    pub from_conv: bool,
+    /// The LoRA adapter, when one is attached.
+    pub lora: Option<crate::lora::LoraAdapter>,
 }
 
 impl Linear {
@@ -27,7 +34,17 @@ impl Linear {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, path: vb.prefix(), from_conv: false, lora: None })
+    }
+
+    /// A convolution whose weight was reshaped to (out, in·k·k), loaded from `vb`'s path.
+    pub fn from_conv(vb: &VarBuilder, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, path: vb.prefix(), from_conv: true, lora: None }
+    }
+
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
     }
 
     /// Output width.
@@ -46,6 +63,9 @@ impl Module for Linear {
         let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        }
+        if let Some(lora) = &self.lora {
+            y = (y + lora.delta(&x2)?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;

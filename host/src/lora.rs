@@ -1,0 +1,315 @@
+//! LoRA adapters on SAM3's linear layers, in PEFT's vocabulary.
+//!
+//! Targets are chosen by component flags (vision, text, geometry, DETR encoder, DETR decoder
+//! with its heads, mask head) plus module patterns over real module paths:
+//! - a plain name (`q_proj`) matches the last path component exactly;
+//! - a pattern with `*`/`?` or a dot matches the whole path (`detr_decoder.layers.*.mlp.fc1`);
+//! - the names of Meta's original modules map to transformers' (`qkv` → q/k/v_proj, `proj` and
+//!   `out_proj` → o_proj/out_proj, `linear1`/`c_fc` → fc1, `linear2`/`c_proj` → fc2), so configs
+//!   written for the original trainer keep working.
+//!
+//! A configuration that matches no module is an error. Adapters are kept in f32
+//! (`A` Kaiming-uniform as PEFT, `B` zero), named exactly as PEFT saves them
+//! (`base_model.model.<path>.lora_A.weight`), so `adapter_model.safetensors` loads with
+//! `PeftModel.from_pretrained(Sam3Model…)`.
+
+use crate::sam3::model::Sam3Model;
+use crate::sam3::nn::Linear;
+use crate::sam3::visit::VisitLinears;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// SAM3's components, as the config's `apply_to_*` flags name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    /// `vision_encoder.*`
+    Vision,
+    /// `text_encoder.*`, `text_projection`
+    Text,
+    /// `geometry_encoder.*`
+    Geometry,
+    /// `detr_encoder.*`
+    DetrEncoder,
+    /// `detr_decoder.*`, `dot_product_scoring.*`
+    DetrDecoder,
+    /// `mask_decoder.*`
+    MaskDecoder,
+}
+
+impl Component {
+    /// The component a module path belongs to.
+    pub fn of(path: &str) -> Option<Component> {
+        let head = path.split('.').next().unwrap_or("");
+        Some(match head {
+            "vision_encoder" => Component::Vision,
+            "text_encoder" | "text_projection" => Component::Text,
+            "geometry_encoder" => Component::Geometry,
+            "detr_encoder" => Component::DetrEncoder,
+            "detr_decoder" | "dot_product_scoring" => Component::DetrDecoder,
+            "mask_decoder" => Component::MaskDecoder,
+            _ => return None,
+        })
+    }
+
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Vision => "vision encoder",
+            Component::Text => "text encoder",
+            Component::Geometry => "geometry encoder",
+            Component::DetrEncoder => "DETR encoder",
+            Component::DetrDecoder => "DETR decoder + heads",
+            Component::MaskDecoder => "mask decoder",
+        }
+    }
+}
+
+/// What to adapt and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank.
+    pub rank: usize,
+    /// alpha (scale = alpha / rank).
+    pub alpha: f64,
+    /// Dropout on the adapter input (training only).
+    pub dropout: f64,
+    /// Module patterns.
+    pub target_modules: Vec<String>,
+    /// Components to adapt.
+    pub components: Vec<Component>,
+}
+
+impl LoraConfig {
+    /// From the training config's `lora:` section.
+    pub fn from_section(l: &crate::train_config::LoraSection) -> Self {
+        let mut components = Vec::new();
+        for (on, c) in [
+            (l.apply_to_vision_encoder, Component::Vision),
+            (l.apply_to_text_encoder, Component::Text),
+            (l.apply_to_geometry_encoder, Component::Geometry),
+            (l.apply_to_detr_encoder, Component::DetrEncoder),
+            (l.apply_to_detr_decoder, Component::DetrDecoder),
+            (l.apply_to_mask_decoder, Component::MaskDecoder),
+        ] {
+            if on {
+                components.push(c);
+            }
+        }
+        LoraConfig {
+            rank: l.rank,
+            alpha: l.alpha,
+            dropout: l.dropout,
+            target_modules: l.target_modules.clone(),
+            components,
+        }
+    }
+}
+
+/// Why adapters could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    /// Nothing matched.
+    #[error("LoRA targets match no module: patterns [{patterns}] in components [{components}]; module names look like `detr_decoder.layers.0.self_attn.q_proj` (last components: q_proj, k_proj, v_proj, o_proj, out_proj, fc1, fc2)")]
+    NoMatch {
+        /// The patterns.
+        patterns: String,
+        /// The enabled components.
+        components: String,
+    },
+    /// Tensor error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// One adapter: `scale · (drop(x) Aᵀ) Bᵀ`, A (r, in) and B (out, r) in f32.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// Down projection (r, in).
+    pub a: Var,
+    /// Up projection (out, r).
+    pub b: Var,
+    /// alpha / r.
+    pub scale: f64,
+    /// Dropout probability on the input.
+    pub dropout: f64,
+    /// Shared training flag (dropout only while training).
+    pub training: Arc<AtomicBool>,
+}
+
+impl LoraAdapter {
+    /// The adapter's contribution for a 2-D input (n, in) → (n, out), in the input's dtype.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            candle_nn::ops::dropout(x, self.dropout as f32)?
+        } else {
+            x.clone()
+        };
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
+    }
+}
+
+/// Expand the original trainer's module names to transformers' names.
+fn expand(pattern: &str) -> Vec<String> {
+    let alias: &[&str] = match pattern {
+        "qkv" => &["q_proj", "k_proj", "v_proj"],
+        "proj" | "out_proj" => &["o_proj", "out_proj"],
+        "linear1" | "c_fc" => &["fc1"],
+        "linear2" | "c_proj" => &["fc2"],
+        _ => &[],
+    };
+    if alias.is_empty() {
+        vec![pattern.to_string()]
+    } else {
+        alias.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// Glob match with `*` (any run, dots included) and `?` (one character).
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match (pattern.first(), text.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob(&pattern[1..], text) || (!text.is_empty() && glob(pattern, &text[1..])),
+        (Some(b'?'), Some(_)) => glob(&pattern[1..], &text[1..]),
+        (Some(p), Some(t)) if p == t => glob(&pattern[1..], &text[1..]),
+        _ => false,
+    }
+}
+
+/// Whether `path` matches one of `patterns` (already expanded).
+pub fn matches(path: &str, patterns: &[String]) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    patterns.iter().any(|p| {
+        let p = p.trim();
+        if p.contains('*') || p.contains('?') {
+            glob(p.as_bytes(), if p.contains('.') { path.as_bytes() } else { last.as_bytes() })
+        } else if p.contains('.') {
+            path == p || path.ends_with(&format!(".{p}"))
+        } else {
+            last == p
+        }
+    })
+}
+
+/// The adapters attached to a model.
+pub struct LoraSet {
+    /// PEFT key (`base_model.model.<path>.lora_{A,B}.weight`) → trainable variable, sorted.
+    vars: BTreeMap<String, Var>,
+    /// Adapted module paths, in checkpoint order, with their component and (in, out).
+    pub modules: Vec<(String, Component, usize, usize)>,
+    /// The config used.
+    pub config: LoraConfig,
+    training: Arc<AtomicBool>,
+}
+
+impl LoraSet {
+    /// Attach fresh adapters to every matching linear layer of `model`.
+    pub fn attach(
+        model: &mut Sam3Model,
+        config: &LoraConfig,
+        device: &Device,
+    ) -> std::result::Result<Self, LoraError> {
+        let patterns: Vec<String> = config.target_modules.iter().flat_map(|p| expand(p.trim())).collect();
+        let training = Arc::new(AtomicBool::new(false));
+        let mut vars = BTreeMap::new();
+        let mut modules = Vec::new();
+        let mut failure: Option<candle_core::Error> = None;
+        let scale = config.alpha / config.rank.max(1) as f64;
+        model.visit_linears(&mut |lin: &mut Linear| {
+            if failure.is_some() || lin.from_conv {
+                return;
+            }
+            let Some(component) = Component::of(&lin.path) else { return };
+            if !config.components.contains(&component) || !matches(&lin.path, &patterns) {
+                return;
+            }
+            let (out_dim, in_dim) = (lin.out_dim(), lin.in_dim());
+            // PEFT's default init: A ~ kaiming_uniform(a=√5) = U(-1/√in, 1/√in), B = 0.
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let made = (|| -> Result<(Var, Var)> {
+                let a = Var::from_tensor(
+                    &Tensor::rand(-bound, bound, (config.rank, in_dim), device)?.to_dtype(DType::F32)?,
+                )?;
+                let b = Var::zeros((out_dim, config.rank), DType::F32, device)?;
+                Ok((a, b))
+            })();
+            match made {
+                Ok((a, b)) => {
+                    let key = format!("base_model.model.{}", lin.path);
+                    vars.insert(format!("{key}.lora_A.weight"), a.clone());
+                    vars.insert(format!("{key}.lora_B.weight"), b.clone());
+                    modules.push((lin.path.clone(), component, in_dim, out_dim));
+                    lin.lora = Some(LoraAdapter {
+                        a,
+                        b,
+                        scale,
+                        dropout: config.dropout,
+                        training: training.clone(),
+                    });
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        if modules.is_empty() {
+            return Err(LoraError::NoMatch {
+                patterns: config.target_modules.join(", "),
+                components: config.components.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        Ok(LoraSet { vars, modules, config: config.clone(), training })
+    }
+
+    /// Switch adapter dropout on (training) or off.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    /// The trainable variables by PEFT key, sorted by name (deterministic order).
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// Trainable parameter count.
+    pub fn num_params(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Per-component table: (component, adapted modules, trainable parameters).
+    pub fn component_table(&self) -> Vec<(Component, usize, usize)> {
+        let mut t: BTreeMap<Component, (usize, usize)> = BTreeMap::new();
+        for (_, c, i, o) in &self.modules {
+            let e = t.entry(*c).or_default();
+            e.0 += 1;
+            e.1 += self.config.rank * (i + o);
+        }
+        t.into_iter().map(|(c, (m, p))| (c, m, p)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_paths() {
+        let p = |v: &[&str]| v.iter().flat_map(|s| expand(s)).collect::<Vec<_>>();
+        assert!(matches("detr_decoder.layers.0.self_attn.q_proj", &p(&["q_proj"])));
+        assert!(!matches("detr_decoder.layers.0.self_attn.q_proj", &p(&["proj"])));
+        assert!(matches("detr_decoder.layers.0.self_attn.o_proj", &p(&["proj"])));
+        assert!(matches("vision_encoder.backbone.layers.3.attention.k_proj", &p(&["qkv"])));
+        assert!(matches("detr_encoder.layers.1.mlp.fc2", &p(&["linear2"])));
+        assert!(matches("detr_decoder.layers.5.mlp.fc1", &p(&["detr_decoder.layers.*.mlp.fc1"])));
+        assert!(!matches("detr_encoder.layers.5.mlp.fc1", &p(&["detr_decoder.layers.*.mlp.fc1"])));
+        assert!(matches("text_encoder.text_model.encoder.layers.0.self_attn.out_proj", &p(&["out_proj"])));
+        assert!(matches("geometry_encoder.layers.0.cross_attn.v_proj", &p(&["?_proj"])));
+        assert!(!matches("detr_decoder.box_head.layer1", &p(&["fc1"])));
+        assert_eq!(Component::of("dot_product_scoring.query_proj"), Some(Component::DetrDecoder));
+        assert_eq!(Component::of("text_projection"), Some(Component::Text));
+    }
+}
