@@ -292,6 +292,128 @@ impl LoraSet {
     }
 }
 
+/// Why saved adapters could not be written or read back.
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    /// I/O or format problem with a file.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The saved adapters do not fit the attached ones.
+    #[error("{path} does not match the configured adapters:\n{report}")]
+    Mismatch {
+        /// The file.
+        path: std::path::PathBuf,
+        /// One problem per line.
+        report: String,
+    },
+}
+
+/// File names of PEFT's format.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// PEFT's config file.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+impl LoraSet {
+    /// PEFT's `adapter_config.json` for these adapters.
+    pub fn peft_config(&self, base_model: &str) -> serde_json::Value {
+        let targets: Vec<&str> = self.modules.iter().map(|(p, _, _, _)| p.as_str()).collect();
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": null,
+            "base_model_name_or_path": base_model,
+            "r": self.config.rank,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "use_rslora": false,
+            "use_dora": false,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        })
+    }
+
+    /// Write `adapter_model.safetensors` + `adapter_config.json` into `dir` (each atomically).
+    pub fn save_peft(&self, dir: &std::path::Path, base_model: &str) -> std::result::Result<(), PeftError> {
+        let err = |path: std::path::PathBuf, reason: String| PeftError::File { path, reason };
+        std::fs::create_dir_all(dir).map_err(|e| err(dir.into(), e.to_string()))?;
+        let weights = dir.join(ADAPTER_WEIGHTS);
+        let mut tensors = std::collections::HashMap::new();
+        for (k, v) in &self.vars {
+            let t = v.as_tensor().to_dtype(DType::F32).and_then(|t| t.to_device(&Device::Cpu));
+            tensors.insert(k.clone(), t.map_err(|e| err(weights.clone(), e.to_string()))?);
+        }
+        let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp-{}", std::process::id()));
+        candle_core::safetensors::save(&tensors, &tmp).map_err(|e| err(tmp.clone(), e.to_string()))?;
+        std::fs::rename(&tmp, &weights).map_err(|e| err(weights.clone(), e.to_string()))?;
+        let cfg = serde_json::to_vec_pretty(&self.peft_config(base_model)).unwrap_or_default();
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        crate::fsutil::write_atomic(&cfg_path, &cfg).map_err(|e| err(cfg_path, e.to_string()))
+    }
+
+    /// Load adapters saved in PEFT's format into these (already attached) adapters. Strict:
+    /// every adapter must be present with its shape, and the file may hold nothing else.
+    pub fn load_peft(&self, dir: &std::path::Path) -> std::result::Result<(), PeftError> {
+        let weights = dir.join(ADAPTER_WEIGHTS);
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        let file_err = |path: &std::path::Path, reason: String| PeftError::File { path: path.into(), reason };
+        let cfg: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?,
+        )
+        .map_err(|e| file_err(&cfg_path, format!("not valid JSON: {e}")))?;
+        let mut problems = Vec::new();
+        if cfg.get("r").and_then(|r| r.as_u64()) != Some(self.config.rank as u64) {
+            problems.push(format!("  rank: file has {}, config has {}", cfg["r"], self.config.rank));
+        }
+        if cfg.get("lora_alpha").and_then(|a| a.as_f64()) != Some(self.config.alpha) {
+            problems.push(format!(
+                "  lora_alpha: file has {}, config has {}",
+                cfg["lora_alpha"], self.config.alpha
+            ));
+        }
+        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+            .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?;
+        for (k, v) in &self.vars {
+            match tensors.get(k) {
+                None => problems.push(format!("  missing     {k}")),
+                Some(t) if t.dims() != v.dims() => problems.push(format!(
+                    "  mis-shaped  {k}: expected {:?}, file has {:?}",
+                    v.dims(),
+                    t.dims()
+                )),
+                Some(_) => {}
+            }
+        }
+        for k in tensors.keys() {
+            if !self.vars.contains_key(k) {
+                problems.push(format!("  unexpected  {k}"));
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            return Err(PeftError::Mismatch { path: weights, report: problems.join("\n") });
+        }
+        for (k, v) in &self.vars {
+            let t = tensors[k].to_dtype(DType::F32).and_then(|t| t.to_device(&v.device()));
+            let t = t.map_err(|e| file_err(&weights, e.to_string()))?;
+            v.set(&t).map_err(|e| file_err(&weights, e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,3 +135,41 @@ fn flags_and_patterns_select_modules() {
     let set = LoraSet::attach(&mut model, &config(&["q_proj"], comps), &dev).unwrap();
     assert!(set.modules.iter().all(|(p, _, _, _)| !p.starts_with("text_encoder")));
 }
+
+#[test]
+fn adapters_round_trip_through_the_peft_format() {
+    let dev = Device::Cpu;
+    let mut model = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
+    let cfg = config(&["q_proj", "v_proj", "fc1"], all_components());
+    let set = LoraSet::attach(&mut model, &cfg, &dev).unwrap();
+    // Give B non-zero values so the adapters change the output.
+    for (name, v) in set.vars() {
+        if name.ends_with("lora_B.weight") {
+            v.set(&Tensor::randn(0f32, 0.2, v.shape(), &dev).unwrap()).unwrap();
+        }
+    }
+    let want = model.forward(&inputs()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    set.save_peft(dir.path(), "facebook/sam3").unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    assert_eq!(cfg_json["r"], 4);
+    assert_eq!(cfg_json["target_modules"].as_array().unwrap().len(), set.modules.len());
+
+    // A fresh model with fresh adapters, loaded from disk, computes the same.
+    let mut fresh = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
+    let set2 = LoraSet::attach(&mut fresh, &cfg, &dev).unwrap();
+    set2.load_peft(dir.path()).unwrap();
+    let got = fresh.forward(&inputs()).unwrap();
+    let d = (&got.pred_masks - &want.pred_masks).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+
+    // Loading is strict: a different target set is refused with the differences listed.
+    let mut other = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
+    let set3 = LoraSet::attach(&mut other, &config(&["q_proj", "k_proj"], all_components()), &dev).unwrap();
+    let e = set3.load_peft(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("missing") && e.contains("k_proj.lora_A.weight"), "{e}");
+    assert!(e.contains("unexpected") && e.contains("v_proj.lora_B.weight"), "{e}");
+}
