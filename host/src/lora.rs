@@ -406,7 +406,7 @@ impl LoraSet {
             return Err(PeftError::Mismatch { path: weights, report: problems.join("\n") });
         }
         for (k, v) in &self.vars {
-            let t = tensors[k].to_dtype(DType::F32).and_then(|t| t.to_device(&v.device()));
+            let t = tensors[k].to_dtype(DType::F32).and_then(|t| t.to_device(v.device()));
             let t = t.map_err(|e| file_err(&weights, e.to_string()))?;
             v.set(&t).map_err(|e| file_err(&weights, e.to_string()))?;
         }
