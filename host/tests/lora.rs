@@ -151,6 +151,21 @@ fn adapters_round_trip_through_the_peft_format() {
     let want = model.forward(&inputs()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     set.save_peft(dir.path(), "facebook/sam3").unwrap();
+    // For tools/check_peft_roundtrip.py (PEFT itself loading these adapters): keep a copy with
+    // the transformers-semantics outputs it must reproduce.
+    if let Some(keep) = std::env::var_os("LORAHOST_KEEP_PEFT_DIR") {
+        let keep = std::path::PathBuf::from(keep);
+        set.save_peft(&keep, "facebook/sam3").unwrap();
+        let mut parity = model;
+        parity.set_semantics(lorahost::sam3::model::Semantics::Transformers);
+        let o = parity.forward(&inputs()).unwrap();
+        let mut m = std::collections::HashMap::new();
+        m.insert("pred_logits".to_string(), o.pred_logits);
+        m.insert("pred_boxes".to_string(), o.pred_boxes);
+        m.insert("pred_masks".to_string(), o.pred_masks);
+        m.insert("presence_logits".to_string(), o.presence_logits);
+        candle_core::safetensors::save(&m, keep.join("expected_outputs.safetensors")).unwrap();
+    }
     let cfg_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap())
             .unwrap();
