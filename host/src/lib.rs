@@ -9,12 +9,16 @@
 //! - [`scaffold`]: `lorahost plugin new`.
 //! - [`cli`]: the command line.
 //! - [`fsutil`]: atomic file writes.
+//! - [`data`]: COCO datasets, preflight, samples and the synthetic dataset.
 
 pub mod cli;
+pub mod data;
 pub mod fsutil;
 pub mod imageio;
 pub mod inference;
 pub mod lora;
+pub mod loss;
+pub mod matcher;
 pub mod metrics;
 pub mod plugin;
 pub mod replay;

@@ -1,0 +1,204 @@
+//! Building model inputs and targets from a [`Split`]: the image resized to the square model
+//! size and normalized (as SAM3, aspect ratio not preserved), optional horizontal flip applied to
+//! pixels, boxes and masks together, per-query targets with boxes in normalized CxCyWH and masks
+//! nearest-resized to the mask resolution; then stacking samples into a batch.
+
+use super::coco::{Query, Split};
+use super::DataError;
+use candle_core::{Device, Tensor};
+
+/// How to build a sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleOptions {
+    /// Square model input size (SAM3: 1008).
+    pub image_size: usize,
+    /// Square GT mask size.
+    pub mask_size: usize,
+    /// Hard negatives per image.
+    pub num_negatives: usize,
+    /// Seed for negatives.
+    pub seed: u64,
+    /// Flip this sample horizontally (the caller decides, e.g. from a seeded coin).
+    pub hflip: bool,
+}
+
+/// Targets of one query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryTarget {
+    /// Index of the image (pixel tensor) in the batch; 0 for a single sample.
+    pub image_index: usize,
+    /// Text prompt.
+    pub prompt: String,
+    /// Whether it is a hard negative (no targets).
+    pub negative: bool,
+    /// COCO annotation ids of the targets, in order.
+    pub ann_ids: Vec<u64>,
+    /// Boxes (G) as [cx, cy, w, h] in [0, 1], clipped to the image.
+    pub boxes: Vec<[f32; 4]>,
+    /// Masks (G × mask_size × mask_size) row-major; an object without a segmentation gets an
+    /// all-false mask and `mask_valid` false.
+    pub masks: Vec<bool>,
+    /// Per target: whether it has a real mask.
+    pub mask_valid: Vec<bool>,
+}
+
+/// One image ready for the model.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// COCO image id.
+    pub image_id: u64,
+    /// (1, 3, S, S) f32 in [-1, 1] on the CPU.
+    pub pixel_values: Tensor,
+    /// Original decoded (width, height).
+    pub original_size: (u32, u32),
+    /// Whether it was flipped.
+    pub flipped: bool,
+    /// Per-query targets.
+    pub queries: Vec<QueryTarget>,
+}
+
+/// A stacked batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// (B, 3, S, S).
+    pub pixel_values: Tensor,
+    /// All queries; `image_index` points into the batch.
+    pub queries: Vec<QueryTarget>,
+    /// Per query: boxes (G, 4) f32.
+    pub boxes: Vec<Tensor>,
+    /// Per query: masks (G, m, m) f32 of 0/1.
+    pub masks: Vec<Tensor>,
+    /// Mask size m.
+    pub mask_size: usize,
+}
+
+/// Clip an xywh pixel box to the image and convert to normalized CxCyWH (x flipped if `hflip`).
+pub fn box_to_cxcywh(b: [f64; 4], w: u32, h: u32, hflip: bool) -> [f32; 4] {
+    let (wf, hf) = (w as f64, h as f64);
+    let x0 = b[0].clamp(0.0, wf);
+    let y0 = b[1].clamp(0.0, hf);
+    let x1 = (b[0] + b[2]).clamp(0.0, wf);
+    let y1 = (b[1] + b[3]).clamp(0.0, hf);
+    let mut cx = (x0 + x1) / 2.0 / wf;
+    if hflip {
+        cx = 1.0 - cx;
+    }
+    [cx as f32, ((y0 + y1) / 2.0 / hf) as f32, ((x1 - x0) / wf) as f32, ((y1 - y0) / hf) as f32]
+}
+
+/// Nearest-neighbour resize of a row-major (h, w) mask to (m, m), sampling source pixel centers;
+/// flipped horizontally if `hflip`. A mask whose length is not `h * w` gives an empty mask.
+pub fn resize_mask_nearest(mask: &[bool], h: usize, w: usize, m: usize, hflip: bool) -> Vec<bool> {
+    let mut out = vec![false; m * m];
+    if h == 0 || w == 0 || mask.len() != h * w {
+        return out;
+    }
+    for y in 0..m {
+        let sy = (((y as f64 + 0.5) * h as f64 / m as f64) as usize).min(h - 1);
+        for x in 0..m {
+            let mut sx = (((x as f64 + 0.5) * w as f64 / m as f64) as usize).min(w - 1);
+            if hflip {
+                sx = w - 1 - sx;
+            }
+            out[y * m + x] = mask[sy * w + sx];
+        }
+    }
+    out
+}
+
+/// Build the sample for image `index` of `split`. Errors name the image or annotation file.
+/// Boxes are clipped to the decoded image; an object whose box lies entirely outside it is left
+/// out (the preflight reports it as an error). Every target box is in [0, 1] with w, h > 0.
+pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result<Sample, DataError> {
+    if opts.image_size == 0 || opts.mask_size == 0 {
+        return Err(DataError::Invalid {
+            what: "sample options",
+            reason: "image_size and mask_size must be > 0 (SAM3: 1008 and 288)".into(),
+        });
+    }
+    let im = split.images.get(index).ok_or_else(|| DataError::Invalid {
+        what: "image index",
+        reason: format!("{index} but split {} has {} images", split.name, split.images.len()),
+    })?;
+    let mut img = crate::imageio::load_rgb(&im.path)?;
+    let (w, h) = img.dimensions();
+    if opts.hflip {
+        image::imageops::flip_horizontal_in_place(&mut img);
+    }
+    let pixel_values = crate::imageio::to_pixel_values(&img, opts.image_size, &Device::Cpu)?;
+    let m = opts.mask_size;
+    let queries: Vec<Query> = split.queries(index, opts.num_negatives, opts.seed);
+    let mut out = Vec::with_capacity(queries.len());
+    for q in queries {
+        let mut t = QueryTarget {
+            image_index: 0,
+            prompt: q.prompt,
+            negative: q.negative,
+            ann_ids: Vec::new(),
+            boxes: Vec::new(),
+            masks: Vec::new(),
+            mask_valid: Vec::new(),
+        };
+        for &oi in &q.objects {
+            let o = &im.objects[oi];
+            let bx = box_to_cxcywh(o.bbox_xywh, w, h, opts.hflip);
+            if bx[2] <= 0.0 || bx[3] <= 0.0 {
+                // Entirely outside the image: degenerate once clipped (a preflight error). A
+                // zero-size target would poison the GIoU cost and loss, so it is left out.
+                continue;
+            }
+            t.ann_ids.push(o.ann_id);
+            t.boxes.push(bx);
+            match &o.segmentation {
+                Some(seg) => {
+                    let full = seg.decode(h as usize, w as usize).map_err(|reason| DataError::Mask {
+                        path: split.annotation_file.clone(),
+                        ann_id: o.ann_id,
+                        reason,
+                    })?;
+                    t.masks.extend(resize_mask_nearest(&full, h as usize, w as usize, m, opts.hflip));
+                    t.mask_valid.push(true);
+                }
+                None => {
+                    t.masks.extend(std::iter::repeat_n(false, m * m));
+                    t.mask_valid.push(false);
+                }
+            }
+        }
+        out.push(t);
+    }
+    Ok(Sample { image_id: im.id, pixel_values, original_size: (w, h), flipped: opts.hflip, queries: out })
+}
+
+/// Stack samples into a batch on `device`: pixel values (B, 3, S, S), and per query boxes
+/// (G, 4) and masks (G, m, m) (G may be 0). `image_index` is set to each sample's position.
+pub fn collate(samples: &[Sample], mask_size: usize, device: &Device) -> Result<Batch, DataError> {
+    if samples.is_empty() {
+        return Err(DataError::Invalid { what: "batch", reason: "no samples to collate".into() });
+    }
+    let pix: Vec<&Tensor> = samples.iter().map(|s| &s.pixel_values).collect();
+    let pixel_values = Tensor::cat(&pix, 0)?.to_device(device)?;
+    let (mut queries, mut boxes, mut masks) = (Vec::new(), Vec::new(), Vec::new());
+    let mm = mask_size * mask_size;
+    for (bi, s) in samples.iter().enumerate() {
+        for q in &s.queries {
+            let g = q.boxes.len();
+            if q.masks.len() != g * mm {
+                return Err(DataError::Invalid {
+                    what: "mask_size",
+                    reason: format!(
+                        "{mask_size} does not match the samples' masks; use the size they were built with"
+                    ),
+                });
+            }
+            let flat: Vec<f32> = q.boxes.iter().flatten().copied().collect();
+            boxes.push(Tensor::from_vec(flat, (g, 4), device)?);
+            let mv: Vec<f32> = q.masks.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+            masks.push(Tensor::from_vec(mv, (g, mask_size, mask_size), device)?);
+            let mut q = q.clone();
+            q.image_index = bi;
+            queries.push(q);
+        }
+    }
+    Ok(Batch { pixel_values, queries, boxes, masks, mask_size })
+}

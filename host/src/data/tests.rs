@@ -1,0 +1,326 @@
+//! Tests for the data module: parsing, preflight, synthetic data, negatives, flips, batching.
+
+use super::batch::{build_sample, collate, SampleOptions};
+use super::coco::{Dataset, FindingKind, Segmentation, Severity, Split};
+use super::synthetic::{write_synthetic, SyntheticSpec};
+use super::DataError;
+use candle_core::Device;
+use std::path::Path;
+
+fn png(path: &Path, w: u32, h: u32) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 20) as u8, (y * 20) as u8, 90]));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    img.save(path).unwrap();
+}
+
+fn write_json(dir: &Path, split: &str, v: serde_json::Value) {
+    let p = dir.join(split).join(super::coco::ANNOTATION_FILE);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+fn opts(size: usize, mask: usize, hflip: bool) -> SampleOptions {
+    SampleOptions { image_size: size, mask_size: mask, num_negatives: 1, seed: 7, hflip }
+}
+
+/// One 5x6 (w x h) image with a polygon, an uncompressed RLE and a compressed RLE (the
+/// pycocotools string `0162M0:N`, see `rle::tests::compressed_matches_pycocotools`).
+#[test]
+fn parses_polygon_uncompressed_and_compressed_rle() {
+    let d = tempfile::tempdir().unwrap();
+    png(&d.path().join("train/a.png"), 5, 6);
+    let counts =
+        crate::sam3::postprocess::rle_encode(&(0..30).map(|i| i == 7 || i == 8).collect::<Vec<bool>>(), 6, 5)
+            .counts;
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "a.png", "width": 5, "height": 6}],
+            "annotations": [
+                {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2],
+                 "segmentation": [[1, 1, 3, 1, 3, 3, 1, 3]], "iscrowd": 0},
+                {"id": 11, "image_id": 1, "category_id": 2, "bbox": [2, 1, 2, 1],
+                 "segmentation": {"size": [6, 5], "counts": counts}, "iscrowd": 0},
+                {"id": 12, "image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 6],
+                 "segmentation": {"size": [6, 5], "counts": "0162M0:N"}, "iscrowd": 1}
+            ],
+            "categories": [{"id": 1, "name": "Crack"}, {"id": 2, "name": "Stain"}]
+        }),
+    );
+    let ds = Dataset::load(d.path()).unwrap();
+    let split = ds.split("train").unwrap();
+    assert!(split.findings.is_empty(), "{:?}", split.findings);
+    let objs = &split.images[0].objects;
+    assert_eq!(objs.len(), 3);
+    assert!(matches!(objs[0].segmentation, Some(Segmentation::Polygons(_))));
+    assert!(objs[2].iscrowd);
+    let m0 = objs[0].segmentation.as_ref().unwrap().decode(6, 5).unwrap();
+    let on: Vec<usize> = (0..30).filter(|&i| m0[i]).collect();
+    assert_eq!(on, vec![6, 7, 11, 12]);
+    let m1 = objs[1].segmentation.as_ref().unwrap().decode(6, 5).unwrap();
+    assert_eq!((0..30).filter(|&i| m1[i]).collect::<Vec<_>>(), vec![7, 8]);
+    let m2 = objs[2].segmentation.as_ref().unwrap().decode(6, 5).unwrap();
+    assert_eq!(m2.iter().filter(|b| **b).count(), 8);
+    assert!(m2[0] && m2[29] && m2[6]);
+    assert!(ds.preflight().is_empty());
+
+    let s = build_sample(split, 0, &opts(8, 6, false)).unwrap();
+    assert_eq!(s.pixel_values.dims(), &[1, 3, 8, 8]);
+    let crack = s.queries.iter().find(|q| q.prompt == "crack").unwrap();
+    assert!(!crack.negative && crack.ann_ids == vec![10]);
+    let b = crack.boxes[0];
+    let want = [2.0 / 5.0, 2.0 / 6.0, 2.0 / 5.0, 2.0 / 6.0];
+    for k in 0..4 {
+        assert!((b[k] - want[k]).abs() < 1e-6, "{b:?}");
+    }
+    let stain = s.queries.iter().find(|q| q.prompt == "stain").unwrap();
+    assert_eq!(stain.ann_ids, vec![11, 12]);
+    assert_eq!(stain.masks.len(), 2 * 36);
+}
+
+#[test]
+fn preflight_finds_planted_faults() {
+    let d = tempfile::tempdir().unwrap();
+    png(&d.path().join("train/ok.png"), 10, 8);
+    std::fs::write(d.path().join("train/corrupt.jpg"), b"not a jpeg").unwrap();
+    png(&d.path().join("train/empty.png"), 10, 8);
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [
+                {"id": 1, "file_name": "ok.png", "width": 10, "height": 8},
+                {"id": 2, "file_name": "missing.png"},
+                {"id": 3, "file_name": "corrupt.jpg"},
+                {"id": 4, "file_name": "empty.png", "width": 8, "height": 10}
+            ],
+            "annotations": [
+                {"id": 100, "image_id": 1, "category_id": 1, "bbox": [6, 2, 8, 3], "segmentation": []},
+                {"id": 101, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 3], "segmentation": []},
+                {"id": 102, "image_id": 1, "category_id": 1, "segmentation": []},
+                {"id": 103, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "segmentation": 5},
+                {"id": 104, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2],
+                 "segmentation": {"size": [8, 10], "counts": [1, 2]}},
+                {"id": 105, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2],
+                 "segmentation": {"size": [8, 10], "counts": "\u{7f}"}},
+                {"id": 106, "image_id": 2, "category_id": 2, "bbox": [1, 1, 2, 2]},
+                {"id": 107, "image_id": 3, "category_id": 3, "bbox": [1, 1, 2, 2]},
+                {"id": 108, "image_id": 1, "category_id": 9, "bbox": [1, 1, 2, 2]},
+                {"id": 109, "image_id": 1, "category_id": 1, "bbox": [20, 2, 3, 3]}
+            ],
+            "categories": [
+                {"id": 1, "name": "crack"}, {"id": 2, "name": "0"}, {"id": 3, "name": "Object"},
+                {"id": 4, "name": "CRACK "}
+            ]
+        }),
+    );
+    let ds = Dataset::load(d.path()).unwrap();
+    let f = ds.preflight();
+    let json = d.path().join("train").join(super::coco::ANNOTATION_FILE);
+    let has = |kind: FindingKind, file: &Path, img: Option<u64>, ann: Option<u64>| {
+        f.iter().any(|x| x.kind == kind && x.file == file && x.image_id == img && x.ann_id == ann)
+    };
+    let dump = f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n");
+    let t = d.path().join("train");
+    assert!(has(FindingKind::MissingImage, &t.join("missing.png"), Some(2), None), "{dump}");
+    assert!(has(FindingKind::CorruptImage, &t.join("corrupt.jpg"), Some(3), None), "{dump}");
+    assert!(has(FindingKind::BoxOutsideImage, &json, Some(1), Some(100)), "{dump}");
+    assert!(has(FindingKind::BoxOutsideImage, &json, Some(1), Some(109)), "{dump}");
+    assert!(has(FindingKind::DegenerateBox, &json, Some(1), Some(101)), "{dump}");
+    assert!(has(FindingKind::MissingBox, &json, Some(1), Some(102)), "{dump}");
+    assert!(has(FindingKind::UndecodableMask, &json, Some(1), Some(103)), "{dump}");
+    assert!(has(FindingKind::UndecodableMask, &json, Some(1), Some(104)), "{dump}");
+    assert!(has(FindingKind::UndecodableMask, &json, Some(1), Some(105)), "{dump}");
+    assert!(has(FindingKind::UnknownCategory, &json, Some(1), Some(108)), "{dump}");
+    assert!(has(FindingKind::ImageWithoutAnnotations, &json, Some(4), None), "{dump}");
+    assert!(has(FindingKind::SizeMismatch, &t.join("empty.png"), Some(4), None), "{dump}");
+    let poor: Vec<&str> =
+        f.iter().filter(|x| x.kind == FindingKind::PoorPrompt).map(|x| x.message.as_str()).collect();
+    assert!(poor.len() == 2 && poor[0].contains("\"0\"") && poor[1].contains("Object"), "{dump}");
+    assert!(
+        f.iter().any(|x| x.kind == FindingKind::DuplicatePrompt && x.message.contains("[1, 4]")),
+        "{dump}"
+    );
+    assert!(f.iter().any(|x| x.kind == FindingKind::UnusedCategory && x.message.contains("CRACK")), "{dump}");
+    // Undecodable (104: counts do not cover the image) errors only once the size is known; the
+    // sample builder names the file and annotation too.
+    let split = ds.split("train").unwrap();
+    let e = build_sample(split, 0, &opts(8, 4, false)).unwrap_err().to_string();
+    assert!(e.contains("annotation 104") && e.contains("_annotations.coco.json"), "{e}");
+    // Dropped annotations are dropped whole: objects and categories stay aligned.
+    let ids: Vec<u64> = split.images[0].objects.iter().map(|o| o.ann_id).collect();
+    assert_eq!(ids, vec![100, 104, 109]);
+    // Nine errors: missing, corrupt, degenerate, no box, 3 undecodable masks, unknown category,
+    // box entirely outside; the partly outside box (100) is a warning (clipped).
+    assert_eq!(f.iter().filter(|x| x.severity == Severity::Error).count(), 9, "{dump}");
+    let partly = f.iter().find(|x| x.ann_id == Some(100)).unwrap();
+    assert_eq!(partly.severity, Severity::Warning);
+    let clipped = super::batch::box_to_cxcywh([6.0, 2.0, 8.0, 3.0], 10, 8, false);
+    assert_eq!(clipped, [0.8, 3.5 / 8.0, 0.4, 3.0 / 8.0]);
+    assert_eq!(super::batch::box_to_cxcywh([20.0, 2.0, 3.0, 3.0], 10, 8, false)[2], 0.0);
+}
+
+#[test]
+fn missing_split_names_path_and_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let e = Dataset::load(d.path()).unwrap_err();
+    assert!(matches!(e, DataError::MissingSplit { .. }));
+    let s = e.to_string();
+    assert!(s.contains("train") && s.contains("_annotations.coco.json") && s.contains("data_dir"), "{s}");
+    write_json(d.path(), "train", serde_json::json!({"images": "nope"}));
+    let s = Dataset::load(d.path()).unwrap_err().to_string();
+    assert!(s.contains("images") && s.contains("cannot parse"), "{s}");
+}
+
+fn read_all(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for split in ["train", "valid"] {
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir.join(split)).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        for p in names {
+            out.push((p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn synthetic_is_deterministic_and_preflight_clean() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let spec = SyntheticSpec::default();
+    let sa = write_synthetic(a.path(), &spec).unwrap();
+    write_synthetic(b.path(), &spec).unwrap();
+    let (fa, fb) = (read_all(a.path()), read_all(b.path()));
+    assert_eq!(fa.len(), spec.train_images + spec.valid_images + 2);
+    assert!(fa == fb, "same spec must give byte-identical files");
+    let c = tempfile::tempdir().unwrap();
+    write_synthetic(c.path(), &SyntheticSpec { seed: 1, ..spec.clone() }).unwrap();
+    assert!(read_all(c.path()) != fa);
+
+    let ds = Dataset::load(a.path()).unwrap();
+    let f = ds.preflight();
+    assert!(f.is_empty(), "{}", f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n"));
+    let fp = ds.fingerprint();
+    assert_eq!(fp.categories, vec!["crack", "stain"]);
+    assert_eq!(fp.splits.iter().map(|s| s.images).sum::<usize>(), 12);
+    assert_eq!(fp.splits.iter().map(|s| s.annotations).sum::<usize>(), sa.annotations);
+    let fpb = Dataset::load(b.path()).unwrap().fingerprint();
+    assert_eq!(fp.content_sha256, fpb.content_sha256);
+    assert_ne!(fp.content_sha256, Dataset::load(c.path()).unwrap().fingerprint().content_sha256);
+    // Both RLE forms occur, and some images lack a stain (so "stain" is a negative there).
+    let train = ds.split("train").unwrap();
+    let mut negatives = 0;
+    for i in 0..train.images.len() {
+        let qs = train.queries(i, 3, 0);
+        assert!(qs.iter().any(|q| q.prompt == "crack" && !q.negative));
+        negatives += qs.iter().filter(|q| q.negative && q.prompt == "stain").count();
+    }
+    assert!(negatives > 0);
+    let text = std::fs::read_to_string(a.path().join("train").join(super::coco::ANNOTATION_FILE)).unwrap();
+    assert!(text.contains("\"counts\": \"") && text.contains("\"counts\": ["));
+    assert!(write_synthetic(a.path(), &SyntheticSpec { size: 8, ..spec }).is_err());
+}
+
+#[test]
+fn negatives_are_seeded_and_absent() {
+    let d = tempfile::tempdir().unwrap();
+    png(&d.path().join("train/a.png"), 10, 8);
+    png(&d.path().join("train/b.png"), 10, 8);
+    let names = ["crack", "stain", "spall", "rust", "joint", "marking", "pothole"];
+    let mut anns = vec![serde_json::json!({"id": 0, "image_id": 1, "category_id": 0, "bbox": [1, 1, 2, 2]})];
+    for (i, _) in names.iter().enumerate().skip(1) {
+        anns.push(serde_json::json!({"id": i, "image_id": 2, "category_id": i, "bbox": [1, 1, 2, 2]}));
+    }
+    let mut cats: Vec<_> =
+        names.iter().enumerate().map(|(i, n)| serde_json::json!({"id": i, "name": n})).collect();
+    cats.push(serde_json::json!({"id": 99, "name": "unused"}));
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+            "annotations": anns, "categories": cats
+        }),
+    );
+    let split = Split::load(d.path(), "train").unwrap();
+    let neg = |seed| -> Vec<String> {
+        split.queries(0, 3, seed).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect()
+    };
+    assert_eq!(neg(5), neg(5));
+    assert_eq!(neg(5).len(), 3);
+    for s in 0..20 {
+        let n = neg(s);
+        assert!(!n.contains(&"crack".to_string()) && !n.contains(&"unused".to_string()), "{n:?}");
+    }
+    assert!((0..20).any(|s| neg(s) != neg(0)), "different seeds should vary the negatives");
+    let q0 = split.queries(0, 3, 5);
+    assert_eq!((q0[0].prompt.as_str(), q0[0].negative, q0[0].objects.clone()), ("crack", false, vec![0]));
+    // Asking for more negatives than absent categories gives all of them, once.
+    let all = split.queries(0, 100, 1).into_iter().filter(|q| q.negative).count();
+    assert_eq!(all, 6);
+    assert!(split.queries(9, 3, 1).is_empty());
+}
+
+#[test]
+fn hflip_keeps_boxes_masks_and_pixels_consistent() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec { train_images: 3, valid_images: 0, size: 64, ..Default::default() };
+    write_synthetic(d.path(), &spec).unwrap();
+    let split = Split::load(d.path(), "train").unwrap();
+    for i in 0..3 {
+        let a = build_sample(&split, i, &opts(64, 64, false)).unwrap();
+        let b = build_sample(&split, i, &opts(64, 64, true)).unwrap();
+        assert!(b.flipped && !a.flipped);
+        let pa = a.pixel_values.flip(&[3]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let pb = b.pixel_values.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(pa, pb);
+        assert_eq!(a.queries.len(), b.queries.len());
+        for (qa, qb) in a.queries.iter().zip(&b.queries) {
+            assert_eq!(qa.prompt, qb.prompt);
+            for (ba, bb) in qa.boxes.iter().zip(&qb.boxes) {
+                assert!((ba[0] - (1.0 - bb[0])).abs() < 1e-6 && ba[1..] == bb[1..], "{ba:?} {bb:?}");
+            }
+            for g in 0..qa.boxes.len() {
+                let ma = &qa.masks[g * 4096..(g + 1) * 4096];
+                let mb = &qb.masks[g * 4096..(g + 1) * 4096];
+                for y in 0..64 {
+                    for x in 0..64 {
+                        assert_eq!(ma[y * 64 + x], mb[y * 64 + 63 - x]);
+                    }
+                }
+                // The flipped box bounds the flipped mask.
+                let bx = qb.boxes[g];
+                let xs: Vec<usize> = (0..4096).filter(|&k| mb[k]).map(|k| k % 64).collect();
+                let (lo, hi) = (*xs.iter().min().unwrap() as f32, *xs.iter().max().unwrap() as f32 + 1.0);
+                assert!(((bx[0] - bx[2] / 2.0) * 64.0 - lo).abs() < 1e-3, "{bx:?} {lo}");
+                assert!(((bx[0] + bx[2] / 2.0) * 64.0 - hi).abs() < 1e-3, "{bx:?} {hi}");
+            }
+        }
+    }
+}
+
+#[test]
+fn collate_stacks_batch() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec { train_images: 2, valid_images: 0, size: 48, ..Default::default() };
+    write_synthetic(d.path(), &spec).unwrap();
+    let split = Split::load(d.path(), "train").unwrap();
+    let samples: Vec<_> = (0..2).map(|i| build_sample(&split, i, &opts(32, 16, i == 1)).unwrap()).collect();
+    let batch = collate(&samples, 16, &Device::Cpu).unwrap();
+    assert_eq!(batch.pixel_values.dims(), &[2, 3, 32, 32]);
+    let n: usize = samples.iter().map(|s| s.queries.len()).sum();
+    assert_eq!(batch.queries.len(), n);
+    for (i, q) in batch.queries.iter().enumerate() {
+        let g = q.boxes.len();
+        assert_eq!(batch.boxes[i].dims(), &[g, 4]);
+        assert_eq!(batch.masks[i].dims(), &[g, 16, 16]);
+        if q.negative {
+            assert_eq!(g, 0);
+        }
+    }
+    assert_eq!(batch.queries.last().unwrap().image_index, 1);
+    assert!(collate(&samples, 8, &Device::Cpu).is_err());
+    assert!(collate(&[], 16, &Device::Cpu).is_err());
+}
