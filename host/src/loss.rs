@@ -174,12 +174,7 @@ pub fn sigmoid_focal(x: &Tensor, t: &Tensor, alpha: f64, gamma: f64) -> Result<T
 /// `(out, in)` bilinear interpolation matrix, PyTorch `align_corners=False` (no antialias).
 pub fn bilinear_matrix(out: usize, input: usize) -> Vec<f32> {
     let mut a = vec![0f32; out * input];
-    let scale = input as f64 / out as f64;
-    for d in 0..out {
-        let src = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(input - 1);
-        let i1 = (i0 + 1).min(input - 1);
-        let lambda = src - i0 as f64;
+    for (d, (i0, i1, lambda)) in crate::sam3::postprocess::bilinear_taps(out, input).into_iter().enumerate() {
         a[d * input + i0] += (1.0 - lambda) as f32;
         a[d * input + i1] += lambda as f32;
     }

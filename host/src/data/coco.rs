@@ -6,6 +6,7 @@
 //! built, and reported by the preflight.
 
 use super::{rle, DataError, SplitMix64};
+use crate::fsutil::hex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -732,8 +733,4 @@ impl Dataset {
             content_sha256: hex(&h.finalize()),
         }
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -5,8 +5,9 @@
 
 use super::error::PluginError;
 use super::instance::{prepare, Prepared};
-use super::runtime::{hex, Limits, Runtime};
+use super::runtime::{Limits, Runtime};
 use super::RunInfo;
+use crate::fsutil::hex;
 use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode, DebounceEventResult, Debouncer};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;

@@ -4,6 +4,7 @@
 
 use super::bindings::{self, lorahost::plugin::host::Level, NamedValue};
 use super::error::PluginError;
+use crate::fsutil::hex;
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -451,9 +452,4 @@ fn wasmparser_kind(bytes: &[u8]) -> Option<Kind> {
         (_, _, 1, 0) => Some(Kind::Component),
         _ => None,
     }
-}
-
-/// Lower-case hex of bytes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

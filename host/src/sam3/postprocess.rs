@@ -61,24 +61,29 @@ pub fn nms(boxes: &[[f32; 4]], scores: &[f32], iou_threshold: f32) -> Vec<usize>
     keep
 }
 
+/// For each of `out` output positions along an axis of `input` samples: the two source indices
+/// and the weight of the second, by PyTorch's `align_corners=False` rule (no antialiasing).
+pub fn bilinear_taps(out: usize, input: usize) -> Vec<(usize, usize, f64)> {
+    let scale = input as f64 / out as f64;
+    (0..out)
+        .map(|o| {
+            let s = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (s.floor() as usize).min(input - 1);
+            let i1 = (i0 + 1).min(input - 1);
+            (i0, i1, s - i0 as f64)
+        })
+        .collect()
+}
+
 /// Bilinear resize of a (h, w) map to (out_h, out_w) with PyTorch's align_corners=False rule.
 pub fn resize_bilinear(src: &[f32], h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
-    let axis = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
-        let scale = inp as f32 / out as f32;
-        (0..out)
-            .map(|o| {
-                let s = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (s.floor() as usize).min(inp - 1);
-                let i1 = (i0 + 1).min(inp - 1);
-                (i0, i1, s - i0 as f32)
-            })
-            .collect()
-    };
-    let ys = axis(out_h, h);
-    let xs = axis(out_w, w);
+    let ys = bilinear_taps(out_h, h);
+    let xs = bilinear_taps(out_w, w);
     let mut out = vec![0f32; out_h * out_w];
     for (oy, &(y0, y1, ly)) in ys.iter().enumerate() {
+        let ly = ly as f32;
         for (ox, &(x0, x1, lx)) in xs.iter().enumerate() {
+            let lx = lx as f32;
             let top = src[y0 * w + x0] * (1.0 - lx) + src[y0 * w + x1] * lx;
             let bot = src[y1 * w + x0] * (1.0 - lx) + src[y1 * w + x1] * lx;
             out[oy * out_w + ox] = top * (1.0 - ly) + bot * ly;
@@ -107,21 +112,11 @@ pub fn rle_encode(mask: &[bool], h: usize, w: usize) -> Rle {
     Rle { size: [h, w], counts }
 }
 
-/// Decode a COCO RLE back to a row-major mask (tests, overlays).
+/// Decode a COCO RLE back to a row-major mask (tests, overlays); an inconsistent RLE decodes
+/// to an empty mask. See [`crate::data::rle::decode_counts`] for the checked form.
 pub fn rle_decode(rle: &Rle) -> Vec<bool> {
     let [h, w] = rle.size;
-    let mut col_major = Vec::with_capacity(h * w);
-    let mut v = false;
-    for &c in &rle.counts {
-        col_major.extend(std::iter::repeat_n(v, c as usize));
-        v = !v;
-    }
-    let mut out = vec![false; h * w];
-    for (i, b) in col_major.into_iter().enumerate().take(h * w) {
-        let (x, y) = (i / h, i % h);
-        out[y * w + x] = b;
-    }
-    out
+    crate::data::rle::decode_counts(&rle.counts, h, w).unwrap_or_else(|_| vec![false; h * w])
 }
 
 /// Raw per-image model outputs needed for post-processing.
