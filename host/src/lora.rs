@@ -142,7 +142,7 @@ impl LoraAdapter {
     /// The adapter's contribution for a 2-D input (n, in) → (n, out), in the input's dtype.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            candle_nn::ops::dropout(x, self.dropout as f32)?
+            crate::rng::dropout(x, self.dropout)?
         } else {
             x.clone()
         };
@@ -206,10 +206,21 @@ pub struct LoraSet {
 }
 
 impl LoraSet {
-    /// Attach fresh adapters to every matching linear layer of `model`.
+    /// Attach fresh adapters to every matching linear layer of `model` (seed 0).
     pub fn attach(
         model: &mut Sam3Model,
         config: &LoraConfig,
+        device: &Device,
+    ) -> std::result::Result<Self, LoraError> {
+        Self::attach_seeded(model, config, 0, device)
+    }
+
+    /// Attach fresh adapters; A is drawn from a stream seeded by (`seed`, module path), so the
+    /// initial adapters depend only on the seed, never on the device or thread.
+    pub fn attach_seeded(
+        model: &mut Sam3Model,
+        config: &LoraConfig,
+        seed: u64,
         device: &Device,
     ) -> std::result::Result<Self, LoraError> {
         let patterns: Vec<String> = config.target_modules.iter().flat_map(|p| expand(p.trim())).collect();
@@ -230,9 +241,13 @@ impl LoraSet {
             // PEFT's default init: A ~ kaiming_uniform(a=√5) = U(-1/√in, 1/√in), B = 0.
             let bound = 1.0 / (in_dim as f64).sqrt();
             let made = (|| -> Result<(Var, Var)> {
-                let a = Var::from_tensor(
-                    &Tensor::rand(-bound, bound, (config.rank, in_dim), device)?.to_dtype(DType::F32)?,
-                )?;
+                let init = crate::rng::uniform(
+                    &[seed, crate::rng::hash_str(&lin.path)],
+                    config.rank * in_dim,
+                    -bound,
+                    bound,
+                );
+                let a = Var::from_tensor(&Tensor::from_vec(init, (config.rank, in_dim), device)?)?;
                 let b = Var::zeros((out_dim, config.rank), DType::F32, device)?;
                 Ok((a, b))
             })();

@@ -212,6 +212,9 @@ pub struct TrainingSection {
     pub gradient_accumulation_steps: usize,
     /// Flip / random square resize augmentation.
     pub augment: bool,
+    /// lorahost: when `data_dir` has no `train/` split yet, write the bundled synthetic crack
+    /// dataset there first (demo and tests).
+    pub synthetic: bool,
 }
 
 impl Default for TrainingSection {
@@ -238,6 +241,7 @@ impl Default for TrainingSection {
             seed: 42,
             gradient_accumulation_steps: 1,
             augment: false,
+            synthetic: false,
         }
     }
 }
@@ -407,6 +411,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "seed",
             "gradient_accumulation_steps",
             "augment",
+            "synthetic",
         ],
     ),
     ("output", &["output_dir", "logging_dir", "save_lora_only", "push_to_hub", "hub_model_id"]),

@@ -127,23 +127,51 @@ impl Reloader {
     }
 }
 
-/// Look at a changed file: None when it is gone or unchanged, else the new version or why not.
+/// How long a file that fails to load is given to settle before it is judged: editors and
+/// build tools that write in place (truncate, then write) are caught mid-write otherwise.
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// Look at a changed file: None when it is gone, empty (being written) or unchanged, else the
+/// new version or why not.
 fn rebuild(runtime: &Runtime, index: usize, w: &mut Watched) -> Option<Message> {
-    let bytes = match std::fs::read(&w.path) {
-        Ok(b) => b,
+    let read = |path: &Path| match std::fs::read(path) {
+        Ok(b) => Some(b),
         Err(e) => {
-            tracing::debug!("{} not readable ({e}); keeping the loaded version", w.path.display());
-            return None;
+            tracing::debug!("{} not readable ({e}); keeping the loaded version", path.display());
+            None
         }
     };
-    let sha = hex(&Sha256::digest(&bytes));
-    if sha == w.sha256 {
-        return None;
+    let mut bytes = read(&w.path)?;
+    let mut attempts = 0;
+    loop {
+        if bytes.is_empty() {
+            // Truncated and not yet written: the write's own event follows.
+            return None;
+        }
+        let sha = hex(&Sha256::digest(&bytes));
+        if sha == w.sha256 {
+            return None;
+        }
+        if attempts == 0 {
+            tracing::info!(plugin = %w.name, "{} changed; compiling the new version in the background", w.path.display());
+        }
+        attempts += 1;
+        match prepare(runtime, &bytes, &w.path, &w.config_json, &w.run, &w.limits) {
+            Ok(prepared) => {
+                w.sha256 = sha;
+                return Some(Message::Ready { index, prepared: Box::new(prepared) });
+            }
+            Err(e) => {
+                // A half-written file fails too: judge it only once it stopped changing.
+                std::thread::sleep(SETTLE);
+                match read(&w.path) {
+                    Some(again) if again != bytes && attempts < 8 => bytes = again,
+                    _ => {
+                        w.sha256 = sha;
+                        return Some(Message::Rejected { index, reason: e.to_string() });
+                    }
+                }
+            }
+        }
     }
-    w.sha256 = sha;
-    tracing::info!(plugin = %w.name, "{} changed; compiling the new version in the background", w.path.display());
-    Some(match prepare(runtime, &bytes, &w.path, &w.config_json, &w.run, &w.limits) {
-        Ok(prepared) => Message::Ready { index, prepared: Box::new(prepared) },
-        Err(e) => Message::Rejected { index, reason: e.to_string() },
-    })
 }

@@ -19,7 +19,7 @@ const LN_EPS: f64 = 1e-5;
 /// Residual dropout (`nn.Dropout`) active only in training.
 fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
+        crate::rng::dropout(x, p)
     } else {
         Ok(x.clone())
     }

@@ -110,6 +110,7 @@ pub struct Sam3Model {
     /// Mask head (`mask_decoder`).
     pub mask: MaskDecoder,
     dtype: DType,
+    device: Device,
     semantics: Semantics,
 }
 
@@ -126,6 +127,7 @@ impl Sam3Model {
             mask: MaskDecoder::load(vb.pp("mask_decoder"), &config.mask_decoder_config)?,
             config: config.clone(),
             dtype: vb.dtype(),
+            device: vb.device().clone(),
             semantics: Semantics::Transformers,
         }
         .with_semantics(Semantics::Original))
@@ -211,6 +213,11 @@ impl Sam3Model {
         self.config.vision_config.backbone_config.image_size
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -223,12 +230,31 @@ impl Sam3Model {
 
     /// Forward pass with explicit options.
     pub fn forward_with(&self, inputs: &Sam3Inputs, opts: ForwardOptions) -> Result<Sam3Outputs> {
+        self.forward_indexed(inputs, None, opts)
+    }
+
+    /// Forward pass where several prompts share an image: `pixel_values` holds I images,
+    /// `input_ids` Q prompts, and `image_index` (Q,) u32 says which image each prompt asks
+    /// about. The vision backbone runs once per image; everything after it runs per prompt.
+    /// `None` means one prompt per image (Q = I).
+    pub fn forward_indexed(
+        &self,
+        inputs: &Sam3Inputs,
+        image_index: Option<&Tensor>,
+        opts: ForwardOptions,
+    ) -> Result<Sam3Outputs> {
         let pixel_values = inputs.pixel_values.to_dtype(self.dtype)?;
         let vision = self.vision.forward(&pixel_values)?;
         // The coarsest FPN level (0.5x) is computed by the neck but not used (`scalp=1`).
         let levels = vision.fpn.len().saturating_sub(1).max(1);
-        let fpn = &vision.fpn[..levels];
-        let fpn_pos = &vision.fpn_pos[..levels];
+        let pick = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+            match image_index {
+                Some(idx) => ts.iter().map(|t| t.index_select(idx, 0)).collect(),
+                None => Ok(ts.to_vec()),
+            }
+        };
+        let fpn = &pick(&vision.fpn[..levels])?[..];
+        let fpn_pos = &pick(&vision.fpn_pos[..levels])?[..];
         let (img, img_pos) = (&fpn[levels - 1], &fpn_pos[levels - 1]);
 
         let text = self.text.forward(&inputs.input_ids, &inputs.attention_mask)?;

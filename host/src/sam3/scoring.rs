@@ -63,7 +63,7 @@ impl DotProductScoring {
     ) -> Result<Tensor> {
         let mut m = self.text_mlp.forward(text_features)?;
         if train && self.dropout > 0.0 {
-            m = candle_nn::ops::dropout(&m, self.dropout as f32)?;
+            m = crate::rng::dropout(&m, self.dropout)?;
         }
         let t = self.text_mlp_out_norm.forward(&(m + text_features)?)?;
         let pooled = match text_mask {

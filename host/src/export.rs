@@ -1,0 +1,108 @@
+//! `lorahost export --merge`: fold trained adapters into the base weights
+//! (`W' = W + (alpha / r) · B A` for every adapted linear layer) and write a transformers-format
+//! model directory (`model.safetensors`, `config.json`, the tokenizer files) that loads without
+//! PEFT. The directory is built aside and renamed into place when complete.
+
+use crate::lora::LoraSet;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Merge `lora` into the weights of the transformers model directory `model_dir` and write the
+/// result to `out`. `_model` is the adapted model (unused today; kept so callers pass the model
+/// the adapters belong to).
+pub fn write_merged(
+    _model: &crate::sam3::model::Sam3Model,
+    model_dir: &Path,
+    lora: &LoraSet,
+    out: &Path,
+) -> Result<()> {
+    if !model_dir.is_dir() {
+        bail!(
+            "{}: merging needs a transformers-format model directory (config.json + safetensors); convert sam3.pt first or keep the adapter",
+            model_dir.display()
+        );
+    }
+    let mut files: Vec<_> = std::fs::read_dir(model_dir)
+        .with_context(|| format!("reading {}", model_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "safetensors") && !p.ends_with("adapter_model.safetensors")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no .safetensors weights to merge into", model_dir.display());
+    }
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in &files {
+        tensors.extend(
+            candle_core::safetensors::load(f, &Device::Cpu)
+                .with_context(|| format!("reading {}", f.display()))?,
+        );
+    }
+    let vars = lora.vars();
+    let scale = lora.config.alpha / lora.config.rank.max(1) as f64;
+    let mut merged = 0;
+    for (path, _, _, _) in &lora.modules {
+        let key = format!("base_model.model.{path}");
+        let (Some(a), Some(b)) =
+            (vars.get(&format!("{key}.lora_A.weight")), vars.get(&format!("{key}.lora_B.weight")))
+        else {
+            bail!("adapter for {path} is incomplete");
+        };
+        let want = format!("{path}.weight");
+        let suffix = format!(".{want}");
+        let Some(k) = tensors.keys().find(|k| **k == want || k.ends_with(&suffix)).cloned() else {
+            bail!("{}: no tensor `{want}` to merge the adapter into", model_dir.display());
+        };
+        let w = &tensors[&k];
+        let delta =
+            (b.as_tensor().to_device(&Device::Cpu)?.matmul(&a.as_tensor().to_device(&Device::Cpu)?)?
+                * scale)?;
+        if delta.dims() != w.dims() {
+            bail!("{k}: weight {:?} but adapter product {:?}", w.dims(), delta.dims());
+        }
+        let dt = w.dtype();
+        let new = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dt)?;
+        tensors.insert(k, new);
+        merged += 1;
+    }
+    let tmp = crate::train::checkpoint::partial_dir(out);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+    for e in std::fs::read_dir(model_dir)?.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        let is_meta = p.extension().is_some_and(|x| x == "json" || x == "txt" || x == "model")
+            && name != "model.safetensors.index.json"
+            && !name.starts_with("adapter_");
+        if p.is_file() && is_meta {
+            std::fs::copy(&p, tmp.join(&name)).with_context(|| format!("copying {}", p.display()))?;
+        }
+    }
+    crate::train::checkpoint::replace_dir(&tmp, out)?;
+    tracing::info!("merged {merged} adapters into {}", out.display());
+    Ok(())
+}
+
+/// `lorahost export`: load the base model of `config`, attach its LoRA layout, load the adapter
+/// strictly, and write either the merged model (`merge`) or a checked copy of the adapter.
+pub fn export(config: &Path, adapter: &Path, merge: bool, out: &Path) -> Result<()> {
+    let cfg = crate::train::load_config(config, &[])?;
+    let model_path = crate::train::resolve_model(&cfg)?;
+    let mut model = crate::sam3::model::Sam3Model::load_dir(&model_path, &Device::Cpu, DType::F32)?;
+    let lora = LoraSet::attach(&mut model, &crate::lora::LoraConfig::from_section(&cfg.lora), &Device::Cpu)?;
+    lora.load_peft(adapter).with_context(|| format!("loading {}", adapter.display()))?;
+    if merge {
+        write_merged(&model, &model_path, &lora, out)?;
+        println!("merged {} adapters into {}", lora.modules.len(), out.display());
+    } else {
+        crate::train::write_adapter_dir(out, &lora, &cfg.model.name)?;
+        println!("adapter ({} modules) checked and written to {}", lora.modules.len(), out.display());
+    }
+    Ok(())
+}

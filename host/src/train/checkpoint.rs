@@ -1,0 +1,222 @@
+//! Training checkpoints: `<output_dir>/checkpoints/step-NNNNNNNN/` holds the adapters in PEFT's
+//! format, the optimizer moments and `trainer_state.json` (step, epoch, position in the epoch's
+//! order, the order itself, per-sample statistics, LR scale, best metric, plugin snapshots).
+//! A checkpoint is written into a hidden `.partial` directory and renamed into place when
+//! complete, so a crash mid-save leaves every earlier checkpoint intact; leftovers of such a
+//! crash are removed at the next start.
+
+use crate::fsutil::write_atomic;
+use crate::lora::LoraSet;
+use crate::train::optim::AdamW;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Optimizer moments file.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Trainer state file.
+pub const STATE_FILE: &str = "trainer_state.json";
+/// Version of the state format.
+pub const STATE_FORMAT: u32 = 1;
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file problem.
+    #[error("{path}: {reason}")]
+    File {
+        /// File or directory.
+        path: PathBuf,
+        /// What went wrong (and the fix).
+        reason: String,
+    },
+}
+
+fn file_err(path: &Path, reason: impl ToString) -> CheckpointError {
+    CheckpointError::File { path: path.into(), reason: reason.to_string() }
+}
+
+/// The best validation result so far.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Best {
+    /// The selection metric (`loss`, `map`, `cgf1`).
+    pub metric: String,
+    /// Its value.
+    pub value: f64,
+    /// The optimizer step it was measured at.
+    pub step: u64,
+}
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// [`STATE_FORMAT`].
+    pub format: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epoch in progress (0-based).
+    pub epoch: u32,
+    /// Micro-batches of that epoch already consumed.
+    pub micro_in_epoch: u64,
+    /// The epoch's visit order.
+    pub epoch_order: Vec<u32>,
+    /// Updates the optimizer applied (skipped steps apply none).
+    pub optimizer_updates: u64,
+    /// Product of plugin `scale-lr` actions so far.
+    pub lr_scale: f64,
+    /// fp16 loss scale.
+    pub loss_scale: f64,
+    /// Good steps since the loss scale last changed.
+    pub loss_scale_good_steps: u64,
+    /// Steps skipped (non-finite, veto, plugin skip).
+    pub skipped_steps: u64,
+    /// Loss of the last step (for the LR hook).
+    pub last_loss: Option<f64>,
+    /// Per training sample: last loss and times seen.
+    pub sample_stats: Vec<(Option<f64>, u32)>,
+    /// Best validation result.
+    pub best: Option<Best>,
+    /// Plugin snapshots by plugin name (hex).
+    pub plugin_states: BTreeMap<String, String>,
+    /// The run's seed.
+    pub seed: u64,
+    /// sha-256 of the training annotation file (a resume on other data is refused).
+    pub train_sha256: String,
+}
+
+/// Directory of step `step`'s checkpoint.
+pub fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:08}"))
+}
+
+/// Completed checkpoints under `root`, oldest first.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path().join(STATE_FILE).is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Remove leftovers of interrupted saves (hidden `.partial` / `.old` directories).
+pub fn clean_partials(root: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') && (name.contains(".partial") || name.ends_with(".old")) {
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
+/// Replace directory `dst` with the complete directory `src` (both on one filesystem): the old
+/// one is moved aside first and removed only after the new one is in place.
+pub fn replace_dir(src: &Path, dst: &Path) -> Result<(), CheckpointError> {
+    let old = dst.with_file_name(format!(
+        ".{}.{}.old",
+        dst.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let had = dst.exists();
+    if had {
+        std::fs::rename(dst, &old).map_err(|e| file_err(dst, e))?;
+    }
+    std::fs::rename(src, dst).map_err(|e| file_err(dst, e))?;
+    if had {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// A hidden scratch directory next to `dst` for building it.
+pub fn partial_dir(dst: &Path) -> PathBuf {
+    dst.with_file_name(format!(
+        ".{}.partial-{}",
+        dst.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        std::process::id()
+    ))
+}
+
+/// Test hook: abort the process half-way through a save (simulates a kill at the worst time).
+fn maybe_crash(stage: &str) {
+    if std::env::var("LORAHOST_TEST_CRASH_DURING_SAVE").ok().as_deref() == Some(stage) {
+        eprintln!("LORAHOST_TEST_CRASH_DURING_SAVE={stage}: aborting mid-save");
+        std::process::abort();
+    }
+}
+
+/// Write a checkpoint for `state.step` under `root` atomically (see the module docs).
+pub fn save(
+    root: &Path,
+    lora: &LoraSet,
+    base_model: &str,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(root).map_err(|e| file_err(root, e))?;
+    let dst = step_dir(root, state.step);
+    let tmp = partial_dir(&dst);
+    let _ = std::fs::remove_dir_all(&tmp);
+    lora.save_peft(&tmp, base_model).map_err(|e| file_err(&tmp, e))?;
+    maybe_crash("adapters");
+    let mut tensors = HashMap::new();
+    for (k, t) in opt.state_tensors() {
+        tensors.insert(k, t.to_device(&Device::Cpu).map_err(|e| file_err(&tmp, e))?);
+    }
+    let opt_path = tmp.join(OPTIMIZER_FILE);
+    candle_core::safetensors::save(&tensors, &opt_path).map_err(|e| file_err(&opt_path, e))?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| file_err(&tmp, e))?;
+    write_atomic(&tmp.join(STATE_FILE), &json).map_err(|e| file_err(&tmp.join(STATE_FILE), e))?;
+    maybe_crash("state");
+    replace_dir(&tmp, &dst)?;
+    Ok(dst)
+}
+
+/// Read a checkpoint's state and optimizer tensors (adapters are loaded by the caller).
+pub fn load(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>), CheckpointError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read(&state_path).map_err(|e| {
+        file_err(&state_path, format!("{e}; point --resume at a checkpoint directory (checkpoints/step-*)"))
+    })?;
+    let state: TrainerState = serde_json::from_slice(&text).map_err(|e| file_err(&state_path, e))?;
+    if state.format != STATE_FORMAT {
+        return Err(file_err(
+            &state_path,
+            format!("state format {} (this lorahost reads {STATE_FORMAT})", state.format),
+        ));
+    }
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let tensors = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+        .map_err(|e| file_err(&opt_path, format!("not a readable safetensors file: {e}")))?;
+    Ok((state, tensors))
+}
+
+/// Delete the oldest checkpoints beyond `limit` (0 keeps all), never the one at `keep_step`
+/// (the best). Returns the removed directories.
+pub fn prune(root: &Path, limit: usize, keep_step: Option<u64>) -> Vec<PathBuf> {
+    if limit == 0 {
+        return Vec::new();
+    }
+    let all = list(root);
+    let mut removable: Vec<&(u64, PathBuf)> = all.iter().filter(|(s, _)| Some(*s) != keep_step).collect();
+    let kept_best = usize::from(all.len() != removable.len());
+    let mut removed = Vec::new();
+    while removable.len() + kept_best > limit && !removable.is_empty() {
+        let (_, p) = removable.remove(0);
+        if std::fs::remove_dir_all(p).is_ok() {
+            removed.push(p.clone());
+        }
+    }
+    removed
+}

@@ -1,0 +1,1254 @@
+//! The training loop: `lorahost train`.
+//!
+//! What one optimizer step does, in order (units: a *micro-batch* is one forward/backward pass
+//! of `batch_size` images; a *step* is one optimizer update after `gradient_accumulation_steps`
+//! micro-batches; every cadence, warmup and schedule counts steps, 1-based):
+//!
+//! 1. for each micro-batch: the sampling hook may pick its images (`next-batch`), else they
+//!    come from the epoch order (the plugin's `epoch-order` or a seeded shuffle); samples are
+//!    built on `num_workers` threads; dropout is reseeded from (seed, step, micro-step); the
+//!    forward pass runs in training mode with DAC (one-to-many) queries; Meta's loss is computed,
+//!    the loss-weights hook may rescale its terms; backward; gradients are accumulated;
+//!    `observe` tells samplers each image's loss;
+//! 2. gradients are averaged over the micro-batches; per-component statistics (L2, max |g|,
+//!    non-finite count) go to the grad-inspection hook, which may veto the update;
+//! 3. non-finite gradients or loss: the step is skipped and the batch's image ids are dumped to
+//!    `nonfinite_batches.jsonl` (fp16: the loss scale halves);
+//! 4. global-norm clipping to `max_grad_norm` (norms before and after are logged);
+//! 5. the LR: warmup + scheduler, then the LR hook chain, times the product of plugin
+//!    `scale-lr` actions so far;
+//! 6. AdamW update;
+//! 7. the step-metrics hook sees the step; `skip` rolls the update back, `stop` ends the run
+//!    (with a checkpoint), `checkpoint` saves one;
+//! 8. the metrics line is appended to `metrics.jsonl`; validation and checkpoints follow their
+//!    cadences; hot-reloaded plugins are swapped in at the step boundary.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod plot;
+pub mod schedule;
+mod validate;
+
+pub use validate::{validate, ValidationResult};
+
+use crate::data::batch::{build_sample, collate, Batch, Sample, SampleOptions};
+use crate::data::coco::{Dataset, FindingKind, Severity, Split};
+use crate::data::synthetic::{write_synthetic, SyntheticSpec};
+use crate::data::SplitMix64;
+use crate::lora::{Component, LoraConfig, LoraSet};
+use crate::loss::{sam3_loss, LossOutput, LossWeights, Targets};
+use crate::metrics::{GradGroupRecord, RunHeader, StepRecord};
+use crate::plugin::{
+    Action, BatchRequest, GradGroup, GradReport, LossTerm, LrRequest, MicroBatchInfo, NamedValue,
+    PluginEvent, PluginSet, PluginSpec, RunInfo, Runtime, SampleMeta, StepMetrics,
+};
+use crate::sam3::model::{ForwardOptions, Sam3Inputs, Sam3Model, Semantics};
+use crate::sam3::tokenizer::PromptTokenizer;
+use crate::train_config::{Precision, TrainConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use checkpoint::{Best, TrainerState};
+use optim::{group_stats, AdamW, AdamWConfig};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The loss terms plugins can reweight (each scales that term in every decoder layer and branch).
+pub const WEIGHTED_TERMS: &[&str] =
+    &["loss_ce", "presence_loss", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"];
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// The YAML config.
+    pub config: PathBuf,
+    /// Plugins from the command line (after the config's).
+    pub plugins: Vec<PluginSpec>,
+    /// Resume: a checkpoint directory, or the output directory's latest checkpoint.
+    pub resume: Option<Resume>,
+    /// Stop after this many optimizer steps in total (the schedule still spans the whole run).
+    pub max_steps: Option<u64>,
+    /// Watch plugin files and swap new versions in.
+    pub hot_reload: bool,
+    /// Overrides of config keys (`section.key=value`), applied before validation.
+    pub overrides: Vec<String>,
+    /// Compiled-plugin cache (None: no cache).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Where to resume from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest checkpoint under `<output_dir>/checkpoints`.
+    Latest,
+    /// This checkpoint directory.
+    Dir(PathBuf),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct TrainSummary {
+    /// Optimizer steps done (in total, counting resumed ones).
+    pub steps: u64,
+    /// Steps whose update was skipped or rolled back.
+    pub skipped_steps: u64,
+    /// Final validation, when there is a valid split.
+    pub final_validation: Option<ValidationResult>,
+    /// First validation loss of the run (before any update when validating at start).
+    pub initial_validation_loss: Option<f64>,
+    /// Output directory.
+    pub output_dir: PathBuf,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<String>,
+}
+
+/// Apply `section.key=value` overrides to a YAML document.
+fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String]) -> Result<()> {
+    for o in overrides {
+        let (key, value) =
+            o.split_once('=').with_context(|| format!("--set {o:?}: expected section.key=value"))?;
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(value).with_context(|| format!("--set {o:?}: value is not YAML"))?;
+        let mut node = &mut *doc;
+        for part in key.split('.') {
+            if !node.is_mapping() {
+                *node = serde_yaml::Value::Mapping(Default::default());
+            }
+            let map = node.as_mapping_mut().expect("just made a mapping");
+            node = map.entry(serde_yaml::Value::String(part.to_string())).or_insert(serde_yaml::Value::Null);
+        }
+        *node = value;
+    }
+    Ok(())
+}
+
+/// Read, override and validate the config; warnings are logged.
+pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}; pass --config with a training YAML", path.display()))?;
+    let text = if overrides.is_empty() {
+        text
+    } else {
+        let mut doc: serde_yaml::Value =
+            serde_yaml::from_str(&text).with_context(|| format!("{}: not valid YAML", path.display()))?;
+        apply_overrides(&mut doc, overrides)?;
+        serde_yaml::to_string(&doc)?
+    };
+    let (cfg, warnings) = TrainConfig::from_yaml(&text, path)?;
+    for w in warnings {
+        tracing::warn!("{}: {w}", path.display());
+    }
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+/// Meta's loss weights with the config's `loss:` section applied.
+pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
+    let mut w = LossWeights::default();
+    for (k, v) in &cfg.loss {
+        let f = || {
+            v.as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                .filter(|f: &f64| f.is_finite() && *f >= 0.0)
+                .with_context(|| format!("loss.{k}: {v} is not a number >= 0"))
+        };
+        match k.as_str() {
+            "loss_bbox" => w.loss_bbox = f()?,
+            "loss_giou" => w.loss_giou = f()?,
+            "loss_ce" => w.loss_ce = f()?,
+            "presence_loss" => w.presence_loss = f()?,
+            "loss_mask" => w.loss_mask = f()?,
+            "loss_dice" => w.loss_dice = f()?,
+            "o2m_weight" => w.o2m_weight = f()?,
+            "pos_weight" => w.pos_weight = f()?,
+            "aux" => w.aux = v.as_bool().with_context(|| format!("loss.aux: {v} is not true/false"))?,
+            _ => bail!(
+                "loss.{k}: unknown loss setting; known: loss_bbox, loss_giou, loss_ce, presence_loss, \
+                 loss_mask, loss_dice, o2m_weight, pos_weight, aux"
+            ),
+        }
+    }
+    Ok(w)
+}
+
+fn term_weight_mut<'a>(w: &'a mut LossWeights, name: &str) -> Option<&'a mut f64> {
+    Some(match name {
+        "loss_ce" => &mut w.loss_ce,
+        "presence_loss" => &mut w.presence_loss,
+        "loss_bbox" => &mut w.loss_bbox,
+        "loss_giou" => &mut w.loss_giou,
+        "loss_mask" => &mut w.loss_mask,
+        "loss_dice" => &mut w.loss_dice,
+        _ => return None,
+    })
+}
+
+/// The device the config asks for.
+pub fn device_for(cfg: &TrainConfig) -> Result<Device> {
+    match cfg.hardware.device.to_ascii_lowercase().as_str() {
+        "cuda" => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "hardware.device is cuda but this lorahost was built without CUDA; rebuild with \
+                     `cargo build --release --features cuda` or set hardware.device: cpu"
+                );
+            }
+            let d = Device::new_cuda(0).context("cannot open CUDA device 0")?;
+            Ok(d)
+        }
+        _ => Ok(Device::Cpu),
+    }
+}
+
+/// The dtype the frozen base runs in: `mixed_precision` bf16 / fp16 on CUDA, f32 otherwise.
+/// LoRA weights, optimizer state, loss and gradient statistics are always f32.
+pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
+    match (precision, device.is_cpu()) {
+        (_, true) | (Precision::No, _) => DType::F32,
+        (Precision::Bf16, false) => DType::BF16,
+        (Precision::Fp16, false) => DType::F16,
+    }
+}
+
+/// Where the base model lives: `model.path`, else `model.name` in the Hugging Face cache
+/// (`model.cache_dir`, `$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`).
+pub fn resolve_model(cfg: &TrainConfig) -> Result<PathBuf> {
+    if let Some(p) = &cfg.model.path {
+        if !p.exists() {
+            bail!("model.path {} does not exist; point it at a directory with config.json, model.safetensors and tokenizer.json (or at sam3.pt)", p.display());
+        }
+        return Ok(p.clone());
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Some(c) = &cfg.model.cache_dir {
+        roots.push(c.clone());
+    }
+    if let Some(c) = std::env::var_os("HF_HUB_CACHE") {
+        roots.push(c.into());
+    }
+    if let Some(h) = std::env::var_os("HF_HOME") {
+        roots.push(PathBuf::from(h).join("hub"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        roots.push(PathBuf::from(h).join(".cache/huggingface/hub"));
+    }
+    let repo = format!("models--{}", cfg.model.name.replace('/', "--"));
+    for r in &roots {
+        let snaps = r.join(&repo).join("snapshots");
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&snaps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("config.json").is_file())
+            .collect();
+        found.sort();
+        if let Some(p) = found.pop() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "model {:?} not found: set model.path to a local model directory, or download it first \
+         (`huggingface-cli download {}`); looked in {}",
+        cfg.model.name,
+        cfg.model.name,
+        roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Resident memory of this process in bytes (Linux), 0 when unknown.
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).map(|kb| kb * 1024)
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Tokenized prompts of a batch and which image each belongs to.
+pub struct PromptBatch {
+    /// (Q, T) i64.
+    pub input_ids: Tensor,
+    /// (Q, T) i64.
+    pub attention_mask: Tensor,
+    /// (Q,) u32.
+    pub image_index: Tensor,
+}
+
+/// Tokenize a batch's queries.
+pub fn prompts(batch: &Batch, tok: &PromptTokenizer, ctx: usize, device: &Device) -> Result<PromptBatch> {
+    let q = batch.queries.len();
+    let (mut ids, mut mask, mut idx) = (Vec::new(), Vec::new(), Vec::new());
+    for query in &batch.queries {
+        let (i, m) = tok.encode(&query.prompt, ctx);
+        ids.extend(i.iter().map(|&v| v as i64));
+        mask.extend(m.iter().map(|&v| v as i64));
+        idx.push(query.image_index as u32);
+    }
+    Ok(PromptBatch {
+        input_ids: Tensor::from_vec(ids, (q, ctx), device)?,
+        attention_mask: Tensor::from_vec(mask, (q, ctx), device)?,
+        image_index: Tensor::from_vec(idx, q, device)?,
+    })
+}
+
+/// Forward a batch and compute the loss.
+pub fn batch_loss(
+    model: &Sam3Model,
+    batch: &Batch,
+    tok: &PromptTokenizer,
+    weights: &LossWeights,
+    train: bool,
+) -> Result<(LossOutput, crate::sam3::model::Sam3Outputs)> {
+    let device = batch.pixel_values.device().clone();
+    let ctx = model.config().text_config.max_position_embeddings;
+    let p = prompts(batch, tok, ctx, &device)?;
+    let inputs = Sam3Inputs {
+        pixel_values: batch.pixel_values.clone(),
+        input_ids: p.input_ids,
+        attention_mask: p.attention_mask,
+        input_boxes: None,
+        input_boxes_labels: None,
+    };
+    let out = model.forward_indexed(&inputs, Some(&p.image_index), ForwardOptions { train, dac: true })?;
+    let targets: Vec<Targets> = batch
+        .boxes
+        .iter()
+        .zip(&batch.masks)
+        .map(|(b, m)| Targets { boxes: b.clone(), masks: Some(m.clone()) })
+        .collect();
+    let loss = sam3_loss(&out, &targets, weights)?;
+    Ok((loss, out))
+}
+
+/// Build the samples of `indices` on up to `workers` threads (order kept).
+fn build_samples(
+    split: &Split,
+    indices: &[usize],
+    opts: &[SampleOptions],
+    workers: usize,
+) -> Result<Vec<Sample>> {
+    let build = |k: usize| {
+        build_sample(split, indices[k], &opts[k]).with_context(|| {
+            let im = &split.images[indices[k]];
+            format!("building sample image {} ({})", im.id, im.path.display())
+        })
+    };
+    if workers <= 1 || indices.len() <= 1 {
+        return (0..indices.len()).map(build).collect();
+    }
+    let mut out: Vec<Option<Result<Sample>>> = (0..indices.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let chunks: Vec<Vec<usize>> = (0..workers.min(indices.len()))
+            .map(|w| (w..indices.len()).step_by(workers.min(indices.len())).collect())
+            .collect();
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|ks| {
+                let build = &build;
+                s.spawn(move || ks.into_iter().map(|k| (k, build(k))).collect::<Vec<_>>())
+            })
+            .collect();
+        for h in handles {
+            if let Ok(done) = h.join() {
+                for (k, r) in done {
+                    out[k] = Some(r);
+                }
+            }
+        }
+    });
+    out.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a data worker panicked")))).collect()
+}
+
+/// A seeded permutation of 0..n.
+fn shuffled(n: usize, parts: &[u64]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let mut r = SplitMix64::from_parts(parts);
+    for i in (1..n).rev() {
+        let j = r.below(i + 1);
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Progress on stderr: a redrawn line on a terminal, nothing otherwise (logs carry it).
+struct Progress {
+    tty: bool,
+    start: Instant,
+    total: u64,
+    first: u64,
+}
+
+impl Progress {
+    fn draw(&self, step: u64, epoch: u32, loss: f64, lr: f64) {
+        if !self.tty {
+            return;
+        }
+        let done = step.saturating_sub(self.first) as f64;
+        let per = self.start.elapsed().as_secs_f64() / done.max(1.0);
+        let eta = per * self.total.saturating_sub(step) as f64;
+        let width = 30usize;
+        let filled = ((step as f64 / self.total.max(1) as f64) * width as f64).round() as usize;
+        let bar: String = (0..width).map(|i| if i < filled { '#' } else { '-' }).collect();
+        eprint!(
+            "\r[{bar}] step {step}/{} epoch {epoch} loss {loss:.4} lr {lr:.2e} {per:.2}s/step ETA {:.0}s   ",
+            self.total, eta
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+/// Appends lines to the metrics file (one JSON object per line, flushed per line).
+struct MetricsLog {
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Open `path`; on resume keep the header and the steps up to `keep_until`, else start fresh.
+    fn open(path: &Path, header: &RunHeader, keep_until: Option<u64>) -> Result<Self> {
+        let mut kept = Vec::new();
+        if let Some(last) = keep_until {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                for line in text.lines() {
+                    let v: serde_json::Value = match serde_json::from_str(line) {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    };
+                    let step = v.get("step").and_then(|s| s.as_u64());
+                    if v.get("run").is_some() || step.is_some_and(|s| s <= last) {
+                        kept.push(line.to_string());
+                    }
+                }
+            }
+        }
+        if kept.is_empty() {
+            kept.push(serde_json::json!({ "run": header }).to_string());
+        }
+        let mut text = kept.join("\n");
+        text.push('\n');
+        crate::fsutil::write_atomic(path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(MetricsLog { file })
+    }
+
+    fn line(&mut self, v: &str) {
+        if let Err(e) = writeln!(self.file, "{v}") {
+            tracing::warn!("cannot append to the metrics file: {e}");
+        }
+    }
+}
+
+fn grad_groups(lora: &LoraSet) -> Vec<(String, Vec<usize>)> {
+    // Group variable indices by component (the order of `lora.vars()`).
+    let mut groups: BTreeMap<Component, Vec<usize>> = BTreeMap::new();
+    for (i, key) in lora.vars().keys().enumerate() {
+        let path = key.trim_start_matches("base_model.model.");
+        if let Some(c) = Component::of(path) {
+            groups.entry(c).or_default().push(i);
+        }
+    }
+    groups.into_iter().map(|(c, v)| (c.name().replace(' ', "_").replace('+', "and"), v)).collect()
+}
+
+/// Run training as configured. Returns what happened; errors name the file and the fix.
+pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    let cfg = load_config(&opts.config, &opts.overrides)?;
+    let t = &cfg.training;
+    let seed = t.seed as u64;
+    let device = device_for(&cfg)?;
+    let precision = t.precision().unwrap_or(Precision::No);
+    let dtype = compute_dtype(precision, &device);
+    if !device.is_cpu() {
+        device.set_seed(seed).context("seeding the CUDA generator")?;
+    }
+    if cfg.hardware.use_compile {
+        tracing::warn!("hardware.use_compile: candle has no graph compiler; the setting is ignored");
+    }
+
+    // Data.
+    if t.synthetic && !t.data_dir.join("train").join(crate::data::coco::ANNOTATION_FILE).is_file() {
+        let spec = SyntheticSpec { seed, ..SyntheticSpec::default() };
+        let spec = SyntheticSpec { train_images: 24, valid_images: 8, size: 112, max_cracks: 2, ..spec };
+        write_synthetic(&t.data_dir, &spec)
+            .with_context(|| format!("writing the synthetic dataset to {}", t.data_dir.display()))?;
+        tracing::info!("wrote the synthetic crack dataset to {}", t.data_dir.display());
+    }
+    let dataset =
+        Dataset::load(&t.data_dir).with_context(|| format!("training.data_dir {}", t.data_dir.display()))?;
+    let fp = dataset.fingerprint();
+    tracing::info!("dataset fingerprint: {}", serde_json::to_string(&fp).unwrap_or_default());
+    let findings = dataset.preflight();
+    let mut unusable: HashMap<(String, u64), String> = HashMap::new();
+    for f in &findings {
+        match f.severity {
+            Severity::Error => tracing::error!("{f}"),
+            Severity::Warning => tracing::warn!("{f}"),
+        }
+        if matches!(f.kind, FindingKind::MissingImage | FindingKind::CorruptImage) {
+            if let Some(id) = f.image_id {
+                let split =
+                    f.file.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string());
+                unusable.insert((split.unwrap_or_default(), id), f.to_string());
+            }
+        }
+    }
+    let train_split = dataset.split("train").context("no train split")?.clone();
+    let usable = |s: &Split| -> Vec<usize> {
+        (0..s.images.len()).filter(|&i| !unusable.contains_key(&(s.name.clone(), s.images[i].id))).collect()
+    };
+    let train_ids = usable(&train_split);
+    if train_ids.is_empty() {
+        bail!(
+            "{}: no usable training images (see the preflight errors above)",
+            train_split.annotation_file.display()
+        );
+    }
+    if train_ids.len() < train_split.images.len() {
+        tracing::warn!(
+            "{} of {} training images cannot be decoded and are left out (listed above by file and id)",
+            train_split.images.len() - train_ids.len(),
+            train_split.images.len()
+        );
+    }
+    let valid_split = dataset.split("valid").cloned();
+    let valid_ids = valid_split.as_ref().map(usable).unwrap_or_default();
+
+    // Model and adapters.
+    let model_path = resolve_model(&cfg)?;
+    let tok_dir = if model_path.is_file() {
+        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        model_path.clone()
+    };
+    let tokenizer = PromptTokenizer::from_dir(&tok_dir)
+        .with_context(|| format!("tokenizer of {}", model_path.display()))?;
+    let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
+    let lora_cfg = LoraConfig::from_section(&cfg.lora);
+    let lora = LoraSet::attach_seeded(&mut model, &lora_cfg, seed, &device)
+        .with_context(|| format!("{}: lora section", opts.config.display()))?;
+    let base_params: usize = 0;
+    let _ = base_params;
+    tracing::info!(
+        "LoRA r={} alpha={} dropout={}: {} modules, {} trainable parameters",
+        lora_cfg.rank,
+        lora_cfg.alpha,
+        lora_cfg.dropout,
+        lora.modules.len(),
+        lora.num_params()
+    );
+    for (c, m, p) in lora.component_table() {
+        tracing::info!("  {:<22} {:>5} modules {:>12} parameters", c.name(), m, p);
+    }
+    let image_size = model.image_size();
+    // The mask head predicts at the finest FPN level: (image / patch) × scale_factors[0].
+    let vc = &model.config().vision_config;
+    let grid = image_size / vc.backbone_config.patch_size.max(1);
+    let mask_size = (grid as f64 * vc.scale_factors.first().copied().unwrap_or(4.0)).round() as usize;
+
+    // Schedule.
+    let eff = cfg.effective(train_ids.len());
+    let total = eff.total_steps as u64;
+    let warmup = eff.warmup_steps as u64;
+    let accum = t.gradient_accumulation_steps.max(1);
+    let scheduler = t.scheduler().unwrap_or(crate::train_config::Scheduler::Cosine);
+    tracing::info!(
+        "effective hyperparameters: batch {} x accumulation {} = {} images per optimizer step; {} micro-batches and {} optimizer steps per epoch; {} epochs = {} optimizer steps; warmup {} steps ({:.2} epochs); lr {:e} ({:?}); clip {}; precision {:?} ({:?}); seed {}",
+        t.batch_size, accum, eff.effective_batch_size, eff.micro_batches_per_epoch, eff.steps_per_epoch, t.num_epochs, total, warmup, eff.warmup_epochs, t.learning_rate, scheduler, t.max_grad_norm, precision, dtype, seed
+    );
+    if warmup >= total && total > 0 {
+        tracing::warn!(
+            "warmup ({warmup} steps) covers the whole run ({total} steps): the LR never reaches its peak"
+        );
+    }
+    let base_weights = loss_weights(&cfg)?;
+
+    // Output.
+    let out_dir = cfg.output.output_dir.clone();
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating output.output_dir {}", out_dir.display()))?;
+    let ckpt_root = out_dir.join("checkpoints");
+    for p in checkpoint::clean_partials(&ckpt_root).into_iter().chain(checkpoint::clean_partials(&out_dir)) {
+        tracing::warn!("removed {} left by an interrupted save", p.display());
+    }
+    let log_dir = match &cfg.output.logging_dir {
+        Some(d) if d.is_absolute() => d.clone(),
+        Some(d) => out_dir.join(d),
+        None => out_dir.clone(),
+    };
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let base_name = cfg.model.name.clone();
+
+    // Optimizer and state.
+    let var_list: Vec<(String, Var)> = lora.vars().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: Vec<Var> = var_list.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(
+        var_list,
+        AdamWConfig {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.weight_decay,
+        },
+    )?;
+    let groups = grad_groups(&lora);
+    let mut state = TrainerState {
+        format: checkpoint::STATE_FORMAT,
+        step: 0,
+        epoch: 0,
+        micro_in_epoch: 0,
+        epoch_order: Vec::new(),
+        optimizer_updates: 0,
+        lr_scale: 1.0,
+        loss_scale: if precision == Precision::Fp16 && !device.is_cpu() { 65536.0 } else { 1.0 },
+        loss_scale_good_steps: 0,
+        skipped_steps: 0,
+        last_loss: None,
+        sample_stats: vec![(None, 0); train_ids.len()],
+        best: None,
+        plugin_states: BTreeMap::new(),
+        seed,
+        train_sha256: train_split.sha256.clone(),
+    };
+    let resume_dir = match &opts.resume {
+        None => None,
+        Some(Resume::Dir(d)) => Some(d.clone()),
+        Some(Resume::Latest) => match checkpoint::list(&ckpt_root).pop() {
+            Some((_, d)) => Some(d),
+            None => {
+                tracing::warn!("--resume: no checkpoint under {}; starting fresh", ckpt_root.display());
+                None
+            }
+        },
+    };
+    if let Some(dir) = &resume_dir {
+        let (s, tensors) = checkpoint::load(dir)?;
+        if s.train_sha256 != train_split.sha256 {
+            bail!(
+                "{}: the checkpoint was trained on other data ({} has changed); resume with the same dataset or start a new output_dir",
+                dir.display(),
+                train_split.annotation_file.display()
+            );
+        }
+        if s.sample_stats.len() != train_ids.len() {
+            bail!(
+                "{}: the checkpoint has {} training samples, the dataset {}",
+                dir.display(),
+                s.sample_stats.len(),
+                train_ids.len()
+            );
+        }
+        lora.load_peft(dir).with_context(|| format!("adapters of {}", dir.display()))?;
+        opt.load_state(&tensors, s.optimizer_updates)
+            .with_context(|| format!("optimizer state of {}", dir.display()))?;
+        tracing::info!(
+            "resumed from {} at step {} (epoch {}, micro-batch {})",
+            dir.display(),
+            s.step,
+            s.epoch,
+            s.micro_in_epoch
+        );
+        state = s;
+    }
+
+    // Plugins.
+    let mut specs: Vec<PluginSpec> = cfg
+        .plugins
+        .iter()
+        .map(|p| PluginSpec { config: p.config.clone(), ..PluginSpec::new(&p.path) })
+        .collect();
+    specs.extend(opts.plugins.iter().cloned());
+    let run_info = RunInfo {
+        total_steps: total,
+        warmup_steps: warmup,
+        accumulation: accum as u32,
+        batch_size: t.batch_size as u32,
+        effective_batch_size: eff.effective_batch_size as u32,
+        base_lr: t.learning_rate,
+        scheduler: t.lr_scheduler.clone(),
+        dataset_size: train_ids.len() as u32,
+        steps_per_epoch: eff.steps_per_epoch as u64,
+        seed,
+        start_step: state.step + 1,
+    };
+    let runtime = Runtime::new(opts.cache_dir.clone())?;
+    let mut plugins = PluginSet::load(runtime, &specs, &run_info)?;
+    for p in plugins.plugins() {
+        tracing::info!("plugin {} {} ({})", p.name(), p.manifest().version, p.path().display());
+    }
+    if !state.plugin_states.is_empty() {
+        let states: HashMap<String, Vec<u8>> =
+            state.plugin_states.iter().filter_map(|(k, v)| Some((k.clone(), unhex(v)?))).collect();
+        let restored = plugins.restore(&states);
+        tracing::info!("restored plugin state: {}", restored.join(", "));
+    }
+    if opts.hot_reload && !plugins.is_empty() {
+        plugins.enable_hot_reload()?;
+    }
+    plugins.step_boundary();
+
+    let header = RunHeader {
+        total_steps: total,
+        warmup_steps: warmup,
+        accumulation: accum as u32,
+        batch_size: t.batch_size as u32,
+        effective_batch_size: eff.effective_batch_size as u32,
+        base_lr: t.learning_rate,
+        scheduler: t.lr_scheduler.clone(),
+        dataset_size: train_ids.len() as u32,
+        steps_per_epoch: eff.steps_per_epoch as u64,
+        seed,
+    };
+    let metrics_path = log_dir.join("metrics.jsonl");
+    let mut log = MetricsLog::open(&metrics_path, &header, resume_dir.as_ref().map(|_| state.step))?;
+    let mut train_curve: Vec<(u64, f64)> = Vec::new();
+    let mut val_curve: Vec<(u64, f64)> = Vec::new();
+    if resume_dir.is_some() {
+        if let Ok(trace) = crate::metrics::Trace::read(&metrics_path) {
+            train_curve = trace.steps.iter().map(|s| (s.step, s.loss)).collect();
+        }
+    }
+
+    let metric_name = cfg.evaluation.metric.to_ascii_lowercase();
+    let metric_name = if metric_name == "iou" { "map".to_string() } else { metric_name };
+    let want_metrics_during = cfg.evaluation.compute_metrics_during_training || metric_name != "loss";
+    let sample_opts = |index_in_split: usize, epoch: u32, split: &Split, flip: bool| SampleOptions {
+        image_size,
+        mask_size,
+        num_negatives: t.num_negatives,
+        seed: SplitMix64::from_parts(&[seed, epoch as u64, split.images[index_in_split].id]).next_u64(),
+        hflip: flip,
+    };
+    let mut summary = TrainSummary { output_dir: out_dir.clone(), ..Default::default() };
+    let run_validation = |model: &Sam3Model, with_metrics: bool| -> Result<Option<ValidationResult>> {
+        let Some(vs) = valid_split.as_ref() else { return Ok(None) };
+        if valid_ids.is_empty() {
+            return Ok(None);
+        }
+        lora.set_training(false);
+        let r = validate(
+            model,
+            vs,
+            &valid_ids,
+            &tokenizer,
+            &base_weights,
+            image_size,
+            mask_size,
+            t.num_negatives,
+            seed,
+            t.batch_size,
+            with_metrics,
+        )?;
+        Ok(Some(r))
+    };
+
+    // Baseline validation before any update (fresh runs).
+    if state.step == 0 {
+        if let Some(v) = run_validation(&model, false)? {
+            tracing::info!("validation before training: loss {:.4}", v.loss);
+            summary.initial_validation_loss = Some(v.loss);
+            val_curve.push((0, v.loss));
+            log.line(
+                &serde_json::json!({"event": "validation", "step": 0, "loss": v.loss, "losses": v.terms})
+                    .to_string(),
+            );
+        }
+    }
+
+    let progress = Progress {
+        tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        start: Instant::now(),
+        total,
+        first: state.step,
+    };
+    let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
+    let micro_per_epoch = eff.micro_batches_per_epoch as u64;
+    let mut consecutive_nonfinite = 0u32;
+    let save = |state: &TrainerState, opt: &AdamW, plugins: &mut PluginSet| -> Result<PathBuf> {
+        let mut s = state.clone();
+        s.plugin_states = plugins.snapshots().into_iter().map(|(k, v)| (k, crate::fsutil::hex(&v))).collect();
+        let dir = checkpoint::save(&ckpt_root, &lora, &base_name, opt, &s)?;
+        let removed = checkpoint::prune(&ckpt_root, t.save_total_limit, s.best.as_ref().map(|b| b.step));
+        for r in removed {
+            tracing::debug!("save_total_limit {}: removed {}", t.save_total_limit, r.display());
+        }
+        tracing::info!("checkpoint {}", dir.display());
+        Ok(dir)
+    };
+
+    'outer: while state.step < stop_at {
+        let step = state.step + 1;
+        let step_start = Instant::now();
+        // A new epoch: its order.
+        if state.micro_in_epoch == 0 || state.epoch_order.is_empty() {
+            let metas: Vec<SampleMeta> = train_ids
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| {
+                    let im = &train_split.images[i];
+                    let mut cats: Vec<u32> = im.objects.iter().map(|o| o.category_id as u32).collect();
+                    cats.sort_unstable();
+                    cats.dedup();
+                    SampleMeta {
+                        index: k as u32,
+                        object_count: im.objects.len() as u32,
+                        categories: cats,
+                        last_loss: state.sample_stats[k].0.unwrap_or(f64::NAN),
+                        times_seen: state.sample_stats[k].1,
+                    }
+                })
+                .collect();
+            state.epoch_order = plugins
+                .epoch_order(state.epoch, &metas)
+                .unwrap_or_else(|| shuffled(train_ids.len(), &[seed, 0xE70C, state.epoch as u64]));
+        }
+        // Micro-batches of this step.
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut micro = 0u32;
+        let mut loss_sum = 0.0;
+        let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut applied_weights: BTreeMap<String, f64> = BTreeMap::new();
+        let mut images = 0u32;
+        let mut objects = 0u32;
+        let mut batch_ids: Vec<u64> = Vec::new();
+        let epoch_of_step = state.epoch;
+        while (micro as usize) < accum && state.micro_in_epoch < micro_per_epoch {
+            let pos = (state.micro_in_epoch as usize) * t.batch_size;
+            let mut ks: Vec<u32> = state.epoch_order.iter().skip(pos).take(t.batch_size).copied().collect();
+            if let Some(ids) = plugins.next_batch(&BatchRequest {
+                step,
+                micro_step: micro,
+                epoch: state.epoch,
+                batch_size: ks.len() as u32,
+                dataset_size: train_ids.len() as u32,
+            }) {
+                ks = ids;
+            }
+            let idx: Vec<usize> = ks.iter().map(|&k| train_ids[k as usize]).collect();
+            let sopts: Vec<SampleOptions> = idx
+                .iter()
+                .map(|&i| {
+                    let flip = t.augment
+                        && SplitMix64::from_parts(&[
+                            seed,
+                            0xF11B,
+                            state.epoch as u64,
+                            train_split.images[i].id,
+                        ])
+                        .next_f64()
+                            < 0.5;
+                    sample_opts(i, state.epoch, &train_split, flip)
+                })
+                .collect();
+            let samples = build_samples(&train_split, &idx, &sopts, t.num_workers.max(1))?;
+            let batch = collate(&samples, mask_size, &device)?;
+            images += samples.len() as u32;
+            objects += samples.iter().flat_map(|s| &s.queries).map(|q| q.boxes.len() as u32).sum::<u32>();
+            batch_ids.extend(samples.iter().map(|s| s.image_id));
+
+            crate::rng::reseed(&[seed, step, micro as u64]);
+            lora.set_training(true);
+            let mut weights = base_weights.clone();
+            let (mut loss, out) = batch_loss(&model, &batch, &tokenizer, &weights, true)?;
+            if !plugins.is_empty() {
+                let terms: Vec<LossTerm> = WEIGHTED_TERMS
+                    .iter()
+                    .map(|n| LossTerm {
+                        name: n.to_string(),
+                        value: loss.terms.get(*n).copied().unwrap_or(0.0),
+                        weight: term_weight_mut(&mut weights, n).map(|w| *w).unwrap_or(0.0),
+                    })
+                    .collect();
+                let factors = plugins
+                    .loss_weights(&MicroBatchInfo { step, micro_step: micro, epoch: state.epoch }, &terms);
+                if factors.iter().any(|f| *f != 1.0) {
+                    for (n, f) in WEIGHTED_TERMS.iter().zip(&factors) {
+                        if let Some(w) = term_weight_mut(&mut weights, n) {
+                            *w *= f;
+                        }
+                    }
+                    loss = sam3_loss(&out, &batch_targets(&batch), &weights)?;
+                }
+            }
+            for n in WEIGHTED_TERMS {
+                if let Some(w) = term_weight_mut(&mut weights, n) {
+                    applied_weights.insert(n.to_string(), *w);
+                }
+            }
+            let lv = loss.terms.get("total").copied().unwrap_or(f64::NAN);
+            loss_sum += lv;
+            for (k, v) in &loss.terms {
+                *term_sums.entry(k.clone()).or_default() += v;
+            }
+            let scaled =
+                if state.loss_scale != 1.0 { (&loss.total * state.loss_scale)? } else { loss.total.clone() };
+            let grads = scaled.backward()?;
+            for (a, v) in acc.iter_mut().zip(&vars) {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    *a = Some(match a.take() {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            plugins.observe(&ks, &vec![lv; ks.len()]);
+            for &k in &ks {
+                let s = &mut state.sample_stats[k as usize];
+                s.0 = Some(lv);
+                s.1 += 1;
+            }
+            micro += 1;
+            state.micro_in_epoch += 1;
+        }
+        if state.micro_in_epoch >= micro_per_epoch {
+            state.epoch += 1;
+            state.micro_in_epoch = 0;
+        }
+        let n_micro = micro.max(1) as f64;
+        let loss = loss_sum / n_micro;
+        let losses: BTreeMap<String, f64> = term_sums.into_iter().map(|(k, v)| (k, v / n_micro)).collect();
+
+        // Gradients: average, inspect, guard, clip.
+        let grads: Vec<Tensor> = acc
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| match g {
+                Some(g) => g / (n_micro * state.loss_scale),
+                None => v.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mut stats = Vec::new();
+        for (name, ix) in &groups {
+            let gs: Vec<&Tensor> = ix.iter().map(|&i| &grads[i]).collect();
+            stats.push(group_stats(name, &gs)?);
+        }
+        let total_norm = stats.iter().map(|s| s.sum_sq).sum::<f64>().sqrt();
+        let nonfinite: u64 = stats.iter().map(|s| s.nonfinite).sum();
+        let report = GradReport {
+            step,
+            total_norm,
+            max_norm: t.max_grad_norm,
+            groups: stats
+                .iter()
+                .map(|s| GradGroup {
+                    name: s.name.clone(),
+                    l2_norm: s.sum_sq.sqrt(),
+                    max_abs: s.max_abs,
+                    nonfinite: s.nonfinite,
+                    numel: s.numel,
+                })
+                .collect(),
+        };
+        let veto = plugins.on_grads(&report).veto;
+        let mut action = "continue".to_string();
+        let mut applied = false;
+        let scheduled = schedule::lr_at(scheduler, t.learning_rate, step, warmup, total);
+        let lr = plugins.lr_for_step(&LrRequest {
+            step,
+            total_steps: total,
+            warmup_steps: warmup,
+            base_lr: t.learning_rate,
+            scheduled_lr: scheduled,
+            last_loss: state.last_loss.unwrap_or(f64::NAN),
+        }) * state.lr_scale;
+        let mut clipped_norm = total_norm;
+        if nonfinite > 0 || !loss.is_finite() {
+            consecutive_nonfinite += 1;
+            state.skipped_steps += 1;
+            action = "skip".into();
+            let dump = out_dir.join("nonfinite_batches.jsonl");
+            let line = serde_json::json!({"step": step, "epoch": epoch_of_step, "image_ids": batch_ids, "loss": if loss.is_finite() { Some(loss) } else { None }, "nonfinite_grads": nonfinite});
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&dump) {
+                let _ = writeln!(f, "{line}");
+            }
+            if state.loss_scale > 1.0 {
+                state.loss_scale /= 2.0;
+                state.loss_scale_good_steps = 0;
+                tracing::warn!("step {step}: non-finite fp16 gradients; loss scale now {}", state.loss_scale);
+            } else {
+                tracing::warn!("step {step}: non-finite loss or gradients ({nonfinite} entries); update skipped, image ids in {}", dump.display());
+            }
+            if consecutive_nonfinite >= 10 {
+                summary.stopped = Some(format!(
+                    "{consecutive_nonfinite} non-finite steps in a row (see {})",
+                    dump.display()
+                ));
+                state.step = step;
+                break 'outer;
+            }
+        } else if let Some((plugin, reason)) = veto {
+            state.skipped_steps += 1;
+            action = "skip".into();
+            tracing::warn!("step {step}: update vetoed by plugin {plugin}: {reason}");
+            consecutive_nonfinite = 0;
+        } else {
+            consecutive_nonfinite = 0;
+            let grads = if t.max_grad_norm > 0.0 && total_norm > t.max_grad_norm {
+                let f = t.max_grad_norm / (total_norm + 1e-6);
+                clipped_norm = total_norm * f;
+                grads.iter().map(|g| g * f).collect::<candle_core::Result<Vec<_>>>()?
+            } else {
+                grads
+            };
+            opt.step(&grads, lr)?;
+            applied = true;
+            if state.loss_scale > 1.0 {
+                state.loss_scale_good_steps += 1;
+                if state.loss_scale_good_steps >= 2000 {
+                    state.loss_scale *= 2.0;
+                    state.loss_scale_good_steps = 0;
+                }
+            }
+        }
+        state.step = step;
+        state.last_loss = Some(loss);
+
+        // The step-metrics hook.
+        let step_ms = step_start.elapsed().as_secs_f64() * 1e3;
+        let mem = memory_bytes();
+        let terms_for_hook: Vec<LossTerm> = WEIGHTED_TERMS
+            .iter()
+            .map(|n| LossTerm {
+                name: n.to_string(),
+                value: losses.get(*n).copied().unwrap_or(0.0),
+                weight: applied_weights.get(*n).copied().unwrap_or(0.0),
+            })
+            .collect();
+        let decision = plugins.on_step(&StepMetrics {
+            step,
+            micro_steps: micro,
+            epoch: epoch_of_step,
+            total_steps: total,
+            warmup_steps: warmup,
+            loss,
+            losses: terms_for_hook,
+            lr,
+            grad_norm: total_norm,
+            grad_norm_clipped: clipped_norm,
+            batch_size: images,
+            object_count: objects,
+            step_time_ms: step_ms,
+            memory_bytes: mem,
+            extra: vec![NamedValue { name: "skipped_steps".into(), value: state.skipped_steps as f64 }],
+        });
+        let mut stop: Option<String> = None;
+        let mut want_checkpoint = decision.checkpoint;
+        match &decision.action {
+            Action::Skip(reason) => {
+                if applied {
+                    opt.rollback()?;
+                    state.skipped_steps += 1;
+                }
+                action = "skip".into();
+                tracing::warn!(
+                    "step {step}: plugin {} skipped the step: {reason}",
+                    decision.decided_by.as_deref().unwrap_or("?")
+                );
+            }
+            Action::Stop(reason) => {
+                action = "stop".into();
+                stop = Some(format!("plugin {}: {reason}", decision.decided_by.as_deref().unwrap_or("?")));
+                want_checkpoint = true;
+            }
+            Action::ScaleLr(_) => action = "scale_lr".into(),
+            Action::Checkpoint => action = "checkpoint".into(),
+            Action::Continue => {}
+        }
+        if decision.lr_scale != 1.0 {
+            state.lr_scale *= decision.lr_scale;
+            tracing::info!("step {step}: LR scale now {} (plugin scale-lr)", state.lr_scale);
+        }
+        opt_state_sync(&mut state, &opt);
+
+        // Record.
+        let mut rec = StepRecord::new(step, loss, lr, total_norm);
+        rec.grad_norm_clipped = Some(clipped_norm);
+        rec.micro_steps = Some(micro);
+        rec.epoch = Some(epoch_of_step);
+        rec.total_steps = Some(total);
+        rec.warmup_steps = Some(warmup);
+        rec.losses =
+            WEIGHTED_TERMS.iter().filter_map(|n| losses.get(*n).map(|v| (n.to_string(), *v))).collect();
+        rec.loss_weights = applied_weights.clone();
+        rec.batch_size = Some(images);
+        rec.object_count = Some(objects);
+        rec.step_time_ms = Some(step_ms);
+        rec.memory_bytes = Some(mem);
+        rec.grad_groups = report
+            .groups
+            .iter()
+            .map(|g| GradGroupRecord {
+                name: g.name.clone(),
+                l2_norm: g.l2_norm,
+                max_abs: g.max_abs,
+                nonfinite: g.nonfinite,
+                numel: g.numel,
+            })
+            .collect();
+        rec.action = Some(action.clone());
+        for (k, v) in plugins.take_metrics() {
+            rec.extra.insert(k, serde_json::json!(v));
+        }
+        for e in plugins.take_events() {
+            log.line(&event_json(step, &e).to_string());
+        }
+        log.line(&rec.to_json_line());
+        train_curve.push((step, loss));
+        progress.draw(step, epoch_of_step, loss, lr);
+        if t.logging_steps > 0 && step % t.logging_steps as u64 == 0 {
+            tracing::info!("step {step}/{total} epoch {epoch_of_step} loss {loss:.4} lr {lr:.3e} grad_norm {total_norm:.3} -> {clipped_norm:.3} {step_ms:.0} ms {action}");
+        }
+
+        // Cadences.
+        let epoch_done = state.micro_in_epoch == 0;
+        let last = state.step >= stop_at || stop.is_some();
+        let eval_now = if t.eval_steps > 0 { step % t.eval_steps as u64 == 0 } else { epoch_done };
+        if (eval_now || last) && valid_split.is_some() {
+            if let Some(v) = run_validation(&model, want_metrics_during || last)? {
+                progress.finish();
+                tracing::info!(
+                    "step {step}: validation loss {:.4}{}",
+                    v.loss,
+                    v.summary
+                        .map(|s| format!(
+                            " mAP {:.4} AP50 {:.4} cgF1 {:.2} (pmF1 {:.3}, IL_MCC {:.3})",
+                            s.map, s.ap50, s.cgf1, s.pmf1, s.il_mcc
+                        ))
+                        .unwrap_or_default()
+                );
+                val_curve.push((step, v.loss));
+                log.line(&serde_json::json!({"event": "validation", "step": step, "loss": v.loss, "losses": v.terms, "metrics": v.summary}).to_string());
+                let value = match metric_name.as_str() {
+                    "map" => v.summary.map(|s| s.map),
+                    "cgf1" => v.summary.map(|s| s.cgf1),
+                    _ => Some(v.loss),
+                };
+                if let Some(value) = value {
+                    let better = match &state.best {
+                        None => true,
+                        Some(b) if metric_name == "loss" => value < b.value,
+                        Some(b) => value > b.value,
+                    };
+                    if better {
+                        state.best = Some(Best { metric: metric_name.clone(), value, step });
+                        write_adapter_dir(&out_dir.join("best"), &lora, &base_name)?;
+                        tracing::info!(
+                            "new best {metric_name} {value:.4} at step {step}: {}",
+                            out_dir.join("best").display()
+                        );
+                    }
+                }
+                summary.final_validation = Some(v);
+            }
+        }
+        let save_now = if t.save_steps > 0 { step % t.save_steps as u64 == 0 } else { epoch_done };
+        if save_now || want_checkpoint || last {
+            save(&state, &opt, &mut plugins)?;
+        }
+        plugins.step_boundary();
+        if let Some(reason) = stop {
+            tracing::warn!("stopping after step {step}: {reason}");
+            summary.stopped = Some(reason);
+            break;
+        }
+    }
+    progress.finish();
+
+    // Final outputs.
+    write_adapter_dir(&out_dir.join("adapter"), &lora, &base_name)?;
+    if !cfg.output.save_lora_only {
+        let merged = out_dir.join("merged");
+        crate::export::write_merged(&model, &model_path, &lora, &merged)?;
+        tracing::info!("merged full weights: {}", merged.display());
+    }
+    if cfg.evaluation.save_predictions {
+        if let Some(vs) = valid_split.as_ref() {
+            lora.set_training(false);
+            let path = out_dir.join("predictions.json");
+            validate::write_predictions(
+                &model,
+                vs,
+                &valid_ids,
+                &tokenizer,
+                image_size,
+                mask_size,
+                t.num_negatives,
+                seed,
+                t.batch_size,
+                &path,
+            )?;
+            tracing::info!("validation predictions: {}", path.display());
+        }
+    }
+    let png = out_dir.join("loss_curve.png");
+    plot::write_loss_curve(&png, &train_curve, &val_curve)?;
+    tracing::info!("loss curve: {} (training loss per step, light blue; smoothed, dark blue; validation, orange; log scale)", png.display());
+    summary.steps = state.step;
+    summary.skipped_steps = state.skipped_steps;
+    Ok(summary)
+}
+
+fn opt_state_sync(state: &mut TrainerState, opt: &AdamW) {
+    state.optimizer_updates = opt.updates();
+}
+
+fn batch_targets(batch: &Batch) -> Vec<Targets> {
+    batch
+        .boxes
+        .iter()
+        .zip(&batch.masks)
+        .map(|(b, m)| Targets { boxes: b.clone(), masks: Some(m.clone()) })
+        .collect()
+}
+
+/// Write a PEFT adapter directory atomically (replacing an older one only once complete).
+pub fn write_adapter_dir(dir: &Path, lora: &LoraSet, base: &str) -> Result<()> {
+    let tmp = checkpoint::partial_dir(dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    lora.save_peft(&tmp, base)?;
+    checkpoint::replace_dir(&tmp, dir)?;
+    Ok(())
+}
+
+fn event_json(step: u64, e: &PluginEvent) -> serde_json::Value {
+    match e {
+        PluginEvent::Failed { plugin, hook, reason } => {
+            serde_json::json!({"event": "plugin_failed", "step": step, "plugin": plugin, "hook": hook, "reason": reason})
+        }
+        PluginEvent::Recovered { plugin, state_restored } => {
+            serde_json::json!({"event": "plugin_recovered", "step": step, "plugin": plugin, "state_restored": state_restored})
+        }
+        PluginEvent::Disabled { plugin, reason } => {
+            serde_json::json!({"event": "plugin_disabled", "step": step, "plugin": plugin, "reason": reason})
+        }
+        PluginEvent::Reloaded { plugin, from_version, to_version, sha256, state_carried, .. } => {
+            serde_json::json!({
+                "event": "plugin_reloaded", "step": step, "plugin": plugin, "from_version": from_version,
+                "to_version": to_version, "sha256": sha256, "state_carried": state_carried
+            })
+        }
+        PluginEvent::ReloadRejected { plugin, path, reason } => serde_json::json!({
+            "event": "plugin_reload_rejected", "step": step, "plugin": plugin, "path": path, "reason": reason
+        }),
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}

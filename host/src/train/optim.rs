@@ -1,0 +1,215 @@
+//! AdamW (decoupled weight decay, bias-corrected moments) over the LoRA variables, in f32,
+//! with gradient statistics for the grad-inspection hook, global-norm clipping and a rollback
+//! of the last update (for a plugin's `skip`).
+
+use candle_core::{DType, Result, Tensor, Var};
+
+/// Hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay (applied as `p -= lr · wd · p`).
+    pub weight_decay: f64,
+}
+
+/// One parameter and its moments.
+struct Slot {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// State to undo the last [`AdamW::step`].
+struct Undo {
+    params: Vec<Tensor>,
+    moments: Vec<(Tensor, Tensor)>,
+    t: u64,
+}
+
+/// AdamW over named variables (updated in the order given).
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    t: u64,
+    undo: Option<Undo>,
+}
+
+impl AdamW {
+    /// An optimizer over `vars` (name, variable); moments start at zero.
+    pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let m = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
+                Ok(Slot { name, v: m.clone(), m, var })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { cfg, slots, t: 0, undo: None })
+    }
+
+    /// Updates applied so far.
+    pub fn updates(&self) -> u64 {
+        self.t
+    }
+
+    /// Parameter names in update order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|s| s.name.as_str())
+    }
+
+    /// The variables, in order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.slots.iter().map(|s| &s.var)
+    }
+
+    /// Apply one update with gradients `grads` (same order as the variables) at `lr`.
+    /// The previous parameters and moments are kept until the next step for [`Self::rollback`].
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.slots.len() {
+            candle_core::bail!("AdamW: {} gradients for {} parameters", grads.len(), self.slots.len());
+        }
+        let c = self.cfg;
+        let mut undo = Undo { params: Vec::with_capacity(grads.len()), moments: Vec::new(), t: self.t };
+        self.t += 1;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let g = g.to_dtype(DType::F32)?;
+            let p = slot.var.as_tensor();
+            undo.params.push(p.copy()?);
+            undo.moments.push((slot.m.clone(), slot.v.clone()));
+            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let mhat = (&slot.m / bc1)?;
+            let denom = ((&slot.v / bc2)?.sqrt()? + c.eps)?;
+            let decayed = (p * (1.0 - lr * c.weight_decay))?;
+            let next = (decayed - (mhat / denom)? * lr)?;
+            slot.var.set(&next.detach())?;
+        }
+        self.undo = Some(undo);
+        Ok(())
+    }
+
+    /// Undo the last [`Self::step`] (parameters, moments and the bias-correction count).
+    /// Returns false when there is nothing to undo.
+    pub fn rollback(&mut self) -> Result<bool> {
+        let Some(u) = self.undo.take() else { return Ok(false) };
+        for ((slot, p), (m, v)) in self.slots.iter_mut().zip(u.params).zip(u.moments) {
+            slot.var.set(&p)?;
+            slot.m = m;
+            slot.v = v;
+        }
+        self.t = u.t;
+        Ok(true)
+    }
+
+    /// Moments by name (`<name>.exp_avg`, `<name>.exp_avg_sq`) for checkpoints.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(self.slots.len() * 2);
+        for s in &self.slots {
+            out.push((format!("{}.exp_avg", s.name), s.m.clone()));
+            out.push((format!("{}.exp_avg_sq", s.name), s.v.clone()));
+        }
+        out
+    }
+
+    /// Restore moments saved by [`Self::state_tensors`] and the update count.
+    pub fn load_state(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        updates: u64,
+    ) -> Result<()> {
+        for s in &mut self.slots {
+            let get = |k: String| -> Result<Tensor> {
+                let t = tensors
+                    .get(&k)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state has no `{k}`")))?;
+                if t.dims() != s.var.dims() {
+                    candle_core::bail!(
+                        "optimizer state `{k}` is {:?}, the parameter {:?}",
+                        t.dims(),
+                        s.var.dims()
+                    );
+                }
+                t.to_device(s.var.device())?.to_dtype(DType::F32)
+            };
+            s.m = get(format!("{}.exp_avg", s.name))?;
+            s.v = get(format!("{}.exp_avg_sq", s.name))?;
+        }
+        self.t = updates;
+        self.undo = None;
+        Ok(())
+    }
+}
+
+/// Gradient statistics of one group, computed on the device with a handful of reductions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupStats {
+    /// Group name.
+    pub name: String,
+    /// Sum of squares.
+    pub sum_sq: f64,
+    /// Largest |g| over finite entries... and non-finite ones (NaN when any is NaN).
+    pub max_abs: f64,
+    /// NaN or infinite entries.
+    pub nonfinite: u64,
+    /// Entries.
+    pub numel: u64,
+}
+
+/// Statistics of a group of gradients.
+pub fn group_stats(name: &str, grads: &[&Tensor]) -> Result<GroupStats> {
+    if grads.is_empty() {
+        return Ok(GroupStats { name: name.into(), sum_sq: 0.0, max_abs: 0.0, nonfinite: 0, numel: 0 });
+    }
+    let flat: Vec<Tensor> =
+        grads.iter().map(|g| g.flatten_all().and_then(|g| g.to_dtype(DType::F32))).collect::<Result<_>>()?;
+    let all = Tensor::cat(&flat, 0)?;
+    let numel = all.elem_count() as u64;
+    // x - x is NaN exactly for NaN and ±inf.
+    let bad = (&all - &all)?.ne(0f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as u64;
+    let sum_sq = all.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let max_abs = all.abs()?.max(0)?.to_scalar::<f32>()? as f64;
+    Ok(GroupStats { name: name.into(), sum_sq, max_abs, nonfinite: bad, numel })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn first_adamw_step_moves_each_weight_by_lr_against_the_gradient_sign() {
+        let p = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(vec![("p".into(), p.clone())], cfg).unwrap();
+        let g = Tensor::new(&[0.3f32, -4.0, 0.0], &Device::Cpu).unwrap();
+        opt.step(&[g], 0.01).unwrap();
+        let got: Vec<f32> = p.as_tensor().to_vec1().unwrap();
+        // Bias-corrected first step: m̂/√v̂ = sign(g); decay 0.01·0.1·p.
+        let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01, 0.5 * (1.0 - 0.001)];
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        assert!(opt.rollback().unwrap());
+        assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, -2.0, 0.5]);
+        assert_eq!(opt.updates(), 0);
+        assert!(!opt.rollback().unwrap());
+    }
+
+    #[test]
+    fn group_stats_count_non_finite_entries() {
+        let d = Device::Cpu;
+        let a = Tensor::new(&[3.0f32, -4.0], &d).unwrap();
+        let b = Tensor::new(&[f32::NAN, f32::INFINITY, 0.0], &d).unwrap();
+        let s = group_stats("g", &[&a]).unwrap();
+        assert_eq!((s.sum_sq, s.max_abs, s.nonfinite, s.numel), (25.0, 4.0, 0, 2));
+        assert_eq!(group_stats("g", &[&a, &b]).unwrap().nonfinite, 2);
+    }
+}
