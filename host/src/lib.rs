@@ -13,6 +13,8 @@
 
 pub mod cli;
 pub mod data;
+pub mod evaluation;
+pub mod export;
 pub mod fsutil;
 pub mod imageio;
 pub mod inference;
@@ -22,6 +24,8 @@ pub mod matcher;
 pub mod metrics;
 pub mod plugin;
 pub mod replay;
+pub mod rng;
 pub mod sam3;
 pub mod scaffold;
+pub mod train;
 pub mod train_config;

@@ -187,10 +187,13 @@ impl Trace {
                 trace.run = Some(
                     serde_json::from_value(run.clone()).map_err(|e| err(format!("bad run header: {e}")))?,
                 );
+            } else if obj.contains_key("event") {
+                // Events (validation, plugin reloads, ...) carry a `step` too; not step records.
+                continue;
             } else if obj.contains_key("step") {
                 let rec: StepRecord = serde_json::from_value(value).map_err(|e| err(e.to_string()))?;
                 trace.steps.push(rec);
-            } else if !obj.contains_key("event") {
+            } else {
                 return Err(err("no `step` field".into()));
             }
         }

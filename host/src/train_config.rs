@@ -215,6 +215,11 @@ pub struct TrainingSection {
     /// lorahost: when `data_dir` has no `train/` split yet, write the bundled synthetic crack
     /// dataset there first (demo and tests).
     pub synthetic: bool,
+    /// lorahost: probability that a positive query also gets one of its target boxes as a
+    /// visual exemplar prompt (SAM3's geometry path); 0 = text prompts only. Without exemplars the
+    /// geometry encoder's box projections and self-attention receive no gradient.
+    #[serde(deserialize_with = "num")]
+    pub box_prompt_prob: f64,
 }
 
 impl Default for TrainingSection {
@@ -242,6 +247,7 @@ impl Default for TrainingSection {
             gradient_accumulation_steps: 1,
             augment: false,
             synthetic: false,
+            box_prompt_prob: 0.0,
         }
     }
 }
@@ -412,6 +418,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "gradient_accumulation_steps",
             "augment",
             "synthetic",
+            "box_prompt_prob",
         ],
     ),
     ("output", &["output_dir", "logging_dir", "save_lora_only", "push_to_hub", "hub_model_id"]),
@@ -545,6 +552,9 @@ impl TrainConfig {
                 "training.max_grad_norm is {}: must be >= 0 (0 disables clipping)",
                 t.max_grad_norm
             ));
+        }
+        if !(0.0..=1.0).contains(&t.box_prompt_prob) {
+            p.push(format!("training.box_prompt_prob is {}: must be in [0, 1]", t.box_prompt_prob));
         }
         if t.weight_decay < 0.0 {
             p.push(format!("training.weight_decay is {}: must be >= 0", t.weight_decay));

@@ -148,10 +148,19 @@ pub fn partial_dir(dst: &Path) -> PathBuf {
     ))
 }
 
-/// Test hook: abort the process half-way through a save (simulates a kill at the worst time).
+/// Test hook: `LORAHOST_TEST_CRASH_DURING_SAVE=<stage>[:<n>]` aborts the process half-way
+/// through the n-th save (default the first) at `stage` (`adapters` or `state`), which is what a
+/// kill at the worst moment leaves behind.
 fn maybe_crash(stage: &str) {
-    if std::env::var("LORAHOST_TEST_CRASH_DURING_SAVE").ok().as_deref() == Some(stage) {
-        eprintln!("LORAHOST_TEST_CRASH_DURING_SAVE={stage}: aborting mid-save");
+    static SAVES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Ok(v) = std::env::var("LORAHOST_TEST_CRASH_DURING_SAVE") else { return };
+    let (want, nth) = v.split_once(':').map_or((v.as_str(), 1), |(s, n)| (s, n.parse().unwrap_or(1)));
+    if want != stage {
+        return;
+    }
+    let count = SAVES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    if count == nth {
+        eprintln!("LORAHOST_TEST_CRASH_DURING_SAVE={v}: aborting mid-save");
         std::process::abort();
     }
 }

@@ -296,23 +296,55 @@ pub fn prompts(batch: &Batch, tok: &PromptTokenizer, ctx: usize, device: &Device
     })
 }
 
-/// Forward a batch and compute the loss.
+/// Exemplar box prompts for a batch: query `i` gets its first target box as a positive visual
+/// exemplar (besides its text) when `exemplar[i]` is true and it has a target; others get a
+/// padding slot. None when no query gets one.
+fn exemplar_boxes(batch: &Batch, exemplar: &[bool], device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+    let mut any = false;
+    let (mut boxes, mut labels) = (Vec::new(), Vec::new());
+    for (i, q) in batch.queries.iter().enumerate() {
+        match (exemplar.get(i).copied().unwrap_or(false), q.boxes.first()) {
+            (true, Some(b)) => {
+                any = true;
+                boxes.extend_from_slice(b);
+                labels.push(1i64);
+            }
+            _ => {
+                boxes.extend_from_slice(&[0.5, 0.5, 0.1, 0.1]);
+                labels.push(crate::sam3::geometry::PAD_LABEL);
+            }
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    let q = batch.queries.len();
+    Ok(Some((Tensor::from_vec(boxes, (q, 1, 4), device)?, Tensor::from_vec(labels, (q, 1), device)?)))
+}
+
+/// Forward a batch and compute the loss. `exemplar[i]` gives query `i` a box exemplar prompt
+/// (see `training.box_prompt_prob`); empty for text-only prompts.
 pub fn batch_loss(
     model: &Sam3Model,
     batch: &Batch,
     tok: &PromptTokenizer,
     weights: &LossWeights,
     train: bool,
+    exemplar: &[bool],
 ) -> Result<(LossOutput, crate::sam3::model::Sam3Outputs)> {
     let device = batch.pixel_values.device().clone();
     let ctx = model.config().text_config.max_position_embeddings;
     let p = prompts(batch, tok, ctx, &device)?;
+    let (input_boxes, input_boxes_labels) = match exemplar_boxes(batch, exemplar, &device)? {
+        Some((b, l)) => (Some(b), Some(l)),
+        None => (None, None),
+    };
     let inputs = Sam3Inputs {
         pixel_values: batch.pixel_values.clone(),
         input_ids: p.input_ids,
         attention_mask: p.attention_mask,
-        input_boxes: None,
-        input_boxes_labels: None,
+        input_boxes,
+        input_boxes_labels,
     };
     let out = model.forward_indexed(&inputs, Some(&p.image_index), ForwardOptions { train, dac: true })?;
     let targets: Vec<Targets> = batch
@@ -862,7 +894,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             crate::rng::reseed(&[seed, step, micro as u64]);
             lora.set_training(true);
             let mut weights = base_weights.clone();
-            let (mut loss, out) = batch_loss(&model, &batch, &tokenizer, &weights, true)?;
+            let exemplar: Vec<bool> = (0..batch.queries.len())
+                .map(|qi| {
+                    t.box_prompt_prob > 0.0
+                        && SplitMix64::from_parts(&[seed, 0xB0C5, step, micro as u64, qi as u64]).next_f64()
+                            < t.box_prompt_prob
+                })
+                .collect();
+            let (mut loss, out) = batch_loss(&model, &batch, &tokenizer, &weights, true, &exemplar)?;
             if !plugins.is_empty() {
                 let terms: Vec<LossTerm> = WEIGHTED_TERMS
                     .iter()

@@ -112,7 +112,7 @@ pub fn validate(
             chunk.iter().map(|&i| options(split, i, image_size, mask_size, negatives, seed)).collect();
         let samples = build_samples(split, chunk, &opts, 1)?;
         let batch = collate(&samples, mask_size, &device)?;
-        let (l, out) = batch_loss(model, &batch, tok, weights, false)?;
+        let (l, out) = batch_loss(model, &batch, tok, weights, false, &[])?;
         loss += l.terms.get("total").copied().unwrap_or(f64::NAN);
         for (k, v) in l.terms {
             *terms.entry(k).or_default() += v;
@@ -168,7 +168,7 @@ pub fn write_predictions(
             chunk.iter().map(|&i| options(split, i, image_size, mask_size, negatives, seed)).collect();
         let samples = build_samples(split, chunk, &opts, 1)?;
         let batch = collate(&samples, mask_size, &device)?;
-        let (_, out) = batch_loss(model, &batch, tok, &LossWeights::default(), false)?;
+        let (_, out) = batch_loss(model, &batch, tok, &LossWeights::default(), false, &[])?;
         for (q, preds) in batch.queries.iter().zip(predictions(&out)?) {
             for p in preds.into_iter().filter(|p| p.score > 0.05) {
                 let rle = crate::sam3::postprocess::rle_encode(&p.mask, mask_size, mask_size);
