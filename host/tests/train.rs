@@ -108,7 +108,12 @@ fn a_tiny_run_lowers_the_validation_loss_and_writes_every_output() {
     assert_eq!((header.total_steps, header.steps_per_epoch, header.effective_batch_size), (12, 2, 4));
     assert_eq!(trace.steps.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
     assert!(trace.steps.iter().all(|s| s.micro_steps == Some(2) && s.batch_size == Some(4)));
-    for f in ["loss_curve.png", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "best/adapter_model.safetensors"] {
+    for f in [
+        "loss_curve.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "best/adapter_model.safetensors",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert!(image::open(out.join("loss_curve.png")).is_ok());
@@ -122,20 +127,41 @@ fn resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights() {
     let plugin_yaml = format!("plugins:\n  - path: {}\n", sampler.display());
     // Uninterrupted: 4 steps, a checkpoint every step.
     let full = tmp.path().join("full");
-    let cfg_a = config(tmp.path(), &data, &full, "  save_steps: 1\n  save_total_limit: 0\n  augment: true\n", &plugin_yaml);
+    let cfg_a = config(
+        tmp.path(),
+        &data,
+        &full,
+        "  save_steps: 1\n  save_total_limit: 0\n  augment: true\n",
+        &plugin_yaml,
+    );
     run(&opts(&cfg_a));
     // Interrupted: a fresh output dir holding only the step-2 checkpoint, resumed from there.
     let part = tmp.path().join("part");
     std::fs::create_dir_all(part.join("checkpoints")).unwrap();
     copy_dir(&full.join("checkpoints/step-00000002"), &part.join("checkpoints/step-00000002"));
-    let cfg_b = config(tmp.path(), &data, &part, "  save_steps: 1\n  save_total_limit: 0\n  augment: true\n", &plugin_yaml);
+    let cfg_b = config(
+        tmp.path(),
+        &data,
+        &part,
+        "  save_steps: 1\n  save_total_limit: 0\n  augment: true\n",
+        &plugin_yaml,
+    );
     let s = run(&TrainOptions { resume: Some(Resume::Latest), ..opts(&cfg_b) });
     assert_eq!(s.steps, 4);
-    assert!(same_tensors(&tensors(&full.join("adapter")), &tensors(&part.join("adapter"))), "resumed weights differ");
+    assert!(
+        same_tensors(&tensors(&full.join("adapter")), &tensors(&part.join("adapter"))),
+        "resumed weights differ"
+    );
     let (a, b) = (steps(&full), steps(&part));
     assert_eq!(a.steps[2].loss, b.steps.iter().find(|s| s.step == 3).unwrap().loss);
     // And the resumed run's checkpoint equals the uninterrupted one's (optimizer state too).
-    let opt = |d: &Path| candle_core::safetensors::load(d.join("checkpoints/step-00000004/optimizer.safetensors"), &Device::Cpu).unwrap();
+    let opt = |d: &Path| {
+        candle_core::safetensors::load(
+            d.join("checkpoints/step-00000004/optimizer.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     assert!(same_tensors(&opt(&full), &opt(&part)));
 }
 
@@ -161,18 +187,28 @@ fn a_crash_during_a_save_keeps_the_previous_checkpoint() {
         .unwrap();
     assert!(!o.status.success(), "the run should have been killed mid-save");
     let ckpts = out.join("checkpoints");
-    let names: Vec<String> =
-        std::fs::read_dir(&ckpts).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(names.iter().any(|n| n.contains("step-00000002.partial")), "{names:?}");
     assert!(!names.contains(&"step-00000002".to_string()), "{names:?}");
     // The previous checkpoint is complete and loads.
     let (state, _) = lorahost::train::checkpoint::load(&ckpts.join("step-00000001")).unwrap();
     assert_eq!(state.step, 1);
     // Resuming cleans up and finishes the run.
-    let o = Command::new(bin).args(["train", "--no-hot-reload", "--resume", "--config"]).arg(&cfg).output().unwrap();
+    let o = Command::new(bin)
+        .args(["train", "--no-hot-reload", "--resume", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let names: Vec<String> =
-        std::fs::read_dir(&ckpts).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
     assert_eq!(steps(&out).steps.last().unwrap().step, 3);
 }
@@ -197,13 +233,18 @@ fn every_lora_weight_gets_a_gradient_through_the_training_loss() {
         apply_to_text_encoder: true,
         ..Default::default()
     };
-    let lora = LoraSet::attach_seeded(&mut model, &LoraConfig::from_section(&section), 1, &Device::Cpu).unwrap();
+    let lora =
+        LoraSet::attach_seeded(&mut model, &LoraConfig::from_section(&section), 1, &Device::Cpu).unwrap();
     // B starts at zero, so A's gradient is zero on the first step: take one plain SGD step on B.
     let tok = PromptTokenizer::from_dir(&model_dir).unwrap();
     let samples: Vec<_> = (0..2)
         .map(|i| {
-            build_sample(&split, i, &SampleOptions { image_size: 112, mask_size: 32, num_negatives: 1, seed: 1, hflip: false })
-                .unwrap()
+            build_sample(
+                &split,
+                i,
+                &SampleOptions { image_size: 112, mask_size: 32, num_negatives: 1, seed: 1, hflip: false },
+            )
+            .unwrap()
         })
         .collect();
     let batch = collate(&samples, 32, &Device::Cpu).unwrap();
@@ -211,7 +252,9 @@ fn every_lora_weight_gets_a_gradient_through_the_training_loss() {
     // Every positive query also gets a box exemplar (training.box_prompt_prob = 1).
     let exemplar = vec![true; batch.queries.len()];
     let grads = |lora: &LoraSet| {
-        let (l, _) = lorahost::train::batch_loss(&model, &batch, &tok, &LossWeights::default(), true, &exemplar).unwrap();
+        let (l, _) =
+            lorahost::train::batch_loss(&model, &batch, &tok, &LossWeights::default(), true, &exemplar)
+                .unwrap();
         let g = l.total.backward().unwrap();
         lora.vars().iter().map(|(k, v)| (k.clone(), g.get(v.as_tensor()).cloned())).collect::<Vec<_>>()
     };
@@ -265,8 +308,14 @@ fn exported_adapters_load_strictly_and_merge_into_equivalent_weights() {
     let (ids, mask) = tok.encode("crack", 16);
     let inputs = Sam3Inputs {
         pixel_values: Tensor::randn(0f32, 1.0, (1, 3, 112, 112), &Device::Cpu).unwrap(),
-        input_ids: Tensor::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
-        attention_mask: Tensor::new(mask.iter().map(|&i| i as i64).collect::<Vec<_>>(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+        input_ids: Tensor::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+        attention_mask: Tensor::new(mask.iter().map(|&i| i as i64).collect::<Vec<_>>(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
         input_boxes: None,
         input_boxes_labels: None,
     };

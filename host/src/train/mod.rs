@@ -510,6 +510,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     if cfg.hardware.use_compile {
         tracing::warn!("hardware.use_compile: candle has no graph compiler; the setting is ignored");
     }
+    if cfg.hardware.dataloader_pin_memory {
+        tracing::info!(
+            "hardware.dataloader_pin_memory: batches are copied to the device synchronously{}",
+            if device.is_cpu() {
+                " (nothing to pin on the CPU)"
+            } else {
+                " (candle has no pinned staging buffers)"
+            }
+        );
+    }
+    tracing::info!("data: {} loader thread(s) (training.num_workers)", t.num_workers.max(1));
 
     // Data.
     if t.synthetic && !t.data_dir.join("train").join(crate::data::coco::ANNOTATION_FILE).is_file() {
@@ -1237,6 +1248,27 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     tracing::info!("loss curve: {} (training loss per step, light blue; smoothed, dark blue; validation, orange; log scale)", png.display());
     summary.steps = state.step;
     summary.skipped_steps = state.skipped_steps;
+    let run_json = serde_json::json!({
+        "config": opts.config,
+        "model": {"name": cfg.model.name, "path": model_path},
+        "hub_model_id": cfg.output.hub_model_id,
+        "dataset": fp,
+        "lora": {"modules": lora.modules.len(), "parameters": lora.num_params(), "rank": lora_cfg.rank, "alpha": lora_cfg.alpha},
+        "effective": {"batch_size": eff.effective_batch_size, "total_steps": total, "warmup_steps": warmup, "steps_per_epoch": eff.steps_per_epoch},
+        "precision": format!("{precision:?}"),
+        "dtype": format!("{dtype:?}"),
+        "device": cfg.hardware.device,
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "best": state.best,
+        "stopped": summary.stopped,
+        "initial_validation_loss": summary.initial_validation_loss,
+        "final_validation": summary.final_validation,
+    });
+    crate::fsutil::write_atomic(
+        &out_dir.join("run.json"),
+        serde_json::to_string_pretty(&run_json)?.as_bytes(),
+    )?;
     Ok(summary)
 }
 

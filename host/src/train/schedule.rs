@@ -1,5 +1,7 @@
-//! Learning-rate schedules, counted in optimizer steps (1-based): linear warmup from 0 over
-//! `warmup` steps, then the configured decay over the remaining steps.
+//! Learning-rate schedules, counted in optimizer steps (1-based): a linear warmup over the first
+//! `warmup` steps (step s runs at s / warmup of the peak, so the first step already moves), then
+//! the configured decay, which starts at the peak on the first step after warmup and reaches
+//! (almost) zero on the last step; no step runs at an LR of exactly zero.
 
 use crate::train_config::Scheduler;
 
@@ -10,7 +12,7 @@ pub fn lr_at(kind: Scheduler, base: f64, step: u64, warmup: u64, total: u64) -> 
         return base * step as f64 / warmup as f64;
     }
     let span = total.saturating_sub(warmup).max(1) as f64;
-    let progress = ((step - warmup) as f64 / span).clamp(0.0, 1.0);
+    let progress = ((step - warmup - 1) as f64 / span).clamp(0.0, 1.0);
     match kind {
         Scheduler::Constant => base,
         Scheduler::Linear => base * (1.0 - progress),
@@ -30,10 +32,12 @@ mod tests {
         assert_eq!(c(1), 0.1);
         assert_eq!(c(5), 0.5);
         assert_eq!(c(10), 1.0);
-        assert!((c(60) - 0.5).abs() < 1e-12, "half-way through the decay");
-        assert!(c(110).abs() < 1e-12);
+        assert_eq!(c(11), 1.0, "the peak right after warmup");
+        assert!((c(61) - 0.5).abs() < 1e-12, "half-way through the decay");
+        assert!(c(110) > 0.0 && c(110) < 1e-3, "the last step is near zero, not zero");
         let l = |s| lr_at(Scheduler::Linear, 2.0, s, 0, 100);
-        assert!((l(50) - 1.0).abs() < 1e-12);
+        assert_eq!(l(1), 2.0);
+        assert!((l(51) - 1.0).abs() < 1e-12);
         assert_eq!(lr_at(Scheduler::Constant, 3.0, 77, 5, 100), 3.0);
         let r = |s| lr_at(Scheduler::InverseSqrt, 1.0, s, 4, 100);
         assert_eq!(r(4), 1.0);
