@@ -1,11 +1,15 @@
 # lorahost developer commands. `make demo` and `make test` are the two fresh-machine commands.
 PLUGINS := plugins/target/wasm32-wasip2/release
 
-.PHONY: demo test plugins lint bench
+.PHONY: demo replay-demo test plugins lint bench
 
-## Build the plugins, then replay the diagnosis run (loss 169, 141, 169, 242, ...) through
-## spike_guard and warmup_validator.
+## Build the plugins, then fine-tune the tiny SAM3 on synthetic cracks (configs/demo.yaml) with
+## spike_guard and balanced_sampler; outputs in target/demo/run.
 demo: plugins
+	cargo run --release -- train --config configs/demo.yaml
+
+## Replay the diagnosis run (loss 169, 141, 169, 242, ...) through spike_guard and warmup_validator.
+replay-demo: plugins
 	cargo run --release -- plugin replay $(PLUGINS)/spike_guard.wasm $(PLUGINS)/warmup_validator.wasm \
 		--trace examples/traces/diagnosis.jsonl
 

@@ -111,10 +111,11 @@ pub fn clean_partials(root: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') && (name.contains(".partial") || name.ends_with(".old")) {
-            if std::fs::remove_dir_all(e.path()).is_ok() {
-                removed.push(e.path());
-            }
+        if name.starts_with('.')
+            && (name.contains(".partial") || name.ends_with(".old"))
+            && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            removed.push(e.path());
         }
     }
     removed

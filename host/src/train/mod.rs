@@ -1158,14 +1158,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         log.line(&rec.to_json_line());
         train_curve.push((step, loss));
         progress.draw(step, epoch_of_step, loss, lr);
-        if t.logging_steps > 0 && step % t.logging_steps as u64 == 0 {
+        if t.logging_steps > 0 && step.is_multiple_of(t.logging_steps as u64) {
             tracing::info!("step {step}/{total} epoch {epoch_of_step} loss {loss:.4} lr {lr:.3e} grad_norm {total_norm:.3} -> {clipped_norm:.3} {step_ms:.0} ms {action}");
         }
 
         // Cadences.
         let epoch_done = state.micro_in_epoch == 0;
         let last = state.step >= stop_at || stop.is_some();
-        let eval_now = if t.eval_steps > 0 { step % t.eval_steps as u64 == 0 } else { epoch_done };
+        let eval_now = if t.eval_steps > 0 { step.is_multiple_of(t.eval_steps as u64) } else { epoch_done };
         if (eval_now || last) && valid_split.is_some() {
             if let Some(v) = run_validation(&model, want_metrics_during || last)? {
                 progress.finish();
@@ -1204,7 +1204,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 summary.final_validation = Some(v);
             }
         }
-        let save_now = if t.save_steps > 0 { step % t.save_steps as u64 == 0 } else { epoch_done };
+        let save_now = if t.save_steps > 0 { step.is_multiple_of(t.save_steps as u64) } else { epoch_done };
         if save_now || want_checkpoint || last {
             save(&state, &opt, &mut plugins)?;
         }
@@ -1318,7 +1318,7 @@ fn event_json(step: u64, e: &PluginEvent) -> serde_json::Value {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()

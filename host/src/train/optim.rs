@@ -172,8 +172,9 @@ pub fn group_stats(name: &str, grads: &[&Tensor]) -> Result<GroupStats> {
         grads.iter().map(|g| g.flatten_all().and_then(|g| g.to_dtype(DType::F32))).collect::<Result<_>>()?;
     let all = Tensor::cat(&flat, 0)?;
     let numel = all.elem_count() as u64;
-    // x - x is NaN exactly for NaN and ±inf.
-    let bad = (&all - &all)?.ne(0f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as u64;
+    // NaN and ±inf are exactly the entries for which |x| <= f32::MAX is false.
+    let finite = all.abs()?.le(f32::MAX)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as u64;
+    let bad = numel - finite;
     let sum_sq = all.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     let max_abs = all.abs()?.max(0)?.to_scalar::<f32>()? as f64;
     Ok(GroupStats { name: name.into(), sum_sq, max_abs, nonfinite: bad, numel })
