@@ -986,6 +986,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             stats.push(group_stats(name, &gs)?);
         }
         let total_norm = stats.iter().map(|s| s.sum_sq).sum::<f64>().sqrt();
+        if step == 1 {
+            // F9: an adapter whose B gets no gradient on the first step is on no path to the loss.
+            let dead = dead_adapters(lora.vars().keys(), &grads)?;
+            if !dead.is_empty() {
+                tracing::warn!(
+                    "F9: {} adapted module(s) got no gradient on step 1 (not on the path from the prompts to the loss; e.g. geometry box projections with text-only prompts, see training.box_prompt_prob): {}",
+                    dead.len(),
+                    dead.join(", ")
+                );
+            }
+        }
         let nonfinite: u64 = stats.iter().map(|s| s.nonfinite).sum();
         let report = GradReport {
             step,
@@ -1270,6 +1281,19 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         serde_json::to_string_pretty(&run_json)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// Modules whose `lora_B` gradient is exactly zero (names without the PEFT prefix/suffix).
+pub fn dead_adapters<'a>(keys: impl Iterator<Item = &'a String>, grads: &[Tensor]) -> Result<Vec<String>> {
+    let mut dead = Vec::new();
+    for (k, g) in keys.zip(grads) {
+        if let Some(module) = k.strip_suffix(".lora_B.weight") {
+            if g.abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0 {
+                dead.push(module.trim_start_matches("base_model.model.").to_string());
+            }
+        }
+    }
+    Ok(dead)
 }
 
 fn opt_state_sync(state: &mut TrainerState, opt: &AdamW) {

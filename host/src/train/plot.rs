@@ -51,13 +51,14 @@ pub fn write_loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)]) -
         for w in tr.windows(2) {
             line(&mut img, map(w[0].0, w[0].1), map(w[1].0, w[1].1), Rgb([150, 180, 230]));
         }
-        // Exponential moving average of log loss.
-        let mut ema: Option<f64> = None;
+        // Bias-corrected exponential moving average of log loss (no lag from a zero start).
+        let beta = if tr.len() > 100 { 0.95 } else { 0.7 };
+        let (mut ema, mut k) = (0.0f64, 0i32);
         let mut prev: Option<(f64, f64)> = None;
         for &(s, v) in &tr {
-            let e = ema.map_or(v.log10(), |e| 0.9 * e + 0.1 * v.log10());
-            ema = Some(e);
-            let p = map(s, 10f64.powf(e));
+            k += 1;
+            ema = beta * ema + (1.0 - beta) * v.log10();
+            let p = map(s, 10f64.powf(ema / (1.0 - beta.powi(k))));
             if let Some(q) = prev {
                 line(&mut img, q, p, Rgb([20, 60, 160]));
             }
