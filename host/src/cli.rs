@@ -17,6 +17,7 @@ Examples:
   lorahost train --config configs/demo.yaml
   lorahost train --config configs/full_lora_config.yaml --plugin spike_guard.wasm
   lorahost train --config configs/full_lora_config.yaml --resume
+  lorahost doctor --config configs/full_lora_config.yaml --probe-steps 20
   lorahost export --config configs/full_lora_config.yaml --adapter outputs/sam3_lora_full/best --merge --out merged/
   lorahost plugin check plugins/target/wasm32-wasip2/release/spike_guard.wasm
   lorahost plugin replay spike_guard.wasm --trace examples/traces/diagnosis.jsonl
@@ -64,6 +65,27 @@ pub enum Command {
         /// Do not watch plugin files for new versions.
         #[arg(long)]
         no_hot_reload: bool,
+    },
+    /// Diagnose a training setup: config, data, LoRA targets and (with --probe-steps) a few
+    /// real steps. Findings carry the failure-mode codes F1..F27 of the SAM3_LoRA catalogue
+    /// (or lorahost's D-codes), a severity, the evidence and the fix. Exits non-zero when any
+    /// finding is an error.
+    Doctor {
+        /// Training YAML.
+        #[arg(long, default_value = "configs/demo.yaml")]
+        config: PathBuf,
+        /// Override a config key: SECTION.KEY=VALUE; repeatable.
+        #[arg(long = "override", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The dataset's expected content fingerprint (sha-256 prefix, as `train` logs it).
+        #[arg(long, value_name = "HEX")]
+        expect_fingerprint: Option<String>,
+        /// Run this many real optimizer steps (in a scratch directory) and analyse them.
+        #[arg(long, default_value_t = 0)]
+        probe_steps: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Export trained adapters: check them against the base model, and with --merge write a
     /// full transformers-format model with the adapters folded into the weights.
@@ -365,6 +387,31 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             if let Some(r) = s.stopped {
                 println!("stopped early: {r}");
+            }
+            Ok(())
+        }
+        Command::Doctor { config, overrides, expect_fingerprint, probe_steps, json } => {
+            if let Some(f) = expect_fingerprint {
+                if !crate::doctor::valid_fingerprint(f) {
+                    bail!("--expect-fingerprint {f:?}: give at least 8 hex digits of the dataset's content_sha256");
+                }
+            }
+            let report = crate::doctor::diagnose(&crate::doctor::DoctorOptions {
+                config: config.clone(),
+                overrides: overrides.clone(),
+                expect_fingerprint: expect_fingerprint.clone(),
+                probe_steps: *probe_steps,
+            })?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.has_errors() {
+                bail!(
+                    "doctor found {} error(s)",
+                    report.findings.iter().filter(|f| f.severity == crate::doctor::Severity::Error).count()
+                );
             }
             Ok(())
         }

@@ -13,6 +13,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod doctor;
 pub mod evaluation;
 pub mod export;
 pub mod fsutil;

@@ -104,7 +104,7 @@ pub struct TrainSummary {
 }
 
 /// Apply `section.key=value` overrides to a YAML document.
-fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String]) -> Result<()> {
+pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String]) -> Result<()> {
     for o in overrides {
         let (key, value) =
             o.split_once('=').with_context(|| format!("--set {o:?}: expected section.key=value"))?;

@@ -1,0 +1,757 @@
+//! `lorahost doctor`: the diagnosis of a training setup that people did by hand, automated.
+//!
+//! Findings carry the failure-mode codes of `../shared/docs/seed-trainer.md` §8 (F1..F27) where
+//! one applies, otherwise a lorahost code (`D1`..), each with a severity, a message, the
+//! evidence and the fix. Checks, in order:
+//!
+//! - **config** (F11, F10, F7, F25, D1..D4): the YAML parses; unknown keys; contradictions;
+//!   the effective batch, total length and warmup in optimizer steps and epochs (warmup longer
+//!   than training, accumulation longer than an epoch, an effective batch of 1), LR and
+//!   clipping sanity, LoRA scale, adapters already in `output_dir` with another rank/alpha;
+//! - **data** (F12, F1, F4, F6, F21, F23, F24, F26): `data_dir` and its splits, the fingerprint
+//!   (compared with `--expect-fingerprint`), the preflight (by file and id);
+//! - **LoRA** (F8, F9, F7): the module table built from the real model code over the
+//!   checkpoint's shapes (no weights are read), zero matches, flags that match nothing, the
+//!   trainable fraction;
+//! - **probe** (`--probe-steps N`, F10, F1, F2, F9, F21, D5): N real optimizer steps in a scratch
+//!   directory, then loss variation, per-term losses, gradient-norm distribution, how often
+//!   clipping engaged and the LR actually applied, with recommendations.
+//!
+//! | lorahost code | meaning |
+//! |---|---|
+//! | D1 | warmup as long as or longer than the run, or most of it |
+//! | D2 | accumulation longer than an epoch (steps mix epochs, the last one is partial) |
+//! | D3 | LR outside the usual LoRA range |
+//! | D4 | LoRA scale alpha / rank outside [0.5, 4] (changing rank without alpha changes the step size) |
+//! | D5 | clipping engaged on most probe steps (the effective LR is lower than configured) |
+//! | D6 | no validation split |
+
+use crate::data::coco::{Dataset, FindingKind, Severity as DataSeverity};
+use crate::lora::{Component, LoraConfig, LoraSet};
+use crate::train::TrainOptions;
+use crate::train_config::{TrainConfig, TrainConfigError};
+use anyhow::Result;
+use candle_core::{DType, Device, Shape, Tensor};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth knowing.
+    Info,
+    /// Training runs but likely not as intended.
+    Warning,
+    /// Training fails or is wrong.
+    Error,
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    /// F-code from seed-trainer.md §8 or a lorahost D-code (module docs).
+    pub code: String,
+    /// Severity.
+    pub severity: Severity,
+    /// What is wrong.
+    pub message: String,
+    /// What shows it (numbers, files, ids).
+    pub evidence: String,
+    /// What to do.
+    pub fix: String,
+}
+
+/// What to diagnose.
+#[derive(Debug, Clone, Default)]
+pub struct DoctorOptions {
+    /// The training YAML.
+    pub config: PathBuf,
+    /// `section.key=value` overrides.
+    pub overrides: Vec<String>,
+    /// The dataset fingerprint (`content_sha256`) the run is meant to use.
+    pub expect_fingerprint: Option<String>,
+    /// Real optimizer steps to run and analyse (0 = none).
+    pub probe_steps: u64,
+}
+
+/// The report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Findings, most severe first.
+    pub findings: Vec<Finding>,
+    /// Key numbers (effective hyperparameters, LoRA table, fingerprint, probe statistics).
+    pub facts: BTreeMap<String, serde_json::Value>,
+}
+
+impl Report {
+    fn add(
+        &mut self,
+        code: &str,
+        severity: Severity,
+        message: impl Into<String>,
+        evidence: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.findings.push(Finding {
+            code: code.into(),
+            severity,
+            message: message.into(),
+            evidence: evidence.into(),
+            fix: fix.into(),
+        });
+    }
+
+    /// Whether any finding is an error.
+    pub fn has_errors(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Error)
+    }
+
+    /// Findings with `code`.
+    pub fn with_code(&self, code: &str) -> Vec<&Finding> {
+        self.findings.iter().filter(|f| f.code == code).collect()
+    }
+
+    /// Human-readable text.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.facts {
+            s.push_str(&format!("{k}: {v}\n"));
+        }
+        if self.findings.is_empty() {
+            s.push_str("no findings\n");
+        }
+        for f in &self.findings {
+            let sev = match f.severity {
+                Severity::Error => "ERROR",
+                Severity::Warning => "warning",
+                Severity::Info => "info",
+            };
+            s.push_str(&format!(
+                "[{}] {sev}: {}\n    evidence: {}\n    fix: {}\n",
+                f.code, f.message, f.evidence, f.fix
+            ));
+        }
+        s
+    }
+}
+
+/// Run every check (see the module docs). Errors only for problems that stop the diagnosis
+/// itself; everything about the setup is a finding.
+pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
+    let mut r = Report::default();
+    let cfg = match config_checks(opts, &mut r) {
+        Some(c) => c,
+        None => return Ok(finish(r)),
+    };
+    let data_ok = data_checks(&cfg, opts, &mut r);
+    let lora_ok = lora_checks(&cfg, &mut r);
+    if opts.probe_steps > 0 {
+        if data_ok && lora_ok && !r.has_errors() {
+            probe(&cfg, opts, &mut r);
+        } else {
+            r.add(
+                "D0",
+                Severity::Info,
+                "probe skipped",
+                "the checks above found errors",
+                "fix them, then run doctor --probe-steps again",
+            );
+        }
+    }
+    Ok(finish(r))
+}
+
+fn finish(mut r: Report) -> Report {
+    r.findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    r
+}
+
+fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
+    let path = &opts.config;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            r.add(
+                "F26",
+                Severity::Error,
+                format!("cannot read {}", path.display()),
+                e.to_string(),
+                "pass --config with a training YAML (see configs/)",
+            );
+            return None;
+        }
+    };
+    let text = if opts.overrides.is_empty() {
+        text
+    } else {
+        let mut doc: serde_yaml::Value = match serde_yaml::from_str(&text) {
+            Ok(d) => d,
+            Err(e) => {
+                r.add(
+                    "F11",
+                    Severity::Error,
+                    format!("{} is not valid YAML", path.display()),
+                    e.to_string(),
+                    "fix the YAML syntax",
+                );
+                return None;
+            }
+        };
+        if let Err(e) = crate::train::apply_overrides(&mut doc, &opts.overrides) {
+            r.add("F11", Severity::Error, "bad --override", e.to_string(), "use SECTION.KEY=VALUE");
+            return None;
+        }
+        serde_yaml::to_string(&doc).unwrap_or_default()
+    };
+    let (cfg, warnings) = match TrainConfig::from_yaml(&text, path) {
+        Ok(c) => c,
+        Err(e) => {
+            r.add(
+                "F11",
+                Severity::Error,
+                "the config does not parse",
+                e.to_string(),
+                "fix the value named above",
+            );
+            return None;
+        }
+    };
+    for w in warnings {
+        r.add(
+            "F11",
+            Severity::Warning,
+            "a key lorahost does not know is ignored",
+            w,
+            "rename or remove the key (a typo here is a setting that silently does nothing)",
+        );
+    }
+    if let Err(TrainConfigError::Contradiction { problems, .. }) = cfg.validate(path) {
+        for p in problems {
+            r.add("F11", Severity::Error, "contradictory or impossible setting", p.clone(), p);
+        }
+    }
+    let t = &cfg.training;
+    // Planning numbers need the dataset size; use the train split when it loads.
+    let n =
+        Dataset::load(&t.data_dir).ok().and_then(|d| d.split("train").map(|s| s.images.len())).unwrap_or(0);
+    if n > 0 {
+        let e = cfg.effective(n);
+        r.facts.insert(
+            "effective".into(),
+            serde_json::json!({
+                "train_images": n, "batch_size": t.batch_size, "accumulation": t.gradient_accumulation_steps,
+                "effective_batch_size": e.effective_batch_size, "micro_batches_per_epoch": e.micro_batches_per_epoch,
+                "steps_per_epoch": e.steps_per_epoch, "total_steps": e.total_steps, "warmup_steps": e.warmup_steps,
+                "warmup_epochs": e.warmup_epochs, "lora_scale": e.lora_scale,
+            }),
+        );
+        let ev = format!(
+            "warmup_steps {} (optimizer steps) = {:.2} epochs; the run is {} optimizer steps ({} epochs × {} steps; {} images / batch {} / accumulation {})",
+            t.warmup_steps, e.warmup_epochs, e.total_steps, t.num_epochs, e.steps_per_epoch, n, t.batch_size, t.gradient_accumulation_steps
+        );
+        if t.warmup_steps >= e.total_steps && e.total_steps > 0 {
+            r.add(
+                "D1",
+                Severity::Error,
+                "warmup is as long as the whole run: the LR never reaches its peak",
+                ev,
+                format!(
+                    "set training.warmup_steps below {} (e.g. {})",
+                    e.total_steps,
+                    (e.total_steps / 10).max(1)
+                ),
+            );
+        } else if t.warmup_steps * 2 > e.total_steps {
+            r.add(
+                "D1",
+                Severity::Warning,
+                "warmup takes more than half of the run",
+                ev,
+                format!(
+                    "warmup counts optimizer steps, not micro-batches: e.g. training.warmup_steps: {}",
+                    (e.total_steps / 10).max(1)
+                ),
+            );
+        } else if t.warmup_steps > 0 {
+            r.add("D1", Severity::Info, "warmup length in optimizer steps", ev, "none needed");
+        }
+        if t.gradient_accumulation_steps > e.micro_batches_per_epoch {
+            r.add(
+                "D2",
+                Severity::Warning,
+                "gradient accumulation is longer than an epoch",
+                format!(
+                    "{} micro-batches per step, {} per epoch: every step is partial",
+                    t.gradient_accumulation_steps, e.micro_batches_per_epoch
+                ),
+                format!("training.gradient_accumulation_steps <= {}", e.micro_batches_per_epoch),
+            );
+        }
+    }
+    if t.batch_size * t.gradient_accumulation_steps <= 1 {
+        r.add(
+            "F10",
+            Severity::Warning,
+            "an effective batch of one image: every step follows one image's gradient, so the loss fluctuates",
+            format!("batch_size {} × gradient_accumulation_steps {}", t.batch_size, t.gradient_accumulation_steps),
+            "use gradient_accumulation_steps: 8 (or a larger batch): lorahost applies accumulation",
+        );
+    }
+    if t.max_grad_norm == 0.0 {
+        r.add(
+            "F10",
+            Severity::Warning,
+            "gradient clipping is off",
+            "training.max_grad_norm: 0",
+            "set training.max_grad_norm: 1.0 (lorahost clips the global norm and logs it before and after)",
+        );
+    }
+    if t.warmup_steps == 0 {
+        r.add(
+            "F10",
+            Severity::Info,
+            "no warmup: the first steps run at the peak LR",
+            "training.warmup_steps: 0",
+            "a short warmup (e.g. 5% of the steps) steadies the first updates",
+        );
+    }
+    if t.learning_rate > 1e-3 || t.learning_rate < 1e-6 {
+        r.add(
+            "D3",
+            Severity::Warning,
+            "learning rate outside the usual LoRA range [1e-6, 1e-3]",
+            format!("training.learning_rate {:e}", t.learning_rate),
+            "SAM3 LoRA runs use 5e-5 .. 2e-4",
+        );
+    }
+    let scale = cfg.lora.alpha / cfg.lora.rank.max(1) as f64;
+    if !(0.5..=4.0).contains(&scale) {
+        r.add(
+            "D4",
+            Severity::Warning,
+            "LoRA scale alpha/rank is unusual: the update size scales with it",
+            format!("lora.alpha {} / lora.rank {} = {scale}", cfg.lora.alpha, cfg.lora.rank),
+            format!(
+                "change alpha with rank (alpha = 2 × rank is the usual choice: alpha {})",
+                2 * cfg.lora.rank
+            ),
+        );
+    }
+    if cfg.lora.apply_to_text_encoder {
+        r.add(
+            "F7",
+            Severity::Warning,
+            "LoRA on the text encoder erodes prompt discrimination (objects found for any prompt)",
+            "lora.apply_to_text_encoder: true",
+            "keep the text encoder frozen (apply_to_text_encoder: false) unless prompts are new words",
+        );
+    }
+    if t.num_negatives == 0 {
+        r.add(
+            "F7",
+            Severity::Warning,
+            "no hard-negative prompts: the model is never shown an absent category",
+            "training.num_negatives: 0",
+            "training.num_negatives: 2 or 3",
+        );
+    }
+    for dir in ["adapter", "best"] {
+        let p = cfg.output.output_dir.join(dir).join("adapter_config.json");
+        let Ok(text) = std::fs::read(&p) else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) else { continue };
+        let (fr, fa) = (v["r"].as_u64(), v["lora_alpha"].as_f64());
+        if fr != Some(cfg.lora.rank as u64) || fa != Some(cfg.lora.alpha) {
+            r.add(
+                "F25",
+                Severity::Warning,
+                "the output directory holds adapters of another LoRA layout: they will not load with this config",
+                format!("{}: r {:?} alpha {:?}; config: r {} alpha {}", p.display(), fr, fa, cfg.lora.rank, cfg.lora.alpha),
+                "use a new output.output_dir, or the rank/alpha the adapters were trained with",
+            );
+        }
+    }
+    Some(cfg)
+}
+
+fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool {
+    let dir = &cfg.training.data_dir;
+    if !dir.is_dir() {
+        r.add(
+            "F12",
+            Severity::Error,
+            "training.data_dir does not exist",
+            dir.display().to_string(),
+            "point training.data_dir at the folder holding train/ and valid/ (each with _annotations.coco.json)",
+        );
+        return false;
+    }
+    let ds = match Dataset::load(dir) {
+        Ok(d) => d,
+        Err(e) => {
+            r.add(
+                "F12",
+                Severity::Error,
+                "the dataset does not load",
+                e.to_string(),
+                "see the message: the file and the fix are named",
+            );
+            return false;
+        }
+    };
+    let fp = ds.fingerprint();
+    r.facts.insert("dataset".into(), serde_json::to_value(&fp).unwrap_or_default());
+    if let Some(want) = &opts.expect_fingerprint {
+        if !fp.content_sha256.starts_with(want.trim()) {
+            r.add(
+                "F12",
+                Severity::Error,
+                "the dataset is not the expected one (wrong data_dir?)",
+                format!(
+                    "{}: content {} ({} categories: {}; {}), expected {}",
+                    dir.display(),
+                    &fp.content_sha256[..16.min(fp.content_sha256.len())],
+                    fp.categories.len(),
+                    fp.categories.join(", "),
+                    fp.splits
+                        .iter()
+                        .map(|s| format!("{} {} images / {} annotations", s.name, s.images, s.annotations))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    want
+                ),
+                "set training.data_dir to the dataset the fingerprint belongs to",
+            );
+        }
+    }
+    if ds.split("valid").is_none() {
+        r.add(
+            "D6",
+            Severity::Warning,
+            "no valid/ split: no validation loss, metrics or best checkpoint",
+            dir.display().to_string(),
+            "export a validation split (Roboflow: valid/)",
+        );
+    }
+    let findings = ds.preflight();
+    let mut by_kind: BTreeMap<(String, &'static str, &'static str), Vec<String>> = BTreeMap::new();
+    for f in &findings {
+        let (code, label): (&str, &str) = match f.kind {
+            FindingKind::MissingImage | FindingKind::CorruptImage => {
+                ("F26", "images that cannot be read or decoded")
+            }
+            FindingKind::MissingBox => ("F23", "annotations without a bbox"),
+            FindingKind::UndecodableMask => ("F23", "annotations whose segmentation cannot be decoded"),
+            FindingKind::DegenerateBox => ("F21", "degenerate boxes (w or h <= 0, non-finite)"),
+            FindingKind::EmptyMask => ("F21", "masks with no pixels"),
+            FindingKind::BoxOutsideImage => {
+                ("F4", "boxes reaching outside the image (wrong units or format?)")
+            }
+            FindingKind::SizeMismatch => ("F24", "decoded image size differs from the JSON (EXIF rotation?)"),
+            FindingKind::PoorPrompt | FindingKind::DuplicatePrompt => {
+                ("F6", "category names that make poor prompts")
+            }
+            FindingKind::ImageWithoutAnnotations => ("F1", "images without annotations (only negatives)"),
+            FindingKind::UnknownCategory | FindingKind::UnknownImage | FindingKind::DuplicateId => {
+                ("F23", "inconsistent ids in the COCO file")
+            }
+            FindingKind::UnusedCategory => ("F6", "categories no annotation uses"),
+        };
+        let sev = match f.severity {
+            DataSeverity::Error => "error",
+            DataSeverity::Warning => "warning",
+        };
+        by_kind.entry((code.to_string(), label, sev)).or_default().push(f.to_string());
+    }
+    for ((code, label, sev), items) in by_kind {
+        let severity = if sev == "error" { Severity::Error } else { Severity::Warning };
+        let severity =
+            if code == "F1" || label.starts_with("categories no") { Severity::Info } else { severity };
+        let shown: Vec<&String> = items.iter().take(5).collect();
+        r.add(
+            &code,
+            severity,
+            format!("{} × {label}", items.len()),
+            format!(
+                "{}{}",
+                shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; "),
+                if items.len() > 5 { format!("; and {} more", items.len() - 5) } else { String::new() }
+            ),
+            "fix or drop those annotations/images (lorahost leaves undecodable images out and names them)",
+        );
+    }
+    if let Some(train) = ds.split("train") {
+        let objects: usize = train.images.iter().map(|i| i.objects.len()).sum();
+        if objects == 0 {
+            r.add("F1", Severity::Error, "the training split has no usable objects: the loss would be near zero and nothing is learned", train.annotation_file.display().to_string(), "check the annotation file (bbox/segmentation/category_id fields)");
+        }
+    }
+    true
+}
+
+/// A VarBuilder backend that hands out shape-only stand-ins (one element broadcast to the
+/// requested shape) and counts the parameters asked for: the real model code builds, so module
+/// paths and sizes are exact, without reading or allocating weights.
+struct ShapeOnly {
+    params: Arc<Mutex<usize>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
+    fn get(
+        &self,
+        s: Shape,
+        _name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut p) = self.params.lock() {
+            *p += s.elem_count();
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape-only model: no tensor {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn lora_checks(cfg: &TrainConfig, r: &mut Report) -> bool {
+    let model_path = match crate::train::resolve_model(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            r.add(
+                "F26",
+                Severity::Error,
+                "the base model cannot be found",
+                format!("{e:#}"),
+                "set model.path, or download the model into the Hugging Face cache",
+            );
+            return false;
+        }
+    };
+    let config_path = if model_path.is_file() {
+        model_path.with_file_name("config.json")
+    } else {
+        model_path.join("config.json")
+    };
+    let config = match crate::sam3::config::Sam3Config::from_file(&config_path) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            r.add(
+                "F26",
+                Severity::Error,
+                "the model config does not load",
+                e.to_string(),
+                "use a transformers Sam3Model/Sam3VideoModel config.json",
+            );
+            return false;
+        }
+    };
+    let params = Arc::new(Mutex::new(0usize));
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(ShapeOnly { params: params.clone() }),
+        DType::F32,
+        Device::Cpu,
+    );
+    let mut model = match crate::sam3::model::Sam3Model::load(vb, &config) {
+        Ok(m) => m,
+        Err(e) => {
+            r.add(
+                "F26",
+                Severity::Error,
+                "the model cannot be built from its config",
+                e.to_string(),
+                "check config.json",
+            );
+            return false;
+        }
+    };
+    let total = params.lock().map(|p| *p).unwrap_or(0);
+    let lcfg = LoraConfig::from_section(&cfg.lora);
+    let lora = match LoraSet::attach(&mut model, &lcfg, &Device::Cpu) {
+        Ok(l) => l,
+        Err(e) => {
+            r.add("F9", Severity::Error, "LoRA matches no module", e.to_string(), "list module names that exist (q_proj, k_proj, v_proj, o_proj, fc1, fc2) or globs like detr_decoder.*");
+            return false;
+        }
+    };
+    let table: Vec<serde_json::Value> = lora
+        .component_table()
+        .iter()
+        .map(|(c, m, p)| serde_json::json!({"component": c.name(), "modules": m, "parameters": p}))
+        .collect();
+    let trainable = lora.num_params();
+    let fraction = trainable as f64 / total.max(1) as f64;
+    r.facts.insert(
+        "lora".into(),
+        serde_json::json!({"modules": lora.modules.len(), "trainable": trainable, "base_parameters": total, "trainable_fraction": fraction, "components": table}),
+    );
+    for (flag, on, comp) in [
+        ("apply_to_vision_encoder", cfg.lora.apply_to_vision_encoder, Component::Vision),
+        ("apply_to_text_encoder", cfg.lora.apply_to_text_encoder, Component::Text),
+        ("apply_to_geometry_encoder", cfg.lora.apply_to_geometry_encoder, Component::Geometry),
+        ("apply_to_detr_encoder", cfg.lora.apply_to_detr_encoder, Component::DetrEncoder),
+        ("apply_to_detr_decoder", cfg.lora.apply_to_detr_decoder, Component::DetrDecoder),
+        ("apply_to_mask_decoder", cfg.lora.apply_to_mask_decoder, Component::MaskDecoder),
+    ] {
+        if on && !lora.modules.iter().any(|(_, c, _, _)| *c == comp) {
+            r.add(
+                "F9",
+                Severity::Warning,
+                format!("lora.{flag} is on but no target module matches in the {}", comp.name()),
+                format!("target_modules: {}", cfg.lora.target_modules.join(", ")),
+                format!("add module names of the {} to target_modules, or turn the flag off", comp.name()),
+            );
+        }
+    }
+    if fraction > 0.2 {
+        r.add(
+            "F8",
+            Severity::Warning,
+            "a large share of the model is trainable",
+            format!("{trainable} of {total} parameters ({:.1}%)", fraction * 100.0),
+            "LoRA should train a few percent: lower the rank or the targets",
+        );
+    }
+    true
+}
+
+fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
+    let scratch = std::env::temp_dir().join(format!("lorahost-doctor-{}", std::process::id()));
+    let mut overrides = opts.overrides.clone();
+    overrides.push(format!("output.output_dir={}", scratch.display()));
+    overrides.push("training.eval_steps=1000000000".into());
+    overrides.push("training.save_steps=1000000000".into());
+    overrides.push("output.save_lora_only=true".into());
+    overrides.push("evaluation.save_predictions=false".into());
+    let _ = cfg;
+    let t = TrainOptions {
+        config: opts.config.clone(),
+        overrides,
+        max_steps: Some(opts.probe_steps),
+        hot_reload: false,
+        ..Default::default()
+    };
+    let outcome = crate::train::train(&t);
+    let metrics = scratch.join(cfg.output.logging_dir.clone().unwrap_or_default()).join("metrics.jsonl");
+    let trace = crate::metrics::Trace::read(&metrics);
+    let _ = std::fs::remove_dir_all(&scratch);
+    if let Err(e) = outcome {
+        let msg = format!("{e:#}");
+        let code = if msg.contains("out of memory") { "F13" } else { "F26" };
+        r.add(code, Severity::Error, "the probe run failed", msg, "see the message");
+        return;
+    }
+    let Ok(trace) = trace else { return };
+    analyse_steps(&trace.steps, cfg.training.max_grad_norm, r);
+}
+
+/// Findings from recorded steps (also used on a finished run's metrics.jsonl).
+pub fn analyse_steps(steps: &[crate::metrics::StepRecord], max_norm: f64, r: &mut Report) {
+    if steps.is_empty() {
+        return;
+    }
+    let losses: Vec<f64> = steps.iter().map(|s| s.loss).filter(|l| l.is_finite()).collect();
+    let nonfinite =
+        steps.len() - losses.len() + steps.iter().filter(|s| s.action.as_deref() == Some("skip")).count();
+    let mean = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+    let sd = (losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / losses.len().max(1) as f64).sqrt();
+    let cv = if mean != 0.0 { sd / mean.abs() } else { 0.0 };
+    let mut norms: Vec<f64> = steps.iter().map(|s| s.grad_norm).filter(|g| g.is_finite()).collect();
+    norms.sort_by(f64::total_cmp);
+    let q =
+        |p: f64| norms.get(((norms.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    let clipped =
+        steps.iter().filter(|s| s.grad_norm_clipped.is_some_and(|c| c < s.grad_norm * 0.999)).count();
+    let mut terms: BTreeMap<String, f64> = BTreeMap::new();
+    for s in steps {
+        for (k, v) in &s.losses {
+            *terms.entry(k.clone()).or_default() += v / steps.len() as f64;
+        }
+    }
+    r.facts.insert(
+        "probe".into(),
+        serde_json::json!({
+            "steps": steps.len(), "loss_mean": mean, "loss_cv": cv, "loss_first": losses.first(), "loss_last": losses.last(),
+            "grad_norm_p10_p50_p90": [q(0.1), q(0.5), q(0.9)], "clipped_steps": clipped,
+            "lr_applied": steps.iter().map(|s| s.lr).collect::<Vec<_>>(), "terms_mean": terms,
+        }),
+    );
+    if nonfinite > 0 {
+        r.add(
+            "F21",
+            Severity::Error,
+            "non-finite loss or gradients in the probe",
+            format!("{nonfinite} of {} steps skipped", steps.len()),
+            "see nonfinite_batches.jsonl for the image ids; check degenerate annotations; lower the LR",
+        );
+    }
+    if mean.is_finite() && mean.abs() < 1e-3 {
+        r.add(
+            "F1",
+            Severity::Error,
+            "the loss is suspiciously tiny: likely no targets reach the loss",
+            format!("mean loss {mean:e}"),
+            "check that annotations load (doctor's data section) and that prompts match categories",
+        );
+    }
+    if mean > 1e4 {
+        r.add(
+            "F2",
+            Severity::Error,
+            "the loss is orders of magnitude above SAM3's usual range (10..1000)",
+            format!("mean loss {mean:.1}; terms {terms:?}"),
+            "check box units (normalized cxcywh) and the loss normalization",
+        );
+    }
+    if norms.last().is_some_and(|g| *g == 0.0) {
+        r.add(
+            "F9",
+            Severity::Error,
+            "zero gradient: the adapters are not on the path to the loss",
+            format!("grad norms {norms:?}"),
+            "check lora targets and components",
+        );
+    }
+    if cv > 0.3 && steps.len() >= 4 {
+        r.add(
+            "F10",
+            Severity::Warning,
+            "the loss fluctuates strongly from step to step",
+            format!(
+                "coefficient of variation {cv:.2} over {} steps (mean {mean:.1}, sd {sd:.1})",
+                steps.len()
+            ),
+            "raise the effective batch (gradient_accumulation_steps), keep clipping on, use warmup",
+        );
+    }
+    if max_norm > 0.0 && clipped * 2 > steps.len() {
+        r.add(
+            "D5",
+            Severity::Info,
+            "clipping engaged on most steps: the effective step size is set by max_grad_norm, not the LR",
+            format!(
+                "{clipped} of {} steps clipped; median norm {:.3} vs max_grad_norm {max_norm}",
+                steps.len(),
+                q(0.5)
+            ),
+            format!(
+                "fine early in training; if it persists, raise max_grad_norm towards {:.2} or lower the LR",
+                q(0.5)
+            ),
+        );
+    }
+}
+
+/// Parse the `--expect-fingerprint` value: a sha-256 prefix (8+ hex digits).
+pub fn valid_fingerprint(s: &str) -> bool {
+    let s = s.trim();
+    s.len() >= 8 && s.chars().all(|c| c.is_ascii_hexdigit())
+}

@@ -1,0 +1,229 @@
+//! `lorahost doctor` with planted faults: each is found with its failure-mode code, a clean
+//! setup has no error, the CLI's JSON has the documented fields and exit status.
+
+use lorahost::data::synthetic::{write_synthetic, SyntheticSpec};
+use lorahost::doctor::{diagnose, DoctorOptions, Report, Severity};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    data: PathBuf,
+}
+
+/// A clean setup: the tiny model, 6 synthetic training images, a sane config.
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_synthetic(
+        &data,
+        &SyntheticSpec { seed: 4, train_images: 6, valid_images: 2, size: 112, max_cracks: 2 },
+    )
+    .unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model:\n  name: tiny\n  path: {}\nlora:\n  rank: 4\n  alpha: 8\n  target_modules: [q_proj, v_proj]\n  apply_to_geometry_encoder: false\n  apply_to_mask_decoder: false\n\
+             training:\n  data_dir: {}\n  batch_size: 2\n  gradient_accumulation_steps: 1\n  num_epochs: 4\n  warmup_steps: 2\n  learning_rate: 1e-4\n  num_negatives: 1\n  max_grad_norm: 1.0\n\
+             output:\n  output_dir: {}\nhardware:\n  device: cpu\n",
+            repo().join("examples/tiny_sam3").display(),
+            data.display(),
+            dir.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    Setup { dir, config, data }
+}
+
+fn run(s: &Setup, overrides: &[&str]) -> Report {
+    diagnose(&DoctorOptions {
+        config: s.config.clone(),
+        overrides: overrides.iter().map(|o| o.to_string()).collect(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn has(r: &Report, code: &str, sev: Severity, text: &str) -> bool {
+    r.findings.iter().any(|f| {
+        f.code == code && f.severity == sev && (f.message.contains(text) || f.evidence.contains(text))
+    })
+}
+
+fn explain(r: &Report) -> String {
+    r.to_text()
+}
+
+#[test]
+fn a_clean_setup_has_no_error_and_reports_the_effective_numbers() {
+    let s = setup();
+    let r = run(&s, &[]);
+    assert!(!r.has_errors(), "{}", explain(&r));
+    let e = &r.facts["effective"];
+    assert_eq!((e["steps_per_epoch"].as_u64(), e["total_steps"].as_u64()), (Some(3), Some(12)), "{e}");
+    assert!(r.facts["lora"]["modules"].as_u64().unwrap() > 0);
+    assert!(r.facts["dataset"]["content_sha256"].as_str().unwrap().len() == 64);
+}
+
+#[test]
+fn the_diagnosis_root_causes_are_found() {
+    let s = setup();
+    // Wrong data_dir (a directory that does not exist).
+    let r = run(&s, &["training.data_dir=/nonexistent/data3"]);
+    assert!(has(&r, "F12", Severity::Error, "/nonexistent/data3"), "{}", explain(&r));
+    // Wrong dataset: the expected fingerprint belongs to another one.
+    let other = s.dir.path().join("potholes");
+    write_synthetic(
+        &other,
+        &SyntheticSpec { seed: 99, train_images: 3, valid_images: 1, size: 64, max_cracks: 1 },
+    )
+    .unwrap();
+    let want = run(&s, &[]).facts["dataset"]["content_sha256"].as_str().unwrap()[..12].to_string();
+    let r = diagnose(&DoctorOptions {
+        config: s.config.clone(),
+        overrides: vec![format!("training.data_dir={}", other.display())],
+        expect_fingerprint: Some(want),
+        probe_steps: 0,
+    })
+    .unwrap();
+    assert!(has(&r, "F12", Severity::Error, "not the expected one"), "{}", explain(&r));
+    // Batch 1 without accumulation.
+    let r = run(&s, &["training.batch_size=1", "training.gradient_accumulation_steps=1"]);
+    assert!(has(&r, "F10", Severity::Warning, "effective batch of one"), "{}", explain(&r));
+    // Rank changed without alpha (64 / 16): the update scale drops 8x.
+    let r = run(&s, &["lora.rank=64", "lora.alpha=16"]);
+    assert!(has(&r, "D4", Severity::Warning, "alpha/rank"), "{}", explain(&r));
+    // Warmup in the wrong units: 200 "steps" for a 12-step run.
+    let r = run(&s, &["training.warmup_steps=200"]);
+    assert!(has(&r, "D1", Severity::Error, "warmup"), "{}", explain(&r));
+    // Clipping not applied.
+    let r = run(&s, &["training.max_grad_norm=0"]);
+    assert!(has(&r, "F10", Severity::Warning, "clipping is off"), "{}", explain(&r));
+}
+
+#[test]
+fn config_and_lora_faults_are_found() {
+    let s = setup();
+    let r = run(&s, &["training.warmup_step=10"]);
+    assert!(has(&r, "F11", Severity::Warning, "training.warmup_steps"), "{}", explain(&r));
+    let r = run(&s, &["training.mixed_precision=bf16"]);
+    assert!(has(&r, "F11", Severity::Error, "mixed_precision"), "{}", explain(&r));
+    let r = run(&s, &["lora.target_modules=[qkv_nonexistent]"]);
+    assert!(has(&r, "F9", Severity::Error, "qkv_nonexistent"), "{}", explain(&r));
+    let r = run(&s, &["lora.apply_to_mask_decoder=true", "lora.target_modules=[fc1]"]);
+    assert!(has(&r, "F9", Severity::Warning, "apply_to_mask_decoder"), "{}", explain(&r));
+    let r = run(&s, &["lora.apply_to_text_encoder=true"]);
+    assert!(has(&r, "F7", Severity::Warning, "text encoder"), "{}", explain(&r));
+    let r = run(&s, &["training.num_negatives=0"]);
+    assert!(has(&r, "F7", Severity::Warning, "num_negatives"), "{}", explain(&r));
+    let r = run(&s, &["lora.rank=64", "lora.alpha=128", "lora.target_modules=[\"*\"]"]);
+    assert!(has(&r, "F8", Severity::Warning, "trainable"), "{}", explain(&r));
+    // Adapters of another layout already in output_dir.
+    let adapter = s.dir.path().join("out/best");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), r#"{"r": 16, "lora_alpha": 32}"#).unwrap();
+    let r = run(&s, &[]);
+    assert!(has(&r, "F25", Severity::Warning, "r Some(16)"), "{}", explain(&r));
+    let r = run(&s, &["training.gradient_accumulation_steps=8"]);
+    assert!(has(&r, "D2", Severity::Warning, "longer than an epoch"), "{}", explain(&r));
+}
+
+/// Rewrite the train split's COCO file.
+fn mutate(data: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = data.join("train/_annotations.coco.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn data_faults_are_found_by_file_and_id() {
+    let s = setup();
+    mutate(&s.data, |v| {
+        let anns = v["annotations"].as_array_mut().unwrap();
+        anns[0]["bbox"] = serde_json::json!([500.0, 500.0, 40.0, 40.0]); // F4: outside a 112 px image
+        anns[1].as_object_mut().unwrap().remove("bbox"); // F23
+        anns[2]["bbox"] = serde_json::json!([10.0, 10.0, 0.0, 5.0]); // F21
+        anns[3]["segmentation"] = serde_json::json!({"counts": "garbage!!", "size": [3, 3]}); // F23
+        let cats = v["categories"].as_array_mut().unwrap();
+        cats.push(serde_json::json!({"id": 77, "name": "0"})); // F6
+    });
+    let first = {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(s.data.join("train/_annotations.coco.json")).unwrap())
+                .unwrap();
+        v["images"][5]["file_name"].as_str().unwrap().to_string()
+    };
+    std::fs::write(s.data.join("train").join(&first), b"not an image").unwrap(); // F26
+    let r = run(&s, &[]);
+    for (code, text) in [
+        ("F4", "outside"),
+        ("F23", "bbox"),
+        ("F21", "degenerate"),
+        ("F23", "segmentation"),
+        ("F6", "prompt"),
+        ("F26", &first),
+    ] {
+        assert!(
+            r.findings
+                .iter()
+                .any(|f| f.code == code && (f.message.contains(text) || f.evidence.contains(text))),
+            "{code} {text}: {}",
+            explain(&r)
+        );
+    }
+    assert!(r.has_errors());
+    // No annotations at all (the F1 symptom: a near-zero loss).
+    let s2 = setup();
+    mutate(&s2.data, |v| v["annotations"] = serde_json::json!([]));
+    let r = run(&s2, &[]);
+    assert!(has(&r, "F1", Severity::Error, "no usable objects"), "{}", explain(&r));
+}
+
+#[test]
+fn the_probe_reports_steps_and_catches_a_loss_out_of_range() {
+    let s = setup();
+    let r =
+        diagnose(&DoctorOptions { config: s.config.clone(), probe_steps: 3, ..Default::default() }).unwrap();
+    let p = &r.facts["probe"];
+    assert_eq!(p["steps"].as_u64(), Some(3), "{}", explain(&r));
+    assert_eq!(p["lr_applied"].as_array().unwrap().len(), 3);
+    assert!(p["terms_mean"]["loss_mask"].as_f64().unwrap() > 0.0);
+    // A loss weight in the wrong units (the F2/F3 symptom).
+    let r = diagnose(&DoctorOptions {
+        config: s.config.clone(),
+        overrides: vec!["loss.loss_mask=1e7".into()],
+        probe_steps: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(has(&r, "F2", Severity::Error, "orders of magnitude"), "{}", explain(&r));
+}
+
+#[test]
+fn the_cli_prints_json_findings_and_fails_on_errors() {
+    let s = setup();
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    let o = Command::new(bin).args(["doctor", "--json", "--config"]).arg(&s.config).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["findings"].is_array());
+    let o = Command::new(bin)
+        .args(["doctor", "--json", "--override", "training.warmup_steps=500", "--config"])
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f = v["findings"].as_array().unwrap().iter().find(|f| f["code"] == "D1").unwrap();
+    for k in ["code", "severity", "message", "evidence", "fix"] {
+        assert!(f[k].is_string(), "{k} in {f}");
+    }
+    assert_eq!(f["severity"], "error");
+}
