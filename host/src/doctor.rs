@@ -165,7 +165,7 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
 }
 
 fn finish(mut r: Report) -> Report {
-    r.findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    r.findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     r
 }
 
