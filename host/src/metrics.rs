@@ -43,11 +43,12 @@ pub struct StepRecord {
     /// Warmup length in optimizer steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<u64>,
-    /// Unweighted per-term losses, e.g. `{"loss_mask": 0.12, "loss_dice": 0.4}`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Unweighted per-term losses, e.g. `{"loss_mask": 0.12, "loss_dice": 0.4}` (`null` when
+    /// non-finite).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "nullable_map")]
     pub losses: BTreeMap<String, f64>,
     /// Weights applied to the terms in `losses`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "nullable_map")]
     pub loss_weights: BTreeMap<String, f64>,
     /// Samples in the step (all micro-batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,10 +78,11 @@ pub struct StepRecord {
 pub struct GradGroupRecord {
     /// Group name (e.g. `vision`, `detr_decoder`).
     pub name: String,
-    /// L2 norm.
+    /// L2 norm (`null` when non-finite).
+    #[serde(deserialize_with = "nullable_f64", serialize_with = "finite_or_null")]
     pub l2_norm: f64,
-    /// Largest |g|.
-    #[serde(default)]
+    /// Largest |g| (`null` when non-finite).
+    #[serde(default, deserialize_with = "nullable_f64", serialize_with = "finite_or_null")]
     pub max_abs: f64,
     /// NaN/inf entries.
     #[serde(default)]
@@ -118,6 +120,11 @@ pub struct RunHeader {
 
 fn nullable_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn nullable_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let m = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
 }
 
 fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
@@ -261,6 +268,21 @@ mod tests {
         let e = Trace::parse(text, Path::new("m.jsonl")).unwrap_err().to_string();
         assert!(e.contains("m.jsonl:2"), "{e}");
         assert!(e.contains("loss"), "{e}");
+    }
+
+    #[test]
+    fn a_non_finite_step_roundtrips() {
+        let mut r = StepRecord::new(3, f64::INFINITY, 0.1, f64::NAN);
+        r.losses.insert("loss_mask".into(), f64::NAN);
+        r.grad_groups.push(GradGroupRecord {
+            name: "g".into(),
+            l2_norm: f64::NAN,
+            max_abs: f64::INFINITY,
+            nonfinite: 2,
+            numel: 4,
+        });
+        let back = Trace::parse(&r.to_json_line(), Path::new("x")).unwrap();
+        assert!(back.steps[0].losses["loss_mask"].is_nan() && back.steps[0].grad_groups[0].l2_norm.is_nan());
     }
 
     #[test]

@@ -334,3 +334,69 @@ fn exported_adapters_load_strictly_and_merge_into_equivalent_weights() {
     let e = wrong.load_peft(&out.join("adapter")).unwrap_err().to_string();
     assert!(e.contains("rank"), "{e}");
 }
+
+#[test]
+fn every_hook_answer_takes_effect_in_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 8);
+    let steer = common::plugin("steer");
+    let plugin = |cfg: &str| format!("plugins:\n  - path: {}\n    config: {cfg}\n", steer.display());
+    // 8 images, batch 2, accumulation 2: 2 steps per epoch; 3 epochs = 6 steps, stopped at 4.
+    let out = tmp.path().join("steered");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 3\n  warmup_steps: 0\n  lr_scheduler: constant\n",
+        &plugin("{lr: 0.005, lr_from: 3, mask_factor: 2.0, veto_at: [2], skip_at: [3], stop_at: 4, reverse_epochs: true}"),
+    );
+    let s = run(&opts(&cfg));
+    assert_eq!(s.steps, 4);
+    assert!(s.stopped.as_deref().is_some_and(|r| r.contains("stop_at")), "{:?}", s.stopped);
+    let t = steps(&out);
+    let lrs: Vec<f64> = t.steps.iter().map(|s| s.lr).collect();
+    assert_eq!(lrs, vec![3e-3, 3e-3, 0.005, 0.005], "LR hook from step 3");
+    assert!(t.steps.iter().all(|s| s.loss_weights["loss_mask"] == 400.0), "loss-weight factor 2 on 200");
+    let actions: Vec<&str> = t.steps.iter().map(|s| s.action.as_deref().unwrap()).collect();
+    assert_eq!(actions, vec!["continue", "skip", "skip", "stop"], "veto at 2, skip at 3, stop at 4");
+    let last = &t.steps[3].extra;
+    let calls = |k: &str| last[&format!("plugin.steer.{k}")].as_f64().unwrap();
+    assert_eq!((calls("on_step"), calls("on_grads"), calls("lr")), (4.0, 4.0, 4.0));
+    assert_eq!((calls("loss_weights"), calls("next_batch"), calls("observe")), (8.0, 8.0, 8.0));
+    assert_eq!(calls("epoch_order"), 2.0);
+    assert!(lorahost::train::checkpoint::list(&out.join("checkpoints")).iter().any(|(s, _)| *s == 4));
+
+    // A skipped or vetoed only step leaves the adapters as they started (B = 0).
+    for (i, answer) in ["{skip_at: [1]}", "{veto_at: [1]}"].iter().enumerate() {
+        let out = tmp.path().join(format!("one{i}"));
+        let cfg = config(tmp.path(), &data, &out, "  num_epochs: 1\n  batch_size: 4\n", &plugin(answer));
+        run(&opts(&cfg));
+        let b_sum: f32 = tensors(&out.join("adapter"))
+            .iter()
+            .filter(|(k, _)| k.ends_with("lora_B.weight"))
+            .map(|(_, t)| t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+            .sum();
+        assert_eq!(b_sum, 0.0, "{answer}: the update was not undone");
+    }
+
+    // next-batch: the same two images in every micro-batch.
+    let out = tmp.path().join("fixed");
+    let cfg = config(tmp.path(), &data, &out, "  num_epochs: 2\n", &plugin("{batch: [0, 1]}"));
+    run(&opts(&cfg));
+    let counts: Vec<u32> = steps(&out).steps.iter().map(|s| s.object_count.unwrap()).collect();
+    assert!(counts.windows(2).all(|w| w[0] == w[1]), "{counts:?}");
+}
+
+#[test]
+fn a_non_finite_loss_skips_the_step_and_names_the_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("nan");
+    let cfg = config(tmp.path(), &data, &out, "  num_epochs: 1\n", "loss:\n  loss_mask: 1e39\n");
+    run(&opts(&cfg));
+    let t = steps(&out);
+    assert!(t.steps.iter().all(|s| s.action.as_deref() == Some("skip")), "{:?}", t.steps);
+    let dump = std::fs::read_to_string(out.join("nonfinite_batches.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(dump.lines().next().unwrap()).unwrap();
+    assert_eq!(first["image_ids"].as_array().unwrap().len(), 4, "{first}");
+}
