@@ -29,7 +29,8 @@ pub struct Steer {
     calls: [u64; 7],
 }
 
-const NAMES: [&str; 7] = ["on_step", "on_grads", "lr", "loss_weights", "epoch_order", "next_batch", "observe"];
+const NAMES: [&str; 7] =
+    ["on_step", "on_grads", "lr", "loss_weights", "epoch_order", "next_batch", "observe"];
 
 impl Plugin for Steer {
     const NAME: &'static str = "steer";
