@@ -83,6 +83,9 @@ pub enum Command {
         /// Run this many real optimizer steps (in a scratch directory) and analyse them.
         #[arg(long, default_value_t = 0)]
         probe_steps: u64,
+        /// Memory of the training device in GiB (default: available host memory for cpu).
+        #[arg(long, value_name = "GiB")]
+        device_memory_gb: Option<f64>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -390,7 +393,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Doctor { config, overrides, expect_fingerprint, probe_steps, json } => {
+        Command::Doctor { config, overrides, expect_fingerprint, probe_steps, device_memory_gb, json } => {
             if let Some(f) = expect_fingerprint {
                 if !crate::doctor::valid_fingerprint(f) {
                     bail!("--expect-fingerprint {f:?}: give at least 8 hex digits of the dataset's content_sha256");
@@ -401,6 +404,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 overrides: overrides.clone(),
                 expect_fingerprint: expect_fingerprint.clone(),
                 probe_steps: *probe_steps,
+                device_memory_gb: *device_memory_gb,
             })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

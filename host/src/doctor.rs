@@ -75,6 +75,9 @@ pub struct DoctorOptions {
     pub expect_fingerprint: Option<String>,
     /// Real optimizer steps to run and analyse (0 = none).
     pub probe_steps: u64,
+    /// Memory of the training device in GiB (default: available host memory on the CPU;
+    /// unknown on CUDA unless given).
+    pub device_memory_gb: Option<f64>,
 }
 
 /// The report.
@@ -147,7 +150,7 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
         None => return Ok(finish(r)),
     };
     let data_ok = data_checks(&cfg, opts, &mut r);
-    let lora_ok = lora_checks(&cfg, &mut r);
+    let lora_ok = lora_checks(&cfg, &mut r, opts.device_memory_gb);
     if opts.probe_steps > 0 {
         if data_ok && lora_ok && !r.has_errors() {
             probe(&cfg, opts, &mut r);
@@ -522,7 +525,7 @@ impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
     }
 }
 
-fn lora_checks(cfg: &TrainConfig, r: &mut Report) -> bool {
+fn lora_checks(cfg: &TrainConfig, r: &mut Report, device_memory_gb: Option<f64>) -> bool {
     let model_path = match crate::train::resolve_model(cfg) {
         Ok(p) => p,
         Err(e) => {
@@ -611,6 +614,7 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report) -> bool {
             );
         }
     }
+    memory_check(cfg, &config, total, trainable, r, device_memory_gb);
     if fraction > 0.2 {
         r.add(
             "F8",
@@ -621,6 +625,95 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report) -> bool {
         );
     }
     true
+}
+
+/// Available host memory (Linux `MemAvailable`), bytes.
+fn host_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// F13: the predicted peak of a micro-batch against the device's memory.
+fn memory_check(
+    cfg: &TrainConfig,
+    config: &crate::sam3::config::Sam3Config,
+    base_params: usize,
+    lora_params: usize,
+    r: &mut Report,
+    device_memory_gb: Option<f64>,
+) {
+    let t = &cfg.training;
+    let cuda = cfg.hardware.device.eq_ignore_ascii_case("cuda");
+    let precision = t.precision().unwrap_or(crate::train_config::Precision::No);
+    let dtype = match (cuda, precision) {
+        (false, _) | (_, crate::train_config::Precision::No) => DType::F32,
+        (true, crate::train_config::Precision::Bf16) => DType::BF16,
+        (true, crate::train_config::Precision::Fp16) => DType::F16,
+    };
+    // Queries per image: its distinct categories plus the hard negatives it can get.
+    let qpi = Dataset::load(&t.data_dir)
+        .ok()
+        .and_then(|d| {
+            let s = d.split("train")?;
+            let n = s.images.len().max(1);
+            Some(
+                (0..s.images.len()).map(|i| s.queries(i, t.num_negatives, 0).len()).sum::<usize>() as f64
+                    / n as f64,
+            )
+        })
+        .unwrap_or(1.0 + t.num_negatives as f64)
+        .max(1.0);
+    let base = if cuda { 600 << 20 } else { crate::memory::CPU_BASE };
+    let queries = (t.batch_size as f64 * qpi).ceil() as usize;
+    let e = crate::memory::estimate(config, base_params, lora_params, t.batch_size, queries, dtype, base);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let budget = device_memory_gb.map(|g| (g * (1u64 << 30) as f64) as u64).or(if cuda {
+        None
+    } else {
+        host_available()
+    });
+    r.facts.insert(
+        "memory".into(),
+        serde_json::json!({
+            "device": cfg.hardware.device, "dtype": format!("{dtype:?}"), "images": t.batch_size, "queries": queries,
+            "queries_per_image": qpi, "estimate_bytes": e,
+            "features": crate::memory::features(config, t.batch_size, queries), "estimate_gib": gib(e.total), "budget_gib": budget.map(gib),
+        }),
+    );
+    let evidence = format!(
+        "batch {} images / {queries} queries in {dtype:?}: weights {:.2} GiB, frozen-weight gradients {:.2} GiB, LoRA state {:.2} GiB, activations {:.2} GiB, base {:.2} GiB = {:.2} GiB{}",
+        t.batch_size,
+        gib(e.weights),
+        gib(e.frozen_grads),
+        gib(e.lora_state),
+        gib(e.activations),
+        gib(e.base),
+        gib(e.total),
+        budget.map(|b| format!(" against {:.1} GiB available", gib(b))).unwrap_or_default()
+    );
+    match budget {
+        Some(b) if e.total > b => {
+            let fits = crate::memory::max_batch(config, base_params, lora_params, qpi, dtype, base, b);
+            let eff = t.batch_size * t.gradient_accumulation_steps;
+            let fix = if fits == 0 {
+                "not even one image fits: use bf16 on CUDA (mixed_precision: bf16), a card with more memory, or a smaller image size".to_string()
+            } else {
+                format!(
+                    "training.batch_size: {fits} with gradient_accumulation_steps: {} keeps the effective batch of {eff} (LoRA rank barely matters: activations dominate)",
+                    eff.div_ceil(fits)
+                )
+            };
+            r.add("F13", Severity::Error, "the predicted peak memory of a micro-batch exceeds the device's memory (an OOM kill: exit 137 on the host, CUDA out of memory on the GPU)", evidence, fix);
+        }
+        _ => r.add(
+            "F13",
+            Severity::Info,
+            "predicted peak memory of a training micro-batch",
+            evidence,
+            "none needed",
+        ),
+    }
 }
 
 fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {

@@ -22,6 +22,7 @@ pub mod inference;
 pub mod lora;
 pub mod loss;
 pub mod matcher;
+pub mod memory;
 pub mod metrics;
 pub mod plugin;
 pub mod replay;

@@ -89,7 +89,7 @@ fn the_diagnosis_root_causes_are_found() {
         config: s.config.clone(),
         overrides: vec![format!("training.data_dir={}", other.display())],
         expect_fingerprint: Some(want),
-        probe_steps: 0,
+        ..Default::default()
     })
     .unwrap();
     assert!(has(&r, "F12", Severity::Error, "not the expected one"), "{}", explain(&r));
