@@ -210,7 +210,9 @@ pub struct TrainingSection {
     /// Micro-batches per optimizer step.
     #[serde(deserialize_with = "count")]
     pub gradient_accumulation_steps: usize,
-    /// Flip / random square resize augmentation.
+    /// Augmentation: horizontal flip (p = 0.5) and zoom-out (p = 0.5: content scaled by
+    /// U[0.5, 1) into the top-left of the square input, the rest padded), seeded per image
+    /// and epoch.
     pub augment: bool,
     /// lorahost: when `data_dir` has no `train/` split yet, write the bundled synthetic crack
     /// dataset there first (demo and tests).

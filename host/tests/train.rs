@@ -237,16 +237,8 @@ fn every_lora_weight_gets_a_gradient_through_the_training_loss() {
         LoraSet::attach_seeded(&mut model, &LoraConfig::from_section(&section), 1, &Device::Cpu).unwrap();
     // B starts at zero, so A's gradient is zero on the first step: take one plain SGD step on B.
     let tok = PromptTokenizer::from_dir(&model_dir).unwrap();
-    let samples: Vec<_> = (0..2)
-        .map(|i| {
-            build_sample(
-                &split,
-                i,
-                &SampleOptions { image_size: 112, mask_size: 32, num_negatives: 1, seed: 1, hflip: false },
-            )
-            .unwrap()
-        })
-        .collect();
+    let samples: Vec<_> =
+        (0..2).map(|i| build_sample(&split, i, &SampleOptions::plain(112, 32, 1, 1)).unwrap()).collect();
     let batch = collate(&samples, 32, &Device::Cpu).unwrap();
     lora.set_training(true);
     // Every positive query also gets a box exemplar (training.box_prompt_prob = 1).

@@ -8,7 +8,7 @@ use super::DataError;
 use candle_core::{Device, Tensor};
 
 /// How to build a sample.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleOptions {
     /// Square model input size (SAM3: 1008).
     pub image_size: usize,
@@ -20,6 +20,26 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Flip this sample horizontally (the caller decides, e.g. from a seeded coin).
     pub hflip: bool,
+    /// Zoom-out augmentation (Meta's random resize + pad to a square): the image, boxes and
+    /// masks are shrunk by this factor into the top-left corner of the square input and the
+    /// rest is padding (0 after normalization). 1.0 = none; valid range (0, 1].
+    pub scale: f64,
+}
+
+impl SampleOptions {
+    /// Options without augmentation.
+    pub fn plain(image_size: usize, mask_size: usize, num_negatives: usize, seed: u64) -> Self {
+        SampleOptions { image_size, mask_size, num_negatives, seed, hflip: false, scale: 1.0 }
+    }
+}
+
+/// Put a (k, k) mask into the top-left corner of an (m, m) one.
+fn place_mask(small: &[bool], k: usize, m: usize) -> Vec<bool> {
+    let mut out = vec![false; m * m];
+    for y in 0..k.min(m) {
+        out[y * m..y * m + k.min(m)].copy_from_slice(&small[y * k..y * k + k.min(m)]);
+    }
+    out
 }
 
 /// Targets of one query.
@@ -125,8 +145,24 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
     if opts.hflip {
         image::imageops::flip_horizontal_in_place(&mut img);
     }
-    let pixel_values = crate::imageio::to_pixel_values(&img, opts.image_size, &Device::Cpu)?;
+    if !(opts.scale > 0.0 && opts.scale <= 1.0) {
+        return Err(DataError::Invalid {
+            what: "sample options",
+            reason: format!("scale {} (use (0, 1])", opts.scale),
+        });
+    }
+    // Zoom-out: the content occupies k × k of the S × S input (and km × km of the m × m masks).
+    let s = opts.image_size;
+    let k = ((s as f64 * opts.scale).round() as usize).clamp(1, s);
+    let f = k as f32 / s as f32;
+    let pixel_values = crate::imageio::to_pixel_values(&img, k, &Device::Cpu)?;
+    let pixel_values = if k < s {
+        pixel_values.pad_with_zeros(2, 0, s - k)?.pad_with_zeros(3, 0, s - k)?
+    } else {
+        pixel_values
+    };
     let m = opts.mask_size;
+    let km = ((m as f32 * f).round() as usize).clamp(1, m);
     let queries: Vec<Query> = split.queries(index, opts.num_negatives, opts.seed);
     let mut out = Vec::with_capacity(queries.len());
     for q in queries {
@@ -142,6 +178,7 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
         for &oi in &q.objects {
             let o = &im.objects[oi];
             let bx = box_to_cxcywh(o.bbox_xywh, w, h, opts.hflip);
+            let bx = [bx[0] * f, bx[1] * f, bx[2] * f, bx[3] * f];
             if bx[2] <= 0.0 || bx[3] <= 0.0 {
                 // Entirely outside the image: degenerate once clipped (a preflight error). A
                 // zero-size target would poison the GIoU cost and loss, so it is left out.
@@ -156,7 +193,12 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
                         ann_id: o.ann_id,
                         reason,
                     })?;
-                    t.masks.extend(resize_mask_nearest(&full, h as usize, w as usize, m, opts.hflip));
+                    if km == m {
+                        t.masks.extend(resize_mask_nearest(&full, h as usize, w as usize, m, opts.hflip));
+                    } else {
+                        let small = resize_mask_nearest(&full, h as usize, w as usize, km, opts.hflip);
+                        t.masks.extend(place_mask(&small, km, m));
+                    }
                     t.mask_valid.push(true);
                 }
                 None => {

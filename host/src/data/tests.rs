@@ -20,7 +20,7 @@ fn write_json(dir: &Path, split: &str, v: serde_json::Value) {
 }
 
 fn opts(size: usize, mask: usize, hflip: bool) -> SampleOptions {
-    SampleOptions { image_size: size, mask_size: mask, num_negatives: 1, seed: 7, hflip }
+    SampleOptions { image_size: size, mask_size: mask, num_negatives: 1, seed: 7, hflip, scale: 1.0 }
 }
 
 /// One 5x6 (w x h) image with a polygon, an uncompressed RLE and a compressed RLE (the
@@ -323,4 +323,50 @@ fn collate_stacks_batch() {
     assert_eq!(batch.queries.last().unwrap().image_index, 1);
     assert!(collate(&samples, 8, &Device::Cpu).is_err());
     assert!(collate(&[], 16, &Device::Cpu).is_err());
+}
+
+#[test]
+fn zoom_out_shrinks_pixels_boxes_and_masks_into_the_top_left() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec { train_images: 2, valid_images: 0, size: 64, ..Default::default() };
+    write_synthetic(d.path(), &spec).unwrap();
+    let split = Split::load(d.path(), "train").unwrap();
+    for i in 0..2 {
+        let full = build_sample(&split, i, &opts(64, 64, false)).unwrap();
+        let zoom = build_sample(&split, i, &SampleOptions { scale: 0.5, ..opts(64, 64, false) }).unwrap();
+        // The content is the image at 32 px in the corner; the rest is padding (0).
+        let direct = crate::imageio::to_pixel_values(
+            &crate::imageio::load_rgb(&split.images[i].path).unwrap(),
+            32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let corner = zoom.pixel_values.narrow(2, 0, 32).unwrap().narrow(3, 0, 32).unwrap();
+        let diff = (corner - direct).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        let pad = zoom
+            .pixel_values
+            .narrow(3, 32, 32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(pad, 0.0);
+        for (qf, qz) in full.queries.iter().zip(&zoom.queries) {
+            for (bf, bz) in qf.boxes.iter().zip(&qz.boxes) {
+                for c in 0..4 {
+                    assert!((bf[c] * 0.5 - bz[c]).abs() < 1e-6, "{bf:?} {bz:?}");
+                }
+            }
+            for g in 0..qz.boxes.len() {
+                let mz = &qz.masks[g * 4096..(g + 1) * 4096];
+                assert!((0..4096).all(|k| !mz[k] || (k % 64 < 32 && k / 64 < 32)), "mask outside the corner");
+                assert!(mz.iter().any(|&v| v), "mask lost");
+            }
+        }
+    }
+    assert!(build_sample(&split, 0, &SampleOptions { scale: 0.0, ..opts(64, 64, false) }).is_err());
 }

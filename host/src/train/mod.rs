@@ -768,13 +768,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let metric_name = cfg.evaluation.metric.to_ascii_lowercase();
     let metric_name = if metric_name == "iou" { "map".to_string() } else { metric_name };
     let want_metrics_during = cfg.evaluation.compute_metrics_during_training || metric_name != "loss";
-    let sample_opts = |index_in_split: usize, epoch: u32, split: &Split, flip: bool| SampleOptions {
-        image_size,
-        mask_size,
-        num_negatives: t.num_negatives,
-        seed: SplitMix64::from_parts(&[seed, epoch as u64, split.images[index_in_split].id]).next_u64(),
-        hflip: flip,
-    };
+    let sample_opts =
+        |index_in_split: usize, epoch: u32, split: &Split, flip: bool, scale: f64| SampleOptions {
+            image_size,
+            mask_size,
+            num_negatives: t.num_negatives,
+            seed: SplitMix64::from_parts(&[seed, epoch as u64, split.images[index_in_split].id]).next_u64(),
+            hflip: flip,
+            scale,
+        };
     let mut summary = TrainSummary { output_dir: out_dir.clone(), ..Default::default() };
     let run_validation = |model: &Sam3Model, with_metrics: bool| -> Result<Option<ValidationResult>> {
         let Some(vs) = valid_split.as_ref() else { return Ok(None) };
@@ -893,7 +895,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                         ])
                         .next_f64()
                             < 0.5;
-                    sample_opts(i, state.epoch, &train_split, flip)
+                    // Zoom-out on half of the images: content scaled by U[0.5, 1), padded.
+                    let mut zr =
+                        SplitMix64::from_parts(&[seed, 0x200E, state.epoch as u64, train_split.images[i].id]);
+                    let scale =
+                        if t.augment && zr.next_f64() < 0.5 { 0.5 + 0.5 * zr.next_f64() } else { 1.0 };
+                    sample_opts(i, state.epoch, &train_split, flip, scale)
                 })
                 .collect();
             let samples = build_samples(&train_split, &idx, &sopts, t.num_workers.max(1))?;

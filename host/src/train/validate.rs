@@ -85,6 +85,7 @@ fn options(
         // Fixed per image: the same negatives at every evaluation.
         seed: SplitMix64::from_parts(&[seed, 0x7A11D, split.images[i].id]).next_u64(),
         hflip: false,
+        scale: 1.0,
     }
 }
 
