@@ -227,3 +227,39 @@ fn the_cli_prints_json_findings_and_fails_on_errors() {
     }
     assert_eq!(f["severity"], "error");
 }
+
+#[test]
+fn memory_size_and_split_faults_are_found() {
+    let s = setup();
+    // F13: a device too small for the micro-batch; the fix proposes a batch that fits.
+    let r = diagnose(&DoctorOptions {
+        config: s.config.clone(),
+        overrides: vec!["training.batch_size=6".into()],
+        device_memory_gb: Some(0.095),
+        ..Default::default()
+    })
+    .unwrap();
+    let f = r.findings.iter().find(|f| f.code == "F13").unwrap_or_else(|| panic!("{}", explain(&r)));
+    assert_eq!(f.severity, Severity::Error, "{}", explain(&r));
+    assert!(f.fix.contains("gradient_accumulation_steps"), "{}", f.fix);
+    let r = diagnose(&DoctorOptions {
+        config: s.config.clone(),
+        device_memory_gb: Some(64.0),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(has(&r, "F13", Severity::Info, "GiB"), "{}", explain(&r));
+    // F24: the JSON says another size than the decoded image (an EXIF rotation, typically).
+    mutate(&s.data, |v| {
+        v["images"][0]["width"] = serde_json::json!(60);
+        v["images"][0]["height"] = serde_json::json!(112);
+    });
+    let r = run(&s, &[]);
+    assert!(r.findings.iter().any(|f| f.code == "F24"), "{}", explain(&r));
+    // D3: an LR far outside the LoRA range; D6: no validation split.
+    let r = run(&s, &["training.learning_rate=0.5"]);
+    assert!(has(&r, "D3", Severity::Warning, "5e-1"), "{}", explain(&r));
+    std::fs::remove_dir_all(s.data.join("valid")).unwrap();
+    let r = run(&s, &[]);
+    assert!(has(&r, "D6", Severity::Warning, "valid"), "{}", explain(&r));
+}
