@@ -724,7 +724,6 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
     overrides.push("training.save_steps=1000000000".into());
     overrides.push("output.save_lora_only=true".into());
     overrides.push("evaluation.save_predictions=false".into());
-    let _ = cfg;
     let t = TrainOptions {
         config: opts.config.clone(),
         overrides,

@@ -10,14 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Merge `lora` into the weights of the transformers model directory `model_dir` and write the
-/// result to `out`. `_model` is the adapted model (unused today; kept so callers pass the model
-/// the adapters belong to).
-pub fn write_merged(
-    _model: &crate::sam3::model::Sam3Model,
-    model_dir: &Path,
-    lora: &LoraSet,
-    out: &Path,
-) -> Result<()> {
+/// result to `out`.
+pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> {
     if !model_dir.is_dir() {
         bail!(
             "{}: merging needs a transformers-format model directory (config.json + safetensors); convert sam3.pt first or keep the adapter",
@@ -98,7 +92,7 @@ pub fn export(config: &Path, adapter: &Path, merge: bool, out: &Path) -> Result<
     let lora = LoraSet::attach(&mut model, &crate::lora::LoraConfig::from_section(&cfg.lora), &Device::Cpu)?;
     lora.load_peft(adapter).with_context(|| format!("loading {}", adapter.display()))?;
     if merge {
-        write_merged(&model, &model_path, &lora, out)?;
+        write_merged(&model_path, &lora, out)?;
         println!("merged {} adapters into {}", lora.modules.len(), out.display());
     } else {
         crate::train::write_adapter_dir(out, &lora, &cfg.model.name)?;

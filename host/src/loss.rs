@@ -377,6 +377,22 @@ fn branch_losses(
     Ok(out)
 }
 
+impl LossWeights {
+    /// The weight of a named loss term (`loss_ce`, `presence_loss`, `loss_bbox`, `loss_giou`,
+    /// `loss_mask`, `loss_dice`), for reading or changing; None for other names.
+    pub fn term_mut(&mut self, name: &str) -> Option<&mut f64> {
+        Some(match name {
+            "loss_bbox" => &mut self.loss_bbox,
+            "loss_giou" => &mut self.loss_giou,
+            "loss_ce" => &mut self.loss_ce,
+            "presence_loss" => &mut self.presence_loss,
+            "loss_mask" => &mut self.loss_mask,
+            "loss_dice" => &mut self.loss_dice,
+            _ => return None,
+        })
+    }
+}
+
 fn term_weight(name: &str, w: &LossWeights) -> f64 {
     match name {
         "loss_bbox" => w.loss_bbox,

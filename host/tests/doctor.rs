@@ -1,14 +1,12 @@
 //! `lorahost doctor` with planted faults: each is found with its failure-mode code, a clean
 //! setup has no error, the CLI's JSON has the documented fields and exit status.
 
+mod common;
+
 use lorahost::data::synthetic::{write_synthetic, SyntheticSpec};
 use lorahost::doctor::{diagnose, DoctorOptions, Report, Severity};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -32,7 +30,7 @@ fn setup() -> Setup {
             "model:\n  name: tiny\n  path: {}\nlora:\n  rank: 4\n  alpha: 8\n  target_modules: [q_proj, v_proj]\n  apply_to_geometry_encoder: false\n  apply_to_mask_decoder: false\n\
              training:\n  data_dir: {}\n  batch_size: 2\n  gradient_accumulation_steps: 1\n  num_epochs: 4\n  warmup_steps: 2\n  learning_rate: 1e-4\n  num_negatives: 1\n  max_grad_norm: 1.0\n\
              output:\n  output_dir: {}\nhardware:\n  device: cpu\n",
-            repo().join("examples/tiny_sam3").display(),
+            common::repo().join("examples/tiny_sam3").display(),
             data.display(),
             dir.path().join("out").display()
         ),

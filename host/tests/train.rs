@@ -11,10 +11,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// A synthetic dataset in `dir/data` (8 train, 4 valid images of 112 px).
 fn dataset(dir: &Path, train_images: usize) -> PathBuf {
     let data = dir.join("data");
@@ -57,7 +53,7 @@ fn config(dir: &Path, data: &Path, out: &Path, training: &str, rest: &str) -> Pa
         "model:\n  name: tiny\n  path: {model}\nlora:\n  rank: 4\n  alpha: 8\n  dropout: 0.1\n  \
          target_modules: [q_proj, v_proj, fc1, fc2, \"layers.*\"]\ntraining:\n{training}output:\n  output_dir: {out}\n\
          hardware:\n  device: cpu\nevaluation:\n  metric: loss\n{rest}",
-        model = repo().join("examples/tiny_sam3").display(),
+        model = common::repo().join("examples/tiny_sam3").display(),
         out = out.display(),
     );
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -223,7 +219,7 @@ fn every_lora_weight_gets_a_gradient_through_the_training_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(tmp.path(), 2);
     let split = lorahost::data::coco::Split::load(&data, "train").unwrap();
-    let model_dir = repo().join("examples/tiny_sam3");
+    let model_dir = common::repo().join("examples/tiny_sam3");
     let mut model = Sam3Model::load_dir(&model_dir, &Device::Cpu, DType::F32).unwrap();
     let section = lorahost::train_config::LoraSection {
         rank: 2,
@@ -290,7 +286,7 @@ fn exported_adapters_load_strictly_and_merge_into_equivalent_weights() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The adapted model and the merged model agree.
-    let model_dir = repo().join("examples/tiny_sam3");
+    let model_dir = common::repo().join("examples/tiny_sam3");
     let mut adapted = Sam3Model::load_dir(&model_dir, &Device::Cpu, DType::F32).unwrap();
     let cfg_l = lorahost::train::load_config(&cfg, &[]).unwrap();
     let lora = LoraSet::attach(&mut adapted, &LoraConfig::from_section(&cfg_l.lora), &Device::Cpu).unwrap();

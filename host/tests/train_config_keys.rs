@@ -11,12 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn full_config() -> PathBuf {
-    repo().join("configs/full_lora_config.yaml")
+    common::repo().join("configs/full_lora_config.yaml")
 }
 
 /// What a run left behind.
@@ -51,7 +47,7 @@ impl Lab {
     /// The shipped full config made runnable here, plus `extra` overrides.
     fn overrides(&self, out: &Path, extra: &[&str]) -> Vec<String> {
         let mut o: Vec<String> = vec![
-            format!("model.path={}", repo().join("examples/tiny_sam3").display()),
+            format!("model.path={}", common::repo().join("examples/tiny_sam3").display()),
             format!("training.data_dir={}", self.data.display()),
             format!("output.output_dir={}", out.display()),
             "hardware.device=cpu".into(),
@@ -167,7 +163,7 @@ fn every_key_of_the_full_config_has_an_observable_effect() {
         let snap = cache.join("models--acme--tiny/snapshots/abc");
         std::fs::create_dir_all(&snap).unwrap();
         for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-            std::fs::copy(repo().join("examples/tiny_sam3").join(f), snap.join(f)).unwrap();
+            std::fs::copy(common::repo().join("examples/tiny_sam3").join(f), snap.join(f)).unwrap();
         }
         let mut cfg = lorahost::train::load_config(&full_config(), &[]).unwrap();
         cfg.model.name = "acme/tiny".into();

@@ -29,7 +29,7 @@ pub mod plot;
 pub mod schedule;
 mod validate;
 
-pub use validate::{validate, ValidationResult};
+pub use validate::{validate, ValidationResult, ValidationSet};
 
 use crate::data::batch::{build_sample, collate, Batch, Sample, SampleOptions};
 use crate::data::coco::{Dataset, FindingKind, Severity, Split};
@@ -153,13 +153,11 @@ pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
                 .filter(|f: &f64| f.is_finite() && *f >= 0.0)
                 .with_context(|| format!("loss.{k}: {v} is not a number >= 0"))
         };
+        if let Some(term) = w.term_mut(k) {
+            *term = f()?;
+            continue;
+        }
         match k.as_str() {
-            "loss_bbox" => w.loss_bbox = f()?,
-            "loss_giou" => w.loss_giou = f()?,
-            "loss_ce" => w.loss_ce = f()?,
-            "presence_loss" => w.presence_loss = f()?,
-            "loss_mask" => w.loss_mask = f()?,
-            "loss_dice" => w.loss_dice = f()?,
             "o2m_weight" => w.o2m_weight = f()?,
             "pos_weight" => w.pos_weight = f()?,
             "aux" => w.aux = v.as_bool().with_context(|| format!("loss.aux: {v} is not true/false"))?,
@@ -170,18 +168,6 @@ pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
         }
     }
     Ok(w)
-}
-
-fn term_weight_mut<'a>(w: &'a mut LossWeights, name: &str) -> Option<&'a mut f64> {
-    Some(match name {
-        "loss_ce" => &mut w.loss_ce,
-        "presence_loss" => &mut w.presence_loss,
-        "loss_bbox" => &mut w.loss_bbox,
-        "loss_giou" => &mut w.loss_giou,
-        "loss_mask" => &mut w.loss_mask,
-        "loss_dice" => &mut w.loss_dice,
-        _ => return None,
-    })
 }
 
 /// The device the config asks for.
@@ -347,13 +333,7 @@ pub fn batch_loss(
         input_boxes_labels,
     };
     let out = model.forward_indexed(&inputs, Some(&p.image_index), ForwardOptions { train, dac: true })?;
-    let targets: Vec<Targets> = batch
-        .boxes
-        .iter()
-        .zip(&batch.masks)
-        .map(|(b, m)| Targets { boxes: b.clone(), masks: Some(m.clone()) })
-        .collect();
-    let loss = sam3_loss(&out, &targets, weights)?;
+    let loss = sam3_loss(&out, &batch_targets(batch), weights)?;
     Ok((loss, out))
 }
 
@@ -583,8 +563,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let lora_cfg = LoraConfig::from_section(&cfg.lora);
     let lora = LoraSet::attach_seeded(&mut model, &lora_cfg, seed, &device)
         .with_context(|| format!("{}: lora section", opts.config.display()))?;
-    let base_params: usize = 0;
-    let _ = base_params;
     tracing::info!(
         "LoRA r={} alpha={} dropout={}: {} modules, {} trainable parameters",
         lora_cfg.rank,
@@ -784,19 +762,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             return Ok(None);
         }
         lora.set_training(false);
-        let r = validate(
-            model,
-            vs,
-            &valid_ids,
-            &tokenizer,
-            &base_weights,
+        let set = ValidationSet {
+            split: vs,
+            ids: &valid_ids,
+            tokenizer: &tokenizer,
             image_size,
             mask_size,
-            t.num_negatives,
+            negatives: t.num_negatives,
             seed,
-            t.batch_size,
-            with_metrics,
-        )?;
+            batch_size: t.batch_size,
+        };
+        let r = validate(model, &set, &base_weights, with_metrics)?;
         Ok(Some(r))
     };
 
@@ -926,14 +902,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     .map(|n| LossTerm {
                         name: n.to_string(),
                         value: loss.terms.get(*n).copied().unwrap_or(0.0),
-                        weight: term_weight_mut(&mut weights, n).map(|w| *w).unwrap_or(0.0),
+                        weight: weights.term_mut(n).map(|w| *w).unwrap_or(0.0),
                     })
                     .collect();
                 let factors = plugins
                     .loss_weights(&MicroBatchInfo { step, micro_step: micro, epoch: state.epoch }, &terms);
                 if factors.iter().any(|f| *f != 1.0) {
                     for (n, f) in WEIGHTED_TERMS.iter().zip(&factors) {
-                        if let Some(w) = term_weight_mut(&mut weights, n) {
+                        if let Some(w) = weights.term_mut(n) {
                             *w *= f;
                         }
                     }
@@ -941,7 +917,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 }
             }
             for n in WEIGHTED_TERMS {
-                if let Some(w) = term_weight_mut(&mut weights, n) {
+                if let Some(w) = weights.term_mut(n) {
                     applied_weights.insert(n.to_string(), *w);
                 }
             }
@@ -1139,7 +1115,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             state.lr_scale *= decision.lr_scale;
             tracing::info!("step {step}: LR scale now {} (plugin scale-lr)", state.lr_scale);
         }
-        opt_state_sync(&mut state, &opt);
+        state.optimizer_updates = opt.updates();
 
         // Record.
         let mut rec = StepRecord::new(step, loss, lr, total_norm);
@@ -1239,25 +1215,24 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     write_adapter_dir(&out_dir.join("adapter"), &lora, &base_name)?;
     if !cfg.output.save_lora_only {
         let merged = out_dir.join("merged");
-        crate::export::write_merged(&model, &model_path, &lora, &merged)?;
+        crate::export::write_merged(&model_path, &lora, &merged)?;
         tracing::info!("merged full weights: {}", merged.display());
     }
     if cfg.evaluation.save_predictions {
         if let Some(vs) = valid_split.as_ref() {
             lora.set_training(false);
             let path = out_dir.join("predictions.json");
-            validate::write_predictions(
-                &model,
-                vs,
-                &valid_ids,
-                &tokenizer,
+            let set = ValidationSet {
+                split: vs,
+                ids: &valid_ids,
+                tokenizer: &tokenizer,
                 image_size,
                 mask_size,
-                t.num_negatives,
+                negatives: t.num_negatives,
                 seed,
-                t.batch_size,
-                &path,
-            )?;
+                batch_size: t.batch_size,
+            };
+            validate::write_predictions(&model, &set, &path)?;
             tracing::info!("validation predictions: {}", path.display());
         }
     }
@@ -1301,10 +1276,6 @@ pub fn dead_adapters<'a>(keys: impl Iterator<Item = &'a String>, grads: &[Tensor
         }
     }
     Ok(dead)
-}
-
-fn opt_state_sync(state: &mut TrainerState, opt: &AdamW) {
-    state.optimizer_updates = opt.updates();
 }
 
 fn batch_targets(batch: &Batch) -> Vec<Targets> {

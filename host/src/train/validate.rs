@@ -7,11 +7,11 @@
 //! the ground truth at the mask resolution of the model (the training targets' resolution).
 
 use super::{batch_loss, build_samples};
-use crate::data::batch::{collate, SampleOptions};
+use crate::data::batch::{collate, Batch, Sample, SampleOptions};
 use crate::data::coco::Split;
 use crate::data::SplitMix64;
 use crate::evaluation::{evaluate, EvalQuery, EvalSummary, Prediction};
-use crate::loss::LossWeights;
+use crate::loss::{LossOutput, LossWeights};
 use crate::sam3::model::{Sam3Model, Sam3Outputs};
 use crate::sam3::tokenizer::PromptTokenizer;
 use anyhow::Result;
@@ -70,70 +70,88 @@ fn predictions(out: &Sam3Outputs) -> Result<Vec<Vec<Prediction>>> {
     Ok(all)
 }
 
-fn options(
-    split: &Split,
-    i: usize,
-    image_size: usize,
-    mask_size: usize,
-    negatives: usize,
-    seed: u64,
-) -> SampleOptions {
-    SampleOptions {
-        image_size,
-        mask_size,
-        num_negatives: negatives,
-        // Fixed per image: the same negatives at every evaluation.
-        seed: SplitMix64::from_parts(&[seed, 0x7A11D, split.images[i].id]).next_u64(),
-        hflip: false,
-        scale: 1.0,
+/// What validation runs over, and how its samples are built.
+pub struct ValidationSet<'a> {
+    /// The split.
+    pub split: &'a Split,
+    /// Usable image indices of the split.
+    pub ids: &'a [usize],
+    /// The model's tokenizer.
+    pub tokenizer: &'a PromptTokenizer,
+    /// Square model input size.
+    pub image_size: usize,
+    /// Target mask size (the model's mask resolution).
+    pub mask_size: usize,
+    /// Hard negatives per image.
+    pub negatives: usize,
+    /// The run's seed (fixes the negatives).
+    pub seed: u64,
+    /// Images per forward pass.
+    pub batch_size: usize,
+}
+
+impl ValidationSet<'_> {
+    fn options(&self, i: usize) -> SampleOptions {
+        SampleOptions {
+            image_size: self.image_size,
+            mask_size: self.mask_size,
+            num_negatives: self.negatives,
+            // Fixed per image: the same negatives at every evaluation.
+            seed: SplitMix64::from_parts(&[self.seed, 0x7A11D, self.split.images[i].id]).next_u64(),
+            hflip: false,
+            scale: 1.0,
+        }
+    }
+
+    /// Forward every batch (eval mode) and hand its samples, batch, loss and outputs to `f`.
+    fn for_each_batch(
+        &self,
+        model: &Sam3Model,
+        weights: &LossWeights,
+        mut f: impl FnMut(&[Sample], &Batch, LossOutput, Sam3Outputs) -> Result<()>,
+    ) -> Result<()> {
+        for chunk in self.ids.chunks(self.batch_size.max(1)) {
+            let opts: Vec<SampleOptions> = chunk.iter().map(|&i| self.options(i)).collect();
+            let samples = build_samples(self.split, chunk, &opts, 1)?;
+            let batch = collate(&samples, self.mask_size, model.device())?;
+            let (loss, out) = batch_loss(model, &batch, self.tokenizer, weights, false, &[])?;
+            f(&samples, &batch, loss, out)?;
+        }
+        Ok(())
     }
 }
 
-/// Run validation over `ids` of `split` (see the module docs).
-#[allow(clippy::too_many_arguments)]
+/// Run validation (see the module docs).
 pub fn validate(
     model: &Sam3Model,
-    split: &Split,
-    ids: &[usize],
-    tok: &PromptTokenizer,
+    set: &ValidationSet,
     weights: &LossWeights,
-    image_size: usize,
-    mask_size: usize,
-    negatives: usize,
-    seed: u64,
-    batch_size: usize,
     with_metrics: bool,
 ) -> Result<ValidationResult> {
-    let device = model_device(model);
     let (mut loss, mut n) = (0.0, 0usize);
     let mut terms: BTreeMap<String, f64> = BTreeMap::new();
     let mut queries = Vec::new();
-    for chunk in ids.chunks(batch_size.max(1)) {
-        let opts: Vec<SampleOptions> =
-            chunk.iter().map(|&i| options(split, i, image_size, mask_size, negatives, seed)).collect();
-        let samples = build_samples(split, chunk, &opts, 1)?;
-        let batch = collate(&samples, mask_size, &device)?;
-        let (l, out) = batch_loss(model, &batch, tok, weights, false, &[])?;
+    let m = set.mask_size;
+    set.for_each_batch(model, weights, |samples, batch, l, out| {
         loss += l.terms.get("total").copied().unwrap_or(f64::NAN);
         for (k, v) in l.terms {
             *terms.entry(k).or_default() += v;
         }
         n += 1;
         if with_metrics {
-            let preds = predictions(&out)?;
-            for (q, p) in batch.queries.iter().zip(preds) {
-                let mm = mask_size * mask_size;
+            for (q, p) in batch.queries.iter().zip(predictions(&out)?) {
                 queries.push(EvalQuery {
                     image_id: samples[q.image_index].image_id,
                     prompt: q.prompt.clone(),
-                    height: mask_size,
-                    width: mask_size,
-                    gt_masks: q.masks.chunks(mm).map(|c| c.to_vec()).collect(),
+                    height: m,
+                    width: m,
+                    gt_masks: q.masks.chunks(m * m).map(|c| c.to_vec()).collect(),
                     predictions: p,
                 });
             }
         }
-    }
+        Ok(())
+    })?;
     let n = n.max(1) as f64;
     let summary = if with_metrics { Some(evaluate(&queries)?) } else { None };
     Ok(ValidationResult {
@@ -143,45 +161,24 @@ pub fn validate(
     })
 }
 
-fn model_device(model: &Sam3Model) -> Device {
-    model.device().clone()
-}
-
 /// Write the validation predictions as COCO results (`image_id`, `prompt`, `score`, RLE
 /// `segmentation` at the mask resolution, `size`), score > 0.05 only, atomically.
-#[allow(clippy::too_many_arguments)]
-pub fn write_predictions(
-    model: &Sam3Model,
-    split: &Split,
-    ids: &[usize],
-    tok: &PromptTokenizer,
-    image_size: usize,
-    mask_size: usize,
-    negatives: usize,
-    seed: u64,
-    batch_size: usize,
-    path: &Path,
-) -> Result<()> {
-    let device = model_device(model);
+pub fn write_predictions(model: &Sam3Model, set: &ValidationSet, path: &Path) -> Result<()> {
     let mut rows = Vec::new();
-    for chunk in ids.chunks(batch_size.max(1)) {
-        let opts: Vec<SampleOptions> =
-            chunk.iter().map(|&i| options(split, i, image_size, mask_size, negatives, seed)).collect();
-        let samples = build_samples(split, chunk, &opts, 1)?;
-        let batch = collate(&samples, mask_size, &device)?;
-        let (_, out) = batch_loss(model, &batch, tok, &LossWeights::default(), false, &[])?;
+    let m = set.mask_size;
+    set.for_each_batch(model, &LossWeights::default(), |samples, batch, _, out| {
         for (q, preds) in batch.queries.iter().zip(predictions(&out)?) {
             for p in preds.into_iter().filter(|p| p.score > 0.05) {
-                let rle = crate::sam3::postprocess::rle_encode(&p.mask, mask_size, mask_size);
                 rows.push(serde_json::json!({
                     "image_id": samples[q.image_index].image_id,
                     "prompt": q.prompt,
                     "score": p.score,
-                    "segmentation": rle,
+                    "segmentation": crate::sam3::postprocess::rle_encode(&p.mask, m, m),
                 }));
             }
         }
-    }
+        Ok(())
+    })?;
     crate::fsutil::write_atomic(path, serde_json::to_string(&rows)?.as_bytes())?;
     Ok(())
 }
