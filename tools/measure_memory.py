@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""Measure peak memory of real training steps and compare with `lorahost doctor`'s estimate.
+"""Measure peak memory of real training steps and compare with `lorahost doctor`'s memory model.
 
 Needs: pip install torch transformers safetensors (to write random tiny SAM3 checkpoints), a release build
 (`cargo build --release`). Run: python3 tools/measure_memory.py [--out DIR]
 
-For each case (image size, widths, batch, negatives) it writes a random SAM3 checkpoint of that shape, a
-config on the synthetic dataset, runs `lorahost train --max-steps 2` (peak resident memory, VmHWM, is in
-metrics.jsonl as memory_bytes) and `lorahost doctor --json` (facts.memory), and prints one row per case:
-measured MiB, estimated MiB, error %. The numbers go to BENCHMARKS.md.
+For each case (image size, widths, batch, negatives, LoRA placement, checkpointing) it writes a random
+SAM3 checkpoint of that shape and a config on the synthetic dataset, and runs `lorahost train --max-steps 2`
+with LORAHOST_LOG=lorahost::memory=debug: per micro-batch, the binary's counting allocator logs the heap
+after each part of the model and at the peak, and the estimate for that very batch (images, queries).
+It prints per case the heaviest micro-batch's heap peak against the estimate, the process peak (VmHWM)
+against estimate + CPU base, the data pipeline's measured peak against `lorahost doctor`'s host estimate,
+and then refits the multipliers (per part, with leave-one-out errors) that `host/src/memory.rs` uses.
+The table goes to BENCHMARKS.md.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +26,11 @@ from transformers import Sam3Config, Sam3Model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "lorahost")
+CPU_BASE = 20 * 2**20  # memory::CPU_BASE: binary, libraries, plugin engine beyond the heap
 
 CASES = [
-    # name, image, vit hidden, vit mlp, vit layers, detr hidden, queries, batch, negatives
+    # name, image, vit hidden, vit mlp, vit layers, detr hidden, queries, batch, negatives[, detr MLP ratio,
+    # text hidden, text MLP, text layers] (SAM3: 8, 1024, 4096, 24; default 2, 32, 64, 2)
     ("s224-b1", 224, 32, 64, 2, 32, 16, 1, 1),
     ("s224-b4", 224, 32, 64, 2, 32, 16, 4, 1),
     ("s224-q64", 224, 32, 64, 2, 32, 64, 2, 1),
@@ -34,10 +41,25 @@ CASES = [
     ("s448-d96", 448, 32, 64, 2, 96, 16, 1, 2),
     ("s560-b2", 560, 32, 64, 2, 32, 32, 2, 2),
     ("s672-b1", 672, 32, 64, 2, 32, 16, 1, 1),
+    ("s392-l4", 392, 64, 256, 4, 48, 24, 2, 1),
+    ("s504-b3", 504, 32, 64, 2, 32, 16, 3, 0),
+    ("s280-q100", 280, 48, 192, 3, 64, 100, 2, 1),
+    ("s336-r8", 336, 48, 192, 2, 32, 32, 2, 1, 8, 64, 256, 3),
+    ("s448-r8", 448, 32, 128, 2, 48, 24, 1, 2, 8, 32, 128, 2),
+    ("s280-t96", 280, 32, 64, 2, 32, 16, 2, 2, 8, 96, 384, 4),
+    ("s392-r8", 392, 64, 128, 3, 32, 48, 2, 0, 4, 48, 96, 2),
+    # LoRA placement: text encoder adapted too / no ViT adapters (the graph starts later).
+    ("s336-text", 336, 48, 96, 2, 32, 16, 2, 1, 8, 64, 256, 3),
+    ("s448-novit", 448, 64, 128, 3, 64, 32, 2, 1),
+    # Activation checkpointing of the ViT blocks.
+    ("s448-ckpt", 448, 64, 128, 3, 64, 32, 2, 1),
+    ("s560-ckpt", 560, 96, 384, 4, 32, 16, 1, 1),
 ]
+TRAIN_FLAGS = {"s448-ckpt": "  gradient_checkpointing: true\n", "s560-ckpt": "  gradient_checkpointing: true\n"}
+LORA_FLAGS = {"s336-text": "  apply_to_text_encoder: true\n", "s448-novit": "  apply_to_vision_encoder: false\n"}
 
 
-def model_dir(base_cfg, tok, out, image, vh, vm, vl, dh, q):
+def model_dir(base_cfg, tok, out, image, vh, vm, vl, dh, q, ratio=2, th=None, tm=None, tl=None):
     cfg = json.loads(json.dumps(base_cfg))
     b = cfg["vision_config"]["backbone_config"]
     b.update(image_size=image, hidden_size=vh, intermediate_size=vm, num_hidden_layers=vl,
@@ -46,7 +68,9 @@ def model_dir(base_cfg, tok, out, image, vh, vm, vl, dh, q):
     cfg["vision_config"]["backbone_feature_sizes"] = [[4 * g, 4 * g], [2 * g, 2 * g], [g, g]]
     for k in ("detr_encoder_config", "detr_decoder_config", "geometry_encoder_config"):
         cfg[k]["hidden_size"] = dh
-        cfg[k]["intermediate_size"] = 2 * dh
+        cfg[k]["intermediate_size"] = ratio * dh
+    if th:
+        cfg["text_config"].update(hidden_size=th, intermediate_size=tm, num_hidden_layers=tl)
     cfg["detr_decoder_config"]["num_queries"] = q
     cfg["mask_decoder_config"]["hidden_size"] = dh
     cfg["vision_config"]["fpn_hidden_size"] = dh
@@ -67,11 +91,12 @@ def main():
     tok = json.load(open(os.path.join(ROOT, "examples/tiny_sam3/tokenizer.json")))
     rows = []
     fits = []
-    for name, image, vh, vm, vl, dh, q, batch, neg in CASES:
+    host_rows = []
+    for name, image, vh, vm, vl, dh, q, batch, neg, *text in CASES:
         d = os.path.join(a.out, name)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        model_dir(base_cfg, tok, os.path.join(d, "model"), image, vh, vm, vl, dh, q)
+        model_dir(base_cfg, tok, os.path.join(d, "model"), image, vh, vm, vl, dh, q, *text)
         cfg = os.path.join(d, "c.yaml")
         with open(cfg, "w") as f:
             f.write(f"""model:
@@ -82,7 +107,7 @@ lora:
   alpha: 16
   dropout: 0.0
   target_modules: [q_proj, k_proj, v_proj, o_proj, fc1, fc2]
-training:
+{LORA_FLAGS.get(name, "")}training:
   data_dir: {a.out}/data
   synthetic: true
   batch_size: {batch}
@@ -91,43 +116,120 @@ training:
   num_workers: 1
   num_epochs: 1
   warmup_steps: 1
-  eval_steps: 1000
+{TRAIN_FLAGS.get(name, "")}  eval_steps: 1000
   save_steps: 1000
 output:
   output_dir: {d}/run
 hardware:
   device: cpu
 """)
-        subprocess.run([BIN, "train", "--no-hot-reload", "--max-steps", "2", "--config", cfg], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, LORAHOST_LOG="lorahost::memory=debug,warn", NO_COLOR="1")
+        log = subprocess.run([BIN, "train", "--no-hot-reload", "--max-steps", "2", "--config", cfg], check=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env).stderr
         steps = [json.loads(l) for l in open(os.path.join(d, "run", "metrics.jsonl")) if '"step"' in l and '"event"' not in l]
-        measured = max(s["memory_bytes"] for s in steps)
+        rss = max(s["memory_bytes"] for s in steps)
+        micro = []
+        marks = {}
+        for l in log.splitlines():
+            mk = re.search(r'component="([a-z -]+)" live_mib=([0-9.]+)', l)
+            if mk:
+                marks[mk.group(1)] = float(mk.group(2)) * 2**20
+            if "heap during the micro-batch" not in l:
+                continue
+            kv = dict(re.findall(r"(\w+)=([0-9.]+)", l))
+            feats = json.loads(re.search(r"features=\"(.*)\"", l).group(1).replace('\\"', '"'))
+            micro.append(dict(name=name, queries=int(kv["queries"]), before=float(kv["before_mib"]) * 2**20,
+                              forward=float(kv["forward_graph_mib"]) * 2**20, peak=float(kv["peak_mib"]) * 2**20,
+                              est_graph=float(kv["estimate_graph_mib"]) * 2**20, est=float(kv["estimate_peak_mib"]) * 2**20,
+                              attention=float(kv.get("largest_attention_mib", "nan")) * 2**20,
+                              data=float(kv.get("data_pipeline_mib", "nan")) * 2**20,
+                              features=feats, marks=dict(marks)))
+        top = max(micro, key=lambda m: m["peak"])
         doc = json.loads(subprocess.run([BIN, "doctor", "--json", "--config", cfg], capture_output=True, text=True).stdout)
         est = doc["facts"]["memory"]["estimate_bytes"]
-        err = (est["total"] - measured) / measured * 100
-        rows.append((name, measured / 2**20, est["total"] / 2**20, est["activations"] / 2**20, err))
-        fits.append((measured - est["weights"] - est["frozen_grads"] - est["lora_state"], doc["facts"]["memory"]["features"]))
-        print(f"{name:10s} measured {measured / 2**20:8.1f} MiB  estimate {est['total'] / 2**20:8.1f} MiB "
-              f"(activations {est['activations'] / 2**20:7.1f})  error {err:+6.1f}%", flush=True)
-    worst = max(abs(r[4]) for r in rows)
-    print(f"worst error {worst:.1f}%")
+        err = (top["est"] - top["peak"]) / top["peak"] * 100
+        data_measured = max(m["data"] for m in micro)
+        data_est = doc["facts"]["host_memory"]["estimate_bytes"]["data_pipeline"]
+        host_rows.append((name, data_measured / 2**20, data_est / 2**20))
+        rss_err = (top["est"] + CPU_BASE - rss) / rss * 100
+        rows.append((name, top["peak"] / 2**20, top["est"] / 2**20, rss / 2**20, (top["est"] + CPU_BASE) / 2**20, err, rss_err))
+        fits.append(top)
+        print(f"{name:10s} {top['queries']:3d} queries: heap peak {top['peak'] / 2**20:8.1f} MiB, estimate "
+              f"{top['est'] / 2**20:8.1f} ({err:+6.1f}%) | forward graph {top['forward'] / 2**20:7.1f}, estimate "
+              f"{top['est_graph'] / 2**20:7.1f} | process peak {rss / 2**20:8.1f} MiB ({rss_err:+6.1f}% for estimate + base) "
+              f"| doctor, heaviest micro-batch of the data: {est['total'] / 2**20:8.1f} MiB", flush=True)
+    print("| case | queries | heap peak MiB | estimate MiB | error | process peak (VmHWM) MiB | estimate + base MiB | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, hp, he, rss, de, err, rerr in rows:
+        print(f"| {name} | {[f['queries'] for f in fits if f['name'] == name][0]} | {hp:.1f} | {he:.1f} | {err:+.1f}% | {rss:.1f} | {de:.1f} | {rerr:+.1f}% |")
+    print("| case | data pipeline, measured peak MiB | doctor's estimate MiB | error |")
+    print("|---|---|---|---|")
+    for name, m, e in host_rows:
+        print(f"| {name} | {m:.1f} | {e:.1f} | {(e - m) / m * 100:+.1f}% |")
+    print(f"worst error: heap {max(abs(r[5]) for r in rows):.1f}%, process {max(abs(r[6]) for r in rows):.1f}%")
     json.dump(fits, open(os.path.join(a.out, "fit.json"), "w"))
     fit(fits)
 
 
-def fit(fits):
-    """Least-squares multipliers (bytes/4 per element of each kind) and base, with leave-one-out errors."""
+def relative_fit(X, y):
+    """Least squares minimising the relative error; the coefficients and the leave-one-out errors (%)."""
     import numpy as np
-    keys = ["token_width", "token_mlp", "scores", "maps", "mask_logits"]
-    X = np.array([[1.0] + [4.0 * f[k] for k in keys] for _, f in fits])
-    y = np.array([m for m, _ in fits], dtype=float)
-    coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones(len(y)), rcond=None)  # relative error
-    print("fit: base %.1f MiB, " % (coef[0] / 2**20) + ", ".join(f"{k} {c:.2f}" for k, c in zip(keys, coef[1:])))
-    for i in range(len(y)):
+    coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones(len(y)), rcond=None)
+    loo = []
+    for j in range(len(y)):
         m = np.ones(len(y), bool)
-        m[i] = False
+        m[j] = False
         c, *_ = np.linalg.lstsq(X[m] / y[m, None], np.ones(m.sum()), rcond=None)
-        print(f"  leave-one-out {i}: error {(X[i] @ c - y[i]) / y[i] * 100:+.1f}%")
+        loo.append((X[j] @ c - y[j]) / y[j] * 100)
+    return coef, loo
+
+
+def fit(fits):
+    """Per part of the model: least-squares multipliers (elements kept per element of each kind) of the
+    forward graph measured between the component marks, with leave-one-out errors; then backward's own
+    peak as a share of the graph plus copies of the largest attention's score chunk."""
+    import numpy as np
+    kinds = ["token_width", "token_mlp", "scores", "maps", "memory_width", "mask_logits"]
+    order = ["vision", "query_image", "text", "detr_encoder", "detr_decoder", "mask_head"]
+    for f in fits:
+        m = f["marks"]
+        end = f["before"] + f["forward"]
+        f["parts"] = {"vision": m["vision"] - f["before"], "query_image": m["per-query image features"] - m["vision"],
+                      "text": m["text"] - m["per-query image features"],
+                      "detr_encoder": m["encoder"] - m["text"], "detr_decoder": m["scoring"] - m["encoder"],
+                      "mask_head": end - m["scoring"]}
+    fits = [f for f in fits if f["name"] not in TRAIN_FLAGS]  # checkpointed ViT: other structure
+
+    def tracked(name, part):
+        if part == "vision":
+            return name != "s448-novit"
+        if part == "text":
+            return name == "s336-text"
+        return True
+
+    for i, part in enumerate(order):
+        fits_all = fits
+        fits = [f for f in fits_all if tracked(f["name"], part)]
+        untracked = [f"{f['name']} {f['parts'][part] / 2**20:.1f} MiB" for f in fits_all if not tracked(f["name"], part)]
+        if untracked:
+            print(f"{part} without adapters upstream (estimated 0): " + ", ".join(untracked))
+        feats = [dict(f["features"][i][1]) for f in fits]
+        used = [k for k in kinds if any(x[k] > 0 for x in feats)]
+        X = np.array([[4.0 * x[k] for k in used] for x in feats])
+        if part == "text":
+            # Too few cases adapt the text encoder to separate its kinds: one scale on the DETR
+            # encoder's multipliers (a transformer layer of the same make).
+            X = X @ np.array([[80.57], [6.07], [5.0]])
+            used = ["scale of the DETR encoder's (80.57, 6.07, 5.00)"]
+        coef, loo = relative_fit(X, np.array([f["parts"][part] for f in fits]))
+        print(f"{part}: " + ", ".join(f"{k} {c:.2f}" for k, c in zip(used, coef))
+              + f"; leave-one-out errors {min(loo):+.1f}% .. {max(loo):+.1f}%")
+        fits = fits_all
+    # Backward's own peak = beta x forward graph + gamma x the largest attention's f32 score chunk.
+    X = np.array([[f["forward"], f["attention"]] for f in fits])
+    coef, loo = relative_fit(X, np.array([f["peak"] - f["before"] - f["forward"] for f in fits]))
+    print(f"backward: {coef[0]:.3f} x forward graph + {coef[1]:.2f} x largest attention chunk; "
+          f"leave-one-out errors {min(loo):+.1f}% .. {max(loo):+.1f}%")
 
 
 if __name__ == "__main__":

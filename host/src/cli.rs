@@ -86,6 +86,9 @@ pub enum Command {
         /// Memory of the training device in GiB (default: available host memory for cpu).
         #[arg(long, value_name = "GiB")]
         device_memory_gb: Option<f64>,
+        /// Host RAM in GiB (default: what the machine has available now).
+        #[arg(long, value_name = "GiB")]
+        host_memory_gb: Option<f64>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -109,6 +112,47 @@ pub enum Command {
     /// Work with plugins: check, replay a recorded run through them, scaffold a new one.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Time LoRA training steps of a random-initialised SAM3: the workload of
+    /// ../shared/gpu/hf_sam3_bench.py (PyTorch + PEFT), to compare on one machine.
+    ///
+    /// Prints one JSON line: median s/step, images/s, peak memory (GiB) and the time from start to
+    /// the end of the first step.
+    Bench {
+        /// Device.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: crate::inference::DeviceArg,
+        /// Compute dtype of the frozen model (LoRA and optimizer stay f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::inference::DTypeArg,
+        /// The tiny demo shape instead of full-size SAM3 (1008², 840M parameters).
+        #[arg(long)]
+        tiny: bool,
+        /// Images per step.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Timed steps (median reported).
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Untimed steps first (the first includes kernel compilation).
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// LoRA rank (alpha = 2 × rank).
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
+        /// Adapt the ViT too (1) or not (0).
+        #[arg(long, default_value_t = 1)]
+        vision_lora: u8,
+        /// Activation checkpointing of the ViT blocks (recomputed in backward).
+        #[arg(long)]
+        ckpt: bool,
+        /// Print only the memory estimate of this workload (`doctor`'s model) as JSON; nothing
+        /// is built or run.
+        #[arg(long)]
+        estimate_only: bool,
+        /// Append the result as a JSON line to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Run SAM3 on raw tensors (the parity contract with transformers' Sam3Model).
     ///
     /// IN holds pixel_values f32 (B,3,S,S), input_ids i64 (B,T), attention_mask i64 (B,T), and
@@ -393,7 +437,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Doctor { config, overrides, expect_fingerprint, probe_steps, device_memory_gb, json } => {
+        Command::Doctor {
+            config,
+            overrides,
+            expect_fingerprint,
+            probe_steps,
+            device_memory_gb,
+            host_memory_gb,
+            json,
+        } => {
             if let Some(f) = expect_fingerprint {
                 if !crate::doctor::valid_fingerprint(f) {
                     bail!("--expect-fingerprint {f:?}: give at least 8 hex digits of the dataset's content_sha256");
@@ -405,6 +457,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 expect_fingerprint: expect_fingerprint.clone(),
                 probe_steps: *probe_steps,
                 device_memory_gb: *device_memory_gb,
+                host_memory_gb: *host_memory_gb,
             })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -421,6 +474,38 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Export { config, adapter, merge, out } => {
             crate::export::export(config, adapter, *merge, out)
+        }
+        Command::Bench {
+            device,
+            dtype,
+            tiny,
+            batch,
+            steps,
+            warmup,
+            rank,
+            vision_lora,
+            ckpt,
+            estimate_only,
+            json,
+        } => {
+            let opts = crate::bench::BenchOptions {
+                device: *device,
+                tiny: *tiny,
+                batch: *batch,
+                steps: *steps,
+                warmup: *warmup,
+                dtype: *dtype,
+                rank: *rank,
+                vision_lora: *vision_lora != 0,
+                ckpt: *ckpt,
+                json: json.clone(),
+            };
+            if *estimate_only {
+                println!("{}", serde_json::to_string(&crate::bench::estimate_only(&opts)?)?);
+                return Ok(());
+            }
+            println!("{}", serde_json::to_string(&crate::bench::run(&opts)?)?);
+            Ok(())
         }
         Command::Forward { model, inputs, out, device, dtype, semantics } => {
             let semantics = match semantics {

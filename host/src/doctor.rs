@@ -31,7 +31,7 @@ use crate::lora::{Component, LoraConfig, LoraSet};
 use crate::train::TrainOptions;
 use crate::train_config::{TrainConfig, TrainConfigError};
 use anyhow::Result;
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -78,6 +78,8 @@ pub struct DoctorOptions {
     /// Memory of the training device in GiB (default: available host memory on the CPU;
     /// unknown on CUDA unless given).
     pub device_memory_gb: Option<f64>,
+    /// Host RAM in GiB (default: what the machine has available now).
+    pub host_memory_gb: Option<f64>,
 }
 
 /// The report.
@@ -150,7 +152,7 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
         None => return Ok(finish(r)),
     };
     let data_ok = data_checks(&cfg, opts, &mut r);
-    let lora_ok = lora_checks(&cfg, &mut r, opts.device_memory_gb);
+    let lora_ok = lora_checks(&cfg, &mut r, (opts.device_memory_gb, opts.host_memory_gb));
     if opts.probe_steps > 0 {
         if data_ok && lora_ok && !r.has_errors() {
             probe(&cfg, opts, &mut r);
@@ -494,38 +496,7 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
     true
 }
 
-/// A VarBuilder backend that hands out shape-only stand-ins (one element broadcast to the
-/// requested shape) and counts the parameters asked for: the real model code builds, so module
-/// paths and sizes are exact, without reading or allocating weights.
-struct ShapeOnly {
-    params: Arc<Mutex<usize>>,
-}
-
-impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
-    fn get(
-        &self,
-        s: Shape,
-        _name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        if let Ok(mut p) = self.params.lock() {
-            *p += s.elem_count();
-        }
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("shape-only model: no tensor {name}")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
-
-fn lora_checks(cfg: &TrainConfig, r: &mut Report, device_memory_gb: Option<f64>) -> bool {
+fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<f64>)) -> bool {
     let model_path = match crate::train::resolve_model(cfg) {
         Ok(p) => p,
         Err(e) => {
@@ -558,11 +529,7 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, device_memory_gb: Option<f64>)
         }
     };
     let params = Arc::new(Mutex::new(0usize));
-    let vb = candle_nn::VarBuilder::from_backend(
-        Box::new(ShapeOnly { params: params.clone() }),
-        DType::F32,
-        Device::Cpu,
-    );
+    let vb = crate::memory::shape_only_var_builder(params.clone());
     let mut model = match crate::sam3::model::Sam3Model::load(vb, &config) {
         Ok(m) => m,
         Err(e) => {
@@ -614,7 +581,8 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, device_memory_gb: Option<f64>)
             );
         }
     }
-    memory_check(cfg, &config, total, trainable, r, device_memory_gb);
+    let adapted = crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1));
+    memory_check(cfg, &config, &model_path, (total, trainable, adapted), r, budgets);
     if fraction > 0.2 {
         r.add(
             "F8",
@@ -638,10 +606,10 @@ fn host_available() -> Option<u64> {
 fn memory_check(
     cfg: &TrainConfig,
     config: &crate::sam3::config::Sam3Config,
-    base_params: usize,
-    lora_params: usize,
+    model_path: &std::path::Path,
+    (base_params, lora_params, adapted): (usize, usize, crate::memory::Adapted),
     r: &mut Report,
-    device_memory_gb: Option<f64>,
+    (device_memory_gb, host_memory_gb): (Option<f64>, Option<f64>),
 ) {
     let t = &cfg.training;
     let cuda = cfg.hardware.device.eq_ignore_ascii_case("cuda");
@@ -651,22 +619,33 @@ fn memory_check(
         (true, crate::train_config::Precision::Bf16) => DType::BF16,
         (true, crate::train_config::Precision::Fp16) => DType::F16,
     };
-    // Queries per image: its distinct categories plus the hard negatives it can get.
-    let qpi = Dataset::load(&t.data_dir)
+    // Queries per image: its distinct categories plus the hard negatives it can get. The peak is
+    // set by the heaviest micro-batch: the images with the most queries together.
+    let mut per_image: Vec<usize> = Dataset::load(&t.data_dir)
         .ok()
         .and_then(|d| {
             let s = d.split("train")?;
-            let n = s.images.len().max(1);
-            Some(
-                (0..s.images.len()).map(|i| s.queries(i, t.num_negatives, 0).len()).sum::<usize>() as f64
-                    / n as f64,
-            )
+            Some((0..s.images.len()).map(|i| s.queries(i, t.num_negatives, 0).len()).collect())
         })
-        .unwrap_or(1.0 + t.num_negatives as f64)
-        .max(1.0);
+        .unwrap_or_default();
+    if per_image.is_empty() {
+        per_image.push(1 + t.num_negatives);
+    }
+    per_image.sort_unstable_by(|a, b| b.cmp(a));
+    let qpi = per_image[0].max(1) as f64;
+    let mean_qpi = per_image.iter().sum::<usize>() as f64 / per_image.len() as f64;
     let base = if cuda { 600 << 20 } else { crate::memory::CPU_BASE };
-    let queries = (t.batch_size as f64 * qpi).ceil() as usize;
-    let e = crate::memory::estimate(config, base_params, lora_params, t.batch_size, queries, dtype, base);
+    let queries: usize =
+        per_image.iter().cycle().take(t.batch_size.max(1)).sum::<usize>().max(t.batch_size.max(1));
+    let run = crate::memory::RunShape {
+        base_params,
+        lora_params,
+        dtype,
+        adapted,
+        vision_checkpointing: t.gradient_checkpointing,
+        base,
+    };
+    let e = crate::memory::estimate(config, &run, t.batch_size, queries);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let budget = device_memory_gb.map(|g| (g * (1u64 << 30) as f64) as u64).or(if cuda {
         None
@@ -677,26 +656,26 @@ fn memory_check(
         "memory".into(),
         serde_json::json!({
             "device": cfg.hardware.device, "dtype": format!("{dtype:?}"), "images": t.batch_size, "queries": queries,
-            "queries_per_image": qpi, "estimate_bytes": e,
-            "features": crate::memory::features(config, t.batch_size, queries), "estimate_gib": gib(e.total), "budget_gib": budget.map(gib),
+            "queries_per_image": mean_qpi, "max_queries_per_image": qpi, "run": run, "estimate_bytes": e,
+            "features": crate::memory::features_by_part(config, t.batch_size, queries), "estimate_gib": gib(e.total), "budget_gib": budget.map(gib),
         }),
     );
     let evidence = format!(
-        "batch {} images / {queries} queries in {dtype:?}: weights {:.2} GiB, frozen-weight gradients {:.2} GiB, LoRA state {:.2} GiB, activations {:.2} GiB, base {:.2} GiB = {:.2} GiB{}",
+        "heaviest micro-batch, {} images / {queries} queries in {dtype:?}: weights {:.2} GiB, LoRA state {:.2} GiB, activations {:.2} GiB, backward {:.2} GiB, base {:.2} GiB = {:.2} GiB{}",
         t.batch_size,
         gib(e.weights),
-        gib(e.frozen_grads),
         gib(e.lora_state),
         gib(e.activations),
+        gib(e.backward),
         gib(e.base),
         gib(e.total),
         budget.map(|b| format!(" against {:.1} GiB available", gib(b))).unwrap_or_default()
     );
     match budget {
         Some(b) if e.total > b => {
-            let fits = crate::memory::max_batch(config, base_params, lora_params, qpi, dtype, base, b);
+            let fits = crate::memory::max_batch(config, &run, qpi, b);
             let eff = t.batch_size * t.gradient_accumulation_steps;
-            let fix = if fits == 0 {
+            let mut fix = if fits == 0 {
                 "not even one image fits: use bf16 on CUDA (mixed_precision: bf16), a card with more memory, or a smaller image size".to_string()
             } else {
                 format!(
@@ -704,6 +683,15 @@ fn memory_check(
                     eff.div_ceil(fits)
                 )
             };
+            if adapted.vision && !t.gradient_checkpointing {
+                let ckpt = crate::memory::RunShape { vision_checkpointing: true, ..run };
+                let with = crate::memory::max_batch(config, &ckpt, qpi, b);
+                if with > fits {
+                    fix.push_str(&format!(
+                        "; or training.gradient_checkpointing: true (the ViT blocks are recomputed in backward), which fits a batch of {with}"
+                    ));
+                }
+            }
             r.add("F13", Severity::Error, "the predicted peak memory of a micro-batch exceeds the device's memory (an OOM kill: exit 137 on the host, CUDA out of memory on the GPU)", evidence, fix);
         }
         _ => r.add(
@@ -713,6 +701,91 @@ fn memory_check(
             evidence,
             "none needed",
         ),
+    }
+    host_memory_check(cfg, config, model_path, if cuda { None } else { Some(&e) }, host_memory_gb, r);
+}
+
+/// F13 on the host: RAM for the checkpoint load, the data pipeline and (on the CPU) training,
+/// against what the machine has available.
+fn host_memory_check(
+    cfg: &TrainConfig,
+    config: &crate::sam3::config::Sam3Config,
+    model_path: &std::path::Path,
+    training: Option<&crate::memory::MemoryEstimate>,
+    host_memory_gb: Option<f64>,
+    r: &mut Report,
+) {
+    let t = &cfg.training;
+    let file_len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let checkpoint_bytes = if model_path.is_file() {
+        file_len(model_path)
+    } else {
+        std::fs::read_dir(model_path)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .map(|p| file_len(&p))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let mut h = crate::memory::HostInputs {
+        batch: t.batch_size.max(1),
+        workers: t.num_workers.max(1),
+        image_size: config.vision_config.backbone_config.image_size,
+        mask_size: (config.vision_config.backbone_config.image_size as f64
+            / config.vision_config.backbone_config.patch_size.max(1) as f64
+            * config.vision_config.scale_factors.first().copied().unwrap_or(4.0))
+        .round() as usize,
+        checkpoint_bytes,
+        ..Default::default()
+    };
+    if let Ok(d) = Dataset::load(&t.data_dir) {
+        for name in ["train", "valid"] {
+            let Some(s) = d.split(name) else { continue };
+            h.annotation_bytes += file_len(&s.annotation_file);
+            for im in &s.images {
+                let (w, hh) =
+                    im.json_size.or_else(|| image::image_dimensions(&im.path).ok()).unwrap_or((0, 0));
+                h.max_image_pixels = h.max_image_pixels.max(w as u64 * hh as u64);
+                h.max_objects = h.max_objects.max(im.objects.len());
+            }
+        }
+    }
+    let e = crate::memory::host_estimate(&h, training);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let available = host_memory_gb.map(|g| (g * (1u64 << 30) as f64) as u64).or_else(host_available);
+    r.facts.insert(
+        "host_memory".into(),
+        serde_json::json!({"inputs": h, "estimate_bytes": e, "available_bytes": available}),
+    );
+    let evidence = format!(
+        "process {:.2} GiB + annotations {:.2} GiB + max(checkpoint load {:.2} GiB, data pipeline {:.2} GiB ({} loader thread(s), largest image {:.1} MP, {} objects){}) = {:.2} GiB{}",
+        gib(e.process),
+        gib(e.dataset),
+        gib(e.model_load),
+        gib(e.data_pipeline),
+        h.workers.min(h.batch),
+        h.max_image_pixels as f64 / 1e6,
+        h.max_objects,
+        if training.is_some() { format!(" + training {:.2} GiB", gib(e.training)) } else { String::new() },
+        gib(e.total),
+        available.map(|a| format!(" against {:.1} GiB available", gib(a))).unwrap_or_default()
+    );
+    match available {
+        Some(a) if e.total > a => r.add(
+            "F13",
+            Severity::Error,
+            "the predicted host memory exceeds what this machine has available: the run would be killed (exit 137, SIGKILL by the OOM killer)",
+            evidence,
+            if training.is_some() {
+                "train on the GPU (hardware.device: cuda), or lower training.batch_size (with gradient_accumulation_steps to keep the effective batch)"
+            } else {
+                "lower training.num_workers or training.batch_size, or downscale very large images on disk"
+            },
+        ),
+        _ => r.add("F13", Severity::Info, "predicted host memory (RAM) of the run", evidence, "none needed"),
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`fsutil`]: atomic file writes.
 //! - [`data`]: COCO datasets, preflight, samples and the synthetic dataset.
 
+pub mod alloc_stats;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod doctor;

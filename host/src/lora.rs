@@ -146,8 +146,14 @@ impl LoraAdapter {
         } else {
             x.clone()
         };
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        // Inside a checkpointed block's first run nothing trainable is recorded.
+        let detached = crate::sam3::recompute::no_grad_active();
+        let (a, b) = if detached {
+            (self.a.as_detached_tensor(), self.b.as_detached_tensor())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        };
+        let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
         x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
     }
 }

@@ -1,6 +1,9 @@
 //! The `lorahost` binary.
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: lorahost::alloc_stats::Counting = lorahost::alloc_stats::Counting;
+
 fn main() -> std::process::ExitCode {
     lorahost::cli::init_logging();
     let cli = lorahost::cli::Cli::parse();

@@ -62,6 +62,10 @@ pub struct StepRecord {
     /// Peak memory during the step, bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// Peak heap bytes held during the step (the `lorahost` binary's counting allocator; the
+    /// tensors, without allocator slack), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heap_peak_bytes: Option<u64>,
     /// Per-group gradient statistics.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grad_groups: Vec<GradGroupRecord>,
@@ -230,6 +234,7 @@ impl StepRecord {
             object_count: None,
             step_time_ms: None,
             memory_bytes: None,
+            heap_peak_bytes: None,
             grad_groups: Vec::new(),
             action: None,
             extra: BTreeMap::new(),

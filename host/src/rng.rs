@@ -10,11 +10,40 @@ use std::cell::RefCell;
 
 thread_local! {
     static STREAM: RefCell<SplitMix64> = RefCell::new(SplitMix64::new(0x10_4a_05));
+    /// Sub-stream keys handed out since the last reseed.
+    static KEYS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Restart this thread's stream from a mix of `parts` (e.g. seed, step, micro-step).
 pub fn reseed(parts: &[u64]) {
     STREAM.with(|s| *s.borrow_mut() = SplitMix64::from_parts(parts));
+    KEYS.with(|k| k.set(0));
+}
+
+/// A key for a sub-stream: a mix of this thread's stream position and the number of keys given
+/// out since the last reseed. It does not advance the stream, so taking keys leaves every other
+/// draw unchanged.
+pub fn next_key() -> u64 {
+    let n = KEYS.with(|k| {
+        let n = k.get();
+        k.set(n + 1);
+        n
+    });
+    let peek = STREAM.with(|s| s.borrow().clone().next_u64());
+    SplitMix64::from_parts(&[peek, n, 0x5EB5]).next_u64()
+}
+
+/// Run `f` with dropout drawing from a sub-stream keyed by `key` (this thread's CPU stream and,
+/// on a GPU, the device generator reseeded from the key), then resume the outer stream: a
+/// recomputation under the same key draws the same masks.
+pub fn with_substream<R>(key: u64, device: &candle_core::Device, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let outer = STREAM.with(|s| std::mem::replace(&mut *s.borrow_mut(), SplitMix64::from_parts(&[key])));
+    if !device.is_cpu() {
+        device.set_seed(key)?;
+    }
+    let r = f();
+    STREAM.with(|s| *s.borrow_mut() = outer);
+    r
 }
 
 /// Inverted dropout with probability `p` (no-op for p <= 0): kept entries are scaled by

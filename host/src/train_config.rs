@@ -222,6 +222,9 @@ pub struct TrainingSection {
     /// geometry encoder's box projections and self-attention receive no gradient.
     #[serde(deserialize_with = "num")]
     pub box_prompt_prob: f64,
+    /// lorahost: activation checkpointing of the ViT blocks: each keeps only its input and is
+    /// recomputed in backward (about one more ViT forward per step for a much smaller peak).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingSection {
@@ -250,6 +253,7 @@ impl Default for TrainingSection {
             augment: false,
             synthetic: false,
             box_prompt_prob: 0.0,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -421,6 +425,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "augment",
             "synthetic",
             "box_prompt_prob",
+            "gradient_checkpointing",
         ],
     ),
     ("output", &["output_dir", "logging_dir", "save_lora_only", "push_to_hub", "hub_model_id"]),

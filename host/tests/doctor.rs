@@ -233,7 +233,7 @@ fn memory_size_and_split_faults_are_found() {
     let r = diagnose(&DoctorOptions {
         config: s.config.clone(),
         overrides: vec!["training.batch_size=6".into()],
-        device_memory_gb: Some(0.095),
+        device_memory_gb: Some(0.05),
         ..Default::default()
     })
     .unwrap();
@@ -247,6 +247,15 @@ fn memory_size_and_split_faults_are_found() {
     })
     .unwrap();
     assert!(has(&r, "F13", Severity::Info, "GiB"), "{}", explain(&r));
+    // F13 on the host: the run's RAM (here CPU training + data pipeline) against a small machine
+    // is an exit-137 kill foretold.
+    let small = DoctorOptions { config: s.config.clone(), host_memory_gb: Some(0.01), ..Default::default() };
+    let r = diagnose(&small).unwrap();
+    assert!(has(&r, "F13", Severity::Error, "exit 137"), "{}", explain(&r));
+    let host = &r.facts["host_memory"]["estimate_bytes"];
+    assert!(host["data_pipeline"].as_u64().unwrap() > 0 && host["dataset"].as_u64().unwrap() > 0, "{host}");
+    let r = diagnose(&DoctorOptions { host_memory_gb: Some(64.0), ..small }).unwrap();
+    assert!(!has(&r, "F13", Severity::Error, "exit 137"), "{}", explain(&r));
     // F24: the JSON says another size than the decoded image (an EXIF rotation, typically).
     mutate(&s.data, |v| {
         v["images"][0]["width"] = serde_json::json!(60);

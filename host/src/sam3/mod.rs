@@ -3,16 +3,20 @@
 //! encoder (fusion), decoder (DETR with presence token), scoring (dot product), mask head.
 //! Module paths equal transformers' `Sam3Model` key names.
 
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
+pub mod frozen;
 pub mod geometry;
 pub mod mask_head;
 pub mod model;
 pub mod neck;
 pub mod nn;
+pub mod ops;
 pub mod position;
 pub mod postprocess;
+pub mod recompute;
 pub mod scoring;
 pub mod text;
 pub mod tokenizer;

@@ -204,6 +204,14 @@ impl Sam3Model {
     }
 
     /// The config.
+    /// Turn activation checkpointing of the ViT blocks on or off: on, each block keeps only
+    /// its input for backward and is recomputed there (about one extra ViT forward per step).
+    pub fn set_activation_checkpointing(&mut self, on: bool) -> Result<()> {
+        let anchor = if on { Some(candle_core::Var::zeros(1, DType::F32, self.device())?) } else { None };
+        self.vision.backbone.checkpoint = anchor;
+        Ok(())
+    }
+
     pub fn config(&self) -> &Sam3Config {
         &self.config
     }
@@ -245,6 +253,7 @@ impl Sam3Model {
     ) -> Result<Sam3Outputs> {
         let pixel_values = inputs.pixel_values.to_dtype(self.dtype)?;
         let vision = self.vision.forward(&pixel_values)?;
+        mem_mark("vision");
         // The coarsest FPN level (0.5x) is computed by the neck but not used (`scalp=1`).
         let levels = vision.fpn.len().saturating_sub(1).max(1);
         let pick = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
@@ -256,8 +265,10 @@ impl Sam3Model {
         let fpn = &pick(&vision.fpn[..levels])?[..];
         let fpn_pos = &pick(&vision.fpn_pos[..levels])?[..];
         let (img, img_pos) = (&fpn[levels - 1], &fpn_pos[levels - 1]);
+        mem_mark("per-query image features");
 
         let text = self.text.forward(&inputs.input_ids, &inputs.attention_mask)?;
+        mem_mark("text");
         let text_mask = inputs.attention_mask.ne(0i64)?.to_dtype(DType::U8)?;
         let policy = match self.semantics {
             Semantics::Original => NoBoxPolicy::ClsToken,
@@ -294,6 +305,7 @@ impl Sam3Model {
             Some(&prompt_mask),
             opts.train,
         )?;
+        mem_mark("encoder");
         let dec = self.decoder.forward(
             &enc.last_hidden_state,
             &enc.text_features,
@@ -302,6 +314,7 @@ impl Sam3Model {
             &enc.spatial_shapes,
             DecoderOptions { dac: opts.dac, train: opts.train },
         )?;
+        mem_mark("decoder");
         let all_boxes_cxcywh = self.decoder.pred_boxes(&dec)?;
         let all_logits = self.scoring.forward(
             &dec.intermediate_hidden_states,
@@ -309,6 +322,7 @@ impl Sam3Model {
             Some(&prompt_mask),
             opts.train,
         )?;
+        mem_mark("scoring");
         let all_logits = all_logits.squeeze(D::Minus1)?.to_dtype(DType::F32)?;
         let all_presence = dec.presence_logits.to_dtype(DType::F32)?;
         let l = all_logits.dim(0)?;
@@ -318,6 +332,7 @@ impl Sam3Model {
         let queries = dec.intermediate_hidden_states.get(l - 1)?; // (B, N, C)
         let masks =
             self.mask.forward(&queries, fpn, &enc.last_hidden_state, Some(&prompt), Some(&prompt_mask))?;
+        mem_mark("mask head");
         let all_masks = masks.pred_masks.to_dtype(DType::F32)?;
 
         let last_boxes = all_boxes_cxcywh.get(l - 1)?.narrow(1, 0, q)?;
@@ -334,4 +349,14 @@ impl Sam3Model {
             num_o2m: dec.num_o2m,
         })
     }
+}
+
+/// Log the heap held after a component's forward (debug, target `lorahost::memory`).
+fn mem_mark(component: &str) {
+    tracing::debug!(
+        target: "lorahost::memory",
+        component,
+        live_mib = crate::alloc_stats::live() as f64 / 1048576.0,
+        "heap after forward"
+    );
 }

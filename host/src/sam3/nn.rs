@@ -60,7 +60,8 @@ impl Module for Linear {
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
         let w = self.weight.to_dtype(x.dtype())?;
-        let mut y = x2.matmul(&w.t()?)?;
+        // Frozen base weight: differentiated in x only (no weight gradient, see `frozen`).
+        let mut y = super::frozen::frozen_matmul(&x2, &w)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
         }
@@ -93,16 +94,11 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = xn
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
-        y.to_dtype(dtype)
+        // On a training graph: one fused op that keeps only its input for backward.
+        if let Some(y) = super::ops::layer_norm_frozen(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
+        super::ops::layer_norm_composed(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -119,7 +115,13 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 
 /// Scaled dot-product attention on (B, H, Nq, Dh) × (B, H, Nk, Dh): softmax(q kᵀ · scale + bias) v.
 /// `bias` is additive and broadcast to (B, H, Nq, Nk).
+///
+/// On a training graph (tracked inputs, constant bias) it runs as one op that keeps no score
+/// matrix for backward ([`super::attention::attention_lean`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(o) = super::attention::attention_lean(q, k, v, scale, bias)? {
+        return Ok(o);
+    }
     let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     if let Some(b) = bias {
         scores = scores.broadcast_add(&b.to_dtype(scores.dtype())?)?;

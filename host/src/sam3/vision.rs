@@ -346,6 +346,8 @@ pub struct ViTModel {
     pub layer_norm: LayerNorm,
     /// `layers.{i}`.
     pub layers: Vec<ViTLayer>,
+    /// Activation checkpointing of every block (recomputed in backward), with the op's anchor.
+    pub checkpoint: Option<candle_core::Var>,
 }
 
 impl ViTModel {
@@ -362,6 +364,7 @@ impl ViTModel {
             embeddings: ViTEmbeddings::load(vb.pp("embeddings"), cfg)?,
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             layers,
+            checkpoint: None,
         })
     }
 
@@ -370,7 +373,21 @@ impl ViTModel {
     pub fn forward_spatial(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut x = self.layer_norm.forward(&self.embeddings.forward(pixel_values)?)?;
         for layer in &self.layers {
-            x = layer.forward(&x)?;
+            x = match &self.checkpoint {
+                Some(anchor) => {
+                    use super::visit::VisitLinears;
+                    let mut block = layer.clone();
+                    let mut vars = Vec::new();
+                    block.visit_linears(&mut |lin| {
+                        if let Some(a) = &lin.lora {
+                            vars.extend([a.a.clone(), a.b.clone()]);
+                        }
+                    });
+                    let f: super::recompute::Block = std::sync::Arc::new(move |x| block.forward(x));
+                    super::recompute::checkpointed(f, vars, anchor, &x)?
+                }
+                None => layer.forward(&x)?,
+            };
         }
         Ok(x)
     }

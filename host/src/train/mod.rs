@@ -560,6 +560,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let tokenizer = PromptTokenizer::from_dir(&tok_dir)
         .with_context(|| format!("tokenizer of {}", model_path.display()))?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
+    model.set_activation_checkpointing(cfg.training.gradient_checkpointing)?;
     let lora_cfg = LoraConfig::from_section(&cfg.lora);
     let lora = LoraSet::attach_seeded(&mut model, &lora_cfg, seed, &device)
         .with_context(|| format!("{}: lora section", opts.config.display()))?;
@@ -571,6 +572,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         lora.modules.len(),
         lora.num_params()
     );
+    // The shape of the run for the per-micro-batch memory estimate (debug log `lorahost::memory`).
+    let memory_shape = crate::memory::RunShape {
+        base_params: crate::memory::parameter_count(model.config())?,
+        lora_params: lora.num_params(),
+        dtype,
+        adapted: crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1)),
+        vision_checkpointing: cfg.training.gradient_checkpointing,
+        base: 0,
+    };
     for (c, m, p) in lora.component_table() {
         tracing::info!("  {:<22} {:>5} modules {:>12} parameters", c.name(), m, p);
     }
@@ -813,6 +823,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     'outer: while state.step < stop_at {
         let step = state.step + 1;
         let step_start = Instant::now();
+        let mut step_heap_peak = crate::alloc_stats::live();
         // A new epoch: its order.
         if state.micro_in_epoch == 0 || state.epoch_order.is_empty() {
             let metas: Vec<SampleMeta> = train_ids
@@ -879,8 +890,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     sample_opts(i, state.epoch, &train_split, flip, scale)
                 })
                 .collect();
+            let heap_data = crate::alloc_stats::live();
+            crate::alloc_stats::reset_peak();
             let samples = build_samples(&train_split, &idx, &sopts, t.num_workers.max(1))?;
             let batch = collate(&samples, mask_size, &device)?;
+            let data_peak = crate::alloc_stats::peak().saturating_sub(heap_data);
+            step_heap_peak = step_heap_peak.max(crate::alloc_stats::peak());
             images += samples.len() as u32;
             objects += samples.iter().flat_map(|s| &s.queries).map(|q| q.boxes.len() as u32).sum::<u32>();
             batch_ids.extend(samples.iter().map(|s| s.image_id));
@@ -895,7 +910,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                             < t.box_prompt_prob
                 })
                 .collect();
+            let heap_before = crate::alloc_stats::live();
+            crate::alloc_stats::reset_peak();
             let (mut loss, out) = batch_loss(&model, &batch, &tokenizer, &weights, true, &exemplar)?;
+            let heap_forward = crate::alloc_stats::live();
             if !plugins.is_empty() {
                 let terms: Vec<LossTerm> = WEIGHTED_TERMS
                     .iter()
@@ -928,7 +946,35 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             let scaled =
                 if state.loss_scale != 1.0 { (&loss.total * state.loss_scale)? } else { loss.total.clone() };
-            let grads = scaled.backward()?;
+            let mut grads = scaled.backward()?;
+            crate::sam3::recompute::merge_side_grads(&mut grads)?;
+            let heap_peak = crate::alloc_stats::peak();
+            step_heap_peak = step_heap_peak.max(heap_peak);
+            if tracing::enabled!(target: "lorahost::memory", tracing::Level::DEBUG) {
+                // What `lorahost doctor` predicts for this very micro-batch, beside what it held.
+                let queries = batch.queries.len();
+                let e = crate::memory::estimate(model.config(), &memory_shape, samples.len(), queries);
+                let mib = |b: u64| b as f64 / 1048576.0;
+                let f = crate::memory::features_by_part(model.config(), samples.len(), queries);
+                tracing::debug!(
+                    target: "lorahost::memory",
+                    step,
+                    micro,
+                    images = samples.len(),
+                    queries,
+                    data_pipeline_mib = mib(data_peak),
+                    before_mib = mib(heap_before),
+                    forward_graph_mib = mib(heap_forward.saturating_sub(heap_before)),
+                    peak_mib = mib(heap_peak),
+                    estimate_graph_mib = mib(e.activations),
+                    estimate_peak_mib = mib(e.total),
+                    largest_attention_mib = 4.0
+                        * crate::memory::largest_attention(model.config(), &memory_shape.adapted, samples.len(), queries)
+                        / 1048576.0,
+                    features = serde_json::to_string(&f).unwrap_or_default(),
+                    "heap during the micro-batch"
+                );
+            }
             for (a, v) in acc.iter_mut().zip(&vars) {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     *a = Some(match a.take() {
@@ -1131,6 +1177,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         rec.object_count = Some(objects);
         rec.step_time_ms = Some(step_ms);
         rec.memory_bytes = Some(mem);
+        rec.heap_peak_bytes = Some(step_heap_peak.max(crate::alloc_stats::peak())).filter(|p| *p > 0);
         rec.grad_groups = report
             .groups
             .iter()

@@ -1,0 +1,299 @@
+//! `lorahost bench`: the training-step workload of `../shared/gpu/hf_sam3_bench.py` (PyTorch +
+//! transformers + PEFT), so the two can be compared on one machine in one run.
+//!
+//! Random-initialised SAM3 (full size: 1008² input, 32 text tokens; or the tiny shape), one box
+//! prompt per image, LoRA r/2r on q/k/v/o/fc1/fc2 of the ViT (optional), the geometry encoder
+//! and the DETR encoder and decoder, dropout 0.1, the same proxy loss over all heads
+//! (sigmoid-mean of masks and logits, mean of boxes, presence and semantic map), global-norm
+//! clipping at 1.0 and AdamW. Reports the median step time, images/s, peak memory and the time
+//! from start to the end of the first step (PyTorch's compiled path needs minutes there).
+
+use crate::lora::{Component, LoraConfig, LoraSet};
+use crate::sam3::config::Sam3Config;
+use crate::sam3::model::{ForwardOptions, Sam3Inputs, Sam3Model};
+use crate::train::optim::{group_stats, AdamW, AdamWConfig};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The full-size SAM3 config (transformers' `Sam3Config()` defaults, as `facebook/sam3`).
+const FULL_CONFIG: &str = include_str!("../assets/sam3_config.json");
+/// The tiny demo config.
+const TINY_CONFIG: &str = include_str!("../../examples/tiny_sam3/config.json");
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Where to run.
+    pub device: crate::inference::DeviceArg,
+    /// The tiny model instead of full-size SAM3.
+    pub tiny: bool,
+    /// Images per step.
+    pub batch: usize,
+    /// Timed steps (the median is reported).
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// bf16 (frozen weights and activations in bf16, LoRA and optimizer in f32) or f32.
+    pub dtype: crate::inference::DTypeArg,
+    /// LoRA rank (alpha = 2 × rank).
+    pub rank: usize,
+    /// Adapt the ViT too.
+    pub vision_lora: bool,
+    /// Activation checkpointing of the ViT blocks.
+    pub ckpt: bool,
+    /// Append the result as a JSON line to this file.
+    pub json: Option<PathBuf>,
+}
+
+/// One benchmark result (the fields of `hf_sam3_bench.py`'s JSON, plus startup).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    /// Device description.
+    pub device: String,
+    /// Tiny model.
+    pub tiny: bool,
+    /// Images per step.
+    pub batch: usize,
+    /// Compute dtype.
+    pub dtype: String,
+    /// LoRA rank.
+    pub rank: usize,
+    /// ViT adapted.
+    pub vision_lora: bool,
+    /// ViT blocks checkpointed.
+    pub ckpt: bool,
+    /// Base parameters.
+    pub params: usize,
+    /// Trainable parameters.
+    pub trainable: usize,
+    /// Adapted modules.
+    pub lora_modules: usize,
+    /// Median step time, seconds.
+    pub step_s_median: f64,
+    /// Fastest step, seconds.
+    pub step_s_min: f64,
+    /// batch / median.
+    pub images_per_s: f64,
+    /// Last loss.
+    pub loss: f64,
+    /// Peak memory of the run, GiB: on CUDA the device memory in use above what was in use
+    /// before the model was built (sampled after each forward and backward); on the CPU the
+    /// peak heap.
+    pub peak_mem_gib: f64,
+    /// From start (device open) to the end of the first training step, seconds.
+    pub time_to_first_step_s: f64,
+    /// `lorahost doctor`'s peak estimate for this workload, GiB (without the CUDA context).
+    pub estimated_peak_gib: f64,
+}
+
+/// The model config of the benchmark.
+fn bench_config(tiny: bool) -> Result<Sam3Config> {
+    let (config, _) = Sam3Config::from_json(
+        if tiny { TINY_CONFIG } else { FULL_CONFIG },
+        Path::new(if tiny { "examples/tiny_sam3/config.json" } else { "host/assets/sam3_config.json" }),
+    )?;
+    Ok(config)
+}
+
+/// `lorahost doctor`'s estimate for the workload of `o` without building or running anything
+/// (`--estimate-only`; any machine).
+pub fn estimate_only(o: &BenchOptions) -> Result<crate::memory::MemoryEstimate> {
+    let dtype = o.dtype.dtype();
+    estimate(o, &bench_config(o.tiny)?, dtype)
+}
+
+/// The LoRA config of the benchmark (hf_sam3_bench.py's targets).
+fn lora_config(o: &BenchOptions) -> LoraConfig {
+    let mut components = vec![Component::Geometry, Component::DetrEncoder, Component::DetrDecoder];
+    if o.vision_lora {
+        components.push(Component::Vision);
+    }
+    LoraConfig {
+        rank: o.rank,
+        alpha: 2.0 * o.rank as f64,
+        dropout: 0.1,
+        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"].map(String::from).to_vec(),
+        components,
+    }
+}
+
+/// The memory estimate of the workload (built on shape-only weights).
+pub fn estimate(
+    o: &BenchOptions,
+    config: &Sam3Config,
+    dtype: DType,
+) -> Result<crate::memory::MemoryEstimate> {
+    let params = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+    let mut model = Sam3Model::load(crate::memory::shape_only_var_builder(params.clone()), config)?;
+    let lora = LoraSet::attach(&mut model, &lora_config(o), &Device::Cpu)?;
+    let base_params = params.lock().map(|p| *p).unwrap_or(0);
+    let run = crate::memory::RunShape {
+        base_params,
+        lora_params: lora.num_params(),
+        dtype,
+        adapted: crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1)),
+        vision_checkpointing: o.ckpt,
+        base: 0,
+    };
+    Ok(crate::memory::estimate(config, &run, o.batch.max(1), o.batch.max(1)))
+}
+
+/// Stand-in weights: N(0, 0.02²) in the compute dtype on the device (norm weights included;
+/// the numbers do not matter for speed, only that they are finite).
+struct RandomWeights {
+    dtype: DType,
+    device: Device,
+}
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        _name: &str,
+        _h: candle_nn::Init,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 0.02, s, &self.device)?.to_dtype(self.dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights: no shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// Device memory in use (total − free), bytes; 0 on the CPU.
+fn device_used(device: &Device) -> u64 {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .map(|(free, total)| (total - free) as u64)
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Run the benchmark.
+pub fn run(o: &BenchOptions) -> Result<BenchResult> {
+    let start = Instant::now();
+    let device = o.device.device()?;
+    o.dtype.check(&device)?;
+    let dtype = o.dtype.dtype();
+    let config = bench_config(o.tiny)?;
+    let predicted = estimate(o, &config, dtype)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    device.synchronize()?;
+    crate::alloc_stats::reset_peak();
+    let used_before = device_used(&device);
+    let params = crate::memory::parameter_count(&config)?;
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(RandomWeights { dtype, device: device.clone() }),
+        dtype,
+        device.clone(),
+    );
+    let mut model = Sam3Model::load(vb, &config).context("building the random SAM3")?;
+    model.set_activation_checkpointing(o.ckpt)?;
+    let lora = LoraSet::attach(&mut model, &lora_config(o), &device)?;
+    lora.set_training(true);
+    let vars: Vec<(String, candle_core::Var)> =
+        lora.vars().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(vars, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+
+    let b = o.batch.max(1);
+    let s = config.vision_config.backbone_config.image_size;
+    let t = config.text_config.max_position_embeddings;
+    let vocab = config.text_config.vocab_size as u64;
+    let mut rng = crate::data::SplitMix64::from_parts(&[1, 0xBE7C]);
+    let ids: Vec<i64> = (0..b * t).map(|_| (rng.next_u64() % vocab) as i64).collect();
+    let inputs = Sam3Inputs {
+        pixel_values: Tensor::randn(0f32, 1.0, (b, 3, s, s), &device)?,
+        input_ids: Tensor::from_vec(ids, (b, t), &device)?,
+        attention_mask: Tensor::ones((b, t), DType::I64, &device)?,
+        input_boxes: Some(Tensor::new(&[[[0.5f32, 0.5, 0.3, 0.3]]], &device)?.repeat((b, 1, 1))?),
+        input_boxes_labels: Some(Tensor::ones((b, 1), DType::I64, &device)?),
+    };
+
+    let mut peak_used = used_before;
+    let mut step = |peak_used: &mut u64| -> Result<f64> {
+        let out = model.forward_with(&inputs, ForwardOptions { train: true, dac: false })?;
+        let sig_mean = |x: &Tensor| crate::sam3::nn::sigmoid(&x.to_dtype(DType::F32)?)?.mean_all();
+        let loss = (sig_mean(&out.pred_masks)?
+            + out.pred_boxes.to_dtype(DType::F32)?.mean_all()?
+            + sig_mean(&out.pred_logits)?
+            + out.presence_logits.to_dtype(DType::F32)?.mean_all()?
+            + out.semantic_seg.to_dtype(DType::F32)?.mean_all()?)?;
+        *peak_used = (*peak_used).max(device_used(&device));
+        let mut grads = loss.backward()?;
+        crate::sam3::recompute::merge_side_grads(&mut grads)?;
+        *peak_used = (*peak_used).max(device_used(&device));
+        drop(out);
+        let gs: Vec<Tensor> = var_list
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        drop(grads);
+        let norm = group_stats("all", &gs.iter().collect::<Vec<_>>())?.sum_sq.sqrt();
+        let gs = if norm > 1.0 {
+            gs.iter().map(|g| g * (1.0 / (norm + 1e-6))).collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            gs
+        };
+        opt.step(&gs, 1e-4)?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        device.synchronize()?;
+        Ok(l)
+    };
+
+    let mut loss = step(&mut peak_used)?;
+    let first = start.elapsed().as_secs_f64();
+    for _ in 1..o.warmup {
+        loss = step(&mut peak_used)?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..o.steps.max(1) {
+        let t0 = Instant::now();
+        loss = step(&mut peak_used)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let peak = if device.is_cpu() { crate::alloc_stats::peak() } else { peak_used - used_before };
+    let res = BenchResult {
+        device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
+        tiny: o.tiny,
+        batch: b,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        rank: o.rank,
+        vision_lora: o.vision_lora,
+        ckpt: o.ckpt,
+        params,
+        trainable: lora.num_params(),
+        lora_modules: lora.modules.len(),
+        step_s_median: med,
+        step_s_min: times[0],
+        images_per_s: b as f64 / med,
+        loss,
+        peak_mem_gib: peak as f64 / (1u64 << 30) as f64,
+        time_to_first_step_s: first,
+        estimated_peak_gib: gib(predicted.total),
+    };
+    if let Some(p) = &o.json {
+        let line = serde_json::to_string(&res)? + "\n";
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .with_context(|| format!("appending to {}", p.display()))?;
+    }
+    Ok(res)
+}
