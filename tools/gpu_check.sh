@@ -2,8 +2,9 @@
 # One prepared run on the GPU machine (issue #6): everything a device session measures, in one
 # call, results under $OUT (JSON lines + logs). Build the binary here first:
 #   source <(../shared/gpu/cuda-toolkit.sh) && cargo build --release --features cuda --target-dir target-cuda
-#   then carry target-cuda/release/lorahost (strip + xz if the tree is near the size limit) and run
-#   `bash tools/gpu_check.sh [quick]` from the repository root on the device.
+#   cp ../shared/gpu/hf_sam3_bench.py target/    # the PyTorch reference (the device sees only the repo)
+#   then carry target-cuda/release/lorahost (strip + xz if the tree is near the size limit) and
+#   target/hf_sam3_bench.py, and run `bash tools/gpu_check.sh [quick]` from the repository root.
 # `quick` skips the batch-8 and checkpointing benches (about 3 minutes less).
 set -u
 OUT="${OUT:-target/gpu-out}"
@@ -41,7 +42,9 @@ EOF
 
 # 2. A short GPU training run on the synthetic data: the loss must fall.
 log "train demo on cuda"
-timeout 300 "$BIN" train --config configs/demo.yaml --no-hot-reload \
+# The demo without its plugins (their .wasm builds are not on the device).
+sed '/^plugins:/,$d' configs/demo.yaml > "$OUT/demo_gpu.yaml"
+timeout 300 "$BIN" train --config "$OUT/demo_gpu.yaml" --no-hot-reload \
   --override hardware.device=cuda --override training.mixed_precision=bf16 \
   --override output.output_dir="$OUT/demo" --override training.data_dir="$OUT/data" > "$OUT/train.log" 2>&1
 cp "$OUT/demo/metrics.jsonl" "$OUT/demo_metrics.jsonl" 2>/dev/null
@@ -50,8 +53,12 @@ cp "$OUT/demo/metrics.jsonl" "$OUT/demo_metrics.jsonl" 2>/dev/null
 log "bench lorahost b2"
 timeout 300 "$BIN" bench --device cuda --dtype bf16 --batch 2 --json "$OUT/bench.jsonl" >> "$OUT/steps.log" 2>&1
 log "bench pytorch eager b2"
-timeout 300 "$PY" ../shared/gpu/hf_sam3_bench.py --batch 2 --json "$OUT/bench.jsonl" >> "$OUT/steps.log" 2>&1 \
-  || timeout 300 "$PY" shared/gpu/hf_sam3_bench.py --batch 2 --json "$OUT/bench.jsonl" >> "$OUT/steps.log" 2>&1
+for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
+  if [ -f "$ref" ]; then
+    timeout 300 "$PY" "$ref" --batch 2 --json "$OUT/bench.jsonl" >> "$OUT/steps.log" 2>&1
+    break
+  fi
+done
 if [ "${1:-}" != quick ]; then
   log "bench lorahost b2 ckpt"
   timeout 300 "$BIN" bench --device cuda --dtype bf16 --batch 2 --ckpt --json "$OUT/bench.jsonl" >> "$OUT/steps.log" 2>&1

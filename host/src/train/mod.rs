@@ -910,6 +910,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                             < t.box_prompt_prob
                 })
                 .collect();
+            crate::sam3::recompute::clear_side_grads(); // nothing left from an aborted backward
             let heap_before = crate::alloc_stats::live();
             crate::alloc_stats::reset_peak();
             let (mut loss, out) = batch_loss(&model, &batch, &tokenizer, &weights, true, &exemplar)?;
