@@ -46,10 +46,6 @@ pub enum Part {
 }
 
 impl Part {
-    /// All parts, in forward order.
-    pub const ALL: [Part; 6] =
-        [Part::Vision, Part::QueryImage, Part::Text, Part::DetrEncoder, Part::DetrDecoder, Part::MaskHead];
-
     /// Bytes kept per element of each kind of [`Features`] (in units of the compute dtype's
     /// size), fitted per part against the forward graphs measured on the CPU by
     /// `tools/measure_memory.py` (the counting allocator's live heap after each part).
@@ -209,15 +205,6 @@ impl Features {
             + self.memory_width * m.memory_width
             + self.mask_logits * m.mask_logits
     }
-
-    fn add(&mut self, o: &Features) {
-        self.token_width += o.token_width;
-        self.token_mlp += o.token_mlp;
-        self.scores += o.scores;
-        self.maps += o.maps;
-        self.memory_width += o.memory_width;
-        self.mask_logits += o.mask_logits;
-    }
 }
 
 /// The element counts of `images` images and `queries` (image, prompt) pairs, per part.
@@ -292,15 +279,6 @@ pub fn features_by_part(c: &Sam3Config, images: usize, queries: usize) -> Vec<(P
         (Part::DetrDecoder, decoder),
         (Part::MaskHead, mask),
     ]
-}
-
-/// The element counts of all parts together.
-pub fn features(c: &Sam3Config, images: usize, queries: usize) -> Features {
-    let mut f = Features::default();
-    for (_, p) in features_by_part(c, images, queries) {
-        f.add(&p);
-    }
-    f
 }
 
 /// Elements of the forward graph of one micro-batch kept for backward.

@@ -52,6 +52,8 @@ impl LeanAttention {
             let rows = if b.dim(2)? == 1 { b.clone() } else { b.narrow(2, start, len)? };
             s = s.broadcast_add(&rows.to_dtype(acc(q))?)?;
         }
+        // Fused kernel without a backward: fine here, `s` is untracked (the op's forward runs on
+        // wrapped storages, its backward on detached inputs) and the op has its own backward.
         candle_nn::ops::softmax_last_dim(&s)
     }
 

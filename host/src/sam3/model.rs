@@ -203,7 +203,6 @@ impl Sam3Model {
         Ok(model)
     }
 
-    /// The config.
     /// Turn activation checkpointing of the ViT blocks on or off: on, each block keeps only
     /// its input for backward and is recomputed there (about one extra ViT forward per step).
     pub fn set_activation_checkpointing(&mut self, on: bool) -> Result<()> {
@@ -212,6 +211,7 @@ impl Sam3Model {
         Ok(())
     }
 
+    /// The config.
     pub fn config(&self) -> &Sam3Config {
         &self.config
     }
