@@ -85,7 +85,11 @@ def model_dir(base_cfg, tok, out, image, vh, vm, vl, dh, q, ratio=2, th=None, tm
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "memory"))
+    ap.add_argument("--refit", action="store_true", help="only refit from the last run's fit.json")
     a = ap.parse_args()
+    if a.refit:
+        fit(json.load(open(os.path.join(a.out, "fit.json"))))
+        return
     os.makedirs(a.out, exist_ok=True)
     base_cfg = json.load(open(os.path.join(ROOT, "examples/tiny_sam3/config.json")))
     tok = json.load(open(os.path.join(ROOT, "examples/tiny_sam3/tokenizer.json")))
@@ -171,17 +175,34 @@ hardware:
     fit(fits)
 
 
-def relative_fit(X, y):
-    """Least squares minimising the relative error; the coefficients and the leave-one-out errors (%)."""
+def nonnegative_lstsq(A, b):
+    """Least squares with coefficients >= 0 (a kind of element cannot free memory): refit without
+    the kinds whose coefficient came out negative until none does."""
     import numpy as np
-    coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones(len(y)), rcond=None)
+    active = np.ones(A.shape[1], bool)
+    while True:
+        coef = np.zeros(A.shape[1])
+        if active.any():
+            coef[active], *_ = np.linalg.lstsq(A[:, active], b, rcond=None)
+        if (coef >= 0).all():
+            return coef
+        active &= coef > 0
+
+
+def relative_fit(X, y):
+    """Non-negative least squares minimising the relative error; the coefficients and the
+    leave-one-out errors (%)."""
+    import numpy as np
+    coef = nonnegative_lstsq(X / y[:, None], np.ones(len(y)))
     loo = []
     for j in range(len(y)):
         m = np.ones(len(y), bool)
         m[j] = False
-        c, *_ = np.linalg.lstsq(X[m] / y[m, None], np.ones(m.sum()), rcond=None)
+        if m.sum() == 0:
+            continue
+        c = nonnegative_lstsq(X[m] / y[m, None], np.ones(m.sum()))
         loo.append((X[j] @ c - y[j]) / y[j] * 100)
-    return coef, loo
+    return coef, loo or [float("nan")]
 
 
 def fit(fits):
@@ -207,7 +228,10 @@ def fit(fits):
             return name == "s336-text"
         return True
 
-    for i, part in enumerate(order):
+    fitted = {}
+    # The text encoder borrows the DETR encoder's multipliers: fit that first.
+    for part in ["vision", "query_image", "detr_encoder", "text", "detr_decoder", "mask_head"]:
+        i = order.index(part)
         fits_all = fits
         fits = [f for f in fits_all if tracked(f["name"], part)]
         untracked = [f"{f['name']} {f['parts'][part] / 2**20:.1f} MiB" for f in fits_all if not tracked(f["name"], part)]
@@ -219,10 +243,12 @@ def fit(fits):
         if part == "text":
             # Too few cases adapt the text encoder to separate its kinds: one scale on the DETR
             # encoder's multipliers (a transformer layer of the same make).
-            X = X @ np.array([[80.57], [6.07], [5.0]])
-            used = ["scale of the DETR encoder's (80.57, 6.07, 5.00)"]
+            enc = fitted["detr_encoder"]
+            X = X @ np.array([[enc.get(k, 0.0)] for k in used])
+            used = ["scale of the DETR encoder's (" + ", ".join(f"{enc.get(k, 0.0):.2f}" for k in ["token_width", "token_mlp", "scores"]) + ")"]
         coef, loo = relative_fit(X, np.array([f["parts"][part] for f in fits]))
-        print(f"{part}: " + ", ".join(f"{k} {c:.2f}" for k, c in zip(used, coef))
+        fitted[part] = dict(zip(used, coef))
+        print(f"{part}: " + ", ".join(f"{k} {c:.3f}" for k, c in zip(used, coef))
               + f"; leave-one-out errors {min(loo):+.1f}% .. {max(loo):+.1f}%")
         fits = fits_all
     # Backward's own peak = beta x forward graph + gamma x the largest attention's f32 score chunk.

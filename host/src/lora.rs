@@ -139,22 +139,28 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// The adapter's contribution for a 2-D input (n, in) → (n, out), in the input's dtype.
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            crate::rng::dropout(x, self.dropout)?
-        } else {
-            x.clone()
-        };
-        // Inside a checkpointed block's first run nothing trainable is recorded.
-        let detached = crate::sam3::recompute::no_grad_active();
-        let (a, b) = if detached {
+    /// A and B as the forward reads them: detached inside a checkpointed block's first run,
+    /// where nothing trainable is recorded.
+    pub fn factors(&self) -> (Tensor, Tensor) {
+        if crate::sam3::recompute::no_grad_active() {
             (self.a.as_detached_tensor(), self.b.as_detached_tensor())
         } else {
             (self.a.as_tensor().clone(), self.b.as_tensor().clone())
-        };
-        let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
-        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
+        }
+    }
+
+    /// The dropout keep mask for an input of `shape` (u8, see [`crate::rng::keep_mask`]), or
+    /// `None` when no dropout applies (p = 0, or not training).
+    pub fn keep_mask(
+        &self,
+        shape: &candle_core::Shape,
+        device: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
+        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            Ok(Some(crate::rng::keep_mask(shape, self.dropout, device)?))
+        } else {
+            Ok(None)
+        }
     }
 }
 

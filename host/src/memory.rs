@@ -3,8 +3,8 @@
 //! the run (checkpoint load, data pipeline).
 //!
 //! What lives at the peak (during backward):
-//! - the frozen weights in the compute dtype (linear layers never get a weight gradient:
-//!   [`crate::sam3::frozen`]);
+//! - the frozen weights in the compute dtype (linear layers never get a weight gradient, and an
+//!   adapted linear keeps only its input and dropout mask: [`crate::sam3::frozen`]);
 //! - the LoRA state in f32: weights, gradients, two Adam moments, the accumulation buffer and
 //!   the copy kept to roll a skipped step back (6 × the LoRA parameters);
 //! - the forward graph: every intermediate autograd keeps for backward, counted per part of
@@ -70,25 +70,26 @@ impl Part {
 }
 
 /// Fitted multipliers: (token × width, token × MLP, attention scores, maps).
-const VISION: (f64, f64, f64, f64) = (58.81, 3.29, 0.0, 5.50);
+const VISION: (f64, f64, f64, f64) = (23.64, 0.0, 0.0, 5.65);
 /// Per gathered map element.
 const QUERY_IMAGE: f64 = 1.00;
 /// (token × width, token × MLP, attention scores): a transformer layer's multipliers scaled to
 /// the one measured case with text adapters (`tools/measure_memory.py`).
-const TEXT: (f64, f64, f64) = (42.7, 3.22, 0.0);
+const TEXT: (f64, f64, f64) = (13.34, 0.53, 0.0);
 /// (token × width, token × MLP, attention scores).
-const ENCODER: (f64, f64, f64) = (66.12, 6.07, 0.0);
+const ENCODER: (f64, f64, f64) = (25.21, 1.00, 0.0);
 /// (query token × width, query token × MLP, attention scores, image memory × width).
-const DECODER: (f64, f64, f64, f64) = (81.01, 7.19, 0.58, 14.15);
+const DECODER: (f64, f64, f64, f64) = (37.03, 1.45, 0.60, 3.40);
 /// (attention scores, maps, mask logits).
-const MASK: (f64, f64, f64) = (25.11, 6.70, 1.37);
+const MASK: (f64, f64, f64) = (24.83, 3.83, 1.32);
 /// Backward keeps the forward graph alive and adds, at its peak, this share of it: gradients
-/// candle stores for untracked operands a tracked tensor met (position tables, masks, conv
-/// kernels) until backward ends, plus the pass's transients (fitted, `tools/measure_memory.py`).
-const BACKWARD: f64 = 0.416;
+/// candle stores for untracked operands a tracked tensor met (conv kernels, loss targets; not
+/// position encodings or dropout masks, see [`crate::sam3::ops::add_constant`]) until backward
+/// ends, plus the pass's transients (fitted, `tools/measure_memory.py`).
+const BACKWARD: f64 = 0.390;
 /// f32 copies of the largest attention's score chunk alive while the lean attention's backward
 /// recomputes it (probabilities, dP, dS and their casts; fitted).
-const ATTENTION_TRANSIENT: f64 = 4.13;
+const ATTENTION_TRANSIENT: f64 = 3.58;
 /// Process baseline on the CPU beyond the heap (binary, shared libraries, plugin engine), bytes.
 pub const CPU_BASE: u64 = 20 << 20;
 

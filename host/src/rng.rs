@@ -55,16 +55,28 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    if !x.device().is_cpu() {
-        return candle_nn::ops::dropout(x, p as f32);
+    // As one op: no gradient is kept for the mask.
+    crate::sam3::ops::mul_constant(x, &scaled_mask(&keep_mask(x.shape(), p, x.device())?, p, x.dtype())?)
+}
+
+/// A dropout keep mask of `shape` for probability `p` in (0, 1): u8, 1 where the entry is kept
+/// (a quarter of an f32 tensor, what an op keeps for its backward). On the CPU the draws come
+/// from this thread's stream, on a GPU from the device generator.
+pub fn keep_mask(shape: &candle_core::Shape, p: f64, device: &candle_core::Device) -> Result<Tensor> {
+    if !device.is_cpu() {
+        return Tensor::rand(0f32, 1f32, shape, device)?.ge(p);
     }
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = STREAM.with(|s| {
+    let mask: Vec<u8> = STREAM.with(|s| {
         let mut s = s.borrow_mut();
-        (0..x.elem_count()).map(|_| if s.next_f64() < p { 0.0 } else { keep }).collect()
+        (0..shape.elem_count()).map(|_| u8::from(s.next_f64() >= p)).collect()
     });
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    Tensor::from_vec(mask, shape, device)
+}
+
+/// A keep mask as the multiplier inverted dropout applies: 1 / (1 - p) where kept, 0 elsewhere,
+/// in `dtype`.
+pub fn scaled_mask(mask: &Tensor, p: f64, dtype: candle_core::DType) -> Result<Tensor> {
+    mask.to_dtype(dtype)?.affine(1.0 / (1.0 - p), 0.0)
 }
 
 /// `n` draws uniform in [lo, hi) from a generator seeded by `parts` (adapter initialisation).

@@ -4,25 +4,33 @@
 //! The composed attention (matmul, scale, bias, softmax, matmul) leaves several (Nq, Nk) score
 //! tensors in the autograd graph per attention; at SAM3's 5184 image tokens that is ~0.9 GB per
 //! image, head group and copy in bf16, in each global ViT block and each DETR encoder layer.
-//! [`attention_lean`] records one custom op on (q, k, v): the forward runs on untracked copies in
+//! [`attention_lean`] records one custom op on (q, k, v): the forward runs on detached views in
 //! query chunks and keeps only q, k, v and the output; the backward recomputes each chunk's
 //! probabilities and applies the standard formulas (FlashAttention's, without the fused kernel):
 //! `P = softmax(S)`, `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`,
 //! `dQ = scale · dS K`, `dK = scale · dSᵀ Q`. A constant (untracked) additive bias is held by
 //! the op; a trainable bias needs its own gradient and keeps the composed path.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Score elements per chunk (query rows × keys × batch × heads) above which the query axis is
 /// split: bounds the transient memory of forward and backward at ~64 Mi elements.
 pub const CHUNK_ELEMENTS: usize = 64 << 20;
 
-/// The op: scale, optional constant bias (broadcastable to (B, H, Nq, Nk)), chunk bound.
-struct LeanAttention {
+/// The computation: scale, optional constant bias (broadcastable to (B, H, Nq, Nk)), chunk bound.
+struct Lean {
     scale: f64,
     bias: Option<Tensor>,
     chunk_elements: usize,
+}
+
+/// The recorded op.
+struct LeanAttention {
+    lean: Lean,
+    /// The output is laid out (B, Nq, H, Dh) (tokens before heads, as the output projection
+    /// reads it) instead of (B, H, Nq, Dh).
+    tokens_major: bool,
+    out: Precomputed,
 }
 
 /// Accumulation dtype: f32, or f64 for f64 inputs.
@@ -34,9 +42,9 @@ fn acc(t: &Tensor) -> DType {
     }
 }
 
-use super::ops::{fresh, owned_storage, wrap};
+use super::ops::{precomputed_kernels, Precomputed};
 
-impl LeanAttention {
+impl Lean {
     /// Query rows per chunk for these shapes.
     fn rows(&self, q: &Tensor, k: &Tensor) -> Result<usize> {
         let (b, h, nq, _) = q.dims4()?;
@@ -52,8 +60,8 @@ impl LeanAttention {
             let rows = if b.dim(2)? == 1 { b.clone() } else { b.narrow(2, start, len)? };
             s = s.broadcast_add(&rows.to_dtype(acc(q))?)?;
         }
-        // Fused kernel without a backward: fine here, `s` is untracked (the op's forward runs on
-        // wrapped storages, its backward on detached inputs) and the op has its own backward.
+        // Fused kernel without a backward: fine here, `s` is untracked (the op's forward and
+        // backward run on detached inputs) and the op has its own backward.
         candle_nn::ops::softmax_last_dim(&s)
     }
 
@@ -71,13 +79,6 @@ impl LeanAttention {
         }
         Tensor::cat(&outs, 2)
     }
-
-    fn fwd_storage(&self, args: [(Storage, &Layout); 3]) -> Result<(Storage, Shape)> {
-        let [q, k, v] = args.map(|(s, l)| wrap(s, l));
-        let out = self.forward(&q?, &k?, &v?)?;
-        let shape = out.shape().clone();
-        Ok((owned_storage(&out)?, shape))
-    }
 }
 
 impl CustomOp3 for LeanAttention {
@@ -85,37 +86,7 @@ impl CustomOp3 for LeanAttention {
         "lean-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let c = |s: &CpuStorage| Storage::Cpu(s.clone());
-        match self.fwd_storage([(c(s1), l1), (c(s2), l2), (c(s3), l3)])? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("lean attention: device changed"),
-        }
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let c = |s: &CudaStorage, l: &Layout| s.try_clone(l).map(Storage::Cuda);
-        match self.fwd_storage([(c(s1, l1)?, l1), (c(s2, l2)?, l2), (c(s3, l3)?, l3)])? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("lean attention: device changed"),
-        }
-    }
+    precomputed_kernels!(3);
 
     fn bwd(
         &self,
@@ -128,7 +99,13 @@ impl CustomOp3 for LeanAttention {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let (dt, a) = (q.dtype(), acc(&q));
         let nq = q.dim(2)?;
-        let rows = self.rows(&q, &k)?;
+        let lean = &self.lean;
+        let rows = lean.rows(&q, &k)?;
+        let (out, d_out) = if self.tokens_major {
+            (out.transpose(1, 2)?, d_out.transpose(1, 2)?)
+        } else {
+            (out.clone(), d_out.clone())
+        };
         let d_out = d_out.to_dtype(dt)?.contiguous()?;
         // rowsum(dO ⊙ O) = rowsum(dP ⊙ P): one value per query row.
         let delta = (d_out.to_dtype(a)? * out.to_dtype(a)?)?.sum_keepdim(D::Minus1)?;
@@ -139,14 +116,14 @@ impl CustomOp3 for LeanAttention {
         let mut start = 0;
         while start < nq {
             let len = rows.min(nq - start);
-            let p = self.probs(&q, &k, start, len)?; // (B, H, len, Nk), f32
+            let p = lean.probs(&q, &k, start, len)?; // (B, H, len, Nk), f32
             let doc = d_out.narrow(2, start, len)?;
             dv = (dv + p.to_dtype(dt)?.t()?.matmul(&doc)?.to_dtype(a)?)?;
             let dp = doc.matmul(&vt)?.to_dtype(a)?;
             let ds = (p * dp.broadcast_sub(&delta.narrow(2, start, len)?)?)?.to_dtype(dt)?;
-            dq.push((ds.matmul(&kc)? * self.scale)?);
+            dq.push((ds.matmul(&kc)? * lean.scale)?);
             let qc = q.narrow(2, start, len)?.contiguous()?;
-            dk = (dk + (ds.t()?.matmul(&qc)? * self.scale)?.to_dtype(a)?)?;
+            dk = (dk + (ds.t()?.matmul(&qc)? * lean.scale)?.to_dtype(a)?)?;
             start += len;
         }
         let dq = Tensor::cat(&dq, 2)?;
@@ -157,14 +134,16 @@ impl CustomOp3 for LeanAttention {
 /// `softmax(q kᵀ · scale + bias) v` on (B, H, N, Dh) tensors as one op that keeps no score
 /// matrix for backward; `None` when it does not apply (nothing tracked, or a tracked bias),
 /// so the caller uses the composed attention.
+/// With `tokens_major` the output is (B, Nq, H, Dh), contiguous.
 pub fn attention_lean(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     bias: Option<&Tensor>,
+    tokens_major: bool,
 ) -> Result<Option<Tensor>> {
-    lean_with(q, k, v, scale, bias, CHUNK_ELEMENTS)
+    lean_with(q, k, v, scale, bias, CHUNK_ELEMENTS, tokens_major)
 }
 
 fn lean_with(
@@ -174,14 +153,18 @@ fn lean_with(
     scale: f64,
     bias: Option<&Tensor>,
     chunk_elements: usize,
+    tokens_major: bool,
 ) -> Result<Option<Tensor>> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
     if !tracked || bias.is_some_and(|b| b.track_op()) {
         return Ok(None);
     }
-    // The op reads its inputs as plain contiguous buffers from offset 0.
-    let op = LeanAttention { scale, bias: bias.map(|b| b.detach()), chunk_elements };
-    Ok(Some(fresh(q)?.apply_op3(&fresh(k)?, &fresh(v)?, op)?))
+    let lean = Lean { scale, bias: bias.map(|b| b.detach()), chunk_elements };
+    // Computed on detached views (no input copies), handed to the recorded op.
+    let o = lean.forward(&q.detach(), &k.detach(), &v.detach())?;
+    let o = if tokens_major { o.transpose(1, 2)? } else { o };
+    let out = Precomputed::new(&o, q.dtype())?;
+    Ok(Some(q.apply_op3(k, v, LeanAttention { lean, tokens_major, out })?))
 }
 
 #[cfg(test)]
@@ -216,27 +199,35 @@ mod tests {
         for chunk in [30, 90, CHUNK_ELEMENTS] {
             for bias in [None, Some(&bias), Some(&key_bias)] {
                 let want = composed(&q, &k, &v, 0.5, bias)?;
-                let got =
-                    lean_with(&q, &k, &v, 0.5, bias, chunk)?.expect("tracked inputs take the lean path");
+                let got = lean_with(&q, &k, &v, 0.5, bias, chunk, false)?
+                    .expect("tracked inputs take the lean path");
                 assert!(max_diff(&want, &got) < 1e-12);
-                let gw = (want * &target)?.sum_all()?.backward()?;
+                let gw = (&want * &target)?.sum_all()?.backward()?;
                 let gg = (got * &target)?.sum_all()?.backward()?;
+                // Tokens before heads: the same values transposed, the same gradients.
+                let tm = lean_with(&q, &k, &v, 0.5, bias, chunk, true)?.expect("tracked");
+                assert_eq!(tm.dims(), &[b, nq, h, d]);
+                assert!(tm.is_contiguous());
+                assert!(max_diff(&want.transpose(1, 2)?, &tm) < 1e-12);
+                let gt = (tm * target.transpose(1, 2)?)?.sum_all()?.backward()?;
                 for x in [&q, &k, &v] {
                     let d = max_diff(gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap());
                     assert!(d < 1e-10, "gradient differs by {d} (chunk {chunk})");
+                    let d = max_diff(gw.get(x.as_tensor()).unwrap(), gt.get(x.as_tensor()).unwrap());
+                    assert!(d < 1e-10, "tokens-major gradient differs by {d} (chunk {chunk})");
                 }
             }
         }
         // f32 inputs: f32 accumulation, same result within f32 rounding.
         let f = |t: &Var| t.as_tensor().to_dtype(DType::F32).and_then(|t| Var::from_tensor(&t));
         let (qf, kf, vf) = (f(&q)?, f(&k)?, f(&v)?);
-        let got = attention_lean(&qf, &kf, &vf, 0.5, None)?.unwrap().to_dtype(DType::F64)?;
+        let got = attention_lean(&qf, &kf, &vf, 0.5, None, false)?.unwrap().to_dtype(DType::F64)?;
         assert!(max_diff(&composed(&q, &k, &v, 0.5, None)?, &got) < 1e-5);
         // Untracked inputs or a trainable bias: the caller's composed path.
         let plain = q.as_tensor().detach();
-        assert!(attention_lean(&plain, &plain, &plain, 1.0, None)?.is_none());
+        assert!(attention_lean(&plain, &plain, &plain, 1.0, None, false)?.is_none());
         let trainable_bias = Var::from_tensor(&bias)?;
-        assert!(attention_lean(&q, &k, &v, 1.0, Some(trainable_bias.as_tensor()))?.is_none());
+        assert!(attention_lean(&q, &k, &v, 1.0, Some(trainable_bias.as_tensor()), false)?.is_none());
         Ok(())
     }
 }

@@ -138,7 +138,7 @@ impl DetrDecoderLayer {
 
         // Image cross-attention with boxRPB.
         let q = (&h + &query_pos)?;
-        let k = vision_features.broadcast_add(vision_pos_encoding)?;
+        let k = super::ops::add_constant(vision_features, vision_pos_encoding)?;
         let a = self.vision_cross_attn.forward(&q, &k, vision_features, vision_cross_attn_mask)?;
         let h = self.vision_cross_attn_layer_norm.forward(&(&h + dropout(&a, dropout_p, train)?)?)?;
 

@@ -77,7 +77,7 @@ impl DetrEncoderLayer {
     ) -> Result<Tensor> {
         let residual = vision_feats;
         let h = self.layer_norm1.forward(vision_feats)?;
-        let h_pos = h.broadcast_add(vision_pos_encoding)?;
+        let h_pos = super::ops::add_constant(&h, vision_pos_encoding)?;
         let a = self.self_attn.forward(&h_pos, &h_pos, &h, None)?;
         let x = (dropout(&a, dropout_p, train)? + residual)?;
 

@@ -1,96 +1,330 @@
-//! Frozen weights as differentiable ops that never differentiate the weight.
+//! Frozen linear layers (with or without a LoRA adapter) as differentiable ops that never
+//! differentiate the frozen weights and keep only their input for backward.
 //!
-//! candle's backward computes a gradient for both operands of every matmul, tracked or not:
-//! a frozen base weight downstream of the first LoRA adapter costs a full `dW` GEMM and a
+//! candle's backward computes a gradient for both operands of every matmul, tracked or not: a
+//! frozen base weight downstream of the first LoRA adapter costs a full `dW` GEMM and a
 //! weight-sized gradient kept until backward ends (`../shared/docs/candle-training.md`, §0.2).
-//! [`frozen_matmul`] records `x · Wᵀ` as a custom op whose backward returns only
-//! `dx = dy · W`: the same forward and input gradient, no weight gradient, nothing stored for
-//! `W`. The op is recorded only when `x` is tracked and `W` is not; otherwise it is a plain
-//! matmul.
+//! And candle keeps every intermediate tensor of a composed graph alive until backward: an
+//! adapted linear composed of matmul, bias add, dropout, two adapter matmuls, scale and sum
+//! keeps about six activation-sized tensors, where backward needs only the input.
+//!
+//! [`frozen_linear`] records `y = act(x)·Wᵀ + b + s·(drop(act(x))·Aᵀ)·Bᵀ` as one op on
+//! `(x[, A, B])`; the op holds `W`, the dropout keep mask (u8) and computes in backward:
+//! `g = dy·(sB)`, `dA = gᵀ·drop(act(x))`, `dB = s·dyᵀ·(drop(act(x))·Aᵀ)`,
+//! `dx = (dy·W + drop(g·A)) ⊙ act'(x)` — no weight gradient for `W` or `b`. The optional input
+//! activation folds an MLP's activation into its second layer, so the activation's output is
+//! recomputed in backward instead of kept. Without anything tracked (inference, or the first,
+//! graph-less run of a checkpointed block) the same forward runs as plain tensor operations.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// `x · Wᵀ` with `W` (out, in) frozen.
-struct FrozenMatmul {
-    /// (out, in), in the dtype and on the device of `x`.
+use super::nn::Activation;
+use super::ops::{binary_storage, precomputed_kernels, Binary, Precomputed};
+use crate::lora::LoraAdapter;
+
+/// The adapter part: `scale · (drop(x)·Aᵀ)·Bᵀ` with dropout probability `p` and keep `mask`.
+struct AdapterPart {
+    mask: Option<Tensor>,
+    p: f64,
+    scale: f64,
+}
+
+/// `act(x)·Wᵀ + b [+ adapter]` with `W` and `b` frozen.
+struct FrozenLinear {
+    /// (out, in), in the dtype of `x`.
     w: Tensor,
+    act: Option<Activation>,
+    adapter: Option<AdapterPart>,
+    out: Precomputed,
 }
 
-impl FrozenMatmul {
-    /// (m, n, k) of `x` (m, k) · `Wᵀ` (k, n), checked.
-    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
-        let (m, k) = l.shape().dims2()?;
-        let (n, kw) = self.w.dims2()?;
-        if k != kw {
-            candle_core::bail!("frozen matmul: input width {k} but weight {n}x{kw}");
+/// Accumulation dtype for elementwise derivatives: f64 for f64 inputs, else f32.
+fn acc(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// act'(x) in the accumulation dtype.
+fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
+    let xf = x.to_dtype(acc(x.dtype()))?;
+    match act {
+        // d/dx [x·Φ(x)] = Φ(x) + x·φ(x)
+        Activation::Gelu => {
+            let cdf = ((xf.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
+            let pdf = (xf.sqr()?.affine(-0.5, 0.0)?.exp()?
+                * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+            cdf + (xf * pdf)?
         }
-        Ok((m, n, k))
+        Activation::Relu => xf.gt(0.0)?.to_dtype(xf.dtype()),
     }
 }
 
-impl CustomOp1 for FrozenMatmul {
+/// The forward as tensor operations (differentiable when its inputs are tracked): the base part
+/// `act(x)·Wᵀ + b` and the adapter part, kept apart so the op can sum them straight into its
+/// output storage.
+fn parts(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Option<Activation>,
+    adapter: Option<(&AdapterPart, &Tensor, &Tensor)>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dt = x.dtype();
+    let xa = match act {
+        Some(act) => act.apply(x)?,
+        None => x.clone(),
+    };
+    let mut y = xa.matmul(&w.to_dtype(dt)?.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(dt)?)?;
+    }
+    let z = match adapter {
+        Some((part, a, b)) => {
+            let h = part.dropped(&xa)?.matmul(&a.to_dtype(dt)?.t()?)?;
+            Some(h.matmul(&(b * part.scale)?.to_dtype(dt)?.t()?)?)
+        }
+        None => None,
+    };
+    Ok((y, z))
+}
+
+impl AdapterPart {
+    /// Inverted dropout with the held mask.
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(m) => x.mul(&crate::rng::scaled_mask(m, self.p, x.dtype())?),
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+impl FrozenLinear {
+    /// Gradients for (x, A, B); `ab` is `None` without an adapter.
+    fn backward(
+        &self,
+        x: &Tensor,
+        ab: Option<(&Tensor, &Tensor)>,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let x_tracked = x.track_op();
+        let x = x.detach();
+        let dt = x.dtype();
+        let dy = dy.to_dtype(dt)?.contiguous()?;
+        let mut dxa = if x_tracked { Some(dy.matmul(&self.w)?) } else { None };
+        let (mut da, mut db) = (None, None);
+        if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
+            let ad = a.detach().to_dtype(dt)?;
+            let g = dy.matmul(&(b.detach() * part.scale)?.to_dtype(dt)?)?; // (n, r)
+            if a.track_op() || b.track_op() {
+                let xa = match self.act {
+                    Some(act) => act.apply(&x)?,
+                    None => x.clone(),
+                };
+                let xm = part.dropped(&xa)?;
+                if a.track_op() {
+                    da = Some(g.t()?.matmul(&xm)?.to_dtype(a.dtype())?);
+                }
+                if b.track_op() {
+                    let h = xm.matmul(&ad.t()?)?;
+                    db = Some((dy.t()?.matmul(&h)? * part.scale)?.to_dtype(b.dtype())?);
+                }
+            }
+            if let Some(d) = dxa {
+                dxa = Some((d + part.dropped(&g.matmul(&ad)?)?)?);
+            }
+        }
+        let dx = match (dxa, self.act) {
+            (Some(d), Some(act)) => Some((d.to_dtype(acc(dt))? * act_grad(act, &x)?)?.to_dtype(dt)?),
+            (d, _) => d,
+        };
+        Ok((dx, da, db))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
-        "frozen-matmul"
+        "frozen-linear"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, n, k) = self.dims(l)?;
-        let wt = self.w.t()?;
-        let (ws, wl) = wt.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen matmul: weight not on the CPU") };
-        Ok((s.matmul(w, (1, m, n, k), l, wl)?, Shape::from((m, n))))
-    }
+    precomputed_kernels!(1);
 
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (m, n, k) = self.dims(l)?;
-        let wt = self.w.t()?;
-        let (ws, wl) = wt.storage_and_layout();
-        let Storage::Cuda(w) = &*ws else { candle_core::bail!("frozen matmul: weight not on the GPU") };
-        Ok((s.matmul(w, (1, m, n, k), l, wl)?, Shape::from((m, n))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.matmul(&self.w)?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.backward(x, None, dy)?.0)
     }
 }
 
-/// `x · Wᵀ` for a 2-D `x` (rows, in) and `w` (out, in): differentiable in `x` only when `w` is
-/// frozen (a trainable `w` takes the plain matmul and gets its gradient).
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !x.track_op() || w.track_op() {
-        return x.matmul(&w.t()?);
+impl CustomOp3 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "adapted-linear"
     }
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.detach() })
+
+    precomputed_kernels!(3);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, Some((a, b)), dy)
+    }
+}
+
+/// `act(x)·Wᵀ + b`, plus `lora`'s `scale·(drop(act(x))·Aᵀ)·Bᵀ` when given, for a 2-D `x`
+/// (rows, in) and `w` (out, in). On a training graph with a frozen `w` and `b` this is one op
+/// (see the module docs); a trainable `w` or `b` takes the composed path and gets its gradient.
+pub fn frozen_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Option<Activation>,
+    lora: Option<&LoraAdapter>,
+) -> Result<Tensor> {
+    let adapter = match lora {
+        Some(l) => {
+            let (a, b) = l.factors();
+            let mask = l.keep_mask(&Shape::from(x.dims()), x.device())?;
+            Some((AdapterPart { mask, p: l.dropout, scale: l.scale }, a, b))
+        }
+        None => None,
+    };
+    let adapter_ref = adapter.as_ref().map(|(p, a, b)| (p, a, b));
+    let tracked = x.track_op() || adapter_ref.is_some_and(|(_, a, b)| a.track_op() || b.track_op());
+    let trainable_base = w.track_op() || bias.is_some_and(|b| b.track_op());
+    if !tracked || trainable_base {
+        let (y, z) = parts(x, w, bias, act, adapter_ref)?;
+        return match z {
+            Some(z) => y + z,
+            None => Ok(y),
+        };
+    }
+    let dt = x.dtype();
+    let (w, bias) = (w.detach().to_dtype(dt)?, bias.map(|b| b.detach().to_dtype(dt)).transpose()?);
+    let detached = adapter_ref.map(|(p, a, b)| (p, a.detach(), b.detach()));
+    let (y, z) = parts(&x.detach(), &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)))?;
+    let out = match z {
+        Some(z) => Precomputed::from_storage(binary_storage(&y, &z, Binary::Add)?, y.shape().clone()),
+        None => Precomputed::new(&y, dt)?,
+    };
+    match adapter {
+        Some((part, a, b)) => {
+            let op = FrozenLinear { w, act, adapter: Some(part), out };
+            x.apply_op3(&a, &b, op)
+        }
+        None => x.apply_op1(FrozenLinear { w, act, adapter: None, out }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{Device, Var};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    fn adapter(dev: &Device, p: f64) -> Result<LoraAdapter> {
+        Ok(LoraAdapter {
+            a: Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3), dev)?)?,
+            b: Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 2), dev)?)?,
+            scale: 1.5,
+            dropout: p,
+            training: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// The composed reference: `act(x)·Wᵀ + b + s·((act(x) ⊙ m/(1-p))·Aᵀ)·Bᵀ`.
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        act: Option<Activation>,
+        lora: Option<(&LoraAdapter, Option<&Tensor>)>,
+    ) -> Result<Tensor> {
+        let xa = match act {
+            Some(a) => a.apply(x)?,
+            None => x.clone(),
+        };
+        let mut y = xa.matmul(&w.t()?)?.broadcast_add(bias)?;
+        if let Some((l, mask)) = lora {
+            let xm = match mask {
+                Some(m) => (&xa * (m.to_dtype(DType::F64)? / (1.0 - l.dropout))?)?,
+                None => xa,
+            };
+            y = (y + (xm.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)? * l.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// Forward and the gradients of x, A and B equal the composed graph's, with and without an
+    /// adapter, dropout and an input activation; no gradient reaches the frozen W and b.
     #[test]
-    fn same_forward_and_input_gradient_as_a_matmul_and_no_weight_gradient() -> Result<()> {
+    fn matches_the_composed_linear_and_its_gradients_without_weight_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 3), &dev)?)?;
         let w = Tensor::randn(0f64, 1.0, (4, 3), &dev)?;
+        let bias = Tensor::randn(0f64, 1.0, 4, &dev)?;
         let t = Tensor::randn(0f64, 1.0, (5, 4), &dev)?;
-        let plain = x.as_tensor().matmul(&w.t()?)?;
-        let frozen = frozen_matmul(x.as_tensor(), &w)?;
-        let diff = (&plain - &frozen)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "forward differs by {diff}");
-        let g_plain = (plain * &t)?.sum_all()?.backward()?;
-        let g_frozen = (frozen * &t)?.sum_all()?.backward()?;
-        let dx = (g_plain.get(x.as_tensor()).unwrap() - g_frozen.get(x.as_tensor()).unwrap())?;
-        assert!(dx.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
-        // The plain graph stored a gradient for the weight's transpose; the frozen one did not.
-        assert!(g_plain.get_ids().count() > g_frozen.get_ids().count());
-        assert_eq!(g_frozen.get_ids().count(), 2, "x and the constant t only");
-        assert_eq!(frozen_matmul(&w, &w)?.dtype(), DType::F64);
-        // A trainable weight keeps its gradient.
+        for act in [None, Some(Activation::Gelu), Some(Activation::Relu)] {
+            for p in [None, Some(0.0), Some(0.4)] {
+                let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 3), &dev)?)?;
+                let lora = p.map(|p| adapter(&dev, p)).transpose()?;
+                crate::rng::reseed(&[11]);
+                let mask = match (&lora, p) {
+                    (Some(_), Some(p)) if p > 0.0 => {
+                        Some(crate::rng::keep_mask(&Shape::from((5, 3)), p, &dev)?)
+                    }
+                    _ => None,
+                };
+                crate::rng::reseed(&[11]);
+                let got = frozen_linear(x.as_tensor(), &w, Some(&bias), act, lora.as_ref())?;
+                let want =
+                    reference(x.as_tensor(), &w, &bias, act, lora.as_ref().map(|l| (l, mask.as_ref())))?;
+                assert!(max_diff(&got, &want) < 1e-12, "forward ({act:?}, {p:?})");
+                let gg = (got * &t)?.sum_all()?.backward()?;
+                let gw = (want * &t)?.sum_all()?.backward()?;
+                let mut tensors = vec![x.as_tensor().clone()];
+                if let Some(l) = &lora {
+                    tensors.extend([l.a.as_tensor().clone(), l.b.as_tensor().clone()]);
+                }
+                // candle's own GELU backward rounds 1/sqrt(2π) to 0.398942 (error ~1e-7 · x);
+                // this op uses the exact constant.
+                let tol = if act == Some(Activation::Gelu) { 1e-5 } else { 1e-10 };
+                for v in &tensors {
+                    let d = max_diff(gg.get(v).unwrap(), gw.get(v).unwrap());
+                    assert!(d < tol, "gradient differs by {d} ({act:?}, {p:?})");
+                }
+                assert!(gg.get(&w).is_none() && gg.get(&bias).is_none());
+            }
+        }
+        Ok(())
+    }
+
+    /// An untracked input (the first adapted layer) gets no gradient, the adapter still does; a
+    /// trainable weight keeps its gradient; without anything tracked the same values come back.
+    #[test]
+    fn untracked_input_trainable_weight_and_inference() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (5, 3), &dev)?;
+        let w = Tensor::randn(0f64, 1.0, (4, 3), &dev)?;
+        let lora = adapter(&dev, 0.0)?;
+        let y = frozen_linear(&x, &w, None, None, Some(&lora))?;
+        let g = y.sum_all()?.backward()?;
+        assert!(g.get(&x).is_none());
+        assert!(g.get(lora.a.as_tensor()).is_some() && g.get(lora.b.as_tensor()).is_some());
         let wv = Var::from_tensor(&w)?;
-        let g = frozen_matmul(x.as_tensor(), wv.as_tensor())?.sum_all()?.backward()?;
+        let g = frozen_linear(&x, wv.as_tensor(), None, None, None)?.sum_all()?.backward()?;
         assert!(g.get(wv.as_tensor()).is_some());
+        let plain = frozen_linear(&x, &w, None, Some(Activation::Gelu), None)?;
+        let want = x.gelu_erf()?.matmul(&w.t()?)?;
+        assert!(max_diff(&plain, &want) < 1e-12);
         Ok(())
     }
 }

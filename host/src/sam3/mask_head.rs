@@ -15,7 +15,7 @@
 //! factors and an index gather otherwise, the 1×1 convs are matmuls (held as [`Linear`]), the
 //! GroupNorm is composed.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::config::MaskDecoderConfig;
@@ -88,19 +88,13 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let dtype = x.dtype();
-        let xg = x.to_dtype(DType::F32)?.reshape((b, self.num_groups, ()))?;
-        let mean = xg.mean_keepdim(D::Minus1)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
-        let mut wd = vec![1usize; dims.len()];
-        wd[1] = c;
-        let w = self.weight.to_dtype(DType::F32)?.reshape(wd.as_slice())?;
-        let bb = self.bias.to_dtype(DType::F32)?.reshape(wd.as_slice())?;
-        xn.broadcast_mul(&w)?.broadcast_add(&bb)?.to_dtype(dtype)
+        // On a training graph: one op that keeps only its input for backward.
+        if let Some(y) =
+            super::ops::group_norm_frozen(x, &self.weight, &self.bias, self.num_groups, self.eps)?
+        {
+            return Ok(y);
+        }
+        super::ops::group_norm_composed(x, &self.weight, &self.bias, self.num_groups, self.eps)
     }
 }
 
@@ -273,6 +267,7 @@ mod tests {
     use crate::sam3::encoder::test_support::*;
     use crate::sam3::encoder::DetrEncoder;
     use crate::sam3::scoring::DotProductScoring;
+    use candle_core::{DType, D};
     use candle_core::{Device, Var};
     use candle_nn::var_builder::SimpleBackend;
     use candle_nn::VarMap;

@@ -55,24 +55,25 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `self(act(x))`: on a training graph the activation is folded into this layer's op, so
+    /// its output is recomputed in backward instead of kept (see [`super::frozen`]).
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-        let w = self.weight.to_dtype(x.dtype())?;
-        // Frozen base weight: differentiated in x only (no weight gradient, see `frozen`).
-        let mut y = super::frozen::frozen_matmul(&x2, &w)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
-        }
-        if let Some(lora) = &self.lora {
-            y = (y + lora.delta(&x2)?)?;
-        }
+        // Frozen base weight: differentiated in x (and the adapter) only.
+        let y = super::frozen::frozen_linear(&x2, &self.weight, self.bias.as_ref(), act, self.lora.as_ref())?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
     }
 }
 
@@ -121,9 +122,34 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 /// On a training graph (tracked inputs, constant bias) it runs as one op that keeps no score
 /// matrix for backward ([`super::attention::attention_lean`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(o) = super::attention::attention_lean(q, k, v, scale, bias)? {
+    if let Some(o) = super::attention::attention_lean(q, k, v, scale, bias, false)? {
         return Ok(o);
     }
+    attention_composed(q, k, v, scale, bias)
+}
+
+/// [`attention`] with the output laid out tokens before heads, (B, Nq, H, Dh), contiguous: what
+/// an output projection reads after merging the heads (one copy fewer kept on a training graph).
+pub fn attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    if let Some(o) = super::attention::attention_lean(q, k, v, scale, bias, true)? {
+        return Ok(o);
+    }
+    attention_composed(q, k, v, scale, bias)?.transpose(1, 2)?.contiguous()
+}
+
+fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     if let Some(b) = bias {
         scores = scores.broadcast_add(&b.to_dtype(scores.dtype())?)?;
@@ -185,8 +211,7 @@ impl MultiHeadAttention {
         let k = self.heads(&self.k_proj.forward(key)?)?;
         let v = self.heads(&self.v_proj.forward(value)?)?;
         let scale = 1.0 / ((c / self.num_heads) as f64).sqrt();
-        let o = attention(&q, &k, &v, scale, bias)?;
-        let o = o.transpose(1, 2)?.contiguous()?.reshape((b, nq, c))?;
+        let o = attention_tokens(&q, &k, &v, scale, bias)?.reshape((b, nq, c))?;
         self.o_proj.forward(&o)
     }
 }
@@ -243,7 +268,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.act.apply(&self.fc1.forward(x)?)?)
+        self.fc2.forward_act(&self.fc1.forward(x)?, Some(self.act))
     }
 }
 
@@ -277,10 +302,8 @@ impl Module for DecoderMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
-            if i + 1 < self.layers.len() {
-                h = h.relu()?;
-            }
+            // ReLU between layers, folded into the next layer's op.
+            h = l.forward_act(&h, (i > 0).then_some(Activation::Relu))?;
         }
         Ok(h)
     }

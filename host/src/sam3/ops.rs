@@ -1,107 +1,207 @@
-//! Custom-op plumbing shared by the training ops (lean attention, checkpointing) and a fused
-//! LayerNorm with its own backward.
+//! Custom-op plumbing shared by the training ops (adapted linears, RoPE, lean attention,
+//! checkpointing) and a fused LayerNorm with its own backward.
 //!
-//! A custom op's forward receives raw storages; [`wrap`] views one as an untracked tensor so
-//! the op can be written with tensor operations (identical on the CPU and on CUDA), and
-//! [`owned_storage`] hands a result back.
+//! A training op computes its forward *before* it is recorded, with tensor operations on
+//! detached views of its inputs (identical on the CPU and on CUDA, no input copies), and stores
+//! the result as a [`Precomputed`] storage that the op's kernel hands over once. The one copy a
+//! forward makes is the last one, straight into the storage the op returns ([`Precomputed::new`]
+//! writes a strided view or a dtype cast into fresh contiguous memory).
 
 use candle_core::backend::BackendStorage;
-use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::Mutex;
 
-/// An untracked tensor over `s` (contiguous from offset 0, as the caller made it).
-pub(crate) fn wrap(s: Storage, l: &Layout) -> Result<Tensor> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("custom op: inputs must be contiguous from offset 0");
-    }
-    Ok(Tensor::from_storage(s, l.shape().clone(), BackpropOp::none(), false))
-}
-
-/// An owned storage holding `t` contiguously from offset 0 (what a custom op's forward returns).
-pub(crate) fn owned_storage(t: &Tensor) -> Result<Storage> {
-    let t = t.contiguous()?;
-    let t = if t.layout().start_offset() == 0 { t } else { t.affine(1.0, 0.0)? };
+/// `t` (any layout, any offset) as a fresh contiguous storage in `dtype`: one pass over the
+/// data (a cast, or a copy when the dtype is already `dtype`).
+pub(crate) fn storage_as(t: &Tensor, dtype: DType) -> Result<Storage> {
     let (s, l) = t.storage_and_layout();
     Ok(match &*s {
-        Storage::Cpu(c) => Storage::Cpu(c.clone()),
-        Storage::Cuda(c) => Storage::Cuda(c.try_clone(l)?),
+        Storage::Cpu(c) if t.dtype() == dtype => Storage::Cpu(c.affine(l, 1.0, 0.0)?),
+        Storage::Cpu(c) => Storage::Cpu(c.to_dtype(l, dtype)?),
+        Storage::Cuda(c) if t.dtype() == dtype => Storage::Cuda(c.affine(l, 1.0, 0.0)?),
+        Storage::Cuda(c) => Storage::Cuda(c.to_dtype(l, dtype)?),
         Storage::Metal(_) => candle_core::bail!("custom ops: Metal is not supported"),
     })
 }
 
-/// `t` itself when it is contiguous from offset 0, else a fresh contiguous copy (differentiable).
-pub(crate) fn fresh(t: &Tensor) -> Result<Tensor> {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        Ok(t.clone())
-    } else {
-        t.affine(1.0, 0.0)
+/// An elementwise binary operation an op writes straight into its output storage.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Binary {
+    Add,
+    Mul,
+}
+
+/// `a ⊕ b` (same shape and dtype, any layouts: broadcast views included) written straight into
+/// a fresh contiguous storage.
+pub(crate) fn binary_storage(a: &Tensor, b: &Tensor, op: Binary) -> Result<Storage> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "custom op: {op:?} of {:?} {:?} and {:?} {:?}",
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        );
+    }
+    use candle_core::op::{Add, Mul};
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    Ok(match (&*sa, &*sb, op) {
+        (Storage::Cpu(x), Storage::Cpu(y), Binary::Add) => Storage::Cpu(x.binary_impl::<Add>(y, la, lb)?),
+        (Storage::Cpu(x), Storage::Cpu(y), Binary::Mul) => Storage::Cpu(x.binary_impl::<Mul>(y, la, lb)?),
+        (Storage::Cuda(x), Storage::Cuda(y), Binary::Add) => Storage::Cuda(x.binary_impl::<Add>(y, la, lb)?),
+        (Storage::Cuda(x), Storage::Cuda(y), Binary::Mul) => Storage::Cuda(x.binary_impl::<Mul>(y, la, lb)?),
+        _ => candle_core::bail!("custom op: operands on different devices"),
+    })
+}
+
+/// A forward result computed before its op is recorded; the op's kernel takes it once.
+pub(crate) struct Precomputed(Mutex<Option<(Storage, Shape)>>);
+
+impl Precomputed {
+    /// `t` as a fresh contiguous storage in `dtype` (see [`storage_as`]).
+    pub(crate) fn new(t: &Tensor, dtype: DType) -> Result<Self> {
+        Ok(Self::from_storage(storage_as(t, dtype)?, t.shape().clone()))
+    }
+
+    /// An already owned storage of `shape`.
+    pub(crate) fn from_storage(s: Storage, shape: Shape) -> Self {
+        Precomputed(Mutex::new(Some((s, shape))))
+    }
+
+    fn take(&self) -> Result<(Storage, Shape)> {
+        let out = self.0.lock().ok().and_then(|mut o| o.take());
+        out.ok_or_else(|| candle_core::Error::Msg("custom op: forward result already taken".into()))
+    }
+
+    /// For `cpu_fwd`.
+    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("custom op: result is not on the CPU"),
+        }
+    }
+
+    /// For `cuda_fwd`.
+    pub(crate) fn cuda(&self) -> Result<(CudaStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("custom op: result is not on the GPU"),
+        }
     }
 }
+
+/// Implements a custom op trait's `cpu_fwd`/`cuda_fwd` by handing over the op's `out` field.
+macro_rules! precomputed_kernels {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+        fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+        fn cuda_fwd(
+            &self,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+        fn cuda_fwd(
+            &self,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+}
+pub(crate) use precomputed_kernels;
 
 /// LayerNorm over the last dimension with frozen weight and bias as one op: the forward is the
 /// composed f32 computation on untracked tensors (bit-identical to the untracked path, so
 /// attaching adapters or checkpointing changes nothing), the backward is analytic for the input
 /// only, so the graph keeps just the input instead of the composed version's f32 copies.
-struct FusedLayerNorm {
-    /// f32 scale and shift.
+struct FusedNorm {
+    /// f32 scale, shaped to broadcast against the input.
     weight: Tensor,
-    bias: Tensor,
+    /// `None`: normalise over the last axis (LayerNorm); `Some(g)`: over each of `g` channel
+    /// groups of a (B, C, ...) input (GroupNorm).
+    groups: Option<usize>,
     eps: f64,
+    out: Precomputed,
 }
 
-impl FusedLayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm_composed(x, &self.weight, &self.bias, self.eps)
-    }
-
-    fn fwd_storage(&self, s: Storage, l: &Layout) -> Result<(Storage, Shape)> {
-        let y = self.forward(&wrap(s, l)?)?;
-        Ok((owned_storage(&y)?, y.shape().clone()))
-    }
-}
-
-impl CustomOp1 for FusedLayerNorm {
+impl CustomOp1 for FusedNorm {
     fn name(&self) -> &'static str {
-        "fused-layer-norm"
+        "fused-norm"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.fwd_storage(Storage::Cpu(s.clone()), l)? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("fused layer norm: device changed"),
-        }
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        match self.fwd_storage(Storage::Cuda(s.try_clone(l)?), l)? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("fused layer norm: device changed"),
-        }
-    }
+    precomputed_kernels!(1);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let x32 = x.detach().to_dtype(DType::F32)?;
+        let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
+        let gw = dy.to_dtype(DType::F32)?.broadcast_mul(&self.weight)?;
+        let (x32, gw) = match self.groups {
+            Some(g) => {
+                let b = x.dim(0)?;
+                (x32.reshape((b, g, ()))?, gw.reshape((b, g, ()))?)
+            }
+            None => (x32, gw),
+        };
         let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
         let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         let xhat = xc.broadcast_mul(&rstd)?;
-        let gw = dy.to_dtype(DType::F32)?.broadcast_mul(&self.weight)?;
         let m1 = gw.mean_keepdim(D::Minus1)?;
         let m2 = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = gw.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
-        Ok(Some(dx.to_dtype(x.dtype())?))
+        Ok(Some(dx.reshape(x.dims())?.to_dtype(x.dtype())?))
     }
 }
 
 /// LayerNorm over the last dimension, composed, computed in f32 (differentiable everywhere).
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
+    layer_norm_f32(x, weight, bias, eps)?.to_dtype(x.dtype())
+}
+
+/// The composed LayerNorm's f32 result, before the cast back to the input's dtype.
+fn layer_norm_f32(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let y = xn.broadcast_mul(&weight.to_dtype(DType::F32)?)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
-    y.to_dtype(dtype)
+    xn.broadcast_mul(&weight.to_dtype(DType::F32)?)?.broadcast_add(&bias.to_dtype(DType::F32)?)
 }
 
 /// LayerNorm with frozen `weight` and `bias` as one op on a tracked `x` (see [`FusedLayerNorm`]);
@@ -110,12 +210,103 @@ pub fn layer_norm_frozen(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
     if !x.track_op() || weight.track_op() || bias.track_op() || x.dtype() == DType::F64 {
         return Ok(None);
     }
-    let op = FusedLayerNorm {
-        weight: weight.detach().to_dtype(DType::F32)?,
-        bias: bias.detach().to_dtype(DType::F32)?,
-        eps,
-    };
-    Ok(Some(fresh(x)?.apply_op1(op)?))
+    let y = layer_norm_f32(&x.detach(), &weight.detach(), &bias.detach(), eps)?;
+    let weight = weight.detach().to_dtype(DType::F32)?;
+    let op = FusedNorm { weight, groups: None, eps, out: Precomputed::new(&y, x.dtype())? };
+    Ok(Some(x.apply_op1(op)?))
+}
+
+/// GroupNorm of a (B, C, ...) input over `groups` channel groups, composed, computed in f32.
+pub fn group_norm_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    group_norm_f32(x, weight, bias, groups, eps)?.to_dtype(x.dtype())
+}
+
+/// (1, C, 1, ...) view of a per-channel vector for an input of rank `rank`, in f32.
+fn per_channel(v: &Tensor, rank: usize) -> Result<Tensor> {
+    let mut shape = vec![1usize; rank];
+    shape[1] = v.elem_count();
+    v.to_dtype(DType::F32)?.reshape(shape)
+}
+
+fn group_norm_f32(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let xg = x.to_dtype(DType::F32)?.reshape((dims[0], groups, ()))?;
+    let xc = xg.broadcast_sub(&xg.mean_keepdim(D::Minus1)?)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+    xn.broadcast_mul(&per_channel(weight, dims.len())?)?.broadcast_add(&per_channel(bias, dims.len())?)
+}
+
+/// GroupNorm with frozen weights as one op on a tracked `x` (keeps only `x`, like
+/// [`layer_norm_frozen`]); `None` when it does not apply.
+pub fn group_norm_frozen(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    if !x.track_op() || weight.track_op() || bias.track_op() || x.dtype() == DType::F64 {
+        return Ok(None);
+    }
+    let y = group_norm_f32(&x.detach(), &weight.detach(), &bias.detach(), groups, eps)?;
+    let weight = per_channel(&weight.detach(), x.rank())?;
+    let op = FusedNorm { weight, groups: Some(groups), eps, out: Precomputed::new(&y, x.dtype())? };
+    Ok(Some(x.apply_op1(op)?))
+}
+
+/// `x ⊕ c` with a constant `c` (broadcast to x's shape), recorded as one op whose backward
+/// returns only dx: candle's composed binary ops store a gradient for an untracked operand (of
+/// the broadcast shape) that is never consumed and lives until backward ends.
+struct WithConstant {
+    c: Tensor,
+    op: Binary,
+    out: Precomputed,
+}
+
+impl CustomOp1 for WithConstant {
+    fn name(&self) -> &'static str {
+        "with-constant"
+    }
+
+    precomputed_kernels!(1);
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(match self.op {
+            Binary::Add => dy.clone(),
+            Binary::Mul => dy.mul(&self.c)?,
+        }))
+    }
+}
+
+fn with_constant(x: &Tensor, c: &Tensor, op: Binary) -> Result<Tensor> {
+    if !x.track_op() || c.track_op() {
+        return match op {
+            Binary::Add => x.broadcast_add(c),
+            Binary::Mul => x.broadcast_mul(c),
+        };
+    }
+    let c = c.detach().to_dtype(x.dtype())?.broadcast_as(x.shape())?;
+    let out = Precomputed::from_storage(binary_storage(&x.detach(), &c, op)?, x.shape().clone());
+    x.apply_op1(WithConstant { c, op, out })
+}
+
+/// `x + c` for a constant `c` broadcast to x's shape (position encodings): differentiable in
+/// `x` without keeping a gradient for `c`.
+pub fn add_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    with_constant(x, c, Binary::Add)
+}
+
+/// `x · c` for a constant `c` broadcast to x's shape (dropout masks): differentiable in `x`
+/// without keeping a gradient for `c`.
+pub fn mul_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    with_constant(x, c, Binary::Mul)
 }
 
 #[cfg(test)]
@@ -140,6 +331,49 @@ mod tests {
         let (a, b2) = (gc.get(x.as_tensor()).unwrap(), gf.get(x.as_tensor()).unwrap());
         assert!(diff(a, b2)? < 1e-5, "gradient differs by {}", diff(a, b2)?);
         assert!(layer_norm_frozen(&x.as_tensor().detach(), &w, &b, 1e-6)?.is_none());
+        Ok(())
+    }
+
+    /// GroupNorm as one op: the same forward bit for bit, the composed graph's input gradient.
+    #[test]
+    fn fused_group_norm_matches_the_composed_one_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (2, 6, 3, 4), &dev)? + 0.3)?)?;
+        let w = Tensor::randn(1f32, 0.3, 6, &dev)?;
+        let b = Tensor::randn(0f32, 0.3, 6, &dev)?;
+        let t = Tensor::randn(0f32, 1.0, (2, 6, 3, 4), &dev)?;
+        let composed = group_norm_composed(&x, &w, &b, 3, 1e-5)?;
+        let fused = group_norm_frozen(&x, &w, &b, 3, 1e-5)?.expect("tracked input");
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert_eq!(diff(&composed, &fused)?, 0.0);
+        let gc = (composed * &t)?.sum_all()?.backward()?;
+        let gf = (fused * &t)?.sum_all()?.backward()?;
+        let (a, b2) = (gc.get(x.as_tensor()).unwrap(), gf.get(x.as_tensor()).unwrap());
+        assert!(diff(a, b2)? < 1e-5, "gradient differs by {}", diff(a, b2)?);
+        Ok(())
+    }
+
+    /// Adding or multiplying a broadcast constant: the composed values and input gradient, and
+    /// no gradient stored for the constant (the composed ops keep one of the broadcast shape).
+    #[test]
+    fn constants_get_no_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 4), &dev)?)?;
+        let c = Tensor::randn(0f64, 1.0, (3, 1), &dev)?;
+        let t = Tensor::randn(0f64, 1.0, (2, 3, 4), &dev)?;
+        for mul in [false, true] {
+            let (want, got) = if mul {
+                (x.broadcast_mul(&c)?, mul_constant(&x, &c)?)
+            } else {
+                (x.broadcast_add(&c)?, add_constant(&x, &c)?)
+            };
+            assert_eq!((&want - &got)?.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
+            let gw = (want * &t)?.sum_all()?.backward()?;
+            let gg = (got * &t)?.sum_all()?.backward()?;
+            let d = (gw.get(&x).unwrap() - gg.get(&x).unwrap())?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d < 1e-12);
+            assert!(gg.get_ids().count() < gw.get_ids().count(), "the composed op kept a gradient for c");
+        }
         Ok(())
     }
 }

@@ -12,9 +12,11 @@
 //! x itself is untracked (the first ViT block sits right after frozen patch embeddings).
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, Var};
 use std::cell::{Cell, RefCell};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use super::ops::{precomputed_kernels, Precomputed};
 
 thread_local! {
     static NO_GRAD: Cell<bool> = const { Cell::new(false) };
@@ -61,17 +63,9 @@ struct Recompute {
     f: Block,
     vars: Vec<Var>,
     /// The no-graph output, handed over once by the forward kernel.
-    out: Mutex<Option<Tensor>>,
+    out: Precomputed,
     /// Dropout sub-stream key.
     key: u64,
-}
-
-impl Recompute {
-    fn output(&self) -> Result<(Storage, Shape)> {
-        let out = self.out.lock().ok().and_then(|mut o| o.take());
-        let Some(out) = out else { candle_core::bail!("checkpointed block: output already taken") };
-        Ok((super::ops::owned_storage(&out)?, out.shape().clone()))
-    }
 }
 
 impl CustomOp2 for Recompute {
@@ -79,25 +73,7 @@ impl CustomOp2 for Recompute {
         "checkpointed-block"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.output()? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("checkpointed block: device changed"),
-        }
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match self.output()? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("checkpointed block: device changed"),
-        }
-    }
+    precomputed_kernels!(2);
 
     fn bwd(
         &self,
@@ -136,6 +112,6 @@ pub fn checkpointed(f: Block, vars: Vec<Var>, anchor: &Var, x: &Tensor) -> Resul
     let key = crate::rng::next_key();
     let xd = x.detach();
     let out = crate::rng::with_substream(key, x.device(), || no_grad(|| f(&xd)))?;
-    let op = Recompute { f, vars, out: Mutex::new(Some(out)), key };
+    let op = Recompute { f, vars, out: Precomputed::new(&out, out.dtype())?, key };
     x.apply_op2(anchor.as_tensor(), op)
 }

@@ -13,12 +13,12 @@
 //! pad + reshape + permute + narrow. Internally the backbone keeps the channels-last spatial
 //! layout (B, H, W, C) transformers uses between its layers.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{VisionConfig, VitConfig};
 use super::neck::VisionNeck;
-use super::nn::{attention, Activation, LayerNorm, Linear, Mlp};
+use super::nn::{attention_tokens, Activation, LayerNorm, Linear, Mlp};
 
 /// Cos/sin tables of transformers' `Sam3ViTRotaryEmbedding` for one token grid.
 ///
@@ -90,16 +90,63 @@ impl RopeTables {
     /// projections — pairwise: (a, b) → (a·cos − b·sin, b·cos + a·sin), computed in f32 and cast
     /// back (transformers' `apply_rotary_pos_emb_2d` with `rotate_pairwise`). Differentiable.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, h, d) = x.dims4()?;
+        self.rotate(&x.to_dtype(DType::F32)?, false)?.to_dtype(x.dtype())
+    }
+
+    /// [`RopeTables::apply`] with heads moved before tokens: (B, N, heads, head_dim) →
+    /// (B, heads, N, head_dim), contiguous, as attention reads q and k. On a training graph it is
+    /// one op (forward bit-identical, backward = the inverse rotation) that keeps only its input,
+    /// instead of the composed version's f32 copies.
+    pub fn apply_heads_first(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() {
+            return self.apply(x)?.transpose(1, 2);
+        }
+        let y = self.rotate(&x.detach().to_dtype(DType::F32)?, false)?.transpose(1, 2)?;
+        let out = super::ops::Precomputed::new(&y, x.dtype())?;
+        x.apply_op1(RopeOp { tables: self.clone(), out })
+    }
+
+    /// The pairwise rotation of an f32 (B, N, heads, head_dim) tensor by +angle, or by −angle
+    /// when `inverse` (the transpose of the rotation: its backward).
+    fn rotate(&self, xf: &Tensor, inverse: bool) -> Result<Tensor> {
+        let (b, n, h, d) = xf.dims4()?;
         if n != self.len() {
             candle_core::bail!("RoPE tables cover {} tokens, the input has {n}", self.len());
         }
-        let xf = x.to_dtype(DType::F32)?.reshape((b, n, h, d / 2, 2))?;
+        let xf = xf.contiguous()?.reshape((b, n, h, d / 2, 2))?;
         let a = xf.narrow(4, 0, 1)?;
         let bb = xf.narrow(4, 1, 1)?;
-        let ya = (a.broadcast_mul(&self.cos)? - bb.broadcast_mul(&self.sin)?)?;
-        let yb = (bb.broadcast_mul(&self.cos)? + a.broadcast_mul(&self.sin)?)?;
-        Tensor::cat(&[ya, yb], 4)?.reshape((b, n, h, d))?.to_dtype(x.dtype())
+        let (ya, yb) = if inverse {
+            (
+                a.broadcast_mul(&self.cos)? + bb.broadcast_mul(&self.sin)?,
+                bb.broadcast_mul(&self.cos)? - a.broadcast_mul(&self.sin)?,
+            )
+        } else {
+            (
+                a.broadcast_mul(&self.cos)? - bb.broadcast_mul(&self.sin)?,
+                bb.broadcast_mul(&self.cos)? + a.broadcast_mul(&self.sin)?,
+            )
+        };
+        Tensor::cat(&[ya?, yb?], 4)?.reshape((b, n, h, d))
+    }
+}
+
+/// [`RopeTables::apply_heads_first`] as a recorded op.
+struct RopeOp {
+    tables: RopeTables,
+    out: super::ops::Precomputed,
+}
+
+impl candle_core::CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope-heads-first"
+    }
+
+    super::ops::precomputed_kernels!(1);
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dy = dy.transpose(1, 2)?.to_dtype(DType::F32)?;
+        Ok(Some(self.tables.rotate(&dy, true)?.to_dtype(x.dtype())?))
     }
 }
 
@@ -265,12 +312,11 @@ impl ViTAttention {
     pub fn forward(&self, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let (h, d) = (self.num_heads, c / self.num_heads);
-        let q = rope.apply(&self.q_proj.forward(x)?.reshape((b, n, h, d))?)?.transpose(1, 2)?;
-        let k = rope.apply(&self.k_proj.forward(x)?.reshape((b, n, h, d))?)?.transpose(1, 2)?;
+        let q = rope.apply_heads_first(&self.q_proj.forward(x)?.reshape((b, n, h, d))?)?;
+        let k = rope.apply_heads_first(&self.k_proj.forward(x)?.reshape((b, n, h, d))?)?;
         let v = self.v_proj.forward(x)?.reshape((b, n, h, d))?.transpose(1, 2)?;
-        let o = attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), None)?; // (B, heads, N, d)
-        let o = o.transpose(1, 2)?.contiguous()?.reshape((b, n, c))?;
-        self.o_proj.forward(&o)
+        let o = attention_tokens(&q, &k, &v, 1.0 / (d as f64).sqrt(), None)?; // (B, N, heads, d)
+        self.o_proj.forward(&o.reshape((b, n, c))?)
     }
 }
 
@@ -463,6 +509,29 @@ mod tests {
 
     /// Run the vision model on a fixture's `pixel_values` and compare every `vision.*` output with
     /// max |diff| ≤ 1e-4 · max(1, max |ref|); returns (name, max diff, max |ref|) per tensor.
+    /// RoPE as one op: the forward equals the composed rotation + transpose bit for bit, the
+    /// input gradient equals the composed graph's (f64 and an f32 input cast inside).
+    #[test]
+    fn rope_op_matches_the_composed_rotation_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let tables = RopeTables::new(3, 2, 8, 10000.0, 0.5, &dev)?;
+        for dt in [DType::F32, DType::F64] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 6, 3, 8), &dev)?.to_dtype(dt)?)?;
+            let t = Tensor::randn(0f32, 1.0, (2, 3, 6, 8), &dev)?.to_dtype(dt)?;
+            let want = tables.apply(x.as_tensor())?.transpose(1, 2)?;
+            let got = tables.apply_heads_first(x.as_tensor())?;
+            assert!(got.is_contiguous());
+            let diff = (&want - &got)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            assert_eq!(diff, 0.0);
+            let gw = (want * &t)?.sum_all()?.backward()?;
+            let gg = (got * &t)?.sum_all()?.backward()?;
+            let (a, b) = (gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap());
+            let diff = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            assert!(diff < 1e-6, "{dt:?}: gradient differs by {diff}");
+        }
+        Ok(())
+    }
+
     fn check_parity(model: &VisionModel, dir: &Path) -> Result<Vec<(String, f32, f32)>> {
         let inputs = candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu)?;
         let refs = candle_core::safetensors::load(dir.join("outputs.safetensors"), &Device::Cpu)?;

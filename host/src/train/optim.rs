@@ -172,12 +172,22 @@ pub fn group_stats(name: &str, grads: &[&Tensor]) -> Result<GroupStats> {
         grads.iter().map(|g| g.flatten_all().and_then(|g| g.to_dtype(DType::F32))).collect::<Result<_>>()?;
     let all = Tensor::cat(&flat, 0)?;
     let numel = all.elem_count() as u64;
-    // NaN and ±inf are exactly the entries for which |x| <= f32::MAX is false.
-    let finite = all.abs()?.le(f32::MAX)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as u64;
-    let bad = numel - finite;
-    let sum_sq = all.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    let max_abs = all.abs()?.max(0)?.to_scalar::<f32>()? as f64;
-    Ok(GroupStats { name: name.into(), sum_sq, max_abs, nonfinite: bad, numel })
+    // NaN and ±inf are exactly the entries for which |x| <= f32::MAX is false. Count those (an
+    // f32 sum is exact for them; counting the finite ones would stop at 2^24, below the size of
+    // a full SAM3 ViT's adapters).
+    let abs = all.abs()?;
+    let bad = (1.0 - abs.le(f32::MAX)?.to_dtype(DType::F32)?)?.sum_all()?;
+    let sum_sq = all.sqr()?.sum_all()?;
+    let max_abs = abs.max(0)?;
+    // One device-to-host transfer (one synchronisation) per group.
+    let v = Tensor::stack(&[bad, sum_sq, max_abs], 0)?.to_vec1::<f32>()?;
+    Ok(GroupStats {
+        name: name.into(),
+        sum_sq: v[1] as f64,
+        max_abs: v[2] as f64,
+        nonfinite: v[0] as u64,
+        numel,
+    })
 }
 
 #[cfg(test)]
@@ -212,5 +222,9 @@ mod tests {
         let s = group_stats("g", &[&a]).unwrap();
         assert_eq!((s.sum_sq, s.max_abs, s.nonfinite, s.numel), (25.0, 4.0, 0, 2));
         assert_eq!(group_stats("g", &[&a, &b]).unwrap().nonfinite, 2);
+        // More entries than an f32 counts exactly (a full SAM3 ViT has ~20 M adapter weights).
+        let big = Tensor::zeros((1 << 24) + 3, DType::F32, &d).unwrap();
+        let s = group_stats("g", &[&big, &a]).unwrap();
+        assert_eq!((s.nonfinite, s.numel, s.max_abs), (0, (1 << 24) + 5, 4.0));
     }
 }
