@@ -70,7 +70,7 @@ impl Part {
 }
 
 /// Fitted multipliers: (token × width, token × MLP, attention scores, maps).
-const VISION: (f64, f64, f64, f64) = (23.64, 0.0, 0.0, 5.65);
+const VISION: (f64, f64, f64, f64) = (19.41, 0.0, 0.0, 5.79);
 /// Per gathered map element.
 const QUERY_IMAGE: f64 = 1.00;
 /// (token × width, token × MLP, attention scores): a transformer layer's multipliers scaled to
@@ -79,17 +79,17 @@ const TEXT: (f64, f64, f64) = (13.34, 0.53, 0.0);
 /// (token × width, token × MLP, attention scores).
 const ENCODER: (f64, f64, f64) = (25.21, 1.00, 0.0);
 /// (query token × width, query token × MLP, attention scores, image memory × width).
-const DECODER: (f64, f64, f64, f64) = (37.03, 1.45, 0.60, 3.40);
+const DECODER: (f64, f64, f64, f64) = (37.05, 1.45, 0.60, 3.40);
 /// (attention scores, maps, mask logits).
 const MASK: (f64, f64, f64) = (24.83, 3.83, 1.32);
 /// Backward keeps the forward graph alive and adds, at its peak, this share of it: gradients
 /// candle stores for untracked operands a tracked tensor met (conv kernels, loss targets; not
 /// position encodings or dropout masks, see [`crate::sam3::ops::add_constant`]) until backward
 /// ends, plus the pass's transients (fitted, `tools/measure_memory.py`).
-const BACKWARD: f64 = 0.390;
+const BACKWARD: f64 = 0.396;
 /// f32 copies of the largest attention's score chunk alive while the lean attention's backward
 /// recomputes it (probabilities, dP, dS and their casts; fitted).
-const ATTENTION_TRANSIENT: f64 = 3.58;
+const ATTENTION_TRANSIENT: f64 = 3.57;
 /// Process baseline on the CPU beyond the heap (binary, shared libraries, plugin engine), bytes.
 pub const CPU_BASE: u64 = 20 << 20;
 

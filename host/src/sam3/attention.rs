@@ -86,7 +86,7 @@ impl CustomOp3 for LeanAttention {
         "lean-attention"
     }
 
-    precomputed_kernels!(3);
+    precomputed_kernels!(_q, _k, _v);
 
     fn bwd(
         &self,

@@ -19,7 +19,7 @@
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::nn::Activation;
-use super::ops::{binary_storage, precomputed_kernels, Binary, Precomputed};
+use super::ops::{binary_storage, precomputed_kernels, Binary, OutputMap, Precomputed};
 use crate::lora::LoraAdapter;
 
 /// The adapter part: `scale · (drop(x)·Aᵀ)·Bᵀ` with dropout probability `p` and keep `mask`.
@@ -33,6 +33,8 @@ struct AdapterPart {
 struct FrozenLinear {
     /// (out, in), in the dtype of `x`.
     w: Tensor,
+    /// The output's layout map, if any.
+    map: Option<OutputMap>,
     act: Option<Activation>,
     adapter: Option<AdapterPart>,
     out: Precomputed,
@@ -112,6 +114,10 @@ impl FrozenLinear {
         let x_tracked = x.track_op();
         let x = x.detach();
         let dt = x.dtype();
+        let dy = match &self.map {
+            Some(m) => (m.backward)(dy)?,
+            None => dy.clone(),
+        };
         let dy = dy.to_dtype(dt)?.contiguous()?;
         let mut dxa = if x_tracked { Some(dy.matmul(&self.w)?) } else { None };
         let (mut da, mut db) = (None, None);
@@ -149,7 +155,7 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    precomputed_kernels!(1);
+    precomputed_kernels!(_x);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(self.backward(x, None, dy)?.0)
@@ -161,7 +167,7 @@ impl CustomOp3 for FrozenLinear {
         "adapted-linear"
     }
 
-    precomputed_kernels!(3);
+    precomputed_kernels!(_x, _a, _b);
 
     fn bwd(
         &self,
@@ -176,14 +182,16 @@ impl CustomOp3 for FrozenLinear {
 }
 
 /// `act(x)·Wᵀ + b`, plus `lora`'s `scale·(drop(act(x))·Aᵀ)·Bᵀ` when given, for a 2-D `x`
-/// (rows, in) and `w` (out, in). On a training graph with a frozen `w` and `b` this is one op
-/// (see the module docs); a trainable `w` or `b` takes the composed path and gets its gradient.
+/// (rows, in) and `w` (out, in), written through `map` when given. On a training graph with a
+/// frozen `w` and `b` this is one op (see the module docs); a trainable `w` or `b` takes the
+/// composed path and gets its gradient.
 pub fn frozen_linear(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     act: Option<Activation>,
     lora: Option<&LoraAdapter>,
+    map: Option<&OutputMap>,
 ) -> Result<Tensor> {
     let adapter = match lora {
         Some(l) => {
@@ -196,27 +204,39 @@ pub fn frozen_linear(
     let adapter_ref = adapter.as_ref().map(|(p, a, b)| (p, a, b));
     let tracked = x.track_op() || adapter_ref.is_some_and(|(_, a, b)| a.track_op() || b.track_op());
     let trainable_base = w.track_op() || bias.is_some_and(|b| b.track_op());
+    let dt = x.dtype();
     if !tracked || trainable_base {
         let (y, z) = parts(x, w, bias, act, adapter_ref)?;
-        return match z {
-            Some(z) => y + z,
+        let y = match z {
+            Some(z) => (y + z)?,
+            None => y,
+        };
+        return match map {
+            Some(m) => (m.forward)(&y)?.to_dtype(dt),
             None => Ok(y),
         };
     }
-    let dt = x.dtype();
     let (w, bias) = (w.detach().to_dtype(dt)?, bias.map(|b| b.detach().to_dtype(dt)).transpose()?);
     let detached = adapter_ref.map(|(p, a, b)| (p, a.detach(), b.detach()));
     let (y, z) = parts(&x.detach(), &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)))?;
-    let out = match z {
-        Some(z) => Precomputed::from_storage(binary_storage(&y, &z, Binary::Add)?, y.shape().clone()),
-        None => Precomputed::new(&y, dt)?,
+    let out = match (z, map) {
+        (Some(z), None) => Precomputed::from_storage(binary_storage(&y, &z, Binary::Add)?, y.shape().clone()),
+        (None, None) => Precomputed::new(&y, dt)?,
+        (z, Some(m)) => {
+            let y = match z {
+                Some(z) => (y + z)?,
+                None => y,
+            };
+            Precomputed::new(&(m.forward)(&y)?, dt)?
+        }
     };
+    let map = map.cloned();
     match adapter {
         Some((part, a, b)) => {
-            let op = FrozenLinear { w, act, adapter: Some(part), out };
+            let op = FrozenLinear { w, map, act, adapter: Some(part), out };
             x.apply_op3(&a, &b, op)
         }
-        None => x.apply_op1(FrozenLinear { w, act, adapter: None, out }),
+        None => x.apply_op1(FrozenLinear { w, map, act, adapter: None, out }),
     }
 }
 
@@ -284,7 +304,7 @@ mod tests {
                     _ => None,
                 };
                 crate::rng::reseed(&[11]);
-                let got = frozen_linear(x.as_tensor(), &w, Some(&bias), act, lora.as_ref())?;
+                let got = frozen_linear(x.as_tensor(), &w, Some(&bias), act, lora.as_ref(), None)?;
                 let want =
                     reference(x.as_tensor(), &w, &bias, act, lora.as_ref().map(|l| (l, mask.as_ref())))?;
                 assert!(max_diff(&got, &want) < 1e-12, "forward ({act:?}, {p:?})");
@@ -315,14 +335,14 @@ mod tests {
         let x = Tensor::randn(0f64, 1.0, (5, 3), &dev)?;
         let w = Tensor::randn(0f64, 1.0, (4, 3), &dev)?;
         let lora = adapter(&dev, 0.0)?;
-        let y = frozen_linear(&x, &w, None, None, Some(&lora))?;
+        let y = frozen_linear(&x, &w, None, None, Some(&lora), None)?;
         let g = y.sum_all()?.backward()?;
         assert!(g.get(&x).is_none());
         assert!(g.get(lora.a.as_tensor()).is_some() && g.get(lora.b.as_tensor()).is_some());
         let wv = Var::from_tensor(&w)?;
-        let g = frozen_linear(&x, wv.as_tensor(), None, None, None)?.sum_all()?.backward()?;
+        let g = frozen_linear(&x, wv.as_tensor(), None, None, None, None)?.sum_all()?.backward()?;
         assert!(g.get(wv.as_tensor()).is_some());
-        let plain = frozen_linear(&x, &w, None, Some(Activation::Gelu), None)?;
+        let plain = frozen_linear(&x, &w, None, Some(Activation::Gelu), None, None)?;
         let want = x.gelu_erf()?.matmul(&w.t()?)?;
         assert!(max_diff(&plain, &want) < 1e-12);
         Ok(())

@@ -64,10 +64,23 @@ impl Linear {
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
         // Frozen base weight: differentiated in x (and the adapter) only.
-        let y = super::frozen::frozen_linear(&x2, &self.weight, self.bias.as_ref(), act, self.lora.as_ref())?;
+        let y = super::frozen::frozen_linear(
+            &x2,
+            &self.weight,
+            self.bias.as_ref(),
+            act,
+            self.lora.as_ref(),
+            None,
+        )?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+
+    /// `self(x)` for a 2-D `x` (rows, in), written through `map` (on a training graph inside
+    /// the layer's op: the graph keeps only the mapped output).
+    pub fn forward_mapped(&self, x: &Tensor, map: &super::ops::OutputMap) -> Result<Tensor> {
+        super::frozen::frozen_linear(x, &self.weight, self.bias.as_ref(), None, self.lora.as_ref(), Some(map))
     }
 }
 
@@ -92,6 +105,18 @@ impl LayerNorm {
     /// Load `{path}.weight` and `{path}.bias` of width `dim`.
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+}
+
+impl LayerNorm {
+    /// The LayerNorm of `x` written through `map` (one op on a training graph).
+    pub fn forward_mapped(&self, x: &Tensor, map: &super::ops::OutputMap) -> Result<Tensor> {
+        if let Some(y) =
+            super::ops::layer_norm_frozen_mapped(x, &self.weight, &self.bias, self.eps, Some(map))?
+        {
+            return Ok(y);
+        }
+        super::ops::layer_norm_composed_mapped(x, &self.weight, &self.bias, self.eps, map)
     }
 }
 

@@ -9,7 +9,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// `t` (any layout, any offset) as a fresh contiguous storage in `dtype`: one pass over the
 /// data (a cast, or a copy when the dtype is already `dtype`).
@@ -91,57 +91,36 @@ impl Precomputed {
     }
 }
 
-/// Implements a custom op trait's `cpu_fwd`/`cuda_fwd` by handing over the op's `out` field.
+/// A change of layout (or any linear map) folded into an op's output, so the op writes what
+/// its consumer reads and the graph keeps one tensor instead of two: `forward` takes the op's
+/// natural result (untracked; in the op's compute dtype) to the mapped one, `backward` takes
+/// the mapped output's gradient back to the natural layout (the map's transpose). Examples:
+/// LayerNorm writing ViT windows, q/k projections writing RoPE-rotated heads.
+#[derive(Clone)]
+pub struct OutputMap {
+    /// Natural → mapped.
+    pub forward: TensorMap,
+    /// Gradient of the mapped output → gradient of the natural output.
+    pub backward: TensorMap,
+}
+
+/// A shareable tensor → tensor function.
+pub type TensorMap = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+impl std::fmt::Debug for OutputMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputMap")
+    }
+}
+
+/// Implements a custom op trait's `cpu_fwd`/`cuda_fwd` by handing over the op's `out` field;
+/// one placeholder name per operand: `precomputed_kernels!(_x)`, `precomputed_kernels!(_q, _k, _v)`.
 macro_rules! precomputed_kernels {
-    (1) => {
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    ($($s:ident),+) => {
+        fn cpu_fwd(&self, $($s: &CpuStorage, _: &Layout),+) -> Result<(CpuStorage, Shape)> {
             self.out.cpu()
         }
-        fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-            self.out.cuda()
-        }
-    };
-    (2) => {
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            self.out.cpu()
-        }
-        fn cuda_fwd(
-            &self,
-            _: &CudaStorage,
-            _: &Layout,
-            _: &CudaStorage,
-            _: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.out.cuda()
-        }
-    };
-    (3) => {
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            self.out.cpu()
-        }
-        fn cuda_fwd(
-            &self,
-            _: &CudaStorage,
-            _: &Layout,
-            _: &CudaStorage,
-            _: &Layout,
-            _: &CudaStorage,
-            _: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(&self, $($s: &CudaStorage, _: &Layout),+) -> Result<(CudaStorage, Shape)> {
             self.out.cuda()
         }
     };
@@ -159,6 +138,8 @@ struct FusedNorm {
     /// groups of a (B, C, ...) input (GroupNorm).
     groups: Option<usize>,
     eps: f64,
+    /// The output's layout map, if any.
+    map: Option<OutputMap>,
     out: Precomputed,
 }
 
@@ -167,10 +148,14 @@ impl CustomOp1 for FusedNorm {
         "fused-norm"
     }
 
-    precomputed_kernels!(1);
+    precomputed_kernels!(_x);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
+        let dy = match &self.map {
+            Some(m) => (m.backward)(dy)?,
+            None => dy.clone(),
+        };
         let gw = dy.to_dtype(DType::F32)?.broadcast_mul(&self.weight)?;
         let (x32, gw) = match self.groups {
             Some(g) => {
@@ -207,13 +192,40 @@ fn layer_norm_f32(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// LayerNorm with frozen `weight` and `bias` as one op on a tracked `x` (see [`FusedLayerNorm`]);
 /// `None` when `x` is untracked or the weights are trainable (the caller's composed path).
 pub fn layer_norm_frozen(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    layer_norm_frozen_mapped(x, weight, bias, eps, None)
+}
+
+/// [`layer_norm_frozen`] with its output written through `map`.
+pub fn layer_norm_frozen_mapped(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    map: Option<&OutputMap>,
+) -> Result<Option<Tensor>> {
     if !x.track_op() || weight.track_op() || bias.track_op() || x.dtype() == DType::F64 {
         return Ok(None);
     }
-    let y = layer_norm_f32(&x.detach(), &weight.detach(), &bias.detach(), eps)?;
+    let mut y = layer_norm_f32(&x.detach(), &weight.detach(), &bias.detach(), eps)?;
+    if let Some(m) = map {
+        y = (m.forward)(&y)?;
+    }
     let weight = weight.detach().to_dtype(DType::F32)?;
-    let op = FusedNorm { weight, groups: None, eps, out: Precomputed::new(&y, x.dtype())? };
+    let out = Precomputed::new(&y, x.dtype())?;
+    let op = FusedNorm { weight, groups: None, eps, map: map.cloned(), out };
     Ok(Some(x.apply_op1(op)?))
+}
+
+/// LayerNorm composed (differentiable), its output written through `map` (the untracked path
+/// of [`layer_norm_frozen_mapped`]: the same values).
+pub fn layer_norm_composed_mapped(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    map: &OutputMap,
+) -> Result<Tensor> {
+    (map.forward)(&layer_norm_f32(x, weight, bias, eps)?)?.to_dtype(x.dtype())
 }
 
 /// GroupNorm of a (B, C, ...) input over `groups` channel groups, composed, computed in f32.
@@ -257,7 +269,8 @@ pub fn group_norm_frozen(
     }
     let y = group_norm_f32(&x.detach(), &weight.detach(), &bias.detach(), groups, eps)?;
     let weight = per_channel(&weight.detach(), x.rank())?;
-    let op = FusedNorm { weight, groups: Some(groups), eps, out: Precomputed::new(&y, x.dtype())? };
+    let op =
+        FusedNorm { weight, groups: Some(groups), eps, map: None, out: Precomputed::new(&y, x.dtype())? };
     Ok(Some(x.apply_op1(op)?))
 }
 
@@ -275,7 +288,7 @@ impl CustomOp1 for WithConstant {
         "with-constant"
     }
 
-    precomputed_kernels!(1);
+    precomputed_kernels!(_x);
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(match self.op {

@@ -73,7 +73,7 @@ impl CustomOp2 for Recompute {
         "checkpointed-block"
     }
 
-    precomputed_kernels!(2);
+    precomputed_kernels!(_x, _anchor);
 
     fn bwd(
         &self,

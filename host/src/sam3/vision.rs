@@ -13,12 +13,14 @@
 //! pad + reshape + permute + narrow. Internally the backbone keeps the channels-last spatial
 //! layout (B, H, W, C) transformers uses between its layers.
 
-use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 use super::config::{VisionConfig, VitConfig};
 use super::neck::VisionNeck;
 use super::nn::{attention_tokens, Activation, LayerNorm, Linear, Mlp};
+use super::ops::OutputMap;
 
 /// Cos/sin tables of transformers' `Sam3ViTRotaryEmbedding` for one token grid.
 ///
@@ -93,17 +95,22 @@ impl RopeTables {
         self.rotate(&x.to_dtype(DType::F32)?, false)?.to_dtype(x.dtype())
     }
 
-    /// [`RopeTables::apply`] with heads moved before tokens: (B, N, heads, head_dim) →
-    /// (B, heads, N, head_dim), contiguous, as attention reads q and k. On a training graph it is
-    /// one op (forward bit-identical, backward = the inverse rotation) that keeps only its input,
-    /// instead of the composed version's f32 copies.
-    pub fn apply_heads_first(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.track_op() {
-            return self.apply(x)?.transpose(1, 2);
+    /// The q/k projections' output map: a (B·N, heads·head_dim) projection → rotated, heads
+    /// before tokens (B, heads, N, head_dim), as attention reads q and k; its backward is the
+    /// inverse rotation. Folded into the projection's op, the graph keeps one tensor for
+    /// project + rotate + transpose (the same values as [`RopeTables::apply`] and a transpose).
+    pub fn heads_first_map(&self, batch: usize, heads: usize) -> OutputMap {
+        let (fwd, bwd) = (self.clone(), self.clone());
+        OutputMap {
+            forward: Arc::new(move |y: &Tensor| {
+                let (n, d) = (fwd.len(), y.dim(1)? / heads);
+                fwd.rotate(&y.reshape((batch, n, heads, d))?.to_dtype(DType::F32)?, false)?.transpose(1, 2)
+            }),
+            backward: Arc::new(move |dy: &Tensor| {
+                let (b, h, n, d) = dy.dims4()?;
+                bwd.rotate(&dy.transpose(1, 2)?.to_dtype(DType::F32)?, true)?.reshape((b * n, h * d))
+            }),
         }
-        let y = self.rotate(&x.detach().to_dtype(DType::F32)?, false)?.transpose(1, 2)?;
-        let out = super::ops::Precomputed::new(&y, x.dtype())?;
-        x.apply_op1(RopeOp { tables: self.clone(), out })
     }
 
     /// The pairwise rotation of an f32 (B, N, heads, head_dim) tensor by +angle, or by −angle
@@ -128,25 +135,6 @@ impl RopeTables {
             )
         };
         Tensor::cat(&[ya?, yb?], 4)?.reshape((b, n, h, d))
-    }
-}
-
-/// [`RopeTables::apply_heads_first`] as a recorded op.
-struct RopeOp {
-    tables: RopeTables,
-    out: super::ops::Precomputed,
-}
-
-impl candle_core::CustomOp1 for RopeOp {
-    fn name(&self) -> &'static str {
-        "rope-heads-first"
-    }
-
-    super::ops::precomputed_kernels!(1);
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dy = dy.transpose(1, 2)?.to_dtype(DType::F32)?;
-        Ok(Some(self.tables.rotate(&dy, true)?.to_dtype(x.dtype())?))
     }
 }
 
@@ -194,6 +182,34 @@ pub fn window_unpartition(
         x = x.narrow(2, 0, w)?;
     }
     Ok(x)
+}
+
+/// (H, W) padded up to multiples of `ws`.
+fn padded_hw(hw: (usize, usize), ws: usize) -> (usize, usize) {
+    (hw.0.div_ceil(ws) * ws, hw.1.div_ceil(ws) * ws)
+}
+
+/// LayerNorm output (B, H, W, C) → windows (B·nW, ws², C): [`window_partition`] as an output map.
+fn partition_map(ws: usize, hw: (usize, usize)) -> OutputMap {
+    OutputMap {
+        forward: Arc::new(move |y: &Tensor| Ok(window_partition(y, ws)?.0)),
+        backward: Arc::new(move |dy: &Tensor| window_unpartition(dy, ws, padded_hw(hw, ws), hw)),
+    }
+}
+
+/// Output projection rows (B·nW·ws², C) → the map (B, H, W, C): [`window_unpartition`] as an
+/// output map.
+fn unpartition_map(ws: usize, hw: (usize, usize)) -> OutputMap {
+    OutputMap {
+        forward: Arc::new(move |y: &Tensor| {
+            let c = y.dim(1)?;
+            window_unpartition(&y.reshape((y.dim(0)? / (ws * ws), ws * ws, c))?, ws, padded_hw(hw, ws), hw)
+        }),
+        backward: Arc::new(move |dy: &Tensor| {
+            let c = dy.dim(3)?;
+            window_partition(dy, ws)?.0.reshape(((), c))
+        }),
+    }
 }
 
 /// The patch embedding `Conv2d(3, C, kernel=p, stride=p, bias=False)` computed as patchify + matmul.
@@ -308,15 +324,20 @@ impl ViTAttention {
         })
     }
 
-    /// Token sequences (B, N, C) with their RoPE tables (N tokens) → (B, N, C).
-    pub fn forward(&self, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+    /// Token sequences (B, N, C) with their RoPE tables (N tokens) → (B, N, C), or the output
+    /// projection's rows (B·N, C) written through `out_map`.
+    pub fn forward(&self, x: &Tensor, rope: &RopeTables, out_map: Option<&OutputMap>) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let (h, d) = (self.num_heads, c / self.num_heads);
-        let q = rope.apply_heads_first(&self.q_proj.forward(x)?.reshape((b, n, h, d))?)?;
-        let k = rope.apply_heads_first(&self.k_proj.forward(x)?.reshape((b, n, h, d))?)?;
-        let v = self.v_proj.forward(x)?.reshape((b, n, h, d))?.transpose(1, 2)?;
-        let o = attention_tokens(&q, &k, &v, 1.0 / (d as f64).sqrt(), None)?; // (B, N, heads, d)
-        self.o_proj.forward(&o.reshape((b, n, c))?)
+        let x2 = x.contiguous()?.reshape((b * n, c))?;
+        let q = self.q_proj.forward_mapped(&x2, &rope.heads_first_map(b, h))?;
+        let k = self.k_proj.forward_mapped(&x2, &rope.heads_first_map(b, h))?;
+        let v = self.v_proj.forward(&x2)?.reshape((b, n, h, d))?.transpose(1, 2)?;
+        let o = attention_tokens(&q, &k, &v, 1.0 / (d as f64).sqrt(), None)?.reshape((b * n, c))?;
+        match out_map {
+            Some(m) => self.o_proj.forward_mapped(&o, m),
+            None => self.o_proj.forward(&o)?.reshape((b, n, c)),
+        }
     }
 }
 
@@ -362,11 +383,11 @@ impl ViTLayer {
     /// Channels-last (B, H, W, C) → (B, H, W, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let y = self.layer_norm1.forward(x)?;
         let y = if self.window_size > 0 {
-            let (windows, padded) = window_partition(&y, self.window_size)?;
-            let o = self.attention.forward(&windows, &self.rope)?;
-            window_unpartition(&o, self.window_size, padded, (h, w))?
+            // LayerNorm writes the windows, the output projection the map (one tensor each).
+            let ws = self.window_size;
+            let windows = self.layer_norm1.forward_mapped(x, &partition_map(ws, (h, w)))?;
+            self.attention.forward(&windows, &self.rope, Some(&unpartition_map(ws, (h, w))))?
         } else {
             if h * w != self.rope.len() {
                 candle_core::bail!(
@@ -375,7 +396,9 @@ impl ViTLayer {
                     self.rope.len()
                 );
             }
-            self.attention.forward(&y.reshape((b, h * w, c))?, &self.rope)?.reshape((b, h, w, c))?
+            self.attention
+                .forward(&self.layer_norm1.forward(x)?.reshape((b, h * w, c))?, &self.rope, None)?
+                .reshape((b, h, w, c))?
         };
         let x = (x + y)?;
         let y = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
@@ -509,26 +532,72 @@ mod tests {
 
     /// Run the vision model on a fixture's `pixel_values` and compare every `vision.*` output with
     /// max |diff| ≤ 1e-4 · max(1, max |ref|); returns (name, max diff, max |ref|) per tensor.
-    /// RoPE as one op: the forward equals the composed rotation + transpose bit for bit, the
-    /// input gradient equals the composed graph's (f64 and an f32 input cast inside).
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+
+    /// q/k projection with RoPE folded in: the forward equals the composed projection, rotation
+    /// and transpose bit for bit, the input gradient equals the composed graph's.
     #[test]
-    fn rope_op_matches_the_composed_rotation_and_its_gradient() -> Result<()> {
+    fn rope_map_matches_the_composed_rotation_and_its_gradient() -> Result<()> {
         let dev = Device::Cpu;
         let tables = RopeTables::new(3, 2, 8, 10000.0, 0.5, &dev)?;
         for dt in [DType::F32, DType::F64] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 6, 3, 8), &dev)?.to_dtype(dt)?)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (12, 24), &dev)?.to_dtype(dt)?)?;
+            let w = Tensor::randn(0f32, 0.3, (24, 24), &dev)?.to_dtype(dt)?;
             let t = Tensor::randn(0f32, 1.0, (2, 3, 6, 8), &dev)?.to_dtype(dt)?;
-            let want = tables.apply(x.as_tensor())?.transpose(1, 2)?;
-            let got = tables.apply_heads_first(x.as_tensor())?;
+            let plain = x.matmul(&w.t()?)?.reshape((2, 6, 3, 8))?;
+            let want = tables.apply(&plain)?.transpose(1, 2)?;
+            let map = tables.heads_first_map(2, 3);
+            let got = crate::sam3::frozen::frozen_linear(&x, &w, None, None, None, Some(&map))?;
             assert!(got.is_contiguous());
-            let diff = (&want - &got)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            assert_eq!(diff, 0.0);
+            assert_eq!(max_diff(&want, &got)?, 0.0);
             let gw = (want * &t)?.sum_all()?.backward()?;
             let gg = (got * &t)?.sum_all()?.backward()?;
-            let (a, b) = (gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap());
-            let diff = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            assert!(diff < 1e-6, "{dt:?}: gradient differs by {diff}");
+            let diff = max_diff(gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap())?;
+            assert!(diff < 1e-5, "{dt:?}: gradient differs by {diff}");
         }
+        Ok(())
+    }
+
+    /// LayerNorm writing windows and a projection writing the map back (with padding): the same
+    /// values and input gradients as the composed partition / unpartition.
+    #[test]
+    fn window_maps_match_the_composed_partition_and_their_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, w, c, ws) = (2, 5, 3, 4, 2);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, w, c), &dev)?)?;
+        let ln = LayerNorm {
+            weight: Tensor::randn(1f32, 0.2, c, &dev)?,
+            bias: Tensor::randn(0f32, 0.2, c, &dev)?,
+            eps: 1e-6,
+        };
+        let want = window_partition(&ln.forward(&x)?, ws)?.0;
+        let got = ln.forward_mapped(&x, &partition_map(ws, (h, w)))?;
+        assert_eq!(max_diff(&want, &got)?, 0.0);
+        let t = Tensor::randn(0f32, 1.0, want.dims(), &dev)?;
+        let gw = (&want * &t)?.sum_all()?.backward()?;
+        let gg = (&got * &t)?.sum_all()?.backward()?;
+        assert!(max_diff(gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap())? < 1e-5);
+        // The projection back to the map, from the windows' rows.
+        let rows = Var::from_tensor(&Tensor::randn(0f32, 1.0, (want.dim(0)? * ws * ws, c), &dev)?)?;
+        let wt = Tensor::randn(0f32, 0.5, (c, c), &dev)?;
+        let plain = rows.matmul(&wt.t()?)?.reshape(want.dims())?;
+        let want = window_unpartition(&plain, ws, padded_hw((h, w), ws), (h, w))?;
+        let got = crate::sam3::frozen::frozen_linear(
+            &rows,
+            &wt,
+            None,
+            None,
+            None,
+            Some(&unpartition_map(ws, (h, w))),
+        )?;
+        assert_eq!(got.dims(), &[b, h, w, c]);
+        assert_eq!(max_diff(&want, &got)?, 0.0);
+        let t = Tensor::randn(0f32, 1.0, (b, h, w, c), &dev)?;
+        let gw = (want * &t)?.sum_all()?.backward()?;
+        let gg = (got * &t)?.sum_all()?.backward()?;
+        assert!(max_diff(gw.get(rows.as_tensor()).unwrap(), gg.get(rows.as_tensor()).unwrap())? < 1e-5);
         Ok(())
     }
 
