@@ -3,10 +3,12 @@
 //! Everything here has a backward in candle 0.11: LayerNorm and softmax are composed from
 //! elementary ops on purpose, because candle's fused `ops::layer_norm`, `softmax_last_dim`,
 //! `rope*` and the `candle_nn::LayerNorm` module have no backward and silently cut gradients
-//! (see `../shared/docs/candle-training.md`). On a training graph, linear layers, LayerNorm and
-//! attention run as custom ops with their own backward (`frozen`, `ops`, `attention`); fused
-//! kernels appear only inside those ops, on untracked tensors. Modules load through `VarBuilder` paths equal to
-//! transformers' key names, so checkpoint keys and LoRA target patterns are one vocabulary.
+//! (see `../shared/docs/candle-training.md`). On a training graph, linear layers (with their
+//! adapter and the preceding MLP activation), LayerNorm and attention run as custom ops with
+//! their own backward (`frozen`, `ops`, `attention`) that keep only their inputs; fused kernels
+//! appear only inside those ops, on untracked tensors. Modules load through `VarBuilder` paths
+//! equal to transformers' key names, so checkpoint keys and LoRA target patterns are one
+//! vocabulary.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;

@@ -10,8 +10,11 @@
 //!
 //! Every op has a backward in candle 0.11: LayerNorm/softmax come from [`super::nn`], the RoPE
 //! tables are constants applied with broadcast multiplies, and window (un)partition is
-//! pad + reshape + permute + narrow. Internally the backbone keeps the channels-last spatial
-//! layout (B, H, W, C) transformers uses between its layers.
+//! pad + reshape + permute + narrow. On a training graph the layout changes are folded into the
+//! ops that produce them ([`super::ops::OutputMap`]): the q/k projections write RoPE-rotated
+//! heads, a window block's LayerNorm writes the windows and its output projection writes the map
+//! back, so the graph keeps one tensor for each. Internally the backbone keeps the channels-last
+//! spatial layout (B, H, W, C) transformers uses between its layers.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
