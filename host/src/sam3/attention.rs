@@ -33,16 +33,12 @@ struct LeanAttention {
     out: Precomputed,
 }
 
-/// Accumulation dtype: f32, or f64 for f64 inputs.
-fn acc(t: &Tensor) -> DType {
-    if t.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
+use super::ops::{accumulation_dtype, precomputed_kernels, Precomputed};
 
-use super::ops::{precomputed_kernels, Precomputed};
+/// Accumulation dtype of `t`.
+fn acc(t: &Tensor) -> DType {
+    accumulation_dtype(t.dtype())
+}
 
 impl Lean {
     /// Query rows per chunk for these shapes.

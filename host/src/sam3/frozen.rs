@@ -16,10 +16,10 @@
 //! recomputed in backward instead of kept. Without anything tracked (inference, or the first,
 //! graph-less run of a checkpointed block) the same forward runs as plain tensor operations.
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::nn::Activation;
-use super::ops::{binary_storage, precomputed_kernels, Binary, OutputMap, Precomputed};
+use super::ops::{accumulation_dtype, binary_storage, precomputed_kernels, Binary, OutputMap, Precomputed};
 use crate::lora::LoraAdapter;
 
 /// The adapter part: `scale · (drop(x)·Aᵀ)·Bᵀ` with dropout probability `p` and keep `mask`.
@@ -40,18 +40,9 @@ struct FrozenLinear {
     out: Precomputed,
 }
 
-/// Accumulation dtype for elementwise derivatives: f64 for f64 inputs, else f32.
-fn acc(dt: DType) -> DType {
-    if dt == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 /// act'(x) in the accumulation dtype.
 fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
-    let xf = x.to_dtype(acc(x.dtype()))?;
+    let xf = x.to_dtype(accumulation_dtype(x.dtype()))?;
     match act {
         // d/dx [x·Φ(x)] = Φ(x) + x·φ(x)
         Activation::Gelu => {
@@ -143,7 +134,9 @@ impl FrozenLinear {
             }
         }
         let dx = match (dxa, self.act) {
-            (Some(d), Some(act)) => Some((d.to_dtype(acc(dt))? * act_grad(act, &x)?)?.to_dtype(dt)?),
+            (Some(d), Some(act)) => {
+                Some((d.to_dtype(accumulation_dtype(dt))? * act_grad(act, &x)?)?.to_dtype(dt)?)
+            }
             (d, _) => d,
         };
         Ok((dx, da, db))
@@ -243,7 +236,7 @@ pub fn frozen_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 

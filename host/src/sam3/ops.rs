@@ -11,6 +11,16 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 use std::sync::{Arc, Mutex};
 
+/// The dtype ops accumulate reductions and elementwise derivatives in: f64 for f64 inputs (the
+/// gradient tests), else f32.
+pub(crate) fn accumulation_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// `t` (any layout, any offset) as a fresh contiguous storage in `dtype`: one pass over the
 /// data (a cast, or a copy when the dtype is already `dtype`).
 pub(crate) fn storage_as(t: &Tensor, dtype: DType) -> Result<Storage> {
