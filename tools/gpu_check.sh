@@ -18,6 +18,13 @@ log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 ldd "$BIN" > "$OUT/ldd.txt" 2>&1
 
+# 0. The training ops lorahost writes itself, on the GPU, against the f64 CPU reference.
+log "selftest"
+for d in f32 bf16; do
+  timeout 120 "$BIN" selftest --device cuda --dtype "$d" > "$OUT/selftest_$d.txt" 2>&1
+  echo "selftest $d exit $?" >> "$OUT/steps.log"
+done
+
 # 1. GPU forward vs CPU forward on the tiny parity fixture (bf16 tolerance) and f32.
 log "forward parity"
 F=host/tests/fixtures/sam3/tiny_a
@@ -51,7 +58,8 @@ cp "$OUT/demo/metrics.jsonl" "$OUT/demo_metrics.jsonl" 2>/dev/null
 
 # 3. Benchmarks: lorahost and PyTorch (eager) on the same card, same run.
 log "bench lorahost b2"
-timeout 300 "$BIN" bench --device cuda --dtype bf16 --batch 2 --json "$OUT/bench.jsonl" >> "$OUT/steps.log" 2>&1
+# Two profiled steps after the timed ones: where the time goes (profile / profile_ops in the JSON).
+timeout 300 "$BIN" bench --device cuda --dtype bf16 --batch 2 --profile 2 --json "$OUT/bench.jsonl" >> "$OUT/steps.log" 2>&1
 log "bench pytorch eager b2"
 for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
   if [ -f "$ref" ]; then

@@ -46,6 +46,32 @@ pub struct BenchOptions {
     pub ckpt: bool,
     /// Append the result as a JSON line to this file.
     pub json: Option<PathBuf>,
+    /// After the timed steps, this many more steps with the device synchronised between the
+    /// model's parts, the loss, backward and the optimizer: where a step's time goes.
+    pub profile_steps: usize,
+}
+
+/// One part of a profiled step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfilePart {
+    /// The part: a model component's forward (`vision`, `text`, `geometry`, `encoder`,
+    /// `decoder`, ...), `loss`, `backward: heads` (backward until it reaches the vision
+    /// features), `backward: vision` (the rest: neck and ViT when they are adapted), `optimizer`
+    /// (gradient statistics, clipping, AdamW).
+    pub part: String,
+    /// Milliseconds per step.
+    pub ms: f64,
+}
+
+/// An operation timed inside the parts of a profiled step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfileOp {
+    /// The operation and its shape, e.g. `attention backward b2 h16 5184x5184 d64`.
+    pub op: String,
+    /// Milliseconds per step.
+    pub ms: f64,
+    /// Calls per step.
+    pub calls: f64,
 }
 
 /// One benchmark result (the fields of `hf_sam3_bench.py`'s JSON, plus startup).
@@ -79,14 +105,23 @@ pub struct BenchResult {
     pub images_per_s: f64,
     /// Last loss.
     pub loss: f64,
-    /// Peak memory of the run, GiB: on CUDA the device memory in use above what was in use
-    /// before the model was built (sampled after each forward and backward); on the CPU the
-    /// peak heap.
+    /// Peak memory of the run, GiB: on CUDA the high-water mark of the memory pool's allocated
+    /// bytes (weights, activations, gradients, optimizer state: what PyTorch's
+    /// `max_memory_allocated` counts); on the CPU the peak heap.
     pub peak_mem_gib: f64,
+    /// On CUDA, the peak the memory pool reserved (allocated plus cached; PyTorch's
+    /// `max_memory_reserved`); device memory in use beyond the CUDA context.
+    pub peak_reserved_gib: Option<f64>,
     /// From start (device open) to the end of the first training step, seconds.
     pub time_to_first_step_s: f64,
     /// `lorahost doctor`'s peak estimate for this workload, GiB (without the CUDA context).
     pub estimated_peak_gib: f64,
+    /// Where a step's time goes (`--profile`), in the order the parts run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<ProfilePart>>,
+    /// With `--profile`: operations timed inside the parts, the most expensive first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_ops: Option<Vec<ProfileOp>>,
 }
 
 /// The model config of the benchmark.
@@ -191,6 +226,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     device.synchronize()?;
     crate::alloc_stats::reset_peak();
+    crate::gpu::reset_peak(&device);
     let used_before = device_used(&device);
     let params = crate::memory::parameter_count(&config)?;
     let vb = candle_nn::VarBuilder::from_backend(
@@ -230,9 +266,12 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
             + sig_mean(&out.pred_logits)?
             + out.presence_logits.to_dtype(DType::F32)?.mean_all()?
             + out.semantic_seg.to_dtype(DType::F32)?.mean_all()?)?;
+        crate::profile::mark("loss");
         *peak_used = (*peak_used).max(device_used(&device));
         let mut grads = loss.backward()?;
         crate::sam3::recompute::merge_side_grads(&mut grads)?;
+        // Without ViT adapters backward never reaches the vision features: it is all heads.
+        crate::profile::mark(if o.vision_lora { "backward: vision" } else { "backward: heads" });
         *peak_used = (*peak_used).max(device_used(&device));
         drop(out);
         let gs: Vec<Tensor> = var_list
@@ -249,6 +288,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         opt.step(&gs, 1e-4)?;
         let l = loss.to_scalar::<f32>()? as f64;
         device.synchronize()?;
+        crate::profile::mark("optimizer");
         Ok(l)
     };
 
@@ -265,7 +305,28 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     }
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    let peak = if device.is_cpu() { crate::alloc_stats::peak() } else { peak_used - used_before };
+    let pool_peak = crate::gpu::peak_memory(&device);
+    let peak = match (device.is_cpu(), pool_peak) {
+        (true, _) => crate::alloc_stats::peak(),
+        (false, Some((used, _))) => used,
+        // The driver reports no pool counters: sampled device memory (after each forward and
+        // backward) above what was in use before the model was built.
+        (false, None) => peak_used - used_before,
+    };
+    let (profile, profile_ops) = if o.profile_steps > 0 {
+        crate::profile::enable(&device);
+        for _ in 0..o.profile_steps {
+            crate::profile::restart();
+            loss = step(&mut peak_used)?;
+        }
+        let r = crate::profile::disable(o.profile_steps);
+        (
+            Some(r.parts.into_iter().map(|(part, s)| ProfilePart { part, ms: s * 1e3 }).collect()),
+            Some(r.inner.into_iter().map(|(op, s, calls)| ProfileOp { op, ms: s * 1e3, calls }).collect()),
+        )
+    } else {
+        (None, None)
+    };
     let res = BenchResult {
         device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
         tiny: o.tiny,
@@ -281,9 +342,12 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         step_s_min: times[0],
         images_per_s: b as f64 / med,
         loss,
-        peak_mem_gib: peak as f64 / (1u64 << 30) as f64,
+        peak_mem_gib: gib(peak),
+        peak_reserved_gib: pool_peak.map(|(_, reserved)| gib(reserved)),
         time_to_first_step_s: first,
         estimated_peak_gib: gib(predicted.total),
+        profile,
+        profile_ops,
     };
     if let Some(p) = &o.json {
         let line = serde_json::to_string(&res)? + "\n";

@@ -152,6 +152,22 @@ pub enum Command {
         /// Append the result as a JSON line to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// After the timed steps, profile this many more: the device is synchronised after
+        /// each model component, the loss, backward and the optimizer, and the mean time of
+        /// each is reported (`profile` in the JSON; the timed steps are not slowed).
+        #[arg(long, default_value_t = 0, value_name = "STEPS")]
+        profile: usize,
+    },
+    /// Check the training ops lorahost implements itself (lean attention, adapted linear, frozen
+    /// norms) on a device: forward and every input gradient against the composed computation in
+    /// f64 on the CPU. Run it first on a new GPU build; exits non-zero if an op is off.
+    Selftest {
+        /// Device.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: crate::inference::DeviceArg,
+        /// Compute dtype (LoRA factors stay f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: crate::inference::DTypeArg,
     },
     /// Run SAM3 on raw tensors (the parity contract with transformers' Sam3Model).
     ///
@@ -487,6 +503,7 @@ pub fn run(cli: Cli) -> Result<()> {
             ckpt,
             estimate_only,
             json,
+            profile,
         } => {
             let opts = crate::bench::BenchOptions {
                 device: *device,
@@ -499,12 +516,34 @@ pub fn run(cli: Cli) -> Result<()> {
                 vision_lora: *vision_lora != 0,
                 ckpt: *ckpt,
                 json: json.clone(),
+                profile_steps: *profile,
             };
             if *estimate_only {
                 println!("{}", serde_json::to_string(&crate::bench::estimate_only(&opts)?)?);
                 return Ok(());
             }
             println!("{}", serde_json::to_string(&crate::bench::run(&opts)?)?);
+            Ok(())
+        }
+        Command::Selftest { device, dtype } => {
+            let dev = device.device()?;
+            dtype.check(&dev)?;
+            let checks = crate::selftest::run(&dev, dtype.dtype())?;
+            for c in &checks {
+                let grads: Vec<String> = c.grads.iter().map(|(k, e)| format!("d{k} {e:.1e}")).collect();
+                println!(
+                    "{} {:<48} forward {:.1e}  {}  (tolerance {:.0e})",
+                    if c.ok { "ok  " } else { "FAIL" },
+                    c.name,
+                    c.forward,
+                    grads.join("  "),
+                    c.tolerance
+                );
+            }
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} op checks are outside the tolerance", checks.len());
+            }
             Ok(())
         }
         Command::Forward { model, inputs, out, device, dtype, semantics } => {

@@ -33,12 +33,7 @@ impl DeviceArg {
     pub fn device(self) -> Result<Device> {
         match self {
             DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => {
-                if !candle_core::utils::cuda_is_available() {
-                    bail!("--device cuda: this lorahost was built without CUDA support; rebuild with `cargo build --release --features cuda` (see ../shared/gpu/README.md)");
-                }
-                Device::new_cuda(0).context("cannot open CUDA device 0")
-            }
+            DeviceArg::Cuda => crate::gpu::open_cuda(0, "--device cuda"),
         }
     }
 }

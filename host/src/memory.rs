@@ -88,8 +88,11 @@ const MASK: (f64, f64, f64) = (24.83, 3.83, 1.32);
 /// ends, plus the pass's transients (fitted, `tools/measure_memory.py`).
 const BACKWARD: f64 = 0.396;
 /// f32 copies of the largest attention's score chunk alive while the lean attention's backward
-/// recomputes it (probabilities, dP, dS and their casts; fitted).
+/// recomputes it (probabilities, dP, dS and their casts; fitted on the CPU).
 const ATTENTION_TRANSIENT: f64 = 3.57;
+/// The same in bf16 / f16 (CUDA), where the chunk stays in the compute dtype: P, dP, dP − δ
+/// and dS are alive at the peak (counted from the code, not fitted: no GPU measurement yet).
+const ATTENTION_TRANSIENT_HALF: f64 = 4.0;
 /// Process baseline on the CPU beyond the heap (binary, shared libraries, plugin engine), bytes.
 pub const CPU_BASE: u64 = 20 << 20;
 
@@ -348,6 +351,15 @@ fn checkpointed_vision(c: &Sam3Config, images: usize) -> (f64, f64) {
     (kept, one_block)
 }
 
+/// Bytes per score element of the lean attention's backward transient (see
+/// [`crate::sam3::attention`]: half-precision runs keep the chunk in their dtype).
+fn attention_transient_bytes(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 | DType::F16 => ATTENTION_TRANSIENT_HALF * dtype.size_in_bytes() as f64,
+        _ => ATTENTION_TRANSIENT * 4.0,
+    }
+}
+
 /// The estimate of a micro-batch of `images` images and `queries` (image, prompt) pairs.
 pub fn estimate(c: &Sam3Config, run: &RunShape, images: usize, queries: usize) -> MemoryEstimate {
     let b = run.dtype.size_in_bytes() as f64;
@@ -366,7 +378,7 @@ pub fn estimate(c: &Sam3Config, run: &RunShape, images: usize, queries: usize) -
     let activations = (graph * b) as u64;
     let backward = (activations as f64 * BACKWARD
         + recompute * b
-        + ATTENTION_TRANSIENT * 4.0 * largest_attention(c, &run.adapted, images, queries))
+        + attention_transient_bytes(run.dtype) * largest_attention(c, &run.adapted, images, queries))
         as u64;
     MemoryEstimate {
         weights,

@@ -17,11 +17,17 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Sha
 /// split: bounds the transient memory of forward and backward at ~64 Mi elements.
 pub const CHUNK_ELEMENTS: usize = 64 << 20;
 
-/// The computation: scale, optional constant bias (broadcastable to (B, H, Nq, Nk)), chunk bound.
+/// The computation: scale, optional constant bias (broadcastable to (B, H, Nq, Nk)), chunk bound
+/// and the dtype the score chunks are normalised in.
 struct Lean {
     scale: f64,
     bias: Option<Tensor>,
     chunk_elements: usize,
+    /// Dtype of the scores and probabilities: the inputs' dtype (bf16) on CUDA, whose softmax
+    /// kernel accumulates in f32 (one pass over the chunk each for the scores, the softmax
+    /// and the product with V, like PyTorch's eager attention), and the accumulation dtype
+    /// (f32) elsewhere: candle's CPU softmax accumulates in the element type.
+    probs: DType,
 }
 
 /// The recorded op.
@@ -40,6 +46,25 @@ fn acc(t: &Tensor) -> DType {
     accumulation_dtype(t.dtype())
 }
 
+/// The score dtype [`Lean::probs`] uses for inputs like `q`.
+fn probs_dtype(q: &Tensor) -> DType {
+    let half = matches!(q.dtype(), DType::BF16 | DType::F16);
+    if half && q.device().is_cuda() {
+        q.dtype()
+    } else {
+        acc(q)
+    }
+}
+
+/// The operands as the chunk loops read them: `q · scale` and `k`, `v` contiguous (copied only
+/// when they are views), so that each chunk's matmuls take views (query rows narrowed, `kᵀ`
+/// and `vᵀ` transposed) without copies: both backends' batched matmuls read those strides.
+struct Operands {
+    q_scaled: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
 impl Lean {
     /// Query rows per chunk for these shapes.
     fn rows(&self, q: &Tensor, k: &Tensor) -> Result<usize> {
@@ -48,29 +73,36 @@ impl Lean {
         Ok((self.chunk_elements / (b * h * nk).max(1)).clamp(1, nq.max(1)))
     }
 
-    /// Probabilities (f32, or f64) of query rows `start..start + len`.
-    fn probs(&self, q: &Tensor, k: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        let qc = q.narrow(2, start, len)?.contiguous()?;
-        let mut s = (qc.matmul(&k.t()?.contiguous()?)? * self.scale)?.to_dtype(acc(q))?;
+    fn operands(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Operands> {
+        // The scaling writes a fresh contiguous tensor, whatever q's layout.
+        Ok(Operands { q_scaled: (q * self.scale)?, k: k.contiguous()?, v: v.contiguous()? })
+    }
+
+    /// Probabilities (in [`Lean::probs`]) of query rows `start..start + len`.
+    fn probs(&self, o: &Operands, start: usize, len: usize) -> Result<Tensor> {
+        let mut s = o.q_scaled.narrow(2, start, len)?.matmul(&o.k.t()?)?;
+        if s.dtype() != self.probs {
+            s = s.to_dtype(self.probs)?;
+        }
         if let Some(b) = &self.bias {
             let rows = if b.dim(2)? == 1 { b.clone() } else { b.narrow(2, start, len)? };
-            s = s.broadcast_add(&rows.to_dtype(acc(q))?)?;
+            s = s.broadcast_add(&rows.to_dtype(self.probs)?)?;
         }
         // Fused kernel without a backward: fine here, `s` is untracked (the op's forward and
         // backward run on detached inputs) and the op has its own backward.
         candle_nn::ops::softmax_last_dim(&s)
     }
 
-    /// Matmuls run in the inputs' dtype (bf16 on the GPU), softmax in f32.
+    /// Matmuls run in the inputs' dtype (bf16 on the GPU), softmax see [`Lean::probs`].
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let nq = q.dim(2)?;
         let rows = self.rows(q, k)?;
-        let v = v.contiguous()?;
+        let o = self.operands(q, k, v)?;
         let mut outs = Vec::with_capacity(nq.div_ceil(rows));
         let mut start = 0;
         while start < nq {
             let len = rows.min(nq - start);
-            outs.push(self.probs(q, k, start, len)?.to_dtype(q.dtype())?.matmul(&v)?);
+            outs.push(self.probs(&o, start, len)?.to_dtype(q.dtype())?.matmul(&o.v)?);
             start += len;
         }
         Tensor::cat(&outs, 2)
@@ -92,8 +124,23 @@ impl CustomOp3 for LeanAttention {
         out: &Tensor,
         d_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        crate::profile::inner(|| profile_label("backward", q, k), || self.backward(q, k, v, out, d_out))
+    }
+}
+
+/// The profile's name of an attention of these shapes ([`crate::profile::inner`]).
+fn profile_label(pass: &str, q: &Tensor, k: &Tensor) -> String {
+    let (b, h, nq, d) = q.dims4().unwrap_or_default();
+    format!("attention {pass} b{b} h{h} {nq}x{} d{d}", k.dim(2).unwrap_or_default())
+}
+
+/// The gradients of q, k and v.
+type QkvGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl LeanAttention {
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, d_out: &Tensor) -> Result<QkvGrads> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (dt, a) = (q.dtype(), acc(&q));
+        let (dt, a, pd) = (q.dtype(), acc(&q), self.lean.probs);
         let nq = q.dim(2)?;
         let lean = &self.lean;
         let rows = lean.rows(&q, &k)?;
@@ -103,26 +150,28 @@ impl CustomOp3 for LeanAttention {
             (out.clone(), d_out.clone())
         };
         let d_out = d_out.to_dtype(dt)?.contiguous()?;
-        // rowsum(dO ⊙ O) = rowsum(dP ⊙ P): one value per query row.
-        let delta = (d_out.to_dtype(a)? * out.to_dtype(a)?)?.sum_keepdim(D::Minus1)?;
-        let (kc, vt) = (k.contiguous()?, v.t()?.contiguous()?);
+        // rowsum(dO ⊙ O) = rowsum(dP ⊙ P): one value per query row, accumulated in f32 and
+        // used in the scores' dtype.
+        let delta = (d_out.to_dtype(a)? * out.to_dtype(a)?)?.sum_keepdim(D::Minus1)?.to_dtype(pd)?;
+        let o = lean.operands(&q, &k, &v)?;
+        let vt = o.v.t()?;
         let mut dq = Vec::with_capacity(nq.div_ceil(rows));
-        let mut dk = k.zeros_like()?.to_dtype(a)?;
-        let mut dv = v.zeros_like()?.to_dtype(a)?;
+        let mut dk = o.k.zeros_like()?.to_dtype(a)?;
+        let mut dv = o.v.zeros_like()?.to_dtype(a)?;
         let mut start = 0;
         while start < nq {
             let len = rows.min(nq - start);
-            let p = lean.probs(&q, &k, start, len)?; // (B, H, len, Nk), f32
+            let p = lean.probs(&o, start, len)?; // (B, H, len, Nk)
             let doc = d_out.narrow(2, start, len)?;
             dv = (dv + p.to_dtype(dt)?.t()?.matmul(&doc)?.to_dtype(a)?)?;
-            let dp = doc.matmul(&vt)?.to_dtype(a)?;
+            let dp = doc.matmul(&vt)?.to_dtype(pd)?;
+            // dS of the scaled scores S = (q · scale) kᵀ.
             let ds = (p * dp.broadcast_sub(&delta.narrow(2, start, len)?)?)?.to_dtype(dt)?;
-            dq.push((ds.matmul(&kc)? * lean.scale)?);
-            let qc = q.narrow(2, start, len)?.contiguous()?;
-            dk = (dk + (ds.t()?.matmul(&qc)? * lean.scale)?.to_dtype(a)?)?;
+            dq.push(ds.matmul(&o.k)?);
+            dk = (dk + ds.t()?.matmul(&o.q_scaled.narrow(2, start, len)?)?.to_dtype(a)?)?;
             start += len;
         }
-        let dq = Tensor::cat(&dq, 2)?;
+        let dq = (Tensor::cat(&dq, 2)? * lean.scale)?;
         Ok((Some(dq), Some(dk.to_dtype(dt)?), Some(dv.to_dtype(dt)?)))
     }
 }
@@ -139,10 +188,12 @@ pub fn attention_lean(
     bias: Option<&Tensor>,
     tokens_major: bool,
 ) -> Result<Option<Tensor>> {
-    lean_with(q, k, v, scale, bias, CHUNK_ELEMENTS, tokens_major)
+    attention_lean_chunked(q, k, v, scale, bias, CHUNK_ELEMENTS, tokens_major)
 }
 
-fn lean_with(
+/// [`attention_lean`] with `chunk_elements` score elements per query chunk instead of
+/// [`CHUNK_ELEMENTS`] (checks of the chunking: `lorahost selftest`, tests).
+pub fn attention_lean_chunked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -155,12 +206,20 @@ fn lean_with(
     if !tracked || bias.is_some_and(|b| b.track_op()) {
         return Ok(None);
     }
-    let lean = Lean { scale, bias: bias.map(|b| b.detach()), chunk_elements };
+    let lean = Lean { scale, bias: bias.map(|b| b.detach()), chunk_elements, probs: probs_dtype(q) };
+    lean_op(q, k, v, lean, tokens_major).map(Some)
+}
+
+/// Record `lean`'s attention of (q, k, v).
+fn lean_op(q: &Tensor, k: &Tensor, v: &Tensor, lean: Lean, tokens_major: bool) -> Result<Tensor> {
     // Computed on detached views (no input copies), handed to the recorded op.
-    let o = lean.forward(&q.detach(), &k.detach(), &v.detach())?;
+    let o = crate::profile::inner(
+        || profile_label("forward", q, k),
+        || lean.forward(&q.detach(), &k.detach(), &v.detach()),
+    )?;
     let o = if tokens_major { o.transpose(1, 2)? } else { o };
     let out = Precomputed::new(&o, q.dtype())?;
-    Ok(Some(q.apply_op3(k, v, LeanAttention { lean, tokens_major, out })?))
+    q.apply_op3(k, v, LeanAttention { lean, tokens_major, out })
 }
 
 #[cfg(test)]
@@ -195,13 +254,13 @@ mod tests {
         for chunk in [30, 90, CHUNK_ELEMENTS] {
             for bias in [None, Some(&bias), Some(&key_bias)] {
                 let want = composed(&q, &k, &v, 0.5, bias)?;
-                let got = lean_with(&q, &k, &v, 0.5, bias, chunk, false)?
+                let got = attention_lean_chunked(&q, &k, &v, 0.5, bias, chunk, false)?
                     .expect("tracked inputs take the lean path");
                 assert!(max_diff(&want, &got) < 1e-12);
                 let gw = (&want * &target)?.sum_all()?.backward()?;
                 let gg = (got * &target)?.sum_all()?.backward()?;
                 // Tokens before heads: the same values transposed, the same gradients.
-                let tm = lean_with(&q, &k, &v, 0.5, bias, chunk, true)?.expect("tracked");
+                let tm = attention_lean_chunked(&q, &k, &v, 0.5, bias, chunk, true)?.expect("tracked");
                 assert_eq!(tm.dims(), &[b, nq, h, d]);
                 assert!(tm.is_contiguous());
                 assert!(max_diff(&want.transpose(1, 2)?, &tm) < 1e-12);
@@ -224,6 +283,49 @@ mod tests {
         assert!(attention_lean(&plain, &plain, &plain, 1.0, None, false)?.is_none());
         let trainable_bias = Var::from_tensor(&bias)?;
         assert!(attention_lean(&q, &k, &v, 1.0, Some(trainable_bias.as_tensor()), false)?.is_none());
+        Ok(())
+    }
+
+    /// The CUDA bf16 path (scores and probabilities in bf16, the softmax kernel accumulating in
+    /// f32) run on the CPU with bf16 inputs, operands as views (k and v transposed from
+    /// tokens-first tensors, q narrowed): forward and gradients within bf16 rounding of the
+    /// f64 composed attention, over several chunks and with a bias.
+    #[test]
+    fn bf16_scores_match_within_bf16_rounding() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, nq, nk, d) = (2, 2, 9, 6, 8);
+        let f64var = |s: &[usize]| Var::from_tensor(&Tensor::randn(0f64, 1.0, s, &dev)?);
+        // k and v as (B, Nk, H, D) transposed to (B, H, Nk, D): not contiguous.
+        let (q, k, v) = (f64var(&[b, h, nq, d])?, f64var(&[b, nk, h, d])?, f64var(&[b, nk, h, d])?);
+        let bias = (Tensor::randn(0f64, 1.0, (b, 1, nq, nk), &dev)? * 0.5)?;
+        let target = Tensor::randn(0f64, 1.0, (b, h, nq, d), &dev)?;
+        let (kt, vt) =
+            (k.as_tensor().transpose(1, 2)?.contiguous()?, v.as_tensor().transpose(1, 2)?.contiguous()?);
+        let want = composed(q.as_tensor(), &kt, &vt, 0.35, Some(&bias))?;
+        let gw = (&want * &target)?.sum_all()?.backward()?;
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).and_then(|t| Var::from_tensor(&t));
+        let (qb, kb, vb) = (bf(q.as_tensor())?, bf(k.as_tensor())?, bf(v.as_tensor())?);
+        for chunk in [b * h * nk * 2, CHUNK_ELEMENTS] {
+            let lean = Lean {
+                scale: 0.35,
+                bias: Some(bias.to_dtype(DType::BF16)?),
+                chunk_elements: chunk,
+                probs: DType::BF16,
+            };
+            let got = lean_op(qb.as_tensor(), &kb.transpose(1, 2)?, &vb.transpose(1, 2)?, lean, false)?;
+            assert_eq!(got.dtype(), DType::BF16);
+            let got = got.to_dtype(DType::F64)?;
+            let rel = |w: &Tensor, g: &Tensor| -> f64 {
+                max_diff(w, g) / w.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            assert!(rel(&want, &got) < 0.03, "forward off by {}", rel(&want, &got));
+            let gg = (got * &target)?.sum_all()?.backward()?;
+            for (x, xb) in [(&q, &qb), (&k, &kb), (&v, &vb)] {
+                let w = gw.get(x.as_tensor()).expect("f64 gradient");
+                let g = gg.get(xb.as_tensor()).expect("bf16 gradient").to_dtype(DType::F64)?;
+                assert!(rel(w, &g) < 0.03, "gradient off by {} (chunk {chunk})", rel(w, &g));
+            }
+        }
         Ok(())
     }
 }

@@ -151,7 +151,8 @@ impl CustomOp1 for FrozenLinear {
     precomputed_kernels!(_x);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(self.backward(x, None, dy)?.0)
+        let label = || profile_label("backward", x, &self.w, false);
+        Ok(crate::profile::inner(label, || self.backward(x, None, dy))?.0)
     }
 }
 
@@ -170,8 +171,16 @@ impl CustomOp3 for FrozenLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, Some((a, b)), dy)
+        let label = || profile_label("backward", x, &self.w, true);
+        crate::profile::inner(label, || self.backward(x, Some((a, b)), dy))
     }
+}
+
+/// The profile's name of a linear of these shapes ([`crate::profile::inner`]).
+fn profile_label(pass: &str, x: &Tensor, w: &Tensor, adapted: bool) -> String {
+    let (rows, out) = (x.dims().first().copied().unwrap_or(0), w.dims().first().copied().unwrap_or(0));
+    let inp = w.dims().get(1).copied().unwrap_or(0);
+    format!("linear {pass} {rows}x{inp}->{out}{}", if adapted { " lora" } else { "" })
 }
 
 /// `act(x)·Wᵀ + b`, plus `lora`'s `scale·(drop(act(x))·Aᵀ)·Bᵀ` when given, for a 2-D `x`
@@ -211,7 +220,9 @@ pub fn frozen_linear(
     }
     let (w, bias) = (w.detach().to_dtype(dt)?, bias.map(|b| b.detach().to_dtype(dt)).transpose()?);
     let detached = adapter_ref.map(|(p, a, b)| (p, a.detach(), b.detach()));
-    let (y, z) = parts(&x.detach(), &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)))?;
+    let forward =
+        || parts(&x.detach(), &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)));
+    let (y, z) = crate::profile::inner(|| profile_label("forward", x, &w, detached.is_some()), forward)?;
     let out = match (z, map) {
         (Some(z), None) => Precomputed::from_storage(binary_storage(&y, &z, Binary::Add)?, y.shape().clone()),
         (None, None) => Precomputed::new(&y, dt)?,

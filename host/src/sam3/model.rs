@@ -262,7 +262,12 @@ impl Sam3Model {
                 None => Ok(ts.to_vec()),
             }
         };
-        let fpn = &pick(&vision.fpn[..levels])?[..];
+        // Profiling: backward reaching the vision features ends the heads' backward.
+        let marked = vision.fpn[..levels]
+            .iter()
+            .map(|t| crate::profile::backward_mark(t, "backward: heads"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let fpn = &pick(&marked)?[..];
         let fpn_pos = &pick(&vision.fpn_pos[..levels])?[..];
         let (img, img_pos) = (&fpn[levels - 1], &fpn_pos[levels - 1]);
         mem_mark("per-query image features");
@@ -297,6 +302,7 @@ impl Sam3Model {
             }
             None => (text.features.clone(), text_mask),
         };
+        mem_mark("geometry");
 
         let enc = self.encoder.forward(
             std::slice::from_ref(img),
@@ -351,8 +357,10 @@ impl Sam3Model {
     }
 }
 
-/// Log the heap held after a component's forward (debug, target `lorahost::memory`).
+/// Log the heap held after a component's forward (debug, target `lorahost::memory`) and charge
+/// the time since the previous mark to it when profiling ([`crate::profile`]).
 fn mem_mark(component: &str) {
+    crate::profile::mark(component);
     tracing::debug!(
         target: "lorahost::memory",
         component,

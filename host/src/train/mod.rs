@@ -174,14 +174,7 @@ pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
 pub fn device_for(cfg: &TrainConfig) -> Result<Device> {
     match cfg.hardware.device.to_ascii_lowercase().as_str() {
         "cuda" => {
-            if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "hardware.device is cuda but this lorahost was built without CUDA; rebuild with \
-                     `cargo build --release --features cuda` or set hardware.device: cpu"
-                );
-            }
-            let d = Device::new_cuda(0).context("cannot open CUDA device 0")?;
-            Ok(d)
+            crate::gpu::open_cuda(0, "hardware.device is cuda (set hardware.device: cpu to train on the CPU)")
         }
         _ => Ok(Device::Cpu),
     }

@@ -1,0 +1,254 @@
+//! `lorahost selftest`: the training ops lorahost writes itself (lean attention, the adapted
+//! linear, the frozen norms), run on the chosen device and dtype and compared, forward and every
+//! input gradient, with the composed candle computation in f64 on the CPU. It answers "is this
+//! GPU build computing the right gradients" in seconds, before a long run trusts it; the unit
+//! tests cover the same ops on the CPU only.
+
+use crate::lora::LoraAdapter;
+use crate::sam3::attention::attention_lean_chunked;
+use crate::sam3::frozen::frozen_linear;
+use crate::sam3::nn::Activation;
+use crate::sam3::ops::{self, OutputMap};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::Serialize;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// One op compared with its reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// The op and case.
+    pub name: String,
+    /// Relative error of the output: max |got − want| / max |want|.
+    pub forward: f64,
+    /// Relative error of each input's gradient.
+    pub grads: Vec<(String, f64)>,
+    /// The largest relative error allowed in this dtype.
+    pub tolerance: f64,
+    /// All errors within the tolerance.
+    pub ok: bool,
+}
+
+/// The relative error allowed for `dtype`: bf16 / f16 rounding (8 / 11 mantissa bits, through a
+/// few ops), or f32's.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 3e-2,
+        DType::F16 => 1e-2,
+        _ => 1e-4,
+    }
+}
+
+/// An input of the check: the f64 CPU reference variable and the device one (`dtype`).
+struct Input {
+    name: &'static str,
+    reference: Var,
+    device: Var,
+}
+
+impl Input {
+    fn new(name: &'static str, shape: &[usize], device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        let mut r = crate::data::SplitMix64::from_parts(&[seed, 0x5e1f]);
+        let n: usize = shape.iter().product();
+        // Uniform in [-1, 1): exactly representable after rounding the same way on both sides.
+        let v: Vec<f64> = (0..n).map(|_| (r.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0).collect();
+        let reference = Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F64)?;
+        Ok(Input {
+            name,
+            device: Var::from_tensor(&reference.to_dtype(dtype)?.to_device(device)?)?,
+            reference: Var::from_tensor(&reference)?,
+        })
+    }
+}
+
+fn rel(want: &Tensor, got: &Tensor) -> Result<f64> {
+    let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let scale = want.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-300);
+    Ok((want - got)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
+}
+
+/// Compare `op` on the device inputs with `reference` on the f64 ones: output, and the gradient
+/// of Σ out ⊙ T (T random) for every input.
+fn compare(
+    name: &str,
+    inputs: &[Input],
+    dtype: DType,
+    reference: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    op: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> Result<Check> {
+    let refs: Vec<Tensor> = inputs.iter().map(|i| i.reference.as_tensor().clone()).collect();
+    let devs: Vec<Tensor> = inputs.iter().map(|i| i.device.as_tensor().clone()).collect();
+    let want = reference(&refs).with_context(|| format!("{name}: reference"))?;
+    let got = op(&devs).with_context(|| format!("{name}: on the device"))?;
+    anyhow::ensure!(got.dims() == want.dims(), "{name}: shape {:?}, expected {:?}", got.dims(), want.dims());
+    let device = devs[0].device().clone();
+    let target = Input::new("target", want.dims(), &device, DType::F32, 99)?;
+    let gw = (&want * target.reference.as_tensor())?.sum_all()?.backward()?;
+    let t = target.device.as_tensor().to_dtype(got.dtype())?;
+    let gg = (got.to_dtype(DType::F32)? * t.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+    let forward = rel(&want, &got)?;
+    let mut grads = Vec::new();
+    for i in inputs {
+        let w = gw
+            .get(i.reference.as_tensor())
+            .with_context(|| format!("{name}: no reference gradient of {}", i.name))?;
+        let g = gg
+            .get(i.device.as_tensor())
+            .with_context(|| format!("{name}: no gradient of {} on the device", i.name))?;
+        grads.push((i.name.to_string(), rel(w, g)?));
+    }
+    let tolerance = tolerance(dtype);
+    let ok = forward <= tolerance && grads.iter().all(|g| g.1 <= tolerance);
+    Ok(Check { name: name.to_string(), forward, grads, tolerance, ok })
+}
+
+/// `x` viewed as `groups` (last axis normalised), standardised: (x − mean) / √(var + eps),
+/// in x's dtype (f64 for the references).
+fn normalized(x: &Tensor, groups: &[usize], eps: f64) -> candle_core::Result<Tensor> {
+    let xg = x.reshape(groups)?;
+    let xc = xg.broadcast_sub(&xg.mean_keepdim(D::Minus1)?)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(x.dims())
+}
+
+/// Run every check on `device` in `dtype` (the frozen compute dtype; LoRA factors stay f32).
+pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let inp = |name, shape: &[usize], dt, seed| Input::new(name, shape, device, dt, seed);
+
+    // Lean attention: q heads-first, k and v transposed from tokens-first (as the model hands
+    // them over), several uneven query chunks, with and without a per-query bias.
+    let (b, h, nq, nk, d) = (2, 3, 37, 29, 16);
+    for (case, with_bias) in [("no bias", false), ("bias", true)] {
+        let inputs = vec![
+            inp("q", &[b, h, nq, d], dtype, 1)?,
+            inp("k", &[b, nk, h, d], dtype, 2)?,
+            inp("v", &[b, nk, h, d], dtype, 3)?,
+        ];
+        let bias = inp("bias", &[b, 1, nq, nk], dtype, 4)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        // A constant bias (untracked), as the model's masks are.
+        let bias_ref = with_bias.then(|| bias.reference.as_tensor().detach() * 2.0).transpose()?;
+        let bias_dev = with_bias.then(|| bias.device.as_tensor().detach() * 2.0).transpose()?;
+        for tokens_major in [false, true] {
+            let name = format!("lean attention ({case}{})", if tokens_major { ", tokens-major" } else { "" });
+            let reference = |t: &[Tensor]| {
+                let (k, v) = (t[1].transpose(1, 2)?.contiguous()?, t[2].transpose(1, 2)?.contiguous()?);
+                let mut s = (t[0].matmul(&k.t()?)? * scale)?;
+                if let Some(bias) = &bias_ref {
+                    s = s.broadcast_add(bias)?;
+                }
+                let o = candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&v)?;
+                if tokens_major {
+                    o.transpose(1, 2)?.contiguous()
+                } else {
+                    Ok(o)
+                }
+            };
+            let op = |t: &[Tensor]| {
+                let (k, v) = (t[1].transpose(1, 2)?, t[2].transpose(1, 2)?);
+                // 7 query rows per chunk: 37 = 5 × 7 + 2.
+                attention_lean_chunked(&t[0], &k, &v, scale, bias_dev.as_ref(), b * h * nk * 7, tokens_major)?
+                    .ok_or_else(|| candle_core::Error::Msg("lean attention not taken".into()))
+            };
+            checks.push(compare(&name, &inputs, dtype, reference, op)?);
+        }
+    }
+
+    // Adapted linear with GELU folded in, LoRA factors in f32, output written heads-first
+    // through a layout map (the q/k projections' shape of use).
+    let (rows, din, dout, rank) = (2 * 21, 48, 40, 8);
+    let inputs = vec![
+        inp("x", &[rows, din], dtype, 5)?,
+        inp("lora_A", &[rank, din], DType::F32, 6)?,
+        inp("lora_B", &[dout, rank], DType::F32, 7)?,
+    ];
+    let w = Input::new("w", &[dout, din], device, dtype, 8)?;
+    let bias = Input::new("b", &[dout], device, dtype, 9)?;
+    let s = 2.0;
+    let heads_first = |y: &Tensor| y.reshape((2, 21, 4, 10))?.transpose(1, 2)?.contiguous();
+    let map = OutputMap {
+        forward: Arc::new(heads_first),
+        backward: Arc::new(|g: &Tensor| g.transpose(1, 2)?.reshape((42, 40))),
+    };
+    let reference = |t: &[Tensor]| {
+        let xa = t[0].gelu_erf()?;
+        let y = xa.matmul(&w.reference.as_tensor().t()?)?.broadcast_add(bias.reference.as_tensor())?;
+        let z = (xa.matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * s)?;
+        heads_first(&(y + z)?)
+    };
+    let op = |t: &[Tensor]| {
+        // t[1], t[2] are variables: `from_tensor` wraps them (same identity, so the gradients
+        // are found under them), it does not copy.
+        let lora = LoraAdapter {
+            a: Var::from_tensor(&t[1])?,
+            b: Var::from_tensor(&t[2])?,
+            scale: s,
+            dropout: 0.0,
+            training: Arc::new(AtomicBool::new(true)),
+        };
+        let (w, b) = (w.device.as_tensor().detach(), bias.device.as_tensor().detach());
+        frozen_linear(&t[0], &w, Some(&b), Some(Activation::Gelu), Some(&lora), Some(&map))
+    };
+    checks.push(compare("adapted linear (GELU, LoRA, heads-first map)", &inputs, dtype, reference, op)?);
+
+    // The frozen norms.
+    let inputs = vec![inp("x", &[2, 17, 48], dtype, 10)?];
+    let (wn, bn) = (Input::new("w", &[48], device, dtype, 11)?, Input::new("b", &[48], device, dtype, 12)?);
+    let reference = |t: &[Tensor]| {
+        normalized(&t[0], &[2, 17, 48], 1e-6)?
+            .broadcast_mul(wn.reference.as_tensor())?
+            .broadcast_add(bn.reference.as_tensor())
+    };
+    let op = |t: &[Tensor]| {
+        let (w, b) = (wn.device.as_tensor().detach(), bn.device.as_tensor().detach());
+        ops::layer_norm_frozen(&t[0], &w, &b, 1e-6)?
+            .ok_or_else(|| candle_core::Error::Msg("fused layer norm not taken".into()))
+    };
+    checks.push(compare("layer norm", &inputs, dtype, reference, op)?);
+    let inputs = vec![inp("x", &[2, 12, 5, 7], dtype, 13)?];
+    let (wg, bg) = (Input::new("w", &[12], device, dtype, 14)?, Input::new("b", &[12], device, dtype, 15)?);
+    let reference = |t: &[Tensor]| {
+        let per_channel = |v: &Tensor| v.reshape((1, 12, 1, 1));
+        normalized(&t[0], &[2, 3, 4 * 5 * 7], 1e-5)?
+            .reshape((2, 12, 5, 7))?
+            .broadcast_mul(&per_channel(wg.reference.as_tensor())?)?
+            .broadcast_add(&per_channel(bg.reference.as_tensor())?)
+    };
+    let op = |t: &[Tensor]| {
+        let (w, b) = (wg.device.as_tensor().detach(), bg.device.as_tensor().detach());
+        ops::group_norm_frozen(&t[0], &w, &b, 3, 1e-5)?
+            .ok_or_else(|| candle_core::Error::Msg("fused group norm not taken".into()))
+    };
+    checks.push(compare("group norm", &inputs, dtype, reference, op)?);
+    Ok(checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the CPU in f32 every op is within f32 rounding of the f64 composed reference, and the
+    /// comparison itself catches a wrong gradient (a scaled op fails).
+    #[test]
+    fn cpu_f32_ops_match_the_f64_reference() -> Result<()> {
+        let checks = run(&Device::Cpu, DType::F32)?;
+        assert_eq!(checks.len(), 7);
+        for c in &checks {
+            assert!(c.ok, "{c:?}");
+            assert!(!c.grads.is_empty());
+        }
+        // bf16 inputs (the CPU takes the f32-probabilities attention path): within bf16's
+        // tolerance, and the checks are not vacuous (errors well above f32's).
+        let checks = run(&Device::Cpu, DType::BF16)?;
+        for c in &checks {
+            assert!(c.ok, "{c:?}");
+        }
+        assert!(checks.iter().any(|c| c.forward > tolerance(DType::F32)));
+        let x = Input::new("x", &[3, 4], &Device::Cpu, DType::F32, 1)?;
+        let wrong = compare("scaled", &[x], DType::F32, |t| t[0].sqr(), |t| t[0].sqr()? * 1.001)?;
+        assert!(!wrong.ok && wrong.forward > 5e-4, "{wrong:?}");
+        Ok(())
+    }
+}
