@@ -159,7 +159,7 @@ pub enum Command {
         profile: usize,
     },
     /// Check the training ops lorahost implements itself (lean attention, adapted linear, frozen
-    /// norms) on a device: forward and every input gradient against the composed computation in
+    /// 3×3 convolution and norms) on a device: forward and every input gradient against the composed computation in
     /// f64 on the CPU. Run it first on a new GPU build; exits non-zero if an op is off.
     Selftest {
         /// Device.

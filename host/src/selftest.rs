@@ -1,5 +1,5 @@
 //! `lorahost selftest`: the training ops lorahost writes itself (lean attention, the adapted
-//! linear, the frozen norms), run on the chosen device and dtype and compared, forward and every
+//! linear, the frozen 3×3 convolution and norms), run on the chosen device and dtype and compared, forward and every
 //! input gradient, with the composed candle computation in f64 on the CPU. It answers "is this
 //! GPU build computing the right gradients" in seconds, before a long run trusts it; the unit
 //! tests cover the same ops on the CPU only.
@@ -112,6 +112,25 @@ fn normalized(x: &Tensor, groups: &[usize], eps: f64) -> candle_core::Result<Ten
     xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(x.dims())
 }
 
+/// The frozen 3×3 convolution against candle's f64 conv2d.
+fn conv_check(device: &Device, dtype: DType) -> Result<Check> {
+    let inputs = vec![Input::new("x", &[2, 6, 9, 11], device, dtype, 16)?];
+    let (wc, bc) =
+        (Input::new("w", &[5, 6, 3, 3], device, dtype, 17)?, Input::new("b", &[5], device, dtype, 18)?);
+    let reference = |t: &[Tensor]| {
+        t[0].conv2d(wc.reference.as_tensor(), 1, 1, 1, 1)?
+            .broadcast_add(&bc.reference.as_tensor().reshape((1, 5, 1, 1))?)
+    };
+    let op = |t: &[Tensor]| {
+        crate::sam3::frozen::frozen_conv3x3(
+            &t[0],
+            &wc.device.as_tensor().detach(),
+            &bc.device.as_tensor().detach(),
+        )
+    };
+    compare("conv 3x3", &inputs, dtype, reference, op)
+}
+
 /// Run every check on `device` in `dtype` (the frozen compute dtype; LoRA factors stay f32).
 pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
@@ -193,6 +212,12 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
     };
     checks.push(compare("adapted linear (GELU, LoRA, heads-first map)", &inputs, dtype, reference, op)?);
 
+    // The frozen 3×3 convolution (FPN neck, pixel decoder); candle's CPU convolution has no
+    // bf16 matmul (lorahost runs bf16 only on CUDA; the unit tests check bf16 on the CPU).
+    if !(matches!(dtype, DType::BF16 | DType::F16) && device.is_cpu()) {
+        checks.push(conv_check(device, dtype)?);
+    }
+
     // The frozen norms.
     let inputs = vec![inp("x", &[2, 17, 48], dtype, 10)?];
     let (wn, bn) = (Input::new("w", &[48], device, dtype, 11)?, Input::new("b", &[48], device, dtype, 12)?);
@@ -234,7 +259,8 @@ mod tests {
     #[test]
     fn cpu_f32_ops_match_the_f64_reference() -> Result<()> {
         let checks = run(&Device::Cpu, DType::F32)?;
-        assert_eq!(checks.len(), 7);
+        assert_eq!(checks.len(), 8);
+        assert!(checks.iter().any(|c| c.name == "conv 3x3"));
         for c in &checks {
             assert!(c.ok, "{c:?}");
             assert!(!c.grads.is_empty());

@@ -15,6 +15,12 @@
 //! activation folds an MLP's activation into its second layer, so the activation's output is
 //! recomputed in backward instead of kept. Without anything tracked (inference, or the first,
 //! graph-less run of a checkpointed block) the same forward runs as plain tensor operations.
+//!
+//! [`frozen_conv3x3`] does the same for the 3×3 convolutions of the FPN neck and the mask
+//! head's pixel decoder. candle's `conv2d` backward always computes the kernel gradient (a
+//! convolution whose "kernel" is the whole output-gradient map) and gets the input gradient
+//! from `conv_transpose2d`, a direct kernel without im2col; the op computes only
+//! `dx = conv2d(dy, flip(W)ᵀ, padding 1)`, the same im2col + matmul path as the forward.
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -183,6 +189,53 @@ fn profile_label(pass: &str, x: &Tensor, w: &Tensor, adapted: bool) -> String {
     format!("linear {pass} {rows}x{inp}->{out}{}", if adapted { " lora" } else { "" })
 }
 
+/// A 3×3 convolution (stride 1, padding 1) with frozen weight and bias, on a tracked input.
+struct FrozenConv3x3 {
+    /// The backward kernel: W with input and output channels swapped and both spatial axes
+    /// reversed, (C_in, C_out, 3, 3), in the dtype of `x`.
+    w_back: Tensor,
+    out: Precomputed,
+}
+
+impl CustomOp1 for FrozenConv3x3 {
+    fn name(&self) -> &'static str {
+        "frozen-conv3x3"
+    }
+
+    precomputed_kernels!(_x);
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let label = || format!("conv3x3 backward {:?}", x.dims());
+        crate::profile::inner(label, || {
+            let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+            Ok(Some(dy.conv2d(&self.w_back, 1, 1, 1, 1)?))
+        })
+    }
+}
+
+/// `conv2d(x, w, stride 1, padding 1) + b` for (B, C_in, H, W) `x`, (C_out, C_in, 3, 3) `w` and
+/// (C_out) `b`, in `x`'s dtype. With `x` tracked and `w`, `b` frozen it is one op that keeps
+/// `x` and differentiates only `x` (see the module docs); otherwise the composed candle ops.
+pub fn frozen_conv3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let c_out = w.dim(0)?;
+    let forward = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
+        let y = x.contiguous()?.conv2d(&w.to_dtype(dt)?, 1, 1, 1, 1)?;
+        y.broadcast_add(&b.to_dtype(dt)?.reshape((1, c_out, 1, 1))?)
+    };
+    if !x.track_op() || w.track_op() || b.track_op() {
+        return forward(x, w, b);
+    }
+    let (w, b) = (w.detach(), b.detach());
+    let label = || format!("conv3x3 forward {:?}", x.dims());
+    let y = crate::profile::inner(label, || forward(&x.detach(), &w, &b))?;
+    let reversed = Tensor::new(&[2u32, 1, 0], w.device())?;
+    let w_back = w.to_dtype(dt)?.transpose(0, 1)?.contiguous()?.index_select(&reversed, 2)?;
+    let w_back = w_back.index_select(&reversed, 3)?;
+    let out = Precomputed::new(&y, dt)?;
+    x.apply_op1(FrozenConv3x3 { w_back: w_back.contiguous()?, out })
+}
+
 /// `act(x)·Wᵀ + b`, plus `lora`'s `scale·(drop(act(x))·Aᵀ)·Bᵀ` when given, for a 2-D `x`
 /// (rows, in) and `w` (out, in), written through `map` when given. On a training graph with a
 /// frozen `w` and `b` this is one op (see the module docs); a trainable `w` or `b` takes the
@@ -247,6 +300,33 @@ pub fn frozen_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The frozen 3×3 convolution: the composed candle forward, and the input gradient candle's
+    /// autograd computes (f64, odd sizes, channels in ≠ out); an untracked input or a trainable
+    /// weight takes the composed path.
+    #[test]
+    fn conv3x3_matches_candle_conv2d_and_its_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 7), &dev)?)?;
+        let w = Tensor::randn(0f64, 1.0, (4, 3, 3, 3), &dev)?;
+        let b = Tensor::randn(0f64, 1.0, 4, &dev)?;
+        let target = Tensor::randn(0f64, 1.0, (2, 4, 5, 7), &dev)?;
+        let want = x.as_tensor().conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, 4, 1, 1))?)?;
+        let got = frozen_conv3x3(x.as_tensor(), &w, &b)?;
+        assert!(max_diff(&want, &got) < 1e-12);
+        let gw = (&want * &target)?.sum_all()?.backward()?;
+        let gg = (&got * &target)?.sum_all()?.backward()?;
+        let d = max_diff(gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap());
+        assert!(d < 1e-10, "input gradient differs by {d}");
+        // The op keeps no gradient for the frozen weight (candle's composed conv would).
+        assert!(gg.get(&w).is_none() && gw.get(&w).is_some());
+        // A trainable weight: composed, and its gradient is there.
+        let wv = Var::from_tensor(&w)?;
+        let composed = frozen_conv3x3(x.as_tensor(), wv.as_tensor(), &b)?;
+        let gc = (&composed * &target)?.sum_all()?.backward()?;
+        assert!(gc.get(wv.as_tensor()).is_some());
+        Ok(())
+    }
     use candle_core::{DType, Device, Var};
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;

@@ -16,9 +16,10 @@
 //! GroupNorm is composed.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::MaskDecoderConfig;
+use super::neck::Conv3x3;
 use super::nn::{key_padding_bias, DecoderMlp, LayerNorm, Linear, MultiHeadAttention};
 
 /// PyTorch's default eps for `nn.LayerNorm` and `nn.GroupNorm` (transformers passes none).
@@ -108,7 +109,7 @@ fn conv1x1_as_linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Li
 #[derive(Debug, Clone)]
 pub struct PixelDecoder {
     /// 3×3 convs, one per upsampling step (all `num_upsampling_stages` are loaded).
-    pub conv_layers: Vec<Conv2d>,
+    pub conv_layers: Vec<Conv3x3>,
     /// GroupNorm(8) after each conv.
     pub norms: Vec<GroupNorm>,
 }
@@ -117,9 +118,8 @@ impl PixelDecoder {
     /// Load `conv_layers.{s}` and `norms.{s}` for s < `num_upsampling_stages`.
     pub fn load(vb: VarBuilder, cfg: &MaskDecoderConfig) -> Result<Self> {
         let d = cfg.hidden_size;
-        let conv_cfg = Conv2dConfig { padding: 1, ..Default::default() };
         let conv_layers = (0..cfg.num_upsampling_stages)
-            .map(|s| candle_nn::conv2d(d, d, 3, conv_cfg, vb.pp(format!("conv_layers.{s}"))))
+            .map(|s| Conv3x3::load(vb.pp(format!("conv_layers.{s}")), d, d))
             .collect::<Result<Vec<_>>>()?;
         let norms = (0..cfg.num_upsampling_stages)
             .map(|s| GroupNorm::load(vb.pp(format!("norms.{s}")), d, GROUPS, NORM_EPS))
@@ -146,7 +146,7 @@ impl PixelDecoder {
         for (i, feat) in rest.iter().rev().enumerate() {
             let (_, _, h, w) = feat.dims4()?;
             prev = (upsample_nearest(&prev, h, w)? + feat)?;
-            prev = self.norms[i].forward(&self.conv_layers[i].forward(&prev)?)?.relu()?;
+            prev = self.norms[i].forward(&self.conv_layers[i].forward_nchw(&prev)?)?.relu()?;
         }
         Ok(prev)
     }

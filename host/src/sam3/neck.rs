@@ -10,10 +10,12 @@
 //! | 0.5 | MaxPool 2×2 s2 → `proj1` → `proj2` |
 //!
 //! Everything here has a backward in candle 0.11 and avoids candle's slow paths: the k=2, s=2
-//! transposed convolutions are one matmul (C_in → 4·C_out) followed by a pixel shuffle
-//! (reshape + permute), the 1×1 convolutions are matmuls, and the max-pool is a reshape + max.
+//! transposed convolutions are one frozen linear (C_in → 4·C_out, no weight gradient:
+//! [`super::frozen::frozen_linear`]) followed by a pixel shuffle (reshape + permute), the 1×1
+//! convolutions are frozen linears, and the max-pool is a reshape + max.
 //! Branches run channels-last (B, H, W, C) until `proj2`, the only real convolution (candle's
-//! `conv2d`, stride 1, which has a correct backward), which returns transformers' (B, C, H, W).
+//! `conv2d`, stride 1, as an op that differentiates only its input:
+//! [`super::frozen::frozen_conv3x3`]), which returns transformers' (B, C, H, W).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,14 +48,16 @@ impl ConvTranspose2x2 {
     pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c_in) = x.dims4()?;
         let c_out = self.weight.dim(1)?;
-        // (C_in, C_out, ki, kj) → (C_in, ki, kj, C_out) so one row of the product is the 2×2 patch.
-        let wm = self.weight.to_dtype(x.dtype())?.permute((0, 2, 3, 1))?.reshape((c_in, 4 * c_out))?;
-        let y = x.contiguous()?.reshape((b * h * w, c_in))?.matmul(&wm)?; // (BHW, ki·kj·C_out)
-        let y = y
-            .reshape((b, h, w, 2, 2, c_out))?
+        // (C_in, C_out, ki, kj) → (ki, kj, C_out, C_in): output row (ki·2 + kj)·C_out + o of a
+        // linear layer, so one row of the product is the 2×2 patch; the bias repeats per tap.
+        let wl = self.weight.permute((2, 3, 1, 0))?.reshape((4 * c_out, c_in))?;
+        let bl = self.bias.repeat(4)?;
+        let rows = x.contiguous()?.reshape((b * h * w, c_in))?;
+        // A frozen linear: on a training graph no weight gradient (candle's matmul computes one).
+        let y = super::frozen::frozen_linear(&rows, &wl, Some(&bl), None, None, None)?; // (BHW, ki·kj·C_out)
+        y.reshape((b, h, w, 2, 2, c_out))?
             .permute((0, 1, 3, 2, 4, 5))? // (B, H, ki, W, kj, C_out)
-            .reshape((b, 2 * h, 2 * w, c_out))?;
-        y.broadcast_add(&self.bias.to_dtype(x.dtype())?)
+            .reshape((b, 2 * h, 2 * w, c_out))
     }
 }
 
@@ -76,9 +80,10 @@ impl Conv1x1 {
     pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c_in) = x.dims4()?;
         let c_out = self.weight.dim(0)?;
-        let wm = self.weight.to_dtype(x.dtype())?.reshape((c_out, c_in))?;
-        let y = x.contiguous()?.reshape((b * h * w, c_in))?.matmul(&wm.t()?)?;
-        y.broadcast_add(&self.bias.to_dtype(x.dtype())?)?.reshape((b, h, w, c_out))
+        let wm = self.weight.reshape((c_out, c_in))?;
+        let rows = x.contiguous()?.reshape((b * h * w, c_in))?;
+        super::frozen::frozen_linear(&rows, &wm, Some(&self.bias), None, None, None)?
+            .reshape((b, h, w, c_out))
     }
 }
 
@@ -97,11 +102,10 @@ impl Conv3x3 {
         Ok(Self { weight: vb.get((c_out, c_in, 3, 3), "weight")?, bias: vb.get(c_out, "bias")? })
     }
 
-    /// (B, C_in, H, W) → (B, C_out, H, W).
+    /// (B, C_in, H, W) → (B, C_out, H, W); on a training graph an op that differentiates only
+    /// the input ([`super::frozen::frozen_conv3x3`]).
     pub fn forward_nchw(&self, x: &Tensor) -> Result<Tensor> {
-        let c_out = self.weight.dim(0)?;
-        let y = x.contiguous()?.conv2d(&self.weight.to_dtype(x.dtype())?, 1, 1, 1, 1)?;
-        y.broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((1, c_out, 1, 1))?)
+        super::frozen::frozen_conv3x3(x, &self.weight, &self.bias)
     }
 }
 
@@ -275,6 +279,17 @@ mod tests {
         let got = conv.forward_nhwc(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))?;
         assert_eq!(got.dims(), &[2, 4, 6, 10]);
         assert!(max_abs_diff(&got, &want) < 1e-5);
+        // On a training graph (tracked input, the frozen-linear op): the same output and the
+        // input gradient of candle's conv_transpose2d autograd.
+        let xv = candle_core::Var::from_tensor(&x)?;
+        let target = Tensor::randn(0f32, 1.0, (2, 4, 6, 10), &dev)?;
+        let want = xv.as_tensor().conv_transpose2d(&conv.weight, 0, 0, 2, 1)?;
+        let want = want.broadcast_add(&conv.bias.reshape((1, 4, 1, 1))?)?;
+        let got = conv.forward_nhwc(&xv.as_tensor().permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))?;
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let gw = (want * &target)?.sum_all()?.backward()?;
+        let gg = (got * &target)?.sum_all()?.backward()?;
+        assert!(max_abs_diff(gw.get(xv.as_tensor()).unwrap(), gg.get(xv.as_tensor()).unwrap()) < 1e-4);
         Ok(())
     }
 
@@ -290,6 +305,15 @@ mod tests {
         let nhwc = x.permute((0, 2, 3, 1))?;
         let got = conv.forward_nhwc(&nhwc)?.permute((0, 3, 1, 2))?;
         assert!(max_abs_diff(&got, &want) < 1e-5);
+        // Tracked input: the input gradient of candle's conv2d autograd.
+        let xv = candle_core::Var::from_tensor(&x)?;
+        let target = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev)?;
+        let want = xv.as_tensor().conv2d(&conv.weight, 0, 1, 1, 1)?;
+        let want = want.broadcast_add(&conv.bias.reshape((1, 3, 1, 1))?)?;
+        let got = conv.forward_nhwc(&xv.as_tensor().permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))?;
+        let gw = (want * &target)?.sum_all()?.backward()?;
+        let gg = (got * &target)?.sum_all()?.backward()?;
+        assert!(max_abs_diff(gw.get(xv.as_tensor()).unwrap(), gg.get(xv.as_tensor()).unwrap()) < 1e-4);
         let want = x.max_pool2d(2)?;
         let got = max_pool_2x2_nhwc(&nhwc)?.permute((0, 3, 1, 2))?;
         assert_eq!(got.dims(), &[2, 6, 2, 2]);
