@@ -462,6 +462,14 @@ pub fn run(cli: Cli) -> Result<()> {
             host_memory_gb,
             json,
         } => {
+            for (flag, v) in [("--device-memory-gb", device_memory_gb), ("--host-memory-gb", host_memory_gb)]
+            {
+                if let Some(v) = v {
+                    if !(v.is_finite() && *v > 0.0) {
+                        bail!("{flag} {v}: give the memory in GiB as a number > 0 (e.g. 24)");
+                    }
+                }
+            }
             if let Some(f) = expect_fingerprint {
                 if !crate::doctor::valid_fingerprint(f) {
                     bail!("--expect-fingerprint {f:?}: give at least 8 hex digits of the dataset's content_sha256");
@@ -505,6 +513,11 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
             profile,
         } => {
+            for (flag, v) in [("--batch", batch), ("--steps", steps), ("--rank", rank)] {
+                if *v == 0 {
+                    bail!("{flag} 0: give a whole number >= 1");
+                }
+            }
             let opts = crate::bench::BenchOptions {
                 device: *device,
                 tiny: *tiny,

@@ -83,11 +83,57 @@ pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> 
     Ok(())
 }
 
+/// Refuse an `--out` whose replacement would lose something: a file, a directory holding
+/// anything but a previous export's files (weights and metadata, no subdirectories), or a
+/// directory that is or contains one of `protected` (the adapter being exported, the base model).
+pub fn check_target(out: &Path, protected: &[&Path]) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let fix = "choose a new --out directory (or remove the old one yourself)";
+    if !out.is_dir() {
+        bail!("--out {} is an existing file, not a directory: {fix}", out.display());
+    }
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let out_c = canon(out);
+    for p in protected {
+        if canon(p).starts_with(&out_c) {
+            bail!(
+                "--out {} is or contains {}, which this export reads: writing there would replace it; {fix}",
+                out.display(),
+                p.display()
+            );
+        }
+    }
+    let foreign: Vec<String> = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .flatten()
+        .filter(|e| {
+            let p = e.path();
+            let export_file = p.is_file()
+                && p.extension()
+                    .is_some_and(|x| ["safetensors", "json", "txt", "model", "md"].iter().any(|k| x == *k));
+            !export_file
+        })
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .take(3)
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "--out {} already holds files that are not an export ({}): it would be replaced as a whole; {fix}",
+            out.display(),
+            foreign.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// `lorahost export`: load the base model of `config`, attach its LoRA layout, load the adapter
 /// strictly, and write either the merged model (`merge`) or a checked copy of the adapter.
 pub fn export(config: &Path, adapter: &Path, merge: bool, out: &Path) -> Result<()> {
     let cfg = crate::train::load_config(config, &[])?;
     let model_path = crate::train::resolve_model(&cfg)?;
+    check_target(out, &[adapter, &model_path])?;
     let mut model = crate::sam3::model::Sam3Model::load_dir(&model_path, &Device::Cpu, DType::F32)?;
     let lora = LoraSet::attach(&mut model, &crate::lora::LoraConfig::from_section(&cfg.lora), &Device::Cpu)?;
     lora.load_peft(adapter).with_context(|| format!("loading {}", adapter.display()))?;
@@ -99,4 +145,39 @@ pub fn export(config: &Path, adapter: &Path, merge: bool, out: &Path) -> Result<
         println!("adapter ({} modules) checked and written to {}", lora.modules.len(), out.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--out` is replaced only when nothing would be lost: absent, or a previous export's files;
+    /// a file, foreign files, a subdirectory, or the adapter's own directory are refused with
+    /// the fix.
+    #[test]
+    fn export_target_is_refused_when_replacing_it_would_lose_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let adapter = d.join("run/best");
+        std::fs::create_dir_all(&adapter).unwrap();
+        std::fs::write(adapter.join("adapter_config.json"), "{}").unwrap();
+        assert!(check_target(&d.join("new"), &[&adapter]).is_ok());
+        let previous = d.join("previous");
+        std::fs::create_dir_all(&previous).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json", "model.safetensors", "merges.txt"] {
+            std::fs::write(previous.join(f), "x").unwrap();
+        }
+        assert!(check_target(&previous, &[&adapter]).is_ok());
+        std::fs::write(d.join("notes.txt"), "keep").unwrap();
+        let e = check_target(&d.join("notes.txt"), &[&adapter]).unwrap_err().to_string();
+        assert!(e.contains("existing file") && e.contains("new --out"), "{e}");
+        let mine = d.join("mine");
+        std::fs::create_dir_all(mine.join("sub")).unwrap();
+        std::fs::write(mine.join("thesis.docx"), "keep").unwrap();
+        let e = check_target(&mine, &[&adapter]).unwrap_err().to_string();
+        assert!(e.contains("not an export") && e.contains("thesis.docx") && e.contains("sub"), "{e}");
+        let e = check_target(&d.join("run"), &[&adapter]).unwrap_err().to_string();
+        assert!(e.contains("which this export reads"), "{e}");
+        assert!(d.join("run/best/adapter_config.json").exists() && mine.join("thesis.docx").exists());
+    }
 }

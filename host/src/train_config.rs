@@ -457,8 +457,13 @@ fn suggest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
     known.iter().map(|k| (distance(key, k), *k)).filter(|(d, _)| *d <= 3).min().map(|(_, k)| k)
 }
 
-/// Unknown keys, as warnings that name them.
-fn unknown_keys(v: &serde_yaml::Value) -> Vec<String> {
+/// The `section.key` names of the settings called `key`, in any section.
+pub(crate) fn settings_named(key: &str) -> Vec<String> {
+    KNOWN.iter().filter(|(_, keys)| keys.contains(&key)).map(|(s, _)| format!("{s}.{key}")).collect()
+}
+
+/// Warnings for the keys of `v` that name no setting (with a suggestion when one is close).
+pub(crate) fn unknown_keys(v: &serde_yaml::Value) -> Vec<String> {
     let mut out = Vec::new();
     let Some(top) = v.as_mapping() else { return out };
     let sections: Vec<&str> = KNOWN.iter().map(|(s, _)| *s).chain(["loss", "plugins"]).collect();
@@ -521,6 +526,18 @@ impl TrainConfig {
     pub fn validate(&self, origin: &Path) -> Result<(), TrainConfigError> {
         let mut p = Vec::new();
         let (l, t) = (&self.lora, &self.training);
+        if t.data_dir.as_os_str().is_empty() {
+            p.push(
+                "training.data_dir is empty: set the dataset directory (with train/_annotations.coco.json)"
+                    .to_string(),
+            );
+        }
+        if self.output.output_dir.as_os_str().is_empty() {
+            p.push(
+                "output.output_dir is empty: set the directory for checkpoints, adapters and logs (e.g. outputs/run1)"
+                    .to_string(),
+            );
+        }
         if l.rank == 0 {
             p.push("lora.rank is 0: set a rank >= 1 (e.g. 16)".to_string());
         }
@@ -553,6 +570,11 @@ impl TrainConfig {
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             p.push(format!("training.learning_rate is {}: must be > 0", t.learning_rate));
+        } else if t.learning_rate > 1.0 {
+            p.push(format!(
+                "training.learning_rate is {}: AdamW moves every weight by about the learning rate per step, so the adapters diverge at once; LoRA rates are typically 1e-5 .. 1e-3",
+                t.learning_rate
+            ));
         }
         if t.max_grad_norm.is_nan() || t.max_grad_norm < 0.0 {
             p.push(format!(

@@ -105,22 +105,48 @@ pub struct TrainSummary {
 
 /// Apply `section.key=value` overrides to a YAML document.
 pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String]) -> Result<()> {
+    if overrides.is_empty() {
+        return Ok(());
+    }
+    if doc.is_null() {
+        *doc = serde_yaml::Value::Mapping(Default::default());
+    }
+    if !doc.is_mapping() {
+        bail!("the config must be a mapping of sections (model, lora, training, ...), not a list or a value");
+    }
     for o in overrides {
         let (key, value) =
-            o.split_once('=').with_context(|| format!("--set {o:?}: expected section.key=value"))?;
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(value).with_context(|| format!("--set {o:?}: value is not YAML"))?;
-        let mut node = &mut *doc;
-        for part in key.split('.') {
-            if !node.is_mapping() {
-                *node = serde_yaml::Value::Mapping(Default::default());
-            }
-            let map = node.as_mapping_mut().expect("just made a mapping");
-            node = map.entry(serde_yaml::Value::String(part.to_string())).or_insert(serde_yaml::Value::Null);
+            o.split_once('=').with_context(|| format!("--override {o:?}: expected SECTION.KEY=VALUE"))?;
+        let value: serde_yaml::Value = serde_yaml::from_str(value)
+            .with_context(|| format!("--override {o:?}: the value is not YAML"))?;
+        // A key typed on the command line that matches no setting is a mistake, not a warning.
+        let mut alone = serde_yaml::Value::Mapping(Default::default());
+        set_path(&mut alone, key, value.clone());
+        if let Some(unknown) = crate::train_config::unknown_keys(&alone).into_iter().next() {
+            let named = crate::train_config::settings_named(key);
+            let hint = if named.is_empty() {
+                " (the keys are listed in configs/full_lora_config.yaml)".to_string()
+            } else {
+                format!("; it needs its section: {}", named.join(" or "))
+            };
+            bail!("--override {o:?}: {}{hint}", unknown.replace(" ignored", ""));
         }
-        *node = value;
+        set_path(doc, key, value);
     }
     Ok(())
+}
+
+/// Set `key` (dot-separated path) in `doc` to `value`, creating mappings on the way.
+fn set_path(doc: &mut serde_yaml::Value, key: &str, value: serde_yaml::Value) {
+    let mut node = doc;
+    for part in key.split('.') {
+        if !node.is_mapping() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let Some(map) = node.as_mapping_mut() else { return };
+        node = map.entry(serde_yaml::Value::String(part.to_string())).or_insert(serde_yaml::Value::Null);
+    }
+    *node = value;
 }
 
 /// Read, override and validate the config; warnings are logged.
@@ -132,9 +158,12 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     } else {
         let mut doc: serde_yaml::Value =
             serde_yaml::from_str(&text).with_context(|| format!("{}: not valid YAML", path.display()))?;
-        apply_overrides(&mut doc, overrides)?;
+        apply_overrides(&mut doc, overrides).with_context(|| format!("{}", path.display()))?;
         serde_yaml::to_string(&doc)?
     };
+    if text.trim().is_empty() || serde_yaml::from_str::<serde_yaml::Value>(&text).is_ok_and(|v| v.is_null()) {
+        tracing::warn!("{}: the config is empty: every setting is at its default", path.display());
+    }
     let (cfg, warnings) = TrainConfig::from_yaml(&text, path)?;
     for w in warnings {
         tracing::warn!("{}: {w}", path.display());
@@ -311,6 +340,11 @@ pub fn batch_loss(
     train: bool,
     exemplar: &[bool],
 ) -> Result<(LossOutput, crate::sam3::model::Sam3Outputs)> {
+    if batch.queries.is_empty() {
+        return Err(anyhow::anyhow!(
+            "a batch without prompts (images without usable objects and no negatives): nothing to compute a loss on"
+        ));
+    }
     let device = batch.pixel_values.device().clone();
     let ctx = model.config().text_config.max_position_embeddings;
     let p = prompts(batch, tok, ctx, &device)?;
@@ -328,6 +362,16 @@ pub fn batch_loss(
     let out = model.forward_indexed(&inputs, Some(&p.image_index), ForwardOptions { train, dac: true })?;
     let loss = sam3_loss(&out, &batch_targets(batch), weights)?;
     Ok((loss, out))
+}
+
+/// `ids` split into the images that get at least one query (a positive, or a negative when
+/// `num_negatives` > 0 and a category is absent) and the count of those that get none.
+fn with_prompts(split: &Split, ids: Vec<usize>, num_negatives: usize) -> (Vec<usize>, usize) {
+    let n = ids.len();
+    let kept: Vec<usize> =
+        ids.into_iter().filter(|&i| !split.queries(i, num_negatives, 0).is_empty()).collect();
+    let dropped = n - kept.len();
+    (kept, dropped)
 }
 
 /// Build the samples of `indices` on up to `workers` threads (order kept).
@@ -514,7 +558,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             Severity::Error => tracing::error!("{f}"),
             Severity::Warning => tracing::warn!("{f}"),
         }
-        if matches!(f.kind, FindingKind::MissingImage | FindingKind::CorruptImage) {
+        // Images that cannot be read, and images with a segmentation that cannot be decoded
+        // (building their sample would fail mid-run): left out, each named above.
+        if matches!(
+            f.kind,
+            FindingKind::MissingImage | FindingKind::CorruptImage | FindingKind::UndecodableMask
+        ) {
             if let Some(id) = f.image_id {
                 let split =
                     f.file.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string());
@@ -535,13 +584,34 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     if train_ids.len() < train_split.images.len() {
         tracing::warn!(
-            "{} of {} training images cannot be decoded and are left out (listed above by file and id)",
+            "{} of {} training images have an image or a segmentation that cannot be decoded and are left out (listed above by file and id)",
             train_split.images.len() - train_ids.len(),
             train_split.images.len()
         );
     }
+    if train_ids.iter().all(|&i| train_split.images[i].objects.is_empty()) {
+        // doctor's F1.
+        bail!(
+            "{}: the training split has no usable objects (no annotation with a usable bbox, segmentation and category): the loss would be near zero and nothing is learned; check the annotation file (bbox/segmentation/category_id fields, see the warnings above)",
+            train_split.annotation_file.display()
+        );
+    }
+    let (train_ids, promptless) = with_prompts(&train_split, train_ids, t.num_negatives);
+    if promptless > 0 {
+        tracing::warn!(
+            "{promptless} training images have no usable objects and get no prompt (training.num_negatives is {}): they are left out",
+            t.num_negatives
+        );
+    }
     let valid_split = dataset.split("valid").cloned();
-    let valid_ids = valid_split.as_ref().map(usable).unwrap_or_default();
+    if valid_split.is_none() {
+        tracing::warn!(
+            "{}: no valid split: validation and the best checkpoint are off (add valid/_annotations.coco.json)",
+            t.data_dir.display()
+        );
+    }
+    let valid_ids =
+        valid_split.as_ref().map(|s| with_prompts(s, usable(s), t.num_negatives).0).unwrap_or_default();
 
     // Model and adapters.
     let model_path = resolve_model(&cfg)?;
@@ -1067,8 +1137,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             if consecutive_nonfinite >= 10 {
                 summary.stopped = Some(format!(
-                    "{consecutive_nonfinite} non-finite steps in a row (see {})",
-                    dump.display()
+                    "{consecutive_nonfinite} non-finite steps in a row (see {}): training diverged; lower training.learning_rate (now {}) or check the images listed there, and resume from the last good checkpoint",
+                    dump.display(),
+                    t.learning_rate
                 ));
                 state.step = step;
                 break 'outer;

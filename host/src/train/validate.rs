@@ -153,7 +153,12 @@ pub fn validate(
         Ok(())
     })?;
     let n = n.max(1) as f64;
-    let summary = if with_metrics { Some(evaluate(&queries)?) } else { None };
+    // A diverged model (non-finite loss, NaN scores) has no meaningful metrics: the loss says it.
+    let diverged = !(loss / n).is_finite();
+    if diverged && with_metrics {
+        tracing::warn!("validation loss is not finite (the adapters diverged): metrics skipped");
+    }
+    let summary = if with_metrics && !diverged { Some(evaluate(&queries)?) } else { None };
     Ok(ValidationResult {
         loss: loss / n,
         terms: terms.into_iter().map(|(k, v)| (k, v / n)).collect(),
