@@ -385,6 +385,9 @@ fn runtime(cli: &Cli) -> Result<Arc<Runtime>> {
 }
 
 fn ensure_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("plugin {} is a directory: name the .wasm component file", path.display());
+    }
     if !path.is_file() {
         bail!(
             "plugin file {} not found{}",
@@ -567,6 +570,11 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::inference::forward(model, inputs, out, *device, *dtype, semantics)
         }
         Command::Predict { model, image, prompt, boxes, out, threshold, nms_iou, device, dtype } => {
+            for (flag, v) in [("--threshold", threshold), ("--nms-iou", nms_iou)] {
+                if !(0.0..=1.0).contains(v) {
+                    bail!("{flag} {v}: give a number in [0, 1]");
+                }
+            }
             let opts = crate::inference::PredictOptions {
                 model_dir: model.clone(),
                 image: image.clone(),

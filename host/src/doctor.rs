@@ -205,7 +205,9 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
                 return None;
             }
         };
-        if let Err(e) = crate::train::apply_overrides(&mut doc, &opts.overrides) {
+        // Lenient: an override naming no setting is reported with the config's unknown keys
+        // (F11 warning, with a suggestion) and the diagnosis goes on.
+        if let Err(e) = crate::train::apply_overrides(&mut doc, &opts.overrides, false) {
             r.add("F11", Severity::Error, "bad --override", e.to_string(), "use SECTION.KEY=VALUE");
             return None;
         }

@@ -68,7 +68,13 @@ fn expect_rank(t: &Tensor, name: &str, rank: usize, what: &str, path: &Path) -> 
 }
 
 /// Read and check the `forward` input file.
-pub fn read_inputs(path: &Path, device: &Device, image_size: usize) -> Result<Sam3Inputs> {
+pub fn read_inputs(
+    path: &Path,
+    device: &Device,
+    model: &crate::sam3::config::Sam3Config,
+) -> Result<Sam3Inputs> {
+    let image_size = model.vision_config.backbone_config.image_size;
+    let (vocab, ctx) = (model.text_config.vocab_size, model.text_config.max_position_embeddings);
     let map = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
     let pixel_values = get(&map, "pixel_values", path)?;
@@ -81,8 +87,22 @@ pub fn read_inputs(path: &Path, device: &Device, image_size: usize) -> Result<Sa
             pixel_values.dims()
         );
     }
+    if b == 0 {
+        bail!("{}: pixel_values holds no image (batch 0)", path.display());
+    }
     let input_ids = get(&map, "input_ids", path)?;
     expect_rank(input_ids, "input_ids", 2, "(B, T)", path)?;
+    let t = input_ids.dim(1)?;
+    if t == 0 || t > ctx {
+        bail!("{}: input_ids has {t} tokens per prompt; this model takes 1..={ctx}", path.display());
+    }
+    let ids = input_ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= vocab) {
+        bail!(
+            "{}: input_ids holds token id {bad}, outside this model's vocabulary 0..{vocab} (tokenize with the model's tokenizer.json)",
+            path.display()
+        );
+    }
     let attention_mask = get(&map, "attention_mask", path)?;
     if attention_mask.dims() != input_ids.dims() || input_ids.dim(0)? != b {
         bail!(
@@ -136,7 +156,7 @@ pub fn forward(
     let start = std::time::Instant::now();
     let model = Sam3Model::load_dir(model_dir, &device, dtype.dtype())?.with_semantics(semantics);
     tracing::info!("loaded {} in {:.1} s", model_dir.display(), start.elapsed().as_secs_f64());
-    let inputs = read_inputs(inputs, &device, model.image_size())?;
+    let inputs = read_inputs(inputs, &device, model.config())?;
     let start = std::time::Instant::now();
     let o = model.forward(&inputs)?;
     tracing::info!("forward in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);

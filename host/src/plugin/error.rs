@@ -6,12 +6,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// The plugin file could not be read.
-    #[error("cannot read plugin {path}: {source}")]
+    #[error("cannot read plugin {path}: {error}{hint}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a separate cause: printed once).
+        error: std::io::Error,
+        /// What to do about it.
+        hint: String,
     },
     /// The bytes are not a loadable component.
     #[error("{path} is not a valid plugin: {reason}")]
@@ -40,7 +42,7 @@ pub enum PluginError {
         reason: String,
     },
     /// `init` failed (returned an error, trapped or ran out of budget).
-    #[error("plugin {name} ({path}) failed to initialize: {reason}")]
+    #[error("plugin {name} ({path}) failed to initialize: {reason}{}", config_hint(name, reason))]
     Init {
         /// The plugin's name.
         name: String,
@@ -67,5 +69,16 @@ pub enum PluginError {
 impl PluginError {
     pub(crate) fn engine(e: wasmtime::Error) -> Self {
         PluginError::Engine(format!("{e:#}"))
+    }
+}
+
+/// The fix for an `init` failure caused by the plugin's config section.
+fn config_hint(name: &str, reason: &str) -> String {
+    if reason.contains("plugin config") {
+        format!(
+            "\n  fix: the `{name}` config section (from --plugin-config FILE, --set {name}.KEY=VALUE, or the `config:` of its entry under `plugins:` in the training YAML)"
+        )
+    } else {
+        String::new()
     }
 }

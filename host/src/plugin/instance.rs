@@ -176,8 +176,11 @@ impl LoadedPlugin {
         run: RunInfo,
         limits: Limits,
     ) -> Result<Self, PluginError> {
-        let bytes =
-            std::fs::read(path).map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|error| PluginError::Read {
+            path: path.to_path_buf(),
+            hint: read_hint(path, &error),
+            error,
+        })?;
         let prepared = prepare(&runtime, &bytes, path, &config_json, &run, &limits)?;
         Ok(Self::from_prepared(runtime, path.to_path_buf(), config_json, run, limits, prepared))
     }
@@ -427,4 +430,23 @@ impl HostState {
     pub(crate) fn cap_limit(&self) -> usize {
         self.cap.limit()
     }
+}
+
+/// The fix for a plugin file that cannot be read.
+fn read_hint(path: &Path, error: &std::io::Error) -> String {
+    if path.is_dir() {
+        return " (it is a directory: name the .wasm component file)".into();
+    }
+    if error.kind() != std::io::ErrorKind::NotFound {
+        return String::new();
+    }
+    let mut hint = String::new();
+    if path.is_relative() {
+        let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+        hint.push_str(&format!(" (a relative path is resolved from the working directory, {cwd})"));
+    }
+    if path.to_string_lossy().contains("plugins/target") {
+        hint.push_str("; build the plugins first: make plugins");
+    }
+    hint
 }

@@ -9,7 +9,10 @@
 //! probabilities and applies the standard formulas (FlashAttention's, without the fused kernel):
 //! `P = softmax(S)`, `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`,
 //! `dQ = scale · dS K`, `dK = scale · dSᵀ Q`. A constant (untracked) additive bias is held by
-//! the op; a trainable bias needs its own gradient and keeps the composed path.
+//! the op; a trainable bias needs its own gradient and keeps the composed path. Without a graph
+//! (inference, a checkpointed block's first run) the same chunked forward runs unrecorded: the
+//! values are bit-identical with and without adapters or checkpointing, and inference never
+//! holds a full score matrix either.
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -176,9 +179,10 @@ impl LeanAttention {
     }
 }
 
-/// `softmax(q kᵀ · scale + bias) v` on (B, H, N, Dh) tensors as one op that keeps no score
-/// matrix for backward; `None` when it does not apply (nothing tracked, or a tracked bias),
-/// so the caller uses the composed attention.
+/// `softmax(q kᵀ · scale + bias) v` on (B, H, N, Dh) tensors, chunked over the queries: on
+/// tracked inputs one op that keeps no score matrix for backward, on untracked ones the same
+/// computation unrecorded (so a model gives the same values with and without a graph). `None`
+/// for a tracked (trainable) bias: the caller's composed attention differentiates it.
 /// With `tokens_major` the output is (B, Nq, H, Dh), contiguous.
 pub fn attention_lean(
     q: &Tensor,
@@ -202,11 +206,16 @@ pub fn attention_lean_chunked(
     chunk_elements: usize,
     tokens_major: bool,
 ) -> Result<Option<Tensor>> {
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    if !tracked || bias.is_some_and(|b| b.track_op()) {
+    if bias.is_some_and(|b| b.track_op()) {
         return Ok(None);
     }
     let lean = Lean { scale, bias: bias.map(|b| b.detach()), chunk_elements, probs: probs_dtype(q) };
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        // No graph: the same chunked computation (bit-identical to the op's forward, so
+        // attaching adapters or checkpointing changes no value), nothing recorded.
+        let o = crate::profile::inner(|| profile_label("forward", q, k), || lean.forward(q, k, v))?;
+        return Ok(Some(if tokens_major { o.transpose(1, 2)?.contiguous()? } else { o }));
+    }
     lean_op(q, k, v, lean, tokens_major).map(Some)
 }
 
@@ -278,9 +287,15 @@ mod tests {
         let (qf, kf, vf) = (f(&q)?, f(&k)?, f(&v)?);
         let got = attention_lean(&qf, &kf, &vf, 0.5, None, false)?.unwrap().to_dtype(DType::F64)?;
         assert!(max_diff(&composed(&q, &k, &v, 0.5, None)?, &got) < 1e-5);
-        // Untracked inputs or a trainable bias: the caller's composed path.
-        let plain = q.as_tensor().detach();
-        assert!(attention_lean(&plain, &plain, &plain, 1.0, None, false)?.is_none());
+        // Untracked inputs: the same values, nothing recorded; a trainable bias: the caller's
+        // composed path.
+        let (qd, kd, vd) = (q.as_tensor().detach(), k.as_tensor().detach(), v.as_tensor().detach());
+        for tokens_major in [false, true] {
+            let plain = attention_lean_chunked(&qd, &kd, &vd, 0.5, Some(&bias), 30, tokens_major)?.unwrap();
+            let tracked = attention_lean_chunked(&q, &k, &v, 0.5, Some(&bias), 30, tokens_major)?.unwrap();
+            assert!(!plain.track_op() && tracked.track_op());
+            assert_eq!(max_diff(&plain, &tracked), 0.0);
+        }
         let trainable_bias = Var::from_tensor(&bias)?;
         assert!(attention_lean(&q, &k, &v, 1.0, Some(trainable_bias.as_tensor()), false)?.is_none());
         Ok(())

@@ -178,6 +178,21 @@ impl Sam3Model {
     /// Load a model: a transformers directory (`config.json` + safetensors, either layout) or
     /// Meta's `sam3.pt` with a `config.json` beside it.
     pub fn load_dir(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        // A transformers weights file named instead of its directory: load the directory.
+        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+        let path = match path.parent() {
+            Some(dir) if path.is_file() && is_safetensors => {
+                if !dir.join("config.json").is_file() {
+                    bail!(
+                        "{}: a safetensors weights file; point the model path at the transformers model directory (config.json + model.safetensors), not at the file",
+                        path.display()
+                    );
+                }
+                tracing::info!("{} is a weights file: loading its directory", path.display());
+                dir
+            }
+            _ => path,
+        };
         let (config, ck) = if path.is_file() {
             let config_path = path.with_file_name("config.json");
             if !config_path.is_file() {

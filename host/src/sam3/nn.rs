@@ -146,8 +146,9 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention on (B, H, Nq, Dh) × (B, H, Nk, Dh): softmax(q kᵀ · scale + bias) v.
 /// `bias` is additive and broadcast to (B, H, Nq, Nk).
 ///
-/// On a training graph (tracked inputs, constant bias) it runs as one op that keeps no score
-/// matrix for backward ([`super::attention::attention_lean`]).
+/// With a constant bias it runs chunked over the queries ([`super::attention::attention_lean`]):
+/// on a training graph as one op that keeps no score matrix for backward, and without a graph
+/// the same computation unrecorded. A trainable bias takes the composed path.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
     if let Some(o) = super::attention::attention_lean(q, k, v, scale, bias, false)? {
         return Ok(o);

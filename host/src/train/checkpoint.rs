@@ -199,7 +199,17 @@ pub fn load(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>), Check
     let text = std::fs::read(&state_path).map_err(|e| {
         file_err(&state_path, format!("{e}; point --resume at a checkpoint directory (checkpoints/step-*)"))
     })?;
-    let state: TrainerState = serde_json::from_slice(&text).map_err(|e| file_err(&state_path, e))?;
+    let damaged = |what: String| {
+        let older = list(dir.parent().unwrap_or(Path::new(".")))
+            .into_iter()
+            .rev()
+            .find(|(_, p)| p.as_path() != dir)
+            .map(|(_, p)| format!("--resume {} (another checkpoint of the run) or ", p.display()))
+            .unwrap_or_default();
+        format!("{what}: this checkpoint is damaged; resume from {older}start a new run")
+    };
+    let state: TrainerState =
+        serde_json::from_slice(&text).map_err(|e| file_err(&state_path, damaged(e.to_string())))?;
     if state.format != STATE_FORMAT {
         return Err(file_err(
             &state_path,
@@ -208,7 +218,7 @@ pub fn load(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>), Check
     }
     let opt_path = dir.join(OPTIMIZER_FILE);
     let tensors = candle_core::safetensors::load(&opt_path, &Device::Cpu)
-        .map_err(|e| file_err(&opt_path, format!("not a readable safetensors file: {e}")))?;
+        .map_err(|e| file_err(&opt_path, damaged(format!("not a readable safetensors file: {e}"))))?;
     Ok((state, tensors))
 }
 

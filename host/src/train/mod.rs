@@ -103,8 +103,10 @@ pub struct TrainSummary {
     pub stopped: Option<String>,
 }
 
-/// Apply `section.key=value` overrides to a YAML document.
-pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String]) -> Result<()> {
+/// Apply `section.key=value` overrides to a YAML document (a mapping, or empty). `strict`
+/// (training): an override whose key names no setting is an error; otherwise (doctor) it is
+/// applied and reported with the document's other unknown keys.
+pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String], strict: bool) -> Result<()> {
     if overrides.is_empty() {
         return Ok(());
     }
@@ -122,7 +124,8 @@ pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String]) -> Res
         // A key typed on the command line that matches no setting is a mistake, not a warning.
         let mut alone = serde_yaml::Value::Mapping(Default::default());
         set_path(&mut alone, key, value.clone());
-        if let Some(unknown) = crate::train_config::unknown_keys(&alone).into_iter().next() {
+        if let Some(unknown) = crate::train_config::unknown_keys(&alone).into_iter().next().filter(|_| strict)
+        {
             let named = crate::train_config::settings_named(key);
             let hint = if named.is_empty() {
                 " (the keys are listed in configs/full_lora_config.yaml)".to_string()
@@ -158,7 +161,7 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     } else {
         let mut doc: serde_yaml::Value =
             serde_yaml::from_str(&text).with_context(|| format!("{}: not valid YAML", path.display()))?;
-        apply_overrides(&mut doc, overrides).with_context(|| format!("{}", path.display()))?;
+        apply_overrides(&mut doc, overrides, true).with_context(|| format!("{}", path.display()))?;
         serde_yaml::to_string(&doc)?
     };
     if text.trim().is_empty() || serde_yaml::from_str::<serde_yaml::Value>(&text).is_ok_and(|v| v.is_null()) {

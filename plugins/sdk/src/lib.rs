@@ -144,7 +144,10 @@ impl Config {
     /// so a misspelled key is an error that names the key.
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
         let v = if self.value.is_null() { serde_json::json!({}) } else { self.value.clone() };
-        serde_json::from_value(v).map_err(|e| format!("invalid plugin config: {e}"))
+        serde_json::from_value(v.clone()).map_err(|e| match culprit::<T>(&v) {
+            Some(k) => format!("invalid plugin config: key `{k}`: {e}"),
+            None => format!("invalid plugin config: {e}"),
+        })
     }
 
     fn get(&self, key: &str) -> Option<&serde_json::Value> {
@@ -328,4 +331,18 @@ macro_rules! export_plugin {
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_plugin_world!(__LorahostPluginShim with_types_in $crate::bindings);
     };
+}
+
+/// The first key of `v` that fails to deserialize into `T` on its own, when `T` has defaults for
+/// every field (an empty mapping deserializes): serde_json's errors do not name the key.
+fn culprit<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Option<String> {
+    serde_json::from_value::<T>(serde_json::json!({})).ok()?;
+    v.as_object()?
+        .iter()
+        .find(|(k, val)| {
+            let one: serde_json::Map<String, serde_json::Value> =
+                [((*k).clone(), (*val).clone())].into_iter().collect();
+            serde_json::from_value::<T>(serde_json::Value::Object(one)).is_err()
+        })
+        .map(|(k, _)| k.clone())
 }

@@ -492,6 +492,9 @@ mod tests {
         assert!(err(r#"{"action": "panic"}"#).contains("panic"));
         assert!(err(r#"{"lr_factor": 0}"#).contains("lr_factor"));
         assert!(err(r#"{"min_history": 40}"#).contains("min_history"));
+        // A wrong type names its key (serde's own message does not).
+        let e = err(r#"{"window": 10, "z_threshold": "abc"}"#);
+        assert!(e.contains("key `z_threshold`") && e.contains("expected f64"), "{e}");
     }
 
     #[test]
