@@ -70,7 +70,7 @@ impl Part {
 }
 
 /// Fitted multipliers: (token × width, token × MLP, attention scores, maps).
-const VISION: (f64, f64, f64, f64) = (19.41, 0.0, 0.0, 5.79);
+const VISION: (f64, f64, f64, f64) = (19.26, 0.0, 0.0, 2.61);
 /// Per gathered map element.
 const QUERY_IMAGE: f64 = 1.00;
 /// (token × width, token × MLP, attention scores): a transformer layer's multipliers scaled to
@@ -81,15 +81,16 @@ const ENCODER: (f64, f64, f64) = (25.21, 1.00, 0.0);
 /// (query token × width, query token × MLP, attention scores, image memory × width).
 const DECODER: (f64, f64, f64, f64) = (37.05, 1.45, 0.60, 3.40);
 /// (attention scores, maps, mask logits).
-const MASK: (f64, f64, f64) = (24.83, 3.83, 1.32);
+const MASK: (f64, f64, f64) = (25.17, 3.30, 1.31);
 /// Backward keeps the forward graph alive and adds, at its peak, this share of it: gradients
-/// candle stores for untracked operands a tracked tensor met (conv kernels, loss targets; not
-/// position encodings or dropout masks, see [`crate::sam3::ops::add_constant`]) until backward
+/// candle stores for untracked operands a tracked tensor met (loss targets; not frozen
+/// convolution kernels, position encodings or dropout masks, see
+/// [`crate::sam3::frozen::frozen_conv3x3`], [`crate::sam3::ops::add_constant`]) until backward
 /// ends, plus the pass's transients (fitted, `tools/measure_memory.py`).
-const BACKWARD: f64 = 0.396;
+const BACKWARD: f64 = 0.403;
 /// f32 copies of the largest attention's score chunk alive while the lean attention's backward
 /// recomputes it (probabilities, dP, dS and their casts; fitted on the CPU).
-const ATTENTION_TRANSIENT: f64 = 3.57;
+const ATTENTION_TRANSIENT: f64 = 2.85;
 /// The same in bf16 / f16 (CUDA), where the chunk stays in the compute dtype: P, dP, dP − δ
 /// and dS are alive at the peak (counted from the code, not fitted: no GPU measurement yet).
 const ATTENTION_TRANSIENT_HALF: f64 = 4.0;

@@ -748,6 +748,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 train_ids.len()
             );
         }
+        let n = train_ids.len();
+        let order_ok = s.epoch_order.is_empty()
+            || (s.epoch_order.len() == n && s.epoch_order.iter().all(|&k| (k as usize) < n));
+        if !order_ok || s.optimizer_updates > s.step {
+            bail!(
+                "{}: {} does not fit this run ({n} training samples): the state is damaged; resume from another checkpoint or start a new run",
+                dir.display(),
+                checkpoint::STATE_FILE
+            );
+        }
         lora.load_peft(dir).with_context(|| format!("adapters of {}", dir.display()))?;
         opt.load_state(&tensors, s.optimizer_updates)
             .with_context(|| format!("optimizer state of {}", dir.display()))?;
