@@ -159,6 +159,26 @@ fn resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights() {
         .unwrap()
     };
     assert!(same_tensors(&opt(&full), &opt(&part)));
+
+    // A damaged state: unreadable JSON names another checkpoint to resume from; a readable one
+    // whose epoch order does not fit the dataset is refused too (not trained on).
+    let broken = tmp.path().join("broken");
+    for step in [1, 2] {
+        let name = format!("checkpoints/step-0000000{step}");
+        copy_dir(&full.join(&name), &broken.join(&name));
+    }
+    let state = broken.join("checkpoints/step-00000002/trainer_state.json");
+    let good = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, "{ not json").unwrap();
+    let cfg_c = config(tmp.path(), &data, &broken, "  save_steps: 1\n", &plugin_yaml);
+    let resume = TrainOptions { resume: Some(Resume::Latest), ..opts(&cfg_c) };
+    let e = format!("{:#}", train(&resume).unwrap_err());
+    assert!(e.contains("damaged") && e.contains("step-00000001"), "{e}");
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    v["epoch_order"] = serde_json::json!([999, 0, 1, 2, 3, 4, 5, 6]);
+    std::fs::write(&state, v.to_string()).unwrap();
+    let e = format!("{:#}", train(&resume).unwrap_err());
+    assert!(e.contains("does not fit this run"), "{e}");
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

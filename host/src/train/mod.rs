@@ -1450,3 +1450,30 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Training's overrides: a key that names no setting is an error that says where the key
+    /// lives; a document that is not a mapping is refused; doctor's lenient mode applies them.
+    #[test]
+    fn overrides_refuse_unknown_keys_and_non_mappings() {
+        let set = |o: &str| vec![o.to_string()];
+        let mut doc: serde_yaml::Value = serde_yaml::from_str("training:\n  batch_size: 4\n").unwrap();
+        apply_overrides(&mut doc, &set("training.batch_size=2"), true).unwrap();
+        assert_eq!(doc["training"]["batch_size"].as_u64(), Some(2));
+        let e = apply_overrides(&mut doc, &set("batch_size=2"), true).unwrap_err().to_string();
+        assert!(e.contains("--override") && e.contains("training.batch_size"), "{e}");
+        let e = apply_overrides(&mut doc, &set("training.batch_sise=2"), true).unwrap_err().to_string();
+        assert!(e.contains("training.batch_size"), "{e}");
+        apply_overrides(&mut doc, &set("training.batch_sise=2"), false).unwrap();
+        assert_eq!(doc["training"]["batch_sise"].as_u64(), Some(2));
+        let mut list: serde_yaml::Value = serde_yaml::from_str("- a\n- b\n").unwrap();
+        let e = apply_overrides(&mut list, &set("training.batch_size=2"), true).unwrap_err().to_string();
+        assert!(e.contains("mapping"), "{e}");
+        let mut empty = serde_yaml::Value::Null;
+        apply_overrides(&mut empty, &set("lora.rank=8"), true).unwrap();
+        assert_eq!(empty["lora"]["rank"].as_u64(), Some(8));
+    }
+}
