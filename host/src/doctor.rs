@@ -583,6 +583,24 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<
             );
         }
     }
+    // A rank at or above a layer's smaller side adds parameters but no expressiveness: the
+    // update B·A already spans every matrix of that shape.
+    let rank = cfg.lora.rank;
+    let saturated: Vec<&(String, Component, usize, usize)> =
+        lora.modules.iter().filter(|(_, _, i, o)| rank >= (*i).min(*o)).collect();
+    if !saturated.is_empty() {
+        let smallest = saturated.iter().map(|(_, _, i, o)| (*i).min(*o)).min().unwrap_or(0);
+        r.add(
+            "D4",
+            Severity::Warning,
+            format!("lora.rank {rank} is at least the width of {} adapted layer(s)", saturated.len()),
+            format!(
+                "e.g. {} ({}→{}); the narrowest is {smallest} wide",
+                saturated[0].0, saturated[0].2, saturated[0].3
+            ),
+            format!("a rank below {smallest} (typically 8-64) gives the same updates with fewer parameters"),
+        );
+    }
     let adapted = crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1));
     memory_check(cfg, &config, &model_path, (total, trainable, adapted), r, budgets);
     if fraction > 0.2 {

@@ -203,6 +203,20 @@ impl Trace {
                 continue;
             } else if obj.contains_key("step") {
                 let rec: StepRecord = serde_json::from_value(value).map_err(|e| err(e.to_string()))?;
+                // A step at or before the last one: a run resumed from a checkpoint appended to
+                // the same file; its records replace the ones it ran again.
+                if trace.steps.last().is_some_and(|l| rec.step <= l.step) {
+                    let dropped = trace.steps.iter().filter(|s| s.step >= rec.step).count();
+                    tracing::warn!(
+                        "{} line {}: step {} again after step {} (a resumed run): its records replace the {dropped} earlier ones from step {} on",
+                        origin.display(),
+                        i + 1,
+                        rec.step,
+                        trace.steps.last().map_or(0, |l| l.step),
+                        rec.step
+                    );
+                    trace.steps.retain(|s| s.step < rec.step);
+                }
                 trace.steps.push(rec);
             } else {
                 return Err(err("no `step` field".into()));
@@ -264,6 +278,19 @@ mod tests {
         assert!(t.steps[1].loss.is_nan());
         assert_eq!(t.steps[1].losses["loss_mask"], 0.2);
         assert_eq!(t.steps[1].extra["custom"], serde_json::json!(7));
+    }
+
+    /// A resumed run appends steps it ran again: the later records replace the earlier ones.
+    #[test]
+    fn a_resumed_run_replaces_the_steps_it_ran_again() {
+        let line = |step: u64, loss: f64| {
+            format!("{{\"step\": {step}, \"loss\": {loss}, \"lr\": 0.1, \"grad_norm\": 1.0}}\n")
+        };
+        let text: String =
+            [line(1, 5.0), line(2, 4.0), line(3, 3.0), line(2, 4.5), line(3, 3.5), line(4, 2.5)].concat();
+        let t = Trace::parse(&text, Path::new("m.jsonl")).unwrap();
+        let got: Vec<(u64, f64)> = t.steps.iter().map(|s| (s.step, s.loss)).collect();
+        assert_eq!(got, [(1, 5.0), (2, 4.5), (3, 3.5), (4, 2.5)]);
     }
 
     #[test]
