@@ -233,7 +233,7 @@ fn memory_size_and_split_faults_are_found() {
     let r = diagnose(&DoctorOptions {
         config: s.config.clone(),
         overrides: vec!["training.batch_size=6".into()],
-        device_memory_gb: Some(0.05),
+        device_memory_gb: Some(0.035),
         ..Default::default()
     })
     .unwrap();
