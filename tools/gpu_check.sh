@@ -6,6 +6,9 @@
 #   then carry target-cuda/release/lorahost (strip + xz if the tree is near the size limit) and
 #   target/hf_sam3_bench.py, and run `bash tools/gpu_check.sh [quick]` from the repository root.
 # `quick` skips the checkpointing and larger-batch benches (about 3 minutes less).
+# Order: selftest of the training ops on the GPU (f32, bf16: selftest_*.txt), forward parity,
+# bf16 demo training, bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl),
+# PyTorch eager b2, then b2 --ckpt, b8 --ckpt, b4.
 set -u
 OUT="${OUT:-target/gpu-out}"
 mkdir -p "$OUT"

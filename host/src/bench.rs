@@ -308,10 +308,11 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let pool_peak = crate::gpu::peak_memory(&device);
     let peak = match (device.is_cpu(), pool_peak) {
         (true, _) => crate::alloc_stats::peak(),
-        (false, Some((used, _))) => used,
-        // The driver reports no pool counters: sampled device memory (after each forward and
-        // backward) above what was in use before the model was built.
-        (false, None) => peak_used - used_before,
+        (false, Some((used, _))) if used > 0 => used,
+        // No pool counters (a driver without stream-ordered allocation reports none, or zeros):
+        // sampled device memory (after each forward and backward) above what was in use before
+        // the model was built.
+        (false, _) => peak_used - used_before,
     };
     let (profile, profile_ops) = if o.profile_steps > 0 {
         crate::profile::enable(&device);
@@ -343,7 +344,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         images_per_s: b as f64 / med,
         loss,
         peak_mem_gib: gib(peak),
-        peak_reserved_gib: pool_peak.map(|(_, reserved)| gib(reserved)),
+        peak_reserved_gib: pool_peak.filter(|p| p.0 > 0).map(|(_, reserved)| gib(reserved)),
         time_to_first_step_s: first,
         estimated_peak_gib: gib(predicted.total),
         profile,
