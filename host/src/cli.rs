@@ -655,15 +655,27 @@ pub fn run(cli: Cli) -> Result<()> {
                     writeln!(out, "{}", replay::render_text(s))?;
                 }
             }
+            let failed = |e: &&String| e.contains(" failed: ") || e.contains(": disabled: ");
+            let failures: usize = steps.iter().map(|s| s.events.iter().filter(failed).count()).sum();
             if !*json {
                 let flagged = steps.iter().filter(|s| s.action != "continue").count();
                 writeln!(
                     out,
-                    "{} steps replayed through {}; {} with an action other than continue",
+                    "{} steps replayed through {}; {} with an action other than continue{}",
                     steps.len(),
                     set.plugins().iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
-                    flagged
+                    flagged,
+                    if failures > 0 {
+                        format!("; {failures} plugin failure(s), marked !")
+                    } else {
+                        String::new()
+                    }
                 )?;
+            }
+            drop(out);
+            // A plugin that fails on a recorded run would fail in training: not a pass.
+            if failures > 0 {
+                bail!("{failures} plugin failure(s) during the replay (see the steps marked !)");
             }
             Ok(())
         }
@@ -684,9 +696,13 @@ pub fn run(cli: Cli) -> Result<()> {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LORAHOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal (and not with NO_COLOR): redirected logs stay plain text.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .try_init();
 }

@@ -271,11 +271,14 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
                     (e.total_steps / 10).max(1)
                 ),
             );
-        } else if t.warmup_steps * 2 > e.total_steps {
+        } else if t.warmup_steps * 5 > e.total_steps {
             r.add(
                 "D1",
                 Severity::Warning,
-                "warmup takes more than half of the run",
+                format!(
+                    "warmup takes {:.0}% of the run (more than a fifth: usually a units mistake)",
+                    100.0 * t.warmup_steps as f64 / e.total_steps.max(1) as f64
+                ),
                 ev,
                 format!(
                     "warmup counts optimizer steps, not micro-batches: e.g. training.warmup_steps: {}",
@@ -326,9 +329,10 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
         );
     }
     if t.learning_rate > 1e-3 || t.learning_rate < 1e-6 {
+        // Far above the range (50×) the adapters diverge within steps: an error, not a hint.
         r.add(
             "D3",
-            Severity::Warning,
+            if t.learning_rate > 5e-2 { Severity::Error } else { Severity::Warning },
             "learning rate outside the usual LoRA range [1e-6, 1e-3]",
             format!("training.learning_rate {:e}", t.learning_rate),
             "SAM3 LoRA runs use 5e-5 .. 2e-4",
@@ -434,12 +438,18 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
         }
     }
     if ds.split("valid").is_none() {
+        let other = ["val", "validation", "eval", "dev"].into_iter().find(|n| dir.join(n).is_dir());
         r.add(
             "D6",
             Severity::Warning,
             "no valid/ split: no validation loss, metrics or best checkpoint",
             dir.display().to_string(),
-            "export a validation split (Roboflow: valid/)",
+            match other {
+                Some(n) => format!(
+                    "rename {n}/ to valid/ (lorahost reads the Roboflow layout: train/, valid/, test/)"
+                ),
+                None => "export a validation split (Roboflow: valid/)".to_string(),
+            },
         );
     }
     let findings = ds.preflight();
@@ -554,6 +564,20 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<
             return false;
         }
     };
+    let unmatched = lora.unmatched_patterns();
+    if !unmatched.is_empty() {
+        r.add(
+            "F9",
+            Severity::Warning,
+            format!(
+                "{} lora.target_modules {} no module",
+                unmatched.len(),
+                if unmatched.len() == 1 { "entry adapts" } else { "entries adapt" }
+            ),
+            format!("{} (the other entries matched {} modules)", unmatched.join(", "), lora.modules.len()),
+            "use transformers' SAM3 module names (q_proj, k_proj, v_proj, o_proj, fc1, fc2, out_proj), a dotted path suffix (detr_decoder.layers.0.self_attn.q_proj) or a glob (detr_decoder.*); or turn on the component that has them",
+        );
+    }
     let table: Vec<serde_json::Value> = lora
         .component_table()
         .iter()

@@ -204,8 +204,21 @@ pub struct PredictOptions {
 pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
     let device = o.device.device()?;
     o.dtype.check(&device)?;
+    crate::sam3::model::check_not_adapter(&o.model_dir)?;
     let img = imageio::load_rgb(&o.image)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
+    for b in &o.boxes {
+        let inside = b[0].max(0.0) < b[2].min(w as f32) && b[1].max(0.0) < b[3].min(h as f32);
+        if !inside {
+            tracing::warn!(
+                "--box {},{},{},{} does not overlap the {w}x{h} image (pixel x0,y0,x1,y1): it prompts nothing there",
+                b[0],
+                b[1],
+                b[2],
+                b[3]
+            );
+        }
+    }
     let tokenizer = PromptTokenizer::from_dir(&o.model_dir)?;
     let model = Sam3Model::load_dir(&o.model_dir, &device, o.dtype.dtype())?;
     let size = model.image_size();

@@ -292,6 +292,21 @@ impl LoraSet {
         Ok(LoraSet { vars, modules, config: config.clone(), training })
     }
 
+    /// The configured target patterns that adapted no module (a typo, or a name of the
+    /// reference trainer's model that SAM3 in transformers' naming does not have): the other
+    /// patterns still matched, so attaching succeeded, but these silently did nothing.
+    pub fn unmatched_patterns(&self) -> Vec<String> {
+        self.config
+            .target_modules
+            .iter()
+            .filter(|p| {
+                let expanded = expand(p.trim());
+                !self.modules.iter().any(|(path, _, _, _)| matches(path, &expanded))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Switch adapter dropout on (training) or off.
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed);

@@ -50,6 +50,21 @@ fn num<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     }
 }
 
+/// `mixed_precision`: a name, or a YAML boolean (`false` = "no"; `true` names no precision).
+fn precision_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum P {
+        B(bool),
+        S(String),
+    }
+    Ok(match P::deserialize(d)? {
+        P::B(false) => "no".into(),
+        P::B(true) => "true".into(), // ambiguous: the validation error lists the choices
+        P::S(s) => s,
+    })
+}
+
 fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let f = num(d)?;
     if f < 0.0 || f.fract() != 0.0 || !f.is_finite() {
@@ -202,7 +217,8 @@ pub struct TrainingSection {
     /// Checkpoints kept (0 = all).
     #[serde(deserialize_with = "count")]
     pub save_total_limit: usize,
-    /// "no", "bf16", "fp16".
+    /// "no", "bf16", "fp16" (YAML `false` reads as "no").
+    #[serde(deserialize_with = "precision_name")]
     pub mixed_precision: String,
     /// Seed of everything random.
     #[serde(deserialize_with = "count")]
@@ -600,7 +616,9 @@ impl TrainConfig {
                 t.lr_scheduler
             ));
         }
-        if t.precision() != Some(Precision::No) && self.hardware.device.eq_ignore_ascii_case("cpu") {
+        if t.precision().is_some_and(|p| p != Precision::No)
+            && self.hardware.device.eq_ignore_ascii_case("cpu")
+        {
             p.push(format!(
                 "training.mixed_precision {} with hardware.device cpu: candle's CPU backend has no half-precision matmul; use mixed_precision: no on the CPU",
                 t.mixed_precision

@@ -51,7 +51,7 @@ fn config(dir: &Path, data: &Path, out: &Path, training: &str, rest: &str) -> Pa
     let training: String = keys.iter().map(|(k, v)| format!("  {k}: {v}\n")).collect();
     let text = format!(
         "model:\n  name: tiny\n  path: {model}\nlora:\n  rank: 4\n  alpha: 8\n  dropout: 0.1\n  \
-         target_modules: [q_proj, v_proj, fc1, fc2, \"layers.*\"]\ntraining:\n{training}output:\n  output_dir: {out}\n\
+         target_modules: [q_proj, v_proj, fc1, fc2]\ntraining:\n{training}output:\n  output_dir: {out}\n\
          hardware:\n  device: cpu\nevaluation:\n  metric: loss\n{rest}",
         model = common::repo().join("examples/tiny_sam3").display(),
         out = out.display(),

@@ -326,7 +326,18 @@ impl Split {
         let dir = data_dir.join(name);
         let annotation_file = dir.join(ANNOTATION_FILE);
         if !annotation_file.is_file() {
-            return Err(DataError::MissingSplit { path: annotation_file });
+            let hint = if data_dir.join(ANNOTATION_FILE).is_file() {
+                format!(
+                    " ({} is itself a split folder: set data_dir to its parent, {})",
+                    data_dir.display(),
+                    data_dir.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                )
+            } else if !data_dir.is_dir() {
+                format!(" ({} does not exist)", data_dir.display())
+            } else {
+                String::new()
+            };
+            return Err(DataError::MissingSplit { path: annotation_file, hint });
         }
         let bytes = std::fs::read(&annotation_file)
             .map_err(|e| DataError::Io { path: annotation_file.clone(), reason: e.to_string() })?;

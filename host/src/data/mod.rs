@@ -21,11 +21,13 @@ pub enum DataError {
     /// A split's annotation file is missing.
     #[error(
         "no {path}: data_dir must be the folder that holds train/ (and valid/) from a Roboflow \
-         \"COCO Segmentation\" export, each with _annotations.coco.json"
+         \"COCO Segmentation\" export, each with _annotations.coco.json{hint}"
     )]
     MissingSplit {
         /// The annotation file that was expected.
         path: PathBuf,
+        /// What the folder given looks like instead, if that says more.
+        hint: String,
     },
     /// A file could not be read or written.
     #[error("cannot access {path}: {reason}")]

@@ -110,7 +110,23 @@ fn explain(err: &wasmtime::Error, state: &HostState, budget: Duration) -> String
             state_limit_mib(state)
         );
     }
-    format!("trapped: {}", first_line(&format!("{err:#}")))
+    // The trap's kind (e.g. "wasm `unreachable` instruction executed", what a Rust panic
+    // becomes) and the plugin's last stderr line (the panic message), not wasmtime's first
+    // line ("error while executing at wasm backtrace:").
+    let what = match err.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => err
+            .chain()
+            .last()
+            .map(|c| first_line(&c.to_string()))
+            .unwrap_or_else(|| first_line(&format!("{err:#}"))),
+    };
+    let said = state.last_stderr();
+    if said.is_empty() {
+        format!("trapped: {what}")
+    } else {
+        format!("trapped: {what}; its last stderr line: {}", truncate(&said, 300))
+    }
 }
 
 fn state_limit_mib(state: &HostState) -> usize {

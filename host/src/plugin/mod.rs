@@ -238,9 +238,24 @@ impl PluginSet {
             for msg in r.poll() {
                 match msg {
                     reload::Message::Ready { index, prepared } => {
-                        if let Some(p) = self.plugins.get_mut(index) {
-                            p.swap(*prepared);
+                        let Some(p) = self.plugins.get_mut(index) else { continue };
+                        // Another plugin written over the watched file: its state, hooks and
+                        // config section are not this plugin's. Keep the running one.
+                        if prepared.manifest.name != p.name() {
+                            let reason = format!(
+                                "the new file is plugin `{}`, not `{}`: a different plugin (its state and config section do not carry over); restart training to switch plugins",
+                                prepared.manifest.name,
+                                p.name()
+                            );
+                            tracing::error!(plugin = %p.name(), "new version of {} rejected, the running version stays: {reason}", p.path().display());
+                            self.events.push(PluginEvent::ReloadRejected {
+                                plugin: p.name().to_string(),
+                                path: p.path().to_path_buf(),
+                                reason,
+                            });
+                            continue;
                         }
+                        p.swap(*prepared);
                     }
                     reload::Message::Rejected { index, reason } => {
                         if let Some(p) = self.plugins.get(index) {

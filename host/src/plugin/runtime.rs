@@ -97,13 +97,23 @@ pub(crate) struct HostState {
     pub(crate) metrics: Vec<NamedValue>,
     log_lines: usize,
     dropped_lines: usize,
+    /// The plugin's last stderr line (a Rust guest's panic message lands there).
+    last_stderr: Arc<std::sync::Mutex<String>>,
 }
 
 impl HostState {
+    /// The plugin's last line on stderr, if any (empty otherwise).
+    pub(crate) fn last_stderr(&self) -> String {
+        self.last_stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// Reset the per-call budgets before a call.
     pub(crate) fn begin_call(&mut self) {
         self.log_lines = 0;
         self.dropped_lines = 0;
+        if let Ok(mut l) = self.last_stderr.lock() {
+            l.clear();
+        }
         self.cap.denied = None;
     }
 
@@ -174,13 +184,23 @@ struct LogPipe {
     plugin: Arc<str>,
     stream: &'static str,
     line: Vec<u8>,
+    /// Where the last complete line goes (stderr only).
+    last: Option<Arc<std::sync::Mutex<String>>>,
 }
 
 impl LogPipe {
     fn flush_line(&mut self) {
         if !self.line.is_empty() {
             let text = String::from_utf8_lossy(&self.line);
-            tracing::info!(plugin = %self.plugin, stream = self.stream, "{}", truncate(text.trim_end(), MAX_LOG_LINE));
+            let text = truncate(text.trim_end(), MAX_LOG_LINE);
+            tracing::info!(plugin = %self.plugin, stream = self.stream, "{}", text);
+            // Rust's panic hook ends with a hint about RUST_BACKTRACE: keep the message before.
+            let hint = text.starts_with("note: run with `RUST_BACKTRACE");
+            if let Some(last) = self.last.as_ref().filter(|_| !hint) {
+                if let Ok(mut l) = last.lock() {
+                    *l = text.into_owned();
+                }
+            }
             self.line.clear();
         }
     }
@@ -221,6 +241,7 @@ impl Drop for LogPipe {
 struct LogSink {
     plugin: Arc<str>,
     stream: &'static str,
+    last: Option<Arc<std::sync::Mutex<String>>>,
 }
 
 impl IsTerminal for LogSink {
@@ -235,7 +256,12 @@ impl StdoutStream for LogSink {
         Box::new(tokio::io::sink())
     }
     fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(LogPipe { plugin: self.plugin.clone(), stream: self.stream, line: Vec::new() })
+        Box::new(LogPipe {
+            plugin: self.plugin.clone(),
+            stream: self.stream,
+            line: Vec::new(),
+            last: self.last.clone(),
+        })
     }
 }
 
@@ -402,9 +428,10 @@ impl Runtime {
     /// A fresh store for one plugin instance.
     pub(crate) fn new_store(&self, plugin: &str, limits: &Limits) -> Store<HostState> {
         let name: Arc<str> = plugin.into();
+        let last_stderr = Arc::new(std::sync::Mutex::new(String::new()));
         let wasi = WasiCtxBuilder::new()
-            .stdout(LogSink { plugin: name.clone(), stream: "stdout" })
-            .stderr(LogSink { plugin: name.clone(), stream: "stderr" })
+            .stdout(LogSink { plugin: name.clone(), stream: "stdout", last: None })
+            .stderr(LogSink { plugin: name.clone(), stream: "stderr", last: Some(last_stderr.clone()) })
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
             .secure_random(wasmtime_wasi::Deterministic::new(vec![0x5a, 0x17, 0xc3, 0x88]))
@@ -422,6 +449,7 @@ impl Runtime {
             metrics: Vec::new(),
             log_lines: 0,
             dropped_lines: 0,
+            last_stderr,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.cap);

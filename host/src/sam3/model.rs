@@ -178,6 +178,7 @@ impl Sam3Model {
     /// Load a model: a transformers directory (`config.json` + safetensors, either layout) or
     /// Meta's `sam3.pt` with a `config.json` beside it.
     pub fn load_dir(path: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        check_not_adapter(path)?;
         // A transformers weights file named instead of its directory: load the directory.
         let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
         let path = match path.parent() {
@@ -370,6 +371,18 @@ impl Sam3Model {
             num_o2m: dec.num_o2m,
         })
     }
+}
+
+/// Refuse a PEFT adapter directory where a model is expected, with the way to get a model.
+pub fn check_not_adapter(path: &Path) -> anyhow::Result<()> {
+    if path.join("adapter_config.json").is_file() && !path.join("config.json").is_file() {
+        bail!(
+            "{}: a LoRA adapter, not a model; merge it into its base model first (`lorahost export --config C.yaml --adapter {} --merge --out DIR`) and pass DIR as the model",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Log the heap held after a component's forward (debug, target `lorahost::memory`) and charge

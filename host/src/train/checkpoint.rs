@@ -222,21 +222,55 @@ pub fn load(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>), Check
     Ok((state, tensors))
 }
 
-/// Delete the oldest checkpoints beyond `limit` (0 keeps all), never the one at `keep_step`
-/// (the best). Returns the removed directories.
+/// Delete the oldest checkpoints beyond `limit` (0 keeps all), never the newest (where a resume
+/// continues) nor the one at `keep_step` (the best): with both kept, `limit` 1 leaves two.
+/// Returns the removed directories.
 pub fn prune(root: &Path, limit: usize, keep_step: Option<u64>) -> Vec<PathBuf> {
     if limit == 0 {
         return Vec::new();
     }
     let all = list(root);
-    let mut removable: Vec<&(u64, PathBuf)> = all.iter().filter(|(s, _)| Some(*s) != keep_step).collect();
-    let kept_best = usize::from(all.len() != removable.len());
+    // The newest checkpoint is where a resume continues: never pruned, like the best.
+    let newest = all.last().map(|(s, _)| *s);
+    let mut removable: Vec<&(u64, PathBuf)> =
+        all.iter().filter(|(s, _)| Some(*s) != keep_step && Some(*s) != newest).collect();
+    let kept = all.len() - removable.len();
     let mut removed = Vec::new();
-    while removable.len() + kept_best > limit && !removable.is_empty() {
+    while removable.len() + kept > limit && !removable.is_empty() {
         let (_, p) = removable.remove(0);
         if std::fs::remove_dir_all(p).is_ok() {
             removed.push(p.clone());
         }
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pruning keeps the newest (resume point) and the best besides the limit's newest others.
+    #[test]
+    fn prune_keeps_the_newest_and_the_best() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for step in 1..=5u64 {
+            let d = root.join(format!("step-{step:08}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(STATE_FILE), "{}").unwrap();
+        }
+        let steps = || list(root).into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(prune(root, 0, Some(2)).len(), 0);
+        assert_eq!(prune(root, 1, Some(2)).len(), 3);
+        assert_eq!(steps(), [2, 5]);
+        let d = root.join("step-00000006");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(STATE_FILE), "{}").unwrap();
+        // Limit 2 with the best kept: the best and the newest.
+        prune(root, 2, Some(2));
+        assert_eq!(steps(), [2, 6]);
+        // No best: the newest `limit`.
+        prune(root, 1, None);
+        assert_eq!(steps(), [6]);
+    }
 }

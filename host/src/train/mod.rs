@@ -630,6 +630,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let lora_cfg = LoraConfig::from_section(&cfg.lora);
     let lora = LoraSet::attach_seeded(&mut model, &lora_cfg, seed, &device)
         .with_context(|| format!("{}: lora section", opts.config.display()))?;
+    for p in lora.unmatched_patterns() {
+        tracing::warn!(
+            "{}: lora.target_modules entry {p:?} adapts no module in the enabled components (names are transformers' SAM3 module names: q_proj, k_proj, v_proj, o_proj, fc1, fc2, out_proj, or a dotted path / glob); the other entries matched",
+            opts.config.display()
+        );
+    }
     tracing::info!(
         "LoRA r={} alpha={} dropout={}: {} modules, {} trainable parameters",
         lora_cfg.rank,
@@ -1276,9 +1282,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
         log.line(&rec.to_json_line());
         train_curve.push((step, loss));
-        progress.draw(step, epoch_of_step, loss, lr);
+        progress.draw(step, epoch_of_step + 1, loss, lr);
         if t.logging_steps > 0 && step.is_multiple_of(t.logging_steps as u64) {
-            tracing::info!("step {step}/{total} epoch {epoch_of_step} loss {loss:.4} lr {lr:.3e} grad_norm {total_norm:.3} -> {clipped_norm:.3} {step_ms:.0} ms {action}");
+            // Epochs are counted from 1 on the console, like steps (0-based in the state).
+            let epoch_shown = epoch_of_step + 1;
+            tracing::info!("step {step}/{total} epoch {epoch_shown}/{} loss {loss:.4} lr {lr:.3e} grad_norm {total_norm:.3} -> {clipped_norm:.3} {step_ms:.0} ms {action}", t.num_epochs);
         }
 
         // Cadences.
