@@ -263,9 +263,16 @@ fn memory_size_and_split_faults_are_found() {
     });
     let r = run(&s, &[]);
     assert!(r.findings.iter().any(|f| f.code == "F24"), "{}", explain(&r));
-    // D3: an LR far outside the LoRA range; D6: no validation split.
+    // D3: an LR outside the LoRA range warns; far outside (diverges within steps) is an error.
+    let r = run(&s, &["training.learning_rate=3e-3"]);
+    assert!(has(&r, "D3", Severity::Warning, "3e-3"), "{}", explain(&r));
     let r = run(&s, &["training.learning_rate=0.5"]);
-    assert!(has(&r, "D3", Severity::Warning, "5e-1"), "{}", explain(&r));
+    assert!(has(&r, "D3", Severity::Error, "5e-1"), "{}", explain(&r));
+    // D6: no validation split; a folder with another usual name is pointed out.
+    std::fs::rename(s.data.join("valid"), s.data.join("val")).unwrap();
+    let r = run(&s, &[]);
+    assert!(r.findings.iter().any(|f| f.code == "D6" && f.fix.contains("rename val/")), "{}", explain(&r));
+    std::fs::rename(s.data.join("val"), s.data.join("valid")).unwrap();
     std::fs::remove_dir_all(s.data.join("valid")).unwrap();
     let r = run(&s, &[]);
     assert!(has(&r, "D6", Severity::Warning, "valid"), "{}", explain(&r));
