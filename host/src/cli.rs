@@ -485,6 +485,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 probe_steps: *probe_steps,
                 device_memory_gb: *device_memory_gb,
                 host_memory_gb: *host_memory_gb,
+                cache_dir: if cli.no_cache {
+                    None
+                } else {
+                    cli.cache_dir.clone().or_else(Runtime::default_cache_dir)
+                },
             })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -13,6 +13,7 @@
 //! - **LoRA** (F8, F9, F7): the module table built from the real model code over the
 //!   checkpoint's shapes (no weights are read), zero matches, flags that match nothing, the
 //!   trainable fraction;
+//! - **plugins** (D7): each configured plugin loads as training would load it;
 //! - **probe** (`--probe-steps N`, F10, F1, F2, F9, F21, D5): N real optimizer steps in a scratch
 //!   directory, then loss variation, per-term losses, gradient-norm distribution, how often
 //!   clipping engaged and the LR actually applied, with recommendations.
@@ -25,9 +26,11 @@
 //! | D4 | LoRA scale alpha / rank outside [0.5, 4] (changing rank without alpha changes the step size) |
 //! | D5 | clipping engaged on most probe steps (the effective LR is lower than configured) |
 //! | D6 | no validation split |
+//! | D7 | a configured plugin is missing or does not load (contract, compile, `init` refuses its config) |
 
 use crate::data::coco::{Dataset, FindingKind, Severity as DataSeverity};
 use crate::lora::{Component, LoraConfig, LoraSet};
+use crate::plugin::{PluginSet, PluginSpec, RunInfo, Runtime};
 use crate::train::TrainOptions;
 use crate::train_config::{TrainConfig, TrainConfigError};
 use anyhow::Result;
@@ -80,6 +83,8 @@ pub struct DoctorOptions {
     pub device_memory_gb: Option<f64>,
     /// Host RAM in GiB (default: what the machine has available now).
     pub host_memory_gb: Option<f64>,
+    /// Where compiled plugins are cached (None: no cache), as for `train`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The report.
@@ -153,8 +158,9 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
     };
     let data_ok = data_checks(&cfg, opts, &mut r);
     let lora_ok = lora_checks(&cfg, &mut r, (opts.device_memory_gb, opts.host_memory_gb));
+    let plugins_ok = plugin_checks(&cfg, opts, &mut r);
     if opts.probe_steps > 0 {
-        if data_ok && lora_ok && !r.has_errors() {
+        if data_ok && lora_ok && plugins_ok && !r.has_errors() {
             probe(&cfg, opts, &mut r);
         } else {
             r.add(
@@ -167,6 +173,93 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
         }
     }
     Ok(finish(r))
+}
+
+/// D7: the config's plugins load as `train` will load them: the file is a component of this
+/// contract, it compiles, and `init` accepts its config section for this run. Training refuses
+/// to start on any of these, so they are errors here.
+fn plugin_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool {
+    if cfg.plugins.is_empty() {
+        return true;
+    }
+    let runtime = match Runtime::new(opts.cache_dir.clone()) {
+        Ok(rt) => rt,
+        Err(e) => {
+            r.add("D7", Severity::Error, "the plugin runtime cannot start", e.to_string(), "see the message");
+            return false;
+        }
+    };
+    let t = &cfg.training;
+    let n =
+        Dataset::load(&t.data_dir).ok().and_then(|d| d.split("train").map(|s| s.images.len())).unwrap_or(0);
+    let e = cfg.effective(n);
+    let run = RunInfo {
+        total_steps: e.total_steps as u64,
+        warmup_steps: e.warmup_steps as u64,
+        accumulation: t.gradient_accumulation_steps.max(1) as u32,
+        batch_size: t.batch_size as u32,
+        effective_batch_size: e.effective_batch_size as u32,
+        base_lr: t.learning_rate,
+        scheduler: t.lr_scheduler.clone(),
+        dataset_size: n as u32,
+        steps_per_epoch: e.steps_per_epoch as u64,
+        seed: t.seed as u64,
+        start_step: 1,
+    };
+    let specs: Vec<PluginSpec> = cfg
+        .plugins
+        .iter()
+        .map(|p| PluginSpec { config: p.config.clone(), ..PluginSpec::new(&p.path) })
+        .collect();
+    let mut ok = true;
+    let mut loaded = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let key = format!("plugins[{i}] ({})", spec.path.display());
+        if !spec.path.is_file() {
+            r.add(
+                "D7",
+                Severity::Error,
+                format!("{key} does not exist"),
+                format!("no file at {}", spec.path.display()),
+                "build the plugin (cargo build --release --target wasm32-wasip2) or fix plugins[].path; relative paths are read from the working directory or the config's folder",
+            );
+            ok = false;
+            continue;
+        }
+        match crate::plugin::check(runtime.clone(), spec, &run) {
+            Ok(p) => loaded.push(serde_json::json!({
+                "name": p.name(),
+                "version": p.manifest().version,
+                "hooks": p.manifest().hooks.iter().map(|h| h.wit_name()).collect::<Vec<_>>(),
+                "path": spec.path,
+            })),
+            Err(e) => {
+                r.add(
+                    "D7",
+                    Severity::Error,
+                    format!("{key} does not load"),
+                    format!("{e:#}"),
+                    "fix the plugin or its config section (`lorahost plugin check FILE --config JSON` shows the same); train refuses to start with it",
+                );
+                ok = false;
+            }
+        }
+    }
+    if ok && specs.len() > 1 {
+        // Names must differ (state, metrics and reload are keyed by name).
+        if let Err(e) = PluginSet::load(runtime, &specs, &run) {
+            r.add(
+                "D7",
+                Severity::Error,
+                "the plugins cannot be loaded together",
+                e.to_string(),
+                "see the message",
+            );
+            ok = false;
+        }
+    }
+    r.facts.insert("plugins".into(), serde_json::json!(loaded));
+    ok
 }
 
 fn finish(mut r: Report) -> Report {
@@ -213,7 +306,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
         }
         serde_yaml::to_string(&doc).unwrap_or_default()
     };
-    let (cfg, warnings) = match TrainConfig::from_yaml(&text, path) {
+    let (mut cfg, warnings) = match TrainConfig::from_yaml(&text, path) {
         Ok(c) => c,
         Err(e) => {
             r.add(
@@ -234,6 +327,9 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
             w,
             "rename or remove the key (a typo here is a setting that silently does nothing)",
         );
+    }
+    for n in cfg.resolve_relative_to(path) {
+        r.add("D0", Severity::Info, "a relative path was found next to the config", n, "nothing to do");
     }
     if let Err(TrainConfigError::Contradiction { problems, .. }) = cfg.validate(path) {
         for p in problems {
@@ -846,6 +942,7 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
         overrides,
         max_steps: Some(opts.probe_steps),
         hot_reload: false,
+        cache_dir: opts.cache_dir.clone(),
         ..Default::default()
     };
     let outcome = crate::train::train(&t);
@@ -868,8 +965,26 @@ pub fn analyse_steps(steps: &[crate::metrics::StepRecord], max_norm: f64, r: &mu
         return;
     }
     let losses: Vec<f64> = steps.iter().map(|s| s.loss).filter(|l| l.is_finite()).collect();
+    // Skips the trainer decided (non-finite loss or gradients); a plugin's skips are its own.
+    let skipped = |s: &&crate::metrics::StepRecord| s.action.as_deref() == Some("skip");
     let nonfinite =
-        steps.len() - losses.len() + steps.iter().filter(|s| s.action.as_deref() == Some("skip")).count();
+        steps.iter().filter(|s| !s.loss.is_finite() || (skipped(s) && s.decided_by.is_none())).count();
+    let mut by_plugin: BTreeMap<&str, (usize, &str)> = BTreeMap::new();
+    for s in steps.iter().filter(skipped) {
+        if let Some(p) = s.decided_by.as_deref() {
+            let e = by_plugin.entry(p).or_insert((0, s.reason.as_deref().unwrap_or("")));
+            e.0 += 1;
+        }
+    }
+    for (p, (count, reason)) in by_plugin {
+        r.add(
+            "D0",
+            Severity::Info,
+            format!("plugin {p} skipped {count} of {} probe steps", steps.len()),
+            format!("first reason: {reason}"),
+            "expected if the plugin guards against spikes; otherwise check its config",
+        );
+    }
     let mean = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
     let sd = (losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / losses.len().max(1) as f64).sqrt();
     let cv = if mean != 0.0 { sd / mean.abs() } else { 0.0 };

@@ -72,6 +72,13 @@ pub struct StepRecord {
     /// What the trainer did after the plugins answered (`continue`, `skip`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    /// Why the step was not a plain `continue` (the plugin's reason, or the trainer's for a
+    /// non-finite step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The plugin whose answer is `action` (absent when the trainer decided itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
     /// Any other fields (numbers become the hook's `extra` values).
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -251,6 +258,8 @@ impl StepRecord {
             heap_peak_bytes: None,
             grad_groups: Vec::new(),
             action: None,
+            reason: None,
+            decided_by: None,
             extra: BTreeMap::new(),
         }
     }

@@ -538,6 +538,43 @@ impl TrainConfig {
         Ok((cfg, warnings))
     }
 
+    /// Relative input paths (`training.data_dir`, `model.path`, `model.cache_dir`, each plugin's
+    /// `path`) are read from the working directory, as SAM3_LoRA does. One that does not exist
+    /// there but does next to the config file (`origin`) is taken from there instead, so a config
+    /// works from any working directory; the notes say which paths were moved. Output paths are
+    /// left alone: they are created where they point.
+    pub fn resolve_relative_to(&mut self, origin: &Path) -> Vec<String> {
+        let Some(base) = origin.parent().filter(|b| !b.as_os_str().is_empty()) else {
+            return Vec::new();
+        };
+        let mut notes = Vec::new();
+        let mut fix = |key: String, p: &mut PathBuf| {
+            if p.as_os_str().is_empty() || p.is_absolute() || p.exists() {
+                return;
+            }
+            let near = base.join(&*p);
+            if near.exists() {
+                notes.push(format!(
+                    "{key} {} is not in the working directory; using {} (next to the config)",
+                    p.display(),
+                    near.display()
+                ));
+                *p = near;
+            }
+        };
+        fix("training.data_dir".into(), &mut self.training.data_dir);
+        if let Some(p) = self.model.path.as_mut() {
+            fix("model.path".into(), p);
+        }
+        if let Some(p) = self.model.cache_dir.as_mut() {
+            fix("model.cache_dir".into(), p);
+        }
+        for (i, e) in self.plugins.iter_mut().enumerate() {
+            fix(format!("plugins[{i}].path"), &mut e.path);
+        }
+        notes
+    }
+
     /// Errors for settings that cannot work together, each with its fix.
     pub fn validate(&self, origin: &Path) -> Result<(), TrainConfigError> {
         let mut p = Vec::new();
@@ -701,6 +738,33 @@ mod tests {
         // The diagnosis' fixes.
         assert_eq!((light.lora.rank, light.lora.alpha), (32, 64.0));
         assert_eq!((light.training.batch_size, light.training.gradient_accumulation_steps), (2, 8));
+    }
+
+    #[test]
+    fn relative_inputs_missing_here_are_found_next_to_the_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg_dir = tmp.path().join("project/configs");
+        std::fs::create_dir_all(cfg_dir.join("lorahost_test_data_near_config/train")).unwrap();
+        std::fs::write(cfg_dir.join("lorahost_test_plugin_near.wasm"), b"").unwrap();
+        let origin = cfg_dir.join("c.yaml");
+        let (mut c, _) = TrainConfig::from_yaml(
+            "training:\n  data_dir: lorahost_test_data_near_config\nmodel:\n  path: lorahost_test_no_such_model\n\
+             plugins:\n  - path: lorahost_test_plugin_near.wasm\noutput:\n  output_dir: out_here\n",
+            &origin,
+        )
+        .unwrap();
+        let notes = c.resolve_relative_to(&origin);
+        assert_eq!(c.training.data_dir, cfg_dir.join("lorahost_test_data_near_config"));
+        assert_eq!(c.plugins[0].path, cfg_dir.join("lorahost_test_plugin_near.wasm"));
+        // Missing in both places: left as written, so the error names what the user wrote.
+        assert_eq!(c.model.path.as_deref(), Some(Path::new("lorahost_test_no_such_model")));
+        assert_eq!(c.output.output_dir, PathBuf::from("out_here"), "outputs are not moved");
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("training.data_dir lorahost_test_data_near_config"), "{notes:?}");
+        // A path that exists from the working directory wins (SAM3_LoRA's meaning).
+        let (mut here, _) = TrainConfig::from_yaml("training:\n  data_dir: src\n", &origin).unwrap();
+        assert!(here.resolve_relative_to(&origin).is_empty());
+        assert_eq!(here.training.data_dir, PathBuf::from("src"));
     }
 
     #[test]

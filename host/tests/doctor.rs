@@ -277,3 +277,51 @@ fn memory_size_and_split_faults_are_found() {
     let r = run(&s, &[]);
     assert!(has(&r, "D6", Severity::Warning, "valid"), "{}", explain(&r));
 }
+
+#[test]
+fn configured_plugins_are_loaded_and_a_broken_one_is_an_error() {
+    let s = setup();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let with = |plugins: &str| {
+        std::fs::write(&s.config, format!("{text}plugins:\n{plugins}")).unwrap();
+        diagnose(&DoctorOptions {
+            config: s.config.clone(),
+            cache_dir: Some(s.dir.path().join("cache")),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let guard = common::plugin("spike_guard");
+    let sampler = common::plugin("balanced_sampler");
+    // Good plugins load; the facts name them and their hooks.
+    let r = with(&format!(
+        "  - path: {}\n    config: {{window: 8}}\n  - path: {}\n",
+        guard.display(),
+        sampler.display()
+    ));
+    assert!(!r.has_errors(), "{}", explain(&r));
+    let names: Vec<&str> =
+        r.facts["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["spike_guard", "balanced_sampler"]);
+    assert!(
+        r.facts["plugins"][0]["hooks"].as_array().unwrap().iter().any(|h| h == "step-metrics"),
+        "{}",
+        r.facts["plugins"]
+    );
+    // A config section init refuses: the plugin's message, with its key.
+    let r = with(&format!("  - path: {}\n    config: {{windw: 8}}\n", guard.display()));
+    assert!(has(&r, "D7", Severity::Error, "windw"), "{}", explain(&r));
+    // A missing file and a file that is no component.
+    let junk = s.dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    let r = with(&format!(
+        "  - path: {}\n  - path: {}\n",
+        s.dir.path().join("nope.wasm").display(),
+        junk.display()
+    ));
+    assert!(has(&r, "D7", Severity::Error, "does not exist"), "{}", explain(&r));
+    assert!(has(&r, "D7", Severity::Error, "junk.wasm"), "{}", explain(&r));
+    // The same plugin twice cannot be loaded together.
+    let r = with(&format!("  - path: {}\n  - path: {}\n", guard.display(), guard.display()));
+    assert!(has(&r, "D7", Severity::Error, "together"), "{}", explain(&r));
+}

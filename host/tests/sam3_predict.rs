@@ -77,8 +77,12 @@ fn predict_writes_detections_and_overlay() {
     let scores: Vec<f64> = dets.iter().map(|d| d["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     for d in dets {
-        let b: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let b: Vec<f64> = d["bbox_xyxy"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert!(b[0] >= 0.0 && b[2] <= 90.0 && b[1] >= 0.0 && b[3] <= 60.0, "{b:?}");
+        // `bbox` is COCO's [x, y, w, h] of the same box.
+        let c: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let xywh = [b[0], b[1], b[2] - b[0], b[3] - b[1]];
+        assert!(c.iter().zip(xywh).all(|(p, q)| (p - q).abs() < 1e-3), "{c:?} vs {b:?}");
         let rle: Rle = Rle {
             size: [60, 90],
             counts: d["segmentation"]["counts"]

@@ -367,6 +367,18 @@ fn every_hook_answer_takes_effect_in_training() {
     assert!(t.steps.iter().all(|s| s.loss_weights["loss_mask"] == 400.0), "loss-weight factor 2 on 200");
     let actions: Vec<&str> = t.steps.iter().map(|s| s.action.as_deref().unwrap()).collect();
     assert_eq!(actions, vec!["continue", "skip", "skip", "stop"], "veto at 2, skip at 3, stop at 4");
+    // Each non-continue step names its plugin and the plugin's reason.
+    let why: Vec<(Option<&str>, Option<&str>)> =
+        t.steps.iter().map(|s| (s.decided_by.as_deref(), s.reason.as_deref())).collect();
+    assert_eq!(
+        why,
+        vec![
+            (None, None),
+            (Some("steer"), Some("steer: veto_at")),
+            (Some("steer"), Some("steer: skip_at")),
+            (Some("steer"), Some("steer: stop_at"))
+        ]
+    );
     let last = &t.steps[3].extra;
     let calls = |k: &str| last[&format!("plugin.steer.{k}")].as_f64().unwrap();
     assert_eq!((calls("on_step"), calls("on_grads"), calls("lr")), (4.0, 4.0, 4.0));
@@ -404,6 +416,11 @@ fn a_non_finite_loss_skips_the_step_and_names_the_images() {
     run(&opts(&cfg));
     let t = steps(&out);
     assert!(t.steps.iter().all(|s| s.action.as_deref() == Some("skip")), "{:?}", t.steps);
+    assert!(
+        t.steps.iter().all(|s| s.reason.as_deref() == Some("non-finite loss") && s.decided_by.is_none()),
+        "{:?}",
+        t.steps
+    );
     let dump = std::fs::read_to_string(out.join("nonfinite_batches.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(dump.lines().next().unwrap()).unwrap();
     assert_eq!(first["image_ids"].as_array().unwrap().len(), 4, "{first}");

@@ -9,8 +9,13 @@ use serde::Serialize;
 pub struct Detection {
     /// σ(logit)·σ(presence).
     pub score: f32,
-    /// [x0, y0, x1, y1] in pixels of the original image.
+    /// [x0, y0, x1, y1] in pixels of the original image (`bbox_xyxy` in JSON).
+    #[serde(rename = "bbox_xyxy")]
     pub bbox: [f32; 4],
+    /// The same box as COCO's [x, y, width, height] (`bbox` in JSON, beside the COCO RLE
+    /// `segmentation` and `area`, so the detections read as COCO results).
+    #[serde(rename = "bbox")]
+    pub bbox_xywh: [f32; 4],
     /// Query index in the model output.
     pub query: usize,
     /// The mask as COCO RLE (column-major counts), at image resolution.
@@ -170,6 +175,10 @@ pub fn detections(
             Detection {
                 score: scores[q],
                 bbox: boxes[q],
+                bbox_xywh: {
+                    let [x0, y0, x1, y1] = boxes[q];
+                    [x0, y0, x1 - x0, y1 - y0]
+                },
                 query: q,
                 segmentation: rle_encode(&mask, ih, iw),
                 area,

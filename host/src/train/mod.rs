@@ -167,9 +167,12 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     if text.trim().is_empty() || serde_yaml::from_str::<serde_yaml::Value>(&text).is_ok_and(|v| v.is_null()) {
         tracing::warn!("{}: the config is empty: every setting is at its default", path.display());
     }
-    let (cfg, warnings) = TrainConfig::from_yaml(&text, path)?;
+    let (mut cfg, warnings) = TrainConfig::from_yaml(&text, path)?;
     for w in warnings {
         tracing::warn!("{}: {w}", path.display());
+    }
+    for n in cfg.resolve_relative_to(path) {
+        tracing::info!("{}: {n}", path.display());
     }
     cfg.validate(path)?;
     Ok(cfg)
@@ -669,8 +672,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let accum = t.gradient_accumulation_steps.max(1);
     let scheduler = t.scheduler().unwrap_or(crate::train_config::Scheduler::Cosine);
     tracing::info!(
-        "effective hyperparameters: batch {} x accumulation {} = {} images per optimizer step; {} micro-batches and {} optimizer steps per epoch; {} epochs = {} optimizer steps; warmup {} steps ({:.2} epochs); lr {:e} ({:?}); clip {}; precision {:?} ({:?}); seed {}",
-        t.batch_size, accum, eff.effective_batch_size, eff.micro_batches_per_epoch, eff.steps_per_epoch, t.num_epochs, total, warmup, eff.warmup_epochs, t.learning_rate, scheduler, t.max_grad_norm, precision, dtype, seed
+        "effective hyperparameters: batch {} x accumulation {} = {} images per optimizer step; {} micro-batches and {} optimizer steps per epoch; {} epochs = {} optimizer steps; warmup {} steps ({:.2} epochs); lr {:e} ({:?}); AdamW betas ({}, {}) eps {:e} weight decay {}; clip {}; precision {:?} ({:?}); seed {}",
+        t.batch_size, accum, eff.effective_batch_size, eff.micro_batches_per_epoch, eff.steps_per_epoch, t.num_epochs, total, warmup, eff.warmup_epochs, t.learning_rate, scheduler, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay, t.max_grad_norm, precision, dtype, seed
     );
     if warmup >= total && total > 0 {
         tracing::warn!(
@@ -1127,6 +1130,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         };
         let veto = plugins.on_grads(&report).veto;
         let mut action = "continue".to_string();
+        let mut reason: Option<String> = None;
+        let mut decided_by: Option<String> = None;
         let mut applied = false;
         let scheduled = schedule::lr_at(scheduler, t.learning_rate, step, warmup, total);
         let lr = plugins.lr_for_step(&LrRequest {
@@ -1142,6 +1147,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             consecutive_nonfinite += 1;
             state.skipped_steps += 1;
             action = "skip".into();
+            reason = Some(if loss.is_finite() {
+                format!("{nonfinite} non-finite gradient entries")
+            } else {
+                "non-finite loss".to_string()
+            });
             let dump = out_dir.join("nonfinite_batches.jsonl");
             let line = serde_json::json!({"step": step, "epoch": epoch_of_step, "image_ids": batch_ids, "loss": if loss.is_finite() { Some(loss) } else { None }, "nonfinite_grads": nonfinite});
             if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&dump) {
@@ -1163,10 +1173,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 state.step = step;
                 break 'outer;
             }
-        } else if let Some((plugin, reason)) = veto {
+        } else if let Some((plugin, why)) = veto {
             state.skipped_steps += 1;
             action = "skip".into();
-            tracing::warn!("step {step}: update vetoed by plugin {plugin}: {reason}");
+            tracing::warn!("step {step}: update vetoed by plugin {plugin}: {why}");
+            reason = Some(why);
+            decided_by = Some(plugin);
             consecutive_nonfinite = 0;
         } else {
             consecutive_nonfinite = 0;
@@ -1220,25 +1232,40 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         });
         let mut stop: Option<String> = None;
         let mut want_checkpoint = decision.checkpoint;
+        // A step already skipped (non-finite, vetoed) stays `skip` under a milder answer.
+        let milder =
+            matches!(decision.action, Action::ScaleLr(_) | Action::Checkpoint) && action != "continue";
+        if !matches!(decision.action, Action::Continue) && !milder {
+            decided_by = decision.decided_by.clone();
+        }
         match &decision.action {
-            Action::Skip(reason) => {
+            Action::Skip(why) => {
                 if applied {
                     opt.rollback()?;
                     state.skipped_steps += 1;
                 }
                 action = "skip".into();
                 tracing::warn!(
-                    "step {step}: plugin {} skipped the step: {reason}",
+                    "step {step}: plugin {} skipped the step: {why}",
                     decision.decided_by.as_deref().unwrap_or("?")
                 );
+                reason = Some(why.clone());
             }
-            Action::Stop(reason) => {
+            Action::Stop(why) => {
                 action = "stop".into();
-                stop = Some(format!("plugin {}: {reason}", decision.decided_by.as_deref().unwrap_or("?")));
+                stop = Some(format!("plugin {}: {why}", decision.decided_by.as_deref().unwrap_or("?")));
                 want_checkpoint = true;
+                reason = Some(why.clone());
             }
-            Action::ScaleLr(_) => action = "scale_lr".into(),
-            Action::Checkpoint => action = "checkpoint".into(),
+            _ if milder => {}
+            Action::ScaleLr(_) => {
+                action = "scale_lr".into();
+                reason = Some(format!("LR scaled by {}", decision.lr_scale));
+            }
+            Action::Checkpoint => {
+                action = "checkpoint".into();
+                reason = Some("checkpoint requested".into());
+            }
             Action::Continue => {}
         }
         if decision.lr_scale != 1.0 {
@@ -1274,6 +1301,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             })
             .collect();
         rec.action = Some(action.clone());
+        rec.reason = reason;
+        rec.decided_by = decided_by;
         for (k, v) in plugins.take_metrics() {
             rec.extra.insert(k, serde_json::json!(v));
         }
