@@ -425,3 +425,45 @@ fn a_non_finite_loss_skips_the_step_and_names_the_images() {
     let first: serde_json::Value = serde_json::from_str(dump.lines().next().unwrap()).unwrap();
     assert_eq!(first["image_ids"].as_array().unwrap().len(), 4, "{first}");
 }
+
+#[test]
+fn validation_results_reach_the_plugins_and_early_stopping_stops_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("early");
+    let stopper = common::plugin("early_stopping");
+    // Validation before training and after every step; no evaluation can beat the first (step
+    // 0) by 1e9, so with patience 2 the evaluations at steps 1 and 2 are bad ones: step 3 sees
+    // the second and stops.
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 5\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  eval_steps: 1\n",
+        &format!(
+            "plugins:\n  - path: {}\n    config: {{patience: 2, min_delta: 1.0e9}}\n",
+            stopper.display()
+        ),
+    );
+    let s = run(&opts(&cfg));
+    assert_eq!(s.steps, 3, "{:?}", s.stopped);
+    let why = s.stopped.unwrap();
+    assert!(why.contains("early_stopping") && why.contains("validation.loss"), "{why}");
+    let t = steps(&out);
+    // Each step carries the latest validation: the previous step's (step 0: before training).
+    let vals: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"event\":\"validation\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for s in &t.steps {
+        let at = s.extra["validation.step"].as_f64().unwrap() as u64;
+        assert_eq!(at, s.step - 1);
+        let event = &vals[at as usize];
+        assert_eq!(event["step"].as_u64(), Some(at), "{event}");
+        assert_eq!(s.extra["validation.loss"].as_f64(), event["loss"].as_f64());
+    }
+    assert_eq!(t.steps[2].decided_by.as_deref(), Some("early_stopping"));
+    assert_eq!(t.steps[2].extra["plugin.early_stopping.bad_evals"].as_f64(), Some(2.0));
+}

@@ -178,6 +178,17 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// The `validation.*` extra values of a validation at `step` (0: before training).
+fn validation_extra(step: u64, v: &validate::ValidationResult) -> Vec<NamedValue> {
+    [("validation.step", step as f64), ("validation.loss", v.loss)]
+        .into_iter()
+        .chain(v.summary.iter().flat_map(|s| {
+            [("validation.map", s.map), ("validation.ap50", s.ap50), ("validation.cgf1", s.cgf1)]
+        }))
+        .map(|(name, value)| NamedValue { name: name.into(), value })
+        .collect()
+}
+
 /// Meta's loss weights with the config's `loss:` section applied.
 pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
     let mut w = LossWeights::default();
@@ -831,6 +842,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let metrics_path = log_dir.join("metrics.jsonl");
     let mut log = MetricsLog::open(&metrics_path, &header, resume_dir.as_ref().map(|_| state.step))?;
     let mut train_curve: Vec<(u64, f64)> = Vec::new();
+
     let mut val_curve: Vec<(u64, f64)> = Vec::new();
     if resume_dir.is_some() {
         if let Ok(trace) = crate::metrics::Trace::read(&metrics_path) {
@@ -871,12 +883,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         Ok(Some(r))
     };
 
+    // The latest validation results, handed to every later step's hook (and recorded with it)
+    // as `validation.*` extra values: what an early-stopping plugin reads.
+    let mut val_extra: Vec<NamedValue> = Vec::new();
     // Baseline validation before any update (fresh runs).
     if state.step == 0 {
         if let Some(v) = run_validation(&model, false)? {
             tracing::info!("validation before training: loss {:.4}", v.loss);
             summary.initial_validation_loss = Some(v.loss);
             val_curve.push((0, v.loss));
+            val_extra = validation_extra(0, &v);
             log.line(
                 &serde_json::json!({"event": "validation", "step": 0, "loss": v.loss, "losses": v.terms})
                     .to_string(),
@@ -1228,7 +1244,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             object_count: objects,
             step_time_ms: step_ms,
             memory_bytes: mem,
-            extra: vec![NamedValue { name: "skipped_steps".into(), value: state.skipped_steps as f64 }],
+            extra: std::iter::once(NamedValue {
+                name: "skipped_steps".into(),
+                value: state.skipped_steps as f64,
+            })
+            .chain(val_extra.iter().cloned())
+            .collect(),
         });
         let mut stop: Option<String> = None;
         let mut want_checkpoint = decision.checkpoint;
@@ -1300,6 +1321,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 numel: g.numel,
             })
             .collect();
+        for v in &val_extra {
+            rec.extra.insert(v.name.clone(), serde_json::json!(v.value));
+        }
         rec.action = Some(action.clone());
         rec.reason = reason;
         rec.decided_by = decided_by;
@@ -1336,6 +1360,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                         .unwrap_or_default()
                 );
                 val_curve.push((step, v.loss));
+                val_extra = validation_extra(step, &v);
                 log.line(&serde_json::json!({"event": "validation", "step": step, "loss": v.loss, "losses": v.terms, "metrics": v.summary}).to_string());
                 let value = match metric_name.as_str() {
                     "map" => v.summary.map(|s| s.map),
