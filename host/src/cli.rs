@@ -438,6 +438,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     cli.cache_dir.clone().or_else(Runtime::default_cache_dir)
                 },
             };
+            let _signals = crate::train::interrupt::install();
             let s = crate::train::train(&opts)?;
             println!(
                 "trained {} optimizer steps ({} skipped); outputs in {}",
@@ -453,6 +454,9 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             if let Some(r) = s.stopped {
                 println!("stopped early: {r}");
+            }
+            if s.interrupted {
+                std::process::exit(crate::train::interrupt::EXIT_CODE);
             }
             Ok(())
         }

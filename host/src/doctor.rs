@@ -549,39 +549,94 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
         );
     }
     let findings = ds.preflight();
-    let mut by_kind: BTreeMap<(String, &'static str, &'static str), Vec<String>> = BTreeMap::new();
+    type Kind = (String, &'static str, &'static str, &'static str);
+    let mut by_kind: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
     for f in &findings {
-        let (code, label): (&str, &str) = match f.kind {
-            FindingKind::MissingImage | FindingKind::CorruptImage => {
-                ("F26", "images that cannot be read or decoded")
+        let (code, label, fix): (&str, &str, &str) = match f.kind {
+            FindingKind::MissingImage | FindingKind::CorruptImage => (
+                "F26",
+                "images that cannot be read or decoded",
+                "restore or re-export those files (they are left out of training, each named)",
+            ),
+            FindingKind::MissingBox => (
+                "F23",
+                "annotations without a usable bbox",
+                "give each annotation a bbox [x, y, w, h] in pixels (they are dropped)",
+            ),
+            FindingKind::UndecodableMask => (
+                "F23",
+                "annotations whose segmentation cannot be used",
+                "fix the segmentation (polygons [[x1, y1, ...]] or RLE {size: [h, w], counts}); meanwhile those objects train box and class only",
+            ),
+            FindingKind::DegenerateBox => (
+                "F21",
+                "degenerate boxes (w or h <= 0, non-finite)",
+                "fix the boxes (those annotations are dropped)",
+            ),
+            FindingKind::EmptyMask => (
+                "F21",
+                "masks with no pixels",
+                "check those polygons (tiny or outside the image); the objects train box and class only",
+            ),
+            FindingKind::BoxOutsideImage => (
+                "F4",
+                "boxes reaching outside the image (wrong units or format?)",
+                "boxes are clipped to the image; if many are far outside, the boxes are in another unit or format",
+            ),
+            FindingKind::BoxFormat => (
+                "F5",
+                "boxes that disagree with their masks like [x0, y0, x1, y1] or normalized boxes",
+                "write bbox as COCO [x, y, width, height] in pixels (re-export, or convert the file)",
+            ),
+            FindingKind::SizeMismatch => (
+                "F24",
+                "decoded image size differs from the JSON (EXIF rotation?)",
+                "re-export with the orientation applied, or correct width/height in the JSON",
+            ),
+            FindingKind::PoorPrompt | FindingKind::DuplicatePrompt => (
+                "F6",
+                "category names that make poor prompts",
+                "rename the categories to short noun phrases (\"crack\", \"rust stain\")",
+            ),
+            FindingKind::ImageWithoutAnnotations => (
+                "F1",
+                "images without annotations (only negatives)",
+                "expected for background images; otherwise their annotations were lost in the export",
+            ),
+            FindingKind::UnknownCategory | FindingKind::UnknownImage | FindingKind::DuplicateId => (
+                "F23",
+                "inconsistent ids in the COCO file",
+                "give every image, annotation and category a unique integer id, and refer only to existing ones",
+            ),
+            FindingKind::UnusedCategory => {
+                ("F6", "categories no annotation uses", "nothing to do (Roboflow's super-category 0 is one)")
             }
-            FindingKind::MissingBox => ("F23", "annotations without a bbox"),
-            FindingKind::UndecodableMask => ("F23", "annotations whose segmentation cannot be decoded"),
-            FindingKind::DegenerateBox => ("F21", "degenerate boxes (w or h <= 0, non-finite)"),
-            FindingKind::EmptyMask => ("F21", "masks with no pixels"),
-            FindingKind::BoxOutsideImage => {
-                ("F4", "boxes reaching outside the image (wrong units or format?)")
-            }
-            FindingKind::SizeMismatch => ("F24", "decoded image size differs from the JSON (EXIF rotation?)"),
-            FindingKind::PoorPrompt | FindingKind::DuplicatePrompt => {
-                ("F6", "category names that make poor prompts")
-            }
-            FindingKind::ImageWithoutAnnotations => ("F1", "images without annotations (only negatives)"),
-            FindingKind::UnknownCategory | FindingKind::UnknownImage | FindingKind::DuplicateId => {
-                ("F23", "inconsistent ids in the COCO file")
-            }
-            FindingKind::UnusedCategory => ("F6", "categories no annotation uses"),
+            FindingKind::Crowd => (
+                "F23",
+                "crowd annotations (iscrowd: 1)",
+                "drop them if they outline groups of objects: SAM3 trains each as one instance",
+            ),
+            FindingKind::UnusedSplit => (
+                "F26",
+                "a split that does not load (not used by training)",
+                "fix or remove the file; training uses only train/ and valid/",
+            ),
         };
         let sev = match f.severity {
             DataSeverity::Error => "error",
             DataSeverity::Warning => "warning",
         };
-        by_kind.entry((code.to_string(), label, sev)).or_default().push(f.to_string());
+        by_kind.entry((code.to_string(), label, sev, fix)).or_default().push(f.to_string());
     }
-    for ((code, label, sev), items) in by_kind {
+    // Every finding, machine-readable (file, image and annotation id, kind, message).
+    r.facts.insert("data_findings".into(), serde_json::json!(findings));
+    for ((code, label, sev, fix), items) in by_kind {
         let severity = if sev == "error" { Severity::Error } else { Severity::Warning };
-        let severity =
-            if code == "F1" || label.starts_with("categories no") { Severity::Info } else { severity };
+        let severity = if code == "F1" || label.starts_with("categories no") || label.starts_with("a split") {
+            Severity::Info
+        } else {
+            severity
+        };
         let shown: Vec<&String> = items.iter().take(5).collect();
         r.add(
             &code,
@@ -590,9 +645,13 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
             format!(
                 "{}{}",
                 shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; "),
-                if items.len() > 5 { format!("; and {} more", items.len() - 5) } else { String::new() }
+                if items.len() > 5 {
+                    format!("; and {} more (all in --json facts.data_findings)", items.len() - 5)
+                } else {
+                    String::new()
+                }
             ),
-            "fix or drop those annotations/images (lorahost leaves undecodable images out and names them)",
+            fix,
         );
     }
     if let Some(train) = ds.split("train") {
@@ -886,8 +945,9 @@ fn host_memory_check(
             let Some(s) = d.split(name) else { continue };
             h.annotation_bytes += file_len(&s.annotation_file);
             for im in &s.images {
-                let (w, hh) =
-                    im.json_size.or_else(|| image::image_dimensions(&im.path).ok()).unwrap_or((0, 0));
+                // The file's header is the truth (a JSON size can be stale); the JSON is the
+                // fallback for a file that cannot be read.
+                let (w, hh) = image::image_dimensions(&im.path).ok().or(im.json_size).unwrap_or((0, 0));
                 h.max_image_pixels = h.max_image_pixels.max(w as u64 * hh as u64);
                 h.max_objects = h.max_objects.max(im.objects.len());
             }

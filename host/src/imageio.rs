@@ -26,18 +26,111 @@ pub enum ImageError {
     },
 }
 
-/// Decode an image file and apply its EXIF orientation, so pixels are as a person sees them.
-pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
-    let decode = |reason: String| ImageError::Decode { path: path.into(), reason };
-    let reader = ImageReader::open(path)
-        .map_err(|e| ImageError::Read { path: path.into(), reason: e.to_string() })?
+/// How an image's EXIF orientation was used by [`load_rgb_for_annotations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrientationUse {
+    /// No EXIF orientation (or the identity).
+    None,
+    /// Applied: the pixels are as a person sees them. `swaps` when it exchanges width and height.
+    Applied {
+        /// The EXIF orientation value (2..=8).
+        exif: u8,
+        /// Whether it exchanges width and height (a 90° rotation).
+        swaps: bool,
+    },
+    /// Not applied: the JSON width/height are the stored frame's, so the annotations were drawn
+    /// on the stored pixels (as pycocotools-based tools, which ignore EXIF, see them).
+    Ignored {
+        /// The EXIF orientation value (5..=8).
+        exif: u8,
+    },
+}
+
+/// Whether a JPEG's main image has no end-of-image marker: the file was cut off (a partial
+/// download or copy). The decoder pads the missing part with grey without an error. The marker
+/// segments are walked to the first start-of-scan, so an EXIF thumbnail's own end marker does
+/// not count.
+fn jpeg_truncated(bytes: &[u8]) -> bool {
+    if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
+        return false;
+    }
+    let mut i = 2;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return false; // not a marker: leave it to the decoder
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        if marker == 0xD9 {
+            return false;
+        }
+        if marker == 0xDA {
+            // Entropy-coded data follows; the end marker must come after it.
+            return !bytes[i + 2..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        if (0xD0..=0xD7).contains(&marker) || marker == 0x01 {
+            i += 2;
+            continue;
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        i += 2 + len;
+    }
+    true
+}
+
+/// Decode a file: the raw pixels and the EXIF orientation, without applying it.
+fn decode_raw(path: &Path) -> Result<(DynamicImage, image::metadata::Orientation), ImageError> {
+    let decode = |reason: String| ImageError::Decode { path: path.into(), reason: reason.replace('\n', " ") };
+    let bytes =
+        std::fs::read(path).map_err(|e| ImageError::Read { path: path.into(), reason: e.to_string() })?;
+    if bytes.is_empty() {
+        return Err(decode("the file is empty (0 bytes): copy or export it again".into()));
+    }
+    let reader = ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Read { path: path.into(), reason: e.to_string() })?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_truncated(&bytes) {
+        return Err(decode(format!(
+            "the JPEG is truncated ({} bytes, no end-of-image marker): the lower part would decode as grey; copy or export it again",
+            bytes.len()
+        )));
+    }
     let mut decoder = reader.into_decoder().map_err(|e| decode(e.to_string()))?;
     let orientation = decoder.orientation().map_err(|e| decode(e.to_string()))?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode(e.to_string()))?;
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| decode(e.to_string()))?;
+    Ok((img, orientation))
+}
+
+/// Decode an image file and apply its EXIF orientation, so pixels are as a person sees them.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let (mut img, orientation) = decode_raw(path)?;
     img.apply_orientation(orientation);
     Ok(img.to_rgb8())
+}
+
+/// Decode an image to pair with its COCO annotations. The EXIF orientation is applied (the
+/// frame Roboflow and most annotation tools draw in), except when it exchanges width and height
+/// and the JSON `width`/`height` are those of the stored, un-rotated pixels: then the
+/// annotations were drawn on the stored pixels, and rotating the image would misalign them.
+pub fn load_rgb_for_annotations(
+    path: &Path,
+    json_size: Option<(u32, u32)>,
+) -> Result<(RgbImage, OrientationUse), ImageError> {
+    let (mut img, orientation) = decode_raw(path)?;
+    let exif = orientation.to_exif();
+    if exif == 1 {
+        return Ok((img.to_rgb8(), OrientationUse::None));
+    }
+    let stored = (img.width(), img.height());
+    let swaps = exif >= 5;
+    if swaps && stored.0 != stored.1 && json_size == Some(stored) {
+        return Ok((img.to_rgb8(), OrientationUse::Ignored { exif }));
+    }
+    img.apply_orientation(orientation);
+    Ok((img.to_rgb8(), OrientationUse::Applied { exif, swaps }))
 }
 
 /// Resize to `size`×`size` (bilinear with antialiasing when shrinking) and normalize each
@@ -108,5 +201,13 @@ mod tests {
         std::fs::write(&p, out).unwrap();
         let loaded = load_rgb(&p).unwrap();
         assert_eq!(loaded.dimensions(), (2, 4));
+        // Paired with annotations: the JSON size says which frame they were drawn in.
+        let (img, used) = load_rgb_for_annotations(&p, Some((2, 4))).unwrap();
+        assert_eq!((img.dimensions(), used), ((2, 4), OrientationUse::Applied { exif: 6, swaps: true }));
+        let (img, used) = load_rgb_for_annotations(&p, Some((4, 2))).unwrap();
+        assert_eq!((img.dimensions(), used), ((4, 2), OrientationUse::Ignored { exif: 6 }));
+        assert_eq!(img.get_pixel(3, 0)[0], loaded.get_pixel(1, 3)[0], "the stored pixels, not rotated");
+        let (img, used) = load_rgb_for_annotations(&p, None).unwrap();
+        assert_eq!((img.dimensions(), used), ((2, 4), OrientationUse::Applied { exif: 6, swaps: true }));
     }
 }

@@ -9,7 +9,8 @@
 //!   keep_b (image b has ≥ 1 GT box) and divided by B·max(Q, pad_n_queries);
 //! - presence (one-to-one branches only): mean over images of the sigmoid focal loss
 //!   (α 0.5, γ 0 → 0.5·BCE) of the presence logit against keep_b;
-//! - masks (final layer only, both halves, only for images whose [`Targets`] carry masks):
+//! - masks (final layer only, both halves, only for images whose [`Targets`] carry masks, and
+//!   only for matched targets whose mask is valid; box-only objects are skipped):
 //!   sigmoid focal (α 0.25, γ 2) averaged over pixels, and dice, summed over matched pairs and
 //!   divided by N. Predicted mask logits are resized to the GT mask size with a differentiable
 //!   bilinear resize (`align_corners=False`) built from two interpolation-matrix matmuls.
@@ -30,13 +31,21 @@ pub struct Targets {
     pub boxes: Tensor,
     /// Optional instance masks (G, h, w), f32 0/1. All images that carry masks must share (h, w).
     pub masks: Option<Tensor>,
+    /// Per target: whether its mask is real (None: all are). A box-only object (COCO
+    /// `segmentation: []`, or one that cannot be decoded) keeps its box and class losses but
+    /// gets no mask or dice loss, as Meta's `is_valid_segment`.
+    pub mask_valid: Option<Vec<bool>>,
 }
 
 impl Targets {
     /// Targets from a list of cxcywh boxes, without masks.
     pub fn from_boxes(boxes: &[[f32; 4]], device: &Device) -> Result<Self> {
         let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
-        Ok(Targets { boxes: Tensor::from_vec(flat, (boxes.len(), 4), device)?, masks: None })
+        Ok(Targets {
+            boxes: Tensor::from_vec(flat, (boxes.len(), 4), device)?,
+            masks: None,
+            mask_valid: None,
+        })
     }
 }
 
@@ -348,7 +357,11 @@ fn branch_losses(
             if *size.get_or_insert((th, tw)) != (th, tw) {
                 bail!("all GT masks of a batch must share one size");
             }
+            let valid = targets[bi].mask_valid.as_deref();
             for &(q, g) in ps {
+                if valid.is_some_and(|v| !v.get(g).copied().unwrap_or(true)) {
+                    continue;
+                }
                 pred_idx.push((bi * qh + q) as u32);
                 gt_masks.push(tm.get(g)?.to_dtype(DType::F32)?.to_device(&device)?);
             }
@@ -695,10 +708,42 @@ mod tests {
         let t = vec![Targets {
             boxes: Tensor::from_vec(vec![0.5f32, 0.5, 0.4, 0.4], (1, 4), &d).unwrap(),
             masks: Some(Tensor::from_vec(gt_mask, (1, 4, 4), &d).unwrap()),
+            mask_valid: None,
         }];
         let l = sam3_loss(&out, &t, &LossWeights::default()).unwrap();
         close(l.terms["loss_dice"], 0.0, 1e-6);
         close(l.terms["loss_mask"], 0.0, 1e-6);
+    }
+
+    #[test]
+    fn box_only_targets_get_no_mask_loss() {
+        let d = Device::Cpu;
+        let gt_mask: Vec<f32> = (0..16).map(|i| if i % 3 == 0 { 1.0 } else { 0.0 }).collect();
+        // Two queries, each predicting one GT box; the first predicts the first GT's mask exactly.
+        let mut out = outputs(&[5.0, 5.0], &[0.3, 0.3, 0.2, 0.2, 0.7, 0.7, 0.2, 0.2], &[3.0], 1, 2);
+        let exact: Vec<f32> = gt_mask.iter().map(|&m| if m > 0.5 { 30.0 } else { -30.0 }).collect();
+        let mut logits = exact.clone();
+        logits.extend(exact.iter().map(|v| -v));
+        out.all_masks = Tensor::from_vec(logits, (1, 2, 4, 4), &d).unwrap();
+        let mut masks = gt_mask.clone();
+        masks.extend([0f32; 16]);
+        let targets = |valid: Option<Vec<bool>>| {
+            vec![Targets {
+                boxes: Tensor::new(&[[0.3f32, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]], &d).unwrap(),
+                masks: Some(Tensor::from_vec(masks.clone(), (2, 4, 4), &d).unwrap()),
+                mask_valid: valid,
+            }]
+        };
+        // The second object is box-only: trained as an empty mask, it costs dice and focal loss.
+        let all = sam3_loss(&out, &targets(None), &LossWeights::default()).unwrap();
+        assert!(all.terms["loss_dice"] > 0.1 && all.terms["loss_mask"] > 0.1, "{:?}", all.terms);
+        // Marked invalid, it is skipped: only the exact first mask counts.
+        let valid = sam3_loss(&out, &targets(Some(vec![true, false])), &LossWeights::default()).unwrap();
+        close(valid.terms["loss_dice"], 0.0, 1e-6);
+        close(valid.terms["loss_mask"], 0.0, 1e-6);
+        // Box terms are unchanged.
+        close(valid.terms["loss_bbox"], all.terms["loss_bbox"], 1e-9);
+        close(valid.terms["loss_giou"], all.terms["loss_giou"], 1e-9);
     }
 
     #[test]
@@ -729,6 +774,7 @@ mod tests {
             Targets {
                 boxes: Tensor::new(&[[0.4f32, 0.4, 0.3, 0.3], [0.5, 0.5, 0.2, 0.4]], &d).unwrap(),
                 masks: Some(gt_masks),
+                mask_valid: None,
             },
             Targets::from_boxes(&[], &d).unwrap(),
         ];
@@ -790,6 +836,7 @@ mod tests {
             targets.push(Targets {
                 boxes: Tensor::new(&[[0.3f32, 0.4, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2]], &d).unwrap(),
                 masks: Some(Tensor::from_vec(m, (2, mh + 3, mw + 1), &d).unwrap()),
+                mask_valid: None,
             });
         }
         let l = sam3_loss(&out, &targets, &LossWeights::default()).unwrap();

@@ -467,3 +467,63 @@ fn validation_results_reach_the_plugins_and_early_stopping_stops_the_run() {
     assert_eq!(t.steps[2].decided_by.as_deref(), Some("early_stopping"));
     assert_eq!(t.steps[2].extra["plugin.early_stopping.bad_evals"].as_f64(), Some(2.0));
 }
+
+/// Ctrl-C: the step in flight finishes, a checkpoint of it is saved, the run stops with status
+/// 130, and `--resume` continues from there.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    // 4 images, batch 1, no accumulation: 4 steps per epoch, 50 epochs; no periodic saves.
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 50\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  save_steps: 100000\n  eval_steps: 100000\n",
+        "",
+    );
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    let mut child = Command::new(bin)
+        .args(["train", "--no-hot-reload", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for two recorded steps, then press Ctrl-C.
+    let metrics = out.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let n = std::fs::read_to_string(&metrics).map(|t| t.matches("\"step\":").count()).unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no steps recorded");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: saving a checkpoint"), "{err}");
+    let at = steps(&out).steps.last().unwrap().step;
+    assert!(at < 200, "stopped early");
+    let ckpts = lorahost::train::checkpoint::list(&out.join("checkpoints"));
+    assert_eq!(ckpts.last().map(|(s, _)| *s), Some(at), "{ckpts:?}");
+    assert!(out.join("adapter").join("adapter_model.safetensors").is_file());
+    // Resume continues from that step.
+    let o = Command::new(bin)
+        .args(["train", "--no-hot-reload", "--resume", "--max-steps"])
+        .arg((at + 2).to_string())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = steps(&out);
+    let resumed: Vec<u64> = t.steps.iter().map(|s| s.step).collect();
+    assert_eq!(resumed, (1..=at + 2).collect::<Vec<u64>>());
+}

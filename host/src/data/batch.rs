@@ -55,8 +55,9 @@ pub struct QueryTarget {
     pub ann_ids: Vec<u64>,
     /// Boxes (G) as [cx, cy, w, h] in [0, 1], clipped to the image.
     pub boxes: Vec<[f32; 4]>,
-    /// Masks (G × mask_size × mask_size) row-major; an object without a segmentation gets an
-    /// all-false mask and `mask_valid` false.
+    /// Masks (G × mask_size × mask_size) row-major; an object without a usable segmentation
+    /// (none, undecodable, or empty at this resolution) gets an all-false mask and `mask_valid`
+    /// false.
     pub masks: Vec<bool>,
     /// Per target: whether it has a real mask.
     pub mask_valid: Vec<bool>,
@@ -140,7 +141,7 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
         what: "image index",
         reason: format!("{index} but split {} has {} images", split.name, split.images.len()),
     })?;
-    let mut img = crate::imageio::load_rgb(&im.path)?;
+    let (mut img, _) = crate::imageio::load_rgb_for_annotations(&im.path, im.json_size)?;
     let (w, h) = img.dimensions();
     if opts.hflip {
         image::imageops::flip_horizontal_in_place(&mut img);
@@ -186,19 +187,20 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
             }
             t.ann_ids.push(o.ann_id);
             t.boxes.push(bx);
-            match &o.segmentation {
-                Some(seg) => {
-                    let full = seg.decode(h as usize, w as usize).map_err(|reason| DataError::Mask {
-                        path: split.annotation_file.clone(),
-                        ann_id: o.ann_id,
-                        reason,
-                    })?;
-                    if km == m {
-                        t.masks.extend(resize_mask_nearest(&full, h as usize, w as usize, m, opts.hflip));
-                    } else {
-                        let small = resize_mask_nearest(&full, h as usize, w as usize, km, opts.hflip);
-                        t.masks.extend(place_mask(&small, km, m));
-                    }
+            // A mask that cannot be decoded at this size (the preflight names it), or that
+            // is empty at the mask resolution, leaves a box-only target: no mask loss.
+            let full = o.segmentation.as_ref().and_then(|seg| seg.decode(h as usize, w as usize).ok());
+            let resized = full.map(|full| {
+                if km == m {
+                    resize_mask_nearest(&full, h as usize, w as usize, m, opts.hflip)
+                } else {
+                    let small = resize_mask_nearest(&full, h as usize, w as usize, km, opts.hflip);
+                    place_mask(&small, km, m)
+                }
+            });
+            match resized.filter(|r| r.contains(&true)) {
+                Some(r) => {
+                    t.masks.extend(r);
                     t.mask_valid.push(true);
                 }
                 None => {

@@ -1,9 +1,12 @@
 //! Loading the Roboflow COCO layout, preflight checks, dataset fingerprint and prompt queries.
 //!
-//! An annotation that cannot be used (no box, degenerate box, unknown category, undecodable
-//! segmentation) is dropped *as a whole* and reported, so objects and their category names never
-//! go out of step (seed-trainer F23). Boxes partly outside the image are clipped when a sample is
-//! built, and reported by the preflight.
+//! An annotation that cannot be used (no box, degenerate box, unknown category or image) is
+//! dropped *as a whole* and reported, so objects and their category names never go out of step
+//! (seed-trainer F23). One whose segmentation cannot be used keeps its box and class as a
+//! box-only object (dropping it would teach "absent" for a real object). Ids are read leniently
+//! (integral floats, digit strings); an image id used twice leaves those images and their
+//! annotations out, since the annotations cannot be told apart. Boxes partly outside the image
+//! are clipped when a sample is built, and reported by the preflight.
 
 use super::{rle, DataError, SplitMix64};
 use crate::fsutil::hex;
@@ -31,19 +34,20 @@ struct RawFile {
 
 #[derive(Deserialize)]
 struct RawImage {
-    id: u64,
+    id: Value,
     file_name: String,
     #[serde(default)]
-    width: Option<u32>,
+    width: Option<Value>,
     #[serde(default)]
-    height: Option<u32>,
+    height: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct RawAnnotation {
-    id: u64,
-    image_id: u64,
-    category_id: u64,
+    #[serde(default)]
+    id: Option<Value>,
+    image_id: Value,
+    category_id: Value,
     #[serde(default)]
     bbox: Option<Value>,
     #[serde(default)]
@@ -54,8 +58,35 @@ struct RawAnnotation {
 
 #[derive(Deserialize)]
 struct RawCategory {
-    id: u64,
-    name: String,
+    id: Value,
+    name: Value,
+}
+
+/// A COCO id as written by different tools: an integer, an integral float (pandas) or a
+/// string of digits. None for anything else.
+fn as_id(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.0e15).map(|f| f as u64)
+        }),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// An image width or height (None for absent, 0, or not a number: some exporters write 0).
+fn as_dim(v: Option<&Value>) -> Option<u32> {
+    as_id(v?).filter(|d| *d > 0 && *d <= u32::MAX as u64).map(|d| d as u32)
+}
+
+/// A JSON value for a message: compact, truncated.
+fn show(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s
+    }
 }
 
 /// A parsed COCO segmentation.
@@ -79,14 +110,27 @@ impl Segmentation {
     pub fn parse(v: &Value) -> Result<Option<Self>, String> {
         match v {
             Value::Array(a) if a.is_empty() => Ok(None),
+            // A flat list of numbers: one polygon written without the outer list.
+            Value::Array(a) if a.iter().all(Value::is_number) => {
+                let coords: Vec<f64> = a.iter().filter_map(Value::as_f64).collect();
+                Ok(Some(Self::Polygons(vec![coords])))
+            }
             Value::Array(a) => {
                 let mut polys = Vec::with_capacity(a.len());
                 for (i, p) in a.iter().enumerate() {
                     let Value::Array(p) = p else {
-                        return Err(format!("polygon {i} is not a list of numbers"));
+                        return Err(format!(
+                            "segmentation must be a list of polygons [[x1, y1, x2, y2, ...], ...]; item {i} is {}",
+                            show(p)
+                        ));
                     };
                     let coords: Option<Vec<f64>> = p.iter().map(Value::as_f64).collect();
-                    polys.push(coords.ok_or_else(|| format!("polygon {i} has a non-number"))?);
+                    polys.push(coords.ok_or_else(|| {
+                        format!(
+                            "polygon {i} has a coordinate that is not a number ({})",
+                            show(&Value::Array(p.clone()))
+                        )
+                    })?);
                 }
                 Ok(Some(Self::Polygons(polys)))
             }
@@ -224,6 +268,12 @@ pub enum FindingKind {
     DuplicatePrompt,
     /// A category no annotation uses (e.g. Roboflow's super-category 0); never a negative.
     UnusedCategory,
+    /// `iscrowd: 1` annotations (trained as single instances).
+    Crowd,
+    /// A bbox that disagrees with its mask the way [x0, y0, x1, y1] or normalized boxes do (F5).
+    BoxFormat,
+    /// A split that is present but cannot be loaded and is not needed (`test/`).
+    UnusedSplit,
 }
 
 /// One preflight finding, naming the file and the image/annotation.
@@ -233,6 +283,8 @@ pub struct Finding {
     pub severity: Severity,
     /// What.
     pub kind: FindingKind,
+    /// The split (`train`, `valid`, `test`).
+    pub split: String,
     /// The annotation file (or image file for image problems).
     pub file: PathBuf,
     /// The image id, if any.
@@ -341,112 +393,254 @@ impl Split {
         }
         let bytes = std::fs::read(&annotation_file)
             .map_err(|e| DataError::Io { path: annotation_file.clone(), reason: e.to_string() })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        let raw: RawFile = serde_path_to_error::deserialize(de)
-            .map_err(|e| DataError::Json { path: annotation_file.clone(), reason: e.to_string() })?;
+        // A UTF-8 byte-order mark (Notepad, PowerShell) is not JSON; skip it.
+        let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        let de = &mut serde_json::Deserializer::from_slice(text);
+        let raw: RawFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let mut reason = e.to_string();
+            let t = String::from_utf8_lossy(text);
+            if text.first() == Some(&b'[') {
+                reason.push_str("; the top level must be an object {\"images\": [...], \"annotations\": [...], \"categories\": [...]}, not a list");
+            } else if e.inner().is_syntax() && ["NaN", "Infinity"].iter().any(|w| t.contains(w)) {
+                reason.push_str("; the file contains NaN or Infinity, which JSON does not allow (Python's json.dump writes them): replace them with numbers or null");
+            }
+            DataError::Json { path: annotation_file.clone(), reason }
+        })?;
         let sha256 = hex(&Sha256::digest(&bytes));
         let file = annotation_file.clone();
         let mut findings = Vec::new();
         let mut finding = |severity, kind, image_id, ann_id, message: String| {
-            findings.push(Finding { severity, kind, file: file.clone(), image_id, ann_id, message })
+            findings.push(Finding {
+                severity,
+                kind,
+                split: name.to_string(),
+                file: file.clone(),
+                image_id,
+                ann_id,
+                message,
+            })
         };
 
         let mut categories: Vec<Category> = Vec::new();
         let mut cat_index: HashMap<u64, usize> = HashMap::new();
-        for c in raw.categories {
-            let prompt = c.name.trim().to_lowercase();
-            if cat_index.insert(c.id, categories.len()).is_some() {
+        for (k, c) in raw.categories.into_iter().enumerate() {
+            let Some(id) = as_id(&c.id) else {
                 finding(
                     Severity::Error,
-                    FindingKind::DuplicateId,
+                    FindingKind::UnknownCategory,
                     None,
                     None,
-                    format!("category id {} appears twice; the later one wins", c.id),
-                );
-            }
-            categories.push(Category { id: c.id, name: c.name, prompt, used: false });
-        }
-
-        let mut images: Vec<ImageEntry> = Vec::new();
-        let mut img_index: HashMap<u64, usize> = HashMap::new();
-        for im in raw.images {
-            if img_index.contains_key(&im.id) {
-                finding(
-                    Severity::Error,
-                    FindingKind::DuplicateId,
-                    Some(im.id),
-                    None,
-                    format!("image id {} appears twice; the second ({}) is ignored", im.id, im.file_name),
+                    format!(
+                        "categories[{k}] has id {}, not an integer; the category is ignored",
+                        show(&c.id)
+                    ),
                 );
                 continue;
+            };
+            let name = match c.name {
+                Value::String(n) => n,
+                other => other.to_string(),
+            };
+            let prompt = name.trim().to_lowercase();
+            let cat = Category { id, name, prompt, used: false };
+            if let Some(&old) = cat_index.get(&id) {
+                // pycocotools keeps the later entry; the earlier one must not stay a prompt.
+                finding(
+                    Severity::Error,
+                    FindingKind::DuplicateId,
+                    None,
+                    None,
+                    format!(
+                        "category id {id} appears twice ({:?}, then {:?}); the later one ({:?}) is used, as pycocotools does: give each category its own id",
+                        categories[old].name, cat.name, cat.name
+                    ),
+                );
+                categories[old] = cat;
+                continue;
             }
-            img_index.insert(im.id, images.len());
+            cat_index.insert(id, categories.len());
+            categories.push(cat);
+        }
+
+        // Image ids: a duplicated id makes its annotations ambiguous, so every image with that
+        // id is left out, with its annotations.
+        let mut id_count: HashMap<u64, Vec<String>> = HashMap::new();
+        let mut raw_images = Vec::with_capacity(raw.images.len());
+        for (k, im) in raw.images.into_iter().enumerate() {
+            match as_id(&im.id) {
+                Some(id) => {
+                    id_count.entry(id).or_default().push(im.file_name.clone());
+                    raw_images.push((id, im));
+                }
+                None => finding(
+                    Severity::Error,
+                    FindingKind::UnknownImage,
+                    None,
+                    None,
+                    format!(
+                        "images[{k}] ({}) has id {}, not an integer; the image is skipped",
+                        im.file_name,
+                        show(&im.id)
+                    ),
+                ),
+            }
+        }
+        let mut ambiguous: HashMap<u64, usize> = HashMap::new();
+        let mut images: Vec<ImageEntry> = Vec::new();
+        let mut img_index: HashMap<u64, usize> = HashMap::new();
+        let mut by_file: HashMap<String, u64> = HashMap::new();
+        for (id, im) in raw_images {
+            let files = &id_count[&id];
+            if files.len() > 1 {
+                if let std::collections::hash_map::Entry::Vacant(e) = ambiguous.entry(id) {
+                    e.insert(0);
+                    finding(
+                        Severity::Error,
+                        FindingKind::DuplicateId,
+                        Some(id),
+                        None,
+                        format!(
+                            "image id {id} is used by {} images ({}): their annotations cannot be told apart, so these images and the annotations with image_id {id} are left out; give every image a unique id",
+                            files.len(),
+                            files.join(", ")
+                        ),
+                    );
+                }
+                continue;
+            }
+            if let Some(other) = by_file.insert(im.file_name.clone(), id) {
+                finding(
+                    Severity::Warning,
+                    FindingKind::DuplicateId,
+                    Some(id),
+                    None,
+                    format!(
+                        "{} is listed twice (image ids {other} and {id}): each entry's objects are trained as absent in the other; merge their annotations under one image",
+                        im.file_name
+                    ),
+                );
+            }
+            img_index.insert(id, images.len());
             images.push(ImageEntry {
-                id: im.id,
+                id,
                 path: dir.join(&im.file_name),
                 file_name: im.file_name,
-                json_size: im.width.zip(im.height),
+                json_size: as_dim(im.width.as_ref()).zip(as_dim(im.height.as_ref())),
                 objects: Vec::new(),
             });
         }
 
         let num_annotations = raw.annotations.len();
         let mut seen_ann: BTreeSet<u64> = BTreeSet::new();
-        for a in raw.annotations {
-            let (img, ann) = (Some(a.image_id), Some(a.id));
-            if !seen_ann.insert(a.id) {
+        let mut unknown_category: BTreeMap<String, usize> = BTreeMap::new();
+        for (k, a) in raw.annotations.into_iter().enumerate() {
+            // An annotation without a usable id is named by its position.
+            let ann_id = a.id.as_ref().and_then(as_id);
+            let ann = Some(ann_id.unwrap_or(k as u64));
+            let where_ = match &a.id {
+                Some(v) if ann_id.is_none() => format!("annotations[{k}] (id {})", show(v)),
+                None => format!("annotations[{k}] (no id)"),
+                _ => String::new(),
+            };
+            let named = |msg: String| if where_.is_empty() { msg } else { format!("{where_}: {msg}") };
+            let Some(image_id) = as_id(&a.image_id) else {
                 finding(
                     Severity::Error,
-                    FindingKind::DuplicateId,
-                    img,
+                    FindingKind::UnknownImage,
+                    None,
                     ann,
-                    "annotation id appears twice; give every annotation a unique id".into(),
+                    named(format!(
+                        "image_id {} is not an integer; the annotation is dropped",
+                        show(&a.image_id)
+                    )),
                 );
+                continue;
+            };
+            let img = Some(image_id);
+            if let Some(id) = ann_id {
+                if !seen_ann.insert(id) {
+                    finding(
+                        Severity::Error,
+                        FindingKind::DuplicateId,
+                        img,
+                        ann,
+                        "annotation id appears twice; give every annotation a unique id".into(),
+                    );
+                }
             }
-            let Some(&ii) = img_index.get(&a.image_id) else {
+            if let Some(n) = ambiguous.get_mut(&image_id) {
+                *n += 1;
+                continue;
+            }
+            let Some(&ii) = img_index.get(&image_id) else {
                 finding(
                     Severity::Error,
                     FindingKind::UnknownImage,
                     img,
                     ann,
-                    "image_id is not in images; the annotation is dropped".into(),
+                    named("image_id is not in images; the annotation is dropped".into()),
                 );
                 continue;
             };
-            let Some(&ci) = cat_index.get(&a.category_id) else {
-                finding(
-                    Severity::Error,
-                    FindingKind::UnknownCategory,
-                    img,
-                    ann,
-                    format!("category_id {} is not in categories; the annotation is dropped", a.category_id),
-                );
+            let Some(&ci) = as_id(&a.category_id).and_then(|c| cat_index.get(&c)) else {
+                *unknown_category.entry(show(&a.category_id)).or_default() += 1;
+                if !categories.is_empty() {
+                    finding(
+                        Severity::Error,
+                        FindingKind::UnknownCategory,
+                        img,
+                        ann,
+                        named(format!(
+                            "category_id {} is not in categories; the annotation is dropped",
+                            show(&a.category_id)
+                        )),
+                    );
+                }
                 continue;
             };
             let bbox = match parse_bbox(a.bbox.as_ref()) {
                 Ok(b) => b,
                 Err(kind) => {
+                    let got = a.bbox.as_ref().map(show).unwrap_or_else(|| "absent".into());
                     let msg = match kind {
-                        FindingKind::MissingBox => "no bbox [x, y, w, h]; the annotation is dropped",
-                        _ => "degenerate bbox (w or h <= 0, or not finite); the annotation is dropped",
+                        FindingKind::MissingBox => {
+                            format!(
+                                "bbox must be 4 numbers [x, y, w, h], got {got}; the annotation is dropped"
+                            )
+                        }
+                        _ => format!("degenerate bbox {got} (w or h <= 0); the annotation is dropped"),
                     };
-                    finding(Severity::Error, kind, img, ann, format!("{msg} (bbox: {:?})", a.bbox));
+                    finding(Severity::Error, kind, img, ann, named(msg));
                     continue;
                 }
             };
+            // A segmentation that cannot be parsed leaves a box-only object: its box and class
+            // still train (dropping it would teach "absent" for a real object).
             let segmentation = match a.segmentation.as_ref().map(Segmentation::parse).transpose() {
                 Ok(s) => s.flatten(),
                 Err(reason) => {
                     finding(
-                        Severity::Error,
+                        Severity::Warning,
                         FindingKind::UndecodableMask,
                         img,
                         ann,
-                        format!("{reason}; the annotation is dropped"),
+                        named(format!(
+                            "{reason}; the mask is ignored and the object trains its box and class only"
+                        )),
                     );
-                    continue;
+                    None
                 }
             };
+            if matches!(a.segmentation.as_ref(), Some(Value::Array(v)) if v.iter().all(Value::is_number) && !v.is_empty())
+            {
+                finding(
+                    Severity::Warning,
+                    FindingKind::UndecodableMask,
+                    img,
+                    ann,
+                    named("segmentation is one flat polygon [x1, y1, ...] without the outer list; read as [[x1, y1, ...]]".into()),
+                );
+            }
             let iscrowd = match &a.iscrowd {
                 Some(Value::Bool(b)) => *b,
                 Some(Value::Number(n)) => n.as_f64().is_some_and(|x| x != 0.0),
@@ -454,12 +648,45 @@ impl Split {
             };
             categories[ci].used = true;
             images[ii].objects.push(Object {
-                ann_id: a.id,
-                category_id: a.category_id,
+                ann_id: ann_id.unwrap_or(k as u64),
+                category_id: categories[ci].id,
                 bbox_xywh: bbox,
                 segmentation,
                 iscrowd,
             });
+        }
+        if categories.is_empty() && !unknown_category.is_empty() {
+            finding(
+                Severity::Error,
+                FindingKind::UnknownCategory,
+                None,
+                None,
+                format!(
+                    "the file has no categories (the \"categories\" list is missing or empty), so none of its {} annotations can be used: add [{{\"id\": 1, \"name\": \"crack\"}}, ...]",
+                    unknown_category.values().sum::<usize>()
+                ),
+            );
+        }
+        for (id, n) in &ambiguous {
+            if *n > 0 {
+                finding(
+                    Severity::Error,
+                    FindingKind::DuplicateId,
+                    Some(*id),
+                    None,
+                    format!("{n} annotations with the duplicated image_id {id} are left out"),
+                );
+            }
+        }
+        let crowd = images.iter().flat_map(|i| &i.objects).filter(|o| o.iscrowd).count();
+        if crowd > 0 {
+            finding(
+                Severity::Warning,
+                FindingKind::Crowd,
+                None,
+                None,
+                format!("{crowd} annotations have iscrowd: 1; lorahost trains each as one instance (SAM3 has no crowd regions): drop them if they cover groups of objects"),
+            );
         }
 
         let mut by_prompt: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
@@ -523,7 +750,7 @@ impl Split {
         })
     }
 
-    /// The category with this id.
+    /// The category with this id (ids are unique: a repeated id keeps its later entry).
     pub fn category(&self, id: u64) -> Option<&Category> {
         self.categories.iter().find(|c| c.id == id)
     }
@@ -565,102 +792,256 @@ impl Split {
         positives
     }
 
-    /// Image-level checks on top of the parse findings: every image decodes (EXIF applied), its
-    /// size matches the JSON, boxes lie inside it, masks decode at its size and are non-empty.
+    /// Image-level checks on top of the parse findings: every image decodes (EXIF handled as
+    /// training handles it), its size matches the JSON, boxes lie inside it and agree with their
+    /// masks, masks decode at its size and are non-empty. Images are checked on all cores, with
+    /// a progress line every few seconds for large sets.
     pub fn preflight(&self) -> Vec<Finding> {
-        let mut out = self.findings.clone();
-        for im in &self.images {
-            let push = |out: &mut Vec<Finding>, severity, kind, file: &Path, ann_id, message| {
-                out.push(Finding {
-                    severity,
-                    kind,
-                    file: file.into(),
-                    image_id: Some(im.id),
-                    ann_id,
-                    message,
+        let n = self.images.len();
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, n.max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let start = std::time::Instant::now();
+        let last_note = std::sync::Mutex::new(start);
+        let mut per_image: Vec<(usize, Vec<Finding>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i >= n {
+                                break;
+                            }
+                            out.push((i, self.check_image(&self.images[i])));
+                            if let Ok(mut t) = last_note.lock() {
+                                if t.elapsed().as_secs() >= 5 {
+                                    *t = std::time::Instant::now();
+                                    tracing::info!(
+                                        "preflight of {}: {}/{n} images checked ({:.0} s)",
+                                        self.name,
+                                        i + 1,
+                                        start.elapsed().as_secs_f64()
+                                    );
+                                }
+                            }
+                        }
+                        out
+                    })
                 })
-            };
-            let img = match crate::imageio::load_rgb(&im.path) {
-                Ok(i) => i,
-                Err(e) => {
-                    let kind = match e {
-                        crate::imageio::ImageError::Read { .. } => FindingKind::MissingImage,
-                        crate::imageio::ImageError::Decode { .. } => FindingKind::CorruptImage,
-                    };
-                    push(
-                        &mut out,
-                        Severity::Error,
-                        kind,
-                        &im.path,
-                        None,
-                        format!("{e}; the image is skipped"),
-                    );
-                    continue;
-                }
-            };
-            let (w, h) = img.dimensions();
-            if let Some((jw, jh)) = im.json_size.filter(|&s| s != (w, h)) {
-                let why = if (jw, jh) == (h, w) {
-                    "EXIF orientation rotates it; annotations may be in the un-rotated frame, re-export with orientation applied"
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+        });
+        per_image.sort_by_key(|(i, _)| *i);
+        let mut out = self.findings.clone();
+        out.extend(per_image.into_iter().flat_map(|(_, f)| f));
+        out
+    }
+
+    /// The findings of one image (see [`Split::preflight`]).
+    fn check_image(&self, im: &ImageEntry) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let push = |out: &mut Vec<Finding>, severity, kind, file: &Path, ann_id, message| {
+            out.push(Finding {
+                severity,
+                kind,
+                split: self.name.clone(),
+                file: file.into(),
+                image_id: Some(im.id),
+                ann_id,
+                message,
+            })
+        };
+        let (img, orientation) = match crate::imageio::load_rgb_for_annotations(&im.path, im.json_size) {
+            Ok(i) => i,
+            Err(e) => {
+                let kind = match e {
+                    crate::imageio::ImageError::Read { .. } => FindingKind::MissingImage,
+                    crate::imageio::ImageError::Decode { .. } => FindingKind::CorruptImage,
+                };
+                let hint = if kind == FindingKind::MissingImage {
+                    near_miss(&self.dir, &im.file_name)
                 } else {
-                    "the image was replaced or resized after annotating"
+                    String::new()
                 };
                 push(
                     &mut out,
-                    Severity::Warning,
-                    FindingKind::SizeMismatch,
+                    Severity::Error,
+                    kind,
                     &im.path,
                     None,
-                    format!("JSON says {jw}x{jh} but the decoded image is {w}x{h}: {why}"),
+                    format!("{e}{hint}; the image is skipped"),
+                );
+                return out;
+            }
+        };
+        let (w, h) = img.dimensions();
+        use crate::imageio::OrientationUse;
+        match orientation {
+            OrientationUse::Ignored { exif } => push(
+                &mut out,
+                Severity::Warning,
+                FindingKind::SizeMismatch,
+                &im.path,
+                None,
+                format!(
+                    "EXIF orientation {exif} (a 90° rotation) is not applied: the JSON width/height {w}x{h} are the stored pixels', so the annotations were drawn on them"
+                ),
+            ),
+            OrientationUse::Applied { exif, swaps } if !swaps || im.json_size.is_none() => push(
+                &mut out,
+                Severity::Warning,
+                FindingKind::SizeMismatch,
+                &im.path,
+                None,
+                format!(
+                    "EXIF orientation {exif} turns the stored pixels and is applied, so the annotations are taken in the displayed frame (as Roboflow exports them){}; if they were drawn on the raw pixels, remove the orientation tag",
+                    if im.json_size.is_none() { " (the JSON gives no width/height to tell)" } else { "" }
+                ),
+            ),
+            _ => {}
+        }
+        if let Some((jw, jh)) = im.json_size.filter(|&s| s != (w, h)) {
+            let why = if (jw, jh) == (h, w) {
+                if matches!(orientation, OrientationUse::None) {
+                    "width and height are swapped in the JSON (the file has no EXIF rotation); the annotations are used in the file's frame: correct width/height, and check the annotations".to_string()
+                } else {
+                    "EXIF orientation rotates it; annotations may be in the un-rotated frame, re-export with orientation applied".to_string()
+                }
+            } else {
+                let (sx, sy) = (w as f64 / jw as f64, h as f64 / jh as f64);
+                let scale = if (sx / sy - 1.0).abs() < 0.01 { format!(" ({sx:.3}x)") } else { String::new() };
+                format!(
+                    "the image was replaced or resized{scale} after annotating; the annotations are used unscaled in the file's {w}x{h} pixel frame, so they are misaligned unless width/height in the JSON are simply wrong: restore the annotated image or rescale the annotations"
+                )
+            };
+            push(
+                &mut out,
+                Severity::Warning,
+                FindingKind::SizeMismatch,
+                &im.path,
+                None,
+                format!("JSON says {jw}x{jh} but the decoded image is {w}x{h}: {why}"),
+            );
+        }
+        for o in &im.objects {
+            let [x, y, bw, bh] = o.bbox_xywh;
+            let (wf, hf) = (w as f64, h as f64);
+            if x < 0.0 || y < 0.0 || x + bw > wf + 1e-6 || y + bh > hf + 1e-6 {
+                let clipped_empty = x >= wf || y >= hf || x + bw <= 0.0 || y + bh <= 0.0;
+                let (severity, what) = if clipped_empty {
+                    (Severity::Error, "lies entirely outside the image; it becomes degenerate when clipped")
+                } else {
+                    (Severity::Warning, "reaches outside the image; it is clipped to the image")
+                };
+                push(
+                    &mut out,
+                    severity,
+                    FindingKind::BoxOutsideImage,
+                    &self.annotation_file,
+                    Some(o.ann_id),
+                    format!("bbox {:?} {what} ({w}x{h})", o.bbox_xywh),
                 );
             }
-            for o in &im.objects {
-                let [x, y, bw, bh] = o.bbox_xywh;
-                let (wf, hf) = (w as f64, h as f64);
-                if x < 0.0 || y < 0.0 || x + bw > wf + 1e-6 || y + bh > hf + 1e-6 {
-                    let clipped_empty = x >= wf || y >= hf || x + bw <= 0.0 || y + bh <= 0.0;
-                    let (severity, what) = if clipped_empty {
-                        (
-                            Severity::Error,
-                            "lies entirely outside the image; it becomes degenerate when clipped",
-                        )
-                    } else {
-                        (Severity::Warning, "reaches outside the image; it is clipped to the image")
-                    };
-                    push(
-                        &mut out,
-                        severity,
-                        FindingKind::BoxOutsideImage,
-                        &self.annotation_file,
-                        Some(o.ann_id),
-                        format!("bbox {:?} {what} ({w}x{h})", o.bbox_xywh),
-                    );
-                }
-                if let Some(seg) = &o.segmentation {
-                    match seg.decode(h as usize, w as usize) {
-                        Ok(m) if !m.iter().any(|&b| b) => push(
-                            &mut out,
-                            Severity::Warning,
-                            FindingKind::EmptyMask,
-                            &self.annotation_file,
-                            Some(o.ann_id),
-                            "segmentation decodes to no pixels".into(),
-                        ),
-                        Ok(_) => {}
-                        Err(reason) => push(
-                            &mut out,
-                            Severity::Error,
-                            FindingKind::UndecodableMask,
-                            &self.annotation_file,
-                            Some(o.ann_id),
-                            reason,
-                        ),
-                    }
-                }
+            let mask = o.segmentation.as_ref().map(|seg| seg.decode(h as usize, w as usize));
+            if let Some(reason) =
+                box_format_problem(o.bbox_xywh, mask.as_ref().and_then(|m| m.as_ref().ok()), w, h)
+            {
+                push(
+                    &mut out,
+                    Severity::Warning,
+                    FindingKind::BoxFormat,
+                    &self.annotation_file,
+                    Some(o.ann_id),
+                    reason,
+                );
+            }
+            match mask {
+                Some(Ok(m)) if !m.iter().any(|&b| b) => push(
+                    &mut out,
+                    Severity::Warning,
+                    FindingKind::EmptyMask,
+                    &self.annotation_file,
+                    Some(o.ann_id),
+                    "segmentation decodes to no pixels; the object trains its box and class only".into(),
+                ),
+                Some(Err(reason)) => push(
+                    &mut out,
+                    Severity::Warning,
+                    FindingKind::UndecodableMask,
+                    &self.annotation_file,
+                    Some(o.ann_id),
+                    format!("{reason}; the mask is ignored and the object trains its box and class only"),
+                ),
+                _ => {}
             }
         }
         out
     }
+}
+
+/// A hint for a missing image file: a file in the folder whose name differs only in case or in
+/// the path separator.
+fn near_miss(dir: &Path, file_name: &str) -> String {
+    let slashed = file_name.replace('\\', "/");
+    if slashed != file_name && dir.join(&slashed).is_file() {
+        return format!(" (the file exists as {slashed}: write file_name with / separators)");
+    }
+    let target = Path::new(&slashed);
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else { return String::new() };
+    let name = name.to_string_lossy().to_lowercase();
+    let folder = dir.join(parent);
+    let Ok(entries) = std::fs::read_dir(&folder) else { return String::new() };
+    for e in entries.flatten() {
+        let other = e.file_name().to_string_lossy().to_string();
+        if other.to_lowercase() == name {
+            return format!(" (a file named {other} exists: names are case-sensitive here; fix file_name or rename the file)");
+        }
+    }
+    String::new()
+}
+
+/// F5: a bbox that disagrees with its own mask the way an [x0, y0, x1, y1] box, or a box in
+/// 0..1 units, does. Without a mask only normalized units are recognisable.
+fn box_format_problem(b: [f64; 4], mask: Option<&Vec<bool>>, w: u32, h: u32) -> Option<String> {
+    let iou = |a: [f64; 4], c: [f64; 4]| {
+        let iw = (a[2].min(c[2]) - a[0].max(c[0])).max(0.0);
+        let ih = (a[3].min(c[3]) - a[1].max(c[1])).max(0.0);
+        let inter = iw * ih;
+        let union = (a[2] - a[0]) * (a[3] - a[1]) + (c[2] - c[0]) * (c[3] - c[1]) - inter;
+        if union > 0.0 {
+            inter / union
+        } else {
+            0.0
+        }
+    };
+    let normalized = b.iter().all(|v| (0.0..=1.0).contains(v)) && w > 16 && h > 16;
+    let Some(mask) = mask else {
+        return normalized.then(|| format!("bbox {b:?} looks normalized to 0..1; COCO boxes are in pixels"));
+    };
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    for (i, _) in mask.iter().enumerate().filter(|(_, m)| **m) {
+        let (x, y) = (i % w as usize, i / w as usize);
+        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
+    }
+    if x0 == usize::MAX || (x1 - x0) * (y1 - y0) < 4 {
+        return None; // too small to judge
+    }
+    let m = [x0 as f64, y0 as f64, x1 as f64, y1 as f64];
+    let as_xywh = iou([b[0], b[1], b[0] + b[2], b[1] + b[3]], m);
+    if as_xywh >= 0.5 {
+        return None;
+    }
+    if normalized {
+        return Some(format!(
+            "bbox {b:?} looks normalized to 0..1 (its mask spans {m:?} pixels); COCO boxes are in pixels"
+        ));
+    }
+    if b[2] > b[0] && b[3] > b[1] && iou(b, m) > 0.7 {
+        return Some(format!(
+            "bbox {b:?} matches its mask ({m:?}) as [x0, y0, x1, y1], not as COCO [x, y, width, height] (IoU {as_xywh:.2}); the box target is wrong"
+        ));
+    }
+    None
 }
 
 /// A dataset: the splits found under `data_dir`.
@@ -670,6 +1051,8 @@ pub struct Dataset {
     pub data_dir: PathBuf,
     /// Loaded splits in order train, valid, test (those present; train is required).
     pub splits: Vec<Split>,
+    /// Splits present but not loaded (a broken `test/`), as findings.
+    pub skipped: Vec<Finding>,
 }
 
 /// Per-split counts in a fingerprint.
@@ -699,15 +1082,30 @@ pub struct Fingerprint {
 }
 
 impl Dataset {
-    /// Load `train` (required), `valid` and `test` (if present) from `data_dir`.
+    /// Load `train` (required), `valid` and `test` (if present) from `data_dir`. A `test/`
+    /// that does not load is not an error (training never reads it): it is left out and named
+    /// in [`Dataset::skipped`].
     pub fn load(data_dir: &Path) -> Result<Self, DataError> {
         let mut splits = vec![Split::load(data_dir, "train")?];
+        let mut skipped = Vec::new();
         for name in ["valid", "test"] {
             if data_dir.join(name).join(ANNOTATION_FILE).is_file() {
-                splits.push(Split::load(data_dir, name)?);
+                match Split::load(data_dir, name) {
+                    Ok(s) => splits.push(s),
+                    Err(e) if name == "test" => skipped.push(Finding {
+                        severity: Severity::Warning,
+                        kind: FindingKind::UnusedSplit,
+                        split: name.into(),
+                        file: data_dir.join(name).join(ANNOTATION_FILE),
+                        image_id: None,
+                        ann_id: None,
+                        message: format!("{e}; the test split is left out (training does not use it)"),
+                    }),
+                    Err(e) => return Err(e),
+                }
             }
         }
-        Ok(Self { data_dir: data_dir.into(), splits })
+        Ok(Self { data_dir: data_dir.into(), splits, skipped })
     }
 
     /// The split with this name.
@@ -715,9 +1113,19 @@ impl Dataset {
         self.splits.iter().find(|s| s.name == name)
     }
 
-    /// All splits' preflight findings.
+    /// All splits' preflight findings (and the skipped splits').
     pub fn preflight(&self) -> Vec<Finding> {
-        self.splits.iter().flat_map(Split::preflight).collect()
+        self.preflight_of(&["train", "valid", "test"])
+    }
+
+    /// The preflight findings of the named splits only (training checks train and valid).
+    pub fn preflight_of(&self, names: &[&str]) -> Vec<Finding> {
+        let mut out: Vec<Finding> =
+            self.skipped.iter().filter(|f| names.contains(&f.split.as_str())).cloned().collect();
+        for s in self.splits.iter().filter(|s| names.contains(&s.name.as_str())) {
+            out.extend(s.preflight());
+        }
+        out
     }
 
     /// The dataset fingerprint.

@@ -110,8 +110,8 @@ pub fn decode_counts(counts: &[u64], h: usize, w: usize) -> Result<Vec<bool>, St
 }
 
 /// Fill COCO polygons (each a flat `[x0, y0, x1, y1, ...]` list in pixels) into a row-major
-/// `h`×`w` mask; see the module docs for the rule. Polygons need at least 3 points and finite
-/// coordinates.
+/// `h`×`w` mask; see the module docs for the rule. Coordinates must be finite; a polygon of
+/// fewer than 3 points adds nothing, and a trailing odd coordinate is ignored (as pycocotools).
 pub fn rasterize_polygons(polygons: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<bool>, String> {
     if polygons.is_empty() {
         return Err("segmentation is an empty polygon list".into());
@@ -119,16 +119,15 @@ pub fn rasterize_polygons(polygons: &[Vec<f64>], h: usize, w: usize) -> Result<V
     let mut mask = vec![false; h * w];
     let mut xs: Vec<f64> = Vec::new();
     for (pi, poly) in polygons.iter().enumerate() {
-        if poly.len() < 6 || poly.len() % 2 != 0 {
-            return Err(format!(
-                "polygon {pi} has {} coordinates; needs an even count of at least 6 (3 points)",
-                poly.len()
-            ));
-        }
         if poly.iter().any(|v| !v.is_finite()) {
             return Err(format!("polygon {pi} has a non-finite coordinate"));
         }
+        // As pycocotools: a trailing odd coordinate is ignored, and a fragment of fewer than 3
+        // points (exporters leave them behind) encloses nothing.
         let n = poly.len() / 2;
+        if n < 3 {
+            continue;
+        }
         for y in 0..h {
             let yc = y as f64 + 0.5;
             xs.clear();
@@ -205,7 +204,23 @@ mod tests {
         let m = rasterize_polygons(&[vec![1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0]], 4, 4).unwrap();
         let on: Vec<usize> = (0..16).filter(|&i| m[i]).collect();
         assert_eq!(on, vec![5, 6, 9, 10]);
-        assert!(rasterize_polygons(&[vec![0.0, 0.0, 1.0, 1.0]], 4, 4).is_err());
+        // A 2-point fragment adds nothing, beside a real polygon or alone; an odd trailing
+        // coordinate is ignored.
+        assert_eq!(
+            rasterize_polygons(
+                &[vec![1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0], vec![0.0, 0.0, 1.0, 1.0]],
+                4,
+                4
+            )
+            .unwrap(),
+            m
+        );
+        assert!(!rasterize_polygons(&[vec![0.0, 0.0, 1.0, 1.0]], 4, 4).unwrap().contains(&true));
+        assert_eq!(
+            rasterize_polygons(&[vec![1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0, 7.0]], 4, 4).unwrap(),
+            m
+        );
+        assert!(rasterize_polygons(&[vec![1.0, f64::NAN, 3.0, 1.0, 3.0, 3.0]], 4, 4).is_err());
         assert!(rasterize_polygons(&[], 4, 4).is_err());
     }
 

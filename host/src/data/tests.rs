@@ -50,7 +50,9 @@ fn parses_polygon_uncompressed_and_compressed_rle() {
     );
     let ds = Dataset::load(d.path()).unwrap();
     let split = ds.split("train").unwrap();
-    assert!(split.findings.is_empty(), "{:?}", split.findings);
+    // Only the crowd annotation is pointed out (trained as one instance).
+    let kinds: Vec<FindingKind> = split.findings.iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, vec![FindingKind::Crowd], "{:?}", split.findings);
     let objs = &split.images[0].objects;
     assert_eq!(objs.len(), 3);
     assert!(matches!(objs[0].segmentation, Some(Segmentation::Polygons(_))));
@@ -63,7 +65,7 @@ fn parses_polygon_uncompressed_and_compressed_rle() {
     let m2 = objs[2].segmentation.as_ref().unwrap().decode(6, 5).unwrap();
     assert_eq!(m2.iter().filter(|b| **b).count(), 8);
     assert!(m2[0] && m2[29] && m2[6]);
-    assert!(ds.preflight().is_empty());
+    assert_eq!(ds.preflight().len(), 1);
 
     let s = build_sample(split, 0, &opts(8, 6, false)).unwrap();
     assert_eq!(s.pixel_values.dims(), &[1, 3, 8, 8]);
@@ -129,9 +131,13 @@ fn preflight_finds_planted_faults() {
     assert!(has(FindingKind::BoxOutsideImage, &json, Some(1), Some(109)), "{dump}");
     assert!(has(FindingKind::DegenerateBox, &json, Some(1), Some(101)), "{dump}");
     assert!(has(FindingKind::MissingBox, &json, Some(1), Some(102)), "{dump}");
-    assert!(has(FindingKind::UndecodableMask, &json, Some(1), Some(103)), "{dump}");
-    assert!(has(FindingKind::UndecodableMask, &json, Some(1), Some(104)), "{dump}");
-    assert!(has(FindingKind::UndecodableMask, &json, Some(1), Some(105)), "{dump}");
+    for ann in [103, 104, 105] {
+        assert!(has(FindingKind::UndecodableMask, &json, Some(1), Some(ann)), "{dump}");
+        let f = f.iter().find(|x| x.ann_id == Some(ann) && x.kind == FindingKind::UndecodableMask).unwrap();
+        assert_eq!(f.severity, Severity::Warning, "box-only, not dropped: {f}");
+        assert!(f.message.contains("box and class only"), "{f}");
+    }
+    assert!(f.iter().all(|x| x.split == "train"));
     assert!(has(FindingKind::UnknownCategory, &json, Some(1), Some(108)), "{dump}");
     assert!(has(FindingKind::ImageWithoutAnnotations, &json, Some(4), None), "{dump}");
     assert!(has(FindingKind::SizeMismatch, &t.join("empty.png"), Some(4), None), "{dump}");
@@ -143,17 +149,20 @@ fn preflight_finds_planted_faults() {
         "{dump}"
     );
     assert!(f.iter().any(|x| x.kind == FindingKind::UnusedCategory && x.message.contains("CRACK")), "{dump}");
-    // Undecodable (104: counts do not cover the image) errors only once the size is known; the
-    // sample builder names the file and annotation too.
+    // Undecodable masks (103: not a segmentation; 104: counts do not cover the image, known
+    // only at the image's size; 105: a broken compressed string) leave box-only objects: the
+    // sample is built, their targets carry no valid mask.
     let split = ds.split("train").unwrap();
-    let e = build_sample(split, 0, &opts(8, 4, false)).unwrap_err().to_string();
-    assert!(e.contains("annotation 104") && e.contains("_annotations.coco.json"), "{e}");
+    let s = build_sample(split, 0, &opts(8, 4, false)).unwrap();
+    let crack = s.queries.iter().find(|q| q.prompt == "crack").unwrap();
+    assert_eq!(crack.ann_ids, vec![100, 103, 104, 105], "109 lies outside the image");
+    assert_eq!(crack.mask_valid, vec![false, false, false, false], "100 has segmentation []");
     // Dropped annotations are dropped whole: objects and categories stay aligned.
     let ids: Vec<u64> = split.images[0].objects.iter().map(|o| o.ann_id).collect();
-    assert_eq!(ids, vec![100, 104, 109]);
-    // Nine errors: missing, corrupt, degenerate, no box, 3 undecodable masks, unknown category,
-    // box entirely outside; the partly outside box (100) is a warning (clipped).
-    assert_eq!(f.iter().filter(|x| x.severity == Severity::Error).count(), 9, "{dump}");
+    assert_eq!(ids, vec![100, 103, 104, 105, 109]);
+    // Six errors: missing, corrupt, degenerate, no box, unknown category, box entirely outside;
+    // the partly outside box (100) is a warning (clipped).
+    assert_eq!(f.iter().filter(|x| x.severity == Severity::Error).count(), 6, "{dump}");
     let partly = f.iter().find(|x| x.ann_id == Some(100)).unwrap();
     assert_eq!(partly.severity, Severity::Warning);
     let clipped = super::batch::box_to_cxcywh([6.0, 2.0, 8.0, 3.0], 10, 8, false);
@@ -369,4 +378,135 @@ fn zoom_out_shrinks_pixels_boxes_and_masks_into_the_top_left() {
         }
     }
     assert!(build_sample(&split, 0, &SampleOptions { scale: 0.0, ..opts(64, 64, false) }).is_err());
+}
+
+/// Files as real exporters write them (probe of Roboflow/CVAT/pandas/FiftyOne outputs): what is
+/// harmless loads, what is ambiguous is left out and named, nothing is silently misassigned.
+#[test]
+fn real_world_coco_variants() {
+    let d = tempfile::tempdir().unwrap();
+    for name in ["a.png", "b.png", "c.png", "images/d.png", "Case.PNG"] {
+        png(&d.path().join("train").join(name), 40, 30);
+    }
+    // A 2-point fragment next to a real polygon; a flat polygon; pandas floats and strings as
+    // ids; an annotation without id; an xyxy box; a normalized box.
+    let square = serde_json::json!([[10, 10, 20, 10, 20, 20, 10, 20], [30, 5, 31, 6]]);
+    let text = serde_json::json!({
+        "images": [
+            {"id": 1.0, "file_name": "a.png", "width": 40.0, "height": "30"},
+            {"id": "2", "file_name": "b.png", "width": 0, "height": 0},
+            {"id": 3, "file_name": "c.png"},
+            {"id": 3, "file_name": "other.png"},
+            {"id": 4, "file_name": "images/missing.png"},
+            {"id": 5, "file_name": "case.png"},
+            {"id": "x7", "file_name": "d.png"}
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "segmentation": square},
+            {"id": 11.0, "image_id": "1", "category_id": 2, "bbox": [10, 10, 10, 10],
+             "segmentation": [10, 10, 20, 10, 20, 20, 10, 20]},
+            {"image_id": 2, "category_id": 1, "bbox": [10, 10, 20, 20], "segmentation": square},
+            {"id": 13, "image_id": 2, "category_id": 1, "bbox": [0.25, 0.3, 0.2, 0.3], "segmentation": square},
+            {"id": 14, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5], "segmentation": []},
+            {"id": 15, "image_id": 2, "category_id": 1, "bbox": ["1", 2, 3], "segmentation": []}
+        ],
+        "categories": [{"id": 1, "name": "crack"}, {"id": 2, "name": "stain"}, {"id": 2, "name": "rust"}]
+    });
+    // With a UTF-8 byte-order mark, as Notepad writes it.
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend(serde_json::to_vec(&text).unwrap());
+    std::fs::write(d.path().join("train").join(super::coco::ANNOTATION_FILE), bytes).unwrap();
+    // A broken test/ split: not needed for training.
+    std::fs::create_dir_all(d.path().join("test")).unwrap();
+    std::fs::write(d.path().join("test").join(super::coco::ANNOTATION_FILE), b"{\"images\": [").unwrap();
+
+    let ds = Dataset::load(d.path()).unwrap();
+    assert_eq!(ds.skipped.len(), 1);
+    assert_eq!(ds.skipped[0].kind, FindingKind::UnusedSplit);
+    let split = ds.split("train").unwrap();
+    let f = ds.preflight_of(&["train", "valid"]);
+    assert!(f.iter().all(|x| x.split == "train"));
+    let dump = f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n");
+    let find =
+        |kind: FindingKind, text: &str| f.iter().any(|x| x.kind == kind && x.to_string().contains(text));
+
+    // Ids: floats and digit strings are ids; "x7" is not (named); id 3 is ambiguous, so both
+    // images and annotation 14 are left out.
+    let ids: Vec<u64> = split.images.iter().map(|i| i.id).collect();
+    assert_eq!(ids, vec![1, 2, 4, 5], "{dump}");
+    assert!(find(FindingKind::UnknownImage, "\"x7\""), "{dump}");
+    assert!(find(FindingKind::DuplicateId, "c.png, other.png"), "{dump}");
+    assert!(find(FindingKind::DuplicateId, "1 annotations with the duplicated image_id 3"), "{dump}");
+    assert_eq!(split.images[0].json_size, Some((40, 30)));
+    assert_eq!(split.images[1].json_size, None, "0 x 0 is no size");
+    // The later category 2 wins everywhere: its name is the prompt, the earlier one is gone.
+    assert_eq!(split.category(2).unwrap().name, "rust");
+    assert!(split.categories.iter().all(|c| c.name != "stain"));
+    assert!(find(FindingKind::DuplicateId, "the later one (\"rust\") is used"), "{dump}");
+    let prompts: Vec<String> = split.queries(0, 5, 1).into_iter().map(|q| q.prompt).collect();
+    assert_eq!(prompts, vec!["crack", "rust"]);
+    // Objects: 10 (fragment ignored), 11 (flat polygon, read as one), the id-less one (named by
+    // its position 2), 13; 15's bbox is named as JSON.
+    let objs: Vec<u64> = split.images.iter().flat_map(|i| i.objects.iter().map(|o| o.ann_id)).collect();
+    assert_eq!(objs, vec![10, 11, 2, 13], "{dump}");
+    assert!(find(FindingKind::UndecodableMask, "flat polygon"), "{dump}");
+    assert!(find(FindingKind::MissingBox, "got [\"1\",2,3]"), "{dump}");
+    let m10 = split.images[0].objects[0].segmentation.as_ref().unwrap().decode(30, 40).unwrap();
+    assert_eq!(m10.iter().filter(|b| **b).count(), 100);
+    // Box formats (F5): the id-less box is [x0, y0, x1, y1] of its mask; 13 is normalized.
+    assert!(
+        find(FindingKind::BoxFormat, "annotation 2: bbox [10.0, 10.0, 20.0, 20.0] matches its mask"),
+        "{dump}"
+    );
+    assert!(
+        find(FindingKind::BoxFormat, "annotation 13: bbox [0.25, 0.3, 0.2, 0.3] looks normalized"),
+        "{dump}"
+    );
+    assert!(!f.iter().any(|x| x.kind == FindingKind::BoxFormat && x.ann_id == Some(10)), "{dump}");
+    // Missing files: in a subfolder (named, split known), and a case mismatch with the hint.
+    assert!(find(FindingKind::MissingImage, "images/missing.png"), "{dump}");
+    assert!(find(FindingKind::MissingImage, "a file named Case.PNG exists"), "{dump}");
+
+    // The top level as a list, NaN, and no categories: named, once.
+    write_json(d.path(), "train", serde_json::json!([{"images": []}]));
+    let e = Dataset::load(d.path()).unwrap_err().to_string();
+    assert!(e.contains("not a list"), "{e}");
+    std::fs::write(
+        d.path().join("train").join(super::coco::ANNOTATION_FILE),
+        br#"{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [NaN, 1, 2, 2]}]}"#,
+    )
+    .unwrap();
+    let e = Dataset::load(d.path()).unwrap_err().to_string();
+    assert!(e.contains("NaN or Infinity"), "{e}");
+    let anns: Vec<serde_json::Value> = (0..50)
+        .map(|i| serde_json::json!({"id": i, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]}))
+        .collect();
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({"images": [{"id": 1, "file_name": "a.png"}], "annotations": anns}),
+    );
+    let s = Split::load(d.path(), "train").unwrap();
+    assert_eq!(s.findings.iter().filter(|x| x.kind == FindingKind::UnknownCategory).count(), 1);
+    assert!(s.findings[0].message.contains("no categories") && s.findings[0].message.contains("50"));
+}
+
+#[test]
+fn truncated_and_empty_images_are_corrupt() {
+    let d = tempfile::tempdir().unwrap();
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 7]));
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&image::DynamicImage::ImageRgb8(img))
+        .unwrap();
+    let dir = d.path().join("train");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("whole.jpg"), &jpeg).unwrap();
+    std::fs::write(dir.join("half.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    std::fs::write(dir.join("empty.jpg"), b"").unwrap();
+    let e = crate::imageio::load_rgb(&dir.join("half.jpg")).unwrap_err().to_string();
+    assert!(e.contains("truncated") && e.contains("half.jpg"), "{e}");
+    let e = crate::imageio::load_rgb(&dir.join("empty.jpg")).unwrap_err().to_string();
+    assert!(e.contains("empty") && !e.contains('\n'), "{e}");
+    assert_eq!(crate::imageio::load_rgb(&dir.join("whole.jpg")).unwrap().dimensions(), (64, 64));
 }

@@ -24,9 +24,11 @@
 //!    cadences; hot-reloaded plugins are swapped in at the step boundary.
 
 pub mod checkpoint;
+pub mod interrupt;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod slowdown;
 mod validate;
 
 pub use validate::{validate, ValidationResult, ValidationSet};
@@ -101,6 +103,8 @@ pub struct TrainSummary {
     pub output_dir: PathBuf,
     /// Why the run stopped early, if it did.
     pub stopped: Option<String>,
+    /// Whether it stopped on Ctrl-C / SIGTERM (see [`interrupt`]).
+    pub interrupted: bool,
 }
 
 /// Apply `section.key=value` overrides to a YAML document (a mapping, or empty). `strict`
@@ -568,25 +572,24 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         Dataset::load(&t.data_dir).with_context(|| format!("training.data_dir {}", t.data_dir.display()))?;
     let fp = dataset.fingerprint();
     tracing::info!("dataset fingerprint: {}", serde_json::to_string(&fp).unwrap_or_default());
-    let findings = dataset.preflight();
+    // Training reads train/ and valid/ only; test/ is doctor's business.
+    let findings = dataset.preflight_of(&["train", "valid"]);
     let mut unusable: HashMap<(String, u64), String> = HashMap::new();
     for f in &findings {
         match f.severity {
             Severity::Error => tracing::error!("{f}"),
             Severity::Warning => tracing::warn!("{f}"),
         }
-        // Images that cannot be read, and images with a segmentation that cannot be decoded
-        // (building their sample would fail mid-run): left out, each named above.
-        if matches!(
-            f.kind,
-            FindingKind::MissingImage | FindingKind::CorruptImage | FindingKind::UndecodableMask
-        ) {
+        // Images that cannot be read are left out, each named above. (A segmentation that
+        // cannot be decoded leaves a box-only object: it does not cost the image.)
+        if matches!(f.kind, FindingKind::MissingImage | FindingKind::CorruptImage) {
             if let Some(id) = f.image_id {
-                let split =
-                    f.file.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string());
-                unusable.insert((split.unwrap_or_default(), id), f.to_string());
+                unusable.insert((f.split.clone(), id), f.to_string());
             }
         }
+    }
+    for f in &dataset.skipped {
+        tracing::warn!("{f}");
     }
     let train_split = dataset.split("train").context("no train split")?.clone();
     let usable = |s: &Split| -> Vec<usize> {
@@ -601,7 +604,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     if train_ids.len() < train_split.images.len() {
         tracing::warn!(
-            "{} of {} training images have an image or a segmentation that cannot be decoded and are left out (listed above by file and id)",
+            "{} of {} training images cannot be read or decoded and are left out (listed above by file and id)",
             train_split.images.len() - train_ids.len(),
             train_split.images.len()
         );
@@ -629,6 +632,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let valid_ids =
         valid_split.as_ref().map(|s| with_prompts(s, usable(s), t.num_negatives).0).unwrap_or_default();
+    if let Some(v) = valid_split.as_ref().filter(|_| valid_ids.is_empty()) {
+        tracing::warn!(
+            "{}: no valid image is usable (see the preflight above): validation and the best checkpoint are off",
+            v.annotation_file.display()
+        );
+    }
 
     // Model and adapters.
     let model_path = resolve_model(&cfg)?;
@@ -886,6 +895,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     // The latest validation results, handed to every later step's hook (and recorded with it)
     // as `validation.*` extra values: what an early-stopping plugin reads.
     let mut val_extra: Vec<NamedValue> = Vec::new();
+    let mut slow_watch = slowdown::SlowdownWatch::default();
     // Baseline validation before any update (fresh runs).
     if state.step == 0 {
         if let Some(v) = run_validation(&model, false)? {
@@ -1220,6 +1230,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 
         // The step-metrics hook.
         let step_ms = step_start.elapsed().as_secs_f64() * 1e3;
+        if let Some(slow) = slow_watch.observe(step_ms) {
+            tracing::warn!(
+                "step {step}: steps now take {:.1}x as long as at the start of this run ({:.0} ms -> {:.0} ms, medians): on Windows this is GPU memory spilling into shared system memory (lower training.batch_size or turn on training.gradient_checkpointing); otherwise look for another process on the device, or thermal throttling (seed-trainer F14)",
+                slow.factor(),
+                slow.baseline_ms,
+                slow.recent_ms
+            );
+            log.line(
+                &serde_json::json!({"event": "slowdown", "step": step, "baseline_ms": slow.baseline_ms, "recent_ms": slow.recent_ms})
+                    .to_string(),
+            );
+        }
         let mem = memory_bytes();
         let terms_for_hook: Vec<LossTerm> = WEIGHTED_TERMS
             .iter()
@@ -1342,11 +1364,26 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             tracing::info!("step {step}/{total} epoch {epoch_shown}/{} loss {loss:.4} lr {lr:.3e} grad_norm {total_norm:.3} -> {clipped_norm:.3} {step_ms:.0} ms {action}", t.num_epochs);
         }
 
+        // Ctrl-C / SIGTERM (installed by the command line): save and stop after this step,
+        // without the validation a normal last step gets.
+        if stop.is_none() && interrupt::requested() {
+            progress.finish();
+            tracing::warn!(
+                "interrupted: saving a checkpoint at step {step}, then stopping (Ctrl-C again quits at once)"
+            );
+            stop = Some(format!(
+                "interrupted (Ctrl-C / SIGTERM) after step {step}; continue with lorahost train --config {} --resume",
+                opts.config.display()
+            ));
+            want_checkpoint = true;
+            summary.interrupted = true;
+        }
+
         // Cadences.
         let epoch_done = state.micro_in_epoch == 0;
         let last = state.step >= stop_at || stop.is_some();
         let eval_now = if t.eval_steps > 0 { step.is_multiple_of(t.eval_steps as u64) } else { epoch_done };
-        if (eval_now || last) && valid_split.is_some() {
+        if (eval_now || last) && valid_split.is_some() && !summary.interrupted {
             if let Some(v) = run_validation(&model, want_metrics_during || last)? {
                 progress.finish();
                 tracing::info!(
@@ -1400,12 +1437,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 
     // Final outputs.
     write_adapter_dir(&out_dir.join("adapter"), &lora, &base_name)?;
-    if !cfg.output.save_lora_only {
+    if !cfg.output.save_lora_only && !summary.interrupted {
         let merged = out_dir.join("merged");
         crate::export::write_merged(&model_path, &lora, &merged)?;
         tracing::info!("merged full weights: {}", merged.display());
     }
-    if cfg.evaluation.save_predictions {
+    if cfg.evaluation.save_predictions && !summary.interrupted {
         if let Some(vs) = valid_split.as_ref() {
             lora.set_training(false);
             let path = out_dir.join("predictions.json");
@@ -1470,7 +1507,12 @@ fn batch_targets(batch: &Batch) -> Vec<Targets> {
         .boxes
         .iter()
         .zip(&batch.masks)
-        .map(|(b, m)| Targets { boxes: b.clone(), masks: Some(m.clone()) })
+        .zip(&batch.queries)
+        .map(|((b, m), q)| Targets {
+            boxes: b.clone(),
+            masks: Some(m.clone()),
+            mask_valid: if q.mask_valid.iter().all(|v| *v) { None } else { Some(q.mask_valid.clone()) },
+        })
         .collect()
 }
 

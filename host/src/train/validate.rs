@@ -5,6 +5,8 @@
 //! For the metrics, each query's predictions are scored as SAM3 does (sigmoid(logit) ×
 //! sigmoid(presence)), the top 100 kept, and masks binarised at logit 0; they are compared with
 //! the ground truth at the mask resolution of the model (the training targets' resolution).
+//! Image/prompt pairs with a box-only object (no usable mask) are left out of the metrics; the
+//! loss skips only those objects' mask terms.
 
 use super::{batch_loss, build_samples};
 use crate::data::batch::{collate, Batch, Sample, SampleOptions};
@@ -131,6 +133,7 @@ pub fn validate(
     let (mut loss, mut n) = (0.0, 0usize);
     let mut terms: BTreeMap<String, f64> = BTreeMap::new();
     let mut queries = Vec::new();
+    let mut box_only = 0usize;
     let m = set.mask_size;
     set.for_each_batch(model, weights, |samples, batch, l, out| {
         loss += l.terms.get("total").copied().unwrap_or(f64::NAN);
@@ -140,6 +143,12 @@ pub fn validate(
         n += 1;
         if with_metrics {
             for (q, p) in batch.queries.iter().zip(predictions(&out)?) {
+                // A box-only object has no mask to score against: its query is left out of the
+                // mask metrics rather than counted as a miss (or its detection as a false one).
+                if q.mask_valid.contains(&false) {
+                    box_only += 1;
+                    continue;
+                }
                 queries.push(EvalQuery {
                     image_id: samples[q.image_index].image_id,
                     prompt: q.prompt.clone(),
@@ -158,7 +167,14 @@ pub fn validate(
     if diverged && with_metrics {
         tracing::warn!("validation loss is not finite (the adapters diverged): metrics skipped");
     }
-    let summary = if with_metrics && !diverged { Some(evaluate(&queries)?) } else { None };
+    if box_only > 0 {
+        tracing::info!(
+            "validation metrics: {box_only} image/prompt pairs with box-only objects (no usable mask) are left out of mAP and cgF1 ({} scored)",
+            queries.len()
+        );
+    }
+    let summary =
+        if with_metrics && !diverged && !queries.is_empty() { Some(evaluate(&queries)?) } else { None };
     Ok(ValidationResult {
         loss: loss / n,
         terms: terms.into_iter().map(|(k, v)| (k, v / n)).collect(),

@@ -1,0 +1,61 @@
+//! Ctrl-C (SIGINT) and SIGTERM during `lorahost train`: the first one lets the current optimizer
+//! step finish, saves a checkpoint (and the adapters) and stops, so `--resume` continues where
+//! the run was; a second one quits at once. Checkpoints are written to a hidden directory and
+//! renamed, so quitting mid-save never leaves a half-written checkpoint behind.
+//!
+//! Only the command line installs the handlers ([`install`]); the library's `train` just polls
+//! [`requested`], so tests and embedders keep their own signal handling.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Exit status for a run stopped by a signal (128 + SIGINT, as shells report Ctrl-C).
+pub const EXIT_CODE: i32 = 130;
+
+#[cfg(unix)]
+extern "C" fn on_signal(_signal: libc::c_int) {
+    if REQUESTED.swap(true, Ordering::SeqCst) {
+        // The second signal: quit now. `_exit` is async-signal-safe.
+        unsafe { libc::_exit(EXIT_CODE) };
+    }
+}
+
+/// Restores the previous handlers when dropped.
+pub struct Guard {
+    #[cfg(unix)]
+    previous: Vec<(libc::c_int, libc::sighandler_t)>,
+}
+
+/// Install the SIGINT/SIGTERM handlers for the lifetime of the returned guard.
+pub fn install() -> Guard {
+    REQUESTED.store(false, Ordering::SeqCst);
+    #[cfg(unix)]
+    {
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        let previous = [libc::SIGINT, libc::SIGTERM]
+            .into_iter()
+            // SAFETY: the handler only touches an atomic and calls `_exit`, both
+            // async-signal-safe.
+            .map(|s| (s, unsafe { libc::signal(s, handler) }))
+            .collect();
+        Guard { previous }
+    }
+    #[cfg(not(unix))]
+    Guard {}
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        for &(s, h) in &self.previous {
+            // SAFETY: restoring the handler that was installed before.
+            unsafe { libc::signal(s, h) };
+        }
+    }
+}
+
+/// Whether a stop was requested (a first Ctrl-C or SIGTERM since [`install`]).
+pub fn requested() -> bool {
+    REQUESTED.load(Ordering::SeqCst)
+}
