@@ -485,7 +485,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
         "",
     );
     let bin = env!("CARGO_BIN_EXE_lorahost");
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(["train", "--no-hot-reload", "--config"])
         .arg(&cfg)
         .stdout(std::process::Stdio::piped())
