@@ -256,15 +256,15 @@ pub enum PluginCommand {
     /// Feed a recorded run's per-step metrics through plugins and print each step's answers.
     ///
     /// The trace is the metrics JSONL that `lorahost train` writes (one JSON object per
-    /// optimizer step with at least step, loss, lr, grad_norm; see docs/metrics-schema.md).
-    /// Plugins are called in the order given, exactly as training calls them. With --json,
+    /// optimizer step with at least step, loss, lr, grad_norm; see docs/metrics-schema.md), or
+    /// a Hugging Face Trainer trainer_state.json (its log_history). Plugins are called in the order given, exactly as training calls them. With --json,
     /// prints one JSON object per step with `step` and `action` (continue, skip, scale_lr,
     /// checkpoint, stop) and the details.
     Replay {
         /// Plugins (.wasm components), called in this order.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// The metrics JSONL to replay.
+        /// The metrics JSONL to replay (or a Hugging Face trainer_state.json).
         #[arg(long, value_name = "METRICS.jsonl")]
         trace: PathBuf,
         #[command(flatten)]

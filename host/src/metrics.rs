@@ -177,7 +177,7 @@ pub enum TraceError {
         reason: String,
     },
     /// No step record at all.
-    #[error("{0}: no step records found (expected JSON lines with a `step` field)")]
+    #[error("{0}: no step records found (expected JSON lines with a `step` field, or a Hugging Face trainer_state.json whose log_history has `loss` entries)")]
     Empty(PathBuf),
 }
 
@@ -189,8 +189,17 @@ impl Trace {
         Self::parse(&text, path)
     }
 
-    /// Parse JSONL text (`origin` names it in errors).
+    /// Parse JSONL text (`origin` names it in errors). A Hugging Face Trainer
+    /// `trainer_state.json` (one JSON object with `log_history`) is read too, see
+    /// [`Trace::from_hf_trainer_state`].
     pub fn parse(text: &str, origin: &Path) -> Result<Trace, TraceError> {
+        if text.trim_start().starts_with('{') {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+                if v.get("log_history").is_some_and(|h| h.is_array()) {
+                    return Self::from_hf_trainer_state(&v, origin);
+                }
+            }
+        }
         let mut trace = Trace::default();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -236,6 +245,54 @@ impl Trace {
     }
 }
 
+impl Trace {
+    /// A Hugging Face Trainer `trainer_state.json`: each `log_history` entry with `loss` becomes a
+    /// step record (`step`, `loss`, `learning_rate`, `grad_norm`, `epoch`; the Trainer logs every
+    /// `logging_steps`, so steps may be sparse), and each `eval_loss` entry is handed to the
+    /// following steps as `validation.step` / `validation.loss` extra values, as lorahost's own
+    /// trainer does (so `early_stopping` replays). `max_steps` and `logging_steps` fill the run
+    /// header; the base LR is the largest LR logged.
+    pub fn from_hf_trainer_state(v: &serde_json::Value, origin: &Path) -> Result<Trace, TraceError> {
+        let num = |e: &serde_json::Value, k: &str| e.get(k).and_then(serde_json::Value::as_f64);
+        let mut trace = Trace::default();
+        let mut validation: Option<(f64, f64)> = None;
+        for (i, e) in v["log_history"].as_array().into_iter().flatten().enumerate() {
+            let Some(step) = e.get("step").and_then(serde_json::Value::as_u64) else { continue };
+            if let Some(l) = num(e, "eval_loss") {
+                validation = Some((step as f64, l));
+            }
+            let Some(loss) = num(e, "loss") else { continue };
+            let lr = num(e, "learning_rate").unwrap_or(f64::NAN);
+            let mut rec = StepRecord::new(step, loss, lr, num(e, "grad_norm").unwrap_or(f64::NAN));
+            rec.epoch = num(e, "epoch").map(|x| x.floor() as u32);
+            if let Some((at, l)) = validation {
+                rec.extra.insert("validation.step".into(), serde_json::json!(at));
+                rec.extra.insert("validation.loss".into(), serde_json::json!(l));
+            }
+            if trace.steps.last().is_some_and(|p| p.step >= step) {
+                return Err(TraceError::Line {
+                    path: origin.into(),
+                    line: i + 1,
+                    reason: format!("log_history[{i}]: step {step} does not increase"),
+                });
+            }
+            trace.steps.push(rec);
+        }
+        if trace.steps.is_empty() {
+            return Err(TraceError::Empty(origin.into()));
+        }
+        let base_lr = trace.steps.iter().map(|s| s.lr).filter(|l| l.is_finite()).fold(0.0, f64::max);
+        trace.run = Some(RunHeader {
+            total_steps: v.get("max_steps").and_then(serde_json::Value::as_u64).unwrap_or(0),
+            base_lr,
+            accumulation: 1,
+            batch_size: v.get("train_batch_size").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32,
+            ..Default::default()
+        });
+        Ok(trace)
+    }
+}
+
 impl StepRecord {
     /// A record with only the four required fields.
     pub fn new(step: u64, loss: f64, lr: f64, grad_norm: f64) -> Self {
@@ -273,6 +330,33 @@ impl StepRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hf_trainer_state_reads_as_a_trace() {
+        // The shape transformers' Trainer writes (logging_steps 10, an eval at step 20).
+        let text = r#"{"best_metric": null, "epoch": 0.6, "global_step": 30, "max_steps": 50,
+            "logging_steps": 10, "train_batch_size": 8, "log_history": [
+            {"epoch": 0.2, "grad_norm": 3.5, "learning_rate": 4e-05, "loss": 1.25, "step": 10},
+            {"epoch": 0.4, "grad_norm": 2.5, "learning_rate": 5e-05, "loss": 0.75, "step": 20},
+            {"epoch": 0.4, "eval_loss": 0.9, "eval_runtime": 1.0, "step": 20},
+            {"epoch": 1.2, "learning_rate": 3e-05, "loss": 0.5, "step": 30}]}"#;
+        let t = Trace::parse(text, Path::new("trainer_state.json")).unwrap();
+        let steps: Vec<(u64, f64, f64)> = t.steps.iter().map(|s| (s.step, s.loss, s.lr)).collect();
+        assert_eq!(steps, vec![(10, 1.25, 4e-5), (20, 0.75, 5e-5), (30, 0.5, 3e-5)]);
+        assert_eq!(t.steps[0].grad_norm, 3.5);
+        assert!(t.steps[2].grad_norm.is_nan(), "older Trainers log no grad_norm");
+        assert_eq!(t.steps[2].epoch, Some(1));
+        // The evaluation at step 20 reaches the steps after it.
+        assert!(!t.steps[1].extra.contains_key("validation.loss"));
+        assert_eq!(t.steps[2].extra["validation.loss"].as_f64(), Some(0.9));
+        assert_eq!(t.steps[2].extra["validation.step"].as_f64(), Some(20.0));
+        let run = t.run.unwrap();
+        assert_eq!((run.total_steps, run.base_lr, run.batch_size), (50, 5e-5, 8));
+        // A state without loss entries is named.
+        let e = Trace::parse(r#"{"log_history": [{"eval_loss": 1.0, "step": 5}]}"#, Path::new("s.json"))
+            .unwrap_err();
+        assert!(e.to_string().contains("trainer_state.json"), "{e}");
+    }
 
     #[test]
     fn parses_minimal_and_rich_lines() {
