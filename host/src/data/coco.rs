@@ -170,6 +170,44 @@ impl Segmentation {
     }
 }
 
+impl Segmentation {
+    /// The extent [x0, y0, x1, y1] in pixels of an `h`×`w` image, from the geometry (polygon
+    /// coordinates of the polygons that enclose anything, clipped; RLE runs), without rasterizing.
+    /// None when it covers nothing.
+    pub fn extent(&self, h: usize, w: usize) -> Option<[f64; 4]> {
+        let (mut x0, mut y0, mut x1, mut y1) =
+            (f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
+        match self {
+            Self::Polygons(polys) => {
+                for p in polys.iter().filter(|p| p.len() >= 6) {
+                    for xy in p.chunks_exact(2) {
+                        let (x, y) = (xy[0].clamp(0.0, w as f64), xy[1].clamp(0.0, h as f64));
+                        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+                    }
+                }
+            }
+            Self::Rle { h: rh, counts, .. } => {
+                let rh = (*rh).max(1);
+                let mut i = 0usize;
+                for (k, &c) in counts.iter().enumerate() {
+                    let c = c as usize;
+                    if k % 2 == 1 && c > 0 {
+                        let (first, last) = (i, i + c - 1);
+                        let (cx0, cx1) = (first / rh, last / rh);
+                        let (ry0, ry1) = if cx0 == cx1 { (first % rh, last % rh) } else { (0, rh - 1) };
+                        x0 = x0.min(cx0 as f64);
+                        x1 = x1.max(cx1 as f64 + 1.0);
+                        y0 = y0.min(ry0 as f64);
+                        y1 = y1.max(ry1 as f64 + 1.0);
+                    }
+                    i += c;
+                }
+            }
+        }
+        (x1 > x0 && y1 > y0).then_some([x0, y0, x1, y1])
+    }
+}
+
 fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -431,7 +469,7 @@ impl Split {
                     None,
                     None,
                     format!(
-                        "categories[{k}] has id {}, not an integer; the category is ignored",
+                        "categories[{k}] has id {}, not a non-negative integer; the category is ignored",
                         show(&c.id)
                     ),
                 );
@@ -478,7 +516,7 @@ impl Split {
                     None,
                     None,
                     format!(
-                        "images[{k}] ({}) has id {}, not an integer; the image is skipped",
+                        "images[{k}] ({}) has id {}, not a non-negative integer; the image is skipped",
                         im.file_name,
                         show(&im.id)
                     ),
@@ -550,7 +588,7 @@ impl Split {
                     None,
                     ann,
                     named(format!(
-                        "image_id {} is not an integer; the annotation is dropped",
+                        "image_id {} is not a non-negative integer; the annotation is dropped",
                         show(&a.image_id)
                     )),
                 );
@@ -943,9 +981,11 @@ impl Split {
                 );
             }
             let mask = o.segmentation.as_ref().map(|seg| seg.decode(h as usize, w as usize));
-            if let Some(reason) =
-                box_format_problem(o.bbox_xywh, mask.as_ref().and_then(|m| m.as_ref().ok()), w, h)
-            {
+            let extent = match (&o.segmentation, &mask) {
+                (Some(seg), Some(Ok(_))) => seg.extent(h as usize, w as usize),
+                _ => None,
+            };
+            if let Some(reason) = box_format_problem(o.bbox_xywh, extent, w, h) {
                 push(
                     &mut out,
                     Severity::Warning,
@@ -1001,8 +1041,9 @@ fn near_miss(dir: &Path, file_name: &str) -> String {
 }
 
 /// F5: a bbox that disagrees with its own mask the way an [x0, y0, x1, y1] box, or a box in
-/// 0..1 units, does. Without a mask only normalized units are recognisable.
-fn box_format_problem(b: [f64; 4], mask: Option<&Vec<bool>>, w: u32, h: u32) -> Option<String> {
+/// 0..1 units, does (`extent`: the mask's, from its geometry). Without a mask only normalized
+/// units are recognisable.
+fn box_format_problem(b: [f64; 4], extent: Option<[f64; 4]>, w: u32, h: u32) -> Option<String> {
     let iou = |a: [f64; 4], c: [f64; 4]| {
         let iw = (a[2].min(c[2]) - a[0].max(c[0])).max(0.0);
         let ih = (a[3].min(c[3]) - a[1].max(c[1])).max(0.0);
@@ -1015,18 +1056,12 @@ fn box_format_problem(b: [f64; 4], mask: Option<&Vec<bool>>, w: u32, h: u32) -> 
         }
     };
     let normalized = b.iter().all(|v| (0.0..=1.0).contains(v)) && w > 16 && h > 16;
-    let Some(mask) = mask else {
+    let Some(m) = extent else {
         return normalized.then(|| format!("bbox {b:?} looks normalized to 0..1; COCO boxes are in pixels"));
     };
-    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-    for (i, _) in mask.iter().enumerate().filter(|(_, m)| **m) {
-        let (x, y) = (i % w as usize, i / w as usize);
-        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
-    }
-    if x0 == usize::MAX || (x1 - x0) * (y1 - y0) < 4 {
+    if (m[2] - m[0]) * (m[3] - m[1]) < 4.0 {
         return None; // too small to judge
     }
-    let m = [x0 as f64, y0 as f64, x1 as f64, y1 as f64];
     let as_xywh = iou([b[0], b[1], b[0] + b[2], b[1] + b[3]], m);
     if as_xywh >= 0.5 {
         return None;

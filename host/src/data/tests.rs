@@ -510,3 +510,23 @@ fn truncated_and_empty_images_are_corrupt() {
     assert!(e.contains("empty") && !e.contains('\n'), "{e}");
     assert_eq!(crate::imageio::load_rgb(&dir.join("whole.jpg")).unwrap().dimensions(), (64, 64));
 }
+
+#[test]
+fn segmentation_extent_from_geometry() {
+    let poly = Segmentation::Polygons(vec![
+        vec![1.0, 1.0, 3.0, 1.0, 3.0, 3.0, 1.0, 3.0],
+        vec![30.0, 5.0, 31.0, 6.0],
+    ]);
+    assert_eq!(poly.extent(4, 4), Some([1.0, 1.0, 3.0, 3.0]), "the 2-point fragment adds nothing");
+    let clipped = Segmentation::Polygons(vec![vec![-5.0, 1.0, 9.0, 1.0, 9.0, 3.0]]);
+    assert_eq!(clipped.extent(4, 4), Some([0.0, 1.0, 4.0, 3.0]));
+    // Column-major runs of a 6 (h) x 5 (w) mask: pixels 7 and 8 are column 1, rows 1 and 2.
+    let rle = Segmentation::Rle { h: 6, w: 5, counts: vec![7, 2, 21] };
+    assert_eq!(rle.extent(6, 5), Some([1.0, 1.0, 2.0, 3.0]));
+    let m = rle.decode(6, 5).unwrap();
+    assert!(m[5 + 1] && m[2 * 5 + 1], "row-major (x 1, y 1) and (x 1, y 2)");
+    // A run crossing into the next column spans all rows.
+    let rle = Segmentation::Rle { h: 6, w: 5, counts: vec![4, 4, 22] };
+    assert_eq!(rle.extent(6, 5), Some([0.0, 0.0, 2.0, 6.0]));
+    assert_eq!(Segmentation::Rle { h: 6, w: 5, counts: vec![30] }.extent(6, 5), None);
+}
