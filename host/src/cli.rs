@@ -93,6 +93,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Evaluate trained adapters (or the base model) on a split: the validation loss terms and
+    /// COCO mask mAP/AP50/AP75 and cgF1, computed as training's validation computes them
+    Evaluate {
+        /// The training YAML (model, lora, data and evaluation settings).
+        #[arg(long)]
+        config: PathBuf,
+        /// Adapter directory (adapter_model.safetensors + adapter_config.json), e.g. OUTPUT/best;
+        /// without it the base model is evaluated.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Split to evaluate (default: test when present, else valid).
+        #[arg(long)]
+        split: Option<String>,
+        /// Override a config key: SECTION.KEY=VALUE; repeatable.
+        #[arg(long = "override", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Export trained adapters: check them against the base model, and with --merge write a
     /// full transformers-format model with the adapters folded into the weights.
     Export {
@@ -505,6 +525,38 @@ pub fn run(cli: Cli) -> Result<()> {
                     "doctor found {} error(s)",
                     report.findings.iter().filter(|f| f.severity == crate::doctor::Severity::Error).count()
                 );
+            }
+            Ok(())
+        }
+        Command::Evaluate { config, adapter, split, overrides, json } => {
+            let r = crate::train::evaluate::evaluate(&crate::train::evaluate::EvaluateOptions {
+                config: config.clone(),
+                overrides: overrides.clone(),
+                adapter: adapter.clone(),
+                split: split.clone(),
+            })?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            let what = r.adapter.as_ref().map_or("the base model".to_string(), |a| a.display().to_string());
+            println!(
+                "{what} on {} ({} images{}):",
+                r.annotation_file.display(),
+                r.images,
+                if r.images_left_out > 0 {
+                    format!(", {} left out", r.images_left_out)
+                } else {
+                    String::new()
+                }
+            );
+            println!("  loss {:.4}", r.loss);
+            match r.metrics {
+                Some(m) => println!(
+                    "  mask mAP {:.4}  AP50 {:.4}  AP75 {:.4}  cgF1 {:.2}  (pmF1 {:.3}, IL_MCC {:.3}; {} image/prompt pairs, {} with objects)",
+                    m.map, m.ap50, m.ap75, m.cgf1, m.pmf1, m.il_mcc, m.queries, m.positives
+                ),
+                None => println!("  no image/prompt pair could be scored (box-only objects, or a diverged model)"),
             }
             Ok(())
         }

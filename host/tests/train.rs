@@ -527,3 +527,36 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
     let resumed: Vec<u64> = t.steps.iter().map(|s| s.step).collect();
     assert_eq!(resumed, (1..=at + 2).collect::<Vec<u64>>());
 }
+
+/// `evaluate` loads adapters from disk and reproduces training's own validation of them, and
+/// of the base model before training.
+#[test]
+fn evaluate_reproduces_the_validation_of_training() {
+    use lorahost::train::evaluate::{evaluate, EvaluateOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 2\n",
+        "  compute_metrics_during_training: true\n", // continues the evaluation section
+    );
+    let s = run(&opts(&cfg));
+    let last = s.final_validation.unwrap();
+    let opts =
+        |adapter: Option<PathBuf>| EvaluateOptions { config: cfg.clone(), adapter, ..Default::default() };
+    let trained = evaluate(&opts(Some(out.join("adapter")))).unwrap();
+    assert_eq!(trained.split, "valid");
+    assert_eq!(trained.images, 4);
+    assert!((trained.loss - last.loss).abs() < 1e-9, "{} vs {}", trained.loss, last.loss);
+    let (m, want) = (trained.metrics.unwrap(), last.summary.unwrap());
+    assert_eq!((m.map, m.cgf1, m.queries), (want.map, want.cgf1, want.queries));
+    let base = evaluate(&opts(None)).unwrap();
+    assert!((base.loss - s.initial_validation_loss.unwrap()).abs() < 1e-9);
+    assert!(base.loss != trained.loss);
+    // A split that is not there is named with the ones that are.
+    let e = evaluate(&EvaluateOptions { split: Some("test".into()), ..opts(None) }).unwrap_err().to_string();
+    assert!(e.contains("no test split") && e.contains("train, valid"), "{e}");
+}

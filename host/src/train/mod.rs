@@ -24,6 +24,7 @@
 //!    cadences; hot-reloaded plugins are swapped in at the step boundary.
 
 pub mod checkpoint;
+pub mod evaluate;
 pub mod interrupt;
 pub mod optim;
 pub mod plot;

@@ -1,0 +1,139 @@
+//! `lorahost evaluate`: the metrics of trained adapters (or of the base model) on a split, as
+//! training's validation computes them (the same loss terms, fixed negatives, COCO mask
+//! mAP/AP50/AP75 and cgF1 at the model's mask resolution, box-only pairs left out). The
+//! counterpart of SAM3_LoRA's `validate_sam3_lora.py`, with the presence score applied and the
+//! adapters loaded strictly.
+
+use super::{device_for, load_config, loss_weights, resolve_model, validate, with_prompts, ValidationSet};
+use crate::data::coco::{Dataset, FindingKind, Severity};
+use crate::evaluation::EvalSummary;
+use crate::lora::{LoraConfig, LoraSet};
+use crate::sam3::model::{Sam3Model, Semantics};
+use crate::sam3::tokenizer::PromptTokenizer;
+use crate::train_config::Precision;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// What to evaluate.
+#[derive(Debug, Clone, Default)]
+pub struct EvaluateOptions {
+    /// The training YAML (model, lora, data and evaluation settings).
+    pub config: PathBuf,
+    /// `section.key=value` overrides.
+    pub overrides: Vec<String>,
+    /// PEFT adapter directory (e.g. OUTPUT/best); None evaluates the base model.
+    pub adapter: Option<PathBuf>,
+    /// Split name; None: `test` when present, else `valid`.
+    pub split: Option<String>,
+}
+
+/// The result.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluateReport {
+    /// The split evaluated.
+    pub split: String,
+    /// Its annotation file.
+    pub annotation_file: PathBuf,
+    /// The adapters evaluated (None: the base model).
+    pub adapter: Option<PathBuf>,
+    /// Images evaluated (readable, with at least one prompt).
+    pub images: usize,
+    /// Images of the split left out (unreadable, or no prompt).
+    pub images_left_out: usize,
+    /// Loss over the training terms (mean per batch).
+    pub loss: f64,
+    /// Mean per-term losses.
+    pub terms: BTreeMap<String, f64>,
+    /// mAP / AP50 / AP75 / cgF1 / pmF1 / IL_MCC; None when no pair could be scored.
+    pub metrics: Option<EvalSummary>,
+}
+
+/// Evaluate (see the module docs).
+pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
+    let cfg = load_config(&opts.config, &opts.overrides)?;
+    let t = &cfg.training;
+    let device = device_for(&cfg)?;
+    let dtype = super::compute_dtype(t.precision().unwrap_or(Precision::No), &device);
+    let dataset =
+        Dataset::load(&t.data_dir).with_context(|| format!("training.data_dir {}", t.data_dir.display()))?;
+    let name = match &opts.split {
+        Some(s) => s.clone(),
+        None if dataset.split("test").is_some() => "test".into(),
+        None => "valid".into(),
+    };
+    let Some(split) = dataset.split(&name) else {
+        let have: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
+        bail!(
+            "{}: no {name} split to evaluate (found: {}); pass --split with one of them",
+            t.data_dir.display(),
+            have.join(", ")
+        );
+    };
+    let mut unusable = HashSet::new();
+    for f in dataset.preflight_of(&[name.as_str()]) {
+        match f.severity {
+            Severity::Error => tracing::error!("{f}"),
+            Severity::Warning => tracing::warn!("{f}"),
+        }
+        if matches!(f.kind, FindingKind::MissingImage | FindingKind::CorruptImage) {
+            unusable.extend(f.image_id);
+        }
+    }
+    let usable: Vec<usize> =
+        (0..split.images.len()).filter(|&i| !unusable.contains(&split.images[i].id)).collect();
+    let (ids, _) = with_prompts(split, usable, t.num_negatives);
+    if ids.is_empty() {
+        bail!("{}: no usable image to evaluate (see the preflight above)", split.annotation_file.display());
+    }
+
+    let model_path = resolve_model(&cfg)?;
+    let tok_dir = if model_path.is_file() {
+        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        model_path.clone()
+    };
+    let tokenizer = PromptTokenizer::from_dir(&tok_dir)
+        .with_context(|| format!("tokenizer of {}", model_path.display()))?;
+    let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
+    let _adapters = match &opts.adapter {
+        Some(dir) => {
+            let lora = LoraSet::attach(&mut model, &LoraConfig::from_section(&cfg.lora), &device)
+                .with_context(|| format!("{}: lora section", opts.config.display()))?;
+            lora.load_peft(dir).with_context(|| format!("loading the adapters in {}", dir.display()))?;
+            lora.set_training(false);
+            tracing::info!("evaluating {} adapted modules from {}", lora.modules.len(), dir.display());
+            Some(lora)
+        }
+        None => {
+            tracing::info!("evaluating the base model (no --adapter)");
+            None
+        }
+    };
+    let image_size = model.image_size();
+    let vc = &model.config().vision_config;
+    let grid = image_size / vc.backbone_config.patch_size.max(1);
+    let mask_size = (grid as f64 * vc.scale_factors.first().copied().unwrap_or(4.0)).round() as usize;
+    let set = ValidationSet {
+        split,
+        ids: &ids,
+        tokenizer: &tokenizer,
+        image_size,
+        mask_size,
+        negatives: t.num_negatives,
+        seed: t.seed as u64,
+        batch_size: t.batch_size,
+    };
+    let r = validate(&model, &set, &loss_weights(&cfg)?, true)?;
+    Ok(EvaluateReport {
+        split: name,
+        annotation_file: split.annotation_file.clone(),
+        adapter: opts.adapter.clone(),
+        images: ids.len(),
+        images_left_out: split.images.len() - ids.len(),
+        loss: r.loss,
+        terms: r.terms,
+        metrics: r.summary,
+    })
+}
