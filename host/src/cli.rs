@@ -558,6 +558,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 ),
                 None => println!("  no image/prompt pair could be scored (box-only objects, or a diverged model)"),
             }
+            if r.per_prompt.len() > 1 {
+                for (p, m) in &r.per_prompt {
+                    println!(
+                        "    {p:<24} mAP {:.4}  AP50 {:.4}  cgF1 {:>6.2}  ({} pairs, {} with objects)",
+                        m.map, m.ap50, m.cgf1, m.queries, m.positives
+                    );
+                }
+            }
             Ok(())
         }
         Command::Export { config, adapter, merge, out } => {

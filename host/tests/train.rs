@@ -553,6 +553,10 @@ fn evaluate_reproduces_the_validation_of_training() {
     assert!((trained.loss - last.loss).abs() < 1e-9, "{} vs {}", trained.loss, last.loss);
     let (m, want) = (trained.metrics.unwrap(), last.summary.unwrap());
     assert_eq!((m.map, m.cgf1, m.queries), (want.map, want.cgf1, want.queries));
+    // Per prompt: the pairs add up, and mAP is the mean of the per-category APs (COCO).
+    assert_eq!(trained.per_prompt.values().map(|p| p.queries).sum::<usize>(), m.queries);
+    let with_gt: Vec<f64> = trained.per_prompt.values().filter(|p| p.positives > 0).map(|p| p.map).collect();
+    assert!((with_gt.iter().sum::<f64>() / with_gt.len() as f64 - m.map).abs() < 1e-12);
     let base = evaluate(&opts(None)).unwrap();
     assert!((base.loss - s.initial_validation_loss.unwrap()).abs() < 1e-9);
     assert!(base.loss != trained.loss);

@@ -48,6 +48,8 @@ pub struct EvaluateReport {
     pub terms: BTreeMap<String, f64>,
     /// mAP / AP50 / AP75 / cgF1 / pmF1 / IL_MCC; None when no pair could be scored.
     pub metrics: Option<EvalSummary>,
+    /// The same per prompt (category).
+    pub per_prompt: BTreeMap<String, EvalSummary>,
 }
 
 /// Evaluate (see the module docs).
@@ -135,5 +137,6 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         loss: r.loss,
         terms: r.terms,
         metrics: r.summary,
+        per_prompt: r.per_prompt,
     })
 }

@@ -33,6 +33,9 @@ pub struct ValidationResult {
     pub terms: BTreeMap<String, f64>,
     /// mAP / cgF1, when computed.
     pub summary: Option<EvalSummary>,
+    /// The same metrics per prompt (category), when computed: COCO's per-category AP.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_prompt: BTreeMap<String, EvalSummary>,
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -175,10 +178,21 @@ pub fn validate(
     }
     let summary =
         if with_metrics && !diverged && !queries.is_empty() { Some(evaluate(&queries)?) } else { None };
+    let mut per_prompt = BTreeMap::new();
+    if summary.is_some() {
+        let mut by_prompt: BTreeMap<&str, Vec<EvalQuery>> = BTreeMap::new();
+        for q in &queries {
+            by_prompt.entry(q.prompt.as_str()).or_default().push(q.clone());
+        }
+        for (p, qs) in by_prompt {
+            per_prompt.insert(p.to_string(), evaluate(&qs)?);
+        }
+    }
     Ok(ValidationResult {
         loss: loss / n,
         terms: terms.into_iter().map(|(k, v)| (k, v / n)).collect(),
         summary,
+        per_prompt,
     })
 }
 
