@@ -460,6 +460,14 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let _signals = crate::train::interrupt::install();
             let s = crate::train::train(&opts)?;
+            if s.already_complete {
+                println!(
+                    "nothing to train: the run is complete at step {}; outputs in {} are unchanged",
+                    s.steps,
+                    s.output_dir.display()
+                );
+                return Ok(());
+            }
             println!(
                 "trained {} optimizer steps ({} skipped); outputs in {}",
                 s.steps,

@@ -9,7 +9,8 @@ use lorahost::plugin::{
 use lorahost::replay;
 use serde_json::json;
 
-const REFERENCE: [&str; 4] = ["spike_guard", "warmup_validator", "balanced_sampler", "cosine_schedule"];
+const REFERENCE: [&str; 5] =
+    ["spike_guard", "warmup_validator", "balanced_sampler", "cosine_schedule", "early_stopping"];
 
 fn samples(n: u32) -> Vec<SampleMeta> {
     (0..n)
@@ -34,6 +35,7 @@ fn every_reference_plugin_loads_and_describes_itself() {
     assert!(implements("warmup_validator", Hook::StepMetrics));
     assert!(implements("balanced_sampler", Hook::DataSampling));
     assert!(implements("cosine_schedule", Hook::LrSchedule));
+    assert!(implements("early_stopping", Hook::StepMetrics));
     for p in set.plugins() {
         assert!(!p.manifest().version.is_empty() && !p.manifest().description.is_empty());
     }

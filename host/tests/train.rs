@@ -564,3 +564,76 @@ fn evaluate_reproduces_the_validation_of_training() {
     let e = evaluate(&EvaluateOptions { split: Some("test".into()), ..opts(None) }).unwrap_err().to_string();
     assert!(e.contains("no test split") && e.contains("train, valid"), "{e}");
 }
+
+/// Resume after a change of settings: a batch or accumulation change is refused (the epoch
+/// position is in micro-batches), others are said and recorded; the validation history and
+/// the plugins' view of the latest validation survive; resuming an earlier checkpoint sets the
+/// later ones aside; resuming a complete run changes nothing.
+#[test]
+fn resume_after_changes_is_checked_and_keeps_the_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let base = "  num_epochs: 3\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  save_steps: 2\n  eval_steps: 4\n";
+    let cfg = config(tmp.path(), &data, &out, base, "");
+    let first = train(&TrainOptions { max_steps: Some(6), ..opts(&cfg) }).unwrap();
+    assert_eq!(first.steps, 6);
+    let resume = |cfg: &Path, max: u64, from: lorahost::train::Resume| {
+        train(&TrainOptions { max_steps: Some(max), resume: Some(from), ..opts(cfg) })
+    };
+    // Another batch size: refused, naming both.
+    let other = config(tmp.path(), &data, &out, &format!("{base}  batch_size: 2\n"), "");
+    let e = format!("{:#}", resume(&other, 8, Resume::Latest).unwrap_err());
+    assert!(e.contains("batch_size 1") && e.contains("has 2 x 1"), "{e}");
+    // Another LR: accepted; the new header is recorded, history and the latest validation kept.
+    let lr = config(tmp.path(), &data, &out, &format!("{base}  learning_rate: 1e-3\n"), "");
+    let s = resume(&lr, 8, Resume::Latest).unwrap();
+    assert_eq!(s.steps, 8);
+    assert_eq!(s.initial_validation_loss, first.initial_validation_loss, "the validation before training");
+    let t = steps(&out);
+    assert_eq!(t.run.unwrap().base_lr, 1e-3);
+    let step7 = t.steps.iter().find(|s| s.step == 7).unwrap();
+    assert_eq!(
+        step7.extra["validation.step"].as_f64(),
+        Some(6.0),
+        "the validation of step 6 (the first run's last), from before the resume"
+    );
+    // Back to step 4: the later checkpoints are set aside, not resumed by a plain --resume.
+    let ckpts = out.join("checkpoints");
+    let s = resume(&lr, 5, Resume::Dir(ckpts.join("step-00000004"))).unwrap();
+    assert_eq!(s.steps, 5);
+    let kept: Vec<u64> = lorahost::train::checkpoint::list(&ckpts).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept.last(), Some(&5), "{kept:?}");
+    assert!(ckpts.join("abandoned-step-00000008").is_dir());
+    // Complete: nothing is trained, nothing rewritten.
+    let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let s = resume(&lr, 5, Resume::Latest).unwrap();
+    assert!(s.already_complete && s.steps == 5);
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
+}
+
+/// A skip answered by one plugin rolls the update back even when another stops on that step.
+#[test]
+fn a_skip_beside_a_stop_still_rolls_the_update_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    // early_stopping stops at step 2 (the validation of step 1 cannot beat step 0's by 1e9);
+    // steer skips step 2.
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 5\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  eval_steps: 1\n  save_steps: 1\n",
+        &format!(
+            "plugins:\n  - path: {}\n    config: {{skip_at: [2]}}\n  - path: {}\n    config: {{patience: 1, min_delta: 1.0e9}}\n",
+            common::plugin("steer").display(),
+            common::plugin("early_stopping").display()
+        ),
+    );
+    let s = run(&opts(&cfg));
+    assert_eq!(s.steps, 2, "{:?}", s.stopped);
+    let after_1 = tensors(&out.join("checkpoints/step-00000001"));
+    assert!(same_tensors(&tensors(&out.join("adapter")), &after_1), "step 2's update was not rolled back");
+    assert_eq!(s.skipped_steps, 1);
+}

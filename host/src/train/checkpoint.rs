@@ -83,6 +83,12 @@ pub struct TrainerState {
     pub seed: u64,
     /// sha-256 of the training annotation file (a resume on other data is refused).
     pub train_sha256: String,
+    /// `training.batch_size` of the run (the epoch position counts micro-batches of this size).
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// `training.gradient_accumulation_steps` of the run.
+    #[serde(default)]
+    pub accumulation: Option<usize>,
 }
 
 /// Directory of step `step`'s checkpoint.
@@ -111,9 +117,25 @@ pub fn clean_partials(root: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.')
-            && (name.contains(".partial") || name.ends_with(".old"))
-            && std::fs::remove_dir_all(e.path()).is_ok()
+        if !name.starts_with('.') {
+            continue;
+        }
+        // `.<name>.<pid>.old` is a complete directory moved aside by [`replace_dir`]. If the
+        // process died before its replacement was renamed into place, it is the only copy:
+        // put it back instead of deleting it.
+        if let Some(target) = name.strip_suffix(".old").and_then(|n| n[1..].rsplit_once('.')).map(|(t, _)| t)
+        {
+            let dst = root.join(target);
+            if !target.is_empty() && !dst.exists() && std::fs::rename(e.path(), &dst).is_ok() {
+                tracing::warn!(
+                    "restored {} from {} (an interrupted replacement)",
+                    dst.display(),
+                    e.path().display()
+                );
+                continue;
+            }
+        }
+        if (name.contains(".partial") || name.ends_with(".old")) && std::fs::remove_dir_all(e.path()).is_ok()
         {
             removed.push(e.path());
         }
@@ -272,5 +294,23 @@ mod tests {
         // No best: the newest `limit`.
         prune(root, 1, None);
         assert_eq!(steps(), [6]);
+    }
+
+    /// A kill between the two renames of `replace_dir` leaves only the moved-aside copy: the
+    /// next start puts it back. Scratch directories are removed, and an `.old` whose target
+    /// exists is a leftover.
+    #[test]
+    fn an_interrupted_replacement_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join(".best.4242.old")).unwrap();
+        std::fs::write(root.join(".best.4242.old/adapter_model.safetensors"), b"weights").unwrap();
+        std::fs::create_dir_all(root.join(".best.partial-4242")).unwrap();
+        std::fs::create_dir_all(root.join("adapter")).unwrap();
+        std::fs::create_dir_all(root.join(".adapter.17.old")).unwrap();
+        let removed = clean_partials(root);
+        assert_eq!(std::fs::read(root.join("best/adapter_model.safetensors")).unwrap(), b"weights");
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(!root.join(".adapter.17.old").exists() && root.join("adapter").exists());
     }
 }

@@ -16,8 +16,12 @@ pub const EXIT_CODE: i32 = 130;
 #[cfg(unix)]
 extern "C" fn on_signal(_signal: libc::c_int) {
     if REQUESTED.swap(true, Ordering::SeqCst) {
-        // The second signal: quit now. `_exit` is async-signal-safe.
-        unsafe { libc::_exit(EXIT_CODE) };
+        // The second signal: quit now. `write` and `_exit` are async-signal-safe.
+        const MSG: &[u8] = b"\nsecond interrupt: quitting now (the last complete checkpoint is intact)\n";
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(EXIT_CODE)
+        };
     }
 }
 

@@ -106,6 +106,8 @@ pub struct TrainSummary {
     pub stopped: Option<String>,
     /// Whether it stopped on Ctrl-C / SIGTERM (see [`interrupt`]).
     pub interrupted: bool,
+    /// A resume of a run that had already reached its last step: nothing was trained or written.
+    pub already_complete: bool,
 }
 
 /// Apply `section.key=value` overrides to a YAML document (a mapping, or empty). `strict`
@@ -181,6 +183,21 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     }
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// The command line that continues this run: the same config, overrides and plugins, plus
+/// `--resume`.
+fn resume_command(opts: &TrainOptions) -> String {
+    let quote = |s: String| if s.contains([' ', '"', '\'']) { format!("'{s}'") } else { s };
+    let mut c = format!("lorahost train --config {}", quote(opts.config.display().to_string()));
+    for o in &opts.overrides {
+        c.push_str(&format!(" --override {}", quote(o.clone())));
+    }
+    for p in &opts.plugins {
+        c.push_str(&format!(" --plugin {}", quote(p.path.display().to_string())));
+    }
+    c.push_str(" --resume");
+    c
 }
 
 /// The `validation.*` extra values of a validation at `step` (0: before training).
@@ -749,6 +766,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         plugin_states: BTreeMap::new(),
         seed,
         train_sha256: train_split.sha256.clone(),
+        batch_size: Some(t.batch_size),
+        accumulation: Some(accum),
     };
     let resume_dir = match &opts.resume {
         None => None,
@@ -761,6 +780,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
         },
     };
+    let mut header_changed = false;
     if let Some(dir) = &resume_dir {
         let (s, tensors) = checkpoint::load(dir)?;
         if s.train_sha256 != train_split.sha256 {
@@ -788,6 +808,102 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 checkpoint::STATE_FILE
             );
         }
+        // The settings the checkpoint was made with: its own record, else the metrics header.
+        let old_header = crate::metrics::Trace::read(&log_dir.join("metrics.jsonl")).ok().and_then(|t| t.run);
+        let from_header =
+            |f: fn(&RunHeader) -> u32| old_header.as_ref().map(|h| f(h) as usize).filter(|v| *v > 0);
+        let old_batch = s.batch_size.or_else(|| from_header(|h| h.batch_size));
+        let old_accum = s.accumulation.or_else(|| from_header(|h| h.accumulation));
+        if old_batch.is_some_and(|b| b != t.batch_size) || old_accum.is_some_and(|a| a != accum) {
+            bail!(
+                "{}: the checkpoint was made with batch_size {} x gradient_accumulation_steps {}, this config has {} x {}: the position in the epoch is counted in those micro-batches, so resuming would skip or repeat samples; resume with the original values, or start a new run in another output_dir",
+                dir.display(),
+                old_batch.map_or("?".into(), |b| b.to_string()),
+                old_accum.map_or("?".into(), |a| a.to_string()),
+                t.batch_size,
+                accum
+            );
+        }
+        let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
+        if s.step >= stop_at {
+            tracing::warn!(
+                "{} is at step {}: the run is already complete ({} steps{}); nothing to train, and the outputs are left as they are. To train longer, raise training.num_epochs (or --max-steps)",
+                dir.display(),
+                s.step,
+                total,
+                opts.max_steps.map(|m| format!(", --max-steps {m}")).unwrap_or_default()
+            );
+            return Ok(TrainSummary {
+                steps: s.step,
+                skipped_steps: s.skipped_steps,
+                output_dir: out_dir.clone(),
+                already_complete: true,
+                ..Default::default()
+            });
+        }
+        if let Some(h) = &old_header {
+            let mut changed = Vec::new();
+            let mut note = |what: &str, old: String, new: String| {
+                if old != new {
+                    changed.push(format!("{what} {old} -> {new}"));
+                }
+            };
+            note("total steps (num_epochs)", h.total_steps.to_string(), total.to_string());
+            note("warmup steps", h.warmup_steps.to_string(), warmup.to_string());
+            note("learning_rate", format!("{:e}", h.base_lr), format!("{:e}", t.learning_rate));
+            note("lr_scheduler", h.scheduler.clone(), t.lr_scheduler.clone());
+            note("seed", h.seed.to_string(), seed.to_string());
+            if !changed.is_empty() {
+                tracing::warn!(
+                    "resuming with changed settings: {}; the schedule continues from step {} with the new values (the LR may jump)",
+                    changed.join(", "),
+                    s.step
+                );
+                header_changed = true;
+            }
+        }
+        // Checkpoints after the resume point belong to a branch this run abandons (its metrics
+        // are cut back to the resume point too): set aside, so a later plain --resume cannot
+        // pick them up.
+        let mut abandoned = 0;
+        for (step, d) in checkpoint::list(&ckpt_root).into_iter().filter(|(st, _)| *st > s.step) {
+            let mut to = ckpt_root.join(format!("abandoned-step-{step:08}"));
+            let mut k = 1;
+            while to.exists() {
+                to = ckpt_root.join(format!("abandoned-step-{step:08}-{k}"));
+                k += 1;
+            }
+            if std::fs::rename(&d, &to).is_ok() {
+                tracing::warn!(
+                    "{} is newer than the resume point (step {}): moved to {}",
+                    d.display(),
+                    s.step,
+                    to.display()
+                );
+                abandoned += 1;
+            }
+        }
+        // best/ may hold the abandoned branch's best: restore the one this state knows.
+        if let Some(b) = s.best.as_ref().filter(|_| abandoned > 0) {
+            let src = checkpoint::step_dir(&ckpt_root, b.step);
+            if src.is_dir() {
+                let tmp = checkpoint::partial_dir(&out_dir.join("best"));
+                let _ = std::fs::remove_dir_all(&tmp);
+                std::fs::create_dir_all(&tmp)?;
+                for f in ["adapter_model.safetensors", "adapter_config.json"] {
+                    std::fs::copy(src.join(f), tmp.join(f))
+                        .with_context(|| format!("restoring best/ from {}", src.display()))?;
+                }
+                checkpoint::replace_dir(&tmp, &out_dir.join("best"))?;
+                tracing::info!(
+                    "best/ restored from {} (best {} {:.4} at step {})",
+                    src.display(),
+                    b.metric,
+                    b.value,
+                    b.step
+                );
+            }
+        }
         lora.load_peft(dir).with_context(|| format!("adapters of {}", dir.display()))?;
         opt.load_state(&tensors, s.optimizer_updates)
             .with_context(|| format!("optimizer state of {}", dir.display()))?;
@@ -799,6 +915,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             s.micro_in_epoch
         );
         state = s;
+        // The settings of this run from here on.
+        state.seed = seed;
+        state.batch_size = Some(t.batch_size);
+        state.accumulation = Some(accum);
     }
 
     // Plugins.
@@ -831,6 +951,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             state.plugin_states.iter().filter_map(|(k, v)| Some((k.clone(), unhex(v)?))).collect();
         let restored = plugins.restore(&states);
         tracing::info!("restored plugin state: {}", restored.join(", "));
+        let loaded: Vec<String> = plugins.plugins().iter().map(|p| p.name().to_string()).collect();
+        for name in states.keys().filter(|k| !restored.contains(k)) {
+            if loaded.contains(name) {
+                tracing::warn!("plugin {name} did not accept its checkpoint state: it starts fresh");
+            } else {
+                tracing::warn!(
+                    "the checkpoint holds state for plugin {name}, which this run does not load: that state is dropped (add the plugin back to keep it)"
+                );
+            }
+        }
     }
     if opts.hot_reload && !plugins.is_empty() {
         plugins.enable_hot_reload()?;
@@ -854,15 +984,56 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut train_curve: Vec<(u64, f64)> = Vec::new();
 
     let mut val_curve: Vec<(u64, f64)> = Vec::new();
+    // A resumed run keeps its history: the loss curves, the validation before training, and
+    // the latest validation for the plugins (as if the run had not stopped).
+    let mut resumed_initial: Option<f64> = None;
+    let mut resumed_val_extra: Vec<NamedValue> = Vec::new();
     if resume_dir.is_some() {
+        if header_changed {
+            log.line(&serde_json::json!({ "run": header }).to_string());
+        }
         if let Ok(trace) = crate::metrics::Trace::read(&metrics_path) {
             train_curve = trace.steps.iter().map(|s| (s.step, s.loss)).collect();
+        }
+        for line in std::fs::read_to_string(&metrics_path).unwrap_or_default().lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let (Some("validation"), Some(at), Some(loss)) =
+                (v["event"].as_str(), v["step"].as_u64(), v["loss"].as_f64())
+            else {
+                continue;
+            };
+            if at > state.step {
+                continue;
+            }
+            if at == 0 {
+                resumed_initial = Some(loss);
+            }
+            val_curve.push((at, loss));
+            let mut extra = vec![
+                NamedValue { name: "validation.step".into(), value: at as f64 },
+                NamedValue { name: "validation.loss".into(), value: loss },
+            ];
+            for k in ["map", "ap50", "cgf1"] {
+                if let Some(x) = v["metrics"][k].as_f64() {
+                    extra.push(NamedValue { name: format!("validation.{k}"), value: x });
+                }
+            }
+            resumed_val_extra = extra;
         }
     }
 
     let metric_name = cfg.evaluation.metric.to_ascii_lowercase();
     let metric_name = if metric_name == "iou" { "map".to_string() } else { metric_name };
     let want_metrics_during = cfg.evaluation.compute_metrics_during_training || metric_name != "loss";
+    if let Some(b) = state.best.as_ref().filter(|b| b.metric != metric_name) {
+        tracing::warn!(
+            "evaluation.metric is now {metric_name}, the checkpoint's best was chosen by {} ({:.4} at step {}): best/ is replaced at the next validation, and compared by {metric_name} from then on",
+            b.metric,
+            b.value,
+            b.step
+        );
+        state.best = None;
+    }
     let sample_opts =
         |index_in_split: usize, epoch: u32, split: &Split, flip: bool, scale: f64| SampleOptions {
             image_size,
@@ -895,7 +1066,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 
     // The latest validation results, handed to every later step's hook (and recorded with it)
     // as `validation.*` extra values: what an early-stopping plugin reads.
-    let mut val_extra: Vec<NamedValue> = Vec::new();
+    let mut val_extra: Vec<NamedValue> = resumed_val_extra;
+    summary.initial_validation_loss = resumed_initial;
     let mut slow_watch = slowdown::SlowdownWatch::default();
     // Baseline validation before any update (fresh runs).
     if state.step == 0 {
@@ -1296,6 +1468,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 reason = Some(why.clone());
             }
             Action::Stop(why) => {
+                // Another plugin's skip on the same step still rolls the update back.
+                if applied && decision.answers.iter().any(|(_, a)| matches!(a, Action::Skip(_))) {
+                    opt.rollback()?;
+                    state.skipped_steps += 1;
+                }
                 action = "stop".into();
                 stop = Some(format!("plugin {}: {why}", decision.decided_by.as_deref().unwrap_or("?")));
                 want_checkpoint = true;
@@ -1373,8 +1550,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 "interrupted: saving a checkpoint at step {step}, then stopping (Ctrl-C again quits at once)"
             );
             stop = Some(format!(
-                "interrupted (Ctrl-C / SIGTERM) after step {step}; continue with lorahost train --config {} --resume",
-                opts.config.display()
+                "interrupted (Ctrl-C / SIGTERM) after step {step}; continue with: {}",
+                resume_command(opts)
             ));
             want_checkpoint = true;
             summary.interrupted = true;
@@ -1384,7 +1561,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let epoch_done = state.micro_in_epoch == 0;
         let last = state.step >= stop_at || stop.is_some();
         let eval_now = if t.eval_steps > 0 { step.is_multiple_of(t.eval_steps as u64) } else { epoch_done };
-        if (eval_now || last) && valid_split.is_some() && !summary.interrupted {
+        // An interrupted step still runs its scheduled validation (a resume would not redo it),
+        // but not the extra one of a last step.
+        if (eval_now || (last && !summary.interrupted)) && valid_split.is_some() {
             if let Some(v) = run_validation(&model, want_metrics_during || last)? {
                 progress.finish();
                 tracing::info!(

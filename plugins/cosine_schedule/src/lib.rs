@@ -13,10 +13,11 @@
 //! - warmup, step <= W: `lr = base · (start + (1 − start) · step / W)`, a straight line
 //!   from `warmup_start_factor` × `base` up to `base` at step W. Even with the default
 //!   start of 0 the LR of step 1 is `base / W`, never exactly 0 (a step at LR 0 is wasted).
-//! - decay, W < step <= T: `lr = min + (base − min) · ½ · (1 + cos(π · q))`, where `q`
-//!   goes from 0 to 1 over the decay phase. With `cycles` = c > 1 the decay phase is cut
-//!   into c equal cycles and `q` restarts from 0 at each (the LR jumps back to `base`;
-//!   "SGDR", Loshchilov & Hutter 2017). The last cycle ends at `min` at step T.
+//! - decay, W < step <= T: `lr = min + (base − min) · ½ · (1 + cos(π · q))` with
+//!   `q = (step − W − 1) / (T − W)`: step W + 1 runs at the peak and step T just above `min`
+//!   (as lorahost's built-in schedules: no step is spent at the final LR). With `cycles` =
+//!   c > 1 the decay phase is cut into c equal cycles and `q` restarts from 0 at each (the LR
+//!   jumps back to `base`; "SGDR", Loshchilov & Hutter 2017).
 //! - after T: `min`.
 //!
 //! The answer is always finite and >= 0. When the total step count is unknown (0 from
@@ -135,14 +136,15 @@ pub fn lr_at(s: &Schedule, step: u64) -> f64 {
     }
 
     // Past the end: stay at the minimum (never negative, never NaN).
-    if step >= s.total {
+    if step > s.total {
         return min;
     }
 
-    // Decay: the decay phase has `len` steps and we are `done` steps into it. Here
-    // warmup <= step < total, so `len` > 0.
+    // Decay: the decay phase has `len` steps and we are `done` steps into it (0 on the first
+    // step after warmup). Here warmup < step <= total, so `len` > 0. (`step` 0 without warmup
+    // counts as the first decay step.)
     let len = (s.total - s.warmup) as u128;
-    let done = (step - s.warmup) as u128;
+    let done = step.saturating_sub(s.warmup + 1) as u128;
     // `q` is the position inside the current cycle, 0 → 1. Integer arithmetic makes the
     // restarts land exactly on their steps (no float rounding just below a cycle's end).
     let cycles = s.cycles.max(1) as u128;
@@ -266,7 +268,8 @@ mod tests {
     fn reaches_base_lr_at_the_end_of_warmup() {
         let mut p = plugin("{}");
         assert!(close(lr(&mut p, 10), BASE));
-        assert!(lr(&mut p, 11) < BASE);
+        assert!(close(lr(&mut p, 11), BASE), "the peak right after warmup, as the host's schedule");
+        assert!(lr(&mut p, 12) < BASE);
     }
 
     #[test]
@@ -282,11 +285,13 @@ mod tests {
     #[test]
     fn decays_monotonically_to_the_minimum() {
         let mut p = plugin(r#"{"min_lr_ratio": 0.1}"#);
-        let decay: Vec<f64> = (10..=100).map(|s| lr(&mut p, s)).collect();
+        let decay: Vec<f64> = (11..=101).map(|s| lr(&mut p, s)).collect();
         assert!(decay.windows(2).all(|w| w[1] < w[0]), "{decay:?}");
-        assert!(close(lr(&mut p, 100), 0.1 * BASE));
+        // The last step (100) is just above the minimum, not at it; after it, the minimum.
+        assert!(lr(&mut p, 100) > 0.1 * BASE && lr(&mut p, 100) < 0.101 * BASE);
+        assert!(close(lr(&mut p, 101), 0.1 * BASE));
         // Halfway through the decay the cosine is at the midpoint.
-        assert!(close(lr(&mut p, 55), 0.55 * BASE));
+        assert!(close(lr(&mut p, 56), 0.55 * BASE));
     }
 
     #[test]
@@ -315,24 +320,27 @@ mod tests {
         let mut p = plugin(r#"{"base_lr": 1e-3, "warmup_steps": 4, "total_steps": 20}"#);
         assert!(close(lr(&mut p, 4), 1e-3));
         assert!(close(lr(&mut p, 2), 0.5e-3));
-        assert_eq!(lr(&mut p, 20), 0.0);
+        assert!(lr(&mut p, 20) > 0.0, "the last step still moves");
+        assert_eq!(lr(&mut p, 21), 0.0);
     }
 
     #[test]
     fn no_warmup_starts_at_base() {
         let mut p = plugin(r#"{"warmup_steps": 0}"#);
         assert!(close(lr(&mut p, 0), BASE));
-        assert!(lr(&mut p, 1) < BASE && lr(&mut p, 1) > 0.99 * BASE);
+        assert!(close(lr(&mut p, 1), BASE), "the first step runs at the peak");
+        assert!(lr(&mut p, 2) < BASE && lr(&mut p, 2) > 0.99 * BASE);
     }
 
     #[test]
     fn cycles_restart_at_base() {
-        // 90 decay steps in 3 cycles of 30: restarts after steps 40 and 70.
+        // 90 decay steps in 3 cycles of 30: restarts at steps 41 and 71.
         let mut p = plugin(r#"{"cycles": 3}"#);
-        assert!(lr(&mut p, 39) < 0.01 * BASE);
-        assert!(close(lr(&mut p, 40), BASE));
-        assert!(close(lr(&mut p, 70), BASE));
-        assert_eq!(lr(&mut p, 100), 0.0);
+        assert!(lr(&mut p, 40) < 0.01 * BASE);
+        assert!(close(lr(&mut p, 41), BASE));
+        assert!(close(lr(&mut p, 71), BASE));
+        assert!(lr(&mut p, 100) < 0.01 * BASE && lr(&mut p, 100) > 0.0);
+        assert_eq!(lr(&mut p, 101), 0.0);
     }
 
     #[test]
