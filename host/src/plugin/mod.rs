@@ -259,9 +259,9 @@ impl PluginSet {
                     }
                     reload::Message::Rejected { index, reason } => {
                         if let Some(p) = self.plugins.get(index) {
-                            tracing::error!(
+                            tracing::warn!(
                                 plugin = %p.name(),
-                                "new version of {} rejected, the running version stays: {reason}",
+                                "new version of {} rejected, the running version stays: {reason} (a file still being written is loaded at its next change)",
                                 p.path().display()
                             );
                             self.events.push(PluginEvent::ReloadRejected {

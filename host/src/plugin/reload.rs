@@ -136,6 +136,14 @@ const SETTLE: Duration = Duration::from_millis(250);
 fn rebuild(runtime: &Runtime, index: usize, w: &mut Watched) -> Option<Message> {
     let read = |path: &Path| match std::fs::read(path) {
         Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                plugin = %w.name,
+                "{} was removed; the loaded version keeps running (put the file back before a --resume, which loads it)",
+                path.display()
+            );
+            None
+        }
         Err(e) => {
             tracing::debug!("{} not readable ({e}); keeping the loaded version", path.display());
             None

@@ -219,7 +219,16 @@ pub fn save(
 pub fn load(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>), CheckpointError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read(&state_path).map_err(|e| {
-        file_err(&state_path, format!("{e}; point --resume at a checkpoint directory (checkpoints/step-*)"))
+        // A run folder or its checkpoints/ folder: name the newest checkpoint in it.
+        let newest = [dir.join("checkpoints"), dir.to_path_buf()]
+            .iter()
+            .find_map(|root| list(root).pop())
+            .map(|(_, p)| format!(" (the newest here is {}; or give --resume alone for it)", p.display()))
+            .unwrap_or_default();
+        file_err(
+            &state_path,
+            format!("{e}; point --resume at a checkpoint directory (checkpoints/step-*){newest}"),
+        )
     })?;
     let damaged = |what: String| {
         let older = list(dir.parent().unwrap_or(Path::new(".")))

@@ -1104,6 +1104,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         Ok(dir)
     };
 
+    // Ctrl-C while starting up (loading, the validation before training): nothing trained in
+    // this run yet, nothing to save.
+    if interrupt::requested() {
+        bail!("interrupted before the first step of this run: nothing was trained (checkpoints from earlier runs are untouched)");
+    }
     'outer: while state.step < stop_at {
         let step = state.step + 1;
         let step_start = Instant::now();
