@@ -127,7 +127,8 @@ impl Report {
     /// Human-readable text.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        for (k, v) in &self.facts {
+        // The full list of data findings is for --json; the findings below summarize it.
+        for (k, v) in self.facts.iter().filter(|(k, _)| k.as_str() != "data_findings") {
             s.push_str(&format!("{k}: {v}\n"));
         }
         if self.findings.is_empty() {
