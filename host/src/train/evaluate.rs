@@ -4,17 +4,19 @@
 //! counterpart of SAM3_LoRA's `validate_sam3_lora.py`, with the presence score applied and the
 //! adapters loaded strictly.
 
-use super::{device_for, load_config, loss_weights, resolve_model, validate, with_prompts, ValidationSet};
+use super::{
+    device_for, load_config, load_tokenizer, loss_weights, resolve_model, target_mask_size, validate,
+    with_prompts, ValidationSet,
+};
 use crate::data::coco::{Dataset, FindingKind, Severity};
 use crate::evaluation::EvalSummary;
 use crate::lora::{LoraConfig, LoraSet};
 use crate::sam3::model::{Sam3Model, Semantics};
-use crate::sam3::tokenizer::PromptTokenizer;
 use crate::train_config::Precision;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What to evaluate.
 #[derive(Debug, Clone, Default)]
@@ -91,13 +93,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     }
 
     let model_path = resolve_model(&cfg)?;
-    let tok_dir = if model_path.is_file() {
-        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        model_path.clone()
-    };
-    let tokenizer = PromptTokenizer::from_dir(&tok_dir)
-        .with_context(|| format!("tokenizer of {}", model_path.display()))?;
+    let tokenizer = load_tokenizer(&model_path)?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
     let _adapters = match &opts.adapter {
         Some(dir) => {
@@ -114,9 +110,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         }
     };
     let image_size = model.image_size();
-    let vc = &model.config().vision_config;
-    let grid = image_size / vc.backbone_config.patch_size.max(1);
-    let mask_size = (grid as f64 * vc.scale_factors.first().copied().unwrap_or(4.0)).round() as usize;
+    let mask_size = target_mask_size(&model);
     let set = ValidationSet {
         split,
         ids: &ids,

@@ -200,6 +200,24 @@ fn resume_command(opts: &TrainOptions) -> String {
     c
 }
 
+/// The prompt tokenizer beside the model (its directory, or the folder of a `sam3.pt`).
+fn load_tokenizer(model_path: &Path) -> Result<PromptTokenizer> {
+    let tok_dir = if model_path.is_file() {
+        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        model_path.to_path_buf()
+    };
+    PromptTokenizer::from_dir(&tok_dir).with_context(|| format!("tokenizer of {}", model_path.display()))
+}
+
+/// The side of the GT masks: the mask head predicts at the finest FPN level,
+/// (image / patch) × scale_factors[0].
+fn target_mask_size(model: &Sam3Model) -> usize {
+    let vc = &model.config().vision_config;
+    let grid = model.image_size() / vc.backbone_config.patch_size.max(1);
+    (grid as f64 * vc.scale_factors.first().copied().unwrap_or(4.0)).round() as usize
+}
+
 /// The `validation.*` extra values of a validation at `step` (0: before training).
 fn validation_extra(step: u64, v: &validate::ValidationResult) -> Vec<NamedValue> {
     [("validation.step", step as f64), ("validation.loss", v.loss)]
@@ -659,13 +677,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 
     // Model and adapters.
     let model_path = resolve_model(&cfg)?;
-    let tok_dir = if model_path.is_file() {
-        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        model_path.clone()
-    };
-    let tokenizer = PromptTokenizer::from_dir(&tok_dir)
-        .with_context(|| format!("tokenizer of {}", model_path.display()))?;
+    let tokenizer = load_tokenizer(&model_path)?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
     model.set_activation_checkpointing(cfg.training.gradient_checkpointing)?;
     let lora_cfg = LoraConfig::from_section(&cfg.lora);
@@ -698,10 +710,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         tracing::info!("  {:<22} {:>5} modules {:>12} parameters", c.name(), m, p);
     }
     let image_size = model.image_size();
-    // The mask head predicts at the finest FPN level: (image / patch) × scale_factors[0].
-    let vc = &model.config().vision_config;
-    let grid = image_size / vc.backbone_config.patch_size.max(1);
-    let mask_size = (grid as f64 * vc.scale_factors.first().copied().unwrap_or(4.0)).round() as usize;
+    let mask_size = target_mask_size(&model);
 
     // Schedule.
     let eff = cfg.effective(train_ids.len());
