@@ -4,7 +4,7 @@
 //! are errors. Every key has an effect in lorahost; see `../shared/docs/seed-trainer.md` §2
 //! for what each meant there.
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Why a training config is unusable.
@@ -74,7 +74,7 @@ fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 }
 
 /// `model:`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct ModelSection {
     /// Hub id of the base model ("facebook/sam3"); informational unless `path` is empty.
@@ -92,7 +92,7 @@ impl Default for ModelSection {
 }
 
 /// `lora:`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct LoraSection {
     /// Rank r.
@@ -165,7 +165,7 @@ pub enum Scheduler {
 }
 
 /// `training:`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct TrainingSection {
     /// Dataset root with train/, valid/, test/ (each with _annotations.coco.json).
@@ -298,7 +298,7 @@ impl TrainingSection {
 }
 
 /// `output:`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct OutputSection {
     /// Where checkpoints, adapters and the metrics log go.
@@ -326,7 +326,7 @@ impl Default for OutputSection {
 }
 
 /// `evaluation:`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct EvaluationSection {
     /// Model-selection metric: "loss", "map" (COCO mask mAP), "cgf1", "iou".
@@ -348,7 +348,7 @@ impl Default for EvaluationSection {
 }
 
 /// `hardware:`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct HardwareSection {
     /// "cpu" or "cuda".
@@ -366,7 +366,7 @@ impl Default for HardwareSection {
 }
 
 /// One plugin of the run.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct PluginEntry {
     /// The .wasm component.
     pub path: PathBuf,
@@ -376,7 +376,7 @@ pub struct PluginEntry {
 }
 
 /// A whole training config.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(default)]
 pub struct TrainConfig {
     /// Base model.
@@ -697,6 +697,86 @@ impl TrainConfig {
             lora_scale: self.lora.alpha / self.lora.rank.max(1) as f64,
         }
     }
+
+    /// The config as a run records it (`config.yaml` in the output directory and in each
+    /// checkpoint): every setting, defaults included, paths made absolute, and `extra_plugins`
+    /// (the command line's) appended to `plugins`, so `lorahost train --config` on the record
+    /// trains the same run from any working directory.
+    pub fn snapshot(&self, extra_plugins: &[PluginEntry]) -> serde_yaml::Value {
+        let mut c = self.clone();
+        c.plugins.extend(extra_plugins.iter().cloned());
+        let abs = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() {
+                if let Ok(a) = std::path::absolute(&*p) {
+                    *p = lexically_normal(&a);
+                }
+            }
+        };
+        abs(&mut c.training.data_dir);
+        abs(&mut c.output.output_dir);
+        for p in [&mut c.model.path, &mut c.model.cache_dir, &mut c.output.logging_dir].into_iter().flatten()
+        {
+            abs(p);
+        }
+        for p in &mut c.plugins {
+            abs(&mut p.path);
+        }
+        serde_yaml::to_value(&c).unwrap_or_default()
+    }
+}
+
+/// `p` without `.` components and with `..` applied to the component before it.
+fn lexically_normal(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The settings that differ between two config records ([`TrainConfig::snapshot`]), each as
+/// `key old -> new`, keys as dotted paths (`training.learning_rate`, `plugins[0].config.z`).
+pub fn snapshot_changes(old: &serde_yaml::Value, new: &serde_yaml::Value) -> Vec<String> {
+    fn flatten(v: &serde_yaml::Value, key: String, out: &mut std::collections::BTreeMap<String, String>) {
+        use serde_yaml::Value as V;
+        match v {
+            // An empty mapping or list sets nothing: as if absent.
+            V::Mapping(m) => {
+                for (k, v) in m {
+                    let k = k.as_str().map(str::to_string).unwrap_or_else(|| format!("{k:?}"));
+                    flatten(v, if key.is_empty() { k } else { format!("{key}.{k}") }, out);
+                }
+            }
+            V::Sequence(s) => {
+                for (i, v) in s.iter().enumerate() {
+                    flatten(v, format!("{key}[{i}]"), out);
+                }
+            }
+            V::Tagged(t) => flatten(&t.value, key, out),
+            v => {
+                let text = serde_yaml::to_string(v).unwrap_or_default();
+                out.insert(key, text.trim().to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (Default::default(), Default::default());
+    flatten(old, String::new(), &mut a);
+    flatten(new, String::new(), &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let absent = "(absent)".to_string();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&absent), b.get(k).unwrap_or(&absent));
+            (x != y).then(|| format!("{k} {x} -> {y}"))
+        })
+        .collect()
 }
 
 /// What the settings mean for a given dataset, printed at start.
@@ -724,6 +804,53 @@ mod tests {
 
     fn repo_config(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name)
+    }
+
+    /// The run's record reads back as the same config (paths made absolute), with no warning,
+    /// and the changes between two records are exactly the keys that differ.
+    #[test]
+    fn config_record_round_trips_and_names_changes() {
+        let (mut cfg, _) = TrainConfig::from_file(&repo_config("full_lora_config.yaml")).unwrap();
+        cfg.training.data_dir = "./data/../cracks".into();
+        cfg.loss.insert("loss_mask".into(), serde_json::json!(100.0));
+        let cli = PluginEntry { path: "p/guard.wasm".into(), config: serde_json::json!({"z": 4}) };
+        let rec = cfg.snapshot(std::slice::from_ref(&cli));
+        let text = serde_yaml::to_string(&rec).unwrap();
+        let (back, warnings) = TrainConfig::from_yaml(&text, Path::new("config.yaml")).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(back.training.data_dir, cwd.join("cracks"));
+        assert_eq!(back.output.output_dir, cwd.join(&cfg.output.output_dir));
+        assert_eq!(back.plugins, vec![PluginEntry { path: cwd.join("p/guard.wasm"), ..cli.clone() }]);
+        let same = TrainConfig {
+            training: back.training.clone(),
+            output: back.output.clone(),
+            plugins: vec![],
+            ..back.clone()
+        };
+        assert_eq!(
+            same,
+            TrainConfig { training: same.training.clone(), output: same.output.clone(), ..cfg.clone() }
+        );
+        assert!(snapshot_changes(&rec, &back.snapshot(&[])).is_empty());
+
+        let mut other = back.clone();
+        other.training.learning_rate = 2e-4;
+        other.plugins[0].config = serde_json::json!({"z": 5, "w": true});
+        other.loss.clear();
+        let changes = snapshot_changes(&rec, &other.snapshot(&[]));
+        assert_eq!(
+            changes,
+            [
+                "loss.loss_mask 100.0 -> (absent)",
+                "plugins[0].config.w (absent) -> true",
+                "plugins[0].config.z 4 -> 5",
+                &format!(
+                    "training.learning_rate {} -> 0.0002",
+                    serde_yaml::to_string(&cfg.training.learning_rate).unwrap().trim()
+                ),
+            ],
+        );
     }
 
     #[test]

@@ -567,8 +567,9 @@ fn evaluate_reproduces_the_validation_of_training() {
 
 /// Resume after a change of settings: a batch or accumulation change is refused (the epoch
 /// position is in micro-batches), others are said and recorded; the validation history and
-/// the plugins' view of the latest validation survive; resuming an earlier checkpoint sets the
-/// later ones aside; resuming a complete run changes nothing.
+/// the plugins' view of the latest validation survive; each checkpoint records its settings;
+/// resuming an earlier checkpoint sets the later ones aside; resuming a complete run changes
+/// nothing.
 #[test]
 fn resume_after_changes_is_checked_and_keeps_the_history() {
     let tmp = tempfile::tempdir().unwrap();
@@ -598,6 +599,14 @@ fn resume_after_changes_is_checked_and_keeps_the_history() {
         Some(6.0),
         "the validation of step 6 (the first run's last), from before the resume"
     );
+    // Each checkpoint records the settings it was trained with, and the run its latest.
+    let lr_of = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("config.yaml")).unwrap();
+        serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap()["training"]["learning_rate"].as_f64()
+    };
+    assert_ne!(lr_of(&out.join("checkpoints/step-00000006")), Some(1e-3));
+    assert_eq!(lr_of(&out.join("checkpoints/step-00000008")), Some(1e-3));
+    assert_eq!(lr_of(&out), Some(1e-3));
     // Back to step 4: the later checkpoints are set aside, not resumed by a plain --resume.
     let ckpts = out.join("checkpoints");
     let s = resume(&lr, 5, Resume::Dir(ckpts.join("step-00000004"))).unwrap();

@@ -1,6 +1,7 @@
 //! Training checkpoints: `<output_dir>/checkpoints/step-NNNNNNNN/` holds the adapters in PEFT's
-//! format, the optimizer moments and `trainer_state.json` (step, epoch, position in the epoch's
-//! order, the order itself, per-sample statistics, LR scale, best metric, plugin snapshots).
+//! format, the optimizer moments, `trainer_state.json` (step, epoch, position in the epoch's
+//! order, the order itself, per-sample statistics, LR scale, best metric, plugin snapshots) and
+//! `config.yaml`, the settings the checkpoint was trained with.
 //! A checkpoint is written into a hidden `.partial` directory and renamed into place when
 //! complete, so a crash mid-save leaves every earlier checkpoint intact; leftovers of such a
 //! crash are removed at the next start.
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Trainer state file.
 pub const STATE_FILE: &str = "trainer_state.json";
+/// The record of the run's settings (in the output directory and in each checkpoint).
+pub const CONFIG_RECORD: &str = "config.yaml";
 /// Version of the state format.
 pub const STATE_FORMAT: u32 = 1;
 
@@ -195,6 +198,7 @@ pub fn save(
     base_model: &str,
     opt: &AdamW,
     state: &TrainerState,
+    config_record: &str,
 ) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(root).map_err(|e| file_err(root, e))?;
     let dst = step_dir(root, state.step);
@@ -210,6 +214,8 @@ pub fn save(
     candle_core::safetensors::save(&tensors, &opt_path).map_err(|e| file_err(&opt_path, e))?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| file_err(&tmp, e))?;
     write_atomic(&tmp.join(STATE_FILE), &json).map_err(|e| file_err(&tmp.join(STATE_FILE), e))?;
+    let cfg_path = tmp.join(CONFIG_RECORD);
+    write_atomic(&cfg_path, config_record.as_bytes()).map_err(|e| file_err(&cfg_path, e))?;
     maybe_crash("state");
     replace_dir(&tmp, &dst)?;
     Ok(dst)

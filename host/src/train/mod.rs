@@ -50,7 +50,7 @@ use crate::sam3::tokenizer::PromptTokenizer;
 use crate::train_config::{Precision, TrainConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use checkpoint::{Best, TrainerState};
+use checkpoint::{Best, TrainerState, CONFIG_RECORD};
 use optim::{group_stats, AdamW, AdamWConfig};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -183,6 +183,23 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     }
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// `config.yaml`'s text: a comment saying what it is, then the settings.
+fn config_record_text(record: &serde_yaml::Value, opts: &TrainOptions) -> String {
+    let mut head = format!(
+        "# The settings of this run as lorahost {} applied them (every key, defaults included), from\n# {}",
+        env!("CARGO_PKG_VERSION"),
+        opts.config.display()
+    );
+    for o in &opts.overrides {
+        head.push_str(&format!(" --override {o}"));
+    }
+    if let Some(m) = opts.max_steps {
+        head.push_str(&format!(" --max-steps {m}"));
+    }
+    head.push_str(".\n# Train the same run again: lorahost train --config <this file>\n");
+    head + &serde_yaml::to_string(record).unwrap_or_default()
 }
 
 /// The command line that continues this run: the same config, overrides and plugins, plus
@@ -789,6 +806,31 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
         },
     };
+    // The record of this run's settings (`config.yaml` beside the outputs and in each checkpoint).
+    let cli_plugins: Vec<crate::train_config::PluginEntry> = opts
+        .plugins
+        .iter()
+        .map(|p| crate::train_config::PluginEntry { path: p.path.clone(), config: p.config.clone() })
+        .collect();
+    let mut record = cfg.snapshot(&cli_plugins);
+    // The loss weights in effect (Meta's defaults included), not just the ones the YAML set.
+    let w = &base_weights;
+    let loss: BTreeMap<&str, serde_yaml::Value> = [
+        ("loss_bbox", w.loss_bbox),
+        ("loss_giou", w.loss_giou),
+        ("loss_ce", w.loss_ce),
+        ("presence_loss", w.presence_loss),
+        ("loss_mask", w.loss_mask),
+        ("loss_dice", w.loss_dice),
+        ("o2m_weight", w.o2m_weight),
+        ("pos_weight", w.pos_weight),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.into()))
+    .chain([("aux", w.aux.into())])
+    .collect();
+    record["loss"] = serde_yaml::to_value(loss).unwrap_or_default();
+    let record_text = config_record_text(&record, opts);
     let mut header_changed = false;
     if let Some(dir) = &resume_dir {
         let (s, tensors) = checkpoint::load(dir)?;
@@ -850,8 +892,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 ..Default::default()
             });
         }
-        if let Some(h) = &old_header {
-            let mut changed = Vec::new();
+        // What changed since the checkpoint: its config record, else (older runs) the metrics
+        // header's settings.
+        let recorded = std::fs::read_to_string(dir.join(CONFIG_RECORD))
+            .ok()
+            .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok());
+        let mut changed = Vec::new();
+        if let Some(old) = &recorded {
+            changed = crate::train_config::snapshot_changes(old, &record);
+        } else if let Some(h) = &old_header {
             let mut note = |what: &str, old: String, new: String| {
                 if old != new {
                     changed.push(format!("{what} {old} -> {new}"));
@@ -862,14 +911,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             note("learning_rate", format!("{:e}", h.base_lr), format!("{:e}", t.learning_rate));
             note("lr_scheduler", h.scheduler.clone(), t.lr_scheduler.clone());
             note("seed", h.seed.to_string(), seed.to_string());
-            if !changed.is_empty() {
-                tracing::warn!(
-                    "resuming with changed settings: {}; the schedule continues from step {} with the new values (the LR may jump)",
-                    changed.join(", "),
-                    s.step
-                );
-                header_changed = true;
-            }
+        }
+        if !changed.is_empty() {
+            tracing::warn!(
+                "resuming with changed settings: {}; training continues from step {} with the new values (a changed schedule makes the LR jump)",
+                changed.join(", "),
+                s.step
+            );
+            header_changed = true;
         }
         // Checkpoints after the resume point belong to a branch this run abandons (its metrics
         // are cut back to the resume point too): set aside, so a later plain --resume cannot
@@ -988,6 +1037,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         steps_per_epoch: eff.steps_per_epoch as u64,
         seed,
     };
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    crate::fsutil::write_atomic(&out_dir.join(CONFIG_RECORD), record_text.as_bytes())
+        .with_context(|| format!("writing {}", out_dir.join(CONFIG_RECORD).display()))?;
     let metrics_path = log_dir.join("metrics.jsonl");
     let mut log = MetricsLog::open(&metrics_path, &header, resume_dir.as_ref().map(|_| state.step))?;
     let mut train_curve: Vec<(u64, f64)> = Vec::new();
@@ -1104,7 +1156,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let save = |state: &TrainerState, opt: &AdamW, plugins: &mut PluginSet| -> Result<PathBuf> {
         let mut s = state.clone();
         s.plugin_states = plugins.snapshots().into_iter().map(|(k, v)| (k, crate::fsutil::hex(&v))).collect();
-        let dir = checkpoint::save(&ckpt_root, &lora, &base_name, opt, &s)?;
+        let dir = checkpoint::save(&ckpt_root, &lora, &base_name, opt, &s, &record_text)?;
         let removed = checkpoint::prune(&ckpt_root, t.save_total_limit, s.best.as_ref().map(|b| b.step));
         for r in removed {
             tracing::debug!("save_total_limit {}: removed {}", t.save_total_limit, r.display());
