@@ -528,6 +528,52 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
     assert_eq!(resumed, (1..=at + 2).collect::<Vec<u64>>());
 }
 
+/// Ctrl-C during a validation does not wait for it: the one before training stops the run
+/// with nothing saved; a scheduled one is dropped, and the step it followed is saved.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_during_validation_stops_without_waiting_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    // 4 validation images at batch 1: batches 1-4 validate before training, 5-8 after step 2.
+    let run = |name: &str, at_batch: u32| {
+        let out = tmp.path().join(name);
+        let cfg = config(
+            tmp.path(),
+            &data,
+            &out,
+            "  num_epochs: 3\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  eval_steps: 2\n  save_steps: 100\n",
+            "",
+        );
+        let o = Command::new(bin)
+            .args(["train", "--no-hot-reload", "--config"])
+            .arg(&cfg)
+            .env("LORAHOST_TEST_INTERRUPT_AT_VALIDATION_BATCH", at_batch.to_string())
+            .output()
+            .unwrap();
+        (out, o.status.code(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (out, code, err) = run("before", 2);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(err.contains("interrupted during the validation before training"), "{err}");
+    assert!(lorahost::train::checkpoint::list(&out.join("checkpoints")).is_empty());
+
+    let (out, code, err) = run("during", 6);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(err.contains("interrupted during the validation of step 2"), "{err}");
+    let ckpts = lorahost::train::checkpoint::list(&out.join("checkpoints"));
+    assert_eq!(ckpts.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2]);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let validated: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "validation")
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(validated, [0], "the cut-short validation is not recorded");
+}
+
 /// `evaluate` loads adapters from disk and reproduces training's own validation of them, and
 /// of the base model before training.
 #[test]

@@ -63,3 +63,22 @@ impl Drop for Guard {
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
+
+/// Ask for a stop as a first Ctrl-C would (tests: `LORAHOST_TEST_INTERRUPT_AT_VALIDATION_BATCH`).
+pub(crate) fn request() {
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// A run stopped by Ctrl-C / SIGTERM before its first step: nothing was trained or saved.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted {0}: nothing was trained (checkpoints from earlier runs are untouched)")]
+pub struct StoppedBeforeFirstStep(pub &'static str);
+
+/// The exit status for `e`: [`EXIT_CODE`] for a run stopped by a signal, else 1.
+pub fn exit_code_of(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<StoppedBeforeFirstStep>().is_some() {
+        EXIT_CODE as u8
+    } else {
+        1
+    }
+}

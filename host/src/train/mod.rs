@@ -202,6 +202,11 @@ fn config_record_text(record: &serde_yaml::Value, opts: &TrainOptions) -> String
     head + &serde_yaml::to_string(record).unwrap_or_default()
 }
 
+/// Why a run stopped on Ctrl-C / SIGTERM after `step`, with the command that continues it.
+fn interrupted_reason(step: u64, opts: &TrainOptions) -> String {
+    format!("interrupted (Ctrl-C / SIGTERM) after step {step}; continue with: {}", resume_command(opts))
+}
+
 /// The command line that continues this run: the same config, overrides and plugins, plus
 /// `--resume`.
 fn resume_command(opts: &TrainOptions) -> String {
@@ -1132,7 +1137,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut slow_watch = slowdown::SlowdownWatch::default();
     // Baseline validation before any update (fresh runs).
     if state.step == 0 {
-        if let Some(v) = run_validation(&model, false)? {
+        let baseline = match run_validation(&model, false) {
+            Err(e) if validate::is_interrupted(&e) => {
+                return Err(interrupt::StoppedBeforeFirstStep("during the validation before training").into())
+            }
+            r => r?,
+        };
+        if let Some(v) = baseline {
             tracing::info!("validation before training: loss {:.4}", v.loss);
             summary.initial_validation_loss = Some(v.loss);
             val_curve.push((0, v.loss));
@@ -1168,7 +1179,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     // Ctrl-C while starting up (loading, the validation before training): nothing trained in
     // this run yet, nothing to save.
     if interrupt::requested() {
-        bail!("interrupted before the first step of this run: nothing was trained (checkpoints from earlier runs are untouched)");
+        return Err(interrupt::StoppedBeforeFirstStep("before the first step of this run").into());
     }
     'outer: while state.step < stop_at {
         let step = state.step + 1;
@@ -1615,10 +1626,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             tracing::warn!(
                 "interrupted: saving a checkpoint at step {step}, then stopping (Ctrl-C again quits at once)"
             );
-            stop = Some(format!(
-                "interrupted (Ctrl-C / SIGTERM) after step {step}; continue with: {}",
-                resume_command(opts)
-            ));
+            stop = Some(interrupted_reason(step, opts));
             want_checkpoint = true;
             summary.interrupted = true;
         }
@@ -1630,7 +1638,23 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         // An interrupted step still runs its scheduled validation (a resume would not redo it),
         // but not the extra one of a last step.
         if (eval_now || (last && !summary.interrupted)) && valid_split.is_some() {
-            if let Some(v) = run_validation(&model, want_metrics_during || last)? {
+            let validation = match run_validation(&model, want_metrics_during || last) {
+                // Ctrl-C during the validation: it is dropped, the step is saved, the run stops.
+                Err(e) if validate::is_interrupted(&e) => {
+                    progress.finish();
+                    tracing::warn!(
+                        "interrupted during the validation of step {step}: it is not recorded; saving a checkpoint at step {step}, then stopping (Ctrl-C again quits at once)"
+                    );
+                    if stop.is_none() {
+                        stop = Some(interrupted_reason(step, opts));
+                    }
+                    want_checkpoint = true;
+                    summary.interrupted = true;
+                    None
+                }
+                r => r?,
+            };
+            if let Some(v) = validation {
                 progress.finish();
                 tracing::info!(
                     "step {step}: validation loss {:.4}{}",
@@ -1702,8 +1726,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 seed,
                 batch_size: t.batch_size,
             };
-            validate::write_predictions(&model, &set, &path)?;
-            tracing::info!("validation predictions: {}", path.display());
+            match validate::write_predictions(&model, &set, &path) {
+                Err(e) if validate::is_interrupted(&e) => {
+                    tracing::warn!(
+                        "interrupted: the validation predictions are not written (the adapters are)"
+                    );
+                    summary.interrupted = true;
+                }
+                r => {
+                    r?;
+                    tracing::info!("validation predictions: {}", path.display());
+                }
+            }
         }
     }
     let png = out_dir.join("loss_curve.png");

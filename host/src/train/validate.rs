@@ -109,6 +109,8 @@ impl ValidationSet<'_> {
     }
 
     /// Forward every batch (eval mode) and hand its samples, batch, loss and outputs to `f`.
+    /// A stop requested by Ctrl-C / SIGTERM ([`crate::train::interrupt`]) ends it between
+    /// batches with [`Interrupted`].
     fn for_each_batch(
         &self,
         model: &Sam3Model,
@@ -116,6 +118,10 @@ impl ValidationSet<'_> {
         mut f: impl FnMut(&[Sample], &Batch, LossOutput, Sam3Outputs) -> Result<()>,
     ) -> Result<()> {
         for chunk in self.ids.chunks(self.batch_size.max(1)) {
+            test_interrupt_hook();
+            if crate::train::interrupt::requested() {
+                return Err(Interrupted.into());
+            }
             let opts: Vec<SampleOptions> = chunk.iter().map(|&i| self.options(i)).collect();
             let samples = build_samples(self.split, chunk, &opts, 1)?;
             let batch = collate(&samples, self.mask_size, model.device())?;
@@ -124,6 +130,30 @@ impl ValidationSet<'_> {
         }
         Ok(())
     }
+}
+
+/// Tests: `LORAHOST_TEST_INTERRUPT_AT_VALIDATION_BATCH=N` acts as a Ctrl-C just before the
+/// process's N-th validation batch (counted from 1 over all validations).
+fn test_interrupt_hook() {
+    static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(at) =
+        std::env::var("LORAHOST_TEST_INTERRUPT_AT_VALIDATION_BATCH").ok().and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    if BATCHES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == at {
+        crate::train::interrupt::request();
+    }
+}
+
+/// A validation (or prediction pass) cut short by Ctrl-C / SIGTERM.
+#[derive(Debug, thiserror::Error)]
+#[error("validation interrupted (Ctrl-C / SIGTERM)")]
+pub struct Interrupted;
+
+/// Whether `e` is a validation cut short by Ctrl-C / SIGTERM.
+pub fn is_interrupted(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Interrupted>().is_some()
 }
 
 /// Run validation (see the module docs).
