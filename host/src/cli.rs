@@ -1,7 +1,7 @@
 //! The `lorahost` command line.
 
 use crate::metrics::Trace;
-use crate::plugin::{self, hook_list, Limits, PluginSet, PluginSpec, Runtime};
+use crate::plugin::{self, hook_list, PluginOverrides, PluginSet, PluginSpec, Runtime};
 use crate::replay;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -328,17 +328,17 @@ pub struct PluginConfigArgs {
     /// Set one config key: NAME.KEY=VALUE (VALUE is parsed as YAML: 5, true, "text").
     #[arg(long = "set", value_name = "NAME.KEY=VALUE")]
     pub set: Vec<String>,
-    /// CPU budget per hook call, in milliseconds.
-    #[arg(long, default_value_t = 100)]
-    pub budget_ms: u64,
-    /// Memory limit per plugin, in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub memory_mb: usize,
+    /// CPU budget per hook call, in milliseconds [default: 100, or the config's `budget_ms`].
+    #[arg(long)]
+    pub budget_ms: Option<u64>,
+    /// Memory limit per plugin, in MiB [default: 64, or the config's `memory_mb`].
+    #[arg(long)]
+    pub memory_mb: Option<usize>,
 }
 
 impl PluginConfigArgs {
-    /// Build the specs for `files`.
-    pub fn specs(&self, files: &[PathBuf]) -> Result<Vec<PluginSpec>> {
+    /// The settings these flags give, for every plugin of the run.
+    pub fn overrides(&self) -> Result<PluginOverrides> {
         let mut sections: BTreeMap<String, serde_json::Value> = BTreeMap::new();
         if let Some(path) = &self.plugin_config {
             let text =
@@ -348,8 +348,26 @@ impl PluginConfigArgs {
             if let Some(inner) = value.get("plugins").cloned() {
                 value = inner;
             }
+            // A training config's `plugins:` list (`- path: x.wasm` + `config:`) reads too.
+            if let Some(list) = value.as_array() {
+                let mut map = serde_json::Map::new();
+                for (i, e) in list.iter().enumerate() {
+                    let p = e
+                        .get("path")
+                        .and_then(|p| p.as_str())
+                        .with_context(|| format!("{}: plugins[{i}] has no `path`", path.display()))?;
+                    let cfg = e.get("config").cloned().unwrap_or(serde_json::Value::Null);
+                    if !cfg.is_null() {
+                        map.insert(stem(Path::new(p)), cfg);
+                    }
+                }
+                value = map.into();
+            }
             let map = value.as_object().with_context(|| {
-                format!("{}: expected a mapping of plugin name to config section", path.display())
+                format!(
+                    "{}: expected a mapping of plugin name to config section (or a training config's `plugins:` list)",
+                    path.display()
+                )
             })?;
             sections.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
@@ -362,6 +380,9 @@ impl PluginConfigArgs {
             let value: serde_json::Value =
                 serde_yaml::from_str(raw).with_context(|| format!("--set {s:?}: value is not valid YAML"))?;
             let entry = sections.entry(name.to_string()).or_insert_with(|| serde_json::json!({}));
+            if entry.is_null() {
+                *entry = serde_json::json!({});
+            }
             match entry.as_object_mut() {
                 Some(obj) => {
                     obj.insert(field.to_string(), value);
@@ -369,29 +390,24 @@ impl PluginConfigArgs {
                 None => bail!("--set {s:?}: the config of {name} is not a mapping"),
             }
         }
-        let limits = Limits {
-            call_budget: Duration::from_millis(self.budget_ms.max(1)),
-            memory_bytes: self.memory_mb.max(2) << 20,
-            ..Limits::default()
-        };
-        let stems: Vec<String> = files.iter().map(|f| stem(f)).collect();
-        for name in sections.keys() {
-            if !stems.contains(name) {
-                bail!(
-                    "config given for plugin {name:?}, but no plugin file is named {name}.wasm (plugins: {})",
-                    stems.join(", ")
-                );
-            }
+        if self.budget_ms == Some(0) {
+            bail!("--budget-ms 0: a hook call needs at least 1 ms");
         }
-        Ok(files
-            .iter()
-            .zip(stems)
-            .map(|(f, s)| PluginSpec {
-                path: f.clone(),
-                config: sections.get(&s).cloned().unwrap_or_else(|| serde_json::json!({})),
-                limits,
-            })
-            .collect())
+        if self.memory_mb.is_some_and(|m| m < 2) {
+            bail!("--memory-mb {}: a plugin needs at least 2 MiB", self.memory_mb.unwrap_or(0));
+        }
+        Ok(PluginOverrides {
+            sections,
+            call_budget: self.budget_ms.map(Duration::from_millis),
+            memory_bytes: self.memory_mb.map(|m| m << 20),
+        })
+    }
+
+    /// The specs for `files` with these settings.
+    pub fn specs(&self, files: &[PathBuf]) -> Result<Vec<PluginSpec>> {
+        let mut specs: Vec<PluginSpec> = files.iter().map(PluginSpec::new).collect();
+        self.overrides()?.apply(&mut specs).map_err(anyhow::Error::msg)?;
+        Ok(specs)
     }
 }
 
@@ -444,7 +460,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let opts = crate::train::TrainOptions {
                 config: config.clone(),
-                plugins: plugin_config.specs(plugins)?,
+                plugins: plugins.iter().map(PluginSpec::new).collect(),
+                plugin_overrides: plugin_config.overrides()?,
                 resume: resume.as_deref().map(|r| match r {
                     "latest" => crate::train::Resume::Latest,
                     d => crate::train::Resume::Dir(PathBuf::from(d)),

@@ -373,6 +373,12 @@ pub struct PluginEntry {
     /// Its config section.
     #[serde(default)]
     pub config: serde_json::Value,
+    /// CPU budget per hook call in milliseconds (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_ms: Option<u64>,
+    /// Memory limit in MiB (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<usize>,
 }
 
 /// A whole training config.
@@ -485,6 +491,20 @@ pub(crate) fn unknown_keys(v: &serde_yaml::Value) -> Vec<String> {
     let sections: Vec<&str> = KNOWN.iter().map(|(s, _)| *s).chain(["loss", "plugins"]).collect();
     for (k, val) in top {
         let Some(k) = k.as_str() else { continue };
+        if k == "plugins" {
+            const ENTRY: &[&str] = &["path", "config", "budget_ms", "memory_mb"];
+            for (i, e) in val.as_sequence().into_iter().flatten().enumerate() {
+                for sub in e.as_mapping().into_iter().flat_map(|m| m.keys()).filter_map(|k| k.as_str()) {
+                    if !ENTRY.contains(&sub) {
+                        let hint = suggest(sub, ENTRY)
+                            .map(|s| format!(" (did you mean `{s}`?)"))
+                            .unwrap_or_default();
+                        out.push(format!("unknown key `plugins[{i}].{sub}` ignored{hint}"));
+                    }
+                }
+            }
+            continue;
+        }
         let Some((_, keys)) = KNOWN.iter().find(|(s, _)| *s == k) else {
             if !sections.contains(&k) {
                 let hint =
@@ -813,7 +833,12 @@ mod tests {
         let (mut cfg, _) = TrainConfig::from_file(&repo_config("full_lora_config.yaml")).unwrap();
         cfg.training.data_dir = "./data/../cracks".into();
         cfg.loss.insert("loss_mask".into(), serde_json::json!(100.0));
-        let cli = PluginEntry { path: "p/guard.wasm".into(), config: serde_json::json!({"z": 4}) };
+        let cli = PluginEntry {
+            path: "p/guard.wasm".into(),
+            config: serde_json::json!({"z": 4}),
+            budget_ms: Some(500),
+            memory_mb: None,
+        };
         let rec = cfg.snapshot(std::slice::from_ref(&cli));
         let text = serde_yaml::to_string(&rec).unwrap();
         let (back, warnings) = TrainConfig::from_yaml(&text, Path::new("config.yaml")).unwrap();

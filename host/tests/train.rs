@@ -667,6 +667,45 @@ fn resume_after_changes_is_checked_and_keeps_the_history() {
     assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
 }
 
+/// `--set` / `--plugin-config` and the limits reach the config's own plugins too (merged over
+/// their YAML section), and the run's config.yaml records the settings as applied.
+#[test]
+fn command_line_plugin_settings_apply_to_the_configs_plugins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 2\n  batch_size: 1\n  gradient_accumulation_steps: 1\n",
+        &format!(
+            "plugins:\n  - path: {}\n    config: {{skip_at: [2], stop_at: 4}}\n",
+            common::plugin("steer").display()
+        ),
+    );
+    let overrides = lorahost::plugin::PluginOverrides {
+        sections: [("steer".to_string(), serde_json::json!({"skip_at": [3]}))].into(),
+        call_budget: Some(std::time::Duration::from_millis(500)),
+        memory_bytes: None,
+    };
+    let s = run(&TrainOptions { plugin_overrides: overrides.clone(), ..opts(&cfg) });
+    assert_eq!(s.steps, 4, "stop_at from the YAML section is kept");
+    let actions: Vec<String> = steps(&out).steps.iter().map(|s| s.action.clone().unwrap()).collect();
+    assert_eq!(actions, ["continue", "continue", "skip", "stop"], "skip_at from the command line wins");
+    let rec: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(out.join("config.yaml")).unwrap()).unwrap();
+    assert_eq!(rec["plugins"][0]["config"]["skip_at"][0].as_u64(), Some(3));
+    assert_eq!(rec["plugins"][0]["budget_ms"].as_u64(), Some(500));
+    // A section for a plugin the run does not load is refused, naming the ones it does.
+    let typo = lorahost::plugin::PluginOverrides {
+        sections: [("steeer".to_string(), serde_json::json!({}))].into(),
+        ..overrides
+    };
+    let e = train(&TrainOptions { plugin_overrides: typo, ..opts(&cfg) }).unwrap_err().to_string();
+    assert!(e.contains("steeer") && e.contains("plugins: steer"), "{e}");
+}
+
 /// A skip answered by one plugin rolls the update back even when another stops on that step.
 #[test]
 fn a_skip_beside_a_stop_still_rolls_the_update_back() {

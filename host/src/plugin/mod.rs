@@ -68,6 +68,55 @@ impl PluginSpec {
     }
 }
 
+/// The name a plugin's settings are given under: its file stem (`spike_guard` for
+/// `plugins/spike_guard.wasm`).
+pub fn spec_name(path: &std::path::Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Plugin settings given beside the plugins' own entries (the command line's `--set`,
+/// `--plugin-config`, `--budget-ms`, `--memory-mb`), applied to every plugin of a run: the
+/// config's `plugins:` and `--plugin` alike.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PluginOverrides {
+    /// Config keys by plugin name ([`spec_name`]), merged over each plugin's own section
+    /// (key by key; a key given here wins).
+    pub sections: std::collections::BTreeMap<String, serde_json::Value>,
+    /// CPU budget per hook call, for every plugin.
+    pub call_budget: Option<Duration>,
+    /// Memory cap, for every plugin.
+    pub memory_bytes: Option<usize>,
+}
+
+impl PluginOverrides {
+    /// Apply to `specs`. A section that names no plugin of `specs` is an error (with the
+    /// names there are), so a typo is not silently ignored.
+    pub fn apply(&self, specs: &mut [PluginSpec]) -> Result<(), String> {
+        let names: Vec<String> = specs.iter().map(|s| spec_name(&s.path)).collect();
+        if let Some(name) = self.sections.keys().find(|k| !names.contains(k)) {
+            return Err(format!(
+                "config given for plugin {name:?}, but no plugin file is named {name}.wasm (plugins: {})",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            ));
+        }
+        for (spec, name) in specs.iter_mut().zip(&names) {
+            if let Some(over) = self.sections.get(name) {
+                match (spec.config.as_object_mut(), over.as_object()) {
+                    (Some(base), Some(over)) => base.extend(over.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                    _ => spec.config = over.clone(),
+                }
+            }
+            if let Some(b) = self.call_budget {
+                spec.limits.call_budget = b;
+            }
+            if let Some(m) = self.memory_bytes {
+                spec.limits.memory_bytes = m;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Something that happened to a plugin, for logs, tests and the metrics file.
 #[derive(Debug, Clone)]
 pub enum PluginEvent {

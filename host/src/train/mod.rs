@@ -68,6 +68,9 @@ pub struct TrainOptions {
     pub config: PathBuf,
     /// Plugins from the command line (after the config's).
     pub plugins: Vec<PluginSpec>,
+    /// Plugin settings from the command line (`--set`, `--plugin-config`, `--budget-ms`,
+    /// `--memory-mb`), applied to the config's plugins and to [`Self::plugins`] alike.
+    pub plugin_overrides: crate::plugin::PluginOverrides,
     /// Resume: a checkpoint directory, or the output directory's latest checkpoint.
     pub resume: Option<Resume>,
     /// Stop after this many optimizer steps in total (the schedule still spans the whole run).
@@ -812,12 +815,42 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         },
     };
     // The record of this run's settings (`config.yaml` beside the outputs and in each checkpoint).
-    let cli_plugins: Vec<crate::train_config::PluginEntry> = opts
+    // The plugins: the config's (with their own limits), then the command line's, with the
+    // command line's settings over both.
+    let mut specs: Vec<PluginSpec> = cfg
         .plugins
         .iter()
-        .map(|p| crate::train_config::PluginEntry { path: p.path.clone(), config: p.config.clone() })
+        .map(|p| {
+            let mut spec = PluginSpec { config: p.config.clone(), ..PluginSpec::new(&p.path) };
+            if let Some(ms) = p.budget_ms {
+                spec.limits.call_budget = std::time::Duration::from_millis(ms.max(1));
+            }
+            if let Some(mb) = p.memory_mb {
+                spec.limits.memory_bytes = mb.max(2) << 20;
+            }
+            spec
+        })
         .collect();
-    let mut record = cfg.snapshot(&cli_plugins);
+    specs.extend(opts.plugins.iter().cloned());
+    opts.plugin_overrides.apply(&mut specs).map_err(anyhow::Error::msg)?;
+    let mut record = cfg.snapshot(&[]);
+    // The plugins as they run (command-line plugins and settings folded in).
+    let mut with_plugins = cfg.clone();
+    with_plugins.plugins = specs
+        .iter()
+        .map(|s| {
+            let default = crate::plugin::Limits::default();
+            crate::train_config::PluginEntry {
+                path: s.path.clone(),
+                config: s.config.clone(),
+                budget_ms: (s.limits.call_budget != default.call_budget)
+                    .then(|| s.limits.call_budget.as_millis() as u64),
+                memory_mb: (s.limits.memory_bytes != default.memory_bytes)
+                    .then_some(s.limits.memory_bytes >> 20),
+            }
+        })
+        .collect();
+    record["plugins"] = with_plugins.snapshot(&[])["plugins"].clone();
     // The loss weights in effect (Meta's defaults included), not just the ones the YAML set.
     let w = &base_weights;
     let loss: BTreeMap<&str, serde_yaml::Value> = [
@@ -985,12 +1018,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
 
     // Plugins.
-    let mut specs: Vec<PluginSpec> = cfg
-        .plugins
-        .iter()
-        .map(|p| PluginSpec { config: p.config.clone(), ..PluginSpec::new(&p.path) })
-        .collect();
-    specs.extend(opts.plugins.iter().cloned());
     let run_info = RunInfo {
         total_steps: total,
         warmup_steps: warmup,
