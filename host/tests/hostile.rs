@@ -92,6 +92,23 @@ fn a_plugin_that_keeps_failing_is_disabled_and_training_goes_on() {
     assert!(set.plugins()[0].disabled().is_some());
 }
 
+/// Failures count per hook: an LR hook that fails on every step is disabled after three even
+/// though the plugin's other hooks answer fine in between.
+#[test]
+fn a_hook_that_keeps_failing_is_not_excused_by_the_other_hooks() {
+    let mut set = hostile(json!({"mode": "negative_lr", "hook": "lr_for_step"}));
+    for step in 1..=6 {
+        set.step_boundary();
+        assert_eq!(set.lr_for_step(&lr_request(step)), 5e-5);
+        assert!(matches!(set.on_step(&metrics(step, 1.0)).action, Action::Continue));
+    }
+    let events = set.take_events();
+    let fails = events.iter().filter(|e| matches!(e, PluginEvent::Failed { .. })).count();
+    assert_eq!(fails, Limits::default().max_consecutive_failures as usize, "{events:?}");
+    let why = set.plugins()[0].disabled().map(str::to_string).unwrap_or_default();
+    assert!(why.contains("lr-for-step"), "{why}");
+}
+
 fn lr_request(step: u64) -> LrRequest {
     LrRequest { step, total_steps: 100, warmup_steps: 10, base_lr: 1e-4, scheduled_lr: 5e-5, last_loss: 1.0 }
 }

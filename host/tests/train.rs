@@ -706,6 +706,29 @@ fn command_line_plugin_settings_apply_to_the_configs_plugins() {
     assert!(e.contains("steeer") && e.contains("plugins: steer"), "{e}");
 }
 
+/// scale-lr answers compound from step to step, but the LR used never passes the bound a
+/// plugin's own LR has (10).
+#[test]
+fn compounding_scale_lr_is_capped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 2\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  warmup_steps: 0\n  lr_scheduler: constant\n  learning_rate: 1e-3\n",
+        &format!("plugins:\n  - path: {}\n    config: {{scale_lr: 10.0}}\n", common::plugin("steer").display()),
+    );
+    run(&opts(&cfg));
+    let lrs: Vec<f64> = steps(&out).steps.iter().map(|s| s.lr).collect();
+    let want = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 10.0, 10.0, 10.0];
+    assert_eq!(lrs.len(), want.len());
+    for (got, want) in lrs.iter().zip(want) {
+        assert!((got / want - 1.0).abs() < 1e-9, "{lrs:?}");
+    }
+}
+
 /// A skip answered by one plugin rolls the update back even when another stops on that step.
 #[test]
 fn a_skip_beside_a_stop_still_rolls_the_update_back() {

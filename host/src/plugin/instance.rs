@@ -105,8 +105,8 @@ fn explain(err: &wasmtime::Error, state: &HostState, budget: Duration) -> String
     }
     if let Some(asked) = state.cap.denied {
         return format!(
-            "ran out of memory: asked for {} MiB, the limit is {} MiB",
-            asked >> 20,
+            "ran out of memory: asked to grow its memory to {:.1} MiB, the limit is {} MiB",
+            asked as f64 / (1 << 20) as f64,
             state_limit_mib(state)
         );
     }
@@ -175,7 +175,9 @@ pub struct LoadedPlugin {
     pre: bindings::PluginPre<HostState>,
     live: Option<Live>,
     last_good: Option<Vec<u8>>,
-    consecutive_failures: u32,
+    /// Failures in a row, per hook: a hook that fails on every call is not excused by
+    /// another hook that works in between.
+    consecutive_failures: std::collections::BTreeMap<&'static str, u32>,
     failures_total: u64,
     disabled: Option<String>,
     runtime: Arc<Runtime>,
@@ -219,7 +221,7 @@ impl LoadedPlugin {
             pre: p.pre,
             live: Some(p.live),
             last_good: None,
-            consecutive_failures: 0,
+            consecutive_failures: Default::default(),
             failures_total: 0,
             disabled: None,
             runtime,
@@ -293,7 +295,7 @@ impl LoadedPlugin {
             Ok(answer) => match validate(&answer) {
                 Ok(()) => {
                     if is_hook {
-                        self.consecutive_failures = 0;
+                        self.consecutive_failures.remove(hook);
                     }
                     Some(answer)
                 }
@@ -311,7 +313,9 @@ impl LoadedPlugin {
 
     fn fail(&mut self, hook: &'static str, reason: String, trapped: bool) {
         self.failures_total += 1;
-        self.consecutive_failures += 1;
+        let streak = self.consecutive_failures.entry(hook).or_default();
+        *streak += 1;
+        let streak = *streak;
         tracing::warn!(
             plugin = %self.manifest.name,
             "{hook} failed: {reason}; using the hook's default answer{}",
@@ -322,8 +326,8 @@ impl LoadedPlugin {
             hook,
             reason: reason.clone(),
         });
-        if self.consecutive_failures >= self.limits.max_consecutive_failures {
-            self.disable(format!("{} failures in a row (last: {hook}: {reason})", self.consecutive_failures));
+        if streak >= self.limits.max_consecutive_failures {
+            self.disable(format!("{streak} failures in a row of {hook} (last: {reason})"));
             return;
         }
         if trapped {
@@ -415,7 +419,7 @@ impl LoadedPlugin {
         self.pre = prepared.pre;
         self.live = Some(prepared.live);
         self.disabled = None;
-        self.consecutive_failures = 0;
+        self.consecutive_failures.clear();
         self.last_good = None;
         let carried = match &state {
             Some(s) => self.restore(s).unwrap_or(false),

@@ -19,8 +19,9 @@
 //! by the hook's default (continue / accept / the scheduled LR / factor 1 / the host's own
 //! order), reported with the plugin's name and the reason, and counted. A trap poisons the
 //! instance, so the plugin is re-instantiated and restored from its last good snapshot
-//! (taken at every step boundary). After `max_consecutive_failures` failures in a row the
-//! plugin is disabled; training goes on.
+//! (taken at every step boundary). After `max_consecutive_failures` failures in a row of one
+//! hook (other hooks answering in between do not reset it) the plugin is disabled; training
+//! goes on.
 
 mod bindings;
 mod error;

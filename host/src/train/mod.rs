@@ -205,6 +205,19 @@ fn config_record_text(record: &serde_yaml::Value, opts: &TrainOptions) -> String
     head + &serde_yaml::to_string(record).unwrap_or_default()
 }
 
+/// Whether validation `value` of `metric` ("loss": lower is better; others higher) beats the
+/// best so far. A non-finite value (diverged adapters) is never the best, and a non-finite
+/// best (from an older run) is beaten by any finite value.
+fn is_better(metric: &str, value: f64, best: Option<&Best>) -> bool {
+    value.is_finite()
+        && match best {
+            None => true,
+            Some(b) if !b.value.is_finite() => true,
+            Some(b) if metric == "loss" => value < b.value,
+            Some(b) => value > b.value,
+        }
+}
+
 /// Why a run stopped on Ctrl-C / SIGTERM after `step`, with the command that continues it.
 fn interrupted_reason(step: u64, opts: &TrainOptions) -> String {
     format!("interrupted (Ctrl-C / SIGTERM) after step {step}; continue with: {}", resume_command(opts))
@@ -1191,6 +1204,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
     let micro_per_epoch = eff.micro_batches_per_epoch as u64;
     let mut consecutive_nonfinite = 0u32;
+    let mut lr_capped_warned = false;
     let save = |state: &TrainerState, opt: &AdamW, plugins: &mut PluginSet| -> Result<PathBuf> {
         let mut s = state.clone();
         s.plugin_states = plugins.snapshots().into_iter().map(|(k, v)| (k, crate::fsutil::hex(&v))).collect();
@@ -1445,6 +1459,20 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             scheduled_lr: scheduled,
             last_loss: state.last_loss.unwrap_or(f64::NAN),
         }) * state.lr_scale;
+        // scale-lr answers compound; the LR used stays within the bound a plugin's own LR has.
+        let lr = if lr > crate::plugin::MAX_LR {
+            if !lr_capped_warned {
+                tracing::warn!(
+                    "step {step}: the LR after plugin scale-lr factors ({lr:.3e}, scale {}) is above {}; capped there",
+                    state.lr_scale,
+                    crate::plugin::MAX_LR
+                );
+                lr_capped_warned = true;
+            }
+            crate::plugin::MAX_LR
+        } else {
+            lr
+        };
         let mut clipped_norm = total_norm;
         if nonfinite > 0 || !loss.is_finite() {
             consecutive_nonfinite += 1;
@@ -1702,11 +1730,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     _ => Some(v.loss),
                 };
                 if let Some(value) = value {
-                    let better = match &state.best {
-                        None => true,
-                        Some(b) if metric_name == "loss" => value < b.value,
-                        Some(b) => value > b.value,
-                    };
+                    let better = is_better(&metric_name, value, state.best.as_ref());
                     if better {
                         state.best = Some(Best { metric: metric_name.clone(), value, step });
                         write_adapter_dir(&out_dir.join("best"), &lora, &base_name)?;
@@ -1865,6 +1889,16 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_diverged_validation_is_never_the_best() {
+        let best = |value| Best { metric: "loss".into(), value, step: 1 };
+        assert!(!is_better("loss", f64::NAN, None));
+        assert!(!is_better("map", f64::INFINITY, Some(&best(0.1))));
+        assert!(is_better("loss", 2.0, Some(&best(f64::NAN))));
+        assert!(is_better("loss", 2.0, Some(&best(3.0))) && !is_better("loss", 4.0, Some(&best(3.0))));
+        assert!(is_better("map", 0.4, Some(&best(0.3))) && !is_better("map", 0.2, Some(&best(0.3))));
+    }
 
     /// Training's overrides: a key that names no setting is an error that says where the key
     /// lives; a document that is not a mapping is refused; doctor's lenient mode applies them.

@@ -177,13 +177,18 @@ pub fn group_stats(name: &str, grads: &[&Tensor]) -> Result<GroupStats> {
     // a full SAM3 ViT's adapters).
     let abs = all.abs()?;
     let bad = (1.0 - abs.le(f32::MAX)?.to_dtype(DType::F32)?)?.sum_all()?;
-    let sum_sq = all.sqr()?.sum_all()?;
     let max_abs = abs.max(0)?;
+    // Σx² of gradients above ~1e19 overflows f32 (a diverging run: the norm would read inf, and
+    // clipping by it would zero the update), so it is summed over x / max|x| and scaled back in
+    // f64 on the host.
+    let scale = max_abs.clamp(f32::MIN_POSITIVE, f32::MAX)?;
+    let sum_sq_scaled = all.broadcast_div(&scale)?.sqr()?.sum_all()?;
     // One device-to-host transfer (one synchronisation) per group.
-    let v = Tensor::stack(&[bad, sum_sq, max_abs], 0)?.to_vec1::<f32>()?;
+    let v = Tensor::stack(&[bad, sum_sq_scaled, max_abs], 0)?.to_vec1::<f32>()?;
+    let m = (v[2] as f64).clamp(f32::MIN_POSITIVE as f64, f32::MAX as f64);
     Ok(GroupStats {
         name: name.into(),
-        sum_sq: v[1] as f64,
+        sum_sq: v[1] as f64 * m * m,
         max_abs: v[2] as f64,
         nonfinite: v[0] as u64,
         numel,
@@ -222,6 +227,10 @@ mod tests {
         let s = group_stats("g", &[&a]).unwrap();
         assert_eq!((s.sum_sq, s.max_abs, s.nonfinite, s.numel), (25.0, 4.0, 0, 2));
         assert_eq!(group_stats("g", &[&a, &b]).unwrap().nonfinite, 2);
+        // Gradients whose squares overflow f32 still have a finite norm.
+        let huge = Tensor::new(&[3e20f32, -4e20], &d).unwrap();
+        let s = group_stats("g", &[&huge]).unwrap();
+        assert!((s.sum_sq.sqrt() / 5e20 - 1.0).abs() < 1e-6 && s.nonfinite == 0, "{}", s.sum_sq);
         // More entries than an f32 counts exactly (a full SAM3 ViT has ~20 M adapter weights).
         let big = Tensor::zeros((1 << 24) + 3, DType::F32, &d).unwrap();
         let s = group_stats("g", &[&big, &a]).unwrap();

@@ -1,7 +1,8 @@
 //! A test plugin that implements all five hooks and answers as its config says, so the host's
 //! training tests can check that each answer takes effect: `lr` (a fixed LR from step
 //! `lr_from`), `mask_factor` (a loss-weight factor for `loss_mask`), `veto_at` (grad-inspect
-//! vetoes), `skip_at` / `stop_at` (step actions), `reverse_epochs` (epoch order reversed),
+//! vetoes), `skip_at` / `stop_at` (step actions), `scale_lr` (a scale-lr factor answered at
+//! every step), `reverse_epochs` (epoch order reversed),
 //! `batch` (fixed indices for every micro-batch). It emits how often each hook was called.
 use lorahost_plugin::{
     decode_state, encode_state, export_plugin, host, Action, BatchRequest, Config, GradReport, GradVerdict,
@@ -18,6 +19,7 @@ struct Settings {
     veto_at: Vec<u64>,
     skip_at: Vec<u64>,
     stop_at: Option<u64>,
+    scale_lr: Option<f64>,
     reverse_epochs: bool,
     batch: Option<Vec<u32>>,
 }
@@ -64,6 +66,9 @@ impl Plugin for Steer {
         }
         if self.s.skip_at.contains(&m.step) {
             return Action::Skip("steer: skip_at".into());
+        }
+        if let Some(f) = self.s.scale_lr {
+            return Action::ScaleLr(f);
         }
         Action::Continue
     }
