@@ -1,7 +1,18 @@
 //! `lorahost plugin replay`: feed a recorded run's per-step metrics through the plugins'
 //! hooks, in the order training calls them, and report each step's answers.
+//!
+//! Per optimizer step, as `train` does: for each micro-batch of the step (the record's
+//! `micro_steps`, else the run's accumulation, else 1) `loss-weights`; then `on-grads`;
+//! then `lr-for-step` (its answer times the product of every earlier `scale-lr`, the LR
+//! training would use); then `on-step`. What a trace cannot reproduce: the data-sampling
+//! hooks (`epoch-order`, `next-batch`, `observe` need the dataset and per-sample losses, so
+//! they are not called), the per-micro-batch losses (each micro-batch sees the step's mean
+//! per-term losses), the configured loss weights (the recorded, already applied ones are
+//! passed), and a re-`init` at a resume: plugins are initialised once with the first run
+//! header; a later header (a resumed run whose settings changed) reaches them through each
+//! step's `lr-request` and `step-metrics` fields.
 
-use crate::metrics::{StepRecord, Trace};
+use crate::metrics::{number, RunHeader, StepRecord, Trace};
 use crate::plugin::{
     Action, GradGroup, GradReport, Hook, LossTerm, LrRequest, MicroBatchInfo, NamedValue, PluginEvent,
     PluginSet, RunInfo, StepMetrics,
@@ -19,9 +30,13 @@ pub struct ReplayStep {
     /// Reason for skip/stop.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Product of the scale-lr factors (present when not 1).
+    /// Product of this step's scale-lr factors (present when not 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr_scale: Option<f64>,
+    /// The LR scale in force after this step: the product of every scale-lr so far, which
+    /// training multiplies into the LR of each later step (present when not 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_scale_total: Option<f64>,
     /// The plugin whose answer is `action`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
@@ -31,13 +46,16 @@ pub struct ReplayStep {
     /// Recorded loss.
     #[serde(serialize_with = "finite_or_null")]
     pub loss: f64,
-    /// LR the LR-schedule plugins would use for this step (present when one is loaded).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// LR training would use for this step: the LR-schedule plugins' answer (the recorded LR
+    /// without one) times the LR scale of earlier scale-lr actions (present when an LR-schedule
+    /// plugin is loaded or the scale is not 1).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_finite_or_null")]
     pub lr: Option<f64>,
     /// Whether a gradient-inspection plugin vetoed the update, and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_veto: Option<String>,
-    /// Loss-weight factors per term (present when a loss-weights plugin is loaded).
+    /// Loss-weight factors per term of the step's last micro-batch (present when a
+    /// loss-weights plugin is loaded and the record has per-term losses).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub loss_factors: BTreeMap<String, f64>,
     /// Custom metrics the plugins emitted during this step.
@@ -46,6 +64,16 @@ pub struct ReplayStep {
     /// Plugin failures and reloads during this step.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
+    /// What replay notes about this step (a new run header starts here, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+fn opt_finite_or_null<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(x) if x.is_finite() => s.serialize_f64(*x),
+        _ => s.serialize_none(),
+    }
 }
 
 fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
@@ -56,12 +84,20 @@ fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error
     }
 }
 
-/// The run description a trace implies: its header if any, completed from the records.
+/// The run description a trace implies, given to the plugins' `init`: its first run header if
+/// any (the settings the run started with), completed from the records. `start_step` is 1:
+/// replay starts every plugin fresh, as a fresh run does; a trace whose first record is later
+/// (a Hugging Face log that starts at its first logging step) is not a resume.
 pub fn run_info_for(trace: &Trace) -> RunInfo {
+    let header = trace.segments.first().map(|s| &s.header).or(trace.run.as_ref());
+    run_info_with(trace, header)
+}
+
+/// The run description for the steps a header governs.
+fn run_info_with(trace: &Trace, header: Option<&RunHeader>) -> RunInfo {
     let mut run = RunInfo::placeholder();
     let last = trace.steps.iter().map(|s| s.step).max().unwrap_or(0);
-    let first = trace.steps.iter().map(|s| s.step).min().unwrap_or(1);
-    run.start_step = first.max(1);
+    run.start_step = 1;
     run.total_steps = trace.steps.iter().find_map(|s| s.total_steps).unwrap_or(last);
     run.warmup_steps = trace.steps.iter().find_map(|s| s.warmup_steps).unwrap_or(0);
     run.accumulation = trace.steps.iter().find_map(|s| s.micro_steps).unwrap_or(1).max(1);
@@ -70,7 +106,7 @@ pub fn run_info_for(trace: &Trace) -> RunInfo {
         run.effective_batch_size = b;
         run.batch_size = (b / run.accumulation).max(1);
     }
-    if let Some(h) = &trace.run {
+    if let Some(h) = header {
         run.total_steps = if h.total_steps > 0 { h.total_steps } else { run.total_steps };
         run.warmup_steps = h.warmup_steps;
         if h.accumulation > 0 {
@@ -117,7 +153,7 @@ pub fn step_metrics(rec: &StepRecord, run: &RunInfo) -> StepMetrics {
         extra: rec
             .extra
             .iter()
-            .filter_map(|(k, v)| v.as_f64().map(|value| NamedValue { name: k.clone(), value }))
+            .filter_map(|(k, v)| number(v).ok().flatten().map(|value| NamedValue { name: k.clone(), value }))
             .collect(),
     }
 }
@@ -158,17 +194,68 @@ fn grad_report(rec: &StepRecord) -> GradReport {
     GradReport { step: rec.step, total_norm: rec.grad_norm, max_norm: 0.0, groups }
 }
 
+/// Most micro-batches replayed per step (a corrupt `micro_steps` must not stall the replay).
+const MAX_MICRO_STEPS: u32 = 1024;
+
 /// Replay every step of `trace` through `set`; with `halt_on_stop`, end at the first stop
-/// (as training would).
+/// (as training would). `run` is what the plugins were initialised with; steps governed by a
+/// later run header of the trace get that header's settings.
 pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: bool) -> Vec<ReplayStep> {
     let any = |set: &PluginSet, h: Hook| set.plugins().iter().any(|p| p.implements(h));
     let (has_lr, has_grads, has_weights) =
         (any(set, Hook::LrSchedule), any(set, Hook::GradInspect), any(set, Hook::LossWeights));
+    for p in set.plugins().iter().filter(|p| p.implements(Hook::DataSampling)) {
+        tracing::warn!(
+            "plugin {} implements data-sampling: replay cannot call epoch-order, next-batch or observe (a trace has no dataset or per-sample losses); its other hooks run",
+            p.name()
+        );
+    }
+    let no_lr = trace.steps.iter().filter(|s| s.lr.is_nan()).count();
+    if has_lr && no_lr > 0 {
+        tracing::warn!(
+            "{no_lr} of {} steps of the trace ({}) have no recorded LR: LR-schedule plugins get scheduled_lr NaN there (training always passes its scheduler's LR); a failure at such a step is marked as caused by the trace",
+            trace.steps.len(),
+            trace.format.describe()
+        );
+    }
+    // Run info per run header (segment 0 is what the plugins were initialised with).
+    let segments: Vec<(u64, RunInfo)> = trace
+        .segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.from_step, if i == 0 { run.clone() } else { run_info_with(trace, Some(&s.header)) }))
+        .collect();
+    let mut segment = 0usize;
     let mut last_loss = f64::NAN;
+    let mut lr_scale = 1.0f64;
     let mut out = Vec::with_capacity(trace.steps.len());
     for rec in &trace.steps {
+        let mut notes = Vec::new();
+        while segments.get(segment + 1).is_some_and(|(from, _)| rec.step >= *from) {
+            segment += 1;
+            let (prev, now) = (&segments[segment - 1].1, &segments[segment].1);
+            notes.push(format!(
+                "new run header from here (a resumed run with changed settings): base_lr {:e} -> {:e}, total_steps {} -> {}, warmup_steps {} -> {}; training would re-init the plugins with it, replay passes it in each hook's fields",
+                prev.base_lr, now.base_lr, prev.total_steps, now.total_steps, prev.warmup_steps, now.warmup_steps
+            ));
+        }
+        let run = segments.get(segment).map_or(run, |(_, r)| r);
         set.step_boundary();
-        let lr = has_lr.then(|| {
+        // 1. Each micro-batch: the loss-weights hook (training calls it after the forward pass).
+        let micro_steps = rec.micro_steps.unwrap_or(run.accumulation).clamp(1, MAX_MICRO_STEPS);
+        let mut loss_factors = BTreeMap::new();
+        let terms = loss_terms(rec);
+        if has_weights && !terms.is_empty() {
+            for micro_step in 0..micro_steps {
+                let info = MicroBatchInfo { step: rec.step, micro_step, epoch: rec.epoch.unwrap_or(0) };
+                let factors = set.loss_weights(&info, &terms);
+                loss_factors = terms.iter().zip(factors).map(|(t, f)| (t.name.clone(), f)).collect();
+            }
+        }
+        // 2. The accumulated gradients.
+        let grad_veto = if has_grads { set.on_grads(&grad_report(rec)).veto } else { None };
+        // 3. The LR: the plugins' chain on the recorded LR, times the scale so far.
+        let chained = if has_lr {
             set.lr_for_step(&LrRequest {
                 step: rec.step,
                 total_steps: rec.total_steps.unwrap_or(run.total_steps),
@@ -177,16 +264,14 @@ pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: b
                 scheduled_lr: rec.lr,
                 last_loss,
             })
-        });
-        let mut loss_factors = BTreeMap::new();
-        let terms = loss_terms(rec);
-        if has_weights && !terms.is_empty() {
-            let info = MicroBatchInfo { step: rec.step, micro_step: 0, epoch: rec.epoch.unwrap_or(0) };
-            let factors = set.loss_weights(&info, &terms);
-            loss_factors = terms.iter().zip(factors).map(|(t, f)| (t.name.clone(), f)).collect();
-        }
-        let grad_veto = if has_grads { set.on_grads(&grad_report(rec)).veto } else { None };
-        let decision = set.on_step(&step_metrics(rec, run));
+        } else {
+            rec.lr
+        };
+        let lr_used = chained * lr_scale;
+        // 4. The step's metrics, with the LR training would have used.
+        let mut metrics = step_metrics(rec, run);
+        metrics.lr = lr_used;
+        let decision = set.on_step(&metrics);
         last_loss = rec.loss;
         let (action, reason) = match (&grad_veto, &decision.action) {
             (_, Action::Stop(r)) => ("stop", Some(r.clone())),
@@ -198,26 +283,49 @@ pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: b
             (_, Action::Stop(_)) | (None, _) => decision.decided_by.clone(),
             (Some((p, _)), _) => Some(p.clone()),
         };
-        let events = set.take_events().iter().map(describe_event).collect();
+        let lr_shown = (has_lr || lr_scale != 1.0).then_some(lr_used);
+        // Training keeps the product of every scale-lr (each factor in (0, 10], checked by the
+        // host; the product itself is not capped).
+        lr_scale *= decision.lr_scale;
+        let events = set
+            .take_events()
+            .iter()
+            .map(|e| {
+                let mut text = describe_event(e);
+                if let PluginEvent::Failed { hook: "lr-for-step", .. } = e {
+                    if rec.lr.is_nan() {
+                        text.push_str(" (the trace has no LR for this step: scheduled_lr was NaN, which training never sends)");
+                    }
+                }
+                text
+            })
+            .collect();
         out.push(ReplayStep {
             step: rec.step,
             action,
             reason,
             lr_scale: (decision.lr_scale != 1.0).then_some(decision.lr_scale),
+            lr_scale_total: (lr_scale != 1.0).then_some(lr_scale),
             decided_by,
             answers: decision.answers.iter().map(|(p, a)| (p.clone(), action_text(a))).collect(),
             loss: rec.loss,
-            lr,
+            lr: lr_shown,
             grad_veto: grad_veto.map(|(p, r)| format!("{p}: {r}")),
             loss_factors,
             metrics: set.take_metrics().into_iter().collect(),
             events,
+            notes,
         });
         if halt_on_stop && action == "stop" {
             break;
         }
     }
     out
+}
+
+/// Plugin failures in a replay (failed calls; a plugin switched off after them is not another).
+pub fn failure_count(steps: &[ReplayStep]) -> usize {
+    steps.iter().flat_map(|s| &s.events).filter(|e| e.contains(" failed: ")).count()
 }
 
 /// "skip: reason", "scale_lr(0.5)", "continue".
@@ -236,7 +344,10 @@ pub fn describe_event(e: &PluginEvent) -> String {
         PluginEvent::Recovered { plugin, state_restored } => {
             format!("{plugin}: re-instantiated (state restored: {state_restored})")
         }
-        PluginEvent::Disabled { plugin, reason } => format!("{plugin}: disabled: {reason}"),
+        // Not "disabled: ": the switch-off follows failures already counted (see failure_count).
+        PluginEvent::Disabled { plugin, reason } => {
+            format!("{plugin}: disabled ({reason}); the replay goes on without it")
+        }
         PluginEvent::Reloaded { plugin, from_version, to_version, state_carried, .. } => {
             format!("{plugin}: reloaded {from_version} -> {to_version} (state carried: {state_carried})")
         }
@@ -260,7 +371,10 @@ pub fn render_text(s: &ReplayStep) -> String {
         line.push_str(&format!(" {r}"));
     }
     if let Some(f) = s.lr_scale {
-        line.push_str(&format!(" (lr x{f})"));
+        match s.lr_scale_total {
+            Some(t) if t != f => line.push_str(&format!(" (lr x{f}, now x{t} of the schedule)")),
+            _ => line.push_str(&format!(" (lr x{f})")),
+        }
     }
     if s.loss_factors.values().any(|f| *f != 1.0) {
         let f: Vec<String> = s.loss_factors.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
@@ -269,6 +383,9 @@ pub fn render_text(s: &ReplayStep) -> String {
     let mut line = line.trim_end().to_string();
     for e in &s.events {
         line.push_str(&format!("\n           ! {e}"));
+    }
+    for n in &s.notes {
+        line.push_str(&format!("\n           * {n}"));
     }
     line
 }

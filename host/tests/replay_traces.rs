@@ -1,0 +1,125 @@
+//! Replay against traces: hook order, run headers per segment, the LR scale, failure counts.
+mod common;
+
+use common::{load, plugin, repo};
+use lorahost::metrics::Trace;
+use lorahost::replay;
+use serde_json::json;
+use std::path::Path;
+use std::process::Command;
+
+fn trace(text: &str) -> Trace {
+    Trace::parse(text, Path::new("t.jsonl")).unwrap()
+}
+
+/// Training calls loss-weights once per micro-batch, then on-grads, lr-for-step, on-step.
+#[test]
+fn loss_weights_run_once_per_micro_batch_before_the_step() {
+    let t = trace(
+        r#"{"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "micro_steps": 3, "losses": {"loss_mask": 0.5}}
+{"step": 2, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "losses": {"loss_mask": 0.5}}
+"#,
+    );
+    let run = replay::run_info_for(&t);
+    let mut set = load(&[("steer", json!({"mask_factor": 0.5}))]);
+    let steps = replay::replay(&mut set, &t, &run, true);
+    // steer counts its calls and emits the counts from on-step.
+    assert_eq!(steps[0].metrics["plugin.steer.loss_weights"], 3.0, "{:?}", steps[0].metrics);
+    assert_eq!(steps[0].metrics["plugin.steer.on_grads"], 1.0);
+    assert_eq!(steps[0].metrics["plugin.steer.lr"], 1.0);
+    // Without micro_steps: the run's accumulation (inferred from the records: 3).
+    assert_eq!(run.accumulation, 3);
+    assert_eq!(steps[1].metrics["plugin.steer.loss_weights"], 6.0);
+    assert_eq!(steps[1].loss_factors["loss_mask"], 0.5);
+}
+
+/// A resumed run whose settings changed: each header governs its own steps; init gets the first.
+#[test]
+fn each_run_header_governs_its_own_steps() {
+    let mut text = String::from(
+        r#"{"run": {"total_steps": 10, "warmup_steps": 2, "base_lr": 0.003, "scheduler": "cosine"}}"#,
+    );
+    text.push('\n');
+    for s in 1..=5 {
+        text.push_str(&format!("{{\"step\": {s}, \"loss\": 1.0, \"lr\": 0.001, \"grad_norm\": 1.0}}\n"));
+    }
+    text.push_str(
+        r#"{"run": {"total_steps": 10, "warmup_steps": 2, "base_lr": 0.001, "scheduler": "cosine"}}"#,
+    );
+    text.push('\n');
+    for s in 4..=10 {
+        text.push_str(&format!("{{\"step\": {s}, \"loss\": 1.0, \"lr\": 0.001, \"grad_norm\": 1.0}}\n"));
+    }
+    let t = trace(&text);
+    assert_eq!(t.segments.len(), 2);
+    assert_eq!(t.segments[1].from_step, 4);
+    let run = replay::run_info_for(&t);
+    assert_eq!((run.base_lr, run.start_step), (0.003, 1));
+    let mut set = load(&[("cosine_schedule", json!({}))]);
+    let steps = replay::replay(&mut set, &t, &run, true);
+    let lr = |s: u64| steps.iter().find(|r| r.step == s).unwrap().lr.unwrap();
+    assert!((lr(2) - 0.003).abs() < 1e-12, "the first header's peak at the end of warmup: {}", lr(2));
+    assert!(lr(3) > 0.0025, "{}", lr(3));
+    assert!(lr(4) <= 0.001 + 1e-12, "the second header's base_lr from step 4 on: {}", lr(4));
+    assert!(steps.iter().find(|r| r.step == 4).unwrap().notes[0].contains("new run header"));
+}
+
+/// A Hugging Face log whose first logged step is 10 is not a resume.
+#[test]
+fn a_log_that_starts_late_is_not_a_resume() {
+    let t = Trace::parse(
+        r#"{"max_steps": 30, "log_history": [{"step": 10, "loss": 1.0, "learning_rate": 1e-4, "epoch": 0.5}]}"#,
+        Path::new("trainer_state.json"),
+    )
+    .unwrap();
+    assert_eq!(replay::run_info_for(&t).start_step, 1);
+}
+
+/// scale-lr answers compound, as training's persistent LR scale does.
+#[test]
+fn replay_shows_the_lr_training_would_use_after_scale_lr() {
+    let t = Trace::read(&repo().join("examples/traces/diagnosis.jsonl")).unwrap();
+    let run = replay::run_info_for(&t);
+    let mut set = load(&[("spike_guard", json!({"action": "scale_lr", "lr_factor": 0.5}))]);
+    let steps = replay::replay(&mut set, &t, &run, true);
+    let spike = steps.iter().position(|s| s.action == "scale_lr").expect("the diagnosis spike");
+    assert_eq!(steps[spike].lr_scale_total, Some(0.5));
+    assert_eq!(steps[spike].lr, None, "the spike step itself still runs at the recorded LR");
+    let next = &steps[spike + 1];
+    assert_eq!(next.lr, Some(t.steps[spike + 1].lr * 0.5), "{next:?}");
+    assert_eq!(next.lr_scale_total, Some(0.5));
+}
+
+/// A plugin that keeps failing: its failures count, its switch-off does not add one.
+#[test]
+fn the_summary_counts_failures_not_the_switch_off() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["plugin", "replay"])
+        .arg(plugin("hostile"))
+        .arg("--trace")
+        .arg(repo().join("examples/traces/diagnosis.jsonl"))
+        .args(["--set", "hostile.mode=trap"])
+        .env("LORAHOST_CACHE_DIR", std::env::temp_dir().join("lorahost-replay-traces-cache"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let events: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with('!')).collect();
+    let failed = events.iter().filter(|e| e.contains(" failed: ")).count();
+    assert!(events.iter().any(|e| e.contains("disabled")), "{stdout}");
+    assert!(stdout.contains(&format!("; {failed} plugin failure(s)")), "{stdout}\n{stderr}");
+    assert!(stderr.contains(&format!("{failed} plugin failure(s) during the replay")), "{stderr}");
+}
+
+/// A trace without LRs: a failing LR plugin's failure names the missing LR.
+#[test]
+fn an_lr_failure_on_a_step_without_a_recorded_lr_says_so() {
+    let t = trace("{\"step\": 1, \"loss\": 1.0}\n{\"step\": 2, \"loss\": 1.0}\n");
+    assert!(t.steps[0].lr.is_nan() && t.steps[0].grad_norm.is_nan());
+    let run = replay::run_info_for(&t);
+    let mut set = load(&[("hostile", json!({"mode": "nan_lr", "hook": "lr_for_step"}))]);
+    let steps = replay::replay(&mut set, &t, &run, true);
+    assert!(steps[0].events[0].contains("the trace has no LR for this step"), "{:?}", steps[0].events);
+    assert_eq!(replay::failure_count(&steps), 2);
+}
