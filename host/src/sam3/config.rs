@@ -1,9 +1,14 @@
 //! SAM3 configuration, read from a transformers-style `config.json`.
 //!
 //! Accepts `model_type: "sam3"` (a `Sam3Model` config) and `model_type: "sam3_video"` (the hub's
-//! `Sam3VideoModel`, whose detector config sits under `detector_config`). Structural fields (sizes,
-//! layer and head counts) are required and a missing one is an error naming its path; incidental
-//! fields (dropouts, activation names, initializer ranges) take transformers' defaults.
+//! `Sam3VideoModel`, whose detector config sits under `detector_config`). Every absent field takes
+//! the default transformers gives it (the `Sam3*Config` classes; a present `text_config` takes
+//! `CLIPTextConfig`'s defaults, e.g. `hidden_act: "quick_gelu"`, an absent one SAM3's own text
+//! settings), so a config transformers accepts means the same model here. Defaulted fields are
+//! recorded ([`ParsedConfig::defaulted`]) so a checkpoint that does not match them can say so.
+//! Values transformers accepts but lorahost's code does not take as they are are normalized first:
+//! `global_attn_indexes` entries outside `0..num_hidden_layers` are dropped with a warning (transformers
+//! only asks `i in indexes`), `[s, s]` sizes become `s`; a non-square size is refused by name.
 
 use serde::Deserialize;
 use std::path::Path;
@@ -31,6 +36,9 @@ pub enum ConfigError {
 
 fn d_gelu() -> String {
     "gelu".into()
+}
+fn d_quick_gelu() -> String {
+    "quick_gelu".into()
 }
 fn d_relu() -> String {
     "relu".into()
@@ -147,8 +155,8 @@ pub struct TextConfig {
     /// CLIP projection width (the projection is unused by SAM3 but present in checkpoints).
     #[serde(default)]
     pub projection_dim: Option<usize>,
-    /// MLP activation ("gelu" in SAM3).
-    #[serde(default = "d_gelu")]
+    /// MLP activation ("gelu" in SAM3; CLIPTextConfig's default "quick_gelu" when absent).
+    #[serde(default = "d_quick_gelu")]
     pub hidden_act: String,
     /// LayerNorm eps.
     #[serde(default = "d_eps5")]
@@ -217,27 +225,245 @@ pub enum Layout {
     Sam3Video,
 }
 
+/// A parsed config and what parsing had to decide on its own.
+#[derive(Debug, Clone)]
+pub struct ParsedConfig {
+    /// The config.
+    pub config: Sam3Config,
+    /// Where the detector's tensors are expected.
+    pub layout: Layout,
+    /// Key paths (`detr_decoder_config.num_layers`) absent from the file that took transformers'
+    /// default; a whole absent sub-config is one entry.
+    pub defaulted: Vec<String>,
+    /// What was accepted but changed or ignored (already logged as warnings).
+    pub warnings: Vec<String>,
+}
+
+impl ParsedConfig {
+    /// The defaulted keys that decide tensor shapes (or a whole defaulted sub-config): when the
+    /// checkpoint does not match, these are the likely cause.
+    pub fn defaulted_shapes(&self) -> Vec<&str> {
+        const SHAPE_KEYS: [&str; 15] = [
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_layers",
+            "patch_size",
+            "pretrain_image_size",
+            "num_channels",
+            "fpn_hidden_size",
+            "scale_factors",
+            "num_upsampling_stages",
+            "vocab_size",
+            "max_position_embeddings",
+            "projection_dim",
+            "num_queries",
+            "backbone_config",
+        ];
+        self.defaulted
+            .iter()
+            .map(String::as_str)
+            .filter(|k| {
+                let last = k.rsplit('.').next().unwrap_or(k);
+                SHAPE_KEYS.contains(&last) || last.ends_with("_config")
+            })
+            .collect()
+    }
+}
+
+/// transformers' defaults of the `Sam3*Config` classes (transformers 5.24), per sub-config.
+fn defaults_for(path: &str) -> serde_json::Value {
+    use serde_json::json;
+    match path {
+        "vision_config" => json!({"fpn_hidden_size": 256, "scale_factors": [4.0, 2.0, 1.0, 0.5]}),
+        "vision_config.backbone_config" => json!({
+            "hidden_size": 1024, "intermediate_size": 4736, "num_hidden_layers": 32,
+            "num_attention_heads": 16, "num_channels": 3, "image_size": 1008, "patch_size": 14,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-6, "window_size": 24,
+            "global_attn_indexes": [7, 15, 23, 31], "pretrain_image_size": 336,
+            "layer_scale_init_value": null}),
+        // A present text_config is a CLIPTextConfig with its own defaults.
+        "text_config" => json!({
+            "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+            "projection_dim": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
+            "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}),
+        "geometry_encoder_config" => json!({
+            "hidden_size": 256, "num_layers": 3, "num_attention_heads": 8, "intermediate_size": 2048,
+            "dropout": 0.1, "hidden_act": "relu", "roi_size": 7}),
+        "detr_encoder_config" => json!({
+            "hidden_size": 256, "num_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048,
+            "dropout": 0.1, "hidden_act": "relu"}),
+        "detr_decoder_config" => json!({
+            "hidden_size": 256, "num_layers": 6, "num_queries": 200, "num_attention_heads": 8,
+            "intermediate_size": 2048, "dropout": 0.1, "hidden_act": "relu"}),
+        "mask_decoder_config" => {
+            json!({"hidden_size": 256, "num_upsampling_stages": 3, "num_attention_heads": 8})
+        }
+        _ => json!({}),
+    }
+}
+
+/// An absent `text_config`: `Sam3Config`'s `init_kwargs` for it (SAM3's text encoder).
+fn absent_text_config() -> serde_json::Value {
+    serde_json::json!({
+        "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "projection_dim": 512,
+        "num_hidden_layers": 24, "num_attention_heads": 16, "max_position_embeddings": 32,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-5})
+}
+
+/// The `hidden_act` keys the model uses (`vision_config.hidden_act` is not used by transformers'
+/// modeling code: the FPN's GELU is fixed).
+const ACTIVATION_KEYS: [&str; 5] = [
+    "vision_config.backbone_config",
+    "text_config",
+    "geometry_encoder_config",
+    "detr_encoder_config",
+    "detr_decoder_config",
+];
+
+/// Fill the absent fields of the sub-config at `path` (inside `parent`) with transformers'
+/// defaults; `absent` is used when the whole sub-config is missing or null.
+fn fill_defaults(
+    parent: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    path: &str,
+    absent: serde_json::Value,
+    defaulted: &mut Vec<String>,
+) -> Result<(), String> {
+    let entry = parent.entry(key.to_string()).or_insert(serde_json::Value::Null);
+    let whole = entry.is_null();
+    if whole {
+        defaulted.push(path.to_string());
+        *entry = absent;
+    }
+    let obj = entry.as_object_mut().ok_or_else(|| format!("{path}: expected an object"))?;
+    // transformers' attribute_map of the DETR stacks: `num_hidden_layers` is `num_layers`.
+    if path.starts_with("detr_") && !obj.contains_key("num_layers") {
+        if let Some(n) = obj.get("num_hidden_layers").cloned() {
+            obj.insert("num_layers".into(), n);
+        }
+    }
+    // `None` means "default" for these lists (the classes' `__post_init__`).
+    for k in ["global_attn_indexes", "scale_factors"] {
+        if obj.get(k).is_some_and(|v| v.is_null()) {
+            obj.remove(k);
+        }
+    }
+    if let serde_json::Value::Object(d) = defaults_for(path) {
+        for (k, v) in d {
+            if !obj.contains_key(&k) {
+                if !whole {
+                    defaulted.push(format!("{path}.{k}"));
+                }
+                obj.insert(k, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `s` or `[s, s]` → `s`; a non-square pair is refused by name.
+fn square(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, path: &str) -> Result<(), String> {
+    let Some(serde_json::Value::Array(a)) = obj.get(key) else { return Ok(()) };
+    let side = match a.as_slice() {
+        [h, w] if h == w => h.clone(),
+        [_, _] => {
+            return Err(format!(
+                "non-square {key} is not supported: {path}.{key} is {}; lorahost's ViT takes square \
+                 inputs, set a single size (e.g. {key}: {})",
+                serde_json::Value::Array(a.clone()),
+                a[0]
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "{path}.{key}: expected a size or [height, width], got {}",
+                serde_json::Value::Array(a.clone())
+            ))
+        }
+    };
+    obj.insert(key.into(), side);
+    Ok(())
+}
+
+/// Normalize a detector config body in place to what the typed structs take; returns the
+/// defaulted key paths and the warnings.
+fn normalize(body: &mut serde_json::Value) -> Result<(Vec<String>, Vec<String>), String> {
+    let mut defaulted = Vec::new();
+    let mut warnings = Vec::new();
+    let top = body.as_object_mut().ok_or("expected a JSON object")?;
+    fill_defaults(top, "vision_config", "vision_config", serde_json::json!({}), &mut defaulted)?;
+    let vision = top.get_mut("vision_config").and_then(|v| v.as_object_mut()).ok_or("vision_config")?;
+    let path = "vision_config.backbone_config";
+    fill_defaults(vision, "backbone_config", path, serde_json::json!({}), &mut defaulted)?;
+    let vit = vision.get_mut("backbone_config").and_then(|v| v.as_object_mut()).ok_or(path)?;
+    for k in ["image_size", "patch_size", "pretrain_image_size"] {
+        square(vit, k, path)?;
+    }
+    let layers = vit.get("num_hidden_layers").and_then(|v| v.as_i64());
+    if let (Some(serde_json::Value::Array(idx)), Some(layers)) = (vit.get("global_attn_indexes"), layers) {
+        let mut keep = Vec::new();
+        let mut dropped = Vec::new();
+        for v in idx {
+            match v.as_i64() {
+                Some(i) if (0..layers).contains(&i) => keep.push(serde_json::json!(i)),
+                Some(i) => dropped.push(i),
+                None => return Err(format!("{path}.global_attn_indexes: {v} is not an integer")),
+            }
+        }
+        if !dropped.is_empty() {
+            warnings.push(format!(
+                "{path}.global_attn_indexes: {dropped:?} name no layer (there are {layers}, 0..{}); \
+                 ignored, as transformers does",
+                layers.max(1) - 1
+            ));
+            vit.insert("global_attn_indexes".into(), serde_json::Value::Array(keep));
+        }
+    }
+    fill_defaults(top, "text_config", "text_config", absent_text_config(), &mut defaulted)?;
+    for key in
+        ["geometry_encoder_config", "detr_encoder_config", "detr_decoder_config", "mask_decoder_config"]
+    {
+        fill_defaults(top, key, key, serde_json::json!({}), &mut defaulted)?;
+    }
+    Ok((defaulted, warnings))
+}
+
 impl Sam3Config {
     /// Read `config.json` (either layout).
     pub fn from_file(path: &Path) -> Result<(Self, Layout), ConfigError> {
+        let p = Self::parse_file(path)?;
+        Ok((p.config, p.layout))
+    }
+
+    /// Read `config.json` (either layout), with what parsing decided on its own.
+    pub fn parse_file(path: &Path) -> Result<ParsedConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::from_json(&text, path)
+        Self::parse(&text, path)
     }
 
     /// Parse config JSON; `origin` names it in errors.
     pub fn from_json(text: &str, origin: &Path) -> Result<(Self, Layout), ConfigError> {
+        let p = Self::parse(text, origin)?;
+        Ok((p.config, p.layout))
+    }
+
+    /// Parse config JSON (warnings are logged and returned); `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<ParsedConfig, ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid { path: origin.into(), reason };
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
         let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("sam3");
-        let (body, layout, prefix) = match model_type {
+        let (mut body, layout, prefix) = match model_type {
             "sam3" => (value.clone(), Layout::Sam3, ""),
+            // transformers: an absent detector_config is the default Sam3Config.
             "sam3_video" => (
                 value
                     .get("detector_config")
+                    .filter(|v| !v.is_null())
                     .cloned()
-                    .ok_or_else(|| invalid("model_type sam3_video without `detector_config`".into()))?,
+                    .unwrap_or(serde_json::json!({})),
                 Layout::Sam3Video,
                 "detector_config.",
             ),
@@ -247,10 +473,37 @@ impl Sam3Config {
                 )))
             }
         };
+        let (defaulted, warnings) = normalize(&mut body).map_err(|e| invalid(format!("{prefix}{e}")))?;
+        let defaulted: Vec<String> = defaulted.into_iter().map(|d| format!("{prefix}{d}")).collect();
         let cfg: Sam3Config = serde_path_to_error::deserialize(body)
             .map_err(|e| invalid(format!("{prefix}{}: {}", e.path(), e.inner())))?;
-        cfg.validate().map_err(invalid)?;
-        Ok((cfg, layout))
+        for key in ACTIVATION_KEYS {
+            let name = match key {
+                "vision_config.backbone_config" => &cfg.vision_config.backbone_config.hidden_act,
+                "text_config" => &cfg.text_config.hidden_act,
+                "geometry_encoder_config" => &cfg.geometry_encoder_config.hidden_act,
+                "detr_encoder_config" => &cfg.detr_encoder_config.hidden_act,
+                _ => &cfg.detr_decoder_config.hidden_act,
+            };
+            if super::nn::HiddenAct::parse(name).is_none() {
+                return Err(invalid(format!(
+                    "{prefix}{key}.hidden_act: unsupported activation {name:?}; supported: {}",
+                    super::nn::HiddenAct::NAMES.join(", ")
+                )));
+            }
+        }
+        cfg.validate().map_err(|e| invalid(format!("{prefix}{e}")))?;
+        for w in &warnings {
+            tracing::warn!("{}: {prefix}{w}", origin.display());
+        }
+        if !defaulted.is_empty() {
+            tracing::debug!(
+                "{}: not set, transformers' defaults used: {}",
+                origin.display(),
+                defaulted.join(", ")
+            );
+        }
+        Ok(ParsedConfig { config: cfg, layout, defaulted, warnings })
     }
 
     /// Check the constraints the modeling code relies on.
@@ -272,9 +525,9 @@ impl Sam3Config {
         } else if !v.head_dim().is_multiple_of(4) {
             errs.push(format!("ViT head_dim {} must be divisible by 4 (2-D axial RoPE)", v.head_dim()));
         }
-        if v.window_size == 0 {
-            errs.push("window_size must be > 0".into());
-        }
+        // window_size 0 makes every block global (transformers builds each layer with
+        // `window_size if i not in global_attn_indexes else 0`), with RoPE positions scaled by
+        // window_size / grid = 0, as vision.rs does.
         if let Some(&i) = v.global_attn_indexes.iter().find(|&&i| i >= v.num_hidden_layers) {
             errs.push(format!("global_attn_indexes has {i} but there are {} layers", v.num_hidden_layers));
         }
@@ -353,16 +606,185 @@ mod tests {
         assert_eq!((c2, l2), (c, Layout::Sam3Video));
     }
 
+    fn parse(text: &str) -> Result<ParsedConfig, String> {
+        Sam3Config::parse(text, Path::new("m/config.json")).map_err(|e| e.to_string())
+    }
+
+    /// TINY with `key` removed from the object at `section` (a `/`-separated JSON pointer).
+    fn without(section: &str, key: &str) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(TINY).unwrap();
+        v.pointer_mut(section).unwrap().as_object_mut().unwrap().remove(key);
+        v.to_string()
+    }
+
     #[test]
-    fn missing_field_is_named_with_its_path() {
-        let broken = TINY.replace(r#""patch_size": 14, "#, "");
-        let e = Sam3Config::from_json(&broken, Path::new("m/config.json")).unwrap_err().to_string();
+    fn bad_field_is_named_with_its_path() {
+        let broken = TINY.replace(r#""patch_size": 14"#, r#""patch_size": "14""#);
+        let e = parse(&broken).unwrap_err();
         assert!(
             e.contains("m/config.json")
                 && e.contains("vision_config.backbone_config")
                 && e.contains("patch_size"),
             "{e}"
         );
+    }
+
+    /// An absent config means transformers' `Sam3Config()`, i.e. facebook/sam3's architecture
+    /// (host/assets/sam3_config.json is that checkpoint's config, written by transformers).
+    #[test]
+    fn empty_config_is_transformers_default() {
+        let asset = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sam3_config.json");
+        let (mut full, _) = Sam3Config::from_file(&asset).unwrap();
+        let p = parse(r#"{"model_type": "sam3"}"#).unwrap();
+        full.vision_config.backbone_config.rope_parameters = None;
+        assert_eq!(p.config, full);
+        assert!(p.defaulted.contains(&"text_config".to_string()), "{:?}", p.defaulted);
+        // sam3_video without detector_config: the default detector too.
+        let v = parse(r#"{"model_type": "sam3_video"}"#).unwrap();
+        assert_eq!((v.config, v.layout), (full, Layout::Sam3Video));
+    }
+
+    /// A present text_config is a CLIPTextConfig: its absent fields take CLIP's defaults
+    /// (`python3 -c "from transformers import Sam3Config; t=Sam3Config(text_config={'vocab_size':128}).text_config;
+    /// print(t.hidden_act, t.hidden_size, t.max_position_embeddings, t.num_attention_heads, t.intermediate_size,
+    /// t.projection_dim, t.layer_norm_eps, t.num_hidden_layers)"` → `quick_gelu 512 77 8 2048 512 1e-05 12`),
+    /// an absent one SAM3's text encoder (`gelu 1024 32 16 4096 512 1e-05 24`).
+    #[test]
+    fn text_defaults_follow_clip_text_config() {
+        let p = parse(&without("/text_config", "hidden_act")).unwrap();
+        assert_eq!(p.config.text_config.hidden_act, "quick_gelu");
+        assert!(p.defaulted.contains(&"text_config.hidden_act".to_string()), "{:?}", p.defaulted);
+        let explicit = TINY.replacen("\"text_config\": {", "\"text_config\": {\"hidden_act\": \"gelu\", ", 1);
+        let p = parse(&explicit).unwrap();
+        assert_eq!(p.config.text_config.hidden_act, "gelu");
+        assert!(!p.defaulted.contains(&"text_config.hidden_act".to_string()));
+        let t = parse(r#"{"text_config": {"vocab_size": 128}}"#).unwrap().config.text_config;
+        assert_eq!(
+            (t.hidden_act.as_str(), t.hidden_size, t.max_position_embeddings, t.num_attention_heads),
+            ("quick_gelu", 512, 77, 8)
+        );
+        assert_eq!(
+            (t.intermediate_size, t.projection_dim, t.layer_norm_eps, t.num_hidden_layers),
+            (2048, Some(512), 1e-5, 12)
+        );
+        let t = parse("{}").unwrap().config.text_config;
+        assert_eq!(
+            (t.hidden_act.as_str(), t.hidden_size, t.max_position_embeddings, t.num_attention_heads),
+            ("gelu", 1024, 32, 16)
+        );
+        assert_eq!((t.intermediate_size, t.num_hidden_layers, t.vocab_size), (4096, 24, 49408));
+    }
+
+    /// Keys transformers defaults are optional here too, with the same values.
+    #[test]
+    fn optional_keys_take_transformers_defaults() {
+        let (base, _) = Sam3Config::from_json(TINY, Path::new("c")).unwrap();
+        for (section, key) in [
+            ("/geometry_encoder_config", "num_attention_heads"),
+            ("/detr_encoder_config", "num_attention_heads"),
+            ("/detr_decoder_config", "num_attention_heads"),
+            ("/mask_decoder_config", "num_attention_heads"),
+            ("/text_config", "num_attention_heads"),
+            ("/mask_decoder_config", "num_upsampling_stages"),
+            ("/vision_config/backbone_config", "patch_size"),
+            ("/vision_config/backbone_config", "window_size"),
+            ("/vision_config/backbone_config", "global_attn_indexes"),
+            ("/vision_config", "scale_factors"),
+        ] {
+            let p = parse(&without(section, key)).unwrap_or_else(|e| panic!("{section}/{key}: {e}"));
+            let path = format!("{}.{key}", section.trim_start_matches('/').replace('/', "."));
+            assert!(p.defaulted.contains(&path), "{section}/{key}: {:?}", p.defaulted);
+            let c = p.config;
+            let got = match (section, key) {
+                ("/geometry_encoder_config", _) => c.geometry_encoder_config.num_attention_heads,
+                ("/detr_encoder_config", _) => c.detr_encoder_config.num_attention_heads,
+                ("/detr_decoder_config", _) => c.detr_decoder_config.num_attention_heads,
+                ("/mask_decoder_config", "num_attention_heads") => c.mask_decoder_config.num_attention_heads,
+                ("/mask_decoder_config", _) => c.mask_decoder_config.num_upsampling_stages,
+                ("/text_config", _) => c.text_config.num_attention_heads,
+                (_, "patch_size") => c.vision_config.backbone_config.patch_size,
+                (_, "window_size") => c.vision_config.backbone_config.window_size,
+                (_, "global_attn_indexes") => {
+                    // [7, 15, 23, 31] on 2 layers: none left (transformers: `i in indexes`).
+                    assert!(c.vision_config.backbone_config.global_attn_indexes.is_empty());
+                    continue;
+                }
+                _ => {
+                    assert_eq!(c.vision_config.scale_factors, vec![4.0, 2.0, 1.0, 0.5]);
+                    continue;
+                }
+            };
+            let want = match key {
+                "num_upsampling_stages" => 3,
+                "patch_size" => 14,
+                "window_size" => 24,
+                _ => 8,
+            };
+            assert_eq!(got, want, "{section}/{key}");
+        }
+        // transformers' attribute_map: `num_hidden_layers` names a DETR stack's `num_layers`.
+        let alias = without("/detr_decoder_config", "num_layers")
+            .replace(r#""num_queries":8"#, r#""num_queries":8,"num_hidden_layers":2"#);
+        assert_eq!(parse(&alias).unwrap().config, base);
+    }
+
+    #[test]
+    fn global_indexes_outside_the_layers_are_ignored_with_a_warning() {
+        let cfg = TINY.replace(r#""global_attn_indexes": [1]"#, r#""global_attn_indexes": [-1, 1, 7, 15]"#);
+        let p = parse(&cfg).unwrap();
+        assert_eq!(p.config.vision_config.backbone_config.global_attn_indexes, vec![1]);
+        assert_eq!(p.warnings.len(), 1);
+        let w = &p.warnings[0];
+        assert!(w.contains("global_attn_indexes") && w.contains("[-1, 7, 15]"), "{w}");
+    }
+
+    /// transformers makes every block global when window_size is 0 (each layer gets
+    /// `window_size if i not in global_attn_indexes else 0`).
+    #[test]
+    fn window_size_zero_is_accepted() {
+        let p = parse(&TINY.replace(r#""window_size": 4"#, r#""window_size": 0"#)).unwrap();
+        assert_eq!(p.config.vision_config.backbone_config.window_size, 0);
+    }
+
+    #[test]
+    fn sizes_as_pairs() {
+        let sq = TINY.replace(r#""image_size": 112"#, r#""image_size": [112, 112]"#);
+        let sq = sq.replace(r#""patch_size": 14"#, r#""patch_size": [14, 14]"#);
+        assert_eq!(parse(&sq).unwrap().config, Sam3Config::from_json(TINY, Path::new("c")).unwrap().0);
+        let e = parse(&TINY.replace(r#""image_size": 112"#, r#""image_size": [112, 84]"#)).unwrap_err();
+        assert!(
+            e.contains("non-square image_size is not supported")
+                && e.contains("vision_config.backbone_config.image_size"),
+            "{e}"
+        );
+        assert!(!e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_activation_names_its_key_and_the_choices() {
+        for (section, path) in [
+            ("\"text_config\": {", "text_config.hidden_act"),
+            ("\"backbone_config\": {", "vision_config.backbone_config.hidden_act"),
+            ("\"detr_decoder_config\": {", "detr_decoder_config.hidden_act"),
+        ] {
+            let cfg = TINY.replacen(section, &format!("{section}\"hidden_act\": \"mish\", "), 1);
+            let e = parse(&cfg).unwrap_err();
+            assert!(
+                e.contains(path) && e.contains("\"mish\"") && e.contains("quick_gelu, relu, silu"),
+                "{e}"
+            );
+            let video = format!(r#"{{"model_type": "sam3_video", "detector_config": {cfg}}}"#);
+            let e = parse(&video).unwrap_err();
+            assert!(e.contains(&format!("detector_config.{path}")), "{e}");
+        }
+        for name in ["quick_gelu", "gelu_pytorch_tanh", "gelu_new", "silu", "swish"] {
+            let cfg = TINY.replacen(
+                "\"text_config\": {",
+                &format!("\"text_config\": {{\"hidden_act\": \"{name}\", "),
+                1,
+            );
+            assert_eq!(parse(&cfg).unwrap().config.text_config.hidden_act, name);
+        }
     }
 
     #[test]

@@ -244,7 +244,7 @@ impl MultiHeadAttention {
     }
 }
 
-/// Activation functions used by SAM3.
+/// The activations the frozen linear op folds into its backward (see [`super::frozen`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     /// Exact (erf) GELU, PyTorch's `nn.GELU()`.
@@ -254,13 +254,15 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// From a transformers `hidden_act` name.
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "gelu" => Ok(Activation::Gelu),
-            "relu" => Ok(Activation::Relu),
-            other => candle_core::bail!("unsupported activation {other:?} (SAM3 uses \"gelu\" and \"relu\")"),
-        }
+    /// From a transformers `hidden_act` name (any of [`HiddenAct::NAMES`]); the config parser
+    /// has already refused other names with their key path.
+    pub fn from_name(name: &str) -> Result<HiddenAct> {
+        HiddenAct::parse(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "unsupported activation {name:?}; supported: {}",
+                HiddenAct::NAMES.join(", ")
+            ))
+        })
     }
 
     /// Apply.
@@ -268,6 +270,71 @@ impl Activation {
         match self {
             Activation::Gelu => x.gelu_erf(),
             Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// An MLP activation named by a config's `hidden_act` (transformers' `ACT2FN`). Every one is
+/// composed of candle ops that have a backward; GELU and ReLU run folded into the next linear's op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenAct {
+    /// Exact (erf) GELU: `gelu`, `gelu_python`.
+    Gelu,
+    /// Tanh-approximated GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`: `gelu_new`,
+    /// `gelu_pytorch_tanh`, `gelu_python_tanh`, `gelu_fast`.
+    GeluTanh,
+    /// `x·σ(1.702·x)`: `quick_gelu` (CLIPTextConfig's default).
+    QuickGelu,
+    /// ReLU: `relu`.
+    Relu,
+    /// `x·σ(x)`: `silu`, `swish`.
+    Silu,
+}
+
+impl HiddenAct {
+    /// The accepted `hidden_act` names.
+    pub const NAMES: [&'static str; 10] = [
+        "gelu",
+        "gelu_python",
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_python_tanh",
+        "gelu_fast",
+        "quick_gelu",
+        "relu",
+        "silu",
+        "swish",
+    ];
+
+    /// The activation a transformers `hidden_act` name means, if supported.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" | "gelu_python" => HiddenAct::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_python_tanh" | "gelu_fast" => HiddenAct::GeluTanh,
+            "quick_gelu" => HiddenAct::QuickGelu,
+            "relu" => HiddenAct::Relu,
+            "silu" | "swish" => HiddenAct::Silu,
+            _ => return None,
+        })
+    }
+
+    /// The same activation as the frozen linear op's folded one, when it has one.
+    pub fn folded(self) -> Option<Activation> {
+        match self {
+            HiddenAct::Gelu => Some(Activation::Gelu),
+            HiddenAct::Relu => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+
+    /// Apply (differentiable).
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            HiddenAct::Gelu => x.gelu_erf(),
+            HiddenAct::GeluTanh => x.gelu(),
+            HiddenAct::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+            HiddenAct::Relu => x.relu(),
+            HiddenAct::Silu => x.mul(&candle_nn::ops::sigmoid(x)?),
         }
     }
 }
@@ -280,12 +347,12 @@ pub struct Mlp {
     /// Second layer.
     pub fc2: Linear,
     /// Activation between them.
-    pub act: Activation,
+    pub act: HiddenAct,
 }
 
 impl Mlp {
     /// Load `fc1` (dim → hidden) and `fc2` (hidden → dim).
-    pub fn load(vb: VarBuilder, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
+    pub fn load(vb: VarBuilder, dim: usize, hidden: usize, act: HiddenAct) -> Result<Self> {
         Ok(Mlp {
             fc1: Linear::load(vb.pp("fc1"), dim, hidden, true)?,
             fc2: Linear::load(vb.pp("fc2"), hidden, dim, true)?,
@@ -296,7 +363,12 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward_act(&self.fc1.forward(x)?, Some(self.act))
+        let h = self.fc1.forward(x)?;
+        match self.act.folded() {
+            // On a training graph the activation is recomputed in fc2's backward.
+            Some(act) => self.fc2.forward_act(&h, Some(act)),
+            None => self.fc2.forward(&self.act.apply(&h)?),
+        }
     }
 }
 
@@ -404,6 +476,78 @@ mod tests {
         assert!((o[0] - e / (e + 1.0)).abs() < 1e-5);
         let grads = attention(q.as_tensor(), &k, &v, 1.0, Some(&bias))?.sum_all()?.backward()?;
         assert!(grads.get(q.as_tensor()).is_some());
+        Ok(())
+    }
+
+    /// Values and gradients of every `hidden_act` against PyTorch, produced (f64) by:
+    /// `python3 -c "import torch; from transformers.activations import ACT2FN;
+    ///  x=torch.tensor([-3.0,-1.5,-0.5,0.0,0.25,1.0,2.5],dtype=torch.float64,requires_grad=True);
+    ///  y=ACT2FN[name](x); y.sum().backward(); print(y.tolist(), x.grad.tolist())"`
+    /// (transformers 5.24.0, torch 2.15.0).
+    #[test]
+    fn hidden_activations_match_torch_with_gradients() -> Result<()> {
+        #[rustfmt::skip]
+        let cases: [(&str, [f64; 7], [f64; 7]); 6] = [
+            ("quick_gelu",
+             [-0.01807130971, -0.1083378016, -0.1496115634, 0.0, 0.1511996499, 0.8457957659, 2.465013835],
+             [-0.02454832391, -0.09884806462, 0.120778088, 0.5, 0.706500441, 1.067779607, 1.044718666]),
+            ("gelu_pytorch_tanh",
+             [-0.003637392082, -0.100428423, -0.1542859902, 0.0, 0.1496753507, 0.8411919906, 2.484915734],
+             [-0.01158416663, -0.1277107932, 0.1326300965, 0.5, 0.6953540952, 1.082964084, 1.037951576]),
+            ("gelu_new",
+             [-0.003637392082, -0.100428423, -0.1542859902, 0.0, 0.1496753507, 0.8411919906, 2.484915734],
+             [-0.01158416663, -0.1277107932, 0.1326300965, 0.5, 0.6953540952, 1.082964084, 1.037951576]),
+            ("silu",
+             [-0.1422776195, -0.2736382857, -0.1887703344, 0.0, 0.1405441252, 0.7310585786, 2.31035455],
+             [-0.08810410602, -0.0412941543, 0.2600388127, 0.5, 0.6237100216, 0.9276705119, 1.099401111]),
+            ("gelu",
+             [-0.004049694095, -0.1002108019, -0.1542687694, 0.0, 0.1496765814, 0.8413447461, 2.484475837],
+             [-0.0119456472, -0.1274691922, 0.1325048753, 0.5, 0.6953733549, 1.083315471, 1.037611086]),
+            ("relu", [0.0, 0.0, 0.0, 0.0, 0.25, 1.0, 2.5], [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),
+        ];
+        let dev = Device::Cpu;
+        for (name, want_y, want_g) in cases {
+            let act = Activation::from_name(name)?;
+            let x = Var::new(&[-3.0f64, -1.5, -0.5, 0.0, 0.25, 1.0, 2.5], &dev)?;
+            let y = act.apply(x.as_tensor())?;
+            let grads = y.sum_all()?.backward()?;
+            let g = grads.get(x.as_tensor()).expect("gradient reaches x").to_vec1::<f64>()?;
+            for (i, (got, want)) in y.to_vec1::<f64>()?.iter().zip(want_y).enumerate() {
+                assert!((got - want).abs() < 1e-8, "{name}({i}): {got} vs {want}");
+            }
+            // candle's ReLU gradient at 0 is 1 (PyTorch: 0): that point is skipped. candle's
+            // tanh-GELU backward differs from torch's by ~3e-8.
+            for (i, (got, want)) in g.iter().zip(want_g).enumerate() {
+                if name == "relu" && i == 3 {
+                    continue;
+                }
+                assert!((got - want).abs() < 1e-6, "{name}'({i}): {got} vs {want}");
+            }
+        }
+        assert!(Activation::from_name("gelu_10").unwrap_err().to_string().contains("quick_gelu"));
+        Ok(())
+    }
+
+    /// An MLP with an activation outside the frozen op's folded ones still trains (gradients
+    /// reach fc1's input) and matches fc2(act(fc1 x)).
+    #[test]
+    fn mlp_with_unfolded_activation_backpropagates() -> Result<()> {
+        let dev = Device::Cpu;
+        let lin = |o: usize, i: usize, seed: f64| -> Result<Linear> {
+            let w = Tensor::arange(0f64, (o * i) as f64, &dev)?.affine(0.07, seed)?.sin()?.reshape((o, i))?;
+            Ok(Linear { weight: w, bias: None, path: "m".into(), from_conv: false, lora: None })
+        };
+        for act in [HiddenAct::QuickGelu, HiddenAct::Silu, HiddenAct::GeluTanh] {
+            let mlp = Mlp { fc1: lin(5, 3, 0.1)?, fc2: lin(3, 5, -0.3)?, act };
+            let x = Var::new(&[[0.5f64, -1.0, 2.0], [1.5, 0.2, -0.7]], &dev)?;
+            let y = mlp.forward(x.as_tensor())?;
+            let h = x.as_tensor().matmul(&mlp.fc1.weight.t()?)?;
+            let want = act.apply(&h)?.matmul(&mlp.fc2.weight.t()?)?;
+            assert!((y.clone() - want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+            let g = y.sum_all()?.backward()?;
+            let gx = g.get(x.as_tensor()).expect("gradient reaches the input");
+            assert!(gx.abs()?.sum_all()?.to_scalar::<f64>()? > 0.0, "{act:?}");
+        }
         Ok(())
     }
 
