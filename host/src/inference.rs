@@ -74,15 +74,17 @@ pub fn read_inputs(
     model: &crate::sam3::config::Sam3Config,
 ) -> Result<Sam3Inputs> {
     let image_size = model.vision_config.backbone_config.image_size;
+    let channels = model.vision_config.backbone_config.num_channels;
     let (vocab, ctx) = (model.text_config.vocab_size, model.text_config.max_position_embeddings);
     let map = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
     let pixel_values = get(&map, "pixel_values", path)?;
-    expect_rank(pixel_values, "pixel_values", 4, "(B, 3, S, S)", path)?;
+    expect_rank(pixel_values, "pixel_values", 4, "(B, C, S, S)", path)?;
     let (b, c, h, w) = pixel_values.dims4()?;
-    if c != 3 || h != w || h != image_size {
+    if c != channels || h != w || h != image_size {
         bail!(
-            "{}: pixel_values is {:?}; this model takes (B, 3, {image_size}, {image_size})",
+            "{}: pixel_values is {:?}; this model takes (B, {channels}, {image_size}, {image_size}) \
+             (vision_config.backbone_config.num_channels / image_size)",
             path.display(),
             pixel_values.dims()
         );
@@ -126,6 +128,13 @@ pub fn read_inputs(
                     path.display(),
                     l.dims(),
                     &bx.dims()[..2]
+                );
+            }
+            let values = l.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            if let Some(bad) = values.iter().find(|&&v| v != 0.0 && v != 1.0 && v != -10.0) {
+                bail!(
+                    "{}: input_boxes_labels holds {bad}; a box label is 1 (positive), 0 (negative) or -10 (padding)",
+                    path.display()
                 );
             }
         }
@@ -221,6 +230,15 @@ pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
     }
     let tokenizer = PromptTokenizer::from_dir(&o.model_dir)?;
     let model = Sam3Model::load_dir(&o.model_dir, &device, o.dtype.dtype())?;
+    tokenizer.check_model_vocab(model.config().text_config.vocab_size)?;
+    let channels = model.config().vision_config.backbone_config.num_channels;
+    if channels != 3 {
+        bail!(
+            "{}: vision_config.backbone_config.num_channels is {channels}; predict feeds RGB images (3 channels) \
+             (a {channels}-channel model can run through `lorahost forward` with its own pixel_values)",
+            o.model_dir.display()
+        );
+    }
     let size = model.image_size();
     let pixel_values = imageio::to_pixel_values(&img, size, &device)?;
     let ctx = model.config().text_config.max_position_embeddings;

@@ -236,19 +236,172 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.contains("missing tensor `pixel_values`"), "{e}");
 }
 
-#[test]
-fn unused_checkpoint_tensors_are_an_error() {
+/// A copy of tiny_a in `dir` with the tensors of `edit` and the config of `cfg`.
+fn tiny_a_variant(
+    dir: &Path,
+    edit: impl Fn(&mut HashMap<String, Tensor>),
+    cfg: impl Fn(serde_json::Value) -> serde_json::Value,
+) {
     let good = fixture("tiny_a");
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(good.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("config.json")).unwrap()).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), cfg(c).to_string()).unwrap();
     let mut m = candle_core::safetensors::load(good.join("model.safetensors"), &Device::Cpu).unwrap();
-    m.insert("detr_decoder.surprise.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-    m.remove("mask_decoder.semantic_projection.weight");
-    candle_core::safetensors::save(&m, tmp.path().join("model.safetensors")).unwrap();
-    let e = Sam3Model::load_dir(tmp.path(), &Device::Cpu, DType::F32).err().unwrap();
-    let e = format!("{e:#}");
+    edit(&mut m);
+    candle_core::safetensors::save(&m, dir.join("model.safetensors")).unwrap();
+}
+
+fn load_err(dir: &Path) -> String {
+    let e = Sam3Model::load_dir(dir, &Device::Cpu, DType::F32).err().expect("load fails");
+    format!("{e:#}")
+}
+
+#[test]
+fn unused_checkpoint_tensors_are_an_error_only_beside_a_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zeros = |n| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+    // With a missing tensor, every unexpected one is listed too.
+    let d = tmp.path().join("missing");
+    tiny_a_variant(
+        &d,
+        |m| {
+            m.insert("detr_decoder.surprise.weight".into(), zeros(3));
+            m.remove("mask_decoder.semantic_projection.weight");
+        },
+        |c| c,
+    );
+    let e = load_err(&d);
     assert!(e.contains("unexpected  detr_decoder.surprise.weight"), "{e}");
     assert!(e.contains("missing     mask_decoder.semantic_projection.weight"), "{e}");
+
+    // Alone, tensors of modules the model does not have are ignored (transformers warns too).
+    let d = tmp.path().join("extra_head");
+    tiny_a_variant(
+        &d,
+        |m| {
+            m.insert("detr_decoder.surprise.weight".into(), zeros(3));
+            m.insert("classifier.weight".into(), zeros(2));
+        },
+        |c| c,
+    );
+    let (config, ck) = lorahost::sam3::weights::open_dir(&d).unwrap();
+    let (model, cov) = Sam3Model::from_checkpoint(&ck, &config, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!((cov.used, cov.available, cov.ignored), (336, 336, 2));
+    let r = Reference::open(&fixture("tiny_a"));
+    let o = model.with_semantics(Semantics::Transformers).forward(&r.model_inputs(true)).unwrap();
+    assert_close("pred_logits", &o.pred_logits, &r.get("pred_logits"));
+
+    // A layer past the config's count means config.json does not describe the checkpoint.
+    let d = tmp.path().join("extra_layer");
+    tiny_a_variant(&d, |m| drop(m.insert("detr_encoder.layers.2.mlp.fc1.bias".into(), zeros(32))), |c| c);
+    let e = load_err(&d);
+    assert!(
+        e.contains("the checkpoint has more layers than config.json says")
+            && e.contains("detr_encoder.layers")
+            && e.contains("detr_encoder_config.num_layers"),
+        "{e}"
+    );
+    // ... also when the config's list is empty.
+    let d = tmp.path().join("layers_but_config_none");
+    tiny_a_variant(
+        &d,
+        |m| {
+            m.retain(|k, _| !k.starts_with("detr_encoder.layers."));
+            m.insert("detr_encoder.layers.0.mlp.fc1.bias".into(), zeros(32));
+        },
+        |mut c| {
+            c["detr_encoder_config"]["num_layers"] = serde_json::json!(0);
+            c
+        },
+    );
+    let e = load_err(&d);
+    assert!(e.contains("more layers than config.json says") && e.contains("detr_encoder.layers"), "{e}");
+}
+
+/// A config that leaves a shape key to transformers' default names it when the weights differ.
+#[test]
+fn mismatch_names_defaulted_config_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    tiny_a_variant(
+        &d,
+        |_| {},
+        |mut c| {
+            c["detr_decoder_config"].as_object_mut().unwrap().remove("intermediate_size");
+            c
+        },
+    );
+    let e = load_err(&d);
+    assert!(
+        e.contains("mis-shaped  detr_decoder.layers.0.mlp.fc1.weight")
+            && e.contains("config.json does not set detr_decoder_config.intermediate_size"),
+        "{e}"
+    );
+}
+
+/// transformers loads `detector_model.`-prefixed weights with a `sam3` config and bare
+/// weights with a `sam3_video` config; so does lorahost.
+#[test]
+fn detector_prefix_is_taken_from_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Reference::open(&fixture("tiny_a"));
+    let prefixed = |m: &mut HashMap<String, Tensor>| {
+        *m = m.drain().map(|(k, v)| (format!("detector_model.{k}"), v)).collect();
+        m.insert("tracker_model.memory.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+    };
+    let video = |c: serde_json::Value| serde_json::json!({"model_type": "sam3_video", "detector_config": c});
+    let a = tmp.path().join("sam3_config_prefixed_keys");
+    tiny_a_variant(&a, prefixed, |c| c);
+    let b = tmp.path().join("video_config_bare_keys");
+    tiny_a_variant(&b, |_| {}, video);
+    for d in [a, b] {
+        let model = Sam3Model::load_dir(&d, &Device::Cpu, DType::F32).unwrap();
+        let o = model.with_semantics(Semantics::Transformers).forward(&r.model_inputs(true)).unwrap();
+        assert_close("pred_logits", &o.pred_logits, &r.get("pred_logits"));
+    }
+}
+
+/// With both a single file and a shard index, transformers loads model.safetensors.
+#[test]
+fn single_file_wins_over_an_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("both");
+    tiny_a_variant(&d, |_| {}, |c| c);
+    // The index points at a shard of zeros (the wrong weights, were it read).
+    let m = candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let zeros: HashMap<String, Tensor> =
+        m.iter().map(|(k, v)| (k.clone(), v.zeros_like().unwrap())).collect();
+    candle_core::safetensors::save(&zeros, d.join("model-00001-of-00001.safetensors")).unwrap();
+    let weight_map: serde_json::Map<String, serde_json::Value> =
+        m.keys().map(|k| (k.clone(), serde_json::json!("model-00001-of-00001.safetensors"))).collect();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let r = Reference::open(&fixture("tiny_a"));
+    let model = Sam3Model::load_dir(&d, &Device::Cpu, DType::F32).unwrap();
+    let o = model.with_semantics(Semantics::Transformers).forward(&r.model_inputs(true)).unwrap();
+    assert_close("pred_logits", &o.pred_logits, &r.get("pred_logits"));
+}
+
+/// A config error names config.json once (not once per context layer), and a box label outside
+/// 1 / 0 / -10 is refused by name instead of indexing past the label embedding.
+#[test]
+fn config_and_label_errors_read_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("bad_json");
+    tiny_a_variant(&d, |_| {}, |c| c);
+    std::fs::write(d.join("config.json"), "{oops").unwrap();
+    let e = forward_err(&d, &fixture("tiny_a").join("inputs.safetensors"));
+    assert_eq!(e.matches("config.json").count(), 1, "{e}");
+    assert!(e.contains("not valid JSON"), "{e}");
+
+    let inputs = fixture("tiny_a").join("inputs.safetensors");
+    let mut m = candle_core::safetensors::load(&inputs, &Device::Cpu).unwrap();
+    m.insert("input_boxes_labels".into(), Tensor::new(&[[1i64, 2], [0, -10]], &Device::Cpu).unwrap());
+    let bad = tmp.path().join("labels.safetensors");
+    candle_core::safetensors::save(&m, &bad).unwrap();
+    let e = forward_err(&fixture("tiny_a"), &bad);
+    assert!(e.contains("input_boxes_labels holds 2") && e.contains("-10 (padding)"), "{e}");
 }
 
 #[test]

@@ -11,6 +11,11 @@ use std::process::Command;
 
 /// A model directory with tiny_a's architecture, random weights, the test tokenizer's vocabulary.
 fn tiny_model_dir(dir: &Path) {
+    tiny_model_dir_with(dir, |_| {})
+}
+
+/// As [`tiny_model_dir`], with `tweak` applied to config.json after the vocabulary is set.
+fn tiny_model_dir_with(dir: &Path, tweak: impl Fn(&mut serde_json::Value)) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("sam3/tiny_a/config.json")).unwrap())
@@ -21,6 +26,7 @@ fn tiny_model_dir(dir: &Path) {
     let vocab = tok["model"]["vocab"].as_object().unwrap().len()
         + tok["added_tokens"].as_array().map(|a| a.len()).unwrap_or(0);
     cfg["text_config"]["vocab_size"] = serde_json::json!(vocab);
+    tweak(&mut cfg);
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     std::fs::copy(fixtures.join("tokenizer/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let (config, _) = Sam3Config::from_file(&dir.join("config.json")).unwrap();
@@ -114,4 +120,51 @@ fn predict_writes_detections_and_overlay() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("broken.jpg") && !err.contains("panicked"), "{err}");
+}
+
+fn predict_err(model: &Path, tmp: &Path) -> String {
+    let img_path = tmp.join("img.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([120, 100, 90])).save(&img_path).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["predict", "--model"])
+        .arg(model)
+        .arg("--image")
+        .arg(&img_path)
+        .args(["--prompt", "crack", "--out"])
+        .arg(tmp.join("pred"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// A tokenizer with more tokens than the text model's embedding table is named as foreign
+/// (instead of candle's index error from the embedding lookup).
+#[test]
+fn predict_refuses_a_tokenizer_larger_than_the_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir_with(&model, |c| c["text_config"]["vocab_size"] = serde_json::json!(128));
+    let e = predict_err(&model, tmp.path());
+    assert!(
+        e.contains("tokenizer.json has 528 tokens but the model's text vocab_size is 128")
+            && e.contains("does not belong to this model"),
+        "{e}"
+    );
+}
+
+/// predict feeds RGB: a model with another channel count is refused by its config key.
+#[test]
+fn predict_refuses_a_non_rgb_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir_with(&model, |c| {
+        c["vision_config"]["backbone_config"]["num_channels"] = serde_json::json!(1)
+    });
+    let e = predict_err(&model, tmp.path());
+    assert!(e.contains("num_channels is 1") && e.contains("RGB"), "{e}");
 }

@@ -52,6 +52,17 @@ pub enum TokenizerError {
         /// What is wrong.
         reason: String,
     },
+    /// The tokenizer's ids do not fit the model's token embedding table.
+    #[error(
+        "tokenizer.json has {tokenizer} tokens but the model's text vocab_size is {model}: the tokenizer \
+         does not belong to this model (use the tokenizer.json that ships with the checkpoint)"
+    )]
+    Vocab {
+        /// Tokens of the tokenizer (special tokens included).
+        tokenizer: usize,
+        /// `text_config.vocab_size`.
+        model: usize,
+    },
     /// Tokenization itself failed.
     #[error("cannot tokenize {text:?}: {reason}")]
     Encode {
@@ -115,6 +126,17 @@ impl PromptTokenizer {
     /// Id of `<|endoftext|>` (also the pad id).
     pub fn eot_id(&self) -> u32 {
         self.eot
+    }
+
+    /// Check that every id this tokenizer can produce exists in a text model with `vocab_size`
+    /// token embeddings (a tokenizer from another model would index past the table).
+    pub fn check_model_vocab(&self, vocab_size: usize) -> Result<(), TokenizerError> {
+        let n = self.vocab_size();
+        let max_id = self.sot.max(self.eot) as usize;
+        if n > vocab_size || max_id >= vocab_size {
+            return Err(TokenizerError::Vocab { tokenizer: n, model: vocab_size });
+        }
+        Ok(())
     }
 
     /// Vocabulary size including special tokens.
@@ -278,6 +300,18 @@ mod tests {
         assert_eq!(t.encode("red car", 1), (vec![527], vec![1]));
         let (ids, mask) = t.encode("", 4);
         assert_eq!((ids, mask), (vec![526, 527, 527, 527], vec![1, 1, 0, 0]));
+    }
+
+    #[test]
+    fn vocab_larger_than_the_model_is_refused() {
+        let t = fixture();
+        assert!(t.check_model_vocab(528).is_ok() && t.check_model_vocab(49408).is_ok());
+        let e = t.check_model_vocab(128).unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer.json has 528 tokens but the model's text vocab_size is 128")
+                && e.contains("does not belong to this model"),
+            "{e}"
+        );
     }
 
     #[test]

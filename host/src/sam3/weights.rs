@@ -85,6 +85,10 @@ pub struct Checkpoint {
     origin: PathBuf,
     /// Tensors deliberately not used (tracker weights, point-prompt weights, rope buffers).
     pub ignored: usize,
+    /// File keys that map to no model name (e.g. unprefixed keys beside `detector_model.` ones).
+    extra: Vec<String>,
+    /// Config keys that took transformers' defaults and decide shapes (named on a mismatch).
+    defaulted: Vec<String>,
 }
 
 /// The VarBuilder backend over a [`Checkpoint`].
@@ -140,6 +144,8 @@ impl Checkpoint {
             audit: Arc::new(Mutex::new(AuditState::default())),
             origin: origin.into(),
             ignored: 0,
+            extra: Vec::new(),
+            defaulted: Vec::new(),
         }
     }
 
@@ -153,14 +159,28 @@ impl Checkpoint {
         self.len() == 0
     }
 
-    /// After building the model: an error listing every missing, mis-shaped or unused tensor.
+    /// After building the model: an error listing every missing or mis-shaped tensor, and the
+    /// unused ones that mean the config describes fewer layers than the checkpoint holds. Other
+    /// unused tensors (heads the model does not have) are ignored with one warning, as
+    /// transformers does.
     pub fn finish(&self) -> std::result::Result<Coverage, WeightsError> {
         let audit = self.audit.lock().map_err(|_| WeightsError::File {
             path: self.origin.clone(),
             reason: "audit lock poisoned".into(),
         })?;
         let names = self.store.names();
-        let unexpected: Vec<&String> = names.iter().filter(|n| !audit.used.contains(*n)).collect();
+        let unexpected: Vec<&String> =
+            names.iter().filter(|n| !audit.used.contains(*n)).chain(self.extra.iter()).collect();
+        let mut beyond: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        let mut ignorable = Vec::new();
+        for n in &unexpected {
+            match beyond_config(n, &audit.used) {
+                Some((list, i)) => {
+                    beyond.entry(list).or_default().insert(i);
+                }
+                None => ignorable.push(n.as_str()),
+            }
+        }
         let mut lines = Vec::new();
         for (n, shape) in &audit.missing {
             lines.push(format!("  missing     {n} (expected shape {shape:?})"));
@@ -168,19 +188,88 @@ impl Checkpoint {
         for (n, (want, got)) in &audit.misshaped {
             lines.push(format!("  mis-shaped  {n}: model expects {want:?}, checkpoint has {got:?}"));
         }
-        for n in &unexpected {
-            lines.push(format!("  unexpected  {n}"));
-        }
-        if !lines.is_empty() {
+        if !lines.is_empty() || !beyond.is_empty() {
+            for n in &unexpected {
+                lines.push(format!("  unexpected  {n}"));
+            }
             let total = lines.len();
             if total > 40 {
                 lines.truncate(40);
                 lines.push(format!("  ... and {} more", total - 40));
             }
+            for (list, idx) in &beyond {
+                let have =
+                    audit.used.iter().filter_map(|u| list_index(u, list)).collect::<BTreeSet<_>>().len();
+                let key = LISTS.iter().find(|(l, _)| l == list).map(|(_, k)| *k);
+                lines.push(format!(
+                    "the checkpoint has more layers than config.json says: {list} has entries {:?}, the config makes {have}{}; \
+                     use the config.json that came with these weights",
+                    idx.iter().collect::<Vec<_>>(),
+                    key.map(|k| format!(" (set by {k})")).unwrap_or_default()
+                ));
+            }
+            if !self.defaulted.is_empty() {
+                lines.push(format!(
+                    "config.json does not set {}: transformers' defaults were used for them; \
+                     set them to this checkpoint's values",
+                    self.defaulted.join(", ")
+                ));
+            }
             return Err(WeightsError::Mismatch { path: self.origin.clone(), report: lines.join("\n") });
         }
-        Ok(Coverage { used: audit.used.len(), available: names.len(), ignored: self.ignored })
+        if !ignorable.is_empty() {
+            let shown: Vec<&str> = ignorable.iter().take(10).copied().collect();
+            tracing::warn!(
+                "{}: {} checkpoint tensor(s) belong to no module of the model and were ignored, as transformers does: {}{}",
+                self.origin.display(),
+                ignorable.len(),
+                shown.join(", "),
+                if ignorable.len() > 10 { ", ..." } else { "" }
+            );
+        }
+        let in_store = ignorable.iter().filter(|n| names.contains(**n)).count();
+        Ok(Coverage {
+            used: audit.used.len(),
+            available: names.len() - in_store,
+            ignored: self.ignored + ignorable.len(),
+        })
     }
+}
+
+/// The numbered module lists of the model and the config key that sets their length.
+const LISTS: [(&str, &str); 8] = [
+    ("vision_encoder.backbone.layers", "vision_config.backbone_config.num_hidden_layers"),
+    ("vision_encoder.neck.fpn_layers", "vision_config.scale_factors"),
+    ("text_encoder.text_model.encoder.layers", "text_config.num_hidden_layers"),
+    ("geometry_encoder.layers", "geometry_encoder_config.num_layers"),
+    ("detr_encoder.layers", "detr_encoder_config.num_layers"),
+    ("detr_decoder.layers", "detr_decoder_config.num_layers"),
+    ("mask_decoder.pixel_decoder.conv_layers", "mask_decoder_config.num_upsampling_stages"),
+    ("mask_decoder.pixel_decoder.norms", "mask_decoder_config.num_upsampling_stages"),
+];
+
+/// The index of `name` in the numbered list `list` (`{list}.{i}.…`).
+fn list_index(name: &str, list: &str) -> Option<usize> {
+    name.strip_prefix(list)?.strip_prefix('.')?.split('.').next()?.parse().ok()
+}
+
+/// For an unused checkpoint key: the numbered module list it extends past the model's length
+/// (a list the model has, or one of [`LISTS`]) and its index there; `None` for a key that
+/// belongs to no such list (an unrelated head).
+fn beyond_config(key: &str, used: &BTreeSet<String>) -> Option<(String, usize)> {
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, p) in parts.iter().enumerate().skip(1) {
+        let Ok(idx) = p.parse::<usize>() else { continue };
+        let list = parts[..i].join(".");
+        let have: BTreeSet<usize> = used.iter().filter_map(|u| list_index(u, &list)).collect();
+        if have.is_empty() && !LISTS.iter().any(|(l, _)| *l == list) {
+            return None;
+        }
+        if !have.contains(&idx) {
+            return Some((list, idx));
+        }
+    }
+    None
 }
 
 /// Key coverage of a successful load.
@@ -193,6 +282,9 @@ pub struct Coverage {
     /// Tensors deliberately ignored.
     pub ignored: usize,
 }
+
+/// The prefix of the detector's keys in a `Sam3VideoModel` checkpoint.
+const DETECTOR_PREFIX: &str = "detector_model.";
 
 /// True for checkpoint keys of the video tracker, which the image model ignores.
 fn is_tracker_key(k: &str) -> bool {
@@ -212,11 +304,27 @@ pub fn open_dir(dir: &Path) -> std::result::Result<(Sam3Config, Checkpoint), Wei
     if !config_path.is_file() {
         return Err(file_err(&config_path, "missing: a model directory needs config.json".into()));
     }
-    let (config, layout) =
-        Sam3Config::from_file(&config_path).map_err(|e| file_err(&config_path, e.to_string()))?;
+    // The config error already names its file.
+    let parsed = Sam3Config::parse_file(&config_path).map_err(|e| match e {
+        super::config::ConfigError::Invalid { path, reason } => WeightsError::File { path, reason },
+        super::config::ConfigError::Read { path, source } => {
+            WeightsError::File { path, reason: format!("cannot read: {source}") }
+        }
+    })?;
+    let defaulted: Vec<String> = parsed.defaulted_shapes().into_iter().map(String::from).collect();
+    let (config, layout) = (parsed.config, parsed.layout);
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if index.is_file() {
+    let files: Vec<PathBuf> = if single.is_file() {
+        if index.is_file() {
+            tracing::warn!(
+                "{}: holds both model.safetensors and model.safetensors.index.json; loading model.safetensors, \
+                 as transformers does (the index and its shards are ignored)",
+                dir.display()
+            );
+        }
+        vec![single]
+    } else if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
@@ -233,8 +341,6 @@ pub fn open_dir(dir: &Path) -> std::result::Result<(Sam3Config, Checkpoint), Wei
             .collect();
         files.dedup();
         files
-    } else if single.is_file() {
-        vec![single]
     } else {
         return Err(file_err(dir, "no model.safetensors or model.safetensors.index.json".into()));
     };
@@ -246,18 +352,39 @@ pub fn open_dir(dir: &Path) -> std::result::Result<(Sam3Config, Checkpoint), Wei
     // SAFETY: the files are memory-mapped read-only; lorahost never writes them while loaded.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| file_err(&files[0], format!("not a readable safetensors file: {e}")))?;
+    // The detector's keys are under `detector_model.` in a Sam3VideoModel checkpoint and bare in
+    // a Sam3Model one; transformers loads either into either model, so go by the file.
+    let file_keys: Vec<String> = st.tensors().into_iter().map(|(k, _)| k).collect();
+    let prefixed = file_keys.iter().any(|k| k.starts_with(DETECTOR_PREFIX));
+    let expected = layout == Layout::Sam3Video;
+    if prefixed != expected {
+        tracing::info!(
+            "{}: config.json is model_type {} but the weights' detector keys are {}; loading them as they are",
+            dir.display(),
+            if expected { "sam3_video" } else { "sam3" },
+            if prefixed { "under `detector_model.` (a Sam3VideoModel checkpoint)" } else { "unprefixed (a Sam3Model checkpoint)" }
+        );
+    } else {
+        tracing::debug!(
+            "{}: detector keys {}",
+            dir.display(),
+            if prefixed { "under `detector_model.`" } else { "unprefixed" }
+        );
+    }
     let mut keys = HashMap::new();
+    let mut extra = Vec::new();
     let mut ignored = 0;
-    for (k, _) in st.tensors() {
-        let name = match layout {
-            Layout::Sam3 => Some(k.clone()),
-            Layout::Sam3Video => k.strip_prefix("detector_model.").map(str::to_string),
-        };
-        match name {
-            Some(n) if !is_tracker_key(&k) => {
-                keys.insert(n, k);
-            }
-            _ => ignored += 1,
+    for k in file_keys {
+        if is_tracker_key(&k) {
+            ignored += 1;
+            continue;
+        }
+        if !prefixed {
+            keys.insert(k.clone(), k);
+        } else if let Some(n) = k.strip_prefix(DETECTOR_PREFIX) {
+            keys.insert(n.to_string(), k.clone());
+        } else {
+            extra.push(k);
         }
     }
     let origin = files.first().cloned().unwrap_or_else(|| dir.to_path_buf());
@@ -268,6 +395,8 @@ pub fn open_dir(dir: &Path) -> std::result::Result<(Sam3Config, Checkpoint), Wei
             audit: Arc::new(Mutex::new(AuditState::default())),
             origin,
             ignored,
+            extra,
+            defaulted,
         },
     ))
 }
