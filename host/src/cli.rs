@@ -276,15 +276,18 @@ pub enum PluginCommand {
     /// Feed a recorded run's per-step metrics through plugins and print each step's answers.
     ///
     /// The trace is the metrics JSONL that `lorahost train` writes (one JSON object per
-    /// optimizer step with at least step, loss, lr, grad_norm; see docs/metrics-schema.md), or
-    /// a Hugging Face Trainer trainer_state.json (its log_history). Plugins are called in the order given, exactly as training calls them. With --json,
+    /// optimizer step with at least step and loss; see docs/metrics-schema.md), a Hugging Face
+    /// Trainer trainer_state.json (its log_history), a SAM3_LoRA (TC4451 fork) JSONL log
+    /// (`train_step` events) or a Lightning CSVLogger metrics.csv. The hooks are called in the
+    /// order training calls them (loss weights per micro-step, gradients, LR, step); the data
+    /// sampling hooks cannot be replayed. With --json,
     /// prints one JSON object per step with `step` and `action` (continue, skip, scale_lr,
     /// checkpoint, stop) and the details.
     Replay {
         /// Plugins (.wasm components), called in this order.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// The metrics JSONL to replay (or a Hugging Face trainer_state.json).
+        /// The metrics JSONL to replay (or trainer_state.json, a SAM3_LoRA JSONL log, a Lightning metrics.csv).
         #[arg(long, value_name = "METRICS.jsonl")]
         trace: PathBuf,
         #[command(flatten)]
@@ -698,7 +701,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugin(PluginCommand::Check { file, config, json }) => {
             ensure_file(file)?;
             let spec = config.specs(std::slice::from_ref(file))?.remove(0);
-            let p = plugin::check(runtime(&cli)?, &spec, &plugin::RunInfo::placeholder())?;
+            let run = plugin::RunInfo::sample();
+            let p = match plugin::check(runtime(&cli)?, &spec, &run) {
+                Ok(p) => p,
+                Err(e) if *json => {
+                    let v = serde_json::json!({"ok": false, "file": file, "error": e.to_string()});
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             let m = p.manifest();
             let c = p.compile_info();
             if *json {
@@ -722,6 +734,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("  version      {}", m.version);
                 println!("  description  {}", m.description);
                 println!("  hooks        {}", hook_list(m));
+                println!(
+                    "  init         ok with its config and a sample run ({} steps, warmup {}, {} from {:e}, batch {} x {}, {} images)",
+                    run.total_steps,
+                    run.warmup_steps,
+                    run.scheduler,
+                    run.base_lr,
+                    run.batch_size,
+                    run.accumulation,
+                    run.dataset_size
+                );
                 println!("  size         {:.1} KiB (sha256 {})", c.size as f64 / 1024.0, &c.sha256[..16]);
                 println!(
                     "  compile      {:.1} ms{}",
@@ -749,8 +771,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     writeln!(out, "{}", replay::render_text(s))?;
                 }
             }
-            let failed = |e: &&String| e.contains(" failed: ") || e.contains(": disabled: ");
-            let failures: usize = steps.iter().map(|s| s.events.iter().filter(failed).count()).sum();
+            let failures = replay::failure_count(&steps);
             if !*json {
                 let flagged = steps.iter().filter(|s| s.action != "continue").count();
                 writeln!(

@@ -267,7 +267,8 @@ pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: b
         } else {
             rec.lr
         };
-        let lr_used = chained * lr_scale;
+        // As training: the product of scale-lr answers compounds, the LR used is capped.
+        let lr_used = (chained * lr_scale).min(crate::plugin::MAX_LR);
         // 4. The step's metrics, with the LR training would have used.
         let mut metrics = step_metrics(rec, run);
         metrics.lr = lr_used;
@@ -285,7 +286,7 @@ pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: b
         };
         let lr_shown = (has_lr || lr_scale != 1.0).then_some(lr_used);
         // Training keeps the product of every scale-lr (each factor in (0, 10], checked by the
-        // host; the product itself is not capped).
+        // host; the LR it gives is capped at MAX_LR above).
         lr_scale *= decision.lr_scale;
         let events = set
             .take_events()

@@ -45,6 +45,10 @@ fn check_rejects_broken_files_with_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("broken.wasm") && err.contains("not a WebAssembly component"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // --json answers on stdout either way.
+    let (ok, out, _) = run(lorahost().args(["plugin", "check", "--json"]).arg(&bad));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!ok && v["ok"] == false && v["error"].as_str().unwrap().contains("not a WebAssembly component"));
     let (ok, _, err) = run(lorahost().args(["plugin", "check", "nope.wasm"]));
     assert!(!ok && err.contains("nope.wasm") && err.contains("not found"), "{err}");
 }

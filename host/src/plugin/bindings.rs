@@ -73,4 +73,22 @@ impl RunInfo {
             start_step: 1,
         }
     }
+
+    /// A typical run, for `plugin check`: 1,000 optimizer steps of batch 2 × accumulation 8
+    /// over 1,000 images (63 steps per epoch), 50 warmup steps, cosine from 1e-4, seed 42.
+    pub fn sample() -> Self {
+        RunInfo {
+            total_steps: 1000,
+            warmup_steps: 50,
+            accumulation: 8,
+            batch_size: 2,
+            effective_batch_size: 16,
+            base_lr: 1e-4,
+            scheduler: "cosine".into(),
+            dataset_size: 1000,
+            steps_per_epoch: 63,
+            seed: 42,
+            start_step: 1,
+        }
+    }
 }

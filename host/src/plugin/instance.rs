@@ -59,7 +59,7 @@ pub(crate) fn prepare(
     init(&mut live, config_json, run, limits).map_err(|reason| PluginError::Init {
         name: manifest.name.clone(),
         path: path.to_path_buf(),
-        reason,
+        reason: super::runtime::truncate(&reason, 1024).into_owned(),
     })?;
     Ok(Prepared { pre, manifest, compile, live })
 }

@@ -244,6 +244,7 @@ impl PluginSet {
                 run: p.run.clone(),
                 limits: p.limits,
                 name: p.name().to_string(),
+                reported_gone: false,
             })
             .collect();
         self.reloader = Some(reload::Reloader::start(self.runtime.clone(), watched)?);
@@ -311,7 +312,7 @@ impl PluginSet {
                         if let Some(p) = self.plugins.get(index) {
                             tracing::warn!(
                                 plugin = %p.name(),
-                                "new version of {} rejected, the running version stays: {reason} (a file still being written is loaded at its next change)",
+                                "new version of {} rejected, the running version stays: {reason}",
                                 p.path().display()
                             );
                             self.events.push(PluginEvent::ReloadRejected {

@@ -27,6 +27,8 @@ pub(crate) struct Watched {
     pub(crate) run: RunInfo,
     pub(crate) limits: Limits,
     pub(crate) name: String,
+    /// Whether the file's absence or emptiness was already reported (once per occurrence).
+    pub(crate) reported_gone: bool,
 }
 
 /// What the worker hands to the training thread.
@@ -134,14 +136,16 @@ const SETTLE: Duration = Duration::from_millis(250);
 /// Look at a changed file: None when it is gone, empty (being written) or unchanged, else the
 /// new version or why not.
 fn rebuild(runtime: &Runtime, index: usize, w: &mut Watched) -> Option<Message> {
-    let read = |path: &Path| match std::fs::read(path) {
+    let read = |w: &mut Watched, path: &Path| match std::fs::read(path) {
         Ok(b) => Some(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            tracing::warn!(
-                plugin = %w.name,
-                "{} was removed; the loaded version keeps running (put the file back before a --resume, which loads it)",
-                path.display()
-            );
+            if !std::mem::replace(&mut w.reported_gone, true) {
+                tracing::warn!(
+                    plugin = %w.name,
+                    "{} was removed; the loaded version keeps running (put the file back before a --resume, which loads it)",
+                    path.display()
+                );
+            }
             None
         }
         Err(e) => {
@@ -149,11 +153,24 @@ fn rebuild(runtime: &Runtime, index: usize, w: &mut Watched) -> Option<Message> 
             None
         }
     };
-    let mut bytes = read(&w.path)?;
+    let path = w.path.clone();
+    let mut bytes = read(w, &path)?;
+    if bytes.is_empty() {
+        // Truncated and not yet written: the write's own event follows. A file that stays
+        // empty is said once.
+        std::thread::sleep(SETTLE);
+        bytes = read(w, &path)?;
+        if bytes.is_empty() {
+            if !std::mem::replace(&mut w.reported_gone, true) {
+                tracing::warn!(plugin = %w.name, "{} is empty; the loaded version keeps running", path.display());
+            }
+            return None;
+        }
+    }
+    w.reported_gone = false;
     let mut attempts = 0;
     loop {
         if bytes.is_empty() {
-            // Truncated and not yet written: the write's own event follows.
             return None;
         }
         let sha = hex(&Sha256::digest(&bytes));
@@ -172,11 +189,21 @@ fn rebuild(runtime: &Runtime, index: usize, w: &mut Watched) -> Option<Message> 
             Err(e) => {
                 // A half-written file fails too: judge it only once it stopped changing.
                 std::thread::sleep(SETTLE);
-                match read(&w.path) {
+                match read(w, &path) {
                     Some(again) if again != bytes && attempts < 8 => bytes = again,
                     _ => {
                         w.sha256 = sha;
-                        return Some(Message::Rejected { index, reason: e.to_string() });
+                        // A file that does not decode may still be mid-write; one whose
+                        // plugin refused to start is complete.
+                        let partial = !matches!(e, PluginError::Init { .. } | PluginError::Manifest { .. });
+                        let reason = if partial {
+                            format!(
+                                "{e} (if the file was still being written, it is loaded at its next change)"
+                            )
+                        } else {
+                            e.to_string()
+                        };
+                        return Some(Message::Rejected { index, reason });
                     }
                 }
             }

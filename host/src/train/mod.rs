@@ -857,7 +857,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 path: s.path.clone(),
                 config: s.config.clone(),
                 budget_ms: (s.limits.call_budget != default.call_budget)
-                    .then(|| s.limits.call_budget.as_millis() as u64),
+                    .then_some(s.limits.call_budget.as_millis() as u64),
                 memory_mb: (s.limits.memory_bytes != default.memory_bytes)
                     .then_some(s.limits.memory_bytes >> 20),
             }
@@ -1049,11 +1049,27 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     for p in plugins.plugins() {
         tracing::info!("plugin {} {} ({})", p.name(), p.manifest().version, p.path().display());
     }
+    // Several LR plugins form a chain: each gets the LR the one before settled on.
+    let lr_chain: Vec<&str> = plugins
+        .plugins()
+        .iter()
+        .filter(|p| p.manifest().hooks.contains(&crate::plugin::Hook::LrSchedule))
+        .map(|p| p.name())
+        .collect();
+    if lr_chain.len() > 1 {
+        tracing::warn!(
+            "{} plugins set the LR: {} (in this order, each is handed the previous one's LR as scheduled_lr; the last one that answers decides)",
+            lr_chain.len(),
+            lr_chain.join(" -> ")
+        );
+    }
     if !state.plugin_states.is_empty() {
         let states: HashMap<String, Vec<u8>> =
             state.plugin_states.iter().filter_map(|(k, v)| Some((k.clone(), unhex(v)?))).collect();
         let restored = plugins.restore(&states);
-        tracing::info!("restored plugin state: {}", restored.join(", "));
+        if !restored.is_empty() {
+            tracing::info!("restored plugin state: {}", restored.join(", "));
+        }
         let loaded: Vec<String> = plugins.plugins().iter().map(|p| p.name().to_string()).collect();
         for name in states.keys().filter(|k| !restored.contains(k)) {
             if loaded.contains(name) {
@@ -1547,7 +1563,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     .to_string(),
             );
         }
-        let mem = memory_bytes();
+        // The run's peak so far: the device's tensor memory on CUDA, else the process's.
+        let mem = crate::gpu::peak_memory(&device).map(|(held, _)| held).unwrap_or_else(memory_bytes);
         let terms_for_hook: Vec<LossTerm> = WEIGHTED_TERMS
             .iter()
             .map(|n| LossTerm {
