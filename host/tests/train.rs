@@ -660,6 +660,15 @@ fn resume_after_changes_is_checked_and_keeps_the_history() {
     let kept: Vec<u64> = lorahost::train::checkpoint::list(&ckpts).into_iter().map(|(s, _)| s).collect();
     assert_eq!(kept.last(), Some(&5), "{kept:?}");
     assert!(ckpts.join("abandoned-step-00000008").is_dir());
+    // ... and so are the log records of steps 5-8 (resumed from step 4), beside the log.
+    let set_aside = std::fs::read_to_string(out.join("metrics.abandoned-after-step-4.jsonl")).unwrap();
+    let aside: Vec<u64> = set_aside
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("event").is_none())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(aside, [5, 6, 7, 8]);
     // Complete: nothing is trained, nothing rewritten.
     let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
     let s = resume(&lr, 5, Resume::Latest).unwrap();

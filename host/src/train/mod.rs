@@ -562,6 +562,7 @@ impl MetricsLog {
     fn open(path: &Path, header: &RunHeader, keep_until: Option<u64>) -> Result<Self> {
         let mut kept = Vec::new();
         if let Some(last) = keep_until {
+            let mut dropped = Vec::new();
             if let Ok(text) = std::fs::read_to_string(path) {
                 for line in text.lines() {
                     let v: serde_json::Value = match serde_json::from_str(line) {
@@ -571,7 +572,31 @@ impl MetricsLog {
                     let step = v.get("step").and_then(|s| s.as_u64());
                     if v.get("run").is_some() || step.is_some_and(|s| s <= last) {
                         kept.push(line.to_string());
+                    } else {
+                        dropped.push(line);
                     }
+                }
+                // The records after the resume point belong to the abandoned branch (its
+                // checkpoints are set aside too): kept beside the log, not lost.
+                if !dropped.is_empty() {
+                    let dir = path.parent().unwrap_or(Path::new("."));
+                    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let mut to = dir.join(format!("{stem}.abandoned-after-step-{last}.jsonl"));
+                    let mut k = 1;
+                    while to.exists() {
+                        to = dir.join(format!("{stem}.abandoned-after-step-{last}-{k}.jsonl"));
+                        k += 1;
+                    }
+                    let mut body = dropped.join("\n");
+                    body.push('\n');
+                    crate::fsutil::write_atomic(&to, body.as_bytes())
+                        .with_context(|| format!("writing {}", to.display()))?;
+                    tracing::warn!(
+                        "{}: {} record(s) after step {last} (the resume point) moved to {}",
+                        path.display(),
+                        dropped.len(),
+                        to.display()
+                    );
                 }
             }
         }
