@@ -413,7 +413,7 @@ fn normalize(body: &mut serde_json::Value) -> Result<(Vec<String>, Vec<String>),
         }
         if !dropped.is_empty() {
             warnings.push(format!(
-                "{path}.global_attn_indexes: {dropped:?} name no layer (there are {layers}, 0..{}); \
+                "{path}.global_attn_indexes: {dropped:?} name no layer (the ViT has {layers} layers, 0..={}); \
                  ignored, as transformers does",
                 layers.max(1) - 1
             ));
