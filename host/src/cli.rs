@@ -306,9 +306,13 @@ pub enum PluginCommand {
         /// Parent directory for the new crate.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// Path to the lorahost-plugin SDK (plugins/sdk of the lorahost repo) [default: the one this binary was built from].
-        #[arg(long)]
+        /// Path to the lorahost-plugin SDK (plugins/sdk of a lorahost repository) [default: the one this binary was built from, else a vendored copy].
+        #[arg(long, conflicts_with = "vendor_sdk")]
         sdk: Option<PathBuf>,
+        /// Put a copy of the SDK this binary embeds inside the new crate (`lorahost-plugin/`), so
+        /// the crate builds on any machine, without a lorahost repository.
+        #[arg(long)]
+        vendor_sdk: bool,
     },
 }
 
@@ -794,8 +798,14 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Plugin(PluginCommand::New { name, dir, sdk }) => {
-            let path = crate::scaffold::new_plugin(name, dir, sdk.as_deref())?;
+        Command::Plugin(PluginCommand::New { name, dir, sdk, vendor_sdk }) => {
+            use crate::scaffold::SdkSource;
+            let source = match (sdk, vendor_sdk) {
+                (Some(p), _) => SdkSource::Path(p.clone()),
+                (None, true) => SdkSource::Vendored,
+                (None, false) => SdkSource::Default,
+            };
+            let path = crate::scaffold::new_plugin(name, dir, source)?;
             println!("created {}", path.display());
             println!("build it:  cd {} && cargo build --release --target wasm32-wasip2", path.display());
             println!(

@@ -3,6 +3,43 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+/// The SDK this binary was built with, embedded: `plugin new --vendor-sdk` (or a binary whose
+/// source tree is gone) writes it into the new crate, which then builds anywhere.
+const SDK_LIB: &str = include_str!("../../plugins/sdk/src/lib.rs");
+const SDK_STATS: &str = include_str!("../../plugins/sdk/src/stats.rs");
+const SDK_WIT: &str = include_str!("../../wit/lorahost-plugin.wit");
+/// The SDK's dependencies (as in `plugins/Cargo.toml`'s `[workspace.dependencies]`).
+const SDK_CARGO: &str = r#"[package]
+name = "lorahost-plugin"
+description = "SDK for lorahost training plugins (vendored by `lorahost plugin new`)"
+version = "0.1.0"
+edition = "2021"
+license = "Apache-2.0"
+
+[dependencies]
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+wit-bindgen = "0.61.1"
+"#;
+/// Where the vendored SDK goes inside the new crate.
+const VENDORED: &str = "lorahost-plugin";
+
+/// Write the embedded SDK (and the contract it implements) to `dir`.
+fn write_vendored_sdk(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::create_dir_all(dir.join("wit"))?;
+    // The repo's SDK reads the contract from the repo's wit/; the copy carries its own.
+    let lib = SDK_LIB.replace(r#"path: "../../wit","#, r#"path: "wit","#);
+    if lib == SDK_LIB {
+        bail!("internal: the SDK's WIT path changed; update scaffold.rs");
+    }
+    std::fs::write(dir.join("Cargo.toml"), SDK_CARGO)?;
+    std::fs::write(dir.join("src/lib.rs"), lib)?;
+    std::fs::write(dir.join("src/stats.rs"), SDK_STATS)?;
+    std::fs::write(dir.join("wit/lorahost-plugin.wit"), SDK_WIT)?;
+    Ok(())
+}
+
 /// The SDK directory compiled into this binary (the repo's `plugins/sdk`), if it still exists.
 pub fn default_sdk_dir() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
@@ -20,8 +57,21 @@ fn type_name(name: &str) -> String {
         .collect()
 }
 
+/// Where a new plugin gets its SDK from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SdkSource {
+    /// The repository's `plugins/sdk` this binary was built from when it still exists, else a
+    /// vendored copy.
+    Default,
+    /// This SDK directory (a path dependency).
+    Path(PathBuf),
+    /// A copy of the SDK embedded in this binary, inside the new crate (`lorahost-plugin/`):
+    /// the crate builds on any machine.
+    Vendored,
+}
+
 /// Create `parent/name` with a minimal plugin. Returns the crate directory.
-pub fn new_plugin(name: &str, parent: &Path, sdk: Option<&Path>) -> Result<PathBuf> {
+pub fn new_plugin(name: &str, parent: &Path, sdk: SdkSource) -> Result<PathBuf> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
@@ -30,23 +80,40 @@ pub fn new_plugin(name: &str, parent: &Path, sdk: Option<&Path>) -> Result<PathB
         bail!("plugin name {name:?} must be snake_case: lower-case letters, digits and '_', starting with a letter (e.g. `my_scheduler`)");
     }
     let sdk = match sdk {
-        Some(p) => p.to_path_buf(),
-        None => default_sdk_dir().context(
-            "cannot find the lorahost-plugin SDK; pass --sdk PATH (the plugins/sdk folder of the lorahost repository)",
-        )?,
+        SdkSource::Path(p) => Some(p),
+        SdkSource::Default => default_sdk_dir(),
+        SdkSource::Vendored => None,
     };
-    if !sdk.join("Cargo.toml").exists() {
-        bail!(
-            "{} is not the lorahost-plugin SDK (no Cargo.toml there); pass --sdk PATH to plugins/sdk",
-            sdk.display()
-        );
+    if let Some(sdk) = &sdk {
+        if !sdk.join("Cargo.toml").exists() {
+            bail!(
+                "{} is not the lorahost-plugin SDK (no Cargo.toml there); pass --sdk PATH to plugins/sdk, or --vendor-sdk for a copy of the SDK inside the new crate",
+                sdk.display()
+            );
+        }
+        // The repo's SDK reads the contract from the repo's wit/ and its versions from the
+        // plugin workspace: a copied SDK folder does not build on its own.
+        if !sdk.join("../../wit/lorahost-plugin.wit").exists() {
+            bail!(
+                "{} is not inside a lorahost repository (no ../../wit/lorahost-plugin.wit beside it), so it does not build on its own; use --vendor-sdk for a self-contained copy of the SDK inside the new crate",
+                sdk.display()
+            );
+        }
     }
-    let sdk = std::fs::canonicalize(&sdk).unwrap_or(sdk);
+    let sdk = sdk.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     let dir = parent.join(name);
     if dir.exists() {
         bail!("{} already exists; choose another name or remove it", dir.display());
     }
     std::fs::create_dir_all(dir.join("src")).with_context(|| format!("cannot create {}", dir.display()))?;
+    let sdk_dep = match &sdk {
+        Some(p) => p.display().to_string().replace('\\', "/"),
+        None => {
+            write_vendored_sdk(&dir.join(VENDORED))
+                .with_context(|| format!("writing the SDK into {}", dir.join(VENDORED).display()))?;
+            VENDORED.to_string()
+        }
+    };
     let cargo = format!(
         r#"[package]
 name = "{name}"
@@ -71,7 +138,7 @@ panic = "abort"
 # A standalone crate, not part of an enclosing workspace.
 [workspace]
 "#,
-        sdk = sdk.display().to_string().replace('\\', "/")
+        sdk = sdk_dep
     );
     let ty = type_name(name);
     let lib = format!(
@@ -158,7 +225,42 @@ mod tests {
         assert_eq!(type_name("spike_guard"), "SpikeGuard");
         assert_eq!(type_name("x"), "X");
         let tmp = std::env::temp_dir();
-        assert!(new_plugin("Bad-Name", &tmp, None).is_err());
-        assert!(new_plugin("", &tmp, None).is_err());
+        assert!(new_plugin("Bad-Name", &tmp, SdkSource::Default).is_err());
+        assert!(new_plugin("", &tmp, SdkSource::Default).is_err());
+    }
+
+    /// The vendored SDK declares the versions the plugin workspace builds the SDK with.
+    #[test]
+    fn vendored_sdk_matches_the_plugin_workspace() {
+        let ws = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/Cargo.toml"))
+            .unwrap();
+        for dep in SDK_CARGO.lines().skip_while(|l| *l != "[dependencies]").skip(1).filter(|l| !l.is_empty())
+        {
+            assert!(ws.contains(dep), "plugins/Cargo.toml has no `{dep}`: update SDK_CARGO");
+        }
+        let sdk =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk/Cargo.toml"))
+                .unwrap();
+        for dep in ["serde", "serde_json", "wit-bindgen"] {
+            assert!(
+                sdk.contains(&format!("{dep}.workspace")),
+                "the SDK's dependencies changed: update SDK_CARGO"
+            );
+        }
+        let src = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk/src"))
+            .unwrap()
+            .count();
+        assert_eq!(src, 2, "the SDK has other source files now: embed them too");
+        let tmp = tempfile::tempdir().unwrap();
+        let krate = new_plugin("vendored_x", tmp.path(), SdkSource::Vendored).unwrap();
+        let toml = std::fs::read_to_string(krate.join("Cargo.toml")).unwrap();
+        assert!(toml.contains(r#"lorahost-plugin = { path = "lorahost-plugin" }"#), "{toml}");
+        assert!(krate.join("lorahost-plugin/wit/lorahost-plugin.wit").is_file());
+        // A copied SDK folder (outside a repository) is refused with the way out.
+        let copy = tmp.path().join("sdk");
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::write(copy.join("Cargo.toml"), "").unwrap();
+        let e = new_plugin("y", tmp.path(), SdkSource::Path(copy)).unwrap_err().to_string();
+        assert!(e.contains("--vendor-sdk"), "{e}");
     }
 }

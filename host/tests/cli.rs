@@ -114,7 +114,9 @@ fn replay_reports_a_bad_trace_line() {
 #[test]
 fn new_scaffolds_a_plugin_that_builds_and_passes_check() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out, err) = run(lorahost().args(["plugin", "new", "my_guard", "--dir"]).arg(dir.path()));
+    // With the SDK vendored into the crate: what a third-party author gets, buildable anywhere.
+    let (ok, out, err) =
+        run(lorahost().args(["plugin", "new", "my_guard", "--vendor-sdk", "--dir"]).arg(dir.path()));
     assert!(ok, "{err}");
     assert!(out.contains("my_guard"));
     let krate = dir.path().join("my_guard");

@@ -738,6 +738,27 @@ fn compounding_scale_lr_is_capped() {
     }
 }
 
+/// A tokenizer.json with more tokens than the model's text vocabulary (another model's) is
+/// refused before training, by name, rather than failing inside an embedding lookup.
+#[test]
+fn a_tokenizer_too_large_for_the_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 2);
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    // tiny_a has a 128-token text vocabulary; the demo tokenizer has more.
+    let fixture = common::repo().join("host/tests/fixtures/sam3/tiny_a");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(common::repo().join("examples/tiny_sam3/tokenizer.json"), model.join("tokenizer.json"))
+        .unwrap();
+    let cfg = config(tmp.path(), &data, &tmp.path().join("run"), "", "");
+    let o = TrainOptions { overrides: vec![format!("model.path={}", model.display())], ..opts(&cfg) };
+    let e = format!("{:#}", train(&o).unwrap_err());
+    assert!(e.contains("tokenizer") && e.contains("vocab_size"), "{e}");
+}
+
 /// A skip answered by one plugin rolls the update back even when another stops on that step.
 #[test]
 fn a_skip_beside_a_stop_still_rolls_the_update_back() {

@@ -5,8 +5,8 @@
 //! adapters loaded strictly.
 
 use super::{
-    device_for, load_config, load_tokenizer, loss_weights, resolve_model, target_mask_size, validate,
-    with_prompts, ValidationSet,
+    check_tokenizer, device_for, load_config, load_tokenizer, loss_weights, resolve_model, target_mask_size,
+    validate, with_prompts, ValidationSet,
 };
 use crate::data::coco::{Dataset, FindingKind, Severity};
 use crate::evaluation::EvalSummary;
@@ -95,6 +95,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     let model_path = resolve_model(&cfg)?;
     let tokenizer = load_tokenizer(&model_path)?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
+    check_tokenizer(&tokenizer, &model, &model_path)?;
     let _adapters = match &opts.adapter {
         Some(dir) => {
             let lora = LoraSet::attach(&mut model, &LoraConfig::from_section(&cfg.lora), &device)

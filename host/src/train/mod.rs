@@ -248,6 +248,14 @@ fn load_tokenizer(model_path: &Path) -> Result<PromptTokenizer> {
     PromptTokenizer::from_dir(&tok_dir).with_context(|| format!("tokenizer of {}", model_path.display()))
 }
 
+/// The tokenizer must fit the model's text embedding (a tokenizer.json of another model
+/// would index past it).
+fn check_tokenizer(tokenizer: &PromptTokenizer, model: &Sam3Model, model_path: &Path) -> Result<()> {
+    tokenizer
+        .check_model_vocab(model.config().text_config.vocab_size)
+        .with_context(|| format!("tokenizer of {}", model_path.display()))
+}
+
 /// The side of the GT masks: the mask head predicts at the finest FPN level,
 /// (image / patch) × scale_factors[0].
 fn target_mask_size(model: &Sam3Model) -> usize {
@@ -742,6 +750,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let model_path = resolve_model(&cfg)?;
     let tokenizer = load_tokenizer(&model_path)?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
+    check_tokenizer(&tokenizer, &model, &model_path)?;
     model.set_activation_checkpointing(cfg.training.gradient_checkpointing)?;
     let lora_cfg = LoraConfig::from_section(&cfg.lora);
     let lora = LoraSet::attach_seeded(&mut model, &lora_cfg, seed, &device)
