@@ -33,7 +33,9 @@ with open(os.path.join(here, "smooth.jsonl"), "w") as f:
         if s <= warmup:
             lr = base * s / warmup
         else:
-            lr = base * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            # The host's convention (host/src/train/schedule.rs): the peak right after warmup,
+            # no step spent at the final LR.
+            lr = base * 0.5 * (1 + math.cos(math.pi * (s - warmup - 1) / (total - warmup)))
         loss = (2.0 * math.exp(-s / 60.0) + 0.3) * (1 + 0.02 * noise(s, 1))
         gn = (1.5 * math.exp(-s / 80.0) + 0.4) * (1 + 0.05 * noise(s, 2))
         # Per-term losses with Meta's default weights; the weighted terms add up to `loss`.
