@@ -542,6 +542,15 @@ impl TrainConfig {
 
     /// Parse YAML text (`origin` names it in messages).
     pub fn from_yaml(text: &str, origin: &Path) -> Result<(Self, Vec<String>), TrainConfigError> {
+        let (cfg, warnings) = Self::from_yaml_unvalidated(text, origin)?;
+        cfg.validate(origin)?;
+        Ok((cfg, warnings))
+    }
+
+    /// Parse YAML text into a config without [`Self::validate`] (so every contradiction can
+    /// be listed on its own, as `doctor` does): the warnings (unknown keys, keys read under
+    /// another name) with it.
+    pub fn from_yaml_unvalidated(text: &str, origin: &Path) -> Result<(Self, Vec<String>), TrainConfigError> {
         let invalid = |reason: String| TrainConfigError::Invalid { path: origin.into(), reason };
         let value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
@@ -554,7 +563,6 @@ impl TrainConfig {
         let warnings = unknown_keys(&value);
         let cfg: TrainConfig = serde_path_to_error::deserialize(value)
             .map_err(|e| invalid(format!("{}: {}", e.path(), e.inner())))?;
-        cfg.validate(origin)?;
         Ok((cfg, warnings))
     }
 
