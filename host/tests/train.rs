@@ -759,6 +759,37 @@ fn a_tokenizer_too_large_for_the_model_is_refused() {
     assert!(e.contains("tokenizer") && e.contains("vocab_size"), "{e}");
 }
 
+/// A fresh run into a folder that holds an earlier run sets the earlier one aside (nothing
+/// lost, nothing mixed): pruning, best/ and a later --resume see only the new run.
+#[test]
+fn a_fresh_run_sets_an_earlier_run_in_its_folder_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 2\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  save_steps: 1\n  save_total_limit: 2\n",
+        "",
+    );
+    run(&TrainOptions { max_steps: Some(6), ..opts(&cfg) });
+    run(&TrainOptions { max_steps: Some(3), ..opts(&cfg) });
+    let kept: Vec<u64> =
+        lorahost::train::checkpoint::list(&out.join("checkpoints")).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, [2, 3], "only the new run's checkpoints");
+    let earlier = out.join("previous-runs/run-1");
+    let old: Vec<u64> =
+        lorahost::train::checkpoint::list(&earlier.join("checkpoints")).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(old, [5, 6]);
+    let old_steps = lorahost::metrics::Trace::read(&earlier.join("metrics.jsonl")).unwrap().steps.len();
+    assert_eq!((old_steps, steps(&out).steps.len()), (6, 3));
+    // --resume continues the new run.
+    let s = run(&TrainOptions { max_steps: Some(4), resume: Some(Resume::Latest), ..opts(&cfg) });
+    assert_eq!(s.steps, 4);
+    assert!(!out.join("previous-runs/run-2").exists(), "a resume sets nothing aside");
+}
+
 /// A skip answered by one plugin rolls the update back even when another stops on that step.
 #[test]
 fn a_skip_beside_a_stop_still_rolls_the_update_back() {

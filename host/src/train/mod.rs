@@ -188,6 +188,56 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// The outputs a run writes into `output_dir` (and `logging_dir`).
+const RUN_OUTPUTS: &[&str] = &[
+    "checkpoints",
+    "adapter",
+    "best",
+    "merged",
+    "run.json",
+    "config.yaml",
+    "loss_curve.png",
+    "predictions.json",
+    "nonfinite_batches.jsonl",
+];
+
+/// Move an earlier run's outputs in `out_dir` (and its metrics log in `log_dir`) to
+/// `out_dir/previous-runs/run-N/`. Returns where they went, or None when there was no run.
+fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBuf>> {
+    let is_log = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("metrics") && n.ends_with(".jsonl"))
+    };
+    let mut found: Vec<PathBuf> =
+        RUN_OUTPUTS.iter().map(|n| out_dir.join(n)).filter(|p| p.exists()).collect();
+    for dir in [out_dir, log_dir] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if is_log(&e.path()) && !found.contains(&e.path()) {
+                found.push(e.path());
+            }
+        }
+    }
+    // Only an empty checkpoints/ folder and nothing else: no run to keep.
+    let ckpts = out_dir.join("checkpoints");
+    if found.iter().all(|p| *p == ckpts) && checkpoint::list(&ckpts).is_empty() {
+        return Ok(None);
+    }
+    let root = out_dir.join("previous-runs");
+    let mut k = 1;
+    while root.join(format!("run-{k}")).exists() {
+        k += 1;
+    }
+    let to = root.join(format!("run-{k}"));
+    std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+    for p in found {
+        let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        std::fs::rename(&p, to.join(&name))
+            .with_context(|| format!("moving {} to {}", p.display(), to.display()))?;
+    }
+    Ok(Some(to))
+}
+
 /// `config.yaml`'s text: a comment saying what it is, then the settings.
 fn config_record_text(record: &serde_yaml::Value, opts: &TrainOptions) -> String {
     let mut head = format!(
@@ -916,6 +966,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     .collect();
     record["loss"] = serde_yaml::to_value(loss).unwrap_or_default();
     let record_text = config_record_text(&record, opts);
+    // A fresh run into a folder that holds an earlier run: the earlier run's outputs are set
+    // aside, so the two never mix (pruning, --resume and best/ would otherwise pick across them)
+    // and nothing written before is lost.
+    if resume_dir.is_none() {
+        if let Some(to) = set_aside_earlier_run(&out_dir, &log_dir)? {
+            tracing::warn!(
+                "{} held an earlier run: its outputs were moved to {} (to continue a run instead, pass --resume)",
+                out_dir.display(),
+                to.display()
+            );
+        }
+    }
     let mut header_changed = false;
     if let Some(dir) = &resume_dir {
         let (s, tensors) = checkpoint::load(dir)?;
