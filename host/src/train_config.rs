@@ -278,7 +278,7 @@ impl TrainingSection {
     /// The precision setting.
     pub fn precision(&self) -> Option<Precision> {
         match self.mixed_precision.trim().to_ascii_lowercase().as_str() {
-            "no" | "none" | "fp32" | "f32" | "false" | "" => Some(Precision::No),
+            "no" | "none" | "fp32" | "f32" | "float32" | "false" | "off" | "" => Some(Precision::No),
             "bf16" | "bfloat16" => Some(Precision::Bf16),
             "fp16" | "float16" | "f16" => Some(Precision::Fp16),
             _ => None,
@@ -351,12 +351,23 @@ impl Default for EvaluationSection {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct HardwareSection {
-    /// "cpu" or "cuda".
+    /// "cpu", "cuda", "cuda:N" (GPU N) or "auto".
     pub device: String,
     /// Accepted for compatibility (no effect in Rust).
     pub dataloader_pin_memory: bool,
     /// Accepted for compatibility (no effect in Rust).
     pub use_compile: bool,
+}
+
+impl HardwareSection {
+    /// The GPU number of `device: cuda:N` (`cuda` alone: 0); `None` for cpu, auto and others.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        let d = self.device.trim().to_ascii_lowercase();
+        if d == "cuda" {
+            return Some(0);
+        }
+        d.strip_prefix("cuda:")?.trim().parse().ok()
+    }
 }
 
 impl Default for HardwareSection {
@@ -455,11 +466,16 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("hardware", &["device", "dataloader_pin_memory", "use_compile"]),
 ];
 
-/// Keys of SAM3_LoRA's legacy layouts that lorahost reads under another name.
-const LEGACY: &[(&str, &str)] = &[
-    ("training.train_data_path", "training.data_dir (the dataset root with train/ and valid/)"),
-    ("training.val_data_path", "training.data_dir (the dataset root with train/ and valid/)"),
-];
+/// Keys that [`TrainConfig::from_yaml_unvalidated`] reads under lorahost's name or answers
+/// with what to do instead (so they are not "unknown", in a config or an `--override`).
+fn migrated(section: &str, key: &str) -> bool {
+    ALIASES.iter().any(|(s, k, ..)| *s == section && *k == key)
+        || pointer(section, key, &Value::Null, &Mapping::new()).is_some()
+        || matches!(
+            (section, key),
+            ("training", "fp16" | "bf16" | "betas" | "train_data_path" | "val_data_path")
+        )
+}
 
 /// Levenshtein distance, for "did you mean".
 fn distance(a: &str, b: &str) -> usize {
@@ -506,7 +522,13 @@ pub(crate) fn unknown_keys(v: &serde_yaml::Value) -> Vec<String> {
             continue;
         }
         let Some((_, keys)) = KNOWN.iter().find(|(s, _)| *s == k) else {
-            if !sections.contains(&k) {
+            if k.starts_with('_') || k.starts_with("x-") {
+                out.push(format!(
+                    "section `{k}` is not a lorahost section (ignored; fine when it only holds YAML anchors for `<<:` merges)"
+                ));
+            } else if ["dataset", "checkpoint"].contains(&k) {
+                // SAM3_LoRA's standalone layout: read by from_yaml_unvalidated.
+            } else if !sections.contains(&k) {
                 let hint =
                     suggest(k, &sections).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
                 out.push(format!("unknown section `{k}` ignored{hint}"));
@@ -519,15 +541,886 @@ pub(crate) fn unknown_keys(v: &serde_yaml::Value) -> Vec<String> {
             if keys.contains(&sub) {
                 continue;
             }
-            let full = format!("{k}.{sub}");
-            if let Some((_, instead)) = LEGACY.iter().find(|(l, _)| *l == full) {
-                out.push(format!("`{full}` is a legacy key and is ignored; use {instead}"));
+            if migrated(k, sub) {
+                continue;
+            }
+            let hint = suggest(sub, keys).map(|s| format!(" (did you mean `{k}.{s}`?)")).unwrap_or_default();
+            out.push(format!("unknown key `{k}.{sub}` ignored{hint}"));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading other trainers' YAML: everything below runs inside `from_yaml_unvalidated`, on the
+// parsed document, before the key checks and the typed read, and says what it did as warnings.
+// ---------------------------------------------------------------------------------------------
+
+use serde_yaml::{Mapping, Value};
+
+/// Keys of SAM3_LoRA's forks, PEFT and transformers read under lorahost's name:
+/// (section, key, lorahost's section, lorahost's key, what differs).
+const ALIASES: &[(&str, &str, &str, &str, &str)] = &[
+    ("lora", "r", "lora", "rank", ""),
+    ("lora", "lora_alpha", "lora", "alpha", ""),
+    ("lora", "lora_dropout", "lora", "dropout", ""),
+    ("training", "lr", "training", "learning_rate", ""),
+    ("training", "epochs", "training", "num_epochs", ""),
+    ("training", "num_train_epochs", "training", "num_epochs", ""),
+    ("training", "per_device_train_batch_size", "training", "batch_size", ""),
+    ("training", "dataloader_num_workers", "training", "num_workers", ""),
+    ("training", "lr_scheduler_type", "training", "lr_scheduler", ""),
+    ("training", "grad_clip", "training", "max_grad_norm", ""),
+    ("training", "clip_grad_norm", "training", "max_grad_norm", ""),
+    ("training", "max_norm", "training", "max_grad_norm", ""),
+    ("training", "log_every_n_steps", "training", "logging_steps", " (counted in optimizer steps)"),
+    ("output", "log_every_n_steps", "training", "logging_steps", " (counted in optimizer steps)"),
+    (
+        "training",
+        "validate_every_n_iterations",
+        "training",
+        "eval_steps",
+        " (counted in optimizer steps; 0 = once per epoch)",
+    ),
+    (
+        "training",
+        "eval_every_n_steps",
+        "training",
+        "eval_steps",
+        " (counted in optimizer steps; 0 = once per epoch)",
+    ),
+    (
+        "training",
+        "keep_last_n_epoch_ckpts",
+        "training",
+        "save_total_limit",
+        " (the newest N checkpoints are kept, 0 = all; with training.save_steps: 0 there is one per epoch)",
+    ),
+    (
+        "output",
+        "keep_last_n_epoch_ckpts",
+        "training",
+        "save_total_limit",
+        " (the newest N checkpoints are kept, 0 = all; with training.save_steps: 0 there is one per epoch)",
+    ),
+    ("dataset", "data_root", "training", "data_dir", " (SAM3_LoRA's standalone layout)"),
+    ("checkpoint", "save_dir", "output", "output_dir", " (SAM3_LoRA's standalone layout)"),
+];
+
+/// Keys of SAM3_LoRA's forks that lorahost does differently: what to do instead. The key is
+/// not read. `active` values only: `false`, `null` and "" say nothing.
+fn pointer(section: &str, key: &str, v: &Value, t: &Mapping) -> Option<Option<String>> {
+    let shown = show(v);
+    let active = !matches!(v, Value::Null | Value::Bool(false))
+        && v.as_str().is_none_or(|s| !s.trim().is_empty() && !is_false_word(s));
+    let text = match (section, key) {
+        ("training" | "output", "auto_resume") => {
+            "lorahost resumes when asked: `lorahost train --config ... --resume` continues from the newest checkpoint in output_dir".to_string()
+        }
+        ("training" | "output", "resume_from") => format!(
+            "pass it on the command line instead: `lorahost train --config ... --resume {}` (a checkpoint directory, output_dir/checkpoints/step-N)",
+            v.as_str().unwrap_or("DIR")
+        ),
+        ("training" | "output", "save_every_epoch") => {
+            let steps = t.get("save_steps").map(show).unwrap_or_else(|| "0".into());
+            format!(
+                "lorahost saves a checkpoint every training.save_steps optimizer steps, and once per epoch with save_steps: 0 (the default; here save_steps is {steps})"
+            )
+        }
+        ("training" | "output", "save_resume_checkpoint" | "resume_checkpoint_name") => {
+            "every lorahost checkpoint (output_dir/checkpoints/step-N) holds the whole training state that --resume continues from".into()
+        }
+        ("training" | "output", "save_config_each_run" | "config_snapshot_name") => {
+            "lorahost always records the config as config.yaml in output_dir and in each checkpoint".into()
+        }
+        ("training" | "output", "epoch_ckpt_subdir" | "epoch_ckpt_name") => {
+            "lorahost names its checkpoints output_dir/checkpoints/step-N".into()
+        }
+        ("training" | "output", "print_metrics_to_console") => {
+            "lorahost logs the metrics every training.logging_steps to the console and to output_dir/metrics.jsonl".into()
+        }
+        ("training", "warmup_ratio") => {
+            let n = |k: &str, d: &str| t.get(k).map(show).unwrap_or_else(|| d.to_string());
+            let given = if t.contains_key("warmup_steps") {
+                format!(" (training.warmup_steps {} is given and is what counts)", n("warmup_steps", "0"))
             } else {
-                let hint =
-                    suggest(sub, keys).map(|s| format!(" (did you mean `{k}.{s}`?)")).unwrap_or_default();
-                out.push(format!("unknown key `{full}` ignored{hint}"));
+                String::new()
+            };
+            format!(
+                "lorahost counts warmup in optimizer steps: set training.warmup_steps = {shown} x total optimizer steps, where total = num_epochs ({}) x ceil(ceil(train images / batch_size ({})) / gradient_accumulation_steps ({})); `lorahost doctor` prints the total{given}",
+                n("num_epochs", "10"),
+                n("batch_size", "2"),
+                n("gradient_accumulation_steps", "1"),
+            )
+        }
+        ("training", "optimizer") => {
+            if v.as_str().is_some_and(|s| s.trim().eq_ignore_ascii_case("adamw")) {
+                return Some(None); // what lorahost does
+            }
+            "lorahost's optimizer is AdamW (training.weight_decay, adam_beta1, adam_beta2, adam_epsilon); there is no other".into()
+        }
+        ("hardware", "tf32" | "allow_tf32" | "cudnn_benchmark" | "use_fused_adamw" | "channels_last") => {
+            "a PyTorch switch: no effect in lorahost (candle has no such setting); remove it".into()
+        }
+        ("hardware", "persistent_workers" | "prefetch_factor") => {
+            "a PyTorch DataLoader setting: no effect in lorahost (its loader threads live for the whole run; training.num_workers sets how many)".into()
+        }
+        ("lora", "bias") => {
+            if v.as_str().is_some_and(|s| s.trim().eq_ignore_ascii_case("none")) {
+                return Some(None); // what lorahost does
+            }
+            "lorahost trains no biases (PEFT's bias: none); remove it".into()
+        }
+        _ => return None,
+    };
+    Some(active.then(|| format!("`{section}.{key}: {shown}` is not read: {text}")))
+}
+
+/// `s` is one of YAML 1.1's words for false.
+fn is_false_word(s: &str) -> bool {
+    matches!(s.trim().to_ascii_lowercase().as_str(), "false" | "no" | "n" | "off")
+}
+
+/// A YAML 1.1 boolean as PyYAML reads it (and 0/1).
+fn as_bool(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "y" | "on" => Some(true),
+            "false" | "no" | "n" | "off" => Some(false),
+            _ => None,
+        },
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if x == 1.0 => Some(true),
+            Some(x) if x == 0.0 => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A number written as text: "5e-5" (YAML 1.1 reads it as a string), "1_000" (underscores
+/// between digits, as Python's float() accepts).
+fn number_text(s: &str) -> Option<f64> {
+    let s = s.trim();
+    s.parse().ok().or_else(|| s.replace('_', "").parse().ok()).filter(|_| !s.is_empty())
+}
+
+fn as_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => number_text(s),
+        _ => None,
+    }
+}
+
+/// A value as the user wrote it, for messages (no type names).
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(s) => format!("a list of {}", s.len()),
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Tagged(t) => format!("{} {}", t.tag, show(&t.value)),
+    }
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (as_number(a), as_number(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => match (as_bool(a), as_bool(b)) {
+            (Some(x), Some(y)) if !a.is_number() && !b.is_number() => x == y,
+            _ => a == b || a.as_str().zip(b.as_str()).is_some_and(|(x, y)| x.trim() == y.trim()),
+        },
+    }
+}
+
+/// YAML merge keys (`<<: *anchor`, `<<: [*a, *b]`), applied everywhere as PyYAML does: the
+/// mapping's own keys win, then the merged mappings in order. Merged mappings are resolved
+/// first, so chains of merges work.
+fn apply_merges(v: &mut Value) -> Result<(), String> {
+    match v {
+        Value::Mapping(m) => {
+            for (_, child) in m.iter_mut() {
+                apply_merges(child)?;
+            }
+            if let Some(merge) = m.remove("<<") {
+                let sources = match merge {
+                    Value::Mapping(s) => vec![s],
+                    Value::Sequence(list) => list
+                        .into_iter()
+                        .map(|e| match e {
+                            Value::Mapping(s) => Ok(s),
+                            other => Err(format!("`<<:` merges mappings; got {}", show(&other))),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    other => {
+                        return Err(format!("`<<:` merges a mapping (`<<: *anchor`); got {}", show(&other)))
+                    }
+                };
+                for s in sources {
+                    for (k, val) in s {
+                        m.entry(k).or_insert(val);
+                    }
+                }
             }
         }
+        Value::Sequence(s) => {
+            for e in s {
+                apply_merges(e)?;
+            }
+        }
+        Value::Tagged(t) => apply_merges(&mut t.value)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What a setting holds.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Bool,
+    Count,
+    Number,
+    Text,
+    OptText,
+    Path,
+    OptPath,
+    List,
+    Precision,
+}
+
+fn kind_of(section: &str, key: &str) -> Option<Kind> {
+    use Kind::*;
+    Some(match (section, key) {
+        ("model", "name")
+        | ("training", "lr_scheduler")
+        | ("evaluation", "metric")
+        | ("hardware", "device") => Text,
+        ("model", "cache_dir" | "path") | ("output", "logging_dir") => OptPath,
+        ("output", "hub_model_id") => OptText,
+        ("training", "data_dir") | ("output", "output_dir") => Path,
+        ("lora", "rank")
+        | (
+            "training",
+            "num_negatives"
+            | "batch_size"
+            | "num_workers"
+            | "num_epochs"
+            | "warmup_steps"
+            | "logging_steps"
+            | "eval_steps"
+            | "save_steps"
+            | "save_total_limit"
+            | "seed"
+            | "gradient_accumulation_steps",
+        ) => Count,
+        ("lora", "alpha" | "dropout")
+        | (
+            "training",
+            "learning_rate" | "weight_decay" | "adam_beta1" | "adam_beta2" | "adam_epsilon" | "max_grad_norm"
+            | "box_prompt_prob",
+        ) => Number,
+        ("lora", "target_modules") => List,
+        ("training", "mixed_precision") => Precision,
+        ("lora", k) if k.starts_with("apply_to_") => Bool,
+        ("training", "augment" | "synthetic" | "gradient_checkpointing")
+        | ("output", "save_lora_only" | "push_to_hub")
+        | ("evaluation", "save_predictions" | "compute_metrics_during_training")
+        | ("hardware", "dataloader_pin_memory" | "use_compile") => Bool,
+        _ => return None,
+    })
+}
+
+/// Bring every known setting to the shape the typed read takes, as PyYAML would have read it:
+/// YAML 1.1 booleans (yes/no/on/off/y/n), numbers written as text, `null` = the default
+/// (`max_grad_norm: null` = no clipping, as in transformers). Errors name the key and what it
+/// expected, never a Rust type.
+fn normalize(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String>) {
+    let defaults = serde_yaml::to_value(TrainConfig::default()).unwrap_or_default();
+    for (section, _) in KNOWN {
+        let Some(sec) = doc.get_mut(*section) else { continue };
+        if sec.is_null() {
+            *sec = Value::Mapping(Mapping::new());
+            continue;
+        }
+        let Some(m) = sec.as_mapping_mut() else {
+            errors.push(format!("{section}: expected a mapping of `key: value` lines, got {}", show(sec)));
+            continue;
+        };
+        let keys: Vec<String> = m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+        for key in keys {
+            let Some(kind) = kind_of(section, &key) else { continue };
+            let name = format!("{section}.{key}");
+            let v = m.get_mut(key.as_str()).expect("listed key");
+            if let Value::Tagged(t) = v {
+                let inner = std::mem::replace(&mut t.value, Value::Null);
+                *v = inner;
+            }
+            if v.is_null() && !matches!(kind, Kind::OptPath | Kind::OptText) {
+                if name == "training.max_grad_norm" {
+                    notes.push(
+                        "`training.max_grad_norm: null` read as 0: no gradient clipping (as in transformers)"
+                            .into(),
+                    );
+                    *v = Value::from(0.0);
+                } else {
+                    if name != "training.data_dir" {
+                        let d = defaults.get(*section).and_then(|s| s.get(key.as_str()));
+                        let d = d.map(|d| serde_yaml::to_string(d).unwrap_or_default().trim().to_string());
+                        notes.push(format!("`{name}: null` read as its default ({})", d.unwrap_or_default()));
+                    }
+                    m.remove(key.as_str());
+                }
+                continue;
+            }
+            let got = show(v);
+            let bad = |what: &str| format!("{name}: expected {what}, got {got}");
+            match kind {
+                Kind::Bool => match as_bool(v) {
+                    Some(b) => *v = Value::Bool(b),
+                    None => errors.push(bad("true or false (yes/no, on/off also read)")),
+                },
+                Kind::Count => match as_number(v).filter(|_| !v.is_bool()) {
+                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f.is_finite() => *v = Value::from(f as u64),
+                    Some(_) => errors.push(bad("a whole number >= 0")),
+                    None => errors.push(bad("a whole number")),
+                },
+                Kind::Number => match as_number(v) {
+                    Some(f) => *v = Value::from(f),
+                    None => errors.push(bad("a number")),
+                },
+                Kind::Text | Kind::OptText | Kind::Path | Kind::OptPath => match v {
+                    Value::String(_) | Value::Null => {}
+                    Value::Number(n) => *v = Value::String(n.to_string()),
+                    _ => errors.push(bad(if matches!(kind, Kind::Path | Kind::OptPath) {
+                        "a path"
+                    } else {
+                        "text"
+                    })),
+                },
+                Kind::List => match v {
+                    Value::Sequence(items) => {
+                        for (i, e) in items.iter_mut().enumerate() {
+                            match e {
+                                Value::String(_) => {}
+                                Value::Number(n) => *e = Value::String(n.to_string()),
+                                other => errors.push(format!(
+                                    "{name}[{i}]: expected a module name, got {}",
+                                    show(other)
+                                )),
+                            }
+                        }
+                    }
+                    _ => errors.push(bad("a list of module names such as [q_proj, v_proj]")),
+                },
+                Kind::Precision => match (v.as_str(), as_bool(v)) {
+                    // YAML 1.1 `off` / `no` (and `false`) mean no mixed precision.
+                    (_, Some(false)) => *v = Value::String("no".into()),
+                    (_, Some(true)) => *v = Value::String("true".into()),
+                    (Some(_), None) => {}
+                    (None, None) => errors.push(bad("no, bf16 or fp16")),
+                },
+            }
+        }
+    }
+    for (i, p) in doc.get_mut("plugins").and_then(Value::as_sequence_mut).into_iter().flatten().enumerate() {
+        let Some(m) = p.as_mapping_mut() else {
+            errors.push(format!(
+                "plugins[{i}]: expected a mapping with a path (- path: plugin.wasm), got {}",
+                show(p)
+            ));
+            continue;
+        };
+        if !m.get("path").is_some_and(|p| p.is_string()) {
+            errors.push(format!("plugins[{i}].path: expected the path of a .wasm plugin"));
+        }
+        for key in ["budget_ms", "memory_mb"] {
+            if let Some(v) = m.get_mut(key) {
+                match as_number(v).filter(|f| *f >= 0.0 && f.fract() == 0.0 && !v.is_bool()) {
+                    Some(f) => *v = Value::from(f as u64),
+                    None if v.is_null() => {
+                        m.remove(key);
+                    }
+                    None => {
+                        errors.push(format!("plugins[{i}].{key}: expected a whole number, got {}", show(v)))
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = doc.get("plugins").filter(|p| !p.is_sequence() && !p.is_null()) {
+        errors.push(format!("plugins: expected a list (- path: plugin.wasm), got {}", show(p)));
+    }
+    if let Some(l) = doc.get("loss").filter(|l| !l.is_mapping() && !l.is_null()) {
+        errors.push(format!("loss: expected a mapping of loss term weights, got {}", show(l)));
+    }
+    for k in ["plugins", "loss"] {
+        if doc.get(k).is_some_and(Value::is_null) {
+            doc.remove(k);
+        }
+    }
+}
+
+/// The section `name` of `doc`, created when missing (a `null` section becomes empty).
+fn section<'a>(doc: &'a mut Mapping, name: &str) -> Option<&'a mut Mapping> {
+    let v = doc.entry(Value::String(name.into())).or_insert(Value::Null);
+    if v.is_null() {
+        *v = Value::Mapping(Mapping::new());
+    }
+    v.as_mapping_mut()
+}
+
+/// Whether `doc[section][key]` is set (and not null).
+fn has(doc: &Mapping, section: &str, key: &str) -> bool {
+    doc.get(section).and_then(|s| s.get(key)).is_some_and(|v| !v.is_null())
+}
+
+/// Read `from` as `to`: moved when `to` is not given, compared when it is.
+fn alias(
+    doc: &mut Mapping,
+    (sec, key, to_sec, to_key, extra): (&str, &str, &str, &str, &str),
+    notes: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) {
+    let Some(v) = doc.get_mut(sec).and_then(Value::as_mapping_mut).and_then(|m| m.remove(key)) else {
+        return;
+    };
+    let (from, to) = (format!("{sec}.{key}"), format!("{to_sec}.{to_key}"));
+    let existing = doc.get(to_sec).and_then(|s| s.get(to_key)).filter(|v| !v.is_null()).cloned();
+    match existing {
+        Some(e) if !same_value(&e, &v) => errors.push(format!(
+            "`{from}: {}` and `{to}: {}` are both given and differ ({from} is read as {to}): keep one",
+            show(&v),
+            show(&e)
+        )),
+        Some(_) => {
+            notes.push(format!("`{from}` read as `{to}`{extra}; {to} gives the same value: remove {from}"))
+        }
+        None => {
+            notes.push(format!("`{from}: {}` read as `{to}`{extra}", show(&v)));
+            if let Some(t) = section(doc, to_sec) {
+                t.insert(Value::String(to_key.into()), v);
+            }
+        }
+    }
+    if doc.get(sec).and_then(Value::as_mapping).is_some_and(Mapping::is_empty)
+        && !KNOWN.iter().any(|(s, _)| *s == sec)
+    {
+        doc.remove(sec);
+    }
+}
+
+/// The dataset root a legacy `train_data_path` / `val_data_path` names: the folder holding
+/// `train/` (or `valid/`), given as that split folder or its annotation file.
+fn legacy_root(path: &str, split: &str) -> Result<PathBuf, String> {
+    let mut p = PathBuf::from(path.trim().trim_end_matches(['/', '\\']));
+    let file = crate::data::coco::ANNOTATION_FILE;
+    if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+        if p.file_name().is_some_and(|n| n != file) {
+            return Err(format!(
+                "lorahost reads <data_dir>/{split}/{file}; rename the annotation file to {file}"
+            ));
+        }
+        p.pop();
+    }
+    match p.file_name().and_then(|n| n.to_str()) {
+        Some(n) if n == split => {}
+        Some(n @ ("val" | "validation" | "valid_set")) if split == "valid" => {
+            return Err(format!(
+                "lorahost reads the validation split from <data_dir>/valid/ (Roboflow's name), not {n}/: rename the folder and set training.data_dir"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "lorahost reads <data_dir>/train/{file} and <data_dir>/valid/{file}; this path is not such a {split}/ folder: set training.data_dir to the folder holding train/ and valid/"
+            ))
+        }
+    }
+    p.pop();
+    Ok(if p.as_os_str().is_empty() { PathBuf::from(".") } else { p })
+}
+
+/// Two paths name the same folder (as written, from the working directory).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    let norm = |p: &Path| {
+        let a = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let a = lexically_normal(&a);
+        std::fs::canonicalize(&a).unwrap_or(a)
+    };
+    norm(a) == norm(b)
+}
+
+/// SAM3_LoRA's legacy `training.train_data_path` / `val_data_path`: they give `data_dir` when it
+/// is not set, and must agree with it when it is.
+fn legacy_data_paths(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String>) {
+    let Some(t) = doc.get_mut("training").and_then(Value::as_mapping_mut) else { return };
+    let mut roots = Vec::new();
+    for (key, split) in [("train_data_path", "train"), ("val_data_path", "valid")] {
+        let Some(v) = t.remove(key) else { continue };
+        match v {
+            Value::Null => {}
+            Value::String(p) => match legacy_root(&p, split) {
+                Ok(root) => roots.push((key, p, root)),
+                Err(e) => errors.push(format!("training.{key} {p:?} (SAM3_LoRA's legacy layout): {e}")),
+            },
+            other => errors.push(format!("training.{key}: expected a path, got {}", show(&other))),
+        }
+    }
+    if roots.is_empty() {
+        return;
+    }
+    if let Some(dd) = t.get("data_dir").and_then(Value::as_str).map(PathBuf::from) {
+        for (key, p, root) in roots {
+            if same_dir(&dd, &root) {
+                notes.push(format!(
+                    "`training.{key}` (legacy) agrees with training.data_dir {}, which is what lorahost reads: remove {key}",
+                    dd.display()
+                ));
+            } else {
+                errors.push(format!(
+                    "training.{key} {p:?} is not under training.data_dir {} (lorahost reads <data_dir>/train and <data_dir>/valid; the legacy key says the dataset is {}): make them agree or remove {key}",
+                    dd.display(),
+                    root.display()
+                ));
+            }
+        }
+        return;
+    }
+    let (key, p, root) = roots[0].clone();
+    for (k2, p2, r2) in &roots[1..] {
+        if !same_dir(&root, r2) {
+            errors.push(format!(
+                "training.{key} {p:?} and training.{k2} {p2:?} are in different folders; lorahost reads both splits from one training.data_dir (<data_dir>/train, <data_dir>/valid): set it"
+            ));
+            return;
+        }
+    }
+    notes.push(format!(
+        "training.data_dir is not set: read as {} from the legacy training.{key} {p:?} (the folder holding train/ and valid/); write `data_dir: {}` instead",
+        root.display(),
+        root.display()
+    ));
+    t.insert(Value::String("data_dir".into()), Value::String(root.display().to_string()));
+}
+
+/// clary97's `training.augment:` mapping (hflip, vflip, brightness, contrast, ...).
+fn augment_mapping(doc: &mut Mapping, notes: &mut Vec<String>) {
+    let Some(t) = doc.get_mut("training").and_then(Value::as_mapping_mut) else { return };
+    let Some(Value::Mapping(m)) = t.get("augment").cloned() else { return };
+    let mut hflip = false;
+    let mut unsupported = Vec::new();
+    for (k, v) in &m {
+        let k = k.as_str().map(str::to_string).unwrap_or_else(|| show(k));
+        let on = as_bool(v).unwrap_or_else(|| as_number(v).is_none_or(|x| x != 0.0) && !v.is_null());
+        if matches!(k.as_str(), "hflip" | "horizontal_flip" | "fliplr") {
+            hflip = as_bool(v).unwrap_or(on);
+        } else if on {
+            unsupported.push(k);
+        }
+    }
+    let what =
+        "lorahost's augmentation is horizontal flip plus zoom-out (p = 0.5 each), switched on together";
+    notes.push(if hflip {
+        format!("`training.augment.hflip: true` read as `training.augment: true`: {what}")
+    } else {
+        format!("`training.augment` without hflip: true read as `training.augment: false` ({what})")
+    });
+    if !unsupported.is_empty() {
+        notes.push(format!(
+            "training.augment: {} not supported by lorahost (ignored)",
+            unsupported.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                + if unsupported.len() == 1 { " is" } else { " are" }
+        ));
+    }
+    t.insert(Value::String("augment".into()), Value::Bool(hflip));
+}
+
+/// transformers' `fp16: true` / `bf16: true` flags.
+fn precision_flags(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String>) {
+    let Some(t) = doc.get_mut("training").and_then(Value::as_mapping_mut) else { return };
+    let mut want = Vec::new();
+    for key in ["fp16", "bf16"] {
+        let Some(v) = t.remove(key) else { continue };
+        match as_bool(&v) {
+            Some(true) => want.push(key),
+            Some(false) => notes.push(format!(
+                "`training.{key}: false` has no effect: training.mixed_precision sets the precision"
+            )),
+            None if v.is_null() => {}
+            None => errors.push(format!("training.{key}: expected true or false, got {}", show(&v))),
+        }
+    }
+    match want.as_slice() {
+        [] => {}
+        [a, b] => errors.push(format!(
+            "training.{a} and training.{b} are both true: keep one (or set training.mixed_precision)"
+        )),
+        [w] => {
+            let existing = t.get("mixed_precision").filter(|v| !v.is_null()).cloned();
+            match existing {
+                Some(e) => {
+                    let name = e.as_str().map(|s| s.trim().to_ascii_lowercase()).unwrap_or_default();
+                    let same = matches!(
+                        (*w, name.as_str()),
+                        ("fp16", "fp16" | "float16" | "f16") | ("bf16", "bf16" | "bfloat16")
+                    );
+                    if same {
+                        notes.push(format!("`training.{w}: true` read as `training.mixed_precision: {w}`, which is given too: remove {w}"));
+                    } else {
+                        errors.push(format!(
+                            "`training.{w}: true` and `training.mixed_precision: {}` are both given and differ: keep one",
+                            show(&e)
+                        ));
+                    }
+                }
+                None => {
+                    notes.push(format!("`training.{w}: true` read as `training.mixed_precision: {w}`"));
+                    t.insert(Value::String("mixed_precision".into()), Value::String((*w).into()));
+                }
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// `training.betas: [b1, b2]` (SAM3_LoRA's standalone layout).
+fn betas(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String>) {
+    let Some(t) = doc.get_mut("training").and_then(Value::as_mapping_mut) else { return };
+    let Some(v) = t.remove("betas") else { return };
+    let pair = v.as_sequence().filter(|s| s.len() == 2);
+    let Some(pair) = pair.map(|s| (s[0].clone(), s[1].clone())) else {
+        errors.push(format!("training.betas: expected [beta1, beta2], got {}", show(&v)));
+        return;
+    };
+    let mut moved = Vec::new();
+    for (key, b) in [("adam_beta1", pair.0), ("adam_beta2", pair.1)] {
+        match t.get(key).filter(|e| !e.is_null()) {
+            Some(e) if !same_value(e, &b) => errors.push(format!(
+                "`training.betas` gives {key} {} but `training.{key}: {}` is also given: keep one",
+                show(&b),
+                show(e)
+            )),
+            Some(_) => {}
+            None => {
+                moved.push(format!("{key} {}", show(&b)));
+                t.insert(Value::String(key.into()), b);
+            }
+        }
+    }
+    notes.push(format!(
+        "`training.betas` read as training.adam_beta1 / adam_beta2{}",
+        if moved.is_empty() { String::new() } else { format!(" ({})", moved.join(", ")) }
+    ));
+}
+
+/// transformers' scheduler names.
+fn scheduler_names(doc: &mut Mapping, notes: &mut Vec<String>) {
+    let Some(t) = doc.get_mut("training").and_then(Value::as_mapping_mut) else { return };
+    let Some(Value::String(s)) = t.get_mut("lr_scheduler") else { return };
+    let name = s.trim().to_ascii_lowercase().replace('-', "_");
+    let to = match name.as_str() {
+        "constant_with_warmup" | "constant_schedule_with_warmup" => "constant",
+        "linear_with_warmup" | "linear_schedule_with_warmup" | "warmup_linear" => "linear",
+        "cosine_with_warmup" | "cosine_schedule_with_warmup" | "warmup_cosine" => "cosine",
+        _ => return,
+    };
+    let steps = t.get("warmup_steps").map(show).unwrap_or_else(|| "0".into());
+    notes.push(format!(
+        "`training.lr_scheduler: {name}` read as {to}: every lorahost schedule first warms up linearly over training.warmup_steps optimizer steps (here {steps})"
+    ));
+    t.insert(Value::String("lr_scheduler".into()), Value::String(to.into()));
+}
+
+/// A `target_modules` entry written as a regular expression (PEFT's string form).
+fn looks_like_regex(p: &str) -> bool {
+    p.starts_with('.') || p.contains(['|', '(', ')', '^', '$', '\\', '[', ']', '+', '{', '}'])
+}
+
+/// The glob patterns a simple regular expression means (alternatives become list entries).
+fn regex_to_globs(re: &str) -> Vec<String> {
+    let re = re.trim().trim_start_matches('^').trim_end_matches('$');
+    // One level of alternation: a|b, or prefix(a|b)suffix.
+    let alts: Vec<String> = match (re.find('('), re.rfind(')')) {
+        (Some(o), Some(c)) if o < c && !re[..o].contains('|') && !re[c + 1..].contains('|') => re[o + 1..c]
+            .trim_start_matches("?:")
+            .split('|')
+            .map(|a| format!("{}{a}{}", &re[..o], &re[c + 1..]))
+            .collect(),
+        _ => re.split('|').map(str::to_string).collect(),
+    };
+    alts.iter()
+        .map(|a| {
+            let mut out = String::new();
+            let mut chars = a.chars().peekable();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => out.extend(chars.next()),
+                    '.' if matches!(chars.peek(), Some('*' | '+')) => {
+                        chars.next();
+                        out.push('*');
+                    }
+                    '.' => out.push('?'),
+                    '(' | ')' | '^' | '$' => {}
+                    c => out.push(c),
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// `lora.target_modules` as a string ("all-linear", one name) and regex entries.
+fn target_modules(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String>) {
+    let Some(l) = doc.get_mut("lora").and_then(Value::as_mapping_mut) else { return };
+    let Some(v) = l.get_mut("target_modules") else { return };
+    let all_linear = |s: &str| matches!(s.trim().to_ascii_lowercase().as_str(), "all-linear" | "all_linear");
+    let regex_error = |s: &str| {
+        let globs: Vec<String> = regex_to_globs(s).into_iter().map(|g| format!("{g:?}")).collect();
+        format!(
+            "lora.target_modules {s:?} looks like a regular expression: lorahost does not take regex patterns; it takes module names and globs (`*` = any run of characters, `?` = one), matched against the last part of the module path, or against the whole dotted path when the pattern has a dot (e.g. \"*.self_attn.q_proj\"); as globs this is [{}]",
+            globs.join(", ")
+        )
+    };
+    if let Value::String(s) = v {
+        let s = s.trim().to_string();
+        if all_linear(&s) {
+            notes.push(format!("`lora.target_modules: {s}` read as [\"*\"]: every linear layer of the components the lora.apply_to_* flags enable"));
+            *v = Value::Sequence(vec![Value::String("*".into())]);
+        } else if looks_like_regex(&s) {
+            errors.push(regex_error(&s));
+            *v = Value::Sequence(Vec::new()); // reported; no second error about the type
+        } else {
+            notes.push(format!("`lora.target_modules: {s}` read as the list [{s}]"));
+            *v = Value::Sequence(vec![Value::String(s)]);
+        }
+        return;
+    }
+    let Some(items) = v.as_sequence_mut() else { return };
+    for e in items {
+        let Some(s) = e.as_str().map(str::to_string) else { continue };
+        if all_linear(&s) {
+            notes.push(format!("lora.target_modules entry {s:?} read as \"*\": every linear layer of the components the lora.apply_to_* flags enable"));
+            *e = Value::String("*".into());
+        } else if looks_like_regex(s.trim()) {
+            errors.push(regex_error(&s));
+        }
+    }
+}
+
+/// Sections and keys of the standalone layout, TC4451's and others that have a lorahost
+/// equivalent: read, pointed at, or warned about by name. Returns (notes, errors).
+fn migrate(doc: &mut Mapping) -> (Vec<String>, Vec<String>) {
+    let (mut notes, mut errors) = (Vec::new(), Vec::new());
+    for a in ALIASES {
+        alias(doc, *a, &mut notes, &mut errors);
+    }
+    for sec in ["dataset", "checkpoint"] {
+        if let Some(Value::Mapping(m)) = doc.get(sec) {
+            let keys: Vec<String> =
+                m.keys().map(|k| k.as_str().map(str::to_string).unwrap_or_else(|| show(k))).collect();
+            let read = if sec == "dataset" { "dataset.data_root" } else { "checkpoint.save_dir" };
+            notes.push(format!(
+                "{} not read: lorahost reads only {read} of SAM3_LoRA's standalone `{sec}:` section",
+                keys.iter().map(|k| format!("`{sec}.{k}`")).collect::<Vec<_>>().join(", ")
+            ));
+            doc.remove(sec);
+        }
+    }
+    precision_flags(doc, &mut notes, &mut errors);
+    betas(doc, &mut notes, &mut errors);
+    for sec in ["training", "output", "hardware", "lora"] {
+        let Some(m) = doc.get(sec).and_then(Value::as_mapping).cloned() else { continue };
+        let t = doc.get("training").and_then(Value::as_mapping).cloned().unwrap_or_default();
+        for (k, v) in &m {
+            let Some(k) = k.as_str() else { continue };
+            if let Some(note) = pointer(sec, k, v, &t) {
+                notes.extend(note);
+                if let Some(m) = doc.get_mut(sec).and_then(Value::as_mapping_mut) {
+                    m.remove(k);
+                }
+            }
+        }
+    }
+    augment_mapping(doc, &mut notes);
+    scheduler_names(doc, &mut notes);
+    target_modules(doc, &mut notes, &mut errors);
+    legacy_data_paths(doc, &mut notes, &mut errors);
+    (notes, errors)
+}
+
+/// The key of a YAML line (`key: value`, `- key: value`), unquoted.
+fn line_key(t: &str) -> Option<&str> {
+    let end = t.find(": ").or_else(|| t.strip_suffix(':').map(str::len))?;
+    let k = t[..end].trim();
+    Some(k.trim_matches(|c| c == '"' || c == '\''))
+}
+
+/// Where `key` is given twice in one mapping of `text`: (line of the second, line of the first).
+fn duplicate_key_lines(text: &str, key: &str) -> Option<(usize, usize)> {
+    let mut seen = std::collections::HashMap::new();
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start_matches(' ');
+        if t.trim().is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let mut indent = line.len() - t.len();
+        while stack.last().is_some_and(|(ind, _)| *ind >= indent) {
+            stack.pop();
+        }
+        let mut t = t;
+        if let Some(rest) = t.strip_prefix("- ") {
+            stack.push((indent, i));
+            indent += 2 + (rest.len() - rest.trim_start().len());
+            t = rest.trim_start();
+        }
+        let parent = stack.last().map(|(_, l)| *l);
+        if line_key(t) == Some(key) {
+            if let Some(first) = seen.insert((indent, parent), i + 1) {
+                return Some((i + 1, first));
+            }
+        }
+        stack.push((indent, i));
+    }
+    None
+}
+
+/// A YAML parse error as the user can act on it: the duplicate key's own line, and what YAML
+/// does not allow when the file has TAB indentation, Python docstrings or several documents.
+fn yaml_error(text: &str, e: &serde_yaml::Error) -> String {
+    let msg = e.to_string();
+    if let Some(rest) = msg.split("duplicate entry with key \"").nth(1) {
+        if let Some(key) = rest.split('"').next() {
+            if let Some((line, first)) = duplicate_key_lines(text, key) {
+                return format!(
+                    "not valid YAML: line {line}: `{key}` is given a second time in the same mapping (first at line {first}); each key may appear once: keep one"
+                );
+            }
+        }
+    }
+    let mut out = format!("not valid YAML: {msg}");
+    let lines: Vec<&str> = text.lines().collect();
+    let err_line = e.location().map(|l| l.line());
+    let tabbed = |l: &str| l.chars().take_while(|c| c.is_whitespace()).any(|c| c == '\t');
+    let tab_line = err_line
+        .filter(|n| lines.get(n.wrapping_sub(1)).is_some_and(|l| tabbed(l)))
+        .or_else(|| lines.iter().position(|l| tabbed(l)).map(|i| i + 1));
+    if let Some(n) = tab_line {
+        out += &format!(
+            " (line {n} is indented with a TAB: YAML does not allow TABs in indentation; indent with spaces)"
+        );
+    }
+    if let Some(i) = lines.iter().position(|l| {
+        let t = l.trim_start();
+        t.starts_with("\"\"\"") || t.starts_with("'''")
+    }) {
+        out += &format!(" (line {}: a Python \"\"\"docstring\"\"\" is not YAML; make it a # comment)", i + 1);
+    }
+    if msg.contains("more than one document") {
+        out += " (the file holds several YAML documents separated by `---`; PyYAML's safe_load refuses that too: keep one)";
     }
     out
 }
@@ -552,17 +1445,31 @@ impl TrainConfig {
     /// another name) with it.
     pub fn from_yaml_unvalidated(text: &str, origin: &Path) -> Result<(Self, Vec<String>), TrainConfigError> {
         let invalid = |reason: String| TrainConfigError::Invalid { path: origin.into(), reason };
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
-        let value = if value.is_null() { serde_yaml::Value::Mapping(Default::default()) } else { value };
-        if !value.is_mapping() {
+        // A UTF-8 byte-order mark (Windows editors write one) is not part of the document.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let mut value: Value = serde_yaml::from_str(text).map_err(|e| invalid(yaml_error(text, &e)))?;
+        if value.is_null() {
+            value = Value::Mapping(Mapping::new());
+        }
+        apply_merges(&mut value).map_err(|e| invalid(format!("YAML merge key: {e}")))?;
+        let Value::Mapping(doc) = &mut value else {
             return Err(invalid(
                 "the config must be a mapping of sections (model, lora, training, ...)".into(),
             ));
+        };
+        let (mut warnings, mut errors) = migrate(doc);
+        normalize(doc, &mut warnings, &mut errors);
+        if !errors.is_empty() {
+            return Err(TrainConfigError::Contradiction { path: origin.into(), problems: errors });
         }
-        let warnings = unknown_keys(&value);
-        let cfg: TrainConfig = serde_path_to_error::deserialize(value)
+        // SAM3_LoRA requires data_dir; lorahost's default is only for configs built in code.
+        let data_dir_given = has(doc, "training", "data_dir");
+        warnings.extend(unknown_keys(&value));
+        let mut cfg: TrainConfig = serde_path_to_error::deserialize(value)
             .map_err(|e| invalid(format!("{}: {}", e.path(), e.inner())))?;
+        if !data_dir_given {
+            cfg.training.data_dir = PathBuf::new();
+        }
         Ok((cfg, warnings))
     }
 
@@ -609,7 +1516,7 @@ impl TrainConfig {
         let (l, t) = (&self.lora, &self.training);
         if t.data_dir.as_os_str().is_empty() {
             p.push(
-                "training.data_dir is empty: set the dataset directory (with train/_annotations.coco.json)"
+                "training.data_dir is not set (SAM3_LoRA requires it too): set it to the dataset folder holding train/_annotations.coco.json and valid/"
                     .to_string(),
             );
         }
@@ -677,7 +1584,7 @@ impl TrainConfig {
         }
         if t.scheduler().is_none() {
             p.push(format!(
-                "training.lr_scheduler {:?}: use cosine, linear, constant or inverse_sqrt",
+                "training.lr_scheduler {:?}: lorahost has cosine, linear, constant and inverse_sqrt (each after a linear warmup of training.warmup_steps); another schedule can be written as a schedule plugin (plugins/cosine_schedule is the reference)",
                 t.lr_scheduler
             ));
         }
@@ -689,8 +1596,19 @@ impl TrainConfig {
                 t.mixed_precision
             ));
         }
-        if !["cpu", "cuda"].contains(&self.hardware.device.to_ascii_lowercase().as_str()) {
-            p.push(format!("hardware.device {:?}: use cpu or cuda", self.hardware.device));
+        let device = self.hardware.device.trim().to_ascii_lowercase();
+        if device == "mps" || device.starts_with("mps:") {
+            p.push(format!(
+                "hardware.device {:?}: Apple GPUs (Metal) are not supported by lorahost's candle build; use cpu",
+                self.hardware.device
+            ));
+        } else if !["cpu", "cuda", "auto"].contains(&device.as_str())
+            && self.hardware.cuda_ordinal().is_none()
+        {
+            p.push(format!(
+                "hardware.device {:?}: use cpu, cuda, cuda:N (the GPU numbered N) or auto",
+                self.hardware.device
+            ));
         }
         if !["loss", "iou", "map", "cgf1"].contains(&self.evaluation.metric.to_ascii_lowercase().as_str()) {
             p.push(format!("evaluation.metric {:?}: use loss, iou, map or cgf1", self.evaluation.metric));
@@ -930,35 +1848,35 @@ mod tests {
     #[test]
     fn numbers_as_strings_are_accepted() {
         let (c, _) = TrainConfig::from_yaml(
-            "training:\n  learning_rate: \"5e-5\"\n  batch_size: \"4\"\n  max_grad_norm: 1\n",
+            "training:\n  data_dir: d\n  learning_rate: \"5e-5\"\n  batch_size: \"4\"\n  max_grad_norm: 1\n",
             Path::new("c.yaml"),
         )
         .unwrap();
         assert_eq!(c.training.learning_rate, 5e-5);
         assert_eq!(c.training.batch_size, 4);
         let e =
-            TrainConfig::from_yaml("training:\n  learning_rate: fast\n", Path::new("c.yaml")).unwrap_err();
+            TrainConfig::from_yaml("training:\n  data_dir: d\n  learning_rate: fast\n", Path::new("c.yaml"))
+                .unwrap_err();
         assert!(e.to_string().contains("training.learning_rate") && e.to_string().contains("fast"), "{e}");
     }
 
     #[test]
     fn unknown_keys_warn_by_name_with_a_suggestion() {
         let (_, w) = TrainConfig::from_yaml(
-            "training:\n  warmup_stpes: 10\n  train_data_path: x\nlora:\n  rnak: 4\nloras: {}\n",
+            "training:\n  data_dir: d\n  warmup_stpes: 10\nlora:\n  rnak: 4\nloras: {}\n",
             Path::new("c.yaml"),
         )
         .unwrap();
         let all = w.join("\n");
         assert!(all.contains("`training.warmup_stpes`") && all.contains("`training.warmup_steps`"), "{all}");
         assert!(all.contains("`lora.rnak`") && all.contains("`lora.rank`"), "{all}");
-        assert!(all.contains("training.train_data_path") && all.contains("legacy"), "{all}");
         assert!(all.contains("`loras`") && all.contains("`lora`"), "{all}");
     }
 
     #[test]
     fn contradictions_are_errors_with_fixes() {
         let e = TrainConfig::from_yaml(
-            "lora:\n  rank: 0\n  apply_to_vision_encoder: false\n  apply_to_geometry_encoder: false\n  apply_to_detr_encoder: false\n  apply_to_detr_decoder: false\n  apply_to_mask_decoder: false\ntraining:\n  gradient_accumulation_steps: 0\n  mixed_precision: bf16\n  lr_scheduler: warmup_cosine\n",
+            "lora:\n  rank: 0\n  apply_to_vision_encoder: false\n  apply_to_geometry_encoder: false\n  apply_to_detr_encoder: false\n  apply_to_detr_decoder: false\n  apply_to_mask_decoder: false\ntraining:\n  gradient_accumulation_steps: 0\n  mixed_precision: bf16\n  lr_scheduler: cosine_with_restarts\n",
             Path::new("bad.yaml"),
         )
         .unwrap_err()
@@ -978,7 +1896,7 @@ mod tests {
     #[test]
     fn effective_hyperparameters_count_optimizer_steps() {
         let (c, _) = TrainConfig::from_yaml(
-            "training:\n  batch_size: 2\n  gradient_accumulation_steps: 8\n  num_epochs: 10\n  warmup_steps: 20\n",
+            "training:\n  data_dir: d\n  batch_size: 2\n  gradient_accumulation_steps: 8\n  num_epochs: 10\n  warmup_steps: 20\n",
             Path::new("c.yaml"),
         )
         .unwrap();
@@ -995,5 +1913,302 @@ mod tests {
         let e =
             TrainConfig::from_yaml("training: [1, 2\n", Path::new("broken.yaml")).unwrap_err().to_string();
         assert!(e.contains("broken.yaml") && e.contains("YAML"), "{e}");
+    }
+    fn parse(yaml: &str) -> Result<(TrainConfig, Vec<String>), String> {
+        TrainConfig::from_yaml_unvalidated(yaml, Path::new("c.yaml")).map_err(|e| e.to_string())
+    }
+
+    /// No message about a key lorahost reads or answers calls it unknown or a typo.
+    fn no_typo_text(w: &[String]) {
+        for m in w {
+            assert!(!m.contains("unknown") && !m.contains("typo") && !m.contains("did you mean"), "{m}");
+        }
+    }
+
+    /// SAM3_LoRA's minimal/base configs give the dataset only as legacy train_data_path /
+    /// val_data_path: they set data_dir (never a silent ./data), and contradict it loudly.
+    #[test]
+    fn legacy_data_paths_give_data_dir_or_contradict_it() {
+        for train in ["/d/pothole/train", "/d/pothole/train/", "/d/pothole/train/_annotations.coco.json"] {
+            let (c, w) =
+                parse(&format!("training:\n  train_data_path: {train}\n  val_data_path: /d/pothole/valid\n"))
+                    .unwrap();
+            assert_eq!(c.training.data_dir, PathBuf::from("/d/pothole"), "{train}");
+            assert!(w.iter().any(|m| m.contains("train_data_path") && m.contains("/d/pothole")), "{w:?}");
+            no_typo_text(&w);
+        }
+        let (c, _) = parse("training:\n  val_data_path: data/valid\n").unwrap();
+        assert_eq!(c.training.data_dir, PathBuf::from("data"));
+        let (c, w) =
+            parse("training:\n  data_dir: /d/pothole\n  train_data_path: /d/pothole/train\n").unwrap();
+        assert_eq!(c.training.data_dir, PathBuf::from("/d/pothole"));
+        assert!(w.iter().any(|m| m.contains("agrees")), "{w:?}");
+        for (yaml, needle) in [
+            (
+                "training:\n  data_dir: /d/cracks\n  train_data_path: /d/pothole/train\n",
+                "not under training.data_dir",
+            ),
+            ("training:\n  train_data_path: /a/train\n  val_data_path: /b/valid\n", "different folders"),
+            ("training:\n  train_data_path: /d/images\n", "set training.data_dir"),
+            ("training:\n  val_data_path: /d/val\n", "valid/"),
+            ("training:\n  train_data_path: /d/train/annotations.json\n", "_annotations.coco.json"),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.contains(needle) && e.contains("_data_path"), "{yaml}: {e}");
+        }
+        // Without data_dir and without a legacy key: an error naming the key (SAM3_LoRA
+        // requires it), reported by validation so doctor lists it with the others.
+        let (c, _) = parse("training:\n  batch_size: 2\n").unwrap();
+        assert_eq!(c.training.data_dir, PathBuf::new());
+        let e = TrainConfig::from_yaml("training:\n  batch_size: 2\n", Path::new("c.yaml")).unwrap_err();
+        assert!(e.to_string().contains("training.data_dir is not set"), "{e}");
+        let e = TrainConfig::from_yaml("", Path::new("c.yaml")).unwrap_err();
+        assert!(e.to_string().contains("training.data_dir"), "{e}");
+    }
+
+    /// PyYAML applies `<<: *anchor` merges; so does lorahost (nested and listed ones too),
+    /// before the key checks.
+    #[test]
+    fn yaml_merge_keys_are_applied() {
+        let (c, w) = parse(
+            "_base: &base\n  data_dir: d\n  batch_size: 4\n  learning_rate: 3e-3\n\
+             _more: &more\n  <<: *base\n  num_epochs: 7\n\
+             _last: &last\n  seed: 5\n  batch_size: 9\n\
+             training:\n  <<: [*more, *last]\n  learning_rate: 2e-3\n\
+             lora:\n  rank: &r 4\n  alpha: *r\n",
+        )
+        .unwrap();
+        let t = &c.training;
+        assert_eq!(t.data_dir, PathBuf::from("d"));
+        assert_eq!((t.batch_size, t.num_epochs, t.seed), (4, 7, 5), "the first merge wins");
+        assert_eq!(t.learning_rate, 2e-3, "the mapping's own key wins");
+        assert_eq!((c.lora.rank, c.lora.alpha), (4, 4.0));
+        assert!(w.iter().all(|m| !m.contains("training.<<")), "{w:?}");
+        assert!(parse("training:\n  <<: 3\n").unwrap_err().contains("<<"));
+    }
+
+    /// Fork, PEFT and transformers names are read as lorahost's, with a note; both names with
+    /// different values are an error; keys lorahost does differently say what to do.
+    #[test]
+    fn fork_and_peft_keys_are_read_or_pointed_at() {
+        let (c, w) = parse(
+            "lora:\n  r: 4\n  lora_alpha: 8\n  lora_dropout: 0.05\n  bias: none\n\
+             training:\n  data_dir: d\n  lr: 3e-4\n  epochs: 5\n  grad_clip: 0.5\n  fp16: true\n\
+             \x20\x20log_every_n_steps: 7\n  validate_every_n_iterations: 50\n  keep_last_n_epoch_ckpts: 2\n\
+             \x20\x20warmup_ratio: 0.1\n  optimizer: adamw\n",
+        )
+        .unwrap();
+        let (l, t) = (&c.lora, &c.training);
+        assert_eq!((l.rank, l.alpha, l.dropout), (4, 8.0, 0.05));
+        assert_eq!((t.learning_rate, t.num_epochs, t.max_grad_norm), (3e-4, 5, 0.5));
+        assert_eq!((t.logging_steps, t.eval_steps, t.save_total_limit), (7, 50, 2));
+        assert_eq!(t.precision(), Some(Precision::Fp16));
+        let all = w.join("\n");
+        for (from, to) in [
+            ("lora.r", "lora.rank"),
+            ("lora.lora_alpha", "lora.alpha"),
+            ("training.lr", "training.learning_rate"),
+            ("training.grad_clip", "training.max_grad_norm"),
+            ("training.fp16", "training.mixed_precision"),
+            ("training.validate_every_n_iterations", "training.eval_steps"),
+            ("training.keep_last_n_epoch_ckpts", "training.save_total_limit"),
+        ] {
+            assert!(
+                w.iter().any(|m| m.contains(from) && m.contains("read as") && m.contains(to)),
+                "{from}: {all}"
+            );
+        }
+        assert!(all.contains("warmup_ratio") && all.contains("training.warmup_steps = 0.1 x"), "{all}");
+        no_typo_text(&w);
+        for (yaml, needle) in [
+            ("training:\n  lr: 1e-4\n  learning_rate: 2e-4\n", "training.lr"),
+            ("lora:\n  r: 4\n  rank: 8\n", "lora.r"),
+            ("training:\n  fp16: yes\n  mixed_precision: bf16\n", "training.fp16"),
+            ("training:\n  fp16: true\n  bf16: true\n", "both true"),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.contains(needle) && e.contains("keep one"), "{yaml}: {e}");
+        }
+        let (c, w) = parse("training:\n  lr: \"1e-4\"\n  learning_rate: 0.0001\n  bf16: on\n").unwrap();
+        assert_eq!(c.training.precision(), Some(Precision::Bf16));
+        assert!(w.iter().any(|m| m.contains("same value")), "{w:?}");
+
+        // TC4451's output keys, Mrxiaoyuer's hardware keys, the standalone layout.
+        let (c, w) = parse(
+            "dataset:\n  data_root: /data/x\n  image_size: 1008\ncheckpoint:\n  save_dir: ckpt\n\
+             training:\n  betas: [0.9, 0.95]\n\
+             output:\n  auto_resume: true\n  resume_from: runs/a/checkpoints/step-10\n  save_every_epoch: true\n\
+             \x20\x20keep_last_n_epoch_ckpts: 3\n  epoch_ckpt_name: e.pt\n\
+             hardware:\n  allow_tf32: true\n  cudnn_benchmark: true\n  use_fused_adamw: true\n",
+        )
+        .unwrap();
+        assert_eq!(c.training.data_dir, PathBuf::from("/data/x"));
+        assert_eq!(c.output.output_dir, PathBuf::from("ckpt"));
+        assert_eq!(
+            (c.training.adam_beta1, c.training.adam_beta2, c.training.save_total_limit),
+            (0.9, 0.95, 3)
+        );
+        let all = w.join("\n");
+        for needle in [
+            "`dataset.data_root: \"/data/x\"` read as `training.data_dir`",
+            "`checkpoint.save_dir: \"ckpt\"` read as `output.output_dir`",
+            "`dataset.image_size`",
+            "--resume` continues",
+            "--resume runs/a/checkpoints/step-10",
+            "save_steps: 0",
+            "hardware.allow_tf32",
+            "hardware.use_fused_adamw",
+            "candle",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in {all}");
+        }
+        no_typo_text(&w);
+        // An override of such a key is not refused as unknown.
+        assert!(unknown_keys(&serde_yaml::from_str("training:\n  lr: 1\n  fp16: true\n").unwrap()).is_empty());
+    }
+
+    /// clary97's `training.augment:` mapping.
+    #[test]
+    fn augment_mapping_reads_hflip_and_names_the_rest() {
+        let (c, w) = parse(
+            "training:\n  data_dir: d\n  augment:\n    hflip: true\n    vflip: true\n    brightness: 0.2\n    contrast: 0\n",
+        )
+        .unwrap();
+        assert!(c.training.augment);
+        let all = w.join("\n");
+        assert!(all.contains("zoom-out") && all.contains("`vflip`") && all.contains("`brightness`"), "{all}");
+        assert!(!all.contains("`contrast`"), "a disabled entry is not reported: {all}");
+        let (c, _) = parse("training:\n  data_dir: d\n  augment:\n    vflip: true\n").unwrap();
+        assert!(!c.training.augment);
+    }
+
+    /// What PyYAML (YAML 1.1) accepts: yes/no/on/off booleans, null = the default, a BOM;
+    /// messages without Rust type names; hints for TABs and Python docstrings.
+    #[test]
+    fn yaml_1_1_values_nulls_and_parse_hints() {
+        let (c, _) = parse(
+            "\u{feff}lora:\n  apply_to_vision_encoder: yes\n  apply_to_text_encoder: On\n  apply_to_geometry_encoder: off\n\
+             \x20\x20apply_to_detr_encoder: N\n  apply_to_mask_decoder: FALSE\n\
+             training:\n  data_dir: d\n  augment: Y\n  max_grad_norm: ~\n  warmup_steps: null\n  seed: 3.0\n  learning_rate: 1_000e-7\n\
+             output:\n  push_to_hub: no\nhardware:\n  dataloader_pin_memory: off\n",
+        )
+        .unwrap();
+        let l = &c.lora;
+        assert!(l.apply_to_vision_encoder && l.apply_to_text_encoder && !l.apply_to_geometry_encoder);
+        assert!(!l.apply_to_detr_encoder && !l.apply_to_mask_decoder && c.training.augment);
+        assert_eq!(c.training.max_grad_norm, 0.0, "null = no clipping");
+        assert_eq!((c.training.warmup_steps, c.training.seed), (0, 3));
+        assert!((c.training.learning_rate - 1e-4).abs() < 1e-18);
+        assert!(!c.output.push_to_hub && !c.hardware.dataloader_pin_memory);
+        for mp in ["off", "no", "~", "false", "float32", "fp32", "'off'"] {
+            let (c, _) = parse(&format!("training:\n  data_dir: d\n  mixed_precision: {mp}\n")).unwrap();
+            assert_eq!(c.training.precision(), Some(Precision::No), "{mp}");
+        }
+        for (yaml, needle) in [
+            ("training:\n  seed: true\n", "training.seed: expected a whole number, got true"),
+            ("training:\n  seed: -1\n", "training.seed: expected a whole number >= 0, got -1"),
+            ("training:\n  learning_rate: true\n", "training.learning_rate: expected a number, got true"),
+            ("lora:\n  apply_to_text_encoder: maybe\n", "lora.apply_to_text_encoder: expected true or false"),
+            ("lora:\n  target_modules: {a: 1}\n", "lora.target_modules: expected a list"),
+            ("training: 5\n", "training: expected a mapping"),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.contains(needle), "{yaml}: {e}");
+            assert!(!e.contains("enum") && !e.contains("struct") && !e.contains("invalid type"), "{e}");
+        }
+        let e = parse("model:\n\tpath: x\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("TAB"), "{e}");
+        let e = parse("lora:\n  rank: 8\n  \"\"\"LoRA rank\"\"\"\n  alpha: 16\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("docstring") && e.contains("# comment"), "{e}");
+    }
+
+    /// transformers' scheduler names: the warmup variants are lorahost's schedules (all warm
+    /// up); the others are an error that lists what there is and where to write another.
+    #[test]
+    fn hf_scheduler_names() {
+        for (name, want) in [
+            ("constant_with_warmup", Scheduler::Constant),
+            ("linear_schedule_with_warmup", Scheduler::Linear),
+            ("linear_with_warmup", Scheduler::Linear),
+            ("cosine_with_warmup", Scheduler::Cosine),
+            ("cosine_schedule_with_warmup", Scheduler::Cosine),
+        ] {
+            let (c, w) = parse(&format!("training:\n  data_dir: d\n  lr_scheduler: {name}\n")).unwrap();
+            assert_eq!(c.training.scheduler(), Some(want), "{name}");
+            assert!(w.iter().any(|m| m.contains(name) && m.contains("warmup_steps")), "{w:?}");
+        }
+        for name in ["cosine_with_restarts", "polynomial", "reduce_lr_on_plateau", "step"] {
+            let e = TrainConfig::from_yaml(
+                &format!("training:\n  data_dir: d\n  lr_scheduler: {name}\n"),
+                Path::new("c.yaml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(name) && e.contains("inverse_sqrt") && e.contains("plugins/cosine_schedule"),
+                "{e}"
+            );
+        }
+    }
+
+    /// `target_modules` as a string: all-linear, one name; regex patterns are refused with
+    /// their glob form.
+    #[test]
+    fn target_modules_string_forms() {
+        let (c, w) = parse("lora:\n  target_modules: all-linear\n").unwrap();
+        assert_eq!(c.lora.target_modules, ["*"]);
+        assert!(crate::lora::matches("detr_decoder.layers.0.self_attn.q_proj", &c.lora.target_modules));
+        assert!(w.iter().any(|m| m.contains("every linear layer")), "{w:?}");
+        let (c, _) = parse("lora:\n  target_modules: [q_proj, all-linear]\n").unwrap();
+        assert_eq!(c.lora.target_modules, ["q_proj", "*"]);
+        let (c, w) = parse("lora:\n  target_modules: q_proj\n").unwrap();
+        assert_eq!(c.lora.target_modules, ["q_proj"]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        for (yaml, glob) in [
+            ("lora:\n  target_modules: \".*attn.*\"\n", "\"*attn*\""),
+            ("lora:\n  target_modules: [q_proj, \".*\\\\.(q|v)_proj$\"]\n", "\"*.q_proj\", \"*.v_proj\""),
+            ("lora:\n  target_modules: \"q_proj|v_proj\"\n", "\"q_proj\", \"v_proj\""),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.contains("regular expression") && e.contains(glob) && e.contains('?'), "{yaml}: {e}");
+            assert!(!e.contains("expected a list"), "one error: {e}");
+        }
+        // Globs and dotted paths are not mistaken for regexes.
+        parse("lora:\n  target_modules: [\"*attn*\", \"*.self_attn.q_proj\", \"layers.?.fc1\"]\n").unwrap();
+    }
+
+    #[test]
+    fn device_strings() {
+        let device = |d: &str| {
+            TrainConfig::from_yaml(
+                &format!("training:\n  data_dir: d\nhardware:\n  device: {d}\n"),
+                Path::new("c.yaml"),
+            )
+            .map(|(c, _)| c.hardware.cuda_ordinal())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(device("cuda:1").unwrap(), Some(1));
+        assert_eq!(device("cuda").unwrap(), Some(0));
+        assert_eq!(device("auto").unwrap(), None);
+        assert_eq!(device("CPU").unwrap(), None);
+        let e = device("mps").unwrap_err();
+        assert!(e.contains("Apple") && e.contains("use cpu"), "{e}");
+        let e = device("gpu").unwrap_err();
+        assert!(e.contains("cuda:N"), "{e}");
+        assert!(device("cuda:x").is_err());
+    }
+
+    /// A duplicate key is reported at its own line (and the first one's).
+    #[test]
+    fn duplicate_keys_point_at_the_duplicate() {
+        let e = parse("model:\n  path: m\ntraining:\n  data_dir: d\n  batch_size: 2\n  batch_size: 4\n")
+            .unwrap_err();
+        assert!(e.contains("line 6") && e.contains("line 5") && e.contains("batch_size"), "{e}");
+        let e = parse("training:\n  data_dir: d\noutput:\n  output_dir: o\n# again\ntraining:\n  seed: 1\n")
+            .unwrap_err();
+        assert!(e.contains("line 6") && e.contains("line 1") && e.contains("training"), "{e}");
+        let e = parse("plugins:\n  - path: a.wasm\n    budget_ms: 1\n    budget_ms: 2\n  - path: b.wasm\n")
+            .unwrap_err();
+        assert!(e.contains("line 4") && e.contains("line 3"), "{e}");
     }
 }
