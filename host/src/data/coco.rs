@@ -371,6 +371,14 @@ pub struct Split {
     pub findings: Vec<Finding>,
 }
 
+/// Everyday object words that fill the negative prompts when a dataset has too few categories
+/// absent from an image (SAM3_LoRA adds 20 such words too): without any negative, a model
+/// learns that every prompt is present (seed trainer F7).
+pub const GENERIC_NEGATIVES: &[&str] = &[
+    "car", "person", "dog", "cat", "tree", "building", "chair", "table", "bottle", "bicycle", "bird", "cup",
+    "window", "road", "sky", "grass", "book", "phone", "shoe", "door",
+];
+
 /// A query: one prompt on one image with its targets (indices into the image's objects).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
@@ -794,9 +802,11 @@ impl Split {
     }
 
     /// Queries for image `index`: one positive per distinct prompt present (its objects), then
-    /// `min(num_negatives, absent)` hard negatives drawn without replacement from the prompts of
-    /// used categories absent from the image, seeded by (`seed`, image id) so the same seed gives
-    /// the same negatives. Images without objects get only negatives (never an "object" query).
+    /// `num_negatives` negatives drawn without replacement: first the prompts of used categories
+    /// absent from the image (hard negatives), then, when those run short (a one-class dataset
+    /// has none), everyday object words ([`GENERIC_NEGATIVES`], those that are not a category of
+    /// the dataset), as SAM3_LoRA does. Seeded by (`seed`, image id), so the same seed gives the
+    /// same negatives. Images without objects get only negatives (never an "object" query).
     pub fn queries(&self, index: usize, num_negatives: usize, seed: u64) -> Vec<Query> {
         let Some(im) = self.images.get(index) else { return Vec::new() };
         let mut positives: Vec<Query> = Vec::new();
@@ -817,12 +827,23 @@ impl Split {
             }
         }
         let mut rng = SplitMix64::from_parts(&[seed, im.id]);
-        let n = num_negatives.min(pool.len());
-        for i in 0..n {
-            let j = i + rng.below(pool.len() - i);
-            pool.swap(i, j);
+        let mut draw = |pool: &mut Vec<&str>, want: usize| -> usize {
+            let n = want.min(pool.len());
+            for i in 0..n {
+                let j = i + rng.below(pool.len() - i);
+                pool.swap(i, j);
+            }
+            n
+        };
+        let n = draw(&mut pool, num_negatives);
+        pool.truncate(n);
+        if n < num_negatives {
+            let taken = |w: &str| self.categories.iter().any(|c| c.prompt.eq_ignore_ascii_case(w));
+            let mut generic: Vec<&str> = GENERIC_NEGATIVES.iter().copied().filter(|w| !taken(w)).collect();
+            let m = draw(&mut generic, num_negatives - n);
+            pool.extend_from_slice(&generic[..m]);
         }
-        positives.extend(pool[..n].iter().map(|p| Query {
+        positives.extend(pool.iter().map(|p| Query {
             prompt: (*p).to_string(),
             objects: Vec::new(),
             negative: true,

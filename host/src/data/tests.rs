@@ -232,6 +232,30 @@ fn synthetic_is_deterministic_and_preflight_clean() {
     assert!(write_synthetic(a.path(), &SyntheticSpec { size: 8, ..spec }).is_err());
 }
 
+/// A one-class dataset still gets its negatives (generic object words), never one of its own
+/// category names (compared without case).
+#[test]
+fn a_single_class_dataset_gets_generic_negatives() {
+    let d = tempfile::tempdir().unwrap();
+    png(&d.path().join("train/a.png"), 10, 8);
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "a.png"}],
+            "annotations": [{"id": 0, "image_id": 1, "category_id": 0, "bbox": [1, 1, 2, 2]}],
+            "categories": [{"id": 0, "name": "Door"}]
+        }),
+    );
+    let split = Split::load(d.path(), "train").unwrap();
+    for seed in 0..30 {
+        let neg: Vec<String> =
+            split.queries(0, 19, seed).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect();
+        assert_eq!(neg.len(), 19);
+        assert!(!neg.iter().any(|w| w.eq_ignore_ascii_case("door")), "{neg:?}");
+    }
+}
+
 #[test]
 fn negatives_are_seeded_and_absent() {
     let d = tempfile::tempdir().unwrap();
@@ -266,9 +290,22 @@ fn negatives_are_seeded_and_absent() {
     assert!((0..20).any(|s| neg(s) != neg(0)), "different seeds should vary the negatives");
     let q0 = split.queries(0, 3, 5);
     assert_eq!((q0[0].prompt.as_str(), q0[0].negative, q0[0].objects.clone()), ("crack", false, vec![0]));
-    // Asking for more negatives than absent categories gives all of them, once.
-    let all = split.queries(0, 100, 1).into_iter().filter(|q| q.negative).count();
-    assert_eq!(all, 6);
+    // Asking for more negatives than absent categories gives all of them, once, then generic
+    // object words.
+    let all: Vec<String> =
+        split.queries(0, 100, 1).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect();
+    assert_eq!(all.len(), 6 + super::coco::GENERIC_NEGATIVES.len());
+    assert!(names[1..].iter().all(|n| all[..6].contains(&n.to_string())), "{all:?}");
+    let mut unique = all.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), all.len());
+    // Image b has every category but one: 1 absent category, then 2 generic words.
+    let b: Vec<String> =
+        split.queries(1, 3, 1).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect();
+    assert_eq!(b.len(), 3);
+    assert_eq!(b[0], "crack", "{b:?}");
+    assert!(b[1..].iter().all(|w| super::coco::GENERIC_NEGATIVES.contains(&w.as_str())), "{b:?}");
     assert!(split.queries(9, 3, 1).is_empty());
 }
 
@@ -443,8 +480,8 @@ fn real_world_coco_variants() {
     assert_eq!(split.category(2).unwrap().name, "rust");
     assert!(split.categories.iter().all(|c| c.name != "stain"));
     assert!(find(FindingKind::DuplicateId, "the later one (\"rust\") is used"), "{dump}");
-    let prompts: Vec<String> = split.queries(0, 5, 1).into_iter().map(|q| q.prompt).collect();
-    assert_eq!(prompts, vec!["crack", "rust"]);
+    let prompts: Vec<String> = split.queries(0, 5, 1).into_iter().take(2).map(|q| q.prompt).collect();
+    assert_eq!(prompts, vec!["crack", "rust"], "the dataset's prompts (generic words follow)");
     // Objects: 10 (fragment ignored), 11 (flat polygon, read as one), the id-less one (named by
     // its position 2), 13; 15's bbox is named as JSON.
     let objs: Vec<u64> = split.images.iter().flat_map(|i| i.objects.iter().map(|o| o.ann_id)).collect();
