@@ -690,9 +690,9 @@ fn as_bool(v: &Value) -> Option<bool> {
             "false" | "no" | "n" | "off" => Some(false),
             _ => None,
         },
-        Value::Number(n) => match n.as_f64() {
-            Some(x) if x == 1.0 => Some(true),
-            Some(x) if x == 0.0 => Some(false),
+        Value::Number(n) => match n.as_u64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
             _ => None,
         },
         _ => None,
@@ -1812,6 +1812,8 @@ mod tests {
             assert_eq!(cfg.training.precision(), Some(Precision::Bf16), "{name}");
             assert_eq!(cfg.training.scheduler(), Some(Scheduler::Cosine), "{name}");
         }
+        let (_, warnings) = TrainConfig::from_file(&repo_config("demo.yaml")).unwrap();
+        assert!(warnings.is_empty(), "demo.yaml: {warnings:?}");
         let (light, _) = TrainConfig::from_file(&repo_config("light_lora_config.yaml")).unwrap();
         // The diagnosis' fixes.
         assert_eq!((light.lora.rank, light.lora.alpha), (32, 64.0));
