@@ -11,6 +11,22 @@ use std::path::Path;
 
 /// Merge `lora` into the weights of the transformers model directory `model_dir` and write the
 /// result to `out`.
+/// Written beside a merged model's weights: which adapters are merged in.
+pub const MERGED_RECORD: &str = "lorahost_merged.json";
+
+/// A warning when `model_dir` is a merged model (its adapters already in the weights) and
+/// `adapter` is about to be applied on top of it.
+pub fn warn_if_merged(model_dir: &Path, adapter: &Path) {
+    if model_dir.join(MERGED_RECORD).is_file() {
+        tracing::warn!(
+            "{} already has adapters merged into its weights ({}); {} is applied on top of them: that is right only for adapters trained on this merged model (to evaluate the merged adapters, leave --adapter out)",
+            model_dir.display(),
+            MERGED_RECORD,
+            adapter.display()
+        );
+    }
+}
+
 pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> {
     if !model_dir.is_dir() {
         bail!(
@@ -18,18 +34,29 @@ pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> 
             model_dir.display()
         );
     }
-    let mut files: Vec<_> = std::fs::read_dir(model_dir)
-        .with_context(|| format!("reading {}", model_dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "safetensors") && !p.ends_with("adapter_model.safetensors")
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("{}: no .safetensors weights to merge into", model_dir.display());
-    }
+    // The weight files the model loader reads: model.safetensors, else the index's shards
+    // (other .safetensors files beside them are not the model's).
+    let single = model_dir.join("model.safetensors");
+    let index = model_dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if single.is_file() {
+        vec![single]
+    } else if index.is_file() {
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?,
+        )
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let mut shards: Vec<String> = v["weight_map"]
+            .as_object()
+            .with_context(|| format!("{}: no weight_map", index.display()))?
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|f| model_dir.join(f)).collect()
+    } else {
+        bail!("{}: no model.safetensors or model.safetensors.index.json to merge into", model_dir.display());
+    };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
         tensors.extend(
@@ -47,9 +74,13 @@ pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> 
         else {
             bail!("adapter for {path} is incomplete");
         };
+        // The module's own weight: its key, or under Sam3VideoModel's `detector_model.` (never
+        // a mere suffix match: `text_projection.weight` ends `text_encoder.text_projection.weight`
+        // too).
         let want = format!("{path}.weight");
-        let suffix = format!(".{want}");
-        let Some(k) = tensors.keys().find(|k| **k == want || k.ends_with(&suffix)).cloned() else {
+        let Some(k) =
+            [want.clone(), format!("detector_model.{want}")].into_iter().find(|k| tensors.contains_key(k))
+        else {
             bail!("{}: no tensor `{want}` to merge the adapter into", model_dir.display());
         };
         let w = &tensors[&k];
@@ -78,6 +109,13 @@ pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> 
             std::fs::copy(&p, tmp.join(&name)).with_context(|| format!("copying {}", p.display()))?;
         }
     }
+    // A record that adapters are merged in, so applying them again can be warned about.
+    let record = serde_json::json!({
+        "merged_by": format!("lorahost {}", env!("CARGO_PKG_VERSION")),
+        "base_model": model_dir,
+        "lora": lora.peft_config(&model_dir.display().to_string()),
+    });
+    crate::fsutil::write_atomic(&tmp.join(MERGED_RECORD), serde_json::to_string_pretty(&record)?.as_bytes())?;
     crate::train::checkpoint::replace_dir(&tmp, out)?;
     tracing::info!("merged {merged} adapters into {}", out.display());
     Ok(())
@@ -136,12 +174,18 @@ pub fn export(config: &Path, adapter: &Path, merge: bool, out: &Path) -> Result<
     check_target(out, &[adapter, &model_path])?;
     let mut model = crate::sam3::model::Sam3Model::load_dir(&model_path, &Device::Cpu, DType::F32)?;
     let lora = LoraSet::attach(&mut model, &crate::lora::LoraConfig::from_section(&cfg.lora), &Device::Cpu)?;
+    warn_if_merged(&model_path, adapter);
     lora.load_peft(adapter).with_context(|| format!("loading {}", adapter.display()))?;
     if merge {
         write_merged(&model_path, &lora, out)?;
         println!("merged {} adapters into {}", lora.modules.len(), out.display());
     } else {
         crate::train::write_adapter_dir(out, &lora, &cfg.model.name)?;
+        // The adapter's own config, as it was: it is what these weights mean in PEFT (its
+        // dropout, base model name and options), which a regenerated one could change.
+        let original = std::fs::read(adapter.join(crate::lora::ADAPTER_CONFIG))
+            .with_context(|| format!("reading {}", adapter.join(crate::lora::ADAPTER_CONFIG).display()))?;
+        crate::fsutil::write_atomic(&out.join(crate::lora::ADAPTER_CONFIG), &original)?;
         println!("adapter ({} modules) checked and written to {}", lora.modules.len(), out.display());
     }
     Ok(())
@@ -150,6 +194,48 @@ pub fn export(config: &Path, adapter: &Path, merge: bool, out: &Path) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The merge changes the adapted module's own weight, never another tensor whose key merely
+    /// ends the same (`text_encoder.text_projection.weight` vs `text_projection.weight`), reads
+    /// only the model's weight files (not other .safetensors beside them) and records itself.
+    #[test]
+    fn merge_targets_the_exact_weight_and_only_the_model_files() {
+        use crate::lora::{Component, LoraConfig};
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam3/tiny_a");
+        let dev = Device::Cpu;
+        let mut model = crate::sam3::model::Sam3Model::load_dir(&fixture, &dev, DType::F32).unwrap();
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec!["text_projection".into()],
+            components: vec![Component::Text],
+        };
+        let lora = LoraSet::attach(&mut model, &cfg, &dev).unwrap();
+        assert_eq!(lora.modules.len(), 1);
+        for v in lora.vars().values() {
+            v.set(&Tensor::randn(0f32, 1.0, v.dims(), &dev).unwrap()).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        // Several times: a map's iteration order must not decide.
+        for _ in 0..4 {
+            write_merged(&fixture, &lora, &out).unwrap();
+            let before = candle_core::safetensors::load(fixture.join("model.safetensors"), &dev).unwrap();
+            let after = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+            let changed: Vec<&String> = before
+                .iter()
+                .filter(|(k, t)| {
+                    let d = (*t - &after[*k]).unwrap().abs().unwrap().max_all().unwrap();
+                    d.to_scalar::<f32>().unwrap() > 0.0
+                })
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(changed, ["text_projection.weight"]);
+            assert_eq!(after.len(), before.len(), "the fixture's inputs/outputs files are not weights");
+            assert!(out.join(MERGED_RECORD).is_file());
+        }
+    }
 
     /// `--out` is replaced only when nothing would be lost: absent, or a previous export's files;
     /// a file, foreign files, a subdirectory, or the adapter's own directory are refused with

@@ -17,7 +17,7 @@ use crate::sam3::model::Sam3Model;
 use crate::sam3::nn::Linear;
 use crate::sam3::visit::VisitLinears;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -363,7 +363,11 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 impl LoraSet {
     /// PEFT's `adapter_config.json` for these adapters.
     pub fn peft_config(&self, base_model: &str) -> serde_json::Value {
-        let targets: Vec<&str> = self.modules.iter().map(|(p, _, _, _)| p.as_str()).collect();
+        // The adapted modules exactly, as a regular expression PEFT full-matches against module
+        // names: a list would also match by suffix (`text_projection` would catch
+        // `text_encoder.text_projection` too).
+        let names: Vec<String> = self.modules.iter().map(|(p, _, _, _)| p.replace('.', "\\.")).collect();
+        let targets = format!("^(?:{})$", names.join("|"));
         serde_json::json!({
             "peft_type": "LORA",
             "task_type": null,
@@ -406,15 +410,49 @@ impl LoraSet {
     }
 
     /// Load adapters saved in PEFT's format into these (already attached) adapters. Strict:
-    /// every adapter must be present with its shape, and the file may hold nothing else.
+    /// every adapter must be present with its shape, and the file may hold nothing else. Keys
+    /// as PEFT writes them for transformers' `Sam3Model` (`base_model.model.<path>`), also with
+    /// the adapter-name infix (`lora_A.default.weight`) or from `Sam3VideoModel`
+    /// (`base_model.model.detector_model.<path>`).
     pub fn load_peft(&self, dir: &std::path::Path) -> std::result::Result<(), PeftError> {
         let weights = dir.join(ADAPTER_WEIGHTS);
         let cfg_path = dir.join(ADAPTER_CONFIG);
         let file_err = |path: &std::path::Path, reason: String| PeftError::File { path: path.into(), reason };
+        if dir.is_file() {
+            return Err(file_err(
+                dir,
+                "is a file; an adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors), such as a run's best/ or adapter/ (SAM3_LoRA's .pt LoRA weights are not a PEFT adapter)".into(),
+            ));
+        }
+        if !cfg_path.exists() {
+            let inside: Vec<String> = ["best", "adapter"]
+                .iter()
+                .filter(|d| dir.join(d).join(ADAPTER_CONFIG).is_file())
+                .map(|d| dir.join(d).display().to_string())
+                .collect();
+            if !inside.is_empty() {
+                return Err(file_err(
+                    dir,
+                    format!("is a run folder, not an adapter: use {}", inside.join(" or ")),
+                ));
+            }
+        }
         let cfg: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?,
         )
         .map_err(|e| file_err(&cfg_path, format!("not valid JSON: {e}")))?;
+        // PEFT options that change what the weights mean: refused by name rather than applied
+        // with the wrong scale or shape.
+        let unsupported = unsupported_peft_options(&cfg);
+        if !unsupported.is_empty() {
+            return Err(file_err(
+                &cfg_path,
+                format!(
+                    "uses PEFT options lorahost does not apply: {}; lorahost adapters are plain LoRA (scale lora_alpha / r, one r and alpha for every module, no bias, no DoRA, no modules_to_save)",
+                    unsupported.join("; ")
+                ),
+            ));
+        }
         let mut problems = Vec::new();
         if cfg.get("r").and_then(|r| r.as_u64()) != Some(self.config.rank as u64) {
             problems.push(format!("  rank: file has {}, config has {}", cfg["r"], self.config.rank));
@@ -425,8 +463,11 @@ impl LoraSet {
                 cfg["lora_alpha"], self.config.alpha
             ));
         }
-        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
-            .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?;
+        let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&weights, &Device::Cpu)
+            .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?
+            .into_iter()
+            .map(|(k, t)| (normalize_peft_key(&k), t))
+            .collect();
         for (k, v) in &self.vars {
             match tensors.get(k) {
                 None => problems.push(format!("  missing     {k}")),
@@ -454,6 +495,47 @@ impl LoraSet {
         }
         Ok(())
     }
+}
+
+/// A PEFT state-dict key in the form lorahost names its variables: without PEFT's adapter-name
+/// infix (`lora_A.default.weight`) and without `Sam3VideoModel`'s `detector_model.` level.
+fn normalize_peft_key(k: &str) -> String {
+    let k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.");
+    match k.strip_prefix("base_model.model.detector_model.") {
+        Some(rest) => format!("base_model.model.{rest}"),
+        None => k,
+    }
+}
+
+/// The options of a PEFT `adapter_config.json` that lorahost does not apply, each named with
+/// its value.
+fn unsupported_peft_options(cfg: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(t) = cfg.get("peft_type").and_then(|t| t.as_str()).filter(|t| !t.eq_ignore_ascii_case("LORA"))
+    {
+        out.push(format!("peft_type {t} (only LORA)"));
+    }
+    if cfg.get("use_rslora").and_then(|v| v.as_bool()) == Some(true) {
+        out.push("use_rslora (scale lora_alpha / sqrt(r))".into());
+    }
+    if cfg.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+        out.push("use_dora".into());
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if cfg.get(key).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
+            out.push(format!("{key} {} (per-module r/alpha)", cfg[key]));
+        }
+    }
+    if let Some(b) = cfg.get("bias").and_then(|b| b.as_str()).filter(|b| *b != "none") {
+        out.push(format!("bias {b:?}"));
+    }
+    if cfg.get("lora_bias").and_then(|v| v.as_bool()) == Some(true) {
+        out.push("lora_bias".into());
+    }
+    if cfg.get("modules_to_save").is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty())) {
+        out.push(format!("modules_to_save {}", cfg["modules_to_save"]));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -171,7 +171,12 @@ fn adapters_round_trip_through_the_peft_format() {
             .unwrap();
     assert_eq!(cfg_json["peft_type"], "LORA");
     assert_eq!(cfg_json["r"], 4);
-    assert_eq!(cfg_json["target_modules"].as_array().unwrap().len(), set.modules.len());
+    // The adapted modules exactly, as a regex PEFT full-matches (a list would suffix-match).
+    let targets = cfg_json["target_modules"].as_str().unwrap();
+    assert!(targets.starts_with("^(?:") && targets.ends_with(")$"), "{targets}");
+    assert_eq!(targets.matches('|').count() + 1, set.modules.len());
+    let first = &set.modules[0].0;
+    assert!(targets.contains(&first.replace('.', "\\.")), "{targets}");
 
     // A fresh model with fresh adapters, loaded from disk, computes the same.
     let mut fresh = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
@@ -180,6 +185,37 @@ fn adapters_round_trip_through_the_peft_format() {
     let got = fresh.forward(&inputs()).unwrap();
     let d = (&got.pred_masks - &want.pred_masks).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+
+    // PEFT's other key forms load the same: the adapter-name infix, Sam3VideoModel's level.
+    let renamed = tempfile::tempdir().unwrap();
+    let file = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &dev).unwrap();
+    let other_keys: std::collections::HashMap<String, candle_core::Tensor> = file
+        .into_iter()
+        .map(|(k, t)| {
+            let k = k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.");
+            (k.replacen("base_model.model.", "base_model.model.detector_model.", 1), t)
+        })
+        .collect();
+    candle_core::safetensors::save(&other_keys, renamed.path().join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(dir.path().join("adapter_config.json"), renamed.path().join("adapter_config.json"))
+        .unwrap();
+    set2.load_peft(renamed.path()).unwrap();
+    let again = fresh.forward(&inputs()).unwrap();
+    let d = (&again.pred_masks - &want.pred_masks).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    // Options that change what the weights mean are refused by name, not applied wrongly.
+    for (key, value) in [
+        ("use_rslora", serde_json::json!(true)),
+        ("alpha_pattern", serde_json::json!({"v_proj": 32})),
+        ("use_dora", serde_json::json!(true)),
+        ("bias", serde_json::json!("lora_only")),
+    ] {
+        let mut c = cfg_json.clone();
+        c[key] = value;
+        std::fs::write(renamed.path().join("adapter_config.json"), c.to_string()).unwrap();
+        let e = set2.load_peft(renamed.path()).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("does not apply"), "{key}: {e}");
+    }
 
     // Loading is strict: a different target set is refused with the differences listed.
     let mut other = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();

@@ -98,6 +98,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     check_tokenizer(&tokenizer, &model, &model_path)?;
     let _adapters = match &opts.adapter {
         Some(dir) => {
+            crate::export::warn_if_merged(&model_path, dir);
             let lora = LoraSet::attach(&mut model, &LoraConfig::from_section(&cfg.lora), &device)
                 .with_context(|| format!("{}: lora section", opts.config.display()))?;
             lora.load_peft(dir).with_context(|| format!("loading the adapters in {}", dir.display()))?;
