@@ -4,12 +4,17 @@
 //! one applies, otherwise a lorahost code (`D1`..), each with a severity, a message, the
 //! evidence and the fix. Checks, in order:
 //!
-//! - **config** (F11, F10, F7, F25, D1..D4): the YAML parses; unknown keys; contradictions;
-//!   the effective batch, total length and warmup in optimizer steps and epochs (warmup longer
-//!   than training, accumulation longer than an epoch, an effective batch of 1), LR and
+//! - **config** (F11, F10, F7, F25, F26, D1..D4): the YAML parses; unknown keys; each
+//!   contradiction as its own finding with its own fix (the other checks still run, except those
+//!   that need a value named by one); what `train` refuses at start (an unknown `loss:` term,
+//!   `hardware.device: cuda` on a build without CUDA or a machine without a device); the
+//!   effective batch, total length and warmup in optimizer steps and epochs (warmup longer than
+//!   training, an effective batch larger than the training set, an effective batch of 1), LR and
 //!   clipping sanity, LoRA scale, adapters already in `output_dir` with another rank/alpha;
-//! - **data** (F12, F1, F4, F6, F21, F23, F24, F26): `data_dir` and its splits, the fingerprint
-//!   (compared with `--expect-fingerprint`), the preflight (by file and id);
+//! - **data** (F12, F1, F4, F5, F6, F7, F21, F23, F24, F26, D6, D8): `data_dir` and its splits,
+//!   the fingerprint (compared with `--expect-fingerprint`), the preflight (by file and id; boxes
+//!   in another format for most objects are an error), box-only objects (no mask loss, mAP −1),
+//!   train/valid prompts that differ, the negatives per image the data actually gives;
 //! - **LoRA** (F8, F9, F7): the module table built from the real model code over the
 //!   checkpoint's shapes (no weights are read), zero matches, flags that match nothing, the
 //!   trainable fraction;
@@ -21,12 +26,13 @@
 //! | lorahost code | meaning |
 //! |---|---|
 //! | D1 | warmup as long as or longer than the run, or most of it |
-//! | D2 | accumulation longer than an epoch (steps mix epochs, the last one is partial) |
+//! | D2 | effective batch larger than the training set (one partial optimizer step per epoch) |
 //! | D3 | LR outside the usual LoRA range |
 //! | D4 | LoRA scale alpha / rank outside [0.5, 4] (changing rank without alpha changes the step size) |
 //! | D5 | clipping engaged on most probe steps (the effective LR is lower than configured) |
 //! | D6 | no validation split |
 //! | D7 | a configured plugin is missing or does not load (contract, compile, `init` refuses its config) |
+//! | D8 | train and valid prompts differ (validation measures prompts never trained on) |
 
 use crate::data::coco::{Dataset, FindingKind, Severity as DataSeverity};
 use crate::lora::{Component, LoraConfig, LoraSet};
@@ -153,12 +159,24 @@ impl Report {
 /// itself; everything about the setup is a finding.
 pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
     let mut r = Report::default();
-    let cfg = match config_checks(opts, &mut r) {
+    let (cfg, broken) = match config_checks(opts, &mut r) {
         Some(c) => c,
         None => return Ok(finish(r)),
     };
-    let data_ok = data_checks(&cfg, opts, &mut r);
-    let lora_ok = lora_checks(&cfg, &mut r, (opts.device_memory_gb, opts.host_memory_gb));
+    // Each check runs on the parsed config unless it needs a value the config got wrong
+    // (already reported above, one finding per contradiction).
+    let data_ok = if broken.any(&["training.data_dir"]) { false } else { data_checks(&cfg, opts, &mut r) };
+    let lora_ok = if broken.any(&["lora.rank", "lora.target_modules", "lora.apply_to"]) {
+        false
+    } else {
+        let memory = !broken.any(&[
+            "training.batch_size",
+            "training.mixed_precision",
+            "hardware.device",
+            "training.data_dir",
+        ]);
+        lora_checks(&cfg, &mut r, (opts.device_memory_gb, opts.host_memory_gb), memory)
+    };
     let plugins_ok = plugin_checks(&cfg, opts, &mut r);
     if opts.probe_steps > 0 {
         if data_ok && lora_ok && plugins_ok && !r.has_errors() {
@@ -268,7 +286,69 @@ fn finish(mut r: Report) -> Report {
     r
 }
 
-fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
+/// The config keys named by its contradictions (`training.batch_size`, `lora.apply_to_*`):
+/// the checks that need one of them are skipped, the others run.
+#[derive(Debug, Default)]
+struct Broken(Vec<String>);
+
+impl Broken {
+    /// Whether any broken key starts with one of `prefixes`.
+    fn any(&self, prefixes: &[&str]) -> bool {
+        self.0.iter().any(|k| prefixes.iter().any(|p| k.starts_with(p)))
+    }
+}
+
+/// The config key a contradiction names (its first `section.key` word) and the fix it carries:
+/// the part from its first imperative ("set ...", "use ..."), else one for the key.
+fn contradiction_fix(problem: &str) -> (String, String) {
+    let key = problem
+        .split(|c: char| c.is_whitespace() || c == ':' || c == ',')
+        .find(|w| {
+            let section = w.split('.').next().unwrap_or("");
+            w.contains('.')
+                && ["model", "lora", "training", "output", "hardware", "evaluation", "loss", "plugins"]
+                    .contains(&section)
+        })
+        .unwrap_or("")
+        .to_string();
+    let imperative = ["set ", "use ", "list ", "enable ", "give ", "remove ", "rename "];
+    let from = problem
+        .match_indices(": ")
+        .chain(problem.match_indices("; "))
+        .map(|(i, sep)| i + sep.len())
+        .filter(|&i| imperative.iter().any(|v| problem[i..].starts_with(v)))
+        .min();
+    if let Some(i) = from {
+        return (key, problem[i..].to_string());
+    }
+    let fix = match key.as_str() {
+        "training.batch_size" => {
+            "set training.batch_size >= 1 (e.g. 2; gradient_accumulation_steps keeps a larger effective batch)".into()
+        }
+        "training.num_epochs" => "set training.num_epochs >= 1".into(),
+        "training.gradient_accumulation_steps" => "set training.gradient_accumulation_steps >= 1".into(),
+        "lora.dropout" => "set lora.dropout in [0, 1) (0.0 .. 0.1 is usual)".into(),
+        "training.learning_rate" => "set training.learning_rate to a LoRA rate such as 1e-4 (typically 1e-5 .. 1e-3)".into(),
+        "training.max_grad_norm" => "set training.max_grad_norm >= 0 (1.0 is usual; 0 disables clipping)".into(),
+        "training.box_prompt_prob" => "set training.box_prompt_prob in [0, 1]".into(),
+        "training.weight_decay" => "set training.weight_decay >= 0 (e.g. 0.01)".into(),
+        k if k.starts_with("training.adam_beta") => {
+            "set training.adam_beta1 and adam_beta2 in [0, 1) (e.g. 0.9 and 0.999)".into()
+        }
+        "" => "change the setting the message names".into(),
+        k => {
+            let tail = problem.split_once(": ").map(|(_, t)| t).unwrap_or("");
+            if tail.is_empty() {
+                format!("change {k}")
+            } else {
+                format!("{k}: {tail}")
+            }
+        }
+    };
+    (key, fix)
+}
+
+fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, Broken)> {
     let path = &opts.config;
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -307,7 +387,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
         }
         serde_yaml::to_string(&doc).unwrap_or_default()
     };
-    let (mut cfg, warnings) = match TrainConfig::from_yaml(&text, path) {
+    let (mut cfg, warnings) = match TrainConfig::from_yaml_unvalidated(&text, path) {
         Ok(c) => c,
         Err(e) => {
             r.add(
@@ -332,16 +412,59 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
     for n in cfg.resolve_relative_to(path) {
         r.add("D0", Severity::Info, "a relative path was found next to the config", n, "nothing to do");
     }
-    if let Err(TrainConfigError::Contradiction { problems, .. }) = cfg.validate(path) {
-        for p in problems {
-            r.add("F11", Severity::Error, "contradictory or impossible setting", p.clone(), p);
+    // Every contradiction on its own, with its own fix; the diagnosis goes on with the checks
+    // that do not need the values named.
+    let mut broken = Broken::default();
+    match cfg.validate(path) {
+        Ok(()) => {}
+        Err(TrainConfigError::Contradiction { problems, .. }) => {
+            for p in problems {
+                let (key, fix) = contradiction_fix(&p);
+                let message = p.split_once(": ").map_or(p.as_str(), |(head, _)| head).to_string();
+                r.add(
+                    "F11",
+                    Severity::Error,
+                    format!("contradictory or impossible setting: {message}"),
+                    format!("{}: {p}", path.display()),
+                    fix,
+                );
+                broken.0.push(key);
+            }
         }
+        Err(e) => {
+            r.add("F11", Severity::Error, "the config is invalid", e.to_string(), "fix the value named above")
+        }
+    }
+    // What `train` rejects when it starts, beyond the config's own validation.
+    if let Err(e) = crate::train::loss_weights(&cfg) {
+        let msg = format!("{e:#}");
+        let key = msg.split(':').next().unwrap_or("loss").to_string();
+        r.add(
+            "F11",
+            Severity::Error,
+            format!("{key} is refused by train (it stops before the first step)"),
+            format!("{}: {msg}", path.display()),
+            format!(
+                "remove {key} or rename it to a term lorahost has (loss_bbox, loss_giou, loss_ce, presence_loss, loss_mask, loss_dice, o2m_weight, pos_weight, aux){}",
+                if key.contains("cldice") {
+                    "; lorahost has no clDice term (loss_mask and loss_dice weight the mask losses)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        broken.0.push(key);
+    }
+    if !broken.any(&["hardware.device"]) {
+        device_check(&cfg, r);
     }
     let t = &cfg.training;
     // Planning numbers need the dataset size; use the train split when it loads.
     let n =
         Dataset::load(&t.data_dir).ok().and_then(|d| d.split("train").map(|s| s.images.len())).unwrap_or(0);
-    if n > 0 {
+    let shape_ok =
+        !broken.any(&["training.batch_size", "training.gradient_accumulation_steps", "training.num_epochs"]);
+    if n > 0 && shape_ok {
         let e = cfg.effective(n);
         r.facts.insert(
             "effective".into(),
@@ -385,20 +508,46 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
         } else if t.warmup_steps > 0 {
             r.add("D1", Severity::Info, "warmup length in optimizer steps", ev, "none needed");
         }
-        if t.gradient_accumulation_steps > e.micro_batches_per_epoch {
+        if e.effective_batch_size > n {
+            // Then an epoch is one optimizer step: gradients are averaged over the micro-batches
+            // the step actually ran, the whole training set.
+            let (b, micro) = (t.batch_size.min(n), e.micro_batches_per_epoch);
+            let last = n - (micro - 1) * t.batch_size;
+            let batches = if last == b {
+                format!("{micro} micro-batch(es) of {b} images")
+            } else {
+                format!("{} micro-batch(es) of {b} images and one of {last}", micro - 1)
+            };
             r.add(
                 "D2",
                 Severity::Warning,
-                "gradient accumulation is longer than an epoch",
                 format!(
-                    "{} micro-batches per step, {} per epoch: every step is partial",
-                    t.gradient_accumulation_steps, e.micro_batches_per_epoch
+                    "{}the effective batch ({} × {} = {} images) is larger than the training set ({n} images): each epoch is one optimizer step over {n} images, not {}",
+                    if t.gradient_accumulation_steps > micro {
+                        "gradient accumulation is longer than an epoch: "
+                    } else {
+                        ""
+                    },
+                    t.batch_size,
+                    t.gradient_accumulation_steps,
+                    e.effective_batch_size,
+                    e.effective_batch_size
                 ),
-                format!("training.gradient_accumulation_steps <= {}", e.micro_batches_per_epoch),
+                format!(
+                    "an epoch is {batches}{}, fewer than the {} a step accumulates, so the step is partial; {} epochs = {} optimizer steps in all",
+                    if t.batch_size > n { format!(" (not batch_size {})", t.batch_size) } else { String::new() },
+                    t.gradient_accumulation_steps,
+                    t.num_epochs,
+                    e.total_steps
+                ),
+                format!(
+                    "lower batch_size × gradient_accumulation_steps to at most {n}, better a fraction of it so an epoch has several steps (e.g. batch_size: {} with gradient_accumulation_steps: 1), or add training images",
+                    t.batch_size.min(n.div_ceil(4).max(1))
+                ),
             );
         }
     }
-    if t.batch_size * t.gradient_accumulation_steps <= 1 {
+    if shape_ok && t.batch_size * t.gradient_accumulation_steps <= 1 {
         r.add(
             "F10",
             Severity::Warning,
@@ -425,7 +574,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
             "a short warmup (e.g. 5% of the steps) steadies the first updates",
         );
     }
-    if t.learning_rate > 1e-3 || t.learning_rate < 1e-6 {
+    if !broken.any(&["training.learning_rate"]) && (t.learning_rate > 1e-3 || t.learning_rate < 1e-6) {
         // Far above the range (50×) the adapters diverge within steps: an error, not a hint.
         r.add(
             "D3",
@@ -436,7 +585,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
         );
     }
     let scale = cfg.lora.alpha / cfg.lora.rank.max(1) as f64;
-    if !(0.5..=4.0).contains(&scale) {
+    if !broken.any(&["lora.rank", "lora.alpha"]) && !(0.5..=4.0).contains(&scale) {
         r.add(
             "D4",
             Severity::Warning,
@@ -481,7 +630,33 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<TrainConfig> {
             );
         }
     }
-    Some(cfg)
+    Some((cfg, broken))
+}
+
+/// F26: `hardware.device: cuda` opens the device as `train` does; a build without CUDA support,
+/// or a machine without a usable device, is an error here, not at the first step.
+fn device_check(cfg: &TrainConfig, r: &mut Report) {
+    if !cfg.hardware.device.eq_ignore_ascii_case("cuda") {
+        return;
+    }
+    if let Err(e) = crate::train::device_for(cfg) {
+        let fix = if cfg!(feature = "cuda") {
+            "no CUDA device could be opened: check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or set hardware.device: cpu (with training.mixed_precision: no)"
+        } else {
+            "rebuild lorahost with CUDA (`cargo build --release --features cuda`, needs nvcc; see ../shared/gpu/README.md), or set hardware.device: cpu (with training.mixed_precision: no)"
+        };
+        r.add(
+            "F26",
+            Severity::Error,
+            if cfg!(feature = "cuda") {
+                "hardware.device is cuda but no CUDA device can be opened: train stops before the first step"
+            } else {
+                "hardware.device is cuda but this lorahost was built without CUDA: train stops before the first step"
+            },
+            format!("{e:#}"),
+            fix,
+        );
+    }
 }
 
 fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool {
@@ -512,7 +687,21 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
     let fp = ds.fingerprint();
     r.facts.insert("dataset".into(), serde_json::to_value(&fp).unwrap_or_default());
     if let Some(want) = &opts.expect_fingerprint {
-        if !fp.content_sha256.starts_with(want.trim()) {
+        // Hex compares without case; an empty prefix would match every dataset.
+        let want = want.trim().to_ascii_lowercase();
+        if !valid_fingerprint(&want) {
+            r.add(
+                "F12",
+                Severity::Error,
+                if want.is_empty() {
+                    "--expect-fingerprint is empty: it would match any dataset".to_string()
+                } else {
+                    format!("--expect-fingerprint {want:?} is not a fingerprint prefix")
+                },
+                format!("this dataset's content_sha256 is {}", fp.content_sha256),
+                "give at least 8 hex digits of the content_sha256 the run is meant to use (doctor prints it under dataset)",
+            );
+        } else if !fp.content_sha256.to_ascii_lowercase().starts_with(&want) {
             r.add(
                 "F12",
                 Severity::Error,
@@ -542,6 +731,10 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
             "no valid/ split: no validation loss, metrics or best checkpoint",
             dir.display().to_string(),
             match other {
+                _ if dir.join("valid").is_dir() => format!(
+                    "valid/ has no _annotations.coco.json: add {} (the COCO file of those images), or export the validation split again",
+                    dir.join("valid").join("_annotations.coco.json").display()
+                ),
                 Some(n) => format!(
                     "rename {n}/ to valid/ (lorahost reads the Roboflow layout: train/, valid/, test/)"
                 ),
@@ -631,18 +824,32 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
     }
     // Every finding, machine-readable (file, image and annotation id, kind, message).
     r.facts.insert("data_findings".into(), serde_json::json!(findings));
+    // Objects whose box can be compared with a mask (F5 needs one).
+    let with_mask: usize = ds
+        .splits
+        .iter()
+        .flat_map(|s| &s.images)
+        .flat_map(|i| &i.objects)
+        .filter(|o| o.segmentation.is_some())
+        .count();
     for ((code, label, sev, fix), items) in by_kind {
-        let severity = if sev == "error" { Severity::Error } else { Severity::Warning };
-        let severity = if code == "F1" || label.starts_with("categories no") || label.starts_with("a split") {
-            Severity::Info
-        } else {
-            severity
-        };
+        let sev0 = if sev == "error" { Severity::Error } else { Severity::Warning };
+        let mut severity =
+            if code == "F1" || label.starts_with("categories no") || label.starts_with("a split") {
+                Severity::Info
+            } else {
+                sev0
+            };
+        // Most boxes in another format: every box target is wrong, silently.
+        let most = " (most of the objects: their box targets are wrong)";
+        if code == "F5" && items.len() * 2 > with_mask {
+            severity = Severity::Error;
+        }
         let shown: Vec<&String> = items.iter().take(5).collect();
         r.add(
             &code,
             severity,
-            format!("{} × {label}", items.len()),
+            format!("{} × {label}{}", items.len(), if severity > sev0 { most } else { "" }),
             format!(
                 "{}{}",
                 shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; "),
@@ -661,10 +868,204 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
             r.add("F1", Severity::Error, "the training split has no usable objects: the loss would be near zero and nothing is learned", train.annotation_file.display().to_string(), "check the annotation file (bbox/segmentation/category_id fields)");
         }
     }
+    mask_checks(cfg, &ds, r);
+    prompt_checks(&ds, r);
+    negative_checks(cfg, &ds, r);
     true
 }
 
-fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<f64>)) -> bool {
+/// F23: objects without a mask (`segmentation: []`, or one that cannot be used) train box and
+/// class only, and their image/prompt pairs are left out of mask mAP and cgF1.
+fn mask_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
+    for name in ["train", "valid"] {
+        let Some(s) = ds.split(name) else { continue };
+        let objects: Vec<&crate::data::coco::Object> = s.images.iter().flat_map(|i| &i.objects).collect();
+        let box_only: Vec<u64> =
+            objects.iter().filter(|o| o.segmentation.is_none()).map(|o| o.ann_id).collect();
+        if objects.is_empty() || box_only.is_empty() {
+            continue;
+        }
+        let ids = box_only.iter().take(5).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        let evidence = format!(
+            "{}: {} of {} objects have no usable segmentation (annotations {ids}{})",
+            s.annotation_file.display(),
+            box_only.len(),
+            objects.len(),
+            if box_only.len() > 5 { ", ..." } else { "" }
+        );
+        let fix = "export the dataset with instance masks (segmentation as COCO polygons [[x1, y1, ...]] or RLE); a box-only dataset trains boxes and classes only";
+        if box_only.len() < objects.len() {
+            r.add(
+                "F23",
+                Severity::Info,
+                format!("{} box-only objects in {name}/: no mask loss for them, and their image/prompt pairs are left out of mask mAP", box_only.len()),
+                evidence,
+                "expected for annotations without masks; otherwise restore their segmentation",
+            );
+        } else if name == "train" {
+            r.add(
+                "F23",
+                Severity::Warning,
+                "no training object has a mask: the mask and dice losses cannot be computed (only boxes and classes train)",
+                evidence,
+                fix,
+            );
+        } else {
+            let metric = cfg.evaluation.metric.to_ascii_lowercase();
+            let by_metric = ["iou", "map", "cgf1"].contains(&metric.as_str());
+            r.add(
+                "F23",
+                if by_metric { Severity::Error } else { Severity::Warning },
+                format!(
+                    "no validation object has a mask: mask mAP and cgF1 cannot be computed (every image/prompt pair with objects is left out; training reports mAP -1, COCO's value for nothing scored){}",
+                    if by_metric {
+                        format!(", so evaluation.metric {metric} cannot pick a best checkpoint")
+                    } else {
+                        String::new()
+                    }
+                ),
+                evidence,
+                if by_metric {
+                    format!("{fix}; or select by the loss: evaluation.metric: loss")
+                } else {
+                    fix.to_string()
+                },
+            );
+        }
+    }
+}
+
+/// D8: validation measures the prompts the model was trained on only where train and valid
+/// share them (splits exported from different projects, or renamed classes).
+fn prompt_checks(ds: &Dataset, r: &mut Report) {
+    let (Some(train), Some(valid)) = (ds.split("train"), ds.split("valid")) else { return };
+    let prompts = |s: &crate::data::coco::Split| -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for o in s.images.iter().flat_map(|i| &i.objects) {
+            if let Some(c) = s.category(o.category_id) {
+                *m.entry(c.prompt.clone()).or_default() += 1;
+            }
+        }
+        m
+    };
+    let (tp, vp) = (prompts(train), prompts(valid));
+    if tp.is_empty() || vp.is_empty() {
+        return;
+    }
+    let untrained: Vec<(&String, &usize)> = vp.iter().filter(|(p, _)| !tp.contains_key(*p)).collect();
+    if untrained.is_empty() {
+        return;
+    }
+    let unseen: usize = untrained.iter().map(|(_, n)| **n).sum();
+    let total: usize = vp.values().sum();
+    let list = |m: &BTreeMap<String, usize>| {
+        m.iter().map(|(p, n)| format!("{p:?} ({n})")).collect::<Vec<_>>().join(", ")
+    };
+    let evidence = format!(
+        "train prompts (objects): {}; valid prompts: {}; {unseen} of {total} validation objects have a prompt never trained on",
+        list(&tp),
+        list(&vp)
+    );
+    let fix = "export train/ and valid/ from the same project with the same class names (compare the categories of both _annotations.coco.json files), or point data_dir at the matching dataset";
+    let shared = vp.keys().filter(|p| tp.contains_key(*p)).count();
+    if shared == 0 {
+        r.add(
+            "D8",
+            Severity::Error,
+            "train and valid share no prompt: validation measures prompts never trained on (its loss, metrics and best checkpoint say nothing about this training)",
+            evidence,
+            fix,
+        );
+    } else if unseen * 2 > total {
+        r.add(
+            "D8",
+            Severity::Warning,
+            "most validation objects have prompts never trained on: validation mostly measures prompts the run does not learn",
+            evidence,
+            fix,
+        );
+    } else {
+        r.add(
+            "D8",
+            Severity::Info,
+            "some validation prompts never occur in training",
+            evidence,
+            "expected for a zero-shot check; otherwise align the class names of the splits",
+        );
+    }
+}
+
+/// F7: the negative prompts the data actually gives per training image, drawn as training
+/// draws them ([`crate::data::coco::Split::queries`]): fewer than `num_negatives` when the pool
+/// of absent prompts is small; "hard" ones are the dataset's other categories.
+fn negative_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
+    let t = &cfg.training;
+    let Some(train) = ds.split("train") else { return };
+    if t.num_negatives == 0 || train.images.is_empty() {
+        return;
+    }
+    let mut prompts: Vec<&str> =
+        train.categories.iter().filter(|c| c.used).map(|c| c.prompt.as_str()).collect();
+    prompts.sort_unstable();
+    prompts.dedup();
+    let (mut negs, mut hard) = (Vec::new(), Vec::new());
+    for i in 0..train.images.len() {
+        let q = train.queries(i, t.num_negatives, t.seed as u64);
+        let n: Vec<&str> = q.iter().filter(|q| q.negative).map(|q| q.prompt.as_str()).collect();
+        hard.push(n.iter().filter(|p| prompts.contains(p)).count());
+        negs.push(n.len());
+    }
+    let stats = |v: &[usize]| {
+        let (min, max) = (v.iter().copied().min().unwrap_or(0), v.iter().copied().max().unwrap_or(0));
+        (min, max, v.iter().sum::<usize>() as f64 / v.len().max(1) as f64)
+    };
+    let ((min, max, mean), (_, hard_max, hard_mean)) = (stats(&negs), stats(&hard));
+    r.facts.insert(
+        "negatives_per_image".into(),
+        serde_json::json!({"requested": t.num_negatives, "min": min, "max": max, "mean": mean, "hard_mean": hard_mean}),
+    );
+    let evidence = format!(
+        "training.num_negatives {}; per training image the data gives {min}..{max} negatives (mean {mean:.2}), {hard_mean:.2} of them other categories of the dataset (hard negatives); the training split has {} prompt(s): {}",
+        t.num_negatives,
+        prompts.len(),
+        prompts.join(", ")
+    );
+    let more =
+        "add images annotated with other (confusable) categories, e.g. merge a dataset of other defects";
+    if max == 0 {
+        r.add(
+            "F7",
+            Severity::Warning,
+            format!(
+                "training.num_negatives {} gives 0 negatives per image: no absent prompt exists to draw, so the model is never shown an absent category",
+                t.num_negatives
+            ),
+            evidence,
+            format!("{more}; raising num_negatives does not help"),
+        );
+    } else if min < t.num_negatives {
+        r.add(
+            "F7",
+            Severity::Info,
+            format!(
+                "training.num_negatives {} gives {mean:.1} negatives per image on average ({min}..{max}): the data has too few absent prompts for more",
+                t.num_negatives
+            ),
+            evidence,
+            format!("training.num_negatives: {max} says what the data gives; {more}"),
+        );
+    } else if hard_max == 0 {
+        r.add(
+            "F7",
+            Severity::Info,
+            "no hard negatives: every negative prompt is a generic word, as the dataset has no other category to draw",
+            evidence,
+            format!("{more}: a confusable absent category teaches more than an unrelated word"),
+        );
+    }
+}
+
+fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<f64>), memory: bool) -> bool {
     let model_path = match crate::train::resolve_model(cfg) {
         Ok(p) => p,
         Err(e) => {
@@ -782,7 +1183,9 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<
         );
     }
     let adapted = crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1));
-    memory_check(cfg, &config, &model_path, (total, trainable, adapted), r, budgets);
+    if memory {
+        memory_check(cfg, &config, &model_path, (total, trainable, adapted), r, budgets);
+    }
     if fraction > 0.2 {
         r.add(
             "F8",
@@ -828,6 +1231,9 @@ fn memory_check(
             Some((0..s.images.len()).map(|i| s.queries(i, t.num_negatives, 0).len()).collect())
         })
         .unwrap_or_default();
+    // A micro-batch holds at most the whole training set.
+    let images =
+        if per_image.is_empty() { t.batch_size.max(1) } else { t.batch_size.clamp(1, per_image.len()) };
     if per_image.is_empty() {
         per_image.push(1 + t.num_negatives);
     }
@@ -835,8 +1241,7 @@ fn memory_check(
     let qpi = per_image[0].max(1) as f64;
     let mean_qpi = per_image.iter().sum::<usize>() as f64 / per_image.len() as f64;
     let base = if cuda { 600 << 20 } else { crate::memory::CPU_BASE };
-    let queries: usize =
-        per_image.iter().cycle().take(t.batch_size.max(1)).sum::<usize>().max(t.batch_size.max(1));
+    let queries: usize = per_image.iter().cycle().take(images).sum::<usize>().max(images);
     let run = crate::memory::RunShape {
         base_params,
         lora_params,
@@ -845,7 +1250,7 @@ fn memory_check(
         vision_checkpointing: t.gradient_checkpointing,
         base,
     };
-    let e = crate::memory::estimate(config, &run, t.batch_size, queries);
+    let e = crate::memory::estimate(config, &run, images, queries);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let budget = device_memory_gb.map(|g| (g * (1u64 << 30) as f64) as u64).or(if cuda {
         None
@@ -855,14 +1260,14 @@ fn memory_check(
     r.facts.insert(
         "memory".into(),
         serde_json::json!({
-            "device": cfg.hardware.device, "dtype": format!("{dtype:?}"), "images": t.batch_size, "queries": queries,
+            "device": cfg.hardware.device, "dtype": format!("{dtype:?}"), "images": images, "queries": queries,
             "queries_per_image": mean_qpi, "max_queries_per_image": qpi, "run": run, "estimate_bytes": e,
-            "features": crate::memory::features_by_part(config, t.batch_size, queries), "estimate_gib": gib(e.total), "budget_gib": budget.map(gib),
+            "features": crate::memory::features_by_part(config, images, queries), "estimate_gib": gib(e.total), "budget_gib": budget.map(gib),
         }),
     );
     let evidence = format!(
-        "heaviest micro-batch, {} images / {queries} queries in {dtype:?}: weights {:.2} GiB, LoRA state {:.2} GiB, activations {:.2} GiB, backward {:.2} GiB, base {:.2} GiB = {:.2} GiB{}",
-        t.batch_size,
+        "heaviest micro-batch, {images} images{} / {queries} queries in {dtype:?}: weights {:.2} GiB, LoRA state {:.2} GiB, activations {:.2} GiB, backward {:.2} GiB, base {:.2} GiB = {:.2} GiB{}",
+        if images < t.batch_size { format!(" (the whole training set; batch_size {})", t.batch_size) } else { String::new() },
         gib(e.weights),
         gib(e.lora_state),
         gib(e.activations),
@@ -894,12 +1299,19 @@ fn memory_check(
             }
             r.add("F13", Severity::Error, "the predicted peak memory of a micro-batch exceeds the device's memory (an OOM kill: exit 137 on the host, CUDA out of memory on the GPU)", evidence, fix);
         }
-        _ => r.add(
+        Some(_) => r.add(
             "F13",
             Severity::Info,
             "predicted peak memory of a training micro-batch",
             evidence,
             "none needed",
+        ),
+        None => r.add(
+            "F13",
+            Severity::Info,
+            "predicted peak memory of a training micro-batch (the device's memory is unknown: not compared)",
+            evidence,
+            "pass --device-memory-gb G (the card's memory, e.g. 24) to check that the micro-batch fits",
         ),
     }
     host_memory_check(cfg, config, model_path, if cuda { None } else { Some(&e) }, host_memory_gb, r);

@@ -325,3 +325,154 @@ fn configured_plugins_are_loaded_and_a_broken_one_is_an_error() {
     let r = with(&format!("  - path: {}\n  - path: {}\n", guard.display(), guard.display()));
     assert!(has(&r, "D7", Severity::Error, "together"), "{}", explain(&r));
 }
+
+/// Rewrite a split's COCO file.
+fn mutate_split(data: &Path, split: &str, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = data.join(split).join("_annotations.coco.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn each_contradiction_is_its_own_finding_and_the_other_checks_go_on() {
+    let s = setup();
+    let r = run(
+        &s,
+        &["lora.dropout=1.0", "training.batch_size=0", "training.num_epochs=0", "training.warmup_stpes=10"],
+    );
+    let errors: Vec<_> = r.with_code("F11").into_iter().filter(|f| f.severity == Severity::Error).collect();
+    assert_eq!(errors.len(), 3, "{}", explain(&r));
+    for key in ["lora.dropout", "training.batch_size", "training.num_epochs"] {
+        let f = errors
+            .iter()
+            .find(|f| f.message.contains(key))
+            .unwrap_or_else(|| panic!("{key}: {}", explain(&r)));
+        assert!(f.fix.contains(key) && f.fix.starts_with("set "), "{key}: {}", f.fix);
+    }
+    assert!(!r.findings.iter().any(|f| f.message.contains("does not parse")), "{}", explain(&r));
+    // The unknown key, the data and the LoRA table are still checked.
+    assert!(has(&r, "F11", Severity::Warning, "training.warmup_steps"), "{}", explain(&r));
+    assert!(r.facts["dataset"]["content_sha256"].is_string(), "{}", explain(&r));
+    assert!(r.facts["lora"]["modules"].as_u64().unwrap() > 0, "{}", explain(&r));
+    // What needs the broken batch/epochs (the planning numbers, memory) is left out.
+    assert!(!r.facts.contains_key("effective") && !r.facts.contains_key("memory"), "{}", explain(&r));
+    // A contradiction whose fix is in its text keeps that fix.
+    let r = run(&s, &["training.mixed_precision=bf16"]);
+    let f = r.with_code("F11").into_iter().find(|f| f.severity == Severity::Error).unwrap();
+    assert!(f.fix.starts_with("use mixed_precision: no"), "{}", f.fix);
+    assert!(r.facts.contains_key("effective"), "{}", explain(&r));
+}
+
+#[test]
+fn settings_train_refuses_are_errors() {
+    let s = setup();
+    // clary97's loss section: train stops at its unknown term.
+    let r = run(&s, &["loss.loss_mask=250", "loss.loss_cldice=5.0"]);
+    assert!(has(&r, "F11", Severity::Error, "loss.loss_cldice"), "{}", explain(&r));
+    assert!(!has(&r, "F11", Severity::Error, "loss.loss_mask"), "{}", explain(&r));
+    // hardware.device: cuda opens the device as train does.
+    let r = run(&s, &["hardware.device=cuda"]);
+    if candle_core::utils::cuda_is_available() && candle_core::Device::new_cuda(0).is_ok() {
+        assert!(r.with_code("F26").is_empty(), "{}", explain(&r));
+    } else {
+        let f = r.with_code("F26");
+        assert!(
+            f.iter().any(|f| f.severity == Severity::Error && f.message.contains("hardware.device is cuda")),
+            "{}",
+            explain(&r)
+        );
+    }
+    // The device's memory is unknown on CUDA: the estimate says it was not compared.
+    let f = r.findings.iter().find(|f| f.code == "F13" && f.message.contains("micro-batch")).unwrap();
+    assert!(f.fix.contains("--device-memory-gb"), "{}", explain(&r));
+}
+
+#[test]
+fn box_only_objects_are_found_with_what_they_cost() {
+    let s = setup();
+    for split in ["train", "valid"] {
+        mutate_split(&s.data, split, |v| {
+            for a in v["annotations"].as_array_mut().unwrap() {
+                a["segmentation"] = serde_json::json!([]);
+            }
+        });
+    }
+    let r = run(&s, &[]);
+    assert!(has(&r, "F23", Severity::Warning, "no training object has a mask"), "{}", explain(&r));
+    assert!(has(&r, "F23", Severity::Warning, "mAP -1"), "{}", explain(&r));
+    // Selecting the best checkpoint by mAP cannot work.
+    let r = run(&s, &["evaluation.metric=map"]);
+    assert!(has(&r, "F23", Severity::Error, "mAP -1"), "{}", explain(&r));
+}
+
+#[test]
+fn splits_with_other_prompts_and_most_boxes_in_another_format_are_errors() {
+    let s = setup();
+    mutate_split(&s.data, "valid", |v| {
+        for (i, c) in v["categories"].as_array_mut().unwrap().iter_mut().enumerate() {
+            c["name"] = serde_json::json!(["pothole", "patch", "manhole"][i % 3]);
+        }
+    });
+    let r = run(&s, &[]);
+    assert!(has(&r, "D8", Severity::Error, "share no prompt"), "{}", explain(&r));
+    // Every box written as [x0, y0, x1, y1]: the box targets are all wrong.
+    let s = setup();
+    for split in ["train", "valid"] {
+        mutate_split(&s.data, split, |v| {
+            for a in v["annotations"].as_array_mut().unwrap() {
+                let b: Vec<f64> = a["bbox"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+                a["bbox"] = serde_json::json!([b[0], b[1], b[0] + b[2], b[1] + b[3]]);
+            }
+        });
+    }
+    let r = run(&s, &[]);
+    assert!(has(&r, "F5", Severity::Error, "most of the objects"), "{}", explain(&r));
+}
+
+#[test]
+fn batch_larger_than_the_data_negatives_and_a_valid_folder_without_its_file() {
+    let s = setup();
+    // 4 × 4 = 16 > 6 training images: one partial step per epoch.
+    let r = run(&s, &["training.batch_size=4", "training.gradient_accumulation_steps=4"]);
+    let f = r
+        .findings
+        .iter()
+        .find(|f| f.code == "D2" && f.message.contains("larger than the training set"))
+        .unwrap_or_else(|| panic!("{}", explain(&r)));
+    assert!(f.message.contains("one optimizer step over 6 images, not 16"), "{}", f.message);
+    // More negatives asked for than the data (categories and any generic words) has.
+    let r = run(&s, &["training.num_negatives=500"]);
+    assert!(
+        r.findings.iter().any(|f| f.code == "F7" && f.message.contains("num_negatives 500 gives")),
+        "{}",
+        explain(&r)
+    );
+    assert!(r.facts["negatives_per_image"]["max"].as_u64().unwrap() < 500);
+    // valid/ without its COCO file: the fix names the file to add.
+    std::fs::remove_file(s.data.join("valid/_annotations.coco.json")).unwrap();
+    let r = run(&s, &[]);
+    assert!(
+        r.findings.iter().any(|f| f.code == "D6" && f.fix.contains("valid/_annotations.coco.json")),
+        "{}",
+        explain(&r)
+    );
+}
+
+#[test]
+fn an_empty_fingerprint_matches_nothing_and_hex_case_does_not_matter() {
+    let s = setup();
+    let fp = run(&s, &[]).facts["dataset"]["content_sha256"].as_str().unwrap().to_string();
+    let with = |want: &str| {
+        diagnose(&DoctorOptions {
+            config: s.config.clone(),
+            expect_fingerprint: Some(want.into()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let r = with("");
+    assert!(has(&r, "F12", Severity::Error, "empty"), "{}", explain(&r));
+    let r = with(&fp[..12].to_ascii_uppercase());
+    assert!(r.with_code("F12").is_empty(), "{}", explain(&r));
+}
