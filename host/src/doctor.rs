@@ -636,7 +636,8 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
 /// F26: `hardware.device: cuda` opens the device as `train` does; a build without CUDA support,
 /// or a machine without a usable device, is an error here, not at the first step.
 fn device_check(cfg: &TrainConfig, r: &mut Report) {
-    if !cfg.hardware.device.eq_ignore_ascii_case("cuda") {
+    // `cuda` / `cuda:N` (`auto` falls back to the CPU by itself).
+    if cfg.hardware.cuda_ordinal().is_none() {
         return;
     }
     if let Err(e) = crate::train::device_for(cfg) {
@@ -1215,7 +1216,7 @@ fn memory_check(
     (device_memory_gb, host_memory_gb): (Option<f64>, Option<f64>),
 ) {
     let t = &cfg.training;
-    let cuda = cfg.hardware.device.eq_ignore_ascii_case("cuda");
+    let cuda = cfg.hardware.cuda_ordinal().is_some();
     let precision = t.precision().unwrap_or(crate::train_config::Precision::No);
     let dtype = match (cuda, precision) {
         (false, _) | (_, crate::train_config::Precision::No) => DType::F32,

@@ -166,6 +166,8 @@ fn set_path(doc: &mut serde_yaml::Value, key: &str, value: serde_yaml::Value) {
 pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {}; pass --config with a training YAML", path.display()))?;
+    // A byte-order mark (Windows editors) is not YAML content.
+    let text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text);
     let text = if overrides.is_empty() {
         text
     } else {
@@ -354,12 +356,27 @@ pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
 
 /// The device the config asks for.
 pub fn device_for(cfg: &TrainConfig) -> Result<Device> {
-    match cfg.hardware.device.to_ascii_lowercase().as_str() {
-        "cuda" => {
-            crate::gpu::open_cuda(0, "hardware.device is cuda (set hardware.device: cpu to train on the CPU)")
-        }
-        _ => Ok(Device::Cpu),
+    let name = cfg.hardware.device.trim().to_ascii_lowercase();
+    if let Some(ordinal) = cfg.hardware.cuda_ordinal() {
+        return crate::gpu::open_cuda(
+            ordinal,
+            &format!("hardware.device is {name} (set hardware.device: cpu to train on the CPU)"),
+        );
     }
+    if name == "auto" {
+        // The first GPU when this build and machine have one, else the CPU (said either way).
+        return Ok(match crate::gpu::open_cuda(0, "hardware.device is auto") {
+            Ok(d) => {
+                tracing::info!("hardware.device auto: CUDA device 0");
+                d
+            }
+            Err(e) => {
+                tracing::info!("hardware.device auto: the CPU ({e:#})");
+                Device::Cpu
+            }
+        });
+    }
+    Ok(Device::Cpu)
 }
 
 /// The dtype the frozen base runs in: `mixed_precision` bf16 / fp16 on CUDA, f32 otherwise.
@@ -2007,6 +2024,21 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_strings_open_what_they_name() {
+        let with = |d: &str| TrainConfig {
+            hardware: crate::train_config::HardwareSection { device: d.into(), ..Default::default() },
+            ..Default::default()
+        };
+        assert!(device_for(&with("cpu")).unwrap().is_cpu());
+        if !cfg!(feature = "cuda") {
+            // auto falls back to the CPU; a named GPU is an error naming the setting.
+            assert!(device_for(&with("auto")).unwrap().is_cpu());
+            let e = format!("{:#}", device_for(&with("cuda:1")).unwrap_err());
+            assert!(e.contains("cuda:1"), "{e}");
+        }
+    }
 
     #[test]
     fn a_diverged_validation_is_never_the_best() {
