@@ -882,12 +882,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         None => out_dir.clone(),
     };
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-    // The base the adapters belong to, for PEFT's base_model_name_or_path: the local model
-    // when one is used (model.path), else the hub name.
-    let base_name = match &cfg.model.path {
-        Some(_) => std::path::absolute(&model_path).unwrap_or(model_path.clone()).display().to_string(),
-        None => cfg.model.name.clone(),
-    };
+    // PEFT's base_model_name_or_path: the hub name (model.path is usually a local copy of it,
+    // and a path would not travel with the adapters; run.json records the path).
+    let base_name = cfg.model.name.clone();
 
     // Optimizer and state.
     let var_list: Vec<(String, Var)> = lora.vars().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
