@@ -34,29 +34,9 @@ pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> 
             model_dir.display()
         );
     }
-    // The weight files the model loader reads: model.safetensors, else the index's shards
-    // (other .safetensors files beside them are not the model's).
-    let single = model_dir.join("model.safetensors");
-    let index = model_dir.join("model.safetensors.index.json");
-    let files: Vec<std::path::PathBuf> = if single.is_file() {
-        vec![single]
-    } else if index.is_file() {
-        let v: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?,
-        )
-        .with_context(|| format!("{}: not valid JSON", index.display()))?;
-        let mut shards: Vec<String> = v["weight_map"]
-            .as_object()
-            .with_context(|| format!("{}: no weight_map", index.display()))?
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        shards.into_iter().map(|f| model_dir.join(f)).collect()
-    } else {
-        bail!("{}: no model.safetensors or model.safetensors.index.json to merge into", model_dir.display());
-    };
+    // The weight files the model loader reads (other .safetensors beside them are not the
+    // model's).
+    let files = crate::sam3::weights::weight_files(model_dir)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
         tensors.extend(

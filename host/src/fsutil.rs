@@ -29,3 +29,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The first of `name(0)`, `name(1)`, ... that does not exist yet (a place to set something
+/// aside without replacing what an earlier time set aside).
+pub fn first_free(name: impl Fn(usize) -> std::path::PathBuf) -> std::path::PathBuf {
+    (0..).map(name).find(|p| !p.exists()).expect("an unbounded range has a free name")
+}

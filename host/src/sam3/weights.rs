@@ -291,28 +291,11 @@ fn is_tracker_key(k: &str) -> bool {
     k.starts_with("tracker_model.") || k.starts_with("tracker_neck.")
 }
 
-/// Open a transformers-style model directory: returns its config and the checkpoint.
-pub fn open_dir(dir: &Path) -> std::result::Result<(Sam3Config, Checkpoint), WeightsError> {
+/// The weight files of a transformers model directory, as transformers picks them:
+/// `model.safetensors` (an index beside it is ignored, with a warning), else the shards named in
+/// `model.safetensors.index.json`. Every file must exist.
+pub fn weight_files(dir: &Path) -> std::result::Result<Vec<PathBuf>, WeightsError> {
     let file_err = |path: &Path, reason: String| WeightsError::File { path: path.to_path_buf(), reason };
-    if !dir.is_dir() {
-        return Err(file_err(
-            dir,
-            "model directory not found (expected config.json + model.safetensors)".into(),
-        ));
-    }
-    let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(file_err(&config_path, "missing: a model directory needs config.json".into()));
-    }
-    // The config error already names its file.
-    let parsed = Sam3Config::parse_file(&config_path).map_err(|e| match e {
-        super::config::ConfigError::Invalid { path, reason } => WeightsError::File { path, reason },
-        super::config::ConfigError::Read { path, source } => {
-            WeightsError::File { path, reason: format!("cannot read: {source}") }
-        }
-    })?;
-    let defaulted: Vec<String> = parsed.defaulted_shapes().into_iter().map(String::from).collect();
-    let (config, layout) = (parsed.config, parsed.layout);
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if single.is_file() {
@@ -349,6 +332,32 @@ pub fn open_dir(dir: &Path) -> std::result::Result<(Sam3Config, Checkpoint), Wei
             return Err(file_err(f, "listed in the index but missing".into()));
         }
     }
+    Ok(files)
+}
+
+/// Open a transformers-style model directory: returns its config and the checkpoint.
+pub fn open_dir(dir: &Path) -> std::result::Result<(Sam3Config, Checkpoint), WeightsError> {
+    let file_err = |path: &Path, reason: String| WeightsError::File { path: path.to_path_buf(), reason };
+    if !dir.is_dir() {
+        return Err(file_err(
+            dir,
+            "model directory not found (expected config.json + model.safetensors)".into(),
+        ));
+    }
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(file_err(&config_path, "missing: a model directory needs config.json".into()));
+    }
+    // The config error already names its file.
+    let parsed = Sam3Config::parse_file(&config_path).map_err(|e| match e {
+        super::config::ConfigError::Invalid { path, reason } => WeightsError::File { path, reason },
+        super::config::ConfigError::Read { path, source } => {
+            WeightsError::File { path, reason: format!("cannot read: {source}") }
+        }
+    })?;
+    let defaulted: Vec<String> = parsed.defaulted_shapes().into_iter().map(String::from).collect();
+    let (config, layout) = (parsed.config, parsed.layout);
+    let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; lorahost never writes them while loaded.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| file_err(&files[0], format!("not a readable safetensors file: {e}")))?;

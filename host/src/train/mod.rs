@@ -226,11 +226,7 @@ fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBu
         return Ok(None);
     }
     let root = out_dir.join("previous-runs");
-    let mut k = 1;
-    while root.join(format!("run-{k}")).exists() {
-        k += 1;
-    }
-    let to = root.join(format!("run-{k}"));
+    let to = crate::fsutil::first_free(|k| root.join(format!("run-{}", k + 1)));
     std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
     for p in found {
         let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -656,12 +652,10 @@ impl MetricsLog {
                 if !dropped.is_empty() {
                     let dir = path.parent().unwrap_or(Path::new("."));
                     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    let mut to = dir.join(format!("{stem}.abandoned-after-step-{last}.jsonl"));
-                    let mut k = 1;
-                    while to.exists() {
-                        to = dir.join(format!("{stem}.abandoned-after-step-{last}-{k}.jsonl"));
-                        k += 1;
-                    }
+                    let to = crate::fsutil::first_free(|k| match k {
+                        0 => dir.join(format!("{stem}.abandoned-after-step-{last}.jsonl")),
+                        k => dir.join(format!("{stem}.abandoned-after-step-{last}-{k}.jsonl")),
+                    });
                     let mut body = dropped.join("\n");
                     body.push('\n');
                     crate::fsutil::write_atomic(&to, body.as_bytes())
@@ -1091,12 +1085,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         // pick them up.
         let mut abandoned = 0;
         for (step, d) in checkpoint::list(&ckpt_root).into_iter().filter(|(st, _)| *st > s.step) {
-            let mut to = ckpt_root.join(format!("abandoned-step-{step:08}"));
-            let mut k = 1;
-            while to.exists() {
-                to = ckpt_root.join(format!("abandoned-step-{step:08}-{k}"));
-                k += 1;
-            }
+            let to = crate::fsutil::first_free(|k| match k {
+                0 => ckpt_root.join(format!("abandoned-step-{step:08}")),
+                k => ckpt_root.join(format!("abandoned-step-{step:08}-{k}")),
+            });
             if std::fs::rename(&d, &to).is_ok() {
                 tracing::warn!(
                     "{} is newer than the resume point (step {}): moved to {}",

@@ -177,22 +177,20 @@ pub fn group_stats(name: &str, grads: &[&Tensor]) -> Result<GroupStats> {
     // a full SAM3 ViT's adapters).
     let abs = all.abs()?;
     let bad = (1.0 - abs.le(f32::MAX)?.to_dtype(DType::F32)?)?.sum_all()?;
+    let sum_sq = all.sqr()?.sum_all()?;
     let max_abs = abs.max(0)?;
-    // Σx² of gradients above ~1e19 overflows f32 (a diverging run: the norm would read inf, and
-    // clipping by it would zero the update), so it is summed over x / max|x| and scaled back in
-    // f64 on the host.
-    let scale = max_abs.clamp(f32::MIN_POSITIVE, f32::MAX)?;
-    let sum_sq_scaled = all.broadcast_div(&scale)?.sqr()?.sum_all()?;
     // One device-to-host transfer (one synchronisation) per group.
-    let v = Tensor::stack(&[bad, sum_sq_scaled, max_abs], 0)?.to_vec1::<f32>()?;
-    let m = (v[2] as f64).clamp(f32::MIN_POSITIVE as f64, f32::MAX as f64);
-    Ok(GroupStats {
-        name: name.into(),
-        sum_sq: v[1] as f64 * m * m,
-        max_abs: v[2] as f64,
-        nonfinite: v[0] as u64,
-        numel,
-    })
+    let v = Tensor::stack(&[bad, sum_sq, max_abs], 0)?.to_vec1::<f32>()?;
+    let mut sum_sq = v[1] as f64;
+    if sum_sq.is_infinite() && v[0] == 0.0 {
+        // Σx² of finite gradients above ~1e19 overflows f32 (a diverging run: the norm would
+        // read inf and clipping by it would zero the update): sum over x / max|x| instead and
+        // scale back in f64. Rare, so off the common path.
+        let m = v[2] as f64;
+        let scaled = (&all / m)?.sqr()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        sum_sq = scaled * m * m;
+    }
+    Ok(GroupStats { name: name.into(), sum_sq, max_abs: v[2] as f64, nonfinite: v[0] as u64, numel })
 }
 
 #[cfg(test)]
