@@ -392,7 +392,7 @@ mod tests {
         let w = Tensor::randn(0f64, 1.0, (4, 3), &dev)?;
         let bias = Tensor::randn(0f64, 1.0, 4, &dev)?;
         let t = Tensor::randn(0f64, 1.0, (5, 4), &dev)?;
-        let acts = ["gelu", "gelu_new", "quick_gelu", "relu", "silu"].map(|n| Activation::parse(n));
+        let acts = ["gelu", "gelu_new", "quick_gelu", "relu", "silu"].map(Activation::parse);
         for act in std::iter::once(None).chain(acts) {
             for p in [None, Some(0.0), Some(0.4)] {
                 let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 3), &dev)?)?;
