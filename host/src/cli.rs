@@ -89,6 +89,14 @@ pub enum Command {
         /// Host RAM in GiB (default: what the machine has available now).
         #[arg(long, value_name = "GiB")]
         host_memory_gb: Option<f64>,
+        /// Draw the ground truth as training builds it (the model's square input with each
+        /// prompt's boxes and masks in its colour; with training.augment also the flipped,
+        /// zoomed-out variant) into DIR, with an index overlays.json.
+        #[arg(long, value_name = "DIR")]
+        gt_overlays: Option<PathBuf>,
+        /// Images per split to draw with --gt-overlays (spread over the split).
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        gt_overlay_images: usize,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -519,8 +527,13 @@ pub fn run(cli: Cli) -> Result<()> {
             probe_steps,
             device_memory_gb,
             host_memory_gb,
+            gt_overlays,
+            gt_overlay_images,
             json,
         } => {
+            if gt_overlays.is_some() && *gt_overlay_images == 0 {
+                bail!("--gt-overlay-images 0 draws nothing: give the number of images per split to draw (e.g. 8)");
+            }
             for (flag, v) in [("--device-memory-gb", device_memory_gb), ("--host-memory-gb", host_memory_gb)]
             {
                 if let Some(v) = v {
@@ -546,6 +559,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 } else {
                     cli.cache_dir.clone().or_else(Runtime::default_cache_dir)
                 },
+                gt_overlays: gt_overlays.clone(),
+                gt_overlay_images: *gt_overlay_images,
             })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

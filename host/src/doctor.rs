@@ -14,7 +14,9 @@
 //! - **data** (F12, F1, F4, F5, F6, F7, F21, F23, F24, F26, D6, D8): `data_dir` and its splits,
 //!   the fingerprint (compared with `--expect-fingerprint`), the preflight (by file and id; boxes
 //!   in another format for most objects are an error), box-only objects (no mask loss, mAP −1),
-//!   train/valid prompts that differ, the negatives per image the data actually gives;
+//!   train/valid prompts that differ or classes numbered differently, the negatives per image
+//!   the data actually gives; with `--gt-overlays DIR` pictures of the targets as training
+//!   builds them (boxes and masks on the model input) for a person to look at;
 //! - **LoRA** (F8, F9, F7): the module table built from the real model code over the
 //!   checkpoint's shapes (no weights are read), zero matches, flags that match nothing, the
 //!   trainable fraction;
@@ -32,7 +34,7 @@
 //! | D5 | clipping engaged on most probe steps (the effective LR is lower than configured) |
 //! | D6 | no validation split |
 //! | D7 | a configured plugin is missing or does not load (contract, compile, `init` refuses its config) |
-//! | D8 | train and valid prompts differ (validation measures prompts never trained on) |
+//! | D8 | train and valid prompts differ (validation measures prompts never trained on), or the splits number their classes differently |
 
 use crate::data::coco::{Dataset, FindingKind, Severity as DataSeverity};
 use crate::lora::{Component, LoraConfig, LoraSet};
@@ -91,6 +93,10 @@ pub struct DoctorOptions {
     pub host_memory_gb: Option<f64>,
     /// Where compiled plugins are cached (None: no cache), as for `train`.
     pub cache_dir: Option<PathBuf>,
+    /// Write ground-truth overlays (the images as training sees them, targets drawn) here.
+    pub gt_overlays: Option<PathBuf>,
+    /// Images per split to draw with `gt_overlays` (0: 8).
+    pub gt_overlay_images: usize,
 }
 
 /// The report.
@@ -166,6 +172,9 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
     // Each check runs on the parsed config unless it needs a value the config got wrong
     // (already reported above, one finding per contradiction).
     let data_ok = if broken.any(&["training.data_dir"]) { false } else { data_checks(&cfg, opts, &mut r) };
+    if let Some(dir) = opts.gt_overlays.as_deref().filter(|_| data_ok) {
+        gt_overlays(&cfg, dir, opts.gt_overlay_images, &mut r);
+    }
     let lora_ok = if broken.any(&["lora.rank", "lora.target_modules", "lora.apply_to"]) {
         false
     } else {
@@ -192,6 +201,72 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
         }
     }
     Ok(finish(r))
+}
+
+/// F5/F24/F6: pictures of the targets as training builds them (the model's square input, and
+/// with `training.augment` also the flipped, zoomed-out variant), for a person to look at.
+fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut Report) {
+    use crate::data::batch::SampleOptions;
+    let model_config = crate::train::resolve_model(cfg).ok().and_then(|p| {
+        let c = if p.is_file() { p.with_file_name("config.json") } else { p.join("config.json") };
+        crate::sam3::config::Sam3Config::from_file(&c).ok().map(|(c, _)| c)
+    });
+    // Without the model's config (reported by the LoRA checks) SAM3's own sizes are drawn.
+    let (image_size, mask_size) = model_config
+        .map(|c| (c.vision_config.backbone_config.image_size, c.target_mask_size()))
+        .unwrap_or((1008, 288));
+    let Ok(ds) = Dataset::load(&cfg.training.data_dir) else { return };
+    let t = &cfg.training;
+    let base = SampleOptions::plain(image_size, mask_size, t.num_negatives, t.seed as u64);
+    let images = if images == 0 { 8 } else { images };
+    let mut written = Vec::new();
+    for name in ["train", "valid"] {
+        let Some(split) = ds.split(name) else { continue };
+        match crate::data::overlay::write_overlays(split, &base, images, t.augment && name == "train", dir) {
+            Ok(recs) => written.extend(recs),
+            Err(e) => {
+                r.add(
+                    "F5",
+                    Severity::Warning,
+                    "ground-truth overlays could not be written",
+                    e.to_string(),
+                    "see the message (a file that cannot be written, or an image that does not decode)",
+                );
+                return;
+            }
+        }
+    }
+    let index = dir.join("overlays.json");
+    let body = serde_json::to_vec_pretty(&written).unwrap_or_default();
+    if let Err(e) = crate::fsutil::write_atomic(&index, &body) {
+        r.add(
+            "F5",
+            Severity::Warning,
+            "the overlay index could not be written",
+            format!("{}: {e}", index.display()),
+            "check the folder's permissions",
+        );
+    }
+    let mut legend: BTreeMap<String, [u8; 3]> = BTreeMap::new();
+    for q in written.iter().flat_map(|w| &w.queries) {
+        if let Some(c) = q.color {
+            legend.insert(q.prompt.clone(), c);
+        }
+    }
+    r.facts.insert(
+        "gt_overlays".into(),
+        serde_json::json!({"dir": dir, "images": written.len(), "index": index, "colors": legend}),
+    );
+    r.add(
+        "F5",
+        Severity::Info,
+        format!("wrote {} ground-truth overlays ({image_size}² model input, {mask_size}² masks) to {}", written.len(), dir.display()),
+        format!(
+            "colours: {}; overlays.json lists each image's prompts, objects and box-only objects",
+            legend.iter().map(|(p, c)| format!("{p:?} rgb({}, {}, {})", c[0], c[1], c[2])).collect::<Vec<_>>().join(", ")
+        ),
+        "look at them: every box should sit on its object, every mask inside its box, each colour on its own class; a shifted or oversized box means a box-format problem (F4/F5), a rotated mask an EXIF one (F24)",
+    );
 }
 
 /// D7: the config's plugins load as `train` will load them: the file is a component of this
@@ -949,6 +1024,7 @@ fn prompt_checks(ds: &Dataset, r: &mut Report) {
         }
         m
     };
+    id_table_check(train, valid, r);
     let (tp, vp) = (prompts(train), prompts(valid));
     if tp.is_empty() || vp.is_empty() {
         return;
@@ -994,6 +1070,48 @@ fn prompt_checks(ds: &Dataset, r: &mut Report) {
             "expected for a zero-shot check; otherwise align the class names of the splits",
         );
     }
+}
+
+/// D8: the splits give the same class names other ids ("crack" is 0 in train and 1 in valid).
+/// One Roboflow export numbers its classes once for all splits; different tables mean the
+/// files were exported apart or edited, and when one split's annotations were made with the
+/// other's table its labels are swapped. lorahost reads each split by its own table, so this is
+/// only a warning.
+fn id_table_check(train: &crate::data::coco::Split, valid: &crate::data::coco::Split, r: &mut Report) {
+    let ids = |s: &crate::data::coco::Split| -> BTreeMap<String, Vec<u64>> {
+        let mut m: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for c in &s.categories {
+            m.entry(c.prompt.clone()).or_default().push(c.id);
+        }
+        m
+    };
+    let (ti, vi) = (ids(train), ids(valid));
+    let moved: Vec<String> = ti
+        .iter()
+        .filter_map(|(p, t)| {
+            let v = vi.get(p)?;
+            let used = train.categories.iter().chain(&valid.categories).any(|c| c.used && &c.prompt == p);
+            (t != v && used).then(|| {
+                let list = |x: &[u64]| x.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("/");
+                format!("{p:?} is id {} in train and {} in valid", list(t), list(v))
+            })
+        })
+        .collect();
+    if moved.is_empty() {
+        return;
+    }
+    r.add(
+        "D8",
+        Severity::Warning,
+        "train and valid number their classes differently: if one split's annotations were made with the other's class table, its labels are swapped",
+        format!(
+            "{}; {}: {}",
+            moved.join(", "),
+            valid.annotation_file.display(),
+            "each split is read by its own category table"
+        ),
+        "export train/ and valid/ together (one Roboflow export numbers the classes once), or check a few valid annotations against their images (`lorahost doctor --gt-overlays DIR` draws them)",
+    );
 }
 
 /// F7: the negative prompts the data actually gives per training image, drawn as training
@@ -1347,10 +1465,7 @@ fn host_memory_check(
         batch: t.batch_size.max(1),
         workers: t.num_workers.max(1),
         image_size: config.vision_config.backbone_config.image_size,
-        mask_size: (config.vision_config.backbone_config.image_size as f64
-            / config.vision_config.backbone_config.patch_size.max(1) as f64
-            * config.vision_config.scale_factors.first().copied().unwrap_or(4.0))
-        .round() as usize,
+        mask_size: config.target_mask_size(),
         checkpoint_bytes,
         ..Default::default()
     };

@@ -476,3 +476,63 @@ fn an_empty_fingerprint_matches_nothing_and_hex_case_does_not_matter() {
     let r = with(&fp[..12].to_ascii_uppercase());
     assert!(r.with_code("F12").is_empty(), "{}", explain(&r));
 }
+
+/// The valid split numbers the same classes the other way round ("crack" 0 → 1, "stain" 1 → 0)
+/// while its annotations keep train's ids: its labels are swapped. Same-numbered splits are
+/// quiet.
+#[test]
+fn splits_that_number_their_classes_differently_are_warned_about() {
+    let s = setup();
+    let r = run(&s, &[]);
+    assert!(!has(&r, "D8", Severity::Warning, "number their classes"), "{}", explain(&r));
+    mutate_split(&s.data, "valid", |v| {
+        for c in v["categories"].as_array_mut().unwrap() {
+            let id = c["id"].as_u64().unwrap();
+            c["id"] = serde_json::json!(1 - id);
+        }
+    });
+    let r = run(&s, &[]);
+    assert!(has(&r, "D8", Severity::Warning, "\"crack\" is id 0 in train and 1 in valid"), "{}", explain(&r));
+}
+
+/// `doctor --gt-overlays DIR` draws the targets of train and valid images as PNGs at the
+/// model's input size, with an index naming each image's prompts and their colours.
+#[test]
+fn gt_overlays_are_written_with_their_index() {
+    let s = setup();
+    let dir = s.dir.path().join("overlays");
+    let out = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["doctor", "--config"])
+        .arg(&s.config)
+        .arg("--gt-overlays")
+        .arg(&dir)
+        .args(["--gt-overlay-images", "3", "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("overlays.json")).unwrap()).unwrap();
+    let recs = index.as_array().unwrap();
+    // 3 training images and both (of 2) validation images.
+    assert_eq!(recs.len(), 5, "{index:#}");
+    let size =
+        lorahost::sam3::config::Sam3Config::from_file(&common::repo().join("examples/tiny_sam3/config.json"))
+            .unwrap()
+            .0
+            .vision_config
+            .backbone_config
+            .image_size as u32;
+    for r in recs {
+        let img = image::open(r["file"].as_str().unwrap()).unwrap();
+        assert_eq!((img.width(), img.height()), (size, size));
+        assert!(r["queries"].as_array().unwrap().iter().any(|q| !q["negative"].as_bool().unwrap()));
+    }
+    assert_eq!(report["facts"]["gt_overlays"]["images"], 5);
+    assert!(report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["code"] == "F5" && f["message"].as_str().unwrap().contains("ground-truth overlays")));
+}

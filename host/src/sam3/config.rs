@@ -430,6 +430,14 @@ fn normalize(body: &mut serde_json::Value) -> Result<(Vec<String>, Vec<String>),
 }
 
 impl Sam3Config {
+    /// The square size of the ground-truth masks training builds: the mask head's output, the
+    /// patch grid times the neck's first scale factor (SAM3: 1008 / 14 · 4 = 288).
+    pub fn target_mask_size(&self) -> usize {
+        let vc = &self.vision_config;
+        let grid = vc.backbone_config.image_size as f64 / vc.backbone_config.patch_size.max(1) as f64;
+        (grid.floor() * vc.scale_factors.first().copied().unwrap_or(4.0)).round() as usize
+    }
+
     /// Read `config.json` (either layout).
     pub fn from_file(path: &Path) -> Result<(Self, Layout), ConfigError> {
         let p = Self::parse_file(path)?;

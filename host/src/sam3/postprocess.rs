@@ -187,51 +187,60 @@ pub fn detections(
         .collect()
 }
 
+/// Distinct colours for overlays (a detection's, or a prompt's in ground-truth overlays).
+pub const PALETTE: [[u8; 3]; 8] = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+];
+
 /// Draw detections on the image: each mask tinted in its own colour (45 % opacity) and its box
 /// outlined (2 px), in score order.
 pub fn overlay(img: &image::RgbImage, dets: &[Detection]) -> image::RgbImage {
-    const PALETTE: [[u8; 3]; 8] = [
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-        [240, 50, 230],
-    ];
     let mut out = img.clone();
     let (w, h) = (img.width() as usize, img.height() as usize);
     for (i, d) in dets.iter().enumerate() {
-        let c = PALETTE[i % PALETTE.len()];
-        if d.segmentation.size == [h, w] {
-            for (p, on) in rle_decode(&d.segmentation).into_iter().enumerate() {
-                if on {
-                    let px = out.get_pixel_mut((p % w) as u32, (p / w) as u32);
-                    for k in 0..3 {
-                        px[k] = ((px[k] as f32) * 0.55 + c[k] as f32 * 0.45) as u8;
-                    }
+        let mask = (d.segmentation.size == [h, w]).then(|| rle_decode(&d.segmentation));
+        draw_instance(&mut out, mask.as_deref(), d.bbox, PALETTE[i % PALETTE.len()]);
+    }
+    out
+}
+
+/// Draw one instance: its row-major mask (the image's size; another size is not drawn) tinted
+/// in `color` at 45 % opacity, and its [x0, y0, x1, y1] pixel box outlined (2 px).
+pub fn draw_instance(out: &mut image::RgbImage, mask: Option<&[bool]>, bbox: [f32; 4], color: [u8; 3]) {
+    let (w, h) = (out.width() as usize, out.height() as usize);
+    if let Some(mask) = mask.filter(|m| m.len() == w * h) {
+        for (p, on) in mask.iter().enumerate() {
+            if *on {
+                let px = out.get_pixel_mut((p % w) as u32, (p / w) as u32);
+                for k in 0..3 {
+                    px[k] = ((px[k] as f32) * 0.55 + color[k] as f32 * 0.45) as u8;
                 }
             }
         }
-        let [x0, y0, x1, y1] = d.bbox.map(|v| v.round() as i64);
-        let mut put = |x: i64, y: i64| {
-            if x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h {
-                out.put_pixel(x as u32, y as u32, image::Rgb(c));
-            }
-        };
-        for t in 0..2 {
-            for x in x0..=x1 {
-                put(x, y0 + t);
-                put(x, y1 - t);
-            }
-            for y in y0..=y1 {
-                put(x0 + t, y);
-                put(x1 - t, y);
-            }
+    }
+    let [x0, y0, x1, y1] = bbox.map(|v| v.round() as i64);
+    let mut put = |x: i64, y: i64| {
+        if x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h {
+            out.put_pixel(x as u32, y as u32, image::Rgb(color));
+        }
+    };
+    for t in 0..2 {
+        for x in x0..=x1 {
+            put(x, y0 + t);
+            put(x, y1 - t);
+        }
+        for y in y0..=y1 {
+            put(x0 + t, y);
+            put(x1 - t, y);
         }
     }
-    out
 }
 
 #[cfg(test)]

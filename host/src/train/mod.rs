@@ -307,9 +307,7 @@ fn check_tokenizer(tokenizer: &PromptTokenizer, model: &Sam3Model, model_path: &
 /// The side of the GT masks: the mask head predicts at the finest FPN level,
 /// (image / patch) × scale_factors[0].
 fn target_mask_size(model: &Sam3Model) -> usize {
-    let vc = &model.config().vision_config;
-    let grid = model.image_size() / vc.backbone_config.patch_size.max(1);
-    (grid as f64 * vc.scale_factors.first().copied().unwrap_or(4.0)).round() as usize
+    model.config().target_mask_size()
 }
 
 /// The `validation.*` extra values of a validation at `step` (0: before training).

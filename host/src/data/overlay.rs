@@ -1,0 +1,253 @@
+//! Ground-truth overlays: the images as training sees them (resized to the model's square
+//! input, flipped and zoomed out when augmentation is on) with the targets training builds for
+//! them drawn on top: each prompt's boxes and masks in the prompt's colour.
+//!
+//! This is the check people did by hand with SAM3_LoRA's `verify_gt_transforms.py`: boxes
+//! written as [x0, y0, x1, y1] (F5), pixel boxes read as normalized ones (F4), masks rotated
+//! against their image (F24) or labels of the wrong class (F6, D8) are obvious in a picture
+//! and easy to miss in numbers. `lorahost doctor --gt-overlays DIR` writes them.
+
+use super::batch::{build_sample, Sample, SampleOptions};
+use super::coco::Split;
+use super::DataError;
+use crate::sam3::postprocess::{draw_instance, PALETTE};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One written overlay and what is drawn on it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OverlayRecord {
+    /// The PNG written.
+    pub file: PathBuf,
+    /// The split.
+    pub split: String,
+    /// The source image.
+    pub image: PathBuf,
+    /// COCO image id.
+    pub image_id: u64,
+    /// The decoded image's (width, height) before resizing.
+    pub original_size: (u32, u32),
+    /// Whether this is the augmented variant (flipped and zoomed out).
+    pub augmented: bool,
+    /// The prompts of the image: positives with their objects, and the negatives drawn.
+    pub queries: Vec<OverlayQuery>,
+}
+
+/// One prompt on an overlay.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OverlayQuery {
+    /// The text prompt.
+    pub prompt: String,
+    /// The colour its objects are drawn in (RGB; none for a negative prompt).
+    pub color: Option<[u8; 3]>,
+    /// A negative prompt (no object: nothing drawn).
+    pub negative: bool,
+    /// Objects drawn.
+    pub objects: usize,
+    /// Of them, objects without a usable mask (drawn as a box only; they get no mask loss).
+    pub box_only: usize,
+}
+
+/// The sample as an RGB picture of the model input with its targets drawn: boxes from the
+/// normalized CxCyWH targets, masks nearest-upsampled from the `mask_size` targets.
+pub fn render(sample: &Sample, mask_size: usize, colors: &BTreeMap<String, [u8; 3]>) -> image::RgbImage {
+    let pv = sample.pixel_values.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default();
+    let s = (pv.len() / 3).isqrt();
+    let hw = s * s;
+    let mut img = image::RgbImage::from_fn(s as u32, s as u32, |x, y| {
+        let p = y as usize * s + x as usize;
+        let c = |k: usize| ((pv[k * hw + p] + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+        image::Rgb([c(0), c(1), c(2)])
+    });
+    let m = mask_size;
+    for q in sample.queries.iter().filter(|q| !q.negative) {
+        let color = colors.get(&q.prompt).copied().unwrap_or(PALETTE[0]);
+        for (g, b) in q.boxes.iter().enumerate() {
+            let valid = q.mask_valid.get(g).copied().unwrap_or(false);
+            let mask = (valid && q.masks.len() >= (g + 1) * m * m).then(|| {
+                let src = &q.masks[g * m * m..(g + 1) * m * m];
+                (0..hw).map(|p| src[(p / s) * m / s * m + (p % s) * m / s]).collect::<Vec<bool>>()
+            });
+            let sf = s as f32;
+            let xyxy = [
+                (b[0] - b[2] / 2.0) * sf,
+                (b[1] - b[3] / 2.0) * sf,
+                (b[0] + b[2] / 2.0) * sf,
+                (b[1] + b[3] / 2.0) * sf,
+            ];
+            draw_instance(&mut img, mask.as_deref(), xyxy, color);
+        }
+    }
+    img
+}
+
+/// Write overlays of `count` images of `split` (spread evenly over it) into `dir`, each as
+/// training builds it with `base` (hflip and scale are set here: plain, and when `augmented`
+/// also flipped and zoomed out to 0.75). Colours follow the split's prompts in name order.
+pub fn write_overlays(
+    split: &Split,
+    base: &SampleOptions,
+    count: usize,
+    augmented: bool,
+    dir: &Path,
+) -> Result<Vec<OverlayRecord>, DataError> {
+    let io =
+        |path: &Path, e: std::io::Error| DataError::Io { path: path.to_path_buf(), reason: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let mut prompts: Vec<&str> = split.categories.iter().map(|c| c.prompt.as_str()).collect();
+    prompts.sort_unstable();
+    prompts.dedup();
+    let colors: BTreeMap<String, [u8; 3]> =
+        prompts.iter().enumerate().map(|(i, p)| (p.to_string(), PALETTE[i % PALETTE.len()])).collect();
+    let n = split.images.len();
+    let count = count.min(n);
+    let mut picked: Vec<usize> = (0..count).map(|i| i * n / count.max(1)).collect();
+    picked.dedup();
+    let mut out = Vec::new();
+    for index in picked {
+        let variants: &[(bool, f64)] =
+            if augmented { &[(false, 1.0), (true, 0.75)] } else { &[(false, 1.0)] };
+        for &(hflip, scale) in variants {
+            let opts = SampleOptions { hflip, scale, ..*base };
+            let sample = build_sample(split, index, &opts)?;
+            let img = render(&sample, opts.mask_size, &colors);
+            let im = &split.images[index];
+            let stem = im.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = format!(
+                "{}_{index:04}_{}{}.png",
+                split.name,
+                sanitize(&stem),
+                if hflip { "_augmented" } else { "" }
+            );
+            let file = dir.join(name);
+            let mut png = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .map_err(|e| DataError::Io { path: file.clone(), reason: e.to_string() })?;
+            crate::fsutil::write_atomic(&file, &png).map_err(|e| io(&file, e))?;
+            out.push(OverlayRecord {
+                file,
+                split: split.name.clone(),
+                image: im.path.clone(),
+                image_id: im.id,
+                original_size: sample.original_size,
+                augmented: hflip,
+                queries: sample
+                    .queries
+                    .iter()
+                    .map(|q| OverlayQuery {
+                        prompt: q.prompt.clone(),
+                        color: (!q.negative).then(|| colors.get(&q.prompt).copied().unwrap_or(PALETTE[0])),
+                        negative: q.negative,
+                        objects: q.boxes.len(),
+                        box_only: q.mask_valid.iter().filter(|v| !**v).count(),
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A file-name-safe version of an image's stem.
+fn sanitize(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(60)
+        .collect();
+    if t.is_empty() {
+        "image".into()
+    } else {
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::coco::Dataset;
+    use crate::data::synthetic::{write_synthetic, SyntheticSpec};
+
+    /// The drawn pixels are where the annotations are: each box outline lies on the box the COCO
+    /// file gives (scaled to the model input), in its prompt's colour, and mask tint only inside
+    /// it; the augmented variant is mirrored and zoomed out.
+    #[test]
+    fn overlays_draw_the_annotated_boxes_and_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        write_synthetic(
+            &data,
+            &SyntheticSpec { seed: 3, train_images: 3, valid_images: 1, size: 96, max_cracks: 2 },
+        )
+        .unwrap();
+        let ds = Dataset::load(&data).unwrap();
+        let split = ds.split("train").unwrap();
+        let base = SampleOptions::plain(64, 16, 1, 7);
+        let out = dir.path().join("ov");
+        let recs = write_overlays(split, &base, 2, true, &out).unwrap();
+        assert_eq!(recs.len(), 4);
+        let rec = &recs[0];
+        let img = image::open(&rec.file).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (64, 64));
+        let im = &split.images[0];
+        let (w, h) = rec.original_size;
+        let positives: Vec<&OverlayQuery> = rec.queries.iter().filter(|q| !q.negative).collect();
+        assert!(!positives.is_empty());
+        let near = |o: &crate::data::coco::Object, x: u32, y: u32| {
+            let b = o.bbox_xywh;
+            let (sx, sy) = (64.0 / w as f64, 64.0 / h as f64);
+            let (x, y) = (x as f64 + 0.5, y as f64 + 0.5);
+            // A mask cell is 64 / 16 = 4 pixels wide: its tint may pass the box edge by one cell.
+            let t = 5.0;
+            x >= b[0] * sx - t
+                && x <= (b[0] + b[2]) * sx + t
+                && y >= b[1] * sy - t
+                && y <= (b[1] + b[3]) * sy + t
+        };
+        let mut checked = 0;
+        for (i, o) in im.objects.iter().enumerate() {
+            let cat = split.category(o.category_id).unwrap();
+            let color = colors_of(rec, &cat.prompt);
+            // The box's top-left corner in model-input pixels carries the prompt's colour
+            // (unless another object is drawn near it).
+            let x0 = (o.bbox_xywh[0] / w as f64 * 64.0).round().clamp(0.0, 63.0) as u32;
+            let y0 = (o.bbox_xywh[1] / h as f64 * 64.0).round().clamp(0.0, 63.0) as u32;
+            if im.objects.iter().enumerate().any(|(j, p)| j != i && near(p, x0, y0)) {
+                continue;
+            }
+            assert_eq!(img.get_pixel(x0, y0).0, color, "box corner of annotation {}", o.ann_id);
+            checked += 1;
+        }
+        assert!(checked > 0);
+        // Nothing drawn outside every box.
+        let inside = |x: u32, y: u32| im.objects.iter().any(|o| near(o, x, y));
+        let plain = crate::imageio::to_pixel_values(
+            &crate::imageio::load_rgb_for_annotations(&im.path, im.json_size).unwrap().0,
+            64,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let sample = Sample {
+            image_id: 0,
+            pixel_values: plain,
+            original_size: (w, h),
+            flipped: false,
+            queries: Vec::new(),
+        };
+        let bare = render(&sample, 16, &BTreeMap::new());
+        for (x, y, p) in img.enumerate_pixels() {
+            if !inside(x, y) {
+                assert_eq!(p, bare.get_pixel(x, y), "pixel ({x}, {y}) changed outside every box");
+            }
+        }
+        assert_ne!(img, bare, "nothing drawn");
+        // The augmented variant: same image, flipped and zoomed out, named as such.
+        assert!(recs[1].augmented && recs[1].file.to_string_lossy().contains("_augmented"));
+        assert_eq!(recs[1].image_id, rec.image_id);
+    }
+
+    fn colors_of(rec: &OverlayRecord, prompt: &str) -> [u8; 3] {
+        rec.queries.iter().find(|q| q.prompt == prompt).and_then(|q| q.color).unwrap()
+    }
+}
