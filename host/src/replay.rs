@@ -8,9 +8,8 @@
 //! hooks (`epoch-order`, `next-batch`, `observe` need the dataset and per-sample losses, so
 //! they are not called), the per-micro-batch losses (each micro-batch sees the step's mean
 //! per-term losses), the configured loss weights (the recorded, already applied ones are
-//! passed), and a re-`init` at a resume: plugins are initialised once with the first run
-//! header; a later header (a resumed run whose settings changed) reaches them through each
-//! step's `lr-request` and `step-metrics` fields.
+//! passed). At a later run header (a resumed run) every plugin is initialised again with that
+//! header's settings and gets its state back, as a resumed training does.
 
 use crate::metrics::{number, RunHeader, StepRecord, Trace};
 use crate::plugin::{
@@ -234,8 +233,21 @@ pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: b
         while segments.get(segment + 1).is_some_and(|(from, _)| rec.step >= *from) {
             segment += 1;
             let (prev, now) = (&segments[segment - 1].1, &segments[segment].1);
+            // As a resumed training: every plugin starts again with the new header's settings
+            // and gets its state back.
+            let reinit = match set.reinit(now) {
+                Ok(restored) => format!(
+                    "the plugins were initialised again with it{}",
+                    if restored.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and got their state back ({})", restored.join(", "))
+                    }
+                ),
+                Err(e) => format!("re-initialising the plugins with it failed, the running ones go on: {e}"),
+            };
             notes.push(format!(
-                "new run header from here (a resumed run with changed settings): base_lr {:e} -> {:e}, total_steps {} -> {}, warmup_steps {} -> {}; training would re-init the plugins with it, replay passes it in each hook's fields",
+                "new run header from here (a resumed run): base_lr {:e} -> {:e}, total_steps {} -> {}, warmup_steps {} -> {}; {reinit}",
                 prev.base_lr, now.base_lr, prev.total_steps, now.total_steps, prev.warmup_steps, now.warmup_steps
             ));
         }

@@ -62,6 +62,17 @@ fn each_run_header_governs_its_own_steps() {
     assert!(lr(3) > 0.0025, "{}", lr(3));
     assert!(lr(4) <= 0.001 + 1e-12, "the second header's base_lr from step 4 on: {}", lr(4));
     assert!(steps.iter().find(|r| r.step == 4).unwrap().notes[0].contains("new run header"));
+    // As a resumed training: the plugins are initialised again with the second header and get
+    // their state back (steer's call counts go on; its init saw the new base_lr).
+    let specs = [lorahost::plugin::PluginSpec::new(plugin("steer"))];
+    let mut set = lorahost::plugin::PluginSet::load(common::runtime(), &specs, &run).unwrap();
+    let steps = replay::replay(&mut set, &t, &run, true);
+    let m = |s: u64, k: &str| steps.iter().find(|r| r.step == s).unwrap().metrics[k];
+    assert_eq!(m(3, "plugin.steer.init_base_lr"), 0.003);
+    assert_eq!(m(4, "plugin.steer.init_base_lr"), 0.001);
+    assert_eq!(m(4, "plugin.steer.on_step"), m(3, "plugin.steer.on_step") + 1.0);
+    let note = &steps.iter().find(|r| r.step == 4).unwrap().notes[0];
+    assert!(note.contains("initialised again") && note.contains("steer"), "{note}");
 }
 
 /// A Hugging Face log whose first logged step is 10 is not a resume.

@@ -335,6 +335,29 @@ impl PluginSet {
         self.plugins.iter_mut().filter_map(|p| p.take_snapshot().map(|s| (p.name().to_string(), s))).collect()
     }
 
+    /// Start every plugin afresh with a new run description, as a resumed training does: each
+    /// is loaded again from its file (the compiled component is cached), `init` gets `run`, and
+    /// the state each had is restored into it. Returns the names whose state was restored.
+    /// On an error the running plugins stay.
+    pub fn reinit(&mut self, run: &RunInfo) -> Result<Vec<String>, PluginError> {
+        let states = self.snapshots();
+        let mut fresh = Vec::with_capacity(self.plugins.len());
+        for p in &self.plugins {
+            fresh.push(LoadedPlugin::load(
+                self.runtime.clone(),
+                &p.path,
+                p.config_json.clone(),
+                run.clone(),
+                p.limits,
+            )?);
+        }
+        self.collect();
+        self.plugins = fresh;
+        let restored = self.restore(&states);
+        self.step_boundary();
+        Ok(restored)
+    }
+
     /// Restore snapshots by plugin name (on resume). Returns the names that were restored.
     pub fn restore(&mut self, states: &HashMap<String, Vec<u8>>) -> Vec<String> {
         let mut done = Vec::new();

@@ -3,7 +3,8 @@
 //! `lr_from`), `mask_factor` (a loss-weight factor for `loss_mask`), `veto_at` (grad-inspect
 //! vetoes), `skip_at` / `stop_at` (step actions), `scale_lr` (a scale-lr factor answered at
 //! every step), `reverse_epochs` (epoch order reversed),
-//! `batch` (fixed indices for every micro-batch). It emits how often each hook was called.
+//! `batch` (fixed indices for every micro-batch). It emits how often each hook was called (its
+//! state) and the `base_lr` its `init` was given (`init_base_lr`).
 use lorahost_plugin::{
     decode_state, encode_state, export_plugin, host, Action, BatchRequest, Config, GradReport, GradVerdict,
     Hook, LossTerm, LrRequest, MicroBatchInfo, Plugin, RunInfo, SampleMeta, StepMetrics, TermWeight,
@@ -29,6 +30,8 @@ pub struct Steer {
     s: Settings,
     /// Calls per hook: on_step, on_grads, lr, loss_weights, epoch_order, next_batch, observe.
     calls: [u64; 7],
+    /// `run.base_lr` at `init`.
+    init_base_lr: f64,
 }
 
 const NAMES: [&str; 7] =
@@ -41,8 +44,8 @@ impl Plugin for Steer {
     const HOOKS: &'static [Hook] =
         &[Hook::StepMetrics, Hook::GradInspect, Hook::LrSchedule, Hook::LossWeights, Hook::DataSampling];
 
-    fn init(config: &Config, _run: &RunInfo) -> Result<Self, String> {
-        Ok(Self { s: config.parse()?, calls: [0; 7] })
+    fn init(config: &Config, run: &RunInfo) -> Result<Self, String> {
+        Ok(Self { s: config.parse()?, calls: [0; 7], init_base_lr: run.base_lr })
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -59,7 +62,9 @@ impl Plugin for Steer {
 
     fn on_step(&mut self, m: &StepMetrics) -> Action {
         self.calls[0] += 1;
-        let metrics: Vec<(&str, f64)> = NAMES.iter().zip(self.calls).map(|(n, c)| (*n, c as f64)).collect();
+        let mut metrics: Vec<(&str, f64)> =
+            NAMES.iter().zip(self.calls).map(|(n, c)| (*n, c as f64)).collect();
+        metrics.push(("init_base_lr", self.init_base_lr));
         host::emit_metrics(&metrics);
         if self.s.stop_at == Some(m.step) {
             return Action::Stop("steer: stop_at".into());
