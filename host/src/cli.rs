@@ -236,6 +236,10 @@ pub enum Command {
         /// Model directory (config.json, weights, tokenizer.json).
         #[arg(long)]
         model: PathBuf,
+        /// Trained adapters to apply: a PEFT folder (adapter_config.json +
+        /// adapter_model.safetensors) such as a run's best/ or a checkpoint's adapter/.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
         /// The image (JPEG or PNG).
         #[arg(long)]
         image: PathBuf,
@@ -685,7 +689,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             crate::inference::forward(model, inputs, out, *device, *dtype, semantics)
         }
-        Command::Predict { model, image, prompt, boxes, out, threshold, nms_iou, device, dtype } => {
+        Command::Predict { model, adapter, image, prompt, boxes, out, threshold, nms_iou, device, dtype } => {
             for (flag, v) in [("--threshold", threshold), ("--nms-iou", nms_iou)] {
                 if !(0.0..=1.0).contains(v) {
                     bail!("{flag} {v}: give a number in [0, 1]");
@@ -693,6 +697,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let opts = crate::inference::PredictOptions {
                 model_dir: model.clone(),
+                adapter: adapter.clone(),
                 image: image.clone(),
                 prompt: prompt.clone(),
                 boxes: boxes.iter().map(|b| parse_box(b)).collect::<Result<_>>()?,

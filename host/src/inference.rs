@@ -191,6 +191,8 @@ pub fn forward(
 pub struct PredictOptions {
     /// Model directory (config, weights, tokenizer).
     pub model_dir: PathBuf,
+    /// Trained adapters (a PEFT folder such as a run's `best/`) applied to the model.
+    pub adapter: Option<PathBuf>,
     /// The image.
     pub image: PathBuf,
     /// The text prompt.
@@ -229,8 +231,18 @@ pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
         }
     }
     let tokenizer = PromptTokenizer::from_dir(&o.model_dir)?;
-    let model = Sam3Model::load_dir(&o.model_dir, &device, o.dtype.dtype())?;
+    let mut model = Sam3Model::load_dir(&o.model_dir, &device, o.dtype.dtype())?;
     tokenizer.check_model_vocab(model.config().text_config.vocab_size)?;
+    let _adapters = match &o.adapter {
+        Some(dir) => {
+            crate::export::warn_if_merged(&o.model_dir, dir);
+            let lora = crate::lora::LoraSet::attach_peft(&mut model, dir, &device)
+                .with_context(|| format!("--adapter {}", dir.display()))?;
+            tracing::info!("applying {} adapted modules from {}", lora.modules.len(), dir.display());
+            Some(lora)
+        }
+        None => None,
+    };
     let channels = model.config().vision_config.backbone_config.num_channels;
     if channels != 3 {
         bail!(
@@ -288,6 +300,8 @@ pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
     let json = serde_json::json!({
         "image": o.image,
+        "model": o.model_dir,
+        "adapter": o.adapter,
         "prompt": prompt,
         "width": w,
         "height": h,

@@ -409,6 +409,73 @@ impl LoraSet {
         crate::fsutil::write_atomic(&cfg_path, &cfg).map_err(|e| err(cfg_path, e.to_string()))
     }
 
+    /// Attach the adapters a PEFT folder holds and load them, without a training config: the
+    /// rank and alpha come from its `adapter_config.json`, the adapted modules from the weight
+    /// names (each module exactly). Loading is as strict as [`LoraSet::load_peft`]; adapters are
+    /// in inference mode (no dropout).
+    pub fn attach_peft(
+        model: &mut Sam3Model,
+        dir: &std::path::Path,
+        device: &Device,
+    ) -> std::result::Result<Self, PeftError> {
+        let cfg = read_peft_config(dir)?;
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        let weights = dir.join(ADAPTER_WEIGHTS);
+        let file_err = |path: &std::path::Path, reason: String| PeftError::File { path: path.into(), reason };
+        let rank = cfg.get("r").and_then(|r| r.as_u64()).filter(|r| *r > 0).ok_or_else(|| {
+            file_err(&cfg_path, format!("r is {}: an adapter's rank is a whole number > 0", cfg["r"]))
+        })? as usize;
+        let alpha = cfg.get("lora_alpha").and_then(|a| a.as_f64()).ok_or_else(|| {
+            file_err(
+                &cfg_path,
+                format!("lora_alpha is {}: a number is needed (scale = lora_alpha / r)", cfg["lora_alpha"]),
+            )
+        })?;
+        let keys: Vec<String> = candle_core::safetensors::load(&weights, &Device::Cpu)
+            .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?
+            .into_keys()
+            .map(|k| normalize_peft_key(&k))
+            .collect();
+        let mut modules: Vec<String> = keys
+            .iter()
+            .filter_map(|k| {
+                k.strip_prefix("base_model.model.")?.strip_suffix(".lora_A.weight").map(String::from)
+            })
+            .collect();
+        modules.sort();
+        modules.dedup();
+        if modules.is_empty() {
+            return Err(file_err(
+                &weights,
+                "holds no LoRA weights (no `base_model.model.<module>.lora_A.weight` key)".into(),
+            ));
+        }
+        let config = LoraConfig {
+            rank,
+            alpha,
+            dropout: 0.0,
+            target_modules: modules,
+            components: vec![
+                Component::Vision,
+                Component::Text,
+                Component::Geometry,
+                Component::DetrEncoder,
+                Component::DetrDecoder,
+                Component::MaskDecoder,
+            ],
+        };
+        let set = Self::attach(model, &config, device).map_err(|e| match e {
+            LoraError::NoMatch { .. } => file_err(
+                &weights,
+                "adapts modules this model does not have (an adapter for another model?)".into(),
+            ),
+            other => file_err(&weights, other.to_string()),
+        })?;
+        set.load_peft(dir)?;
+        set.set_training(false);
+        Ok(set)
+    }
+
     /// Load adapters saved in PEFT's format into these (already attached) adapters. Strict:
     /// every adapter must be present with its shape, and the file may hold nothing else. Keys
     /// as PEFT writes them for transformers' `Sam3Model` (`base_model.model.<path>`), also with
@@ -416,43 +483,8 @@ impl LoraSet {
     /// (`base_model.model.detector_model.<path>`).
     pub fn load_peft(&self, dir: &std::path::Path) -> std::result::Result<(), PeftError> {
         let weights = dir.join(ADAPTER_WEIGHTS);
-        let cfg_path = dir.join(ADAPTER_CONFIG);
         let file_err = |path: &std::path::Path, reason: String| PeftError::File { path: path.into(), reason };
-        if dir.is_file() {
-            return Err(file_err(
-                dir,
-                "is a file; an adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors), such as a run's best/ or adapter/ (SAM3_LoRA's .pt LoRA weights are not a PEFT adapter)".into(),
-            ));
-        }
-        if !cfg_path.exists() {
-            let inside: Vec<String> = ["best", "adapter"]
-                .iter()
-                .filter(|d| dir.join(d).join(ADAPTER_CONFIG).is_file())
-                .map(|d| dir.join(d).display().to_string())
-                .collect();
-            if !inside.is_empty() {
-                return Err(file_err(
-                    dir,
-                    format!("is a run folder, not an adapter: use {}", inside.join(" or ")),
-                ));
-            }
-        }
-        let cfg: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?,
-        )
-        .map_err(|e| file_err(&cfg_path, format!("not valid JSON: {e}")))?;
-        // PEFT options that change what the weights mean: refused by name rather than applied
-        // with the wrong scale or shape.
-        let unsupported = unsupported_peft_options(&cfg);
-        if !unsupported.is_empty() {
-            return Err(file_err(
-                &cfg_path,
-                format!(
-                    "uses PEFT options lorahost does not apply: {}; lorahost adapters are plain LoRA (scale lora_alpha / r, one r and alpha for every module, no bias, no DoRA, no modules_to_save)",
-                    unsupported.join("; ")
-                ),
-            ));
-        }
+        let cfg = read_peft_config(dir)?;
         let mut problems = Vec::new();
         if cfg.get("r").and_then(|r| r.as_u64()) != Some(self.config.rank as u64) {
             problems.push(format!("  rank: file has {}, config has {}", cfg["r"], self.config.rank));
@@ -495,6 +527,48 @@ impl LoraSet {
         }
         Ok(())
     }
+}
+
+/// Read and check a PEFT adapter folder's `adapter_config.json`: a file or a run folder given
+/// instead is named with the way out, and options lorahost does not apply are refused by name.
+fn read_peft_config(dir: &std::path::Path) -> std::result::Result<serde_json::Value, PeftError> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let file_err = |path: &std::path::Path, reason: String| PeftError::File { path: path.into(), reason };
+    if dir.is_file() {
+        return Err(file_err(
+            dir,
+            "is a file; an adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors), such as a run's best/ or adapter/ (SAM3_LoRA's .pt LoRA weights are not a PEFT adapter)".into(),
+        ));
+    }
+    if !cfg_path.exists() {
+        let inside: Vec<String> = ["best", "adapter"]
+            .iter()
+            .filter(|d| dir.join(d).join(ADAPTER_CONFIG).is_file())
+            .map(|d| dir.join(d).display().to_string())
+            .collect();
+        if !inside.is_empty() {
+            return Err(file_err(
+                dir,
+                format!("is a run folder, not an adapter: use {}", inside.join(" or ")),
+            ));
+        }
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?)
+            .map_err(|e| file_err(&cfg_path, format!("not valid JSON: {e}")))?;
+    // PEFT options that change what the weights mean: refused by name rather than applied
+    // with the wrong scale or shape.
+    let unsupported = unsupported_peft_options(&cfg);
+    if !unsupported.is_empty() {
+        return Err(file_err(
+            &cfg_path,
+            format!(
+                "uses PEFT options lorahost does not apply: {}; lorahost adapters are plain LoRA (scale lora_alpha / r, one r and alpha for every module, no bias, no DoRA, no modules_to_save)",
+                unsupported.join("; ")
+            ),
+        ));
+    }
+    Ok(cfg)
 }
 
 /// A PEFT state-dict key in the form lorahost names its variables: without PEFT's adapter-name

@@ -168,3 +168,92 @@ fn predict_refuses_a_non_rgb_model() {
     let e = predict_err(&model, tmp.path());
     assert!(e.contains("num_channels is 1") && e.contains("RGB"), "{e}");
 }
+
+/// `predict --adapter DIR` applies trained adapters without a training config (rank, alpha and
+/// modules from the PEFT folder): its scores equal those of the model with the same adapters
+/// merged into its weights (`export --merge`'s path), and differ from the base model's. An
+/// adapter for modules the model lacks is refused by file.
+#[test]
+fn predict_applies_an_adapter_as_merging_it_would() {
+    use lorahost::lora::{Component, LoraConfig, LoraSet};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir(&model);
+    let mut m = Sam3Model::load_dir(&model, &Device::Cpu, DType::F32).unwrap();
+    let cfg = LoraConfig {
+        rank: 2,
+        alpha: 6.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into(), "fc1".into(), "fc2".into()],
+        components: vec![Component::Vision, Component::Text, Component::DetrEncoder, Component::DetrDecoder],
+    };
+    let lora = LoraSet::attach(&mut m, &cfg, &Device::Cpu).unwrap();
+    for v in lora.vars().values() {
+        v.set(&(Tensor::randn(0f32, 1.0, v.shape(), &Device::Cpu).unwrap() * 0.5).unwrap()).unwrap();
+    }
+    let adapter = tmp.path().join("best");
+    lora.save_peft(&adapter, &model.display().to_string()).unwrap();
+    let merged = tmp.path().join("merged");
+    lorahost::export::write_merged(&model, &lora, &merged).unwrap();
+
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 120]));
+    let img_path = tmp.path().join("img.png");
+    img.save(&img_path).unwrap();
+    let run = |model_dir: &Path, adapter: Option<&Path>, out: &str| -> serde_json::Value {
+        let opts = lorahost::inference::PredictOptions {
+            model_dir: model_dir.to_path_buf(),
+            adapter: adapter.map(Path::to_path_buf),
+            image: img_path.clone(),
+            prompt: "crack".into(),
+            boxes: Vec::new(),
+            out: tmp.path().join(out),
+            threshold: 0.0,
+            nms_iou: 1.0,
+            device: lorahost::inference::DeviceArg::Cpu,
+            dtype: lorahost::inference::DTypeArg::F32,
+        };
+        lorahost::inference::predict(&opts).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(out).join("detections.json")).unwrap())
+            .unwrap()
+    };
+    let scores = |j: &serde_json::Value| -> Vec<f64> {
+        let mut s: Vec<f64> =
+            j["detections"].as_array().unwrap().iter().map(|d| d["score"].as_f64().unwrap()).collect();
+        s.insert(0, j["presence_score"].as_f64().unwrap());
+        s
+    };
+    let base = scores(&run(&model, None, "base"));
+    let adapted = scores(&run(&model, Some(&adapter), "adapted"));
+    let folded = scores(&run(&merged, None, "folded"));
+    assert_eq!(adapted.len(), folded.len());
+    for (a, f) in adapted.iter().zip(&folded) {
+        assert!((a - f).abs() < 1e-4, "adapter {adapted:?} vs merged {folded:?}");
+    }
+    let moved = adapted.iter().zip(&base).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(moved > 1e-3, "the adapter changed nothing: {adapted:?} vs {base:?}");
+
+    // An adapter whose modules this model does not have.
+    let mut t =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let (k, v) = t.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    t.insert(k.replace("layers.0", "layers.77"), v);
+    candle_core::safetensors::save(&t, adapter.join("adapter_model.safetensors")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--image")
+        .arg(&img_path)
+        .args(["--prompt", "crack", "--out"])
+        .arg(tmp.path().join("bad"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("layers.77") && err.contains("adapter_model.safetensors") && !err.contains("panicked"),
+        "{err}"
+    );
+}
