@@ -226,12 +226,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "transformers")]
         semantics: SemanticsArg,
     },
-    /// Segment an image with a text prompt (and optional boxes): JSON + overlay PNG.
+    /// Segment images with a text prompt (and optional boxes): JSON + overlay PNG.
     ///
     /// Applies EXIF orientation, resizes to the model size, scores each query as
     /// σ(logit)·σ(presence), keeps those above --threshold, runs NMS, upsamples masks to the
     /// image, and writes OUT/detections.json (boxes in pixels, scores, COCO RLE masks) and
-    /// OUT/overlay.png.
+    /// OUT/overlay.png. With several images (--image repeated, or a folder) the model loads
+    /// once, each image gets OUT/<file name>/ and OUT/summary.json lists them all.
     Predict {
         /// Model directory (config.json, weights, tokenizer.json).
         #[arg(long)]
@@ -240,9 +241,10 @@ pub enum Command {
         /// adapter_model.safetensors) such as a run's best/ or a checkpoint's adapter/.
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
-        /// The image (JPEG or PNG).
-        #[arg(long)]
-        image: PathBuf,
+        /// The image (JPEG or PNG); repeatable, or a folder of them. With several images each
+        /// gets its own OUT/<file name>/ and OUT/summary.json lists them all.
+        #[arg(long, required = true)]
+        image: Vec<PathBuf>,
         /// What to find, e.g. "crack".
         #[arg(long, default_value = "")]
         prompt: String,
@@ -695,10 +697,18 @@ pub fn run(cli: Cli) -> Result<()> {
                     bail!("{flag} {v}: give a number in [0, 1]");
                 }
             }
-            let opts = crate::inference::PredictOptions {
+            let images = crate::inference::expand_images(image)?;
+            let several = images.len() > 1 || image.iter().any(|p| p.is_dir());
+            if several && !boxes.is_empty() {
+                bail!(
+                    "--box is in one image's pixels: give it with a single --image (here {} images)",
+                    images.len()
+                );
+            }
+            let mut opts = crate::inference::PredictOptions {
                 model_dir: model.clone(),
                 adapter: adapter.clone(),
-                image: image.clone(),
+                image: images[0].clone(),
                 prompt: prompt.clone(),
                 boxes: boxes.iter().map(|b| parse_box(b)).collect::<Result<_>>()?,
                 out: out.clone(),
@@ -707,17 +717,62 @@ pub fn run(cli: Cli) -> Result<()> {
                 device: *device,
                 dtype: *dtype,
             };
-            let dets = crate::inference::predict(&opts)?;
-            println!(
-                "{} detection(s) for {:?}; wrote {}/detections.json and overlay.png",
-                dets.len(),
-                prompt,
-                out.display()
-            );
-            for d in &dets {
+            let predictor = crate::inference::Predictor::load(&opts)?;
+            let print = |dets: &[crate::sam3::postprocess::Detection]| {
+                for d in dets {
+                    println!(
+                        "  score {:.3}  box [{:.0}, {:.0}, {:.0}, {:.0}]  area {} px",
+                        d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3], d.area
+                    );
+                }
+            };
+            if !several {
+                let dets = predictor.predict(&opts)?;
                 println!(
-                    "  score {:.3}  box [{:.0}, {:.0}, {:.0}, {:.0}]  area {} px",
-                    d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3], d.area
+                    "{} detection(s) for {:?}; wrote {}/detections.json and overlay.png",
+                    dets.len(),
+                    prompt,
+                    out.display()
+                );
+                print(&dets);
+                return Ok(());
+            }
+            // Several images: one folder each (OUT/<file name>/), and OUT/summary.json. An image
+            // that fails is reported and the others go on.
+            let dirs = crate::inference::image_out_dirs(&images, out);
+            let mut summary = Vec::new();
+            let mut failed = Vec::new();
+            for (img, dir) in images.iter().zip(&dirs) {
+                opts.image = img.clone();
+                opts.out = dir.clone();
+                match predictor.predict(&opts) {
+                    Ok(dets) => {
+                        println!("{}: {} detection(s) -> {}", img.display(), dets.len(), dir.display());
+                        print(&dets);
+                        // Detections come best first.
+                        let best = dets.first().map(|d| d.score);
+                        summary.push(serde_json::json!({"image": img, "out": dir, "detections": dets.len(), "best_score": best}));
+                    }
+                    Err(e) => {
+                        tracing::error!("{}: {e:#}", img.display());
+                        summary.push(serde_json::json!({"image": img, "error": format!("{e:#}")}));
+                        failed.push(img.display().to_string());
+                    }
+                }
+            }
+            std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+            let doc = serde_json::json!({"prompt": prompt, "model": model, "adapter": adapter, "threshold": threshold, "images": summary});
+            crate::fsutil::write_atomic(
+                &out.join("summary.json"),
+                serde_json::to_string_pretty(&doc)?.as_bytes(),
+            )?;
+            println!("wrote {}/summary.json ({} images)", out.display(), images.len());
+            if !failed.is_empty() {
+                bail!(
+                    "{} of {} images could not be segmented: {}",
+                    failed.len(),
+                    images.len(),
+                    failed.join(", ")
                 );
             }
             Ok(())

@@ -211,113 +211,184 @@ pub struct PredictOptions {
     pub dtype: DTypeArg,
 }
 
-/// `lorahost predict`: writes `detections.json` and `overlay.png` into `out`.
-pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
-    let device = o.device.device()?;
-    o.dtype.check(&device)?;
-    crate::sam3::model::check_not_adapter(&o.model_dir)?;
-    let img = imageio::load_rgb(&o.image)?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    for b in &o.boxes {
-        let inside = b[0].max(0.0) < b[2].min(w as f32) && b[1].max(0.0) < b[3].min(h as f32);
-        if !inside {
-            tracing::warn!(
-                "--box {},{},{},{} does not overlap the {w}x{h} image (pixel x0,y0,x1,y1): it prompts nothing there",
-                b[0],
-                b[1],
-                b[2],
-                b[3]
+/// The image files `predict` reads from its `--image` arguments: files as given, folders as
+/// their JPEG and PNG files (sorted by name, not recursive).
+pub fn expand_images(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for a in args {
+        if a.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(a)
+                .with_context(|| format!("cannot list {}", a.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+                        })
+                })
+                .collect();
+            if found.is_empty() {
+                bail!("{}: a folder without JPEG or PNG images", a.display());
+            }
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(a.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// A loaded model ready to segment images: weights, tokenizer and adapters.
+pub struct Predictor {
+    model: Sam3Model,
+    tokenizer: PromptTokenizer,
+    device: Device,
+    _adapters: Option<crate::lora::LoraSet>,
+}
+
+impl Predictor {
+    /// Load the model of `o` (and its adapters) once.
+    pub fn load(o: &PredictOptions) -> Result<Self> {
+        let device = o.device.device()?;
+        o.dtype.check(&device)?;
+        crate::sam3::model::check_not_adapter(&o.model_dir)?;
+        let tokenizer = PromptTokenizer::from_dir(&o.model_dir)?;
+        let mut model = Sam3Model::load_dir(&o.model_dir, &device, o.dtype.dtype())?;
+        tokenizer.check_model_vocab(model.config().text_config.vocab_size)?;
+        let channels = model.config().vision_config.backbone_config.num_channels;
+        if channels != 3 {
+            bail!(
+                "{}: vision_config.backbone_config.num_channels is {channels}; predict feeds RGB images (3 channels) \
+                 (a {channels}-channel model can run through `lorahost forward` with its own pixel_values)",
+                o.model_dir.display()
             );
         }
+        let adapters = match &o.adapter {
+            Some(dir) => {
+                crate::export::warn_if_merged(&o.model_dir, dir);
+                let lora = crate::lora::LoraSet::attach_peft(&mut model, dir, &device)
+                    .with_context(|| format!("--adapter {}", dir.display()))?;
+                tracing::info!("applying {} adapted modules from {}", lora.modules.len(), dir.display());
+                Some(lora)
+            }
+            None => None,
+        };
+        Ok(Predictor { model, tokenizer, device, _adapters: adapters })
     }
-    let tokenizer = PromptTokenizer::from_dir(&o.model_dir)?;
-    let mut model = Sam3Model::load_dir(&o.model_dir, &device, o.dtype.dtype())?;
-    tokenizer.check_model_vocab(model.config().text_config.vocab_size)?;
-    let _adapters = match &o.adapter {
-        Some(dir) => {
-            crate::export::warn_if_merged(&o.model_dir, dir);
-            let lora = crate::lora::LoraSet::attach_peft(&mut model, dir, &device)
-                .with_context(|| format!("--adapter {}", dir.display()))?;
-            tracing::info!("applying {} adapted modules from {}", lora.modules.len(), dir.display());
-            Some(lora)
+
+    /// Segment `o.image` and write `detections.json` and `overlay.png` into `o.out`.
+    pub fn predict(&self, o: &PredictOptions) -> Result<Vec<Detection>> {
+        let prompt = o.prompt.trim();
+        let prompt = if prompt.is_empty() && !o.boxes.is_empty() { "visual" } else { prompt };
+        if prompt.is_empty() {
+            bail!("--prompt is empty; give a text prompt (e.g. --prompt \"crack\") or a --box");
         }
-        None => None,
-    };
-    let channels = model.config().vision_config.backbone_config.num_channels;
-    if channels != 3 {
-        bail!(
-            "{}: vision_config.backbone_config.num_channels is {channels}; predict feeds RGB images (3 channels) \
-             (a {channels}-channel model can run through `lorahost forward` with its own pixel_values)",
-            o.model_dir.display()
-        );
-    }
-    let size = model.image_size();
-    let pixel_values = imageio::to_pixel_values(&img, size, &device)?;
-    let ctx = model.config().text_config.max_position_embeddings;
-    let prompt = o.prompt.trim();
-    let prompt = if prompt.is_empty() && !o.boxes.is_empty() { "visual" } else { prompt };
-    if prompt.is_empty() {
-        bail!("--prompt is empty; give a text prompt (e.g. --prompt \"crack\") or a --box");
-    }
-    let (ids, mask) = tokenizer.encode(prompt, ctx);
-    let t = ids.len();
-    let input_ids = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), &device)?;
-    let attention_mask =
-        Tensor::from_vec(mask.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), &device)?;
-    let (input_boxes, input_boxes_labels) = if o.boxes.is_empty() {
-        (None, None)
-    } else {
-        let mut data = Vec::new();
+        let (model, device) = (&self.model, &self.device);
+        let img = imageio::load_rgb(&o.image)?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
         for b in &o.boxes {
-            let (x0, y0, x1, y1) = (b[0] / w as f32, b[1] / h as f32, b[2] / w as f32, b[3] / h as f32);
-            data.extend([(x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0).abs(), (y1 - y0).abs()]);
+            let inside = b[0].max(0.0) < b[2].min(w as f32) && b[1].max(0.0) < b[3].min(h as f32);
+            if !inside {
+                tracing::warn!(
+                    "--box {},{},{},{} does not overlap the {w}x{h} image {} (pixel x0,y0,x1,y1): it prompts nothing there",
+                    b[0],
+                    b[1],
+                    b[2],
+                    b[3],
+                    o.image.display()
+                );
+            }
         }
-        let n = o.boxes.len();
-        (
-            Some(Tensor::from_vec(data, (1, n, 4), &device)?),
-            Some(Tensor::from_vec(vec![1i64; n], (1, n), &device)?),
-        )
-    };
-    let inputs = Sam3Inputs { pixel_values, input_ids, attention_mask, input_boxes, input_boxes_labels };
-    let out = model.forward(&inputs)?;
-    let f32v = |t: &Tensor| -> Result<Vec<f32>> {
-        Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
-    };
-    let logits = f32v(&out.pred_logits)?;
-    let presence = f32v(&out.presence_logits)?[0];
-    let boxes_flat = f32v(&out.pred_boxes)?;
-    let boxes: Vec<[f32; 4]> = boxes_flat.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
-    let (_, _, mh, mw) = out.pred_masks.dims4()?;
-    let masks = f32v(&out.pred_masks)?;
-    let raw = RawOutputs {
-        logits: &logits,
-        presence_logit: presence,
-        boxes: &boxes,
-        masks: &masks,
-        mask_size: (mh, mw),
-    };
-    let dets = postprocess::detections(&raw, (w, h), o.threshold, o.nms_iou);
-    std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
-    let json = serde_json::json!({
-        "image": o.image,
-        "model": o.model_dir,
-        "adapter": o.adapter,
-        "prompt": prompt,
-        "width": w,
-        "height": h,
-        "presence_score": postprocess::sigmoid(presence),
-        "threshold": o.threshold,
-        "detections": dets,
-    });
-    crate::fsutil::write_atomic(
-        &o.out.join("detections.json"),
-        serde_json::to_string_pretty(&json)?.as_bytes(),
-    )?;
-    let overlay = postprocess::overlay(&img, &dets);
-    let mut png = Vec::new();
-    overlay
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .context("cannot encode the overlay PNG")?;
-    crate::fsutil::write_atomic(&o.out.join("overlay.png"), &png)?;
-    Ok(dets)
+        let size = model.image_size();
+        let pixel_values = imageio::to_pixel_values(&img, size, device)?;
+        let ctx = model.config().text_config.max_position_embeddings;
+        let (ids, mask) = self.tokenizer.encode(prompt, ctx);
+        let t = ids.len();
+        let input_ids = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), device)?;
+        let attention_mask =
+            Tensor::from_vec(mask.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), device)?;
+        let (input_boxes, input_boxes_labels) = if o.boxes.is_empty() {
+            (None, None)
+        } else {
+            let mut data = Vec::new();
+            for b in &o.boxes {
+                let (x0, y0, x1, y1) = (b[0] / w as f32, b[1] / h as f32, b[2] / w as f32, b[3] / h as f32);
+                data.extend([(x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0).abs(), (y1 - y0).abs()]);
+            }
+            let n = o.boxes.len();
+            (
+                Some(Tensor::from_vec(data, (1, n, 4), device)?),
+                Some(Tensor::from_vec(vec![1i64; n], (1, n), device)?),
+            )
+        };
+        let inputs = Sam3Inputs { pixel_values, input_ids, attention_mask, input_boxes, input_boxes_labels };
+        let out = model.forward(&inputs)?;
+        let f32v = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let logits = f32v(&out.pred_logits)?;
+        let presence = f32v(&out.presence_logits)?[0];
+        let boxes_flat = f32v(&out.pred_boxes)?;
+        let boxes: Vec<[f32; 4]> = boxes_flat.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+        let (_, _, mh, mw) = out.pred_masks.dims4()?;
+        let masks = f32v(&out.pred_masks)?;
+        let raw = RawOutputs {
+            logits: &logits,
+            presence_logit: presence,
+            boxes: &boxes,
+            masks: &masks,
+            mask_size: (mh, mw),
+        };
+        let dets = postprocess::detections(&raw, (w, h), o.threshold, o.nms_iou);
+        std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
+        let json = serde_json::json!({
+            "image": o.image,
+            "model": o.model_dir,
+            "adapter": o.adapter,
+            "prompt": prompt,
+            "width": w,
+            "height": h,
+            "presence_score": postprocess::sigmoid(presence),
+            "threshold": o.threshold,
+            "detections": dets,
+        });
+        crate::fsutil::write_atomic(
+            &o.out.join("detections.json"),
+            serde_json::to_string_pretty(&json)?.as_bytes(),
+        )?;
+        let overlay = postprocess::overlay(&img, &dets);
+        let mut png = Vec::new();
+        overlay
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .context("cannot encode the overlay PNG")?;
+        crate::fsutil::write_atomic(&o.out.join("overlay.png"), &png)?;
+        Ok(dets)
+    }
+}
+
+/// `lorahost predict` on one image: writes `detections.json` and `overlay.png` into `out`.
+pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
+    Predictor::load(o)?.predict(o)
+}
+
+/// The output folder of each of several images under `out`: its file name (made unique when
+/// two folders hold the same name).
+pub fn image_out_dirs(images: &[PathBuf], out: &Path) -> Vec<PathBuf> {
+    let mut used = std::collections::HashSet::new();
+    images
+        .iter()
+        .map(|p| {
+            let name =
+                p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+            let mut candidate = name.clone();
+            let mut k = 2;
+            while !used.insert(candidate.clone()) {
+                candidate = format!("{name}-{k}");
+                k += 1;
+            }
+            out.join(candidate)
+        })
+        .collect()
 }

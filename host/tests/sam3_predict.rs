@@ -257,3 +257,76 @@ fn predict_applies_an_adapter_as_merging_it_would() {
         "{err}"
     );
 }
+
+/// `predict --image FOLDER` (and repeated --image): the model loads once, each image gets its
+/// own folder with the same detections a single-image run writes, summary.json lists them, a
+/// corrupt image is reported and the others still run (exit non-zero), --box is refused.
+#[test]
+fn predict_on_a_folder_writes_one_folder_per_image_and_a_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir(&model);
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for (i, name) in ["a.png", "b.jpg", "c.PNG"].iter().enumerate() {
+        let img = image::RgbImage::from_fn(40 + 10 * i as u32, 30, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 7 + i as u32 * 40) as u8, 90])
+        });
+        img.save(imgs.join(name)).unwrap();
+    }
+    std::fs::write(imgs.join("notes.txt"), "not an image").unwrap();
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    let predict = |image_args: &[&Path], out: &Path| {
+        let mut c = Command::new(bin);
+        c.args(["predict", "--model"]).arg(&model);
+        for a in image_args {
+            c.arg("--image").arg(a);
+        }
+        c.args(["--prompt", "crack", "--threshold", "0", "--out"]).arg(out).output().unwrap()
+    };
+    let out = tmp.path().join("many");
+    let o = predict(&[&imgs], &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let listed: Vec<&str> =
+        summary["images"].as_array().unwrap().iter().map(|i| i["image"].as_str().unwrap()).collect();
+    assert_eq!(listed.len(), 3, "{summary:#}");
+    // Each folder holds what a single-image run writes for that image.
+    let single = tmp.path().join("single");
+    let o = predict(&[&imgs.join("b.jpg")], &single);
+    assert!(o.status.success());
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("detections.json")).unwrap()).unwrap()
+    };
+    assert_eq!(read(&out.join("b.jpg"))["detections"], read(&single)["detections"]);
+    assert!(out.join("c.PNG/overlay.png").is_file() && out.join("a.png/overlay.png").is_file());
+    // A corrupt image among them: named, the others are written, exit status non-zero.
+    std::fs::write(imgs.join("d.jpg"), b"broken").unwrap();
+    let out2 = tmp.path().join("many2");
+    let o = predict(&[&imgs], &out2);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("d.jpg") && err.contains("1 of 4") && !err.contains("panicked"), "{err}");
+    assert!(out2.join("c.PNG/detections.json").is_file());
+    // Two --image with the same file name from different folders get distinct folders.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(imgs.join("a.png"), other.join("a.png")).unwrap();
+    let out3 = tmp.path().join("many3");
+    let o = predict(&[&imgs.join("a.png"), &other.join("a.png")], &out3);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out3.join("a.png/detections.json").is_file() && out3.join("a.png-2/detections.json").is_file());
+    // A box prompt belongs to one image.
+    let o = Command::new(bin)
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&imgs)
+        .args(["--prompt", "crack", "--box", "1,1,5,5", "--out"])
+        .arg(tmp.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--box"));
+}
