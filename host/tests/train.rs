@@ -424,6 +424,20 @@ fn a_non_finite_loss_skips_the_step_and_names_the_images() {
     let dump = std::fs::read_to_string(out.join("nonfinite_batches.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(dump.lines().next().unwrap()).unwrap();
     assert_eq!(first["image_ids"].as_array().unwrap().len(), 4, "{first}");
+    // Ten in a row stop the run; the tenth step is recorded like the others.
+    let out = tmp.path().join("nan10");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 12\n  batch_size: 4\n  gradient_accumulation_steps: 1\n",
+        "loss:\n  loss_mask: 1e39\n",
+    );
+    let summary = run(&opts(&cfg));
+    let why = summary.stopped.expect("the run stops");
+    assert!(why.contains("10 non-finite steps in a row") && why.contains("loss weights"), "{why}");
+    let recorded: Vec<u64> = steps(&out).steps.iter().map(|s| s.step).collect();
+    assert_eq!(recorded, (1..=10).collect::<Vec<u64>>());
 }
 
 #[test]

@@ -1524,7 +1524,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let loss = loss_sum / n_micro;
         let losses: BTreeMap<String, f64> = term_sums.into_iter().map(|(k, v)| (k, v / n_micro)).collect();
 
-        // Gradients: average, inspect, guard, clip.
+        // Gradients: average, inspect, guard, clip. A parameter no micro-batch reached has no
+        // gradient: zeros for the statistics, and the optimizer leaves it alone.
+        let has_grad: Vec<bool> = acc.iter().map(Option::is_some).collect();
         let grads: Vec<Tensor> = acc
             .into_iter()
             .zip(&vars)
@@ -1595,6 +1597,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             lr
         };
         let mut clipped_norm = total_norm;
+        let mut diverged: Option<String> = None;
         if nonfinite > 0 || !loss.is_finite() {
             consecutive_nonfinite += 1;
             state.skipped_steps += 1;
@@ -1617,13 +1620,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 tracing::warn!("step {step}: non-finite loss or gradients ({nonfinite} entries); update skipped, image ids in {}", dump.display());
             }
             if consecutive_nonfinite >= 10 {
-                summary.stopped = Some(format!(
-                    "{consecutive_nonfinite} non-finite steps in a row (see {}): training diverged; lower training.learning_rate (now {}) or check the images listed there, and resume from the last good checkpoint",
+                // Stops after this step's record is written.
+                diverged = Some(format!(
+                    "{consecutive_nonfinite} non-finite steps in a row (see {}): training diverged; lower training.learning_rate (now {}), check the loss weights (`loss:`) and the images listed there, and resume from the last good checkpoint",
                     dump.display(),
                     t.learning_rate
                 ));
-                state.step = step;
-                break 'outer;
             }
         } else if let Some((plugin, why)) = veto {
             state.skipped_steps += 1;
@@ -1641,7 +1643,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             } else {
                 grads
             };
-            opt.step(&grads, lr)?;
+            let present: Vec<Option<&Tensor>> =
+                grads.iter().zip(&has_grad).map(|(g, h)| h.then_some(g)).collect();
+            opt.step_some(&present, lr)?;
             applied = true;
             if state.loss_scale > 1.0 {
                 state.loss_scale_good_steps += 1;
@@ -1788,6 +1792,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             log.line(&event_json(step, &e).to_string());
         }
         log.line(&rec.to_json_line());
+        if let Some(why) = diverged.take() {
+            summary.stopped = Some(why);
+            break 'outer;
+        }
         train_curve.push((step, loss));
         progress.draw(step, epoch_of_step + 1, loss, lr);
         if t.logging_steps > 0 && step.is_multiple_of(t.logging_steps as u64) {

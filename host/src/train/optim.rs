@@ -1,6 +1,11 @@
 //! AdamW (decoupled weight decay, bias-corrected moments) over the LoRA variables, in f32,
 //! with gradient statistics for the grad-inspection hook, global-norm clipping and a rollback
 //! of the last update (for a plugin's `skip`).
+//!
+//! As `torch.optim.AdamW`: a parameter that got no gradient in a step (an adapter off the
+//! loss path for that batch, e.g. a geometry box projection on a step without box prompts) is
+//! left alone — no moment decay, no weight decay — and each parameter counts its own updates
+//! for the bias correction.
 
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -17,18 +22,19 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// One parameter and its moments.
+/// One parameter, its moments and its own update count.
 struct Slot {
     name: String,
     var: Var,
     m: Tensor,
     v: Tensor,
+    t: u64,
 }
 
 /// State to undo the last [`AdamW::step`].
 struct Undo {
     params: Vec<Tensor>,
-    moments: Vec<(Tensor, Tensor)>,
+    moments: Vec<(Tensor, Tensor, u64)>,
     t: u64,
 }
 
@@ -47,7 +53,7 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let m = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
-                Ok(Slot { name, v: m.clone(), m, var })
+                Ok(Slot { name, v: m.clone(), m, var, t: 0 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, slots, t: 0, undo: None })
@@ -71,19 +77,29 @@ impl AdamW {
     /// Apply one update with gradients `grads` (same order as the variables) at `lr`.
     /// The previous parameters and moments are kept until the next step for [`Self::rollback`].
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        let all: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
+        self.step_some(&all, lr)
+    }
+
+    /// [`Self::step`] where a parameter without a gradient (`None`) is not touched.
+    pub fn step_some(&mut self, grads: &[Option<&Tensor>], lr: f64) -> Result<()> {
         if grads.len() != self.slots.len() {
             candle_core::bail!("AdamW: {} gradients for {} parameters", grads.len(), self.slots.len());
         }
         let c = self.cfg;
         let mut undo = Undo { params: Vec::with_capacity(grads.len()), moments: Vec::new(), t: self.t };
         self.t += 1;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let g = g.to_dtype(DType::F32)?;
             let p = slot.var.as_tensor();
-            undo.params.push(p.copy()?);
-            undo.moments.push((slot.m.clone(), slot.v.clone()));
+            undo.params.push(p.clone());
+            undo.moments.push((slot.m.clone(), slot.v.clone(), slot.t));
+            let Some(g) = g else { continue };
+            let g = g.to_dtype(DType::F32)?;
+            slot.t += 1;
+            let bc1 = 1.0 - c.beta1.powi(slot.t as i32);
+            let bc2 = 1.0 - c.beta2.powi(slot.t as i32);
+            // The parameter before this update (a copy: `set` below writes in place).
+            *undo.params.last_mut().expect("pushed above") = p.copy()?;
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let mhat = (&slot.m / bc1)?;
@@ -96,30 +112,39 @@ impl AdamW {
         Ok(())
     }
 
-    /// Undo the last [`Self::step`] (parameters, moments and the bias-correction count).
+    /// Undo the last [`Self::step`] (parameters, moments and the bias-correction counts).
     /// Returns false when there is nothing to undo.
     pub fn rollback(&mut self) -> Result<bool> {
         let Some(u) = self.undo.take() else { return Ok(false) };
-        for ((slot, p), (m, v)) in self.slots.iter_mut().zip(u.params).zip(u.moments) {
-            slot.var.set(&p)?;
+        for ((slot, p), (m, v, t)) in self.slots.iter_mut().zip(u.params).zip(u.moments) {
+            if slot.t != t {
+                slot.var.set(&p)?;
+            }
             slot.m = m;
             slot.v = v;
+            slot.t = t;
         }
         self.t = u.t;
         Ok(true)
     }
 
-    /// Moments by name (`<name>.exp_avg`, `<name>.exp_avg_sq`) for checkpoints.
+    /// Moments by name (`<name>.exp_avg`, `<name>.exp_avg_sq`) and each parameter's update
+    /// count (`<name>.step`, a scalar, as PyTorch's optimizer state) for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(self.slots.len() * 2);
+        let mut out = Vec::with_capacity(self.slots.len() * 3);
         for s in &self.slots {
             out.push((format!("{}.exp_avg", s.name), s.m.clone()));
             out.push((format!("{}.exp_avg_sq", s.name), s.v.clone()));
+            if let Ok(t) = Tensor::new(s.t as f64, &candle_core::Device::Cpu) {
+                out.push((format!("{}.step", s.name), t));
+            }
         }
         out
     }
 
-    /// Restore moments saved by [`Self::state_tensors`] and the update count.
+    /// Restore moments saved by [`Self::state_tensors`] and the update count (each
+    /// parameter's own count where the state has it; checkpoints from before per-parameter
+    /// counts give every parameter `updates`).
     pub fn load_state(
         &mut self,
         tensors: &std::collections::HashMap<String, Tensor>,
@@ -141,6 +166,10 @@ impl AdamW {
             };
             s.m = get(format!("{}.exp_avg", s.name))?;
             s.v = get(format!("{}.exp_avg_sq", s.name))?;
+            s.t = match tensors.get(&format!("{}.step", s.name)) {
+                Some(t) => t.to_dtype(DType::F64)?.to_scalar::<f64>()? as u64,
+                None => updates,
+            };
         }
         self.t = updates;
         self.undo = None;
@@ -215,6 +244,42 @@ mod tests {
         assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, -2.0, 0.5]);
         assert_eq!(opt.updates(), 0);
         assert!(!opt.rollback().unwrap());
+    }
+
+    /// A parameter without a gradient is left alone (no moment decay, no weight decay) and its
+    /// own update count starts with its first gradient, as `torch.optim.AdamW`; rollback
+    /// restores both; the counts survive a save and load.
+    #[test]
+    fn a_parameter_without_a_gradient_is_not_touched_and_counts_its_own_steps() {
+        let d = Device::Cpu;
+        let p = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &d).unwrap()).unwrap();
+        let q = Var::from_tensor(&Tensor::new(&[0.5f32, 3.0], &d).unwrap()).unwrap();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(vec![("p".into(), p.clone()), ("q".into(), q.clone())], cfg).unwrap();
+        let g = Tensor::new(&[0.3f32, -4.0], &d).unwrap();
+        opt.step_some(&[Some(&g), None], 0.01).unwrap();
+        assert_eq!(q.as_tensor().to_vec1::<f32>().unwrap(), vec![0.5, 3.0], "no gradient, no update");
+        // q's first real update is a first step (bias-corrected: exactly lr against the sign).
+        let h = Tensor::new(&[2.0f32, -0.1], &d).unwrap();
+        opt.step_some(&[Some(&g), Some(&h)], 0.01).unwrap();
+        let got = q.as_tensor().to_vec1::<f32>().unwrap();
+        let want = [0.5 * (1.0 - 0.001) - 0.01, 3.0 * (1.0 - 0.001) + 0.01];
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        let state: std::collections::HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        assert_eq!(state["p.step"].to_scalar::<f64>().unwrap(), 2.0);
+        assert_eq!(state["q.step"].to_scalar::<f64>().unwrap(), 1.0);
+        assert!(opt.rollback().unwrap());
+        assert_eq!(q.as_tensor().to_vec1::<f32>().unwrap(), vec![0.5, 3.0]);
+        let mut fresh = AdamW::new(vec![("p".into(), p.clone()), ("q".into(), q.clone())], cfg).unwrap();
+        fresh.load_state(&state, 2).unwrap();
+        assert_eq!(fresh.slots.iter().map(|s| s.t).collect::<Vec<_>>(), vec![2, 1]);
+        // An older checkpoint without per-parameter counts: every parameter gets `updates`.
+        let old: std::collections::HashMap<String, Tensor> =
+            state.into_iter().filter(|(k, _)| !k.ends_with(".step")).collect();
+        fresh.load_state(&old, 2).unwrap();
+        assert_eq!(fresh.slots.iter().map(|s| s.t).collect::<Vec<_>>(), vec![2, 2]);
     }
 
     #[test]
