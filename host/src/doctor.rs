@@ -552,9 +552,9 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
         );
         let ev = format!(
             "warmup_steps {} (optimizer steps) = {:.2} epochs; the run is {} optimizer steps ({} epochs × {} steps; {} images / batch {} / accumulation {})",
-            t.warmup_steps, e.warmup_epochs, e.total_steps, t.num_epochs, e.steps_per_epoch, n, t.batch_size, t.gradient_accumulation_steps
+            e.warmup_steps, e.warmup_epochs, e.total_steps, t.num_epochs, e.steps_per_epoch, n, t.batch_size, t.gradient_accumulation_steps
         );
-        if t.warmup_steps >= e.total_steps && e.total_steps > 0 {
+        if e.warmup_steps >= e.total_steps && e.total_steps > 0 {
             r.add(
                 "D1",
                 Severity::Error,
@@ -566,13 +566,13 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
                     (e.total_steps / 10).max(1)
                 ),
             );
-        } else if t.warmup_steps * 5 > e.total_steps {
+        } else if e.warmup_steps * 5 > e.total_steps {
             r.add(
                 "D1",
                 Severity::Warning,
                 format!(
                     "warmup takes {:.0}% of the run (more than a fifth: usually a units mistake)",
-                    100.0 * t.warmup_steps as f64 / e.total_steps.max(1) as f64
+                    100.0 * e.warmup_steps as f64 / e.total_steps.max(1) as f64
                 ),
                 ev,
                 format!(
@@ -580,7 +580,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
                     (e.total_steps / 10).max(1)
                 ),
             );
-        } else if t.warmup_steps > 0 {
+        } else if e.warmup_steps > 0 {
             r.add("D1", Severity::Info, "warmup length in optimizer steps", ev, "none needed");
         }
         if e.effective_batch_size > n {
@@ -640,7 +640,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
             "set training.max_grad_norm: 1.0 (lorahost clips the global norm and logs it before and after)",
         );
     }
-    if t.warmup_steps == 0 {
+    if t.warmup_steps == 0 && t.warmup_ratio <= 0.0 {
         r.add(
             "F10",
             Severity::Info,

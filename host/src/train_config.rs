@@ -203,6 +203,10 @@ pub struct TrainingSection {
     /// Warmup, in optimizer steps.
     #[serde(deserialize_with = "count")]
     pub warmup_steps: usize,
+    /// Warmup as a fraction of the run's optimizer steps (transformers' `warmup_ratio`):
+    /// `ceil(ratio × total)`, used when `warmup_steps` is 0.
+    #[serde(deserialize_with = "num")]
+    pub warmup_ratio: f64,
     /// "cosine", "linear", "constant", "inverse_sqrt".
     pub lr_scheduler: String,
     /// Metrics cadence, optimizer steps.
@@ -258,6 +262,7 @@ impl Default for TrainingSection {
             max_grad_norm: 1.0,
             num_epochs: 10,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             lr_scheduler: "cosine".into(),
             logging_steps: 10,
             eval_steps: 0,
@@ -447,6 +452,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "max_grad_norm",
             "num_epochs",
             "warmup_steps",
+            "warmup_ratio",
             "lr_scheduler",
             "logging_steps",
             "eval_steps",
@@ -639,20 +645,6 @@ fn pointer(section: &str, key: &str, v: &Value, t: &Mapping) -> Option<Option<St
         ("training" | "output", "print_metrics_to_console") => {
             "lorahost logs the metrics every training.logging_steps to the console and to output_dir/metrics.jsonl".into()
         }
-        ("training", "warmup_ratio") => {
-            let n = |k: &str, d: &str| t.get(k).map(show).unwrap_or_else(|| d.to_string());
-            let given = if t.contains_key("warmup_steps") {
-                format!(" (training.warmup_steps {} is given and is what counts)", n("warmup_steps", "0"))
-            } else {
-                String::new()
-            };
-            format!(
-                "lorahost counts warmup in optimizer steps: set training.warmup_steps = {shown} x total optimizer steps, where total = num_epochs ({}) x ceil(ceil(train images / batch_size ({})) / gradient_accumulation_steps ({})); `lorahost doctor` prints the total{given}",
-                n("num_epochs", "10"),
-                n("batch_size", "2"),
-                n("gradient_accumulation_steps", "1"),
-            )
-        }
         ("training", "optimizer") => {
             if v.as_str().is_some_and(|s| s.trim().eq_ignore_ascii_case("adamw")) {
                 return Some(None); // what lorahost does
@@ -821,7 +813,7 @@ fn kind_of(section: &str, key: &str) -> Option<Kind> {
         | (
             "training",
             "learning_rate" | "weight_decay" | "adam_beta1" | "adam_beta2" | "adam_epsilon" | "max_grad_norm"
-            | "box_prompt_prob",
+            | "box_prompt_prob" | "warmup_ratio",
         ) => Number,
         ("lora", "target_modules") => List,
         ("training", "mixed_precision") => Precision,
@@ -1582,6 +1574,12 @@ impl TrainConfig {
         if t.precision().is_none() {
             p.push(format!("training.mixed_precision {:?}: use no, bf16 or fp16", t.mixed_precision));
         }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            p.push(format!(
+                "training.warmup_ratio {} must be in [0, 1) (the fraction of the run's optimizer steps spent warming up)",
+                t.warmup_ratio
+            ));
+        }
         if t.scheduler().is_none() {
             p.push(format!(
                 "training.lr_scheduler {:?}: lorahost has cosine, linear, constant and inverse_sqrt (each after a linear warmup of training.warmup_steps); another schedule can be written as a schedule plugin (plugins/cosine_schedule is the reference)",
@@ -1629,16 +1627,22 @@ impl TrainConfig {
         let micro_batches_per_epoch = train_samples.div_ceil(t.batch_size.max(1));
         let steps_per_epoch = micro_batches_per_epoch.div_ceil(t.gradient_accumulation_steps.max(1));
         let total_steps = steps_per_epoch * t.num_epochs;
+        // transformers' rule: warmup_steps when given (> 0), else ceil(warmup_ratio × total).
+        let warmup_steps = if t.warmup_steps > 0 || t.warmup_ratio <= 0.0 {
+            t.warmup_steps
+        } else {
+            (t.warmup_ratio * total_steps as f64).ceil() as usize
+        };
         Effective {
             effective_batch_size: t.batch_size * t.gradient_accumulation_steps,
             micro_batches_per_epoch,
             steps_per_epoch,
             total_steps,
-            warmup_steps: t.warmup_steps,
+            warmup_steps,
             warmup_epochs: if steps_per_epoch == 0 {
                 0.0
             } else {
-                t.warmup_steps as f64 / steps_per_epoch as f64
+                warmup_steps as f64 / steps_per_epoch as f64
             },
             lora_scale: self.lora.alpha / self.lora.rank.max(1) as f64,
         }
@@ -1660,6 +1664,10 @@ impl TrainConfig {
         };
         abs(&mut c.training.data_dir);
         abs(&mut c.output.output_dir);
+        // A relative logging_dir lives inside output_dir (as training resolves it).
+        if let Some(l) = c.output.logging_dir.as_mut().filter(|l| l.is_relative()) {
+            *l = c.output.output_dir.join(&*l);
+        }
         for p in [&mut c.model.path, &mut c.model.cache_dir, &mut c.output.logging_dir].into_iter().flatten()
         {
             abs(p);
@@ -1758,6 +1766,7 @@ mod tests {
     fn config_record_round_trips_and_names_changes() {
         let (mut cfg, _) = TrainConfig::from_file(&repo_config("full_lora_config.yaml")).unwrap();
         cfg.training.data_dir = "./data/../cracks".into();
+        cfg.output.logging_dir = Some("logs".into());
         cfg.loss.insert("loss_mask".into(), serde_json::json!(100.0));
         let cli = PluginEntry {
             path: "p/guard.wasm".into(),
@@ -1772,6 +1781,8 @@ mod tests {
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(back.training.data_dir, cwd.join("cracks"));
         assert_eq!(back.output.output_dir, cwd.join(&cfg.output.output_dir));
+        // A relative logging_dir is inside output_dir, as training resolves it.
+        assert_eq!(back.output.logging_dir, Some(cwd.join(&cfg.output.output_dir).join("logs")));
         assert_eq!(back.plugins, vec![PluginEntry { path: cwd.join("p/guard.wasm"), ..cli.clone() }]);
         let same = TrainConfig {
             training: back.training.clone(),
@@ -2020,7 +2031,16 @@ mod tests {
                 "{from}: {all}"
             );
         }
-        assert!(all.contains("warmup_ratio") && all.contains("training.warmup_steps = 0.1 x"), "{all}");
+        // transformers' warmup_ratio is a lorahost key: ceil(0.1 × total) when warmup_steps is 0.
+        assert!(!all.contains("warmup_ratio"), "{all}");
+        assert_eq!(t.warmup_ratio, 0.1);
+        assert_eq!(
+            c.effective(100).warmup_steps,
+            (0.1f64 * c.effective(100).total_steps as f64).ceil() as usize
+        );
+        let mut with_steps = c.clone();
+        with_steps.training.warmup_steps = 3;
+        assert_eq!(with_steps.effective(100).warmup_steps, 3, "warmup_steps > 0 wins, as in transformers");
         no_typo_text(&w);
         for (yaml, needle) in [
             ("training:\n  lr: 1e-4\n  learning_rate: 2e-4\n", "training.lr"),

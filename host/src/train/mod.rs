@@ -365,6 +365,13 @@ pub fn device_for(cfg: &TrainConfig) -> Result<Device> {
                 d
             }
             Err(e) => {
+                // Half precision was asked for a GPU; on the CPU it would silently be f32.
+                if cfg.training.precision().is_some_and(|p| p != Precision::No) {
+                    bail!(
+                        "hardware.device is auto and no CUDA device is usable ({e:#}); training.mixed_precision {} needs one (candle's CPU backend has no half-precision matmul): set training.mixed_precision: no to train on the CPU",
+                        cfg.training.mixed_precision
+                    );
+                }
                 tracing::info!("hardware.device auto: the CPU ({e:#})");
                 Device::Cpu
             }
