@@ -1,21 +1,44 @@
 //! Ctrl-C (SIGINT) and SIGTERM during `lorahost train`: the first one lets the current optimizer
 //! step finish, saves a checkpoint (and the adapters) and stops, so `--resume` continues where
-//! the run was; a second one quits at once. Checkpoints are written to a hidden directory and
+//! the run was; a second one (a second later or more: a signal delivered to the process and to
+//! its group at once counts once) quits at once. Checkpoints are written to a hidden directory and
 //! renamed, so quitting mid-save never leaves a half-written checkpoint behind.
 //!
 //! Only the command line installs the handlers ([`install`]); the library's `train` just polls
 //! [`requested`], so tests and embedders keep their own signal handling.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// When the first signal arrived (CLOCK_MONOTONIC, ms).
+static FIRST_MS: AtomicI64 = AtomicI64::new(0);
+
+/// A second signal this soon after the first is the same request delivered twice (GNU
+/// `timeout`, `docker stop` and job schedulers signal both the process and its group), not a
+/// second Ctrl-C: it is ignored.
+const SAME_REQUEST_MS: i64 = 1000;
+
+/// CLOCK_MONOTONIC in milliseconds (`clock_gettime` is async-signal-safe).
+#[cfg(unix)]
+fn monotonic_ms() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer; async-signal-safe per POSIX.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000
+}
 
 /// Exit status for a run stopped by a signal (128 + SIGINT, as shells report Ctrl-C).
 pub const EXIT_CODE: i32 = 130;
 
 #[cfg(unix)]
 extern "C" fn on_signal(_signal: libc::c_int) {
-    if REQUESTED.swap(true, Ordering::SeqCst) {
+    let now = monotonic_ms();
+    if !REQUESTED.swap(true, Ordering::SeqCst) {
+        FIRST_MS.store(now, Ordering::SeqCst);
+        return;
+    }
+    if now - FIRST_MS.load(Ordering::SeqCst) >= SAME_REQUEST_MS {
         // The second signal: quit now. `write` and `_exit` are async-signal-safe.
         const MSG: &[u8] = b"\nsecond interrupt: quitting now (the last complete checkpoint is intact)\n";
         unsafe {
