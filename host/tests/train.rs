@@ -399,6 +399,27 @@ fn every_hook_answer_takes_effect_in_training() {
         assert_eq!(b_sum, 0.0, "{answer}: the update was not undone");
     }
 
+    // observe: each image's own loss, not its micro-batch's (a 2-image micro-batch at step 1).
+    let out = tmp.path().join("observed");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 1\n  gradient_accumulation_steps: 1\n",
+        &plugin("{}"),
+    );
+    run(&TrainOptions { max_steps: Some(1), ..opts(&cfg) });
+    let ckpts = lorahost::train::checkpoint::list(&out.join("checkpoints"));
+    let (state, _) = lorahost::train::checkpoint::load(&ckpts[0].1).unwrap();
+    let seen: Vec<f64> = state.sample_stats.iter().filter_map(|(l, _)| *l).collect();
+    assert_eq!(seen.len(), 2, "{:?}", state.sample_stats);
+    assert!(seen.iter().all(|l| l.is_finite()) && seen[0] != seen[1], "{seen:?}");
+    let step1 = steps(&out).steps[0].loss;
+    assert!(
+        seen.iter().all(|l| *l != step1),
+        "the micro-batch's loss {step1} passed for each image: {seen:?}"
+    );
+
     // next-batch: the same two images in every micro-batch.
     let out = tmp.path().join("fixed");
     let cfg = config(tmp.path(), &data, &out, "  num_epochs: 2\n", &plugin("{batch: [0, 1]}"));

@@ -865,6 +865,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             "warmup ({warmup} steps) covers the whole run ({total} steps): the LR never reaches its peak"
         );
     }
+    if accum > eff.micro_batches_per_epoch && eff.micro_batches_per_epoch > 0 {
+        // An optimizer step ends with its epoch (D2 in `lorahost doctor`).
+        tracing::warn!(
+            "gradient_accumulation_steps {accum} is more than the {} micro-batches of an epoch: each optimizer step has {} images ({} training images), not {}; lower gradient_accumulation_steps to {} or below",
+            eff.micro_batches_per_epoch,
+            train_ids.len(),
+            train_ids.len(),
+            eff.effective_batch_size,
+            eff.micro_batches_per_epoch
+        );
+    }
     let base_weights = loss_weights(&cfg)?;
 
     // Output.
@@ -1514,10 +1525,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     });
                 }
             }
-            plugins.observe(&ks, &vec![lv; ks.len()]);
-            for &k in &ks {
+            // Each image's own loss for the data-sampling hooks (its queries through the loss
+            // alone, detached); without a sampler plugin, the micro-batch's loss.
+            let samplers = plugins.plugins().iter().any(|p| p.implements(crate::plugin::Hook::DataSampling));
+            let per_image = if samplers {
+                per_image_losses(&out, &batch, &weights, ks.len())?
+            } else {
+                vec![lv; ks.len()]
+            };
+            plugins.observe(&ks, &per_image);
+            for (&k, &l) in ks.iter().zip(&per_image) {
                 let s = &mut state.sample_stats[k as usize];
-                s.0 = Some(lv);
+                s.0 = Some(l);
                 s.1 += 1;
             }
             micro += 1;
@@ -1968,6 +1987,51 @@ pub fn dead_adapters<'a>(keys: impl Iterator<Item = &'a String>, grads: &[Tensor
         }
     }
     Ok(dead)
+}
+
+/// The loss of each of a micro-batch's `images` on its own: the outputs and targets of its
+/// queries (detached) through [`sam3_loss`] as a batch of those queries. NaN for an image
+/// without a query.
+fn per_image_losses(
+    out: &crate::sam3::model::Sam3Outputs,
+    batch: &Batch,
+    weights: &LossWeights,
+    images: usize,
+) -> Result<Vec<f64>> {
+    let targets = batch_targets(batch);
+    let device = out.pred_logits.device();
+    let mut losses = Vec::with_capacity(images);
+    for i in 0..images {
+        let idx: Vec<u32> = batch
+            .queries
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.image_index == i)
+            .map(|(k, _)| k as u32)
+            .collect();
+        if idx.is_empty() {
+            losses.push(f64::NAN);
+            continue;
+        }
+        let ix = Tensor::new(idx.as_slice(), device)?;
+        let pick = |t: &Tensor, dim: usize| t.detach().contiguous()?.index_select(&ix, dim);
+        let own = crate::sam3::model::Sam3Outputs {
+            pred_logits: pick(&out.pred_logits, 0)?,
+            pred_boxes: pick(&out.pred_boxes, 0)?,
+            presence_logits: pick(&out.presence_logits, 0)?,
+            pred_masks: pick(&out.pred_masks, 0)?,
+            semantic_seg: pick(&out.semantic_seg, 0)?,
+            all_logits: pick(&out.all_logits, 1)?,
+            all_boxes_cxcywh: pick(&out.all_boxes_cxcywh, 1)?,
+            all_presence: pick(&out.all_presence, 1)?,
+            all_masks: pick(&out.all_masks, 0)?,
+            num_o2m: out.num_o2m,
+        };
+        let own_targets: Vec<Targets> = idx.iter().map(|&k| targets[k as usize].clone()).collect();
+        let l = sam3_loss(&own, &own_targets, weights)?;
+        losses.push(l.terms.get("total").copied().unwrap_or(f64::NAN));
+    }
+    Ok(losses)
 }
 
 fn batch_targets(batch: &Batch) -> Vec<Targets> {
