@@ -395,7 +395,14 @@ pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
 pub fn resolve_model(cfg: &TrainConfig) -> Result<PathBuf> {
     if let Some(p) = &cfg.model.path {
         if !p.exists() {
-            bail!("model.path {} does not exist; point it at a directory with config.json, model.safetensors and tokenizer.json (or at sam3.pt)", p.display());
+            let resolved = if p.is_relative() {
+                std::env::current_dir()
+                    .map(|d| format!(" (relative to the working directory: {})", d.join(p).display()))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            bail!("model.path {} does not exist{resolved}; point it at a directory with config.json, model.safetensors and tokenizer.json (or at sam3.pt); relative paths in a config are read from the directory lorahost runs in", p.display());
         }
         return Ok(p.clone());
     }
@@ -857,8 +864,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let accum = t.gradient_accumulation_steps.max(1);
     let scheduler = t.scheduler().unwrap_or(crate::train_config::Scheduler::Cosine);
     tracing::info!(
-        "effective hyperparameters: batch {} x accumulation {} = {} images per optimizer step; {} micro-batches and {} optimizer steps per epoch; {} epochs = {} optimizer steps; warmup {} steps ({:.2} epochs); lr {:e} ({:?}); AdamW betas ({}, {}) eps {:e} weight decay {}; clip {}; precision {:?} ({:?}); seed {}",
-        t.batch_size, accum, eff.effective_batch_size, eff.micro_batches_per_epoch, eff.steps_per_epoch, t.num_epochs, total, warmup, eff.warmup_epochs, t.learning_rate, scheduler, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay, t.max_grad_norm, precision, dtype, seed
+        "effective hyperparameters: batch {} x accumulation {} = {} images per optimizer step; {} micro-batches and {} optimizer steps per epoch; {} epochs = {} optimizer steps; warmup {} steps ({:.2} epochs); lr {:e} ({:?}); AdamW betas ({}, {}) eps {:e} weight decay {}; clip {}; precision {} (frozen weights in {}); seed {}",
+        t.batch_size, accum, eff.effective_batch_size, eff.micro_batches_per_epoch, eff.steps_per_epoch, t.num_epochs, total, warmup, eff.warmup_epochs, t.learning_rate, scheduler, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay, t.max_grad_norm, t.mixed_precision, dtype.as_str(), seed
     );
     if warmup >= total && total > 0 {
         tracing::warn!(
@@ -1140,10 +1147,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         opt.load_state(&tensors, s.optimizer_updates)
             .with_context(|| format!("optimizer state of {}", dir.display()))?;
         tracing::info!(
-            "resumed from {} at step {} (epoch {}, micro-batch {})",
+            "resumed from {} at step {} (epoch {}, micro-batch {} of it)",
             dir.display(),
             s.step,
-            s.epoch,
+            s.epoch + 1,
             s.micro_in_epoch
         );
         state = s;
@@ -1947,20 +1954,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
     }
+    if state.step < total && state.step >= stop_at && summary.stopped.is_none() && !summary.interrupted {
+        tracing::info!(
+            "stopped at --max-steps {} (step {} of {total}); continue with: {}",
+            stop_at,
+            state.step,
+            resume_command(opts)
+        );
+    }
     let png = out_dir.join("loss_curve.png");
     plot::write_loss_curve(&png, &train_curve, &val_curve)?;
     tracing::info!("loss curve: {} (training loss per step, light blue; smoothed, dark blue; validation, orange; log scale)", png.display());
     summary.steps = state.step;
     summary.skipped_steps = state.skipped_steps;
     let run_json = serde_json::json!({
-        "config": opts.config,
+        "config": std::path::absolute(&opts.config).unwrap_or_else(|_| opts.config.clone()),
         "model": {"name": cfg.model.name, "path": model_path},
         "hub_model_id": cfg.output.hub_model_id,
         "dataset": fp,
         "lora": {"modules": lora.modules.len(), "parameters": lora.num_params(), "rank": lora_cfg.rank, "alpha": lora_cfg.alpha},
         "effective": {"batch_size": eff.effective_batch_size, "total_steps": total, "warmup_steps": warmup, "steps_per_epoch": eff.steps_per_epoch},
-        "precision": format!("{precision:?}"),
-        "dtype": format!("{dtype:?}"),
+        "precision": t.mixed_precision.to_ascii_lowercase(),
+        "dtype": dtype.as_str(),
         "device": cfg.hardware.device,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
