@@ -12,12 +12,24 @@ thread_local! {
     static STREAM: RefCell<SplitMix64> = RefCell::new(SplitMix64::new(0x10_4a_05));
     /// Sub-stream keys handed out since the last reseed.
     static KEYS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Inside [`with_substream`] on a GPU: the key the device generator is to be reseeded from
+    /// before the sub-stream's first draw (taken by that draw).
+    static DEVICE_KEY: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// After a [`reseed`] on a GPU: the seed of the device generator for the first draw outside
+    /// any sub-stream, so a micro-batch's draws depend only on (seed, step, micro-step), as on
+    /// the CPU (a resumed run draws what the uninterrupted one drew).
+    static DEVICE_OUTER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// Sub-streams entered and not left.
+    static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// Restart this thread's stream from a mix of `parts` (e.g. seed, step, micro-step).
 pub fn reseed(parts: &[u64]) {
     STREAM.with(|s| *s.borrow_mut() = SplitMix64::from_parts(parts));
     KEYS.with(|k| k.set(0));
+    let mut mixed = parts.to_vec();
+    mixed.push(0xDE71CE);
+    DEVICE_OUTER.with(|k| k.set(Some(SplitMix64::from_parts(&mixed).next_u64())));
 }
 
 /// A key for a sub-stream: a mix of this thread's stream position and the number of keys given
@@ -34,16 +46,29 @@ pub fn next_key() -> u64 {
 }
 
 /// Run `f` with dropout drawing from a sub-stream keyed by `key` (this thread's CPU stream and,
-/// on a GPU, the device generator reseeded from the key), then resume the outer stream: a
-/// recomputation under the same key draws the same masks.
+/// on a GPU, the device generator reseeded from the key before the first draw inside `f`), then
+/// resume the outer CPU stream: a recomputation under the same key draws the same masks. On a
+/// GPU, an `f` that draws leaves the device generator where its draws left it; one that draws
+/// nothing leaves it untouched.
 pub fn with_substream<R>(key: u64, device: &candle_core::Device, f: impl FnOnce() -> Result<R>) -> Result<R> {
     let outer = STREAM.with(|s| std::mem::replace(&mut *s.borrow_mut(), SplitMix64::from_parts(&[key])));
-    if !device.is_cpu() {
-        device.set_seed(key)?;
-    }
+    let outer_device = (!device.is_cpu()).then(|| DEVICE_KEY.with(|k| k.replace(Some(key))));
+    DEPTH.with(|d| d.set(d.get() + 1));
     let r = f();
+    DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
     STREAM.with(|s| *s.borrow_mut() = outer);
+    if let Some(prev) = outer_device {
+        DEVICE_KEY.with(|k| k.set(prev));
+    }
     r
+}
+
+/// Run `f` on a sub-stream of its own ([`next_key`], then [`with_substream`]). Every ViT block
+/// runs this way, checkpointed or not, so turning activation checkpointing on or off changes
+/// no dropout mask: not the block's own (drawn under the same key either way) and not any drawn
+/// after it (the outer stream is left where it was).
+pub fn keyed<R>(device: &candle_core::Device, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    with_substream(next_key(), device, f)
 }
 
 /// Inverted dropout with probability `p` (no-op for p <= 0): kept entries are scaled by
@@ -64,6 +89,13 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
 /// from this thread's stream, on a GPU from the device generator.
 pub fn keep_mask(shape: &candle_core::Shape, p: f64, device: &candle_core::Device) -> Result<Tensor> {
     if !device.is_cpu() {
+        let inside = DEPTH.with(|d| d.get()) > 0;
+        let key = DEVICE_KEY
+            .with(|k| k.take())
+            .or_else(|| (!inside).then(|| DEVICE_OUTER.with(|k| k.take())).flatten());
+        if let Some(key) = key {
+            device.set_seed(key)?;
+        }
         return Tensor::rand(0f32, 1f32, shape, device)?.ge(p);
     }
     let mask: Vec<u8> = STREAM.with(|s| {
@@ -109,5 +141,21 @@ mod tests {
         assert!((zeros - 0.25).abs() < 0.03, "{zeros}");
         let mean = a.iter().map(|v| *v as f64).sum::<f64>() / a.len() as f64;
         assert!((mean - 1.0).abs() < 0.05, "{mean}");
+    }
+
+    #[test]
+    fn keyed_runs_leave_the_outer_stream_alone_and_replay_under_their_key() {
+        let shape = candle_core::Shape::from(256);
+        let draw = || -> Vec<u8> { keep_mask(&shape, 0.5, &Device::Cpu).unwrap().to_vec1().unwrap() };
+        reseed(&[4, 5]);
+        let plain_after = draw();
+        reseed(&[4, 5]);
+        let inner = keyed(&Device::Cpu, || Ok(draw())).unwrap();
+        assert_eq!(draw(), plain_after, "a keyed run does not move the outer stream");
+        // The same keys, in the same order, after a reseed: a recomputation replays the masks.
+        reseed(&[4, 5]);
+        let key = next_key();
+        assert_eq!(with_substream(key, &Device::Cpu, || Ok(draw())).unwrap(), inner);
+        assert_ne!(keyed(&Device::Cpu, || Ok(draw())).unwrap(), inner, "each keyed run has its own key");
     }
 }

@@ -225,64 +225,82 @@ fn adapters_round_trip_through_the_peft_format() {
     assert!(e.contains("unexpected") && e.contains("v_proj.lora_B.weight"), "{e}");
 }
 
+/// One training forward + backward of the tiny model with adapters on every ViT, DETR and
+/// text module (LoRA dropout `dropout`, the fixture's DETR residual dropout 0.1 on), the ViT
+/// blocks checkpointed or not: the loss and every adapter's gradient, by name.
+fn checkpoint_run(ckpt: bool, dropout: f64) -> (f32, Vec<(String, Tensor)>) {
+    let dev = Device::Cpu;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"];
+    let mut model = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
+    let mut cfg = config(&targets, all_components());
+    cfg.dropout = dropout;
+    let set = LoraSet::attach_seeded(&mut model, &cfg, 7, &dev).unwrap();
+    // B = 0 would leave every A without a gradient: give B values.
+    for (name, var) in set.vars() {
+        if name.ends_with("lora_B.weight") {
+            let (o, r) = var.as_tensor().dims2().unwrap();
+            let v =
+                Tensor::arange(0f32, (o * r) as f32, &dev).unwrap().affine(0.01, 0.0).unwrap().sin().unwrap();
+            var.set(&v.reshape((o, r)).unwrap()).unwrap();
+        }
+    }
+    model.set_activation_checkpointing(ckpt).unwrap();
+    set.set_training(true);
+    lorahost::rng::reseed(&[1, 2, 3]);
+    let l = loss(&model.forward_with(&inputs(), ForwardOptions { train: true, dac: true }).unwrap());
+    let mut grads = l.backward().unwrap();
+    lorahost::sam3::recompute::merge_side_grads(&mut grads).unwrap();
+    let gs: Vec<(String, Tensor)> = set
+        .vars()
+        .iter()
+        .map(|(n, v)| {
+            (n.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}")).clone())
+        })
+        .collect();
+    (l.to_scalar::<f32>().unwrap(), gs)
+}
+
+/// Every gradient of `a` within `tol` (relative to its largest entry) of `b`'s.
+fn assert_grads_close(a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (m, y)) in a.iter().zip(b) {
+        assert_eq!(n, m);
+        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let s = x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= tol * s.max(1e-6), "{n}: gradients differ by {d} (scale {s})");
+    }
+}
+
 /// Loss and every adapter gradient with the ViT blocks checkpointed equal the plain graph's;
 /// with dropout, the recomputation replays the first run's masks (two runs agree exactly).
 #[test]
 fn activation_checkpointing_gives_the_plain_gradients() {
-    let dev = Device::Cpu;
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"];
-    let run = |ckpt: bool, dropout: f64| {
-        let mut model = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
-        let mut cfg = config(&targets, all_components());
-        cfg.dropout = dropout;
-        let set = LoraSet::attach_seeded(&mut model, &cfg, 7, &dev).unwrap();
-        // B = 0 would leave every A without a gradient: give B values.
-        for (name, var) in set.vars() {
-            if name.ends_with("lora_B.weight") {
-                let (o, r) = var.as_tensor().dims2().unwrap();
-                let v = Tensor::arange(0f32, (o * r) as f32, &dev)
-                    .unwrap()
-                    .affine(0.01, 0.0)
-                    .unwrap()
-                    .sin()
-                    .unwrap();
-                var.set(&v.reshape((o, r)).unwrap()).unwrap();
-            }
-        }
-        model.set_activation_checkpointing(ckpt).unwrap();
-        set.set_training(true);
-        lorahost::rng::reseed(&[1, 2, 3]);
-        let l = loss(&model.forward_with(&inputs(), ForwardOptions { train: true, dac: true }).unwrap());
-        let mut grads = l.backward().unwrap();
-        lorahost::sam3::recompute::merge_side_grads(&mut grads).unwrap();
-        let gs: Vec<(String, Tensor)> = set
-            .vars()
-            .iter()
-            .map(|(n, v)| {
-                (n.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}")).clone())
-            })
-            .collect();
-        (l.to_scalar::<f32>().unwrap(), gs)
-    };
-    let close = |a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f32| {
-        for ((n, x), (_, y)) in a.iter().zip(b) {
-            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let s = x.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(d <= tol * s.max(1e-6), "{n}: gradients differ by {d} (scale {s})");
-        }
-    };
-    let (l_plain, g_plain) = run(false, 0.0);
-    let (l_ckpt, g_ckpt) = run(true, 0.0);
+    let (l_plain, g_plain) = checkpoint_run(false, 0.0);
+    let (l_ckpt, g_ckpt) = checkpoint_run(true, 0.0);
     assert!((l_plain - l_ckpt).abs() <= 1e-5 * l_plain.abs().max(1.0), "{l_plain} vs {l_ckpt}");
-    close(&g_plain, &g_ckpt, 1e-4);
+    assert_grads_close(&g_plain, &g_ckpt, 1e-4);
     let vit = g_ckpt.iter().filter(|(n, _)| n.contains("vision_encoder")).count();
     assert!(vit > 0, "the ViT carries adapters");
     assert!(g_ckpt
         .iter()
         .all(|(_, g)| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
     // Dropout: deterministic and replayed.
-    let (l1, g1) = run(true, 0.2);
-    let (l2, g2) = run(true, 0.2);
+    let (l1, g1) = checkpoint_run(true, 0.2);
+    let (l2, g2) = checkpoint_run(true, 0.2);
     assert_eq!(l1, l2);
-    close(&g1, &g2, 0.0);
+    assert_grads_close(&g1, &g2, 0.0);
+}
+
+/// With LoRA dropout and the DETR residual dropout on, checkpointing the ViT draws the very
+/// masks the plain graph draws, in the ViT and downstream of it: same loss, same gradients.
+#[test]
+fn activation_checkpointing_draws_the_plain_dropout_masks() {
+    let (l_plain, g_plain) = checkpoint_run(false, 0.3);
+    let (l_ckpt, g_ckpt) = checkpoint_run(true, 0.3);
+    // Bit for bit: the same masks, and the recomputation repeats the plain forward exactly.
+    assert_eq!(l_plain, l_ckpt, "loss {l_plain} plain vs {l_ckpt} checkpointed");
+    assert_grads_close(&g_plain, &g_ckpt, 0.0);
+    // Dropout does act: the masks change the loss.
+    let (l_nodrop, _) = checkpoint_run(false, 0.0);
+    assert_ne!(l_plain, l_nodrop);
 }

@@ -7,7 +7,9 @@
 //! the incoming gradient through it, returns dx and leaves the block's LoRA gradients in a
 //! per-thread side store that the trainer merges into the main gradients ([`merge_side_grads`]).
 //! Dropout inside the block draws from a sub-stream keyed at the first run, and the recompute
-//! replays it, so both passes see the same masks (CPU stream and device generator alike).
+//! replays it, so both passes see the same masks (CPU stream and device generator alike). A
+//! block that is not checkpointed runs under the same key ([`crate::rng::keyed`]), so the masks
+//! do not depend on whether checkpointing is on, inside the blocks or after them.
 //! `anchor` is a one-element trainable stand-in that makes the op part of the graph even when
 //! x itself is untracked (the first ViT block sits right after frozen patch embeddings).
 
@@ -106,10 +108,12 @@ impl CustomOp2 for Recompute {
 /// `f(x)` as one recomputed op (see the module docs). `vars` are the trainable weights `f`
 /// reads; `anchor` a one-element trainable tensor on x's device.
 pub fn checkpointed(f: Block, vars: Vec<Var>, anchor: &Var, x: &Tensor) -> Result<Tensor> {
-    if vars.is_empty() && !x.track_op() {
-        return f(x);
-    }
+    // The key is taken either way, as a plain block's run takes it ([`crate::rng::keyed`]):
+    // the blocks after this one get the same keys with and without checkpointing.
     let key = crate::rng::next_key();
+    if vars.is_empty() && !x.track_op() {
+        return crate::rng::with_substream(key, x.device(), || f(x));
+    }
     let xd = x.detach();
     let out = crate::rng::with_substream(key, x.device(), || no_grad(|| f(&xd)))?;
     let op = Recompute { f, vars, out: Precomputed::new(&out, out.dtype())?, key };

@@ -458,7 +458,9 @@ impl ViTModel {
                     let f: super::recompute::Block = std::sync::Arc::new(move |x| block.forward(x));
                     super::recompute::checkpointed(f, vars, anchor, &x)?
                 }
-                None => layer.forward(&x)?,
+                // Under its own dropout sub-stream, as a checkpointed block runs: the same
+                // masks with and without checkpointing.
+                None => crate::rng::keyed(x.device(), || layer.forward(&x))?,
             };
         }
         Ok(x)
@@ -470,7 +472,8 @@ impl ViTModel {
     pub fn forward_hidden_states(&self, pixel_values: &Tensor) -> Result<Vec<Tensor>> {
         let mut states = vec![self.layer_norm.forward(&self.embeddings.forward(pixel_values)?)?];
         for layer in &self.layers {
-            let next = layer.forward(&states[states.len() - 1])?;
+            let prev = &states[states.len() - 1];
+            let next = crate::rng::keyed(prev.device(), || layer.forward(prev))?;
             states.push(next);
         }
         Ok(states)
