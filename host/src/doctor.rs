@@ -139,10 +139,6 @@ impl Report {
     /// Human-readable text.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        // The full list of data findings is for --json; the findings below summarize it.
-        for (k, v) in self.facts.iter().filter(|(k, _)| k.as_str() != "data_findings") {
-            s.push_str(&format!("{k}: {v}\n"));
-        }
         if self.findings.is_empty() {
             s.push_str("no findings\n");
         }
@@ -157,7 +153,39 @@ impl Report {
                 f.code, f.message, f.evidence, f.fix
             ));
         }
+        // The key numbers, one line each (the full list of data findings and nested details are
+        // for --json; the findings above summarize them).
+        let facts: Vec<_> = self.facts.iter().filter(|(k, _)| k.as_str() != "data_findings").collect();
+        if !facts.is_empty() {
+            s.push_str("\nfacts (--json prints them in full):\n");
+        }
+        for (k, v) in facts {
+            s.push_str(&format!("  {k}: {}\n", fact_line(v)));
+        }
         s
+    }
+}
+
+/// A fact on one line: scalars as they are, an object's scalar entries as `key value`, nested
+/// values counted; cut at 200 characters.
+fn fact_line(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(_) | Value::Bool(_) | Value::Null => Some(v.to_string()),
+        Value::Array(a) => Some(format!("[{} items]", a.len())),
+        Value::Object(_) => None,
+    };
+    let line = match v {
+        Value::Object(m) => {
+            m.iter().filter_map(|(k, v)| scalar(v).map(|s| format!("{k} {s}"))).collect::<Vec<_>>().join(", ")
+        }
+        other => scalar(other).unwrap_or_default(),
+    };
+    if line.chars().count() > 200 {
+        format!("{}…", line.chars().take(200).collect::<String>())
+    } else {
+        line
     }
 }
 
@@ -204,7 +232,9 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
 }
 
 /// F5/F24/F6: pictures of the targets as training builds them (the model's square input, and
-/// with `training.augment` also the flipped, zoomed-out variant), for a person to look at.
+/// with `training.augment` also the flipped, zoomed-out variant), for a person to look at, of
+/// the train, valid and test splits. Images that cannot be read are skipped, each listed in
+/// overlays.json with its error and counted in the finding.
 fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut Report) {
     use crate::data::batch::SampleOptions;
     let model_config = crate::train::resolve_model(cfg).ok().and_then(|p| {
@@ -217,27 +247,31 @@ fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut 
         .unwrap_or((1008, 288));
     let Ok(ds) = Dataset::load(&cfg.training.data_dir) else { return };
     let t = &cfg.training;
+    let ds = ds.with_generic_negatives(&t.generic_negatives);
     let base = SampleOptions::plain(image_size, mask_size, t.num_negatives, t.seed as u64);
     let images = if images == 0 { 8 } else { images };
-    let mut written = Vec::new();
-    for name in ["train", "valid"] {
+    // An image that cannot be read is listed with its error and skipped: the others are drawn.
+    let mut entries = Vec::new();
+    for name in ["train", "valid", "test"] {
         let Some(split) = ds.split(name) else { continue };
         match crate::data::overlay::write_overlays(split, &base, images, t.augment && name == "train", dir) {
-            Ok(recs) => written.extend(recs),
+            Ok(e) => entries.extend(e),
             Err(e) => {
                 r.add(
                     "F5",
                     Severity::Warning,
                     "ground-truth overlays could not be written",
                     e.to_string(),
-                    "see the message (a file that cannot be written, or an image that does not decode)",
+                    "see the message (a folder or file that cannot be written)",
                 );
                 return;
             }
         }
     }
+    let written: Vec<_> = entries.iter().filter_map(|e| e.written()).collect();
+    let failed: Vec<_> = entries.iter().filter_map(|e| e.failed()).collect();
     let index = dir.join("overlays.json");
-    let body = serde_json::to_vec_pretty(&written).unwrap_or_default();
+    let body = serde_json::to_vec_pretty(&entries).unwrap_or_default();
     if let Err(e) = crate::fsutil::write_atomic(&index, &body) {
         r.add(
             "F5",
@@ -255,14 +289,35 @@ fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut 
     }
     r.facts.insert(
         "gt_overlays".into(),
-        serde_json::json!({"dir": dir, "images": written.len(), "index": index, "colors": legend}),
+        serde_json::json!({
+            "dir": dir,
+            "images": written.len(),
+            "skipped": failed.len(),
+            "index": index,
+            "colors": legend,
+        }),
     );
+    let skipped = if failed.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} image(s) could not be read and are skipped (listed in overlays.json with the error): {}{}",
+            failed.len(),
+            failed.iter().take(3).map(|f| f.error.as_str()).collect::<Vec<_>>().join("; "),
+            if failed.len() > 3 { format!("; and {} more", failed.len() - 3) } else { String::new() }
+        )
+    };
     r.add(
         "F5",
-        Severity::Info,
-        format!("wrote {} ground-truth overlays ({image_size}² model input, {mask_size}² masks) to {}", written.len(), dir.display()),
+        if written.is_empty() && !failed.is_empty() { Severity::Warning } else { Severity::Info },
         format!(
-            "colours: {}; overlays.json lists each image's prompts, objects and box-only objects",
+            "wrote {} ground-truth overlays ({image_size}² model input, {mask_size}² masks) to {}{}",
+            written.len(),
+            dir.display(),
+            if failed.is_empty() { String::new() } else { format!(", {} image(s) skipped", failed.len()) }
+        ),
+        format!(
+            "colours: {}; overlays.json lists each image's prompts, objects and box-only objects{skipped}",
             legend.iter().map(|(p, c)| format!("{p:?} rgb({}, {}, {})", c[0], c[1], c[2])).collect::<Vec<_>>().join(", ")
         ),
         "look at them: every box should sit on its object, every mask inside its box, each colour on its own class; a shifted or oversized box means a box-format problem (F4/F5), a rotated mask an EXIF one (F24)",
@@ -748,7 +803,7 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
         return false;
     }
     let ds = match Dataset::load(dir) {
-        Ok(d) => d,
+        Ok(d) => d.with_generic_negatives(&cfg.training.generic_negatives),
         Err(e) => {
             r.add(
                 "F12",
@@ -832,6 +887,11 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
                 "F23",
                 "annotations without a usable bbox",
                 "give each annotation a bbox [x, y, w, h] in pixels (they are dropped)",
+            ),
+            FindingKind::DerivedBox => (
+                "F23",
+                "annotations without a usable bbox whose box is derived from the segmentation",
+                "nothing to do (pycocotools and Roboflow derive it the same way); re-export with boxes to make them explicit",
             ),
             FindingKind::UndecodableMask => (
                 "F23",
@@ -1344,6 +1404,7 @@ fn memory_check(
     // Queries per image: its distinct categories plus the hard negatives it can get. The peak is
     // set by the heaviest micro-batch: the images with the most queries together.
     let mut per_image: Vec<usize> = Dataset::load(&t.data_dir)
+        .map(|d| d.with_generic_negatives(&t.generic_negatives))
         .ok()
         .and_then(|d| {
             let s = d.split("train")?;

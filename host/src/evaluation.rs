@@ -226,6 +226,71 @@ pub fn evaluate(queries: &[EvalQuery]) -> Result<EvalSummary, EvalError> {
     })
 }
 
+/// A prompt without ground truth in any of its datapoints (a *negative-only* prompt, such as a
+/// generic negative word): it has no AP (COCO's `-1`), only false positives to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct NegativeOnly {
+    /// Datapoints (images) the prompt was asked on.
+    pub queries: usize,
+    /// Of them, those with a prediction scoring at least [`CGF1_SCORE_THRESHOLD`] (cgF1's IL_FP).
+    pub images_with_false_positives: usize,
+    /// Predictions scoring at least [`CGF1_SCORE_THRESHOLD`], over all its datapoints.
+    pub false_positives: usize,
+}
+
+impl std::fmt::Display for NegativeOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "negative-only: {} false positives at score >= {CGF1_SCORE_THRESHOLD} on {} of {} images",
+            self.false_positives, self.images_with_false_positives, self.queries
+        )
+    }
+}
+
+/// Per-prompt results ([`evaluate_per_prompt`]): metrics for the prompts with ground truth, and
+/// false-positive counts for the negative-only ones, each by prompt.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct PerPrompt {
+    /// Prompts with ground truth in at least one datapoint: [`evaluate`] on their datapoints.
+    pub scored: BTreeMap<String, EvalSummary>,
+    /// Prompts without any ground truth: no mAP row (it would be `-1`), their false positives.
+    pub negative_only: BTreeMap<String, NegativeOnly>,
+}
+
+/// [`evaluate`] per prompt (each prompt's datapoints on their own), with the prompts that have
+/// no ground truth in any datapoint (generic negatives, or a category absent from the whole
+/// split) counted apart as [`NegativeOnly`] instead of giving mAP rows of `-1`. The summary over
+/// all datapoints is [`evaluate`] on all of them, unaffected by this split.
+///
+/// # Errors
+/// As [`evaluate`], for any prompt's datapoints.
+pub fn evaluate_per_prompt(queries: &[EvalQuery]) -> Result<PerPrompt, EvalError> {
+    let mut by_prompt: BTreeMap<&str, Vec<EvalQuery>> = BTreeMap::new();
+    for q in queries {
+        by_prompt.entry(q.prompt.as_str()).or_default().push(q.clone());
+    }
+    let mut out = PerPrompt::default();
+    for (prompt, qs) in by_prompt {
+        // Validates the datapoints of negative-only prompts too.
+        let summary = evaluate(&qs)?;
+        if summary.positives > 0 {
+            out.scored.insert(prompt.to_string(), summary);
+            continue;
+        }
+        let fired = |q: &EvalQuery| q.predictions.iter().filter(|p| p.score >= CGF1_SCORE_THRESHOLD).count();
+        out.negative_only.insert(
+            prompt.to_string(),
+            NegativeOnly {
+                queries: qs.len(),
+                images_with_false_positives: qs.iter().filter(|q| fired(q) > 0).count(),
+                false_positives: qs.iter().map(fired).sum(),
+            },
+        );
+    }
+    Ok(out)
+}
+
 /// `np.linspace(0.5, 0.95, 10)` bit for bit: `i · step + start`, the last one exactly `stop`.
 fn iou_thresholds() -> [f64; NUM_IOU_THRS] {
     linspace(0.5, 0.95)
@@ -746,6 +811,38 @@ mod tests {
                 positives: 0
             }
         );
+    }
+
+    /// Per prompt, a prompt without ground truth anywhere gets no mAP row of -1 but its false
+    /// positives; prompts with ground truth somewhere (negative on some images) keep their
+    /// metrics, equal to `evaluate` on their datapoints; the overall summary is untouched.
+    #[test]
+    fn negative_only_prompts_are_counted_apart() {
+        let w = 10;
+        let qs = vec![
+            query(1, "cat", w, vec![span(w, 0, 5)], vec![pred(0.9, span(w, 0, 5))]),
+            query(2, "cat", w, vec![], vec![pred(0.7, span(w, 0, 3))]),
+            query(1, "teapot", w, vec![], vec![pred(0.9, span(w, 0, 5)), pred(0.6, span(w, 5, 10))]),
+            query(2, "teapot", w, vec![], vec![pred(0.3, span(w, 0, 5))]),
+            query(3, "teapot", w, vec![], vec![]),
+        ];
+        let all = evaluate(&qs).unwrap();
+        let per = evaluate_per_prompt(&qs).unwrap();
+        assert_eq!(per.scored.keys().collect::<Vec<_>>(), vec!["cat"]);
+        assert_eq!(per.scored["cat"], evaluate(&qs[..2]).unwrap());
+        assert!(per.scored.values().all(|s| s.map >= 0.0 && s.ap50 >= 0.0));
+        let t = per.negative_only["teapot"];
+        assert_eq!(t, NegativeOnly { queries: 3, images_with_false_positives: 1, false_positives: 2 });
+        assert_eq!(t.to_string(), "negative-only: 2 false positives at score >= 0.5 on 1 of 3 images");
+        // The summary over everything still holds the teapot datapoints (cgF1's IL_FP / IL_TN;
+        // mAP skips them).
+        assert!(close(all.map, 1.0, EPS), "{all:?}");
+        assert_eq!((all.queries, all.positives), (5, 1));
+        // Errors of any prompt's datapoints are reported.
+        let mut bad = qs.clone();
+        bad[3].predictions[0].score = f32::NAN;
+        assert!(matches!(evaluate_per_prompt(&bad), Err(EvalError::NanScore { .. })));
+        assert_eq!(evaluate_per_prompt(&[]).unwrap(), PerPrompt::default());
     }
 
     #[test]

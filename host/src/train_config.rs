@@ -173,6 +173,12 @@ pub struct TrainingSection {
     /// Hard-negative prompts per image.
     #[serde(deserialize_with = "count")]
     pub num_negatives: usize,
+    /// lorahost: the words that fill the `num_negatives` negative prompts of an image when the
+    /// dataset has too few categories absent from it (a one-class dataset has none). Each is
+    /// trained as "not in this image", so list things that never appear in your images; a word
+    /// naming one of the dataset's categories is never used. Empty: no generic fillers.
+    /// Default: [`crate::data::coco::GENERIC_NEGATIVES`].
+    pub generic_negatives: Vec<String>,
     /// Images per micro-batch.
     #[serde(deserialize_with = "count")]
     pub batch_size: usize,
@@ -252,6 +258,7 @@ impl Default for TrainingSection {
         TrainingSection {
             data_dir: PathBuf::from("data"),
             num_negatives: 2,
+            generic_negatives: crate::data::coco::GENERIC_NEGATIVES.iter().map(|w| w.to_string()).collect(),
             batch_size: 2,
             num_workers: 2,
             learning_rate: 1e-4,
@@ -442,6 +449,7 @@ const KNOWN: &[(&str, &[&str])] = &[
         &[
             "data_dir",
             "num_negatives",
+            "generic_negatives",
             "batch_size",
             "num_workers",
             "learning_rate",
@@ -815,7 +823,7 @@ fn kind_of(section: &str, key: &str) -> Option<Kind> {
             "learning_rate" | "weight_decay" | "adam_beta1" | "adam_beta2" | "adam_epsilon" | "max_grad_norm"
             | "box_prompt_prob" | "warmup_ratio",
         ) => Number,
-        ("lora", "target_modules") => List,
+        ("lora", "target_modules") | ("training", "generic_negatives") => List,
         ("training", "mixed_precision") => Precision,
         ("lora", k) if k.starts_with("apply_to_") => Bool,
         ("training", "augment" | "synthetic" | "gradient_checkpointing")
@@ -893,21 +901,26 @@ fn normalize(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String
                         "text"
                     })),
                 },
-                Kind::List => match v {
-                    Value::Sequence(items) => {
-                        for (i, e) in items.iter_mut().enumerate() {
-                            match e {
-                                Value::String(_) => {}
-                                Value::Number(n) => *e = Value::String(n.to_string()),
-                                other => errors.push(format!(
-                                    "{name}[{i}]: expected a module name, got {}",
-                                    show(other)
-                                )),
+                Kind::List => {
+                    let (item, example) = if name == "training.generic_negatives" {
+                        ("a word", "a list of words such as [teapot, violin] ([] for none)")
+                    } else {
+                        ("a module name", "a list of module names such as [q_proj, v_proj]")
+                    };
+                    match v {
+                        Value::Sequence(items) => {
+                            for (i, e) in items.iter_mut().enumerate() {
+                                match e {
+                                    Value::String(_) => {}
+                                    Value::Number(n) => *e = Value::String(n.to_string()),
+                                    other => errors
+                                        .push(format!("{name}[{i}]: expected {item}, got {}", show(other))),
+                                }
                             }
                         }
+                        _ => errors.push(bad(example)),
                     }
-                    _ => errors.push(bad("a list of module names such as [q_proj, v_proj]")),
-                },
+                }
                 Kind::Precision => match (v.as_str(), as_bool(v)) {
                     // YAML 1.1 `off` / `no` (and `false`) mean no mixed precision.
                     (_, Some(false)) => *v = Value::String("no".into()),

@@ -146,9 +146,14 @@ fn data_faults_are_found_by_file_and_id() {
     mutate(&s.data, |v| {
         let anns = v["annotations"].as_array_mut().unwrap();
         anns[0]["bbox"] = serde_json::json!([500.0, 500.0, 40.0, 40.0]); // F4: outside a 112 px image
+                                                                         // No box and no mask to take one from: dropped (F23); a degenerate box without a mask (F21).
         anns[1].as_object_mut().unwrap().remove("bbox"); // F23
+        anns[1].as_object_mut().unwrap().remove("segmentation");
         anns[2]["bbox"] = serde_json::json!([10.0, 10.0, 0.0, 5.0]); // F21
+        anns[2].as_object_mut().unwrap().remove("segmentation");
         anns[3]["segmentation"] = serde_json::json!({"counts": "garbage!!", "size": [3, 3]}); // F23
+                                                                                              // No box but a mask: the box is derived from it, with a warning (F23).
+        anns[4].as_object_mut().unwrap().remove("bbox");
         let cats = v["categories"].as_array_mut().unwrap();
         cats.push(serde_json::json!({"id": 77, "name": "0"})); // F6
     });
@@ -165,6 +170,7 @@ fn data_faults_are_found_by_file_and_id() {
         ("F23", "bbox"),
         ("F21", "degenerate"),
         ("F23", "segmentation"),
+        ("F23", "bbox derived from the segmentation"),
         ("F6", "prompt"),
         ("F26", &first),
     ] {
@@ -535,4 +541,56 @@ fn gt_overlays_are_written_with_their_index() {
         .unwrap()
         .iter()
         .any(|f| f["code"] == "F5" && f["message"].as_str().unwrap().contains("ground-truth overlays")));
+}
+
+/// An image that cannot be read does not stop `--gt-overlays`: it is listed in overlays.json
+/// with its error and counted in the finding, the other images and the valid and test splits
+/// are still drawn.
+#[test]
+fn gt_overlays_skip_unreadable_images_and_draw_the_test_split() {
+    let s = setup();
+    // 6 training images, 3 drawn: indices 0, 2 and 4; the middle one is gone.
+    let gone = s.data.join("train/synth_train_0002.png");
+    std::fs::remove_file(&gone).unwrap();
+    std::fs::create_dir_all(s.data.join("test")).unwrap();
+    for e in std::fs::read_dir(s.data.join("valid")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), s.data.join("test").join(e.file_name())).unwrap();
+    }
+    let dir = s.dir.path().join("overlays");
+    let out = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["doctor", "--config"])
+        .arg(&s.config)
+        .arg("--gt-overlays")
+        .arg(&dir)
+        .args(["--gt-overlay-images", "3", "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("overlays.json")).unwrap()).unwrap();
+    let recs = index.as_array().unwrap();
+    let splits: Vec<&str> = recs.iter().map(|r| r["split"].as_str().unwrap()).collect();
+    assert_eq!(splits, ["train", "train", "train", "valid", "valid", "test", "test"], "{index:#}");
+    let failed: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("error").is_some()).collect();
+    assert_eq!(failed.len(), 1, "{index:#}");
+    assert_eq!(failed[0]["image"].as_str().unwrap(), gone.to_str().unwrap());
+    assert!(failed[0]["error"].as_str().unwrap().contains("synth_train_0002.png"), "{index:#}");
+    assert!(failed[0].get("file").is_none());
+    for r in recs.iter().filter(|r| r.get("error").is_none()) {
+        assert!(std::path::Path::new(r["file"].as_str().unwrap()).is_file(), "{r:#}");
+    }
+    assert_eq!(report["facts"]["gt_overlays"]["images"], 6);
+    assert_eq!(report["facts"]["gt_overlays"]["skipped"], 1);
+    let f = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["code"] == "F5" && f["message"].as_str().unwrap().contains("ground-truth overlays"))
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert!(f["message"].as_str().unwrap().contains("wrote 6 ground-truth overlays"), "{f:#}");
+    assert!(f["message"].as_str().unwrap().contains("1 image(s) skipped"), "{f:#}");
+    assert!(f["evidence"].as_str().unwrap().contains("synth_train_0002.png"), "{f:#}");
 }

@@ -129,7 +129,9 @@ pub fn resize_mask_nearest(mask: &[bool], h: usize, w: usize, m: usize, hflip: b
 
 /// Build the sample for image `index` of `split`. Errors name the image or annotation file.
 /// Boxes are clipped to the decoded image; an object whose box lies entirely outside it is left
-/// out (the preflight reports it as an error). Every target box is in [0, 1] with w, h > 0.
+/// out (the preflight reports it as an error), and a prompt left without any object is left out
+/// too: it is neither present (no target) nor absent (its object is in the file), so it must
+/// not train as a negative. Every target box is in [0, 1] with w, h > 0.
 pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result<Sample, DataError> {
     if opts.image_size == 0 || opts.mask_size == 0 {
         return Err(DataError::Invalid {
@@ -208,6 +210,9 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
                     t.mask_valid.push(false);
                 }
             }
+        }
+        if !q.negative && t.boxes.is_empty() {
+            continue;
         }
         out.push(t);
     }

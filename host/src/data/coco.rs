@@ -1,9 +1,12 @@
 //! Loading the Roboflow COCO layout, preflight checks, dataset fingerprint and prompt queries.
 //!
-//! An annotation that cannot be used (no box, degenerate box, unknown category or image) is
-//! dropped *as a whole* and reported, so objects and their category names never go out of step
-//! (seed-trainer F23). One whose segmentation cannot be used keeps its box and class as a
-//! box-only object (dropping it would teach "absent" for a real object). Ids are read leniently
+//! An annotation without a usable `bbox` takes its box from its segmentation's bounds (as
+//! pycocotools and Roboflow do), with a warning. One that cannot be used (no box and no
+//! segmentation to take one from, unknown category or image) is dropped *as a whole* and
+//! reported, so objects and their category names never go out of step (seed-trainer F23); its
+//! category is never a negative prompt for its image (the object is there). One whose
+//! segmentation cannot be used keeps its box and class as a box-only object (dropping it would
+//! teach "absent" for a real object). Ids are read leniently
 //! (integral floats, digit strings); an image id used twice leaves those images and their
 //! annotations out, since the annotations cannot be told apart. Boxes partly outside the image
 //! are clipped when a sample is built, and reported by the preflight.
@@ -260,6 +263,10 @@ pub struct ImageEntry {
     pub json_size: Option<(u32, u32)>,
     /// Usable objects.
     pub objects: Vec<Object>,
+    /// Categories of this image's annotations that could not be used (dropped), and, for an
+    /// image listed twice, the other entry's categories: such an object is in the picture, so
+    /// its category is never drawn as a negative ("absent") prompt for this image.
+    pub dropped_categories: BTreeSet<u64>,
 }
 
 /// How bad a finding is.
@@ -280,8 +287,11 @@ pub enum FindingKind {
     MissingImage,
     /// The image file cannot be decoded.
     CorruptImage,
-    /// An annotation without a (well-formed) `bbox`.
+    /// An annotation without a (well-formed) `bbox`, and no segmentation to take one from.
     MissingBox,
+    /// An annotation without a usable `bbox` whose box is taken from its segmentation's
+    /// bounds (as pycocotools and Roboflow do).
+    DerivedBox,
     /// A box with w ≤ 0 or h ≤ 0, or non-finite values.
     DegenerateBox,
     /// A box reaching outside the image; it is clipped to the image.
@@ -369,15 +379,72 @@ pub struct Split {
     pub num_annotations: usize,
     /// Findings from parsing (no image decoding); [`Split::preflight`] adds image checks.
     pub findings: Vec<Finding>,
+    /// The words that fill the negatives when too few categories are absent from an image
+    /// ([`GENERIC_NEGATIVES`] unless [`Split::set_generic_negatives`] or
+    /// [`Dataset::set_generic_negatives`] gave others); never one of the dataset's prompts.
+    pub generic_negatives: Vec<String>,
 }
 
-/// Everyday object words that fill the negative prompts when a dataset has too few categories
-/// absent from an image (SAM3_LoRA adds 20 such words too): without any negative, a model
-/// learns that every prompt is present (seed trainer F7).
+/// The default generic negative words (`training.generic_negatives`): they fill the negative
+/// prompts when a dataset has too few categories absent from an image (SAM3_LoRA adds 20 such
+/// words too): without any negative, a model learns that every prompt is present (seed trainer
+/// F7).
+///
+/// A generic negative is trained as "this is not in the image", so it must be a thing that is
+/// almost never in the images people fine-tune on: inspection and defect photos (cracks,
+/// corrosion, welds, PCBs, roads, facades), medical scans and aerial or satellite tiles. Words
+/// such as road, sky, grass, tree, building, window, person or car are *in* many of those
+/// images, and "there is no road" on a road-crack photo teaches the model to miss roads. These
+/// are concrete nouns of small household objects, food, toys and musical instruments (most are
+/// COCO or LVIS classes, which SAM3's text encoder knows): too small to see from the air,
+/// absent from scans and surfaces, and sharing no word with common inspection classes (cone,
+/// glass, plate, pipe, wire). Left out on purpose: fruit (produce-grading datasets), umbrellas,
+/// kites and surfboards (aerial beach and street scenes), and large animals (aerial wildlife
+/// surveys). Set `training.generic_negatives` to replace them (an empty list turns them off).
 pub const GENERIC_NEGATIVES: &[&str] = &[
-    "car", "person", "dog", "cat", "tree", "building", "chair", "table", "bottle", "bicycle", "bird", "cup",
-    "window", "road", "sky", "grass", "book", "phone", "shoe", "door",
+    "teddy bear",
+    "toothbrush",
+    "violin",
+    "saxophone",
+    "trumpet",
+    "accordion",
+    "harp",
+    "xylophone",
+    "pizza",
+    "hot dog",
+    "donut",
+    "cupcake",
+    "croissant",
+    "pretzel",
+    "lollipop",
+    "ice cream",
+    "birthday cake",
+    "hair drier",
+    "rubber duck",
+    "teapot",
 ];
+
+/// Whether two prompts name the same thing for negative drawing: equal without case and
+/// surrounding space, or one is the other's plural with "s" / "es" ("teapot", "Teapots").
+pub fn same_prompt(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim().to_lowercase(), b.trim().to_lowercase());
+    let plural =
+        |x: &str, y: &str| x.strip_suffix('s').is_some_and(|s| s == y || s.strip_suffix('e') == Some(y));
+    a == b || plural(&a, &b) || plural(&b, &a)
+}
+
+/// `words` as generic negatives: trimmed, lower-cased, without empties and repeats, and
+/// without any that names one of `prompts` (a dataset's own categories are never fillers).
+fn generic_words<S: AsRef<str>>(words: impl IntoIterator<Item = S>, prompts: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for w in words {
+        let w = w.as_ref().trim().to_lowercase();
+        if !w.is_empty() && !out.contains(&w) && !prompts.iter().any(|p| same_prompt(p, &w)) {
+            out.push(w);
+        }
+    }
+    out
+}
 
 /// A query: one prompt on one image with its targets (indices into the image's objects).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -561,7 +628,7 @@ impl Split {
                     Some(id),
                     None,
                     format!(
-                        "{} is listed twice (image ids {other} and {id}): each entry's objects are trained as absent in the other; merge their annotations under one image",
+                        "{} is listed twice (image ids {other} and {id}): each entry's objects are missing from the other's targets (their categories are not used as negatives there); merge their annotations under one image",
                         im.file_name
                     ),
                 );
@@ -573,6 +640,7 @@ impl Split {
                 file_name: im.file_name,
                 json_size: as_dim(im.width.as_ref()).zip(as_dim(im.height.as_ref())),
                 objects: Vec::new(),
+                dropped_categories: BTreeSet::new(),
             });
         }
 
@@ -648,16 +716,44 @@ impl Split {
                 Ok(b) => b,
                 Err(kind) => {
                     let got = a.bbox.as_ref().map(show).unwrap_or_else(|| "absent".into());
-                    let msg = match kind {
-                        FindingKind::MissingBox => {
-                            format!(
-                                "bbox must be 4 numbers [x, y, w, h], got {got}; the annotation is dropped"
-                            )
-                        }
-                        _ => format!("degenerate bbox {got} (w or h <= 0); the annotation is dropped"),
+                    let what = match kind {
+                        FindingKind::MissingBox => format!("bbox must be 4 numbers [x, y, w, h], got {got}"),
+                        _ => format!("degenerate bbox {got} (w or h <= 0)"),
                     };
-                    finding(Severity::Error, kind, img, ann, named(msg));
-                    continue;
+                    // pycocotools and Roboflow take a missing box from the mask's bounds.
+                    let seg = a.segmentation.as_ref().map(Segmentation::parse);
+                    match seg {
+                        Some(Ok(Some(seg))) => match box_from_segmentation(&seg, images[ii].json_size) {
+                            Ok(b) => {
+                                finding(
+                                    Severity::Warning,
+                                    FindingKind::DerivedBox,
+                                    img,
+                                    ann,
+                                    named(format!(
+                                        "{what}; bbox derived from the segmentation: {b:?} (as pycocotools and Roboflow do)"
+                                    )),
+                                );
+                                b
+                            }
+                            Err(why) => {
+                                let msg = format!("{what}, and its segmentation gives no box ({why}); the annotation is dropped");
+                                finding(Severity::Error, kind, img, ann, named(msg));
+                                images[ii].dropped_categories.insert(categories[ci].id);
+                                continue;
+                            }
+                        },
+                        _ => {
+                            let why = match seg {
+                                Some(Err(e)) => format!(", and its segmentation cannot be read ({e})"),
+                                _ => String::new(),
+                            };
+                            let msg = format!("{what}{why}; the annotation is dropped");
+                            finding(Severity::Error, kind, img, ann, named(msg));
+                            images[ii].dropped_categories.insert(categories[ci].id);
+                            continue;
+                        }
+                    }
                 }
             };
             // A segmentation that cannot be parsed leaves a box-only object: its box and class
@@ -700,6 +796,31 @@ impl Split {
                 segmentation,
                 iscrowd,
             });
+        }
+        // An image listed twice: each entry's objects are in the picture of the other, so their
+        // categories are no negatives there either.
+        let mut same_file: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, im) in images.iter().enumerate() {
+            same_file.entry(im.file_name.as_str()).or_default().push(i);
+        }
+        let shared: Vec<(Vec<usize>, BTreeSet<u64>)> = same_file
+            .into_values()
+            .filter(|group| group.len() > 1)
+            .map(|group| {
+                let cats = group
+                    .iter()
+                    .flat_map(|&i| {
+                        let im = &images[i];
+                        im.objects.iter().map(|o| o.category_id).chain(im.dropped_categories.iter().copied())
+                    })
+                    .collect();
+                (group, cats)
+            })
+            .collect();
+        for (group, cats) in shared {
+            for i in group {
+                images[i].dropped_categories.extend(cats.iter().copied());
+            }
         }
         if categories.is_empty() && !unknown_category.is_empty() {
             finding(
@@ -784,16 +905,30 @@ impl Split {
                 );
             }
         }
+        let generic_negatives = generic_words(
+            GENERIC_NEGATIVES,
+            &categories.iter().map(|c| c.prompt.as_str()).collect::<Vec<_>>(),
+        );
         Ok(Self {
             name: name.into(),
             dir,
             annotation_file,
             sha256,
             categories,
+            generic_negatives,
             images,
             num_annotations,
             findings,
         })
+    }
+
+    /// Use `words` as this split's generic negatives (`training.generic_negatives`; empty: none):
+    /// trimmed and lower-cased, repeats and the split's own category prompts (also as plurals)
+    /// left out. A whole dataset's are set with [`Dataset::set_generic_negatives`], which also
+    /// leaves out the other splits' prompts.
+    pub fn set_generic_negatives<S: AsRef<str>>(&mut self, words: impl IntoIterator<Item = S>) {
+        let prompts: Vec<&str> = self.categories.iter().map(|c| c.prompt.as_str()).collect();
+        self.generic_negatives = generic_words(words, &prompts);
     }
 
     /// The category with this id (ids are unique: a repeated id keeps its later entry).
@@ -804,9 +939,11 @@ impl Split {
     /// Queries for image `index`: one positive per distinct prompt present (its objects), then
     /// `num_negatives` negatives drawn without replacement: first the prompts of used categories
     /// absent from the image (hard negatives), then, when those run short (a one-class dataset
-    /// has none), everyday object words ([`GENERIC_NEGATIVES`], those that are not a category of
-    /// the dataset), as SAM3_LoRA does. Seeded by (`seed`, image id), so the same seed gives the
-    /// same negatives. Images without objects get only negatives (never an "object" query).
+    /// has none), the split's generic words ([`Split::generic_negatives`], never a category of
+    /// the dataset), as SAM3_LoRA does. A category whose annotation on this image was dropped
+    /// ([`ImageEntry::dropped_categories`]) is never a negative here: the object is there.
+    /// Seeded by (`seed`, image id), so the same seed gives the same negatives. Images without
+    /// objects get only negatives (never an "object" query).
     pub fn queries(&self, index: usize, num_negatives: usize, seed: u64) -> Vec<Query> {
         let Some(im) = self.images.get(index) else { return Vec::new() };
         let mut positives: Vec<Query> = Vec::new();
@@ -819,10 +956,21 @@ impl Split {
                 }
             }
         }
+        // Prompts of objects that are in the image but not usable: neither positive nor negative.
+        let present: Vec<&str> = im
+            .dropped_categories
+            .iter()
+            .filter_map(|&id| self.category(id))
+            .map(|c| c.prompt.as_str())
+            .collect();
         let mut pool: Vec<&str> = Vec::new();
         for c in &self.categories {
             let p = c.prompt.as_str();
-            if c.used && !pool.contains(&p) && !positives.iter().any(|q| q.prompt == p) {
+            if c.used
+                && !pool.contains(&p)
+                && !positives.iter().any(|q| q.prompt == p)
+                && !present.contains(&p)
+            {
                 pool.push(p);
             }
         }
@@ -838,8 +986,9 @@ impl Split {
         let n = draw(&mut pool, num_negatives);
         pool.truncate(n);
         if n < num_negatives {
-            let taken = |w: &str| self.categories.iter().any(|c| c.prompt.eq_ignore_ascii_case(w));
-            let mut generic: Vec<&str> = GENERIC_NEGATIVES.iter().copied().filter(|w| !taken(w)).collect();
+            let taken = |w: &str| self.categories.iter().any(|c| same_prompt(&c.prompt, w));
+            let mut generic: Vec<&str> =
+                self.generic_negatives.iter().map(String::as_str).filter(|w| !taken(w)).collect();
             let m = draw(&mut generic, num_negatives - n);
             pool.extend_from_slice(&generic[..m]);
         }
@@ -1040,6 +1189,42 @@ impl Split {
     }
 }
 
+/// The box [x, y, w, h] of a segmentation, from its geometry (the polygons' coordinates,
+/// clipped to the image when the JSON gives its size; the RLE's runs), for an annotation
+/// without a usable `bbox`. Errors when it encloses no area, or when an RLE's size differs from
+/// the image's. (Not rasterized: the preflight decodes every mask at the decoded image size.)
+fn box_from_segmentation(seg: &Segmentation, json_size: Option<(u32, u32)>) -> Result<[f64; 4], String> {
+    let (h, w) = match (seg, json_size) {
+        (Segmentation::Rle { h, w, .. }, Some((jw, jh))) if (*h, *w) != (jh as usize, jw as usize) => {
+            return Err(format!("its RLE size is {h}x{w} but the image is {jh}x{jw}"));
+        }
+        (_, Some((jw, jh))) => (jh as usize, jw as usize),
+        (Segmentation::Rle { h, w, .. }, None) => (*h, *w),
+        (Segmentation::Polygons(_), None) => (usize::MAX, usize::MAX),
+    };
+    if let Segmentation::Polygons(polys) = seg {
+        // Shoelace area: points on a line enclose nothing, whatever their bounds.
+        let area: f64 = polys
+            .iter()
+            .filter(|p| p.len() >= 6)
+            .map(|p| {
+                let pts: Vec<&[f64]> = p.chunks_exact(2).collect();
+                let twice: f64 = (0..pts.len())
+                    .map(|i| {
+                        pts[i][0] * pts[(i + 1) % pts.len()][1] - pts[(i + 1) % pts.len()][0] * pts[i][1]
+                    })
+                    .sum();
+                twice.abs() / 2.0
+            })
+            .sum();
+        if area.is_nan() || area <= 0.0 {
+            return Err("its polygons enclose no area".into());
+        }
+    }
+    let e = seg.extent(h, w).ok_or("it covers no pixels of the image")?;
+    Ok([e[0], e[1], e[2] - e[0], e[3] - e[1]])
+}
+
 /// A hint for a missing image file: a file in the folder whose name differs only in case or in
 /// the path separator.
 fn near_miss(dir: &Path, file_name: &str) -> String {
@@ -1161,7 +1346,29 @@ impl Dataset {
                 }
             }
         }
-        Ok(Self { data_dir: data_dir.into(), splits, skipped })
+        let mut ds = Self { data_dir: data_dir.into(), splits, skipped };
+        ds.set_generic_negatives(GENERIC_NEGATIVES);
+        Ok(ds)
+    }
+
+    /// Use `words` as every split's generic negatives (`training.generic_negatives`; an empty
+    /// list turns generic fillers off): trimmed and lower-cased, without repeats and without
+    /// any word that names a category prompt of any split (also as a plural). [`Dataset::load`]
+    /// sets [`GENERIC_NEGATIVES`].
+    pub fn set_generic_negatives<S: AsRef<str>>(&mut self, words: impl IntoIterator<Item = S>) {
+        let prompts: Vec<&str> =
+            self.splits.iter().flat_map(|s| s.categories.iter().map(|c| c.prompt.as_str())).collect();
+        let words = generic_words(words, &prompts);
+        for s in &mut self.splits {
+            s.generic_negatives = words.clone();
+        }
+    }
+
+    /// [`Dataset::set_generic_negatives`] on an owned dataset:
+    /// `let dataset = dataset.with_generic_negatives(&t.generic_negatives);`.
+    pub fn with_generic_negatives<S: AsRef<str>>(mut self, words: impl IntoIterator<Item = S>) -> Self {
+        self.set_generic_negatives(words);
+        self
     }
 
     /// The split with this name.

@@ -34,6 +34,49 @@ pub struct OverlayRecord {
     pub queries: Vec<OverlayQuery>,
 }
 
+/// An image whose overlay could not be drawn (it cannot be read or decoded): listed in the
+/// index with the error, and skipped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OverlayFailure {
+    /// The split.
+    pub split: String,
+    /// The source image.
+    pub image: PathBuf,
+    /// COCO image id.
+    pub image_id: u64,
+    /// Why it could not be drawn.
+    pub error: String,
+}
+
+/// One entry of the overlay index (`overlays.json`): a written overlay, or an image skipped with
+/// its error (serialized without a tag: a failure has `error` and no `file`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum OverlayEntry {
+    /// An overlay written.
+    Written(OverlayRecord),
+    /// An image that could not be drawn.
+    Failed(OverlayFailure),
+}
+
+impl OverlayEntry {
+    /// The written overlay, if this is one.
+    pub fn written(&self) -> Option<&OverlayRecord> {
+        match self {
+            Self::Written(w) => Some(w),
+            Self::Failed(_) => None,
+        }
+    }
+
+    /// The failure, if this is one.
+    pub fn failed(&self) -> Option<&OverlayFailure> {
+        match self {
+            Self::Failed(f) => Some(f),
+            Self::Written(_) => None,
+        }
+    }
+}
+
 /// One prompt on an overlay.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OverlayQuery {
@@ -85,13 +128,16 @@ pub fn render(sample: &Sample, mask_size: usize, colors: &BTreeMap<String, [u8; 
 /// Write overlays of `count` images of `split` (spread evenly over it) into `dir`, each as
 /// training builds it with `base` (hflip and scale are set here: plain, and when `augmented`
 /// also flipped and zoomed out to 0.75). Colours follow the split's prompts in name order.
+/// An image whose sample cannot be built (unreadable, undecodable) becomes an
+/// [`OverlayEntry::Failed`] and the others are still drawn; only an output that cannot be
+/// written is an error.
 pub fn write_overlays(
     split: &Split,
     base: &SampleOptions,
     count: usize,
     augmented: bool,
     dir: &Path,
-) -> Result<Vec<OverlayRecord>, DataError> {
+) -> Result<Vec<OverlayEntry>, DataError> {
     let io =
         |path: &Path, e: std::io::Error| DataError::Io { path: path.to_path_buf(), reason: e.to_string() };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
@@ -110,9 +156,21 @@ pub fn write_overlays(
             if augmented { &[(false, 1.0), (true, 0.75)] } else { &[(false, 1.0)] };
         for &(hflip, scale) in variants {
             let opts = SampleOptions { hflip, scale, ..*base };
-            let sample = build_sample(split, index, &opts)?;
-            let img = render(&sample, opts.mask_size, &colors);
             let im = &split.images[index];
+            let sample = match build_sample(split, index, &opts) {
+                Ok(s) => s,
+                Err(e) => {
+                    out.push(OverlayEntry::Failed(OverlayFailure {
+                        split: split.name.clone(),
+                        image: im.path.clone(),
+                        image_id: im.id,
+                        error: e.to_string(),
+                    }));
+                    // The augmented variant of an unreadable image fails the same way.
+                    break;
+                }
+            };
+            let img = render(&sample, opts.mask_size, &colors);
             let stem = im.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let name = format!(
                 "{}_{index:04}_{}{}.png",
@@ -125,7 +183,7 @@ pub fn write_overlays(
             img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
                 .map_err(|e| DataError::Io { path: file.clone(), reason: e.to_string() })?;
             crate::fsutil::write_atomic(&file, &png).map_err(|e| io(&file, e))?;
-            out.push(OverlayRecord {
+            out.push(OverlayEntry::Written(OverlayRecord {
                 file,
                 split: split.name.clone(),
                 image: im.path.clone(),
@@ -143,7 +201,7 @@ pub fn write_overlays(
                         box_only: q.mask_valid.iter().filter(|v| !**v).count(),
                     })
                     .collect(),
-            });
+            }));
         }
     }
     Ok(out)
@@ -185,7 +243,11 @@ mod tests {
         let split = ds.split("train").unwrap();
         let base = SampleOptions::plain(64, 16, 1, 7);
         let out = dir.path().join("ov");
-        let recs = write_overlays(split, &base, 2, true, &out).unwrap();
+        let recs: Vec<OverlayRecord> = write_overlays(split, &base, 2, true, &out)
+            .unwrap()
+            .iter()
+            .map(|e| e.written().unwrap().clone())
+            .collect();
         assert_eq!(recs.len(), 4);
         let rec = &recs[0];
         let img = image::open(&rec.file).unwrap().to_rgb8();

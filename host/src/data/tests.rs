@@ -233,7 +233,7 @@ fn synthetic_is_deterministic_and_preflight_clean() {
 }
 
 /// A one-class dataset still gets its negatives (generic object words), never one of its own
-/// category names (compared without case).
+/// category names (compared without case, also as a plural).
 #[test]
 fn a_single_class_dataset_gets_generic_negatives() {
     let d = tempfile::tempdir().unwrap();
@@ -244,16 +244,261 @@ fn a_single_class_dataset_gets_generic_negatives() {
         serde_json::json!({
             "images": [{"id": 1, "file_name": "a.png"}],
             "annotations": [{"id": 0, "image_id": 1, "category_id": 0, "bbox": [1, 1, 2, 2]}],
-            "categories": [{"id": 0, "name": "Door"}]
+            "categories": [{"id": 0, "name": "Teddy Bears"}]
         }),
     );
     let split = Split::load(d.path(), "train").unwrap();
+    let n = super::coco::GENERIC_NEGATIVES.len() - 1;
     for seed in 0..30 {
         let neg: Vec<String> =
-            split.queries(0, 19, seed).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect();
-        assert_eq!(neg.len(), 19);
-        assert!(!neg.iter().any(|w| w.eq_ignore_ascii_case("door")), "{neg:?}");
+            split.queries(0, n + 5, seed).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect();
+        assert_eq!(neg.len(), n);
+        assert!(!neg.iter().any(|w| w == "teddy bear"), "{neg:?}");
     }
+}
+
+/// The built-in generic negatives are things that are not in inspection, medical or aerial
+/// images (no road, sky, person...: "there is no road" on a road-crack photo teaches the
+/// model to miss roads); `training.generic_negatives` replaces them for the whole dataset
+/// (normalized, never a category of any split, also as a plural), and an empty list turns
+/// generic fillers off.
+#[test]
+fn generic_negatives_are_safe_configurable_and_never_a_category() {
+    for w in ["road", "sky", "grass", "tree", "building", "person", "window", "car", "door", "table"] {
+        assert!(!super::coco::GENERIC_NEGATIVES.contains(&w), "{w} is often in the picture");
+    }
+    let d = tempfile::tempdir().unwrap();
+    png(&d.path().join("train/a.png"), 10, 8);
+    png(&d.path().join("train/b.png"), 10, 8);
+    png(&d.path().join("valid/a.png"), 10, 8);
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+            "annotations": [{"id": 0, "image_id": 1, "category_id": 0, "bbox": [1, 1, 2, 2]}],
+            "categories": [{"id": 0, "name": "Door"}]
+        }),
+    );
+    write_json(
+        d.path(),
+        "valid",
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "a.png"}],
+            "annotations": [{"id": 0, "image_id": 1, "category_id": 0, "bbox": [1, 1, 2, 2]}],
+            "categories": [{"id": 0, "name": "Crack"}]
+        }),
+    );
+    let negatives = |ds: &Dataset, split: &str, index: usize, seed: u64| -> Vec<String> {
+        let s = ds.split(split).unwrap();
+        let mut n: Vec<String> =
+            s.queries(index, 10, seed).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect();
+        n.sort();
+        n
+    };
+    // By default: the built-in words (the dataset's prompts are not among them).
+    let ds = Dataset::load(d.path()).unwrap();
+    let train = ds.split("train").unwrap();
+    assert_eq!(train.generic_negatives, super::coco::GENERIC_NEGATIVES);
+    assert!(negatives(&ds, "train", 0, 1)
+        .iter()
+        .all(|w| super::coco::GENERIC_NEGATIVES.contains(&w.as_str())));
+    // A list of one's own: trimmed, lower-cased, once; "cracks" (valid's category, as a
+    // plural) and "doors" are no fillers anywhere.
+    let words = ["Teapot", " violin ", "", "teapot", "cracks", "DOORS", "hot dog"];
+    let ds = Dataset::load(d.path()).unwrap().with_generic_negatives(words);
+    for s in &ds.splits {
+        assert_eq!(s.generic_negatives, ["teapot", "violin", "hot dog"], "{}", s.name);
+    }
+    for seed in 0..10 {
+        assert_eq!(negatives(&ds, "train", 0, seed), ["hot dog", "teapot", "violin"]);
+        // The background image: the absent category first, then the words.
+        assert_eq!(negatives(&ds, "train", 1, seed), ["door", "hot dog", "teapot", "violin"]);
+        assert_eq!(negatives(&ds, "valid", 0, seed), ["hot dog", "teapot", "violin"]);
+    }
+    // Off: the one-class image gets only its positive, the background image only "door".
+    let mut ds = Dataset::load(d.path()).unwrap();
+    ds.set_generic_negatives(Vec::<String>::new());
+    let q = ds.split("train").unwrap().queries(0, 3, 0);
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0].prompt.as_str(), q[0].negative), ("door", false));
+    let q = ds.split("train").unwrap().queries(1, 3, 0);
+    assert_eq!(q.iter().map(|q| (q.prompt.as_str(), q.negative)).collect::<Vec<_>>(), [("door", true)]);
+    // One split alone: its own prompts are left out.
+    let mut s = Split::load(d.path(), "valid").unwrap();
+    s.set_generic_negatives(["crack", "Teapot"]);
+    assert_eq!(s.generic_negatives, ["teapot"]);
+}
+
+/// `training.generic_negatives` in a config: a list of words (numbers read as text), `[]` for
+/// none, absent or null for the built-in list; anything else is an error naming the key.
+#[test]
+fn generic_negatives_config_key() {
+    use crate::train_config::TrainConfig;
+    let parse =
+        |y: &str| TrainConfig::from_yaml_unvalidated(y, Path::new("c.yaml")).map_err(|e| e.to_string());
+    let (c, w) = parse("training:\n  generic_negatives: [teapot, violin, 7]\n").unwrap();
+    assert_eq!(c.training.generic_negatives, ["teapot", "violin", "7"]);
+    assert!(w.iter().all(|m| !m.contains("generic_negatives")), "not an unknown key: {w:?}");
+    let (c, _) = parse("training:\n  generic_negatives: []\n").unwrap();
+    assert!(c.training.generic_negatives.is_empty());
+    for y in ["training:\n  num_negatives: 2\n", "training:\n  generic_negatives: null\n"] {
+        let (c, _) = parse(y).unwrap();
+        assert_eq!(c.training.generic_negatives, super::coco::GENERIC_NEGATIVES, "{y}");
+    }
+    let e = parse("training:\n  generic_negatives: {a: 1}\n").unwrap_err();
+    assert!(e.contains("training.generic_negatives: expected a list of words"), "{e}");
+    let e = parse("training:\n  generic_negatives: [teapot, [x]]\n").unwrap_err();
+    assert!(e.contains("training.generic_negatives[1]: expected a word"), "{e}");
+}
+
+/// An annotation without a usable bbox (absent, or degenerate) but with a segmentation gets the
+/// segmentation's bounds as its box, as pycocotools and Roboflow do, with a warning naming it;
+/// without a segmentation that encloses something it is dropped, as before.
+#[test]
+fn a_missing_bbox_is_derived_from_the_segmentation() {
+    let d = tempfile::tempdir().unwrap();
+    png(&d.path().join("train/a.png"), 40, 30);
+    png(&d.path().join("train/b.png"), 40, 30);
+    let counts = crate::sam3::postprocess::rle_encode(
+        &(0..1200)
+            .map(|i| (i / 40) >= 10 && (i / 40) < 14 && (i % 40) >= 20 && (i % 40) < 25)
+            .collect::<Vec<bool>>(),
+        30,
+        40,
+    )
+    .counts;
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [
+                {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                {"id": 2, "file_name": "b.png"}
+            ],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[5, 5, 15, 5, 15, 12, 5, 12]]},
+                {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 0],
+                 "segmentation": [[2, 20, 8, 20, 8, 26]]},
+                {"id": 3, "image_id": 1, "category_id": 1, "bbox": null,
+                 "segmentation": {"size": [30, 40], "counts": counts}},
+                // Clipped to the 40 x 30 image the JSON gives.
+                {"id": 4, "image_id": 1, "category_id": 1, "segmentation": [[30, 20, 50, 20, 50, 40, 30, 40]]},
+                // No size in the JSON: the polygon's own bounds.
+                {"id": 5, "image_id": 2, "category_id": 1, "segmentation": [[1.5, 2, 9, 2, 9, 7.5]]},
+                // Nothing to take a box from: dropped.
+                {"id": 6, "image_id": 1, "category_id": 1, "segmentation": []},
+                {"id": 7, "image_id": 1, "category_id": 1},
+                {"id": 8, "image_id": 1, "category_id": 1, "segmentation": [[1, 1, 5, 5, 9, 9]]},
+                {"id": 9, "image_id": 1, "category_id": 1, "segmentation": [[50, 50, 60, 50, 60, 60]]},
+                {"id": 10, "image_id": 1, "category_id": 1, "segmentation": {"size": [10, 10], "counts": [5, 5, 90]}},
+                {"id": 11, "image_id": 1, "category_id": 1, "segmentation": 5}
+            ],
+            "categories": [{"id": 1, "name": "crack"}]
+        }),
+    );
+    let ds = Dataset::load(d.path()).unwrap();
+    let split = ds.split("train").unwrap();
+    let dump = split.findings.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n");
+    let boxes: Vec<(u64, [f64; 4])> =
+        split.images.iter().flat_map(|i| i.objects.iter().map(|o| (o.ann_id, o.bbox_xywh))).collect();
+    assert_eq!(
+        boxes,
+        vec![
+            (1, [5.0, 5.0, 10.0, 7.0]),
+            (2, [2.0, 20.0, 6.0, 6.0]),
+            (3, [20.0, 10.0, 5.0, 4.0]),
+            (4, [30.0, 20.0, 10.0, 10.0]),
+            (5, [1.5, 2.0, 7.5, 5.5])
+        ],
+        "{dump}"
+    );
+    for ann in 1..=5 {
+        let f =
+            split.findings.iter().find(|f| f.ann_id == Some(ann)).unwrap_or_else(|| panic!("{ann}: {dump}"));
+        assert_eq!((f.kind, f.severity), (FindingKind::DerivedBox, Severity::Warning), "{f}");
+        assert!(f.to_string().contains(&format!("annotation {ann}: ")), "{f}");
+        assert!(f.message.contains("bbox derived from the segmentation"), "{f}");
+    }
+    for ann in 6..=11 {
+        let f =
+            split.findings.iter().find(|f| f.ann_id == Some(ann)).unwrap_or_else(|| panic!("{ann}: {dump}"));
+        assert_eq!(f.severity, Severity::Error, "{f}");
+        assert!(matches!(f.kind, FindingKind::MissingBox), "{f}");
+        assert!(f.message.contains("the annotation is dropped"), "{f}");
+    }
+    // The derived boxes are the training targets; the preflight finds no box/mask disagreement.
+    let s = build_sample(split, 0, &opts(40, 40, false)).unwrap();
+    let crack = s.queries.iter().find(|q| q.prompt == "crack").unwrap();
+    assert_eq!(crack.ann_ids, vec![1, 2, 3, 4]);
+    assert_eq!(crack.mask_valid, vec![true; 4]);
+    assert_eq!(crack.boxes[0], super::batch::box_to_cxcywh([5.0, 5.0, 10.0, 7.0], 40, 30, false));
+    let f = ds.preflight();
+    assert!(
+        !f.iter().any(|x| x.kind == FindingKind::BoxFormat || x.kind == FindingKind::BoxOutsideImage),
+        "{f:?}"
+    );
+}
+
+/// An annotation that is dropped (no usable box) is still an object in the picture: its
+/// category is never drawn as a negative ("absent") prompt for that image, whatever the seed.
+/// The same holds for an image listed twice (the other entry's objects) and for a prompt whose
+/// every object lies outside the image (left out of the sample, not trained as absent).
+#[test]
+fn a_dropped_annotation_is_never_a_negative_for_its_image() {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["a.png", "b.png", "c.png"] {
+        png(&d.path().join("train").join(f), 10, 8);
+    }
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [
+                {"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"},
+                {"id": 3, "file_name": "c.png"}, {"id": 4, "file_name": "c.png"}
+            ],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
+                // A ball without a usable box on image 1 (902 in the tester's dataset).
+                {"id": 2, "image_id": 1, "category_id": 2, "segmentation": []},
+                {"id": 3, "image_id": 1, "category_id": 3, "bbox": [1, 1, 0, 2]},
+                {"id": 4, "image_id": 2, "category_id": 2, "bbox": [1, 1, 2, 2]},
+                {"id": 5, "image_id": 2, "category_id": 3, "bbox": [1, 1, 2, 2]},
+                {"id": 6, "image_id": 2, "category_id": 4, "bbox": [20, 20, 2, 2]},
+                {"id": 7, "image_id": 3, "category_id": 1, "bbox": [1, 1, 2, 2]},
+                {"id": 8, "image_id": 4, "category_id": 4, "bbox": [1, 1, 2, 2]}
+            ],
+            "categories": [
+                {"id": 1, "name": "crack"}, {"id": 2, "name": "ball"}, {"id": 3, "name": "cone"},
+                {"id": 4, "name": "brick"}
+            ]
+        }),
+    );
+    let split = Split::load(d.path(), "train").unwrap();
+    assert_eq!(split.images[0].dropped_categories.iter().copied().collect::<Vec<_>>(), vec![2, 3]);
+    let negatives = |i: usize, seed: u64| -> Vec<String> {
+        split.queries(i, 30, seed).into_iter().filter(|q| q.negative).map(|q| q.prompt).collect()
+    };
+    for seed in 0..20 {
+        let a = negatives(0, seed);
+        assert!(a.contains(&"brick".to_string()), "{a:?}");
+        assert!(!a.contains(&"ball".to_string()) && !a.contains(&"cone".to_string()), "{a:?}");
+        let b = negatives(1, seed);
+        assert!(b.contains(&"crack".to_string()), "{b:?}");
+        // c.png is listed twice: a crack (id 3) and a brick (id 4) are both in it.
+        for (i, other) in [(2, "brick"), (3, "crack")] {
+            let n = negatives(i, seed);
+            assert!(!n.contains(&other.to_string()), "{n:?}");
+            assert!(n.contains(&"ball".to_string()), "{n:?}");
+        }
+    }
+    // b.png's brick lies entirely outside the 10 x 8 image: the sample has no "brick" prompt
+    // at all (not a positive without targets, which trains as absent).
+    let s = build_sample(&split, 1, &SampleOptions { num_negatives: 30, ..opts(16, 8, false) }).unwrap();
+    assert!(!s.queries.iter().any(|q| q.prompt == "brick"), "{:?}", s.queries);
+    assert!(s.queries.iter().all(|q| q.negative || !q.boxes.is_empty()));
+    assert!(s.queries.iter().any(|q| q.prompt == "ball" && !q.negative));
 }
 
 #[test]

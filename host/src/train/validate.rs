@@ -36,6 +36,10 @@ pub struct ValidationResult {
     /// The same metrics per prompt (category), when computed: COCO's per-category AP.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub per_prompt: BTreeMap<String, EvalSummary>,
+    /// Prompts without ground truth anywhere in the split (generic negatives): no mAP row,
+    /// their false positives.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub negative_only: BTreeMap<String, crate::evaluation::NegativeOnly>,
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -208,21 +212,17 @@ pub fn validate(
     }
     let summary =
         if with_metrics && !diverged && !queries.is_empty() { Some(evaluate(&queries)?) } else { None };
-    let mut per_prompt = BTreeMap::new();
-    if summary.is_some() {
-        let mut by_prompt: BTreeMap<&str, Vec<EvalQuery>> = BTreeMap::new();
-        for q in &queries {
-            by_prompt.entry(q.prompt.as_str()).or_default().push(q.clone());
-        }
-        for (p, qs) in by_prompt {
-            per_prompt.insert(p.to_string(), evaluate(&qs)?);
-        }
-    }
+    let per = if summary.is_some() {
+        crate::evaluation::evaluate_per_prompt(&queries)?
+    } else {
+        Default::default()
+    };
     Ok(ValidationResult {
         loss: loss / n,
         terms: terms.into_iter().map(|(k, v)| (k, v / n)).collect(),
         summary,
-        per_prompt,
+        per_prompt: per.scored,
+        negative_only: per.negative_only,
     })
 }
 
