@@ -101,16 +101,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Evaluate trained adapters (or the base model) on a split: the validation loss terms and
-    /// COCO mask mAP/AP50/AP75 and cgF1, computed as training's validation computes them
+    /// Evaluate trained adapters (or a model alone: the base model, a merged one) on a split:
+    /// the validation loss terms and COCO mask mAP/AP50/AP75 and cgF1, computed as training's
+    /// validation computes them
     Evaluate {
-        /// The training YAML (model, lora, data and evaluation settings).
+        /// The training YAML (model, data and evaluation settings).
         #[arg(long)]
         config: PathBuf,
         /// Adapter directory (adapter_model.safetensors + adapter_config.json), e.g. OUTPUT/best;
-        /// without it the base model is evaluated.
-        #[arg(long)]
+        /// its rank, alpha and modules are read from it (a `lora:` section that differs is
+        /// warned about). Without it the model alone is evaluated.
+        #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
+        /// Evaluate this model directory instead of the config's model.path, e.g. a model
+        /// `export --merge` wrote.
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
         /// Split to evaluate (default: test when present, else valid).
         #[arg(long)]
         split: Option<String>,
@@ -124,11 +130,13 @@ pub enum Command {
     /// Export trained adapters: check them against the base model, and with --merge write a
     /// full transformers-format model with the adapters folded into the weights.
     Export {
-        /// The training YAML the adapters were trained with (model and lora sections).
+        /// The training YAML the adapters were trained with (its model section; a `lora:`
+        /// section that differs from the adapter is warned about).
         #[arg(long)]
         config: PathBuf,
-        /// Adapter directory (adapter_model.safetensors + adapter_config.json), e.g. OUTPUT/best.
-        #[arg(long)]
+        /// Adapter directory (adapter_model.safetensors + adapter_config.json), e.g. OUTPUT/best;
+        /// its rank, alpha and modules are read from it.
+        #[arg(long, value_name = "DIR")]
         adapter: PathBuf,
         /// Fold the adapters into the base weights.
         #[arg(long)]
@@ -226,13 +234,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "transformers")]
         semantics: SemanticsArg,
     },
-    /// Segment images with a text prompt (and optional boxes): JSON + overlay PNG.
+    /// Segment images with text prompts (and optional boxes): JSON + overlay PNG.
     ///
     /// Applies EXIF orientation, resizes to the model size, scores each query as
     /// σ(logit)·σ(presence), keeps those above --threshold, runs NMS, upsamples masks to the
-    /// image, and writes OUT/detections.json (boxes in pixels, scores, COCO RLE masks) and
-    /// OUT/overlay.png. With several images (--image repeated, or a folder) the model loads
-    /// once, each image gets OUT/<file name>/ and OUT/summary.json lists them all.
+    /// image, and writes OUT/detections.json (boxes in pixels, scores, COCO compressed-RLE
+    /// masks) and OUT/overlay.png. With several --prompt, the image is encoded once and
+    /// detections.json holds a `prompts` list (one entry per prompt). With several images
+    /// (--image repeated, or a folder) the model loads once, each image gets OUT/<file name>/
+    /// and OUT/summary.json lists them all.
     Predict {
         /// Model directory (config.json, weights, tokenizer.json).
         #[arg(long)]
@@ -245,10 +255,11 @@ pub enum Command {
         /// gets its own OUT/<file name>/ and OUT/summary.json lists them all.
         #[arg(long, required = true)]
         image: Vec<PathBuf>,
-        /// What to find, e.g. "crack".
-        #[arg(long, default_value = "")]
-        prompt: String,
-        /// A box prompt in image pixels, x0,y0,x1,y1 (repeatable).
+        /// What to find, e.g. "crack"; repeatable (each prompt gets its own detections, the
+        /// image is encoded once).
+        #[arg(long = "prompt", value_name = "TEXT")]
+        prompts: Vec<String>,
+        /// A box prompt in image pixels, x0,y0,x1,y1 (repeatable; given with every --prompt).
         #[arg(long = "box", value_name = "X0,Y0,X1,Y1")]
         boxes: Vec<String>,
         /// Output directory.
@@ -446,15 +457,17 @@ fn ensure_file(path: &Path) -> Result<()> {
         bail!("plugin {} is a directory: name the .wasm component file", path.display());
     }
     if !path.is_file() {
-        bail!(
-            "plugin file {} not found{}",
-            path.display(),
-            if path.to_string_lossy().contains("plugins/target") {
-                "; build the plugins first: cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml"
-            } else {
-                ""
-            }
-        );
+        // The reference plugins build to plugins/target/wasm32-wasip2/release/ in the repo.
+        let built =
+            Path::new("plugins/target/wasm32-wasip2/release").join(path.file_name().unwrap_or_default());
+        let hint = if path.to_string_lossy().contains("plugins/target") {
+            "; build the plugins first: `make plugins` (cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml)".to_string()
+        } else if built.is_file() && path.parent().is_none_or(|p| p.as_os_str().is_empty()) {
+            format!("; the reference plugin is at {}", built.display())
+        } else {
+            "; the reference plugins (spike_guard, warmup_validator, balanced_sampler, cosine_schedule, early_stopping) build with `make plugins` into plugins/target/wasm32-wasip2/release/".to_string()
+        };
+        bail!("plugin file {} not found{hint}", path.display());
     }
     Ok(())
 }
@@ -581,18 +594,26 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Evaluate { config, adapter, split, overrides, json } => {
+        Command::Evaluate { config, adapter, model, split, overrides, json } => {
             let r = crate::train::evaluate::evaluate(&crate::train::evaluate::EvaluateOptions {
                 config: config.clone(),
                 overrides: overrides.clone(),
                 adapter: adapter.clone(),
+                model: model.clone(),
                 split: split.clone(),
             })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
                 return Ok(());
             }
-            let what = r.adapter.as_ref().map_or("the base model".to_string(), |a| a.display().to_string());
+            let what = match (&r.adapter, r.merged) {
+                (Some(a), false) => format!("adapters {} with the model {}", a.display(), r.model.display()),
+                (Some(a), true) => {
+                    format!("adapters {} with the merged model {}", a.display(), r.model.display())
+                }
+                (None, true) => format!("the merged model {} (adapters in its weights)", r.model.display()),
+                (None, false) => format!("the base model {} (no adapters)", r.model.display()),
+            };
             println!(
                 "{what} on {} ({} images{}):",
                 r.annotation_file.display(),
@@ -618,6 +639,9 @@ pub fn run(cli: Cli) -> Result<()> {
                         m.map, m.ap50, m.cgf1, m.queries, m.positives
                     );
                 }
+            }
+            for (p, n) in &r.negative_only {
+                println!("    {p:<24} {n}");
             }
             Ok(())
         }
@@ -691,7 +715,19 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             crate::inference::forward(model, inputs, out, *device, *dtype, semantics)
         }
-        Command::Predict { model, adapter, image, prompt, boxes, out, threshold, nms_iou, device, dtype } => {
+        Command::Predict {
+            model,
+            adapter,
+            image,
+            prompts,
+            boxes,
+            out,
+            threshold,
+            nms_iou,
+            device,
+            dtype,
+        } => {
+            use crate::inference::{count_text, detection_line, Prediction};
             for (flag, v) in [("--threshold", threshold), ("--nms-iou", nms_iou)] {
                 if !(0.0..=1.0).contains(v) {
                     bail!("{flag} {v}: give a number in [0, 1]");
@@ -705,11 +741,12 @@ pub fn run(cli: Cli) -> Result<()> {
                     images.len()
                 );
             }
+            let prompt_list = crate::inference::prompt_list(prompts, !boxes.is_empty())?;
             let mut opts = crate::inference::PredictOptions {
                 model_dir: model.clone(),
                 adapter: adapter.clone(),
                 image: images[0].clone(),
-                prompt: prompt.clone(),
+                prompts: prompts.clone(),
                 boxes: boxes.iter().map(|b| parse_box(b)).collect::<Result<_>>()?,
                 out: out.clone(),
                 threshold: *threshold,
@@ -718,23 +755,32 @@ pub fn run(cli: Cli) -> Result<()> {
                 dtype: *dtype,
             };
             let predictor = crate::inference::Predictor::load(&opts)?;
-            let print = |dets: &[crate::sam3::postprocess::Detection]| {
-                for d in dets {
-                    println!(
-                        "  score {:.3}  box [{:.0}, {:.0}, {:.0}, {:.0}]  area {} px",
-                        d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3], d.area
-                    );
+            // Each prompt's count (with the best score when nothing passed) and detections.
+            let print = |p: &Prediction, indent: &str| {
+                for r in &p.prompts {
+                    if p.prompts.len() > 1 {
+                        println!("{indent}{:?}: {}", r.prompt, count_text(r, *threshold, false));
+                    }
+                    for d in &r.detections {
+                        println!("{indent}  {}", detection_line(d));
+                    }
                 }
             };
             if !several {
-                let dets = predictor.predict(&opts)?;
-                println!(
-                    "{} detection(s) for {:?}; wrote {}/detections.json and overlay.png",
-                    dets.len(),
-                    prompt,
-                    out.display()
-                );
-                print(&dets);
+                let p = predictor.predict(&opts)?;
+                match p.prompts.as_slice() {
+                    [one] => println!(
+                        "{}; wrote {}/detections.json and overlay.png",
+                        count_text(one, *threshold, true),
+                        out.display()
+                    ),
+                    list => println!(
+                        "{} prompts; wrote {}/detections.json (one entry per prompt) and overlay.png",
+                        list.len(),
+                        out.display()
+                    ),
+                }
+                print(&p, "");
                 return Ok(());
             }
             // Several images: one folder each (OUT/<file name>/), and OUT/summary.json. An image
@@ -746,12 +792,29 @@ pub fn run(cli: Cli) -> Result<()> {
                 opts.image = img.clone();
                 opts.out = dir.clone();
                 match predictor.predict(&opts) {
-                    Ok(dets) => {
-                        println!("{}: {} detection(s) -> {}", img.display(), dets.len(), dir.display());
-                        print(&dets);
-                        // Detections come best first.
-                        let best = dets.first().map(|d| d.score);
-                        summary.push(serde_json::json!({"image": img, "out": dir, "detections": dets.len(), "best_score": best}));
+                    Ok(p) => {
+                        let total: usize = p.prompts.iter().map(|r| r.detections.len()).sum();
+                        let best = p.prompts.iter().map(|r| r.best_score).fold(0.0f32, f32::max);
+                        match p.prompts.as_slice() {
+                            [one] => println!(
+                                "{}: {} -> {}",
+                                img.display(),
+                                count_text(one, *threshold, false),
+                                dir.display()
+                            ),
+                            _ => println!("{}: {total} detection(s) -> {}", img.display(), dir.display()),
+                        }
+                        print(&p, "");
+                        // The best score of any query (the first detection's when there is one).
+                        let mut entry = serde_json::json!({"image": img, "out": dir, "detections": total, "best_score": best});
+                        if p.prompts.len() > 1 {
+                            entry["prompts"] = p
+                                .prompts
+                                .iter()
+                                .map(|r| serde_json::json!({"prompt": r.prompt, "detections": r.detections.len(), "best_score": r.best_score}))
+                                .collect();
+                        }
+                        summary.push(entry);
                     }
                     Err(e) => {
                         tracing::error!("{}: {e:#}", img.display());
@@ -761,7 +824,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
             std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-            let doc = serde_json::json!({"prompt": prompt, "model": model, "adapter": adapter, "threshold": threshold, "images": summary});
+            let mut doc = serde_json::json!({"model": model, "adapter": adapter, "threshold": threshold, "images": summary});
+            match prompt_list.as_slice() {
+                [one] => doc["prompt"] = serde_json::json!(one),
+                list => doc["prompts"] = serde_json::json!(list),
+            }
             crate::fsutil::write_atomic(
                 &out.join("summary.json"),
                 serde_json::to_string_pretty(&doc)?.as_bytes(),

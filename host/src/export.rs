@@ -79,6 +79,7 @@ pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> 
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+    crate::train::checkpoint::set_created_permissions(&tmp.join("model.safetensors"))?;
     for e in std::fs::read_dir(model_dir)?.flatten() {
         let p = e.path();
         let name = e.file_name().to_string_lossy().to_string();
@@ -146,16 +147,24 @@ pub fn check_target(out: &Path, protected: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-/// `lorahost export`: load the base model of `config`, attach its LoRA layout, load the adapter
-/// strictly, and write either the merged model (`merge`) or a checked copy of the adapter.
+/// `lorahost export`: load the base model of `config`, attach the adapter folder's own LoRA
+/// layout (rank, alpha and modules from the folder; a `lora:` section that differs is warned
+/// about), load it strictly, and write either the merged model (`merge`) or a checked copy of
+/// the adapter.
 pub fn export(config: &Path, adapter: &Path, merge: bool, out: &Path) -> Result<()> {
     let cfg = crate::train::load_config(config, &[])?;
     let model_path = crate::train::resolve_model(&cfg)?;
     check_target(out, &[adapter, &model_path])?;
     let mut model = crate::sam3::model::Sam3Model::load_dir(&model_path, &Device::Cpu, DType::F32)?;
-    let lora = LoraSet::attach(&mut model, &crate::lora::LoraConfig::from_section(&cfg.lora), &Device::Cpu)?;
     warn_if_merged(&model_path, adapter);
-    lora.load_peft(adapter).with_context(|| format!("loading {}", adapter.display()))?;
+    let lora = LoraSet::attach_peft_for_config(
+        &mut model,
+        adapter,
+        &Device::Cpu,
+        &crate::lora::LoraConfig::from_section(&cfg.lora),
+        &config.display().to_string(),
+    )
+    .with_context(|| format!("loading {}", adapter.display()))?;
     if merge {
         write_merged(&model_path, &lora, out)?;
         println!("merged {} adapters into {}", lora.modules.len(), out.display());
@@ -214,6 +223,13 @@ mod tests {
             assert_eq!(changed, ["text_projection.weight"]);
             assert_eq!(after.len(), before.len(), "the fixture's inputs/outputs files are not weights");
             assert!(out.join(MERGED_RECORD).is_file());
+            // As readable as the JSON files beside it (not candle's private 0600).
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode("model.safetensors"), mode(MERGED_RECORD));
+            }
         }
     }
 

@@ -2,11 +2,12 @@
 //! (real images and text prompts in, boxes/scores/masks and an overlay out).
 
 use crate::imageio;
-use crate::sam3::model::{Sam3Inputs, Sam3Model, Semantics};
+use crate::sam3::model::{ForwardOptions, Sam3Inputs, Sam3Model, Semantics};
 use crate::sam3::postprocess::{self, Detection, RawOutputs};
 use crate::sam3::tokenizer::PromptTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -182,6 +183,7 @@ pub fn forward(
     let tmp = out.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    crate::train::checkpoint::set_created_permissions(&tmp)?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot move the result to {}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(())
@@ -195,9 +197,10 @@ pub struct PredictOptions {
     pub adapter: Option<PathBuf>,
     /// The image.
     pub image: PathBuf,
-    /// The text prompt.
-    pub prompt: String,
-    /// Optional box prompt in image pixels, xyxy.
+    /// The text prompts (one forward of the heads per prompt, the image encoded once). Empty
+    /// with `boxes`: the boxes alone (prompt "visual").
+    pub prompts: Vec<String>,
+    /// Optional box prompts in image pixels, xyxy (given with every text prompt).
     pub boxes: Vec<[f32; 4]>,
     /// Output directory.
     pub out: PathBuf,
@@ -278,13 +281,12 @@ impl Predictor {
         Ok(Predictor { model, tokenizer, device, _adapters: adapters })
     }
 
-    /// Segment `o.image` and write `detections.json` and `overlay.png` into `o.out`.
-    pub fn predict(&self, o: &PredictOptions) -> Result<Vec<Detection>> {
-        let prompt = o.prompt.trim();
-        let prompt = if prompt.is_empty() && !o.boxes.is_empty() { "visual" } else { prompt };
-        if prompt.is_empty() {
-            bail!("--prompt is empty; give a text prompt (e.g. --prompt \"crack\") or a --box");
-        }
+    /// Segment `o.image` with each prompt and write `detections.json` and `overlay.png` into
+    /// `o.out`. One prompt: `detections.json` holds `prompt`, `presence_score`, `best_score` and
+    /// `detections` at the top level; several: a `prompts` list of those, in the order given,
+    /// and the overlay colours each prompt's detections in its own colour.
+    pub fn predict(&self, o: &PredictOptions) -> Result<Prediction> {
+        let prompts = prompt_list(&o.prompts, !o.boxes.is_empty())?;
         let (model, device) = (&self.model, &self.device);
         let img = imageio::load_rgb(&o.image)?;
         let (w, h) = (img.width() as usize, img.height() as usize);
@@ -304,11 +306,17 @@ impl Predictor {
         let size = model.image_size();
         let pixel_values = imageio::to_pixel_values(&img, size, device)?;
         let ctx = model.config().text_config.max_position_embeddings;
-        let (ids, mask) = self.tokenizer.encode(prompt, ctx);
-        let t = ids.len();
-        let input_ids = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), device)?;
-        let attention_mask =
-            Tensor::from_vec(mask.iter().map(|&i| i as i64).collect::<Vec<_>>(), (1, t), device)?;
+        // Every prompt in one batch: the vision backbone runs once, the rest per prompt.
+        let p = prompts.len();
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for prompt in &prompts {
+            let (i, m) = self.tokenizer.encode(prompt, ctx);
+            ids.extend(i.iter().map(|&i| i as i64));
+            mask.extend(m.iter().map(|&i| i as i64));
+        }
+        let t = ids.len() / p;
+        let input_ids = Tensor::from_vec(ids, (p, t), device)?;
+        let attention_mask = Tensor::from_vec(mask, (p, t), device)?;
         let (input_boxes, input_boxes_labels) = if o.boxes.is_empty() {
             (None, None)
         } else {
@@ -318,58 +326,153 @@ impl Predictor {
                 data.extend([(x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0).abs(), (y1 - y0).abs()]);
             }
             let n = o.boxes.len();
+            let data: Vec<f32> = (0..p).flat_map(|_| data.iter().copied()).collect();
             (
-                Some(Tensor::from_vec(data, (1, n, 4), device)?),
-                Some(Tensor::from_vec(vec![1i64; n], (1, n), device)?),
+                Some(Tensor::from_vec(data, (p, n, 4), device)?),
+                Some(Tensor::from_vec(vec![1i64; p * n], (p, n), device)?),
             )
         };
         let inputs = Sam3Inputs { pixel_values, input_ids, attention_mask, input_boxes, input_boxes_labels };
-        let out = model.forward(&inputs)?;
+        let out = if p == 1 {
+            model.forward(&inputs)?
+        } else {
+            let index = Tensor::zeros(p, DType::U32, device)?;
+            model.forward_indexed(&inputs, Some(&index), ForwardOptions::default())?
+        };
         let f32v = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
         };
         let logits = f32v(&out.pred_logits)?;
-        let presence = f32v(&out.presence_logits)?[0];
+        let presence = f32v(&out.presence_logits)?;
         let boxes_flat = f32v(&out.pred_boxes)?;
         let boxes: Vec<[f32; 4]> = boxes_flat.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
-        let (_, _, mh, mw) = out.pred_masks.dims4()?;
+        let (_, q, mh, mw) = out.pred_masks.dims4()?;
         let masks = f32v(&out.pred_masks)?;
-        let raw = RawOutputs {
-            logits: &logits,
-            presence_logit: presence,
-            boxes: &boxes,
-            masks: &masks,
-            mask_size: (mh, mw),
-        };
-        let dets = postprocess::detections(&raw, (w, h), o.threshold, o.nms_iou);
+        let mut results = Vec::new();
+        for (k, prompt) in prompts.into_iter().enumerate() {
+            let raw = RawOutputs {
+                logits: &logits[k * q..(k + 1) * q],
+                presence_logit: presence[k],
+                boxes: &boxes[k * q..(k + 1) * q],
+                masks: &masks[k * q * mh * mw..(k + 1) * q * mh * mw],
+                mask_size: (mh, mw),
+            };
+            results.push(PromptResult {
+                prompt,
+                presence_score: postprocess::sigmoid(presence[k]),
+                best_score: postprocess::best_score(&raw),
+                detections: postprocess::detections(&raw, (w, h), o.threshold, o.nms_iou),
+            });
+        }
         std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "image": o.image,
             "model": o.model_dir,
             "adapter": o.adapter,
-            "prompt": prompt,
             "width": w,
             "height": h,
-            "presence_score": postprocess::sigmoid(presence),
             "threshold": o.threshold,
-            "detections": dets,
         });
+        if let [one] = results.as_slice() {
+            // One prompt: the layout of a single-prompt run, unchanged.
+            for (k, v) in serde_json::to_value(one)?.as_object().into_iter().flatten() {
+                json[k] = v.clone();
+            }
+        } else {
+            json["prompts"] = serde_json::to_value(&results)?;
+        }
         crate::fsutil::write_atomic(
             &o.out.join("detections.json"),
             serde_json::to_string_pretty(&json)?.as_bytes(),
         )?;
-        let overlay = postprocess::overlay(&img, &dets);
+        let per_prompt: Vec<&[Detection]> = results.iter().map(|r| r.detections.as_slice()).collect();
+        let overlay = postprocess::overlay_prompts(&img, &per_prompt, &o.boxes);
         let mut png = Vec::new();
         overlay
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .context("cannot encode the overlay PNG")?;
         crate::fsutil::write_atomic(&o.out.join("overlay.png"), &png)?;
-        Ok(dets)
+        Ok(Prediction { width: w, height: h, prompts: results })
+    }
+}
+
+/// What one prompt found in an image.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptResult {
+    /// The prompt ("visual" for boxes alone).
+    pub prompt: String,
+    /// σ(presence logit): whether the model thinks the prompt is in the image at all.
+    pub presence_score: f32,
+    /// The best score of any query, kept or not (what `--threshold` would have to be below
+    /// for a detection).
+    pub best_score: f32,
+    /// Detections above the threshold after NMS, best first.
+    pub detections: Vec<Detection>,
+}
+
+/// What `predict` found in one image.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// One result per prompt, in the order given.
+    pub prompts: Vec<PromptResult>,
+}
+
+/// The prompts to run: `prompts` trimmed; none with boxes is the boxes alone ("visual"); an
+/// empty one is refused.
+pub fn prompt_list(prompts: &[String], has_boxes: bool) -> Result<Vec<String>> {
+    let trimmed: Vec<String> = prompts.iter().map(|p| p.trim().to_string()).collect();
+    match trimmed.as_slice() {
+        [] if has_boxes => Ok(vec!["visual".into()]),
+        [one] if one.is_empty() && has_boxes => Ok(vec!["visual".into()]),
+        [] => bail!("no --prompt: give a text prompt (e.g. --prompt \"crack\"; repeatable) or a --box"),
+        list => {
+            if let Some(i) = list.iter().position(|p| p.is_empty()) {
+                bail!(
+                    "--prompt number {} is empty; give a text prompt (e.g. --prompt \"crack\") {}",
+                    i + 1,
+                    if list.len() > 1 { "each time" } else { "or a --box" }
+                );
+            }
+            Ok(trimmed)
+        }
+    }
+}
+
+/// One detection as the console shows it: score, `xyxy` box (as `bbox_xyxy` in the JSON) and
+/// area.
+pub fn detection_line(d: &Detection) -> String {
+    format!(
+        "score {:.3}  xyxy [{:.0}, {:.0}, {:.0}, {:.0}]  area {} px",
+        d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3], d.area
+    )
+}
+
+/// "N detection(s)" (with `for "PROMPT"` when `name_prompt`); with none, the best score and
+/// how to see it (a `--threshold` below it).
+pub fn count_text(r: &PromptResult, threshold: f32, name_prompt: bool) -> String {
+    let n = r.detections.len();
+    let prompt = if name_prompt { format!(" for {:?}", r.prompt) } else { String::new() };
+    if n > 0 {
+        return format!("{n} detection(s){prompt}");
+    }
+    let best = r.best_score;
+    // A threshold strictly below the best score (a detection needs score > threshold).
+    let below = ((best as f64 * 100.0 - 1e-6).floor() / 100.0).max(0.0);
+    if best >= 0.01 && (below as f32) < threshold {
+        format!(
+            "0 detection(s){prompt} above --threshold {threshold} (best score {best:.3}; lower it to see more, e.g. --threshold {below:.2})"
+        )
+    } else {
+        format!("0 detection(s){prompt} above --threshold {threshold} (best score {best:.3}: nothing like it found)")
     }
 }
 
 /// `lorahost predict` on one image: writes `detections.json` and `overlay.png` into `out`.
-pub fn predict(o: &PredictOptions) -> Result<Vec<Detection>> {
+pub fn predict(o: &PredictOptions) -> Result<Prediction> {
     Predictor::load(o)?.predict(o)
 }
 

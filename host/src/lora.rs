@@ -180,6 +180,15 @@ fn expand(pattern: &str) -> Vec<String> {
     }
 }
 
+/// The component of `lin` when `config` (with its `patterns` expanded) adapts it.
+fn selects(config: &LoraConfig, patterns: &[String], lin: &Linear) -> Option<Component> {
+    if lin.from_conv {
+        return None;
+    }
+    let component = Component::of(&lin.path)?;
+    (config.components.contains(&component) && matches(&lin.path, patterns)).then_some(component)
+}
+
 /// Glob match with `*` (any run, dots included) and `?` (one character).
 fn glob(pattern: &[u8], text: &[u8]) -> bool {
     match (pattern.first(), text.first()) {
@@ -242,13 +251,10 @@ impl LoraSet {
         let mut failure: Option<candle_core::Error> = None;
         let scale = config.alpha / config.rank.max(1) as f64;
         model.visit_linears(&mut |lin: &mut Linear| {
-            if failure.is_some() || lin.from_conv {
+            if failure.is_some() {
                 return;
             }
-            let Some(component) = Component::of(&lin.path) else { return };
-            if !config.components.contains(&component) || !matches(&lin.path, &patterns) {
-                return;
-            }
+            let Some(component) = selects(config, &patterns, lin) else { return };
             let (out_dim, in_dim) = (lin.out_dim(), lin.in_dim());
             // PEFT's default init: A ~ kaiming_uniform(a=√5) = U(-1/√in, 1/√in), B = 0.
             let bound = 1.0 / (in_dim as f64).sqrt();
@@ -290,6 +296,52 @@ impl LoraSet {
             });
         }
         Ok(LoraSet { vars, modules, config: config.clone(), training })
+    }
+
+    /// The module paths `config` would adapt on `model`, sorted, without attaching anything
+    /// (to compare a training config's `lora:` section with an adapter folder).
+    pub fn planned_modules(model: &mut Sam3Model, config: &LoraConfig) -> Vec<String> {
+        let patterns: Vec<String> = config.target_modules.iter().flat_map(|p| expand(p.trim())).collect();
+        let mut out = Vec::new();
+        model.visit_linears(&mut |lin: &mut Linear| {
+            if selects(config, &patterns, lin).is_some() {
+                out.push(lin.path.clone());
+            }
+        });
+        out.sort();
+        out
+    }
+
+    /// How a training config's `lora:` section (`section`, adapting `section_modules` as
+    /// [`LoraSet::planned_modules`] says) differs from these adapters: rank, alpha and the
+    /// adapted modules, in one line; None when they agree.
+    pub fn difference_from(&self, section: &LoraConfig, section_modules: &[String]) -> Option<String> {
+        let mut parts = Vec::new();
+        if section.rank != self.config.rank {
+            parts.push(format!("rank {} (the adapter's r is {})", section.rank, self.config.rank));
+        }
+        if section.alpha != self.config.alpha {
+            parts
+                .push(format!("alpha {} (the adapter's lora_alpha is {})", section.alpha, self.config.alpha));
+        }
+        let mine: std::collections::BTreeSet<&str> =
+            self.modules.iter().map(|(p, _, _, _)| p.as_str()).collect();
+        let theirs: std::collections::BTreeSet<&str> = section_modules.iter().map(String::as_str).collect();
+        if mine != theirs {
+            let only_section: Vec<&str> = theirs.difference(&mine).copied().collect();
+            let only_adapter: Vec<&str> = mine.difference(&theirs).copied().collect();
+            let eg = |v: &[&str]| v.first().map(|m| format!(", e.g. {m}")).unwrap_or_default();
+            parts.push(format!(
+                "target modules: the section adapts {} modules, the adapter {} ({} only in the section{}; {} only in the adapter{})",
+                theirs.len(),
+                mine.len(),
+                only_section.len(),
+                eg(&only_section),
+                only_adapter.len(),
+                eg(&only_adapter)
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     /// The configured target patterns that adapted no module (a typo, or a name of the
@@ -403,6 +455,8 @@ impl LoraSet {
         }
         let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp-{}", std::process::id()));
         candle_core::safetensors::save(&tensors, &tmp).map_err(|e| err(tmp.clone(), e.to_string()))?;
+        crate::train::checkpoint::set_created_permissions(&tmp)
+            .map_err(|e| err(tmp.clone(), e.to_string()))?;
         std::fs::rename(&tmp, &weights).map_err(|e| err(weights.clone(), e.to_string()))?;
         let cfg = serde_json::to_vec_pretty(&self.peft_config(base_model)).unwrap_or_default();
         let cfg_path = dir.join(ADAPTER_CONFIG);
@@ -476,6 +530,28 @@ impl LoraSet {
         Ok(set)
     }
 
+    /// [`LoraSet::attach_peft`] for a command that also has a training config (`evaluate`,
+    /// `export`): when the config's `lora:` section (`section`, from the file `config_name`)
+    /// disagrees with the adapter folder, one warning names the difference; the adapter's own
+    /// rank, alpha and modules are used.
+    pub fn attach_peft_for_config(
+        model: &mut Sam3Model,
+        dir: &std::path::Path,
+        device: &Device,
+        section: &LoraConfig,
+        config_name: &str,
+    ) -> std::result::Result<Self, PeftError> {
+        let planned = Self::planned_modules(model, section);
+        let set = Self::attach_peft(model, dir, device)?;
+        if let Some(d) = set.difference_from(section, &planned) {
+            tracing::warn!(
+                "{config_name}: its lora section does not match the adapter in {}: {d}; using the adapter's own settings ({ADAPTER_CONFIG} and its weights)",
+                dir.display()
+            );
+        }
+        Ok(set)
+    }
+
     /// Load adapters saved in PEFT's format into these (already attached) adapters. Strict:
     /// every adapter must be present with its shape, and the file may hold nothing else. Keys
     /// as PEFT writes them for transformers' `Sam3Model` (`base_model.model.<path>`), also with
@@ -485,16 +561,21 @@ impl LoraSet {
         let weights = dir.join(ADAPTER_WEIGHTS);
         let file_err = |path: &std::path::Path, reason: String| PeftError::File { path: path.into(), reason };
         let cfg = read_peft_config(dir)?;
-        let mut problems = Vec::new();
-        if cfg.get("r").and_then(|r| r.as_u64()) != Some(self.config.rank as u64) {
-            problems.push(format!("  rank: file has {}, config has {}", cfg["r"], self.config.rank));
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        // Rank and alpha first: a rank difference is why every tensor is mis-shaped.
+        let mut head = Vec::new();
+        let rank_differs = cfg.get("r").and_then(|r| r.as_u64()) != Some(self.config.rank as u64);
+        if rank_differs {
+            head.push(format!("  rank: file has {}, config has {}", cfg["r"], self.config.rank));
         }
-        if cfg.get("lora_alpha").and_then(|a| a.as_f64()) != Some(self.config.alpha) {
-            problems.push(format!(
+        let alpha_differs = cfg.get("lora_alpha").and_then(|a| a.as_f64()) != Some(self.config.alpha);
+        if alpha_differs {
+            head.push(format!(
                 "  lora_alpha: file has {}, config has {}",
                 cfg["lora_alpha"], self.config.alpha
             ));
         }
+        let mut problems = Vec::new();
         let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&weights, &Device::Cpu)
             .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?
             .into_iter()
@@ -516,9 +597,24 @@ impl LoraSet {
                 problems.push(format!("  unexpected  {k}"));
             }
         }
-        if !problems.is_empty() {
+        if !head.is_empty() || !problems.is_empty() {
             problems.sort();
-            return Err(PeftError::Mismatch { path: weights, report: problems.join("\n") });
+            let mut lines = head;
+            lines.extend(cap_per_kind(&problems, 8));
+            let fix = if rank_differs || alpha_differs {
+                format!(
+                    "  fix: these adapters were trained with r {} and lora_alpha {} ({}): set lora.rank and lora.alpha (and the target modules) as they were trained, or give the adapter folder of this config; `lorahost evaluate`, `export` and `predict --adapter` read them from the folder themselves",
+                    cfg["r"],
+                    cfg["lora_alpha"],
+                    cfg_path.display()
+                )
+            } else if problems.iter().any(|p| p.starts_with("  mis-shaped")) {
+                "  fix: same rank, other shapes: these adapters were trained on a model of another size; use that model (model.path / --model)".to_string()
+            } else {
+                "  fix: these adapters adapt other modules than the configured ones: set lora.target_modules and the lora.apply_to_* switches as they were trained, or give the adapter folder of this config".to_string()
+            };
+            lines.push(fix);
+            return Err(PeftError::Mismatch { path: weights, report: lines.join("\n") });
         }
         for (k, v) in &self.vars {
             let t = tensors[k].to_dtype(DType::F32).and_then(|t| t.to_device(v.device()));
@@ -527,6 +623,24 @@ impl LoraSet {
         }
         Ok(())
     }
+}
+
+/// `lines` (sorted, each `  <kind> ...`) with at most `keep` of each kind and a count of the
+/// rest.
+fn cap_per_kind(lines: &[String], keep: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let kind = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
+    let mut i = 0;
+    while i < lines.len() {
+        let k = kind(&lines[i]);
+        let n = lines[i..].iter().take_while(|l| kind(l) == k).count();
+        out.extend(lines[i..i + n.min(keep)].iter().cloned());
+        if n > keep {
+            out.push(format!("  ... and {} more {k}", n - keep));
+        }
+        i += n;
+    }
+    out
 }
 
 /// Read and check a PEFT adapter folder's `adapter_config.json`: a file or a run folder given
@@ -615,6 +729,114 @@ fn unsupported_peft_options(cfg: &serde_json::Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture_model() -> Sam3Model {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam3/tiny_a");
+        Sam3Model::load_dir(&fixture, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    fn config(rank: usize, alpha: f64, targets: &[&str]) -> LoraConfig {
+        LoraConfig {
+            rank,
+            alpha,
+            dropout: 0.0,
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            components: vec![
+                Component::Vision,
+                Component::Text,
+                Component::DetrEncoder,
+                Component::DetrDecoder,
+            ],
+        }
+    }
+
+    /// The mode a file lorahost creates itself gets here (0o666 less the umask).
+    #[cfg(unix)]
+    fn created_mode(dir: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("probe");
+        std::fs::write(&p, b"x").unwrap();
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A saved adapter is as readable as its JSON beside it (0644 under umask 022), not
+    /// candle's private 0600: teammates can read it.
+    #[cfg(unix)]
+    #[test]
+    fn saved_adapters_are_readable_by_the_group_and_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut model = fixture_model();
+        let set = LoraSet::attach(&mut model, &config(2, 4.0, &["q_proj"]), &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        set.save_peft(dir.path(), "tiny").unwrap();
+        let mode = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        let want = created_mode(dir.path());
+        assert_eq!(mode(ADAPTER_WEIGHTS), want, "{:o} vs {want:o}", mode(ADAPTER_WEIGHTS));
+        assert_eq!(mode(ADAPTER_CONFIG), want);
+        if want & 0o044 == 0o044 {
+            assert_eq!(mode(ADAPTER_WEIGHTS) & 0o044, 0o044, "group/other readable");
+        }
+    }
+
+    /// A config whose rank differs from the adapter's: the rank and alpha lines come first, the
+    /// consequences (every tensor mis-shaped) are capped, and the last line is the fix.
+    #[test]
+    fn a_rank_mismatch_is_reported_first_with_the_fix() {
+        let mut model = fixture_model();
+        let set =
+            LoraSet::attach(&mut model, &config(2, 4.0, &["q_proj", "v_proj", "fc1", "fc2"]), &Device::Cpu)
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        set.save_peft(dir.path(), "tiny").unwrap();
+        let mut other = fixture_model();
+        let wrong =
+            LoraSet::attach(&mut other, &config(8, 16.0, &["q_proj", "v_proj", "fc1", "fc2"]), &Device::Cpu)
+                .unwrap();
+        assert!(wrong.vars().len() > 20);
+        let e = wrong.load_peft(dir.path()).unwrap_err().to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        assert!(lines[1].contains("rank: file has 2, config has 8"), "{e}");
+        assert!(lines[2].contains("lora_alpha: file has 4.0, config has 16"), "{e}");
+        let last = lines.last().unwrap();
+        assert!(last.contains("fix:") && last.contains("r 2") && last.contains("lora_alpha 4.0"), "{e}");
+        assert!(e.contains("more mis-shaped") && lines.len() <= 13, "{e}");
+        // Other modules at the same rank: the fix says so.
+        let mut third = fixture_model();
+        let fewer = LoraSet::attach(&mut third, &config(2, 4.0, &["q_proj"]), &Device::Cpu).unwrap();
+        let e = fewer.load_peft(dir.path()).unwrap_err().to_string();
+        assert!(e.lines().last().unwrap().contains("lora.target_modules"), "{e}");
+        assert!(!e.contains("rank:"), "{e}");
+    }
+
+    /// `attach_peft` takes the adapter's own layout; the difference from a config's section is
+    /// named in one line (rank, alpha, modules), and nothing when they agree.
+    #[test]
+    fn the_difference_between_a_section_and_an_adapter_is_named() {
+        let mut model = fixture_model();
+        let trained = config(2, 4.0, &["q_proj", "v_proj"]);
+        let set = LoraSet::attach(&mut model, &trained, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        set.save_peft(dir.path(), "tiny").unwrap();
+        let mut fresh = fixture_model();
+        let section = config(32, 64.0, &["q_proj", "v_proj", "fc1"]);
+        let planned = LoraSet::planned_modules(&mut fresh, &section);
+        let same = LoraSet::planned_modules(&mut fresh, &trained);
+        let loaded =
+            LoraSet::attach_peft_for_config(&mut fresh, dir.path(), &Device::Cpu, &section, "c.yaml")
+                .unwrap();
+        assert_eq!((loaded.config.rank, loaded.config.alpha), (2, 4.0));
+        assert_eq!(loaded.modules.len(), set.modules.len());
+        let d = loaded.difference_from(&section, &planned).unwrap();
+        assert!(d.contains("rank 32 (the adapter's r is 2)") && d.contains("alpha 64"), "{d}");
+        assert!(
+            d.contains("only in the section, e.g.")
+                && d.contains("fc1")
+                && d.contains("0 only in the adapter"),
+            "{d}"
+        );
+        assert!(!d.contains('\n'));
+        assert_eq!(loaded.difference_from(&trained, &same), None);
+    }
 
     #[test]
     fn patterns_match_paths() {

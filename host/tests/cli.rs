@@ -147,3 +147,111 @@ fn new_scaffolds_a_plugin_that_builds_and_passes_check() {
     assert_eq!((last["step"].as_u64(), last["action"].as_str()), (Some(2), Some("stop")), "{out}");
     let _ = plugins_dir();
 }
+
+/// `evaluate --adapter` and `export --adapter` take the adapter's rank, alpha and modules from
+/// its folder: a config whose `lora:` section differs (rank 32 for a rank-2 adapter) works,
+/// with one warning naming the difference instead of a list of mis-shaped tensors. The merged
+/// model is readable like the JSON beside it, and `evaluate --model MERGED` evaluates it, says
+/// so, and scores as the adapter does.
+#[test]
+fn evaluate_and_export_read_the_adapter_layout_and_evaluate_a_merged_model() {
+    use candle_core::{DType, Device, Tensor};
+    use lorahost::lora::{Component, LoraConfig, LoraSet};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let spec = lorahost::data::synthetic::SyntheticSpec {
+        seed: 3,
+        train_images: 2,
+        valid_images: 2,
+        size: 112,
+        max_cracks: 2,
+    };
+    lorahost::data::synthetic::write_synthetic(&data, &spec).unwrap();
+    let model_dir = repo().join("examples/tiny_sam3");
+    let mut model = lorahost::sam3::model::Sam3Model::load_dir(&model_dir, &Device::Cpu, DType::F32).unwrap();
+    let trained = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        components: vec![Component::DetrEncoder, Component::DetrDecoder],
+    };
+    let lora = LoraSet::attach(&mut model, &trained, &Device::Cpu).unwrap();
+    for v in lora.vars().values() {
+        v.set(&(Tensor::randn(0f32, 1.0, v.shape(), &Device::Cpu).unwrap() * 0.5).unwrap()).unwrap();
+    }
+    let adapter = d.join("best");
+    lora.save_peft(&adapter, "tiny").unwrap();
+    let cfg = d.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model:\n  name: tiny\n  path: {}\nlora:\n  rank: 32\n  alpha: 64\n  target_modules: [q_proj, v_proj, fc1, fc2]\n\
+             training:\n  data_dir: {}\n  batch_size: 2\n  num_negatives: 1\n  num_workers: 1\n  seed: 5\n\
+             output:\n  output_dir: {}\nhardware:\n  device: cpu\nevaluation:\n  metric: loss\n",
+            model_dir.display(),
+            data.display(),
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    let evaluate = |extra: &[&str]| {
+        let (ok, out, err) =
+            run(lorahost().args(["evaluate", "--config"]).arg(&cfg).args(["--split", "valid"]).args(extra));
+        assert!(ok, "{err}");
+        (out, err)
+    };
+    let json = |out: &str| -> serde_json::Value { serde_json::from_str(out).unwrap() };
+    let warned = |err: &str| {
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("does not match the adapter")).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].contains("rank 32 (the adapter's r is 2)") && lines[0].contains("alpha 64"),
+            "{err}"
+        );
+        assert!(!err.contains("mis-shaped"), "{err}");
+    };
+    let a = adapter.to_str().unwrap();
+    let (out, err) = evaluate(&["--adapter", a, "--json"]);
+    warned(&err);
+    let with_adapter = json(&out);
+    assert_eq!(with_adapter["merged"], false);
+    assert_eq!(with_adapter["model"].as_str(), model_dir.to_str());
+
+    let merged = d.join("merged");
+    let (ok, _, err) = run(lorahost()
+        .args(["export", "--merge", "--config"])
+        .arg(&cfg)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged));
+    assert!(ok, "{err}");
+    warned(&err);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &str| std::fs::metadata(merged.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("model.safetensors"), mode("lorahost_merged.json"), "as readable as its JSON");
+    }
+
+    let m = merged.to_str().unwrap();
+    let (out, _) = evaluate(&["--model", m, "--json"]);
+    let folded = json(&out);
+    assert_eq!(folded["merged"], true);
+    assert_eq!(folded["model"].as_str(), Some(m));
+    let (la, lm) = (with_adapter["loss"].as_f64().unwrap(), folded["loss"].as_f64().unwrap());
+    assert!((la - lm).abs() <= 1e-3 * la.abs().max(1.0), "adapter {la} vs merged {lm}");
+    let (out, _) = evaluate(&["--model", m]);
+    assert!(out.contains(&format!("the merged model {m}")) && !out.contains("base model"), "{out}");
+    let (out, _) = evaluate(&["--json"]);
+    let base = json(&out);
+    assert!((base["loss"].as_f64().unwrap() - la).abs() > 1e-6, "the adapter changed nothing");
+    let (out, _) = evaluate(&[]);
+    assert!(out.contains("the base model"), "{out}");
+    // A --model that is not there is named.
+    let (ok, _, err) =
+        run(lorahost().args(["evaluate", "--config"]).arg(&cfg).args(["--model"]).arg(d.join("nope")));
+    assert!(!ok && err.contains("--model") && err.contains("nope"), "{err}");
+}

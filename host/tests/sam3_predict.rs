@@ -89,21 +89,44 @@ fn predict_writes_detections_and_overlay() {
         let c: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let xywh = [b[0], b[1], b[2] - b[0], b[3] - b[1]];
         assert!(c.iter().zip(xywh).all(|(p, q)| (p - q).abs() < 1e-3), "{c:?} vs {b:?}");
-        let rle: Rle = Rle {
-            size: [60, 90],
-            counts: d["segmentation"]["counts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c.as_u64().unwrap())
-                .collect(),
-        };
+        // COCO compressed RLE (pycocotools' `mask.encode` string form).
+        let rle = Rle::from_compressed([60, 90], d["segmentation"]["counts"].as_str().unwrap()).unwrap();
         assert_eq!(d["segmentation"]["size"], serde_json::json!([60, 90]));
         let area = rle_decode(&rle).iter().filter(|b| **b).count() as u64;
         assert_eq!(area, d["area"].as_u64().unwrap());
     }
-    let overlay = image::open(out.join("overlay.png")).unwrap();
+    let overlay = image::open(out.join("overlay.png")).unwrap().to_rgb8();
     assert_eq!((overlay.width(), overlay.height()), (90, 60));
+    // The --box prompt is drawn (dashed white and black) on top.
+    let edge: Vec<[u8; 3]> = (10..=50).map(|x| overlay.get_pixel(x, 5).0).collect();
+    assert!(edge.iter().all(|p| *p == [255, 255, 255] || *p == [0, 0, 0]), "{edge:?}");
+    // The console labels boxes as the JSON's `bbox_xyxy`.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("8 detection(s) for \"Crack\"") && stdout.contains("  score "), "{stdout}");
+    assert!(stdout.contains(" xyxy [") && !stdout.contains(" box ["), "{stdout}");
+    // Nothing above the threshold: the best score is said, with a lower --threshold to try.
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&img_path)
+        .args(["--prompt", "Crack", "--box", "10,5,50,40", "--threshold", "1", "--out"])
+        .arg(tmp.path().join("none"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let best = scores[0];
+    assert!(
+        stdout.contains("0 detection(s) for \"Crack\" above --threshold 1")
+            && stdout.contains(&format!("best score {best:.3}"))
+            && (stdout.contains("lower it to see more, e.g. --threshold 0.") || best < 0.01),
+        "{stdout}"
+    );
+    let none: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("none/detections.json")).unwrap())
+            .unwrap();
+    assert!((none["best_score"].as_f64().unwrap() - best).abs() < 1e-6, "{none:#}");
 
     // Bad input: a corrupt image is named.
     let bad = tmp.path().join("broken.jpg");
@@ -205,7 +228,7 @@ fn predict_applies_an_adapter_as_merging_it_would() {
             model_dir: model_dir.to_path_buf(),
             adapter: adapter.map(Path::to_path_buf),
             image: img_path.clone(),
-            prompt: "crack".into(),
+            prompts: vec!["crack".into()],
             boxes: Vec::new(),
             out: tmp.path().join(out),
             threshold: 0.0,
@@ -330,4 +353,101 @@ fn predict_on_a_folder_writes_one_folder_per_image_and_a_summary() {
         .output()
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--box"));
+}
+
+/// Several `--prompt`s: the image is encoded once and detections.json holds one entry per
+/// prompt, each with what a single-prompt run finds (with boxes too); the single-prompt layout
+/// is unchanged; summary.json of several images lists each prompt's count; an empty prompt
+/// among them is refused.
+#[test]
+fn several_prompts_give_one_entry_each_as_single_runs_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir(&model);
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 120]));
+    let img_path = tmp.path().join("img.png");
+    img.save(&img_path).unwrap();
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    let predict = |prompts: &[&str], extra: &[&str], out: &str| {
+        let mut c = Command::new(bin);
+        c.args(["predict", "--model"]).arg(&model).arg("--image").arg(&img_path);
+        for p in prompts {
+            c.args(["--prompt", p]);
+        }
+        let o = c
+            .args(["--threshold", "0", "--nms-iou", "0.9"])
+            .args(extra)
+            .arg("--out")
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join(out).join("detections.json")).unwrap(),
+        )
+        .unwrap();
+        (j, String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let same = |a: &serde_json::Value, b: &serde_json::Value| {
+        let (da, db) = (a["detections"].as_array().unwrap(), b["detections"].as_array().unwrap());
+        assert_eq!(da.len(), db.len());
+        assert!((a["presence_score"].as_f64().unwrap() - b["presence_score"].as_f64().unwrap()).abs() < 1e-5);
+        for (x, y) in da.iter().zip(db) {
+            assert!((x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-5, "{x} vs {y}");
+            assert_eq!(x["query"], y["query"]);
+        }
+    };
+    for extra in [&[][..], &["--box", "5,5,40,30"][..]] {
+        let (both, stdout) = predict(&["crack", "pothole road"], extra, "both");
+        let (crack, _) = predict(&["crack"], extra, "crack");
+        let (pothole, _) = predict(&["pothole road"], extra, "pothole");
+        // The single-prompt layout: prompt and detections at the top level.
+        assert_eq!(crack["prompt"], "crack");
+        assert!(crack["detections"].is_array() && crack.get("prompts").is_none());
+        // Several: one entry per prompt, in order, each as its single run.
+        let entries = both["prompts"].as_array().unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(both.get("detections").is_none() && both.get("prompt").is_none());
+        assert_eq!((&entries[0]["prompt"], &entries[1]["prompt"]), (&crack["prompt"], &pothole["prompt"]));
+        same(&entries[0], &crack);
+        same(&entries[1], &pothole);
+        assert!(entries[0]["presence_score"] != entries[1]["presence_score"], "the prompts differ");
+        assert!(stdout.contains("\"crack\": ") && stdout.contains("\"pothole road\": "), "{stdout}");
+    }
+    // Several images with several prompts: summary.json counts each prompt.
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    img.save(imgs.join("a.png")).unwrap();
+    img.save(imgs.join("b.png")).unwrap();
+    let o = Command::new(bin)
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&imgs)
+        .args(["--prompt", "crack", "--prompt", "hole", "--threshold", "0", "--out"])
+        .arg(tmp.path().join("many"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("many/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["prompts"], serde_json::json!(["crack", "hole"]));
+    let first = &summary["images"][0];
+    let per: Vec<u64> =
+        first["prompts"].as_array().unwrap().iter().map(|p| p["detections"].as_u64().unwrap()).collect();
+    assert_eq!(per.iter().sum::<u64>(), first["detections"].as_u64().unwrap());
+    // An empty prompt among several is refused by its position.
+    let o = Command::new(bin)
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(&img_path)
+        .args(["--prompt", "crack", "--prompt", " ", "--out"])
+        .arg(tmp.path().join("x"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--prompt number 2 is empty"), "{err}");
 }

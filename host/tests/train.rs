@@ -78,9 +78,11 @@ fn same_tensors(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> boo
     a.len() == b.len()
         && a.iter().all(|(k, t)| {
             let u = &b[k];
-            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            let y: Vec<f32> = u.flatten_all().unwrap().to_vec1().unwrap();
-            x == y
+            // Bitwise in their own dtype (moments f32, per-parameter step counts f64).
+            let v = |t: &Tensor| -> Vec<f64> {
+                t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+            };
+            t.dtype() == u.dtype() && v(t) == v(u)
         })
 }
 
@@ -401,13 +403,8 @@ fn every_hook_answer_takes_effect_in_training() {
 
     // observe: each image's own loss, not its micro-batch's (a 2-image micro-batch at step 1).
     let out = tmp.path().join("observed");
-    let cfg = config(
-        tmp.path(),
-        &data,
-        &out,
-        "  num_epochs: 1\n  gradient_accumulation_steps: 1\n",
-        &plugin("{}"),
-    );
+    let cfg =
+        config(tmp.path(), &data, &out, "  num_epochs: 1\n  gradient_accumulation_steps: 1\n", &plugin("{}"));
     run(&TrainOptions { max_steps: Some(1), ..opts(&cfg) });
     let ckpts = lorahost::train::checkpoint::list(&out.join("checkpoints"));
     let (state, _) = lorahost::train::checkpoint::load(&ckpts[0].1).unwrap();
@@ -638,8 +635,10 @@ fn evaluate_reproduces_the_validation_of_training() {
     assert!((trained.loss - last.loss).abs() < 1e-9, "{} vs {}", trained.loss, last.loss);
     let (m, want) = (trained.metrics.unwrap(), last.summary.unwrap());
     assert_eq!((m.map, m.cgf1, m.queries), (want.map, want.cgf1, want.queries));
-    // Per prompt: the pairs add up, and mAP is the mean of the per-category APs (COCO).
-    assert_eq!(trained.per_prompt.values().map(|p| p.queries).sum::<usize>(), m.queries);
+    // Per prompt: the pairs add up (prompts without ground truth, e.g. generic negatives,
+    // counted apart), and mAP is the mean of the per-category APs (COCO).
+    let negative_only: usize = trained.negative_only.values().map(|n| n.queries).sum();
+    assert_eq!(trained.per_prompt.values().map(|p| p.queries).sum::<usize>() + negative_only, m.queries);
     let with_gt: Vec<f64> = trained.per_prompt.values().filter(|p| p.positives > 0).map(|p| p.map).collect();
     assert!((with_gt.iter().sum::<f64>() / with_gt.len() as f64 - m.map).abs() < 1e-12);
     let base = evaluate(&opts(None)).unwrap();

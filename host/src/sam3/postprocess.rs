@@ -1,6 +1,8 @@
 //! From model outputs to detections a person can use: scores σ(logit)·σ(presence), a score
 //! threshold, non-maximum suppression, boxes in image pixels, masks upsampled to the image
-//! (bilinear on logits, align_corners=False, as Meta's processor) and COCO RLE encoding.
+//! (bilinear on logits, align_corners=False, as Meta's processor), COCO RLE encoding (written
+//! in the compressed string form pycocotools' `mask.encode` gives) and overlays whose lines
+//! scale with the image.
 
 use serde::Serialize;
 
@@ -18,7 +20,9 @@ pub struct Detection {
     pub bbox_xywh: [f32; 4],
     /// Query index in the model output.
     pub query: usize,
-    /// The mask as COCO RLE (column-major counts), at image resolution.
+    /// The mask as COCO RLE (column-major counts), at image resolution; in JSON the compressed
+    /// form (`{"size": [h, w], "counts": "<string>"}`, as pycocotools' `mask.encode`).
+    #[serde(serialize_with = "serialize_compressed")]
     pub segmentation: Rle,
     /// Mask area in pixels.
     pub area: u64,
@@ -32,6 +36,29 @@ pub struct Rle {
     pub size: [usize; 2],
     /// Run lengths.
     pub counts: Vec<u64>,
+}
+
+impl Rle {
+    /// The counts as COCO's compressed RLE string (pycocotools' `mask.encode` / `rleToString`).
+    pub fn compressed_counts(&self) -> String {
+        crate::data::rle::encode_compressed_counts(&self.counts)
+    }
+
+    /// From a compressed RLE string and [height, width]; the counts must cover the mask.
+    pub fn from_compressed(size: [usize; 2], counts: &str) -> Result<Rle, String> {
+        let counts = crate::data::rle::decode_compressed_counts(counts)?;
+        crate::data::rle::decode_counts(&counts, size[0], size[1])?;
+        Ok(Rle { size, counts })
+    }
+}
+
+/// Serialize an [`Rle`] as COCO compressed RLE: `{"size": [h, w], "counts": "<string>"}`.
+fn serialize_compressed<S: serde::Serializer>(rle: &Rle, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut st = s.serialize_struct("Rle", 2)?;
+    st.serialize_field("size", &rle.size)?;
+    st.serialize_field("counts", &rle.compressed_counts())?;
+    st.end()
 }
 
 /// Logistic function.
@@ -199,48 +226,126 @@ pub const PALETTE: [[u8; 3]; 8] = [
     [240, 50, 230],
 ];
 
-/// Draw detections on the image: each mask tinted in its own colour (45 % opacity) and its box
-/// outlined (2 px), in score order.
+/// The highest score σ(logit)·σ(presence) of any query, whether or not it passed the threshold
+/// (what to lower `--threshold` to when nothing was found); 0 without queries.
+pub fn best_score(raw: &RawOutputs) -> f32 {
+    let presence = sigmoid(raw.presence_logit);
+    raw.logits.iter().map(|l| sigmoid(*l) * presence).fold(0.0, f32::max)
+}
+
+/// Line width of overlay boxes and mask outlines for a `w`×`h` image: 2 px up to 750 px, then
+/// a 300th of the shorter side (10 px on a 4032×3024 photo), so they stay visible when the
+/// image is shown scaled down.
+pub fn line_width(w: usize, h: usize) -> usize {
+    ((w.min(h) as f64 / 300.0).round() as usize).max(2)
+}
+
+/// Draw detections on the image: each mask tinted in its own colour (45 % opacity) with its
+/// outline, and its box outlined, in score order (see [`draw_instance`]).
 pub fn overlay(img: &image::RgbImage, dets: &[Detection]) -> image::RgbImage {
+    overlay_prompts(img, &[dets], &[])
+}
+
+/// Draw the detections of one or several prompts, and the box prompts. One prompt: each
+/// detection in its own [`PALETTE`] colour; several: one colour per prompt (in order). Box
+/// prompts ([x0, y0, x1, y1] pixels) are dashed white and black lines on top.
+pub fn overlay_prompts(
+    img: &image::RgbImage,
+    per_prompt: &[&[Detection]],
+    prompt_boxes: &[[f32; 4]],
+) -> image::RgbImage {
     let mut out = img.clone();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    for (i, d) in dets.iter().enumerate() {
-        let mask = (d.segmentation.size == [h, w]).then(|| rle_decode(&d.segmentation));
-        draw_instance(&mut out, mask.as_deref(), d.bbox, PALETTE[i % PALETTE.len()]);
+    let several = per_prompt.len() > 1;
+    for (p, dets) in per_prompt.iter().enumerate() {
+        for (i, d) in dets.iter().enumerate() {
+            let mask = (d.segmentation.size == [h, w]).then(|| rle_decode(&d.segmentation));
+            let color = PALETTE[if several { p } else { i } % PALETTE.len()];
+            draw_instance(&mut out, mask.as_deref(), d.bbox, color);
+        }
+    }
+    for b in prompt_boxes {
+        draw_dashed_box(&mut out, *b);
     }
     out
 }
 
 /// Draw one instance: its row-major mask (the image's size; another size is not drawn) tinted
-/// in `color` at 45 % opacity, and its [x0, y0, x1, y1] pixel box outlined (2 px).
+/// in `color` at 45 % opacity and outlined in `color`, and its [x0, y0, x1, y1] pixel box
+/// outlined; lines [`line_width`] wide (the mask outline half as wide, at least 1 px).
 pub fn draw_instance(out: &mut image::RgbImage, mask: Option<&[bool]>, bbox: [f32; 4], color: [u8; 3]) {
     let (w, h) = (out.width() as usize, out.height() as usize);
+    let lw = line_width(w, h);
     if let Some(mask) = mask.filter(|m| m.len() == w * h) {
+        let inner = erode(mask, w, h, (lw / 2).max(1));
         for (p, on) in mask.iter().enumerate() {
             if *on {
                 let px = out.get_pixel_mut((p % w) as u32, (p / w) as u32);
-                for k in 0..3 {
-                    px[k] = ((px[k] as f32) * 0.55 + color[k] as f32 * 0.45) as u8;
+                if inner[p] {
+                    for k in 0..3 {
+                        px[k] = ((px[k] as f32) * 0.55 + color[k] as f32 * 0.45) as u8;
+                    }
+                } else {
+                    *px = image::Rgb(color);
                 }
             }
         }
     }
+    draw_box(out, bbox, lw, |_| color);
+}
+
+/// A box prompt: a dashed outline, white and black dashes four line widths long, visible on
+/// any background.
+pub fn draw_dashed_box(out: &mut image::RgbImage, bbox: [f32; 4]) {
+    let lw = line_width(out.width() as usize, out.height() as usize);
+    let dash = 4 * lw as i64;
+    draw_box(out, bbox, lw, |along| if (along / dash) % 2 == 0 { [255, 255, 255] } else { [0, 0, 0] });
+}
+
+/// Outline an [x0, y0, x1, y1] pixel box `width` px wide, inwards; `color` gets the distance
+/// along the outline.
+fn draw_box(out: &mut image::RgbImage, bbox: [f32; 4], width: usize, color: impl Fn(i64) -> [u8; 3]) {
+    let (w, h) = (out.width() as i64, out.height() as i64);
     let [x0, y0, x1, y1] = bbox.map(|v| v.round() as i64);
-    let mut put = |x: i64, y: i64| {
-        if x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h {
-            out.put_pixel(x as u32, y as u32, image::Rgb(color));
+    let mut put = |x: i64, y: i64, along: i64| {
+        if x >= 0 && y >= 0 && x < w && y < h {
+            out.put_pixel(x as u32, y as u32, image::Rgb(color(along)));
         }
     };
-    for t in 0..2 {
+    for t in 0..width as i64 {
         for x in x0..=x1 {
-            put(x, y0 + t);
-            put(x, y1 - t);
+            put(x, y0 + t, x - x0);
+            put(x, y1 - t, x - x0);
         }
         for y in y0..=y1 {
-            put(x0 + t, y);
-            put(x1 - t, y);
+            put(x0 + t, y, y - y0);
+            put(x1 - t, y, y - y0);
         }
     }
+}
+
+/// Erode a row-major `w`×`h` mask by a (2r+1)² square (pixels outside the image count as set,
+/// so a mask at the border is not outlined along it): what stays is the mask's interior, the
+/// rest of the mask its outline, `r` px wide. Separable, linear in the pixels.
+fn erode(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
+    // Pass 1: set where the row window [x - r, x + r] holds no unset pixel; pass 2: the same
+    // down the columns of pass 1.
+    let pass = |src: &[bool], len: usize, lines: usize, at: &dyn Fn(usize, usize) -> usize| {
+        let mut dst = vec![false; src.len()];
+        let mut unset_before = vec![0usize; len + 1];
+        for line in 0..lines {
+            for i in 0..len {
+                unset_before[i + 1] = unset_before[i] + usize::from(!src[at(line, i)]);
+            }
+            for i in 0..len {
+                let (a, b) = (i.saturating_sub(r), (i + r + 1).min(len));
+                dst[at(line, i)] = unset_before[b] == unset_before[a];
+            }
+        }
+        dst
+    };
+    let rows = pass(mask, w, h, &|y, x| y * w + x);
+    pass(&rows, h, w, &|x, y| y * w + x)
 }
 
 #[cfg(test)]
@@ -254,6 +359,115 @@ mod tests {
         let rle = rle_encode(&mask, 2, 3);
         assert_eq!(rle.counts, vec![0, 2, 1, 1, 2]);
         assert_eq!(rle_decode(&rle), mask.to_vec());
+    }
+
+    /// detections.json writes masks as COCO compressed RLE, byte-identical to pycocotools 2.0.11:
+    /// `mask.encode(np.asfortranarray(m))` of the 12x10 mask below gives
+    /// `b'`0382N2O0001NNLO22N60M2'` (area 43), and of a 300x200 mask with rows 20..280 × cols
+    /// 15..190 set and rows 100..110 × cols 50..60 cleared the 418-byte string rebuilt here
+    /// (area 45400): multi-group counts and negative deltas.
+    #[test]
+    fn detections_json_masks_are_pycocotools_compressed_rle() {
+        let (h, w) = (12usize, 10usize);
+        let mask: Vec<bool> = (0..h * w)
+            .map(|p| {
+                let (y, x) = ((p / w) as i64, (p % w) as i64);
+                (x - 4).pow(2) + (y - 5).pow(2) <= 12 || (y == 0 && x >= 7) || (x == 9 && y > 8)
+            })
+            .collect();
+        let rle = rle_encode(&mask, h, w);
+        assert_eq!(rle.compressed_counts(), "`0382N2O0001NNLO22N60M2");
+        assert_eq!(mask.iter().filter(|b| **b).count(), 43);
+        let back = Rle::from_compressed([h, w], "`0382N2O0001NNLO22N60M2").unwrap();
+        assert_eq!(rle_decode(&back), mask);
+
+        let (h, w) = (300usize, 200usize);
+        let mask: Vec<bool> = (0..h * w)
+            .map(|p| {
+                let (y, x) = (p / w, p % w);
+                (20..280).contains(&y)
+                    && (15..190).contains(&x)
+                    && !((100..110).contains(&y) && (50..60).contains(&x))
+            })
+            .collect();
+        let want =
+            format!("X]4T8X1{}\\JROj2n0{}j2{}Tm2", "0".repeat(68), "VMROj2n0".repeat(9), "0".repeat(258));
+        assert_eq!(want.len(), 418);
+        let rle = rle_encode(&mask, h, w);
+        assert_eq!(rle.compressed_counts(), want);
+        assert_eq!(rle_decode(&Rle::from_compressed([h, w], &want).unwrap()), mask);
+        assert!(Rle::from_compressed([h, w + 1], &want).is_err(), "counts must cover the mask");
+
+        // In a detection's JSON: the string form, beside the boxes, area and score.
+        let d = Detection {
+            score: 0.5,
+            bbox: [15.0, 20.0, 190.0, 280.0],
+            bbox_xywh: [15.0, 20.0, 175.0, 260.0],
+            query: 3,
+            segmentation: rle,
+            area: 45400,
+        };
+        let j = serde_json::to_value(&d).unwrap();
+        assert_eq!(j["segmentation"], serde_json::json!({"size": [300, 200], "counts": want}));
+        assert_eq!(j["bbox"], serde_json::json!([15.0, 20.0, 175.0, 260.0]));
+        assert_eq!(j["bbox_xyxy"], serde_json::json!([15.0, 20.0, 190.0, 280.0]));
+        assert_eq!((j["area"].as_u64(), j["score"].as_f64()), (Some(45400), Some(0.5)));
+    }
+
+    /// Overlay lines scale with the image (2 px on small images, a 300th of the shorter side on
+    /// large ones), masks get an outline in their colour, box prompts are drawn dashed.
+    #[test]
+    fn overlay_lines_scale_with_the_image_and_box_prompts_are_drawn() {
+        assert_eq!(line_width(90, 60), 2);
+        assert_eq!(line_width(4032, 3024), 10);
+        assert_eq!(line_width(3024, 4032), 10);
+        let (w, h) = (1200usize, 900usize);
+        assert_eq!(line_width(w, h), 3);
+        let img = image::RgbImage::from_pixel(w as u32, h as u32, image::Rgb([100, 100, 100]));
+        let mask: Vec<bool> =
+            (0..w * h).map(|p| (200..400).contains(&(p / w)) && (300..600).contains(&(p % w))).collect();
+        let d = Detection {
+            score: 0.9,
+            bbox: [280.0, 180.0, 620.0, 420.0],
+            bbox_xywh: [280.0, 180.0, 340.0, 240.0],
+            query: 0,
+            segmentation: rle_encode(&mask, h, w),
+            area: 60000,
+        };
+        let out = overlay_prompts(&img, &[&[d]], &[[50.0, 60.0, 800.0, 700.0]]);
+        let c = PALETTE[0];
+        // The detection's box: 3 px wide, inwards.
+        for t in 0..3 {
+            assert_eq!(out.get_pixel(450, 180 + t).0, c, "box row {t}");
+        }
+        assert_eq!(out.get_pixel(450, 183).0, [100, 100, 100]);
+        // The mask: an outline in its colour (1 px: half the line width), a tinted interior.
+        assert_eq!(out.get_pixel(450, 200).0, c);
+        assert_eq!(out.get_pixel(300, 300).0, c);
+        let inside = out.get_pixel(450, 201).0;
+        assert!(inside != c && inside != [100, 100, 100], "{inside:?}");
+        // The box prompt: dashed white and black, 3 px.
+        let top: Vec<[u8; 3]> = (50..800).map(|x| out.get_pixel(x, 62).0).collect();
+        assert!(top.iter().all(|p| *p == [255, 255, 255] || *p == [0, 0, 0]), "not a dashed line");
+        assert!(top.contains(&[255, 255, 255]) && top.contains(&[0, 0, 0]));
+        assert_eq!(out.get_pixel(100, 63).0, [100, 100, 100], "3 px wide only");
+        // Several prompts: a colour per prompt.
+        let d2 = |q| Detection { query: q, ..detection_at(10, 10) };
+        let two = overlay_prompts(&img, &[&[d2(0), d2(1)], &[]], &[]);
+        assert_eq!(two.get_pixel(15, 10).0, PALETTE[0], "several prompts: the first prompt's colour");
+        let one = overlay_prompts(&img, &[&[d2(0), d2(1)]], &[]);
+        assert_eq!(one.get_pixel(15, 10).0, PALETTE[1], "one prompt: a colour per detection");
+    }
+
+    fn detection_at(x: usize, y: usize) -> Detection {
+        Detection {
+            score: 0.9,
+            bbox: [x as f32, y as f32, x as f32 + 20.0, y as f32 + 20.0],
+            bbox_xywh: [x as f32, y as f32, 20.0, 20.0],
+            query: 0,
+            segmentation: Rle { size: [1, 1], counts: vec![1] },
+            area: 0,
+        }
     }
 
     #[test]

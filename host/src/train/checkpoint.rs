@@ -49,6 +49,10 @@ pub struct Best {
     pub value: f64,
     /// The optimizer step it was measured at.
     pub step: u64,
+    /// The validation loss then: it decides between equal values of another metric (absent in
+    /// checkpoints written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
 }
 
 /// Everything besides tensors that a resumed run needs.
@@ -92,6 +96,39 @@ pub struct TrainerState {
     /// `training.gradient_accumulation_steps` of the run.
     #[serde(default)]
     pub accumulation: Option<usize>,
+}
+
+/// Give a file the permissions of any other file lorahost creates: 0o666 less the umask
+/// (0644 under the usual 022). candle writes `.safetensors` through a private temporary file
+/// (mode 0600), which would keep checkpoints, adapters and merged models from teammates.
+/// Nothing to do off unix.
+pub fn set_created_permissions(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+/// The process umask, from `/proc/self/status` (reading it with umask(2) would change it for
+/// a moment under other threads); 022 where that is not available.
+#[cfg(unix)]
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+            })
+            .map_or(0o022, |m| m & 0o777)
+    })
 }
 
 /// Directory of step `step`'s checkpoint.
@@ -212,6 +249,7 @@ pub fn save(
     }
     let opt_path = tmp.join(OPTIMIZER_FILE);
     candle_core::safetensors::save(&tensors, &opt_path).map_err(|e| file_err(&opt_path, e))?;
+    set_created_permissions(&opt_path).map_err(|e| file_err(&opt_path, e))?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| file_err(&tmp, e))?;
     write_atomic(&tmp.join(STATE_FILE), &json).map_err(|e| file_err(&tmp.join(STATE_FILE), e))?;
     let cfg_path = tmp.join(CONFIG_RECORD);
@@ -285,6 +323,60 @@ pub fn prune(root: &Path, limit: usize, keep_step: Option<u64>) -> Vec<PathBuf> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every file of a checkpoint (adapters, optimizer moments, state) has the mode of a file
+    /// lorahost creates (0644 under umask 022), not candle's private 0600 for `.safetensors`.
+    #[cfg(unix)]
+    #[test]
+    fn checkpoint_files_are_readable_like_the_json_beside_them() {
+        use crate::lora::{Component, LoraConfig};
+        use std::os::unix::fs::PermissionsExt;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam3/tiny_a");
+        let mut model =
+            crate::sam3::model::Sam3Model::load_dir(&fixture, &Device::Cpu, candle_core::DType::F32).unwrap();
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into()],
+            components: vec![Component::DetrDecoder],
+        };
+        let lora = LoraSet::attach(&mut model, &cfg, &Device::Cpu).unwrap();
+        let vars = lora.vars().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let opt = AdamW::new(
+            vars,
+            crate::train::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        )
+        .unwrap();
+        let state = TrainerState {
+            format: STATE_FORMAT,
+            step: 3,
+            epoch: 0,
+            micro_in_epoch: 3,
+            epoch_order: vec![0, 1, 2],
+            optimizer_updates: 3,
+            lr_scale: 1.0,
+            loss_scale: 1.0,
+            loss_scale_good_steps: 0,
+            skipped_steps: 0,
+            last_loss: None,
+            sample_stats: Vec::new(),
+            best: None,
+            plugin_states: BTreeMap::new(),
+            seed: 0,
+            train_sha256: String::new(),
+            batch_size: None,
+            accumulation: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = save(dir.path(), &lora, "tiny", &opt, &state, "model: {}\n").unwrap();
+        let mode = |f: &str| std::fs::metadata(ckpt.join(f)).unwrap().permissions().mode() & 0o777;
+        std::fs::write(dir.path().join("probe"), b"x").unwrap();
+        let want = std::fs::metadata(dir.path().join("probe")).unwrap().permissions().mode() & 0o777;
+        for f in [crate::lora::ADAPTER_WEIGHTS, OPTIMIZER_FILE, STATE_FILE] {
+            assert_eq!(mode(f), want, "{f}: {:o}, a created file gets {want:o}", mode(f));
+        }
+    }
 
     /// Pruning keeps the newest (resume point) and the best besides the limit's newest others.
     #[test]

@@ -1,8 +1,9 @@
-//! `lorahost evaluate`: the metrics of trained adapters (or of the base model) on a split, as
+//! `lorahost evaluate`: the metrics of trained adapters (or of a model alone: the base model, or
+//! one with adapters merged in, `--model`) on a split, as
 //! training's validation computes them (the same loss terms, fixed negatives, COCO mask
 //! mAP/AP50/AP75 and cgF1 at the model's mask resolution, box-only pairs left out). The
 //! counterpart of SAM3_LoRA's `validate_sam3_lora.py`, with the presence score applied and the
-//! adapters loaded strictly.
+//! adapters loaded strictly, with the rank, alpha and modules their folder says.
 
 use super::{
     check_tokenizer, device_for, load_config, load_tokenizer, loss_weights, resolve_model, target_mask_size,
@@ -25,8 +26,11 @@ pub struct EvaluateOptions {
     pub config: PathBuf,
     /// `section.key=value` overrides.
     pub overrides: Vec<String>,
-    /// PEFT adapter directory (e.g. OUTPUT/best); None evaluates the base model.
+    /// PEFT adapter directory (e.g. OUTPUT/best); None evaluates the model alone. Its rank,
+    /// alpha and modules come from the folder (a `lora:` section that differs is warned about).
     pub adapter: Option<PathBuf>,
+    /// A model directory instead of the config's `model.path` (e.g. a merged model).
+    pub model: Option<PathBuf>,
     /// Split name; None: `test` when present, else `valid`.
     pub split: Option<String>,
 }
@@ -38,7 +42,11 @@ pub struct EvaluateReport {
     pub split: String,
     /// Its annotation file.
     pub annotation_file: PathBuf,
-    /// The adapters evaluated (None: the base model).
+    /// The model directory evaluated (`--model`, or the config's model).
+    pub model: PathBuf,
+    /// Whether that model has adapters merged into its weights (`export --merge` wrote it).
+    pub merged: bool,
+    /// The adapters evaluated on it (None: the model alone).
     pub adapter: Option<PathBuf>,
     /// Images evaluated (readable, with at least one prompt).
     pub images: usize,
@@ -52,6 +60,8 @@ pub struct EvaluateReport {
     pub metrics: Option<EvalSummary>,
     /// The same per prompt (category).
     pub per_prompt: BTreeMap<String, EvalSummary>,
+    /// Prompts without ground truth in the split (generic negatives): their false positives.
+    pub negative_only: BTreeMap<String, crate::evaluation::NegativeOnly>,
 }
 
 /// Evaluate (see the module docs).
@@ -62,6 +72,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     let dtype = super::compute_dtype(t.precision().unwrap_or(Precision::No), &device);
     let dataset =
         Dataset::load(&t.data_dir).with_context(|| format!("training.data_dir {}", t.data_dir.display()))?;
+    let dataset = dataset.with_generic_negatives(&t.generic_negatives);
     let name = match &opts.split {
         Some(s) => s.clone(),
         None if dataset.split("test").is_some() => "test".into(),
@@ -92,22 +103,45 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         bail!("{}: no usable image to evaluate (see the preflight above)", split.annotation_file.display());
     }
 
-    let model_path = resolve_model(&cfg)?;
+    let model_path = match &opts.model {
+        Some(dir) => {
+            if !dir.exists() {
+                bail!("--model {} does not exist; give a model directory (config.json, model.safetensors, tokenizer.json), e.g. one `export --merge` wrote", dir.display());
+            }
+            crate::sam3::model::check_not_adapter(dir)?;
+            dir.clone()
+        }
+        None => resolve_model(&cfg)?,
+    };
+    let merged = model_path.join(crate::export::MERGED_RECORD).is_file();
     let tokenizer = load_tokenizer(&model_path)?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
     check_tokenizer(&tokenizer, &model, &model_path)?;
     let _adapters = match &opts.adapter {
         Some(dir) => {
             crate::export::warn_if_merged(&model_path, dir);
-            let lora = LoraSet::attach(&mut model, &LoraConfig::from_section(&cfg.lora), &device)
-                .with_context(|| format!("{}: lora section", opts.config.display()))?;
-            lora.load_peft(dir).with_context(|| format!("loading the adapters in {}", dir.display()))?;
-            lora.set_training(false);
-            tracing::info!("evaluating {} adapted modules from {}", lora.modules.len(), dir.display());
+            let lora = LoraSet::attach_peft_for_config(
+                &mut model,
+                dir,
+                &device,
+                &LoraConfig::from_section(&cfg.lora),
+                &opts.config.display().to_string(),
+            )
+            .with_context(|| format!("loading the adapters in {}", dir.display()))?;
+            tracing::info!(
+                "evaluating {} adapted modules from {} on {}",
+                lora.modules.len(),
+                dir.display(),
+                model_path.display()
+            );
             Some(lora)
         }
+        None if merged => {
+            tracing::info!("evaluating the merged model {} (adapters in its weights)", model_path.display());
+            None
+        }
         None => {
-            tracing::info!("evaluating the base model (no --adapter)");
+            tracing::info!("evaluating the model {} alone (no --adapter)", model_path.display());
             None
         }
     };
@@ -127,6 +161,8 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     Ok(EvaluateReport {
         split: name,
         annotation_file: split.annotation_file.clone(),
+        model: model_path,
+        merged,
         adapter: opts.adapter.clone(),
         images: ids.len(),
         images_left_out: split.images.len() - ids.len(),
@@ -134,5 +170,6 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         terms: r.terms,
         metrics: r.summary,
         per_prompt: r.per_prompt,
+        negative_only: r.negative_only,
     })
 }

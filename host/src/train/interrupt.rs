@@ -25,7 +25,10 @@ fn monotonic_ms() -> i64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid out-pointer; async-signal-safe per POSIX.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000
+    // time_t and c_long are 32 bits on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    let ms = ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000;
+    ms
 }
 
 /// Exit status for a run stopped by a signal (128 + SIGINT, as shells report Ctrl-C).

@@ -253,16 +253,17 @@ fn config_record_text(record: &serde_yaml::Value, opts: &TrainOptions) -> String
     head + &serde_yaml::to_string(record).unwrap_or_default()
 }
 
-/// Whether validation `value` of `metric` ("loss": lower is better; others higher) beats the
-/// best so far. A non-finite value (diverged adapters) is never the best, and a non-finite
-/// best (from an older run) is beaten by any finite value.
-fn is_better(metric: &str, value: f64, best: Option<&Best>) -> bool {
+/// Whether validation `value` of `metric` ("loss": lower is better; others higher), with the
+/// validation loss `loss`, beats the best so far. A non-finite value (diverged adapters) is
+/// never the best, and a non-finite best (from an older run) is beaten by any finite value. An
+/// equal value of mAP or cgF1 (e.g. 0 while nothing is detected yet) goes to the lower loss.
+fn is_better(metric: &str, value: f64, loss: f64, best: Option<&Best>) -> bool {
     value.is_finite()
         && match best {
             None => true,
             Some(b) if !b.value.is_finite() => true,
             Some(b) if metric == "loss" => value < b.value,
-            Some(b) => value > b.value,
+            Some(b) => value > b.value || (value == b.value && b.loss.is_some_and(|l| loss < l)),
         }
 }
 
@@ -750,6 +751,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let dataset =
         Dataset::load(&t.data_dir).with_context(|| format!("training.data_dir {}", t.data_dir.display()))?;
+    let dataset = dataset.with_generic_negatives(&t.generic_negatives);
     let fp = dataset.fingerprint();
     tracing::info!("dataset fingerprint: {}", serde_json::to_string(&fp).unwrap_or_default());
     // Training reads train/ and valid/ only; test/ is doctor's business.
@@ -1893,9 +1895,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     _ => Some(v.loss),
                 };
                 if let Some(value) = value {
-                    let better = is_better(&metric_name, value, state.best.as_ref());
+                    let better = is_better(&metric_name, value, v.loss, state.best.as_ref());
                     if better {
-                        state.best = Some(Best { metric: metric_name.clone(), value, step });
+                        state.best =
+                            Some(Best { metric: metric_name.clone(), value, step, loss: Some(v.loss) });
                         write_adapter_dir(&out_dir.join("best"), &lora, &base_name)?;
                         tracing::info!(
                             "new best {metric_name} {value:.4} at step {step}: {}",
@@ -2123,12 +2126,21 @@ mod tests {
 
     #[test]
     fn a_diverged_validation_is_never_the_best() {
-        let best = |value| Best { metric: "loss".into(), value, step: 1 };
-        assert!(!is_better("loss", f64::NAN, None));
-        assert!(!is_better("map", f64::INFINITY, Some(&best(0.1))));
-        assert!(is_better("loss", 2.0, Some(&best(f64::NAN))));
-        assert!(is_better("loss", 2.0, Some(&best(3.0))) && !is_better("loss", 4.0, Some(&best(3.0))));
-        assert!(is_better("map", 0.4, Some(&best(0.3))) && !is_better("map", 0.2, Some(&best(0.3))));
+        let best = |value| Best { metric: "loss".into(), value, step: 1, loss: Some(5.0) };
+        assert!(!is_better("loss", f64::NAN, 1.0, None));
+        assert!(!is_better("map", f64::INFINITY, 1.0, Some(&best(0.1))));
+        assert!(is_better("loss", 2.0, 2.0, Some(&best(f64::NAN))));
+        assert!(
+            is_better("loss", 2.0, 2.0, Some(&best(3.0))) && !is_better("loss", 4.0, 4.0, Some(&best(3.0)))
+        );
+        assert!(
+            is_better("map", 0.4, 9.0, Some(&best(0.3))) && !is_better("map", 0.2, 1.0, Some(&best(0.3)))
+        );
+        // A tie in mAP goes to the lower validation loss; an older best without a loss keeps it.
+        assert!(
+            is_better("map", 0.0, 4.0, Some(&best(0.0))) && !is_better("map", 0.0, 6.0, Some(&best(0.0)))
+        );
+        assert!(!is_better("map", 0.0, 4.0, Some(&Best { loss: None, ..best(0.0) })));
     }
 
     /// Training's overrides: a key that names no setting is an error that says where the key

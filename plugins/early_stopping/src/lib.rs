@@ -4,7 +4,8 @@
 //! trainer's failure mode F27: validation loss converges in 2–3 epochs while the README
 //! suggests up to 100). This plugin watches a validation metric and answers `stop` when its
 //! (optionally smoothed) value has not improved for `patience` evaluations. The trainer keeps
-//! the best adapters in `OUTPUT/best` on its own, so stopping loses nothing.
+//! the best adapters in the run's `best/` folder on its own (chosen by `evaluation.metric`),
+//! so stopping loses nothing.
 //!
 //! ## What it reads
 //!
@@ -15,7 +16,10 @@
 //! before training counts as step 0. A validation at step N is
 //! therefore seen at step N + 1, and a stop takes effect after that step. An evaluation is
 //! *new* when `validation.step` changes (or, for traces without it, when the value changes).
-//! Any other numeric `extra` name can be watched too.
+//! Any other numeric `extra` name can be watched too. When validations have run (the step
+//! metrics carry `validation.step`) but the watched metric is not among them (e.g. `val_loss`
+//! for `validation.loss`, or `validation.map` without metrics computed), a warning names the
+//! values that are there, once.
 //!
 //! ## Config (every key optional)
 //!
@@ -107,11 +111,61 @@ pub struct EarlyStopping {
     cfg: Settings,
     mode: Mode,
     state: State,
+    /// Whether the missing-metric warning was given (once per process, not snapshotted).
+    warned_missing: bool,
 }
 
 impl EarlyStopping {
     fn extra(m: &StepMetrics, name: &str) -> Option<f64> {
         m.extra.iter().find(|v| v.name == name).map(|v| v.value)
+    }
+
+    /// The warning for step metrics `m` from after a validation (`validation.step` present)
+    /// that lack the watched metric: it names the values there are.
+    fn missing_metric_warning(&self, m: &StepMetrics) -> Option<String> {
+        if Self::extra(m, "validation.step").is_none() || Self::extra(m, &self.cfg.metric).is_some() {
+            return None;
+        }
+        let mut names: Vec<&str> = m
+            .extra
+            .iter()
+            .map(|v| v.name.as_str())
+            .filter(|n| *n != "validation.step" && !n.starts_with("plugin."))
+            .collect();
+        names.sort_unstable();
+        let (validation, other): (Vec<&str>, Vec<&str>) =
+            names.into_iter().partition(|n| n.starts_with("validation."));
+        let hint = if self.cfg.metric.starts_with("validation.") {
+            " (validation.map, .ap50 and .cgf1 need evaluation.compute_metrics_during_training: true)"
+        } else {
+            ""
+        };
+        Some(format!(
+            "`{}` is not among the step metrics after validation, so it never stops the run; \
+             validation gives: {}{}; set early_stopping.metric to one of them{hint}",
+            self.cfg.metric,
+            if validation.is_empty() {
+                "nothing besides validation.step".to_string()
+            } else {
+                validation.join(", ")
+            },
+            if other.is_empty() { String::new() } else { format!(" (other values: {})", other.join(", ")) }
+        ))
+    }
+
+    /// The improvement an evaluation must make, in words: "improved" alone without margins,
+    /// else by how much (the larger of min_delta and min_rel_delta × |best|).
+    fn improvement_needed(&self, best: f64) -> String {
+        let (abs, rel) = (self.cfg.min_delta, self.cfg.min_rel_delta);
+        let margin = abs.max(rel * best.abs());
+        match (abs > 0.0, rel > 0.0) {
+            (false, false) => "improved".into(),
+            (true, false) => format!("improved by more than min_delta {abs}"),
+            (false, true) => format!("improved by more than min_rel_delta {rel} × |best| = {margin:.6}"),
+            (true, true) => format!(
+                "improved by more than max(min_delta {abs}, min_rel_delta {rel} × |best|) = {margin:.6}"
+            ),
+        }
     }
 
     /// Whether `value` beats `best` by the configured margins.
@@ -157,7 +211,7 @@ impl Plugin for EarlyStopping {
             cfg.patience,
             if run.total_steps > 0 { format!(" (run of {} steps)", run.total_steps) } else { String::new() }
         ));
-        Ok(Self { cfg, mode, state: State::default() })
+        Ok(Self { cfg, mode, state: State::default(), warned_missing: false })
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -170,6 +224,12 @@ impl Plugin for EarlyStopping {
     }
 
     fn on_step(&mut self, m: &StepMetrics) -> Action {
+        if !self.warned_missing {
+            if let Some(w) = self.missing_metric_warning(m) {
+                host::warn(&w);
+                self.warned_missing = true;
+            }
+        }
         let Some(value) = Self::extra(m, &self.cfg.metric).filter(|v| v.is_finite()) else {
             return Action::Continue;
         };
@@ -188,9 +248,10 @@ impl Plugin for EarlyStopping {
                 if self.state.bad_evals >= self.cfg.patience && m.step >= self.cfg.min_step =>
             {
                 Action::Stop(format!(
-                    "{} has not improved for {} evaluations (best {best:.6} at step {best_at}, now {:.6}); \
-                     the best adapters are in OUTPUT/best",
+                    "{} has not {} for {} evaluations (best {best:.6} at step {best_at}, now {:.6}); \
+                     the best adapters are in the run's best/ folder (chosen by evaluation.metric)",
                     self.cfg.metric,
+                    self.improvement_needed(best),
                     self.state.bad_evals,
                     self.state.smoothed.unwrap_or(value)
                 ))
@@ -363,6 +424,61 @@ mod tests {
         assert!(matches!(p.on_step(&step(3, &[("validation.loss", 1.1)])), Action::Stop(_)));
         // No metric, no action.
         assert!(matches!(plugin("{}").on_step(&step(1, &[])), Action::Continue));
+    }
+
+    /// The stop message names the margin an evaluation had to beat and where the best
+    /// adapters are (no placeholder).
+    #[test]
+    fn the_stop_message_says_the_margin_and_the_best_folder() {
+        let mut p = plugin(r#"{"metric": "validation.cgf1", "patience": 1, "min_rel_delta": 0.05}"#);
+        let (_, why) = run(&mut p, "validation.cgf1", &[20.0, 20.5], 1).unwrap();
+        assert!(
+            why.contains("has not improved by more than min_rel_delta 0.05 × |best| = 1.000000"),
+            "{why}"
+        );
+        assert!(why.contains("the run's best/ folder (chosen by evaluation.metric)"), "{why}");
+        assert!(!why.contains("OUTPUT"), "{why}");
+        let mut p = plugin(r#"{"patience": 1, "min_delta": 0.5, "min_rel_delta": 0.1}"#);
+        let (_, why) = run(&mut p, "validation.loss", &[2.0, 1.9], 1).unwrap();
+        assert!(why.contains("max(min_delta 0.5, min_rel_delta 0.1 × |best|) = 0.500000"), "{why}");
+        let mut p = plugin(r#"{"patience": 1}"#);
+        let (_, why) = run(&mut p, "validation.loss", &[2.0, 2.1], 1).unwrap();
+        assert!(why.contains("has not improved for 1 evaluations"), "{why}");
+    }
+
+    /// A watched metric that never comes (`val_loss` where the host sends `validation.loss`) is
+    /// warned about once validations have run, naming what is there; not before, not twice,
+    /// not when it is there.
+    #[test]
+    fn a_metric_that_never_comes_is_warned_about_once() {
+        let mut p = plugin(r#"{"metric": "val_loss"}"#);
+        assert_eq!(p.missing_metric_warning(&step(1, &[])), None, "no validation yet");
+        let after = step(
+            2,
+            &[
+                ("validation.step", 0.0),
+                ("validation.loss", 1.0),
+                ("plugin.x.y", 2.0),
+                ("skipped_steps", 0.0),
+            ],
+        );
+        let w = p.missing_metric_warning(&after).unwrap();
+        assert!(
+            w.contains("`val_loss`")
+                && w.contains("validation gives: validation.loss (other values: skipped_steps);"),
+            "{w}"
+        );
+        assert!(!w.contains("plugin.x.y"), "{w}");
+        assert!(matches!(p.on_step(&after), Action::Continue));
+        assert!(p.warned_missing);
+        let q = plugin(r#"{"metric": "validation.map"}"#);
+        let w = q.missing_metric_warning(&after).unwrap();
+        assert!(w.contains("compute_metrics_during_training"), "{w}");
+        let ok = plugin("{}");
+        assert_eq!(ok.missing_metric_warning(&after), None);
+        let mut fresh = plugin("{}");
+        assert!(matches!(fresh.on_step(&after), Action::Continue));
+        assert!(!fresh.warned_missing);
     }
 
     #[test]
