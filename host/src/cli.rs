@@ -520,8 +520,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "trained {} optimizer steps ({} skipped); outputs in {}",
+                "trained {} optimizer step{} ({} skipped); outputs in {}",
                 s.steps,
+                if s.steps == 1 { "" } else { "s" },
                 s.skipped_steps,
                 s.output_dir.display()
             );

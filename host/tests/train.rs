@@ -647,6 +647,10 @@ fn evaluate_reproduces_the_validation_of_training() {
     // A split that is not there is named with the ones that are.
     let e = evaluate(&EvaluateOptions { split: Some("test".into()), ..opts(None) }).unwrap_err().to_string();
     assert!(e.contains("no test split") && e.contains("train, valid"), "{e}");
+    let e = evaluate(&EvaluateOptions { split: Some("validation".into()), ..opts(None) })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean valid?"), "{e}");
 }
 
 /// Resume after a change of settings: a batch or accumulation change is refused (the epoch
@@ -852,4 +856,23 @@ fn a_skip_beside_a_stop_still_rolls_the_update_back() {
     let after_1 = tensors(&out.join("checkpoints/step-00000001"));
     assert!(same_tensors(&tensors(&out.join("adapter")), &after_1), "step 2's update was not rolled back");
     assert_eq!(s.skipped_steps, 1);
+}
+
+/// A validation folder under another name than Roboflow's valid/ is named with the fix.
+#[test]
+fn a_val_folder_is_named_with_the_rename() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    std::fs::rename(data.join("valid"), data.join("val")).unwrap();
+    let out = tmp.path().join("run");
+    let cfg = config(tmp.path(), &data, &out, "  num_epochs: 1\n", "");
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["train", "--no-hot-reload", "--max-steps", "1", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("there is a val/ folder: rename it to valid/"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("trained 1 optimizer step ("));
 }

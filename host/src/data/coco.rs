@@ -343,20 +343,28 @@ pub struct Finding {
     pub message: String,
 }
 
+impl Finding {
+    /// The finding without its severity (`file image N annotation M: message`), for a log line
+    /// whose level already says it.
+    pub fn located(&self) -> String {
+        let mut s = self.file.display().to_string();
+        if let Some(i) = self.image_id {
+            s.push_str(&format!(" image {i}"));
+        }
+        if let Some(a) = self.ann_id {
+            s.push_str(&format!(" annotation {a}"));
+        }
+        format!("{s}: {}", self.message)
+    }
+}
+
 impl std::fmt::Display for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let sev = match self.severity {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{sev}: {}", self.file.display())?;
-        if let Some(i) = self.image_id {
-            write!(f, " image {i}")?;
-        }
-        if let Some(a) = self.ann_id {
-            write!(f, " annotation {a}")?;
-        }
-        write!(f, ": {}", self.message)
+        write!(f, "{sev}: {}", self.located())
     }
 }
 

@@ -80,8 +80,14 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     };
     let Some(split) = dataset.split(&name) else {
         let have: Vec<&str> = dataset.splits.iter().map(|s| s.name.as_str()).collect();
+        let guess = match name.to_ascii_lowercase().as_str() {
+            "val" | "validation" | "eval" | "dev" if have.contains(&"valid") => " (did you mean valid?)",
+            "testing" | "tests" if have.contains(&"test") => " (did you mean test?)",
+            "training" if have.contains(&"train") => " (did you mean train?)",
+            _ => "",
+        };
         bail!(
-            "{}: no {name} split to evaluate (found: {}); pass --split with one of them",
+            "{}: no {name} split to evaluate{guess} (found: {}); pass --split with one of them",
             t.data_dir.display(),
             have.join(", ")
         );
@@ -89,8 +95,8 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     let mut unusable = HashSet::new();
     for f in dataset.preflight_of(&[name.as_str()]) {
         match f.severity {
-            Severity::Error => tracing::error!("{f}"),
-            Severity::Warning => tracing::warn!("{f}"),
+            Severity::Error => tracing::error!("{}", f.located()),
+            Severity::Warning => tracing::warn!("{}", f.located()),
         }
         if matches!(f.kind, FindingKind::MissingImage | FindingKind::CorruptImage) {
             unusable.extend(f.image_id);

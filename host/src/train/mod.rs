@@ -759,8 +759,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut unusable: HashMap<(String, u64), String> = HashMap::new();
     for f in &findings {
         match f.severity {
-            Severity::Error => tracing::error!("{f}"),
-            Severity::Warning => tracing::warn!("{f}"),
+            Severity::Error => tracing::error!("{}", f.located()),
+            Severity::Warning => tracing::warn!("{}", f.located()),
         }
         // Images that cannot be read are left out, each named above. (A segmentation that
         // cannot be decoded leaves a box-only object: it does not cost the image.)
@@ -771,7 +771,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
     for f in &dataset.skipped {
-        tracing::warn!("{f}");
+        tracing::warn!("{}", f.located());
     }
     let train_split = dataset.split("train").context("no train split")?.clone();
     let usable = |s: &Split| -> Vec<usize> {
@@ -807,9 +807,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let valid_split = dataset.split("valid").cloned();
     if valid_split.is_none() {
+        // Other names people give the validation folder (Roboflow's is valid/).
+        let other = ["val", "validation", "eval", "dev"].into_iter().find(|n| t.data_dir.join(n).is_dir());
         tracing::warn!(
-            "{}: no valid split: validation and the best checkpoint are off (add valid/_annotations.coco.json)",
-            t.data_dir.display()
+            "{}: no valid split: validation and the best checkpoint are off ({})",
+            t.data_dir.display(),
+            match other {
+                Some(n) => format!("there is a {n}/ folder: rename it to valid/"),
+                None => "add valid/_annotations.coco.json".to_string(),
+            }
         );
     }
     let valid_ids =
