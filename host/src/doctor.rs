@@ -238,8 +238,7 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
 fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut Report) {
     use crate::data::batch::SampleOptions;
     let model_config = crate::train::resolve_model(cfg).ok().and_then(|p| {
-        let c = if p.is_file() { p.with_file_name("config.json") } else { p.join("config.json") };
-        crate::sam3::config::Sam3Config::from_file(&c).ok().map(|(c, _)| c)
+        crate::sam3::config::Sam3Config::from_file(&model_config_path(&p)).ok().map(|(c, _)| c)
     });
     // Without the model's config (reported by the LoRA checks) SAM3's own sizes are drawn.
     let (image_size, mask_size) = model_config
@@ -1244,6 +1243,15 @@ fn negative_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
     }
 }
 
+/// The `config.json` of a model path: in the directory, or beside a `sam3.pt` file.
+fn model_config_path(model_path: &std::path::Path) -> PathBuf {
+    if model_path.is_file() {
+        model_path.with_file_name("config.json")
+    } else {
+        model_path.join("config.json")
+    }
+}
+
 fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<f64>), memory: bool) -> bool {
     let model_path = match crate::train::resolve_model(cfg) {
         Ok(p) => p,
@@ -1258,12 +1266,7 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<
             return false;
         }
     };
-    let config_path = if model_path.is_file() {
-        model_path.with_file_name("config.json")
-    } else {
-        model_path.join("config.json")
-    };
-    let config = match crate::sam3::config::Sam3Config::from_file(&config_path) {
+    let config = match crate::sam3::config::Sam3Config::from_file(&model_config_path(&model_path)) {
         Ok((c, _)) => c,
         Err(e) => {
             r.add(
