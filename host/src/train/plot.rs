@@ -1,14 +1,106 @@
-//! The loss-curve PNG written at the end of a run: training loss per optimizer step (blue, with
-//! a smoothed line in dark blue) and validation loss (orange dots) on a log-scaled y axis, with
-//! light grid lines at powers of ten. Drawn with the `image` crate; no font, so the axes are
-//! explained in the run log.
+//! The loss-curve PNG written at the end of a run: training loss per optimizer step (light blue,
+//! with a smoothed line in dark blue) and validation loss (orange dots) on a log-scaled y axis,
+//! with grid lines and labelled ticks on both axes, axis titles and a legend. Drawn with the
+//! `image` crate and a small built-in 5×7 bitmap font (no font files).
 
 use image::{Rgb, RgbImage};
 use std::path::Path;
 
 const W: u32 = 900;
-const H: u32 = 480;
-const PAD: u32 = 40;
+const H: u32 = 500;
+/// Plot area margins: left (tick labels + y title), right, top (legend), bottom (ticks + x title).
+const LEFT: f64 = 78.0;
+const RIGHT: f64 = 24.0;
+const TOP: f64 = 34.0;
+const BOTTOM: f64 = 52.0;
+
+const TRAIN: Rgb<u8> = Rgb([150, 180, 230]);
+const SMOOTH: Rgb<u8> = Rgb([20, 60, 160]);
+const VAL: Rgb<u8> = Rgb([240, 130, 20]);
+const INK: Rgb<u8> = Rgb([60, 60, 60]);
+const GRID: Rgb<u8> = Rgb([228, 228, 228]);
+
+/// 5×7 glyphs, one row per string ('#' set), for the characters the labels use.
+fn glyph(c: char) -> Option<[&'static str; 7]> {
+    Some(match c {
+        '0' => [" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "],
+        '1' => ["  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
+        '2' => [" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"],
+        '3' => ["#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### "],
+        '4' => ["   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "],
+        '5' => ["#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "],
+        '6' => ["  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### "],
+        '7' => ["#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "],
+        '8' => [" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "],
+        '9' => [" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "],
+        '.' => ["     ", "     ", "     ", "     ", "     ", " ##  ", " ##  "],
+        '-' => ["     ", "     ", "     ", "#####", "     ", "     ", "     "],
+        '+' => ["     ", "  #  ", "  #  ", "#####", "  #  ", "  #  ", "     "],
+        '(' => ["   # ", "  #  ", " #   ", " #   ", " #   ", "  #  ", "   # "],
+        ')' => [" #   ", "  #  ", "   # ", "   # ", "   # ", "  #  ", " #   "],
+        ',' => ["     ", "     ", "     ", "     ", " ##  ", "  #  ", " #   "],
+        ' ' => ["     "; 7],
+        'a' => ["     ", "     ", " ### ", "    #", " ####", "#   #", " ####"],
+        'c' => ["     ", "     ", " ### ", "#    ", "#    ", "#   #", " ### "],
+        'd' => ["    #", "    #", " ## #", "#  ##", "#   #", "#   #", " ####"],
+        'f' => ["  ## ", " #   ", "#### ", " #   ", " #   ", " #   ", " #   "],
+        'e' => ["     ", "     ", " ### ", "#   #", "#####", "#    ", " ### "],
+        'g' => ["     ", " ####", "#   #", "#   #", " ####", "    #", " ### "],
+        'h' => ["#    ", "#    ", "# ## ", "##  #", "#   #", "#   #", "#   #"],
+        'i' => ["  #  ", "     ", " ##  ", "  #  ", "  #  ", "  #  ", " ### "],
+        'k' => ["#    ", "#    ", "#  # ", "# #  ", "##   ", "# #  ", "#  # "],
+        'l' => [" ##  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "],
+        'm' => ["     ", "     ", "## # ", "# # #", "# # #", "#   #", "#   #"],
+        'n' => ["     ", "     ", "# ## ", "##  #", "#   #", "#   #", "#   #"],
+        'o' => ["     ", "     ", " ### ", "#   #", "#   #", "#   #", " ### "],
+        'p' => ["     ", "     ", "#### ", "#   #", "#### ", "#    ", "#    "],
+        'r' => ["     ", "     ", "# ## ", "##  #", "#    ", "#    ", "#    "],
+        's' => ["     ", "     ", " ####", "#    ", " ### ", "    #", "#### "],
+        't' => [" #   ", " #   ", "###  ", " #   ", " #   ", " #  #", "  ## "],
+        'u' => ["     ", "     ", "#   #", "#   #", "#   #", "#  ##", " ## #"],
+        'v' => ["     ", "     ", "#   #", "#   #", "#   #", " # # ", "  #  "],
+        'x' => ["     ", "     ", "#   #", " # # ", "  #  ", " # # ", "#   #"],
+        'z' => ["     ", "     ", "#####", "   # ", "  #  ", " #   ", "#####"],
+        _ => return None,
+    })
+}
+
+/// Advance per character, pixels.
+const ADVANCE: i64 = 6;
+
+fn text_width(s: &str) -> i64 {
+    s.chars().count() as i64 * ADVANCE - 1
+}
+
+/// Draw `s` with its top-left corner at (x, y); characters without a glyph are left blank.
+fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
+    for (i, ch) in s.chars().enumerate() {
+        let Some(rows) = glyph(ch.to_ascii_lowercase()) else { continue };
+        for (dy, row) in rows.iter().enumerate() {
+            for (dx, b) in row.bytes().enumerate() {
+                if b == b'#' {
+                    put(img, x + i as i64 * ADVANCE + dx as i64, y + dy as i64, c);
+                }
+            }
+        }
+    }
+}
+
+/// Draw `s` rotated a quarter turn counter-clockwise (read bottom to top), its glyph tops at
+/// column `x`, centred on row `cy`.
+fn text_vertical(img: &mut RgbImage, x: i64, cy: i64, s: &str, c: Rgb<u8>) {
+    let y0 = cy + text_width(s) / 2;
+    for (i, ch) in s.chars().enumerate() {
+        let Some(rows) = glyph(ch.to_ascii_lowercase()) else { continue };
+        for (dy, row) in rows.iter().enumerate() {
+            for (dx, b) in row.bytes().enumerate() {
+                if b == b'#' {
+                    put(img, x + dy as i64, y0 - i as i64 * ADVANCE - dx as i64, c);
+                }
+            }
+        }
+    }
+}
 
 fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
     if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
@@ -24,59 +116,237 @@ fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u
     }
 }
 
-/// Draw `train` (step, loss) and `val` (step, loss) and write a PNG atomically.
-pub fn write_loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)]) -> anyhow::Result<()> {
-    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
-    let finite = |v: &(u64, f64)| v.1.is_finite() && v.1 > 0.0;
-    let pts: Vec<(u64, f64)> = train.iter().chain(val).copied().filter(finite).collect();
-    if !pts.is_empty() {
-        let max_step = pts.iter().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
-        let lo = pts.iter().map(|p| p.1.log10()).fold(f64::INFINITY, f64::min);
-        let hi = pts.iter().map(|p| p.1.log10()).fold(f64::NEG_INFINITY, f64::max);
-        let (lo, hi) = if hi - lo < 1e-9 { (lo - 0.5, hi + 0.5) } else { (lo, hi) };
-        let (pw, ph) = ((W - 2 * PAD) as f64, (H - 2 * PAD) as f64);
-        let map = |s: u64, v: f64| {
-            (PAD as f64 + pw * s as f64 / max_step, PAD as f64 + ph * (hi - v.log10()) / (hi - lo))
-        };
-        for decade in (lo.floor() as i64)..=(hi.ceil() as i64) {
-            let (_, y) = map(0, 10f64.powi(decade as i32));
-            if y >= PAD as f64 && y <= (H - PAD) as f64 {
-                line(&mut img, (PAD as f64, y), ((W - PAD) as f64, y), Rgb([225, 225, 225]));
-            }
-        }
-        let axis = Rgb([60, 60, 60]);
-        line(&mut img, (PAD as f64, PAD as f64), (PAD as f64, (H - PAD) as f64), axis);
-        line(&mut img, (PAD as f64, (H - PAD) as f64), ((W - PAD) as f64, (H - PAD) as f64), axis);
-        let tr: Vec<(u64, f64)> = train.iter().copied().filter(finite).collect();
-        for w in tr.windows(2) {
-            line(&mut img, map(w[0].0, w[0].1), map(w[1].0, w[1].1), Rgb([150, 180, 230]));
-        }
-        // Bias-corrected exponential moving average of log loss (no lag from a zero start).
-        let beta = if tr.len() > 100 { 0.95 } else { 0.7 };
-        let (mut ema, mut k) = (0.0f64, 0i32);
-        let mut prev: Option<(f64, f64)> = None;
-        for &(s, v) in &tr {
-            k += 1;
-            ema = beta * ema + (1.0 - beta) * v.log10();
-            let p = map(s, 10f64.powf(ema / (1.0 - beta.powi(k))));
-            if let Some(q) = prev {
-                line(&mut img, q, p, Rgb([20, 60, 160]));
-            }
-            prev = Some(p);
-        }
-        for &(s, v) in val.iter().filter(|v| finite(v)) {
-            let (x, y) = map(s, v);
-            for dx in -3..=3 {
-                for dy in -3..=3 {
-                    if dx * dx + dy * dy <= 9 {
-                        put(&mut img, x as i64 + dx, y as i64 + dy, Rgb([240, 130, 20]));
-                    }
-                }
+fn dot(img: &mut RgbImage, (x, y): (f64, f64), c: Rgb<u8>) {
+    for dx in -3..=3 {
+        for dy in -3..=3 {
+            if dx * dx + dy * dy <= 9 {
+                put(img, x as i64 + dx, y as i64 + dy, c);
             }
         }
     }
+}
+
+/// A loss value as a short label: 3 significant digits in plain notation between 1e-3 and 1e5,
+/// else scientific (`2e-05`).
+fn value_label(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let a = v.abs();
+    if !(1e-3..1e5).contains(&a) {
+        let e = a.log10().floor() as i32;
+        let m = v / 10f64.powi(e);
+        let m = if (m.round() - m).abs() < 1e-6 { format!("{}", m.round()) } else { format!("{m:.1}") };
+        return format!("{m}e{e}");
+    }
+    let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// Y ticks (loss values) for a log axis spanning [10^lo, 10^hi]: powers of ten, with 2× and 5×
+/// added while there are few, and 1.5/3/7 for a narrow range; at most about 8 (a range too
+/// narrow for any of those gets two ticks near its ends).
+fn y_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mantissas: [&[f64]; 3] = [&[1.0], &[1.0, 2.0, 5.0], &[1.0, 1.5, 2.0, 3.0, 5.0, 7.0]];
+    let mut best = Vec::new();
+    for ms in mantissas {
+        let mut t = Vec::new();
+        for d in (lo.floor() as i32 - 1)..=(hi.ceil() as i32) {
+            for m in ms {
+                let v = m * 10f64.powi(d);
+                let l = v.log10();
+                if l >= lo - 1e-9 && l <= hi + 1e-9 {
+                    t.push(v);
+                }
+            }
+        }
+        if t.len() > 8 && !best.is_empty() {
+            break;
+        }
+        best = t;
+        if best.len() >= 4 {
+            break;
+        }
+    }
+    if best.len() < 2 {
+        // A very narrow range: label its two ends.
+        best = vec![10f64.powf(lo + (hi - lo) * 0.1), 10f64.powf(hi - (hi - lo) * 0.1)];
+    }
+    best
+}
+
+/// X ticks (steps) for [0, max]: a 1/2/5 × 10^k spacing giving at most about 8 intervals.
+fn x_ticks(max: u64) -> Vec<u64> {
+    let mut spacing = 1u64;
+    'outer: loop {
+        for m in [1, 2, 5] {
+            let s = spacing * m;
+            if max / s <= 8 {
+                spacing = s;
+                break 'outer;
+            }
+        }
+        spacing *= 10;
+    }
+    (0..=max / spacing).map(|i| i * spacing).collect()
+}
+
+/// Draw `train` (step, loss) and `val` (step, loss) and write a PNG atomically.
+pub fn write_loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)]) -> anyhow::Result<()> {
+    let img = render(train, val);
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
     crate::fsutil::write_atomic(path, &bytes)?;
     Ok(())
+}
+
+fn render(train: &[(u64, f64)], val: &[(u64, f64)]) -> RgbImage {
+    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
+    let finite = |v: &(u64, f64)| v.1.is_finite() && v.1 > 0.0;
+    let pts: Vec<(u64, f64)> = train.iter().chain(val).copied().filter(finite).collect();
+    let (x0, x1, y0, y1) = (LEFT, W as f64 - RIGHT, TOP, H as f64 - BOTTOM);
+    // Axis titles and legend, drawn even when there is nothing to plot.
+    let title = "optimizer step";
+    text(&mut img, ((x0 + x1) / 2.0) as i64 - text_width(title) / 2, H as i64 - 14, title, INK);
+    text_vertical(&mut img, 6, ((y0 + y1) / 2.0) as i64, "loss (log scale)", INK);
+    let mut lx = x0 as i64 + 4;
+    for (label, c, is_dot) in
+        [("training", TRAIN, false), ("smoothed", SMOOTH, false), ("validation", VAL, true)]
+    {
+        if is_dot {
+            dot(&mut img, (lx as f64 + 8.0, 15.0), c);
+        } else {
+            for dy in 0..2 {
+                line(&mut img, (lx as f64, 14.0 + dy as f64), (lx as f64 + 16.0, 14.0 + dy as f64), c);
+            }
+        }
+        text(&mut img, lx + 22, 12, label, INK);
+        lx += 22 + text_width(label) + 18;
+    }
+    if pts.is_empty() {
+        text(&mut img, ((x0 + x1) / 2.0) as i64 - 60, ((y0 + y1) / 2.0) as i64, "no finite loss values", INK);
+        return img;
+    }
+    let max_step = pts.iter().map(|p| p.0).max().unwrap_or(1).max(1);
+    let lo = pts.iter().map(|p| p.1.log10()).fold(f64::INFINITY, f64::min);
+    let hi = pts.iter().map(|p| p.1.log10()).fold(f64::NEG_INFINITY, f64::max);
+    // A little headroom so the extremes do not sit on the frame.
+    let pad = ((hi - lo) * 0.04).max(0.02);
+    let (lo, hi) = (lo - pad, hi + pad);
+    let map = |s: u64, v: f64| {
+        (x0 + (x1 - x0) * s as f64 / max_step as f64, y0 + (y1 - y0) * (hi - v.log10()) / (hi - lo))
+    };
+    for v in y_ticks(lo, hi) {
+        let (_, y) = map(0, v);
+        line(&mut img, (x0, y), (x1, y), GRID);
+        line(&mut img, (x0 - 4.0, y), (x0, y), INK);
+        let l = value_label(v);
+        text(&mut img, x0 as i64 - 7 - text_width(&l), y as i64 - 3, &l, INK);
+    }
+    for s in x_ticks(max_step) {
+        let (x, _) = map(s, 1.0);
+        line(&mut img, (x, y0), (x, y1), GRID);
+        line(&mut img, (x, y1), (x, y1 + 4.0), INK);
+        let l = s.to_string();
+        text(&mut img, x as i64 - text_width(&l) / 2, y1 as i64 + 8, &l, INK);
+    }
+    line(&mut img, (x0, y0), (x0, y1), INK);
+    line(&mut img, (x0, y1), (x1, y1), INK);
+    let tr: Vec<(u64, f64)> = train.iter().copied().filter(finite).collect();
+    for w in tr.windows(2) {
+        line(&mut img, map(w[0].0, w[0].1), map(w[1].0, w[1].1), TRAIN);
+    }
+    // Bias-corrected exponential moving average of log loss (no lag from a zero start).
+    let beta = if tr.len() > 100 { 0.95 } else { 0.7 };
+    let (mut ema, mut k) = (0.0f64, 0i32);
+    let mut prev: Option<(f64, f64)> = None;
+    for &(s, v) in &tr {
+        k += 1;
+        ema = beta * ema + (1.0 - beta) * v.log10();
+        let p = map(s, 10f64.powf(ema / (1.0 - beta.powi(k))));
+        if let Some(q) = prev {
+            line(&mut img, q, p, SMOOTH);
+        }
+        prev = Some(p);
+    }
+    for &(s, v) in val.iter().filter(|v| finite(v)) {
+        dot(&mut img, map(s, v), VAL);
+    }
+    img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_labels_are_short_and_exact_for_round_numbers() {
+        assert_eq!(value_label(100.0), "100");
+        assert_eq!(value_label(0.5), "0.5");
+        assert_eq!(value_label(1.5), "1.5");
+        assert_eq!(value_label(0.002), "0.002");
+        assert_eq!(value_label(2e-5), "2e-5");
+        assert_eq!(value_label(3e6), "3e6");
+        assert_eq!(value_label(318.7), "319");
+    }
+
+    #[test]
+    fn ticks_cover_the_range_in_round_steps() {
+        // 150..320: one decade line (100 is outside), so 2/5 mantissas fill in.
+        let t = y_ticks(150f64.log10(), 320f64.log10());
+        assert_eq!(t, vec![150.0, 200.0, 300.0]);
+        let t = y_ticks(-3.0, 2.0);
+        assert_eq!(t, vec![0.001, 0.01, 0.1, 1.0, 10.0, 100.0]);
+        assert_eq!(x_ticks(96), vec![0, 20, 40, 60, 80]);
+        assert_eq!(x_ticks(7), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(x_ticks(1000), (0..=5).map(|i| i * 200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn every_label_character_has_a_glyph() {
+        for s in [
+            "optimizer step",
+            "loss (log scale)",
+            "training",
+            "smoothed",
+            "validation",
+            "no finite loss values",
+        ] {
+            for c in s.chars() {
+                assert!(glyph(c).is_some(), "no glyph for {c:?} in {s:?}");
+            }
+        }
+        for c in "0123456789.-e".chars() {
+            assert!(glyph(c).is_some());
+        }
+    }
+
+    #[test]
+    fn curve_and_labels_are_drawn() {
+        let train: Vec<(u64, f64)> = (1..=50).map(|s| (s, 300.0 / (s as f64).sqrt())).collect();
+        let val = vec![(25, 80.0), (50, 50.0)];
+        let img = render(&train, &val);
+        let count = |c: Rgb<u8>| img.pixels().filter(|p| **p == c).count();
+        assert!(count(TRAIN) > 100 && count(SMOOTH) > 100, "curves missing");
+        assert!(count(VAL) > 2 * 29, "validation dots missing");
+        // Tick labels left of the y axis and below the x axis.
+        let ink_in = |xr: std::ops::Range<u32>, yr: std::ops::Range<u32>| {
+            xr.flat_map(|x| yr.clone().map(move |y| (x, y)))
+                .filter(|&(x, y)| *img.get_pixel(x, y) == INK)
+                .count()
+        };
+        assert!(ink_in(20..(LEFT as u32 - 6), TOP as u32..(H - BOTTOM as u32)) > 50, "no y tick labels");
+        assert!(
+            ink_in(LEFT as u32..(W - RIGHT as u32), (H - BOTTOM as u32 + 6)..(H - 20)) > 50,
+            "no x tick labels"
+        );
+        // Nothing to plot: still a valid image with the titles.
+        let empty = render(&[(1, f64::NAN)], &[]);
+        assert!(empty.pixels().any(|p| *p == INK));
+    }
 }
