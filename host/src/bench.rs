@@ -280,12 +280,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
             .collect::<candle_core::Result<_>>()?;
         drop(grads);
         let norm = group_stats("all", &gs.iter().collect::<Vec<_>>())?.sum_sq.sqrt();
-        let gs = if norm > 1.0 {
-            gs.iter().map(|g| g * (1.0 / (norm + 1e-6))).collect::<candle_core::Result<Vec<_>>>()?
-        } else {
-            gs
-        };
-        opt.step(&gs, 1e-4)?;
+        let clip = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
+        opt.step_scaled(&gs.iter().map(Some).collect::<Vec<_>>(), 1e-4, clip)?;
         let l = loss.to_scalar::<f32>()? as f64;
         device.synchronize()?;
         crate::profile::mark("optimizer");

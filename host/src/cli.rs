@@ -244,9 +244,11 @@ pub enum Command {
     /// (--image repeated, or a folder) the model loads once, each image gets OUT/<file name>/
     /// and OUT/summary.json lists them all.
     Predict {
-        /// Model directory (config.json, weights, tokenizer.json).
-        #[arg(long)]
-        model: PathBuf,
+        /// Model directory (config.json, weights, tokenizer.json). With --adapter from a run it
+        /// may be left out: the run's recorded config.yaml (beside best/, or in the checkpoint)
+        /// names the base model.
+        #[arg(long, required_unless_present = "adapter")]
+        model: Option<PathBuf>,
         /// Trained adapters to apply: a PEFT folder (adapter_config.json +
         /// adapter_model.safetensors) such as a run's best/ or a checkpoint's adapter/.
         #[arg(long, value_name = "DIR")]
@@ -628,16 +630,29 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("  loss {:.4}", r.loss);
             match r.metrics {
                 Some(m) => println!(
-                    "  mask mAP {:.4}  AP50 {:.4}  AP75 {:.4}  cgF1 {:.2}  (pmF1 {:.3}, IL_MCC {:.3}; {} image/prompt pairs, {} with objects)",
-                    m.map, m.ap50, m.ap75, m.cgf1, m.pmf1, m.il_mcc, m.queries, m.positives
+                    "  mask mAP {:.4}  AP50 {:.4}  AP75 {:.4}  cgF1 {:.2}  (pmF1 {:.3}, IL_MCC {:.3}; {} image/prompt {}, {} with objects)",
+                    m.map,
+                    m.ap50,
+                    m.ap75,
+                    m.cgf1,
+                    m.pmf1,
+                    m.il_mcc,
+                    m.queries,
+                    if m.queries == 1 { "pair" } else { "pairs" },
+                    m.positives
                 ),
                 None => println!("  no image/prompt pair could be scored (box-only objects, or a diverged model)"),
             }
             if r.per_prompt.len() > 1 {
                 for (p, m) in &r.per_prompt {
                     println!(
-                        "    {p:<24} mAP {:.4}  AP50 {:.4}  cgF1 {:>6.2}  ({} pairs, {} with objects)",
-                        m.map, m.ap50, m.cgf1, m.queries, m.positives
+                        "    {p:<24} mAP {:.4}  AP50 {:.4}  cgF1 {:>6.2}  ({} {}, {} with objects)",
+                        m.map,
+                        m.ap50,
+                        m.cgf1,
+                        m.queries,
+                        if m.queries == 1 { "pair" } else { "pairs" },
+                        m.positives
                     );
                 }
             }
@@ -743,8 +758,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             let prompt_list = crate::inference::prompt_list(prompts, !boxes.is_empty())?;
+            let model_dir = match (model, adapter) {
+                (Some(m), _) => m.clone(),
+                (None, Some(a)) => crate::inference::model_for_adapter(a)?,
+                (None, None) => bail!("give --model DIR (or --adapter DIR from a run)"),
+            };
             let mut opts = crate::inference::PredictOptions {
-                model_dir: model.clone(),
+                model_dir,
                 adapter: adapter.clone(),
                 image: images[0].clone(),
                 prompts: prompts.clone(),

@@ -189,6 +189,30 @@ pub fn forward(
     Ok(())
 }
 
+/// The base model of a run's adapters: the run's recorded `config.yaml` (in `adapter`, beside it
+/// — a run's `best/` or `adapter/` sits in the output directory — or in the checkpoint holding
+/// `adapter/`) resolved as training resolved it (`model.path`, else `model.name` in the Hugging
+/// Face cache).
+pub fn model_for_adapter(adapter: &Path) -> Result<PathBuf> {
+    let record = crate::train::checkpoint::CONFIG_RECORD;
+    let candidates: Vec<PathBuf> =
+        [Some(adapter), adapter.parent()].into_iter().flatten().map(|d| d.join(record)).collect();
+    let Some(found) = candidates.iter().find(|p| p.is_file()) else {
+        bail!(
+            "--adapter {}: no {record} of the run beside it ({}) to name the base model; give --model DIR (the model the adapters were trained on)",
+            adapter.display(),
+            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    };
+    let (cfg, _) = crate::train_config::TrainConfig::from_file(found).with_context(|| {
+        format!("reading the run's settings from {} (or give --model DIR)", found.display())
+    })?;
+    let dir = crate::train::resolve_model(&cfg)
+        .with_context(|| format!("the base model named in {} (give --model DIR instead)", found.display()))?;
+    tracing::info!("base model {} (from {})", dir.display(), found.display());
+    Ok(dir)
+}
+
 /// Options of `lorahost predict`.
 pub struct PredictOptions {
     /// Model directory (config, weights, tokenizer).

@@ -1,8 +1,10 @@
 //! Seeded randomness for training: dropout masks and adapter initialisation come from a
 //! [`SplitMix64`] stream that the trainer reseeds from (seed, step, micro-step) before every
 //! micro-batch, so a run is reproducible on the CPU and a resumed run draws exactly what the
-//! uninterrupted one drew (no generator state needs saving). On CUDA, dropout uses the device's
-//! own generator (seeded once per run): masks drawn on the host would cost more than the step.
+//! uninterrupted one drew (no generator state needs saving). On CUDA, masks drawn on the host
+//! would cost more than the step: dropout draws on the device, from lorahost's counter-based
+//! mask kernel (a seed and a position; [`crate::sam3::fused_cuda::keep_mask`]) or, where that
+//! kernel is unavailable, from candle's device generator; either is reseeded by the same keys.
 
 use crate::data::SplitMix64;
 use candle_core::{Result, Tensor};
@@ -19,6 +21,9 @@ thread_local! {
     /// any sub-stream, so a micro-batch's draws depend only on (seed, step, micro-step), as on
     /// the CPU (a resumed run draws what the uninterrupted one drew).
     static DEVICE_OUTER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// On CUDA with lorahost's kernels: the dropout generator's (seed, position), as the device
+    /// generator's state otherwise (a key restarts it; see [`keep_mask`]).
+    static DEVICE_COUNTER: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((299_792_458, 0)) };
     /// Sub-streams entered and not left.
     static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
@@ -93,6 +98,15 @@ pub fn keep_mask(shape: &candle_core::Shape, p: f64, device: &candle_core::Devic
         let key = DEVICE_KEY
             .with(|k| k.take())
             .or_else(|| (!inside).then(|| DEVICE_OUTER.with(|k| k.take())).flatten());
+        if crate::sam3::fused_cuda::serves_device(device) {
+            // The counter-based generator: a key restarts it at position 0.
+            let (seed, offset) = match key {
+                Some(k) => (k, 0),
+                None => DEVICE_COUNTER.with(|c| c.get()),
+            };
+            DEVICE_COUNTER.with(|c| c.set((seed, offset + shape.elem_count() as u64)));
+            return crate::sam3::fused_cuda::keep_mask(shape, p, seed, offset, device);
+        }
         if let Some(key) = key {
             device.set_seed(key)?;
         }

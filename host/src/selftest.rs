@@ -211,6 +211,23 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         frozen_linear(&t[0], &w, Some(&b), Some(Activation::Gelu), Some(&lora), Some(&map))
     };
     checks.push(compare("adapted linear (GELU, LoRA, heads-first map)", &inputs, dtype, reference, op)?);
+    // The same without activation and map (the output summed straight into the op's storage).
+    let reference = |t: &[Tensor]| {
+        let y = t[0].matmul(&w.reference.as_tensor().t()?)?.broadcast_add(bias.reference.as_tensor())?;
+        y + (t[0].matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * s)?
+    };
+    let op = |t: &[Tensor]| {
+        let lora = LoraAdapter {
+            a: Var::from_tensor(&t[1])?,
+            b: Var::from_tensor(&t[2])?,
+            scale: s,
+            dropout: 0.0,
+            training: Arc::new(AtomicBool::new(true)),
+        };
+        let (w, b) = (w.device.as_tensor().detach(), bias.device.as_tensor().detach());
+        frozen_linear(&t[0], &w, Some(&b), None, Some(&lora), None)
+    };
+    checks.push(compare("adapted linear (bias, LoRA)", &inputs, dtype, reference, op)?);
 
     // The frozen 3×3 convolution (FPN neck, pixel decoder); candle's CPU convolution has no
     // bf16 matmul (lorahost runs bf16 only on CUDA; the unit tests check bf16 on the CPU).
@@ -218,20 +235,28 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         checks.push(conv_check(device, dtype)?);
     }
 
-    // The frozen norms.
-    let inputs = vec![inp("x", &[2, 17, 48], dtype, 10)?];
-    let (wn, bn) = (Input::new("w", &[48], device, dtype, 11)?, Input::new("b", &[48], device, dtype, 12)?);
-    let reference = |t: &[Tensor]| {
-        normalized(&t[0], &[2, 17, 48], 1e-6)?
-            .broadcast_mul(wn.reference.as_tensor())?
-            .broadcast_add(bn.reference.as_tensor())
-    };
-    let op = |t: &[Tensor]| {
-        let (w, b) = (wn.device.as_tensor().detach(), bn.device.as_tensor().detach());
-        ops::layer_norm_frozen(&t[0], &w, &b, 1e-6)?
-            .ok_or_else(|| candle_core::Error::Msg("fused layer norm not taken".into()))
-    };
-    checks.push(compare("layer norm", &inputs, dtype, reference, op)?);
+    // The frozen norms: LayerNorm at a small width, an odd one and the ViT's (the CUDA kernel
+    // spreads a row over 32..1024 threads by width).
+    for (shape, seed) in [([2usize, 17, 48], 10u64), ([3, 5, 33], 20), ([2, 9, 1024], 30)] {
+        let c = shape[2];
+        let inputs = vec![inp("x", &shape, dtype, seed)?];
+        let (wn, bn) = (
+            Input::new("w", &[c], device, dtype, seed + 1)?,
+            Input::new("b", &[c], device, dtype, seed + 2)?,
+        );
+        let reference = |t: &[Tensor]| {
+            normalized(&t[0], &shape, 1e-6)?
+                .broadcast_mul(wn.reference.as_tensor())?
+                .broadcast_add(bn.reference.as_tensor())
+        };
+        let op = |t: &[Tensor]| {
+            let (w, b) = (wn.device.as_tensor().detach(), bn.device.as_tensor().detach());
+            ops::layer_norm_frozen(&t[0], &w, &b, 1e-6)?
+                .ok_or_else(|| candle_core::Error::Msg("fused layer norm not taken".into()))
+        };
+        let name = if c == 48 { "layer norm".to_string() } else { format!("layer norm width {c}") };
+        checks.push(compare(&name, &inputs, dtype, reference, op)?);
+    }
     let inputs = vec![inp("x", &[2, 12, 5, 7], dtype, 13)?];
     let (wg, bg) = (Input::new("w", &[12], device, dtype, 14)?, Input::new("b", &[12], device, dtype, 15)?);
     let reference = |t: &[Tensor]| {
@@ -247,7 +272,165 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
             .ok_or_else(|| candle_core::Error::Msg("fused group norm not taken".into()))
     };
     checks.push(compare("group norm", &inputs, dtype, reference, op)?);
+    if dtype == DType::F32 {
+        checks.push(adamw_check(device)?);
+    }
+    if crate::sam3::fused_cuda::serves(&Tensor::zeros(1, dtype, device)?) {
+        checks.push(fused_elementwise_check(device, dtype)?);
+    }
     Ok(checks)
+}
+
+/// The fused elementwise kernels of the adapted linears (GPU only): every activation with a
+/// dropout mask, forward (activation, dropped input) and input gradient, against the composed
+/// f64 computation on the CPU.
+fn fused_elementwise_check(device: &Device, dtype: DType) -> Result<Check> {
+    use crate::sam3::fused_cuda;
+    let shape = [3usize, 37];
+    let (x, d1, d2) = (
+        Input::new("x", &shape, device, dtype, 70)?,
+        Input::new("d1", &shape, device, dtype, 71)?,
+        Input::new("d2", &shape, device, dtype, 72)?,
+    );
+    let p = 0.25;
+    let keep: Vec<u8> = (0..shape[0] * shape[1]).map(|i| u8::from((i * 7) % 5 != 0)).collect();
+    let mask_cpu = Tensor::from_vec(keep, &shape, &Device::Cpu)?;
+    let mask_dev = mask_cpu.to_device(device)?;
+    let scaled = (mask_cpu.to_dtype(DType::F64)? / (1.0 - p))?;
+    let (xr, d1r, d2r) = (x.reference.as_tensor(), d1.reference.as_tensor(), d2.reference.as_tensor());
+    let (mut fwd, mut bwd) = (0f64, 0f64);
+    let acts = [
+        None,
+        Some(Activation::Gelu),
+        Some(Activation::GeluTanh),
+        Some(Activation::QuickGelu),
+        Some(Activation::Silu),
+        Some(Activation::Relu),
+    ];
+    for act in acts {
+        let xa_want = match act {
+            Some(a) => a.apply(xr)?,
+            None => xr.clone(),
+        };
+        let xm_want = (&xa_want * &scaled)?;
+        let (xa, xm) = fused_cuda::activation_and_dropout(x.device.as_tensor(), act, Some(&mask_dev), p)?;
+        fwd = fwd.max(rel(&xa_want, &xa)?).max(rel(&xm_want, &xm)?);
+        let xm_only = fused_cuda::adapter_input(x.device.as_tensor(), act, Some(&mask_dev), p)?;
+        fwd = fwd.max(rel(&xm_want, &xm_only)?);
+        let mut dx_want = (d1r + (d2r * &scaled)?)?;
+        if let Some(a) = act {
+            dx_want = (dx_want * crate::sam3::frozen::act_grad(a, xr)?)?;
+        }
+        let dx = fused_cuda::linear_input_grad(
+            d1.device.as_tensor(),
+            Some(d2.device.as_tensor()),
+            Some(&mask_dev),
+            p,
+            act.map(|a| (a, x.device.as_tensor())),
+        )?;
+        bwd = bwd.max(rel(&dx_want, &dx)?);
+    }
+    // The ViT's RoPE output map (rotation + heads-first layout, and its inverse for backward)
+    // against the composed map on the CPU in f32.
+    let (batch, heads, rows, cols, hd) = (2usize, 3usize, 2usize, 3usize, 8usize);
+    let n_tok = rows * cols;
+    let tables = |dev: &Device| crate::sam3::vision::RopeTables::new(rows, cols, hd, 100.0, 0.5, dev);
+    let (rope_dev, rope_cpu) = (tables(device)?, tables(&Device::Cpu)?);
+    let (map_dev, map_cpu) = (rope_dev.heads_first_map(batch, heads), rope_cpu.heads_first_map(batch, heads));
+    let y = Input::new("y", &[batch * n_tok, heads * hd], device, dtype, 73)?;
+    let g = Input::new("g", &[batch, heads, n_tok, hd], device, dtype, 74)?;
+    let cpu32 = |t: &Var| t.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    let want = (map_cpu.forward)(&cpu32(&y.device)?)?.to_dtype(DType::F64)?;
+    fwd = fwd.max(rel(&want, &(map_dev.forward)(y.device.as_tensor())?)?);
+    let want = (map_cpu.backward)(&cpu32(&g.device)?)?.to_dtype(DType::F64)?;
+    bwd = bwd.max(rel(&want, &(map_dev.backward)(g.device.as_tensor())?)?);
+
+    // The keep-mask generator: the kept fraction is 1 − p, a (seed, position) draws the same
+    // mask again, and the next position draws another one.
+    let shape = candle_core::Shape::from((256, 1000));
+    let draw = |offset| -> Result<Vec<u8>> {
+        Ok(fused_cuda::keep_mask(&shape, p, 7, offset, device)?.flatten_all()?.to_vec1::<u8>()?)
+    };
+    let (m1, m2, m3) = (draw(0)?, draw(0)?, draw(256_000)?);
+    let kept = m1.iter().map(|&k| k as f64).sum::<f64>() / m1.len() as f64;
+    let mask_error = (kept - (1.0 - p)).abs() / (1.0 - p)
+        + if m1 == m2 { 0.0 } else { 1.0 }
+        + if m1 != m3 { 0.0 } else { 1.0 };
+    let tolerance = tolerance(dtype);
+    let grads = vec![("x".to_string(), bwd), ("keep mask".to_string(), mask_error)];
+    let ok = fwd <= tolerance && bwd <= tolerance && mask_error <= 0.01;
+    Ok(Check {
+        name: "fused kernels (activations, dropout, RoPE map, keep mask)".into(),
+        forward: fwd,
+        grads,
+        tolerance,
+        ok,
+    })
+}
+
+/// AdamW on `device` (on CUDA the fused one-launch update) against the composed update on the
+/// CPU: two steps (the second with one parameter left without a gradient and a clipping
+/// factor), then a rollback of the second. Parameters, moments and the rolled-back parameters.
+fn adamw_check(device: &Device) -> Result<Check> {
+    use crate::train::optim::{AdamW, AdamWConfig};
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let shapes: [&[usize]; 3] = [&[5, 7], &[33], &[2, 3, 300]];
+    let make = |dev: &Device| -> Result<(AdamW, Vec<Var>)> {
+        let vars: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Ok(Input::new("p", s, dev, DType::F32, 40 + i as u64)?.device))
+            .collect::<Result<_>>()?;
+        let named = vars.iter().enumerate().map(|(i, v)| (format!("p{i}"), v.clone())).collect();
+        Ok((AdamW::new(named, cfg)?, vars))
+    };
+    let grads = |dev: &Device, seed: u64| -> Result<Vec<Tensor>> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Ok(Input::new("g", s, dev, DType::F32, seed + i as u64)?.device.as_tensor().clone())
+            })
+            .collect()
+    };
+    let (mut want, want_vars) = make(&Device::Cpu)?;
+    let (mut got, got_vars) = make(device)?;
+    let snapshot =
+        |vars: &[Var]| -> Result<Vec<Tensor>> { vars.iter().map(|v| Ok(v.as_tensor().copy()?)).collect() };
+    for (opt, dev) in [(&mut want, &Device::Cpu), (&mut got, device)] {
+        let g1 = grads(dev, 50)?;
+        opt.step(&g1, 1e-2)?;
+    }
+    let after_first = (snapshot(&want_vars)?, snapshot(&got_vars)?);
+    for (opt, dev) in [(&mut want, &Device::Cpu), (&mut got, device)] {
+        let g2 = grads(dev, 60)?;
+        opt.step_scaled(&[Some(&g2[0]), None, Some(&g2[2])], 3e-3, 0.5)?;
+    }
+    let worst = |a: &[Tensor], b: &[Tensor]| -> Result<f64> {
+        let mut e = 0f64;
+        for (x, y) in a.iter().zip(b) {
+            e = e.max(rel(&x.to_device(&Device::Cpu)?.to_dtype(DType::F64)?, y)?);
+        }
+        Ok(e)
+    };
+    let params = worst(&snapshot(&want_vars)?, &snapshot(&got_vars)?)?;
+    let state = |o: &AdamW, key: &str| -> Vec<Tensor> {
+        o.state_tensors().into_iter().filter(|(k, _)| k.ends_with(key)).map(|(_, t)| t).collect()
+    };
+    let m = worst(&state(&want, ".exp_avg"), &state(&got, ".exp_avg"))?;
+    let v = worst(&state(&want, ".exp_avg_sq"), &state(&got, ".exp_avg_sq"))?;
+    got.rollback()?;
+    let back = worst(&after_first.1, &snapshot(&got_vars)?)?;
+    let first = worst(&after_first.0, &after_first.1)?;
+    let tolerance = tolerance(DType::F32);
+    let grads = vec![
+        ("exp_avg".to_string(), m),
+        ("exp_avg_sq".to_string(), v),
+        ("after first step".to_string(), first),
+        ("rolled back".to_string(), back),
+    ];
+    let ok = params <= tolerance && grads.iter().all(|g| g.1 <= tolerance);
+    Ok(Check { name: "adamw (2 steps, clip, rollback)".into(), forward: params, grads, tolerance, ok })
 }
 
 #[cfg(test)]
@@ -259,7 +442,7 @@ mod tests {
     #[test]
     fn cpu_f32_ops_match_the_f64_reference() -> Result<()> {
         let checks = run(&Device::Cpu, DType::F32)?;
-        assert_eq!(checks.len(), 8);
+        assert_eq!(checks.len(), 12);
         assert!(checks.iter().any(|c| c.name == "conv 3x3"));
         for c in &checks {
             assert!(c.ok, "{c:?}");

@@ -343,6 +343,40 @@ fn exported_adapters_load_strictly_and_merge_into_equivalent_weights() {
     let wrong = LoraSet::attach(&mut other, &l8, &Device::Cpu).unwrap();
     let e = wrong.load_peft(&out.join("adapter")).unwrap_err().to_string();
     assert!(e.contains("rank"), "{e}");
+
+    // predict --adapter without --model: the base model comes from the run's config.yaml and
+    // the detections are those of naming the model explicitly.
+    let img = tmp.path().join("probe.png");
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 120]))
+        .save(&img)
+        .unwrap();
+    let predict = |model: Option<&Path>, adapter: &Path, to: &str| {
+        let mut c = Command::new(bin);
+        c.arg("predict");
+        if let Some(m) = model {
+            c.arg("--model").arg(m);
+        }
+        c.arg("--adapter").arg(adapter).arg("--image").arg(&img);
+        c.args(["--prompt", "crack", "--threshold", "0", "--out"]).arg(tmp.path().join(to)).output().unwrap()
+    };
+    let o = predict(Some(&model_dir), &out.join("adapter"), "explicit");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = predict(None, &out.join("adapter"), "implied");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |d: &str| std::fs::read_to_string(tmp.path().join(d).join("detections.json")).unwrap();
+    let (explicit, implied): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_str(&read("explicit")).unwrap(), serde_json::from_str(&read("implied")).unwrap());
+    assert_eq!(explicit["detections"], implied["detections"]);
+    // Adapters moved away from their run: the error says to give --model.
+    let loose = tmp.path().join("loose");
+    std::fs::create_dir_all(&loose).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(out.join("adapter").join(f), loose.join(f)).unwrap();
+    }
+    let o = predict(None, &loose, "none");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--model") && err.contains("config.yaml") && !err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -830,6 +864,35 @@ fn a_fresh_run_sets_an_earlier_run_in_its_folder_aside() {
     let s = run(&TrainOptions { max_steps: Some(4), resume: Some(Resume::Latest), ..opts(&cfg) });
     assert_eq!(s.steps, 4);
     assert!(!out.join("previous-runs/run-2").exists(), "a resume sets nothing aside");
+}
+
+/// Setting an earlier run aside keeps a logging_dir's layout: `logs/metrics.jsonl` goes to
+/// `run-N/logs/`, and a metrics log in the output folder itself is not overwritten by it.
+#[test]
+fn setting_aside_keeps_the_logging_dir_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 2);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 1\n  batch_size: 1\n  gradient_accumulation_steps: 1\n",
+        "",
+    );
+    let with_logs = |max| TrainOptions {
+        max_steps: Some(max),
+        overrides: vec!["output.logging_dir=logs".into()],
+        ..opts(&cfg)
+    };
+    run(&with_logs(2));
+    let first = std::fs::read_to_string(out.join("logs/metrics.jsonl")).unwrap();
+    std::fs::write(out.join("metrics.jsonl"), "{\"older\": true}\n").unwrap();
+    run(&with_logs(1));
+    let kept = out.join("previous-runs/run-1");
+    assert_eq!(std::fs::read_to_string(kept.join("logs/metrics.jsonl")).unwrap(), first);
+    assert_eq!(std::fs::read_to_string(kept.join("metrics.jsonl")).unwrap(), "{\"older\": true}\n");
+    assert_eq!(steps(&out.join("logs")).steps.len(), 1);
 }
 
 /// A skip answered by one plugin rolls the update back even when another stops on that step.

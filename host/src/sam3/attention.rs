@@ -20,6 +20,11 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Sha
 /// split: bounds the transient memory of forward and backward at ~64 Mi elements.
 pub const CHUNK_ELEMENTS: usize = 64 << 20;
 
+/// The chunk bound on CUDA, where the score chunk stays in bf16 and is normalised in place:
+/// fewer, larger chunks (a SAM3 window block's attention in one, a global one in seven), at
+/// ~0.5 GB of transient memory.
+pub const CUDA_CHUNK_ELEMENTS: usize = 128 << 20;
+
 /// The computation: scale, optional constant bias (broadcastable to (B, H, Nq, Nk)), chunk bound
 /// and the dtype the score chunks are normalised in.
 struct Lean {
@@ -91,8 +96,12 @@ impl Lean {
             let rows = if b.dim(2)? == 1 { b.clone() } else { b.narrow(2, start, len)? };
             s = s.broadcast_add(&rows.to_dtype(self.probs)?)?;
         }
-        // Fused kernel without a backward: fine here, `s` is untracked (the op's forward and
-        // backward run on detached inputs) and the op has its own backward.
+        // `s` is untracked (the op's forward and backward run on detached inputs; the op has
+        // its own backward) and freshly computed here: on the GPU it is normalised in place
+        // (f32 statistics, one read and one write), elsewhere by candle's fused softmax.
+        if super::fused_cuda::serves(&s) && s.is_contiguous() {
+            return super::fused_cuda::softmax_in_place(s);
+        }
         candle_nn::ops::softmax_last_dim(&s)
     }
 
@@ -155,7 +164,9 @@ impl LeanAttention {
         let d_out = d_out.to_dtype(dt)?.contiguous()?;
         // rowsum(dO ⊙ O) = rowsum(dP ⊙ P): one value per query row, accumulated in f32 and
         // used in the scores' dtype.
-        let delta = (d_out.to_dtype(a)? * out.to_dtype(a)?)?.sum_keepdim(D::Minus1)?.to_dtype(pd)?;
+        let delta = (d_out.to_dtype(a)? * out.to_dtype(a)?)?.sum_keepdim(D::Minus1)?;
+        let fused = super::fused_cuda::serves(&q) && q.dtype() == pd;
+        let delta = if fused { delta } else { delta.to_dtype(pd)? };
         let o = lean.operands(&q, &k, &v)?;
         let vt = o.v.t()?;
         let mut dq = Vec::with_capacity(nq.div_ceil(rows));
@@ -168,8 +179,12 @@ impl LeanAttention {
             let doc = d_out.narrow(2, start, len)?;
             dv = (dv + p.to_dtype(dt)?.t()?.matmul(&doc)?.to_dtype(a)?)?;
             let dp = doc.matmul(&vt)?.to_dtype(pd)?;
-            // dS of the scaled scores S = (q · scale) kᵀ.
-            let ds = (p * dp.broadcast_sub(&delta.narrow(2, start, len)?)?)?.to_dtype(dt)?;
+            // dS of the scaled scores S = (q · scale) kᵀ (on the GPU in place in dP, one pass).
+            let ds = if fused {
+                super::fused_cuda::attention_score_grad_in_place(dp, &p, &delta.narrow(2, start, len)?)?
+            } else {
+                (p * dp.broadcast_sub(&delta.narrow(2, start, len)?)?)?.to_dtype(dt)?
+            };
             dq.push(ds.matmul(&o.k)?);
             dk = (dk + ds.t()?.matmul(&o.q_scaled.narrow(2, start, len)?)?.to_dtype(a)?)?;
             start += len;
@@ -192,7 +207,8 @@ pub fn attention_lean(
     bias: Option<&Tensor>,
     tokens_major: bool,
 ) -> Result<Option<Tensor>> {
-    attention_lean_chunked(q, k, v, scale, bias, CHUNK_ELEMENTS, tokens_major)
+    let chunk = if q.device().is_cuda() { CUDA_CHUNK_ELEMENTS } else { CHUNK_ELEMENTS };
+    attention_lean_chunked(q, k, v, scale, bias, chunk, tokens_major)
 }
 
 /// [`attention_lean`] with `chunk_elements` score elements per query chunk instead of

@@ -47,7 +47,7 @@ struct FrozenLinear {
 }
 
 /// act'(x) in the accumulation dtype.
-fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
     let xf = x.to_dtype(accumulation_dtype(x.dtype()))?;
     match act {
         // d/dx [x·Φ(x)] = Φ(x) + x·φ(x)
@@ -77,6 +77,59 @@ fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The forward's parts, summed by [`Parts::tensor`] or straight into an op's output storage
+/// ([`Parts::precomputed`]): `y + bias + z`.
+struct Parts {
+    /// `act(x)·Wᵀ` (with the bias already added where `bias` is None).
+    y: Tensor,
+    /// The bias still to add (on the GPU, added by the fused sum).
+    bias: Option<Tensor>,
+    /// The adapter's part.
+    z: Option<Tensor>,
+}
+
+impl Parts {
+    /// The sum as a tensor (differentiable off the GPU fast path).
+    fn tensor(self) -> Result<Tensor> {
+        let untracked = !self.y.track_op() && !self.z.as_ref().is_some_and(|z| z.track_op());
+        if (self.bias.is_some() || self.z.is_some()) && untracked && super::fused_cuda::serves(&self.y) {
+            return super::fused_cuda::linear_epilogue(&self.y, self.bias.as_ref(), self.z.as_ref());
+        }
+        let mut y = self.y;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        match self.z {
+            Some(z) => y + z,
+            None => Ok(y),
+        }
+    }
+
+    /// The sum written straight into the op's output storage (in `dt`).
+    fn precomputed(self, dt: candle_core::DType) -> Result<Precomputed> {
+        let shape = self.y.shape().clone();
+        if (self.bias.is_some() || self.z.is_some())
+            && super::fused_cuda::serves(&self.y)
+            && self.y.dtype() == dt
+        {
+            let st =
+                super::fused_cuda::linear_epilogue_storage(&self.y, self.bias.as_ref(), self.z.as_ref())?;
+            return Ok(Precomputed::from_storage(st, shape));
+        }
+        let mut y = self.y;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        match self.z {
+            Some(z) if y.dtype() == dt => {
+                Ok(Precomputed::from_storage(binary_storage(&y, &z, Binary::Add)?, shape))
+            }
+            Some(z) => Precomputed::new(&(y + z)?, dt),
+            None => Precomputed::new(&y, dt),
+        }
+    }
+}
+
 /// The forward as tensor operations (differentiable when its inputs are tracked): the base part
 /// `act(x)·Wᵀ + b` and the adapter part, kept apart so the op can sum them straight into its
 /// output storage.
@@ -86,24 +139,44 @@ fn parts(
     bias: Option<&Tensor>,
     act: Option<Activation>,
     adapter: Option<(&AdapterPart, &Tensor, &Tensor)>,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<Parts> {
     let dt = x.dtype();
-    let xa = match act {
-        Some(act) => act.apply(x)?,
-        None => x.clone(),
+    // On the GPU (nothing to differentiate through x): the activation and the adapter's
+    // dropped-out input in one fused pass.
+    let fused = !x.track_op() && super::fused_cuda::serves(x) && (act.is_some() || adapter.is_some());
+    let (xa, xm) = if fused {
+        let (mask, p) = adapter.map_or((None, 0.0), |(part, _, _)| (part.mask.as_ref(), part.p));
+        let (xa, xm) = super::fused_cuda::activation_and_dropout(x, act, mask, p)?;
+        (xa, Some(xm))
+    } else {
+        let xa = match act {
+            Some(act) => act.apply(x)?,
+            None => x.clone(),
+        };
+        (xa, None)
     };
     let mut y = xa.matmul(&w.to_dtype(dt)?.t()?)?;
+    let mut pending_bias = None;
     if let Some(b) = bias {
-        y = y.broadcast_add(&b.to_dtype(dt)?)?;
+        // Added by the fused sum when nothing needs differentiating through it.
+        if super::fused_cuda::serves(&y) && !y.track_op() && !b.track_op() {
+            pending_bias = Some(b.to_dtype(dt)?);
+        } else {
+            y = y.broadcast_add(&b.to_dtype(dt)?)?;
+        }
     }
     let z = match adapter {
         Some((part, a, b)) => {
-            let h = part.dropped(&xa)?.matmul(&a.to_dtype(dt)?.t()?)?;
+            let xm = match xm {
+                Some(xm) => xm,
+                None => part.dropped(&xa)?,
+            };
+            let h = xm.matmul(&a.to_dtype(dt)?.t()?)?;
             Some(h.matmul(&(b * part.scale)?.to_dtype(dt)?.t()?)?)
         }
         None => None,
     };
-    Ok((y, z))
+    Ok(Parts { y, bias: pending_bias, z })
 }
 
 impl AdapterPart {
@@ -132,6 +205,9 @@ impl FrozenLinear {
             None => dy.clone(),
         };
         let dy = dy.to_dtype(dt)?.contiguous()?;
+        if super::fused_cuda::serves(&x) {
+            return self.backward_fused(&x, x_tracked, ab, &dy);
+        }
         let mut dxa = if x_tracked { Some(dy.matmul(&self.w)?) } else { None };
         let (mut da, mut db) = (None, None);
         if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
@@ -160,6 +236,50 @@ impl FrozenLinear {
                 Some((d.to_dtype(accumulation_dtype(dt))? * act_grad(act, &x)?)?.to_dtype(dt)?)
             }
             (d, _) => d,
+        };
+        Ok((dx, da, db))
+    }
+
+    /// [`Self::backward`] on the GPU: the adapter input recomputed by one fused kernel, and the
+    /// input gradient `(dy·W + drop(g·A)) ⊙ act'(x)` by another (see [`super::fused_cuda`]).
+    fn backward_fused(
+        &self,
+        x: &Tensor,
+        x_tracked: bool,
+        ab: Option<(&Tensor, &Tensor)>,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dt = x.dtype();
+        let (mut da, mut db, mut ga) = (None, None, None);
+        let (mask, p) = self.adapter.as_ref().map_or((None, 0.0), |part| (part.mask.as_ref(), part.p));
+        if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
+            let ad = a.detach().to_dtype(dt)?;
+            let g = dy.matmul(&(b.detach() * part.scale)?.to_dtype(dt)?)?; // (n, r)
+            if a.track_op() || b.track_op() {
+                let xm = super::fused_cuda::adapter_input(x, self.act, mask, p)?;
+                if a.track_op() {
+                    da = Some(g.t()?.matmul(&xm)?.to_dtype(a.dtype())?);
+                }
+                if b.track_op() {
+                    let h = xm.matmul(&ad.t()?)?;
+                    db = Some((dy.t()?.matmul(&h)? * part.scale)?.to_dtype(b.dtype())?);
+                }
+            }
+            if x_tracked {
+                ga = Some(g.matmul(&ad)?);
+            }
+        }
+        let dx = if x_tracked {
+            let d1 = dy.matmul(&self.w)?;
+            Some(super::fused_cuda::linear_input_grad(
+                &d1,
+                ga.as_ref(),
+                mask,
+                p,
+                self.act.map(|act| (act, x)),
+            )?)
+        } else {
+            None
         };
         Ok((dx, da, db))
     }
@@ -277,11 +397,7 @@ pub fn frozen_linear(
     let trainable_base = w.track_op() || bias.is_some_and(|b| b.track_op());
     let dt = x.dtype();
     if !tracked || trainable_base {
-        let (y, z) = parts(x, w, bias, act, adapter_ref)?;
-        let y = match z {
-            Some(z) => (y + z)?,
-            None => y,
-        };
+        let y = parts(x, w, bias, act, adapter_ref)?.tensor()?;
         return match map {
             Some(m) => (m.forward)(&y)?.to_dtype(dt),
             None => Ok(y),
@@ -291,18 +407,11 @@ pub fn frozen_linear(
     let detached = adapter_ref.map(|(p, a, b)| (p, a.detach(), b.detach()));
     let forward =
         || parts(&x.detach(), &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)));
-    let (y, z) = crate::profile::inner(|| profile_label("forward", x, &w, detached.is_some()), forward)?;
-    let out = match (z, map) {
-        (Some(z), None) => Precomputed::from_storage(binary_storage(&y, &z, Binary::Add)?, y.shape().clone()),
-        (None, None) => Precomputed::new(&y, dt)?,
-        (z, Some(m)) => {
-            let y = match z {
-                Some(z) => (y + z)?,
-                None => y,
-            };
-            Precomputed::new(&(m.forward)(&y)?, dt)?
-        }
-    };
+    let label = || profile_label("forward", x, &w, detached.is_some());
+    let out = crate::profile::inner(label, || match map {
+        None => forward()?.precomputed(dt),
+        Some(m) => Precomputed::new(&(m.forward)(&forward()?.tensor()?)?, dt),
+    })?;
     let map = map.cloned();
     match adapter {
         Some((part, a, b)) => {

@@ -161,11 +161,32 @@ impl CustomOp1 for FusedNorm {
     precomputed_kernels!(_x);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
         let dy = match &self.map {
             Some(m) => (m.backward)(dy)?,
             None => dy.clone(),
         };
+        if self.groups.is_none() && super::norm_cuda::serves(x) {
+            return crate::profile::inner(
+                || format!("layer norm backward {:?}", x.dims()),
+                || super::norm_cuda::backward(x, &dy, &self.weight, self.eps),
+            )
+            .map(Some);
+        }
+        let label = || {
+            format!(
+                "{} backward (composed) {:?}",
+                if self.groups.is_some() { "group norm" } else { "layer norm" },
+                x.dims()
+            )
+        };
+        crate::profile::inner(label, || self.composed_backward(x, &dy))
+    }
+}
+
+impl FusedNorm {
+    /// The input gradient, composed in f32.
+    fn composed_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
         let gw = dy.to_dtype(DType::F32)?.broadcast_mul(&self.weight)?;
         let (x32, gw) = match self.groups {
             Some(g) => {
@@ -186,7 +207,24 @@ impl CustomOp1 for FusedNorm {
 
 /// LayerNorm over the last dimension, composed, computed in f32 (differentiable everywhere).
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = layer_norm_kernel(x, weight, bias, eps)? {
+        return Ok(y);
+    }
     layer_norm_f32(x, weight, bias, eps)?.to_dtype(x.dtype())
+}
+
+/// The CUDA LayerNorm kernel's result (in x's dtype) where it serves an untracked computation
+/// (nothing to differentiate: x and the weights untracked); the frozen op's forward uses it too,
+/// so tracked and untracked LayerNorms agree bit for bit on the GPU as they do on the CPU.
+fn layer_norm_kernel(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if x.track_op() || weight.track_op() || bias.track_op() || !super::norm_cuda::serves(x) {
+        return Ok(None);
+    }
+    crate::profile::inner(
+        || format!("layer norm forward {:?}", x.dims()),
+        || super::norm_cuda::forward(x, weight, bias, eps),
+    )
+    .map(Some)
 }
 
 /// The composed LayerNorm's f32 result, before the cast back to the input's dtype.
@@ -216,7 +254,14 @@ pub fn layer_norm_frozen_mapped(
     if !x.track_op() || weight.track_op() || bias.track_op() || x.dtype() == DType::F64 {
         return Ok(None);
     }
-    let mut y = layer_norm_f32(&x.detach(), &weight.detach(), &bias.detach(), eps)?;
+    let (xd, wd, bd) = (x.detach(), weight.detach(), bias.detach());
+    let mut y = match layer_norm_kernel(&xd, &wd, &bd, eps)? {
+        Some(y) => y,
+        None => crate::profile::inner(
+            || format!("layer norm forward (composed) {:?}", x.dims()),
+            || layer_norm_f32(&xd, &wd, &bd, eps),
+        )?,
+    };
     if let Some(m) = map {
         y = (m.forward)(&y)?;
     }
@@ -235,6 +280,9 @@ pub fn layer_norm_composed_mapped(
     eps: f64,
     map: &OutputMap,
 ) -> Result<Tensor> {
+    if let Some(y) = layer_norm_kernel(x, weight, bias, eps)? {
+        return (map.forward)(&y);
+    }
     (map.forward)(&layer_norm_f32(x, weight, bias, eps)?)?.to_dtype(x.dtype())
 }
 

@@ -104,12 +104,19 @@ impl RopeTables {
     /// project + rotate + transpose (the same values as [`RopeTables::apply`] and a transpose).
     pub fn heads_first_map(&self, batch: usize, heads: usize) -> OutputMap {
         let (fwd, bwd) = (self.clone(), self.clone());
+        // On the GPU one kernel pass each way (rotation and layout change), else composed.
         OutputMap {
             forward: Arc::new(move |y: &Tensor| {
+                if super::fused_cuda::serves(y) {
+                    return super::fused_cuda::rope(y, &fwd.cos, &fwd.sin, batch, heads, false);
+                }
                 let (n, d) = (fwd.len(), y.dim(1)? / heads);
                 fwd.rotate(&y.reshape((batch, n, heads, d))?.to_dtype(DType::F32)?, false)?.transpose(1, 2)
             }),
             backward: Arc::new(move |dy: &Tensor| {
+                if super::fused_cuda::serves(dy) {
+                    return super::fused_cuda::rope(dy, &bwd.cos, &bwd.sin, batch, heads, true);
+                }
                 let (b, h, n, d) = dy.dims4()?;
                 bwd.rotate(&dy.transpose(1, 2)?.to_dtype(DType::F32)?, true)?.reshape((b * n, h * d))
             }),

@@ -23,6 +23,7 @@
 //! 8. the metrics line is appended to `metrics.jsonl`; validation and checkpoints follow their
 //!    cadences; hot-reloaded plugins are swapped in at the step boundary.
 
+pub mod adamw_cuda;
 pub mod checkpoint;
 pub mod evaluate;
 pub mod interrupt;
@@ -190,6 +191,14 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// Whether `a` and `b` name the same directory (compared canonically when both exist).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// The outputs a run writes into `output_dir` (and `logging_dir`).
 const RUN_OUTPUTS: &[&str] = &[
     "checkpoints",
@@ -204,34 +213,59 @@ const RUN_OUTPUTS: &[&str] = &[
 ];
 
 /// Move an earlier run's outputs in `out_dir` (and its metrics log in `log_dir`) to
-/// `out_dir/previous-runs/run-N/`. Returns where they went, or None when there was no run.
+/// `out_dir/previous-runs/run-N/`, keeping the layout: a log in a `log_dir` other than
+/// `out_dir` goes to the same relative folder (`logs/metrics.jsonl` → `run-N/logs/`; a
+/// `log_dir` outside `out_dir` → `run-N/<its name>/`), so no file overwrites another. Returns
+/// where they went, or None when there was no run.
 fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBuf>> {
     let is_log = |p: &Path| {
         p.file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("metrics") && n.ends_with(".jsonl"))
     };
-    let mut found: Vec<PathBuf> =
-        RUN_OUTPUTS.iter().map(|n| out_dir.join(n)).filter(|p| p.exists()).collect();
-    for dir in [out_dir, log_dir] {
+    // (file, folder under run-N it goes to)
+    let mut found: Vec<(PathBuf, PathBuf)> = RUN_OUTPUTS
+        .iter()
+        .map(|n| out_dir.join(n))
+        .filter(|p| p.exists())
+        .map(|p| (p, PathBuf::new()))
+        .collect();
+    let log_sub = if same_dir(log_dir, out_dir) {
+        PathBuf::new()
+    } else {
+        match log_dir.strip_prefix(out_dir) {
+            Ok(rel) if !rel.as_os_str().is_empty() => rel.to_path_buf(),
+            _ => PathBuf::from(log_dir.file_name().unwrap_or(std::ffi::OsStr::new("logs"))),
+        }
+    };
+    for (dir, sub) in [(out_dir, PathBuf::new()), (log_dir, log_sub)] {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if is_log(&e.path()) && !found.contains(&e.path()) {
-                found.push(e.path());
+            if is_log(&e.path()) && !found.iter().any(|(p, _)| *p == e.path()) {
+                found.push((e.path(), sub.clone()));
             }
         }
     }
     // Only an empty checkpoints/ folder and nothing else: no run to keep.
     let ckpts = out_dir.join("checkpoints");
-    if found.iter().all(|p| *p == ckpts) && checkpoint::list(&ckpts).is_empty() {
+    if found.iter().all(|(p, _)| *p == ckpts) && checkpoint::list(&ckpts).is_empty() {
         return Ok(None);
     }
     let root = out_dir.join("previous-runs");
     let to = crate::fsutil::first_free(|k| root.join(format!("run-{}", k + 1)));
     std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
-    for p in found {
+    for (p, sub) in found {
         let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        std::fs::rename(&p, to.join(&name))
-            .with_context(|| format!("moving {} to {}", p.display(), to.display()))?;
+        let dir = to.join(&sub);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dest = crate::fsutil::first_free(|k| {
+            if k == 0 {
+                dir.join(&name)
+            } else {
+                dir.join(format!("{}.{k}", name.to_string_lossy()))
+            }
+        });
+        std::fs::rename(&p, &dest)
+            .with_context(|| format!("moving {} to {}", p.display(), dest.display()))?;
     }
     Ok(Some(to))
 }
@@ -1677,16 +1711,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             consecutive_nonfinite = 0;
         } else {
             consecutive_nonfinite = 0;
-            let grads = if t.max_grad_norm > 0.0 && total_norm > t.max_grad_norm {
+            let clip = if t.max_grad_norm > 0.0 && total_norm > t.max_grad_norm {
                 let f = t.max_grad_norm / (total_norm + 1e-6);
                 clipped_norm = total_norm * f;
-                grads.iter().map(|g| g * f).collect::<candle_core::Result<Vec<_>>>()?
+                f
             } else {
-                grads
+                1.0
             };
             let present: Vec<Option<&Tensor>> =
                 grads.iter().zip(&has_grad).map(|(g, h)| h.then_some(g)).collect();
-            opt.step_some(&present, lr)?;
+            opt.step_scaled(&present, lr, clip)?;
             applied = true;
             if state.loss_scale > 1.0 {
                 state.loss_scale_good_steps += 1;

@@ -1,0 +1,186 @@
+//! lorahost's own CUDA kernels (LayerNorm, AdamW): CUDA C source compiled with NVRTC on first
+//! use and loaded once per device. The sources use no headers (bf16 is handled as its bit
+//! pattern), so only the NVRTC library that candle links is needed. A kernel set that cannot
+//! be compiled (or is switched off with its environment variable, `NAME=0`, for A/B timings)
+//! leaves the caller on its composed path, logged once.
+
+/// The PTX of `source`, compiled once per process; None when `switch` is set to `0` or the
+/// compilation failed (both logged once by the caller's `OnceLock`).
+#[cfg(feature = "cuda")]
+pub fn compile(what: &str, switch: &str, source: &str) -> Option<String> {
+    if std::env::var(switch).is_ok_and(|v| v == "0") {
+        tracing::info!("{what} kernels off ({switch}=0): composed path");
+        return None;
+    }
+    match candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source) {
+        Ok(p) => {
+            tracing::info!("{what} CUDA kernels compiled (NVRTC)");
+            Some(p.to_src())
+        }
+        Err(e) => {
+            tracing::warn!("{what} CUDA kernels did not compile ({e}); using the composed path");
+            None
+        }
+    }
+}
+
+/// Device address of a contiguous f32/bf16/i64/u8 CUDA tensor's first element (its storage's
+/// address plus the layout offset). The tensor must stay alive until the kernel that reads it
+/// is queued (frees are stream-ordered after that).
+#[cfg(feature = "cuda")]
+pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<u64> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::{DType, Storage};
+    if !t.is_contiguous() {
+        candle_core::bail!("kernel operand {:?} is not contiguous", t.shape());
+    }
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*s else { candle_core::bail!("kernel operand is not on the GPU") };
+    let stream = cs.device().cuda_stream();
+    let (base, size) = match t.dtype() {
+        DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+        DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+        DType::I64 => (cs.as_cuda_slice::<i64>()?.device_ptr(&stream).0, 8),
+        DType::U8 => (cs.as_cuda_slice::<u8>()?.device_ptr(&stream).0, 1),
+        dt => candle_core::bail!("kernel operand of dtype {dt:?}"),
+    };
+    Ok(base + (l.start_offset() * size) as u64)
+}
+
+/// CUDA C shared by the kernel sources: bf16 loads and stores as bit patterns (round to nearest
+/// even, as `__float2bfloat16`), and block-wide sum and max (blockDim.x a multiple of 32, at
+/// most 1024; every thread gets the result).
+pub const PRELUDE: &str = r#"
+typedef unsigned short bf16_t;
+__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)0x7fc0u; return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p[i] = (bf16_t)(u >> 16);
+}
+__device__ float block_sum(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    float t = l < nw ? sh[l] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    return t;
+}
+__device__ float block_max(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    float t = l < nw ? sh[l] : __int_as_float(0xff800000);
+    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
+    return t;
+}
+"#;
+
+/// A kernel argument as the 8 bytes the launch copies from: addresses and 64-bit integers as
+/// they are, 32-bit values in the low half (the driver copies as many bytes as the kernel's
+/// parameter has; x86-64 and the GPU are little-endian).
+#[derive(Debug, Clone, Copy)]
+pub struct Arg(pub u64);
+
+impl Arg {
+    /// An `int` parameter.
+    pub fn i32(v: i32) -> Arg {
+        Arg(v as u32 as u64)
+    }
+    /// A `float` parameter.
+    pub fn f32(v: f32) -> Arg {
+        Arg(v.to_bits() as u64)
+    }
+    /// A `long long` parameter.
+    pub fn i64(v: i64) -> Arg {
+        Arg(v as u64)
+    }
+}
+
+/// Launch `name` of the module `module` (compiled from `ptx`) on `device`'s stream with a 1-D
+/// block of `block` threads and `grid` blocks.
+#[cfg(feature = "cuda")]
+pub fn launch(
+    device: &candle_core::Device,
+    module: &str,
+    ptx: &str,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &[Arg],
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    let candle_core::Device::Cuda(dev) = device else {
+        candle_core::bail!("kernel {name}: not a CUDA device")
+    };
+    let func = dev.get_or_load_custom_func(name, module, ptx)?;
+    let mut builder = func.builder();
+    for a in args {
+        builder.arg(&a.0);
+    }
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the callers pass the argument list of `name` (addresses of live buffers of the
+    // sizes the kernel indexes, scalars by value).
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// A new contiguous CUDA tensor of `shape` and `dtype` on `like`'s device, not initialised (a
+/// kernel writes every element before anything reads it).
+#[cfg(feature = "cuda")]
+pub fn uninit(
+    like: &candle_core::Tensor,
+    shape: &[usize],
+    dtype: candle_core::DType,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape};
+    struct Alloc(Shape, DType);
+    impl CustomOp1 for Alloc {
+        fn name(&self) -> &'static str {
+            "uninit"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("uninit: CUDA only")
+        }
+        fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            use candle_core::backend::BackendStorage;
+            let dev = s.device().clone();
+            let n = self.0.elem_count();
+            // SAFETY: the caller's kernel writes every element before it is read.
+            let st = unsafe {
+                match self.1 {
+                    DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+                    DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
+                    DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(n)?, dev.clone()),
+                    dt => candle_core::bail!("uninit: {dt:?}"),
+                }
+            };
+            Ok((st, self.0.clone()))
+        }
+    }
+    like.detach().apply_op1_no_bwd(&Alloc(Shape::from(shape), dtype))
+}
+
+/// Threads per block and blocks for an elementwise kernel over `n` elements (grid-stride loop).
+pub fn elementwise_grid(n: usize) -> ((u32, u32, u32), u32) {
+    let threads = 256usize;
+    let blocks = n.div_ceil(threads).clamp(1, 1 << 16);
+    ((blocks as u32, 1, 1), threads as u32)
+}
+
+/// Threads per block for a kernel that gives each row of `n` elements one block: about eight
+/// elements per thread, a multiple of 32, between 32 and 256.
+pub fn row_threads(n: usize) -> u32 {
+    (n.div_ceil(8).div_ceil(32).clamp(1, 8) * 32) as u32
+}

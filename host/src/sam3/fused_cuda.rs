@@ -1,0 +1,690 @@
+//! Fused elementwise CUDA kernels for the training ops' hot paths, where candle's composed
+//! operations make several passes (each with its own allocation and launch) over
+//! activation-sized tensors:
+//! - attention: the softmax of a score chunk in place (f32 statistics, one read and one write
+//!   of the chunk instead of candle's five passes with bf16 exponentials) and the score
+//!   gradient `dS = P ⊙ (dP − δ)` in place in `dP`;
+//! - adapted linears: the input activation and the dropped-out adapter input in one pass
+//!   (forward, and its recomputation in backward), and the input gradient
+//!   `(dy·W + drop(g·A)) ⊙ act'(x)` in one pass instead of about fifteen (the f32 GELU
+//!   derivative alone was ten).
+//!
+//! All compute in f32 and round once to the activations' dtype. The same kernels serve the
+//! tracked and the untracked computation, so checkpointed recomputation reproduces the forward
+//! bit for bit on the GPU as the composed ops do on the CPU. Compiled on first use
+//! ([`crate::cuda_kernels`]); `LORAHOST_FUSED_OPS=0` switches them off (for A/B timings).
+
+use super::nn::Activation;
+use candle_core::{Result, Tensor};
+
+/// Whether the kernels serve `t`: a CUDA tensor in bf16 or f32, with the kernels compiled.
+pub fn serves(t: &Tensor) -> bool {
+    imp::serves(t)
+}
+
+/// Whether the kernels run on `device` (CUDA, compiled).
+pub fn serves_device(device: &candle_core::Device) -> bool {
+    imp::serves_device(device)
+}
+
+/// A dropout keep mask (u8, 1 = kept with probability 1 − `p`) of `shape` on `device`, drawn
+/// by a counter-based generator: element `i` hashes (`seed`, `offset + i`), so a stream is a
+/// seed and a position and reseeding costs nothing (cuRAND's generator is rebuilt on every
+/// reseed, once per ViT block).
+pub fn keep_mask(
+    shape: &candle_core::Shape,
+    p: f64,
+    seed: u64,
+    offset: u64,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    imp::keep_mask(shape, p, seed, offset, device)
+}
+
+/// Softmax over the last axis of the contiguous score chunk `s` (B, H, rows, keys), in place:
+/// `s` must be a fresh tensor no one else holds (a matmul's result). Returns it.
+pub fn softmax_in_place(s: Tensor) -> Result<Tensor> {
+    imp::softmax_in_place(s)
+}
+
+/// `dS = P ⊙ (dP − δ)` in place in the fresh contiguous `dp` (B, H, rows, keys), with `p` of
+/// the same shape and `delta` f32 (B, H, rows). Returns `dp`.
+pub fn attention_score_grad_in_place(dp: Tensor, p: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    imp::attention_score_grad_in_place(dp, p, delta)
+}
+
+/// `(act(x), drop(act(x)))` for an adapted linear's input: the activation (x itself without
+/// one) and the inverted-dropout input of the adapter (keep `mask`, u8, with probability `p`
+/// of dropping; the activation itself without a mask).
+pub fn activation_and_dropout(
+    x: &Tensor,
+    act: Option<Activation>,
+    mask: Option<&Tensor>,
+    p: f64,
+) -> Result<(Tensor, Tensor)> {
+    imp::act_drop(x, act, mask, p, true)
+}
+
+/// `drop(act(x))` alone (the adapter's input, recomputed in backward; the activation itself
+/// is not written when there is a mask).
+pub fn adapter_input(x: &Tensor, act: Option<Activation>, mask: Option<&Tensor>, p: f64) -> Result<Tensor> {
+    imp::act_drop(x, act, mask, p, mask.is_none()).map(|(_, xm)| xm)
+}
+
+/// The adapted linear's input gradient `(d1 + drop(d2)) ⊙ act'(x)` (`d2` the adapter's part,
+/// dropped with `mask`/`p` when given; `act` with the layer's input `x` when the layer applies
+/// an activation first), in `d1`'s dtype.
+pub fn linear_input_grad(
+    d1: &Tensor,
+    d2: Option<&Tensor>,
+    mask: Option<&Tensor>,
+    p: f64,
+    act: Option<(Activation, &Tensor)>,
+) -> Result<Tensor> {
+    imp::linear_input_grad(d1, d2, mask, p, act)
+}
+
+/// 2-D axial RoPE of the q/k projections as their output map, in one pass: the projection's
+/// rows `y` (B·N, H·D) rotated pairwise by the f32 tables `cos`, `sin` (N·D/2 entries, pair `j`
+/// of token `n` at `n·D/2 + j`) and laid out heads first (B, H, N, D); with `inverse`, the
+/// backward: a (B, H, N, D) gradient rotated back to (B·N, H·D) rows.
+pub fn rope(
+    y: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    batch: usize,
+    heads: usize,
+    inverse: bool,
+) -> Result<Tensor> {
+    imp::rope(y, cos, sin, batch, heads, inverse)
+}
+
+/// A linear layer's output `y + bias + z` (bias broadcast over rows; `z` the adapter's part)
+/// in one pass, as a new tensor.
+pub fn linear_epilogue(y: &Tensor, bias: Option<&Tensor>, z: Option<&Tensor>) -> Result<Tensor> {
+    imp::linear_epilogue(y, bias, z)
+}
+
+/// [`linear_epilogue`] written into a fresh storage (a training op's precomputed output).
+pub fn linear_epilogue_storage(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    z: Option<&Tensor>,
+) -> Result<candle_core::Storage> {
+    imp::linear_epilogue_storage(y, bias, z)
+}
+
+/// The kernels' activation code.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn act_code(act: Option<Activation>) -> i32 {
+    match act {
+        None => 0,
+        Some(Activation::Gelu) => 1,
+        Some(Activation::GeluTanh) => 2,
+        Some(Activation::QuickGelu) => 3,
+        Some(Activation::Silu) => 4,
+        Some(Activation::Relu) => 5,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use super::Activation;
+    use candle_core::{Result, Tensor};
+
+    pub fn serves(_: &Tensor) -> bool {
+        false
+    }
+    pub fn serves_device(_: &candle_core::Device) -> bool {
+        false
+    }
+    pub fn keep_mask(
+        _: &candle_core::Shape,
+        _: f64,
+        _: u64,
+        _: u64,
+        _: &candle_core::Device,
+    ) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn softmax_in_place(_: Tensor) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn rope(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: bool) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn linear_epilogue(_: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn linear_epilogue_storage(
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: Option<&Tensor>,
+    ) -> Result<candle_core::Storage> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn attention_score_grad_in_place(_: Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn act_drop(
+        _: &Tensor,
+        _: Option<Activation>,
+        _: Option<&Tensor>,
+        _: f64,
+        _: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn linear_input_grad(
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: Option<&Tensor>,
+        _: f64,
+        _: Option<(Activation, &Tensor)>,
+    ) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::{act_code, Activation};
+    use crate::cuda_kernels::{device_address, elementwise_grid, launch, row_threads, uninit, Arg};
+    use candle_core::{DType, Result, Tensor};
+    use std::sync::OnceLock;
+
+    const MODULE: &str = "lorahost_fused_ops";
+
+    const SOURCE: &str = r#"
+// act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 quick GELU, 4 SiLU, 5 ReLU.
+__device__ __forceinline__ float act_f(int act, float x) {
+    switch (act) {
+        case 1: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+        case 2: { const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x); return 0.5f * x * (1.f + tanhf(u)); }
+        case 3: return x / (1.f + expf(-1.702f * x));
+        case 4: return x / (1.f + expf(-x));
+        case 5: return x > 0.f ? x : 0.f;
+        default: return x;
+    }
+}
+__device__ __forceinline__ float act_d(int act, float x) {
+    switch (act) {
+        case 1: {
+            const float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
+            const float pdf = expf(-0.5f * x * x) * 0.3989422804014327f;
+            return cdf + x * pdf;
+        }
+        case 2: {
+            const float c = 0.7978845608028654f, k = 0.044715f, x2 = x * x;
+            const float t = tanhf(c * x * (1.f + k * x2));
+            return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * k * x2);
+        }
+        case 3: case 4: {
+            const float a = act == 3 ? 1.702f : 1.f;
+            const float s = 1.f / (1.f + expf(-a * x));
+            return s + a * x * s * (1.f - s);
+        }
+        case 5: return x > 0.f ? 1.f : 0.f;
+        default: return 1.f;
+    }
+}
+
+template <typename T>
+__device__ void softmax_rows(T* s, int n) {
+    __shared__ float sh[32];
+    T* r = s + (long long)blockIdx.x * n;
+    float m = __int_as_float(0xff800000);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, ld(r, i));
+    m = block_max(m, sh);
+    float z = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) z += __expf(ld(r, i) - m);
+    z = block_sum(z, sh);
+    const float inv = (m == __int_as_float(0xff800000)) ? 0.f : 1.f / z;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) st(r, i, __expf(ld(r, i) - m) * inv);
+}
+
+template <typename T>
+__device__ void score_grad(T* dp, const T* p, const float* delta, int n) {
+    const long long row = blockIdx.x;
+    const float d = delta[row];
+    T* a = dp + row * n;
+    const T* b = p + row * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) st(a, i, ld(b, i) * (ld(a, i) - d));
+}
+
+// xa = act(x) (skipped when xa is null), xm = act(x) * keep * scale (skipped when xm is null).
+template <typename T>
+__device__ void act_drop(const T* x, const unsigned char* mask, float scale, int act, T* xa, T* xm, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float a = act_f(act, ld(x, i));
+        if (xa) st(xa, i, a);
+        if (xm) st(xm, i, mask[i] ? a * scale : 0.f);
+    }
+}
+
+// dx = (d1 + drop(d2)) * act'(x); d2, mask and x may be null.
+template <typename T>
+__device__ void input_grad(const T* d1, const T* d2, const unsigned char* mask, float scale, const T* x, int act, T* dx, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float d = ld(d1, i);
+        if (d2) {
+            float e = ld(d2, i);
+            if (mask) e = mask[i] ? e * scale : 0.f;
+            d += e;
+        }
+        if (act) d *= act_d(act, ld(x, i));
+        st(dx, i, d);
+    }
+}
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+// out[i] = 1 when the top 24 bits of hash(seed, offset + i) are >= threshold (p * 2^24).
+extern "C" __global__ void keep_mask(unsigned char* out, unsigned long long seed, unsigned long long offset,
+        unsigned int threshold, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const unsigned long long h = mix64(seed ^ mix64(offset + (unsigned long long)i));
+        out[i] = (unsigned int)(h >> 40) >= threshold ? 1 : 0;
+    }
+}
+
+// RoPE, one thread per (b, h, n, pair j): rows layout y[(b·N + n)·H·D + h·D + 2j (+1)], heads
+// first h[((b·H + h)·N + n)·D + 2j (+1)]. Forward: rows → heads first, rotated by +angle;
+// inverse: heads first → rows, rotated by −angle.
+template <typename T>
+__device__ void rope(const T* src, const float* cs, const float* sn, T* dst, int batch, int heads, int n_tok, int d, int inverse) {
+    const int half = d / 2;
+    const long long total = (long long)batch * heads * n_tok * half;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const int j = (int)(i % half);
+        long long r = i / half;
+        const int n = (int)(r % n_tok); r /= n_tok;
+        const int h = (int)(r % heads);
+        const int b = (int)(r / heads);
+        const long long rows_at = ((long long)b * n_tok + n) * heads * d + (long long)h * d + 2 * j;
+        const long long heads_at = (((long long)b * heads + h) * n_tok + n) * d + 2 * j;
+        const float c = cs[(long long)n * half + j], s = sn[(long long)n * half + j];
+        if (!inverse) {
+            const float a = ld(src, rows_at), bb = ld(src, rows_at + 1);
+            st(dst, heads_at, a * c - bb * s);
+            st(dst, heads_at + 1, bb * c + a * s);
+        } else {
+            const float a = ld(src, heads_at), bb = ld(src, heads_at + 1);
+            st(dst, rows_at, a * c + bb * s);
+            st(dst, rows_at + 1, bb * c - a * s);
+        }
+    }
+}
+
+// out = y + bias[col] + z; bias and z may be null.
+template <typename T>
+__device__ void epilogue(const T* y, const T* bias, const T* z, T* out, long long n, int cols) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = ld(y, i);
+        if (bias) v += ld(bias, i % cols);
+        if (z) v += ld(z, i);
+        st(out, i, v);
+    }
+}
+
+#define DEFINE(T, S) \
+extern "C" __global__ void epilogue_##S(const T* y, const T* bias, const T* z, T* out, long long n, int cols) { epilogue(y, bias, z, out, n, cols); } \
+extern "C" __global__ void rope_##S(const T* src, const float* cs, const float* sn, T* dst, int batch, int heads, int n_tok, int d, int inverse) { rope(src, cs, sn, dst, batch, heads, n_tok, d, inverse); } \
+extern "C" __global__ void softmax_rows_##S(T* s, int n) { softmax_rows(s, n); } \
+extern "C" __global__ void score_grad_##S(T* dp, const T* p, const float* delta, int n) { score_grad(dp, p, delta, n); } \
+extern "C" __global__ void act_drop_##S(const T* x, const unsigned char* mask, float scale, int act, T* xa, T* xm, long long n) { act_drop(x, mask, scale, act, xa, xm, n); } \
+extern "C" __global__ void input_grad_##S(const T* d1, const T* d2, const unsigned char* mask, float scale, const T* x, int act, T* dx, long long n) { input_grad(d1, d2, mask, scale, x, act, dx, n); }
+DEFINE(bf16_t, bf16)
+DEFINE(float, f32)
+"#;
+
+    fn ptx() -> Option<&'static str> {
+        static PTX: OnceLock<Option<String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            let src = format!("{}{}", crate::cuda_kernels::PRELUDE, SOURCE);
+            crate::cuda_kernels::compile("fused elementwise", "LORAHOST_FUSED_OPS", &src)
+        })
+        .as_deref()
+    }
+
+    fn suffix(dt: DType) -> Option<&'static str> {
+        match dt {
+            DType::BF16 => Some("bf16"),
+            DType::F32 => Some("f32"),
+            _ => None,
+        }
+    }
+
+    pub fn serves(t: &Tensor) -> bool {
+        t.device().is_cuda() && suffix(t.dtype()).is_some() && ptx().is_some()
+    }
+
+    pub fn serves_device(device: &candle_core::Device) -> bool {
+        device.is_cuda() && ptx().is_some()
+    }
+
+    pub fn keep_mask(
+        shape: &candle_core::Shape,
+        p: f64,
+        seed: u64,
+        offset: u64,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let Some(ptx) = ptx() else { candle_core::bail!("fused ops: keep mask kernel unavailable") };
+        let like = Tensor::zeros((), DType::U8, device)?;
+        let n = shape.elem_count();
+        let out = uninit(&like, shape.dims(), DType::U8)?;
+        if n > 0 {
+            let threshold = (p.clamp(0.0, 1.0) * 16_777_216.0).ceil() as u32;
+            let args = [
+                Arg(device_address(&out)?),
+                Arg(seed),
+                Arg(offset),
+                Arg(threshold as u64),
+                Arg::i64(n as i64),
+            ];
+            let (grid, block) = elementwise_grid(n);
+            launch(device, MODULE, ptx, "keep_mask", grid, block, &args)?;
+        }
+        Ok(out)
+    }
+
+    /// The kernel name for `t`'s dtype, and the PTX.
+    fn kernel(base: &str, t: &Tensor) -> Result<(String, &'static str)> {
+        match (suffix(t.dtype()), ptx()) {
+            (Some(s), Some(ptx)) => Ok((format!("{base}_{s}"), ptx)),
+            _ => candle_core::bail!("fused ops: {base} does not serve {:?} on {:?}", t.dtype(), t.device()),
+        }
+    }
+
+    fn check_same(what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+        if a.shape() != b.shape() || a.dtype() != b.dtype() {
+            candle_core::bail!(
+                "fused ops: {what} {:?} {:?} against {:?} {:?}",
+                b.shape(),
+                b.dtype(),
+                a.shape(),
+                a.dtype()
+            );
+        }
+        Ok(())
+    }
+
+    fn mask_arg(mask: Option<&Tensor>, like: &Tensor) -> Result<(Option<Tensor>, Arg)> {
+        match mask {
+            Some(m) => {
+                if m.elem_count() != like.elem_count() {
+                    candle_core::bail!("fused ops: mask {:?} for {:?}", m.shape(), like.shape());
+                }
+                let m = m.to_dtype(DType::U8)?.contiguous()?;
+                let a = Arg(device_address(&m)?);
+                Ok((Some(m), a))
+            }
+            None => Ok((None, Arg(0))),
+        }
+    }
+
+    pub fn softmax_in_place(s: Tensor) -> Result<Tensor> {
+        let (name, ptx) = kernel("softmax_rows", &s)?;
+        if !s.is_contiguous() {
+            candle_core::bail!("fused softmax: scores not contiguous");
+        }
+        let n = s.dim(candle_core::D::Minus1)?;
+        let rows = s.elem_count() / n.max(1);
+        if rows == 0 {
+            return Ok(s);
+        }
+        let args = [Arg(device_address(&s)?), Arg::i32(n as i32)];
+        launch(s.device(), MODULE, ptx, &name, (rows as u32, 1, 1), row_threads(n), &args)?;
+        Ok(s)
+    }
+
+    pub fn rope(
+        y: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batch: usize,
+        heads: usize,
+        inverse: bool,
+    ) -> Result<Tensor> {
+        let (name, ptx) = kernel("rope", y)?;
+        let (n_tok, d) = if inverse {
+            let (b, h, n, d) = y.dims4()?;
+            if b != batch || h != heads {
+                candle_core::bail!("fused RoPE: gradient {:?} for batch {batch}, {heads} heads", y.shape());
+            }
+            (n, d)
+        } else {
+            let (rows, hd) = y.dims2()?;
+            (rows / batch.max(1), hd / heads.max(1))
+        };
+        let half = d / 2;
+        if batch * n_tok * heads * d != y.elem_count() || d % 2 != 0 {
+            candle_core::bail!(
+                "fused RoPE: {:?} is not {batch} × {n_tok} tokens × {heads} heads × {d}",
+                y.shape()
+            );
+        }
+        let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+        if cos.elem_count() != n_tok * half || sin.elem_count() != n_tok * half {
+            candle_core::bail!(
+                "fused RoPE: tables of {} entries for {n_tok} tokens × {half} pairs",
+                cos.elem_count()
+            );
+        }
+        let src = y.contiguous()?;
+        let out_shape: Vec<usize> =
+            if inverse { vec![batch * n_tok, heads * d] } else { vec![batch, heads, n_tok, d] };
+        let dst = uninit(&src, &out_shape, src.dtype())?;
+        let pairs = batch * heads * n_tok * half;
+        if pairs > 0 {
+            let args = [
+                Arg(device_address(&src)?),
+                Arg(device_address(&cos)?),
+                Arg(device_address(&sin)?),
+                Arg(device_address(&dst)?),
+                Arg::i32(batch as i32),
+                Arg::i32(heads as i32),
+                Arg::i32(n_tok as i32),
+                Arg::i32(d as i32),
+                Arg::i32(i32::from(inverse)),
+            ];
+            let (grid, block) = elementwise_grid(pairs);
+            launch(src.device(), MODULE, ptx, &name, grid, block, &args)?;
+        }
+        Ok(dst)
+    }
+
+    /// Launch the epilogue writing to `dst` (an address of `y.elem_count()` elements).
+    fn epilogue_into(y: &Tensor, bias: Option<&Tensor>, z: Option<&Tensor>, dst: u64) -> Result<()> {
+        let (name, ptx) = kernel("epilogue", y)?;
+        let y = y.contiguous()?;
+        let cols = y.dim(candle_core::D::Minus1)?;
+        let bias = bias.map(|b| b.to_dtype(y.dtype())?.contiguous()).transpose()?;
+        if let Some(b) = &bias {
+            if b.elem_count() != cols {
+                candle_core::bail!("fused linear: bias of {} for {cols} outputs", b.elem_count());
+            }
+        }
+        let z = z.map(|z| z.contiguous()).transpose()?;
+        if let Some(z) = &z {
+            check_same("adapter output", &y, z)?;
+        }
+        let n = y.elem_count();
+        if n == 0 {
+            return Ok(());
+        }
+        let opt = |t: &Option<Tensor>| -> Result<Arg> {
+            Ok(Arg(match t {
+                Some(t) => device_address(t)?,
+                None => 0,
+            }))
+        };
+        let args = [
+            Arg(device_address(&y)?),
+            opt(&bias)?,
+            opt(&z)?,
+            Arg(dst),
+            Arg::i64(n as i64),
+            Arg::i32(cols as i32),
+        ];
+        let (grid, block) = elementwise_grid(n);
+        launch(y.device(), MODULE, ptx, &name, grid, block, &args)
+    }
+
+    pub fn linear_epilogue(y: &Tensor, bias: Option<&Tensor>, z: Option<&Tensor>) -> Result<Tensor> {
+        let out = uninit(y, y.dims(), y.dtype())?;
+        epilogue_into(y, bias, z, device_address(&out)?)?;
+        Ok(out)
+    }
+
+    pub fn linear_epilogue_storage(
+        y: &Tensor,
+        bias: Option<&Tensor>,
+        z: Option<&Tensor>,
+    ) -> Result<candle_core::Storage> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        use candle_core::CudaStorage;
+        let candle_core::Device::Cuda(dev) = y.device() else {
+            candle_core::bail!("fused linear: not on the GPU")
+        };
+        let n = y.elem_count();
+        let stream = dev.cuda_stream();
+        // SAFETY: the epilogue writes all n elements before anything reads them.
+        let storage = match y.dtype() {
+            DType::BF16 => {
+                let slice = unsafe { dev.alloc::<half::bf16>(n)? };
+                let addr = slice.device_ptr(&stream).0;
+                epilogue_into(y, bias, z, addr)?;
+                CudaStorage::wrap_cuda_slice(slice, dev.clone())
+            }
+            DType::F32 => {
+                let slice = unsafe { dev.alloc::<f32>(n)? };
+                let addr = slice.device_ptr(&stream).0;
+                epilogue_into(y, bias, z, addr)?;
+                CudaStorage::wrap_cuda_slice(slice, dev.clone())
+            }
+            dt => candle_core::bail!("fused linear: {dt:?}"),
+        };
+        Ok(candle_core::Storage::Cuda(storage))
+    }
+
+    pub fn attention_score_grad_in_place(dp: Tensor, p: &Tensor, delta: &Tensor) -> Result<Tensor> {
+        let (name, ptx) = kernel("score_grad", &dp)?;
+        check_same("probabilities", &dp, p)?;
+        if !dp.is_contiguous() {
+            candle_core::bail!("fused score gradient: dP not contiguous");
+        }
+        let n = dp.dim(candle_core::D::Minus1)?;
+        let rows = dp.elem_count() / n.max(1);
+        let p = p.contiguous()?;
+        let delta = delta.to_dtype(DType::F32)?.contiguous()?;
+        if delta.elem_count() != rows {
+            candle_core::bail!("fused score gradient: {} row terms for {rows} rows", delta.elem_count());
+        }
+        if rows == 0 {
+            return Ok(dp);
+        }
+        let args = [
+            Arg(device_address(&dp)?),
+            Arg(device_address(&p)?),
+            Arg(device_address(&delta)?),
+            Arg::i32(n as i32),
+        ];
+        launch(dp.device(), MODULE, ptx, &name, (rows as u32, 1, 1), row_threads(n), &args)?;
+        Ok(dp)
+    }
+
+    /// (act(x), drop(act(x))); `want_act: false` skips writing act(x) (the first result is
+    /// then `x`, not to be used).
+    pub fn act_drop(
+        x: &Tensor,
+        act: Option<Activation>,
+        mask: Option<&Tensor>,
+        p: f64,
+        want_act: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (name, ptx) = kernel("act_drop", x)?;
+        let x = x.contiguous()?;
+        let n = x.elem_count();
+        let xa = match act {
+            Some(_) if want_act => Some(uninit(&x, x.dims(), x.dtype())?),
+            _ => None,
+        };
+        let xm = match mask {
+            Some(_) => Some(uninit(&x, x.dims(), x.dtype())?),
+            None => None,
+        };
+        if n > 0 && (xa.is_some() || xm.is_some()) {
+            let (_m, mask_a) = mask_arg(mask, &x)?;
+            let addr = |t: &Option<Tensor>| -> Result<Arg> {
+                Ok(Arg(match t {
+                    Some(t) => device_address(t)?,
+                    None => 0,
+                }))
+            };
+            let args = [
+                Arg(device_address(&x)?),
+                mask_a,
+                Arg::f32((1.0 / (1.0 - p)) as f32),
+                Arg::i32(act_code(act)),
+                addr(&xa)?,
+                addr(&xm)?,
+                Arg::i64(n as i64),
+            ];
+            let (grid, block) = elementwise_grid(n);
+            launch(x.device(), MODULE, ptx, &name, grid, block, &args)?;
+        }
+        let xa = xa.unwrap_or_else(|| x.clone());
+        let xm = xm.unwrap_or_else(|| xa.clone());
+        Ok((xa, xm))
+    }
+
+    pub fn linear_input_grad(
+        d1: &Tensor,
+        d2: Option<&Tensor>,
+        mask: Option<&Tensor>,
+        p: f64,
+        act: Option<(Activation, &Tensor)>,
+    ) -> Result<Tensor> {
+        let (name, ptx) = kernel("input_grad", d1)?;
+        let d1 = d1.contiguous()?;
+        let d2 = d2.map(|d| d.contiguous()).transpose()?;
+        if let Some(d) = &d2 {
+            check_same("adapter gradient", &d1, d)?;
+        }
+        let x = act.map(|(_, x)| x.contiguous()).transpose()?;
+        if let Some(x) = &x {
+            check_same("activation input", &d1, x)?;
+        }
+        let n = d1.elem_count();
+        let dx = uninit(&d1, d1.dims(), d1.dtype())?;
+        if n > 0 {
+            let (_m, mask_a) = mask_arg(if d2.is_some() { mask } else { None }, &d1)?;
+            let opt = |t: &Option<Tensor>| -> Result<Arg> {
+                Ok(Arg(match t {
+                    Some(t) => device_address(t)?,
+                    None => 0,
+                }))
+            };
+            let args = [
+                Arg(device_address(&d1)?),
+                opt(&d2)?,
+                mask_a,
+                Arg::f32((1.0 / (1.0 - p)) as f32),
+                opt(&x)?,
+                Arg::i32(act_code(act.map(|(a, _)| a))),
+                Arg(device_address(&dx)?),
+                Arg::i64(n as i64),
+            ];
+            let (grid, block) = elementwise_grid(n);
+            launch(d1.device(), MODULE, ptx, &name, grid, block, &args)?;
+        }
+        Ok(dx)
+    }
+}
