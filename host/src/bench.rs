@@ -172,6 +172,7 @@ pub fn estimate(
         adapted: crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1)),
         vision_checkpointing: o.ckpt,
         base: 0,
+        cuda: matches!(o.device, crate::inference::DeviceArg::Cuda),
     };
     Ok(crate::memory::estimate(config, &run, o.batch.max(1), o.batch.max(1)))
 }

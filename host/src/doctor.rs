@@ -1432,6 +1432,7 @@ fn memory_check(
         adapted,
         vision_checkpointing: t.gradient_checkpointing,
         base,
+        cuda,
     };
     let e = crate::memory::estimate(config, &run, images, queries);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;

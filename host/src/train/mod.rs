@@ -892,6 +892,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         adapted: crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1)),
         vision_checkpointing: cfg.training.gradient_checkpointing,
         base: 0,
+        cuda: device.is_cuda(),
     };
     for (c, m, p) in lora.component_table() {
         tracing::info!("  {:<22} {:>5} modules {:>12} parameters", c.name(), m, p);

@@ -297,6 +297,46 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The clipping factor given to `step_scaled` acts as if the gradients had been scaled
+    /// first, a parameter without a gradient is untouched, and a rollback restores the state.
+    #[test]
+    fn scaled_step_equals_a_step_on_scaled_gradients() {
+        // A large ε: Adam's update is otherwise almost invariant to the gradients' scale, and the
+        // test would not see a factor that was dropped.
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 0.1, weight_decay: 0.05 };
+        let make = || {
+            let a = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()).unwrap();
+            let opt = AdamW::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], cfg).unwrap();
+            (opt, a, b)
+        };
+        let ga = Tensor::new(&[0.2f32, -0.7, 1.5], &Device::Cpu).unwrap();
+        let gb = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap();
+        let (mut x, xa, xb) = make();
+        let (mut y, ya, yb) = make();
+        for _ in 0..3 {
+            x.step_scaled(&[Some(&ga), None], 1e-2, 0.25).unwrap();
+            y.step_some(&[Some(&(&ga * 0.25).unwrap()), None], 1e-2).unwrap();
+        }
+        let v = |t: &Var| t.as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&xa), v(&ya));
+        let (mut z, za, _) = make();
+        for _ in 0..3 {
+            z.step_some(&[Some(&ga), None], 1e-2).unwrap();
+        }
+        assert!(
+            v(&za).iter().zip(v(&xa)).any(|(p, q)| (p - q).abs() > 1e-4),
+            "the factor changes the update"
+        );
+        assert_eq!(v(&xb), vec![3.0, 4.0], "no gradient: untouched");
+        assert_eq!(v(&yb), vec![3.0, 4.0]);
+        let before = v(&xa);
+        x.step_scaled(&[Some(&ga), Some(&gb)], 1e-2, 0.5).unwrap();
+        assert_ne!(v(&xa), before);
+        assert!(x.rollback().unwrap());
+        assert_eq!((v(&xa), v(&xb)), (before, vec![3.0, 4.0]));
+    }
+
     #[test]
     fn first_adamw_step_moves_each_weight_by_lr_against_the_gradient_sign() {
         let p = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
