@@ -197,18 +197,20 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         let z = (xa.matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * s)?;
         heads_first(&(y + z)?)
     };
-    let op = |t: &[Tensor]| {
-        // t[1], t[2] are variables: `from_tensor` wraps them (same identity, so the gradients
-        // are found under them), it does not copy.
-        let lora = LoraAdapter {
+    // t[1], t[2] are variables: `from_tensor` wraps them (same identity, so the gradients are
+    // found under them), it does not copy.
+    let adapter = |t: &[Tensor]| -> candle_core::Result<LoraAdapter> {
+        Ok(LoraAdapter {
             a: Var::from_tensor(&t[1])?,
             b: Var::from_tensor(&t[2])?,
             scale: s,
             dropout: 0.0,
             training: Arc::new(AtomicBool::new(true)),
-        };
+        })
+    };
+    let op = |t: &[Tensor]| {
         let (w, b) = (w.device.as_tensor().detach(), bias.device.as_tensor().detach());
-        frozen_linear(&t[0], &w, Some(&b), Some(Activation::Gelu), Some(&lora), Some(&map))
+        frozen_linear(&t[0], &w, Some(&b), Some(Activation::Gelu), Some(&adapter(t)?), Some(&map))
     };
     checks.push(compare("adapted linear (GELU, LoRA, heads-first map)", &inputs, dtype, reference, op)?);
     // The same without activation and map (the output summed straight into the op's storage).
@@ -217,15 +219,8 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         y + (t[0].matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * s)?
     };
     let op = |t: &[Tensor]| {
-        let lora = LoraAdapter {
-            a: Var::from_tensor(&t[1])?,
-            b: Var::from_tensor(&t[2])?,
-            scale: s,
-            dropout: 0.0,
-            training: Arc::new(AtomicBool::new(true)),
-        };
         let (w, b) = (w.device.as_tensor().detach(), bias.device.as_tensor().detach());
-        frozen_linear(&t[0], &w, Some(&b), None, Some(&lora), None)
+        frozen_linear(&t[0], &w, Some(&b), None, Some(&adapter(t)?), None)
     };
     checks.push(compare("adapted linear (bias, LoRA)", &inputs, dtype, reference, op)?);
 

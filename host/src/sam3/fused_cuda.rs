@@ -415,6 +415,14 @@ DEFINE(float, f32)
         Ok(())
     }
 
+    /// The address of an optional operand (0, a null pointer, when absent).
+    fn opt_addr(t: &Option<Tensor>) -> Result<Arg> {
+        Ok(Arg(match t {
+            Some(t) => device_address(t)?,
+            None => 0,
+        }))
+    }
+
     fn mask_arg(mask: Option<&Tensor>, like: &Tensor) -> Result<(Option<Tensor>, Arg)> {
         match mask {
             Some(m) => {
@@ -519,16 +527,10 @@ DEFINE(float, f32)
         if n == 0 {
             return Ok(());
         }
-        let opt = |t: &Option<Tensor>| -> Result<Arg> {
-            Ok(Arg(match t {
-                Some(t) => device_address(t)?,
-                None => 0,
-            }))
-        };
         let args = [
             Arg(device_address(&y)?),
-            opt(&bias)?,
-            opt(&z)?,
+            opt_addr(&bias)?,
+            opt_addr(&z)?,
             Arg(dst),
             Arg::i64(n as i64),
             Arg::i32(cols as i32),
@@ -622,19 +624,13 @@ DEFINE(float, f32)
         };
         if n > 0 && (xa.is_some() || xm.is_some()) {
             let (_m, mask_a) = mask_arg(mask, &x)?;
-            let addr = |t: &Option<Tensor>| -> Result<Arg> {
-                Ok(Arg(match t {
-                    Some(t) => device_address(t)?,
-                    None => 0,
-                }))
-            };
             let args = [
                 Arg(device_address(&x)?),
                 mask_a,
                 Arg::f32((1.0 / (1.0 - p)) as f32),
                 Arg::i32(act_code(act)),
-                addr(&xa)?,
-                addr(&xm)?,
+                opt_addr(&xa)?,
+                opt_addr(&xm)?,
                 Arg::i64(n as i64),
             ];
             let (grid, block) = elementwise_grid(n);
@@ -666,18 +662,12 @@ DEFINE(float, f32)
         let dx = uninit(&d1, d1.dims(), d1.dtype())?;
         if n > 0 {
             let (_m, mask_a) = mask_arg(if d2.is_some() { mask } else { None }, &d1)?;
-            let opt = |t: &Option<Tensor>| -> Result<Arg> {
-                Ok(Arg(match t {
-                    Some(t) => device_address(t)?,
-                    None => 0,
-                }))
-            };
             let args = [
                 Arg(device_address(&d1)?),
-                opt(&d2)?,
+                opt_addr(&d2)?,
                 mask_a,
                 Arg::f32((1.0 / (1.0 - p)) as f32),
-                opt(&x)?,
+                opt_addr(&x)?,
                 Arg::i32(act_code(act.map(|(a, _)| a))),
                 Arg(device_address(&dx)?),
                 Arg::i64(n as i64),

@@ -57,42 +57,13 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::kernel_dtype;
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+    use crate::cuda_kernels::{device_address, launch, uninit, Arg, PRELUDE};
+    use candle_core::{DType, Result, Tensor};
     use std::sync::OnceLock;
 
     const MODULE: &str = "lorahost_layer_norm";
 
     const SOURCE: &str = r#"
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, long long i) {
-    return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-// Round to nearest even, as __float2bfloat16 does; NaN stays NaN.
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) {
-    unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)0x7fc0u; return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (bf16_t)(u >> 16);
-}
-
-// Sum of v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ float block_sum(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
-    __syncthreads();  // the previous call's readers are done with sh
-    if (l == 0) sh[w] = v;
-    __syncthreads();
-    float t = l < nw ? sh[l] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    return t;
-}
-
 template <typename T>
 __device__ void row_stats(const T* xr, int c, float eps, float* sh, float* mean, float* rstd) {
     float s = 0.f;
@@ -150,120 +121,14 @@ extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const flo
     /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| crate::cuda_kernels::compile("LayerNorm", "LORAHOST_FUSED_NORM", SOURCE))
-            .as_deref()
+        PTX.get_or_init(|| {
+            crate::cuda_kernels::compile("LayerNorm", "LORAHOST_FUSED_NORM", &format!("{PRELUDE}{SOURCE}"))
+        })
+        .as_deref()
     }
 
     pub fn serves(x: &Tensor) -> bool {
         x.device().is_cuda() && kernel_dtype(x.dtype()).is_some() && x.rank() >= 1 && ptx().is_some()
-    }
-
-    /// Threads per row: about four elements per thread, a multiple of 32, at most 1024.
-    fn config(rows: usize, c: usize) -> LaunchConfig {
-        let threads = c.div_ceil(4).div_ceil(32).clamp(1, 32) * 32;
-        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
-    }
-
-    /// A contiguous operand's device slice (with its offset) of element type `T`.
-    macro_rules! view {
-        ($s:expr, $l:expr, $t:ty, $what:expr) => {{
-            let Some((a, b)) = $l.contiguous_offsets() else {
-                candle_core::bail!("LayerNorm kernel: {} is not contiguous", $what)
-            };
-            $s.as_cuda_slice::<$t>()?.slice(a..b)
-        }};
-    }
-
-    /// (x, a, b) → y: the forward (a = weight, b = bias) or the backward (a = dy, b = weight).
-    struct Kernel {
-        backward: bool,
-        eps: f32,
-    }
-
-    impl CustomOp3 for Kernel {
-        fn name(&self) -> &'static str {
-            if self.backward {
-                "layer-norm-kernel-backward"
-            } else {
-                "layer-norm-kernel"
-            }
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("LayerNorm kernel: CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            a: &CudaStorage,
-            al: &Layout,
-            b: &CudaStorage,
-            bl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let shape = xl.shape().clone();
-            let c = shape.dims().last().copied().unwrap_or(1);
-            let n = shape.elem_count();
-            let rows = n / c.max(1);
-            let dev = x.device().clone();
-            let (Some(suffix), Some(ptx)) = (kernel_dtype(x.dtype()), ptx()) else {
-                candle_core::bail!("LayerNorm kernel: {:?} is not served", x.dtype())
-            };
-            let name = format!("{}_{suffix}", if self.backward { "ln_bwd" } else { "ln_fwd" });
-            let func = dev.get_or_load_custom_func(&name, MODULE, ptx)?;
-            let cfg = config(rows, c);
-            let eps = self.eps;
-            let c32 = c as i32;
-            macro_rules! launch {
-                ($t:ty) => {{
-                    let xs = view!(x, xl, $t, "x");
-                    // SAFETY: every element is written by the kernel before it is read.
-                    let out = unsafe { dev.alloc::<$t>(n)? };
-                    {
-                        let mut builder = func.builder();
-                        if self.backward {
-                            let dy = view!(a, al, $t, "dy");
-                            let w = view!(b, bl, f32, "weight");
-                            builder.arg(&xs);
-                            builder.arg(&dy);
-                            builder.arg(&w);
-                            builder.arg(&out);
-                            builder.arg(&c32);
-                            builder.arg(&eps);
-                            // SAFETY: the argument list matches ln_bwd_*; sizes checked by the caller.
-                            unsafe { builder.launch(cfg) }.w()?;
-                        } else {
-                            let w = view!(a, al, f32, "weight");
-                            let bias = view!(b, bl, f32, "bias");
-                            builder.arg(&xs);
-                            builder.arg(&w);
-                            builder.arg(&bias);
-                            builder.arg(&out);
-                            builder.arg(&c32);
-                            builder.arg(&eps);
-                            // SAFETY: the argument list matches ln_fwd_*; sizes checked by the caller.
-                            unsafe { builder.launch(cfg) }.w()?;
-                        }
-                    }
-                    CudaStorage::wrap_cuda_slice(out, dev.clone())
-                }};
-            }
-            let out = match x.dtype() {
-                DType::BF16 => launch!(half::bf16),
-                DType::F32 => launch!(f32),
-                dt => candle_core::bail!("LayerNorm kernel: {dt:?}"),
-            };
-            Ok((out, shape))
-        }
     }
 
     /// (C,) f32 contiguous.
@@ -274,14 +139,42 @@ extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const flo
         t.detach().to_dtype(DType::F32)?.flatten_all()?.contiguous()
     }
 
+    /// Run `ln_{fwd,bwd}_<dtype>` on the contiguous `x` with operands `a`, `b` (forward: weight
+    /// and bias; backward: dy and weight): one block per row, about four elements per thread.
+    fn run(kernel: &str, x: &Tensor, a: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let (Some(suffix), Some(ptx)) = (kernel_dtype(x.dtype()), ptx()) else {
+            candle_core::bail!("LayerNorm kernel: {:?} is not served", x.dtype())
+        };
+        let c = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / c.max(1);
+        let out = uninit(x, x.dims(), x.dtype())?;
+        if rows > 0 {
+            let args = [
+                Arg(device_address(x)?),
+                Arg(device_address(a)?),
+                Arg(device_address(b)?),
+                Arg(device_address(&out)?),
+                Arg::i32(c as i32),
+                Arg::f32(eps as f32),
+            ];
+            let threads = (c.div_ceil(4).div_ceil(32).clamp(1, 32) * 32) as u32;
+            launch(
+                x.device(),
+                MODULE,
+                ptx,
+                &format!("{kernel}_{suffix}"),
+                (rows as u32, 1, 1),
+                threads,
+                &args,
+            )?;
+        }
+        Ok(out)
+    }
+
     pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
         let c = x.dim(candle_core::D::Minus1)?;
         let x = x.detach().contiguous()?;
-        x.apply_op3_no_bwd(
-            &per_channel(weight, c)?,
-            &per_channel(bias, c)?,
-            &Kernel { backward: false, eps: eps as f32 },
-        )
+        run("ln_fwd", &x, &per_channel(weight, c)?, &per_channel(bias, c)?, eps)
     }
 
     pub fn backward(x: &Tensor, dy: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -291,6 +184,6 @@ extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const flo
         }
         let x = x.detach().contiguous()?;
         let dy = dy.detach().to_dtype(x.dtype())?.contiguous()?;
-        x.apply_op3_no_bwd(&dy, &per_channel(weight, c)?, &Kernel { backward: true, eps: eps as f32 })
+        run("ln_bwd", &x, &dy, &per_channel(weight, c)?, eps)
     }
 }

@@ -83,10 +83,8 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{Entry, Fused, Hyper};
-    use crate::cuda_kernels::device_address;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::{DType, Result, Storage, Tensor};
+    use crate::cuda_kernels::{device_address, launch, Arg};
+    use candle_core::{DType, Result, Tensor};
     use std::sync::OnceLock;
 
     const SOURCE: &str = r#"
@@ -134,6 +132,12 @@ extern "C" __global__ void adamw_step(const long long* table, int count, unsigne
 
     pub fn step(entries: &[Entry], h: Hyper) -> Result<Fused> {
         let Some(first) = entries.first() else { candle_core::bail!("fused AdamW: no parameters") };
+        if entries.len() > 65_535 {
+            candle_core::bail!(
+                "fused AdamW: {} parameters (one grid row each, at most 65535)",
+                entries.len()
+            );
+        }
         let device = first.param.device().clone();
         let Some(ptx) = ptx() else { candle_core::bail!("fused AdamW: kernel unavailable") };
         let mut offsets = Vec::with_capacity(entries.len());
@@ -179,43 +183,33 @@ extern "C" __global__ void adamw_step(const long long* table, int count, unsigne
         let m_out = Tensor::zeros(total, DType::F32, &device)?;
         let v_out = Tensor::zeros(total, DType::F32, &device)?;
         let before = Tensor::zeros(total, DType::F32, &device)?;
-        let (ts, _) = table.storage_and_layout();
-        let Storage::Cuda(tc) = &*ts else { candle_core::bail!("fused AdamW: table not on the GPU") };
-        let dev = match &device {
-            candle_core::Device::Cuda(d) => d.clone(),
-            _ => candle_core::bail!("fused AdamW: not a CUDA device"),
-        };
-        let func = dev.get_or_load_custom_func("adamw_step", "lorahost_adamw", ptx)?;
-        let slice = tc.as_cuda_slice::<i64>()?;
-        let count = entries.len() as i32;
-        let (mo, vo, pb) = (device_address(&m_out)?, device_address(&v_out)?, device_address(&before)?);
-        let f = |x: f64| x as f32;
-        let (lr, b1, b2, eps) = (f(h.lr), f(h.beta1), f(h.beta2), f(h.eps));
-        let decay = f(1.0 - h.lr * h.weight_decay);
-        let gscale = f(h.grad_scale);
+        let f = |x: f64| Arg::f32(x as f32);
+        let args = [
+            Arg(device_address(&table)?),
+            Arg::i32(entries.len() as i32),
+            Arg(device_address(&m_out)?),
+            Arg(device_address(&v_out)?),
+            Arg(device_address(&before)?),
+            f(h.lr),
+            f(h.beta1),
+            f(h.beta2),
+            f(h.eps),
+            f(1.0 - h.lr * h.weight_decay),
+            f(h.grad_scale),
+        ];
         let threads = 256usize;
         let blocks_x = max_n.div_ceil(threads * 4).clamp(1, 64);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_x as u32, entries.len() as u32, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut builder = func.builder();
-        builder.arg(slice);
-        builder.arg(&count);
-        builder.arg(&mo);
-        builder.arg(&vo);
-        builder.arg(&pb);
-        builder.arg(&lr);
-        builder.arg(&b1);
-        builder.arg(&b2);
-        builder.arg(&eps);
-        builder.arg(&decay);
-        builder.arg(&gscale);
-        // SAFETY: the argument list matches adamw_step; every address in the table points at a
-        // live f32 buffer of at least n elements (checked above), the flat outputs hold `total`.
-        unsafe { builder.launch(cfg) }.w()?;
-        drop(ts);
+        // Every address in the table points at a live f32 buffer of at least n elements
+        // (checked above); the flat outputs hold `total`.
+        launch(
+            &device,
+            "lorahost_adamw",
+            ptx,
+            "adamw_step",
+            (blocks_x as u32, entries.len() as u32, 1),
+            threads as u32,
+            &args,
+        )?;
         Ok(Fused { m: m_out, v: v_out, params_before: before, offsets })
     }
 }
