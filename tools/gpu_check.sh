@@ -10,7 +10,7 @@
 # bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl), PyTorch eager b2, bf16
 # demo training, then b8 --ckpt, b4, b8, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
 # a step that would not fit is cut short or skipped, so the results always come back. NO_AB=1
-# skips the A/B run with lorahost's own kernels off.
+# skips the A/B runs (flash attention off; all of lorahost's own kernels off).
 set -u
 T0=$(date +%s)
 # The device returns at most 8 files from $OUT: everything is written to a work folder and
@@ -79,9 +79,12 @@ done
 # after the timed ones: where the time goes (profile / profile_ops in the JSON).
 step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 --profile 2 --json "$OUT/bench.jsonl"
 [ -n "$REF" ] && step 200 "bench pytorch eager b2" "$PY" "$REF" --batch 2 --json "$OUT/bench.jsonl"
-# A/B: the same workload with lorahost's own CUDA kernels (LayerNorm, AdamW, fused
-# elementwise) off: candle's composed operations.
-[ -z "${NO_AB:-}" ] && step 120 "bench lorahost b2 composed" env LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 \
+# A/B: the same workload with the flash attention kernels off (the chunked attention), and with
+# all of lorahost's own CUDA kernels (flash attention, LayerNorm, AdamW, fused elementwise) off:
+# candle's composed operations.
+[ -z "${NO_AB:-}" ] && step 100 "bench lorahost b2 no flash" env LORAHOST_FLASH=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_noflash.jsonl"
+[ -z "${NO_AB:-}" ] && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_composed.jsonl"
 
 # 3. A short GPU training run on the synthetic data: the loss must fall. The demo without its
@@ -108,7 +111,7 @@ log "done"
   done
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
 } > "$FINAL/summary.txt"
-for f in bench.jsonl bench_composed.jsonl demo_metrics.jsonl; do
+for f in bench.jsonl bench_noflash.jsonl bench_composed.jsonl demo_metrics.jsonl; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/$f"
 done
 cat "$FINAL/summary.txt" | grep -v "^{" | tail -60

@@ -8,11 +8,19 @@
 /// compilation failed (both logged once by the caller's `OnceLock`).
 #[cfg(feature = "cuda")]
 pub fn compile(what: &str, switch: &str, source: &str) -> Option<String> {
+    compile_for(what, switch, source, None)
+}
+
+/// [`compile`] for a virtual architecture (`compute_80`: instructions that need it, e.g.
+/// `mma.sync` on bf16), NVRTC's default without one.
+#[cfg(feature = "cuda")]
+pub fn compile_for(what: &str, switch: &str, source: &str, arch: Option<&'static str>) -> Option<String> {
+    use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
     if std::env::var(switch).is_ok_and(|v| v == "0") {
         tracing::info!("{what} kernels off ({switch}=0): composed path");
         return None;
     }
-    match candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source) {
+    match compile_ptx_with_opts(source, CompileOptions { arch, ..Default::default() }) {
         Ok(p) => {
             tracing::info!("{what} CUDA kernels compiled (NVRTC)");
             Some(p.to_src())
@@ -29,12 +37,19 @@ pub fn compile(what: &str, switch: &str, source: &str) -> Option<String> {
 /// is queued (frees are stream-ordered after that).
 #[cfg(feature = "cuda")]
 pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<u64> {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    use candle_core::{DType, Storage};
     if !t.is_contiguous() {
         candle_core::bail!("kernel operand {:?} is not contiguous", t.shape());
     }
+    storage_address(t)
+}
+
+/// Device address of a CUDA tensor's first element, whatever its layout (a kernel that reads
+/// it through its strides).
+#[cfg(feature = "cuda")]
+pub fn storage_address(t: &candle_core::Tensor) -> candle_core::Result<u64> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::{DType, Storage};
     let (s, l) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*s else { candle_core::bail!("kernel operand is not on the GPU") };
     let stream = cs.device().cuda_stream();

@@ -5,7 +5,7 @@
 //! tests cover the same ops on the CPU only.
 
 use crate::lora::LoraAdapter;
-use crate::sam3::attention::attention_lean_chunked;
+use crate::sam3::attention::{attention_lean, attention_lean_chunked};
 use crate::sam3::frozen::frozen_linear;
 use crate::sam3::nn::Activation;
 use crate::sam3::ops::{self, OutputMap};
@@ -173,6 +173,44 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
             };
             checks.push(compare(&name, &inputs, dtype, reference, op)?);
         }
+    }
+
+    // Attention without a bias at the model's head dimensions (64: ViT, 32: DETR), with partial
+    // query and key tiles: on CUDA in bf16 lorahost's flash kernels, elsewhere the chunked path.
+    for (hd, nq, nk, tokens_major) in [(64usize, 80usize, 72usize, true), (32, 65, 130, false)] {
+        let (b, h) = (2, 2);
+        let inputs = vec![
+            inp("q", &[b, h, nq, hd], dtype, 40)?,
+            inp("k", &[b, nk, h, hd], dtype, 41)?,
+            inp("v", &[b, nk, h, hd], dtype, 42)?,
+        ];
+        let scale = 1.0 / (hd as f64).sqrt();
+        let reference = |t: &[Tensor]| {
+            let (k, v) = (t[1].transpose(1, 2)?.contiguous()?, t[2].transpose(1, 2)?.contiguous()?);
+            let s = (t[0].matmul(&k.t()?)? * scale)?;
+            let o = candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&v)?;
+            if tokens_major {
+                o.transpose(1, 2)?.contiguous()
+            } else {
+                Ok(o)
+            }
+        };
+        let op = |t: &[Tensor]| {
+            let (k, v) = (t[1].transpose(1, 2)?, t[2].transpose(1, 2)?);
+            attention_lean(&t[0], &k, &v, scale, None, tokens_major)?
+                .ok_or_else(|| candle_core::Error::Msg("attention not taken".into()))
+        };
+        let path = if crate::sam3::flash_cuda::serves(
+            &inputs[0].device.as_tensor().detach(),
+            &inputs[1].device.as_tensor().transpose(1, 2)?,
+            &inputs[2].device.as_tensor().transpose(1, 2)?,
+        ) {
+            "flash"
+        } else {
+            "chunked"
+        };
+        let name = format!("attention d{hd} {nq}x{nk} ({path})");
+        checks.push(compare(&name, &inputs, dtype, reference, op)?);
     }
 
     // Adapted linear with GELU folded in, LoRA factors in f32, output written heads-first
@@ -437,7 +475,8 @@ mod tests {
     #[test]
     fn cpu_f32_ops_match_the_f64_reference() -> Result<()> {
         let checks = run(&Device::Cpu, DType::F32)?;
-        assert_eq!(checks.len(), 12);
+        assert_eq!(checks.len(), 14);
+        assert!(checks.iter().any(|c| c.name == "attention d64 80x72 (chunked)"));
         assert!(checks.iter().any(|c| c.name == "conv 3x3"));
         for c in &checks {
             assert!(c.ok, "{c:?}");

@@ -13,6 +13,10 @@
 //! (inference, a checkpointed block's first run) the same chunked forward runs unrecorded: the
 //! values are bit-identical with and without adapters or checkpointing, and inference never
 //! holds a full score matrix either.
+//!
+//! On CUDA, bf16 attention without a bias (the ViT's window and global blocks, the DETR
+//! encoder's self-attention) runs on lorahost's flash kernels instead ([`super::flash_cuda`]):
+//! no score chunk is written at all, forward or backward.
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
@@ -225,6 +229,9 @@ pub fn attention_lean_chunked(
     if bias.is_some_and(|b| b.track_op()) {
         return Ok(None);
     }
+    if bias.is_none() && super::flash_cuda::serves(q, k, v) {
+        return flash(q, k, v, scale, tokens_major).map(Some);
+    }
     let lean = Lean { scale, bias: bias.map(|b| b.detach()), chunk_elements, probs: probs_dtype(q) };
     if !(q.track_op() || k.track_op() || v.track_op()) {
         // No graph: the same chunked computation (bit-identical to the op's forward, so
@@ -233,6 +240,59 @@ pub fn attention_lean_chunked(
         return Ok(Some(if tokens_major { o.transpose(1, 2)?.contiguous()? } else { o }));
     }
     lean_op(q, k, v, lean, tokens_major).map(Some)
+}
+
+/// The recorded flash attention (CUDA, bf16, no bias; [`super::flash_cuda`]): keeps q, k, v,
+/// the output and one log-sum-exp per query row.
+struct FlashAttention {
+    scale: f64,
+    tokens_major: bool,
+    lse: Tensor,
+    out: Precomputed,
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    precomputed_kernels!(_q, _k, _v);
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, d_out: &Tensor) -> Result<QkvGrads> {
+        crate::profile::inner(
+            || profile_label("backward (flash)", q, k),
+            || {
+                let (q, k, v) = (q.detach(), k.detach(), v.detach());
+                let (dq, dk, dv) = super::flash_cuda::backward(
+                    &q,
+                    &k,
+                    &v,
+                    out,
+                    d_out,
+                    &self.lse,
+                    self.scale,
+                    self.tokens_major,
+                )?;
+                Ok((Some(dq), Some(dk), Some(dv)))
+            },
+        )
+    }
+}
+
+/// Flash attention of (q, k, v): unrecorded without a graph, else one [`FlashAttention`] op
+/// (the same kernel either way, so the values agree bit for bit).
+fn flash(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, tokens_major: bool) -> Result<Tensor> {
+    let label = || profile_label("forward (flash)", q, k);
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        let (o, _) =
+            crate::profile::inner(label, || super::flash_cuda::forward(q, k, v, scale, tokens_major))?;
+        return Ok(o);
+    }
+    let (storage, shape, lse) = crate::profile::inner(label, || {
+        super::flash_cuda::forward_storage(&q.detach(), &k.detach(), &v.detach(), scale, tokens_major)
+    })?;
+    let out = Precomputed::from_storage(storage, shape);
+    q.apply_op3(k, v, FlashAttention { scale, tokens_major, lse, out })
 }
 
 /// Record `lean`'s attention of (q, k, v).

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
+pub mod flash_cuda;
 pub mod frozen;
 pub mod fused_cuda;
 pub mod geometry;

@@ -1,0 +1,104 @@
+// Runs launch plans of lorahost's flash attention kernels on the CPU emulation (emu.h).
+// Usage: driver PLAN. The plan, one directive per line:
+//   buffer BYTES PATH|-     a buffer (ids count from 0), filled from PATH or zeroed
+//   launch NAME GX GY GZ THREADS N ARG...   arguments as the host passes them (u64 words);
+//                                           a pointer is ((id + 1) << 48) | byte offset
+//   output ID PATH          write buffer ID to PATH after all launches
+#include "emu.h"
+#include "kernels.inc"
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+
+static std::vector<std::vector<unsigned char>> buffers;
+
+static void* ptr(uint64_t a) {
+    if (a == 0) return nullptr;
+    const uint64_t id = (a >> 48) - 1, off = a & ((1ull << 48) - 1);
+    if (id >= buffers.size() || off > buffers[id].size()) {
+        std::fprintf(stderr, "bad pointer argument %llu\n", (unsigned long long)a);
+        std::exit(3);
+    }
+    return buffers[id].data() + off;
+}
+
+using Args = std::vector<uint64_t>;
+#define P(i) ptr(a.at(i))
+#define BF(i) ((bf16_t*)P(i))
+#define F(i) ((float*)P(i))
+#define L(i) ((long long)a.at(i))
+#define I(i) ((int)(uint32_t)a.at(i))
+#define R(i) (__uint_as_float((uint32_t)a.at(i)))
+#define V(i) BF(i), L(i + 1), L(i + 2), L(i + 3)
+
+#define KERNELS(HD)                                                                                     \
+    {"fa_forward_" #HD, [](const Args& a) {                                                           \
+         fa_forward_##HD(V(0), V(4), V(8), V(12), F(16), I(17), I(18), I(19), R(20));                 \
+     }},                                                                                                \
+    {"fa_backward_kv_" #HD, [](const Args& a) {                                                       \
+         fa_backward_kv_##HD(V(0), V(4), V(8), V(12), F(16), F(17), V(18), V(22), I(26), I(27), I(28),  \
+             R(29), R(30));                                                                             \
+     }},                                                                                                \
+    {"fa_backward_q_" #HD, [](const Args& a) {                                                        \
+         fa_backward_q_##HD(V(0), V(4), V(8), V(12), F(16), F(17), V(18), I(22), I(23), I(24), R(25),   \
+             R(26));                                                                                    \
+     }},
+
+static const std::map<std::string, void (*)(const Args&)> kernels = {
+    {"fa_delta", [](const Args& a) { fa_delta(V(0), V(4), F(8), I(9), I(10), I(11), L(12)); }},
+    KERNELS(32) KERNELS(64)};
+static const std::map<std::string, size_t> arity = {
+    {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
+    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}};
+
+int main(int argc, char** argv) {
+    if (argc != 2) return 2;
+    std::ifstream plan(argv[1]);
+    std::string line;
+    std::vector<std::pair<size_t, std::string>> outputs;
+    while (std::getline(plan, line)) {
+        std::istringstream in(line);
+        std::string what;
+        in >> what;
+        if (what == "buffer") {
+            size_t bytes;
+            std::string path;
+            in >> bytes >> path;
+            buffers.emplace_back(bytes, 0);
+            if (path != "-") {
+                std::ifstream f(path, std::ios::binary);
+                f.read((char*)buffers.back().data(), (std::streamsize)bytes);
+                if (!f) { std::fprintf(stderr, "short read %s\n", path.c_str()); return 3; }
+            }
+        } else if (what == "launch") {
+            std::string name;
+            dim3 grid;
+            unsigned threads;
+            size_t n;
+            in >> name >> grid.x >> grid.y >> grid.z >> threads >> n;
+            Args a(n);
+            for (auto& x : a) in >> x;
+            auto ar = arity.find(name);
+            if (ar == arity.end() || ar->second != n) {
+                std::fprintf(stderr, "%s: %zu arguments, the kernel takes %zu\n", name.c_str(), n,
+                    ar == arity.end() ? 0 : ar->second);
+                return 4;
+            }
+            void (*k)(const Args&) = kernels.at(name);
+            emu_launch(grid, threads, [&] { k(a); });
+        } else if (what == "output") {
+            size_t id;
+            std::string path;
+            in >> id >> path;
+            outputs.emplace_back(id, path);
+        }
+    }
+    for (auto& [id, path] : outputs) {
+        std::ofstream f(path, std::ios::binary);
+        f.write((const char*)buffers.at(id).data(), (std::streamsize)buffers.at(id).size());
+    }
+    return 0;
+}
