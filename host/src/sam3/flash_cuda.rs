@@ -372,7 +372,9 @@ mod imp {
             }
         }
         let t = t.contiguous()?;
-        let strides = strides_of(t.stride()).expect("contiguous (B, H, N, Dh)");
+        let Some(strides) = strides_of(t.stride()) else {
+            candle_core::bail!("flash attention: operand {:?} is not (B, H, N, Dh)", t.shape())
+        };
         let view = View { addr: storage_address(&t)?, strides };
         Ok((t, view))
     }
