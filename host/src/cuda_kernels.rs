@@ -101,6 +101,11 @@ __device__ float block_max(float v, float* sh) {
 }
 "#;
 
+/// CUDA C of the tensor-core building blocks (`mma.sync` m16n8k16 on bf16, `ldmatrix`, fragment
+/// loads from shared-memory tiles) for kernels compiled after [`PRELUDE`] for compute
+/// capability 8.0 and up.
+pub const TENSOR_CORE: &str = include_str!("tensor_core.cu");
+
 /// A kernel argument as the 8 bytes the launch copies from: addresses and 64-bit integers as
 /// they are, 32-bit values in the low half (the driver copies as many bytes as the kernel's
 /// parameter has; x86-64 and the GPU are little-endian).

@@ -1,8 +1,8 @@
 // lorahost flash attention: softmax(q kᵀ · scale) v on bf16 operands with f32 accumulation on
 // the tensor cores (mma.sync m16n8k16), forward and backward, never materialising a score matrix.
-// Compiled by NVRTC after cuda_kernels::PRELUDE (bf16_t, ld). Also compiled as plain C++ by the
-// CPU emulation test (LORAHOST_EMU, host/tests/flash_emu), which brings its own mma, ldmatrix
-// and shuffles.
+// Compiled by NVRTC after cuda_kernels::PRELUDE (bf16_t, ld) and cuda_kernels::TENSOR_CORE (mma,
+// ldmatrix, fragment loads). Also compiled as plain C++ by the CPU emulation test
+// (host/tests/cuda_emu.rs), which brings its own mma, ldmatrix and shuffles.
 //
 // Operands are (B, H, N, HD) views given by element strides (batch, head, token); the head
 // dimension is contiguous. Every base address is 16-byte aligned and every stride a multiple of
@@ -15,42 +15,6 @@
 #define FA_PAD 8
 #define FA_THREADS 128
 
-#ifndef LORAHOST_EMU
-// d (16x8 f32) += a (16x16 bf16, row) · b (16x8 bf16, col); fragment layouts as in the PTX ISA.
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-// Shared-memory address of a generic pointer into shared memory.
-__device__ __forceinline__ unsigned fa_smem(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
-    return a;
-}
-// Four 8x8 bf16 matrices from shared memory (lane l gives row l % 8 of matrix l / 8): r[i] holds
-// row lane / 4, columns 2 (lane % 4) and + 1 of matrix i.
-__device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(fa_smem(p)));
-}
-// The same transposed: r[i] holds rows 2 (lane % 4) and + 1, column lane / 4 of matrix i.
-__device__ __forceinline__ void ldsm_x4_t(unsigned* r, const bf16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(fa_smem(p)));
-}
-// Two floats rounded to nearest even bf16, packed (lo in the low half).
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-#endif
-
-struct __align__(16) fa_u32x4 { unsigned x, y, z, w; };
-
-__device__ __forceinline__ unsigned fa_ld32(const bf16_t* p) { return *(const unsigned*)p; }
 __device__ __forceinline__ float fa_neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float fa_quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -68,10 +32,10 @@ __device__ __forceinline__ void fa_load_a(unsigned (*f)[4], const bf16_t* p, lon
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
         const int c = kk * 16 + t * 2;
-        f[kk][0] = r0 < n ? fa_ld32(p + r0 * sn + c) : 0u;
-        f[kk][1] = r1 < n ? fa_ld32(p + r1 * sn + c) : 0u;
-        f[kk][2] = r0 < n ? fa_ld32(p + r0 * sn + c + 8) : 0u;
-        f[kk][3] = r1 < n ? fa_ld32(p + r1 * sn + c + 8) : 0u;
+        f[kk][0] = r0 < n ? tc_ld32(p + r0 * sn + c) : 0u;
+        f[kk][1] = r1 < n ? tc_ld32(p + r1 * sn + c) : 0u;
+        f[kk][2] = r0 < n ? tc_ld32(p + r0 * sn + c + 8) : 0u;
+        f[kk][3] = r1 < n ? tc_ld32(p + r1 * sn + c + 8) : 0u;
     }
 }
 
@@ -80,25 +44,10 @@ template <int HD>
 __device__ __forceinline__ void fa_load_tile(bf16_t (*sm)[HD + FA_PAD], const bf16_t* p, long long sn, int row0, int n) {
     for (int i = threadIdx.x; i < FA_COLS * HD / 8; i += FA_THREADS) {
         const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
-        fa_u32x4 x = {0u, 0u, 0u, 0u};
-        if (row0 + r < n) x = *(const fa_u32x4*)(p + (row0 + r) * sn + c);
-        *(fa_u32x4*)&sm[r][c] = x;
+        tc_u32x4 x = {0u, 0u, 0u, 0u};
+        if (row0 + r < n) x = *(const tc_u32x4*)(p + (row0 + r) * sn + c);
+        *(tc_u32x4*)&sm[r][c] = x;
     }
-}
-
-// B-operand fragments of the two n-tiles n0 and n0 + 8 at k-chunk kk (k = kk * 16 ..) from a
-// shared tile stored [n][k]: b[0], b[1] for n0, b[2], b[3] for n0 + 8.
-template <int W>
-__device__ __forceinline__ void fa_b_nk(unsigned* b, bf16_t (*s)[W], int n0, int kk, int lane) {
-    const int m = lane >> 3, r = lane & 7;
-    ldsm_x4(b, &s[n0 + (m >> 1) * 8 + r][kk * 16 + (m & 1) * 8]);
-}
-
-// The same from a shared tile stored [k][n] (transposed on the way by ldmatrix).
-template <int W>
-__device__ __forceinline__ void fa_b_kn(unsigned* b, bf16_t (*s)[W], int n0, int kk, int lane) {
-    const int m = lane >> 3, r = lane & 7;
-    ldsm_x4_t(b, &s[kk * 16 + (m & 1) * 8 + r][n0 + (m >> 1) * 8]);
 }
 
 // A-operand fragment (16 rows × 16 k) from accumulator tiles 2kk and 2kk+1 (C layout).
@@ -109,23 +58,17 @@ __device__ __forceinline__ void fa_c_to_a(unsigned* a, const float* c0, const fl
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-template <int N>
-__device__ __forceinline__ void fa_zero(float (*c)[4]) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
-}
-
 // c (16 rows × 64 columns, 8 accumulator tiles) = a · sᵀ: a the warp's 16 rows × HD as A
 // fragments, s a shared 64 × HD tile stored [column][k].
 template <int HD>
 __device__ __forceinline__ void fa_mma_nk(float (*c)[4], const unsigned (*a)[4], bf16_t (*s)[HD + FA_PAD], int lane) {
-    fa_zero<FA_COLS / 8>(c);
+    tc_zero<FA_COLS / 8>(c);
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
 #pragma unroll
         for (int j = 0; j < FA_COLS / 8; j += 2) {
             unsigned bb[4];
-            fa_b_nk(bb, s, j * 8, kk, lane);
+            tc_b_nk(bb, s, j * 8, kk, lane);
             mma16816(c[j], a[kk], bb);
             mma16816(c[j + 1], a[kk], bb + 2);
         }
@@ -143,7 +86,7 @@ __device__ __forceinline__ void fa_mma_kn(float (*acc)[4], const float (*p)[4], 
 #pragma unroll
         for (int nt = 0; nt < HD / 8; nt += 2) {
             unsigned bb[4];
-            fa_b_kn(bb, s, nt * 8, kk, lane);
+            tc_b_kn(bb, s, nt * 8, kk, lane);
             mma16816(acc[nt], pa, bb);
             mma16816(acc[nt + 1], pa, bb + 2);
         }
@@ -184,7 +127,7 @@ __device__ void fa_forward(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_OUT(o), float*
     unsigned qf[HD / 16][4];
     fa_load_a<HD>(qf, qp, q_sn, row0, nq, g, t);
     float acc[HD / 8][4];
-    fa_zero<HD / 8>(acc);
+    tc_zero<HD / 8>(acc);
     float m0 = fa_neg_inf(), m1 = fa_neg_inf(), l0 = 0.f, l1 = 0.f;
     for (int k0 = 0; k0 < nk; k0 += FA_COLS) {
         __syncthreads();
@@ -268,8 +211,8 @@ __device__ void fa_backward_kv(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), c
     fa_load_a<HD>(kf, FA_AT(k, b, h), k_sn, row0, nk, g, t);
     fa_load_a<HD>(vf, FA_AT(v, b, h), v_sn, row0, nk, g, t);
     float dka[HD / 8][4], dva[HD / 8][4];
-    fa_zero<HD / 8>(dka);
-    fa_zero<HD / 8>(dva);
+    tc_zero<HD / 8>(dka);
+    tc_zero<HD / 8>(dva);
     for (int q0 = 0; q0 < nq; q0 += FA_COLS) {
         __syncthreads();
         fa_load_tile<HD>(qs, qp, q_sn, q0, nq);
@@ -321,7 +264,7 @@ __device__ void fa_backward_q(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), co
     const float dl0 = r0 < nq ? delta[(long long)bh * nq + r0] : 0.f;
     const float dl1 = r1 < nq ? delta[(long long)bh * nq + r1] : 0.f;
     float dqa[HD / 8][4];
-    fa_zero<HD / 8>(dqa);
+    tc_zero<HD / 8>(dqa);
     for (int k0 = 0; k0 < nk; k0 += FA_COLS) {
         __syncthreads();
         fa_load_tile<HD>(ks, kp, k_sn, k0, nk);

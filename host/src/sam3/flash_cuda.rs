@@ -9,7 +9,7 @@
 //! model's views (k and v transposed from tokens-first projections, the output written
 //! tokens-first for the output projection) cost no copies, and each gradient is written in its
 //! input's memory order. The launch plans ([`forward_launch`], [`backward_launches`]) are plain
-//! functions of addresses and strides: the CPU emulation test (`host/tests/flash_emu.rs`) runs
+//! functions of addresses and strides: the CPU emulation test (`host/tests/cuda_emu.rs`) runs
 //! the same kernel source on those same plans without a GPU.
 //!
 //! On CUDA the kernels are compiled (NVRTC, compute capability 8.0+) and checked against the
@@ -19,7 +19,8 @@
 
 use crate::cuda_kernels::Arg;
 
-/// The kernels' CUDA C source (compiled after [`crate::cuda_kernels::PRELUDE`]).
+/// The kernels' CUDA C source (compiled after [`crate::cuda_kernels::PRELUDE`] and
+/// [`crate::cuda_kernels::TENSOR_CORE`]).
 pub const SOURCE: &str = include_str!("flash_attention.cu");
 
 /// Threads per block of every flash kernel.
@@ -316,7 +317,12 @@ mod imp {
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();
         PTX.get_or_init(|| {
-            let src = format!("{}{}", crate::cuda_kernels::PRELUDE, super::SOURCE);
+            let src = format!(
+                "{}{}{}",
+                crate::cuda_kernels::PRELUDE,
+                crate::cuda_kernels::TENSOR_CORE,
+                super::SOURCE
+            );
             // mma.sync on bf16 and cvt.rn.bf16x2 need compute capability 8.0.
             crate::cuda_kernels::compile_for("flash attention", "LORAHOST_FLASH", &src, Some("compute_80"))
         })

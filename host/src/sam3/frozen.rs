@@ -20,7 +20,8 @@
 //! head's pixel decoder. candle's `conv2d` backward always computes the kernel gradient (a
 //! convolution whose "kernel" is the whole output-gradient map) and gets the input gradient
 //! from `conv_transpose2d`, a direct kernel without im2col; the op computes only
-//! `dx = conv2d(dy, flip(W)ᵀ, padding 1)`, the same im2col + matmul path as the forward.
+//! `dx = conv2d(dy, flip(W)ᵀ, padding 1)`, the same im2col + matmul path as the forward (on the
+//! GPU in bf16 both run on lorahost's implicit-GEMM kernel instead, [`super::conv_cuda`]).
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -344,6 +345,9 @@ impl CustomOp1 for FrozenConv3x3 {
         let label = || format!("conv3x3 backward {:?}", x.dims());
         crate::profile::inner(label, || {
             let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+            if super::conv_cuda::serves(&dy, &self.w_back) {
+                return Ok(Some(super::conv_cuda::conv3x3(&dy, &self.w_back, None)?));
+            }
             Ok(Some(dy.conv2d(&self.w_back, 1, 1, 1, 1)?))
         })
     }
@@ -356,6 +360,10 @@ pub fn frozen_conv3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dt = x.dtype();
     let c_out = w.dim(0)?;
     let forward = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
+        // On the GPU in bf16 with the weights frozen: lorahost's implicit-GEMM kernel.
+        if !w.track_op() && !b.track_op() && super::conv_cuda::serves(x, w) {
+            return super::conv_cuda::conv3x3(x, w, Some(b));
+        }
         let y = x.contiguous()?.conv2d(&w.to_dtype(dt)?, 1, 1, 1, 1)?;
         y.broadcast_add(&b.to_dtype(dt)?.reshape((1, c_out, 1, 1))?)
     };

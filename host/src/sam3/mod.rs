@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod conv_cuda;
 pub mod decoder;
 pub mod encoder;
 pub mod flash_cuda;

@@ -1,4 +1,5 @@
-// Runs launch plans of lorahost's flash attention kernels on the CPU emulation (emu.h).
+// Runs launch plans of lorahost's CUDA kernels (flash attention, 3x3 convolution) on the CPU
+// emulation (emu.h).
 // Usage: driver PLAN. The plan, one directive per line:
 //   buffer BYTES PATH|-     a buffer (ids count from 0), filled from PATH or zeroed
 //   launch NAME GX GY GZ THREADS N ARG...   arguments as the host passes them (u64 words);
@@ -49,10 +50,11 @@ using Args = std::vector<uint64_t>;
 
 static const std::map<std::string, void (*)(const Args&)> kernels = {
     {"fa_delta", [](const Args& a) { fa_delta(V(0), V(4), F(8), I(9), I(10), I(11), L(12)); }},
+    {"conv3x3_bf16", [](const Args& a) { conv3x3_bf16(BF(0), BF(1), BF(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
     KERNELS(32) KERNELS(64)};
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
-    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}};
+    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}};
 
 int main(int argc, char** argv) {
     if (argc != 2) return 2;

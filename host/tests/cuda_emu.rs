@@ -1,18 +1,24 @@
-//! The flash attention CUDA kernels (`host/src/sam3/flash_attention.cu`) run without a GPU: the
-//! kernel source is compiled as C++ against a CPU emulation of the CUDA features it uses
-//! (`flash_emu/emu.h`: threads, barriers, warp shuffles, `mma.sync` m16n8k16 fragments) and
-//! driven by the launch plans the host builds for the GPU (`lorahost::sam3::flash_cuda`), with
-//! the operands in the model's layouts (k and v transposed from tokens-first storage, the output
-//! tokens-first, a query offset inside its buffer). Forward, log-sum-exp and the three
-//! gradients are compared with candle's autograd of the composed attention in f64.
+//! lorahost's tensor-core CUDA kernels run without a GPU: the kernel sources (flash attention,
+//! `host/src/sam3/flash_attention.cu`; 3×3 convolution, `host/src/sam3/conv3x3.cu`; their shared
+//! `host/src/tensor_core.cu`) are compiled as C++ against a CPU emulation of the CUDA features
+//! they use (`cuda_emu/emu.h`: threads, barriers, warp shuffles, `mma.sync` m16n8k16 and
+//! `ldmatrix` fragments) and driven by the launch plans the host builds for the GPU
+//! (`lorahost::sam3::flash_cuda`, `lorahost::sam3::conv_cuda`).
+//!
+//! Flash attention: operands in the model's layouts (k and v transposed from tokens-first
+//! storage, the output tokens-first, a query offset inside its buffer); forward, log-sum-exp and
+//! the three gradients against candle's autograd of the composed attention in f64.
+//! Convolution: against candle's f64 `conv2d`, with channel, pixel and reduction counts that
+//! leave partial tiles.
 //!
 //! Needs a C++20 compiler (`c++`, or `CXX`); without one the test says so and passes, unless
 //! `LORAHOST_REQUIRE_CXX=1` (CI) makes that a failure.
 
 use candle_core::{Device, Tensor, Var, D};
-use lorahost::cuda_kernels::{Arg, PRELUDE};
+use lorahost::cuda_kernels::{Arg, PRELUDE, TENSOR_CORE};
+use lorahost::sam3::conv_cuda::{self, ConvDims};
 use lorahost::sam3::flash_cuda::{
-    backward_launches, forward_launch, fresh_strides, Backward, Dims, Launch, View, SOURCE,
+    backward_launches, forward_launch, fresh_strides, Backward, Dims, Launch, View,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,26 +114,27 @@ impl Operand {
     }
 }
 
-/// Compile the emulation driver with the kernel source (once per test process).
+/// Compile the emulation driver with the kernel sources into `dir`.
 fn driver(dir: &Path) -> Option<PathBuf> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     if Command::new(&cxx).arg("--version").output().is_err() {
         // CI sets LORAHOST_REQUIRE_CXX=1: there the check must run.
         assert!(
             !std::env::var("LORAHOST_REQUIRE_CXX").is_ok_and(|v| v == "1"),
-            "flash_emu: no C++ compiler ({cxx}) and LORAHOST_REQUIRE_CXX=1; install g++ or set CXX"
+            "cuda_emu: no C++ compiler ({cxx}) and LORAHOST_REQUIRE_CXX=1; install g++ or set CXX"
         );
-        eprintln!("flash_emu: no C++ compiler ({cxx}); the CUDA-kernel emulation check is skipped");
+        eprintln!("cuda_emu: no C++ compiler ({cxx}); the CUDA-kernel emulation check is skipped");
         return None;
     }
-    std::fs::write(dir.join("kernels.inc"), format!("{PRELUDE}{SOURCE}")).unwrap();
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/flash_emu");
+    let sources = [PRELUDE, TENSOR_CORE, lorahost::sam3::flash_cuda::SOURCE, conv_cuda::SOURCE];
+    std::fs::write(dir.join("kernels.inc"), sources.concat()).unwrap();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
     let exe = dir.join("driver");
     // CUDA code reads and writes bf16 data through 32- and 128-bit pointers (vector loads);
     // C++'s strict aliasing would let the compiler drop those stores.
-    // FLASH_EMU_SANITIZE=1: with AddressSanitizer (every buffer exactly its size, so an
+    // CUDA_EMU_SANITIZE=1: with AddressSanitizer (every buffer exactly its size, so an
     // out-of-bounds read or write of the kernels fails the run) and UBSan; slower to build.
-    let sanitize = std::env::var("FLASH_EMU_SANITIZE").is_ok_and(|v| v == "1");
+    let sanitize = std::env::var("CUDA_EMU_SANITIZE").is_ok_and(|v| v == "1");
     let out = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread", "-Wall", "-Wno-unused-function"])
         .args(if sanitize { &["-fsanitize=address,undefined", "-g"][..] } else { &[][..] })
@@ -213,9 +220,7 @@ fn check(exe: &Path, dir: &Path, dims: Dims, out_tokens_major: bool, seed: u64) 
     for id in [4, 5, 7, 8, 9] {
         plan += &format!("output {id} {}\n", dir.join(format!("out{id}.bin")).display());
     }
-    std::fs::write(dir.join("plan.txt"), plan).unwrap();
-    let run = Command::new(exe).arg(dir.join("plan.txt")).output().unwrap();
-    assert!(run.status.success(), "emulation failed: {}", String::from_utf8_lossy(&run.stderr));
+    run_plan(exe, dir, &plan);
     let read = |id: usize| std::fs::read(dir.join(format!("out{id}.bin"))).unwrap();
 
     // The reference: composed attention in f64, candle's autograd.
@@ -244,18 +249,86 @@ fn check(exe: &Path, dir: &Path, dims: Dims, out_tokens_major: bool, seed: u64) 
     assert!(max_rel(&want, &vec![0.0; want.elem_count()]) > 0.5);
 }
 
+fn run_plan(exe: &Path, dir: &Path, plan: &str) {
+    std::fs::write(dir.join("plan.txt"), plan).unwrap();
+    let run = Command::new(exe).arg(dir.join("plan.txt")).output().unwrap();
+    assert!(run.status.success(), "emulation failed: {}", String::from_utf8_lossy(&run.stderr));
+}
+
+/// A work folder with the driver built in it: a temporary one, or `$CUDA_EMU_DIR/name` to keep
+/// the build, plans and buffers (debugging). None without a C++ compiler.
+fn setup(name: &str) -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::env::var_os("CUDA_EMU_DIR")
+        .map(|d| PathBuf::from(d).join(name))
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = driver(&dir)?;
+    Some((tmp, dir, exe))
+}
+
 /// Both head dimensions, partial query and key tiles, several blocks along both grid axes,
 /// shapes smaller than one tile.
 #[test]
 fn flash_kernels_match_the_composed_attention_in_emulation() {
-    // FLASH_EMU_DIR=path keeps the build, plan and buffers there (debugging).
-    let tmp = tempfile::tempdir().unwrap();
-    let dir =
-        std::env::var_os("FLASH_EMU_DIR").map(PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
-    std::fs::create_dir_all(&dir).unwrap();
-    let Some(exe) = driver(&dir) else { return };
+    let Some((_tmp, dir, exe)) = setup("flash") else { return };
     check(&exe, &dir, Dims { batch: 1, heads: 2, nq: 100, nk: 75, head_dim: 64 }, true, 1);
     check(&exe, &dir, Dims { batch: 2, heads: 1, nq: 64, nk: 130, head_dim: 32 }, false, 2);
     // Less than a tile of both (whole warps without a row), batch and heads both above one.
     check(&exe, &dir, Dims { batch: 2, heads: 3, nq: 17, nk: 9, head_dim: 32 }, true, 3);
+}
+
+fn bf16_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect()
+}
+
+fn from_bf16_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+}
+
+/// One convolution through the emulated kernel against candle's f64 `conv2d`.
+fn check_conv(exe: &Path, dir: &Path, d: ConvDims, with_bias: bool, seed: u64) {
+    let ConvDims { batch, cin, cout, height, width } = d;
+    let mut rng = Rng(seed);
+    let x = rng.values(batch * cin * height * width);
+    // Weights ×0.25 (exact in bf16): outputs of order one.
+    let w: Vec<f32> = rng.values(cout * cin * 9).iter().map(|v| v * 0.25).collect();
+    let bias = rng.values(cout);
+    let y_len = batch * cout * height * width;
+    let mut plan = String::new();
+    for (i, v) in [&x, &w, &bias].iter().enumerate() {
+        let path = dir.join(format!("conv{i}.bin"));
+        std::fs::write(&path, bf16_bytes(v)).unwrap();
+        plan += &format!("buffer {} {}\n", v.len() * 2, path.display());
+    }
+    plan += &format!("buffer {} -\n", y_len * 2);
+    let bias_addr = if with_bias { buffer_addr(2, 0) } else { 0 };
+    let (grid, block, args) =
+        conv_cuda::launch_plan(d, buffer_addr(0, 0), buffer_addr(1, 0), bias_addr, buffer_addr(3, 0));
+    plan += &launch_line(&Launch { name: "conv3x3_bf16".into(), grid, block, args });
+    plan += &format!("output 3 {}\n", dir.join("conv_out.bin").display());
+    run_plan(exe, dir, &plan);
+    let got = from_bf16_bytes(&std::fs::read(dir.join("conv_out.bin")).unwrap());
+
+    let t = |v: &[f32], shape: &[usize]| {
+        Tensor::from_vec(v.iter().map(|&x| x as f64).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
+    };
+    let mut want =
+        t(&x, &[batch, cin, height, width]).conv2d(&t(&w, &[cout, cin, 3, 3]), 1, 1, 1, 1).unwrap();
+    if with_bias {
+        want = want.broadcast_add(&t(&bias, &[1, cout, 1, 1])).unwrap();
+    }
+    let e = max_rel(&want, &got);
+    assert!(e < 0.02, "{d:?}: convolution off by {e:.2e}");
+    assert!(max_rel(&want, &vec![0.0; y_len]) > 0.5);
+}
+
+/// Pixel counts across image and tile boundaries, output channels above and below a tile,
+/// reductions (Cin·9) that are not multiples of the 32-wide slice, with and without a bias.
+#[test]
+fn conv_kernel_matches_candle_conv2d_in_emulation() {
+    let Some((_tmp, dir, exe)) = setup("conv") else { return };
+    check_conv(&exe, &dir, ConvDims { batch: 2, cin: 5, cout: 70, height: 9, width: 11 }, true, 11);
+    check_conv(&exe, &dir, ConvDims { batch: 1, cin: 16, cout: 8, height: 5, width: 3 }, false, 12);
+    check_conv(&exe, &dir, ConvDims { batch: 3, cin: 3, cout: 64, height: 8, width: 8 }, true, 13);
 }
