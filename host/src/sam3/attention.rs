@@ -216,7 +216,8 @@ pub fn attention_lean(
 }
 
 /// [`attention_lean`] with `chunk_elements` score elements per query chunk instead of
-/// [`CHUNK_ELEMENTS`] (checks of the chunking: `lorahost selftest`, tests).
+/// [`CHUNK_ELEMENTS`] (checks of the chunking: `lorahost selftest`, tests). Attention the flash
+/// kernels serve (bf16 on CUDA, no bias, head dimension 32 or 64) is not chunked at all.
 pub fn attention_lean_chunked(
     q: &Tensor,
     k: &Tensor,

@@ -34,6 +34,19 @@ struct AdapterPart {
     mask: Option<Tensor>,
     p: f64,
     scale: f64,
+    /// On a recorded op: `A` and `scale · B` in the activations' dtype, converted once for the
+    /// forward and the backward (untracked copies of the factors of this step).
+    prepared: Option<(Tensor, Tensor)>,
+}
+
+impl AdapterPart {
+    /// `A` and `scale · B` in `dt` (the prepared copies when there are).
+    fn factors_in(&self, a: &Tensor, b: &Tensor, dt: candle_core::DType) -> Result<(Tensor, Tensor)> {
+        match &self.prepared {
+            Some(p) => Ok(p.clone()),
+            None => Ok((a.to_dtype(dt)?, (b * self.scale)?.to_dtype(dt)?)),
+        }
+    }
 }
 
 /// `act(x)·Wᵀ + b [+ adapter]` with `W` and `b` frozen.
@@ -172,8 +185,9 @@ fn parts(
                 Some(xm) => xm,
                 None => part.dropped(&xa)?,
             };
-            let h = xm.matmul(&a.to_dtype(dt)?.t()?)?;
-            Some(h.matmul(&(b * part.scale)?.to_dtype(dt)?.t()?)?)
+            let (a, sb) = part.factors_in(a, b, dt)?;
+            let h = xm.matmul(&a.t()?)?;
+            Some(h.matmul(&sb.t()?)?)
         }
         None => None,
     };
@@ -212,8 +226,8 @@ impl FrozenLinear {
         let mut dxa = if x_tracked { Some(dy.matmul(&self.w)?) } else { None };
         let (mut da, mut db) = (None, None);
         if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
-            let ad = a.detach().to_dtype(dt)?;
-            let g = dy.matmul(&(b.detach() * part.scale)?.to_dtype(dt)?)?; // (n, r)
+            let (ad, sb) = part.factors_in(&a.detach(), &b.detach(), dt)?;
+            let g = dy.matmul(&sb)?; // (n, r)
             if a.track_op() || b.track_op() {
                 let xa = match self.act {
                     Some(act) => act.apply(&x)?,
@@ -254,8 +268,8 @@ impl FrozenLinear {
         let (mut da, mut db, mut ga) = (None, None, None);
         let (mask, p) = self.adapter.as_ref().map_or((None, 0.0), |part| (part.mask.as_ref(), part.p));
         if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
-            let ad = a.detach().to_dtype(dt)?;
-            let g = dy.matmul(&(b.detach() * part.scale)?.to_dtype(dt)?)?; // (n, r)
+            let (ad, sb) = part.factors_in(&a.detach(), &b.detach(), dt)?;
+            let g = dy.matmul(&sb)?; // (n, r)
             if a.track_op() || b.track_op() {
                 let xm = super::fused_cuda::adapter_input(x, self.act, mask, p)?;
                 if a.track_op() {
@@ -392,27 +406,29 @@ pub fn frozen_linear(
     lora: Option<&LoraAdapter>,
     map: Option<&OutputMap>,
 ) -> Result<Tensor> {
-    let adapter = match lora {
+    let mut adapter = match lora {
         Some(l) => {
             let (a, b) = l.factors();
             let mask = l.keep_mask(&Shape::from(x.dims()), x.device())?;
-            Some((AdapterPart { mask, p: l.dropout, scale: l.scale }, a, b))
+            Some((AdapterPart { mask, p: l.dropout, scale: l.scale, prepared: None }, a, b))
         }
         None => None,
     };
-    let adapter_ref = adapter.as_ref().map(|(p, a, b)| (p, a, b));
-    let tracked = x.track_op() || adapter_ref.is_some_and(|(_, a, b)| a.track_op() || b.track_op());
+    let tracked = x.track_op() || adapter.as_ref().is_some_and(|(_, a, b)| a.track_op() || b.track_op());
     let trainable_base = w.track_op() || bias.is_some_and(|b| b.track_op());
     let dt = x.dtype();
     if !tracked || trainable_base {
-        let y = parts(x, w, bias, act, adapter_ref)?.tensor()?;
+        let y = parts(x, w, bias, act, adapter.as_ref().map(|(p, a, b)| (p, a, b)))?.tensor()?;
         return match map {
             Some(m) => (m.forward)(&y)?.to_dtype(dt),
             None => Ok(y),
         };
     }
     let (w, bias) = (w.detach().to_dtype(dt)?, bias.map(|b| b.detach().to_dtype(dt)).transpose()?);
-    let detached = adapter_ref.map(|(p, a, b)| (p, a.detach(), b.detach()));
+    if let Some((part, a, b)) = adapter.as_mut() {
+        part.prepared = Some(part.factors_in(&a.detach(), &b.detach(), dt)?);
+    }
+    let detached = adapter.as_ref().map(|(p, a, b)| (p, a.detach(), b.detach()));
     let forward =
         || parts(&x.detach(), &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)));
     let label = || profile_label("forward", x, &w, detached.is_some());

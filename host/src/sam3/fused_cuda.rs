@@ -376,7 +376,7 @@ DEFINE(float, f32)
         device: &candle_core::Device,
     ) -> Result<Tensor> {
         let Some(ptx) = ptx() else { candle_core::bail!("fused ops: keep mask kernel unavailable") };
-        let like = Tensor::zeros((), DType::U8, device)?;
+        let like = device_scalar(device)?;
         let n = shape.elem_count();
         let out = uninit(&like, shape.dims(), DType::U8)?;
         if n > 0 {
@@ -392,6 +392,19 @@ DEFINE(float, f32)
             launch(device, MODULE, ptx, "keep_mask", grid, block, &args)?;
         }
         Ok(out)
+    }
+
+    /// A scalar on `device` for [`uninit`] to allocate next to, made once per device (a
+    /// dropout mask is drawn for every adapted linear of every step).
+    fn device_scalar(device: &candle_core::Device) -> Result<Tensor> {
+        static SCALAR: std::sync::Mutex<Option<Tensor>> = std::sync::Mutex::new(None);
+        let mut held = SCALAR.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = held.as_ref().filter(|t| t.device().same_device(device)) {
+            return Ok(t.clone());
+        }
+        let t = Tensor::zeros((), DType::U8, device)?;
+        *held = Some(t.clone());
+        Ok(t)
     }
 
     /// The kernel name for `t`'s dtype, and the PTX.
