@@ -1,4 +1,5 @@
-//! lorahost's own CUDA kernels (LayerNorm, AdamW): CUDA C source compiled with NVRTC on first
+//! lorahost's own CUDA kernels (LayerNorm, AdamW, fused elementwise, and the tensor-core ones:
+//! flash attention, 3×3 convolution): CUDA C source compiled with NVRTC on first
 //! use and loaded once per device. The sources use no headers (bf16 is handled as its bit
 //! pattern), so only the NVRTC library that candle links is needed. A kernel set that cannot
 //! be compiled (or is switched off with its environment variable, `NAME=0`, for A/B timings)
@@ -29,6 +30,95 @@ pub fn compile_for(what: &str, switch: &str, source: &str, arch: Option<&'static
             tracing::warn!("{what} CUDA kernels did not compile ({e}); using the composed path");
             None
         }
+    }
+}
+
+/// A tensor-core kernel set: compiled for compute capability 8.0 ([`TENSOR_CORE`] needs it) from
+/// the concatenation of `sources` on first use, then checked once against a reference on the
+/// device by the caller's probe before anything uses it; a set that does not compile, is
+/// switched off (`switch=0`), fails its probe or disagrees leaves the caller on its fallback
+/// path, logged once.
+#[cfg(feature = "cuda")]
+pub struct CheckedKernels {
+    what: &'static str,
+    switch: &'static str,
+    sources: &'static [&'static str],
+    fallback: &'static str,
+    ptx: std::sync::OnceLock<Option<String>>,
+    ready: std::sync::OnceLock<bool>,
+}
+
+/// What a kernel set's probe found: `None` when the kernels agree with the reference, else how
+/// they disagree.
+#[cfg(feature = "cuda")]
+pub type ProbeResult = candle_core::Result<Option<String>>;
+
+#[cfg(feature = "cuda")]
+impl CheckedKernels {
+    /// A set named `what` (logs), switched off by the environment variable `switch`, compiled
+    /// from `sources`; `fallback` names what the callers use instead (logs).
+    pub const fn new(
+        what: &'static str,
+        switch: &'static str,
+        sources: &'static [&'static str],
+        fallback: &'static str,
+    ) -> Self {
+        CheckedKernels {
+            what,
+            switch,
+            sources,
+            fallback,
+            ptx: std::sync::OnceLock::new(),
+            ready: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The PTX, compiled once (None: off or not compiled).
+    pub fn ptx(&self) -> Option<&str> {
+        self.ptx
+            .get_or_init(|| compile_for(self.what, self.switch, &self.sources.concat(), Some("compute_80")))
+            .as_deref()
+    }
+
+    /// Whether the kernels are compiled and agreed with the reference on `device` (`probe`
+    /// runs once per process).
+    pub fn ready(
+        &self,
+        device: &candle_core::Device,
+        probe: impl FnOnce(&candle_core::Device) -> ProbeResult,
+    ) -> bool {
+        let (what, fallback) = (self.what, self.fallback);
+        self.ptx().is_some()
+            && *self.ready.get_or_init(|| match probe(device) {
+                Ok(None) => {
+                    tracing::info!("{what} kernels checked on the GPU: in use");
+                    true
+                }
+                Ok(Some(why)) => {
+                    tracing::warn!(
+                        "{what} kernels disagree with the reference on this GPU ({why}); using {fallback}"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("{what} kernels failed on this GPU ({e}); using {fallback}");
+                    false
+                }
+            })
+    }
+
+    /// Launch `name` (see [`launch`]).
+    pub fn launch(
+        &self,
+        device: &candle_core::Device,
+        module: &str,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> candle_core::Result<()> {
+        let Some(ptx) = self.ptx() else { candle_core::bail!("{} kernels unavailable", self.what) };
+        launch(device, module, ptx, name, grid, block, args)
     }
 }
 

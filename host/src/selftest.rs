@@ -112,6 +112,27 @@ fn normalized(x: &Tensor, groups: &[usize], eps: f64) -> candle_core::Result<Ten
     xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(x.dims())
 }
 
+/// The composed attention of `t` = [q (B, H, Nq, D), k and v (B, Nk, H, D)] with an optional
+/// additive bias, its output (B, Nq, H, D) contiguous when `tokens_major`.
+fn attention_reference(
+    t: &[Tensor],
+    scale: f64,
+    bias: Option<&Tensor>,
+    tokens_major: bool,
+) -> candle_core::Result<Tensor> {
+    let (k, v) = (t[1].transpose(1, 2)?.contiguous()?, t[2].transpose(1, 2)?.contiguous()?);
+    let mut s = (t[0].matmul(&k.t()?)? * scale)?;
+    if let Some(bias) = bias {
+        s = s.broadcast_add(bias)?;
+    }
+    let o = candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&v)?;
+    if tokens_major {
+        o.transpose(1, 2)?.contiguous()
+    } else {
+        Ok(o)
+    }
+}
+
 /// The frozen 3×3 convolution against candle's f64 conv2d.
 fn conv_check(device: &Device, dtype: DType) -> Result<Check> {
     let inputs = vec![Input::new("x", &[2, 6, 9, 11], device, dtype, 16)?];
@@ -152,19 +173,7 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         let bias_dev = with_bias.then(|| bias.device.as_tensor().detach() * 2.0).transpose()?;
         for tokens_major in [false, true] {
             let name = format!("lean attention ({case}{})", if tokens_major { ", tokens-major" } else { "" });
-            let reference = |t: &[Tensor]| {
-                let (k, v) = (t[1].transpose(1, 2)?.contiguous()?, t[2].transpose(1, 2)?.contiguous()?);
-                let mut s = (t[0].matmul(&k.t()?)? * scale)?;
-                if let Some(bias) = &bias_ref {
-                    s = s.broadcast_add(bias)?;
-                }
-                let o = candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&v)?;
-                if tokens_major {
-                    o.transpose(1, 2)?.contiguous()
-                } else {
-                    Ok(o)
-                }
-            };
+            let reference = |t: &[Tensor]| attention_reference(t, scale, bias_ref.as_ref(), tokens_major);
             let op = |t: &[Tensor]| {
                 let (k, v) = (t[1].transpose(1, 2)?, t[2].transpose(1, 2)?);
                 // 7 query rows per chunk: 37 = 5 × 7 + 2.
@@ -185,16 +194,7 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
             inp("v", &[b, nk, h, hd], dtype, 42)?,
         ];
         let scale = 1.0 / (hd as f64).sqrt();
-        let reference = |t: &[Tensor]| {
-            let (k, v) = (t[1].transpose(1, 2)?.contiguous()?, t[2].transpose(1, 2)?.contiguous()?);
-            let s = (t[0].matmul(&k.t()?)? * scale)?;
-            let o = candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&v)?;
-            if tokens_major {
-                o.transpose(1, 2)?.contiguous()
-            } else {
-                Ok(o)
-            }
-        };
+        let reference = |t: &[Tensor]| attention_reference(t, scale, None, tokens_major);
         let op = |t: &[Tensor]| {
             let (k, v) = (t[1].transpose(1, 2)?, t[2].transpose(1, 2)?);
             attention_lean(&t[0], &k, &v, scale, None, tokens_major)?

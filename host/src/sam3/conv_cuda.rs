@@ -96,44 +96,17 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{launch_plan, ConvDims};
-    use crate::cuda_kernels::{device_address, launch, uninit};
+    use crate::cuda_kernels::{device_address, uninit, CheckedKernels, ProbeResult};
     use candle_core::{DType, Device, Result, Tensor};
-    use std::sync::OnceLock;
 
     const MODULE: &str = "lorahost_conv3x3";
 
-    fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            let src = format!(
-                "{}{}{}",
-                crate::cuda_kernels::PRELUDE,
-                crate::cuda_kernels::TENSOR_CORE,
-                super::SOURCE
-            );
-            crate::cuda_kernels::compile_for("3x3 convolution", "LORAHOST_CONV", &src, Some("compute_80"))
-        })
-        .as_deref()
-    }
-
-    fn ready(device: &Device) -> bool {
-        static READY: OnceLock<bool> = OnceLock::new();
-        ptx().is_some()
-            && *READY.get_or_init(|| match probe(device) {
-                Ok(None) => {
-                    tracing::info!("3x3 convolution kernel checked on the GPU: in use");
-                    true
-                }
-                Ok(Some(why)) => {
-                    tracing::warn!("3x3 convolution kernel disagrees with candle's conv2d on this GPU ({why}); using candle's");
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!("3x3 convolution kernel failed on this GPU ({e}); using candle's conv2d");
-                    false
-                }
-            })
-    }
+    static KERNELS: CheckedKernels = CheckedKernels::new(
+        "3x3 convolution",
+        "LORAHOST_CONV",
+        &[crate::cuda_kernels::PRELUDE, crate::cuda_kernels::TENSOR_CORE, super::SOURCE],
+        "candle's conv2d",
+    );
 
     fn dims(x: &Tensor, w: &Tensor) -> Option<ConvDims> {
         let (batch, cin, height, width) = x.dims4().ok()?;
@@ -143,14 +116,16 @@ mod imp {
     }
 
     pub fn serves(x: &Tensor, w: &Tensor) -> bool {
-        x.device().is_cuda() && x.dtype() == DType::BF16 && dims(x, w).is_some() && ready(x.device())
+        x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && dims(x, w).is_some()
+            && KERNELS.ready(x.device(), probe)
     }
 
     pub fn conv3x3(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let Some(d) = dims(x, w) else {
             candle_core::bail!("conv3x3 kernel: shapes {:?} and {:?}", x.shape(), w.shape())
         };
-        let Some(ptx) = ptx() else { candle_core::bail!("conv3x3 kernel unavailable") };
         let bf = |t: &Tensor| t.to_dtype(DType::BF16).and_then(|t| t.contiguous());
         let (x, w) = (bf(x)?, bf(w)?);
         let bias = bias.map(bf).transpose()?;
@@ -168,13 +143,13 @@ mod imp {
         };
         let (grid, block, args) =
             launch_plan(d, device_address(&x)?, device_address(&w)?, b_addr, device_address(&y)?);
-        launch(x.device(), MODULE, ptx, "conv3x3_bf16", grid, block, &args)?;
+        KERNELS.launch(x.device(), MODULE, "conv3x3_bf16", grid, block, &args)?;
         Ok(y)
     }
 
     /// The kernel against candle's f32 `conv2d` on `device` (channel and pixel counts that
     /// leave partial tiles, with and without a bias): None when they agree within bf16 rounding.
-    fn probe(device: &Device) -> Result<Option<String>> {
+    fn probe(device: &Device) -> ProbeResult {
         for (b, cin, cout, h, w, with_bias) in
             [(2usize, 5usize, 70usize, 9usize, 11usize, true), (1, 64, 16, 8, 8, false)]
         {

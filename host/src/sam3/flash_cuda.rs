@@ -308,46 +308,17 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{backward_launches, forward_launch, fresh_strides, strides_of, Backward, Dims, Launch, View};
-    use crate::cuda_kernels::{launch, storage_address, uninit};
+    use crate::cuda_kernels::{storage_address, uninit, CheckedKernels, ProbeResult};
     use candle_core::{CudaStorage, DType, Device, Result, Shape, Storage, Tensor, D};
-    use std::sync::OnceLock;
 
     const MODULE: &str = "lorahost_flash_attention";
 
-    fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            let src = format!(
-                "{}{}{}",
-                crate::cuda_kernels::PRELUDE,
-                crate::cuda_kernels::TENSOR_CORE,
-                super::SOURCE
-            );
-            // mma.sync on bf16 and cvt.rn.bf16x2 need compute capability 8.0.
-            crate::cuda_kernels::compile_for("flash attention", "LORAHOST_FLASH", &src, Some("compute_80"))
-        })
-        .as_deref()
-    }
-
-    /// The kernels, compiled and checked against the composed attention on `device` (once).
-    fn ready(device: &Device) -> bool {
-        static READY: OnceLock<bool> = OnceLock::new();
-        ptx().is_some()
-            && *READY.get_or_init(|| match probe(device) {
-                Ok(None) => {
-                    tracing::info!("flash attention kernels checked on the GPU: in use");
-                    true
-                }
-                Ok(Some(why)) => {
-                    tracing::warn!("flash attention kernels disagree with the reference on this GPU ({why}); using the chunked attention");
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!("flash attention kernels failed on this GPU ({e}); using the chunked attention");
-                    false
-                }
-            })
-    }
+    static KERNELS: CheckedKernels = CheckedKernels::new(
+        "flash attention",
+        "LORAHOST_FLASH",
+        &[crate::cuda_kernels::PRELUDE, crate::cuda_kernels::TENSOR_CORE, super::SOURCE],
+        "the chunked attention",
+    );
 
     fn dims(q: &Tensor, k: &Tensor) -> Result<Dims> {
         let (batch, heads, nq, head_dim) = q.dims4()?;
@@ -364,7 +335,7 @@ mod imp {
         q.device().is_cuda()
             && [q, k, v].iter().all(|t| t.dtype() == DType::BF16)
             && shapes_fit(q, k, v)
-            && ready(q.device())
+            && KERNELS.ready(q.device(), probe)
     }
 
     /// `t` as a kernel operand: bf16 with the head dimension contiguous, aligned for vector
@@ -404,8 +375,7 @@ mod imp {
     }
 
     fn run(device: &Device, l: &Launch) -> Result<()> {
-        let Some(ptx) = ptx() else { candle_core::bail!("flash attention kernels unavailable") };
-        launch(device, MODULE, ptx, &l.name, l.grid, l.block, &l.args)
+        KERNELS.launch(device, MODULE, &l.name, l.grid, l.block, &l.args)
     }
 
     /// The forward into the output at `o_addr` (contiguous, (B, Nq, H, Dh) when
@@ -506,7 +476,7 @@ mod imp {
     /// The kernels against the composed attention (f32, candle's autograd) on `device`, at
     /// both head dimensions, with query and key counts that leave partial tiles and operands
     /// laid out as the model hands them over: None when they agree within bf16 rounding.
-    fn probe(device: &Device) -> Result<Option<String>> {
+    fn probe(device: &Device) -> ProbeResult {
         for (hd, nq, nk, tokens_major) in [(64usize, 80usize, 72usize, true), (32, 65, 130, false)] {
             let (b, h) = (2usize, 3usize);
             let q = Tensor::randn(0f32, 1.0, (b, h, nq, hd), device)?.to_dtype(DType::BF16)?;
