@@ -76,7 +76,9 @@ for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_
 done
 
 # 2. Benchmarks: lorahost and PyTorch (eager) on the same card, same run. Two profiled steps
-# after the timed ones: where the time goes (profile / profile_ops in the JSON).
+# after the timed ones: where the time goes (profile / profile_ops in the JSON: device time from
+# CUDA events as `ms`, the host's issue time as `host_ms`; `host_issue_s_median` against
+# `step_s_median` says whether the host's per-operation cost bounds the step).
 step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 --profile 2 --json "$OUT/bench.jsonl"
 [ -n "$REF" ] && step 200 "bench pytorch eager b2" "$PY" "$REF" --batch 2 --json "$OUT/bench.jsonl"
 # A/B: the same workload with the flash attention kernels off (the chunked attention), and with
@@ -100,7 +102,7 @@ step 150 "bench lorahost b8 ckpt" "$BIN" bench --device cuda --dtype bf16 --batc
 if [ "${1:-}" != quick ]; then
   # The best throughput at any batch that fits: larger plain batches, and checkpointing.
   step 100 "bench lorahost b4" "$BIN" bench --device cuda --dtype bf16 --batch 4 --steps 4 --warmup 2 --json "$OUT/bench.jsonl"
-  step 100 "bench lorahost b8" "$BIN" bench --device cuda --dtype bf16 --batch 8 --steps 4 --warmup 2 --json "$OUT/bench.jsonl"
+  step 100 "bench lorahost b8" "$BIN" bench --device cuda --dtype bf16 --batch 8 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench.jsonl"
   step 100 "bench lorahost b16 ckpt" "$BIN" bench --device cuda --dtype bf16 --batch 16 --ckpt --steps 3 --warmup 1 --json "$OUT/bench.jsonl"
   step 60 "bench lorahost b2 ckpt" "$BIN" bench --device cuda --dtype bf16 --batch 2 --ckpt --steps 6 --warmup 2 --json "$OUT/bench.jsonl"
 fi

@@ -46,8 +46,9 @@ pub struct BenchOptions {
     pub ckpt: bool,
     /// Append the result as a JSON line to this file.
     pub json: Option<PathBuf>,
-    /// After the timed steps, this many more steps with the device synchronised between the
-    /// model's parts, the loss, backward and the optimizer: where a step's time goes.
+    /// After the timed steps, this many more steps with the model's parts, the loss, backward,
+    /// the optimizer and the costliest operations timed on the device and the host: where a
+    /// step's time goes.
     pub profile_steps: usize,
 }
 
@@ -59,8 +60,10 @@ pub struct ProfilePart {
     /// features), `backward: vision` (the rest: neck and ViT when they are adapted), `optimizer`
     /// (gradient statistics, clipping, AdamW).
     pub part: String,
-    /// Milliseconds per step.
+    /// Milliseconds per step on the device (from CUDA events; on the CPU: wall time).
     pub ms: f64,
+    /// Milliseconds per step the host spent issuing the part (above `ms`: bound by the host).
+    pub host_ms: f64,
 }
 
 /// An operation timed inside the parts of a profiled step.
@@ -68,8 +71,10 @@ pub struct ProfilePart {
 pub struct ProfileOp {
     /// The operation and its shape, e.g. `attention backward b2 h16 5184x5184 d64`.
     pub op: String,
-    /// Milliseconds per step.
+    /// Milliseconds per step on the device (from CUDA events; on the CPU: wall time).
     pub ms: f64,
+    /// Milliseconds per step the host spent issuing it.
+    pub host_ms: f64,
     /// Calls per step.
     pub calls: f64,
 }
@@ -101,6 +106,10 @@ pub struct BenchResult {
     pub step_s_median: f64,
     /// Fastest step, seconds.
     pub step_s_min: f64,
+    /// Median seconds the host took to issue a step's forward and backward (it first waits for
+    /// the device after them): close to `step_s_median` means the step is bound by the host's
+    /// per-operation cost, not by the device.
+    pub host_issue_s_median: f64,
     /// batch / median.
     pub images_per_s: f64,
     /// Last loss.
@@ -259,7 +268,10 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     };
 
     let mut peak_used = used_before;
-    let mut step = |peak_used: &mut u64| -> Result<f64> {
+    // One step: (loss, seconds until forward and backward were issued, the host's part of it
+    // before it first waits for the device: the gradient norm's read-back).
+    let mut step = |peak_used: &mut u64| -> Result<(f64, f64)> {
+        let t0 = Instant::now();
         let out = model.forward_with(&inputs, ForwardOptions { train: true, dac: false })?;
         let sig_mean = |x: &Tensor| crate::sam3::nn::sigmoid(&x.to_dtype(DType::F32)?)?.mean_all();
         let loss = (sig_mean(&out.pred_masks)?
@@ -271,6 +283,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         *peak_used = (*peak_used).max(device_used(&device));
         let mut grads = loss.backward()?;
         crate::sam3::recompute::merge_side_grads(&mut grads)?;
+        let issued = t0.elapsed().as_secs_f64();
         // Without ViT adapters backward never reaches the vision features: it is all heads.
         crate::profile::mark(if o.vision_lora { "backward: vision" } else { "backward: heads" });
         *peak_used = (*peak_used).max(device_used(&device));
@@ -286,21 +299,24 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         let l = loss.to_scalar::<f32>()? as f64;
         device.synchronize()?;
         crate::profile::mark("optimizer");
-        Ok(l)
+        Ok((l, issued))
     };
 
-    let mut loss = step(&mut peak_used)?;
+    let (mut loss, _) = step(&mut peak_used)?;
     let first = start.elapsed().as_secs_f64();
     for _ in 1..o.warmup {
-        loss = step(&mut peak_used)?;
+        loss = step(&mut peak_used)?.0;
     }
-    let mut times = Vec::new();
+    let (mut times, mut issue) = (Vec::new(), Vec::new());
     for _ in 0..o.steps.max(1) {
         let t0 = Instant::now();
-        loss = step(&mut peak_used)?;
+        let (l, issued) = step(&mut peak_used)?;
+        loss = l;
         times.push(t0.elapsed().as_secs_f64());
+        issue.push(issued);
     }
     times.sort_by(f64::total_cmp);
+    issue.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     let pool_peak = crate::gpu::peak_memory(&device);
     let peak = match (device.is_cpu(), pool_peak) {
@@ -315,12 +331,27 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         crate::profile::enable(&device);
         for _ in 0..o.profile_steps {
             crate::profile::restart();
-            loss = step(&mut peak_used)?;
+            loss = step(&mut peak_used)?.0;
         }
         let r = crate::profile::disable(o.profile_steps);
         (
-            Some(r.parts.into_iter().map(|(part, s)| ProfilePart { part, ms: s * 1e3 }).collect()),
-            Some(r.inner.into_iter().map(|(op, s, calls)| ProfileOp { op, ms: s * 1e3, calls }).collect()),
+            Some(
+                r.parts
+                    .into_iter()
+                    .map(|t| ProfilePart { part: t.name, ms: t.device_s * 1e3, host_ms: t.host_s * 1e3 })
+                    .collect(),
+            ),
+            Some(
+                r.inner
+                    .into_iter()
+                    .map(|t| ProfileOp {
+                        op: t.name,
+                        ms: t.device_s * 1e3,
+                        host_ms: t.host_s * 1e3,
+                        calls: t.calls,
+                    })
+                    .collect(),
+            ),
         )
     } else {
         (None, None)
@@ -338,6 +369,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         lora_modules: lora.modules.len(),
         step_s_median: med,
         step_s_min: times[0],
+        host_issue_s_median: issue[issue.len() / 2],
         images_per_s: b as f64 / med,
         loss,
         peak_mem_gib: gib(peak),

@@ -188,9 +188,10 @@ pub enum Command {
         /// Append the result as a JSON line to this file.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// After the timed steps, profile this many more: the device is synchronised after
-        /// each model component, the loss, backward and the optimizer, and the mean time of
-        /// each is reported (`profile` in the JSON; the timed steps are not slowed).
+        /// After the timed steps, profile this many more: the mean time of each model
+        /// component, the loss, backward and the optimizer, and of the costliest operations,
+        /// on the device (CUDA events, no synchronisation) and on the host (`profile`,
+        /// `profile_ops` in the JSON; the timed steps are not slowed).
         #[arg(long, default_value_t = 0, value_name = "STEPS")]
         profile: usize,
     },

@@ -392,6 +392,11 @@ impl ViTLayer {
 
     /// Channels-last (B, H, W, C) → (B, H, W, C).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = if self.window_size > 0 { "window" } else { "global" };
+        crate::profile::inner(|| format!("vit {kind} block forward"), || self.forward_block(x))
+    }
+
+    fn forward_block(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let y = if self.window_size > 0 {
             // LayerNorm writes the windows, the output projection the map (one tensor each).
