@@ -217,6 +217,20 @@ impl Arg {
     }
 }
 
+/// One kernel launch as a plain value (what the CPU emulation test replays): kernel name, grid,
+/// threads per block, arguments.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Kernel name in its module's source.
+    pub name: String,
+    /// Grid.
+    pub grid: (u32, u32, u32),
+    /// Threads per block.
+    pub block: u32,
+    /// Arguments in the kernel's parameter order.
+    pub args: Vec<Arg>,
+}
+
 /// Launch `name` of the module `module` (compiled from `ptx`) on `device`'s stream with a 1-D
 /// block of `block` threads and `grid` blocks.
 #[cfg(feature = "cuda")]

@@ -290,21 +290,26 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         let name = if c == 48 { "layer norm".to_string() } else { format!("layer norm width {c}") };
         checks.push(compare(&name, &inputs, dtype, reference, op)?);
     }
-    let inputs = vec![inp("x", &[2, 12, 5, 7], dtype, 13)?];
-    let (wg, bg) = (Input::new("w", &[12], device, dtype, 14)?, Input::new("b", &[12], device, dtype, 15)?);
-    let reference = |t: &[Tensor]| {
-        let per_channel = |v: &Tensor| v.reshape((1, 12, 1, 1));
-        normalized(&t[0], &[2, 3, 4 * 5 * 7], 1e-5)?
-            .reshape((2, 12, 5, 7))?
-            .broadcast_mul(&per_channel(wg.reference.as_tensor())?)?
-            .broadcast_add(&per_channel(bg.reference.as_tensor())?)
-    };
-    let op = |t: &[Tensor]| {
-        let (w, b) = (wg.device.as_tensor().detach(), bg.device.as_tensor().detach());
-        ops::group_norm_frozen(&t[0], &w, &b, 3, 1e-5)?
-            .ok_or_else(|| candle_core::Error::Msg("fused group norm not taken".into()))
-    };
-    checks.push(compare("group norm", &inputs, dtype, reference, op)?);
+    // Rows shorter than a block, and (on CUDA) a row the kernels cut into eight chunks.
+    for (dims, groups) in [([2usize, 12, 5, 7], 3usize), ([1, 4, 61, 67], 1)] {
+        let c = dims[1];
+        let inputs = vec![inp("x", &dims, dtype, 13)?];
+        let (wg, bg) = (Input::new("w", &[c], device, dtype, 14)?, Input::new("b", &[c], device, dtype, 15)?);
+        let reference = |t: &[Tensor]| {
+            let per_channel = |v: &Tensor| v.reshape((1, c, 1, 1));
+            normalized(&t[0], &[dims[0], groups, c / groups * dims[2] * dims[3]], 1e-5)?
+                .reshape(&dims[..])?
+                .broadcast_mul(&per_channel(wg.reference.as_tensor())?)?
+                .broadcast_add(&per_channel(bg.reference.as_tensor())?)
+        };
+        let op = |t: &[Tensor]| {
+            let (w, b) = (wg.device.as_tensor().detach(), bg.device.as_tensor().detach());
+            ops::group_norm_frozen(&t[0], &w, &b, groups, 1e-5)?
+                .ok_or_else(|| candle_core::Error::Msg("fused group norm not taken".into()))
+        };
+        let name = if groups == 3 { "group norm".to_string() } else { format!("group norm {dims:?}") };
+        checks.push(compare(&name, &inputs, dtype, reference, op)?);
+    }
     if dtype == DType::F32 {
         checks.push(adamw_check(device)?);
     }
@@ -475,9 +480,10 @@ mod tests {
     #[test]
     fn cpu_f32_ops_match_the_f64_reference() -> Result<()> {
         let checks = run(&Device::Cpu, DType::F32)?;
-        assert_eq!(checks.len(), 14);
+        assert_eq!(checks.len(), 15);
         assert!(checks.iter().any(|c| c.name == "attention d64 80x72 (chunked)"));
         assert!(checks.iter().any(|c| c.name == "conv 3x3"));
+        assert!(checks.iter().any(|c| c.name == "group norm [1, 4, 61, 67]"));
         for c in &checks {
             assert!(c.ok, "{c:?}");
             assert!(!c.grads.is_empty());

@@ -10,6 +10,9 @@
 //! the three gradients against candle's autograd of the composed attention in f64.
 //! Convolution: against candle's f64 `conv2d`, with channel, pixel and reduction counts that
 //! leave partial tiles.
+//! LayerNorm and GroupNorm (`host/src/sam3/norm.cu`): forward and input gradient in f32 and bf16
+//! against the composed normalisation in f64 and its autograd; GroupNorm rows cut into several
+//! chunks with a shorter last one, and rows shorter than a block.
 //!
 //! Needs a C++20 compiler (`c++`, or `CXX`); without one the test says so and passes, unless
 //! `LORAHOST_REQUIRE_CXX=1` (CI) makes that a failure.
@@ -20,6 +23,7 @@ use lorahost::sam3::conv_cuda::{self, ConvDims};
 use lorahost::sam3::flash_cuda::{
     backward_launches, forward_launch, fresh_strides, Backward, Dims, Launch, View,
 };
+use lorahost::sam3::norm_cuda::{self, GroupDims};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -126,7 +130,8 @@ fn driver(dir: &Path) -> Option<PathBuf> {
         eprintln!("cuda_emu: no C++ compiler ({cxx}); the CUDA-kernel emulation check is skipped");
         return None;
     }
-    let sources = [PRELUDE, TENSOR_CORE, lorahost::sam3::flash_cuda::SOURCE, conv_cuda::SOURCE];
+    let sources =
+        [PRELUDE, TENSOR_CORE, lorahost::sam3::flash_cuda::SOURCE, conv_cuda::SOURCE, norm_cuda::SOURCE];
     std::fs::write(dir.join("kernels.inc"), sources.concat()).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
     let exe = dir.join("driver");
@@ -331,4 +336,178 @@ fn conv_kernel_matches_candle_conv2d_in_emulation() {
     check_conv(&exe, &dir, ConvDims { batch: 2, cin: 5, cout: 70, height: 9, width: 11 }, true, 11);
     check_conv(&exe, &dir, ConvDims { batch: 1, cin: 16, cout: 8, height: 5, width: 3 }, false, 12);
     check_conv(&exe, &dir, ConvDims { batch: 3, cin: 3, cout: 64, height: 8, width: 8 }, true, 13);
+}
+
+/// Values as the kernels' data type stores them: bf16 or f32 bytes, and back.
+fn encode(values: &[f32], bf16: bool) -> Vec<u8> {
+    if bf16 {
+        return bf16_bytes(values);
+    }
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn decode(bytes: &[u8], bf16: bool) -> Vec<f32> {
+    if bf16 {
+        return from_bf16_bytes(bytes);
+    }
+    bytes.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Write `inputs` as buffers 0.. (`(values, in the data type?)`), then zeroed buffers of the
+/// given byte sizes.
+fn buffers(dir: &Path, inputs: &[(&[f32], bool)], zeroed: &[usize]) -> String {
+    let mut plan = String::new();
+    for (i, (v, data)) in inputs.iter().enumerate() {
+        let path = dir.join(format!("norm{i}.bin"));
+        let bytes = encode(v, *data);
+        std::fs::write(&path, &bytes).unwrap();
+        plan += &format!("buffer {} {}\n", bytes.len(), path.display());
+    }
+    for z in zeroed {
+        plan += &format!("buffer {z} -\n");
+    }
+    plan
+}
+
+fn f64_tensor(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.iter().map(|&x| x as f64).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
+}
+
+/// The composed normalisation in f64 of `x` viewed as `groups` (last axis normalised), with a
+/// per-channel affine (`w`, `b` broadcast as `affine`): its output and its input gradient for
+/// the output gradient `dy` (candle's autograd).
+fn norm_reference(
+    x: &Tensor,
+    groups: &[usize],
+    affine: &[usize],
+    w: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+) -> (Tensor, Tensor) {
+    let xv = Var::from_tensor(x).unwrap();
+    let xg = xv.reshape(groups).unwrap();
+    let xc = xg.broadcast_sub(&xg.mean_keepdim(D::Minus1).unwrap()).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let xn = xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().reshape(x.dims()).unwrap();
+    let y = xn
+        .broadcast_mul(&w.reshape(affine).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape(affine).unwrap())
+        .unwrap();
+    let g = (&y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = g.get(xv.as_tensor()).unwrap().clone();
+    (y, dx)
+}
+
+/// GroupNorm of a (B, C, H, W) input through the emulated kernels (forward, then backward on
+/// the same statistics buffer) against [`norm_reference`].
+fn check_group_norm(exe: &Path, dir: &Path, dims: [usize; 4], groups: usize, bf16: bool, seed: u64) {
+    let d = GroupDims::of(&dims, groups).unwrap();
+    assert!(d.fits());
+    let n: usize = dims.iter().product();
+    let c = dims[1];
+    let mut rng = Rng(seed);
+    // A channel-dependent offset: statistics far from zero mean test the centred variance.
+    let x: Vec<f32> =
+        rng.values(n).iter().enumerate().map(|(i, v)| v + 3.0 * ((i / d.hw) % c) as f32).collect();
+    let x: Vec<f32> = x.iter().map(|v| f32::from_bits(v.to_bits() & 0xffff_0000)).collect();
+    let (dy, w, b) = (rng.values(n), rng.values(c), rng.values(c));
+    let size = if bf16 { 2 } else { 4 };
+    // Buffers: 0 x, 1 dy, 2 w, 3 b (f32), 4 y, 5 dx, 6 part, 7 part2.
+    let mut plan = buffers(
+        dir,
+        &[(&x, bf16), (&dy, bf16), (&w, false), (&b, false)],
+        &[n * size, n * size, d.part_len() * 4, d.part_len() * 4],
+    );
+    let suffix = if bf16 { "bf16" } else { "f32" };
+    let a = |id| buffer_addr(id, 0);
+    for l in norm_cuda::group_forward_launches(d, suffix, [a(0), a(2), a(3), a(4)], a(6), 1e-5) {
+        plan += &launch_line(&l);
+    }
+    for l in norm_cuda::group_backward_launches(d, suffix, [a(0), a(1), a(2), a(5)], [a(6), a(7)], 1e-5) {
+        plan += &launch_line(&l);
+    }
+    for id in [4, 5] {
+        plan += &format!("output {id} {}\n", dir.join(format!("norm_out{id}.bin")).display());
+    }
+    run_plan(exe, dir, &plan);
+    let read = |id: usize| decode(&std::fs::read(dir.join(format!("norm_out{id}.bin"))).unwrap(), bf16);
+    let (want_y, want_dx) = norm_reference(
+        &f64_tensor(&x, &dims),
+        &[dims[0], groups, n / dims[0] / groups],
+        &[1, c, 1, 1],
+        &f64_tensor(&w, &[c]),
+        &f64_tensor(&b, &[c]),
+        &f64_tensor(&dy, &dims),
+    );
+    let tol = if bf16 { 2e-2 } else { 2e-5 };
+    let e = max_rel(&want_y, &read(4));
+    assert!(e < tol, "{dims:?}/{groups} {suffix}: GroupNorm output off by {e:.2e}");
+    let e = max_rel(&want_dx, &read(5));
+    assert!(e < tol, "{dims:?}/{groups} {suffix}: GroupNorm input gradient off by {e:.2e}");
+    assert!(max_rel(&want_dx, &vec![0.0; n]) > 0.5);
+}
+
+/// LayerNorm over rows of `c` through the emulated kernels against [`norm_reference`].
+fn check_layer_norm(exe: &Path, dir: &Path, rows: usize, c: usize, bf16: bool, seed: u64) {
+    let n = rows * c;
+    let mut rng = Rng(seed);
+    let (x, dy, w, b) = (rng.values(n), rng.values(n), rng.values(c), rng.values(c));
+    let size = if bf16 { 2 } else { 4 };
+    // Buffers: 0 x, 1 dy, 2 w, 3 b, 4 y, 5 dx.
+    let mut plan = buffers(dir, &[(&x, bf16), (&dy, bf16), (&w, false), (&b, false)], &[n * size, n * size]);
+    let suffix = if bf16 { "bf16" } else { "f32" };
+    let a = |id| buffer_addr(id, 0);
+    plan += &launch_line(&norm_cuda::layer_launch(
+        &format!("ln_fwd_{suffix}"),
+        rows,
+        c,
+        [a(0), a(2), a(3), a(4)],
+        1e-5,
+    ));
+    plan += &launch_line(&norm_cuda::layer_launch(
+        &format!("ln_bwd_{suffix}"),
+        rows,
+        c,
+        [a(0), a(1), a(2), a(5)],
+        1e-5,
+    ));
+    for id in [4, 5] {
+        plan += &format!("output {id} {}\n", dir.join(format!("norm_out{id}.bin")).display());
+    }
+    run_plan(exe, dir, &plan);
+    let read = |id: usize| decode(&std::fs::read(dir.join(format!("norm_out{id}.bin"))).unwrap(), bf16);
+    let (want_y, want_dx) = norm_reference(
+        &f64_tensor(&x, &[rows, c]),
+        &[rows, c],
+        &[1, c],
+        &f64_tensor(&w, &[c]),
+        &f64_tensor(&b, &[c]),
+        &f64_tensor(&dy, &[rows, c]),
+    );
+    let tol = if bf16 { 2e-2 } else { 2e-5 };
+    let e = max_rel(&want_y, &read(4));
+    assert!(e < tol, "{rows}x{c} {suffix}: LayerNorm output off by {e:.2e}");
+    let e = max_rel(&want_dx, &read(5));
+    assert!(e < tol, "{rows}x{c} {suffix}: LayerNorm input gradient off by {e:.2e}");
+}
+
+/// GroupNorm: a row in eight chunks with a shorter last one (f32 and bf16), rows shorter than a
+/// block with several images and groups; LayerNorm rows wider and narrower than a block's
+/// threads.
+#[test]
+fn norm_kernels_match_the_composed_norms_in_emulation() {
+    let Some((_tmp, dir, exe)) = setup("norm") else { return };
+    let long = GroupDims::of(&[1, 4, 61, 67], 1).unwrap();
+    let (nk, chunk) = long.chunks();
+    assert!(
+        nk > 2 && !long.len().is_multiple_of(chunk),
+        "{nk} chunks of {chunk}: the case must leave a partial chunk"
+    );
+    for bf16 in [false, true] {
+        check_group_norm(&exe, &dir, [1, 4, 61, 67], 1, bf16, 21);
+        check_group_norm(&exe, &dir, [3, 6, 5, 7], 3, bf16, 22);
+        check_layer_norm(&exe, &dir, 3, 1000, bf16, 23);
+        check_layer_norm(&exe, &dir, 5, 24, bf16, 24);
+    }
 }

@@ -108,18 +108,7 @@ impl Dims {
     }
 }
 
-/// One kernel launch: kernel name, grid, threads per block, arguments.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    /// Kernel name in [`SOURCE`].
-    pub name: String,
-    /// Grid.
-    pub grid: (u32, u32, u32),
-    /// Threads per block.
-    pub block: u32,
-    /// Arguments in the kernel's parameter order.
-    pub args: Vec<Arg>,
-}
+pub use crate::cuda_kernels::Launch;
 
 /// `scale · log2 e` (the kernels work in base 2) and `scale`, as f32 arguments.
 fn scales(scale: f64) -> (Arg, Arg) {

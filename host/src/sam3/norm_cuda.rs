@@ -1,14 +1,28 @@
-//! LayerNorm forward and input-gradient kernels for CUDA: one block per row, statistics in f32
-//! (two passes over the row, mean then the centred variance, as the composed computation does:
-//! no E[x²] − E[x]² cancellation), reading and writing the activations' dtype (bf16 or f32).
+//! LayerNorm and GroupNorm forward and input-gradient kernels for CUDA ([`SOURCE`], `norm.cu`):
+//! statistics in f32 (mean, then the centred variance, as the composed computation does: no
+//! E[x²] − E[x]² cancellation), reading and writing the activations' dtype (bf16 or f32).
 //!
-//! The composed LayerNorm makes about ten elementwise passes over an f32 copy of the input in
-//! the forward and fifteen in the backward; these make one read and one write (forward) and two
-//! reads and one write (backward). Compiled on first use ([`crate::cuda_kernels`]); if that
-//! fails the caller keeps the composed path. `LORAHOST_FUSED_NORM=0` switches the kernels off
-//! (for A/B timings).
+//! LayerNorm: one block per row. The composed LayerNorm makes about ten elementwise passes over
+//! an f32 copy of the input in the forward and fifteen in the backward; these make one read and
+//! one write (forward) and two reads and one write (backward).
+//!
+//! GroupNorm (the mask head's pixel decoder: 8 groups of 2.6 M elements per image at 288²): a
+//! group's row is far too long for one block, so each row is cut into chunks; one kernel writes
+//! each chunk's mean and centred sum of squares, and the kernels that use the statistics
+//! combine them per row (Chan's formula) — two launches forward, three backward (the chunk sums
+//! of the gradient's two reductions in between), no atomics, deterministic. The launch plans
+//! ([`group_forward_launches`], [`group_backward_launches`]) are plain functions of addresses,
+//! run as they are by the CPU emulation test (`host/tests/cuda_emu.rs`).
+//!
+//! Compiled on first use ([`crate::cuda_kernels`]); if that fails the caller keeps the composed
+//! path. `LORAHOST_FUSED_NORM=0` switches the kernels off (for A/B timings).
 
+use crate::cuda_kernels::{Arg, Launch};
 use candle_core::{DType, Result, Tensor};
+
+/// The kernels' CUDA C source (compiled after [`crate::cuda_kernels::PRELUDE`]): LayerNorm
+/// (`ln_*`) and GroupNorm (`gn_*`), each for bf16 and f32.
+pub const SOURCE: &str = include_str!("norm.cu");
 
 /// Whether the kernels serve `x` (and its frozen weights): a CUDA tensor in bf16 or f32, with
 /// the kernels compiled.
@@ -26,6 +40,165 @@ pub fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<T
 /// f32 `weight` (C,), in `x`'s dtype. Only where [`serves`] holds.
 pub fn backward(x: &Tensor, dy: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     imp::backward(x, dy, weight, eps)
+}
+
+/// The launch of LayerNorm kernel `name` (`ln_fwd_<dtype>` on x, weight, bias, y;
+/// `ln_bwd_<dtype>` on x, dy, weight, dx) over `rows` rows of `c` elements: one block per row,
+/// about four elements per thread.
+pub fn layer_launch(name: &str, rows: usize, c: usize, addrs: [u64; 4], eps: f64) -> Launch {
+    let mut args: Vec<Arg> = addrs.iter().map(|&a| Arg(a)).collect();
+    args.extend([Arg::i32(c as i32), Arg::f32(eps as f32)]);
+    let threads = (c.div_ceil(4).div_ceil(32).clamp(1, 32) * 32) as u32;
+    Launch { name: name.to_string(), grid: (rows as u32, 1, 1), block: threads, args }
+}
+
+/// Whether the GroupNorm kernels serve `x` (B, C, spatial...) with `groups` groups: [`serves`],
+/// and sizes the kernels index with 32-bit offsets within a row.
+pub fn serves_groups(x: &Tensor, groups: usize) -> bool {
+    GroupDims::of(x.dims(), groups).is_some_and(|d| d.fits()) && serves(x)
+}
+
+/// GroupNorm of `x` (B, C, spatial...) over `groups` groups with f32 `weight` and `bias` (C
+/// elements), in `x`'s dtype; untracked. Only where [`serves_groups`] holds.
+pub fn group_forward(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    imp::group_forward(x, weight, bias, groups, eps)
+}
+
+/// The gradient of the GroupNorm's input for `dy` (x's shape) and f32 `weight` (C elements), in
+/// `x`'s dtype. Only where [`serves_groups`] holds.
+pub fn group_backward(x: &Tensor, dy: &Tensor, weight: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    imp::group_backward(x, dy, weight, groups, eps)
+}
+
+/// A GroupNorm problem as the kernels see it: `batch · groups` rows, each the contiguous
+/// `channels / groups · hw` elements of one group of one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupDims {
+    /// Images.
+    pub batch: usize,
+    /// Channels.
+    pub channels: usize,
+    /// Elements per channel (the product of the spatial dimensions).
+    pub hw: usize,
+    /// Groups.
+    pub groups: usize,
+}
+
+/// Threads per block of the GroupNorm kernels.
+pub const GROUP_THREADS: u32 = 256;
+/// Blocks a GroupNorm launch aims at (several per SM on current GPUs).
+const GROUP_TARGET_BLOCKS: usize = 2048;
+/// The shortest chunk worth a block: eight elements per thread.
+const GROUP_MIN_CHUNK: usize = 8 * GROUP_THREADS as usize;
+
+impl GroupDims {
+    /// The problem of a (B, C, spatial...) input; None for rank below 3 or groups that do not
+    /// divide the channels.
+    pub fn of(dims: &[usize], groups: usize) -> Option<GroupDims> {
+        if dims.len() < 3 || groups == 0 || !dims[1].is_multiple_of(groups) {
+            return None;
+        }
+        Some(GroupDims { batch: dims[0], channels: dims[1], hw: dims[2..].iter().product(), groups })
+    }
+
+    /// Rows (image, group).
+    pub fn rows(&self) -> usize {
+        self.batch * self.groups
+    }
+
+    /// Elements per row.
+    pub fn len(&self) -> usize {
+        self.channels / self.groups * self.hw
+    }
+
+    /// Whether a row is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the kernels take it: something to normalise, 32-bit offsets within a row, rows
+    /// within the grid's second axis.
+    pub fn fits(&self) -> bool {
+        self.rows() > 0 && !self.is_empty() && self.len() < i32::MAX as usize && self.rows() <= 65535
+    }
+
+    /// (chunks per row, chunk length): about [`GROUP_TARGET_BLOCKS`] blocks in all, chunks of
+    /// at least [`GROUP_MIN_CHUNK`] elements (the last chunk of a row may be shorter).
+    pub fn chunks(&self) -> (usize, usize) {
+        let len = self.len().max(1);
+        let want = (GROUP_TARGET_BLOCKS / self.rows().max(1)).max(1);
+        let chunk = len.div_ceil(want.min(len.div_ceil(GROUP_MIN_CHUNK)).max(1));
+        (len.div_ceil(chunk), chunk)
+    }
+
+    /// f32 elements of a chunk-statistics buffer (two per chunk).
+    pub fn part_len(&self) -> usize {
+        self.rows() * self.chunks().0 * 2
+    }
+
+    fn grid(&self) -> (u32, u32, u32) {
+        (self.chunks().0 as u32, self.rows() as u32, 1)
+    }
+
+    /// The arguments after the data pointers: len, chunk, hw, channels per group, groups, eps.
+    fn shape_args(&self, eps: f64) -> [Arg; 6] {
+        [
+            Arg::i64(self.len() as i64),
+            Arg::i32(self.chunks().1 as i32),
+            Arg::i32(self.hw as i32),
+            Arg::i32((self.channels / self.groups) as i32),
+            Arg::i32(self.groups as i32),
+            Arg::f32(eps as f32),
+        ]
+    }
+
+    fn launch(&self, name: String, args: Vec<Arg>) -> Launch {
+        Launch { name, grid: self.grid(), block: GROUP_THREADS, args }
+    }
+
+    fn part_launch(&self, suffix: &str, x: u64, part: u64) -> Launch {
+        let (_, chunk) = self.chunks();
+        self.launch(
+            format!("gn_part_{suffix}"),
+            vec![Arg(x), Arg(part), Arg::i64(self.len() as i64), Arg::i32(chunk as i32)],
+        )
+    }
+}
+
+/// The GroupNorm forward on device addresses (`suffix` "bf16" or "f32" for x and y; f32
+/// `w`, `b` of C elements, `part` of [`GroupDims::part_len`] f32): chunk statistics, then the
+/// normalised output.
+pub fn group_forward_launches(
+    d: GroupDims,
+    suffix: &str,
+    [x, w, b, y]: [u64; 4],
+    part: u64,
+    eps: f64,
+) -> [Launch; 2] {
+    let mut args = vec![Arg(x), Arg(part), Arg(w), Arg(b), Arg(y)];
+    args.extend(d.shape_args(eps));
+    [d.part_launch(suffix, x, part), d.launch(format!("gn_fwd_{suffix}"), args)]
+}
+
+/// The GroupNorm input gradient on device addresses (x, dy and dx in `suffix`'s dtype, f32
+/// `w`; `part` and `part2` of [`GroupDims::part_len`] f32): the input's chunk statistics, the
+/// gradient's chunk sums, then dx.
+pub fn group_backward_launches(
+    d: GroupDims,
+    suffix: &str,
+    [x, dy, w, dx]: [u64; 4],
+    [part, part2]: [u64; 2],
+    eps: f64,
+) -> [Launch; 3] {
+    let mut sums = vec![Arg(x), Arg(dy), Arg(part), Arg(w), Arg(part2)];
+    sums.extend(d.shape_args(eps));
+    let mut grad = vec![Arg(x), Arg(dy), Arg(part), Arg(part2), Arg(w), Arg(dx)];
+    grad.extend(d.shape_args(eps));
+    [
+        d.part_launch(suffix, x, part),
+        d.launch(format!("gn_bwd_part_{suffix}"), sums),
+        d.launch(format!("gn_bwd_{suffix}"), grad),
+    ]
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -52,77 +225,35 @@ mod imp {
     pub fn backward(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Tensor> {
         candle_core::bail!("LayerNorm kernels: built without CUDA")
     }
+
+    pub fn group_forward(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: f64) -> Result<Tensor> {
+        candle_core::bail!("GroupNorm kernels: built without CUDA")
+    }
+
+    pub fn group_backward(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: f64) -> Result<Tensor> {
+        candle_core::bail!("GroupNorm kernels: built without CUDA")
+    }
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::kernel_dtype;
-    use crate::cuda_kernels::{device_address, launch, uninit, Arg, PRELUDE};
+    use super::layer_launch;
+    use super::{group_backward_launches, group_forward_launches, kernel_dtype, GroupDims, SOURCE};
+    use crate::cuda_kernels::{device_address, launch, uninit, Launch, PRELUDE};
     use candle_core::{DType, Result, Tensor};
     use std::sync::OnceLock;
 
     const MODULE: &str = "lorahost_layer_norm";
 
-    const SOURCE: &str = r#"
-template <typename T>
-__device__ void row_stats(const T* xr, int c, float eps, float* sh, float* mean, float* rstd) {
-    float s = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) s += ld(xr, i);
-    const float m = block_sum(s, sh) / c;
-    float q = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) { const float d = ld(xr, i) - m; q += d * d; }
-    const float var = block_sum(q, sh) / c;
-    *mean = m;
-    *rstd = 1.f / sqrtf(var + eps);
-}
-
-template <typename T>
-__device__ void ln_fwd(const T* x, const float* w, const float* b, T* y, int c, float eps) {
-    __shared__ float sh[32];
-    const long long row = blockIdx.x;
-    const T* xr = x + row * c;
-    T* yr = y + row * c;
-    float mean, rstd;
-    row_stats(xr, c, eps, sh, &mean, &rstd);
-    for (int i = threadIdx.x; i < c; i += blockDim.x) st(yr, i, (ld(xr, i) - mean) * rstd * w[i] + b[i]);
-}
-
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, xhat = (x - mean) * rstd.
-template <typename T>
-__device__ void ln_bwd(const T* x, const T* dy, const float* w, T* dx, int c, float eps) {
-    __shared__ float sh[32];
-    const long long row = blockIdx.x;
-    const T* xr = x + row * c;
-    const T* gr = dy + row * c;
-    T* dr = dx + row * c;
-    float mean, rstd;
-    row_stats(xr, c, eps, sh, &mean, &rstd);
-    float s1 = 0.f, s2 = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        const float g = ld(gr, i) * w[i];
-        s1 += g;
-        s2 += g * (ld(xr, i) - mean) * rstd;
-    }
-    const float m1 = block_sum(s1, sh) / c;
-    const float m2 = block_sum(s2, sh) / c;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        const float g = ld(gr, i) * w[i];
-        const float xh = (ld(xr, i) - mean) * rstd;
-        st(dr, i, (g - m1 - xh * m2) * rstd);
-    }
-}
-
-extern "C" __global__ void ln_fwd_bf16(const bf16_t* x, const float* w, const float* b, bf16_t* y, int c, float eps) { ln_fwd(x, w, b, y, c, eps); }
-extern "C" __global__ void ln_fwd_f32(const float* x, const float* w, const float* b, float* y, int c, float eps) { ln_fwd(x, w, b, y, c, eps); }
-extern "C" __global__ void ln_bwd_bf16(const bf16_t* x, const bf16_t* dy, const float* w, bf16_t* dx, int c, float eps) { ln_bwd(x, dy, w, dx, c, eps); }
-extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const float* w, float* dx, int c, float eps) { ln_bwd(x, dy, w, dx, c, eps); }
-"#;
-
     /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();
         PTX.get_or_init(|| {
-            crate::cuda_kernels::compile("LayerNorm", "LORAHOST_FUSED_NORM", &format!("{PRELUDE}{SOURCE}"))
+            crate::cuda_kernels::compile(
+                "LayerNorm/GroupNorm",
+                "LORAHOST_FUSED_NORM",
+                &format!("{PRELUDE}{SOURCE}"),
+            )
         })
         .as_deref()
     }
@@ -134,13 +265,13 @@ extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const flo
     /// (C,) f32 contiguous.
     fn per_channel(t: &Tensor, c: usize) -> Result<Tensor> {
         if t.elem_count() != c {
-            candle_core::bail!("LayerNorm kernel: {} weights for width {c}", t.elem_count());
+            candle_core::bail!("norm kernel: {} weights for width {c}", t.elem_count());
         }
         t.detach().to_dtype(DType::F32)?.flatten_all()?.contiguous()
     }
 
     /// Run `ln_{fwd,bwd}_<dtype>` on the contiguous `x` with operands `a`, `b` (forward: weight
-    /// and bias; backward: dy and weight): one block per row, about four elements per thread.
+    /// and bias; backward: dy and weight).
     fn run(kernel: &str, x: &Tensor, a: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         let (Some(suffix), Some(ptx)) = (kernel_dtype(x.dtype()), ptx()) else {
             candle_core::bail!("LayerNorm kernel: {:?} is not served", x.dtype())
@@ -149,24 +280,9 @@ extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const flo
         let rows = x.elem_count() / c.max(1);
         let out = uninit(x, x.dims(), x.dtype())?;
         if rows > 0 {
-            let args = [
-                Arg(device_address(x)?),
-                Arg(device_address(a)?),
-                Arg(device_address(b)?),
-                Arg(device_address(&out)?),
-                Arg::i32(c as i32),
-                Arg::f32(eps as f32),
-            ];
-            let threads = (c.div_ceil(4).div_ceil(32).clamp(1, 32) * 32) as u32;
-            launch(
-                x.device(),
-                MODULE,
-                ptx,
-                &format!("{kernel}_{suffix}"),
-                (rows as u32, 1, 1),
-                threads,
-                &args,
-            )?;
+            let addrs = [device_address(x)?, device_address(a)?, device_address(b)?, device_address(&out)?];
+            let l = layer_launch(&format!("{kernel}_{suffix}"), rows, c, addrs, eps);
+            launch(x.device(), MODULE, ptx, &l.name, l.grid, l.block, &l.args)?;
         }
         Ok(out)
     }
@@ -185,5 +301,65 @@ extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const flo
         let x = x.detach().contiguous()?;
         let dy = dy.detach().to_dtype(x.dtype())?.contiguous()?;
         run("ln_bwd", &x, &dy, &per_channel(weight, c)?, eps)
+    }
+
+    /// The problem and dtype suffix of a GroupNorm input the kernels take.
+    fn group_dims(x: &Tensor, groups: usize) -> Result<(GroupDims, &'static str)> {
+        match (GroupDims::of(x.dims(), groups).filter(|d| d.fits()), kernel_dtype(x.dtype())) {
+            (Some(d), Some(suffix)) => Ok((d, suffix)),
+            _ => candle_core::bail!(
+                "GroupNorm kernel: {:?} {:?} in {groups} groups is not served",
+                x.dtype(),
+                x.dims()
+            ),
+        }
+    }
+
+    fn run_all(device: &candle_core::Device, launches: &[Launch]) -> Result<()> {
+        let Some(ptx) = ptx() else { candle_core::bail!("GroupNorm kernels: not compiled") };
+        for l in launches {
+            launch(device, MODULE, ptx, &l.name, l.grid, l.block, &l.args)?;
+        }
+        Ok(())
+    }
+
+    pub fn group_forward(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let (d, suffix) = group_dims(x, groups)?;
+        let x = x.detach().contiguous()?;
+        let (w, b) = (per_channel(weight, d.channels)?, per_channel(bias, d.channels)?);
+        let part = uninit(&x, &[d.part_len()], DType::F32)?;
+        let y = uninit(&x, x.dims(), x.dtype())?;
+        let addrs = [device_address(&x)?, device_address(&w)?, device_address(&b)?, device_address(&y)?];
+        run_all(x.device(), &group_forward_launches(d, suffix, addrs, device_address(&part)?, eps))?;
+        Ok(y)
+    }
+
+    pub fn group_backward(
+        x: &Tensor,
+        dy: &Tensor,
+        weight: &Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let (d, suffix) = group_dims(x, groups)?;
+        if dy.shape() != x.shape() {
+            candle_core::bail!("GroupNorm kernel: gradient {:?} for input {:?}", dy.shape(), x.shape());
+        }
+        let x = x.detach().contiguous()?;
+        let dy = dy.detach().to_dtype(x.dtype())?.contiguous()?;
+        let w = per_channel(weight, d.channels)?;
+        let (part, part2) =
+            (uninit(&x, &[d.part_len()], DType::F32)?, uninit(&x, &[d.part_len()], DType::F32)?);
+        let dx = uninit(&x, x.dims(), x.dtype())?;
+        let addrs = [device_address(&x)?, device_address(&dy)?, device_address(&w)?, device_address(&dx)?];
+        let parts = [device_address(&part)?, device_address(&part2)?];
+        run_all(x.device(), &group_backward_launches(d, suffix, addrs, parts, eps))?;
+        Ok(dx)
     }
 }

@@ -165,12 +165,22 @@ impl CustomOp1 for FusedNorm {
             Some(m) => (m.backward)(dy)?,
             None => dy.clone(),
         };
-        if self.groups.is_none() && super::norm_cuda::serves(x) {
-            return crate::profile::inner(
-                || format!("layer norm backward {:?}", x.dims()),
-                || super::norm_cuda::backward(x, &dy, &self.weight, self.eps),
-            )
-            .map(Some);
+        match self.groups {
+            None if super::norm_cuda::serves(x) => {
+                return crate::profile::inner(
+                    || format!("layer norm backward {:?}", x.dims()),
+                    || super::norm_cuda::backward(x, &dy, &self.weight, self.eps),
+                )
+                .map(Some);
+            }
+            Some(g) if super::norm_cuda::serves_groups(x, g) => {
+                return crate::profile::inner(
+                    || format!("group norm backward {:?}", x.dims()),
+                    || super::norm_cuda::group_backward(x, &dy, &self.weight, g, self.eps),
+                )
+                .map(Some);
+            }
+            _ => {}
         }
         let label = || {
             format!(
@@ -294,7 +304,29 @@ pub fn group_norm_composed(
     groups: usize,
     eps: f64,
 ) -> Result<Tensor> {
+    if let Some(y) = group_norm_kernel(x, weight, bias, groups, eps)? {
+        return Ok(y);
+    }
     group_norm_f32(x, weight, bias, groups, eps)?.to_dtype(x.dtype())
+}
+
+/// The CUDA GroupNorm kernels' result where they serve an untracked computation (as
+/// [`layer_norm_kernel`]: the frozen op's forward uses it too).
+fn group_norm_kernel(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    if x.track_op() || weight.track_op() || bias.track_op() || !super::norm_cuda::serves_groups(x, groups) {
+        return Ok(None);
+    }
+    crate::profile::inner(
+        || format!("group norm forward {:?}", x.dims()),
+        || super::norm_cuda::group_forward(x, weight, bias, groups, eps),
+    )
+    .map(Some)
 }
 
 /// (1, C, 1, ...) view of a per-channel vector for an input of rank `rank`, in f32.
@@ -325,8 +357,15 @@ pub fn group_norm_frozen(
     if !x.track_op() || weight.track_op() || bias.track_op() || x.dtype() == DType::F64 {
         return Ok(None);
     }
-    let y = group_norm_f32(&x.detach(), &weight.detach(), &bias.detach(), groups, eps)?;
-    let weight = per_channel(&weight.detach(), x.rank())?;
+    let (xd, wd, bd) = (x.detach(), weight.detach(), bias.detach());
+    let y = match group_norm_kernel(&xd, &wd, &bd, groups, eps)? {
+        Some(y) => y,
+        None => crate::profile::inner(
+            || format!("group norm forward (composed) {:?}", x.dims()),
+            || group_norm_f32(&xd, &wd, &bd, groups, eps),
+        )?,
+    };
+    let weight = per_channel(&wd, x.rank())?;
     let op =
         FusedNorm { weight, groups: Some(groups), eps, map: None, out: Precomputed::new(&y, x.dtype())? };
     Ok(Some(x.apply_op1(op)?))

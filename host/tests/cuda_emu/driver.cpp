@@ -1,5 +1,5 @@
-// Runs launch plans of lorahost's CUDA kernels (flash attention, 3x3 convolution) on the CPU
-// emulation (emu.h).
+// Runs launch plans of lorahost's CUDA kernels (flash attention, 3x3 convolution, LayerNorm and
+// GroupNorm) on the CPU emulation (emu.h).
 // Usage: driver PLAN. The plan, one directive per line:
 //   buffer BYTES PATH|-     a buffer (ids count from 0), filled from PATH or zeroed
 //   launch NAME GX GY GZ THREADS N ARG...   arguments as the host passes them (u64 words);
@@ -48,13 +48,32 @@ using Args = std::vector<uint64_t>;
              R(26));                                                                                    \
      }},
 
+#define DT(T, i) ((T*)P(i))
+#define NORMS(S, T)                                                                                     \
+    {"ln_fwd_" #S, [](const Args& a) { ln_fwd_##S(DT(T, 0), F(1), F(2), DT(T, 3), I(4), R(5)); }},              \
+    {"ln_bwd_" #S, [](const Args& a) { ln_bwd_##S(DT(T, 0), DT(T, 1), F(2), DT(T, 3), I(4), R(5)); }},              \
+    {"gn_part_" #S, [](const Args& a) { gn_part_##S(DT(T, 0), F(1), L(2), I(3)); }},                        \
+    {"gn_fwd_" #S, [](const Args& a) {                                                                  \
+         gn_fwd_##S(DT(T, 0), F(1), F(2), F(3), DT(T, 4), L(5), I(6), I(7), I(8), I(9), R(10));                  \
+     }},                                                                                                \
+    {"gn_bwd_part_" #S, [](const Args& a) {                                                             \
+         gn_bwd_part_##S(DT(T, 0), DT(T, 1), F(2), F(3), F(4), L(5), I(6), I(7), I(8), I(9), R(10));             \
+     }},                                                                                                \
+    {"gn_bwd_" #S, [](const Args& a) {                                                                  \
+         gn_bwd_##S(DT(T, 0), DT(T, 1), F(2), F(3), F(4), DT(T, 5), L(6), I(7), I(8), I(9), I(10), R(11));           \
+     }},
+#define NORM_ARITY(S)                                                                                   \
+    {"ln_fwd_" #S, 6}, {"ln_bwd_" #S, 6}, {"gn_part_" #S, 4}, {"gn_fwd_" #S, 11}, {"gn_bwd_part_" #S, 11}, \
+        {"gn_bwd_" #S, 12},
+
 static const std::map<std::string, void (*)(const Args&)> kernels = {
     {"fa_delta", [](const Args& a) { fa_delta(V(0), V(4), F(8), I(9), I(10), I(11), L(12)); }},
     {"conv3x3_bf16", [](const Args& a) { conv3x3_bf16(BF(0), BF(1), BF(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
-    KERNELS(32) KERNELS(64)};
+    KERNELS(32) KERNELS(64) NORMS(bf16, bf16_t) NORMS(f32, float)};
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
-    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}};
+    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9},
+    NORM_ARITY(bf16) NORM_ARITY(f32)};
 
 int main(int argc, char** argv) {
     if (argc != 2) return 2;

@@ -6,6 +6,7 @@
 // buffers.
 #pragma once
 #define LORAHOST_EMU 1
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -22,6 +23,8 @@
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(n)
+using std::max;
+using std::min;
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
