@@ -112,6 +112,29 @@ log "done"
     echo "=== $f"; cat "$OUT/$f" 2>/dev/null
   done
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
+  # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
+  # for the costliest operations.
+  for f in bench.jsonl bench_noflash.jsonl bench_composed.jsonl; do
+    [ -f "$OUT/$f" ] || continue
+    echo "=== $f"
+    "$PY" - "$OUT/$f" <<'EOF' 2>&1
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if "step_s_median" not in r:
+        print(line.strip()[:300]); continue
+    print("batch %s ckpt %s: %.3f s/step, %.2f img/s, peak %.1f GiB, host issue %s s" % (
+        r.get("batch"), r.get("ckpt"), r["step_s_median"], r.get("images_per_s", 0),
+        r.get("peak_mem_gib", 0), r.get("host_issue_s_median", "?")))
+    for p in r.get("profile") or []:
+        print("  part %-28s device %8.1f ms  host %8.1f ms" % (p["part"], p["ms"], p.get("host_ms", 0)))
+    for o in (r.get("profile_ops") or [])[:25]:
+        print("  op %-50s %6.1f calls  device %8.2f ms  host %8.2f ms" % (o["op"], o["calls"], o["ms"], o.get("host_ms", 0)))
+EOF
+  done
 } > "$FINAL/summary.txt"
 for f in bench.jsonl bench_noflash.jsonl bench_composed.jsonl demo_metrics.jsonl; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/$f"
