@@ -86,7 +86,7 @@ step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 -
 # elementwise) off: candle's composed operations.
 [ -z "${NO_AB:-}" ] && step 100 "bench lorahost b2 no flash" env LORAHOST_FLASH=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_noflash.jsonl"
-[ -z "${NO_AB:-}" ] && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 \
+[ -z "${NO_AB:-}" ] && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_composed.jsonl"
 
 # 3. A short GPU training run on the synthetic data: the loss must fall. The demo without its

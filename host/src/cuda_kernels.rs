@@ -1,5 +1,5 @@
-//! lorahost's own CUDA kernels (LayerNorm, AdamW, fused elementwise, and the tensor-core ones:
-//! flash attention, 3×3 convolution): CUDA C source compiled with NVRTC on first
+//! lorahost's own CUDA kernels (LayerNorm, GroupNorm, AdamW, gradient statistics, fused
+//! elementwise, and the tensor-core ones: flash attention, 3×3 convolution): CUDA C source compiled with NVRTC on first
 //! use and loaded once per device. The sources use no headers (bf16 is handled as its bit
 //! pattern), so only the NVRTC library that candle links is needed. A kernel set that cannot
 //! be compiled (or is switched off with its environment variable, `NAME=0`, for A/B timings)

@@ -312,6 +312,9 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
     }
     if dtype == DType::F32 {
         checks.push(adamw_check(device)?);
+        if device.is_cuda() {
+            checks.push(gradient_stats_check(device)?);
+        }
     }
     if crate::sam3::fused_cuda::serves(&Tensor::zeros(1, dtype, device)?) {
         checks.push(fused_elementwise_check(device, dtype)?);
@@ -404,6 +407,36 @@ fn fused_elementwise_check(device: &Device, dtype: DType) -> Result<Check> {
         tolerance,
         ok,
     })
+}
+
+/// The one-launch gradient statistics on the GPU against the composed statistics in f64 on the
+/// CPU: two groups of tensors of mixed lengths (several blocks' worth each). `forward` is the
+/// sum of squares' relative error, the largest magnitude's and the element count's as "grads".
+fn gradient_stats_check(device: &Device) -> Result<Check> {
+    let shapes: [&[usize]; 4] = [&[3], &[40, 33], &[2, 3, 3000], &[64, 1024]];
+    let inputs: Vec<Input> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Input::new("g", s, device, DType::F32, 60 + i as u64))
+        .collect::<Result<_>>()?;
+    let dev: Vec<&Tensor> = inputs.iter().map(|i| i.device.as_tensor()).collect();
+    let (a, b) = ([dev[0], dev[2]], [dev[1], dev[3]]);
+    let got = crate::train::stats_cuda::group_stats(&[&a[..], &b[..]])?;
+    let mut worst = (0f64, 0f64);
+    let ok_taken = got.is_some();
+    for (g, ix) in [[0usize, 2], [1, 3]].iter().enumerate() {
+        let cpu: Vec<Tensor> = ix.iter().map(|&i| inputs[i].reference.as_tensor().clone()).collect();
+        let want = crate::train::optim::composed_group_stats("check", &cpu.iter().collect::<Vec<_>>())?;
+        if let Some(got) = &got {
+            let (s, m, _) = got[g];
+            worst.0 = worst.0.max((s - want.sum_sq).abs() / want.sum_sq.abs().max(f64::MIN_POSITIVE));
+            worst.1 = worst.1.max((m - want.max_abs).abs() / want.max_abs.abs().max(f64::MIN_POSITIVE));
+        }
+    }
+    let tolerance = tolerance(DType::F32);
+    let name = if ok_taken { "gradient statistics (one launch)" } else { "gradient statistics: kernel not taken" };
+    let ok = ok_taken && worst.0 <= tolerance && worst.1 <= tolerance;
+    Ok(Check { name: name.into(), forward: worst.0, grads: vec![("max".into(), worst.1)], tolerance, ok })
 }
 
 /// AdamW on `device` (on CUDA the fused one-launch update) against the composed update on the

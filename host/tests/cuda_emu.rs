@@ -13,6 +13,8 @@
 //! LayerNorm and GroupNorm (`host/src/sam3/norm.cu`): forward and input gradient in f32 and bf16
 //! against the composed normalisation in f64 and its autograd; GroupNorm rows cut into several
 //! chunks with a shorter last one, and rows shorter than a block.
+//! Gradient statistics (`lorahost::train::stats_cuda`): sums of squares, NaN-sticky maxima and
+//! non-finite counts of several groups of tensors of mixed lengths, against f64.
 //!
 //! Needs a C++20 compiler (`c++`, or `CXX`); without one the test says so and passes, unless
 //! `LORAHOST_REQUIRE_CXX=1` (CI) makes that a failure.
@@ -130,8 +132,14 @@ fn driver(dir: &Path) -> Option<PathBuf> {
         eprintln!("cuda_emu: no C++ compiler ({cxx}); the CUDA-kernel emulation check is skipped");
         return None;
     }
-    let sources =
-        [PRELUDE, TENSOR_CORE, lorahost::sam3::flash_cuda::SOURCE, conv_cuda::SOURCE, norm_cuda::SOURCE];
+    let sources = [
+        PRELUDE,
+        TENSOR_CORE,
+        lorahost::sam3::flash_cuda::SOURCE,
+        conv_cuda::SOURCE,
+        norm_cuda::SOURCE,
+        lorahost::train::stats_cuda::SOURCE,
+    ];
     std::fs::write(dir.join("kernels.inc"), sources.concat()).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
     let exe = dir.join("driver");
@@ -510,4 +518,66 @@ fn norm_kernels_match_the_composed_norms_in_emulation() {
         check_layer_norm(&exe, &dir, 3, 1000, bf16, 23);
         check_layer_norm(&exe, &dir, 5, 24, bf16, 24);
     }
+}
+
+/// The gradient-statistics kernel over tensors of mixed lengths (one element; shorter than a
+/// block; several blocks' worth, so each tensor's partials are combined), in three groups, one
+/// with an infinity and one with a NaN, against f64 sums.
+#[test]
+fn gradient_statistics_kernel_matches_f64_in_emulation() {
+    use lorahost::train::stats_cuda;
+    let Some((_tmp, dir, exe)) = setup("stats") else { return };
+    let mut rng = Rng(31);
+    let lens = [1usize, 200, 5000, 70_000, 3];
+    let owner = [0usize, 1, 0, 2, 1];
+    let mut tensors: Vec<Vec<f32>> = lens.iter().map(|&n| rng.values(n)).collect();
+    tensors[1][17] = f32::INFINITY;
+    tensors[3][12_345] = f32::NAN;
+    // Buffers: 0 table, 1 partials, 2.. the tensors.
+    let max_n = *lens.iter().max().unwrap();
+    let blocks = stats_cuda::blocks_per_tensor(max_n);
+    assert!(blocks > 1);
+    let table: Vec<u8> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| [buffer_addr(2 + i, 0), n as u64])
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("table.bin"), &table).unwrap();
+    let mut plan = format!("buffer {} {}\n", table.len(), dir.join("table.bin").display());
+    plan += &format!("buffer {} -\n", lens.len() * blocks * 3 * 4);
+    for (i, t) in tensors.iter().enumerate() {
+        let path = dir.join(format!("grad{i}.bin"));
+        std::fs::write(&path, encode(t, false)).unwrap();
+        plan += &format!("buffer {} {}\n", t.len() * 4, path.display());
+    }
+    plan += "pointers 0 2\n";
+    plan += &launch_line(&stats_cuda::launch_plan(buffer_addr(0, 0), lens.len(), max_n, buffer_addr(1, 0)));
+    plan += &format!("output 1 {}\n", dir.join("partials.bin").display());
+    run_plan(&exe, &dir, &plan);
+    let partials = decode(&std::fs::read(dir.join("partials.bin")).unwrap(), false);
+    let got = stats_cuda::combine(&partials, blocks, &owner, 3);
+    for (g, &(s, m, b)) in got.iter().enumerate() {
+        let members: Vec<&Vec<f32>> =
+            tensors.iter().zip(owner).filter(|(_, o)| *o == g).map(|(t, _)| t).collect();
+        let sum_sq: f64 = members.iter().flat_map(|t| t.iter()).map(|&v| (v as f64) * (v as f64)).sum();
+        let bad = members.iter().flat_map(|t| t.iter()).filter(|v| !v.is_finite()).count() as u64;
+        let max = members.iter().flat_map(|t| t.iter()).fold(0f64, |m, &v| {
+            if m.is_nan() || v.is_nan() {
+                f64::NAN
+            } else {
+                m.max(v.abs() as f64)
+            }
+        });
+        assert_eq!(b, bad, "group {g}: non-finite count");
+        assert!(m == max || (m.is_nan() && max.is_nan()), "group {g}: max {m} vs {max}");
+        assert!(
+            s == sum_sq || (s - sum_sq).abs() <= 1e-5 * sum_sq || (s.is_nan() && sum_sq.is_nan()),
+            "group {g}: sum of squares {s} vs {sum_sq}"
+        );
+    }
+    // The cases are what they claim: finite, infinite, NaN.
+    assert!(got[0].0.is_finite() && got[0].0 > 100.0, "{got:?}");
+    assert!(got[1].0.is_infinite() && got[1].1.is_infinite() && got[1].2 == 1, "{got:?}");
+    assert!(got[2].0.is_nan() && got[2].1.is_nan() && got[2].2 == 1, "{got:?}");
 }

@@ -31,6 +31,7 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod slowdown;
+pub mod stats_cuda;
 mod validate;
 
 pub use validate::{validate, ValidationResult, ValidationSet};
@@ -52,7 +53,7 @@ use crate::train_config::{Precision, TrainConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use checkpoint::{Best, TrainerState, CONFIG_RECORD};
-use optim::{group_stats, AdamW, AdamWConfig};
+use optim::{group_stats_many, AdamW, AdamWConfig};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1607,15 +1608,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             .into_iter()
             .zip(&vars)
             .map(|(g, v)| match g {
+                // (One kernel per tensor saved when there is nothing to divide by.)
+                Some(g) if n_micro * state.loss_scale == 1.0 => Ok(g),
                 Some(g) => g / (n_micro * state.loss_scale),
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<candle_core::Result<_>>()?;
-        let mut stats = Vec::new();
-        for (name, ix) in &groups {
-            let gs: Vec<&Tensor> = ix.iter().map(|&i| &grads[i]).collect();
-            stats.push(group_stats(name, &gs)?);
-        }
+        let members: Vec<Vec<&Tensor>> =
+            groups.iter().map(|(_, ix)| ix.iter().map(|&i| &grads[i]).collect()).collect();
+        let named: Vec<(&str, &[&Tensor])> =
+            groups.iter().zip(&members).map(|((name, _), gs)| (name.as_str(), gs.as_slice())).collect();
+        let stats = group_stats_many(&named)?;
         let total_norm = stats.iter().map(|s| s.sum_sq).sum::<f64>().sqrt();
         if step == 1 {
             // F9: an adapter whose B gets no gradient on the first step is on no path to the loss.

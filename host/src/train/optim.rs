@@ -264,6 +264,34 @@ pub struct GroupStats {
 
 /// Statistics of a group of gradients.
 pub fn group_stats(name: &str, grads: &[&Tensor]) -> Result<GroupStats> {
+    let mut v = group_stats_many(&[(name, grads)])?;
+    Ok(v.remove(0))
+}
+
+/// Statistics of several groups of gradients: on CUDA one kernel launch and one read-back for
+/// all of them ([`super::stats_cuda`]), else (or where the kernel does not serve them) the
+/// composed statistics of each group.
+pub fn group_stats_many(groups: &[(&str, &[&Tensor])]) -> Result<Vec<GroupStats>> {
+    let tensors: Vec<&[&Tensor]> = groups.iter().map(|g| g.1).collect();
+    let Some(fused) = super::stats_cuda::group_stats(&tensors)? else {
+        return groups.iter().map(|(name, grads)| composed_group_stats(name, grads)).collect();
+    };
+    groups
+        .iter()
+        .zip(fused)
+        .map(|((name, grads), (sum_sq, max_abs, nonfinite))| {
+            if sum_sq.is_infinite() && nonfinite == 0 {
+                // f32 partial sums overflowed: the composed path's rescaled sum.
+                return composed_group_stats(name, grads);
+            }
+            let numel = grads.iter().map(|g| g.elem_count() as u64).sum();
+            Ok(GroupStats { name: name.to_string(), sum_sq, max_abs, nonfinite, numel })
+        })
+        .collect()
+}
+
+/// [`group_stats`] composed of tensor operations (any device and dtype).
+pub(crate) fn composed_group_stats(name: &str, grads: &[&Tensor]) -> Result<GroupStats> {
     if grads.is_empty() {
         return Ok(GroupStats { name: name.into(), sum_sq: 0.0, max_abs: 0.0, nonfinite: 0, numel: 0 });
     }

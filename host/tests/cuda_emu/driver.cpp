@@ -5,6 +5,8 @@
 //   launch NAME GX GY GZ THREADS N ARG...   arguments as the host passes them (u64 words);
 //                                           a pointer is ((id + 1) << 48) | byte offset
 //   output ID PATH          write buffer ID to PATH after all launches
+//   pointers ID STRIDE      buffer ID is a table of u64 words: every STRIDE-th word (from the
+//                           first) is a pointer argument, turned into the emulation's address
 #include "emu.h"
 #include "kernels.inc"
 #include <cstdio>
@@ -67,12 +69,13 @@ using Args = std::vector<uint64_t>;
         {"gn_bwd_" #S, 12},
 
 static const std::map<std::string, void (*)(const Args&)> kernels = {
+    {"grad_stats", [](const Args& a) { grad_stats((const long long*)P(0), I(1), F(2)); }},
     {"fa_delta", [](const Args& a) { fa_delta(V(0), V(4), F(8), I(9), I(10), I(11), L(12)); }},
     {"conv3x3_bf16", [](const Args& a) { conv3x3_bf16(BF(0), BF(1), BF(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
     KERNELS(32) KERNELS(64) NORMS(bf16, bf16_t) NORMS(f32, float)};
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
-    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9},
+    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"grad_stats", 3},
     NORM_ARITY(bf16) NORM_ARITY(f32)};
 
 int main(int argc, char** argv) {
@@ -110,6 +113,16 @@ int main(int argc, char** argv) {
             }
             void (*k)(const Args&) = kernels.at(name);
             emu_launch(grid, threads, [&] { k(a); });
+        } else if (what == "pointers") {
+            size_t id, stride;
+            in >> id >> stride;
+            auto& b = buffers.at(id);
+            for (size_t w = 0; w + 8 <= b.size(); w += 8 * stride) {
+                uint64_t handle;
+                std::memcpy(&handle, b.data() + w, 8);
+                const uint64_t real = (uint64_t)(uintptr_t)ptr(handle);
+                std::memcpy(b.data() + w, &real, 8);
+            }
         } else if (what == "output") {
             size_t id;
             std::string path;
