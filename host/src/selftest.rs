@@ -434,7 +434,8 @@ fn gradient_stats_check(device: &Device) -> Result<Check> {
         }
     }
     let tolerance = tolerance(DType::F32);
-    let name = if ok_taken { "gradient statistics (one launch)" } else { "gradient statistics: kernel not taken" };
+    let name =
+        if ok_taken { "gradient statistics (one launch)" } else { "gradient statistics: kernel not taken" };
     let ok = ok_taken && worst.0 <= tolerance && worst.1 <= tolerance;
     Ok(Check { name: name.into(), forward: worst.0, grads: vec![("max".into(), worst.1)], tolerance, ok })
 }

@@ -13,6 +13,8 @@
 //! LayerNorm and GroupNorm (`host/src/sam3/norm.cu`): forward and input gradient in f32 and bf16
 //! against the composed normalisation in f64 and its autograd; GroupNorm rows cut into several
 //! chunks with a shorter last one, and rows shorter than a block.
+//! Row copies of strided views (`lorahost::sam3::copy_cuda`): the window partition and its
+//! inverse in bf16 and f32, aligned and not, against reads through the view's strides.
 //! Gradient statistics (`lorahost::train::stats_cuda`): sums of squares, NaN-sticky maxima and
 //! non-finite counts of several groups of tensors of mixed lengths, against f64.
 //!
@@ -139,6 +141,7 @@ fn driver(dir: &Path) -> Option<PathBuf> {
         conv_cuda::SOURCE,
         norm_cuda::SOURCE,
         lorahost::train::stats_cuda::SOURCE,
+        lorahost::sam3::copy_cuda::SOURCE,
     ];
     std::fs::write(dir.join("kernels.inc"), sources.concat()).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
@@ -580,4 +583,62 @@ fn gradient_statistics_kernel_matches_f64_in_emulation() {
     assert!(got[0].0.is_finite() && got[0].0 > 100.0, "{got:?}");
     assert!(got[1].0.is_infinite() && got[1].1.is_infinite() && got[1].2 == 1, "{got:?}");
     assert!(got[2].0.is_nan() && got[2].1.is_nan() && got[2].2 == 1, "{got:?}");
+}
+
+/// A strided view (`dims`, element `strides`, starting `offset` elements into its buffer) of a
+/// random buffer copied by the emulated row-copy kernel, against the view's elements read
+/// through its strides; `unit` is the copy unit the plan must pick.
+fn check_rows_copy(
+    exe: &Path,
+    dir: &Path,
+    dims: &[usize],
+    strides: &[usize],
+    offset: usize,
+    bf16: bool,
+    unit: usize,
+) {
+    use lorahost::sam3::copy_cuda::{launch_plan, RowsCopy};
+    let elem = if bf16 { 2 } else { 4 };
+    let span = offset + dims.iter().zip(strides).map(|(d, s)| (d - 1) * s).sum::<usize>() + 1;
+    let values = Rng(41).values(span);
+    let plan = RowsCopy::plan(dims, strides, elem, buffer_addr(0, offset * elem)).expect("a plan");
+    assert_eq!(plan.unit, unit, "{dims:?} {strides:?}: copy unit");
+    let n: usize = dims.iter().product();
+    std::fs::write(dir.join("copy_in.bin"), encode(&values, bf16)).unwrap();
+    let mut text =
+        format!("buffer {} {}\nbuffer {} -\n", span * elem, dir.join("copy_in.bin").display(), n * elem);
+    text += &launch_line(&launch_plan(&plan, buffer_addr(0, offset * elem), buffer_addr(1, 0)));
+    text += &format!("output 1 {}\n", dir.join("copy_out.bin").display());
+    run_plan(exe, dir, &text);
+    let got = decode(&std::fs::read(dir.join("copy_out.bin")).unwrap(), bf16);
+    // The reference: the view's elements in row-major order, read through its strides.
+    let mut want_rows = Vec::with_capacity(n);
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..n {
+        let at = offset + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+        want_rows.push(values[at]);
+        for k in (0..dims.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < dims[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    assert_eq!(got, want_rows, "{dims:?} {strides:?}: row copy differs");
+}
+
+/// The window partition (2, 6, 6, 16) → windows of 3 and its inverse, bf16 and f32, from an
+/// aligned and a misaligned start; a row of three bf16 values (2-byte units).
+#[test]
+fn row_copy_kernel_matches_strided_reads_in_emulation() {
+    let Some((_tmp, dir, exe)) = setup("copy") else { return };
+    let (b, n, ws, c) = (2usize, 2usize, 3usize, 16usize);
+    let w = n * ws;
+    let partition = ([b, n, n, ws, ws, c], [w * w * c, ws * w * c, ws * c, w * c, c, 1]);
+    let unpartition = ([b, n, ws, n, ws, c], [w * w * c, n * ws * ws * c, ws * c, ws * ws * c, c, 1]);
+    check_rows_copy(&exe, &dir, &partition.0, &partition.1, 0, true, 16);
+    check_rows_copy(&exe, &dir, &unpartition.0, &unpartition.1, 0, true, 16);
+    check_rows_copy(&exe, &dir, &partition.0, &partition.1, 1, false, 4);
+    check_rows_copy(&exe, &dir, &[5, 4, 3], &[3, 15, 1], 0, true, 2);
 }

@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod config;
 pub mod conv_cuda;
+pub mod copy_cuda;
 pub mod decoder;
 pub mod encoder;
 pub mod flash_cuda;

@@ -162,11 +162,11 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
         x = x.pad_with_zeros(2, 0, pw)?;
     }
     let (hp, wp) = (h + ph, w + pw);
-    let windows = x.reshape((b, hp / ws, ws, wp / ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?.reshape((
-        b * (hp / ws) * (wp / ws),
-        ws * ws,
-        c,
-    ))?;
+    // (On the GPU, untracked: lorahost's row copy instead of candle's per-element strided copy.)
+    let windows = super::copy_cuda::contiguous(
+        &x.reshape((b, hp / ws, ws, wp / ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?,
+    )?
+    .reshape((b * (hp / ws) * (wp / ws), ws * ws, c))?;
     Ok((windows, (hp, wp)))
 }
 
@@ -181,10 +181,10 @@ pub fn window_unpartition(
     let (h, w) = hw;
     let (nw, _, c) = windows.dims3()?;
     let b = nw / ((hp / ws) * (wp / ws));
-    let mut x = windows
-        .reshape((b, hp / ws, wp / ws, ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .reshape((b, hp, wp, c))?;
+    let mut x = super::copy_cuda::contiguous(
+        &windows.reshape((b, hp / ws, wp / ws, ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?,
+    )?
+    .reshape((b, hp, wp, c))?;
     if hp != h {
         x = x.narrow(1, 0, h)?;
     }
