@@ -15,6 +15,8 @@
 //! chunks with a shorter last one, and rows shorter than a block.
 //! Row copies of strided views (`lorahost::sam3::copy_cuda`): the window partition and its
 //! inverse in bf16 and f32, aligned and not, against reads through the view's strides.
+//! The adapted linear's epilogue (`y + bias + z`) and the RoPE map (`lorahost::sam3::fused_cuda`),
+//! with grids whose stride leaves several iterations per thread, against the formulas in f32.
 //! Gradient statistics (`lorahost::train::stats_cuda`): sums of squares, NaN-sticky maxima and
 //! non-finite counts of several groups of tensors of mixed lengths, against f64.
 //!
@@ -142,6 +144,7 @@ fn driver(dir: &Path) -> Option<PathBuf> {
         norm_cuda::SOURCE,
         lorahost::train::stats_cuda::SOURCE,
         lorahost::sam3::copy_cuda::SOURCE,
+        lorahost::sam3::fused_cuda::SOURCE,
     ];
     std::fs::write(dir.join("kernels.inc"), sources.concat()).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
@@ -641,4 +644,108 @@ fn row_copy_kernel_matches_strided_reads_in_emulation() {
     check_rows_copy(&exe, &dir, &unpartition.0, &unpartition.1, 0, true, 16);
     check_rows_copy(&exe, &dir, &partition.0, &partition.1, 1, false, 4);
     check_rows_copy(&exe, &dir, &[5, 4, 3], &[3, 15, 1], 0, true, 2);
+}
+
+/// f32 → bf16 value, round to nearest even (the kernels' `st`).
+fn round_bf16(v: f32) -> f32 {
+    let u = v.to_bits();
+    f32::from_bits((u.wrapping_add(0x7fff + ((u >> 16) & 1))) & 0xffff_0000)
+}
+
+/// The linear epilogue `y + bias[col] + z` over rows × cols with a grid of 3 × 32 threads (the
+/// column steps by the stride modulo cols), with and without its optional operands.
+#[test]
+fn epilogue_and_rope_kernels_match_their_formulas_in_emulation() {
+    let Some((_tmp, dir, exe)) = setup("fused") else { return };
+    let mut rng = Rng(51);
+    let (rows, cols) = (37usize, 13usize);
+    let n = rows * cols;
+    let (y, bias, z) = (rng.values(n), rng.values(cols), rng.values(n));
+    for (with_bias, with_z) in [(true, true), (true, false), (false, true)] {
+        let mut plan = buffers(&dir, &[(&y, true), (&bias, true), (&z, true)], &[n * 2]);
+        let args = [
+            buffer_addr(0, 0),
+            if with_bias { buffer_addr(1, 0) } else { 0 },
+            if with_z { buffer_addr(2, 0) } else { 0 },
+            buffer_addr(3, 0),
+            n as u64,
+            cols as u64,
+        ];
+        plan += &launch_line(&Launch {
+            name: "epilogue_bf16".into(),
+            grid: (3, 1, 1),
+            block: 32,
+            args: args.map(Arg).to_vec(),
+        });
+        plan += &format!("output 3 {}\n", dir.join("epi.bin").display());
+        run_plan(&exe, &dir, &plan);
+        let got = from_bf16_bytes(&std::fs::read(dir.join("epi.bin")).unwrap());
+        let want: Vec<f32> = (0..n)
+            .map(|i| {
+                let mut v = y[i];
+                if with_bias {
+                    v += bias[i % cols];
+                }
+                if with_z {
+                    v += z[i];
+                }
+                round_bf16(v)
+            })
+            .collect();
+        assert_eq!(got, want, "epilogue (bias {with_bias}, z {with_z})");
+    }
+
+    // RoPE: rows (B·N, H·D) → heads first (B, H, N, D) rotated by +angle, and the inverse.
+    let (batch, heads, n_tok, d) = (2usize, 3usize, 5usize, 8usize);
+    let half = d / 2;
+    let total = batch * heads * n_tok * d;
+    let src = rng.values(total);
+    let angles: Vec<f32> = (0..n_tok * half).map(|k| 0.37 * k as f32 - 1.1).collect();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+    for inverse in [false, true] {
+        let mut plan = buffers(&dir, &[(&src, true), (&cos, false), (&sin, false)], &[total * 2]);
+        let args = [
+            buffer_addr(0, 0),
+            buffer_addr(1, 0),
+            buffer_addr(2, 0),
+            buffer_addr(3, 0),
+            batch as u64,
+            heads as u64,
+            n_tok as u64,
+            d as u64,
+            inverse as u64,
+        ];
+        plan += &launch_line(&Launch {
+            name: "rope_bf16".into(),
+            grid: (2, 1, 1),
+            block: 32,
+            args: args.map(Arg).to_vec(),
+        });
+        plan += &format!("output 3 {}\n", dir.join("rope.bin").display());
+        run_plan(&exe, &dir, &plan);
+        let got = from_bf16_bytes(&std::fs::read(dir.join("rope.bin")).unwrap());
+        let mut want = vec![0f32; total];
+        for b in 0..batch {
+            for h in 0..heads {
+                for t in 0..n_tok {
+                    for j in 0..half {
+                        let rows_at = (b * n_tok + t) * heads * d + h * d + 2 * j;
+                        let heads_at = ((b * heads + h) * n_tok + t) * d + 2 * j;
+                        let (c, s) = (cos[t * half + j], sin[t * half + j]);
+                        if inverse {
+                            let (x0, x1) = (src[heads_at], src[heads_at + 1]);
+                            want[rows_at] = round_bf16(x0 * c + x1 * s);
+                            want[rows_at + 1] = round_bf16(x1 * c - x0 * s);
+                        } else {
+                            let (x0, x1) = (src[rows_at], src[rows_at + 1]);
+                            want[heads_at] = round_bf16(x0 * c - x1 * s);
+                            want[heads_at + 1] = round_bf16(x1 * c + x0 * s);
+                        }
+                    }
+                }
+            }
+        }
+        let e = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(e <= 1e-2, "RoPE (inverse {inverse}) off by {e}");
+    }
 }

@@ -114,88 +114,8 @@ pub fn linear_epilogue_storage(
     imp::linear_epilogue_storage(y, bias, z)
 }
 
-/// The kernels' activation code.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn act_code(act: Option<Activation>) -> i32 {
-    match act {
-        None => 0,
-        Some(Activation::Gelu) => 1,
-        Some(Activation::GeluTanh) => 2,
-        Some(Activation::QuickGelu) => 3,
-        Some(Activation::Silu) => 4,
-        Some(Activation::Relu) => 5,
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-mod imp {
-    use super::Activation;
-    use candle_core::{Result, Tensor};
-
-    pub fn serves(_: &Tensor) -> bool {
-        false
-    }
-    pub fn serves_device(_: &candle_core::Device) -> bool {
-        false
-    }
-    pub fn keep_mask(
-        _: &candle_core::Shape,
-        _: f64,
-        _: u64,
-        _: u64,
-        _: &candle_core::Device,
-    ) -> Result<Tensor> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-    pub fn softmax_in_place(_: Tensor) -> Result<Tensor> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-    pub fn rope(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: bool) -> Result<Tensor> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-    pub fn linear_epilogue(_: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Tensor> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-    pub fn linear_epilogue_storage(
-        _: &Tensor,
-        _: Option<&Tensor>,
-        _: Option<&Tensor>,
-    ) -> Result<candle_core::Storage> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-    pub fn attention_score_grad_in_place(_: Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-    pub fn act_drop(
-        _: &Tensor,
-        _: Option<Activation>,
-        _: Option<&Tensor>,
-        _: f64,
-        _: bool,
-    ) -> Result<(Tensor, Tensor)> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-    pub fn linear_input_grad(
-        _: &Tensor,
-        _: Option<&Tensor>,
-        _: Option<&Tensor>,
-        _: f64,
-        _: Option<(Activation, &Tensor)>,
-    ) -> Result<Tensor> {
-        candle_core::bail!("fused ops: built without CUDA")
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod imp {
-    use super::{act_code, Activation};
-    use crate::cuda_kernels::{device_address, elementwise_grid, launch, row_threads, uninit, Arg};
-    use candle_core::{DType, Result, Tensor};
-    use std::sync::OnceLock;
-
-    const MODULE: &str = "lorahost_fused_ops";
-
-    const SOURCE: &str = r#"
+/// The kernels' CUDA C source (compiled after [`crate::cuda_kernels::PRELUDE`]).
+pub const SOURCE: &str = r#"
 // act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 quick GELU, 4 SiLU, 5 ReLU.
 __device__ __forceinline__ float act_f(int act, float x) {
     switch (act) {
@@ -296,16 +216,18 @@ extern "C" __global__ void keep_mask(unsigned char* out, unsigned long long seed
 // RoPE, one thread per (b, h, n, pair j): rows layout y[(b·N + n)·H·D + h·D + 2j (+1)], heads
 // first h[((b·H + h)·N + n)·D + 2j (+1)]. Forward: rows → heads first, rotated by +angle;
 // inverse: heads first → rows, rotated by −angle.
+// Index arithmetic in 32 bits (the host keeps every index below 2^32): a 64-bit division is a
+// software routine several times longer, and there are three per pair.
 template <typename T>
 __device__ void rope(const T* src, const float* cs, const float* sn, T* dst, int batch, int heads, int n_tok, int d, int inverse) {
-    const int half = d / 2;
-    const long long total = (long long)batch * heads * n_tok * half;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+    const unsigned half = d / 2;
+    const unsigned total = (unsigned)batch * heads * n_tok * half;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
         const int j = (int)(i % half);
-        long long r = i / half;
-        const int n = (int)(r % n_tok); r /= n_tok;
-        const int h = (int)(r % heads);
-        const int b = (int)(r / heads);
+        unsigned r = i / half;
+        const int n = (int)(r % (unsigned)n_tok); r /= (unsigned)n_tok;
+        const int h = (int)(r % (unsigned)heads);
+        const int b = (int)(r / (unsigned)heads);
         const long long rows_at = ((long long)b * n_tok + n) * heads * d + (long long)h * d + 2 * j;
         const long long heads_at = (((long long)b * heads + h) * n_tok + n) * d + 2 * j;
         const float c = cs[(long long)n * half + j], s = sn[(long long)n * half + j];
@@ -321,14 +243,21 @@ __device__ void rope(const T* src, const float* cs, const float* sn, T* dst, int
     }
 }
 
-// out = y + bias[col] + z; bias and z may be null.
+// out = y + bias[col] + z; bias and z may be null. The column advances with the grid stride
+// (one remainder per thread, not one 64-bit remainder per element).
 template <typename T>
 __device__ void epilogue(const T* y, const T* bias, const T* z, T* out, long long n, int cols) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    int col = (int)(start % cols);
+    const int step = (int)(stride % cols);
+    for (long long i = start; i < n; i += stride) {
         float v = ld(y, i);
-        if (bias) v += ld(bias, i % cols);
+        if (bias) v += ld(bias, col);
         if (z) v += ld(z, i);
         st(out, i, v);
+        col += step;
+        if (col >= cols) col -= cols;
     }
 }
 
@@ -342,6 +271,87 @@ extern "C" __global__ void input_grad_##S(const T* d1, const T* d2, const unsign
 DEFINE(bf16_t, bf16)
 DEFINE(float, f32)
 "#;
+
+/// The kernels' activation code.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn act_code(act: Option<Activation>) -> i32 {
+    match act {
+        None => 0,
+        Some(Activation::Gelu) => 1,
+        Some(Activation::GeluTanh) => 2,
+        Some(Activation::QuickGelu) => 3,
+        Some(Activation::Silu) => 4,
+        Some(Activation::Relu) => 5,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use super::Activation;
+    use candle_core::{Result, Tensor};
+
+    pub fn serves(_: &Tensor) -> bool {
+        false
+    }
+    pub fn serves_device(_: &candle_core::Device) -> bool {
+        false
+    }
+    pub fn keep_mask(
+        _: &candle_core::Shape,
+        _: f64,
+        _: u64,
+        _: u64,
+        _: &candle_core::Device,
+    ) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn softmax_in_place(_: Tensor) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn rope(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: bool) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn linear_epilogue(_: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn linear_epilogue_storage(
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: Option<&Tensor>,
+    ) -> Result<candle_core::Storage> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn attention_score_grad_in_place(_: Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn act_drop(
+        _: &Tensor,
+        _: Option<Activation>,
+        _: Option<&Tensor>,
+        _: f64,
+        _: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+    pub fn linear_input_grad(
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: Option<&Tensor>,
+        _: f64,
+        _: Option<(Activation, &Tensor)>,
+    ) -> Result<Tensor> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::{act_code, Activation, SOURCE};
+    use crate::cuda_kernels::{device_address, elementwise_grid, launch, row_threads, uninit, Arg};
+    use candle_core::{DType, Result, Tensor};
+    use std::sync::OnceLock;
+
+    const MODULE: &str = "lorahost_fused_ops";
 
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();
@@ -503,6 +513,10 @@ DEFINE(float, f32)
             if inverse { vec![batch * n_tok, heads * d] } else { vec![batch, heads, n_tok, d] };
         let dst = uninit(&src, &out_shape, src.dtype())?;
         let pairs = batch * heads * n_tok * half;
+        // The kernel's 32-bit indices (and its grid stride past the last pair) stay below 2^32.
+        if pairs >= (1usize << 32) - (1usize << 25) {
+            candle_core::bail!("fused RoPE: {pairs} pairs in one call (at most about 4.2e9)");
+        }
         if pairs > 0 {
             let args = [
                 Arg(device_address(&src)?),

@@ -59,6 +59,18 @@ extern "C" __global__ void ln_bwd_f32(const float* x, const float* dy, const flo
 // Statistics: each chunk's mean and centred sum of squares (gn_part), combined per row with
 // Chan's formula where they are used, so no kernel holds a whole row and nothing is atomic.
 
+// The channel (within the group) of increasing row offsets i: one division when created, then
+// steps (a thread's offsets grow by blockDim.x, so a channel of hw >= blockDim.x elements is
+// crossed at most once per step).
+struct ChannelCursor {
+    int c, next, hw;
+    __device__ ChannelCursor(int i, int hw_) : c(i / hw_), next((i / hw_ + 1) * hw_), hw(hw_) {}
+    __device__ int at(int i) {
+        while (i >= next) { ++c; next += hw; }
+        return c;
+    }
+};
+
 // Mean and centred sum of squares of chunk blockIdx.x of row blockIdx.y.
 template <typename T>
 __device__ void gn_part(const T* x, float* part, long long len, int chunk) {
@@ -113,8 +125,9 @@ __device__ void gn_fwd(const T* x, const float* part, const float* w, const floa
     const int c0 = (int)(row % groups) * cpg;
     const T* xr = x + row * len;
     T* yr = y + row * len;
+    ChannelCursor cur(s0 + (int)threadIdx.x, hw);
     for (int i = s0 + threadIdx.x; i < s0 + n; i += blockDim.x) {
-        const int c = c0 + i / hw;
+        const int c = c0 + cur.at(i);
         st(yr, i, (ld(xr, i) - mean) * rstd * w[c] + b[c]);
     }
 }
@@ -134,8 +147,9 @@ __device__ void gn_bwd_part(const T* x, const T* dy, const float* part, const fl
     const T* xr = x + row * len;
     const T* gr = dy + row * len;
     float s1 = 0.f, s2 = 0.f;
+    ChannelCursor cur(s0 + (int)threadIdx.x, hw);
     for (int i = s0 + threadIdx.x; i < s0 + n; i += blockDim.x) {
-        const float g = ld(gr, i) * w[c0 + i / hw];
+        const float g = ld(gr, i) * w[c0 + cur.at(i)];
         s1 += g;
         s2 += g * (ld(xr, i) - mean) * rstd;
     }
@@ -167,8 +181,9 @@ __device__ void gn_bwd(const T* x, const T* dy, const float* part, const float* 
     const T* xr = x + row * len;
     const T* gr = dy + row * len;
     T* dr = dx + row * len;
+    ChannelCursor cur(s0 + (int)threadIdx.x, hw);
     for (int i = s0 + threadIdx.x; i < s0 + n; i += blockDim.x) {
-        const float g = ld(gr, i) * w[c0 + i / hw];
+        const float g = ld(gr, i) * w[c0 + cur.at(i)];
         const float xh = (ld(xr, i) - mean) * rstd;
         st(dr, i, (g - m1 - xh * m2) * rstd);
     }

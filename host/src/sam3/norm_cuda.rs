@@ -119,7 +119,7 @@ impl GroupDims {
     /// Whether the kernels take it: something to normalise, 32-bit offsets within a row, rows
     /// within the grid's second axis.
     pub fn fits(&self) -> bool {
-        self.rows() > 0 && !self.is_empty() && self.len() < i32::MAX as usize && self.rows() <= 65535
+        self.rows() > 0 && !self.is_empty() && self.len() < (i32::MAX / 2) as usize && self.rows() <= 65535
     }
 
     /// (chunks per row, chunk length): about [`GROUP_TARGET_BLOCKS`] blocks in all, chunks of

@@ -1,5 +1,6 @@
 // Runs launch plans of lorahost's CUDA kernels (flash attention, 3x3 convolution, LayerNorm and
-// GroupNorm, gradient statistics, row copies) on the CPU emulation (emu.h).
+// GroupNorm, gradient statistics, row copies, the linear epilogue and RoPE) on the CPU
+// emulation (emu.h).
 // Usage: driver PLAN. The plan, one directive per line:
 //   buffer BYTES PATH|-     a buffer (ids count from 0), filled from PATH or zeroed
 //   launch NAME GX GY GZ THREADS N ARG...   arguments as the host passes them (u64 words);
@@ -75,6 +76,8 @@ using Args = std::vector<uint64_t>;
      }},
 
 static const std::map<std::string, void (*)(const Args&)> kernels = {
+    {"epilogue_bf16", [](const Args& a) { epilogue_bf16(BF(0), BF(1), BF(2), BF(3), L(4), I(5)); }},
+    {"rope_bf16", [](const Args& a) { rope_bf16(BF(0), F(1), F(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
     ROWS(16, unit16_t) ROWS(4, unsigned int) ROWS(2, unsigned short)
     {"grad_stats", [](const Args& a) { grad_stats((const long long*)P(0), I(1), F(2)); }},
     {"fa_delta", [](const Args& a) { fa_delta(V(0), V(4), F(8), I(9), I(10), I(11), L(12)); }},
@@ -83,7 +86,7 @@ static const std::map<std::string, void (*)(const Args&)> kernels = {
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
     {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"grad_stats", 3},
-    {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
+    {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
     NORM_ARITY(bf16) NORM_ARITY(f32)};
 
 int main(int argc, char** argv) {
