@@ -83,7 +83,7 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{Entry, Fused, Hyper};
-    use crate::cuda_kernels::{device_address, launch, Arg};
+    use crate::cuda_kernels::{device_address, launch, uninit, Arg};
     use candle_core::{DType, Result, Tensor};
     use std::sync::OnceLock;
 
@@ -180,9 +180,10 @@ extern "C" __global__ void adamw_step(const long long* table, int count, unsigne
             ]);
         }
         let table = Tensor::from_vec(table, entries.len() * 8, &device)?;
-        let m_out = Tensor::zeros(total, DType::F32, &device)?;
-        let v_out = Tensor::zeros(total, DType::F32, &device)?;
-        let before = Tensor::zeros(total, DType::F32, &device)?;
+        // Not zeroed: the kernel writes every element of the three (the entries tile them).
+        let m_out = uninit(&table, &[total], DType::F32)?;
+        let v_out = uninit(&table, &[total], DType::F32)?;
+        let before = uninit(&table, &[total], DType::F32)?;
         let f = |x: f64| Arg::f32(x as f32);
         let args = [
             Arg(device_address(&table)?),
