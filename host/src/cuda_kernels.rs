@@ -33,6 +33,28 @@ pub fn compile_for(what: &str, switch: &str, source: &str, arch: Option<&'static
     }
 }
 
+/// Compile every kernel set of lorahost in the background, concurrently (NVRTC takes from a
+/// fraction of a second to seconds per set): the first training step then finds them compiled
+/// instead of compiling each at its first use, one after another. Their first users wait for a
+/// compilation in progress (each set is compiled once per process either way).
+#[cfg(feature = "cuda")]
+pub fn precompile() {
+    use crate::sam3::{conv_cuda, copy_cuda, flash_cuda, fused_cuda, norm_cuda};
+    use crate::train::{adamw_cuda, stats_cuda};
+    let sets: [fn(); 7] = [
+        flash_cuda::prepare,
+        conv_cuda::prepare,
+        fused_cuda::prepare,
+        norm_cuda::prepare,
+        copy_cuda::prepare,
+        adamw_cuda::prepare,
+        stats_cuda::prepare,
+    ];
+    for set in sets {
+        let _ = std::thread::Builder::new().name("lorahost-nvrtc".into()).spawn(set);
+    }
+}
+
 /// A tensor-core kernel set: compiled for compute capability 8.0 ([`TENSOR_CORE`] needs it) from
 /// the concatenation of `sources` on first use, then checked once against a reference on the
 /// device by the caller's probe before anything uses it; a set that does not compile, is

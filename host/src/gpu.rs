@@ -28,6 +28,8 @@ pub fn open_cuda(ordinal: usize, what: &str) -> Result<Device> {
     }
     let device = Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
     configure(&device);
+    #[cfg(feature = "cuda")]
+    crate::cuda_kernels::precompile();
     Ok(device)
 }
 

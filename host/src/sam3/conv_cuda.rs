@@ -93,6 +93,12 @@ mod imp {
     }
 }
 
+/// Compile the kernels now (see [`crate::cuda_kernels::precompile`]).
+#[cfg(feature = "cuda")]
+pub fn prepare() {
+    imp::prepare()
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{launch_plan, ConvDims};
@@ -107,6 +113,10 @@ mod imp {
         &[crate::cuda_kernels::PRELUDE, crate::cuda_kernels::TENSOR_CORE, super::SOURCE],
         "candle's conv2d",
     );
+
+    pub fn prepare() {
+        let _ = KERNELS.ptx();
+    }
 
     fn dims(x: &Tensor, w: &Tensor) -> Option<ConvDims> {
         let (batch, cin, height, width) = x.dims4().ok()?;

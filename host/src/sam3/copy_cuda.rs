@@ -148,12 +148,22 @@ mod imp {
     }
 }
 
+/// Compile the kernels now (see [`crate::cuda_kernels::precompile`]).
+#[cfg(feature = "cuda")]
+pub fn prepare() {
+    imp::prepare()
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{launch_plan, RowsCopy, SOURCE};
     use crate::cuda_kernels::{device_address, launch, storage_address, uninit};
     use candle_core::{Result, Tensor};
     use std::sync::OnceLock;
+
+    pub fn prepare() {
+        let _ = ptx();
+    }
 
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();

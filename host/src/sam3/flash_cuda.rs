@@ -294,6 +294,12 @@ mod imp {
     }
 }
 
+/// Compile the kernels now (see [`crate::cuda_kernels::precompile`]).
+#[cfg(feature = "cuda")]
+pub fn prepare() {
+    imp::prepare()
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{backward_launches, forward_launch, fresh_strides, strides_of, Backward, Dims, Launch, View};
@@ -308,6 +314,10 @@ mod imp {
         &[crate::cuda_kernels::PRELUDE, crate::cuda_kernels::TENSOR_CORE, super::SOURCE],
         "the chunked attention",
     );
+
+    pub fn prepare() {
+        let _ = KERNELS.ptx();
+    }
 
     fn dims(q: &Tensor, k: &Tensor) -> Result<Dims> {
         let (batch, heads, nq, head_dim) = q.dims4()?;

@@ -344,6 +344,12 @@ mod imp {
     }
 }
 
+/// Compile the kernels now (see [`crate::cuda_kernels::precompile`]).
+#[cfg(feature = "cuda")]
+pub fn prepare() {
+    imp::prepare()
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{act_code, Activation, SOURCE};
@@ -352,6 +358,10 @@ mod imp {
     use std::sync::OnceLock;
 
     const MODULE: &str = "lorahost_fused_ops";
+
+    pub fn prepare() {
+        let _ = ptx();
+    }
 
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();

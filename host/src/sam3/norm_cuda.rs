@@ -235,6 +235,12 @@ mod imp {
     }
 }
 
+/// Compile the kernels now (see [`crate::cuda_kernels::precompile`]).
+#[cfg(feature = "cuda")]
+pub fn prepare() {
+    imp::prepare()
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::layer_launch;
@@ -246,6 +252,10 @@ mod imp {
     const MODULE: &str = "lorahost_layer_norm";
 
     /// The compiled PTX, or None (logged once) when the kernels cannot be used.
+    pub fn prepare() {
+        let _ = ptx();
+    }
+
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();
         PTX.get_or_init(|| {

@@ -80,6 +80,12 @@ mod imp {
     }
 }
 
+/// Compile the kernels now (see [`crate::cuda_kernels::precompile`]).
+#[cfg(feature = "cuda")]
+pub fn prepare() {
+    imp::prepare()
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{Entry, Fused, Hyper};
@@ -120,6 +126,10 @@ extern "C" __global__ void adamw_step(const long long* table, int count, unsigne
     }
 }
 "#;
+
+    pub fn prepare() {
+        let _ = ptx();
+    }
 
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();

@@ -106,6 +106,12 @@ mod imp {
     }
 }
 
+/// Compile the kernels now (see [`crate::cuda_kernels::precompile`]).
+#[cfg(feature = "cuda")]
+pub fn prepare() {
+    imp::prepare()
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{blocks_per_tensor, combine, launch_plan, SOURCE};
@@ -118,6 +124,10 @@ mod imp {
     static OFF: AtomicBool = AtomicBool::new(false);
     /// Whether the first use was checked.
     static CHECKED: AtomicBool = AtomicBool::new(false);
+
+    pub fn prepare() {
+        let _ = ptx();
+    }
 
     fn ptx() -> Option<&'static str> {
         static PTX: OnceLock<Option<String>> = OnceLock::new();
