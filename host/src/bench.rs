@@ -56,9 +56,11 @@ pub struct BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProfilePart {
     /// The part: a model component's forward (`vision`, `text`, `geometry`, `encoder`,
-    /// `decoder`, ...), `loss`, `backward: heads` (backward until it reaches the vision
-    /// features), `backward: vision` (the rest: neck and ViT when they are adapted), `optimizer`
-    /// (gradient statistics, clipping, AdamW).
+    /// `decoder`, ...), `loss`, then backward: `backward: decoder + mask head` (until it
+    /// reaches the encoder's output), `backward: encoder + geometry` (until it reaches the
+    /// vision features; the two together were `backward: heads`), `backward: vision` (the
+    /// rest: neck and ViT when they are adapted), then `optimizer` (gradient statistics,
+    /// clipping, AdamW).
     pub part: String,
     /// Milliseconds per step on the device (from CUDA events; on the CPU: wall time).
     pub ms: f64,
@@ -285,7 +287,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         crate::sam3::recompute::merge_side_grads(&mut grads)?;
         let issued = t0.elapsed().as_secs_f64();
         // Without ViT adapters backward never reaches the vision features: it is all heads.
-        crate::profile::mark(if o.vision_lora { "backward: vision" } else { "backward: heads" });
+        crate::profile::mark(if o.vision_lora { "backward: vision" } else { "backward: encoder + geometry" });
         *peak_used = (*peak_used).max(device_used(&device));
         drop(out);
         let gs: Vec<Tensor> = var_list

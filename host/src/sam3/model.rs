@@ -278,10 +278,16 @@ impl Sam3Model {
                 None => Ok(ts.to_vec()),
             }
         };
-        // Profiling: backward reaching the vision features ends the heads' backward.
+        // Profiling: backward reaching the coarsest level (the encoder's and the geometry
+        // encoder's input) ends their backward. (The finer levels feed only the mask head; a
+        // mark there would fire in the middle of the heads' backward.)
         let marked = vision.fpn[..levels]
             .iter()
-            .map(|t| crate::profile::backward_mark(t, "backward: heads"))
+            .enumerate()
+            .map(|(i, t)| match i + 1 == levels {
+                true => crate::profile::backward_mark(t, "backward: encoder + geometry"),
+                false => Ok(t.clone()),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let fpn = &pick(&marked)?[..];
         let fpn_pos = &pick(&vision.fpn_pos[..levels])?[..];
@@ -328,8 +334,11 @@ impl Sam3Model {
             opts.train,
         )?;
         mem_mark("encoder");
+        // Profiling: backward reaching the encoder's output ends the decoder's and the mask
+        // head's backward (the rest, until the vision features, is the encoder's and geometry's).
+        let memory = crate::profile::backward_mark(&enc.last_hidden_state, "backward: decoder + mask head")?;
         let dec = self.decoder.forward(
-            &enc.last_hidden_state,
+            &memory,
             &enc.text_features,
             &enc.pos_embeds_flattened,
             Some(&prompt_mask),
@@ -352,8 +361,7 @@ impl Sam3Model {
         let q = n - dec.num_o2m;
 
         let queries = dec.intermediate_hidden_states.get(l - 1)?; // (B, N, C)
-        let masks =
-            self.mask.forward(&queries, fpn, &enc.last_hidden_state, Some(&prompt), Some(&prompt_mask))?;
+        let masks = self.mask.forward(&queries, fpn, &memory, Some(&prompt), Some(&prompt_mask))?;
         mem_mark("mask head");
         let all_masks = masks.pred_masks.to_dtype(DType::F32)?;
 
