@@ -1,19 +1,14 @@
-//! lorahost's own CUDA kernels (LayerNorm, GroupNorm, AdamW, gradient statistics, fused
-//! elementwise, and the tensor-core ones: flash attention, 3×3 convolution): CUDA C source compiled with NVRTC on first
-//! use and loaded once per device. The sources use no headers (bf16 is handled as its bit
+//! lorahost's own CUDA kernels (LayerNorm, GroupNorm, AdamW, gradient statistics, row copies,
+//! fused elementwise, and the tensor-core ones: flash attention, 3×3 convolution): CUDA C
+//! source compiled with NVRTC on first use (or all at once when a device opens, [`precompile`])
+//! and loaded once per device. The sources use no headers (bf16 is handled as its bit
 //! pattern), so only the NVRTC library that candle links is needed. A kernel set that cannot
 //! be compiled (or is switched off with its environment variable, `NAME=0`, for A/B timings)
 //! leaves the caller on its composed path, logged once.
 
-/// The PTX of `source`, compiled once per process; None when `switch` is set to `0` or the
-/// compilation failed (both logged once by the caller's `OnceLock`).
-#[cfg(feature = "cuda")]
-pub fn compile(what: &str, switch: &str, source: &str) -> Option<String> {
-    compile_for(what, switch, source, None)
-}
-
-/// [`compile`] for a virtual architecture (`compute_80`: instructions that need it, e.g.
-/// `mma.sync` on bf16), NVRTC's default without one.
+/// The PTX of `source` for a virtual architecture (`compute_80`: instructions that need it,
+/// e.g. `mma.sync` on bf16; NVRTC's default without one); None when `switch` is set to `0` or
+/// the compilation failed (both logged; [`KernelSet`] calls it once per set).
 #[cfg(feature = "cuda")]
 pub fn compile_for(what: &str, switch: &str, source: &str, arch: Option<&'static str>) -> Option<String> {
     use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
@@ -55,6 +50,44 @@ pub fn precompile() {
     }
 }
 
+/// A kernel set: the concatenation of `sources`, compiled once per process on first use (or by
+/// [`precompile`]) for `arch` (NVRTC's default when None); None when switched off (`switch=0`)
+/// or when it does not compile (both logged once).
+#[cfg(feature = "cuda")]
+pub struct KernelSet {
+    what: &'static str,
+    switch: &'static str,
+    sources: &'static [&'static str],
+    arch: Option<&'static str>,
+    ptx: std::sync::OnceLock<Option<String>>,
+}
+
+#[cfg(feature = "cuda")]
+impl KernelSet {
+    /// A set named `what` (logs), switched off by the environment variable `switch`, compiled
+    /// from `sources` for NVRTC's default architecture.
+    pub const fn new(what: &'static str, switch: &'static str, sources: &'static [&'static str]) -> Self {
+        Self::for_arch(what, switch, sources, None)
+    }
+
+    /// [`KernelSet::new`] for a virtual architecture (`compute_80`).
+    pub const fn for_arch(
+        what: &'static str,
+        switch: &'static str,
+        sources: &'static [&'static str],
+        arch: Option<&'static str>,
+    ) -> Self {
+        KernelSet { what, switch, sources, arch, ptx: std::sync::OnceLock::new() }
+    }
+
+    /// The PTX, compiled once (None: off or not compiled).
+    pub fn ptx(&self) -> Option<&str> {
+        self.ptx
+            .get_or_init(|| compile_for(self.what, self.switch, &self.sources.concat(), self.arch))
+            .as_deref()
+    }
+}
+
 /// A tensor-core kernel set: compiled for compute capability 8.0 ([`TENSOR_CORE`] needs it) from
 /// the concatenation of `sources` on first use, then checked once against a reference on the
 /// device by the caller's probe before anything uses it; a set that does not compile, is
@@ -63,10 +96,8 @@ pub fn precompile() {
 #[cfg(feature = "cuda")]
 pub struct CheckedKernels {
     what: &'static str,
-    switch: &'static str,
-    sources: &'static [&'static str],
     fallback: &'static str,
-    ptx: std::sync::OnceLock<Option<String>>,
+    set: KernelSet,
     ready: std::sync::OnceLock<bool>,
 }
 
@@ -87,19 +118,15 @@ impl CheckedKernels {
     ) -> Self {
         CheckedKernels {
             what,
-            switch,
-            sources,
             fallback,
-            ptx: std::sync::OnceLock::new(),
+            set: KernelSet::for_arch(what, switch, sources, Some("compute_80")),
             ready: std::sync::OnceLock::new(),
         }
     }
 
     /// The PTX, compiled once (None: off or not compiled).
     pub fn ptx(&self) -> Option<&str> {
-        self.ptx
-            .get_or_init(|| compile_for(self.what, self.switch, &self.sources.concat(), Some("compute_80")))
-            .as_deref()
+        self.set.ptx()
     }
 
     /// Whether the kernels are compiled and agreed with the reference on `device` (`probe`

@@ -159,15 +159,17 @@ mod imp {
     use super::{launch_plan, RowsCopy, SOURCE};
     use crate::cuda_kernels::{device_address, launch, storage_address, uninit};
     use candle_core::{Result, Tensor};
-    use std::sync::OnceLock;
 
     pub fn prepare() {
         let _ = ptx();
     }
 
+    static KERNELS: crate::cuda_kernels::KernelSet =
+        crate::cuda_kernels::KernelSet::new("row copy", "LORAHOST_FUSED_OPS", &[SOURCE]);
+
+    /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| crate::cuda_kernels::compile("row copy", "LORAHOST_FUSED_OPS", SOURCE)).as_deref()
+        KERNELS.ptx()
     }
 
     pub fn contiguous(t: &Tensor) -> Result<Tensor> {

@@ -355,7 +355,6 @@ mod imp {
     use super::{act_code, Activation, SOURCE};
     use crate::cuda_kernels::{device_address, elementwise_grid, launch, row_threads, uninit, Arg};
     use candle_core::{DType, Result, Tensor};
-    use std::sync::OnceLock;
 
     const MODULE: &str = "lorahost_fused_ops";
 
@@ -363,13 +362,15 @@ mod imp {
         let _ = ptx();
     }
 
+    static KERNELS: crate::cuda_kernels::KernelSet = crate::cuda_kernels::KernelSet::new(
+        "fused elementwise",
+        "LORAHOST_FUSED_OPS",
+        &[crate::cuda_kernels::PRELUDE, SOURCE],
+    );
+
+    /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            let src = format!("{}{}", crate::cuda_kernels::PRELUDE, SOURCE);
-            crate::cuda_kernels::compile("fused elementwise", "LORAHOST_FUSED_OPS", &src)
-        })
-        .as_deref()
+        KERNELS.ptx()
     }
 
     fn suffix(dt: DType) -> Option<&'static str> {

@@ -112,17 +112,34 @@ __device__ void gn_stats(const float* part, int nk, long long len, int chunk, fl
     *rstd = 1.f / sqrtf(var + eps);
 }
 
+// A block's chunk of its row (blockIdx.y, chunk blockIdx.x of gridDim.x): the row's statistics,
+// the chunk's start and length, the group's first channel.
+struct GnChunk {
+    long long row;
+    int k, nk, s0, n, c0;
+    float mean, rstd;
+};
+
+__device__ GnChunk gn_chunk(const float* part, long long len, int chunk, int cpg, int groups, float eps, float* sh) {
+    GnChunk c;
+    c.row = blockIdx.y;
+    c.k = blockIdx.x;
+    c.nk = gridDim.x;
+    gn_stats(part + c.row * c.nk * 2, c.nk, len, chunk, eps, sh, &c.mean, &c.rstd);
+    c.s0 = c.k * chunk;
+    c.n = (int)min((long long)chunk, len - c.s0);
+    c.c0 = (int)(c.row % groups) * cpg;
+    return c;
+}
+
 template <typename T>
 __device__ void gn_fwd(const T* x, const float* part, const float* w, const float* b, T* y, long long len,
                        int chunk, int hw, int cpg, int groups, float eps) {
     __shared__ float sh[32];
-    const long long row = blockIdx.y;
-    const int k = blockIdx.x, nk = gridDim.x;
-    float mean, rstd;
-    gn_stats(part + row * nk * 2, nk, len, chunk, eps, sh, &mean, &rstd);
-    const int s0 = k * chunk;
-    const int n = (int)min((long long)chunk, len - s0);
-    const int c0 = (int)(row % groups) * cpg;
+    const GnChunk ch = gn_chunk(part, len, chunk, cpg, groups, eps, sh);
+    const long long row = ch.row;
+    const int s0 = ch.s0, n = ch.n, c0 = ch.c0;
+    const float mean = ch.mean, rstd = ch.rstd;
     const T* xr = x + row * len;
     T* yr = y + row * len;
     ChannelCursor cur(s0 + (int)threadIdx.x, hw);
@@ -137,13 +154,10 @@ template <typename T>
 __device__ void gn_bwd_part(const T* x, const T* dy, const float* part, const float* w, float* part2,
                             long long len, int chunk, int hw, int cpg, int groups, float eps) {
     __shared__ float sh[32];
-    const long long row = blockIdx.y;
-    const int k = blockIdx.x, nk = gridDim.x;
-    float mean, rstd;
-    gn_stats(part + row * nk * 2, nk, len, chunk, eps, sh, &mean, &rstd);
-    const int s0 = k * chunk;
-    const int n = (int)min((long long)chunk, len - s0);
-    const int c0 = (int)(row % groups) * cpg;
+    const GnChunk ch = gn_chunk(part, len, chunk, cpg, groups, eps, sh);
+    const long long row = ch.row;
+    const int k = ch.k, nk = ch.nk, s0 = ch.s0, n = ch.n, c0 = ch.c0;
+    const float mean = ch.mean, rstd = ch.rstd;
     const T* xr = x + row * len;
     const T* gr = dy + row * len;
     float s1 = 0.f, s2 = 0.f;
@@ -166,18 +180,15 @@ template <typename T>
 __device__ void gn_bwd(const T* x, const T* dy, const float* part, const float* part2, const float* w, T* dx,
                        long long len, int chunk, int hw, int cpg, int groups, float eps) {
     __shared__ float sh[32];
-    const long long row = blockIdx.y;
-    const int k = blockIdx.x, nk = gridDim.x;
-    float mean, rstd;
-    gn_stats(part + row * nk * 2, nk, len, chunk, eps, sh, &mean, &rstd);
+    const GnChunk ch = gn_chunk(part, len, chunk, cpg, groups, eps, sh);
+    const long long row = ch.row;
+    const int nk = ch.nk, s0 = ch.s0, n = ch.n, c0 = ch.c0;
+    const float mean = ch.mean, rstd = ch.rstd;
     const float* p2 = part2 + row * nk * 2;
     float s1 = 0.f, s2 = 0.f;
     for (int j = threadIdx.x; j < nk; j += blockDim.x) { s1 += p2[2 * j]; s2 += p2[2 * j + 1]; }
     const float m1 = block_sum(s1, sh) / (float)len;
     const float m2 = block_sum(s2, sh) / (float)len;
-    const int s0 = k * chunk;
-    const int n = (int)min((long long)chunk, len - s0);
-    const int c0 = (int)(row % groups) * cpg;
     const T* xr = x + row * len;
     const T* gr = dy + row * len;
     T* dr = dx + row * len;

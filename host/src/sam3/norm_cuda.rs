@@ -247,25 +247,19 @@ mod imp {
     use super::{group_backward_launches, group_forward_launches, kernel_dtype, GroupDims, SOURCE};
     use crate::cuda_kernels::{device_address, launch, uninit, Launch, PRELUDE};
     use candle_core::{DType, Result, Tensor};
-    use std::sync::OnceLock;
 
     const MODULE: &str = "lorahost_layer_norm";
 
-    /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     pub fn prepare() {
         let _ = ptx();
     }
 
+    static KERNELS: crate::cuda_kernels::KernelSet =
+        crate::cuda_kernels::KernelSet::new("LayerNorm/GroupNorm", "LORAHOST_FUSED_NORM", &[PRELUDE, SOURCE]);
+
+    /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            crate::cuda_kernels::compile(
-                "LayerNorm/GroupNorm",
-                "LORAHOST_FUSED_NORM",
-                &format!("{PRELUDE}{SOURCE}"),
-            )
-        })
-        .as_deref()
+        KERNELS.ptx()
     }
 
     pub fn serves(x: &Tensor) -> bool {

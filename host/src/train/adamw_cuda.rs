@@ -91,7 +91,6 @@ mod imp {
     use super::{Entry, Fused, Hyper};
     use crate::cuda_kernels::{device_address, launch, uninit, Arg};
     use candle_core::{DType, Result, Tensor};
-    use std::sync::OnceLock;
 
     const SOURCE: &str = r#"
 // table: 8 values per parameter: param, grad, m, v (addresses), n, offset in the flat outputs,
@@ -131,9 +130,12 @@ extern "C" __global__ void adamw_step(const long long* table, int count, unsigne
         let _ = ptx();
     }
 
+    static KERNELS: crate::cuda_kernels::KernelSet =
+        crate::cuda_kernels::KernelSet::new("AdamW", "LORAHOST_FUSED_ADAMW", &[SOURCE]);
+
+    /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| crate::cuda_kernels::compile("AdamW", "LORAHOST_FUSED_ADAMW", SOURCE)).as_deref()
+        KERNELS.ptx()
     }
 
     pub fn serves(param: &Tensor) -> bool {

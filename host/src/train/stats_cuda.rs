@@ -118,7 +118,6 @@ mod imp {
     use crate::cuda_kernels::{device_address, launch, uninit, PRELUDE};
     use candle_core::{DType, Tensor};
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::OnceLock;
 
     /// Set when the first use disagreed with the composed statistics.
     static OFF: AtomicBool = AtomicBool::new(false);
@@ -129,16 +128,15 @@ mod imp {
         let _ = ptx();
     }
 
+    static KERNELS: crate::cuda_kernels::KernelSet = crate::cuda_kernels::KernelSet::new(
+        "gradient statistics",
+        "LORAHOST_FUSED_STATS",
+        &[PRELUDE, SOURCE],
+    );
+
+    /// The compiled PTX, or None (logged once) when the kernels cannot be used.
     fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            crate::cuda_kernels::compile(
-                "gradient statistics",
-                "LORAHOST_FUSED_STATS",
-                &format!("{PRELUDE}{SOURCE}"),
-            )
-        })
-        .as_deref()
+        KERNELS.ptx()
     }
 
     pub fn group_stats(groups: &[&[&Tensor]]) -> candle_core::Result<Option<Vec<(f64, f64, u64)>>> {
