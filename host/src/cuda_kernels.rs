@@ -280,6 +280,14 @@ pub struct Launch {
     pub args: Vec<Arg>,
 }
 
+impl Launch {
+    /// Launch it on `device`'s stream from module `module` (compiled from `ptx`).
+    #[cfg(feature = "cuda")]
+    pub fn run(&self, device: &candle_core::Device, module: &str, ptx: &str) -> candle_core::Result<()> {
+        launch(device, module, ptx, &self.name, self.grid, self.block, &self.args)
+    }
+}
+
 /// Launch `name` of the module `module` (compiled from `ptx`) on `device`'s stream with a 1-D
 /// block of `block` threads and `grid` blocks.
 #[cfg(feature = "cuda")]

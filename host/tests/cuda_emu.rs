@@ -29,6 +29,7 @@ use lorahost::sam3::conv_cuda::{self, ConvDims};
 use lorahost::sam3::flash_cuda::{
     backward_launches, forward_launch, fresh_strides, Backward, Dims, Launch, View,
 };
+use lorahost::sam3::fused_cuda;
 use lorahost::sam3::norm_cuda::{self, GroupDims};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -144,7 +145,7 @@ fn driver(dir: &Path) -> Option<PathBuf> {
         norm_cuda::SOURCE,
         lorahost::train::stats_cuda::SOURCE,
         lorahost::sam3::copy_cuda::SOURCE,
-        lorahost::sam3::fused_cuda::SOURCE,
+        fused_cuda::SOURCE,
     ];
     std::fs::write(dir.join("kernels.inc"), sources.concat()).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
@@ -663,20 +664,16 @@ fn epilogue_and_rope_kernels_match_their_formulas_in_emulation() {
     let (y, bias, z) = (rng.values(n), rng.values(cols), rng.values(n));
     for (with_bias, with_z) in [(true, true), (true, false), (false, true)] {
         let mut plan = buffers(&dir, &[(&y, true), (&bias, true), (&z, true)], &[n * 2]);
-        let args = [
+        let addrs = [
             buffer_addr(0, 0),
             if with_bias { buffer_addr(1, 0) } else { 0 },
             if with_z { buffer_addr(2, 0) } else { 0 },
             buffer_addr(3, 0),
-            n as u64,
-            cols as u64,
         ];
-        plan += &launch_line(&Launch {
-            name: "epilogue_bf16".into(),
-            grid: (3, 1, 1),
-            block: 32,
-            args: args.map(Arg).to_vec(),
-        });
+        // The host's plan, on a grid small enough that each thread steps several times.
+        let mut l = fused_cuda::epilogue_launch("bf16", addrs, n, cols);
+        (l.grid, l.block) = ((3, 1, 1), 32);
+        plan += &launch_line(&l);
         plan += &format!("output 3 {}\n", dir.join("epi.bin").display());
         run_plan(&exe, &dir, &plan);
         let got = from_bf16_bytes(&std::fs::read(dir.join("epi.bin")).unwrap());
@@ -704,23 +701,10 @@ fn epilogue_and_rope_kernels_match_their_formulas_in_emulation() {
     let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
     for inverse in [false, true] {
         let mut plan = buffers(&dir, &[(&src, true), (&cos, false), (&sin, false)], &[total * 2]);
-        let args = [
-            buffer_addr(0, 0),
-            buffer_addr(1, 0),
-            buffer_addr(2, 0),
-            buffer_addr(3, 0),
-            batch as u64,
-            heads as u64,
-            n_tok as u64,
-            d as u64,
-            inverse as u64,
-        ];
-        plan += &launch_line(&Launch {
-            name: "rope_bf16".into(),
-            grid: (2, 1, 1),
-            block: 32,
-            args: args.map(Arg).to_vec(),
-        });
+        let addrs = [buffer_addr(0, 0), buffer_addr(1, 0), buffer_addr(2, 0), buffer_addr(3, 0)];
+        let mut l = fused_cuda::rope_launch("bf16", addrs, (batch, heads, n_tok, d), inverse);
+        (l.grid, l.block) = ((2, 1, 1), 32);
+        plan += &launch_line(&l);
         plan += &format!("output 3 {}\n", dir.join("rope.bin").display());
         run_plan(&exe, &dir, &plan);
         let got = from_bf16_bytes(&std::fs::read(dir.join("rope.bin")).unwrap());

@@ -98,15 +98,13 @@ impl RowsCopy {
             return None;
         }
         let bytes = |x: usize| x * elem;
-        let unit = [16, 4, 2]
-            .into_iter()
-            .find(|&u| {
-                u >= elem
-                    && bytes(inner).is_multiple_of(u)
-                    && merged.iter().all(|&(_, s)| bytes(s).is_multiple_of(u))
-                    && addr.is_multiple_of(u as u64)
-            })
-            .filter(|&u| u.is_multiple_of(elem))?;
+        // Units and element sizes are powers of two: a unit at least an element holds whole ones.
+        let unit = [16, 4, 2].into_iter().find(|&u| {
+            u >= elem
+                && bytes(inner).is_multiple_of(u)
+                && merged.iter().all(|&(_, s)| bytes(s).is_multiple_of(u))
+                && addr.is_multiple_of(u as u64)
+        })?;
         let mut outer = [(1usize, 0i64); OUTER];
         for (slot, &(d, s)) in outer[OUTER - merged.len()..].iter_mut().zip(&merged) {
             *slot = (d, (bytes(s) / unit) as i64);
@@ -157,7 +155,7 @@ pub fn prepare() {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{launch_plan, RowsCopy, SOURCE};
-    use crate::cuda_kernels::{device_address, launch, storage_address, uninit};
+    use crate::cuda_kernels::{device_address, storage_address, uninit};
     use candle_core::{Result, Tensor};
 
     pub fn prepare() {
@@ -182,7 +180,7 @@ mod imp {
         if t.elem_count() > 0 {
             let l = launch_plan(&plan, addr, device_address(&out)?);
             // The plan reads rows inside t's storage (its layout's offsets) and writes all of out.
-            launch(t.device(), "lorahost_rows_copy", ptx, &l.name, l.grid, l.block, &l.args)?;
+            l.run(t.device(), "lorahost_rows_copy", ptx)?;
         }
         Ok(out)
     }

@@ -15,6 +15,7 @@
 //! ([`crate::cuda_kernels`]); `LORAHOST_FUSED_OPS=0` switches them off (for A/B timings).
 
 use super::nn::Activation;
+use crate::cuda_kernels::{Arg, Launch};
 use candle_core::{Result, Tensor};
 
 /// Whether the kernels serve `t`: a CUDA tensor in bf16 or f32, with the kernels compiled.
@@ -272,6 +273,30 @@ DEFINE(bf16_t, bf16)
 DEFINE(float, f32)
 "#;
 
+/// The linear epilogue's launch (`epilogue_<suffix>`): `out = y + bias[col] + z` over `n`
+/// elements in rows of `cols`, on the addresses `[y, bias, z, out]` (0 for an absent bias or
+/// `z`).
+pub fn epilogue_launch(suffix: &str, [y, bias, z, out]: [u64; 4], n: usize, cols: usize) -> Launch {
+    let (grid, block) = crate::cuda_kernels::elementwise_grid(n);
+    let args = vec![Arg(y), Arg(bias), Arg(z), Arg(out), Arg::i64(n as i64), Arg::i32(cols as i32)];
+    Launch { name: format!("epilogue_{suffix}"), grid, block, args }
+}
+
+/// RoPE's launch (`rope_<suffix>`) on the addresses `[src, cos, sin, dst]` for `batch` ×
+/// `heads` × `n_tok` tokens of head dimension `d` (see [`rope`]); one thread per pair.
+pub fn rope_launch(
+    suffix: &str,
+    [src, cos, sin, dst]: [u64; 4],
+    (batch, heads, n_tok, d): (usize, usize, usize, usize),
+    inverse: bool,
+) -> Launch {
+    let (grid, block) = crate::cuda_kernels::elementwise_grid(batch * heads * n_tok * d / 2);
+    let mut args = vec![Arg(src), Arg(cos), Arg(sin), Arg(dst)];
+    args.extend([batch, heads, n_tok, d].map(|v| Arg::i32(v as i32)));
+    args.push(Arg::i32(i32::from(inverse)));
+    Launch { name: format!("rope_{suffix}"), grid, block, args }
+}
+
 /// The kernels' activation code.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn act_code(act: Option<Activation>) -> i32 {
@@ -352,7 +377,7 @@ pub fn prepare() {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::{act_code, Activation, SOURCE};
+    use super::{act_code, epilogue_launch, rope_launch, Activation, SOURCE};
     use crate::cuda_kernels::{device_address, elementwise_grid, launch, row_threads, uninit, Arg};
     use candle_core::{DType, Result, Tensor};
 
@@ -428,12 +453,17 @@ mod imp {
         Ok(t)
     }
 
-    /// The kernel name for `t`'s dtype, and the PTX.
-    fn kernel(base: &str, t: &Tensor) -> Result<(String, &'static str)> {
+    /// The kernel name suffix for `t`'s dtype, and the PTX.
+    fn served(base: &str, t: &Tensor) -> Result<(&'static str, &'static str)> {
         match (suffix(t.dtype()), ptx()) {
-            (Some(s), Some(ptx)) => Ok((format!("{base}_{s}"), ptx)),
+            (Some(s), Some(ptx)) => Ok((s, ptx)),
             _ => candle_core::bail!("fused ops: {base} does not serve {:?} on {:?}", t.dtype(), t.device()),
         }
+    }
+
+    /// The kernel name for `t`'s dtype, and the PTX.
+    fn kernel(base: &str, t: &Tensor) -> Result<(String, &'static str)> {
+        served(base, t).map(|(s, ptx)| (format!("{base}_{s}"), ptx))
     }
 
     fn check_same(what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
@@ -494,7 +524,7 @@ mod imp {
         heads: usize,
         inverse: bool,
     ) -> Result<Tensor> {
-        let (name, ptx) = kernel("rope", y)?;
+        let (suffix, ptx) = served("rope", y)?;
         let (n_tok, d) = if inverse {
             let (b, h, n, d) = y.dims4()?;
             if b != batch || h != heads {
@@ -529,26 +559,16 @@ mod imp {
             candle_core::bail!("fused RoPE: {pairs} pairs in one call (at most about 4.2e9)");
         }
         if pairs > 0 {
-            let args = [
-                Arg(device_address(&src)?),
-                Arg(device_address(&cos)?),
-                Arg(device_address(&sin)?),
-                Arg(device_address(&dst)?),
-                Arg::i32(batch as i32),
-                Arg::i32(heads as i32),
-                Arg::i32(n_tok as i32),
-                Arg::i32(d as i32),
-                Arg::i32(i32::from(inverse)),
-            ];
-            let (grid, block) = elementwise_grid(pairs);
-            launch(src.device(), MODULE, ptx, &name, grid, block, &args)?;
+            let addrs =
+                [device_address(&src)?, device_address(&cos)?, device_address(&sin)?, device_address(&dst)?];
+            rope_launch(suffix, addrs, (batch, heads, n_tok, d), inverse).run(src.device(), MODULE, ptx)?;
         }
         Ok(dst)
     }
 
     /// Launch the epilogue writing to `dst` (an address of `y.elem_count()` elements).
     fn epilogue_into(y: &Tensor, bias: Option<&Tensor>, z: Option<&Tensor>, dst: u64) -> Result<()> {
-        let (name, ptx) = kernel("epilogue", y)?;
+        let (suffix, ptx) = served("epilogue", y)?;
         let y = y.contiguous()?;
         let cols = y.dim(candle_core::D::Minus1)?;
         let bias = bias.map(|b| b.to_dtype(y.dtype())?.contiguous()).transpose()?;
@@ -565,16 +585,8 @@ mod imp {
         if n == 0 {
             return Ok(());
         }
-        let args = [
-            Arg(device_address(&y)?),
-            opt_addr(&bias)?,
-            opt_addr(&z)?,
-            Arg(dst),
-            Arg::i64(n as i64),
-            Arg::i32(cols as i32),
-        ];
-        let (grid, block) = elementwise_grid(n);
-        launch(y.device(), MODULE, ptx, &name, grid, block, &args)
+        let addrs = [device_address(&y)?, opt_addr(&bias)?.0, opt_addr(&z)?.0, dst];
+        epilogue_launch(suffix, addrs, n, cols).run(y.device(), MODULE, ptx)
     }
 
     pub fn linear_epilogue(y: &Tensor, bias: Option<&Tensor>, z: Option<&Tensor>) -> Result<Tensor> {

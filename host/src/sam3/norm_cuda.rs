@@ -245,7 +245,7 @@ pub fn prepare() {
 mod imp {
     use super::layer_launch;
     use super::{group_backward_launches, group_forward_launches, kernel_dtype, GroupDims, SOURCE};
-    use crate::cuda_kernels::{device_address, launch, uninit, Launch, PRELUDE};
+    use crate::cuda_kernels::{device_address, uninit, Launch, PRELUDE};
     use candle_core::{DType, Result, Tensor};
 
     const MODULE: &str = "lorahost_layer_norm";
@@ -286,7 +286,7 @@ mod imp {
         if rows > 0 {
             let addrs = [device_address(x)?, device_address(a)?, device_address(b)?, device_address(&out)?];
             let l = layer_launch(&format!("{kernel}_{suffix}"), rows, c, addrs, eps);
-            launch(x.device(), MODULE, ptx, &l.name, l.grid, l.block, &l.args)?;
+            l.run(x.device(), MODULE, ptx)?;
         }
         Ok(out)
     }
@@ -322,7 +322,7 @@ mod imp {
     fn run_all(device: &candle_core::Device, launches: &[Launch]) -> Result<()> {
         let Some(ptx) = ptx() else { candle_core::bail!("GroupNorm kernels: not compiled") };
         for l in launches {
-            launch(device, MODULE, ptx, &l.name, l.grid, l.block, &l.args)?;
+            l.run(device, MODULE, ptx)?;
         }
         Ok(())
     }

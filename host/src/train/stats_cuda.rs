@@ -115,7 +115,7 @@ pub fn prepare() {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{blocks_per_tensor, combine, launch_plan, SOURCE};
-    use crate::cuda_kernels::{device_address, launch, uninit, PRELUDE};
+    use crate::cuda_kernels::{device_address, uninit, PRELUDE};
     use candle_core::{DType, Tensor};
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -165,7 +165,7 @@ mod imp {
         let l = launch_plan(device_address(&table)?, all.len(), max_n, device_address(&part)?);
         // The table lists live contiguous f32 tensors (checked above) of the counts given; the
         // partials buffer holds count · blocks · 3 values.
-        launch(&device, "lorahost_grad_stats", ptx, &l.name, l.grid, l.block, &l.args)?;
+        l.run(&device, "lorahost_grad_stats", ptx)?;
         let out = combine(&part.to_vec1::<f32>()?, blocks, &owner, groups.len());
         if !CHECKED.swap(true, Ordering::Relaxed) {
             if let Some(why) = disagreement(groups, &out)? {
