@@ -4,8 +4,8 @@
 //!
 //! candle's strided copy computes every element's source offset with a 64-bit division and
 //! remainder per dimension (six of each for the window partition's 6-D view); this kernel
-//! computes one offset per row (a row is the contiguous last dimension, 1024 elements in the
-//! ViT) and copies the row in 16-byte units where alignment allows: a memory-bound copy.
+//! computes one offset per row (a row is the longest contiguous run: in the ViT one window row,
+//! 24 tokens × 1024 channels) and copies the row in 16-byte units where alignment allows: a memory-bound copy.
 //! Untracked tensors only (inside the training ops and their backward); anything else takes
 //! candle's `contiguous`. The launch plan ([`launch_plan`]) is a plain function, run as it is by
 //! the CPU emulation test (`host/tests/cuda_emu.rs`). `LORAHOST_FUSED_OPS=0` switches it off
