@@ -10,7 +10,8 @@
 # bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl), PyTorch eager b2, bf16
 # demo training, then b8 --ckpt, b4, b8, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
 # a step that would not fit is cut short or skipped, so the results always come back. NO_AB=1
-# skips the A/B runs (flash attention off; all of lorahost's own kernels off).
+# skips the A/B runs (flash attention off; ViT blocks op by op; all of lorahost's own kernels and
+# ops off).
 set -u
 T0=$(date +%s)
 # The device returns at most 8 files from $OUT: everything is written to a work folder and
@@ -86,7 +87,10 @@ step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 -
 # elementwise) off: candle's composed operations.
 [ -z "${NO_AB:-}" ] && step 100 "bench lorahost b2 no flash" env LORAHOST_FLASH=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_noflash.jsonl"
-[ -z "${NO_AB:-}" ] && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 \
+# The ViT blocks recorded op by op (candle's autograd between the layers) instead of as one op.
+[ -z "${NO_AB:-}" ] && step 80 "bench lorahost b2 block ops" env LORAHOST_VIT_BLOCK_OP=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_blockops.jsonl"
+[ -z "${NO_AB:-}" ] && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_composed.jsonl"
 
 # 3. A short GPU training run on the synthetic data: the loss must fall. The demo without its
@@ -114,7 +118,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_noflash.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1
@@ -136,7 +140,7 @@ for line in open(sys.argv[1]):
 EOF
   done
 } > "$FINAL/summary.txt"
-for f in bench.jsonl bench_noflash.jsonl bench_composed.jsonl demo_metrics.jsonl; do
+for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_composed.jsonl demo_metrics.jsonl; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/$f"
 done
 cat "$FINAL/summary.txt" | grep -v "^{" | tail -60

@@ -1,6 +1,8 @@
 //! `lorahost selftest`: the training ops lorahost writes itself (lean attention, the adapted
-//! linear, the frozen 3×3 convolution and norms), run on the chosen device and dtype and compared, forward and every
-//! input gradient, with the composed candle computation in f64 on the CPU. It answers "is this
+//! linear, the frozen 3×3 convolution and norms, the ViT block as one op), run on the chosen
+//! device and dtype and compared, forward and every input gradient, with the composed candle
+//! computation in f64 on the CPU (the ViT block in half precision: with the op-by-op block in
+//! the same dtype on the device). It answers "is this
 //! GPU build computing the right gradients" in seconds, before a long run trusts it; the unit
 //! tests cover the same ops on the CPU only.
 
@@ -310,6 +312,12 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         let name = if groups == 3 { "group norm".to_string() } else { format!("group norm {dims:?}") };
         checks.push(compare(&name, &inputs, dtype, reference, op)?);
     }
+    // The ViT block as one op (hand-written backward) against the op-by-op block in f64 on the
+    // CPU: a padded window block and a global one (checkpointed), head dimension 64 (on CUDA
+    // in bf16 the flash kernels), every adapter's factors differentiated.
+    for (ws, checkpoint) in [(4usize, false), (0, true)] {
+        checks.push(vit_block_check(device, dtype, ws, checkpoint)?);
+    }
     if dtype == DType::F32 {
         checks.push(adamw_check(device)?);
         if device.is_cuda() {
@@ -320,6 +328,150 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         checks.push(fused_elementwise_check(device, dtype)?);
     }
     Ok(checks)
+}
+
+/// The names of a ViT block's adapter factors, in the order of its linears.
+const BLOCK_FACTORS: [&str; 12] = [
+    "q_proj A", "q_proj B", "k_proj A", "k_proj B", "v_proj A", "v_proj B", "o_proj A", "o_proj B", "fc1 A",
+    "fc1 B", "fc2 A", "fc2 B",
+];
+
+/// [`crate::sam3::vit_block`] on `device` in `dtype` (window size `ws`, 0 = global) against
+/// the op-by-op [`ViTLayer::forward`] (in f64 on the CPU; in bf16 on the device), same weights,
+/// no dropout.
+///
+/// [`ViTLayer::forward`]: crate::sam3::vision::ViTLayer::forward
+fn vit_block_check(device: &Device, dtype: DType, ws: usize, checkpoint: bool) -> Result<Check> {
+    use crate::sam3::config::VitConfig;
+    use crate::sam3::vision::ViTLayer;
+    use crate::sam3::visit::VisitLinears;
+    let (c, mlp, heads, grid) = (128usize, 96usize, 2usize, 6usize);
+    let cfg = VitConfig {
+        hidden_size: c,
+        intermediate_size: mlp,
+        num_hidden_layers: 1,
+        num_attention_heads: heads,
+        num_channels: 3,
+        image_size: grid * 4,
+        patch_size: 4,
+        hidden_act: "gelu".into(),
+        layer_norm_eps: 1e-6,
+        window_size: 4,
+        global_attn_indexes: vec![],
+        pretrain_image_size: 12,
+        rope_theta: None,
+        rope_parameters: None,
+        layer_scale_init_value: None,
+    };
+    // Frozen weights: uniform draws scaled and shifted in f64, rounded to `dtype` once, the
+    // reference reading the rounded values.
+    let mut reference = std::collections::HashMap::new();
+    let mut on_device = std::collections::HashMap::new();
+    let mut seed = 200;
+    let mut weight = |name: String, shape: &[usize], scale: f64, shift: f64| -> Result<()> {
+        seed += 1;
+        let u = Input::new("w", shape, &Device::Cpu, DType::F64, seed)?.reference.as_tensor().detach();
+        let v = ((u * scale)? + shift)?.to_dtype(dtype)?;
+        reference.insert(name.clone(), v.to_dtype(DType::F64)?);
+        on_device.insert(name, v.to_device(device)?);
+        Ok(())
+    };
+    for ln in ["layer_norm1", "layer_norm2"] {
+        weight(format!("{ln}.weight"), &[c], 0.25, 1.0)?;
+        weight(format!("{ln}.bias"), &[c], 0.25, 0.0)?;
+    }
+    for (name, o, i) in [
+        ("attention.q_proj", c, c),
+        ("attention.k_proj", c, c),
+        ("attention.v_proj", c, c),
+        ("attention.o_proj", c, c),
+    ]
+    .into_iter()
+    .chain([("mlp.fc1", mlp, c), ("mlp.fc2", c, mlp)])
+    {
+        weight(format!("{name}.weight"), &[o, i], 0.125, 0.0)?;
+        weight(format!("{name}.bias"), &[o], 0.125, 0.0)?;
+    }
+    use candle_nn::VarBuilder;
+    let layer_ref = ViTLayer::load(
+        VarBuilder::from_tensors(reference, DType::F64, &Device::Cpu),
+        &cfg,
+        ws,
+        &Device::Cpu,
+    )?;
+    let layer_dev = ViTLayer::load(VarBuilder::from_tensors(on_device, dtype, device), &cfg, ws, device)?;
+    // Inputs: x and every adapter's factors (rank 4, f32 on the device).
+    let mut inputs = vec![Input::new("x", &[2, grid, grid, c], device, dtype, 300)?];
+    let mut linears = Vec::new();
+    layer_ref.clone().visit_linears(&mut |lin| linears.push((lin.in_dim(), lin.out_dim())));
+    for (i, (din, dout)) in linears.iter().enumerate() {
+        inputs.push(Input::new(BLOCK_FACTORS[2 * i], &[4, *din], device, DType::F32, 310 + 2 * i as u64)?);
+        inputs.push(Input::new(
+            BLOCK_FACTORS[2 * i + 1],
+            &[*dout, 4],
+            device,
+            DType::F32,
+            311 + 2 * i as u64,
+        )?);
+    }
+    let adapted = |layer: &ViTLayer, t: &[Tensor]| -> candle_core::Result<ViTLayer> {
+        let mut layer = layer.clone();
+        let mut i = 1;
+        let mut failure = None;
+        layer.visit_linears(&mut |lin| {
+            match (Var::from_tensor(&t[i]), Var::from_tensor(&t[i + 1])) {
+                (Ok(a), Ok(b)) => {
+                    let training = Arc::new(AtomicBool::new(true));
+                    lin.lora = Some(LoraAdapter { a, b, scale: 0.25, dropout: 0.0, training });
+                }
+                (Err(e), _) | (_, Err(e)) => failure = Some(e),
+            }
+            i += 2;
+        });
+        failure.map_or(Ok(layer), Err)
+    };
+    let op = |t: &[Tensor]| {
+        let layer = adapted(&layer_dev, t)?;
+        if !crate::sam3::vit_block::serves(&layer, &t[0]) {
+            candle_core::bail!("the ViT block op does not serve this block");
+        }
+        crate::sam3::vit_block::forward(&layer, &t[0], checkpoint)
+    };
+    let kind = if ws > 0 { "window 4, padded" } else { "global" };
+    let name = format!("vit block op ({kind}{})", if checkpoint { ", checkpointed" } else { "" });
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        let reference = |t: &[Tensor]| {
+            let layer = adapted(&layer_ref, t)?;
+            crate::rng::keyed(&Device::Cpu, || layer.forward(&t[0]))
+        };
+        return compare(&name, &inputs, dtype, reference, op);
+    }
+    // In bf16 a whole block's rounding (about ten roundings deep) exceeds the per-op tolerance:
+    // there the reference is the op-by-op block on the device in the same dtype (each op of
+    // which the checks above hold against f64). What this asks is whether the op chains the
+    // layers' forward and backward as the graph does.
+    let name = format!("{name} vs op by op");
+    let t: Vec<Tensor> = inputs.iter().map(|i| i.device.as_tensor().clone()).collect();
+    let per_op = |t: &[Tensor]| {
+        let layer = adapted(&layer_dev, t)?;
+        crate::rng::keyed(device, || layer.forward(&t[0]))
+    };
+    let want = per_op(&t).with_context(|| format!("{name}: op by op"))?;
+    let got = op(&t).with_context(|| format!("{name}: the op"))?;
+    let target = Input::new("target", want.dims(), device, DType::F32, 99)?.device.as_tensor().detach();
+    let backward = |y: &Tensor| (y.to_dtype(DType::F32)? * &target)?.sum_all()?.backward();
+    let (gw, gg) = (backward(&want)?, backward(&got)?);
+    let as_f64 = |x: &Tensor| x.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+    let forward = rel(&as_f64(&want)?, &got)?;
+    let mut grads = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let (w, g) = (gw.get(&t[i]), gg.get(&t[i]));
+        let (Some(w), Some(g)) = (w, g) else { anyhow::bail!("{name}: no gradient of {}", input.name) };
+        grads.push((input.name.to_string(), rel(&as_f64(w)?, g)?));
+    }
+    let tolerance = tolerance(dtype);
+    let ok = forward <= tolerance && grads.iter().all(|g| g.1 <= tolerance);
+    Ok(Check { name, forward, grads, tolerance, ok })
 }
 
 /// The fused elementwise kernels of the adapted linears (GPU only): every activation with a
@@ -514,7 +666,8 @@ mod tests {
     #[test]
     fn cpu_f32_ops_match_the_f64_reference() -> Result<()> {
         let checks = run(&Device::Cpu, DType::F32)?;
-        assert_eq!(checks.len(), 15);
+        assert_eq!(checks.len(), 17);
+        assert!(checks.iter().any(|c| c.name == "vit block op (window 4, padded)"));
         assert!(checks.iter().any(|c| c.name == "attention d64 80x72 (chunked)"));
         assert!(checks.iter().any(|c| c.name == "conv 3x3"));
         assert!(checks.iter().any(|c| c.name == "group norm [1, 4, 61, 67]"));

@@ -31,7 +31,7 @@ pub const CUDA_CHUNK_ELEMENTS: usize = 128 << 20;
 
 /// The computation: scale, optional constant bias (broadcastable to (B, H, Nq, Nk)), chunk bound
 /// and the dtype the score chunks are normalised in.
-struct Lean {
+pub(crate) struct Lean {
     scale: f64,
     bias: Option<Tensor>,
     chunk_elements: usize,
@@ -140,7 +140,10 @@ impl CustomOp3 for LeanAttention {
         out: &Tensor,
         d_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        crate::profile::inner(|| profile_label("backward", q, k), || self.backward(q, k, v, out, d_out))
+        crate::profile::inner(
+            || profile_label("backward", q, k),
+            || self.lean.backward(self.tokens_major, q, k, v, out, d_out),
+        )
     }
 }
 
@@ -153,14 +156,24 @@ fn profile_label(pass: &str, q: &Tensor, k: &Tensor) -> String {
 /// The gradients of q, k and v.
 type QkvGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
-impl LeanAttention {
-    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, d_out: &Tensor) -> Result<QkvGrads> {
+impl Lean {
+    /// The gradients of q, k and v from the forward's output `out` and its gradient `d_out`
+    /// (both laid out (B, Nq, H, Dh) when `tokens_major`).
+    fn backward(
+        &self,
+        tokens_major: bool,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        d_out: &Tensor,
+    ) -> Result<QkvGrads> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (dt, a, pd) = (q.dtype(), acc(&q), self.lean.probs);
+        let (dt, a, pd) = (q.dtype(), acc(&q), self.probs);
         let nq = q.dim(2)?;
-        let lean = &self.lean;
+        let lean = self;
         let rows = lean.rows(&q, &k)?;
-        let (out, d_out) = if self.tokens_major {
+        let (out, d_out) = if tokens_major {
             (out.transpose(1, 2)?, d_out.transpose(1, 2)?)
         } else {
             (out.clone(), d_out.clone())
@@ -260,23 +273,89 @@ impl CustomOp3 for FlashAttention {
     precomputed_kernels!(_q, _k, _v);
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, d_out: &Tensor) -> Result<QkvGrads> {
-        crate::profile::inner(
-            || profile_label("backward (flash)", q, k),
-            || {
-                let (q, k, v) = (q.detach(), k.detach(), v.detach());
-                let (dq, dk, dv) = super::flash_cuda::backward(
-                    &q,
-                    &k,
-                    &v,
-                    out,
-                    d_out,
-                    &self.lse,
-                    self.scale,
-                    self.tokens_major,
-                )?;
-                Ok((Some(dq), Some(dk), Some(dv)))
-            },
-        )
+        flash_backward(q, k, v, out, d_out, &self.lse, self.scale, self.tokens_major)
+    }
+}
+
+/// The flash kernels' backward (see [`super::flash_cuda::backward`]), profiled.
+#[allow(clippy::too_many_arguments)]
+fn flash_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    d_out: &Tensor,
+    lse: &Tensor,
+    scale: f64,
+    tokens_major: bool,
+) -> Result<QkvGrads> {
+    crate::profile::inner(
+        || profile_label("backward (flash)", q, k),
+        || {
+            let (q, k, v) = (q.detach(), k.detach(), v.detach());
+            let (dq, dk, dv) = super::flash_cuda::backward(&q, &k, &v, out, d_out, lse, scale, tokens_major)?;
+            Ok((Some(dq), Some(dk), Some(dv)))
+        },
+    )
+}
+
+/// Attention without a bias as a forward and a backward function, for ops that chain it with
+/// other layers under a hand-written backward ([`super::vit_block`]): the flash kernels where
+/// they serve, else the chunked computation; the same values as [`attention_tokens`]'s op.
+///
+/// [`attention_tokens`]: super::nn::attention_tokens
+pub(crate) enum AttentionStep {
+    /// The flash kernels' log-sum-exp per query row.
+    Flash { lse: Tensor, scale: f64, tokens_major: bool },
+    /// The chunked computation.
+    Lean { lean: Lean, tokens_major: bool },
+}
+
+impl AttentionStep {
+    /// `softmax(q kᵀ · scale) v` of untracked (B, H, N, Dh) operands (laid out (B, Nq, H, Dh),
+    /// contiguous, when `tokens_major`) and what its backward needs.
+    pub(crate) fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        tokens_major: bool,
+    ) -> Result<(Tensor, AttentionStep)> {
+        let label = || profile_label("forward", q, k);
+        if super::flash_cuda::serves(q, k, v) {
+            let (o, lse) =
+                crate::profile::inner(label, || super::flash_cuda::forward(q, k, v, scale, tokens_major))?;
+            return Ok((o, AttentionStep::Flash { lse, scale, tokens_major }));
+        }
+        let chunk = if q.device().is_cuda() { CUDA_CHUNK_ELEMENTS } else { CHUNK_ELEMENTS };
+        let lean = Lean { scale, bias: None, chunk_elements: chunk, probs: probs_dtype(q) };
+        let o = crate::profile::inner(label, || lean.forward(q, k, v))?;
+        let o = if tokens_major { o.transpose(1, 2)?.contiguous()? } else { o };
+        Ok((o, AttentionStep::Lean { lean, tokens_major }))
+    }
+
+    /// The gradients of q, k and v from the forward's output `out` and its gradient `d_out`.
+    pub(crate) fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        d_out: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dq, dk, dv) = match self {
+            AttentionStep::Flash { lse, scale, tokens_major } => {
+                flash_backward(q, k, v, out, d_out, lse, *scale, *tokens_major)?
+            }
+            AttentionStep::Lean { lean, tokens_major } => crate::profile::inner(
+                || profile_label("backward", q, k),
+                || lean.backward(*tokens_major, q, k, v, out, d_out),
+            )?,
+        };
+        match (dq, dk, dv) {
+            (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+            _ => candle_core::bail!("attention backward: a gradient is missing"),
+        }
     }
 }
 

@@ -49,15 +49,29 @@ impl AdapterPart {
     }
 }
 
-/// `act(x)·Wᵀ + b [+ adapter]` with `W` and `b` frozen.
-struct FrozenLinear {
+/// `act(x)·Wᵀ + b [+ adapter]` with `W` and `b` frozen: what the forward computed with and what
+/// the backward needs.
+struct LinearCore {
     /// (out, in), in the dtype of `x`.
     w: Tensor,
     /// The output's layout map, if any.
     map: Option<OutputMap>,
     act: Option<Activation>,
     adapter: Option<AdapterPart>,
+}
+
+/// The recorded op: a [`LinearCore`] and its precomputed output.
+struct FrozenLinear {
+    core: LinearCore,
     out: Precomputed,
+}
+
+/// Which gradients a backward computes: the input's, `A`'s, `B`'s.
+#[derive(Clone, Copy)]
+struct Needs {
+    dx: bool,
+    da: bool,
+    db: bool,
 }
 
 /// act'(x) in the accumulation dtype.
@@ -204,15 +218,17 @@ impl AdapterPart {
     }
 }
 
-impl FrozenLinear {
-    /// Gradients for (x, A, B); `ab` is `None` without an adapter.
+impl LinearCore {
+    /// Gradients for (x, A, B) as `needs` asks (each in its operand's dtype); `ab` is `None`
+    /// without an adapter.
     fn backward(
         &self,
         x: &Tensor,
         ab: Option<(&Tensor, &Tensor)>,
         dy: &Tensor,
+        needs: Needs,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let x_tracked = x.track_op();
+        let x_tracked = needs.dx;
         let x = x.detach();
         let dt = x.dtype();
         let dy = match &self.map {
@@ -221,23 +237,23 @@ impl FrozenLinear {
         };
         let dy = dy.to_dtype(dt)?.contiguous()?;
         if super::fused_cuda::serves(&x) {
-            return self.backward_fused(&x, x_tracked, ab, &dy);
+            return self.backward_fused(&x, needs, ab, &dy);
         }
         let mut dxa = if x_tracked { Some(dy.matmul(&self.w)?) } else { None };
         let (mut da, mut db) = (None, None);
         if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
             let (ad, sb) = part.factors_in(&a.detach(), &b.detach(), dt)?;
             let g = dy.matmul(&sb)?; // (n, r)
-            if a.track_op() || b.track_op() {
+            if needs.da || needs.db {
                 let xa = match self.act {
                     Some(act) => act.apply(&x)?,
                     None => x.clone(),
                 };
                 let xm = part.dropped(&xa)?;
-                if a.track_op() {
+                if needs.da {
                     da = Some(g.t()?.matmul(&xm)?.to_dtype(a.dtype())?);
                 }
-                if b.track_op() {
+                if needs.db {
                     let h = xm.matmul(&ad.t()?)?;
                     db = Some((dy.t()?.matmul(&h)? * part.scale)?.to_dtype(b.dtype())?);
                 }
@@ -260,22 +276,23 @@ impl FrozenLinear {
     fn backward_fused(
         &self,
         x: &Tensor,
-        x_tracked: bool,
+        needs: Needs,
         ab: Option<(&Tensor, &Tensor)>,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let x_tracked = needs.dx;
         let dt = x.dtype();
         let (mut da, mut db, mut ga) = (None, None, None);
         let (mask, p) = self.adapter.as_ref().map_or((None, 0.0), |part| (part.mask.as_ref(), part.p));
         if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
             let (ad, sb) = part.factors_in(&a.detach(), &b.detach(), dt)?;
             let g = dy.matmul(&sb)?; // (n, r)
-            if a.track_op() || b.track_op() {
+            if needs.da || needs.db {
                 let xm = super::fused_cuda::adapter_input(x, self.act, mask, p)?;
-                if a.track_op() {
+                if needs.da {
                     da = Some(g.t()?.matmul(&xm)?.to_dtype(a.dtype())?);
                 }
-                if b.track_op() {
+                if needs.db {
                     let h = xm.matmul(&ad.t()?)?;
                     db = Some((dy.t()?.matmul(&h)? * part.scale)?.to_dtype(b.dtype())?);
                 }
@@ -308,8 +325,9 @@ impl CustomOp1 for FrozenLinear {
     precomputed_kernels!(_x);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let label = || profile_label("backward", x, &self.w, false);
-        Ok(crate::profile::inner(label, || self.backward(x, None, dy))?.0)
+        let label = || profile_label("backward", x, &self.core.w, false);
+        let needs = Needs { dx: x.track_op(), da: false, db: false };
+        Ok(crate::profile::inner(label, || self.core.backward(x, None, dy, needs))?.0)
     }
 }
 
@@ -328,8 +346,9 @@ impl CustomOp3 for FrozenLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let label = || profile_label("backward", x, &self.w, true);
-        crate::profile::inner(label, || self.backward(x, Some((a, b)), dy))
+        let label = || profile_label("backward", x, &self.core.w, true);
+        let needs = Needs { dx: x.track_op(), da: a.track_op(), db: b.track_op() };
+        crate::profile::inner(label, || self.core.backward(x, Some((a, b)), dy, needs))
     }
 }
 
@@ -439,10 +458,89 @@ pub fn frozen_linear(
     let map = map.cloned();
     match adapter {
         Some((part, a, b)) => {
-            let op = FrozenLinear { w, map, act, adapter: Some(part), out };
+            let op = FrozenLinear { core: LinearCore { w, map, act, adapter: Some(part) }, out };
             x.apply_op3(&a, &b, op)
         }
-        None => x.apply_op1(FrozenLinear { w, map, act, adapter: None, out }),
+        None => x.apply_op1(FrozenLinear { core: LinearCore { w, map, act, adapter: None }, out }),
+    }
+}
+
+/// One adapted (or plain) frozen linear layer as a forward and a backward function, for ops that
+/// chain several layers with a hand-written backward ([`super::vit_block`]): the same values as
+/// [`frozen_linear`]'s op, without recording anything.
+pub(crate) struct LinearStep {
+    core: LinearCore,
+    bias: Option<Tensor>,
+    /// The trainable factors (A, B) the adapter's gradients belong to.
+    factors: Option<(candle_core::Var, candle_core::Var)>,
+}
+
+impl LinearStep {
+    /// `lin` applied as `act(x)·Wᵀ + b + adapter`, written through `map`, to inputs of `shape`
+    /// (rows, in) in `dt`: draws the adapter's dropout mask now (the draw [`frozen_linear`] makes
+    /// at this point of a forward) and converts the factors once for the forward and backward.
+    pub(crate) fn new(
+        lin: &super::nn::Linear,
+        act: Option<Activation>,
+        map: Option<OutputMap>,
+        shape: &Shape,
+        dt: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let (adapter, factors) = match &lin.lora {
+            Some(l) => {
+                let mask = l.keep_mask(shape, device)?;
+                let mut part = AdapterPart { mask, p: l.dropout, scale: l.scale, prepared: None };
+                part.prepared =
+                    Some(part.factors_in(&l.a.as_detached_tensor(), &l.b.as_detached_tensor(), dt)?);
+                (Some(part), Some((l.a.clone(), l.b.clone())))
+            }
+            None => (None, None),
+        };
+        let w = lin.weight.detach().to_dtype(dt)?;
+        let bias = lin.bias.as_ref().map(|b| b.detach().to_dtype(dt)).transpose()?;
+        Ok(Self { core: LinearCore { w, map, act, adapter }, bias, factors })
+    }
+
+    /// The output for a 2-D input `x` (untracked), mapped, in `x`'s dtype.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.core;
+        let label = || profile_label("forward", x, &c.w, c.adapter.is_some());
+        crate::profile::inner(label, || {
+            let adapter = match (&c.adapter, &self.factors) {
+                (Some(part), Some((a, b))) => Some((part, a.as_detached_tensor(), b.as_detached_tensor())),
+                _ => None,
+            };
+            let y = parts(x, &c.w, self.bias.as_ref(), c.act, adapter.as_ref().map(|(p, a, b)| (*p, a, b)))?
+                .tensor()?;
+            match &c.map {
+                Some(m) => (m.forward)(&y)?.to_dtype(x.dtype()),
+                None => Ok(y),
+            }
+        })
+    }
+
+    /// The input's gradient (when `need_dx`) for the mapped output's gradient `dy`, given the
+    /// forward's input `x`; the adapter's gradients (f32, as its factors) go to `grads`.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        grads: &mut Vec<(candle_core::Var, Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        let c = &self.core;
+        let label = || profile_label("backward", x, &c.w, c.adapter.is_some());
+        crate::profile::inner(label, || {
+            let ab = self.factors.as_ref().map(|(a, b)| (a.as_detached_tensor(), b.as_detached_tensor()));
+            let needs = Needs { dx: need_dx, da: ab.is_some(), db: ab.is_some() };
+            let (dx, da, db) = c.backward(x, ab.as_ref().map(|(a, b)| (a, b)), dy, needs)?;
+            if let (Some((a, b)), Some(da), Some(db)) = (&self.factors, da, db) {
+                grads.push((a.clone(), da));
+                grads.push((b.clone(), db));
+            }
+            Ok(dx)
+        })
     }
 }
 

@@ -27,4 +27,5 @@ pub mod text;
 pub mod tokenizer;
 pub mod vision;
 pub mod visit;
+pub mod vit_block;
 pub mod weights;

@@ -222,8 +222,7 @@ impl Sam3Model {
     /// Turn activation checkpointing of the ViT blocks on or off: on, each block keeps only
     /// its input for backward and is recomputed there (about one extra ViT forward per step).
     pub fn set_activation_checkpointing(&mut self, on: bool) -> Result<()> {
-        let anchor = if on { Some(candle_core::Var::zeros(1, DType::F32, self.device())?) } else { None };
-        self.vision.backbone.checkpoint = anchor;
+        self.vision.backbone.checkpoint = on;
         Ok(())
     }
 

@@ -165,54 +165,77 @@ impl CustomOp1 for FusedNorm {
             Some(m) => (m.backward)(dy)?,
             None => dy.clone(),
         };
-        match self.groups {
-            None if super::norm_cuda::serves(x) => {
-                return crate::profile::inner(
-                    || format!("layer norm backward {:?}", x.dims()),
-                    || super::norm_cuda::backward(x, &dy, &self.weight, self.eps),
-                )
-                .map(Some);
-            }
-            Some(g) if super::norm_cuda::serves_groups(x, g) => {
-                return crate::profile::inner(
-                    || format!("group norm backward {:?}", x.dims()),
-                    || super::norm_cuda::group_backward(x, &dy, &self.weight, g, self.eps),
-                )
-                .map(Some);
-            }
-            _ => {}
-        }
-        let label = || {
-            format!(
-                "{} backward (composed) {:?}",
-                if self.groups.is_some() { "group norm" } else { "layer norm" },
-                x.dims()
-            )
-        };
-        crate::profile::inner(label, || self.composed_backward(x, &dy))
+        norm_input_grad(x, &dy, &self.weight, self.groups, self.eps).map(Some)
     }
 }
 
-impl FusedNorm {
-    /// The input gradient, composed in f32.
-    fn composed_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
-        let gw = dy.to_dtype(DType::F32)?.broadcast_mul(&self.weight)?;
-        let (x32, gw) = match self.groups {
-            Some(g) => {
-                let b = x.dim(0)?;
-                (x32.reshape((b, g, ()))?, gw.reshape((b, g, ()))?)
-            }
-            None => (x32, gw),
-        };
-        let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
-        let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        let xhat = xc.broadcast_mul(&rstd)?;
-        let m1 = gw.mean_keepdim(D::Minus1)?;
-        let m2 = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
-        let dx = gw.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
-        Ok(Some(dx.reshape(x.dims())?.to_dtype(x.dtype())?))
+/// The input gradient of a LayerNorm (`groups` None) or GroupNorm with the f32 scale `weight`
+/// (shaped to broadcast against `x`) for the output gradient `dy`: the CUDA kernels where they
+/// serve, else composed in f32.
+fn norm_input_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    groups: Option<usize>,
+    eps: f64,
+) -> Result<Tensor> {
+    match groups {
+        None if super::norm_cuda::serves(x) => {
+            return crate::profile::inner(
+                || format!("layer norm backward {:?}", x.dims()),
+                || super::norm_cuda::backward(x, dy, weight, eps),
+            );
+        }
+        Some(g) if super::norm_cuda::serves_groups(x, g) => {
+            return crate::profile::inner(
+                || format!("group norm backward {:?}", x.dims()),
+                || super::norm_cuda::group_backward(x, dy, weight, g, eps),
+            );
+        }
+        _ => {}
     }
+    let label = || {
+        format!(
+            "{} backward (composed) {:?}",
+            if groups.is_some() { "group norm" } else { "layer norm" },
+            x.dims()
+        )
+    };
+    crate::profile::inner(label, || composed_norm_backward(x, dy, weight, groups, eps))
+}
+
+/// The input gradient of `LayerNorm(x)` over the last dimension with the frozen scale `weight`
+/// for the output gradient `dy` (x's shape), in x's dtype: what the fused LayerNorm op's
+/// backward computes, for ops with a hand-written backward ([`super::vit_block`]).
+pub(crate) fn layer_norm_input_grad(x: &Tensor, dy: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let weight = weight.detach().to_dtype(DType::F32)?;
+    norm_input_grad(&x.detach(), dy, &weight, None, eps)
+}
+
+/// [`norm_input_grad`] composed in f32.
+fn composed_norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    groups: Option<usize>,
+    eps: f64,
+) -> Result<Tensor> {
+    let x32 = x.detach().to_dtype(DType::F32)?.contiguous()?;
+    let gw = dy.to_dtype(DType::F32)?.broadcast_mul(weight)?;
+    let (x32, gw) = match groups {
+        Some(g) => {
+            let b = x.dim(0)?;
+            (x32.reshape((b, g, ()))?, gw.reshape((b, g, ()))?)
+        }
+        None => (x32, gw),
+    };
+    let xc = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let m1 = gw.mean_keepdim(D::Minus1)?;
+    let m2 = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = gw.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
+    dx.reshape(x.dims())?.to_dtype(x.dtype())
 }
 
 /// LayerNorm over the last dimension, composed, computed in f32 (differentiable everywhere).

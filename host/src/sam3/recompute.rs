@@ -53,6 +53,23 @@ pub fn merge_side_grads(grads: &mut GradStore) -> Result<()> {
     Ok(())
 }
 
+/// Add gradients of trainable weights that an op's backward computed itself to this thread's
+/// side store, which [`merge_side_grads`] empties.
+fn add_side_grads(grads: impl IntoIterator<Item = (Var, Tensor)>) -> Result<()> {
+    SIDE.with(|s| -> Result<()> {
+        let mut s = s.borrow_mut();
+        let side = s.get_or_insert_with(GradStore::default);
+        for (v, g) in grads {
+            let sum = match side.get(v.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            side.insert(v.as_tensor(), sum);
+        }
+        Ok(())
+    })
+}
+
 /// Drop side gradients left by an aborted backward.
 pub fn clear_side_grads() {
     SIDE.with(|s| s.borrow_mut().take());
@@ -87,20 +104,7 @@ impl CustomOp2 for Recompute {
         let xv = Var::from_tensor(&x.detach())?;
         let y = crate::rng::with_substream(self.key, x.device(), || (self.f)(xv.as_tensor()))?;
         let gs = (y * grad.detach())?.sum_all()?.backward()?;
-        SIDE.with(|s| -> Result<()> {
-            let mut s = s.borrow_mut();
-            let side = s.get_or_insert_with(GradStore::default);
-            for v in &self.vars {
-                if let Some(g) = gs.get(v.as_tensor()) {
-                    let sum = match side.get(v.as_tensor()) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    side.insert(v.as_tensor(), sum);
-                }
-            }
-            Ok(())
-        })?;
+        add_side_grads(self.vars.iter().filter_map(|v| Some((v.clone(), gs.get(v.as_tensor())?.clone()))))?;
         Ok((gs.get(xv.as_tensor()).cloned(), None))
     }
 }

@@ -200,7 +200,7 @@ fn padded_hw(hw: (usize, usize), ws: usize) -> (usize, usize) {
 }
 
 /// LayerNorm output (B, H, W, C) → windows (B·nW, ws², C): [`window_partition`] as an output map.
-fn partition_map(ws: usize, hw: (usize, usize)) -> OutputMap {
+pub(crate) fn partition_map(ws: usize, hw: (usize, usize)) -> OutputMap {
     OutputMap {
         forward: Arc::new(move |y: &Tensor| Ok(window_partition(y, ws)?.0)),
         backward: Arc::new(move |dy: &Tensor| window_unpartition(dy, ws, padded_hw(hw, ws), hw)),
@@ -209,7 +209,7 @@ fn partition_map(ws: usize, hw: (usize, usize)) -> OutputMap {
 
 /// Output projection rows (B·nW·ws², C) → the map (B, H, W, C): [`window_unpartition`] as an
 /// output map.
-fn unpartition_map(ws: usize, hw: (usize, usize)) -> OutputMap {
+pub(crate) fn unpartition_map(ws: usize, hw: (usize, usize)) -> OutputMap {
     OutputMap {
         forward: Arc::new(move |y: &Tensor| {
             let c = y.dim(1)?;
@@ -430,8 +430,13 @@ pub struct ViTModel {
     pub layer_norm: LayerNorm,
     /// `layers.{i}`.
     pub layers: Vec<ViTLayer>,
-    /// Activation checkpointing of every block (recomputed in backward), with the op's anchor.
-    pub checkpoint: Option<candle_core::Var>,
+    /// Activation checkpointing of every block (recomputed in backward).
+    pub checkpoint: bool,
+    /// A one-element trainable stand-in on the model's device that records a checkpointed
+    /// block on a training graph even when its input is untracked (the first block follows the
+    /// frozen patch embedding; only where the ViT block op is off, see [`super::vit_block`]);
+    /// it never gets a gradient.
+    pub anchor: candle_core::Var,
 }
 
 impl ViTModel {
@@ -448,7 +453,8 @@ impl ViTModel {
             embeddings: ViTEmbeddings::load(vb.pp("embeddings"), cfg)?,
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             layers,
-            checkpoint: None,
+            checkpoint: false,
+            anchor: candle_core::Var::zeros(1, DType::F32, &device)?,
         })
     }
 
@@ -457,8 +463,12 @@ impl ViTModel {
     pub fn forward_spatial(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut x = self.layer_norm.forward(&self.embeddings.forward(pixel_values)?)?;
         for layer in &self.layers {
-            x = match &self.checkpoint {
-                Some(anchor) => {
+            if super::vit_block::enabled() && super::vit_block::serves(layer, &x) {
+                x = super::vit_block::forward(layer, &x, self.checkpoint)?;
+                continue;
+            }
+            x = match self.checkpoint {
+                true => {
                     use super::visit::VisitLinears;
                     let mut block = layer.clone();
                     let mut vars = Vec::new();
@@ -468,11 +478,11 @@ impl ViTModel {
                         }
                     });
                     let f: super::recompute::Block = std::sync::Arc::new(move |x| block.forward(x));
-                    super::recompute::checkpointed(f, vars, anchor, &x)?
+                    super::recompute::checkpointed(f, vars, &self.anchor, &x)?
                 }
                 // Under its own dropout sub-stream, as a checkpointed block runs: the same
                 // masks with and without checkpointing.
-                None => crate::rng::keyed(x.device(), || layer.forward(&x))?,
+                false => crate::rng::keyed(x.device(), || layer.forward(&x))?,
             };
         }
         Ok(x)

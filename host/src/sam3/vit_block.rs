@@ -1,0 +1,542 @@
+//! A ViT block (transformers' `Sam3ViTLayer`) as one recorded op with a hand-written backward.
+//!
+//! Recorded op by op, a block is about a dozen graph nodes, and candle 0.11's backward pays for
+//! every gradient edge between them: it allocates a zero tensor for the edge's target and adds
+//! the incoming gradient to it (`zeros_like` + `add`), about fifteen activation-sized edges per
+//! block (one of them fc1's 4736-wide output) — at batch 2 on SAM3's 5184-token grid ~1.3 GB
+//! of extra memory traffic and ~30 launches per block, 32 blocks per step. Here the block is
+//! one op on (x, anchor): the forward runs the same layers unrecorded ([`LinearStep`],
+//! [`AttentionStep`], the LayerNorm kernels) and keeps what the backward needs; the backward
+//! chains their backward functions by hand and adds each branch's gradient once. The block's
+//! LoRA factors enter the op as one concatenated operand, so their gradients come back through
+//! candle's graph like any other (one small tensor per block).
+//!
+//! Kept for backward: q and k (rotated, heads first), v, the attention output and its
+//! log-sum-exp (flash) or nothing more (the chunked path), the residual sum x + attn(x), fc1's
+//! output, and the dropout masks; the two LayerNorm outputs are recomputed in backward (one
+//! cheap pass each) instead of kept, and everything is released as soon as the block's
+//! backward has run. With checkpointing the forward keeps nothing and the backward reruns it
+//! under the same dropout key first (no graph is recorded either time).
+//!
+//! The values are those of the op-by-op path ([`ViTLayer::forward`]): the same functions in the
+//! same order, the dropout masks drawn in the same order from the same stream; gradients agree
+//! to rounding (a test compares both). `LORAHOST_VIT_BLOCK_OP=0` switches back to the op-by-op
+//! graph (A/B timings).
+
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, Var};
+
+use std::sync::Mutex;
+
+use super::attention::AttentionStep;
+use super::frozen::LinearStep;
+use super::ops::{binary_storage, Binary, OutputMap, Precomputed};
+use super::ops::{
+    layer_norm_composed, layer_norm_composed_mapped, layer_norm_input_grad, precomputed_kernels,
+};
+use super::vision::{partition_map, unpartition_map, ViTLayer};
+
+/// Whether ViT blocks on a training graph run as one op (`LORAHOST_VIT_BLOCK_OP=0`: no).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LORAHOST_VIT_BLOCK_OP").is_ok_and(|v| v == "0"))
+}
+
+/// What the forward keeps for the backward.
+struct Saved {
+    /// q, k: rotated, heads first (B', H, N, D); v: (B', H, N, D) (a view of its rows).
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// The attention output, (B', N, H, D) contiguous, and its record.
+    o: Tensor,
+    attention: AttentionStep,
+    /// x + attention branch, (B, H, W, C).
+    x1: Tensor,
+    /// fc1's output (rows, hidden), before the activation (fc2 applies it).
+    h: Tensor,
+    /// The six layers with their dropout masks and converted factors.
+    q_proj: LinearStep,
+    k_proj: LinearStep,
+    v_proj: LinearStep,
+    o_proj: LinearStep,
+    fc1: LinearStep,
+    fc2: LinearStep,
+}
+
+/// The block's layout: window maps (window blocks) and sequence shapes.
+struct BlockLayout {
+    /// (B, H, W, C) of the block's input.
+    dims: (usize, usize, usize, usize),
+    /// Sequences × tokens per sequence the attention sees (windows, or whole images).
+    seqs: usize,
+    tokens: usize,
+    /// LayerNorm → windows and output projection → map, for a window block.
+    maps: Option<(OutputMap, OutputMap)>,
+}
+
+impl BlockLayout {
+    fn of(layer: &ViTLayer, x: &Tensor) -> Result<Self> {
+        let (b, h, w, c) = x.dims4()?;
+        let ws = layer.window_size;
+        if ws > 0 {
+            let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+            let maps = (partition_map(ws, (h, w)), unpartition_map(ws, (h, w)));
+            return Ok(Self { dims: (b, h, w, c), seqs: b * nh * nw, tokens: ws * ws, maps: Some(maps) });
+        }
+        if h * w != layer.rope.len() {
+            candle_core::bail!(
+                "global ViT block: the input grid {h}×{w} differs from the configured grid ({} tokens); \
+                 the input size must equal vision_config.backbone_config.image_size",
+                layer.rope.len()
+            );
+        }
+        Ok(Self { dims: (b, h, w, c), seqs: b, tokens: h * w, maps: None })
+    }
+
+    /// `layer_norm1(x)` as the attention's input rows (seqs·tokens, C).
+    fn attention_rows(&self, layer: &ViTLayer, x: &Tensor) -> Result<Tensor> {
+        let ln = &layer.layer_norm1;
+        let c = self.dims.3;
+        let t = match &self.maps {
+            Some((partition, _)) => layer_norm_composed_mapped(x, &ln.weight, &ln.bias, ln.eps, partition)?,
+            None => layer_norm_composed(x, &ln.weight, &ln.bias, ln.eps)?,
+        };
+        t.contiguous()?.reshape((self.seqs * self.tokens, c))
+    }
+
+    /// `layer_norm2(x1)` as the MLP's input rows (B·H·W, C).
+    fn mlp_rows(&self, layer: &ViTLayer, x1: &Tensor) -> Result<Tensor> {
+        let ln = &layer.layer_norm2;
+        let (b, h, w, c) = self.dims;
+        layer_norm_composed(x1, &ln.weight, &ln.bias, ln.eps)?.contiguous()?.reshape((b * h * w, c))
+    }
+}
+
+/// The block's forward on an untracked `x` (B, H, W, C): the MLP branch (the output is
+/// `saved.x1` plus it) and what backward needs.
+fn run(layer: &ViTLayer, x: &Tensor) -> Result<(Tensor, Saved)> {
+    let lay = BlockLayout::of(layer, x)?;
+    let (b, hh, ww, c) = lay.dims;
+    let (dt, dev) = (x.dtype(), x.device());
+    let att = &layer.attention;
+    let (heads, d) = (att.num_heads, c / att.num_heads);
+    let rows = lay.attention_rows(layer, x)?;
+    // The layers in the order the op-by-op path draws their dropout masks.
+    let qk_map = layer.rope.heads_first_map(lay.seqs, heads);
+    let q_proj = LinearStep::new(&att.q_proj, None, Some(qk_map.clone()), rows.shape(), dt, dev)?;
+    let q = q_proj.forward(&rows)?;
+    let k_proj = LinearStep::new(&att.k_proj, None, Some(qk_map), rows.shape(), dt, dev)?;
+    let k = k_proj.forward(&rows)?;
+    let v_proj = LinearStep::new(&att.v_proj, None, None, rows.shape(), dt, dev)?;
+    let v = v_proj.forward(&rows)?.reshape((lay.seqs, lay.tokens, heads, d))?.transpose(1, 2)?;
+    drop(rows);
+    let (o, attention) = AttentionStep::forward(&q, &k, &v, 1.0 / (d as f64).sqrt(), true)?;
+    let o_rows = o.reshape((lay.seqs * lay.tokens, c))?;
+    let out_map = lay.maps.as_ref().map(|(_, unpartition)| unpartition.clone());
+    let o_proj = LinearStep::new(&att.o_proj, None, out_map, o_rows.shape(), dt, dev)?;
+    let y1 = o_proj.forward(&o_rows)?.reshape((b, hh, ww, c))?;
+    let x1 = (x + y1)?;
+    let rows2 = lay.mlp_rows(layer, &x1)?;
+    let mlp = &layer.mlp;
+    let fc1 = LinearStep::new(&mlp.fc1, None, None, rows2.shape(), dt, dev)?;
+    let h = fc1.forward(&rows2)?;
+    drop(rows2);
+    let fc2 = LinearStep::new(&mlp.fc2, Some(mlp.act), None, h.shape(), dt, dev)?;
+    let y2 = fc2.forward(&h)?.reshape((b, hh, ww, c))?;
+    let saved = Saved { q, k, v, o, attention, x1, h, q_proj, k_proj, v_proj, o_proj, fc1, fc2 };
+    Ok((y2, saved))
+}
+
+/// The block's backward: dx (when `need_dx`) for the output gradient `dout`, given the
+/// forward's input `x` and what it kept; LoRA gradients go to `grads`.
+fn backward(
+    layer: &ViTLayer,
+    x: &Tensor,
+    s: Saved,
+    dout: &Tensor,
+    need_dx: bool,
+    grads: &mut Vec<(Var, Tensor)>,
+) -> Result<Option<Tensor>> {
+    let lay = BlockLayout::of(layer, x)?;
+    let (b, hh, ww, c) = lay.dims;
+    let dout = dout.to_dtype(x.dtype())?;
+    // out = x1 + fc2(act(fc1(ln2(x1)))).
+    let rows2 = lay.mlp_rows(layer, &s.x1)?;
+    let dy2 = dout.reshape((b * hh * ww, c))?;
+    let dh = s.fc2.backward(&s.h, &dy2, true, grads)?;
+    drop(s.h);
+    let dh = dh.ok_or_else(|| candle_core::Error::Msg("ViT block: fc2 returned no input gradient".into()))?;
+    let drows2 = s.fc1.backward(&rows2, &dh, true, grads)?;
+    drop((dh, rows2));
+    let drows2 =
+        drows2.ok_or_else(|| candle_core::Error::Msg("ViT block: fc1 returned no input gradient".into()))?;
+    let ln2 = &layer.layer_norm2;
+    let dx1 =
+        (&dout + layer_norm_input_grad(&s.x1, &drows2.reshape((b, hh, ww, c))?, &ln2.weight, ln2.eps)?)?;
+    drop((dout, drows2, s.x1));
+    // x1 = x + o_proj(attention(q, k, v)), the projection writing the map (window blocks) or
+    // rows (global ones).
+    let o_rows = s.o.reshape((lay.seqs * lay.tokens, c))?;
+    let dy1 = if lay.maps.is_some() { dx1.clone() } else { dx1.reshape((b * hh * ww, c))? };
+    let do_rows = s.o_proj.backward(&o_rows, &dy1, true, grads)?;
+    drop(dy1);
+    let do_rows = do_rows
+        .ok_or_else(|| candle_core::Error::Msg("ViT block: o_proj returned no input gradient".into()))?;
+    let (heads, d) = (layer.attention.num_heads, c / layer.attention.num_heads);
+    let d_o = do_rows.reshape((lay.seqs, lay.tokens, heads, d))?;
+    let (dq, dk, dv) = s.attention.backward(&s.q, &s.k, &s.v, &s.o, &d_o)?;
+    drop((d_o, do_rows, o_rows, s.o, s.q, s.k, s.v));
+    // q, k, v all read layer_norm1(x) (as windows for a window block).
+    let rows = lay.attention_rows(layer, x)?;
+    let dv_rows = dv.transpose(1, 2)?.contiguous()?.reshape((lay.seqs * lay.tokens, c))?;
+    drop(dv);
+    let mut d_rows = None;
+    for (step, dy) in [(&s.q_proj, dq), (&s.k_proj, dk), (&s.v_proj, dv_rows)] {
+        let g = step.backward(&rows, &dy, need_dx, grads)?;
+        d_rows = match (d_rows, g) {
+            (Some(acc), Some(g)) => Some((acc + g)?),
+            (acc, g) => acc.or(g),
+        };
+    }
+    drop(rows);
+    let Some(d_rows) = d_rows.filter(|_| need_dx) else { return Ok(None) };
+    // Back through the windows (or the sequence view) to layer_norm1's natural output.
+    let d_ln1 = match &lay.maps {
+        Some((partition, _)) => (partition.backward)(&d_rows.reshape((lay.seqs, lay.tokens, c))?)?,
+        None => d_rows.reshape((b, hh, ww, c))?,
+    };
+    let ln1 = &layer.layer_norm1;
+    let dx = (dx1 + layer_norm_input_grad(x, &d_ln1, &ln1.weight, ln1.eps)?)?;
+    Ok(Some(dx))
+}
+
+/// The recorded op: on (x) for a block without adapters, on (x, factors) for one with them,
+/// `factors` being every adapter's A and B flattened and concatenated (so the factors'
+/// gradients flow back through candle's own graph, as one small tensor).
+struct BlockOp {
+    layer: ViTLayer,
+    /// The block's dropout sub-stream key (the recomputation replays it).
+    key: u64,
+    /// The adapter factors in the order of the concatenated operand.
+    factors: Vec<Var>,
+    /// What the forward kept; `None` with checkpointing (or once the backward took it).
+    saved: Mutex<Option<Saved>>,
+    out: Precomputed,
+}
+
+impl BlockOp {
+    /// dx (when x is tracked) and the factors' gradients, concatenated like the operand.
+    fn gradients(&self, x: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let kind = if self.layer.window_size > 0 { "window" } else { "global" };
+        let xd = x.detach();
+        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
+        let saved = match saved {
+            Some(s) => s,
+            None => crate::profile::inner(
+                || format!("vit {kind} block recompute"),
+                || Result::Ok(crate::rng::with_substream(self.key, x.device(), || run(&self.layer, &xd))?.1),
+            )?,
+        };
+        let mut grads = Vec::with_capacity(self.factors.len());
+        let dx = crate::profile::inner(
+            || format!("vit {kind} block backward"),
+            || backward(&self.layer, &xd, saved, &grad.detach(), x.track_op(), &mut grads),
+        )?;
+        if self.factors.is_empty() {
+            return Ok((dx, None));
+        }
+        let flat = self
+            .factors
+            .iter()
+            .map(|v| match grads.iter().find(|(g, _)| g.id() == v.id()) {
+                Some((_, g)) => g.flatten_all(),
+                None => v.as_detached_tensor().zeros_like()?.flatten_all(),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((dx, Some(Tensor::cat(&flat, 0)?)))
+    }
+}
+
+impl candle_core::CustomOp1 for BlockOp {
+    fn name(&self) -> &'static str {
+        "vit-block"
+    }
+
+    precomputed_kernels!(_x);
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.gradients(x, grad)?.0)
+    }
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        "vit-block"
+    }
+
+    precomputed_kernels!(_x, _factors);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _factors: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.gradients(x, grad)
+    }
+}
+
+/// The block's six linears.
+fn linears(layer: &ViTLayer) -> [&super::nn::Linear; 6] {
+    let (att, mlp) = (&layer.attention, &layer.mlp);
+    [&att.q_proj, &att.k_proj, &att.v_proj, &att.o_proj, &mlp.fc1, &mlp.fc2]
+}
+
+/// Whether the op serves `layer` on `x`: the block records a graph (`x` is tracked, or the
+/// block has LoRA factors to train outside [`super::recompute::no_grad`]) and its own weights
+/// are frozen (the op computes no gradient for them; a trainable one keeps the op-by-op path).
+pub fn serves(layer: &ViTLayer, x: &Tensor) -> bool {
+    let norms = [&layer.layer_norm1, &layer.layer_norm2];
+    let trainable =
+        linears(layer).iter().any(|l| l.weight.track_op() || l.bias.as_ref().is_some_and(|b| b.track_op()))
+            || norms.iter().any(|n| n.weight.track_op() || n.bias.track_op());
+    if trainable {
+        return false;
+    }
+    x.track_op() || (!super::recompute::no_grad_active() && linears(layer).iter().any(|l| l.lora.is_some()))
+}
+
+/// `layer(x)` for channels-last `x` (B, H, W, C) as one recorded op (see the module docs),
+/// with checkpointing when `checkpoint`. Takes the block's dropout key as [`crate::rng::keyed`]
+/// does. Call where [`serves`] says so.
+pub fn forward(layer: &ViTLayer, x: &Tensor, checkpoint: bool) -> Result<Tensor> {
+    let key = crate::rng::next_key();
+    let xd = x.detach();
+    let kind = if layer.window_size > 0 { "window" } else { "global" };
+    let (out, saved) = crate::profile::inner(
+        || format!("vit {kind} block forward"),
+        || {
+            let (y2, saved) = crate::rng::with_substream(key, x.device(), || run(layer, &xd))?;
+            // The residual sum straight into the op's output storage.
+            let out =
+                Precomputed::from_storage(binary_storage(&saved.x1, &y2, Binary::Add)?, y2.shape().clone());
+            Result::Ok((out, saved))
+        },
+    )?;
+    let factors: Vec<Var> = linears(layer)
+        .iter()
+        .filter_map(|l| l.lora.as_ref())
+        .flat_map(|l| [l.a.clone(), l.b.clone()])
+        .collect();
+    let operand = if factors.is_empty() {
+        None
+    } else {
+        let flat = factors.iter().map(|v| v.as_tensor().flatten_all()).collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&flat, 0)?)
+    };
+    let op = BlockOp {
+        layer: layer.clone(),
+        key,
+        factors,
+        saved: Mutex::new((!checkpoint).then_some(saved)),
+        out,
+    };
+    match operand {
+        Some(f) => x.apply_op2(&f, op),
+        None => x.apply_op1(op),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::LoraAdapter;
+    use crate::sam3::config::{VisionConfig, VitConfig};
+    use crate::sam3::vision::VisionModel;
+    use crate::sam3::visit::VisitLinears;
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn config(layers: usize, window: usize, global: Vec<usize>) -> VisionConfig {
+        VisionConfig {
+            backbone_config: VitConfig {
+                hidden_size: 16,
+                intermediate_size: 24,
+                num_hidden_layers: layers,
+                num_attention_heads: 2,
+                num_channels: 3,
+                image_size: 24,
+                patch_size: 4,
+                hidden_act: "gelu".into(),
+                layer_norm_eps: 1e-6,
+                window_size: window,
+                global_attn_indexes: global,
+                pretrain_image_size: 12,
+                rope_theta: None,
+                rope_parameters: None,
+                layer_scale_init_value: None,
+            },
+            fpn_hidden_size: 8,
+            scale_factors: vec![1.0],
+        }
+    }
+
+    /// ViT blocks with random frozen weights (plain tensors) and a random LoRA adapter (B ≠ 0,
+    /// dropout `p`, training) on each of their six linears.
+    fn adapted_layers(cfg: &VisionConfig, p: f64) -> Result<Vec<ViTLayer>> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        VisionModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("vision_encoder"), cfg)?;
+        let mut frozen = HashMap::new();
+        for (name, v) in varmap.data().lock().unwrap().iter() {
+            let r = Tensor::randn(0f32, 1.0, v.shape(), &dev)?;
+            let t = if name.contains("layer_norm") && name.ends_with("weight") {
+                ((r * 0.2)? + 1.0)?
+            } else {
+                (r * (0.5 / (v.elem_count() as f64 / v.dim(0)?.max(1) as f64).sqrt().max(1.0)))?
+            };
+            frozen.insert(name.clone(), t);
+        }
+        let model =
+            VisionModel::load(VarBuilder::from_tensors(frozen, DType::F32, &dev).pp("vision_encoder"), cfg)?;
+        let training = Arc::new(AtomicBool::new(true));
+        let mut layers = model.backbone.layers;
+        for layer in &mut layers {
+            let mut failure = None;
+            layer.visit_linears(&mut |lin| {
+                let (i, o) = (lin.in_dim(), lin.out_dim());
+                let mk = |shape: (usize, usize)| Var::from_tensor(&Tensor::randn(0f32, 0.3, shape, &dev)?);
+                match (mk((4, i)), mk((o, 4))) {
+                    (Ok(a), Ok(b)) => {
+                        lin.lora =
+                            Some(LoraAdapter { a, b, scale: 2.0, dropout: p, training: training.clone() })
+                    }
+                    (Err(e), _) | (_, Err(e)) => failure = Some(e),
+                }
+            });
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        Ok(layers)
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(d / m.max(1e-12))
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Path {
+        /// Op by op, each block under its own dropout key (what the model did before the op).
+        Ops,
+        /// The block op, keeping what backward needs.
+        Op,
+        /// The block op with checkpointing.
+        OpCheckpointed,
+    }
+
+    /// The blocks' output and the gradients (of x when tracked, then A and B of every adapter)
+    /// of a random weighting of it, along `path`, dropout masks from seed 5.
+    fn run_path(
+        layers: &[ViTLayer],
+        x: &Tensor,
+        target: &Tensor,
+        path: Path,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        crate::rng::reseed(&[5]);
+        let mut y = x.clone();
+        for layer in layers {
+            y = match path {
+                Path::Ops => crate::rng::keyed(y.device(), || layer.forward(&y))?,
+                Path::Op | Path::OpCheckpointed => {
+                    assert!(serves(layer, &y));
+                    forward(layer, &y, matches!(path, Path::OpCheckpointed))?
+                }
+            };
+        }
+        // A plain backward: the op's factor gradients flow through candle's graph.
+        let grads = (&y * target)?.sum_all()?.backward()?;
+        let mut out = Vec::new();
+        if x.track_op() {
+            out.push(grads.get(x).expect("a gradient for x").clone());
+        }
+        for layer in layers {
+            let mut layer = layer.clone();
+            let mut failure = None;
+            layer.visit_linears(&mut |lin| {
+                let l = lin.lora.as_ref().expect("adapted");
+                for v in [&l.a, &l.b] {
+                    match grads.get(v.as_tensor()) {
+                        Some(g) => out.push(g.clone()),
+                        None => failure = Some(lin.path.clone()),
+                    }
+                }
+            });
+            if let Some(path) = failure {
+                panic!("no LoRA gradient for {path}");
+            }
+        }
+        Ok((y, out))
+    }
+
+    /// The op's output and gradients equal the op-by-op graph's (window blocks with padding and
+    /// a global block, dropout on, with and without checkpointing, tracked and untracked
+    /// input), and every adapter weight gets a non-zero gradient.
+    #[test]
+    fn matches_the_op_by_op_block_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        // Grid 6 with window 4: padded windows; block 1 is global.
+        let layers = adapted_layers(&config(3, 4, vec![1]), 0.3)?;
+        let target = Tensor::randn(0f32, 1.0, (2, 6, 6, 16), &dev)?;
+        let xt = Tensor::randn(0f32, 1.0, (2, 6, 6, 16), &dev)?;
+        for tracked in [true, false] {
+            let xv = Var::from_tensor(&xt)?;
+            let x = if tracked { xv.as_tensor().clone() } else { xt.clone() };
+            let (want_y, want) = run_path(&layers, &x, &target, Path::Ops)?;
+            assert_eq!(want.len(), usize::from(tracked) + 3 * 12);
+            for g in &want {
+                let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(m > 0.0 && m.is_finite(), "a gradient is {m}");
+            }
+            for path in [Path::Op, Path::OpCheckpointed] {
+                let (y, got) = run_path(&layers, &x, &target, path)?;
+                let dy = max_rel(&y, &want_y)?;
+                assert!(dy < 1e-6, "{path:?} (tracked {tracked}): output differs by {dy}");
+                assert_eq!(got.len(), want.len());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let d = max_rel(g, w)?;
+                    assert!(d < 1e-4, "{path:?} (tracked {tracked}): gradient {i} differs by {d} (relative)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Trainable block weights keep the op-by-op path (the op differentiates none of them); so
+    /// does a block with nothing to train.
+    #[test]
+    fn serves_only_frozen_blocks_on_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = config(1, 4, vec![]);
+        let layers = adapted_layers(&cfg, 0.0)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 6, 6, 16), &dev)?;
+        assert!(serves(&layers[0], &x));
+        assert!(!crate::sam3::recompute::no_grad(|| serves(&layers[0], &x)));
+        let varmap = VarMap::new();
+        let model =
+            VisionModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("vision_encoder"), &cfg)?;
+        let xv = Var::from_tensor(&x)?;
+        assert!(!serves(&model.backbone.layers[0], xv.as_tensor()));
+        let plain = adapted_layers(&cfg, 0.0)?.remove(0);
+        let mut plain = plain;
+        plain.visit_linears(&mut |lin| lin.lora = None);
+        assert!(!serves(&plain, &x) && serves(&plain, xv.as_tensor()));
+        Ok(())
+    }
+}
