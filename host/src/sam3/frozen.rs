@@ -106,28 +106,48 @@ pub(crate) fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
 }
 
 /// The forward's parts, summed by [`Parts::tensor`] or straight into an op's output storage
-/// ([`Parts::precomputed`]): `y + bias + z`.
-struct Parts {
-    /// `act(x)·Wᵀ` (with the bias already added where `bias` is None).
-    y: Tensor,
-    /// The bias still to add (on the GPU, added by the fused sum).
-    bias: Option<Tensor>,
-    /// The adapter's part.
-    z: Option<Tensor>,
+/// ([`Parts::precomputed`]).
+enum Parts {
+    /// `y + bias + z`.
+    Sum {
+        /// `act(x)·Wᵀ` (with the bias already added where `bias` is None).
+        y: Tensor,
+        /// The bias still to add (on the GPU, added by the fused sum).
+        bias: Option<Tensor>,
+        /// The adapter's part.
+        z: Option<Tensor>,
+    },
+    /// `xa·Wᵀ + bias + h·sbᵀ` as cuBLASLt products into the output ([`super::gemm_cuda`]).
+    Products { xa: Tensor, w: Tensor, bias: Option<Tensor>, lowrank: Option<(Tensor, Tensor)> },
 }
 
 impl Parts {
     /// The sum as a tensor (differentiable off the GPU fast path).
     fn tensor(self) -> Result<Tensor> {
-        let untracked = !self.y.track_op() && !self.z.as_ref().is_some_and(|z| z.track_op());
-        if (self.bias.is_some() || self.z.is_some()) && untracked && super::fused_cuda::serves(&self.y) {
-            return super::fused_cuda::linear_epilogue(&self.y, self.bias.as_ref(), self.z.as_ref());
+        let (y, bias, z) = match self {
+            Parts::Products { xa, w, bias, lowrank } => {
+                let lr = lowrank.as_ref().map(|(h, sb)| (h, sb));
+                match super::gemm_cuda::linear(&xa, &w, bias.as_ref(), lr) {
+                    Ok(y) => return Ok(y),
+                    Err(e) => {
+                        tracing::warn!("cuBLASLt linear failed ({e}); this layer uses the composed products");
+                        let y = xa.matmul(&w.t()?)?;
+                        let z = lowrank.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
+                        (y, bias, z)
+                    }
+                }
+            }
+            Parts::Sum { y, bias, z } => (y, bias, z),
+        };
+        let untracked = !y.track_op() && !z.as_ref().is_some_and(|z| z.track_op());
+        if (bias.is_some() || z.is_some()) && untracked && super::fused_cuda::serves(&y) {
+            return super::fused_cuda::linear_epilogue(&y, bias.as_ref(), z.as_ref());
         }
-        let mut y = self.y;
-        if let Some(b) = &self.bias {
+        let mut y = y;
+        if let Some(b) = &bias {
             y = y.broadcast_add(b)?;
         }
-        match self.z {
+        match z {
             Some(z) => y + z,
             None => Ok(y),
         }
@@ -135,20 +155,33 @@ impl Parts {
 
     /// The sum written straight into the op's output storage (in `dt`).
     fn precomputed(self, dt: candle_core::DType) -> Result<Precomputed> {
-        let shape = self.y.shape().clone();
-        if (self.bias.is_some() || self.z.is_some())
-            && super::fused_cuda::serves(&self.y)
-            && self.y.dtype() == dt
-        {
-            let st =
-                super::fused_cuda::linear_epilogue_storage(&self.y, self.bias.as_ref(), self.z.as_ref())?;
+        let (y, bias, z) = match self {
+            Parts::Products { xa, w, bias, lowrank } if xa.dtype() == dt => {
+                let shape = Shape::from((xa.dim(0)?, w.dim(0)?));
+                let lr = lowrank.as_ref().map(|(h, sb)| (h, sb));
+                match super::gemm_cuda::linear_storage(&xa, &w, bias.as_ref(), lr) {
+                    Ok(st) => return Ok(Precomputed::from_storage(st, shape)),
+                    Err(e) => {
+                        tracing::warn!("cuBLASLt linear failed ({e}); this layer uses the composed products");
+                        let y = xa.matmul(&w.t()?)?;
+                        let z = lowrank.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
+                        (y, bias, z)
+                    }
+                }
+            }
+            products @ Parts::Products { .. } => return Precomputed::new(&products.tensor()?, dt),
+            Parts::Sum { y, bias, z } => (y, bias, z),
+        };
+        let shape = y.shape().clone();
+        if (bias.is_some() || z.is_some()) && super::fused_cuda::serves(&y) && y.dtype() == dt {
+            let st = super::fused_cuda::linear_epilogue_storage(&y, bias.as_ref(), z.as_ref())?;
             return Ok(Precomputed::from_storage(st, shape));
         }
-        let mut y = self.y;
-        if let Some(b) = &self.bias {
+        let mut y = y;
+        if let Some(b) = &bias {
             y = y.broadcast_add(b)?;
         }
-        match self.z {
+        match z {
             Some(z) if y.dtype() == dt => {
                 Ok(Precomputed::from_storage(binary_storage(&y, &z, Binary::Add)?, shape))
             }
@@ -160,7 +193,8 @@ impl Parts {
 
 /// The forward as tensor operations (differentiable when its inputs are tracked): the base part
 /// `act(x)·Wᵀ + b` and the adapter part, kept apart so the op can sum them straight into its
-/// output storage.
+/// output storage (on the GPU in bf16 with nothing to differentiate: cuBLASLt products into
+/// the output instead, [`super::gemm_cuda`]).
 fn parts(
     x: &Tensor,
     w: &Tensor,
@@ -183,6 +217,26 @@ fn parts(
         };
         (xa, None)
     };
+    let untracked = !x.track_op()
+        && !w.track_op()
+        && !bias.is_some_and(|b| b.track_op())
+        && !adapter.is_some_and(|(_, a, b)| a.track_op() || b.track_op());
+    let lowrank = |xm: Option<Tensor>, xa: &Tensor| -> Result<Option<(Tensor, Tensor)>> {
+        let Some((part, a, b)) = adapter else { return Ok(None) };
+        let xm = match xm {
+            Some(xm) => xm,
+            None => part.dropped(xa)?,
+        };
+        let (a, sb) = part.factors_in(a, b, dt)?;
+        Ok(Some((xm.matmul(&a.t()?)?, sb)))
+    };
+    if untracked && super::gemm_cuda::serves(x) {
+        let lowrank = lowrank(xm, &xa)?
+            .map(|(h, sb)| Ok::<_, candle_core::Error>((h, sb.contiguous()?)))
+            .transpose()?;
+        let bias = bias.map(|b| b.to_dtype(dt)?.contiguous()).transpose()?;
+        return Ok(Parts::Products { xa: xa.contiguous()?, w: w.to_dtype(dt)?.contiguous()?, bias, lowrank });
+    }
     let mut y = xa.matmul(&w.to_dtype(dt)?.t()?)?;
     let mut pending_bias = None;
     if let Some(b) = bias {
@@ -193,19 +247,8 @@ fn parts(
             y = y.broadcast_add(&b.to_dtype(dt)?)?;
         }
     }
-    let z = match adapter {
-        Some((part, a, b)) => {
-            let xm = match xm {
-                Some(xm) => xm,
-                None => part.dropped(&xa)?,
-            };
-            let (a, sb) = part.factors_in(a, b, dt)?;
-            let h = xm.matmul(&a.t()?)?;
-            Some(h.matmul(&sb.t()?)?)
-        }
-        None => None,
-    };
-    Ok(Parts { y, bias: pending_bias, z })
+    let z = lowrank(xm, &xa)?.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
+    Ok(Parts::Sum { y, bias: pending_bias, z })
 }
 
 impl AdapterPart {

@@ -12,6 +12,7 @@ pub mod encoder;
 pub mod flash_cuda;
 pub mod frozen;
 pub mod fused_cuda;
+pub mod gemm_cuda;
 pub mod geometry;
 pub mod mask_head;
 pub mod model;
