@@ -464,8 +464,13 @@ impl ViTModel {
         let mut x = self.layer_norm.forward(&self.embeddings.forward(pixel_values)?)?;
         for layer in &self.layers {
             if super::vit_block::enabled() && super::vit_block::serves(layer, &x) {
-                x = super::vit_block::forward(layer, &x, self.checkpoint)?;
-                continue;
+                match super::vit_block::forward(layer, &x, self.checkpoint) {
+                    Ok(y) => {
+                        x = y;
+                        continue;
+                    }
+                    Err(e) => super::vit_block::fall_back(e)?,
+                }
             }
             x = match self.checkpoint {
                 true => {
@@ -546,7 +551,7 @@ impl VisionModel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sam3::weights;
     use candle_core::Var;
@@ -690,7 +695,13 @@ mod tests {
         parity_fixture("tiny_b")
     }
 
-    fn tiny_config(image_size: usize, window: usize, global: Vec<usize>, scales: Vec<f64>) -> VisionConfig {
+    /// A tiny vision config (width 16, MLP 24, 3 blocks, 2 heads, patch 4, GELU).
+    pub(crate) fn tiny_config(
+        image_size: usize,
+        window: usize,
+        global: Vec<usize>,
+        scales: Vec<f64>,
+    ) -> VisionConfig {
         VisionConfig {
             backbone_config: VitConfig {
                 hidden_size: 16,

@@ -35,10 +35,34 @@ use super::ops::{
 };
 use super::vision::{partition_map, unpartition_map, ViTLayer};
 
-/// Whether ViT blocks on a training graph run as one op (`LORAHOST_VIT_BLOCK_OP=0`: no).
+/// Set when the op's forward failed in this process (see [`fall_back`]).
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether ViT blocks on a training graph run as one op (`LORAHOST_VIT_BLOCK_OP=0`: no; nor
+/// after a failure, [`fall_back`]).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| !std::env::var("LORAHOST_VIT_BLOCK_OP").is_ok_and(|v| v == "0"))
+        && !FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// After the op's forward failed with `e`: the error itself when the device ran out of memory
+/// (the op-by-op graph needs more, and the trainer reports that case), else `Ok` after
+/// switching the op off for the rest of the process with a warning (the caller then runs the
+/// block op by op): a defect in the op costs speed, not the run.
+pub fn fall_back(e: candle_core::Error) -> Result<()> {
+    let text = e.to_string();
+    if out_of_memory(&text) {
+        return Err(e);
+    }
+    tracing::warn!("the ViT block op failed ({text}); recording the blocks op by op from here on");
+    FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether an error's text says the device (or host) ran out of memory.
+fn out_of_memory(text: &str) -> bool {
+    text.to_lowercase().contains("out of memory") || text.contains("OUT_OF_MEMORY")
 }
 
 /// What the forward keeps for the backward.
@@ -352,7 +376,7 @@ pub fn forward(layer: &ViTLayer, x: &Tensor, checkpoint: bool) -> Result<Tensor>
 mod tests {
     use super::*;
     use crate::lora::LoraAdapter;
-    use crate::sam3::config::{VisionConfig, VitConfig};
+    use crate::sam3::config::VisionConfig;
     use crate::sam3::vision::VisionModel;
     use crate::sam3::visit::VisitLinears;
     use candle_core::{DType, Device};
@@ -362,27 +386,9 @@ mod tests {
     use std::sync::Arc;
 
     fn config(layers: usize, window: usize, global: Vec<usize>) -> VisionConfig {
-        VisionConfig {
-            backbone_config: VitConfig {
-                hidden_size: 16,
-                intermediate_size: 24,
-                num_hidden_layers: layers,
-                num_attention_heads: 2,
-                num_channels: 3,
-                image_size: 24,
-                patch_size: 4,
-                hidden_act: "gelu".into(),
-                layer_norm_eps: 1e-6,
-                window_size: window,
-                global_attn_indexes: global,
-                pretrain_image_size: 12,
-                rope_theta: None,
-                rope_parameters: None,
-                layer_scale_init_value: None,
-            },
-            fpn_hidden_size: 8,
-            scale_factors: vec![1.0],
-        }
+        let mut cfg = crate::sam3::vision::tests::tiny_config(24, window, global, vec![1.0]);
+        cfg.backbone_config.num_hidden_layers = layers;
+        cfg
     }
 
     /// ViT blocks with random frozen weights (plain tensors) and a random LoRA adapter (B ≠ 0,
@@ -516,6 +522,16 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Running out of memory is passed on (the op-by-op graph would need more); other
+    /// failures switch the op off.
+    #[test]
+    fn only_other_failures_fall_back() {
+        assert!(out_of_memory("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"));
+        assert!(out_of_memory("cuda: Out of memory while allocating 2147483648 bytes"));
+        assert!(!out_of_memory("shape mismatch in matmul, lhs: [2, 3], rhs: [4, 5]"));
+        assert!(!out_of_memory("cuBLASLt: CublasError(CUBLAS_STATUS_NOT_SUPPORTED)"));
     }
 
     /// Trainable block weights keep the op-by-op path (the op differentiates none of them); so
