@@ -105,6 +105,15 @@ pub(crate) fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Log a failed cuBLASLt linear (the first one per process; the layer falls back to the
+/// composed products each time).
+fn products_failed(e: &candle_core::Error) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!("cuBLASLt linear failed ({e}); such layers use the composed products");
+    }
+}
+
 /// The forward's parts, summed by [`Parts::tensor`] or straight into an op's output storage
 /// ([`Parts::precomputed`]).
 enum Parts {
@@ -130,7 +139,7 @@ impl Parts {
                 match super::gemm_cuda::linear(&xa, &w, bias.as_ref(), lr) {
                     Ok(y) => return Ok(y),
                     Err(e) => {
-                        tracing::warn!("cuBLASLt linear failed ({e}); this layer uses the composed products");
+                        products_failed(&e);
                         let y = xa.matmul(&w.t()?)?;
                         let z = lowrank.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
                         (y, bias, z)
@@ -162,7 +171,7 @@ impl Parts {
                 match super::gemm_cuda::linear_storage(&xa, &w, bias.as_ref(), lr) {
                     Ok(st) => return Ok(Precomputed::from_storage(st, shape)),
                     Err(e) => {
-                        tracing::warn!("cuBLASLt linear failed ({e}); this layer uses the composed products");
+                        products_failed(&e);
                         let y = xa.matmul(&w.t()?)?;
                         let z = lowrank.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
                         (y, bias, z)

@@ -14,6 +14,10 @@
 //! `outᵀ (O × N, ld O) = op(W) · xᵀ` with W read as a K × O matrix transposed (ld K) and x as
 //! K × N (ld K); the bias is one value per output row of that product, O of them.
 //!
+//! Each product's descriptors and algorithm (cuBLASLt's heuristic, told the operands' actual
+//! address alignments) are made once per shape and kept for the process, so a step pays one
+//! `cublasLtMatmul` call per product on the host, as candle's cuBLAS products do.
+//!
 //! The first use in a process is checked against the composed f32 computation on the GPU
 //! (a few small products); a disagreement or an error leaves the layers on the composed path,
 //! with a warning. `LORAHOST_CUBLASLT=0` switches it off (A/B timings).
@@ -76,61 +80,138 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use crate::cuda_kernels::device_address;
-    use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-    use candle_core::cuda_backend::cudarc::driver::{
-        sys::CUdeviceptr, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop,
-    };
+    use candle_core::cuda_backend::cudarc::cublaslt as lt;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::{DType, Device, Result, Tensor};
-    use std::marker::PhantomData;
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
 
-    /// A device address as cudarc's matmul reads it: every operand lives on the one stream
-    /// candle issues everything to, so no event is recorded or waited for.
-    struct Raw<T> {
-        ptr: u64,
-        len: usize,
-        stream: Arc<CudaStream>,
-        _t: PhantomData<T>,
-    }
-
-    impl<T> DeviceSlice<T> for Raw<T> {
-        fn len(&self) -> usize {
-            self.len
-        }
-        fn stream(&self) -> &Arc<CudaStream> {
-            &self.stream
-        }
-    }
-
-    impl<T> DevicePtr<T> for Raw<T> {
-        fn device_ptr<'a>(&'a self, _: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
-            (self.ptr, SyncOnDrop::Sync(None))
-        }
-    }
-
-    impl<T> DevicePtrMut<T> for Raw<T> {
-        fn device_ptr_mut<'a>(&'a mut self, _: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
-            (self.ptr, SyncOnDrop::Sync(None))
-        }
-    }
+    use lt::sys;
 
     /// A cuBLASLt status as a candle error.
-    fn lt_error(e: candle_core::cuda_backend::cudarc::cublaslt::result::CublasError) -> candle_core::Error {
+    fn lt_error(e: lt::result::CublasError) -> candle_core::Error {
         candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
     }
 
-    /// The cuBLASLt handle (with its workspace) of the device candle uses.
-    fn handle(dev: &candle_core::CudaDevice) -> Result<Arc<CudaBlasLT>> {
-        type Handles = Vec<(candle_core::cuda_backend::DeviceId, Arc<CudaBlasLT>)>;
-        static HANDLES: OnceLock<Mutex<Handles>> = OnceLock::new();
-        let mut handles =
-            HANDLES.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, h)) = handles.iter().find(|(id, _)| *id == dev.id()) {
-            return Ok(h.clone());
+    /// What a product's plan depends on: the shape (outᵀ (m × n) = op(A)·B, inner size k),
+    /// whether β is 1 and a bias is added, and the operands' address alignments (A, B, C/D).
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    struct Key {
+        m: u64,
+        n: u64,
+        k: u64,
+        accumulate: bool,
+        bias: bool,
+        align: [u32; 3],
+    }
+
+    /// A product's descriptors and the algorithm cuBLASLt's heuristic chose for them, made once
+    /// per key: the heuristic query and the descriptors cost host time a step would otherwise
+    /// pay for every linear layer.
+    struct Plan {
+        desc: sys::cublasLtMatmulDesc_t,
+        a: sys::cublasLtMatrixLayout_t,
+        b: sys::cublasLtMatrixLayout_t,
+        c: sys::cublasLtMatrixLayout_t,
+        algo: sys::cublasLtMatmulAlgo_t,
+    }
+
+    /// One device's cuBLASLt handle, workspace and plans (kept for the process).
+    struct Lt {
+        device: candle_core::cuda_backend::DeviceId,
+        handle: sys::cublasLtHandle_t,
+        workspace: candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+        plans: HashMap<Key, Plan>,
+    }
+
+    // SAFETY: the handle and descriptors are only used under the mutex that holds them, on the
+    // stream of the device they were made for.
+    unsafe impl Send for Lt {}
+
+    /// Workspace for cuBLASLt's algorithms (NVIDIA's recommendation for Hopper).
+    const WORKSPACE: usize = 32 << 20;
+
+    /// The largest power of two (up to 256) that divides `addr`.
+    fn alignment(addr: u64) -> u32 {
+        if addr == 0 {
+            256
+        } else {
+            (1u64 << addr.trailing_zeros().min(8)) as u32
         }
-        let h = Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(lt_error)?);
-        handles.push((dev.id(), h.clone()));
-        Ok(h)
+    }
+
+    impl Plan {
+        /// Descriptors for `key` (bf16 operands, f32 accumulation and scale, A transposed) and
+        /// the heuristic's algorithm.
+        fn new(
+            handle: sys::cublasLtHandle_t,
+            key: Key,
+        ) -> std::result::Result<Plan, lt::result::CublasError> {
+            use sys::cublasLtMatmulDescAttributes_t as D;
+            use sys::cublasLtMatmulPreferenceAttributes_t as P;
+            let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
+            let desc = lt::result::create_matmul_desc(
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType_t::CUDA_R_32F,
+            )?;
+            let (transpose, keep) = (1i32, 0i32);
+            let epilogue = if key.bias {
+                sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+            } else {
+                sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+            };
+            // SAFETY: attribute values of the documented types and sizes on a live descriptor.
+            unsafe {
+                let set = |attr, value: *const std::ffi::c_void, size| {
+                    lt::result::set_matmul_desc_attribute(desc, attr, value, size)
+                };
+                set(D::CUBLASLT_MATMUL_DESC_TRANSA, (&transpose) as *const i32 as *const _, 4)?;
+                set(D::CUBLASLT_MATMUL_DESC_TRANSB, (&keep) as *const i32 as *const _, 4)?;
+                let size = std::mem::size_of_val(&epilogue);
+                set(D::CUBLASLT_MATMUL_DESC_EPILOGUE, (&epilogue) as *const _ as *const _, size)?;
+            }
+            // A: K × M read transposed (ld K); B: K × N (ld K); C = D: M × N (ld M).
+            let a = lt::result::create_matrix_layout(bf16, key.k, key.m, key.k as i64)?;
+            let b = lt::result::create_matrix_layout(bf16, key.k, key.n, key.k as i64)?;
+            let c = lt::result::create_matrix_layout(bf16, key.m, key.n, key.m as i64)?;
+            let pref = lt::result::create_matmul_pref()?;
+            let workspace = WORKSPACE;
+            // SAFETY: as above, on a live preference.
+            let heuristic = unsafe {
+                let set = |attr, value: *const std::ffi::c_void, size| {
+                    lt::result::set_matmul_pref_attribute(pref, attr, value, size)
+                };
+                let ws = (&workspace) as *const usize as *const _;
+                set(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ws, std::mem::size_of::<usize>())?;
+                let [al_a, al_b, al_c] = key.align;
+                set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, (&al_a) as *const u32 as *const _, 4)?;
+                set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, (&al_b) as *const u32 as *const _, 4)?;
+                set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, (&al_c) as *const u32 as *const _, 4)?;
+                set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, (&al_c) as *const u32 as *const _, 4)?;
+                let h = lt::result::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref);
+                lt::result::destroy_matmul_pref(pref)?;
+                h?
+            };
+            Ok(Plan { desc, a, b, c, algo: heuristic.algo })
+        }
+    }
+
+    /// The cuBLASLt state of `dev`, made on first use.
+    fn with_lt<R>(dev: &candle_core::CudaDevice, f: impl FnOnce(&mut Lt) -> Result<R>) -> Result<R> {
+        static STATES: OnceLock<Mutex<Vec<Lt>>> = OnceLock::new();
+        let mut states =
+            STATES.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|e| e.into_inner());
+        let i = match states.iter().position(|s| s.device == dev.id()) {
+            Some(i) => i,
+            None => {
+                let handle = lt::result::create_handle().map_err(lt_error)?;
+                // SAFETY: cuBLASLt's workspace, never read by the host.
+                let workspace = unsafe { dev.alloc::<u8>(WORKSPACE)? };
+                states.push(Lt { device: dev.id(), handle, workspace, plans: HashMap::new() });
+                states.len() - 1
+            }
+        };
+        f(&mut states[i])
     }
 
     /// Checked once per process, see the module docs.
@@ -236,44 +317,69 @@ mod imp {
             return Ok(());
         }
         let Device::Cuda(dev) = xa.device() else { candle_core::bail!("cuBLASLt linear: not on the GPU") };
-        let lt = handle(dev)?;
         let stream = dev.cuda_stream();
-        let raw = |t: &Tensor| -> Result<Raw<half::bf16>> {
-            Ok(Raw { ptr: device_address(t)?, len: t.elem_count(), stream: stream.clone(), _t: PhantomData })
-        };
-        let mut out = Raw::<half::bf16> { ptr: dst, len: n * o, stream: stream.clone(), _t: PhantomData };
-        // outᵀ (O × N) = op(A)·B with A a K × O matrix read transposed: W (or sB), B = xᵀ (or hᵀ).
-        let cfg = |k: usize, beta: f32| MatmulConfig {
-            transa: true,
-            transb: false,
-            transc: false,
-            m: o as u64,
-            n: n as u64,
-            k: k as u64,
-            alpha: 1.0,
-            lda: k as i64,
-            ldb: k as i64,
-            beta,
-            ldc: o as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
-        };
-        let mut beta = 0.0;
-        if let Some((h, sb)) = lowrank {
-            let r = h.dim(1)?;
-            // SAFETY: the addresses are of live contiguous tensors of the sizes the config
-            // describes (checked above), on the stream the products are queued to.
-            unsafe { lt.matmul(cfg(r, 0.0), &raw(sb)?, &raw(h)?, &mut out, None, None) }.map_err(lt_error)?;
-            beta = 1.0;
-        }
-        let bias = bias.map(raw).transpose()?;
-        // SAFETY: as above; with β = 1 the output holds the low-rank term written just before.
-        unsafe { lt.matmul(cfg(k, beta), &raw(w)?, &raw(xa)?, &mut out, bias.as_ref(), None) }
-            .map_err(lt_error)?;
-        Ok(())
+        let cu_stream = stream.cu_stream() as sys::cudaStream_t;
+        with_lt(dev, |lt| {
+            let ws = lt.workspace.device_ptr(&stream).0;
+            // outᵀ (O × N) = op(A)·B with A a K × O matrix read transposed: W (or sB), B = xᵀ
+            // (or hᵀ); β = 1 adds the output's current values (the low-rank term).
+            let mut run = |a: u64, b: u64, inner: usize, accumulate: bool, bias: Option<u64>| -> Result<()> {
+                let key = Key {
+                    m: o as u64,
+                    n: n as u64,
+                    k: inner as u64,
+                    accumulate,
+                    bias: bias.is_some(),
+                    align: [alignment(a), alignment(b), alignment(dst)],
+                };
+                if !lt.plans.contains_key(&key) {
+                    let plan = Plan::new(lt.handle, key).map_err(lt_error)?;
+                    lt.plans.insert(key, plan);
+                }
+                let plan = &lt.plans[&key];
+                let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+                // SAFETY: the addresses are of live contiguous tensors of the sizes the plan
+                // describes (checked by `dims`), queued on candle's stream, which also orders
+                // the frees of these tensors after the product.
+                unsafe {
+                    if let Some(ptr) = bias {
+                        lt::result::set_matmul_desc_attribute(
+                            plan.desc,
+                            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                            (&ptr) as *const u64 as *const _,
+                            8,
+                        )
+                        .map_err(lt_error)?;
+                    }
+                    lt::result::matmul(
+                        lt.handle,
+                        plan.desc,
+                        (&alpha) as *const f32 as *const _,
+                        (&beta) as *const f32 as *const _,
+                        a as *const _,
+                        plan.a,
+                        b as *const _,
+                        plan.b,
+                        dst as *const _,
+                        plan.c,
+                        dst as *mut _,
+                        plan.c,
+                        &plan.algo,
+                        ws as *mut _,
+                        WORKSPACE,
+                        cu_stream,
+                    )
+                    .map_err(lt_error)
+                }
+            };
+            let mut accumulate = false;
+            if let Some((h, sb)) = lowrank {
+                run(device_address(sb)?, device_address(h)?, h.dim(1)?, false, None)?;
+                accumulate = true;
+            }
+            let bias = bias.map(device_address).transpose()?;
+            run(device_address(w)?, device_address(xa)?, k, accumulate, bias)
+        })
     }
 
     pub fn linear(
