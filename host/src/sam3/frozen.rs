@@ -105,13 +105,20 @@ pub(crate) fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Log a failed cuBLASLt linear (the first one per process; the layer falls back to the
-/// composed products each time).
-fn products_failed(e: &candle_core::Error) {
+/// After a failed cuBLASLt linear (`e`, logged for the first one per process): the composed
+/// products `xa·Wᵀ` and `h·sbᵀ` the layer sums instead.
+fn products_failed(
+    e: &candle_core::Error,
+    xa: &Tensor,
+    w: &Tensor,
+    lowrank: Option<(Tensor, Tensor)>,
+) -> Result<(Tensor, Option<Tensor>)> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         tracing::warn!("cuBLASLt linear failed ({e}); such layers use the composed products");
     }
+    let z = lowrank.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
+    Ok((xa.matmul(&w.t()?)?, z))
 }
 
 /// The forward's parts, summed by [`Parts::tensor`] or straight into an op's output storage
@@ -139,9 +146,7 @@ impl Parts {
                 match super::gemm_cuda::linear(&xa, &w, bias.as_ref(), lr) {
                     Ok(y) => return Ok(y),
                     Err(e) => {
-                        products_failed(&e);
-                        let y = xa.matmul(&w.t()?)?;
-                        let z = lowrank.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
+                        let (y, z) = products_failed(&e, &xa, &w, lowrank)?;
                         (y, bias, z)
                     }
                 }
@@ -171,9 +176,7 @@ impl Parts {
                 match super::gemm_cuda::linear_storage(&xa, &w, bias.as_ref(), lr) {
                     Ok(st) => return Ok(Precomputed::from_storage(st, shape)),
                     Err(e) => {
-                        products_failed(&e);
-                        let y = xa.matmul(&w.t()?)?;
-                        let z = lowrank.map(|(h, sb)| h.matmul(&sb.t()?)).transpose()?;
+                        let (y, z) = products_failed(&e, &xa, &w, lowrank)?;
                         (y, bias, z)
                     }
                 }

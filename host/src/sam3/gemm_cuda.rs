@@ -214,30 +214,32 @@ mod imp {
         f(&mut states[i])
     }
 
-    /// Checked once per process, see the module docs.
+    /// Switched on or off and checked once per process, see the module docs.
     static READY: OnceLock<bool> = OnceLock::new();
 
     pub fn serves(x: &Tensor) -> bool {
         if x.dtype() != DType::BF16 || !x.device().is_cuda() {
             return false;
         }
-        if std::env::var("LORAHOST_CUBLASLT").is_ok_and(|v| v == "0") {
-            return false;
-        }
-        *READY.get_or_init(|| match probe(x.device()) {
-            Ok(None) => {
-                tracing::info!("cuBLASLt linear checked on the GPU: in use");
-                true
+        *READY.get_or_init(|| {
+            if std::env::var("LORAHOST_CUBLASLT").is_ok_and(|v| v == "0") {
+                return false;
             }
-            Ok(Some(why)) => {
-                tracing::warn!(
-                    "cuBLASLt linear disagrees with the composed one on this GPU ({why}); not used"
-                );
-                false
-            }
-            Err(e) => {
-                tracing::warn!("cuBLASLt linear failed on this GPU ({e}); not used");
-                false
+            match probe(x.device()) {
+                Ok(None) => {
+                    tracing::info!("cuBLASLt linear checked on the GPU: in use");
+                    true
+                }
+                Ok(Some(why)) => {
+                    tracing::warn!(
+                        "cuBLASLt linear disagrees with the composed one on this GPU ({why}); not used"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("cuBLASLt linear failed on this GPU ({e}); not used");
+                    false
+                }
             }
         })
     }
