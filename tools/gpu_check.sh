@@ -10,8 +10,8 @@
 # bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl), PyTorch eager b2, bf16
 # demo training, then b8 --ckpt, b4, b8, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
 # a step that would not fit is cut short or skipped, so the results always come back. NO_AB=1
-# skips the A/B runs (flash attention off; ViT blocks op by op; all of lorahost's own kernels and
-# ops off).
+# skips the A/B runs (AB="conv ..." picks some) (flash attention off; ViT blocks op by op; the convolutions on the
+# implicit-GEMM kernel; all of lorahost's own kernels and ops off).
 set -u
 T0=$(date +%s)
 # The device returns at most 8 files from $OUT: everything is written to a work folder and
@@ -71,6 +71,9 @@ step() {
   timeout "$t" "$@" >> "$OUT/steps.log" 2>&1
   echo "$name exit $?" >> "$OUT/steps.log"
 }
+# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv composed" by default;
+# NO_AB=1: none).
+ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv composed} " == *" $1 "* ]]; }
 REF=""
 for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
   [ -f "$ref" ] && { REF=$ref; break; }
@@ -85,12 +88,15 @@ step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 -
 # A/B: the same workload with the flash attention kernels off (the chunked attention), and with
 # all of lorahost's own CUDA kernels (flash attention, convolution, LayerNorm, AdamW, fused
 # elementwise) off: candle's composed operations.
-[ -z "${NO_AB:-}" ] && step 100 "bench lorahost b2 no flash" env LORAHOST_FLASH=0 \
+ab noflash && step 100 "bench lorahost b2 no flash" env LORAHOST_FLASH=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_noflash.jsonl"
 # The ViT blocks recorded op by op (candle's autograd between the layers) instead of as one op.
-[ -z "${NO_AB:-}" ] && step 80 "bench lorahost b2 block ops" env LORAHOST_VIT_BLOCK_OP=0 \
+ab blockops && step 80 "bench lorahost b2 block ops" env LORAHOST_VIT_BLOCK_OP=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_blockops.jsonl"
-[ -z "${NO_AB:-}" ] && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 LORAHOST_CUBLASLT=0 \
+# The 3x3 convolutions on the implicit-GEMM kernel instead of cuBLAS's nine shifted products.
+ab conv && step 60 "bench lorahost b2 conv kernel" env LORAHOST_CONV_GEMM=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_convkernel.jsonl"
+ab composed && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 LORAHOST_CUBLASLT=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_composed.jsonl"
 
 # 3. A short GPU training run on the synthetic data: the loss must fall. The demo without its
@@ -107,6 +113,9 @@ if [ "${1:-}" != quick ]; then
   # The best throughput at any batch that fits: larger plain batches, and checkpointing.
   step 100 "bench lorahost b4" "$BIN" bench --device cuda --dtype bf16 --batch 4 --steps 4 --warmup 2 --json "$OUT/bench.jsonl"
   step 100 "bench lorahost b8" "$BIN" bench --device cuda --dtype bf16 --batch 8 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench.jsonl"
+  # PyTorch's best batch on the H100 reference (7.06 images/s at batch 6, 67 GiB): its best
+  # throughput on this card, beside lorahost's.
+  [ -n "$REF" ] && step 120 "bench pytorch eager b6" "$PY" "$REF" --batch 6 --json "$OUT/bench.jsonl"
   step 100 "bench lorahost b16 ckpt" "$BIN" bench --device cuda --dtype bf16 --batch 16 --ckpt --steps 3 --warmup 1 --json "$OUT/bench.jsonl"
   step 60 "bench lorahost b2 ckpt" "$BIN" bench --device cuda --dtype bf16 --batch 2 --ckpt --steps 6 --warmup 2 --json "$OUT/bench.jsonl"
 fi
@@ -118,7 +127,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1
@@ -140,7 +149,7 @@ for line in open(sys.argv[1]):
 EOF
   done
 } > "$FINAL/summary.txt"
-for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_composed.jsonl demo_metrics.jsonl; do
+for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_composed.jsonl demo_metrics.jsonl; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/$f"
 done
 cat "$FINAL/summary.txt" | grep -v "^{" | tail -60

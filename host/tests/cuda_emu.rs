@@ -353,6 +353,121 @@ fn conv_kernel_matches_candle_conv2d_in_emulation() {
     check_conv(&exe, &dir, ConvDims { batch: 3, cin: 3, cout: 64, height: 8, width: 8 }, true, 13);
 }
 
+/// cuBLAS's `gemmStridedBatchedEx` (column-major, A transposed, B as is, f32 accumulation,
+/// bf16 result) on buffers of bf16 values: what the GEMM route asks of it for one tap.
+#[allow(clippy::too_many_arguments)]
+fn gemm_tn_batched(
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldc): (usize, usize, usize),
+    (stride_b, stride_c, batch): (usize, usize, usize),
+    beta: f32,
+) {
+    for i in 0..batch {
+        for col in 0..n {
+            for row in 0..m {
+                let mut acc = 0f32;
+                for l in 0..k {
+                    // op(A)[row, l] = A[l, row] (ld lda); B[l, col] (ld ldb).
+                    acc += a[row * lda + l] * b[i * stride_b + col * ldb + l];
+                }
+                let at = i * stride_c + col * ldc + row;
+                let v = acc + if beta != 0.0 { beta * c[at] } else { 0.0 };
+                c[at] = f32::from_bits(
+                    ((v.to_bits() as u64 + 0x7fff + ((v.to_bits() >> 16) & 1) as u64) as u32) & 0xffff_0000,
+                );
+            }
+        }
+    }
+}
+
+/// The GEMM route of the 3×3 convolution: the pack and unpack kernels emulated, the nine tap
+/// products (`conv_cuda::tap_products`, with the geometry the host gives cuBLAS) on the CPU,
+/// against candle's f64 `conv2d`. The padded input and the output start as NaN, so an element
+/// a kernel leaves unwritten (or a tap that reads past its image's rows) shows.
+fn check_conv_gemm(exe: &Path, dir: &Path, d: ConvDims, with_bias: bool, seed: u64) {
+    let ConvDims { batch, cin, cout, height, width } = d;
+    assert!(conv_cuda::gemm_supported(d));
+    let g = conv_cuda::tap_gemm(d);
+    let mut rng = Rng(seed);
+    let x = rng.values(batch * cin * height * width);
+    let w: Vec<f32> = rng.values(cout * cin * 9).iter().map(|v| v * 0.25).collect();
+    let bias = rng.values(cout);
+    let nan = |n: usize| vec![0x7fc0u16; n].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let xp_len = batch * g.input_rows * cin;
+    std::fs::write(dir.join("gx.bin"), bf16_bytes(&x)).unwrap();
+    std::fs::write(dir.join("gxp.bin"), nan(xp_len)).unwrap();
+    let mut plan = format!(
+        "buffer {} {}\nbuffer {} {}\n",
+        x.len() * 2,
+        dir.join("gx.bin").display(),
+        xp_len * 2,
+        dir.join("gxp.bin").display()
+    );
+    let (grid, block, args) = conv_cuda::pack_plan(d, buffer_addr(0, 0), buffer_addr(1, 0));
+    plan += &launch_line(&Launch { name: "conv_pack_bf16".into(), grid, block, args });
+    plan += &format!("output 1 {}\n", dir.join("gxp_out.bin").display());
+    run_plan(exe, dir, &plan);
+    let xp = from_bf16_bytes(&std::fs::read(dir.join("gxp_out.bin")).unwrap());
+    assert!(xp.iter().all(|v| v.is_finite()), "{d:?}: the pack left elements unwritten");
+
+    // (3, 3, Cout, Cin) as the host permutes it.
+    let mut wt = vec![0f32; w.len()];
+    for (o, i, t) in (0..cout).flat_map(|o| (0..cin).flat_map(move |i| (0..9).map(move |t| (o, i, t)))) {
+        wt[(t * cout + o) * cin + i] = w[(o * cin + i) * 9 + t];
+    }
+    let mut yp = vec![f32::NAN; batch * g.grid_rows * cout];
+    for t in conv_cuda::tap_products(d) {
+        gemm_tn_batched(
+            &wt[t.weight_offset..],
+            &xp[t.input_offset..],
+            &mut yp,
+            (cout, g.grid_rows, cin),
+            (cin, cin, cout),
+            (g.input_rows * cin, g.grid_rows * cout, batch),
+            if t.accumulate { 1.0 } else { 0.0 },
+        );
+    }
+    let y_len = batch * cout * height * width;
+    std::fs::write(dir.join("gyp.bin"), bf16_bytes(&yp)).unwrap();
+    std::fs::write(dir.join("gb.bin"), bf16_bytes(&bias)).unwrap();
+    std::fs::write(dir.join("gy.bin"), nan(y_len)).unwrap();
+    let mut plan = String::new();
+    for (name, len) in [("gyp", yp.len()), ("gb", bias.len()), ("gy", y_len)] {
+        plan += &format!("buffer {} {}\n", len * 2, dir.join(format!("{name}.bin")).display());
+    }
+    let bias_addr = if with_bias { buffer_addr(1, 0) } else { 0 };
+    let (grid, block, args) = conv_cuda::unpack_plan(d, buffer_addr(0, 0), bias_addr, buffer_addr(2, 0));
+    plan += &launch_line(&Launch { name: "conv_unpack_bf16".into(), grid, block, args });
+    plan += &format!("output 2 {}\n", dir.join("gy_out.bin").display());
+    run_plan(exe, dir, &plan);
+    let got = from_bf16_bytes(&std::fs::read(dir.join("gy_out.bin")).unwrap());
+
+    let t = |v: &[f32], shape: &[usize]| {
+        Tensor::from_vec(v.iter().map(|&x| x as f64).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
+    };
+    let mut want =
+        t(&x, &[batch, cin, height, width]).conv2d(&t(&w, &[cout, cin, 3, 3]), 1, 1, 1, 1).unwrap();
+    if with_bias {
+        want = want.broadcast_add(&t(&bias, &[1, cout, 1, 1])).unwrap();
+    }
+    let e = max_rel(&want, &got);
+    assert!(e < 0.02, "{d:?}: convolution (GEMM route) off by {e:.2e}");
+}
+
+/// Tiles of the pack and unpack kernels cut by the channel, row and pixel counts, several
+/// images, one-pixel-wide and one-row images.
+#[test]
+fn conv_gemm_route_matches_candle_conv2d_in_emulation() {
+    let Some((_tmp, dir, exe)) = setup("conv_gemm") else { return };
+    check_conv_gemm(&exe, &dir, ConvDims { batch: 2, cin: 5, cout: 70, height: 9, width: 11 }, true, 21);
+    check_conv_gemm(&exe, &dir, ConvDims { batch: 3, cin: 40, cout: 33, height: 7, width: 35 }, false, 22);
+    check_conv_gemm(&exe, &dir, ConvDims { batch: 1, cin: 3, cout: 4, height: 1, width: 1 }, true, 23);
+    check_conv_gemm(&exe, &dir, ConvDims { batch: 2, cin: 64, cout: 8, height: 6, width: 1 }, true, 24);
+}
+
 /// Values as the kernels' data type stores them: bf16 or f32 bytes, and back.
 fn encode(values: &[f32], bf16: bool) -> Vec<u8> {
     if bf16 {

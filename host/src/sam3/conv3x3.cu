@@ -86,3 +86,63 @@ extern "C" __global__ void __launch_bounds__(CV_THREADS) conv3x3_bf16(const bf16
         }
     }
 }
+
+// The same convolution as nine shifted products on cuBLAS (the host's route where the GPU has
+// it, super::conv_cuda): conv_pack_bf16 writes the input channels-last with a zero border,
+// xp[b][r][c] for r < rows = (H + 2)·(W + 2) + 2 (the last two rows and the border zero), so
+// the output grid's pixel (y, x) — computed at the padded width W + 2, two columns of it
+// discarded — reads tap (ky, kx) at row y·(W + 2) + x + ky·(W + 2) + kx: each tap is one
+// product of a plain row-major matrix starting at that offset. conv_unpack_bf16 writes those
+// products' sum yp[b][y·(W + 2) + x][c] back as NCHW without the two columns, adding the bias.
+// Both transpose through a 32 × 32 tile so reads and writes are contiguous; grid
+// (ceil(rows or H·W / 32), ceil(C / 32), B), 256 threads.
+
+#define CP_T 32
+
+extern "C" __global__ void __launch_bounds__(256) conv_pack_bf16(const bf16_t* __restrict__ x,
+        bf16_t* __restrict__ xp, int channels, int height, int width, int rows) {
+    __shared__ bf16_t tile[CP_T][CP_T + 1];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int r0 = blockIdx.x * CP_T, c0 = blockIdx.y * CP_T;
+    const long long b = blockIdx.z;
+    const int wp = width + 2;
+    // Padded row r0 + tx (consecutive threads read consecutive pixels of a channel).
+    const int r = r0 + tx;
+    const int py = r / wp, px = r - py * wp;
+    const int y = py - 1, xx = px - 1;
+    const bool inside = r < rows && y >= 0 && y < height && xx >= 0 && xx < width;
+    for (int c = ty; c < CP_T; c += 8) {
+        const int ch = c0 + c;
+        tile[c][tx] = (inside && ch < channels) ? x[((b * channels + ch) * height + y) * width + xx] : (bf16_t)0;
+    }
+    __syncthreads();
+    for (int rr = ty; rr < CP_T; rr += 8) {
+        const int row = r0 + rr, ch = c0 + tx;
+        if (row < rows && ch < channels) xp[(b * rows + row) * channels + ch] = tile[tx][rr];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv_unpack_bf16(const bf16_t* __restrict__ yp,
+        const bf16_t* __restrict__ bias, bf16_t* __restrict__ y, int channels, int height, int width) {
+    __shared__ float tile[CP_T][CP_T + 1];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int p0 = blockIdx.x * CP_T, c0 = blockIdx.y * CP_T;
+    const long long b = blockIdx.z;
+    const int plane = height * width, wp = width + 2;
+    const long long grid_rows = (long long)height * wp;
+    // Pixel p0 + pp's row of the output grid (consecutive threads read consecutive channels).
+    for (int pp = ty; pp < CP_T; pp += 8) {
+        const int p = p0 + pp, ch = c0 + tx;
+        float v = 0.f;
+        if (p < plane && ch < channels) {
+            const int yy = p / width, xx = p - yy * width;
+            v = ld(yp, (b * grid_rows + (long long)yy * wp + xx) * channels + ch) + (bias ? ld(bias, ch) : 0.f);
+        }
+        tile[pp][tx] = v;
+    }
+    __syncthreads();
+    for (int cc = ty; cc < CP_T; cc += 8) {
+        const int ch = c0 + cc, p = p0 + tx;
+        if (p < plane && ch < channels) st(y, (b * channels + ch) * (long long)plane + p, tile[tx][cc]);
+    }
+}

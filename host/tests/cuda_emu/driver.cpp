@@ -82,10 +82,12 @@ static const std::map<std::string, void (*)(const Args&)> kernels = {
     {"grad_stats", [](const Args& a) { grad_stats((const long long*)P(0), I(1), F(2)); }},
     {"fa_delta", [](const Args& a) { fa_delta(V(0), V(4), F(8), I(9), I(10), I(11), L(12)); }},
     {"conv3x3_bf16", [](const Args& a) { conv3x3_bf16(BF(0), BF(1), BF(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
+    {"conv_pack_bf16", [](const Args& a) { conv_pack_bf16(BF(0), BF(1), I(2), I(3), I(4), I(5)); }},
+    {"conv_unpack_bf16", [](const Args& a) { conv_unpack_bf16(BF(0), BF(1), BF(2), I(3), I(4), I(5)); }},
     KERNELS(32) KERNELS(64) NORMS(bf16, bf16_t) NORMS(f32, float)};
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
-    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"grad_stats", 3},
+    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"conv_pack_bf16", 6}, {"conv_unpack_bf16", 6}, {"grad_stats", 3},
     {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
     NORM_ARITY(bf16) NORM_ARITY(f32)};
 
