@@ -261,12 +261,16 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let vocab = config.text_config.vocab_size as u64;
     let mut rng = crate::data::SplitMix64::from_parts(&[1, 0xBE7C]);
     let ids: Vec<i64> = (0..b * t).map(|_| (rng.next_u64() % vocab) as i64).collect();
+    // The same prompts every step, as a training run over a few class names sees them: with the
+    // text encoder frozen, the text cache encodes them once (`LORAHOST_TEXT_CACHE=0`: every step).
+    let prompt_keys = Some(crate::sam3::text::PromptKey::rows(&ids, &vec![1; b * t], t));
     let inputs = Sam3Inputs {
         pixel_values: Tensor::randn(0f32, 1.0, (b, 3, s, s), &device)?,
         input_ids: Tensor::from_vec(ids, (b, t), &device)?,
         attention_mask: Tensor::ones((b, t), DType::I64, &device)?,
         input_boxes: Some(Tensor::new(&[[[0.5f32, 0.5, 0.3, 0.3]]], &device)?.repeat((b, 1, 1))?),
         input_boxes_labels: Some(Tensor::ones((b, 1), DType::I64, &device)?),
+        prompt_keys,
     };
 
     let mut peak_used = used_before;

@@ -149,6 +149,7 @@ pub fn read_inputs(
         attention_mask: to(attention_mask, DType::I64)?,
         input_boxes: boxes.map(|t| to(t, DType::F32)).transpose()?,
         input_boxes_labels: labels.map(|t| to(t, DType::I64)).transpose()?,
+        prompt_keys: None,
     })
 }
 
@@ -339,6 +340,8 @@ impl Predictor {
             mask.extend(m.iter().map(|&i| i as i64));
         }
         let t = ids.len() / p;
+        // Predicting over many images with the same prompts encodes each prompt once.
+        let prompt_keys = Some(crate::sam3::text::PromptKey::rows(&ids, &mask, t));
         let input_ids = Tensor::from_vec(ids, (p, t), device)?;
         let attention_mask = Tensor::from_vec(mask, (p, t), device)?;
         let (input_boxes, input_boxes_labels) = if o.boxes.is_empty() {
@@ -356,7 +359,14 @@ impl Predictor {
                 Some(Tensor::from_vec(vec![1i64; p * n], (p, n), device)?),
             )
         };
-        let inputs = Sam3Inputs { pixel_values, input_ids, attention_mask, input_boxes, input_boxes_labels };
+        let inputs = Sam3Inputs {
+            pixel_values,
+            input_ids,
+            attention_mask,
+            input_boxes,
+            input_boxes_labels,
+            prompt_keys,
+        };
         let out = if p == 1 {
             model.forward(&inputs)?
         } else {

@@ -809,6 +809,7 @@ mod tests {
             attention_mask: inputs["attention_mask"].clone(),
             input_boxes: None,
             input_boxes_labels: None,
+            prompt_keys: None,
         };
         let mut out = model.forward_with(&inputs, ForwardOptions { train: false, dac: true }).unwrap();
         assert!(out.num_o2m > 0);

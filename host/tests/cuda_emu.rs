@@ -640,6 +640,14 @@ fn norm_kernels_match_the_composed_norms_in_emulation() {
         check_layer_norm(&exe, &dir, 3, 1000, bf16, 23);
         check_layer_norm(&exe, &dir, 5, 24, bf16, 24);
     }
+    // The warp-per-row kernels (bf16, widths 256 / 512 / 1024): row counts that leave a block's
+    // last warps without a row.
+    for (rows, c, seed) in [(11, 256, 25), (9, 512, 26), (3, 1024, 27)] {
+        let l =
+            norm_cuda::layer_launch("ln_fwd_bf16", rows, c, [0, 16, 32, 48].map(|o| buffer_addr(o, 0)), 1e-5);
+        assert_eq!(l.name, format!("ln_fwd_warp_bf16_{}", c / 256));
+        check_layer_norm(&exe, &dir, rows, c, true, seed);
+    }
 }
 
 /// The gradient-statistics kernel over tensors of mixed lengths (one element; shorter than a

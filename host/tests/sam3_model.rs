@@ -7,6 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 use lorahost::sam3::config::Sam3Config;
 use lorahost::sam3::model::{ForwardOptions, Sam3Inputs, Sam3Model, Semantics};
 use lorahost::sam3::nn::box_cxcywh_to_xyxy;
+use lorahost::sam3::text::PromptKey;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,14 +47,27 @@ impl Reference {
         }
     }
 
+    /// The fixture's inputs, with the host's copy of the prompts (so the forward goes through
+    /// the text cache: the parity checks cover cached text outputs too).
     fn model_inputs(&self, with_boxes: bool) -> Sam3Inputs {
+        let (ids, mask) = (&self.inputs["input_ids"], &self.inputs["attention_mask"]);
+        let flat =
+            |t: &Tensor| t.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap();
+        let prompt_keys = PromptKey::rows(&flat(ids), &flat(mask), ids.dim(1).unwrap());
         Sam3Inputs {
             pixel_values: self.inputs["pixel_values"].clone(),
-            input_ids: self.inputs["input_ids"].clone(),
-            attention_mask: self.inputs["attention_mask"].clone(),
+            input_ids: ids.clone(),
+            attention_mask: mask.clone(),
             input_boxes: with_boxes.then(|| self.inputs["input_boxes"].clone()),
             input_boxes_labels: with_boxes.then(|| self.inputs["input_boxes_labels"].clone()),
+            prompt_keys: Some(prompt_keys),
         }
+    }
+
+    /// Distinct prompts of the fixture.
+    fn distinct_prompts(&self) -> usize {
+        let keys = self.model_inputs(false).prompt_keys.unwrap();
+        keys.iter().enumerate().filter(|(i, k)| !keys[..*i].contains(k)).count()
     }
 }
 
@@ -87,7 +101,10 @@ fn parity(name: &str) {
 
     // Box prompts: the parity path reproduces transformers.
     {
+        assert_eq!(model.text.cache.misses(), 0);
         let o = model.forward(&r.model_inputs(true)).unwrap();
+        // Each distinct prompt encoded once; every later forward below reads the cache.
+        assert_eq!(model.text.cache.misses(), r.distinct_prompts());
         assert_close("pred_logits", &o.pred_logits, &r.get("pred_logits"));
         assert_close("pred_boxes", &o.pred_boxes, &r.get("pred_boxes"));
         assert_close("presence_logits", &o.presence_logits, &r.get("presence_logits"));
@@ -126,6 +143,7 @@ fn parity(name: &str) {
     let orig = model.forward(&r.model_inputs(true)).unwrap();
     let d = max_diff(&orig.pred_logits, &r.get("pred_logits"));
     assert!(d > 0.0 && d < 1e-2, "eps 1e-5 vs 1e-6 changes the logits slightly, diff {d}");
+    assert_eq!(model.text.cache.misses(), r.distinct_prompts(), "later forwards hit the text cache");
 }
 
 #[test]

@@ -56,6 +56,9 @@ pub struct Sam3Inputs {
     pub input_boxes: Option<Tensor>,
     /// (B, N): 1 positive, 0 negative, -10 padding.
     pub input_boxes_labels: Option<Tensor>,
+    /// The host's copy of each row of `input_ids` / `attention_mask`: lets a frozen text encoder
+    /// reuse the output of prompts it has seen ([`TextEncoder::forward_cached`]). None: encode.
+    pub prompt_keys: Option<Vec<super::text::PromptKey>>,
 }
 
 /// Switches of one forward pass.
@@ -293,7 +296,11 @@ impl Sam3Model {
         let (img, img_pos) = (&fpn[levels - 1], &fpn_pos[levels - 1]);
         mem_mark("per-query image features");
 
-        let text = self.text.forward(&inputs.input_ids, &inputs.attention_mask)?;
+        let text = self.text.forward_cached(
+            &inputs.input_ids,
+            &inputs.attention_mask,
+            inputs.prompt_keys.as_deref(),
+        )?;
         mem_mark("text");
         let text_mask = inputs.attention_mask.ne(0i64)?.to_dtype(DType::U8)?;
         let policy = match self.semantics {

@@ -49,6 +49,126 @@ __device__ void ln_bwd(const T* x, const T* dy, const float* w, T* dx, int c, fl
     }
 }
 
+// LayerNorm of bf16 rows of c = NC·256 elements, one warp per row (8 rows per 256-thread
+// block): each lane holds NC chunks of 8 consecutive elements in registers (16-byte loads and
+// stores), so x is read once and the statistics need only warp shuffles. The host picks these
+// for 16-byte aligned operands (norm_cuda::layer_launch); the per-row block kernels above take
+// every other width and dtype.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ void unpack8(uint4 u, float* f) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+// As st(bf16_t*): round to nearest even, NaN kept.
+__device__ __forceinline__ unsigned bf16_bits(float v) {
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+}
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    uint4 u;
+    u.x = bf16_bits(f[0]) | (bf16_bits(f[1]) << 16);
+    u.y = bf16_bits(f[2]) | (bf16_bits(f[3]) << 16);
+    u.z = bf16_bits(f[4]) | (bf16_bits(f[5]) << 16);
+    u.w = bf16_bits(f[6]) | (bf16_bits(f[7]) << 16);
+    return u;
+}
+
+// The row's values into v, its mean and 1/std.
+template <int NC>
+__device__ __forceinline__ void warp_row_stats(const uint4* xr, int lane, float eps, float (*v)[8], float* mean,
+        float* rstd) {
+    const int c = NC * 256;
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+        unpack8(xr[j * 32 + lane], v[j]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s += v[j][e];
+    }
+    const float m = warp_sum(s) / c;
+    float q = 0.f;
+#pragma unroll
+    for (int j = 0; j < NC; ++j)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float d = v[j][e] - m;
+            q += d * d;
+        }
+    *mean = m;
+    *rstd = 1.f / sqrtf(warp_sum(q) / c + eps);
+}
+
+template <int NC>
+__device__ void ln_fwd_warp(const bf16_t* x, const float* w, const float* b, bf16_t* y, int rows, float eps) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // the whole warp
+    const long long c = NC * 256;
+    float v[NC][8], mean, rstd;
+    warp_row_stats<NC>((const uint4*)(x + row * c), lane, eps, v, &mean, &rstd);
+    uint4* yr = (uint4*)(y + row * c);
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+        const int base = (j * 32 + lane) * 8;
+        float o[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = (v[j][e] - mean) * rstd * w[base + e] + b[base + e];
+        yr[j * 32 + lane] = pack8(o);
+    }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (as ln_bwd).
+template <int NC>
+__device__ void ln_bwd_warp(const bf16_t* x, const bf16_t* dy, const float* w, bf16_t* dx, int rows, float eps) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // the whole warp
+    const long long c = NC * 256;
+    float v[NC][8], g[NC][8], mean, rstd;
+    warp_row_stats<NC>((const uint4*)(x + row * c), lane, eps, v, &mean, &rstd);
+    const uint4* gr = (const uint4*)(dy + row * c);
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+        unpack8(gr[j * 32 + lane], g[j]);
+        const int base = (j * 32 + lane) * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            g[j][e] *= w[base + e];
+            v[j][e] = (v[j][e] - mean) * rstd;
+            s1 += g[j][e];
+            s2 += g[j][e] * v[j][e];
+        }
+    }
+    const float m1 = warp_sum(s1) / c, m2 = warp_sum(s2) / c;
+    uint4* dr = (uint4*)(dx + row * c);
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+        float o[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = (g[j][e] - m1 - v[j][e] * m2) * rstd;
+        dr[j * 32 + lane] = pack8(o);
+    }
+}
+
+#define LN_WARP(NC)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) ln_fwd_warp_bf16_##NC(const bf16_t* x, const float* w,   \
+            const float* b, bf16_t* y, int rows, float eps) { ln_fwd_warp<NC>(x, w, b, y, rows, eps); }        \
+    extern "C" __global__ void __launch_bounds__(256) ln_bwd_warp_bf16_##NC(const bf16_t* x, const bf16_t* dy, \
+            const float* w, bf16_t* dx, int rows, float eps) { ln_bwd_warp<NC>(x, dy, w, dx, rows, eps); }
+LN_WARP(1)
+LN_WARP(2)
+LN_WARP(4)
+
 extern "C" __global__ void ln_fwd_bf16(const bf16_t* x, const float* w, const float* b, bf16_t* y, int c, float eps) { ln_fwd(x, w, b, y, c, eps); }
 extern "C" __global__ void ln_fwd_f32(const float* x, const float* w, const float* b, float* y, int c, float eps) { ln_fwd(x, w, b, y, c, eps); }
 extern "C" __global__ void ln_bwd_bf16(const bf16_t* x, const bf16_t* dy, const float* w, bf16_t* dx, int c, float eps) { ln_bwd(x, dy, w, dx, c, eps); }

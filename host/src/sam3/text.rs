@@ -61,6 +61,66 @@ pub struct TextOutput {
     pub features: Tensor,
 }
 
+/// A prompt's tokens as the host holds them: the text cache's key (one row of `input_ids` and
+/// its `attention_mask`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PromptKey {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Attention mask (nonzero = valid).
+    pub mask: Vec<u8>,
+}
+
+impl PromptKey {
+    /// The keys of a batch's rows from host-side ids and mask (row-major, `t` per row).
+    pub fn rows(ids: &[i64], mask: &[i64], t: usize) -> Vec<PromptKey> {
+        ids.chunks(t.max(1))
+            .zip(mask.chunks(t.max(1)))
+            .map(|(i, m)| PromptKey {
+                ids: i.iter().map(|&v| v as u32).collect(),
+                mask: m.iter().map(|&v| u8::from(v != 0)).collect(),
+            })
+            .collect()
+    }
+}
+
+/// Prompts kept by the text cache before it starts over (each ~80 KB at SAM3's size in bf16).
+pub const TEXT_CACHE_ENTRIES: usize = 1024;
+
+/// The frozen text encoder's output per prompt (`clip_last_hidden_state` and `features` rows,
+/// (T, ·) each). A clone starts empty: the clone's weights may be changed on their own.
+#[derive(Debug, Default)]
+pub struct TextCache {
+    rows: std::sync::Mutex<std::collections::HashMap<PromptKey, (Tensor, Tensor)>>,
+    misses: std::sync::atomic::AtomicUsize,
+}
+
+impl Clone for TextCache {
+    fn clone(&self) -> Self {
+        TextCache::default()
+    }
+}
+
+impl TextCache {
+    /// Prompts encoded because they were not cached (since load).
+    pub fn misses(&self) -> usize {
+        self.misses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forget every cached prompt (after the encoder's weights change in place).
+    pub fn clear(&self) {
+        if let Ok(mut rows) = self.rows.lock() {
+            rows.clear();
+        }
+    }
+}
+
+/// Whether the text cache is on (`LORAHOST_TEXT_CACHE=0` switches it off; read once).
+fn text_cache_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORAHOST_TEXT_CACHE").map_or(true, |v| v != "0"))
+}
+
 /// CLIP text transformer + SAM3 resizer.
 #[derive(Debug, Clone)]
 pub struct TextEncoder {
@@ -77,6 +137,8 @@ pub struct TextEncoder {
     pub clip_text_projection: Tensor,
     /// `text_projection` (top level): Linear D → out_dim (+bias), the resizer.
     pub resizer: Linear,
+    /// Outputs per prompt while nothing in the encoder trains ([`TextEncoder::forward_cached`]).
+    pub cache: TextCache,
 }
 
 impl TextEncoder {
@@ -106,6 +168,7 @@ impl TextEncoder {
             final_layer_norm,
             clip_text_projection,
             resizer,
+            cache: TextCache::default(),
         })
     }
 
@@ -145,6 +208,70 @@ impl TextEncoder {
         let clip_last_hidden_state = self.final_layer_norm.forward(&x)?;
         let features = self.resizer.forward(&clip_last_hidden_state)?;
         Ok(TextOutput { clip_last_hidden_state, features })
+    }
+}
+
+impl TextEncoder {
+    /// Whether any linear layer of the encoder trains (a LoRA adapter or a tracked weight).
+    pub fn trains(&self) -> bool {
+        use super::visit::VisitLinears;
+        // The visitor wants `&mut`; a clone shares the tensors.
+        let (mut probe, mut any) = (self.clone(), false);
+        probe.visit_linears(&mut |l| any |= l.lora.is_some() || l.weight.track_op());
+        any || self.token_embedding.track_op() || self.position_embedding.track_op()
+    }
+
+    /// [`Self::forward`] through the text cache: with `keys` (the host's copy of each row) and
+    /// nothing in the encoder training, a prompt seen before costs no computation — a frozen
+    /// encoder's output depends only on its tokens, and fine-tuning data repeats a few class
+    /// names as prompts. Rows not cached are encoded as one batch (each distinct prompt once)
+    /// and kept, detached. Without keys, while the encoder trains, or with
+    /// `LORAHOST_TEXT_CACHE=0`: the plain forward.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        keys: Option<&[PromptKey]>,
+    ) -> Result<TextOutput> {
+        let b = input_ids.dim(0)?;
+        let keys = match keys {
+            Some(k) if k.len() == b && b > 0 && text_cache_enabled() && !self.trains() => k,
+            _ => return self.forward(input_ids, attention_mask),
+        };
+        let Ok(mut rows) = self.cache.rows.lock() else { return self.forward(input_ids, attention_mask) };
+        let mut missing: Vec<usize> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !rows.contains_key(k) && !missing.iter().any(|&j| keys[j] == *k) {
+                missing.push(i);
+            }
+        }
+        if !missing.is_empty() {
+            let idx = Tensor::from_vec(
+                missing.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                missing.len(),
+                input_ids.device(),
+            )?;
+            let out =
+                self.forward(&input_ids.index_select(&idx, 0)?, &attention_mask.index_select(&idx, 0)?)?;
+            if rows.len() + missing.len() > TEXT_CACHE_ENTRIES {
+                rows.clear();
+            }
+            for (j, &i) in missing.iter().enumerate() {
+                let row = (out.clip_last_hidden_state.get(j)?.detach(), out.features.get(j)?.detach());
+                rows.insert(keys[i].clone(), row);
+            }
+            self.cache.misses.fetch_add(missing.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let (mut clip, mut features) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for k in keys {
+            let Some((c, f)) = rows.get(k) else { candle_core::bail!("text cache: a row went missing") };
+            clip.push(c);
+            features.push(f);
+        }
+        Ok(TextOutput {
+            clip_last_hidden_state: Tensor::stack(&clip, 0)?,
+            features: Tensor::stack(&features, 0)?,
+        })
     }
 }
 
@@ -356,6 +483,44 @@ mod tests {
         }
         // CLIP's own projection is loaded but dead, as in SAM3.
         assert_eq!(grad_norm("text_encoder.text_projection.weight"), 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn text_cache_serves_repeated_prompts_and_steps_aside_while_training() -> Result<()> {
+        let fx = Fixture::load("tiny_a");
+        let mut enc =
+            TextEncoder::load(fx.vb(), &fx.cfg.text_config, fx.cfg.detr_encoder_config.hidden_size)?;
+        let (ids, mask) = (fx.input("input_ids"), fx.input("attention_mask"));
+        let flat = |t: &Tensor| t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>();
+        let keys = PromptKey::rows(&flat(&ids)?, &flat(&mask)?, ids.dim(1)?);
+        assert!(keys.len() == 2 && keys[0] != keys[1]);
+        let want = enc.forward(&ids, &mask)?;
+        // Repeated and reordered rows: each distinct prompt encoded once, rows where they belong.
+        let order = Tensor::new(&[0u32, 1, 1, 0], &Device::Cpu)?;
+        let keys4 = vec![keys[0].clone(), keys[1].clone(), keys[1].clone(), keys[0].clone()];
+        let got =
+            enc.forward_cached(&ids.index_select(&order, 0)?, &mask.index_select(&order, 0)?, Some(&keys4))?;
+        assert_close("cached features", &got.features, &want.features.index_select(&order, 0)?)?;
+        assert_close(
+            "cached CLIP states",
+            &got.clip_last_hidden_state,
+            &want.clip_last_hidden_state.index_select(&order, 0)?,
+        )?;
+        assert_eq!(enc.cache.misses(), 2);
+        let again = enc.forward_cached(&ids, &mask, Some(&keys))?;
+        assert_close("cache hit", &again.features, &want.features)?;
+        assert_eq!(enc.cache.misses(), 2);
+        // A clone starts empty (its weights may change on their own).
+        let clone = enc.clone();
+        clone.forward_cached(&ids, &mask, Some(&keys))?;
+        assert_eq!(clone.cache.misses(), 2);
+        // While a weight trains the cache steps aside: gradients must reach it.
+        enc.resizer.weight = candle_core::Var::from_tensor(&enc.resizer.weight)?.as_tensor().clone();
+        assert!(enc.trains());
+        let trained = enc.forward_cached(&ids, &mask, Some(&keys))?;
+        assert!(trained.features.track_op());
+        assert_eq!(enc.cache.misses(), 2);
         Ok(())
     }
 

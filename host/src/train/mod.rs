@@ -499,6 +499,8 @@ pub struct PromptBatch {
     pub attention_mask: Tensor,
     /// (Q,) u32.
     pub image_index: Tensor,
+    /// The host's copy of each prompt's tokens (the text cache's keys).
+    pub keys: Vec<crate::sam3::text::PromptKey>,
 }
 
 /// Tokenize a batch's queries.
@@ -511,10 +513,12 @@ pub fn prompts(batch: &Batch, tok: &PromptTokenizer, ctx: usize, device: &Device
         mask.extend(m.iter().map(|&v| v as i64));
         idx.push(query.image_index as u32);
     }
+    let keys = crate::sam3::text::PromptKey::rows(&ids, &mask, ctx);
     Ok(PromptBatch {
         input_ids: Tensor::from_vec(ids, (q, ctx), device)?,
         attention_mask: Tensor::from_vec(mask, (q, ctx), device)?,
         image_index: Tensor::from_vec(idx, q, device)?,
+        keys,
     })
 }
 
@@ -572,6 +576,7 @@ pub fn batch_loss(
         attention_mask: p.attention_mask,
         input_boxes,
         input_boxes_labels,
+        prompt_keys: Some(p.keys),
     };
     let out = model.forward_indexed(&inputs, Some(&p.image_index), ForwardOptions { train, dac: true })?;
     let loss = sam3_loss(&out, &batch_targets(batch), weights)?;

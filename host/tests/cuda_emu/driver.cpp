@@ -65,6 +65,9 @@ using Args = std::vector<uint64_t>;
     {"gn_bwd_" #S, [](const Args& a) {                                                                  \
          gn_bwd_##S(DT(T, 0), DT(T, 1), F(2), F(3), F(4), DT(T, 5), L(6), I(7), I(8), I(9), I(10), R(11));           \
      }},
+#define LN_WARP(NC)                                                                                     \
+    {"ln_fwd_warp_bf16_" #NC, [](const Args& a) { ln_fwd_warp_bf16_##NC(BF(0), F(1), F(2), BF(3), I(4), R(5)); }}, \
+    {"ln_bwd_warp_bf16_" #NC, [](const Args& a) { ln_bwd_warp_bf16_##NC(BF(0), BF(1), F(2), BF(3), I(4), R(5)); }},
 #define NORM_ARITY(S)                                                                                   \
     {"ln_fwd_" #S, 6}, {"ln_bwd_" #S, 6}, {"gn_part_" #S, 4}, {"gn_fwd_" #S, 11}, {"gn_bwd_part_" #S, 11}, \
         {"gn_bwd_" #S, 12},
@@ -84,12 +87,14 @@ static const std::map<std::string, void (*)(const Args&)> kernels = {
     {"conv3x3_bf16", [](const Args& a) { conv3x3_bf16(BF(0), BF(1), BF(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
     {"conv_pack_bf16", [](const Args& a) { conv_pack_bf16(BF(0), BF(1), I(2), I(3), I(4), I(5)); }},
     {"conv_unpack_bf16", [](const Args& a) { conv_unpack_bf16(BF(0), BF(1), BF(2), I(3), I(4), I(5)); }},
+    LN_WARP(1) LN_WARP(2) LN_WARP(4)
     KERNELS(32) KERNELS(64) NORMS(bf16, bf16_t) NORMS(f32, float)};
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
     {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"conv_pack_bf16", 6}, {"conv_unpack_bf16", 6}, {"grad_stats", 3},
     {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
-    NORM_ARITY(bf16) NORM_ARITY(f32)};
+    NORM_ARITY(bf16) NORM_ARITY(f32) {"ln_fwd_warp_bf16_1", 6}, {"ln_fwd_warp_bf16_2", 6},
+    {"ln_fwd_warp_bf16_4", 6}, {"ln_bwd_warp_bf16_1", 6}, {"ln_bwd_warp_bf16_2", 6}, {"ln_bwd_warp_bf16_4", 6}};
 
 int main(int argc, char** argv) {
     if (argc != 2) return 2;

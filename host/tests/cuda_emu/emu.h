@@ -26,6 +26,10 @@
 using std::max;
 using std::min;
 
+// CUDA's 16-byte vector type (the LayerNorm row kernels load and store 8 bf16 at a time).
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
