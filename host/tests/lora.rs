@@ -18,6 +18,7 @@ fn inputs() -> Sam3Inputs {
         attention_mask: i["attention_mask"].clone(),
         input_boxes: Some(i["input_boxes"].clone()),
         input_boxes_labels: Some(i["input_boxes_labels"].clone()),
+        prompt_keys: None,
     }
 }
 

@@ -81,6 +81,7 @@ fn original_checkpoint_matches_transformers_tiny_a() {
             attention_mask: inputs["attention_mask"].clone(),
             input_boxes: Some(inputs["input_boxes"].clone()),
             input_boxes_labels: Some(inputs["input_boxes_labels"].clone()),
+            prompt_keys: None,
         })
         .unwrap();
     for (name, got) in [

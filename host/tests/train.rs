@@ -328,6 +328,7 @@ fn exported_adapters_load_strictly_and_merge_into_equivalent_weights() {
             .unwrap(),
         input_boxes: None,
         input_boxes_labels: None,
+        prompt_keys: None,
     };
     let a: Vec<f32> = adapted.forward(&inputs).unwrap().pred_logits.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = plain.forward(&inputs).unwrap().pred_logits.flatten_all().unwrap().to_vec1().unwrap();
