@@ -71,9 +71,9 @@ step() {
   timeout "$t" "$@" >> "$OUT/steps.log" 2>&1
   echo "$name exit $?" >> "$OUT/steps.log"
 }
-# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv textcache composed" by default;
+# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv cublaslt textcache composed" by default;
 # NO_AB=1: none).
-ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv textcache composed} " == *" $1 "* ]]; }
+ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv cublaslt textcache composed} " == *" $1 "* ]]; }
 REF=""
 for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
   [ -f "$ref" ] && { REF=$ref; break; }
@@ -96,6 +96,9 @@ ab blockops && step 80 "bench lorahost b2 block ops" env LORAHOST_VIT_BLOCK_OP=0
 # The 3x3 convolutions on the implicit-GEMM kernel instead of cuBLAS's nine shifted products.
 ab conv && step 60 "bench lorahost b2 conv kernel" env LORAHOST_CONV_GEMM=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_convkernel.jsonl"
+# The linear layers' products and the adapters' gradient products composed instead of on cuBLASLt.
+ab cublaslt && step 60 "bench lorahost b2 no cublaslt" env LORAHOST_CUBLASLT=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_nocublaslt.jsonl"
 # Every step encoding the (same) prompts again instead of reading the frozen text encoder's cache.
 ab textcache && step 60 "bench lorahost b2 no text cache" env LORAHOST_TEXT_CACHE=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_notextcache.jsonl"
@@ -130,7 +133,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_notextcache.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1
@@ -152,7 +155,7 @@ for line in open(sys.argv[1]):
 EOF
   done
 } > "$FINAL/summary.txt"
-for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_notextcache.jsonl bench_composed.jsonl demo_metrics.jsonl; do
+for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_composed.jsonl demo_metrics.jsonl; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/$f"
 done
 cat "$FINAL/summary.txt" | grep -v "^{" | tail -60

@@ -306,6 +306,19 @@ fn from_bf16_bytes(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
 }
 
+/// candle's f64 `conv2d` (stride 1, padding 1) of `x` with `w` (+ `bias`) for `d`.
+fn conv_reference(d: ConvDims, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Tensor {
+    let ConvDims { batch, cin, cout, height, width } = d;
+    let t = |v: &[f32], shape: &[usize]| {
+        Tensor::from_vec(v.iter().map(|&x| x as f64).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
+    };
+    let y = t(x, &[batch, cin, height, width]).conv2d(&t(w, &[cout, cin, 3, 3]), 1, 1, 1, 1).unwrap();
+    match bias {
+        Some(b) => y.broadcast_add(&t(b, &[1, cout, 1, 1])).unwrap(),
+        None => y,
+    }
+}
+
 /// One convolution through the emulated kernel against candle's f64 `conv2d`.
 fn check_conv(exe: &Path, dir: &Path, d: ConvDims, with_bias: bool, seed: u64) {
     let ConvDims { batch, cin, cout, height, width } = d;
@@ -330,14 +343,7 @@ fn check_conv(exe: &Path, dir: &Path, d: ConvDims, with_bias: bool, seed: u64) {
     run_plan(exe, dir, &plan);
     let got = from_bf16_bytes(&std::fs::read(dir.join("conv_out.bin")).unwrap());
 
-    let t = |v: &[f32], shape: &[usize]| {
-        Tensor::from_vec(v.iter().map(|&x| x as f64).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
-    };
-    let mut want =
-        t(&x, &[batch, cin, height, width]).conv2d(&t(&w, &[cout, cin, 3, 3]), 1, 1, 1, 1).unwrap();
-    if with_bias {
-        want = want.broadcast_add(&t(&bias, &[1, cout, 1, 1])).unwrap();
-    }
+    let want = conv_reference(d, &x, &w, with_bias.then_some(&bias[..]));
     let e = max_rel(&want, &got);
     assert!(e < 0.02, "{d:?}: convolution off by {e:.2e}");
     assert!(max_rel(&want, &vec![0.0; y_len]) > 0.5);
@@ -445,14 +451,7 @@ fn check_conv_gemm(exe: &Path, dir: &Path, d: ConvDims, with_bias: bool, seed: u
     run_plan(exe, dir, &plan);
     let got = from_bf16_bytes(&std::fs::read(dir.join("gy_out.bin")).unwrap());
 
-    let t = |v: &[f32], shape: &[usize]| {
-        Tensor::from_vec(v.iter().map(|&x| x as f64).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
-    };
-    let mut want =
-        t(&x, &[batch, cin, height, width]).conv2d(&t(&w, &[cout, cin, 3, 3]), 1, 1, 1, 1).unwrap();
-    if with_bias {
-        want = want.broadcast_add(&t(&bias, &[1, cout, 1, 1])).unwrap();
-    }
+    let want = conv_reference(d, &x, &w, with_bias.then_some(&bias[..]));
     let e = max_rel(&want, &got);
     assert!(e < 0.02, "{d:?}: convolution (GEMM route) off by {e:.2e}");
 }

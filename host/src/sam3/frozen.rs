@@ -105,6 +105,30 @@ pub(crate) fn act_grad(act: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `scale · uᵀ·v` in `dt` (an adapter factor's gradient from (N, ·) operands): one cuBLASLt
+/// product on the GPU in bf16 (f32 out, the scale folded in), else the composed product, scale
+/// and cast — also after a failed product (warned once).
+fn factor_grad(u: &Tensor, v: &Tensor, scale: f64, dt: candle_core::DType) -> Result<Tensor> {
+    if dt == candle_core::DType::F32
+        && super::gemm_cuda::grad_serves(u)
+        && u.is_contiguous()
+        && v.is_contiguous()
+    {
+        match super::gemm_cuda::grad_product(u, v, scale) {
+            Ok(g) => return Ok(g),
+            Err(e) => {
+                static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!("cuBLASLt adapter gradient failed ({e}); such gradients are composed");
+                }
+            }
+        }
+    }
+    let p = u.t()?.matmul(v)?;
+    let p = if scale == 1.0 { p } else { (p * scale)? };
+    p.to_dtype(dt)
+}
+
 /// After a failed cuBLASLt linear (`e`, logged for the first one per process): the composed
 /// products `xa·Wᵀ` and `h·sbᵀ` the layer sums instead.
 fn products_failed(
@@ -345,11 +369,11 @@ impl LinearCore {
             if needs.da || needs.db {
                 let xm = super::fused_cuda::adapter_input(x, self.act, mask, p)?;
                 if needs.da {
-                    da = Some(g.t()?.matmul(&xm)?.to_dtype(a.dtype())?);
+                    da = Some(factor_grad(&g, &xm, 1.0, a.dtype())?);
                 }
                 if needs.db {
                     let h = xm.matmul(&ad.t()?)?;
-                    db = Some((dy.t()?.matmul(&h)? * part.scale)?.to_dtype(b.dtype())?);
+                    db = Some(factor_grad(dy, &h, part.scale, b.dtype())?);
                 }
             }
             if x_tracked {

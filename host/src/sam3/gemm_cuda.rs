@@ -50,12 +50,34 @@ pub fn linear_storage(
     imp::linear_storage(xa, w, bias, lowrank)
 }
 
+/// `alpha · xᵀ·y` in f32 for 2-D contiguous bf16 CUDA tensors x (N, M) and y (N, P): an
+/// adapter factor's gradient (`dA = gᵀ·drop(x)`, `dB = s·dyᵀ·h`) as one cuBLASLt product with the
+/// scale and the cast to the factor's f32 folded in (composed: the product, a scaling pass and a
+/// cast, three launches per factor). Only where [`grad_serves`] holds.
+pub fn grad_product(x: &Tensor, y: &Tensor, alpha: f64) -> Result<Tensor> {
+    imp::grad_product(x, y, alpha)
+}
+
+/// Whether [`grad_product`] serves operands like `x` (CUDA, bf16, on and checked once against
+/// the composed f32 product).
+pub fn grad_serves(x: &Tensor) -> bool {
+    imp::grad_serves(x)
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use candle_core::{Result, Tensor};
 
     pub fn serves(_: &Tensor) -> bool {
         false
+    }
+
+    pub fn grad_serves(_: &Tensor) -> bool {
+        false
+    }
+
+    pub fn grad_product(_: &Tensor, _: &Tensor, _: f64) -> Result<Tensor> {
+        candle_core::bail!("cuBLASLt gradient product: built without CUDA")
     }
 
     pub fn linear(
@@ -103,6 +125,9 @@ mod imp {
         accumulate: bool,
         bias: bool,
         align: [u32; 3],
+        /// A gradient product ([`super::grad_product`]): outᵀ (m × n, f32) = A·op(B) with A an
+        /// m × k matrix as stored (ld m) and B an n × k matrix read transposed (ld n).
+        grad: bool,
     }
 
     /// A product's descriptors and the algorithm cuBLASLt's heuristic chose for them, made once
@@ -155,6 +180,7 @@ mod imp {
                 sys::cudaDataType_t::CUDA_R_32F,
             )?;
             let (transpose, keep) = (1i32, 0i32);
+            let (trans_a, trans_b) = if key.grad { (keep, transpose) } else { (transpose, keep) };
             let epilogue = if key.bias {
                 sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
             } else {
@@ -165,15 +191,31 @@ mod imp {
                 let set = |attr, value: *const std::ffi::c_void, size| {
                     lt::result::set_matmul_desc_attribute(desc, attr, value, size)
                 };
-                set(D::CUBLASLT_MATMUL_DESC_TRANSA, (&transpose) as *const i32 as *const _, 4)?;
-                set(D::CUBLASLT_MATMUL_DESC_TRANSB, (&keep) as *const i32 as *const _, 4)?;
+                set(D::CUBLASLT_MATMUL_DESC_TRANSA, (&trans_a) as *const i32 as *const _, 4)?;
+                set(D::CUBLASLT_MATMUL_DESC_TRANSB, (&trans_b) as *const i32 as *const _, 4)?;
                 let size = std::mem::size_of_val(&epilogue);
                 set(D::CUBLASLT_MATMUL_DESC_EPILOGUE, (&epilogue) as *const _ as *const _, size)?;
             }
-            // A: K × M read transposed (ld K); B: K × N (ld K); C = D: M × N (ld M).
-            let a = lt::result::create_matrix_layout(bf16, key.k, key.m, key.k as i64)?;
-            let b = lt::result::create_matrix_layout(bf16, key.k, key.n, key.k as i64)?;
-            let c = lt::result::create_matrix_layout(bf16, key.m, key.n, key.m as i64)?;
+            // Linear: A K × M read transposed (ld K); B K × N (ld K); C = D M × N in bf16 (ld M).
+            // Gradient: A M × K (ld M); B N × K read transposed (ld N); C = D M × N in f32.
+            let (a, b, c) = if key.grad {
+                (
+                    lt::result::create_matrix_layout(bf16, key.m, key.k, key.m as i64)?,
+                    lt::result::create_matrix_layout(bf16, key.n, key.k, key.n as i64)?,
+                    lt::result::create_matrix_layout(
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        key.m,
+                        key.n,
+                        key.m as i64,
+                    )?,
+                )
+            } else {
+                (
+                    lt::result::create_matrix_layout(bf16, key.k, key.m, key.k as i64)?,
+                    lt::result::create_matrix_layout(bf16, key.k, key.n, key.k as i64)?,
+                    lt::result::create_matrix_layout(bf16, key.m, key.n, key.m as i64)?,
+                )
+            };
             let pref = lt::result::create_matmul_pref()?;
             let workspace = WORKSPACE;
             // SAFETY: as above, on a live preference.
@@ -193,6 +235,54 @@ mod imp {
                 h?
             };
             Ok(Plan { desc, a, b, c, algo: heuristic.algo })
+        }
+    }
+
+    impl Plan {
+        /// `D = alpha·op(A)·op(B) + beta·C` with C = D at `a_b_d[2]` on `stream`.
+        ///
+        /// # Safety
+        /// The addresses must be those of live device buffers of the sizes and alignments the
+        /// plan was made for, `ws` the handle's workspace, all on `stream`.
+        unsafe fn run(
+            &self,
+            handle: sys::cublasLtHandle_t,
+            (alpha, beta): (f32, f32),
+            a_b_d: [u64; 3],
+            ws: u64,
+            stream: sys::cudaStream_t,
+        ) -> Result<()> {
+            let [a, b, d] = a_b_d;
+            lt::result::matmul(
+                handle,
+                self.desc,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                a as *const _,
+                self.a,
+                b as *const _,
+                self.b,
+                d as *const _,
+                self.c,
+                d as *mut _,
+                self.c,
+                &self.algo,
+                ws as *mut _,
+                WORKSPACE,
+                stream,
+            )
+            .map_err(lt_error)
+        }
+    }
+
+    impl Lt {
+        /// The plan for `key`, made on first use.
+        fn plan(&mut self, key: Key) -> Result<&Plan> {
+            if !self.plans.contains_key(&key) {
+                let plan = Plan::new(self.handle, key).map_err(lt_error)?;
+                self.plans.insert(key, plan);
+            }
+            Ok(&self.plans[&key])
         }
     }
 
@@ -222,36 +312,42 @@ mod imp {
             return false;
         }
         *READY.get_or_init(|| {
-            if std::env::var("LORAHOST_CUBLASLT").is_ok_and(|v| v == "0") {
-                return false;
-            }
-            match probe(x.device()) {
-                Ok(None) => {
-                    tracing::info!("cuBLASLt linear checked on the GPU: in use");
-                    true
-                }
-                Ok(Some(why)) => {
-                    tracing::warn!(
-                        "cuBLASLt linear disagrees with the composed one on this GPU ({why}); not used"
-                    );
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!("cuBLASLt linear failed on this GPU ({e}); not used");
-                    false
-                }
-            }
+            !std::env::var("LORAHOST_CUBLASLT").is_ok_and(|v| v == "0")
+                && verdict("cuBLASLt linear", probe(x.device()))
         })
+    }
+
+    /// A probe's outcome, logged: whether `what` is used.
+    fn verdict(what: &str, probe: Result<Option<String>>) -> bool {
+        match probe {
+            Ok(None) => {
+                tracing::info!("{what} checked on the GPU: in use");
+                true
+            }
+            Ok(Some(why)) => {
+                tracing::warn!(
+                    "{what} disagrees with the composed computation on this GPU ({why}); not used"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!("{what} failed on this GPU ({e}); not used");
+                false
+            }
+        }
+    }
+
+    /// A deterministic bf16 probe operand of `shape` on `device` (values in ±0.5).
+    fn draw(device: &Device, shape: &[usize], seed: f64) -> Result<Tensor> {
+        let count: usize = shape.iter().product();
+        let v: Vec<f32> = (0..count).map(|i| ((i as f64 * 0.37 + seed).sin() * 0.5) as f32).collect();
+        Tensor::from_vec(v, shape, device)?.to_dtype(DType::BF16)
     }
 
     /// Odd sizes against the composed f32 computation, with and without the low-rank term.
     fn probe(device: &Device) -> Result<Option<String>> {
         let (n, k, o, r) = (37, 48, 40, 8);
-        let draw = |shape: &[usize], seed: f64| -> Result<Tensor> {
-            let count: usize = shape.iter().product();
-            let v: Vec<f32> = (0..count).map(|i| ((i as f64 * 0.37 + seed).sin() * 0.5) as f32).collect();
-            Tensor::from_vec(v, shape, device)?.to_dtype(DType::BF16)
-        };
+        let draw = |shape: &[usize], seed: f64| draw(device, shape, seed);
         let (x, w, b, h, sb) = (
             draw(&[n, k], 1.0)?,
             draw(&[o, k], 2.0)?,
@@ -333,12 +429,10 @@ mod imp {
                     accumulate,
                     bias: bias.is_some(),
                     align: [alignment(a), alignment(b), alignment(dst)],
+                    grad: false,
                 };
-                if !lt.plans.contains_key(&key) {
-                    let plan = Plan::new(lt.handle, key).map_err(lt_error)?;
-                    lt.plans.insert(key, plan);
-                }
-                let plan = &lt.plans[&key];
+                let handle = lt.handle;
+                let plan = lt.plan(key)?;
                 let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
                 // SAFETY: the addresses are of live contiguous tensors of the sizes the plan
                 // describes (checked by `dims`), queued on candle's stream, which also orders
@@ -353,25 +447,7 @@ mod imp {
                         )
                         .map_err(lt_error)?;
                     }
-                    lt::result::matmul(
-                        lt.handle,
-                        plan.desc,
-                        (&alpha) as *const f32 as *const _,
-                        (&beta) as *const f32 as *const _,
-                        a as *const _,
-                        plan.a,
-                        b as *const _,
-                        plan.b,
-                        dst as *const _,
-                        plan.c,
-                        dst as *mut _,
-                        plan.c,
-                        &plan.algo,
-                        ws as *mut _,
-                        WORKSPACE,
-                        cu_stream,
-                    )
-                    .map_err(lt_error)
+                    plan.run(handle, (alpha, beta), [a, b, dst], ws, cu_stream)
                 }
             };
             let mut accumulate = false;
@@ -393,6 +469,81 @@ mod imp {
         let (n, _, o) = dims(xa, w, bias, lowrank)?;
         let out = crate::cuda_kernels::uninit(xa, &[n, o], DType::BF16)?;
         linear_into(xa, w, bias, lowrank, device_address(&out)?)?;
+        Ok(out)
+    }
+
+    /// Switched on or off and checked once per process (the gradient products).
+    static GRAD_READY: OnceLock<bool> = OnceLock::new();
+
+    pub fn grad_serves(x: &Tensor) -> bool {
+        serves(x) && *GRAD_READY.get_or_init(|| verdict("cuBLASLt adapter gradients", grad_probe(x.device())))
+    }
+
+    /// Odd sizes and a scale against the composed f32 product.
+    fn grad_probe(device: &Device) -> Result<Option<String>> {
+        for (n, m, p, alpha) in [(37usize, 8usize, 40usize, 1.0f64), (130, 40, 6, 2.5)] {
+            let (x, y) = (draw(device, &[n, m], 1.0)?, draw(device, &[n, p], 2.0)?);
+            let want = (x.to_dtype(DType::F32)?.t()?.matmul(&y.to_dtype(DType::F32)?)? * alpha)?;
+            let got = grad_product(&x, &y, alpha)?;
+            if got.dtype() != DType::F32 || got.dims() != [m, p] {
+                return Ok(Some(format!("{:?} {:?} for ({m}, {p}) f32", got.dtype(), got.dims())));
+            }
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+            if err.is_nan() || err > 1e-2 {
+                return Ok(Some(format!("relative error {err:.2e} ({n} rows, {m} x {p})")));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn grad_product(x: &Tensor, y: &Tensor, alpha: f64) -> Result<Tensor> {
+        let (n, m) = x.dims2()?;
+        let (n2, p) = y.dims2()?;
+        let ok = n == n2
+            && x.is_contiguous()
+            && y.is_contiguous()
+            && x.dtype() == DType::BF16
+            && y.dtype() == DType::BF16;
+        if !ok {
+            candle_core::bail!(
+                "cuBLASLt gradient product: operands {:?} {:?} and {:?} {:?}",
+                x.shape(),
+                x.dtype(),
+                y.shape(),
+                y.dtype()
+            );
+        }
+        if n == 0 || m == 0 || p == 0 {
+            return Tensor::zeros((m, p), DType::F32, x.device());
+        }
+        let Device::Cuda(dev) = x.device() else {
+            candle_core::bail!("cuBLASLt gradient product: not on the GPU")
+        };
+        let out = crate::cuda_kernels::uninit(x, &[m, p], DType::F32)?;
+        let (xa, ya, dst) = (device_address(x)?, device_address(y)?, device_address(&out)?);
+        let stream = dev.cuda_stream();
+        let cu_stream = stream.cu_stream() as sys::cudaStream_t;
+        with_lt(dev, |lt| {
+            let ws = lt.workspace.device_ptr(&stream).0;
+            // out (M, P) row-major is outᵀ (P × M, ld P) = yᵀ-as-stored (P × N, ld P) · xᵀ with x
+            // stored as M × N (ld M) and read transposed.
+            let key = Key {
+                m: p as u64,
+                n: m as u64,
+                k: n as u64,
+                accumulate: false,
+                bias: false,
+                align: [alignment(ya), alignment(xa), alignment(dst)],
+                grad: true,
+            };
+            let handle = lt.handle;
+            let plan = lt.plan(key)?;
+            let (alpha, beta) = (alpha as f32, 0f32);
+            // SAFETY: as in `linear_into`: live contiguous tensors of the sizes the plan
+            // describes, on candle's stream.
+            unsafe { plan.run(handle, (alpha, beta), [ya, xa, dst], ws, cu_stream) }
+        })?;
         Ok(out)
     }
 

@@ -239,29 +239,32 @@ impl TextEncoder {
             _ => return self.forward(input_ids, attention_mask),
         };
         let Ok(mut rows) = self.cache.rows.lock() else { return self.forward(input_ids, attention_mask) };
-        let mut missing: Vec<usize> = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            if !rows.contains_key(k) && !missing.iter().any(|&j| keys[j] == *k) {
-                missing.push(i);
+        let missing_rows = |rows: &std::collections::HashMap<PromptKey, (Tensor, Tensor)>| {
+            let mut missing: Vec<usize> = Vec::new();
+            for (i, k) in keys.iter().enumerate() {
+                if !rows.contains_key(k) && !missing.iter().any(|&j| keys[j] == *k) {
+                    missing.push(i);
+                }
+            }
+            missing
+        };
+        let mut missing = missing_rows(&rows);
+        if rows.len() + missing.len() > TEXT_CACHE_ENTRIES {
+            rows.clear();
+            missing = missing_rows(&rows);
+            if missing.len() > TEXT_CACHE_ENTRIES {
+                drop(rows);
+                return self.forward(input_ids, attention_mask);
             }
         }
-        if !missing.is_empty() {
-            let idx = Tensor::from_vec(
-                missing.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                missing.len(),
-                input_ids.device(),
-            )?;
-            let out =
-                self.forward(&input_ids.index_select(&idx, 0)?, &attention_mask.index_select(&idx, 0)?)?;
-            if rows.len() + missing.len() > TEXT_CACHE_ENTRIES {
-                rows.clear();
-            }
-            for (j, &i) in missing.iter().enumerate() {
-                let row = (out.clip_last_hidden_state.get(j)?.detach(), out.features.get(j)?.detach());
-                rows.insert(keys[i].clone(), row);
-            }
-            self.cache.misses.fetch_add(missing.len(), std::sync::atomic::Ordering::Relaxed);
+        // Each prompt encoded on its own: its cached output does not depend on which batch
+        // first met it, so a resumed run reads the values the uninterrupted one did.
+        for &i in &missing {
+            let out = self.forward(&input_ids.narrow(0, i, 1)?, &attention_mask.narrow(0, i, 1)?)?;
+            let row = (out.clip_last_hidden_state.get(0)?.detach(), out.features.get(0)?.detach());
+            rows.insert(keys[i].clone(), row);
         }
+        self.cache.misses.fetch_add(missing.len(), std::sync::atomic::Ordering::Relaxed);
         let (mut clip, mut features) = (Vec::with_capacity(b), Vec::with_capacity(b));
         for k in keys {
             let Some((c, f)) = rows.get(k) else { candle_core::bail!("text cache: a row went missing") };
