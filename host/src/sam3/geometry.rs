@@ -188,6 +188,20 @@ impl GeometryEncoder {
         img_feats: &Tensor,
         img_pos_embeds: Option<&Tensor>,
     ) -> Result<GeometryOutput> {
+        self.forward_with(box_embeddings, box_mask, box_labels, img_feats, img_pos_embeds, None)
+    }
+
+    /// [`Self::forward`] with the host's copies of what it reads on the host ([`HostBoxes`],
+    /// from [`GeometryEncoder::prefetch`] on the same boxes and mask; None: read them here).
+    pub fn forward_with(
+        &self,
+        box_embeddings: &Tensor,
+        box_mask: &Tensor,
+        box_labels: &Tensor,
+        img_feats: &Tensor,
+        img_pos_embeds: Option<&Tensor>,
+        host: Option<&HostBoxes>,
+    ) -> Result<GeometryOutput> {
         let (b, n, four) = box_embeddings.dims3()?;
         if four != 4 || box_mask.dims() != [b, n] || box_labels.dims() != [b, n] {
             candle_core::bail!(
@@ -203,9 +217,13 @@ impl GeometryEncoder {
         let (prompt, mask) = if n == 0 {
             (cls, ones)
         } else {
-            let boxes = self.encode_boxes(box_embeddings, box_labels, img_feats)?;
+            let host = host.filter(|h| h.fits(b, n, img_feats.dtype()));
+            let boxes = self.encode_boxes(box_embeddings, box_labels, img_feats, host)?;
             let mask = box_mask.ne(0f64)?;
-            concat_padded_sequences(&boxes, &mask, &cls, &ones)?
+            match host {
+                Some(h) => concat_padded_sequences_counted(&boxes, &cls, &h.valid, &vec![1; b])?,
+                None => concat_padded_sequences(&boxes, &mask, &cls, &ones)?,
+            }
         };
         self.encode_tokens(&prompt, &mask, &vision, &vision_key)
     }
@@ -231,6 +249,44 @@ impl GeometryEncoder {
         img_pos_embeds: Option<&Tensor>,
         policy: NoBoxPolicy,
     ) -> Result<Option<GeometryOutput>> {
+        self.encode_prompt_with(input_boxes, input_boxes_labels, img_feats, img_pos_embeds, policy, None)
+    }
+
+    /// What [`Self::encode_prompt`] reads on the host for these boxes (None without boxes), read
+    /// now: the model calls this before queueing the vision backbone, because on the GPU a read
+    /// waits for everything queued before it — after the backbone, the device's queue would run
+    /// dry and the host would issue the heads with the device idle. `dtype`: the image
+    /// features' dtype (the boxes are rounded to it first, as [`Self::encode_prompt`] does).
+    pub fn prefetch(
+        input_boxes: Option<&Tensor>,
+        input_boxes_labels: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<Option<HostBoxes>> {
+        let Some(boxes) = input_boxes.filter(|b| b.elem_count() > 0) else { return Ok(None) };
+        let (b, n, _) = boxes.dims3()?;
+        let valid = match input_boxes_labels {
+            Some(l) => {
+                let (_, mask) = box_labels_and_mask(l)?;
+                valid_counts(&mask)?
+            }
+            None => vec![n as u32; b],
+        };
+        let xyxy = box_cxcywh_to_xyxy(&boxes.to_dtype(dtype)?.to_dtype(DType::F32)?)?;
+        let xyxy = xyxy.to_device(&Device::Cpu)?.to_vec3::<f32>()?;
+        let xyxy = xyxy.iter().map(|row| row.iter().map(|v| [v[0], v[1], v[2], v[3]]).collect()).collect();
+        Ok(Some(HostBoxes { xyxy, valid, dtype }))
+    }
+
+    /// [`Self::encode_prompt`] with the host's copies from [`Self::prefetch`] on the same inputs.
+    pub fn encode_prompt_with(
+        &self,
+        input_boxes: Option<&Tensor>,
+        input_boxes_labels: Option<&Tensor>,
+        img_feats: &Tensor,
+        img_pos_embeds: Option<&Tensor>,
+        policy: NoBoxPolicy,
+        host: Option<&HostBoxes>,
+    ) -> Result<Option<GeometryOutput>> {
         match input_boxes {
             Some(boxes) if boxes.elem_count() > 0 => {
                 let (b, n, _) = boxes.dims3()?;
@@ -241,7 +297,7 @@ impl GeometryEncoder {
                         (ones.clone(), ones.to_dtype(DType::U8)?)
                     }
                 };
-                self.forward(boxes, &mask, &labels, img_feats, img_pos_embeds).map(Some)
+                self.forward_with(boxes, &mask, &labels, img_feats, img_pos_embeds, host).map(Some)
             }
             _ => match policy {
                 NoBoxPolicy::ClsToken => self.cls_only(img_feats, img_pos_embeds).map(Some),
@@ -267,7 +323,13 @@ impl GeometryEncoder {
     }
 
     /// transformers' `_encode_boxes`: (B, N, d) box tokens.
-    fn encode_boxes(&self, boxes: &Tensor, labels: &Tensor, img_feats: &Tensor) -> Result<Tensor> {
+    fn encode_boxes(
+        &self,
+        boxes: &Tensor,
+        labels: &Tensor,
+        img_feats: &Tensor,
+        host: Option<&HostBoxes>,
+    ) -> Result<Tensor> {
         let (b, n, _) = boxes.dims3()?;
         let (_, d, h, w) = img_feats.dims4()?;
         let dtype = img_feats.dtype();
@@ -277,11 +339,24 @@ impl GeometryEncoder {
         // RoIAlign on LN(level) (channels-last tokens), then the roi×roi "conv" as a Linear.
         let normed = self.vision_layer_norm.forward(&img_feats.permute((0, 2, 3, 1))?)?; // (B,H,W,d)
         let tokens = normed.reshape((b, h * w, d))?;
-        let xyxy = box_cxcywh_to_xyxy(&boxes.to_dtype(DType::F32)?)?;
-        let scale = Tensor::new(&[w as f32, h as f32, w as f32, h as f32], xyxy.device())?;
-        let xyxy = xyxy.broadcast_mul(&scale)?;
         let r = self.roi_size;
-        let sampled = roi_align_tokens(&tokens, h, w, &xyxy, r, 1.0, -1)?; // (B, N, r*r, d)
+        let scale = [w as f32, h as f32, w as f32, h as f32];
+        let sampled = match host {
+            // The same f32 products as the tensor path's `broadcast_mul`.
+            Some(hb) => {
+                let scaled: Vec<Vec<[f32; 4]>> = hb
+                    .xyxy
+                    .iter()
+                    .map(|row| row.iter().map(|v| std::array::from_fn(|i| v[i] * scale[i])).collect())
+                    .collect();
+                roi_align_tokens_host(&tokens, h, w, &scaled, r, 1.0, -1)?
+            }
+            None => {
+                let xyxy = box_cxcywh_to_xyxy(&boxes.to_dtype(DType::F32)?)?;
+                let xyxy = xyxy.broadcast_mul(&Tensor::new(&scale, xyxy.device())?)?;
+                roi_align_tokens(&tokens, h, w, &xyxy, r, 1.0, -1)?
+            }
+        }; // (B, N, r*r, d)
         let sampled = sampled.transpose(2, 3)?.contiguous()?.reshape((b, n, d * r * r))?;
         embed = (embed + self.boxes_pool_project.forward(&sampled)?)?;
 
@@ -328,6 +403,28 @@ pub fn box_labels_and_mask(labels: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((fixed, mask))
 }
 
+/// What the geometry encoder reads on the host, read ahead ([`GeometryEncoder::prefetch`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBoxes {
+    /// Per prompt row, each box as xyxy in normalized coordinates (f32 of the boxes rounded to
+    /// `dtype`).
+    pub xyxy: Vec<Vec<[f32; 4]>>,
+    /// Valid (not padding) boxes per row.
+    pub valid: Vec<u32>,
+    /// The image features' dtype the boxes were rounded to.
+    pub dtype: DType,
+}
+
+impl HostBoxes {
+    /// Whether these copies describe `b` rows of `n` boxes for features in `dtype`.
+    fn fits(&self, b: usize, n: usize, dtype: DType) -> bool {
+        self.dtype == dtype
+            && self.valid.len() == b
+            && self.xyxy.len() == b
+            && self.xyxy.iter().all(|r| r.len() == n)
+    }
+}
+
 /// transformers' `concat_padded_sequences`: seq1 (B, L1, C) with mask1 (B, L1) and seq2
 /// (B, L2, C) with mask2 (B, L2) (nonzero = valid) → (B, L1 + L2, C) and a u8 mask. Row b is
 /// seq1[b] with seq2[b] written starting at n1 = valid count of mask1[b] (overwriting seq1's
@@ -350,10 +447,36 @@ pub fn concat_padded_sequences(
             mask2.dims()
         );
     }
-    let count = |m: &Tensor| -> Result<Vec<u32>> {
-        m.ne(0f64)?.to_dtype(DType::U32)?.sum(1)?.to_device(&Device::Cpu)?.to_vec1::<u32>()
-    };
-    let (n1, n2) = (count(mask1)?, count(mask2)?);
+    concat_padded_sequences_counted(seq1, seq2, &valid_counts(mask1)?, &valid_counts(mask2)?)
+}
+
+/// Nonzero entries per row of a (B, L) mask, read to the host.
+fn valid_counts(mask: &Tensor) -> Result<Vec<u32>> {
+    mask.ne(0f64)?.to_dtype(DType::U32)?.sum(1)?.to_device(&Device::Cpu)?.to_vec1::<u32>()
+}
+
+/// [`concat_padded_sequences`] with each row's valid counts `n1`, `n2` given (the host's).
+pub fn concat_padded_sequences_counted(
+    seq1: &Tensor,
+    seq2: &Tensor,
+    n1: &[u32],
+    n2: &[u32],
+) -> Result<(Tensor, Tensor)> {
+    let (b, l1, c) = seq1.dims3()?;
+    let (b2, l2, c2) = seq2.dims3()?;
+    if b2 != b
+        || c2 != c
+        || n1.len() != b
+        || n2.len() != b
+        || n1.iter().any(|&v| v as usize > l1)
+        || n2.iter().any(|&v| v as usize > l2)
+    {
+        candle_core::bail!(
+            "concat_padded_sequences: counts {n1:?} / {n2:?} for {:?} and {:?}",
+            seq1.dims(),
+            seq2.dims()
+        );
+    }
     let len = l1 + l2;
     // Source rows per sample: [seq1 (l1), seq2 (l2), zero (1)].
     let src_len = l1 + l2 + 1;
@@ -477,7 +600,7 @@ pub fn roi_align_tokens(
     spatial_scale: f32,
     sampling_ratio: i32,
 ) -> Result<Tensor> {
-    let (b, hw, c) = tokens.dims3()?;
+    let (b, hw, _) = tokens.dims3()?;
     let (b2, n, _) = boxes_xyxy.dims3()?;
     if b != b2 || hw != height * width || height == 0 || width == 0 {
         candle_core::bail!(
@@ -487,11 +610,35 @@ pub fn roi_align_tokens(
         );
     }
     let boxes = boxes_xyxy.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec3::<f32>()?;
+    let boxes: Vec<Vec<[f32; 4]>> =
+        boxes.iter().map(|row| row.iter().map(|v| [v[0], v[1], v[2], v[3]]).collect()).collect();
+    debug_assert!(boxes.iter().all(|row| row.len() == n));
+    roi_align_tokens_host(tokens, height, width, &boxes, output_size, spatial_scale, sampling_ratio)
+}
+
+/// [`roi_align_tokens`] with the boxes (per image, xyxy in feature pixels) on the host.
+pub fn roi_align_tokens_host(
+    tokens: &Tensor,
+    height: usize,
+    width: usize,
+    boxes: &[Vec<[f32; 4]>],
+    output_size: usize,
+    spatial_scale: f32,
+    sampling_ratio: i32,
+) -> Result<Tensor> {
+    let (b, hw, c) = tokens.dims3()?;
+    let n = boxes.first().map_or(0, |r| r.len());
+    if boxes.len() != b || boxes.iter().any(|r| r.len() != n) || hw != height * width || hw == 0 {
+        candle_core::bail!(
+            "roi_align: tokens {:?} for {height}×{width}, {} rows of boxes",
+            tokens.dims(),
+            boxes.len()
+        );
+    }
     let rr = output_size * output_size;
     let mut all = Vec::with_capacity(b * n * rr * hw);
-    for per_image in &boxes {
-        let bx: Vec<[f32; 4]> = per_image.iter().map(|v| [v[0], v[1], v[2], v[3]]).collect();
-        all.extend(roi_align_weights(&bx, height, width, output_size, spatial_scale, sampling_ratio)?);
+    for bx in boxes {
+        all.extend(roi_align_weights(bx, height, width, output_size, spatial_scale, sampling_ratio)?);
     }
     let weights = Tensor::from_vec(all, (b, n * rr, hw), tokens.device())?.to_dtype(tokens.dtype())?;
     weights.matmul(&tokens.contiguous()?)?.reshape((b, n, rr, c))
@@ -669,6 +816,47 @@ mod tests {
             &padded.last_hidden_state.narrow(1, 0, 1)?,
             &cls.last_hidden_state,
         )?;
+        Ok(())
+    }
+
+    /// The host copies read ahead give bit for bit what reading them in place gives (f32 and
+    /// bf16 features, one padding box), and copies that do not fit the call are not used.
+    #[test]
+    fn prefetched_boxes_match_the_boxes_read_in_place() -> Result<()> {
+        let fx = Fixture::load("tiny_a");
+        let enc = GeometryEncoder::load(fx.vb().pp("geometry_encoder"), &fx.cfg.geometry_encoder_config)?;
+        let boxes = fx.input("input_boxes");
+        let (b, n) = (boxes.dim(0)?, boxes.dim(1)?);
+        assert!(n >= 2, "the case needs a padding box beside a valid one");
+        let mut labels = vec![1i64; b * n];
+        labels[n - 1] = PAD_LABEL; // the first row's last box is padding
+        let labels = Tensor::from_vec(labels, (b, n), &Device::Cpu)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let feats = fx.output("geometry.in.img_feats.2").to_dtype(dtype)?;
+            let pos = fx.output("geometry.in.img_pos_embeds.2").to_dtype(dtype)?;
+            let host = GeometryEncoder::prefetch(Some(&boxes), Some(&labels), dtype)?.expect("boxes");
+            assert_eq!(host.valid[0] as usize, n - 1);
+            let run = |h: Option<&HostBoxes>| {
+                enc.encode_prompt_with(
+                    Some(&boxes),
+                    Some(&labels),
+                    &feats,
+                    Some(&pos),
+                    NoBoxPolicy::ClsToken,
+                    h,
+                )
+            };
+            let (want, got) = (run(None)?.expect("boxes"), run(Some(&host))?.expect("boxes"));
+            let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(flat(&got.last_hidden_state)?, flat(&want.last_hidden_state)?, "{dtype:?}");
+            assert_eq!(got.attention_mask.to_vec2::<u8>()?, want.attention_mask.to_vec2::<u8>()?);
+            // Copies for another dtype are not used: the same result again.
+            let other = if dtype == DType::F32 { DType::BF16 } else { DType::F32 };
+            let stale = GeometryEncoder::prefetch(Some(&boxes), Some(&labels), other)?.expect("boxes");
+            let again = run(Some(&stale))?.expect("boxes");
+            assert_eq!(flat(&again.last_hidden_state)?, flat(&want.last_hidden_state)?);
+        }
+        assert!(GeometryEncoder::prefetch(None, None, DType::F32)?.is_none());
         Ok(())
     }
 

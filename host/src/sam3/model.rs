@@ -269,6 +269,12 @@ impl Sam3Model {
         image_index: Option<&Tensor>,
         opts: ForwardOptions,
     ) -> Result<Sam3Outputs> {
+        // What the geometry encoder reads on the host, read before the backbone is queued.
+        let host_boxes = super::geometry::GeometryEncoder::prefetch(
+            inputs.input_boxes.as_ref(),
+            inputs.input_boxes_labels.as_ref(),
+            self.dtype,
+        )?;
         let pixel_values = inputs.pixel_values.to_dtype(self.dtype)?;
         let vision = self.vision.forward(&pixel_values)?;
         mem_mark("vision");
@@ -307,12 +313,13 @@ impl Sam3Model {
             Semantics::Original => NoBoxPolicy::ClsToken,
             Semantics::Transformers => NoBoxPolicy::Skip,
         };
-        let geometry = self.geometry.encode_prompt(
+        let geometry = self.geometry.encode_prompt_with(
             inputs.input_boxes.as_ref(),
             inputs.input_boxes_labels.as_ref(),
             img,
             Some(img_pos),
             policy,
+            host_boxes.as_ref(),
         )?;
         let (prompt, prompt_mask) = match geometry {
             Some(g) => {
