@@ -254,13 +254,18 @@ mod imp {
     }
 
     /// The operands in bf16, contiguous, and the bias's length checked.
-    fn operands(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: ConvDims) -> Result<[Option<Tensor>; 3]> {
+    fn operands(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        d: ConvDims,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let bf = |t: &Tensor| t.to_dtype(DType::BF16).and_then(|t| t.contiguous());
         let bias = bias.map(bf).transpose()?;
         if let Some(b) = bias.as_ref().filter(|b| b.elem_count() != d.cout) {
             candle_core::bail!("conv3x3: bias of {} for {} channels", b.elem_count(), d.cout);
         }
-        Ok([Some(bf(x)?), Some(bf(w)?), bias])
+        Ok((bf(x)?, bf(w)?, bias))
     }
 
     /// The GEMM route (see the module's doc).
@@ -270,7 +275,7 @@ mod imp {
             candle_core::bail!("conv3x3 (cuBLAS): shapes {:?} and {:?}", x.shape(), w.shape())
         };
         let Device::Cuda(dev) = x.device() else { candle_core::bail!("conv3x3 (cuBLAS): not a CUDA tensor") };
-        let [Some(x), Some(w), bias] = operands(x, w, bias, d)? else { unreachable!() };
+        let (x, w, bias) = operands(x, w, bias, d)?;
         let g = super::tap_gemm(d);
         let xp = uninit(&x, &[d.batch, g.input_rows, d.cin], DType::BF16)?;
         let (grid, block, args) = super::pack_plan(d, device_address(&x)?, device_address(&xp)?);
@@ -330,7 +335,7 @@ mod imp {
         let Some(d) = dims(x, w) else {
             candle_core::bail!("conv3x3 kernel: shapes {:?} and {:?}", x.shape(), w.shape())
         };
-        let [Some(x), Some(w), bias] = operands(x, w, bias, d)? else { unreachable!() };
+        let (x, w, bias) = operands(x, w, bias, d)?;
         let y = uninit(&x, &[d.batch, d.cout, d.height, d.width], DType::BF16)?;
         let b_addr = match &bias {
             Some(b) => device_address(b)?,

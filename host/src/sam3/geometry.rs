@@ -219,10 +219,9 @@ impl GeometryEncoder {
         } else {
             let host = host.filter(|h| h.fits(b, n, img_feats.dtype()));
             let boxes = self.encode_boxes(box_embeddings, box_labels, img_feats, host)?;
-            let mask = box_mask.ne(0f64)?;
             match host {
                 Some(h) => concat_padded_sequences_counted(&boxes, &cls, &h.valid, &vec![1; b])?,
-                None => concat_padded_sequences(&boxes, &mask, &cls, &ones)?,
+                None => concat_padded_sequences(&boxes, &box_mask.ne(0f64)?, &cls, &ones)?,
             }
         };
         self.encode_tokens(&prompt, &mask, &vision, &vision_key)
@@ -271,9 +270,7 @@ impl GeometryEncoder {
             }
             None => vec![n as u32; b],
         };
-        let xyxy = box_cxcywh_to_xyxy(&boxes.to_dtype(dtype)?.to_dtype(DType::F32)?)?;
-        let xyxy = xyxy.to_device(&Device::Cpu)?.to_vec3::<f32>()?;
-        let xyxy = xyxy.iter().map(|row| row.iter().map(|v| [v[0], v[1], v[2], v[3]]).collect()).collect();
+        let xyxy = host_box_rows(&box_cxcywh_to_xyxy(&boxes.to_dtype(dtype)?.to_dtype(DType::F32)?)?)?;
         Ok(Some(HostBoxes { xyxy, valid, dtype }))
     }
 
@@ -609,11 +606,15 @@ pub fn roi_align_tokens(
             boxes_xyxy.dims()
         );
     }
-    let boxes = boxes_xyxy.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec3::<f32>()?;
-    let boxes: Vec<Vec<[f32; 4]>> =
-        boxes.iter().map(|row| row.iter().map(|v| [v[0], v[1], v[2], v[3]]).collect()).collect();
+    let boxes = host_box_rows(boxes_xyxy)?;
     debug_assert!(boxes.iter().all(|row| row.len() == n));
     roi_align_tokens_host(tokens, height, width, &boxes, output_size, spatial_scale, sampling_ratio)
+}
+
+/// (B, N, 4) boxes read to the host as f32, per row.
+fn host_box_rows(boxes: &Tensor) -> Result<Vec<Vec<[f32; 4]>>> {
+    let rows = boxes.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec3::<f32>()?;
+    Ok(rows.iter().map(|row| row.iter().map(|v| [v[0], v[1], v[2], v[3]]).collect()).collect())
 }
 
 /// [`roi_align_tokens`] with the boxes (per image, xyxy in feature pixels) on the host.
