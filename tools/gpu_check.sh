@@ -8,7 +8,7 @@
 # `quick` skips the larger batches (4, 8, 16 with checkpointing) and batch 2 with checkpointing.
 # Order: selftest of the training ops on the GPU (f32, bf16: selftest_*.txt), forward parity,
 # bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl), PyTorch eager b2, bf16
-# demo training, then b8 --ckpt, b4, b8, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
+# demo training, then b8 --ckpt, b4, b8, b12, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
 # a step that would not fit is cut short or skipped, so the results always come back. NO_AB=1
 # skips the A/B runs (AB="conv ..." picks some) (flash attention off; ViT blocks op by op; the convolutions on the
 # implicit-GEMM kernel; all of lorahost's own kernels and ops off).
@@ -71,9 +71,9 @@ step() {
   timeout "$t" "$@" >> "$OUT/steps.log" 2>&1
   echo "$name exit $?" >> "$OUT/steps.log"
 }
-# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv cublaslt textcache composed" by default;
+# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv cublaslt textcache countermasks composed" by default;
 # NO_AB=1: none).
-ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv cublaslt textcache composed} " == *" $1 "* ]]; }
+ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv cublaslt textcache countermasks composed} " == *" $1 "* ]]; }
 REF=""
 for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
   [ -f "$ref" ] && { REF=$ref; break; }
@@ -102,6 +102,10 @@ ab cublaslt && step 60 "bench lorahost b2 no cublaslt" env LORAHOST_CUBLASLT=0 \
 # Every step encoding the (same) prompts again instead of reading the frozen text encoder's cache.
 ab textcache && step 60 "bench lorahost b2 no text cache" env LORAHOST_TEXT_CACHE=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_notextcache.jsonl"
+# Dropout masks drawn into bytes (kept for backward, read by each kernel) instead of drawn again
+# by the kernels that apply them: time and peak memory.
+ab countermasks && step 60 "bench lorahost b2 drawn masks" env LORAHOST_COUNTER_MASKS=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_drawnmasks.jsonl"
 ab composed && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 LORAHOST_CUBLASLT=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_composed.jsonl"
 
@@ -119,6 +123,8 @@ if [ "${1:-}" != quick ]; then
   # The best throughput at any batch that fits: larger plain batches, and checkpointing.
   step 100 "bench lorahost b4" "$BIN" bench --device cuda --dtype bf16 --batch 4 --steps 4 --warmup 2 --json "$OUT/bench.jsonl"
   step 100 "bench lorahost b8" "$BIN" bench --device cuda --dtype bf16 --batch 8 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench.jsonl"
+  # Without the dropout masks kept, batch 12 is estimated at ~67 GiB: the best plain batch?
+  step 100 "bench lorahost b12" "$BIN" bench --device cuda --dtype bf16 --batch 12 --steps 3 --warmup 1 --json "$OUT/bench.jsonl"
   # PyTorch's best batch on the H100 reference (7.06 images/s at batch 6, 67 GiB): its best
   # throughput on this card, beside lorahost's.
   [ -n "$REF" ] && step 120 "bench pytorch eager b6" "$PY" "$REF" --batch 6 --json "$OUT/bench.jsonl"
@@ -133,7 +139,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1

@@ -149,15 +149,15 @@ impl LoraAdapter {
         }
     }
 
-    /// The dropout keep mask for an input of `shape` (u8, see [`crate::rng::keep_mask`]), or
-    /// `None` when no dropout applies (p = 0, or not training).
+    /// The dropout keep mask for an input of `shape` (see [`crate::rng::keep_mask_for_kernels`]),
+    /// or `None` when no dropout applies (p = 0, or not training).
     pub fn keep_mask(
         &self,
         shape: &candle_core::Shape,
         device: &candle_core::Device,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<crate::rng::KeepMask>> {
         if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            Ok(Some(crate::rng::keep_mask(shape, self.dropout, device)?))
+            Ok(Some(crate::rng::keep_mask_for_kernels(shape, self.dropout, device)?))
         } else {
             Ok(None)
         }

@@ -101,6 +101,26 @@ const BACKWARD_VIT_CUDA: f64 = 0.06;
 /// 59.0 GiB; BENCHMARKS.md "GPU training"; each alone fits 0.81, 0.82, 0.83). Off with
 /// `LORAHOST_VIT_BLOCK_OP=0`.
 const VIT_OP_CUDA: f64 = 0.82;
+/// The dropout masks (u8) the ViT blocks' adapted linears keep for backward when the masks are
+/// drawn into bytes, bytes: per token and block, one per input entry of q, k, v, the output
+/// projection, fc1 (width each) and fc2 (MLP width) — the case [`VIT_OP_CUDA`] was fitted on
+/// (all six adapted, dropout 0.1). With the masks left to the kernels
+/// ([`crate::rng::keep_mask_for_kernels`], CUDA's default) none of them is kept, and the
+/// estimate subtracts them from that fit (derived, not yet measured on a GPU).
+fn vit_mask_bytes(c: &Sam3Config, images: usize) -> f64 {
+    let v = &c.vision_config.backbone_config;
+    let g = (v.image_size / v.patch_size.max(1)) as f64;
+    let w = v.window_size.max(1) as f64;
+    let padded = ((g / w).ceil() * w).powi(2);
+    (0..v.num_hidden_layers)
+        .map(|layer| {
+            let global = v.global_attn_indexes.contains(&layer) || v.window_size == 0;
+            let tokens = if global { g * g } else { padded };
+            images as f64 * tokens * (5 * v.hidden_size + v.intermediate_size) as f64
+        })
+        .sum()
+}
+
 /// f32 copies of the largest attention's score chunk alive while the lean attention's backward
 /// recomputes it (probabilities, dP, dS and their casts; fitted on the CPU).
 const ATTENTION_TRANSIENT: f64 = 2.85;
@@ -397,6 +417,11 @@ pub fn estimate(c: &Sam3Config, run: &RunShape, images: usize, queries: usize) -
             lean = vit_blocks;
             if crate::sam3::vit_block::enabled() {
                 graph -= vit_blocks * (1.0 - VIT_OP_CUDA);
+                if crate::rng::counter_masks() {
+                    let masks = vit_mask_bytes(c, images) / b;
+                    graph -= masks;
+                    lean -= masks;
+                }
             }
         }
     }

@@ -86,13 +86,95 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
         return x.zeros_like();
     }
     // As one op: no gradient is kept for the mask.
-    crate::sam3::ops::mul_constant(x, &scaled_mask(&keep_mask(x.shape(), p, x.device())?, p, x.dtype())?)
+    crate::sam3::ops::dropout(x, p)
+}
+
+/// `residual + dropout(x, p)` (a residual branch in training), as one op on CUDA.
+pub fn dropout_add(x: &Tensor, residual: &Tensor, p: f64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return residual + x;
+    }
+    if p >= 1.0 {
+        return residual + x.zeros_like()?;
+    }
+    crate::sam3::ops::dropout_add(x, residual, p)
 }
 
 /// A dropout keep mask of `shape` for probability `p` in (0, 1): u8, 1 where the entry is kept
 /// (a quarter of an f32 tensor, what an op keeps for its backward). On the CPU the draws come
 /// from this thread's stream, on a GPU from the device generator.
 pub fn keep_mask(shape: &candle_core::Shape, p: f64, device: &candle_core::Device) -> Result<Tensor> {
+    draw_keep_mask(shape, p, device, false)?.tensor()
+}
+
+/// [`keep_mask`] for the kernels that apply a mask themselves (the adapted linears' fused
+/// kernels, [`crate::sam3::fused_cuda`]): on CUDA with lorahost's counter-based generator, the
+/// mask's seed and position instead of the drawn bytes ([`KeepMask::Counter`]); each kernel
+/// that applies it draws element `i` again from (seed, position + `i`), so nothing is written,
+/// kept for backward or read back. The same draws as [`keep_mask`], which it advances the
+/// generator exactly as. `LORAHOST_COUNTER_MASKS=0` draws the bytes anyway (A/B timings).
+pub fn keep_mask_for_kernels(
+    shape: &candle_core::Shape,
+    p: f64,
+    device: &candle_core::Device,
+) -> Result<KeepMask> {
+    draw_keep_mask(shape, p, device, counter_masks())
+}
+
+/// Whether the adapted linears' kernels draw their dropout masks themselves on CUDA
+/// ([`keep_mask_for_kernels`]; `LORAHOST_COUNTER_MASKS=0`: no).
+pub fn counter_masks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LORAHOST_COUNTER_MASKS").is_ok_and(|v| v == "0"))
+}
+
+/// A dropout keep mask (1 = kept, with probability 1 − `p`).
+#[derive(Debug, Clone)]
+pub enum KeepMask {
+    /// Drawn: u8 of the input's shape.
+    Drawn(Tensor),
+    /// Not drawn: element `i` is the counter-based generator's draw at position `offset + i` of
+    /// stream `seed` ([`crate::sam3::fused_cuda::keep_mask`] draws the bytes).
+    Counter {
+        /// The stream.
+        seed: u64,
+        /// The position of element 0.
+        offset: u64,
+        /// The drop probability.
+        p: f64,
+        /// The shape of the masked input.
+        shape: candle_core::Shape,
+        /// The (CUDA) device.
+        device: candle_core::Device,
+    },
+}
+
+impl KeepMask {
+    /// The mask as a u8 tensor (drawn now for [`KeepMask::Counter`]: the same bytes).
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            KeepMask::Drawn(t) => Ok(t.clone()),
+            KeepMask::Counter { seed, offset, p, shape, device } => {
+                crate::sam3::fused_cuda::keep_mask(shape, *p, *seed, *offset, device)
+            }
+        }
+    }
+
+    /// The number of entries.
+    pub fn elem_count(&self) -> usize {
+        match self {
+            KeepMask::Drawn(t) => t.elem_count(),
+            KeepMask::Counter { shape, .. } => shape.elem_count(),
+        }
+    }
+}
+
+fn draw_keep_mask(
+    shape: &candle_core::Shape,
+    p: f64,
+    device: &candle_core::Device,
+    defer: bool,
+) -> Result<KeepMask> {
     if !device.is_cpu() {
         let inside = DEPTH.with(|d| d.get()) > 0;
         let key = DEVICE_KEY
@@ -105,18 +187,19 @@ pub fn keep_mask(shape: &candle_core::Shape, p: f64, device: &candle_core::Devic
                 None => DEVICE_COUNTER.with(|c| c.get()),
             };
             DEVICE_COUNTER.with(|c| c.set((seed, offset + shape.elem_count() as u64)));
-            return crate::sam3::fused_cuda::keep_mask(shape, p, seed, offset, device);
+            let mask = KeepMask::Counter { seed, offset, p, shape: shape.clone(), device: device.clone() };
+            return if defer { Ok(mask) } else { Ok(KeepMask::Drawn(mask.tensor()?)) };
         }
         if let Some(key) = key {
             device.set_seed(key)?;
         }
-        return Tensor::rand(0f32, 1f32, shape, device)?.ge(p);
+        return Ok(KeepMask::Drawn(Tensor::rand(0f32, 1f32, shape, device)?.ge(p)?));
     }
     let mask: Vec<u8> = STREAM.with(|s| {
         let mut s = s.borrow_mut();
         (0..shape.elem_count()).map(|_| u8::from(s.next_f64() >= p)).collect()
     });
-    Tensor::from_vec(mask, shape, device)
+    Ok(KeepMask::Drawn(Tensor::from_vec(mask, shape, device)?))
 }
 
 /// A keep mask as the multiplier inverted dropout applies: 1 / (1 - p) where kept, 0 elsewhere,

@@ -494,7 +494,7 @@ fn fused_elementwise_check(device: &Device, dtype: DType) -> Result<Check> {
     let p = 0.25;
     let keep: Vec<u8> = (0..shape[0] * shape[1]).map(|i| u8::from((i * 7) % 5 != 0)).collect();
     let mask_cpu = Tensor::from_vec(keep, &shape, &Device::Cpu)?;
-    let mask_dev = mask_cpu.to_device(device)?;
+    let mask_dev = crate::rng::KeepMask::Drawn(mask_cpu.to_device(device)?);
     let scaled = (mask_cpu.to_dtype(DType::F64)? / (1.0 - p))?;
     let (xr, d1r, d2r) = (x.reference.as_tensor(), d1.reference.as_tensor(), d2.reference.as_tensor());
     let (mut fwd, mut bwd) = (0f64, 0f64);
@@ -555,11 +555,62 @@ fn fused_elementwise_check(device: &Device, dtype: DType) -> Result<Check> {
     let mask_error = (kept - (1.0 - p)).abs() / (1.0 - p)
         + if m1 == m2 { 0.0 } else { 1.0 }
         + if m1 != m3 { 0.0 } else { 1.0 };
+    // Masks left to the kernels (each draws its entries again from the generator's seed and
+    // position) against the same draws as bytes: the same values, bit for bit.
+    let counter = crate::rng::KeepMask::Counter {
+        seed: 9,
+        offset: 1234,
+        p,
+        shape: x.device.as_tensor().shape().clone(),
+        device: device.clone(),
+    };
+    let drawn = crate::rng::KeepMask::Drawn(counter.tensor()?);
+    let mut counter_error = 0f64;
+    for act in acts {
+        let run = |m: &crate::rng::KeepMask| -> Result<[Tensor; 3]> {
+            let (xa, xm) = fused_cuda::activation_and_dropout(x.device.as_tensor(), act, Some(m), p)?;
+            let dx = fused_cuda::linear_input_grad(
+                d1.device.as_tensor(),
+                Some(d2.device.as_tensor()),
+                Some(m),
+                p,
+                act.map(|a| (a, x.device.as_tensor())),
+            )?;
+            Ok([xa, xm, dx])
+        };
+        for (a, b) in run(&counter)?.iter().zip(run(&drawn)?.iter()) {
+            let d =
+                (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            counter_error = counter_error.max(d);
+        }
+    }
+    // Residual dropout as one op (the mask left to the kernels) against the composed residual
+    // sum with the same draws as bytes: output and both gradients.
+    crate::rng::reseed(&[3]);
+    let out = crate::rng::dropout_add(x.device.as_tensor(), d1.device.as_tensor(), p)?;
+    crate::rng::reseed(&[3]);
+    let keep = crate::rng::keep_mask(x.device.shape(), p, device)?.to_device(&Device::Cpu)?;
+    let scaled = (keep.to_dtype(DType::F64)? / (1.0 - p))?;
+    let want = (d1r + (xr * &scaled)?)?;
+    fwd = fwd.max(rel(&want, &out)?);
+    let target = Input::new("t", x.device.dims(), device, dtype, 75)?;
+    let g = (&out * target.device.as_tensor())?.sum_all()?.backward()?;
+    let tr = target.reference.as_tensor();
+    for (v, want) in [(&x, (tr * &scaled)?), (&d1, tr.clone())] {
+        match g.get(v.device.as_tensor()) {
+            Some(got) => bwd = bwd.max(rel(&want, got)?),
+            None => bwd = f64::INFINITY,
+        }
+    }
     let tolerance = tolerance(dtype);
-    let grads = vec![("x".to_string(), bwd), ("keep mask".to_string(), mask_error)];
-    let ok = fwd <= tolerance && bwd <= tolerance && mask_error <= 0.01;
+    let grads = vec![
+        ("x".to_string(), bwd),
+        ("keep mask".to_string(), mask_error),
+        ("counter mask".to_string(), counter_error),
+    ];
+    let ok = fwd <= tolerance && bwd <= tolerance && mask_error <= 0.01 && counter_error == 0.0;
     Ok(Check {
-        name: "fused kernels (activations, dropout, RoPE map, keep mask)".into(),
+        name: "fused kernels (activations, dropout, residual dropout, RoPE map, keep mask)".into(),
         forward: fwd,
         grads,
         tolerance,

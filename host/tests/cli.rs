@@ -6,10 +6,7 @@ use std::process::Command;
 
 fn lorahost() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lorahost"));
-    c.env(
-        "LORAHOST_CACHE_DIR",
-        std::env::temp_dir().join(format!("lorahost-cli-cache-{}", std::process::id())),
-    );
+    c.env("LORAHOST_CACHE_DIR", cache_dir());
     c
 }
 

@@ -16,7 +16,10 @@
 //! Row copies of strided views (`lorahost::sam3::copy_cuda`): the window partition and its
 //! inverse in bf16 and f32, aligned and not, against reads through the view's strides.
 //! The adapted linear's epilogue (`y + bias + z`) and the RoPE map (`lorahost::sam3::fused_cuda`),
-//! with grids whose stride leaves several iterations per thread, against the formulas in f32.
+//! with grids whose stride leaves several iterations per thread, against the formulas in f32;
+//! the dropout mask's counter-based generator against the hash written out in Rust, and the
+//! activation/dropout and input-gradient kernels with the mask drawn into bytes and left to the
+//! kernels (the same bytes either way).
 //! Gradient statistics (`lorahost::train::stats_cuda`): sums of squares, NaN-sticky maxima and
 //! non-finite counts of several groups of tensors of mixed lengths, against f64.
 //!
@@ -853,5 +856,106 @@ fn epilogue_and_rope_kernels_match_their_formulas_in_emulation() {
         }
         let e = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(e <= 1e-2, "RoPE (inverse {inverse}) off by {e}");
+    }
+}
+
+/// The counter-based generator's draw (the kernels' `keep_draw`), written out here.
+fn keep_draw(seed: u64, pos: u64, threshold: u32) -> bool {
+    fn mix64(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    ((mix64(seed ^ mix64(pos)) >> 40) as u32) >= threshold
+}
+
+/// The dropout mask's generator, and the adapted linears' activation/dropout and input-gradient
+/// kernels with the mask drawn into bytes and left to the kernels (each draws its entries again
+/// from the generator's seed and position): the mask is the hash written out in Rust (kept
+/// share 1 − p), both ways of applying it give the same bytes, and the values follow the
+/// formulas (ReLU and no activation exactly, GELU within bf16 rounding of candle's f64 GELU).
+#[test]
+fn dropout_kernels_draw_the_same_mask_either_way_in_emulation() {
+    let Some((_tmp, dir, exe)) = setup("dropout") else { return };
+    let mut rng = Rng(61);
+    let (n, p, seed, offset) = (4099usize, 0.3, 0xfeed_u64, 77_777u64);
+    // The mask as bytes, on a grid whose stride leaves several elements per thread.
+    let mut plan = buffers(&dir, &[], &[n]);
+    let mut l = fused_cuda::keep_mask_launch(buffer_addr(0, 0), seed, offset, p, n);
+    (l.grid, l.block) = ((5, 1, 1), 64);
+    plan += &launch_line(&l);
+    plan += &format!("output 0 {}\n", dir.join("mask.bin").display());
+    run_plan(&exe, &dir, &plan);
+    let mask = std::fs::read(dir.join("mask.bin")).unwrap();
+    let threshold = fused_cuda::threshold(p);
+    let want: Vec<u8> = (0..n as u64).map(|i| u8::from(keep_draw(seed, offset + i, threshold))).collect();
+    assert_eq!(mask, want, "the mask kernel draws the generator's values");
+    let kept = mask.iter().map(|&k| k as f64).sum::<f64>() / n as f64;
+    assert!((kept - (1.0 - p)).abs() < 0.03, "kept share {kept} for p = {p}");
+
+    let (x, d1, d2) = (rng.values(n), rng.values(n), rng.values(n));
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let gelu: Vec<f32> = {
+        let t = Tensor::from_vec(x.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
+        t.gelu_erf().unwrap().to_vec1::<f64>().unwrap().iter().map(|&v| v as f32).collect()
+    };
+    std::fs::write(dir.join("maskbytes.bin"), &mask).unwrap();
+    for act in [0i32, 5, 1] {
+        let mut outs = Vec::new();
+        for drawn in [true, false] {
+            // Buffers: 0 x, 1 d1, 2 d2, 3 the mask bytes; 4 xa, 5 xm, 6 dx.
+            let mut plan = buffers(&dir, &[(&x, true), (&d1, true), (&d2, true)], &[]);
+            plan += &format!("buffer {n} {}\n", dir.join("maskbytes.bin").display());
+            plan += &format!("buffer {} -\n", n * 2).repeat(3);
+            let m = if drawn {
+                fused_cuda::MaskArgs::drawn(buffer_addr(3, 0), p)
+            } else {
+                fused_cuda::MaskArgs::counter(seed, offset, p)
+            };
+            let addrs = [buffer_addr(0, 0), buffer_addr(4, 0), buffer_addr(5, 0)];
+            let mut l = fused_cuda::act_drop_launch("bf16", addrs, m, act, n);
+            (l.grid, l.block) = ((3, 1, 1), 64);
+            plan += &launch_line(&l);
+            let x_arg = if act == 0 { 0 } else { buffer_addr(0, 0) };
+            let addrs = [buffer_addr(1, 0), buffer_addr(2, 0), x_arg, buffer_addr(6, 0)];
+            let mut l = fused_cuda::input_grad_launch("bf16", addrs, m, act, n);
+            (l.grid, l.block) = ((3, 1, 1), 64);
+            plan += &launch_line(&l);
+            for id in 4..7 {
+                plan += &format!("output {id} {}\n", dir.join(format!("out{id}.bin")).display());
+            }
+            run_plan(&exe, &dir, &plan);
+            let read = |id: usize| from_bf16_bytes(&std::fs::read(dir.join(format!("out{id}.bin"))).unwrap());
+            outs.push([read(4), read(5), read(6)]);
+        }
+        assert_eq!(outs[0], outs[1], "act {act}: the counter mask differs from the drawn one");
+        let [xa, xm, dx] = &outs[0];
+        let a = |i: usize| match act {
+            0 => x[i],
+            5 => x[i].max(0.0),
+            _ => gelu[i],
+        };
+        let tol = if act == 1 { 1e-2 } else { 0.0 };
+        for i in 0..n {
+            let keep = mask[i] == 1;
+            if act != 0 {
+                assert!((xa[i] - round_bf16(a(i))).abs() <= tol * a(i).abs().max(1.0), "xa[{i}], act {act}");
+            }
+            let want = if keep { round_bf16(a(i) * scale) } else { 0.0 };
+            assert!(
+                (xm[i] - want).abs() <= tol * want.abs().max(1.0),
+                "xm[{i}] {} vs {want}, act {act}",
+                xm[i]
+            );
+            if act == 0 {
+                let want = round_bf16(d1[i] + if keep { d2[i] * scale } else { 0.0 });
+                assert_eq!(dx[i], want, "dx[{i}]");
+            } else if act == 5 {
+                let d = d1[i] + if keep { d2[i] * scale } else { 0.0 };
+                let want = round_bf16(if x[i] > 0.0 { d } else { 0.0 });
+                assert_eq!(dx[i], want, "dx[{i}] (ReLU)");
+            }
+        }
     }
 }

@@ -43,6 +43,15 @@ fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     }
 }
 
+/// `residual + dropout(x)` (one op on CUDA, [`crate::rng::dropout_add`]).
+fn dropout_add(x: &Tensor, residual: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if train && p > 0.0 {
+        crate::rng::dropout_add(x, residual, p)
+    } else {
+        residual + x
+    }
+}
+
 /// One post-norm decoder layer (transformers' `Sam3DetrDecoderLayer`).
 #[derive(Debug, Clone)]
 pub struct DetrDecoderLayer {
@@ -134,17 +143,17 @@ impl DetrDecoderLayer {
         // Prompt cross-attention.
         let q = (&h + &query_pos)?;
         let a = self.text_cross_attn.forward(&q, text_features, text_features, text_cross_attn_mask)?;
-        let h = self.text_cross_attn_layer_norm.forward(&(&h + dropout(&a, dropout_p, train)?)?)?;
+        let h = self.text_cross_attn_layer_norm.forward(&dropout_add(&a, &h, dropout_p, train)?)?;
 
         // Image cross-attention with boxRPB.
         let q = (&h + &query_pos)?;
         let k = super::ops::add_constant(vision_features, vision_pos_encoding)?;
         let a = self.vision_cross_attn.forward(&q, &k, vision_features, vision_cross_attn_mask)?;
-        let h = self.vision_cross_attn_layer_norm.forward(&(&h + dropout(&a, dropout_p, train)?)?)?;
+        let h = self.vision_cross_attn_layer_norm.forward(&dropout_add(&a, &h, dropout_p, train)?)?;
 
         // FFN.
         let m = self.mlp.forward(&h)?;
-        self.mlp_layer_norm.forward(&(&h + dropout(&m, dropout_p, train)?)?)
+        self.mlp_layer_norm.forward(&dropout_add(&m, &h, dropout_p, train)?)
     }
 }
 

@@ -16,12 +16,13 @@ use super::nn::{key_padding_bias, Activation, LayerNorm, Mlp, MultiHeadAttention
 /// `eps=`, so the config's `layer_norm_eps` (1e-6) is not used.
 const LN_EPS: f64 = 1e-5;
 
-/// Residual dropout (`nn.Dropout`) active only in training.
-fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+/// `residual + dropout(x)`, the residual dropout (`nn.Dropout`) active only in training (one
+/// op on CUDA, [`crate::rng::dropout_add`]).
+fn dropout_add(x: &Tensor, residual: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if train && p > 0.0 {
-        crate::rng::dropout(x, p)
+        crate::rng::dropout_add(x, residual, p)
     } else {
-        Ok(x.clone())
+        residual + x
     }
 }
 
@@ -79,14 +80,14 @@ impl DetrEncoderLayer {
         let h = self.layer_norm1.forward(vision_feats)?;
         let h_pos = super::ops::add_constant(&h, vision_pos_encoding)?;
         let a = self.self_attn.forward(&h_pos, &h_pos, &h, None)?;
-        let x = (dropout(&a, dropout_p, train)? + residual)?;
+        let x = dropout_add(&a, residual, dropout_p, train)?;
 
         let h = self.layer_norm2.forward(&x)?;
         let a = self.cross_attn.forward(&h, prompt_feats, prompt_feats, prompt_cross_attn_mask)?;
-        let x = (dropout(&a, dropout_p, train)? + &x)?;
+        let x = dropout_add(&a, &x, dropout_p, train)?;
 
         let h = self.mlp.forward(&self.layer_norm3.forward(&x)?)?;
-        dropout(&h, dropout_p, train)? + &x
+        dropout_add(&h, &x, dropout_p, train)
     }
 }
 

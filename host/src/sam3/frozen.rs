@@ -28,18 +28,27 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result,
 use super::nn::Activation;
 use super::ops::{accumulation_dtype, binary_storage, precomputed_kernels, Binary, OutputMap, Precomputed};
 use crate::lora::LoraAdapter;
+use crate::rng::KeepMask;
 
 /// The adapter part: `scale · (drop(x)·Aᵀ)·Bᵀ` with dropout probability `p` and keep `mask`.
 struct AdapterPart {
-    mask: Option<Tensor>,
+    mask: Option<KeepMask>,
     p: f64,
     scale: f64,
     /// On a recorded op: `A` and `scale · B` in the activations' dtype, converted once for the
     /// forward and the backward (untracked copies of the factors of this step).
     prepared: Option<(Tensor, Tensor)>,
+    /// The forward's `h = drop(act(x))·Aᵀ` (rows × rank), kept for `dB = s·dyᵀ·h` (a product
+    /// over the whole input less in backward, for rows × rank elements of memory).
+    h: std::sync::OnceLock<Tensor>,
 }
 
 impl AdapterPart {
+    /// `lora`'s part with keep `mask`, the factors not prepared.
+    fn new(mask: Option<KeepMask>, lora: &LoraAdapter) -> Self {
+        AdapterPart { mask, p: lora.dropout, scale: lora.scale, prepared: None, h: Default::default() }
+    }
+
     /// `A` and `scale · B` in `dt` (the prepared copies when there are).
     fn factors_in(&self, a: &Tensor, b: &Tensor, dt: candle_core::DType) -> Result<(Tensor, Tensor)> {
         match &self.prepared {
@@ -264,7 +273,12 @@ fn parts(
             None => part.dropped(xa)?,
         };
         let (a, sb) = part.factors_in(a, b, dt)?;
-        Ok(Some((xm.matmul(&a.t()?)?, sb)))
+        let h = xm.matmul(&a.t()?)?;
+        if !h.track_op() {
+            // Kept for the backward (a recorded op's forward runs untracked).
+            let _ = part.h.set(h.clone());
+        }
+        Ok(Some((h, sb)))
     };
     if untracked && super::gemm_cuda::serves(x) {
         let lowrank = lowrank(xm, &xa)?
@@ -288,10 +302,18 @@ fn parts(
 }
 
 impl AdapterPart {
+    /// `h = xm·Aᵀ` as the forward computed it, else computed now.
+    fn kept_h(&self, xm: &Tensor, a: &Tensor) -> Result<Tensor> {
+        match self.h.get() {
+            Some(h) if h.dtype() == xm.dtype() && h.dim(0)? == xm.dim(0)? => Ok(h.clone()),
+            _ => xm.matmul(&a.t()?),
+        }
+    }
+
     /// Inverted dropout with the held mask.
     fn dropped(&self, x: &Tensor) -> Result<Tensor> {
         match &self.mask {
-            Some(m) => x.mul(&crate::rng::scaled_mask(m, self.p, x.dtype())?),
+            Some(m) => x.mul(&crate::rng::scaled_mask(&m.tensor()?, self.p, x.dtype())?),
             None => Ok(x.clone()),
         }
     }
@@ -333,7 +355,7 @@ impl LinearCore {
                     da = Some(g.t()?.matmul(&xm)?.to_dtype(a.dtype())?);
                 }
                 if needs.db {
-                    let h = xm.matmul(&ad.t()?)?;
+                    let h = part.kept_h(&xm, &ad)?;
                     db = Some((dy.t()?.matmul(&h)? * part.scale)?.to_dtype(b.dtype())?);
                 }
             }
@@ -372,7 +394,7 @@ impl LinearCore {
                     da = Some(factor_grad(&g, &xm, 1.0, a.dtype())?);
                 }
                 if needs.db {
-                    let h = xm.matmul(&ad.t()?)?;
+                    let h = part.kept_h(&xm, &ad)?;
                     db = Some(factor_grad(dy, &h, part.scale, b.dtype())?);
                 }
             }
@@ -508,7 +530,7 @@ pub fn frozen_linear(
         Some(l) => {
             let (a, b) = l.factors();
             let mask = l.keep_mask(&Shape::from(x.dims()), x.device())?;
-            Some((AdapterPart { mask, p: l.dropout, scale: l.scale, prepared: None }, a, b))
+            Some((AdapterPart::new(mask, l), a, b))
         }
         None => None,
     };
@@ -544,6 +566,39 @@ pub fn frozen_linear(
     }
 }
 
+/// The adapters' factors of several layers as [`LinearStep::new`] takes them (A and scale·B in
+/// `dt`, untracked), from their factors concatenated and flattened in `flat` (f32: A then B of
+/// each adapter, in order): where the adapters share one scale, two conversions of `flat` in
+/// all and views of them (instead of three operations per adapter); else `None` (each layer
+/// converts its own).
+pub(crate) fn prepare_factors(
+    adapters: &[&LoraAdapter],
+    flat: &Tensor,
+    dt: candle_core::DType,
+) -> Result<Option<Vec<(Tensor, Tensor)>>> {
+    let Some(first) = adapters.first() else { return Ok(Some(Vec::new())) };
+    if adapters.iter().any(|l| l.scale != first.scale) {
+        return Ok(None);
+    }
+    let flat = flat.detach();
+    let plain = flat.to_dtype(dt)?;
+    let scaled = (&flat * first.scale)?.to_dtype(dt)?;
+    let mut at = 0;
+    let mut out = Vec::with_capacity(adapters.len());
+    for l in adapters {
+        let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+        let a_part = plain.narrow(0, at, a.elem_count())?.reshape(a.shape())?;
+        at += a.elem_count();
+        let b_part = scaled.narrow(0, at, b.elem_count())?.reshape(b.shape())?;
+        at += b.elem_count();
+        out.push((a_part, b_part));
+    }
+    if at != flat.elem_count() {
+        candle_core::bail!("adapter factors: {} values for {at}", flat.elem_count());
+    }
+    Ok(Some(out))
+}
+
 /// One adapted (or plain) frozen linear layer as a forward and a backward function, for ops that
 /// chain several layers with a hand-written backward ([`super::vit_block`]): the same values as
 /// [`frozen_linear`]'s op, without recording anything.
@@ -557,21 +612,24 @@ pub(crate) struct LinearStep {
 impl LinearStep {
     /// `lin` applied as `act(x)·Wᵀ + b + adapter`, written through `map`, to inputs of `shape`
     /// (rows, in) in `dt`: draws the adapter's dropout mask now (the draw [`frozen_linear`] makes
-    /// at this point of a forward) and converts the factors once for the forward and backward.
+    /// at this point of a forward) and takes its factors as `prepared` (A and scale·B in `dt`,
+    /// see [`prepare_factors`]) or converts them once for the forward and backward.
     pub(crate) fn new(
         lin: &super::nn::Linear,
         act: Option<Activation>,
         map: Option<OutputMap>,
-        shape: &Shape,
-        dt: candle_core::DType,
+        (shape, dt): (&Shape, candle_core::DType),
         device: &candle_core::Device,
+        prepared: Option<(Tensor, Tensor)>,
     ) -> Result<Self> {
         let (adapter, factors) = match &lin.lora {
             Some(l) => {
                 let mask = l.keep_mask(shape, device)?;
-                let mut part = AdapterPart { mask, p: l.dropout, scale: l.scale, prepared: None };
-                part.prepared =
-                    Some(part.factors_in(&l.a.as_detached_tensor(), &l.b.as_detached_tensor(), dt)?);
+                let mut part = AdapterPart::new(mask, l);
+                part.prepared = Some(match prepared {
+                    Some(p) => p,
+                    None => part.factors_in(&l.a.as_detached_tensor(), &l.b.as_detached_tensor(), dt)?,
+                });
                 (Some(part), Some((l.a.clone(), l.b.clone())))
             }
             None => (None, None),
@@ -739,6 +797,47 @@ mod tests {
                 assert!(gg.get(&w).is_none() && gg.get(&bias).is_none());
             }
         }
+        Ok(())
+    }
+
+    /// The factors prepared from one concatenated operand equal each layer's own conversion
+    /// (A, and B times the scale, in the compute dtype); adapters with different scales are
+    /// left to convert their own.
+    #[test]
+    fn factors_prepared_together_equal_each_layers_own() -> Result<()> {
+        let dev = Device::Cpu;
+        let mk = |r: usize, i: usize, o: usize, scale: f64| -> Result<LoraAdapter> {
+            Ok(LoraAdapter {
+                a: Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, i), &dev)?)?,
+                b: Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, r), &dev)?)?,
+                scale,
+                dropout: 0.0,
+                training: Arc::new(AtomicBool::new(true)),
+            })
+        };
+        let adapters = [mk(2, 3, 4, 1.5)?, mk(3, 5, 2, 1.5)?];
+        let refs: Vec<&LoraAdapter> = adapters.iter().collect();
+        let flat = |ls: &[&LoraAdapter]| -> Result<Tensor> {
+            let parts: Vec<Tensor> = ls
+                .iter()
+                .flat_map(|l| [l.a.as_tensor().flatten_all(), l.b.as_tensor().flatten_all()])
+                .collect::<Result<_>>()?;
+            Tensor::cat(&parts, 0)
+        };
+        for dt in [DType::F32, DType::BF16] {
+            let got = prepare_factors(&refs, &flat(&refs)?, dt)?.expect("one scale");
+            for (l, (a, sb)) in adapters.iter().zip(&got) {
+                let own = AdapterPart::new(None, l);
+                let (wa, wsb) = own.factors_in(l.a.as_tensor(), l.b.as_tensor(), dt)?;
+                assert_eq!((a.dtype(), a.dims(), sb.dims()), (dt, wa.dims(), wsb.dims()));
+                let f = |t: &Tensor| t.to_dtype(DType::F64);
+                assert_eq!(max_diff(&f(a)?, &f(&wa)?), 0.0);
+                assert_eq!(max_diff(&f(sb)?, &f(&wsb)?), 0.0);
+            }
+        }
+        let mixed = [mk(2, 3, 4, 1.5)?, mk(2, 3, 4, 2.0)?];
+        let refs: Vec<&LoraAdapter> = mixed.iter().collect();
+        assert!(prepare_factors(&refs, &flat(&refs)?, DType::F32)?.is_none());
         Ok(())
     }
 

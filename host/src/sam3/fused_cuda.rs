@@ -16,6 +16,7 @@
 
 use super::nn::Activation;
 use crate::cuda_kernels::{Arg, Launch};
+use crate::rng::KeepMask;
 use candle_core::{Result, Tensor};
 
 /// Whether the kernels serve `t`: a CUDA tensor in bf16 or f32, with the kernels compiled.
@@ -55,12 +56,12 @@ pub fn attention_score_grad_in_place(dp: Tensor, p: &Tensor, delta: &Tensor) -> 
 }
 
 /// `(act(x), drop(act(x)))` for an adapted linear's input: the activation (x itself without
-/// one) and the inverted-dropout input of the adapter (keep `mask`, u8, with probability `p`
-/// of dropping; the activation itself without a mask).
+/// one) and the inverted-dropout input of the adapter (keep `mask` with probability `p` of
+/// dropping; the activation itself without a mask).
 pub fn activation_and_dropout(
     x: &Tensor,
     act: Option<Activation>,
-    mask: Option<&Tensor>,
+    mask: Option<&KeepMask>,
     p: f64,
 ) -> Result<(Tensor, Tensor)> {
     imp::act_drop(x, act, mask, p, true)
@@ -68,7 +69,7 @@ pub fn activation_and_dropout(
 
 /// `drop(act(x))` alone (the adapter's input, recomputed in backward; the activation itself
 /// is not written when there is a mask).
-pub fn adapter_input(x: &Tensor, act: Option<Activation>, mask: Option<&Tensor>, p: f64) -> Result<Tensor> {
+pub fn adapter_input(x: &Tensor, act: Option<Activation>, mask: Option<&KeepMask>, p: f64) -> Result<Tensor> {
     imp::act_drop(x, act, mask, p, mask.is_none()).map(|(_, xm)| xm)
 }
 
@@ -78,11 +79,22 @@ pub fn adapter_input(x: &Tensor, act: Option<Activation>, mask: Option<&Tensor>,
 pub fn linear_input_grad(
     d1: &Tensor,
     d2: Option<&Tensor>,
-    mask: Option<&Tensor>,
+    mask: Option<&KeepMask>,
     p: f64,
     act: Option<(Activation, &Tensor)>,
 ) -> Result<Tensor> {
     imp::linear_input_grad(d1, d2, mask, p, act)
+}
+
+/// `residual + drop(x)` (`residual` None: `drop(x)`; same shape and dtype) with keep `mask` and
+/// drop probability `p`, written into a fresh storage (a dropout op's precomputed output).
+pub fn dropout_storage(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    mask: &KeepMask,
+    p: f64,
+) -> Result<candle_core::Storage> {
+    imp::dropout_storage(x, residual, mask, p)
 }
 
 /// 2-D axial RoPE of the q/k projections as their output map, in one pass: the projection's
@@ -173,31 +185,6 @@ __device__ void score_grad(T* dp, const T* p, const float* delta, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) st(a, i, ld(b, i) * (ld(a, i) - d));
 }
 
-// xa = act(x) (skipped when xa is null), xm = act(x) * keep * scale (skipped when xm is null).
-template <typename T>
-__device__ void act_drop(const T* x, const unsigned char* mask, float scale, int act, T* xa, T* xm, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float a = act_f(act, ld(x, i));
-        if (xa) st(xa, i, a);
-        if (xm) st(xm, i, mask[i] ? a * scale : 0.f);
-    }
-}
-
-// dx = (d1 + drop(d2)) * act'(x); d2, mask and x may be null.
-template <typename T>
-__device__ void input_grad(const T* d1, const T* d2, const unsigned char* mask, float scale, const T* x, int act, T* dx, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float d = ld(d1, i);
-        if (d2) {
-            float e = ld(d2, i);
-            if (mask) e = mask[i] ? e * scale : 0.f;
-            d += e;
-        }
-        if (act) d *= act_d(act, ld(x, i));
-        st(dx, i, d);
-    }
-}
-
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     z += 0x9e3779b97f4a7c15ULL;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -205,12 +192,48 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
-// out[i] = 1 when the top 24 bits of hash(seed, offset + i) are >= threshold (p * 2^24).
+// The counter-based generator's draw at position `pos` of stream `seed`: kept when the top 24
+// bits of the hash are >= threshold (p * 2^24).
+__device__ __forceinline__ bool keep_draw(unsigned long long seed, unsigned long long pos, unsigned int threshold) {
+    return (unsigned int)(mix64(seed ^ mix64(pos)) >> 40) >= threshold;
+}
+
+// Whether element i is kept: the drawn mask's entry where there is one (mask not null), else
+// the generator's draw at (seed, offset + i); threshold 0 keeps everything.
+__device__ __forceinline__ bool kept(const unsigned char* mask, unsigned long long seed, unsigned long long offset,
+        unsigned int threshold, long long i) {
+    if (mask) return mask[i] != 0;
+    return threshold == 0 || keep_draw(seed, offset + (unsigned long long)i, threshold);
+}
+
+// xa = act(x) (skipped when xa is null), xm = act(x) * keep * scale (skipped when xm is null).
+template <typename T>
+__device__ void act_drop(const T* x, const unsigned char* mask, unsigned long long seed, unsigned long long offset,
+        unsigned int threshold, float scale, int act, T* xa, T* xm, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float a = act_f(act, ld(x, i));
+        if (xa) st(xa, i, a);
+        if (xm) st(xm, i, kept(mask, seed, offset, threshold, i) ? a * scale : 0.f);
+    }
+}
+
+// dx = (d1 + drop(d2)) * act'(x); d2 and x may be null.
+template <typename T>
+__device__ void input_grad(const T* d1, const T* d2, const unsigned char* mask, unsigned long long seed,
+        unsigned long long offset, unsigned int threshold, float scale, const T* x, int act, T* dx, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float d = ld(d1, i);
+        if (d2) d += kept(mask, seed, offset, threshold, i) ? ld(d2, i) * scale : 0.f;
+        if (act) d *= act_d(act, ld(x, i));
+        st(dx, i, d);
+    }
+}
+
+// out[i] = 1 when the generator keeps position offset + i of stream seed.
 extern "C" __global__ void keep_mask(unsigned char* out, unsigned long long seed, unsigned long long offset,
         unsigned int threshold, long long n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const unsigned long long h = mix64(seed ^ mix64(offset + (unsigned long long)i));
-        out[i] = (unsigned int)(h >> 40) >= threshold ? 1 : 0;
+        out[i] = keep_draw(seed, offset + (unsigned long long)i, threshold) ? 1 : 0;
     }
 }
 
@@ -267,8 +290,8 @@ extern "C" __global__ void epilogue_##S(const T* y, const T* bias, const T* z, T
 extern "C" __global__ void rope_##S(const T* src, const float* cs, const float* sn, T* dst, int batch, int heads, int n_tok, int d, int inverse) { rope(src, cs, sn, dst, batch, heads, n_tok, d, inverse); } \
 extern "C" __global__ void softmax_rows_##S(T* s, int n) { softmax_rows(s, n); } \
 extern "C" __global__ void score_grad_##S(T* dp, const T* p, const float* delta, int n) { score_grad(dp, p, delta, n); } \
-extern "C" __global__ void act_drop_##S(const T* x, const unsigned char* mask, float scale, int act, T* xa, T* xm, long long n) { act_drop(x, mask, scale, act, xa, xm, n); } \
-extern "C" __global__ void input_grad_##S(const T* d1, const T* d2, const unsigned char* mask, float scale, const T* x, int act, T* dx, long long n) { input_grad(d1, d2, mask, scale, x, act, dx, n); }
+extern "C" __global__ void act_drop_##S(const T* x, const unsigned char* mask, unsigned long long seed, unsigned long long offset, unsigned int threshold, float scale, int act, T* xa, T* xm, long long n) { act_drop(x, mask, seed, offset, threshold, scale, act, xa, xm, n); } \
+extern "C" __global__ void input_grad_##S(const T* d1, const T* d2, const unsigned char* mask, unsigned long long seed, unsigned long long offset, unsigned int threshold, float scale, const T* x, int act, T* dx, long long n) { input_grad(d1, d2, mask, seed, offset, threshold, scale, x, act, dx, n); }
 DEFINE(bf16_t, bf16)
 DEFINE(float, f32)
 "#;
@@ -297,9 +320,82 @@ pub fn rope_launch(
     Launch { name: format!("rope_{suffix}"), grid, block, args }
 }
 
+/// How a kernel applies a dropout mask: the drawn bytes at `addr` (0: none), else the
+/// counter-based generator's draws at (`seed`, `offset` + i) against `threshold` (0: all
+/// kept); kept entries are multiplied by `scale` (1 / (1 − p), 1 without a mask).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskArgs {
+    /// Address of the u8 mask, or 0.
+    pub addr: u64,
+    /// The generator's stream.
+    pub seed: u64,
+    /// The generator's position of element 0.
+    pub offset: u64,
+    /// `p · 2²⁴` rounded up: a draw whose top 24 bits are below it drops the entry.
+    pub threshold: u32,
+    /// The multiplier of kept entries.
+    pub scale: f32,
+}
+
+impl MaskArgs {
+    /// No mask: everything kept, unscaled.
+    pub const NONE: MaskArgs = MaskArgs { addr: 0, seed: 0, offset: 0, threshold: 0, scale: 1.0 };
+
+    /// The generator's draws at (`seed`, `offset` + i) for drop probability `p`.
+    pub fn counter(seed: u64, offset: u64, p: f64) -> MaskArgs {
+        MaskArgs { addr: 0, seed, offset, threshold: threshold(p), scale: (1.0 / (1.0 - p)) as f32 }
+    }
+
+    /// The drawn mask at `addr` for drop probability `p`.
+    pub fn drawn(addr: u64, p: f64) -> MaskArgs {
+        MaskArgs { addr, scale: (1.0 / (1.0 - p)) as f32, ..MaskArgs::NONE }
+    }
+
+    fn args(&self) -> [Arg; 5] {
+        [Arg(self.addr), Arg(self.seed), Arg(self.offset), Arg(self.threshold as u64), Arg::f32(self.scale)]
+    }
+}
+
+/// The generator's threshold for drop probability `p`: `p · 2²⁴`, rounded up.
+pub fn threshold(p: f64) -> u32 {
+    (p.clamp(0.0, 1.0) * 16_777_216.0).ceil() as u32
+}
+
+/// The keep-mask kernel's launch: `n` bytes at `out`, the draws at (`seed`, `offset` + i).
+pub fn keep_mask_launch(out: u64, seed: u64, offset: u64, p: f64, n: usize) -> Launch {
+    let (grid, block) = crate::cuda_kernels::elementwise_grid(n);
+    let args = vec![Arg(out), Arg(seed), Arg(offset), Arg(threshold(p) as u64), Arg::i64(n as i64)];
+    Launch { name: "keep_mask".into(), grid, block, args }
+}
+
+/// The activation-and-dropout kernel's launch (`act_drop_<suffix>`) over `n` elements of `x`:
+/// `xa = act(x)` and `xm = drop(act(x))`, either skipped at address 0.
+pub fn act_drop_launch(suffix: &str, [x, xa, xm]: [u64; 3], mask: MaskArgs, act: i32, n: usize) -> Launch {
+    let (grid, block) = crate::cuda_kernels::elementwise_grid(n);
+    let mut args = vec![Arg(x)];
+    args.extend(mask.args());
+    args.extend([Arg::i32(act), Arg(xa), Arg(xm), Arg::i64(n as i64)]);
+    Launch { name: format!("act_drop_{suffix}"), grid, block, args }
+}
+
+/// The input-gradient kernel's launch (`input_grad_<suffix>`) over `n` elements:
+/// `dx = (d1 + drop(d2)) ⊙ act'(x)`, `d2` and `x` skipped at address 0.
+pub fn input_grad_launch(
+    suffix: &str,
+    [d1, d2, x, dx]: [u64; 4],
+    mask: MaskArgs,
+    act: i32,
+    n: usize,
+) -> Launch {
+    let (grid, block) = crate::cuda_kernels::elementwise_grid(n);
+    let mut args = vec![Arg(d1), Arg(d2)];
+    args.extend(mask.args());
+    args.extend([Arg(x), Arg::i32(act), Arg(dx), Arg::i64(n as i64)]);
+    Launch { name: format!("input_grad_{suffix}"), grid, block, args }
+}
+
 /// The kernels' activation code.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn act_code(act: Option<Activation>) -> i32 {
+pub fn act_code(act: Option<Activation>) -> i32 {
     match act {
         None => 0,
         Some(Activation::Gelu) => 1,
@@ -312,7 +408,7 @@ fn act_code(act: Option<Activation>) -> i32 {
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::Activation;
+    use super::{Activation, KeepMask};
     use candle_core::{Result, Tensor};
 
     pub fn serves(_: &Tensor) -> bool {
@@ -339,6 +435,14 @@ mod imp {
     pub fn linear_epilogue(_: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Tensor> {
         candle_core::bail!("fused ops: built without CUDA")
     }
+    pub fn dropout_storage(
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: &KeepMask,
+        _: f64,
+    ) -> Result<candle_core::Storage> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
     pub fn linear_epilogue_storage(
         _: &Tensor,
         _: Option<&Tensor>,
@@ -352,7 +456,7 @@ mod imp {
     pub fn act_drop(
         _: &Tensor,
         _: Option<Activation>,
-        _: Option<&Tensor>,
+        _: Option<&KeepMask>,
         _: f64,
         _: bool,
     ) -> Result<(Tensor, Tensor)> {
@@ -361,7 +465,7 @@ mod imp {
     pub fn linear_input_grad(
         _: &Tensor,
         _: Option<&Tensor>,
-        _: Option<&Tensor>,
+        _: Option<&KeepMask>,
         _: f64,
         _: Option<(Activation, &Tensor)>,
     ) -> Result<Tensor> {
@@ -377,8 +481,9 @@ pub fn prepare() {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::{act_code, epilogue_launch, rope_launch, Activation, SOURCE};
-    use crate::cuda_kernels::{device_address, elementwise_grid, launch, row_threads, uninit, Arg};
+    use super::{act_code, epilogue_launch, rope_launch, Activation, KeepMask, MaskArgs, SOURCE};
+    use super::{act_drop_launch, input_grad_launch, keep_mask_launch};
+    use crate::cuda_kernels::{device_address, launch, row_threads, uninit, Arg};
     use candle_core::{DType, Result, Tensor};
 
     const MODULE: &str = "lorahost_fused_ops";
@@ -426,16 +531,7 @@ mod imp {
         let n = shape.elem_count();
         let out = uninit(&like, shape.dims(), DType::U8)?;
         if n > 0 {
-            let threshold = (p.clamp(0.0, 1.0) * 16_777_216.0).ceil() as u32;
-            let args = [
-                Arg(device_address(&out)?),
-                Arg(seed),
-                Arg(offset),
-                Arg(threshold as u64),
-                Arg::i64(n as i64),
-            ];
-            let (grid, block) = elementwise_grid(n);
-            launch(device, MODULE, ptx, "keep_mask", grid, block, &args)?;
+            keep_mask_launch(device_address(&out)?, seed, offset, p, n).run(device, MODULE, ptx)?;
         }
         Ok(out)
     }
@@ -487,17 +583,27 @@ mod imp {
         }))
     }
 
-    fn mask_arg(mask: Option<&Tensor>, like: &Tensor) -> Result<(Option<Tensor>, Arg)> {
+    /// How the kernels apply `mask` (drop probability `p`) to tensors like `like`; the drawn
+    /// mask as the kernels read it (held until the launch is queued).
+    fn mask_arg(mask: Option<&KeepMask>, p: f64, like: &Tensor) -> Result<(Option<Tensor>, MaskArgs)> {
+        let Some(mask) = mask else { return Ok((None, MaskArgs::NONE)) };
+        if mask.elem_count() != like.elem_count() {
+            candle_core::bail!("fused ops: mask of {} entries for {:?}", mask.elem_count(), like.shape());
+        }
         match mask {
-            Some(m) => {
-                if m.elem_count() != like.elem_count() {
-                    candle_core::bail!("fused ops: mask {:?} for {:?}", m.shape(), like.shape());
-                }
+            KeepMask::Drawn(m) => {
                 let m = m.to_dtype(DType::U8)?.contiguous()?;
-                let a = Arg(device_address(&m)?);
+                let a = MaskArgs::drawn(device_address(&m)?, p);
                 Ok((Some(m), a))
             }
-            None => Ok((None, Arg(0))),
+            KeepMask::Counter { seed, offset, p: drawn_p, device, .. } => {
+                if !device.same_device(like.device()) || *drawn_p != p {
+                    candle_core::bail!(
+                        "fused ops: a mask drawn for p = {drawn_p} on {device:?} applied with p = {p}"
+                    );
+                }
+                Ok((None, MaskArgs::counter(*seed, *offset, p)))
+            }
         }
     }
 
@@ -600,30 +706,66 @@ mod imp {
         bias: Option<&Tensor>,
         z: Option<&Tensor>,
     ) -> Result<candle_core::Storage> {
+        fresh_storage(y, |dst| epilogue_into(y, bias, z, dst))
+    }
+
+    /// A fresh storage of `like`'s size and dtype, its address handed to `fill`, which must
+    /// write every element (it is not initialised).
+    fn fresh_storage(like: &Tensor, fill: impl FnOnce(u64) -> Result<()>) -> Result<candle_core::Storage> {
         use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         use candle_core::CudaStorage;
-        let candle_core::Device::Cuda(dev) = y.device() else {
-            candle_core::bail!("fused linear: not on the GPU")
+        let candle_core::Device::Cuda(dev) = like.device() else {
+            candle_core::bail!("fused ops: not on the GPU")
         };
-        let n = y.elem_count();
+        let n = like.elem_count();
         let stream = dev.cuda_stream();
-        // SAFETY: the epilogue writes all n elements before anything reads them.
-        let storage = match y.dtype() {
+        // SAFETY: `fill` writes all n elements before anything reads them.
+        let storage = match like.dtype() {
             DType::BF16 => {
                 let slice = unsafe { dev.alloc::<half::bf16>(n)? };
-                let addr = slice.device_ptr(&stream).0;
-                epilogue_into(y, bias, z, addr)?;
+                fill(slice.device_ptr(&stream).0)?;
                 CudaStorage::wrap_cuda_slice(slice, dev.clone())
             }
             DType::F32 => {
                 let slice = unsafe { dev.alloc::<f32>(n)? };
-                let addr = slice.device_ptr(&stream).0;
-                epilogue_into(y, bias, z, addr)?;
+                fill(slice.device_ptr(&stream).0)?;
                 CudaStorage::wrap_cuda_slice(slice, dev.clone())
             }
-            dt => candle_core::bail!("fused linear: {dt:?}"),
+            dt => candle_core::bail!("fused ops: {dt:?}"),
         };
         Ok(candle_core::Storage::Cuda(storage))
+    }
+
+    pub fn dropout_storage(
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        mask: &KeepMask,
+        p: f64,
+    ) -> Result<candle_core::Storage> {
+        let x = x.contiguous()?;
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        if let Some(r) = &residual {
+            check_same("residual", &x, r)?;
+        }
+        let n = x.elem_count();
+        let (_m, mask_a) = mask_arg(Some(mask), p, &x)?;
+        fresh_storage(&x, |dst| {
+            if n == 0 {
+                return Ok(());
+            }
+            match &residual {
+                Some(r) => {
+                    let (suffix, ptx) = served("input_grad", &x)?;
+                    let addrs = [device_address(r)?, device_address(&x)?, 0, dst];
+                    input_grad_launch(suffix, addrs, mask_a, 0, n).run(x.device(), MODULE, ptx)
+                }
+                None => {
+                    let (suffix, ptx) = served("act_drop", &x)?;
+                    let addrs = [device_address(&x)?, 0, dst];
+                    act_drop_launch(suffix, addrs, mask_a, 0, n).run(x.device(), MODULE, ptx)
+                }
+            }
+        })
     }
 
     pub fn attention_score_grad_in_place(dp: Tensor, p: &Tensor, delta: &Tensor) -> Result<Tensor> {
@@ -657,11 +799,11 @@ mod imp {
     pub fn act_drop(
         x: &Tensor,
         act: Option<Activation>,
-        mask: Option<&Tensor>,
+        mask: Option<&KeepMask>,
         p: f64,
         want_act: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let (name, ptx) = kernel("act_drop", x)?;
+        let (suffix, ptx) = served("act_drop", x)?;
         let x = x.contiguous()?;
         let n = x.elem_count();
         let xa = match act {
@@ -673,18 +815,9 @@ mod imp {
             None => None,
         };
         if n > 0 && (xa.is_some() || xm.is_some()) {
-            let (_m, mask_a) = mask_arg(mask, &x)?;
-            let args = [
-                Arg(device_address(&x)?),
-                mask_a,
-                Arg::f32((1.0 / (1.0 - p)) as f32),
-                Arg::i32(act_code(act)),
-                opt_addr(&xa)?,
-                opt_addr(&xm)?,
-                Arg::i64(n as i64),
-            ];
-            let (grid, block) = elementwise_grid(n);
-            launch(x.device(), MODULE, ptx, &name, grid, block, &args)?;
+            let (_m, mask_a) = mask_arg(mask, p, &x)?;
+            let addrs = [device_address(&x)?, opt_addr(&xa)?.0, opt_addr(&xm)?.0];
+            act_drop_launch(suffix, addrs, mask_a, act_code(act), n).run(x.device(), MODULE, ptx)?;
         }
         let xa = xa.unwrap_or_else(|| x.clone());
         let xm = xm.unwrap_or_else(|| xa.clone());
@@ -694,11 +827,11 @@ mod imp {
     pub fn linear_input_grad(
         d1: &Tensor,
         d2: Option<&Tensor>,
-        mask: Option<&Tensor>,
+        mask: Option<&KeepMask>,
         p: f64,
         act: Option<(Activation, &Tensor)>,
     ) -> Result<Tensor> {
-        let (name, ptx) = kernel("input_grad", d1)?;
+        let (suffix, ptx) = served("input_grad", d1)?;
         let d1 = d1.contiguous()?;
         let d2 = d2.map(|d| d.contiguous()).transpose()?;
         if let Some(d) = &d2 {
@@ -711,19 +844,10 @@ mod imp {
         let n = d1.elem_count();
         let dx = uninit(&d1, d1.dims(), d1.dtype())?;
         if n > 0 {
-            let (_m, mask_a) = mask_arg(if d2.is_some() { mask } else { None }, &d1)?;
-            let args = [
-                Arg(device_address(&d1)?),
-                opt_addr(&d2)?,
-                mask_a,
-                Arg::f32((1.0 / (1.0 - p)) as f32),
-                opt_addr(&x)?,
-                Arg::i32(act_code(act.map(|(a, _)| a))),
-                Arg(device_address(&dx)?),
-                Arg::i64(n as i64),
-            ];
-            let (grid, block) = elementwise_grid(n);
-            launch(d1.device(), MODULE, ptx, &name, grid, block, &args)?;
+            let (_m, mask_a) = mask_arg(if d2.is_some() { mask } else { None }, p, &d1)?;
+            let addrs = [device_address(&d1)?, opt_addr(&d2)?.0, opt_addr(&x)?.0, device_address(&dx)?];
+            let act = act_code(act.map(|(a, _)| a));
+            input_grad_launch(suffix, addrs, mask_a, act, n).run(d1.device(), MODULE, ptx)?;
         }
         Ok(dx)
     }

@@ -442,6 +442,89 @@ pub fn mul_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     with_constant(x, c, Binary::Mul)
 }
 
+/// Dropout whose mask the CUDA kernels draw themselves ([`crate::rng::KeepMask::Counter`]):
+/// one kernel forward (`x ⊙ keep / (1 − p)`, with the residual added for [`dropout_add`]) and
+/// one backward (the output gradient dropped with the same draws), keeping only the mask's
+/// seed and position. Composed, a dropout draws a u8 mask, converts and scales it to a
+/// constant of the input's size kept for backward, multiplies, and adds the residual: four
+/// more launches and an activation-sized tensor per residual branch.
+struct CounterDropout {
+    mask: crate::rng::KeepMask,
+    p: f64,
+    out: Precomputed,
+}
+
+impl CounterDropout {
+    /// `drop(dy)`.
+    fn dropped(&self, dy: &Tensor) -> Result<Tensor> {
+        super::fused_cuda::adapter_input(dy, None, Some(&self.mask), self.p)
+    }
+}
+
+impl CustomOp1 for CounterDropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    precomputed_kernels!(_x);
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.dropped(dy)?))
+    }
+}
+
+impl candle_core::CustomOp2 for CounterDropout {
+    fn name(&self) -> &'static str {
+        "dropout-add"
+    }
+
+    precomputed_kernels!(_x, _residual);
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _residual: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.dropped(dy)?), Some(dy.clone())))
+    }
+}
+
+/// `residual + drop(x)` (`residual` None: `drop(x)`) with probability `p` in (0, 1): on CUDA
+/// with lorahost's kernels one op with a counter mask ([`CounterDropout`]), else the composed
+/// multiplication by the drawn mask (and the sum). The same mask draws either way.
+fn dropout_with(x: &Tensor, residual: Option<&Tensor>, p: f64) -> Result<Tensor> {
+    let mask = crate::rng::keep_mask_for_kernels(x.shape(), p, x.device())?;
+    let fused = matches!(mask, crate::rng::KeepMask::Counter { .. })
+        && super::fused_cuda::serves(x)
+        && residual.is_none_or(|r| r.dtype() == x.dtype() && r.shape() == x.shape());
+    if !fused {
+        let dropped = mul_constant(x, &crate::rng::scaled_mask(&mask.tensor()?, p, x.dtype())?)?;
+        return match residual {
+            Some(r) => r + dropped,
+            None => Ok(dropped),
+        };
+    }
+    let residual_d = residual.map(|r| r.detach());
+    let out = super::fused_cuda::dropout_storage(&x.detach(), residual_d.as_ref(), &mask, p)?;
+    let op = CounterDropout { mask, p, out: Precomputed::from_storage(out, x.shape().clone()) };
+    match residual {
+        Some(r) => x.apply_op2(r, op),
+        None => x.apply_op1(op),
+    }
+}
+
+/// Inverted dropout `drop(x)` with probability `p` in (0, 1) (see [`crate::rng::dropout`]).
+pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
+    dropout_with(x, None, p)
+}
+
+/// `residual + drop(x)`, a residual branch's dropout and sum, with probability `p` in (0, 1).
+pub fn dropout_add(x: &Tensor, residual: &Tensor, p: f64) -> Result<Tensor> {
+    dropout_with(x, Some(residual), p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,36 +136,58 @@ impl BlockLayout {
     }
 }
 
+/// The adapters' factors of the block's six linears ([`linears`]'s order) as the layers read
+/// them: A and scale·B in `dt`, from the block's concatenated factor operand `flat` (see
+/// [`super::frozen::prepare_factors`]); `None` where a layer converts its own.
+type Prepared = [Option<(Tensor, Tensor)>; 6];
+
+fn prepare(layer: &ViTLayer, flat: Option<&Tensor>, dt: candle_core::DType) -> Result<Prepared> {
+    let mut out: Prepared = Default::default();
+    let Some(flat) = flat else { return Ok(out) };
+    let lins = linears(layer);
+    let adapters: Vec<_> = lins.iter().filter_map(|l| l.lora.as_ref()).collect();
+    if let Some(prepared) = super::frozen::prepare_factors(&adapters, flat, dt)? {
+        let mut it = prepared.into_iter();
+        for (slot, lin) in out.iter_mut().zip(lins) {
+            if lin.lora.is_some() {
+                *slot = it.next();
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The block's forward on an untracked `x` (B, H, W, C): the MLP branch (the output is
 /// `saved.x1` plus it) and what backward needs.
-fn run(layer: &ViTLayer, x: &Tensor) -> Result<(Tensor, Saved)> {
+fn run(layer: &ViTLayer, x: &Tensor, prepared: &Prepared) -> Result<(Tensor, Saved)> {
     let lay = BlockLayout::of(layer, x)?;
     let (b, hh, ww, c) = lay.dims;
     let (dt, dev) = (x.dtype(), x.device());
     let att = &layer.attention;
     let (heads, d) = (att.num_heads, c / att.num_heads);
     let rows = lay.attention_rows(layer, x)?;
+    let take = |i: usize| prepared[i].clone();
     // The layers in the order the op-by-op path draws their dropout masks.
     let qk_map = layer.rope.heads_first_map(lay.seqs, heads);
-    let q_proj = LinearStep::new(&att.q_proj, None, Some(qk_map.clone()), rows.shape(), dt, dev)?;
+    let q_proj = LinearStep::new(&att.q_proj, None, Some(qk_map.clone()), (rows.shape(), dt), dev, take(0))?;
     let q = q_proj.forward(&rows)?;
-    let k_proj = LinearStep::new(&att.k_proj, None, Some(qk_map), rows.shape(), dt, dev)?;
+    let k_proj = LinearStep::new(&att.k_proj, None, Some(qk_map), (rows.shape(), dt), dev, take(1))?;
     let k = k_proj.forward(&rows)?;
-    let v_proj = LinearStep::new(&att.v_proj, None, None, rows.shape(), dt, dev)?;
+    let v_proj = LinearStep::new(&att.v_proj, None, None, (rows.shape(), dt), dev, take(2))?;
     let v = v_proj.forward(&rows)?.reshape((lay.seqs, lay.tokens, heads, d))?.transpose(1, 2)?;
     drop(rows);
     let (o, attention) = AttentionStep::forward(&q, &k, &v, 1.0 / (d as f64).sqrt(), true)?;
     let o_rows = o.reshape((lay.seqs * lay.tokens, c))?;
     let out_map = lay.maps.as_ref().map(|(_, unpartition)| unpartition.clone());
-    let o_proj = LinearStep::new(&att.o_proj, None, out_map, o_rows.shape(), dt, dev)?;
+    let o_proj = LinearStep::new(&att.o_proj, None, out_map, (o_rows.shape(), dt), dev, take(3))?;
     let y1 = o_proj.forward(&o_rows)?.reshape((b, hh, ww, c))?;
     let x1 = (x + y1)?;
     let rows2 = lay.mlp_rows(layer, &x1)?;
     let mlp = &layer.mlp;
-    let fc1 = LinearStep::new(&mlp.fc1, None, None, rows2.shape(), dt, dev)?;
+    let fc1 = LinearStep::new(&mlp.fc1, None, None, (rows2.shape(), dt), dev, take(4))?;
     let h = fc1.forward(&rows2)?;
     drop(rows2);
-    let fc2 = LinearStep::new(&mlp.fc2, Some(mlp.act), None, h.shape(), dt, dev)?;
+    let fc2 = LinearStep::new(&mlp.fc2, Some(mlp.act), None, (h.shape(), dt), dev, take(5))?;
     let y2 = fc2.forward(&h)?.reshape((b, hh, ww, c))?;
     let saved = Saved { q, k, v, o, attention, x1, h, q_proj, k_proj, v_proj, o_proj, fc1, fc2 };
     Ok((y2, saved))
@@ -243,6 +265,8 @@ struct BlockOp {
     key: u64,
     /// The adapter factors in the order of the concatenated operand.
     factors: Vec<Var>,
+    /// The factors as the layers read them (for the recomputation).
+    prepared: Prepared,
     /// What the forward kept; `None` with checkpointing (or once the backward took it).
     saved: Mutex<Option<Saved>>,
     out: Precomputed,
@@ -258,7 +282,10 @@ impl BlockOp {
             Some(s) => s,
             None => crate::profile::inner(
                 || format!("vit {kind} block recompute"),
-                || Result::Ok(crate::rng::with_substream(self.key, x.device(), || run(&self.layer, &xd))?.1),
+                || {
+                    let rerun = || run(&self.layer, &xd, &self.prepared);
+                    Result::Ok(crate::rng::with_substream(self.key, x.device(), rerun)?.1)
+                },
             )?,
         };
         let mut grads = Vec::with_capacity(self.factors.len());
@@ -338,16 +365,6 @@ pub fn forward(layer: &ViTLayer, x: &Tensor, checkpoint: bool) -> Result<Tensor>
     let key = crate::rng::next_key();
     let xd = x.detach();
     let kind = if layer.window_size > 0 { "window" } else { "global" };
-    let (out, saved) = crate::profile::inner(
-        || format!("vit {kind} block forward"),
-        || {
-            let (y2, saved) = crate::rng::with_substream(key, x.device(), || run(layer, &xd))?;
-            // The residual sum straight into the op's output storage.
-            let out =
-                Precomputed::from_storage(binary_storage(&saved.x1, &y2, Binary::Add)?, y2.shape().clone());
-            Result::Ok((out, saved))
-        },
-    )?;
     let factors: Vec<Var> = linears(layer)
         .iter()
         .filter_map(|l| l.lora.as_ref())
@@ -359,10 +376,22 @@ pub fn forward(layer: &ViTLayer, x: &Tensor, checkpoint: bool) -> Result<Tensor>
         let flat = factors.iter().map(|v| v.as_tensor().flatten_all()).collect::<Result<Vec<_>>>()?;
         Some(Tensor::cat(&flat, 0)?)
     };
+    let prepared = prepare(layer, operand.as_ref(), x.dtype())?;
+    let (out, saved) = crate::profile::inner(
+        || format!("vit {kind} block forward"),
+        || {
+            let (y2, saved) = crate::rng::with_substream(key, x.device(), || run(layer, &xd, &prepared))?;
+            // The residual sum straight into the op's output storage.
+            let out =
+                Precomputed::from_storage(binary_storage(&saved.x1, &y2, Binary::Add)?, y2.shape().clone());
+            Result::Ok((out, saved))
+        },
+    )?;
     let op = BlockOp {
         layer: layer.clone(),
         key,
         factors,
+        prepared,
         saved: Mutex::new((!checkpoint).then_some(saved)),
         out,
     };

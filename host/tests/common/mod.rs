@@ -45,10 +45,16 @@ pub fn plugin(name: &str) -> PathBuf {
     p
 }
 
-/// A runtime with a private compile cache.
+/// The tests' compile cache: under cargo's scratch folder for integration tests (kept with
+/// `target/`, shared by the test binaries and runs; entries are written atomically), not one
+/// folder per process left behind in the system's temp folder.
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("component-cache")
+}
+
+/// A runtime with the tests' compile cache.
 pub fn runtime() -> Arc<Runtime> {
-    let dir = std::env::temp_dir().join(format!("lorahost-test-cache-{}", std::process::id()));
-    Runtime::new(Some(dir)).unwrap()
+    Runtime::new(Some(cache_dir())).unwrap()
 }
 
 /// A plausible run.
