@@ -8,7 +8,7 @@
 # `quick` skips the larger batches (4, 8, 16 with checkpointing) and batch 2 with checkpointing.
 # Order: selftest of the training ops on the GPU (f32, bf16: selftest_*.txt), forward parity,
 # bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl), PyTorch eager b2, bf16
-# demo training, then b8 --ckpt, b4, b8, b12, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
+# demo training, then b8 --ckpt, b4, b8, b8 --ckpt-mlp, b12, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
 # a step that would not fit is cut short or skipped, so the results always come back. NO_AB=1
 # skips the A/B runs (AB="conv ..." picks some) (flash attention off; ViT blocks op by op; the convolutions on the
 # implicit-GEMM kernel; all of lorahost's own kernels and ops off).
@@ -123,6 +123,8 @@ if [ "${1:-}" != quick ]; then
   # The best throughput at any batch that fits: larger plain batches, and checkpointing.
   step 100 "bench lorahost b4" "$BIN" bench --device cuda --dtype bf16 --batch 4 --steps 4 --warmup 2 --json "$OUT/bench.jsonl"
   step 100 "bench lorahost b8" "$BIN" bench --device cuda --dtype bf16 --batch 8 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench.jsonl"
+  # fc1's outputs recomputed in backward: memory against the plain batch 8, and the time it costs.
+  step 100 "bench lorahost b8 ckpt-mlp" "$BIN" bench --device cuda --dtype bf16 --batch 8 --ckpt-mlp --steps 3 --warmup 1 --json "$OUT/bench.jsonl"
   # Without the dropout masks kept, batch 12 is estimated at ~67 GiB: the best plain batch?
   step 100 "bench lorahost b12" "$BIN" bench --device cuda --dtype bf16 --batch 12 --steps 3 --warmup 1 --json "$OUT/bench.jsonl"
   # PyTorch's best batch on the H100 reference (7.06 images/s at batch 6, 67 GiB): its best
@@ -152,7 +154,7 @@ for line in open(sys.argv[1]):
     if "step_s_median" not in r:
         print(line.strip()[:300]); continue
     print("batch %s ckpt %s: %.3f s/step, %.2f img/s, peak %.1f GiB, host issue %s s" % (
-        r.get("batch"), r.get("ckpt"), r["step_s_median"], r.get("images_per_s", 0),
+        r.get("batch"), ("mlp" if r.get("ckpt_mlp") else r.get("ckpt")), r["step_s_median"], r.get("images_per_s", 0),
         r.get("peak_mem_gib", 0), r.get("host_issue_s_median", "?")))
     for p in r.get("profile") or []:
         print("  part %-28s device %8.1f ms  host %8.1f ms" % (p["part"], p["ms"], p.get("host_ms", 0)))

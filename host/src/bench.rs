@@ -44,12 +44,26 @@ pub struct BenchOptions {
     pub vision_lora: bool,
     /// Activation checkpointing of the ViT blocks.
     pub ckpt: bool,
+    /// The ViT blocks recompute fc1's output in backward (when not `ckpt`).
+    pub ckpt_mlp: bool,
     /// Append the result as a JSON line to this file.
     pub json: Option<PathBuf>,
     /// After the timed steps, this many more steps with the model's parts, the loss, backward,
     /// the optimizer and the costliest operations timed on the device and the host: where a
     /// step's time goes.
     pub profile_steps: usize,
+}
+
+impl BenchOptions {
+    /// What the ViT blocks keep for backward.
+    pub fn checkpointing(&self) -> crate::sam3::vit_block::Checkpointing {
+        use crate::sam3::vit_block::Checkpointing;
+        match (self.ckpt, self.ckpt_mlp) {
+            (true, _) => Checkpointing::Full,
+            (false, true) => Checkpointing::Mlp,
+            (false, false) => Checkpointing::Off,
+        }
+    }
 }
 
 /// One part of a profiled step.
@@ -98,6 +112,8 @@ pub struct BenchResult {
     pub vision_lora: bool,
     /// ViT blocks checkpointed.
     pub ckpt: bool,
+    /// fc1's outputs recomputed in backward.
+    pub ckpt_mlp: bool,
     /// Base parameters.
     pub params: usize,
     /// Trainable parameters.
@@ -181,7 +197,7 @@ pub fn estimate(
         lora_params: lora.num_params(),
         dtype,
         adapted: crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1)),
-        vision_checkpointing: o.ckpt,
+        vision_checkpointing: o.checkpointing(),
         base: 0,
         cuda: matches!(o.device, crate::inference::DeviceArg::Cuda),
     };
@@ -247,7 +263,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         device.clone(),
     );
     let mut model = Sam3Model::load(vb, &config).context("building the random SAM3")?;
-    model.set_activation_checkpointing(o.ckpt)?;
+    model.set_vit_checkpointing(o.checkpointing())?;
     let lora = LoraSet::attach(&mut model, &lora_config(o), &device)?;
     lora.set_training(true);
     let vars: Vec<(String, candle_core::Var)> =
@@ -370,6 +386,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         rank: o.rank,
         vision_lora: o.vision_lora,
         ckpt: o.ckpt,
+        ckpt_mlp: o.ckpt_mlp && !o.ckpt,
         params,
         trainable: lora.num_params(),
         lora_modules: lora.modules.len(),

@@ -181,6 +181,10 @@ pub enum Command {
         /// Activation checkpointing of the ViT blocks (recomputed in backward).
         #[arg(long)]
         ckpt: bool,
+        /// The ViT blocks recompute fc1's output in backward instead of keeping it
+        /// (`gradient_checkpointing: mlp`).
+        #[arg(long, conflicts_with = "ckpt")]
+        ckpt_mlp: bool,
         /// Print only the memory estimate of this workload (`doctor`'s model) as JSON; nothing
         /// is built or run.
         #[arg(long)]
@@ -675,6 +679,7 @@ pub fn run(cli: Cli) -> Result<()> {
             rank,
             vision_lora,
             ckpt,
+            ckpt_mlp,
             estimate_only,
             json,
             profile,
@@ -694,6 +699,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 rank: *rank,
                 vision_lora: *vision_lora != 0,
                 ckpt: *ckpt,
+                ckpt_mlp: *ckpt_mlp,
                 json: json.clone(),
                 profile_steps: *profile,
             };

@@ -1472,13 +1472,33 @@ fn memory_check(
                     eff.div_ceil(fits)
                 )
             };
-            if adapted.vision && !t.gradient_checkpointing {
-                let ckpt = crate::memory::RunShape { vision_checkpointing: true, ..run };
-                let with = crate::memory::max_batch(config, &ckpt, qpi, b);
-                if with > fits {
-                    fix.push_str(&format!(
-                        "; or training.gradient_checkpointing: true (the ViT blocks are recomputed in backward), which fits a batch of {with}"
-                    ));
+            use crate::sam3::vit_block::Checkpointing;
+            if adapted.vision && t.gradient_checkpointing != Checkpointing::Full {
+                // The cheaper setting first: fc1's outputs recomputed (CUDA), then whole blocks.
+                let mut best = fits;
+                let options = [
+                    (
+                        Checkpointing::Mlp,
+                        "mlp (fc1's outputs are recomputed in backward, one more fc1 product per ViT block)",
+                    ),
+                    (Checkpointing::Full, "true (the ViT blocks are recomputed in backward)"),
+                ];
+                for (c, what) in options {
+                    if c == t.gradient_checkpointing || (c == Checkpointing::Mlp && !cuda) {
+                        continue;
+                    }
+                    let with = crate::memory::max_batch(
+                        config,
+                        &crate::memory::RunShape { vision_checkpointing: c, ..run },
+                        qpi,
+                        b,
+                    );
+                    if with > best {
+                        fix.push_str(&format!(
+                            "; or training.gradient_checkpointing: {what}, which fits a batch of {with}"
+                        ));
+                        best = with;
+                    }
                 }
             }
             r.add("F13", Severity::Error, "the predicted peak memory of a micro-batch exceeds the device's memory (an OOM kill: exit 137 on the host, CUDA out of memory on the GPU)", evidence, fix);

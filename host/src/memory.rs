@@ -23,6 +23,7 @@
 //! table and the leave-one-out errors are in BENCHMARKS.md).
 
 use crate::sam3::config::Sam3Config;
+use crate::sam3::vit_block::Checkpointing;
 use candle_core::{DType, Device, Shape, Tensor};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -121,6 +122,14 @@ fn vit_mask_bytes(c: &Sam3Config, images: usize) -> f64 {
         .sum()
 }
 
+/// The elements of each ViT block's fc1 output (tokens × MLP width), what
+/// [`Checkpointing::Mlp`] recomputes in backward instead of keeping.
+fn vit_fc1_elements(c: &Sam3Config, images: usize) -> Vec<f64> {
+    let v = &c.vision_config.backbone_config;
+    let g = (v.image_size / v.patch_size.max(1)) as f64;
+    (0..v.num_hidden_layers).map(|_| images as f64 * g * g * v.intermediate_size as f64).collect()
+}
+
 /// f32 copies of the largest attention's score chunk alive while the lean attention's backward
 /// recomputes it (probabilities, dP, dS and their casts; fitted on the CPU).
 const ATTENTION_TRANSIENT: f64 = 2.85;
@@ -207,8 +216,9 @@ pub struct RunShape {
     pub dtype: DType,
     /// Components with adapters.
     pub adapted: Adapted,
-    /// ViT blocks checkpointed (recomputed in backward).
-    pub vision_checkpointing: bool,
+    /// What the ViT blocks keep for backward (`full`: recomputed in backward; `mlp`: fc1's
+    /// output recomputed).
+    pub vision_checkpointing: Checkpointing,
     /// Process baseline ([`CPU_BASE`]) or CUDA context, bytes.
     pub base: u64,
     /// Trains on CUDA (lorahost's fused kernels: see [`BACKWARD_VIT_CUDA`]).
@@ -409,7 +419,7 @@ pub fn estimate(c: &Sam3Config, run: &RunShape, images: usize, queries: usize) -
         let parts = features_by_part(c, images, queries);
         let vit = &parts[0].1;
         let vit_blocks = vit.dot(&Features { maps: 0.0, ..Part::Vision.multipliers() });
-        if run.vision_checkpointing {
+        if run.vision_checkpointing == Checkpointing::Full {
             let (kept, one_block) = checkpointed_vision(c, images);
             graph += kept - vit_blocks;
             recompute = one_block;
@@ -417,11 +427,18 @@ pub fn estimate(c: &Sam3Config, run: &RunShape, images: usize, queries: usize) -
             lean = vit_blocks;
             if crate::sam3::vit_block::enabled() {
                 graph -= vit_blocks * (1.0 - VIT_OP_CUDA);
+                let mut dropped = 0.0;
                 if crate::rng::counter_masks() {
-                    let masks = vit_mask_bytes(c, images) / b;
-                    graph -= masks;
-                    lean -= masks;
+                    dropped += vit_mask_bytes(c, images) / b;
                 }
+                if run.vision_checkpointing == Checkpointing::Mlp {
+                    // fc1's output, recomputed in backward (one block's at a time).
+                    let one = vit_fc1_elements(c, images);
+                    dropped += one.iter().sum::<f64>();
+                    recompute = one.iter().copied().fold(0.0, f64::max);
+                }
+                graph -= dropped;
+                lean -= dropped;
             }
         }
     }
@@ -596,7 +613,7 @@ mod tests {
             lora_params: 12_000_000,
             dtype: DType::BF16,
             adapted: all,
-            vision_checkpointing: false,
+            vision_checkpointing: Checkpointing::Off,
             base: 0,
             cuda: false,
         };
@@ -606,15 +623,32 @@ mod tests {
         // (checkpointed) the estimate is the CPU's.
         let gpu = estimate(&c, &RunShape { cuda: true, ..run }, 2, 6);
         assert!(gpu.backward < e.backward && gpu.activations < e.activations, "{gpu:?} vs {e:?}");
-        let ckpt_cpu = estimate(&c, &RunShape { vision_checkpointing: true, ..run }, 2, 6);
-        let ckpt_gpu = estimate(&c, &RunShape { vision_checkpointing: true, cuda: true, ..run }, 2, 6);
+        let full = Checkpointing::Full;
+        let ckpt_cpu = estimate(&c, &RunShape { vision_checkpointing: full, ..run }, 2, 6);
+        let ckpt_gpu = estimate(&c, &RunShape { vision_checkpointing: full, cuda: true, ..run }, 2, 6);
         assert_eq!(ckpt_cpu.total, ckpt_gpu.total);
         assert_eq!(e.weights, 1_680_000_000);
         assert!(e.total > e.weights + e.activations);
         assert!(max_batch(&c, &run, 3.0, e.total) >= 2);
         // Checkpointing the ViT trades its graph for one block's.
-        let ckpt = estimate(&c, &RunShape { vision_checkpointing: true, ..run }, 2, 6);
+        let ckpt = estimate(&c, &RunShape { vision_checkpointing: full, ..run }, 2, 6);
         assert!(ckpt.total < e.total && ckpt.activations < e.activations, "{ckpt:?} vs {e:?}");
+        // On CUDA, recomputing fc1's output lands between keeping everything and keeping
+        // only the blocks' inputs: the blocks' fc1 outputs less, one block's more.
+        let mlp = Checkpointing::Mlp;
+        let mlp_gpu = estimate(&c, &RunShape { vision_checkpointing: mlp, cuda: true, ..run }, 2, 6);
+        assert!(ckpt_gpu.total < mlp_gpu.total && mlp_gpu.total < gpu.total, "{mlp_gpu:?}");
+        let v = &c.vision_config.backbone_config;
+        let fc1 = (v.num_hidden_layers - 1) as f64
+            * 2.0
+            * (v.image_size / v.patch_size).pow(2) as f64
+            * v.intermediate_size as f64
+            * 2.0;
+        let saved = (gpu.activations + gpu.backward) as f64 - (mlp_gpu.activations + mlp_gpu.backward) as f64;
+        assert!(
+            (saved / fc1 - 1.0).abs() < 0.1,
+            "saved {saved} bytes for {fc1} of fc1 outputs less one block's"
+        );
     }
 
     #[test]

@@ -313,9 +313,12 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         checks.push(compare(&name, &inputs, dtype, reference, op)?);
     }
     // The ViT block as one op (hand-written backward) against the op-by-op block in f64 on the
-    // CPU: a padded window block and a global one (checkpointed), head dimension 64 (on CUDA
-    // in bf16 the flash kernels), every adapter's factors differentiated.
-    for (ws, checkpoint) in [(4usize, false), (0, true)] {
+    // CPU: a padded window block (as is, and with fc1 recomputed) and a global one (checkpointed),
+    // head dimension 64 (on CUDA in bf16 the flash kernels), every adapter's factors
+    // differentiated.
+    use crate::sam3::vit_block::Checkpointing;
+    for (ws, checkpoint) in [(4usize, Checkpointing::Off), (0, Checkpointing::Full), (4, Checkpointing::Mlp)]
+    {
         checks.push(vit_block_check(device, dtype, ws, checkpoint)?);
     }
     if dtype == DType::F32 {
@@ -341,7 +344,12 @@ const BLOCK_FACTORS: [&str; 12] = [
 /// device, with dropout, both drawing the same masks), same weights.
 ///
 /// [`ViTLayer::forward`]: crate::sam3::vision::ViTLayer::forward
-fn vit_block_check(device: &Device, dtype: DType, ws: usize, checkpoint: bool) -> Result<Check> {
+fn vit_block_check(
+    device: &Device,
+    dtype: DType,
+    ws: usize,
+    checkpoint: crate::sam3::vit_block::Checkpointing,
+) -> Result<Check> {
     use crate::sam3::config::VitConfig;
     use crate::sam3::vision::ViTLayer;
     use crate::sam3::visit::VisitLinears;
@@ -443,7 +451,11 @@ fn vit_block_check(device: &Device, dtype: DType, ws: usize, checkpoint: bool) -
         crate::sam3::vit_block::forward(&layer, &t[0], checkpoint)
     };
     let kind = if ws > 0 { "window 4, padded" } else { "global" };
-    let name = format!("vit block op ({kind}{})", if checkpoint { ", checkpointed" } else { "" });
+    let name = match checkpoint {
+        crate::sam3::vit_block::Checkpointing::Off => format!("vit block op ({kind})"),
+        crate::sam3::vit_block::Checkpointing::Mlp => format!("vit block op ({kind}, fc1 recomputed)"),
+        crate::sam3::vit_block::Checkpointing::Full => format!("vit block op ({kind}, checkpointed)"),
+    };
     if !half {
         let reference = |t: &[Tensor]| {
             let layer = adapted(&layer_ref, t)?;
@@ -723,8 +735,9 @@ mod tests {
     #[test]
     fn cpu_f32_ops_match_the_f64_reference() -> Result<()> {
         let checks = run(&Device::Cpu, DType::F32)?;
-        assert_eq!(checks.len(), 17);
+        assert_eq!(checks.len(), 18);
         assert!(checks.iter().any(|c| c.name == "vit block op (window 4, padded)"));
+        assert!(checks.iter().any(|c| c.name == "vit block op (window 4, padded, fc1 recomputed)"));
         assert!(checks.iter().any(|c| c.name == "attention d64 80x72 (chunked)"));
         assert!(checks.iter().any(|c| c.name == "conv 3x3"));
         assert!(checks.iter().any(|c| c.name == "group norm [1, 4, 61, 67]"));

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use lorahost::lora::{Component, LoraConfig, LoraError, LoraSet};
 use lorahost::sam3::model::{ForwardOptions, Sam3Inputs, Sam3Model};
+use lorahost::sam3::vit_block::Checkpointing;
 use std::path::Path;
 
 fn fixture() -> std::path::PathBuf {
@@ -228,8 +229,8 @@ fn adapters_round_trip_through_the_peft_format() {
 
 /// One training forward + backward of the tiny model with adapters on every ViT, DETR and
 /// text module (LoRA dropout `dropout`, the fixture's DETR residual dropout 0.1 on), the ViT
-/// blocks checkpointed or not: the loss and every adapter's gradient, by name.
-fn checkpoint_run(ckpt: bool, dropout: f64) -> (f32, Vec<(String, Tensor)>) {
+/// blocks keeping what `ckpt` says: the loss and every adapter's gradient, by name.
+fn checkpoint_run(ckpt: Checkpointing, dropout: f64) -> (f32, Vec<(String, Tensor)>) {
     let dev = Device::Cpu;
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"];
     let mut model = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
@@ -245,7 +246,7 @@ fn checkpoint_run(ckpt: bool, dropout: f64) -> (f32, Vec<(String, Tensor)>) {
             var.set(&v.reshape((o, r)).unwrap()).unwrap();
         }
     }
-    model.set_activation_checkpointing(ckpt).unwrap();
+    model.set_vit_checkpointing(ckpt).unwrap();
     set.set_training(true);
     lorahost::rng::reseed(&[1, 2, 3]);
     let l = loss(&model.forward_with(&inputs(), ForwardOptions { train: true, dac: true }).unwrap());
@@ -276,8 +277,8 @@ fn assert_grads_close(a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f32) 
 /// with dropout, the recomputation replays the first run's masks (two runs agree exactly).
 #[test]
 fn activation_checkpointing_gives_the_plain_gradients() {
-    let (l_plain, g_plain) = checkpoint_run(false, 0.0);
-    let (l_ckpt, g_ckpt) = checkpoint_run(true, 0.0);
+    let (l_plain, g_plain) = checkpoint_run(Checkpointing::Off, 0.0);
+    let (l_ckpt, g_ckpt) = checkpoint_run(Checkpointing::Full, 0.0);
     assert!((l_plain - l_ckpt).abs() <= 1e-5 * l_plain.abs().max(1.0), "{l_plain} vs {l_ckpt}");
     assert_grads_close(&g_plain, &g_ckpt, 1e-4);
     let vit = g_ckpt.iter().filter(|(n, _)| n.contains("vision_encoder")).count();
@@ -286,22 +287,25 @@ fn activation_checkpointing_gives_the_plain_gradients() {
         .iter()
         .all(|(_, g)| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0));
     // Dropout: deterministic and replayed.
-    let (l1, g1) = checkpoint_run(true, 0.2);
-    let (l2, g2) = checkpoint_run(true, 0.2);
+    let (l1, g1) = checkpoint_run(Checkpointing::Full, 0.2);
+    let (l2, g2) = checkpoint_run(Checkpointing::Full, 0.2);
     assert_eq!(l1, l2);
     assert_grads_close(&g1, &g2, 0.0);
 }
 
-/// With LoRA dropout and the DETR residual dropout on, checkpointing the ViT draws the very
-/// masks the plain graph draws, in the ViT and downstream of it: same loss, same gradients.
+/// With LoRA dropout and the DETR residual dropout on, checkpointing the ViT (whole blocks, or
+/// fc1's outputs) draws the very masks the plain graph draws, in the ViT and downstream of it:
+/// same loss, same gradients.
 #[test]
 fn activation_checkpointing_draws_the_plain_dropout_masks() {
-    let (l_plain, g_plain) = checkpoint_run(false, 0.3);
-    let (l_ckpt, g_ckpt) = checkpoint_run(true, 0.3);
-    // Bit for bit: the same masks, and the recomputation repeats the plain forward exactly.
-    assert_eq!(l_plain, l_ckpt, "loss {l_plain} plain vs {l_ckpt} checkpointed");
-    assert_grads_close(&g_plain, &g_ckpt, 0.0);
+    let (l_plain, g_plain) = checkpoint_run(Checkpointing::Off, 0.3);
+    for c in [Checkpointing::Full, Checkpointing::Mlp] {
+        let (l_ckpt, g_ckpt) = checkpoint_run(c, 0.3);
+        // Bit for bit: the same masks, and the recomputation repeats the plain forward exactly.
+        assert_eq!(l_plain, l_ckpt, "loss {l_plain} plain vs {l_ckpt} ({c:?})");
+        assert_grads_close(&g_plain, &g_ckpt, 0.0);
+    }
     // Dropout does act: the masks change the loss.
-    let (l_nodrop, _) = checkpoint_run(false, 0.0);
+    let (l_nodrop, _) = checkpoint_run(Checkpointing::Off, 0.0);
     assert_ne!(l_plain, l_nodrop);
 }

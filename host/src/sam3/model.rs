@@ -225,7 +225,13 @@ impl Sam3Model {
     /// Turn activation checkpointing of the ViT blocks on or off: on, each block keeps only
     /// its input for backward and is recomputed there (about one extra ViT forward per step).
     pub fn set_activation_checkpointing(&mut self, on: bool) -> Result<()> {
-        self.vision.backbone.checkpoint = on;
+        use super::vit_block::Checkpointing;
+        self.set_vit_checkpointing(if on { Checkpointing::Full } else { Checkpointing::Off })
+    }
+
+    /// What the ViT blocks keep for backward (see [`super::vit_block::Checkpointing`]).
+    pub fn set_vit_checkpointing(&mut self, c: super::vit_block::Checkpointing) -> Result<()> {
+        self.vision.backbone.checkpoint = c;
         Ok(())
     }
 

@@ -430,8 +430,8 @@ pub struct ViTModel {
     pub layer_norm: LayerNorm,
     /// `layers.{i}`.
     pub layers: Vec<ViTLayer>,
-    /// Activation checkpointing of every block (recomputed in backward).
-    pub checkpoint: bool,
+    /// Activation checkpointing of every block (see [`super::vit_block::Checkpointing`]).
+    pub checkpoint: super::vit_block::Checkpointing,
     /// A one-element trainable stand-in on the model's device that records a checkpointed
     /// block on a training graph even when its input is untracked (the first block follows the
     /// frozen patch embedding; only where the ViT block op is off, see [`super::vit_block`]);
@@ -453,7 +453,7 @@ impl ViTModel {
             embeddings: ViTEmbeddings::load(vb.pp("embeddings"), cfg)?,
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             layers,
-            checkpoint: false,
+            checkpoint: Default::default(),
             anchor: candle_core::Var::zeros(1, DType::F32, &device)?,
         })
     }
@@ -472,7 +472,7 @@ impl ViTModel {
                     Err(e) => super::vit_block::fall_back(e)?,
                 }
             }
-            x = match self.checkpoint {
+            x = match self.checkpoint == super::vit_block::Checkpointing::Full {
                 true => {
                     use super::visit::VisitLinears;
                     let mut block = layer.clone();

@@ -872,7 +872,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let tokenizer = load_tokenizer(&model_path)?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
     check_tokenizer(&tokenizer, &model, &model_path)?;
-    model.set_activation_checkpointing(cfg.training.gradient_checkpointing)?;
+    model.set_vit_checkpointing(cfg.training.gradient_checkpointing)?;
     let lora_cfg = LoraConfig::from_section(&cfg.lora);
     let lora = LoraSet::attach_seeded(&mut model, &lora_cfg, seed, &device)
         .with_context(|| format!("{}: lora section", opts.config.display()))?;
