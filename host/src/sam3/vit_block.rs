@@ -16,7 +16,9 @@
 //! output, and the dropout masks; the two LayerNorm outputs are recomputed in backward (one
 //! cheap pass each) instead of kept, and everything is released as soon as the block's
 //! backward has run. With checkpointing the forward keeps nothing and the backward reruns it
-//! under the same dropout key first (no graph is recorded either time).
+//! under the same dropout key first (no graph is recorded either time); with
+//! [`Checkpointing::Mlp`] it keeps all but fc1's output, which the backward recomputes from the
+//! LayerNorm rows it recomputes anyway.
 //!
 //! The values are those of the op-by-op path ([`ViTLayer::forward`]): the same functions in the
 //! same order, the dropout masks drawn in the same order from the same stream; gradients agree
