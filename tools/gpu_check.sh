@@ -158,7 +158,7 @@ for line in open(sys.argv[1]):
         r.get("peak_mem_gib", 0), r.get("host_issue_s_median", "?")))
     for p in r.get("profile") or []:
         print("  part %-28s device %8.1f ms  host %8.1f ms" % (p["part"], p["ms"], p.get("host_ms", 0)))
-    for o in (r.get("profile_ops") or [])[:25]:
+    for o in (r.get("profile_ops") or [])[:40]:
         print("  op %-50s %6.1f calls  device %8.2f ms  host %8.2f ms" % (o["op"], o["calls"], o["ms"], o.get("host_ms", 0)))
 EOF
   done
