@@ -262,6 +262,39 @@ impl DetrDecoder {
     /// edges, v ↦ sign(8v)·log2(|8v| + 1)/3; MLP_y(Δy)[i] + MLP_x(Δx)[j] per head.
     pub fn rpb_matrix(&self, reference_boxes: &Tensor, height: usize, width: usize) -> Result<Tensor> {
         let (b, n, _) = reference_boxes.dims3()?;
+        let (ey, ex) = self.rpb_terms(reference_boxes, height, width)?;
+        let heads = ey.dim(D::Minus1)?;
+        let rpb = ey.unsqueeze(3)?.broadcast_add(&ex.unsqueeze(2)?)?; // (B, N, H, W, heads)
+        rpb.reshape((b, n, height * width, heads))?.permute((0, 3, 1, 2))?.contiguous()
+    }
+
+    /// [`Self::rpb_matrix`] as the image cross-attention adds it: (B, heads, 1 + N, H·W) in
+    /// `dtype` with a zero first row (the presence token), the per-axis terms laid out heads
+    /// first and summed straight into that layout (one write of the bias, where the matrix,
+    /// its transposition, the cast and the zero row's concatenation are five passes over it).
+    /// The same values: each entry is the same f32 sum, cast once.
+    pub fn rpb_bias(
+        &self,
+        reference_boxes: &Tensor,
+        (height, width): (usize, usize),
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (b, n, _) = reference_boxes.dims3()?;
+        let (ey, ex) = self.rpb_terms(reference_boxes, height, width)?;
+        let heads = ey.dim(D::Minus1)?;
+        // (B, N, L, heads) → (B, heads, 1 + N, L) with a zero row 0.
+        let with_zero_row = |t: &Tensor, len: usize| -> Result<Tensor> {
+            let zero = Tensor::zeros((b, 1, len, heads), t.dtype(), t.device())?;
+            Tensor::cat(&[&zero, t], 1)?.permute((0, 3, 1, 2))
+        };
+        let ey = with_zero_row(&ey, height)?.unsqueeze(4)?; // (B, heads, 1 + N, H, 1)
+        let ex = with_zero_row(&ex, width)?.unsqueeze(3)?; // (B, heads, 1 + N, 1, W)
+        ey.broadcast_add(&ex)?.reshape((b, heads, 1 + n, height * width))?.to_dtype(dtype)
+    }
+
+    /// The boxRPB's per-axis terms of reference boxes (B, N, 4): MLP_y over the rows (B, N, H,
+    /// heads) and MLP_x over the columns (B, N, W, heads).
+    fn rpb_terms(&self, reference_boxes: &Tensor, height: usize, width: usize) -> Result<(Tensor, Tensor)> {
         let dev = reference_boxes.device();
         let dtype = reference_boxes.dtype();
         let xyxy = box_cxcywh_to_xyxy(reference_boxes)?;
@@ -282,9 +315,7 @@ impl DetrDecoder {
         let dx = log_scale(coords(width)?.broadcast_sub(&edges(0, 2)?)?)?; // (B, N, W, 2)
         let ey = self.box_rpb_embed_y.forward(&dy)?; // (B, N, H, heads)
         let ex = self.box_rpb_embed_x.forward(&dx)?; // (B, N, W, heads)
-        let heads = ey.dim(D::Minus1)?;
-        let rpb = ey.unsqueeze(3)?.broadcast_add(&ex.unsqueeze(2)?)?; // (B, N, H, W, heads)
-        rpb.reshape((b, n, height * width, heads))?.permute((0, 3, 1, 2))?.contiguous()
+        Ok((ey, ex))
     }
 
     /// Decode.
@@ -341,11 +372,7 @@ impl DetrDecoder {
             let sine = box_encoding(&reference_boxes, c / 2)?.to_dtype(dtype)?;
             let query_pos = self.ref_point_head.forward(&sine)?;
             let vision_bias = match spatial_shapes {
-                [(h, w)] => {
-                    let rpb = self.rpb_matrix(&reference_boxes, *h, *w)?.to_dtype(dtype)?;
-                    let zero = Tensor::zeros((b, self.num_heads, 1, h * w), dtype, rpb.device())?;
-                    Some(Tensor::cat(&[&zero, &rpb], 2)?)
-                }
+                [(h, w)] => Some(self.rpb_bias(&reference_boxes, (*h, *w), dtype)?),
                 _ => None,
             };
             hidden = layer.forward(
@@ -642,6 +669,26 @@ mod tests {
         for v in [&memory, &text] {
             assert!(max_abs(grads.get(v.as_tensor()).expect("input gradient")) > 0.0);
         }
+        Ok(())
+    }
+
+    /// The bias the image cross-attention adds is transformers' RPB matrix below a zero row
+    /// (the presence token), bit for bit, in f32 and cast to bf16.
+    #[test]
+    fn rpb_bias_is_the_rpb_matrix_below_a_zero_row() -> Result<()> {
+        let (_vm, dec) = random_decoder(1)?;
+        let boxes = Tensor::rand(0.1f32, 0.9, (2, 5, 4), &Device::Cpu)?;
+        let (h, w) = (3, 4);
+        let m = dec.rpb_matrix(&boxes, h, w)?;
+        let zero = Tensor::zeros((2, m.dim(1)?, 1, h * w), DType::F32, &Device::Cpu)?;
+        let want = Tensor::cat(&[&zero, &m], 2)?;
+        for dt in [DType::F32, DType::BF16] {
+            let got = dec.rpb_bias(&boxes, (h, w), dt)?;
+            assert_eq!((got.dims(), got.dtype()), (want.dims(), dt));
+            let d = (got.to_dtype(DType::F32)? - want.to_dtype(dt)?.to_dtype(DType::F32)?)?;
+            assert_eq!(d.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{dt:?}");
+        }
+        assert!(max_abs(&m) > 0.0);
         Ok(())
     }
 
