@@ -90,20 +90,24 @@ impl GeometryEncoderLayer {
     }
 
     /// `prompt` (B, L, d); `vision` (B, HW, d) values; `vision_key` = vision + pos (B, HW, d);
-    /// `prompt_bias` additive key mask (B, 1, 1, L).
+    /// `prompt_bias` additive key mask (B, 1, 1, L); `dropout_p`: the residual dropout of
+    /// training (transformers' `self.dropout` on each branch), 0 for none.
     pub fn forward(
         &self,
         prompt: &Tensor,
         vision: &Tensor,
         vision_key: &Tensor,
         prompt_bias: Option<&Tensor>,
+        dropout_p: f64,
     ) -> Result<Tensor> {
         let h = self.layer_norm1.forward(prompt)?;
-        let x = (prompt + self.self_attn.forward(&h, &h, &h, prompt_bias)?)?;
+        let x =
+            crate::rng::dropout_add(&self.self_attn.forward(&h, &h, &h, prompt_bias)?, prompt, dropout_p)?;
         let h = self.layer_norm2.forward(&x)?;
-        let x = (&x + self.cross_attn.forward(&h, vision_key, vision, None)?)?;
+        let x =
+            crate::rng::dropout_add(&self.cross_attn.forward(&h, vision_key, vision, None)?, &x, dropout_p)?;
         let h = self.layer_norm3.forward(&x)?;
-        &x + self.mlp.forward(&h)?
+        crate::rng::dropout_add(&self.mlp.forward(&h)?, &x, dropout_p)
     }
 }
 
@@ -134,6 +138,8 @@ pub struct GeometryEncoder {
     pub hidden_size: usize,
     /// RoIAlign output size.
     pub roi_size: usize,
+    /// Residual dropout of the layers in training (`geometry_encoder_config.dropout`).
+    pub dropout: f64,
 }
 
 impl GeometryEncoder {
@@ -166,6 +172,7 @@ impl GeometryEncoder {
             output_layer_norm: LayerNorm::load(vb.pp("output_layer_norm"), d, GEOMETRY_LN_EPS)?,
             hidden_size: d,
             roi_size: r,
+            dropout: cfg.dropout,
         })
     }
 
@@ -188,11 +195,13 @@ impl GeometryEncoder {
         img_feats: &Tensor,
         img_pos_embeds: Option<&Tensor>,
     ) -> Result<GeometryOutput> {
-        self.forward_with(box_embeddings, box_mask, box_labels, img_feats, img_pos_embeds, None)
+        self.forward_with(box_embeddings, box_mask, box_labels, img_feats, img_pos_embeds, None, false)
     }
 
     /// [`Self::forward`] with the host's copies of what it reads on the host ([`HostBoxes`],
-    /// from [`GeometryEncoder::prefetch`] on the same boxes and mask; None: read them here).
+    /// from [`GeometryEncoder::prefetch`] on the same boxes and mask; None: read them here), in
+    /// training (`train`: the layers' residual dropout) or not.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_with(
         &self,
         box_embeddings: &Tensor,
@@ -201,6 +210,7 @@ impl GeometryEncoder {
         img_feats: &Tensor,
         img_pos_embeds: Option<&Tensor>,
         host: Option<&HostBoxes>,
+        train: bool,
     ) -> Result<GeometryOutput> {
         let (b, n, four) = box_embeddings.dims3()?;
         if four != 4 || box_mask.dims() != [b, n] || box_labels.dims() != [b, n] {
@@ -224,16 +234,26 @@ impl GeometryEncoder {
                 None => concat_padded_sequences(&boxes, &box_mask.ne(0f64)?, &cls, &ones)?,
             }
         };
-        self.encode_tokens(&prompt, &mask, &vision, &vision_key)
+        self.encode_tokens(&prompt, &mask, &vision, &vision_key, train)
     }
 
     /// Meta's text-only path: no boxes, the output is the CLS token alone, (B, 1, d), mask ones.
     pub fn cls_only(&self, img_feats: &Tensor, img_pos_embeds: Option<&Tensor>) -> Result<GeometryOutput> {
+        self.cls_only_with(img_feats, img_pos_embeds, false)
+    }
+
+    /// [`Self::cls_only`] in training (`train`: the layers' residual dropout) or not.
+    fn cls_only_with(
+        &self,
+        img_feats: &Tensor,
+        img_pos_embeds: Option<&Tensor>,
+        train: bool,
+    ) -> Result<GeometryOutput> {
         let b = img_feats.dim(0)?;
         let (vision, vision_key) = self.vision_tokens(img_feats, img_pos_embeds)?;
         let cls = self.cls_tokens(b, img_feats.dtype())?;
         let ones = Tensor::ones((b, 1), DType::U8, img_feats.device())?;
-        self.encode_tokens(&cls, &ones, &vision, &vision_key)
+        self.encode_tokens(&cls, &ones, &vision, &vision_key, train)
     }
 
     /// The geometry part of transformers' `Sam3Model.forward`, with a choice for prompts without
@@ -248,7 +268,15 @@ impl GeometryEncoder {
         img_pos_embeds: Option<&Tensor>,
         policy: NoBoxPolicy,
     ) -> Result<Option<GeometryOutput>> {
-        self.encode_prompt_with(input_boxes, input_boxes_labels, img_feats, img_pos_embeds, policy, None)
+        self.encode_prompt_with(
+            input_boxes,
+            input_boxes_labels,
+            img_feats,
+            img_pos_embeds,
+            policy,
+            None,
+            false,
+        )
     }
 
     /// What [`Self::encode_prompt`] reads on the host for these boxes (None without boxes), read
@@ -274,7 +302,9 @@ impl GeometryEncoder {
         Ok(Some(HostBoxes { xyxy, valid, dtype }))
     }
 
-    /// [`Self::encode_prompt`] with the host's copies from [`Self::prefetch`] on the same inputs.
+    /// [`Self::encode_prompt`] with the host's copies from [`Self::prefetch`] on the same inputs, in
+    /// training (`train`: the layers' residual dropout) or not.
+    #[allow(clippy::too_many_arguments)]
     pub fn encode_prompt_with(
         &self,
         input_boxes: Option<&Tensor>,
@@ -283,6 +313,7 @@ impl GeometryEncoder {
         img_pos_embeds: Option<&Tensor>,
         policy: NoBoxPolicy,
         host: Option<&HostBoxes>,
+        train: bool,
     ) -> Result<Option<GeometryOutput>> {
         match input_boxes {
             Some(boxes) if boxes.elem_count() > 0 => {
@@ -294,10 +325,10 @@ impl GeometryEncoder {
                         (ones.clone(), ones.to_dtype(DType::U8)?)
                     }
                 };
-                self.forward_with(boxes, &mask, &labels, img_feats, img_pos_embeds, host).map(Some)
+                self.forward_with(boxes, &mask, &labels, img_feats, img_pos_embeds, host, train).map(Some)
             }
             _ => match policy {
-                NoBoxPolicy::ClsToken => self.cls_only(img_feats, img_pos_embeds).map(Some),
+                NoBoxPolicy::ClsToken => self.cls_only_with(img_feats, img_pos_embeds, train).map(Some),
                 NoBoxPolicy::Skip => Ok(None),
             },
         }
@@ -380,11 +411,13 @@ impl GeometryEncoder {
         mask: &Tensor,
         vision: &Tensor,
         key: &Tensor,
+        train: bool,
     ) -> Result<GeometryOutput> {
         let mut x = self.prompt_layer_norm.forward(&self.final_proj.forward(prompt)?)?;
         let bias = key_padding_bias(mask)?;
+        let p = if train { self.dropout } else { 0.0 };
         for layer in &self.layers {
-            x = layer.forward(&x, vision, key, Some(&bias))?;
+            x = layer.forward(&x, vision, key, Some(&bias), p)?;
         }
         let last_hidden_state = self.output_layer_norm.forward(&x)?;
         Ok(GeometryOutput { last_hidden_state, attention_mask: mask.ne(0f64)? })
@@ -820,6 +853,38 @@ mod tests {
         Ok(())
     }
 
+    /// In training the layers apply transformers' residual dropout (p from the config): the
+    /// output changes, the same seed draws the same masks, and outside training nothing changes.
+    #[test]
+    fn residual_dropout_only_in_training() -> Result<()> {
+        let fx = Fixture::load("tiny_a");
+        let enc = GeometryEncoder::load(fx.vb().pp("geometry_encoder"), &fx.cfg.geometry_encoder_config)?;
+        assert!(enc.dropout > 0.0);
+        let boxes = fx.input("input_boxes");
+        let feats = fx.output("geometry.in.img_feats.2");
+        let pos = fx.output("geometry.in.img_pos_embeds.2");
+        let run = |train: bool| -> Result<Vec<f32>> {
+            crate::rng::reseed(&[4]);
+            let o = enc.encode_prompt_with(
+                Some(&boxes),
+                None,
+                &feats,
+                Some(&pos),
+                NoBoxPolicy::ClsToken,
+                None,
+                train,
+            )?;
+            o.expect("boxes").last_hidden_state.flatten_all()?.to_vec1::<f32>()
+        };
+        let eval = enc.encode_prompt(Some(&boxes), None, &feats, Some(&pos), NoBoxPolicy::ClsToken)?;
+        let eval = eval.expect("boxes").last_hidden_state.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(run(false)?, eval);
+        let (a, b) = (run(true)?, run(true)?);
+        assert_eq!(a, b, "the same seed, the same masks");
+        assert_ne!(a, eval, "dropout acts in training");
+        Ok(())
+    }
+
     /// The host copies read ahead give bit for bit what reading them in place gives (f32 and
     /// bf16 features, one padding box), and copies that do not fit the call are not used.
     #[test]
@@ -845,6 +910,7 @@ mod tests {
                     Some(&pos),
                     NoBoxPolicy::ClsToken,
                     h,
+                    false,
                 )
             };
             let (want, got) = (run(None)?.expect("boxes"), run(Some(&host))?.expect("boxes"));

@@ -326,6 +326,7 @@ impl Sam3Model {
             Some(img_pos),
             policy,
             host_boxes.as_ref(),
+            opts.train,
         )?;
         let (prompt, prompt_mask) = match geometry {
             Some(g) => {
