@@ -102,6 +102,21 @@ const BACKWARD_VIT_CUDA: f64 = 0.06;
 /// 59.0 GiB; BENCHMARKS.md "GPU training"; each alone fits 0.81, 0.82, 0.83). Off with
 /// `LORAHOST_VIT_BLOCK_OP=0`.
 const VIT_OP_CUDA: f64 = 0.82;
+/// The ViT's token grid: its side g (g² tokens per image) and the tokens of the grid padded
+/// to whole windows (what a window block attends over).
+fn vit_grid(c: &Sam3Config) -> (f64, f64) {
+    let v = &c.vision_config.backbone_config;
+    let g = (v.image_size / v.patch_size.max(1)) as f64;
+    let w = v.window_size.max(1) as f64;
+    (g, ((g / w).ceil() * w).powi(2))
+}
+
+/// Whether ViT block `layer` attends over the whole image (else over windows).
+fn vit_global(c: &Sam3Config, layer: usize) -> bool {
+    let v = &c.vision_config.backbone_config;
+    v.global_attn_indexes.contains(&layer) || v.window_size == 0
+}
+
 /// The dropout masks (u8) the ViT blocks' adapted linears keep for backward when the masks are
 /// drawn into bytes, bytes: per token and block, one per input entry of q, k, v, the output
 /// projection, fc1 (width each) and fc2 (MLP width) — the case [`VIT_OP_CUDA`] was fitted on
@@ -110,13 +125,10 @@ const VIT_OP_CUDA: f64 = 0.82;
 /// estimate subtracts them from that fit (derived, not yet measured on a GPU).
 fn vit_mask_bytes(c: &Sam3Config, images: usize) -> f64 {
     let v = &c.vision_config.backbone_config;
-    let g = (v.image_size / v.patch_size.max(1)) as f64;
-    let w = v.window_size.max(1) as f64;
-    let padded = ((g / w).ceil() * w).powi(2);
+    let (g, padded) = vit_grid(c);
     (0..v.num_hidden_layers)
         .map(|layer| {
-            let global = v.global_attn_indexes.contains(&layer) || v.window_size == 0;
-            let tokens = if global { g * g } else { padded };
+            let tokens = if vit_global(c, layer) { g * g } else { padded };
             images as f64 * tokens * (5 * v.hidden_size + v.intermediate_size) as f64
         })
         .sum()
@@ -126,7 +138,7 @@ fn vit_mask_bytes(c: &Sam3Config, images: usize) -> f64 {
 /// [`Checkpointing::Mlp`] recomputes in backward instead of keeping.
 fn vit_fc1_elements(c: &Sam3Config, images: usize) -> Vec<f64> {
     let v = &c.vision_config.backbone_config;
-    let g = (v.image_size / v.patch_size.max(1)) as f64;
+    let (g, _) = vit_grid(c);
     (0..v.num_hidden_layers).map(|_| images as f64 * g * g * v.intermediate_size as f64).collect()
 }
 
@@ -261,13 +273,12 @@ impl Features {
 pub fn features_by_part(c: &Sam3Config, images: usize, queries: usize) -> Vec<(Part, Features)> {
     let (i, q) = (images as f64, queries as f64);
     let v = &c.vision_config.backbone_config;
-    let g = (v.image_size / v.patch_size.max(1)) as f64; // token grid side
+    let (g, padded) = vit_grid(c); // token grid side, padded window grid
     let t = g * g;
     let w = v.window_size.max(1) as f64;
-    let padded = ((g / w).ceil() * w).powi(2);
     let mut vision = Features::default();
     for layer in 0..v.num_hidden_layers {
-        let global = v.global_attn_indexes.contains(&layer) || v.window_size == 0;
+        let global = vit_global(c, layer);
         let tokens = if global { t } else { padded };
         vision.token_width += i * tokens * v.hidden_size as f64;
         vision.token_mlp += i * tokens * v.intermediate_size as f64;
@@ -363,13 +374,12 @@ pub struct MemoryEstimate {
 pub fn largest_attention(c: &Sam3Config, adapted: &Adapted, images: usize, queries: usize) -> f64 {
     let (i, q) = (images as f64, queries as f64);
     let v = &c.vision_config.backbone_config;
-    let g = (v.image_size / v.patch_size.max(1)) as f64;
+    let (g, padded) = vit_grid(c);
     let t = g * g;
     let mut biggest: f64 = 0.0;
     if adapted.tracks(Part::Vision) {
         let global = !v.global_attn_indexes.is_empty() || v.window_size == 0;
         let w = v.window_size.max(1) as f64;
-        let padded = ((g / w).ceil() * w).powi(2);
         let window = i * v.num_attention_heads as f64 * padded * w * w;
         biggest = biggest.max(if global { i * v.num_attention_heads as f64 * t * t } else { window });
     }
@@ -388,9 +398,7 @@ pub fn largest_attention(c: &Sam3Config, adapted: &Adapted, images: usize, queri
 /// backward holds one block's full graph while recomputing it.
 fn checkpointed_vision(c: &Sam3Config, images: usize) -> (f64, f64) {
     let v = &c.vision_config.backbone_config;
-    let g = (v.image_size / v.patch_size.max(1)) as f64;
-    let w = v.window_size.max(1) as f64;
-    let padded = ((g / w).ceil() * w).powi(2);
+    let (g, padded) = vit_grid(c);
     let tokens = padded.max(g * g) * images as f64;
     let kept = v.num_hidden_layers as f64 * tokens * v.hidden_size as f64;
     let one_block = tokens * (VISION.0 * v.hidden_size as f64 + VISION.1 * v.intermediate_size as f64);
