@@ -110,7 +110,7 @@ pub fn keep_mask(shape: &candle_core::Shape, p: f64, device: &candle_core::Devic
 /// [`keep_mask`] for the kernels that apply a mask themselves (the adapted linears' fused
 /// kernels, [`crate::sam3::fused_cuda`]): on CUDA with lorahost's counter-based generator, the
 /// mask's seed and position instead of the drawn bytes ([`KeepMask::Counter`]); each kernel
-/// that applies it draws element `i` again from (seed, position + `i`), so nothing is written,
+/// that applies it draws element `i` again from the mask's key and `i`, so nothing is written,
 /// kept for backward or read back. The same draws as [`keep_mask`], which it advances the
 /// generator exactly as. `LORAHOST_COUNTER_MASKS=0` draws the bytes anyway (A/B timings).
 pub fn keep_mask_for_kernels(
@@ -133,8 +133,8 @@ pub fn counter_masks() -> bool {
 pub enum KeepMask {
     /// Drawn: u8 of the input's shape.
     Drawn(Tensor),
-    /// Not drawn: element `i` is the counter-based generator's draw at position `offset + i` of
-    /// stream `seed` ([`crate::sam3::fused_cuda::keep_mask`] draws the bytes).
+    /// Not drawn: element `i` is the counter-based generator's draw `i` of the mask at position
+    /// `offset` of stream `seed` ([`crate::sam3::fused_cuda::keep_mask`] draws the bytes).
     Counter {
         /// The stream.
         seed: u64,
@@ -180,7 +180,9 @@ fn draw_keep_mask(
         let key = DEVICE_KEY
             .with(|k| k.take())
             .or_else(|| (!inside).then(|| DEVICE_OUTER.with(|k| k.take())).flatten());
-        if crate::sam3::fused_cuda::serves_device(device) {
+        if crate::sam3::fused_cuda::serves_device(device)
+            && shape.elem_count() <= crate::sam3::fused_cuda::MAX_MASK
+        {
             // The counter-based generator: a key restarts it at position 0.
             let (seed, offset) = match key {
                 Some(k) => (k, 0),

@@ -859,20 +859,73 @@ fn epilogue_and_rope_kernels_match_their_formulas_in_emulation() {
     }
 }
 
-/// The counter-based generator's draw (the kernels' `keep_draw`), written out here.
-fn keep_draw(seed: u64, pos: u64, threshold: u32) -> bool {
+/// The counter-based generator (the host's `mask_key` and the kernels' `pair_bits` and
+/// `kept`), written out here: entry `i` of the mask at position `offset` of stream `seed`.
+fn keep_draw(seed: u64, offset: u64, i: u64, threshold: u32) -> bool {
     fn mix64(mut z: u64) -> u64 {
         z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-    ((mix64(seed ^ mix64(pos)) >> 40) as u32) >= threshold
+    fn mix32(mut x: u32) -> u32 {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb_352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846c_a68b);
+        x ^ (x >> 16)
+    }
+    let key = mix64(seed ^ mix64(offset));
+    let bits = mix32(mix32((i / 2) as u32 ^ key as u32).wrapping_add((key >> 32) as u32));
+    let draw = if i % 2 == 1 { bits >> 16 } else { bits & 0xffff };
+    draw >= threshold
+}
+
+/// The dropout generator's draws behave like independent coin flips with the asked
+/// probability: the kept share, the correlation of neighbours (at lags 1 to 3, and the two
+/// entries that share a hash), of the masks of neighbouring positions of a stream and of two
+/// streams, all within five standard errors of what independent draws give.
+#[test]
+fn the_dropout_generator_draws_independent_entries() {
+    let n = 1usize << 18;
+    for p in [0.1, 0.5] {
+        let threshold = (p * 65_536.0f64).ceil() as u32;
+        assert_eq!(fused_cuda::threshold(p), threshold, "p = {p}");
+        let draws = |seed: u64, offset: u64| -> Vec<f64> {
+            (0..n as u64).map(|i| f64::from(u8::from(keep_draw(seed, offset, i, threshold)))).collect()
+        };
+        let a = draws(0xfeed, 4096);
+        let mean = a.iter().sum::<f64>() / n as f64;
+        let se = (p * (1.0 - p) / n as f64).sqrt();
+        assert!((mean - (1.0 - p)).abs() < 5.0 * se, "p = {p}: kept share {mean}");
+        let corr = |x: &[f64], y: &[f64]| -> f64 {
+            let m = x.len() as f64;
+            let (mx, my) = (x.iter().sum::<f64>() / m, y.iter().sum::<f64>() / m);
+            let cov = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum::<f64>() / m;
+            let vx = x.iter().map(|a| (a - mx).powi(2)).sum::<f64>() / m;
+            let vy = y.iter().map(|b| (b - my).powi(2)).sum::<f64>() / m;
+            cov / (vx * vy).sqrt()
+        };
+        let limit = |m: usize| 5.0 / (m as f64).sqrt();
+        for lag in 1..=3 {
+            let c = corr(&a[..n - lag], &a[lag..]);
+            assert!(c.abs() < limit(n - lag), "p = {p}: lag-{lag} correlation {c}");
+        }
+        let (even, odd): (Vec<f64>, Vec<f64>) = a.chunks(2).map(|c| (c[0], c[1])).unzip();
+        let c = corr(&even, &odd);
+        assert!(c.abs() < limit(n / 2), "p = {p}: the two halves of a hash correlate ({c})");
+        for (what, b) in
+            [("the next position", draws(0xfeed, 4096 + n as u64)), ("another stream", draws(0xbeef, 4096))]
+        {
+            let c = corr(&a, &b);
+            assert!(c.abs() < limit(n), "p = {p}: the mask of {what} correlates ({c})");
+        }
+    }
 }
 
 /// The dropout mask's generator, and the adapted linears' activation/dropout and input-gradient
 /// kernels with the mask drawn into bytes and left to the kernels (each draws its entries again
-/// from the generator's seed and position): the mask is the hash written out in Rust (kept
+/// from the generator's key): the mask is the hash written out in Rust (kept
 /// share 1 − p), both ways of applying it give the same bytes, and the values follow the
 /// formulas (ReLU and no activation exactly, GELU within bf16 rounding of candle's f64 GELU).
 #[test]
@@ -888,8 +941,8 @@ fn dropout_kernels_draw_the_same_mask_either_way_in_emulation() {
     plan += &format!("output 0 {}\n", dir.join("mask.bin").display());
     run_plan(&exe, &dir, &plan);
     let mask = std::fs::read(dir.join("mask.bin")).unwrap();
-    let threshold = fused_cuda::threshold(p);
-    let want: Vec<u8> = (0..n as u64).map(|i| u8::from(keep_draw(seed, offset + i, threshold))).collect();
+    let threshold = (p * 65_536.0f64).ceil() as u32;
+    let want: Vec<u8> = (0..n as u64).map(|i| u8::from(keep_draw(seed, offset, i, threshold))).collect();
     assert_eq!(mask, want, "the mask kernel draws the generator's values");
     let kept = mask.iter().map(|&k| k as f64).sum::<f64>() / n as f64;
     assert!((kept - (1.0 - p)).abs() < 0.03, "kept share {kept} for p = {p}");

@@ -30,9 +30,10 @@ pub fn serves_device(device: &candle_core::Device) -> bool {
 }
 
 /// A dropout keep mask (u8, 1 = kept with probability 1 − `p`) of `shape` on `device`, drawn
-/// by a counter-based generator: element `i` hashes (`seed`, `offset + i`), so a stream is a
-/// seed and a position and reseeding costs nothing (cuRAND's generator is rebuilt on every
-/// reseed, once per ViT block).
+/// by a counter-based generator: the mask's key is [`mask_key`] of the stream's `seed` and
+/// position `offset`, and element `i` hashes (key, `i`), so a stream is a seed and a position
+/// and reseeding costs nothing (cuRAND's generator is rebuilt on every reseed, once per ViT
+/// block). At most [`MAX_MASK`] entries.
 pub fn keep_mask(
     shape: &candle_core::Shape,
     p: f64,
@@ -185,55 +186,75 @@ __device__ void score_grad(T* dp, const T* p, const float* delta, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) st(a, i, ld(b, i) * (ld(a, i) - d));
 }
 
-__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
-    z += 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+// The dropout generator, counter-based: a mask is a 64-bit key (the host's `mask_key` of the
+// stream's seed and position), and entries 2j and 2j + 1 take the low and the high 16 bits of
+// a keyed 32-bit hash of j; an entry is kept when its 16 bits are >= threshold (p · 2^16
+// rounded up; 0 keeps everything). Two rounds of a 32-bit integer mix (lowbias32) per pair of
+// entries, about six instructions an entry: the mask is drawn again by every kernel that
+// applies it (three times per adapted linear and step), and a 64-bit hash per entry took
+// about 45 instructions on sm_90, more than the memory traffic of the kernels around it.
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
 }
-
-// The counter-based generator's draw at position `pos` of stream `seed`: kept when the top 24
-// bits of the hash are >= threshold (p * 2^24).
-__device__ __forceinline__ bool keep_draw(unsigned long long seed, unsigned long long pos, unsigned int threshold) {
-    return (unsigned int)(mix64(seed ^ mix64(pos)) >> 40) >= threshold;
+__device__ __forceinline__ unsigned pair_bits(unsigned long long key, long long j) {
+    return mix32(mix32((unsigned)j ^ (unsigned)key) + (unsigned)(key >> 32));
 }
 
 // Whether element i is kept: the drawn mask's entry where there is one (mask not null), else
-// the generator's draw at (seed, offset + i); threshold 0 keeps everything.
-__device__ __forceinline__ bool kept(const unsigned char* mask, unsigned long long seed, unsigned long long offset,
-        unsigned int threshold, long long i) {
+// the generator's draw, `bits` being pair_bits(key, i / 2); threshold 0 keeps everything.
+__device__ __forceinline__ bool kept(const unsigned char* mask, unsigned bits, unsigned threshold, long long i) {
     if (mask) return mask[i] != 0;
-    return threshold == 0 || keep_draw(seed, offset + (unsigned long long)i, threshold);
+    return threshold == 0 || ((i & 1) ? bits >> 16 : bits & 0xffffu) >= threshold;
 }
+
+// The generator's bits for pair j, when the kernel draws (no drawn mask, a nonzero threshold).
+__device__ __forceinline__ unsigned draws(const unsigned char* mask, unsigned long long key, unsigned threshold, long long j) {
+    return (mask || threshold == 0) ? 0u : pair_bits(key, j);
+}
+
+// The elementwise kernels below take the elements two at a time (one hash per pair): pair j
+// is elements 2j and 2j + 1 (the last pair of an odd count has one).
+#define FOR_PAIRS(n) \
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; 2 * j < (n); j += (long long)gridDim.x * blockDim.x)
 
 // xa = act(x) (skipped when xa is null), xm = act(x) * keep * scale (skipped when xm is null).
 template <typename T>
-__device__ void act_drop(const T* x, const unsigned char* mask, unsigned long long seed, unsigned long long offset,
-        unsigned int threshold, float scale, int act, T* xa, T* xm, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float a = act_f(act, ld(x, i));
-        if (xa) st(xa, i, a);
-        if (xm) st(xm, i, kept(mask, seed, offset, threshold, i) ? a * scale : 0.f);
+__device__ void act_drop(const T* x, const unsigned char* mask, unsigned long long key, unsigned int threshold,
+        float scale, int act, T* xa, T* xm, long long n) {
+    FOR_PAIRS(n) {
+        const unsigned bits = xm ? draws(mask, key, threshold, j) : 0u;
+        for (long long i = 2 * j; i < 2 * j + 2 && i < n; ++i) {
+            const float a = act_f(act, ld(x, i));
+            if (xa) st(xa, i, a);
+            if (xm) st(xm, i, kept(mask, bits, threshold, i) ? a * scale : 0.f);
+        }
     }
 }
 
 // dx = (d1 + drop(d2)) * act'(x); d2 and x may be null.
 template <typename T>
-__device__ void input_grad(const T* d1, const T* d2, const unsigned char* mask, unsigned long long seed,
-        unsigned long long offset, unsigned int threshold, float scale, const T* x, int act, T* dx, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float d = ld(d1, i);
-        if (d2) d += kept(mask, seed, offset, threshold, i) ? ld(d2, i) * scale : 0.f;
-        if (act) d *= act_d(act, ld(x, i));
-        st(dx, i, d);
+__device__ void input_grad(const T* d1, const T* d2, const unsigned char* mask, unsigned long long key,
+        unsigned int threshold, float scale, const T* x, int act, T* dx, long long n) {
+    FOR_PAIRS(n) {
+        const unsigned bits = d2 ? draws(mask, key, threshold, j) : 0u;
+        for (long long i = 2 * j; i < 2 * j + 2 && i < n; ++i) {
+            float d = ld(d1, i);
+            if (d2) d += kept(mask, bits, threshold, i) ? ld(d2, i) * scale : 0.f;
+            if (act) d *= act_d(act, ld(x, i));
+            st(dx, i, d);
+        }
     }
 }
 
-// out[i] = 1 when the generator keeps position offset + i of stream seed.
-extern "C" __global__ void keep_mask(unsigned char* out, unsigned long long seed, unsigned long long offset,
-        unsigned int threshold, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        out[i] = keep_draw(seed, offset + (unsigned long long)i, threshold) ? 1 : 0;
+// out[i] = 1 when the generator keeps element i of the mask `key`.
+extern "C" __global__ void keep_mask(unsigned char* out, unsigned long long key, unsigned int threshold, long long n) {
+    FOR_PAIRS(n) {
+        const unsigned bits = pair_bits(key, j);
+        for (long long i = 2 * j; i < 2 * j + 2 && i < n; ++i) out[i] = kept(0, bits, threshold, i) ? 1 : 0;
     }
 }
 
@@ -290,8 +311,8 @@ extern "C" __global__ void epilogue_##S(const T* y, const T* bias, const T* z, T
 extern "C" __global__ void rope_##S(const T* src, const float* cs, const float* sn, T* dst, int batch, int heads, int n_tok, int d, int inverse) { rope(src, cs, sn, dst, batch, heads, n_tok, d, inverse); } \
 extern "C" __global__ void softmax_rows_##S(T* s, int n) { softmax_rows(s, n); } \
 extern "C" __global__ void score_grad_##S(T* dp, const T* p, const float* delta, int n) { score_grad(dp, p, delta, n); } \
-extern "C" __global__ void act_drop_##S(const T* x, const unsigned char* mask, unsigned long long seed, unsigned long long offset, unsigned int threshold, float scale, int act, T* xa, T* xm, long long n) { act_drop(x, mask, seed, offset, threshold, scale, act, xa, xm, n); } \
-extern "C" __global__ void input_grad_##S(const T* d1, const T* d2, const unsigned char* mask, unsigned long long seed, unsigned long long offset, unsigned int threshold, float scale, const T* x, int act, T* dx, long long n) { input_grad(d1, d2, mask, seed, offset, threshold, scale, x, act, dx, n); }
+extern "C" __global__ void act_drop_##S(const T* x, const unsigned char* mask, unsigned long long key, unsigned int threshold, float scale, int act, T* xa, T* xm, long long n) { act_drop(x, mask, key, threshold, scale, act, xa, xm, n); } \
+extern "C" __global__ void input_grad_##S(const T* d1, const T* d2, const unsigned char* mask, unsigned long long key, unsigned int threshold, float scale, const T* x, int act, T* dx, long long n) { input_grad(d1, d2, mask, key, threshold, scale, x, act, dx, n); }
 DEFINE(bf16_t, bf16)
 DEFINE(float, f32)
 "#;
@@ -321,17 +342,15 @@ pub fn rope_launch(
 }
 
 /// How a kernel applies a dropout mask: the drawn bytes at `addr` (0: none), else the
-/// counter-based generator's draws at (`seed`, `offset` + i) against `threshold` (0: all
-/// kept); kept entries are multiplied by `scale` (1 / (1 − p), 1 without a mask).
+/// counter-based generator's draws for the mask `key` against `threshold` (0: all kept); kept
+/// entries are multiplied by `scale` (1 / (1 − p), 1 without a mask).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MaskArgs {
     /// Address of the u8 mask, or 0.
     pub addr: u64,
-    /// The generator's stream.
-    pub seed: u64,
-    /// The generator's position of element 0.
-    pub offset: u64,
-    /// `p · 2²⁴` rounded up: a draw whose top 24 bits are below it drops the entry.
+    /// The mask's key ([`mask_key`]).
+    pub key: u64,
+    /// `p · 2¹⁶` rounded up: an entry whose 16 bits are below it is dropped.
     pub threshold: u32,
     /// The multiplier of kept entries.
     pub scale: f32,
@@ -339,11 +358,13 @@ pub struct MaskArgs {
 
 impl MaskArgs {
     /// No mask: everything kept, unscaled.
-    pub const NONE: MaskArgs = MaskArgs { addr: 0, seed: 0, offset: 0, threshold: 0, scale: 1.0 };
+    pub const NONE: MaskArgs = MaskArgs { addr: 0, key: 0, threshold: 0, scale: 1.0 };
 
-    /// The generator's draws at (`seed`, `offset` + i) for drop probability `p`.
+    /// The generator's draws for the mask at position `offset` of stream `seed`, for drop
+    /// probability `p`.
     pub fn counter(seed: u64, offset: u64, p: f64) -> MaskArgs {
-        MaskArgs { addr: 0, seed, offset, threshold: threshold(p), scale: (1.0 / (1.0 - p)) as f32 }
+        let key = mask_key(seed, offset);
+        MaskArgs { addr: 0, key, threshold: threshold(p), scale: (1.0 / (1.0 - p)) as f32 }
     }
 
     /// The drawn mask at `addr` for drop probability `p`.
@@ -351,27 +372,52 @@ impl MaskArgs {
         MaskArgs { addr, scale: (1.0 / (1.0 - p)) as f32, ..MaskArgs::NONE }
     }
 
-    fn args(&self) -> [Arg; 5] {
-        [Arg(self.addr), Arg(self.seed), Arg(self.offset), Arg(self.threshold as u64), Arg::f32(self.scale)]
+    fn args(&self) -> [Arg; 4] {
+        [Arg(self.addr), Arg(self.key), Arg(self.threshold as u64), Arg::f32(self.scale)]
     }
 }
 
-/// The generator's threshold for drop probability `p`: `p · 2²⁴`, rounded up.
-pub fn threshold(p: f64) -> u32 {
-    (p.clamp(0.0, 1.0) * 16_777_216.0).ceil() as u32
+/// The most entries a mask of the counter-based generator has (the kernels hash the pair index
+/// in 32 bits).
+pub const MAX_MASK: usize = 1 << 33;
+
+/// The key of the counter-based generator's mask at position `offset` of stream `seed`: the
+/// kernels draw entry `i` from (key, `i`), so masks at different positions of a stream (or on
+/// different streams) are independent, and a mask's draws do not depend on where its stream
+/// stood beyond its key.
+pub fn mask_key(seed: u64, offset: u64) -> u64 {
+    fn mix64(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    mix64(seed ^ mix64(offset))
 }
 
-/// The keep-mask kernel's launch: `n` bytes at `out`, the draws at (`seed`, `offset` + i).
+/// The generator's threshold for drop probability `p`: `p · 2¹⁶`, rounded up (2¹⁶ drops
+/// everything).
+pub fn threshold(p: f64) -> u32 {
+    (p.clamp(0.0, 1.0) * 65_536.0).ceil() as u32
+}
+
+/// Threads per block and blocks for the kernels that take `n` elements in pairs.
+fn pairs_grid(n: usize) -> ((u32, u32, u32), u32) {
+    crate::cuda_kernels::elementwise_grid(n.div_ceil(2))
+}
+
+/// The keep-mask kernel's launch: `n` bytes at `out`, the draws of the mask at position
+/// `offset` of stream `seed`.
 pub fn keep_mask_launch(out: u64, seed: u64, offset: u64, p: f64, n: usize) -> Launch {
-    let (grid, block) = crate::cuda_kernels::elementwise_grid(n);
-    let args = vec![Arg(out), Arg(seed), Arg(offset), Arg(threshold(p) as u64), Arg::i64(n as i64)];
+    let (grid, block) = pairs_grid(n);
+    let args = vec![Arg(out), Arg(mask_key(seed, offset)), Arg(threshold(p) as u64), Arg::i64(n as i64)];
     Launch { name: "keep_mask".into(), grid, block, args }
 }
 
 /// The activation-and-dropout kernel's launch (`act_drop_<suffix>`) over `n` elements of `x`:
 /// `xa = act(x)` and `xm = drop(act(x))`, either skipped at address 0.
 pub fn act_drop_launch(suffix: &str, [x, xa, xm]: [u64; 3], mask: MaskArgs, act: i32, n: usize) -> Launch {
-    let (grid, block) = crate::cuda_kernels::elementwise_grid(n);
+    let (grid, block) = pairs_grid(n);
     let mut args = vec![Arg(x)];
     args.extend(mask.args());
     args.extend([Arg::i32(act), Arg(xa), Arg(xm), Arg::i64(n as i64)]);
@@ -387,7 +433,7 @@ pub fn input_grad_launch(
     act: i32,
     n: usize,
 ) -> Launch {
-    let (grid, block) = crate::cuda_kernels::elementwise_grid(n);
+    let (grid, block) = pairs_grid(n);
     let mut args = vec![Arg(d1), Arg(d2)];
     args.extend(mask.args());
     args.extend([Arg(x), Arg::i32(act), Arg(dx), Arg::i64(n as i64)]);
@@ -529,6 +575,9 @@ mod imp {
         let Some(ptx) = ptx() else { candle_core::bail!("fused ops: keep mask kernel unavailable") };
         let like = device_scalar(device)?;
         let n = shape.elem_count();
+        if n > super::MAX_MASK {
+            candle_core::bail!("fused ops: a keep mask of {n} entries (at most {})", super::MAX_MASK);
+        }
         let out = uninit(&like, shape.dims(), DType::U8)?;
         if n > 0 {
             keep_mask_launch(device_address(&out)?, seed, offset, p, n).run(device, MODULE, ptx)?;
@@ -597,6 +646,9 @@ mod imp {
                 Ok((Some(m), a))
             }
             KeepMask::Counter { seed, offset, p: drawn_p, device, .. } => {
+                if like.elem_count() > super::MAX_MASK {
+                    candle_core::bail!("fused ops: a counter mask of {} entries", like.elem_count());
+                }
                 if !device.same_device(like.device()) || *drawn_p != p {
                     candle_core::bail!(
                         "fused ops: a mask drawn for p = {drawn_p} on {device:?} applied with p = {p}"

@@ -83,11 +83,11 @@ using Args = std::vector<uint64_t>;
 
 static const std::map<std::string, void (*)(const Args&)> kernels = {
     {"epilogue_bf16", [](const Args& a) { epilogue_bf16(BF(0), BF(1), BF(2), BF(3), L(4), I(5)); }},
-    {"keep_mask", [](const Args& a) { keep_mask(U8(0), U(1), U(2), (unsigned)a.at(3), L(4)); }},
+    {"keep_mask", [](const Args& a) { keep_mask(U8(0), U(1), (unsigned)a.at(2), L(3)); }},
     {"act_drop_bf16", [](const Args& a) {
-        act_drop_bf16(BF(0), U8(1), U(2), U(3), (unsigned)a.at(4), R(5), I(6), BF(7), BF(8), L(9)); }},
+        act_drop_bf16(BF(0), U8(1), U(2), (unsigned)a.at(3), R(4), I(5), BF(6), BF(7), L(8)); }},
     {"input_grad_bf16", [](const Args& a) {
-        input_grad_bf16(BF(0), BF(1), U8(2), U(3), U(4), (unsigned)a.at(5), R(6), BF(7), I(8), BF(9), L(10)); }},
+        input_grad_bf16(BF(0), BF(1), U8(2), U(3), (unsigned)a.at(4), R(5), BF(6), I(7), BF(8), L(9)); }},
     {"rope_bf16", [](const Args& a) { rope_bf16(BF(0), F(1), F(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
     ROWS(16, unit16_t) ROWS(4, unsigned int) ROWS(2, unsigned short)
     {"grad_stats", [](const Args& a) { grad_stats((const long long*)P(0), I(1), F(2)); }},
@@ -100,7 +100,7 @@ static const std::map<std::string, void (*)(const Args&)> kernels = {
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
     {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"conv_pack_bf16", 6}, {"conv_unpack_bf16", 6}, {"grad_stats", 3},
-    {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"keep_mask", 5}, {"act_drop_bf16", 10}, {"input_grad_bf16", 11}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
+    {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"keep_mask", 4}, {"act_drop_bf16", 9}, {"input_grad_bf16", 10}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
     NORM_ARITY(bf16) NORM_ARITY(f32) {"ln_fwd_warp_bf16_1", 6}, {"ln_fwd_warp_bf16_2", 6},
     {"ln_fwd_warp_bf16_4", 6}, {"ln_bwd_warp_bf16_1", 6}, {"ln_bwd_warp_bf16_2", 6}, {"ln_bwd_warp_bf16_4", 6}};
 
