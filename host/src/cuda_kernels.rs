@@ -34,12 +34,13 @@ pub fn compile_for(what: &str, switch: &str, source: &str, arch: Option<&'static
 /// compilation in progress (each set is compiled once per process either way).
 #[cfg(feature = "cuda")]
 pub fn precompile() {
-    use crate::sam3::{conv_cuda, copy_cuda, flash_cuda, fused_cuda, norm_cuda};
+    use crate::sam3::{conv_cuda, copy_cuda, flash_cuda, fused_cuda, lowrank_cuda, norm_cuda};
     use crate::train::{adamw_cuda, stats_cuda};
-    let sets: [fn(); 7] = [
+    let sets: [fn(); 8] = [
         flash_cuda::prepare,
         conv_cuda::prepare,
         fused_cuda::prepare,
+        lowrank_cuda::prepare,
         norm_cuda::prepare,
         copy_cuda::prepare,
         adamw_cuda::prepare,

@@ -148,7 +148,9 @@ fn driver(dir: &Path) -> Option<PathBuf> {
         norm_cuda::SOURCE,
         lorahost::train::stats_cuda::SOURCE,
         lorahost::sam3::copy_cuda::SOURCE,
+        fused_cuda::HELPERS,
         fused_cuda::SOURCE,
+        lorahost::sam3::lowrank_cuda::SOURCE,
     ];
     std::fs::write(dir.join("kernels.inc"), sources.concat()).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
@@ -1011,4 +1013,125 @@ fn dropout_kernels_draw_the_same_mask_either_way_in_emulation() {
             }
         }
     }
+}
+
+/// The LoRA kernels (`lowrank.cu`): the down-projection `h = drop(act(x))·Aᵀ` and the factor
+/// gradient `dA = gᵀ·drop(act(x))` against f64 products of the dropped-out input written out
+/// here (the generator's draws or drawn bytes, the activation, the scale, bf16 rounding), for
+/// ranks in each of the kernels' tile sizes (one not a multiple of 8), row and column counts
+/// that leave partial tiles, with and without an activation, and dA in one chunk and in several.
+#[test]
+fn lowrank_kernels_match_the_products_of_the_dropped_out_input_in_emulation() {
+    use lorahost::sam3::lowrank_cuda;
+    let Some((_tmp, dir, exe)) = setup("lowrank") else { return };
+    let mut rng = Rng(71);
+    let (seed, offset) = (0xabcd_u64, 999u64);
+    // (rows, k, rank, act, p, drawn mask bytes, the dA split)
+    let cases = [
+        (37usize, 80usize, 32usize, 0i32, 0.3, false, (2usize, 32usize)),
+        (37, 80, 32, 0, 0.3, true, (1, 64)),
+        (19, 36, 64, 5, 0.5, false, (1, 32)),
+        (40, 130, 10, 1, 0.1, false, (3, 32)),
+        (16, 16, 16, 0, 0.0, false, (1, 32)),
+    ];
+    for (rows, k, r, act, p, drawn, split) in cases {
+        let what = format!("{rows}x{k} rank {r} act {act} p {p} drawn {drawn}");
+        let n = rows * k;
+        let (x, a, g) = (rng.values(n), rng.values(r * k), rng.values(rows * r));
+        let threshold = (p * 65_536.0f64).ceil() as u32;
+        let keep: Vec<bool> = (0..n as u64).map(|i| keep_draw(seed, offset, i, threshold)).collect();
+        let gelu: Vec<f64> = f64_tensor(&x, &[n]).gelu_erf().unwrap().to_vec1::<f64>().unwrap();
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let xm: Vec<f64> = (0..n)
+            .map(|i| {
+                let v = match act {
+                    0 => x[i],
+                    5 => x[i].max(0.0),
+                    _ => gelu[i] as f32,
+                };
+                if keep[i] {
+                    round_bf16(v * scale) as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask_bytes: Vec<u8> = keep.iter().map(|&k| u8::from(k)).collect();
+        // Buffers: 0 x, 1 A, 2 g, 3 the mask bytes, 4 h, 5 the partial sums, 6 dA.
+        let mut plan = buffers(&dir, &[(&x, true), (&a, true), (&g, true)], &[]);
+        std::fs::write(dir.join("lrmask.bin"), &mask_bytes).unwrap();
+        plan += &format!("buffer {n} {}\n", dir.join("lrmask.bin").display());
+        plan +=
+            &format!("buffer {} -\nbuffer {} -\nbuffer {} -\n", rows * r * 2, split.0 * r * k * 4, r * k * 4);
+        // 7 d1 (the base part of the input gradient), 8 dx.
+        let d1 = rng.values(n);
+        std::fs::write(dir.join("lrd1.bin"), bf16_bytes(&d1)).unwrap();
+        plan += &format!("buffer {} {}\nbuffer {} -\n", n * 2, dir.join("lrd1.bin").display(), n * 2);
+        let m = match (drawn, p > 0.0) {
+            (_, false) => fused_cuda::MaskArgs::NONE,
+            (true, true) => fused_cuda::MaskArgs::drawn(buffer_addr(3, 0), p),
+            (false, true) => fused_cuda::MaskArgs::counter(seed, offset, p),
+        };
+        let [xa, aa, ga, ha, pa, da] = [0, 1, 2, 4, 5, 6].map(|id| buffer_addr(id, 0));
+        plan += &launch_line(&lowrank_cuda::down_launch([xa, aa, ha], rows, k, r, m, act));
+        for l in lowrank_cuda::grad_a_launches([ga, xa, pa, da], rows, k, r, m, act, split) {
+            plan += &launch_line(&l);
+        }
+        let x_arg = if act == 0 { 0 } else { xa };
+        let addrs = [buffer_addr(7, 0), ga, aa, x_arg, buffer_addr(8, 0)];
+        plan += &launch_line(&lowrank_cuda::input_grad_launch(addrs, rows, k, r, m, act));
+        plan +=
+            &format!("output 4 {}\noutput 6 {}\n", dir.join("h.bin").display(), dir.join("da.bin").display());
+        plan += &format!("output 8 {}\n", dir.join("dx.bin").display());
+        run_plan(&exe, &dir, &plan);
+        let h = from_bf16_bytes(&std::fs::read(dir.join("h.bin")).unwrap());
+        let da = decode(&std::fs::read(dir.join("da.bin")).unwrap(), false);
+        let want_h: Vec<f64> = (0..rows * r)
+            .map(|e| {
+                let (row, j) = (e / r, e % r);
+                (0..k).map(|c| xm[row * k + c] * a[j * k + c] as f64).sum()
+            })
+            .collect();
+        let want_da: Vec<f64> = (0..r * k)
+            .map(|e| {
+                let (j, c) = (e / k, e % k);
+                (0..rows).map(|row| g[row * r + j] as f64 * xm[row * k + c]).sum()
+            })
+            .collect();
+        let off = |want: &[f64], got: &[f32]| {
+            let top = want.iter().fold(1e-9f64, |m, v| m.max(v.abs()));
+            want.iter().zip(got).fold(0f64, |m, (w, g)| m.max((w - *g as f64).abs())) / top
+        };
+        // GELU in f32 (erff) against candle's f64 may round an entry of drop(act(x)) the other way.
+        let (tol_h, tol_da) = if act == 1 { (1e-2, 1e-2) } else { (8e-3, 1e-5) };
+        let (eh, ed) = (off(&want_h, &h), off(&want_da, &da));
+        assert!(eh <= tol_h, "{what}: h off by {eh:.3e} relative");
+        assert!(ed <= tol_da, "{what}: dA off by {ed:.3e} relative");
+        // dx = (d1 + drop(g·A)) ⊙ act'(x), rounded to bf16 once.
+        let dx = from_bf16_bytes(&std::fs::read(dir.join("dx.bin")).unwrap());
+        let want_dx: Vec<f64> = (0..n)
+            .map(|i| {
+                let (row, c) = (i / k, i % k);
+                let ga: f64 = (0..r).map(|j| g[row * r + j] as f64 * a[j * k + c] as f64).sum();
+                let d = d1[i] as f64 + if keep[i] { ga * scale as f64 } else { 0.0 };
+                let xv = x[i] as f64;
+                let slope = match act {
+                    0 => 1.0,
+                    5 => f64::from(u8::from(xv > 0.0)),
+                    _ => {
+                        let cdf = 0.5 * (1.0 + erf(xv / std::f64::consts::SQRT_2));
+                        cdf + xv * (-0.5 * xv * xv).exp() / (2.0 * std::f64::consts::PI).sqrt()
+                    }
+                };
+                d * slope
+            })
+            .collect();
+        let ex = off(&want_dx, &dx);
+        assert!(ex <= 8e-3, "{what}: dx off by {ex:.3e} relative");
+    }
+}
+
+/// erf through candle's f64 implementation (the GELU derivative's reference).
+fn erf(v: f64) -> f64 {
+    Tensor::new(&[v], &Device::Cpu).unwrap().erf().unwrap().to_vec1::<f64>().unwrap()[0]
 }

@@ -248,13 +248,24 @@ fn parts(
     adapter: Option<(&AdapterPart, &Tensor, &Tensor)>,
 ) -> Result<Parts> {
     let dt = x.dtype();
-    // On the GPU (nothing to differentiate through x): the activation and the adapter's
-    // dropped-out input in one fused pass.
-    let fused = !x.track_op() && super::fused_cuda::serves(x) && (act.is_some() || adapter.is_some());
+    // On the GPU in bf16 (nothing to differentiate through x): the adapter's down-projection as
+    // one kernel that drops out act(x) as it reads x ([`super::lowrank_cuda`]), so the
+    // dropped-out input is never written.
+    let kernel_down = match adapter {
+        Some((_, a, _)) => !x.track_op() && super::lowrank_cuda::serves(x, a.dim(0)?),
+        None => false,
+    };
+    // Else on the GPU: the activation and the adapter's dropped-out input in one fused pass.
+    let fused = !x.track_op()
+        && super::fused_cuda::serves(x)
+        && (act.is_some() || (adapter.is_some() && !kernel_down));
     let (xa, xm) = if fused {
-        let (mask, p) = adapter.map_or((None, 0.0), |(part, _, _)| (part.mask.as_ref(), part.p));
+        let (mask, p) = match adapter {
+            Some((part, _, _)) if !kernel_down => (part.mask.as_ref(), part.p),
+            _ => (None, 0.0),
+        };
         let (xa, xm) = super::fused_cuda::activation_and_dropout(x, act, mask, p)?;
-        (xa, Some(xm))
+        (xa, (!kernel_down).then_some(xm))
     } else {
         let xa = match act {
             Some(act) => act.apply(x)?,
@@ -268,12 +279,16 @@ fn parts(
         && !adapter.is_some_and(|(_, a, b)| a.track_op() || b.track_op());
     let lowrank = |xm: Option<Tensor>, xa: &Tensor| -> Result<Option<(Tensor, Tensor)>> {
         let Some((part, a, b)) = adapter else { return Ok(None) };
-        let xm = match xm {
-            Some(xm) => xm,
-            None => part.dropped(xa)?,
-        };
         let (a, sb) = part.factors_in(a, b, dt)?;
-        let h = xm.matmul(&a.t()?)?;
+        let h = if kernel_down {
+            super::lowrank_cuda::down(x, &a, act, part.mask.as_ref(), part.p)?
+        } else {
+            let xm = match xm {
+                Some(xm) => xm,
+                None => part.dropped(xa)?,
+            };
+            xm.matmul(&a.t()?)?
+        };
         if !h.track_op() {
             // Kept for the backward (a recorded op's forward runs untracked).
             let _ = part.h.set(h.clone());
@@ -304,9 +319,19 @@ fn parts(
 impl AdapterPart {
     /// `h = xm·Aᵀ` as the forward computed it, else computed now.
     fn kept_h(&self, xm: &Tensor, a: &Tensor) -> Result<Tensor> {
+        self.kept_h_or(xm.dim(0)?, xm.dtype(), || xm.matmul(&a.t()?))
+    }
+
+    /// The forward's `h` for `rows` inputs in `dt`, else `compute()`.
+    fn kept_h_or(
+        &self,
+        rows: usize,
+        dt: candle_core::DType,
+        compute: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
         match self.h.get() {
-            Some(h) if h.dtype() == xm.dtype() && h.dim(0)? == xm.dim(0)? => Ok(h.clone()),
-            _ => xm.matmul(&a.t()?),
+            Some(h) if h.dtype() == dt && h.dim(0)? == rows => Ok(h.clone()),
+            _ => compute(),
         }
     }
 
@@ -383,12 +408,23 @@ impl LinearCore {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let x_tracked = needs.dx;
         let dt = x.dtype();
-        let (mut da, mut db, mut ga) = (None, None, None);
+        let (mut da, mut db, mut ga, mut g_a) = (None, None, None, None);
         let (mask, p) = self.adapter.as_ref().map_or((None, 0.0), |part| (part.mask.as_ref(), part.p));
         if let (Some((a, b)), Some(part)) = (ab, &self.adapter) {
             let (ad, sb) = part.factors_in(&a.detach(), &b.detach(), dt)?;
             let g = dy.matmul(&sb)?; // (n, r)
-            if needs.da || needs.db {
+            let kernels = super::lowrank_cuda::serves(x, ad.dim(0)?);
+            if (needs.da || needs.db) && kernels {
+                // The LoRA kernels drop out act(x) as they read x: nothing input-sized written.
+                if needs.da {
+                    da = Some(super::lowrank_cuda::grad_a(&g, x, self.act, mask, p)?.to_dtype(a.dtype())?);
+                }
+                if needs.db {
+                    let h = part
+                        .kept_h_or(x.dim(0)?, dt, || super::lowrank_cuda::down(x, &ad, self.act, mask, p))?;
+                    db = Some(factor_grad(dy, &h, part.scale, b.dtype())?);
+                }
+            } else if needs.da || needs.db {
                 let xm = super::fused_cuda::adapter_input(x, self.act, mask, p)?;
                 if needs.da {
                     da = Some(factor_grad(&g, &xm, 1.0, a.dtype())?);
@@ -398,19 +434,20 @@ impl LinearCore {
                     db = Some(factor_grad(dy, &h, part.scale, b.dtype())?);
                 }
             }
-            if x_tracked {
+            if x_tracked && kernels {
+                // g·A multiplied inside the input-gradient kernel, never written.
+                g_a = Some((g, ad));
+            } else if x_tracked {
                 ga = Some(g.matmul(&ad)?);
             }
         }
         let dx = if x_tracked {
             let d1 = dy.matmul(&self.w)?;
-            Some(super::fused_cuda::linear_input_grad(
-                &d1,
-                ga.as_ref(),
-                mask,
-                p,
-                self.act.map(|act| (act, x)),
-            )?)
+            let act = self.act.map(|act| (act, x));
+            Some(match &g_a {
+                Some((g, ad)) => super::lowrank_cuda::input_grad(&d1, g, ad, mask, p, act)?,
+                None => super::fused_cuda::linear_input_grad(&d1, ga.as_ref(), mask, p, act)?,
+            })
         } else {
             None
         };

@@ -128,8 +128,10 @@ pub fn linear_epilogue_storage(
     imp::linear_epilogue_storage(y, bias, z)
 }
 
-/// The kernels' CUDA C source (compiled after [`crate::cuda_kernels::PRELUDE`]).
-pub const SOURCE: &str = r#"
+/// The CUDA C helpers the fused kernels share with [`super::lowrank_cuda`]'s: the activations
+/// and their derivatives (`act_f`, `act_d`), and the dropout generator (`pair_bits`, `draws`,
+/// `kept`). Compiled after [`crate::cuda_kernels::PRELUDE`].
+pub const HELPERS: &str = r#"
 // act: 0 none, 1 GELU (erf), 2 GELU (tanh), 3 quick GELU, 4 SiLU, 5 ReLU.
 __device__ __forceinline__ float act_f(int act, float x) {
     switch (act) {
@@ -163,29 +165,6 @@ __device__ __forceinline__ float act_d(int act, float x) {
     }
 }
 
-template <typename T>
-__device__ void softmax_rows(T* s, int n) {
-    __shared__ float sh[32];
-    T* r = s + (long long)blockIdx.x * n;
-    float m = __int_as_float(0xff800000);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, ld(r, i));
-    m = block_max(m, sh);
-    float z = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) z += __expf(ld(r, i) - m);
-    z = block_sum(z, sh);
-    const float inv = (m == __int_as_float(0xff800000)) ? 0.f : 1.f / z;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) st(r, i, __expf(ld(r, i) - m) * inv);
-}
-
-template <typename T>
-__device__ void score_grad(T* dp, const T* p, const float* delta, int n) {
-    const long long row = blockIdx.x;
-    const float d = delta[row];
-    T* a = dp + row * n;
-    const T* b = p + row * n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) st(a, i, ld(b, i) * (ld(a, i) - d));
-}
-
 // The dropout generator, counter-based: a mask is a 64-bit key (the host's `mask_key` of the
 // stream's seed and position), and entries 2j and 2j + 1 take the low and the high 16 bits of
 // a keyed 32-bit hash of j; an entry is kept when its 16 bits are >= threshold (p · 2^16
@@ -214,6 +193,33 @@ __device__ __forceinline__ bool kept(const unsigned char* mask, unsigned bits, u
 // The generator's bits for pair j, when the kernel draws (no drawn mask, a nonzero threshold).
 __device__ __forceinline__ unsigned draws(const unsigned char* mask, unsigned long long key, unsigned threshold, long long j) {
     return (mask || threshold == 0) ? 0u : pair_bits(key, j);
+}
+
+"#;
+
+/// The kernels' CUDA C source (compiled after [`crate::cuda_kernels::PRELUDE`] and [`HELPERS`]).
+pub const SOURCE: &str = r#"
+template <typename T>
+__device__ void softmax_rows(T* s, int n) {
+    __shared__ float sh[32];
+    T* r = s + (long long)blockIdx.x * n;
+    float m = __int_as_float(0xff800000);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, ld(r, i));
+    m = block_max(m, sh);
+    float z = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) z += __expf(ld(r, i) - m);
+    z = block_sum(z, sh);
+    const float inv = (m == __int_as_float(0xff800000)) ? 0.f : 1.f / z;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) st(r, i, __expf(ld(r, i) - m) * inv);
+}
+
+template <typename T>
+__device__ void score_grad(T* dp, const T* p, const float* delta, int n) {
+    const long long row = blockIdx.x;
+    const float d = delta[row];
+    T* a = dp + row * n;
+    const T* b = p + row * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) st(a, i, ld(b, i) * (ld(a, i) - d));
 }
 
 // The elementwise kernels below take the elements two at a time (one hash per pair): pair j
@@ -372,7 +378,8 @@ impl MaskArgs {
         MaskArgs { addr, scale: (1.0 / (1.0 - p)) as f32, ..MaskArgs::NONE }
     }
 
-    fn args(&self) -> [Arg; 4] {
+    /// The four kernel arguments (address, key, threshold, scale).
+    pub fn args(&self) -> [Arg; 4] {
         [Arg(self.addr), Arg(self.key), Arg(self.threshold as u64), Arg::f32(self.scale)]
     }
 }
@@ -525,9 +532,20 @@ pub fn prepare() {
     imp::prepare()
 }
 
+/// How the kernels apply `mask` (drop probability `p`) to tensors like `like`, and the drawn
+/// mask as they read it (held until the launch is queued).
+#[cfg(feature = "cuda")]
+pub(crate) fn kernel_mask(
+    mask: Option<&KeepMask>,
+    p: f64,
+    like: &Tensor,
+) -> Result<(Option<Tensor>, MaskArgs)> {
+    imp::mask_arg(mask, p, like)
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::{act_code, epilogue_launch, rope_launch, Activation, KeepMask, MaskArgs, SOURCE};
+    use super::{act_code, epilogue_launch, rope_launch, Activation, KeepMask, MaskArgs, HELPERS, SOURCE};
     use super::{act_drop_launch, input_grad_launch, keep_mask_launch};
     use crate::cuda_kernels::{device_address, launch, row_threads, uninit, Arg};
     use candle_core::{DType, Result, Tensor};
@@ -541,7 +559,7 @@ mod imp {
     static KERNELS: crate::cuda_kernels::KernelSet = crate::cuda_kernels::KernelSet::new(
         "fused elementwise",
         "LORAHOST_FUSED_OPS",
-        &[crate::cuda_kernels::PRELUDE, SOURCE],
+        &[crate::cuda_kernels::PRELUDE, HELPERS, SOURCE],
     );
 
     /// The compiled PTX, or None (logged once) when the kernels cannot be used.
@@ -634,7 +652,11 @@ mod imp {
 
     /// How the kernels apply `mask` (drop probability `p`) to tensors like `like`; the drawn
     /// mask as the kernels read it (held until the launch is queued).
-    fn mask_arg(mask: Option<&KeepMask>, p: f64, like: &Tensor) -> Result<(Option<Tensor>, MaskArgs)> {
+    pub(crate) fn mask_arg(
+        mask: Option<&KeepMask>,
+        p: f64,
+        like: &Tensor,
+    ) -> Result<(Option<Tensor>, MaskArgs)> {
         let Some(mask) = mask else { return Ok((None, MaskArgs::NONE)) };
         if mask.elem_count() != like.elem_count() {
             candle_core::bail!("fused ops: mask of {} entries for {:?}", mask.elem_count(), like.shape());

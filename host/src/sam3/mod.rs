@@ -14,6 +14,7 @@ pub mod frozen;
 pub mod fused_cuda;
 pub mod gemm_cuda;
 pub mod geometry;
+pub mod lowrank_cuda;
 pub mod mask_head;
 pub mod model;
 pub mod neck;

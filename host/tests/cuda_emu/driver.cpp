@@ -1,7 +1,7 @@
 // Runs launch plans of lorahost's CUDA kernels (flash attention, 3x3 convolution, LayerNorm and
 // GroupNorm, gradient statistics, row copies, the linear epilogue, RoPE, the dropout mask and
-// the adapted linears' activation/dropout and input-gradient kernels) on the CPU
-// emulation (emu.h).
+// the adapted linears' activation/dropout and input-gradient kernels, the LoRA low-rank
+// kernels) on the CPU emulation (emu.h).
 // Usage: driver PLAN. The plan, one directive per line:
 //   buffer BYTES PATH|-     a buffer (ids count from 0), filled from PATH or zeroed
 //   launch NAME GX GY GZ THREADS N ARG...   arguments as the host passes them (u64 words);
@@ -88,6 +88,22 @@ static const std::map<std::string, void (*)(const Args&)> kernels = {
         act_drop_bf16(BF(0), U8(1), U(2), (unsigned)a.at(3), R(4), I(5), BF(6), BF(7), L(8)); }},
     {"input_grad_bf16", [](const Args& a) {
         input_grad_bf16(BF(0), BF(1), U8(2), U(3), (unsigned)a.at(4), R(5), BF(6), I(7), BF(8), L(9)); }},
+    {"lr_down_2", [](const Args& a) { lr_down_2(BF(0), BF(1), BF(2), L(3), I(4), I(5), U8(6), U(7), (unsigned)a.at(8), R(9), I(10)); }},
+    {"lr_down_4", [](const Args& a) { lr_down_4(BF(0), BF(1), BF(2), L(3), I(4), I(5), U8(6), U(7), (unsigned)a.at(8), R(9), I(10)); }},
+    {"lr_down_8", [](const Args& a) { lr_down_8(BF(0), BF(1), BF(2), L(3), I(4), I(5), U8(6), U(7), (unsigned)a.at(8), R(9), I(10)); }},
+    {"lr_grad_a_1", [](const Args& a) {
+        lr_grad_a_1(BF(0), BF(1), F(2), L(3), I(4), I(5), L(6), U8(7), U(8), (unsigned)a.at(9), R(10), I(11)); }},
+    {"lr_grad_a_2", [](const Args& a) {
+        lr_grad_a_2(BF(0), BF(1), F(2), L(3), I(4), I(5), L(6), U8(7), U(8), (unsigned)a.at(9), R(10), I(11)); }},
+    {"lr_grad_a_4", [](const Args& a) {
+        lr_grad_a_4(BF(0), BF(1), F(2), L(3), I(4), I(5), L(6), U8(7), U(8), (unsigned)a.at(9), R(10), I(11)); }},
+    {"lr_sum", [](const Args& a) { lr_sum(F(0), F(1), L(2), I(3)); }},
+#define LR_INPUT_GRAD(KT)                                                                                     \
+    {"lr_input_grad_" #KT, [](const Args& a) {                                                              \
+         lr_input_grad_##KT(BF(0), BF(1), BF(2), BF(3), BF(4), L(5), I(6), I(7), U8(8), U(9), (unsigned)a.at(10), \
+             R(11), I(12));                                                                                 \
+     }},
+    LR_INPUT_GRAD(1) LR_INPUT_GRAD(2) LR_INPUT_GRAD(4)
     {"rope_bf16", [](const Args& a) { rope_bf16(BF(0), F(1), F(2), BF(3), I(4), I(5), I(6), I(7), I(8)); }},
     ROWS(16, unit16_t) ROWS(4, unsigned int) ROWS(2, unsigned short)
     {"grad_stats", [](const Args& a) { grad_stats((const long long*)P(0), I(1), F(2)); }},
@@ -100,7 +116,7 @@ static const std::map<std::string, void (*)(const Args&)> kernels = {
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
     {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"conv_pack_bf16", 6}, {"conv_unpack_bf16", 6}, {"grad_stats", 3},
-    {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"keep_mask", 4}, {"act_drop_bf16", 9}, {"input_grad_bf16", 10}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
+    {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"keep_mask", 4}, {"lr_down_2", 11}, {"lr_down_4", 11}, {"lr_down_8", 11}, {"lr_grad_a_1", 12}, {"lr_grad_a_2", 12}, {"lr_grad_a_4", 12}, {"lr_sum", 4}, {"lr_input_grad_1", 13}, {"lr_input_grad_2", 13}, {"lr_input_grad_4", 13}, {"act_drop_bf16", 9}, {"input_grad_bf16", 10}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
     NORM_ARITY(bf16) NORM_ARITY(f32) {"ln_fwd_warp_bf16_1", 6}, {"ln_fwd_warp_bf16_2", 6},
     {"ln_fwd_warp_bf16_4", 6}, {"ln_bwd_warp_bf16_1", 6}, {"ln_bwd_warp_bf16_2", 6}, {"ln_bwd_warp_bf16_4", 6}};
 
