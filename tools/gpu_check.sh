@@ -71,9 +71,9 @@ step() {
   timeout "$t" "$@" >> "$OUT/steps.log" 2>&1
   echo "$name exit $?" >> "$OUT/steps.log"
 }
-# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv cublaslt textcache countermasks composed" by default;
+# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv cublaslt textcache countermasks lorakernels composed" by default;
 # NO_AB=1: none).
-ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv cublaslt textcache countermasks composed} " == *" $1 "* ]]; }
+ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv cublaslt textcache countermasks lorakernels composed} " == *" $1 "* ]]; }
 REF=""
 for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
   [ -f "$ref" ] && { REF=$ref; break; }
@@ -106,7 +106,11 @@ ab textcache && step 60 "bench lorahost b2 no text cache" env LORAHOST_TEXT_CACH
 # by the kernels that apply them: time and peak memory.
 ab countermasks && step 60 "bench lorahost b2 drawn masks" env LORAHOST_COUNTER_MASKS=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_drawnmasks.jsonl"
-ab composed && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 LORAHOST_CUBLASLT=0 \
+# The adapters' low-rank products composed (the dropped-out input and g·A written for a product
+# or the elementwise kernel to read back) instead of the LoRA kernels.
+ab lorakernels && step 60 "bench lorahost b2 no LoRA kernels" env LORAHOST_LORA_KERNELS=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_nolorakernels.jsonl"
+ab composed && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 LORAHOST_CUBLASLT=0 LORAHOST_LORA_KERNELS=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_composed.jsonl"
 
 # 3. A short GPU training run on the synthetic data: the loss must fall. The demo without its
@@ -141,7 +145,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_nolorakernels.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1
