@@ -15,6 +15,9 @@
 //! activation folds an MLP's activation into its second layer, so the activation's output is
 //! recomputed in backward instead of kept. Without anything tracked (inference, or the first,
 //! graph-less run of a checkpointed block) the same forward runs as plain tensor operations.
+//! On CUDA in bf16 the adapter's products that involve `drop(act(x))` or `drop(g·A)` run on
+//! [`super::lowrank_cuda`]'s kernels, which draw the dropout as they read their operands, so
+//! neither is ever written as a tensor.
 //!
 //! [`frozen_conv3x3`] does the same for the 3×3 convolutions of the FPN neck and the mask
 //! head's pixel decoder. candle's `conv2d` backward always computes the kernel gradient (a
