@@ -71,9 +71,9 @@ step() {
   timeout "$t" "$@" >> "$OUT/steps.log" 2>&1
   echo "$name exit $?" >> "$OUT/steps.log"
 }
-# ab NAME: whether the A/B run NAME is on (AB="noflash blockops conv cublaslt textcache countermasks lorakernels composed" by default;
+# ab NAME: whether the A/B run NAME is on (AB="noflash pipeline blockops conv cublaslt textcache countermasks lorakernels composed" by default;
 # NO_AB=1: none).
-ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash blockops conv cublaslt textcache countermasks lorakernels composed} " == *" $1 "* ]]; }
+ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash pipeline blockops conv cublaslt textcache countermasks lorakernels composed} " == *" $1 "* ]]; }
 REF=""
 for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
   [ -f "$ref" ] && { REF=$ref; break; }
@@ -90,6 +90,10 @@ step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 -
 # elementwise) off: candle's composed operations.
 ab noflash && step 100 "bench lorahost b2 no flash" env LORAHOST_FLASH=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_noflash.jsonl"
+# The flash kernels' one-stage builds (each key tile loaded, then multiplied) instead of the
+# pipelined ones (the next tile's cp.async copies in flight while the current one is multiplied).
+ab pipeline && step 60 "bench lorahost b2 flash one stage" env LORAHOST_FLASH_PIPELINE=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_flash1stage.jsonl"
 # The ViT blocks recorded op by op (candle's autograd between the layers) instead of as one op.
 ab blockops && step 80 "bench lorahost b2 block ops" env LORAHOST_VIT_BLOCK_OP=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_blockops.jsonl"
@@ -145,7 +149,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_nolorakernels.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_noflash.jsonl bench_flash1stage.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_nolorakernels.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1

@@ -1,6 +1,6 @@
 // Tensor-core building blocks shared by lorahost's CUDA kernels (flash attention, 3x3
-// convolution): mma.sync m16n8k16 on bf16 with f32 accumulation, ldmatrix, bf16 packing, and
-// B-operand fragment loads from shared-memory tiles. Compiled after cuda_kernels::PRELUDE. The
+// convolution, LoRA): mma.sync m16n8k16 on bf16 with f32 accumulation, ldmatrix, cp.async,
+// bf16 packing, and B-operand fragment loads from shared-memory tiles. Compiled after cuda_kernels::PRELUDE. The
 // CPU emulation (host/tests/cuda_emu/emu.h, LORAHOST_EMU) defines the instructions itself.
 
 #ifndef LORAHOST_EMU
@@ -28,6 +28,17 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned* r, const bf16_t* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
         : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(tc_smem(p)));
 }
+// 16 bytes from global to shared memory without passing through registers (cp.async, L2 only);
+// `valid` false writes 16 zero bytes instead (src is then not read, but must be a valid
+// address). Completes at a later tc_cp_wait: the copies issued since the last tc_cp_commit
+// form one group.
+__device__ __forceinline__ void tc_cp16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(tc_smem(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void tc_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void tc_cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 // Two floats rounded to nearest even bf16, packed (lo in the low half).
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     unsigned r;

@@ -30,7 +30,7 @@ use candle_core::{Device, Tensor, Var, D};
 use lorahost::cuda_kernels::{Arg, PRELUDE, TENSOR_CORE};
 use lorahost::sam3::conv_cuda::{self, ConvDims};
 use lorahost::sam3::flash_cuda::{
-    backward_launches, forward_launch, fresh_strides, Backward, Dims, Launch, View,
+    self, backward_launches, forward_launch, fresh_strides, Backward, Dims, Launch, View,
 };
 use lorahost::sam3::fused_cuda;
 use lorahost::sam3::norm_cuda::{self, GroupDims};
@@ -199,7 +199,8 @@ fn max_rel(want: &Tensor, got: &[f32]) -> f64 {
 }
 
 /// One attention through the emulated kernels against the f64 autograd reference.
-fn check(exe: &Path, dir: &Path, dims: Dims, out_tokens_major: bool, seed: u64) {
+fn check(exe: &Path, dir: &Path, dims: Dims, out_tokens_major: bool, seed: u64, stages: usize) {
+    let build = |l: Launch| if stages == 1 { flash_cuda::one_stage(l) } else { l };
     let Dims { batch: b, heads: h, nq, nk, head_dim: d } = dims;
     let mut rng = Rng(seed);
     // Buffers: 0 q, 1 k, 2 v, 3 d_out, 4 o, 5 lse, 6 delta, 7 dq, 8 dk, 9 dv.
@@ -226,7 +227,8 @@ fn check(exe: &Path, dir: &Path, dims: Dims, out_tokens_major: bool, seed: u64) 
     for x in [&dq, &dk, &dv] {
         plan += &format!("buffer {} -\n", x.bytes());
     }
-    plan += &launch_line(&forward_launch(dims, q.view, k.view, v.view, o.view, buffer_addr(5, 0), scale));
+    plan +=
+        &launch_line(&build(forward_launch(dims, q.view, k.view, v.view, o.view, buffer_addr(5, 0), scale)));
     let p = Backward {
         q: q.view,
         k: k.view,
@@ -240,7 +242,7 @@ fn check(exe: &Path, dir: &Path, dims: Dims, out_tokens_major: bool, seed: u64) 
         dv: dv.view,
     };
     for l in backward_launches(dims, &p, scale) {
-        plan += &launch_line(&l);
+        plan += &launch_line(&build(l));
     }
     for id in [4, 5, 7, 8, 9] {
         plan += &format!("output {id} {}\n", dir.join(format!("out{id}.bin")).display());
@@ -261,14 +263,14 @@ fn check(exe: &Path, dir: &Path, dims: Dims, out_tokens_major: bool, seed: u64) 
 
     let tol = 0.02; // bf16 operands and results, f32 accumulation
     let e = max_rel(&want, &o.decode(&read(4)));
-    assert!(e < tol, "{dims:?}: output off by {e:.2e}");
+    assert!(e < tol, "{dims:?} ({stages} stages): output off by {e:.2e}");
     let lse: Vec<f32> = read(5).chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let e = max_rel(&lse2, &lse[..rows]);
     assert!(e < 1e-4, "{dims:?}: log-sum-exp off by {e:.2e}");
     for (name, var, out, id) in [("dq", &qv, &dq, 7), ("dk", &kv, &dk, 8), ("dv", &vv, &dv, 9)] {
         let w = grads.get(var.as_tensor()).unwrap();
         let e = max_rel(w, &out.decode(&read(id)));
-        assert!(e < tol, "{dims:?}: {name} off by {e:.2e}");
+        assert!(e < tol, "{dims:?} ({stages} stages): {name} off by {e:.2e}");
     }
     // Sanity of the check itself: a wrong output would be caught (softmax rows are not flat).
     assert!(max_rel(&want, &vec![0.0; want.elem_count()]) > 0.5);
@@ -297,10 +299,16 @@ fn setup(name: &str) -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
 #[test]
 fn flash_kernels_match_the_composed_attention_in_emulation() {
     let Some((_tmp, dir, exe)) = setup("flash") else { return };
-    check(&exe, &dir, Dims { batch: 1, heads: 2, nq: 100, nk: 75, head_dim: 64 }, true, 1);
-    check(&exe, &dir, Dims { batch: 2, heads: 1, nq: 64, nk: 130, head_dim: 32 }, false, 2);
+    // Both builds: the pipelined one (two shared buffers; a tile's copies in flight while the
+    // previous one is multiplied) and the one-stage one (LORAHOST_FLASH_PIPELINE=0).
+    check(&exe, &dir, Dims { batch: 1, heads: 2, nq: 100, nk: 75, head_dim: 64 }, true, 1, 2);
+    // Three key tiles (the pipeline's middle iteration), the last one partial.
+    check(&exe, &dir, Dims { batch: 2, heads: 1, nq: 64, nk: 130, head_dim: 32 }, false, 2, 2);
     // Less than a tile of both (whole warps without a row), batch and heads both above one.
-    check(&exe, &dir, Dims { batch: 2, heads: 3, nq: 17, nk: 9, head_dim: 32 }, true, 3);
+    check(&exe, &dir, Dims { batch: 2, heads: 3, nq: 17, nk: 9, head_dim: 32 }, true, 3, 2);
+    // Three query tiles for the dK/dV pass's pipeline, and the one-stage build.
+    check(&exe, &dir, Dims { batch: 1, heads: 1, nq: 150, nk: 70, head_dim: 64 }, true, 4, 2);
+    check(&exe, &dir, Dims { batch: 1, heads: 1, nq: 150, nk: 130, head_dim: 64 }, false, 5, 1);
 }
 
 fn bf16_bytes(values: &[f32]) -> Vec<u8> {

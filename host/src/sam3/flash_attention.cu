@@ -39,15 +39,51 @@ __device__ __forceinline__ void fa_load_a(unsigned (*f)[4], const bf16_t* p, lon
     }
 }
 
-// Rows row0 .. row0 + 64 of a (rows, HD) view into shared memory (zero past n).
+// Rows row0 .. row0 + 64 of a (rows, HD) view into shared memory (zero past n) as cp.async
+// copies (tc_cp16; complete at the caller's tc_cp_wait).
 template <int HD>
-__device__ __forceinline__ void fa_load_tile(bf16_t (*sm)[HD + FA_PAD], const bf16_t* p, long long sn, int row0, int n) {
+__device__ __forceinline__ void fa_load_tile_async(bf16_t (*sm)[HD + FA_PAD], const bf16_t* p, long long sn, int row0, int n) {
     for (int i = threadIdx.x; i < FA_COLS * HD / 8; i += FA_THREADS) {
         const int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
-        tc_u32x4 x = {0u, 0u, 0u, 0u};
-        if (row0 + r < n) x = *(const tc_u32x4*)(p + (row0 + r) * sn + c);
-        *(tc_u32x4*)&sm[r][c] = x;
+        const bool in = row0 + r < n;
+        tc_cp16(&sm[r][c], in ? p + (row0 + r) * sn + c : p, in);
     }
+}
+
+// The key loop's pipeline. STAGES 2: tile t + 1's copies (cp.async) are in flight while tile t
+// is multiplied, in the other of two shared buffers; STAGES 1: each tile is loaded, then
+// multiplied. Call fa_pipe_start once, then fa_pipe_next at the top of each iteration `it`
+// (the tile's buffer: it & 1 with two stages) with `load(buffer, row0)` issuing one tile's
+// copies, and fa_pipe_end at the bottom.
+template <int STAGES, typename Load>
+__device__ __forceinline__ void fa_pipe_start(Load load) {
+    if (STAGES == 2) {
+        load(0, 0);
+        tc_cp_commit();
+    }
+}
+template <int STAGES, typename Load>
+__device__ __forceinline__ int fa_pipe_next(Load load, int it, int tiles) {
+    if (STAGES == 1) {
+        __syncthreads();
+        load(0, it * FA_COLS);
+        tc_cp_commit();
+        tc_cp_wait<0>();
+        __syncthreads();
+        return 0;
+    }
+    const int buf = it & 1;
+    // The other buffer was last read in iteration it - 1, which every warp has left (the
+    // barrier at its end).
+    if (it + 1 < tiles) load(buf ^ 1, (it + 1) * FA_COLS);
+    tc_cp_commit();
+    tc_cp_wait<1>();
+    __syncthreads();
+    return buf;
+}
+template <int STAGES>
+__device__ __forceinline__ void fa_pipe_end() {
+    if (STAGES == 2) __syncthreads();
 }
 
 // A-operand fragment (16 rows × 16 k) from accumulator tiles 2kk and 2kk+1 (C layout).
@@ -113,11 +149,11 @@ __device__ __forceinline__ void fa_store(bf16_t* p, long long sn, const float (*
 
 // Forward: o = softmax(q kᵀ · scale) v and lse2 = log2 Σ exp2(s · scale · log2 e), one block
 // per 64 queries of one (batch, head): grid (ceil(nq / 64), B · H).
-template <int HD>
+template <int HD, int STAGES>
 __device__ void fa_forward(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_OUT(o), float* __restrict__ lse,
         int heads, int nq, int nk, float sl2) {
-    __shared__ __align__(16) bf16_t ks[FA_COLS][HD + FA_PAD];
-    __shared__ __align__(16) bf16_t vs[FA_COLS][HD + FA_PAD];
+    __shared__ __align__(16) bf16_t ks[STAGES][FA_COLS][HD + FA_PAD];
+    __shared__ __align__(16) bf16_t vs[STAGES][FA_COLS][HD + FA_PAD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int row0 = blockIdx.x * FA_ROWS + warp * 16;
@@ -129,13 +165,17 @@ __device__ void fa_forward(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_OUT(o), float*
     float acc[HD / 8][4];
     tc_zero<HD / 8>(acc);
     float m0 = fa_neg_inf(), m1 = fa_neg_inf(), l0 = 0.f, l1 = 0.f;
-    for (int k0 = 0; k0 < nk; k0 += FA_COLS) {
-        __syncthreads();
-        fa_load_tile<HD>(ks, kp, k_sn, k0, nk);
-        fa_load_tile<HD>(vs, vp, v_sn, k0, nk);
-        __syncthreads();
+    const auto load = [&](int buf, int at) {
+        fa_load_tile_async<HD>(ks[buf], kp, k_sn, at, nk);
+        fa_load_tile_async<HD>(vs[buf], vp, v_sn, at, nk);
+    };
+    const int tiles = (nk + FA_COLS - 1) / FA_COLS;
+    fa_pipe_start<STAGES>(load);
+    for (int it = 0; it < tiles; ++it) {
+        const int k0 = it * FA_COLS;
+        const int buf = fa_pipe_next<STAGES>(load, it, tiles);
         float s[FA_COLS / 8][4];
-        fa_mma_nk<HD>(s, qf, ks, lane);
+        fa_mma_nk<HD>(s, qf, ks[buf], lane);
         float x0 = fa_neg_inf(), x1 = fa_neg_inf();
 #pragma unroll
         for (int j = 0; j < FA_COLS / 8; ++j) {
@@ -165,7 +205,8 @@ __device__ void fa_forward(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_OUT(o), float*
             l0 += s[j][0] + s[j][1];
             l1 += s[j][2] + s[j][3];
         }
-        fa_mma_kn<HD>(acc, s, vs, lane);
+        fa_mma_kn<HD>(acc, s, vs[buf], lane);
+        fa_pipe_end<STAGES>();
     }
     l0 = fa_quad_sum(l0);
     l1 = fa_quad_sum(l1);
@@ -196,12 +237,12 @@ extern "C" __global__ void fa_delta(FA_VIEW(o), FA_VIEW(d), float* __restrict__ 
 // dK and dV of 64 keys of one (batch, head), looping over all queries: grid (ceil(nk / 64), B · H).
 // Each warp computes Sᵀ (its 16 keys × 64 queries) and dPᵀ = V dOᵀ, then
 // dV += Pᵀ dO and dK += scale · dSᵀ Q with dSᵀ = Pᵀ ⊙ (dPᵀ − δ).
-template <int HD>
+template <int HD, int STAGES>
 __device__ void fa_backward_kv(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), const float* __restrict__ lse,
         const float* __restrict__ delta, FA_OUT(dk), FA_OUT(dv), int heads, int nq, int nk, float sl2, float scale) {
-    __shared__ __align__(16) bf16_t qs[FA_COLS][HD + FA_PAD];
-    __shared__ __align__(16) bf16_t ds[FA_COLS][HD + FA_PAD];
-    __shared__ float ls[FA_COLS], dl[FA_COLS];
+    __shared__ __align__(16) bf16_t qs[STAGES][FA_COLS][HD + FA_PAD];
+    __shared__ __align__(16) bf16_t ds[STAGES][FA_COLS][HD + FA_PAD];
+    __shared__ float ls[STAGES][FA_COLS], dl[STAGES][FA_COLS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int row0 = blockIdx.x * FA_ROWS + warp * 16;
@@ -213,31 +254,35 @@ __device__ void fa_backward_kv(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), c
     float dka[HD / 8][4], dva[HD / 8][4];
     tc_zero<HD / 8>(dka);
     tc_zero<HD / 8>(dva);
-    for (int q0 = 0; q0 < nq; q0 += FA_COLS) {
-        __syncthreads();
-        fa_load_tile<HD>(qs, qp, q_sn, q0, nq);
-        fa_load_tile<HD>(ds, dp, d_sn, q0, nq);
+    const auto load = [&](int buf, int q0) {
+        fa_load_tile_async<HD>(qs[buf], qp, q_sn, q0, nq);
+        fa_load_tile_async<HD>(ds[buf], dp, d_sn, q0, nq);
         for (int i = threadIdx.x; i < FA_COLS; i += FA_THREADS) {
             const bool in = q0 + i < nq;
             // Past the last query: lse +inf gives P = 0.
-            ls[i] = in ? lse[(long long)bh * nq + q0 + i] : __int_as_float(0x7f800000);
-            dl[i] = in ? delta[(long long)bh * nq + q0 + i] : 0.f;
+            ls[buf][i] = in ? lse[(long long)bh * nq + q0 + i] : __int_as_float(0x7f800000);
+            dl[buf][i] = in ? delta[(long long)bh * nq + q0 + i] : 0.f;
         }
-        __syncthreads();
+    };
+    const int tiles = (nq + FA_COLS - 1) / FA_COLS;
+    fa_pipe_start<STAGES>(load);
+    for (int it = 0; it < tiles; ++it) {
+        const int buf = fa_pipe_next<STAGES>(load, it, tiles);
         float p[FA_COLS / 8][4], dpt[FA_COLS / 8][4];
-        fa_mma_nk<HD>(p, kf, qs, lane);
-        fa_mma_nk<HD>(dpt, vf, ds, lane);
+        fa_mma_nk<HD>(p, kf, qs[buf], lane);
+        fa_mma_nk<HD>(dpt, vf, ds[buf], lane);
 #pragma unroll
         for (int j = 0; j < FA_COLS / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = j * 8 + t * 2 + (e & 1);
-                p[j][e] = exp2f(p[j][e] * sl2 - ls[c]);
-                dpt[j][e] = p[j][e] * (dpt[j][e] - dl[c]);
+                p[j][e] = exp2f(p[j][e] * sl2 - ls[buf][c]);
+                dpt[j][e] = p[j][e] * (dpt[j][e] - dl[buf][c]);
             }
         }
-        fa_mma_kn<HD>(dva, p, ds, lane);
-        fa_mma_kn<HD>(dka, dpt, qs, lane);
+        fa_mma_kn<HD>(dva, p, ds[buf], lane);
+        fa_mma_kn<HD>(dka, dpt, qs[buf], lane);
+        fa_pipe_end<STAGES>();
     }
     fa_store<HD>(FA_AT(dk, b, h), dk_sn, dka, row0, nk, scale, scale, g, t);
     fa_store<HD>(FA_AT(dv, b, h), dv_sn, dva, row0, nk, 1.f, 1.f, g, t);
@@ -245,11 +290,11 @@ __device__ void fa_backward_kv(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), c
 
 // dQ of 64 queries of one (batch, head), looping over all keys: grid (ceil(nq / 64), B · H).
 // dQ = scale · dS K with dS = P ⊙ (dO Vᵀ − δ), P recomputed from the saved lse.
-template <int HD>
+template <int HD, int STAGES>
 __device__ void fa_backward_q(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), const float* __restrict__ lse,
         const float* __restrict__ delta, FA_OUT(dq), int heads, int nq, int nk, float sl2, float scale) {
-    __shared__ __align__(16) bf16_t ks[FA_COLS][HD + FA_PAD];
-    __shared__ __align__(16) bf16_t vs[FA_COLS][HD + FA_PAD];
+    __shared__ __align__(16) bf16_t ks[STAGES][FA_COLS][HD + FA_PAD];
+    __shared__ __align__(16) bf16_t vs[STAGES][FA_COLS][HD + FA_PAD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int row0 = blockIdx.x * FA_ROWS + warp * 16;
@@ -265,14 +310,18 @@ __device__ void fa_backward_q(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), co
     const float dl1 = r1 < nq ? delta[(long long)bh * nq + r1] : 0.f;
     float dqa[HD / 8][4];
     tc_zero<HD / 8>(dqa);
-    for (int k0 = 0; k0 < nk; k0 += FA_COLS) {
-        __syncthreads();
-        fa_load_tile<HD>(ks, kp, k_sn, k0, nk);
-        fa_load_tile<HD>(vs, vp, v_sn, k0, nk);
-        __syncthreads();
+    const auto load = [&](int buf, int at) {
+        fa_load_tile_async<HD>(ks[buf], kp, k_sn, at, nk);
+        fa_load_tile_async<HD>(vs[buf], vp, v_sn, at, nk);
+    };
+    const int tiles = (nk + FA_COLS - 1) / FA_COLS;
+    fa_pipe_start<STAGES>(load);
+    for (int it = 0; it < tiles; ++it) {
+        const int k0 = it * FA_COLS;
+        const int buf = fa_pipe_next<STAGES>(load, it, tiles);
         float s[FA_COLS / 8][4], dps[FA_COLS / 8][4];
-        fa_mma_nk<HD>(s, qf, ks, lane);
-        fa_mma_nk<HD>(dps, df, vs, lane);
+        fa_mma_nk<HD>(s, qf, ks[buf], lane);
+        fa_mma_nk<HD>(dps, df, vs[buf], lane);
 #pragma unroll
         for (int j = 0; j < FA_COLS / 8; ++j) {
 #pragma unroll
@@ -282,29 +331,37 @@ __device__ void fa_backward_q(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), co
                 dps[j][e] = p * (dps[j][e] - (e < 2 ? dl0 : dl1));
             }
         }
-        fa_mma_kn<HD>(dqa, dps, ks, lane);
+        fa_mma_kn<HD>(dqa, dps, ks[buf], lane);
+        fa_pipe_end<STAGES>();
     }
     fa_store<HD>(FA_AT(dq, b, h), dq_sn, dqa, row0, nq, scale, scale, g, t);
 }
 
-#define FA_INSTANCES(HD)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_forward_##HD(FA_VIEW(q), FA_VIEW(k),     \
-            FA_VIEW(v), FA_OUT(o), float* lse, int heads, int nq, int nk, float sl2) {                     \
-        fa_forward<HD>(q, q_sb, q_sh, q_sn, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, o, o_sb, o_sh, o_sn, \
-            lse, heads, nq, nk, sl2);                                                                      \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_backward_kv_##HD(FA_VIEW(q), FA_VIEW(k), \
-            FA_VIEW(v), FA_VIEW(d), const float* lse, const float* delta, FA_OUT(dk), FA_OUT(dv),          \
-            int heads, int nq, int nk, float sl2, float scale) {                                          \
-        fa_backward_kv<HD>(q, q_sb, q_sh, q_sn, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, d, d_sb, d_sh,   \
-            d_sn, lse, delta, dk, dk_sb, dk_sh, dk_sn, dv, dv_sb, dv_sh, dv_sn, heads, nq, nk, sl2, scale); \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_backward_q_##HD(FA_VIEW(q), FA_VIEW(k),  \
-            FA_VIEW(v), FA_VIEW(d), const float* lse, const float* delta, FA_OUT(dq), int heads, int nq,  \
-            int nk, float sl2, float scale) {                                                             \
-        fa_backward_q<HD>(q, q_sb, q_sh, q_sn, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, d, d_sb, d_sh,    \
-            d_sn, lse, delta, dq, dq_sb, dq_sh, dq_sn, heads, nq, nk, sl2, scale);                         \
+// Each kernel in two builds: the pipelined one (two stages) and, with the suffix _s1, one stage
+// (LORAHOST_FLASH_PIPELINE=0, for A/B timings). At head dimension 64 the register caps (minimum
+// blocks per SM) keep four forward blocks and three dQ blocks per SM (65,536 registers), as
+// before the pipeline, for a few bytes of spills; at 32 the kernels fit without a cap.
+#define FA_INSTANCES_AS(HD, STAGES, SUFFIX, FWD_BOUNDS, Q_BOUNDS)                                                                 \
+    extern "C" __global__ void __launch_bounds__ FWD_BOUNDS fa_forward_##HD##SUFFIX(FA_VIEW(q), FA_VIEW(k), \
+            FA_VIEW(v), FA_OUT(o), float* lse, int heads, int nq, int nk, float sl2) {                       \
+        fa_forward<HD, STAGES>(q, q_sb, q_sh, q_sn, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, o, o_sb, o_sh,   \
+            o_sn, lse, heads, nq, nk, sl2);                                                                  \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_backward_kv_##HD##SUFFIX(FA_VIEW(q),          \
+            FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), const float* lse, const float* delta, FA_OUT(dk), FA_OUT(dv), \
+            int heads, int nq, int nk, float sl2, float scale) {                                            \
+        fa_backward_kv<HD, STAGES>(q, q_sb, q_sh, q_sn, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, d, d_sb,    \
+            d_sh, d_sn, lse, delta, dk, dk_sb, dk_sh, dk_sn, dv, dv_sb, dv_sh, dv_sn, heads, nq, nk, sl2,     \
+            scale);                                                                                          \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__ Q_BOUNDS fa_backward_q_##HD##SUFFIX(FA_VIEW(q),           \
+            FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), const float* lse, const float* delta, FA_OUT(dq), int heads,  \
+            int nq, int nk, float sl2, float scale) {                                                       \
+        fa_backward_q<HD, STAGES>(q, q_sb, q_sh, q_sn, k, k_sb, k_sh, k_sn, v, v_sb, v_sh, v_sn, d, d_sb,     \
+            d_sh, d_sn, lse, delta, dq, dq_sb, dq_sh, dq_sn, heads, nq, nk, sl2, scale);                      \
     }
+#define FA_INSTANCES(HD, FWD_BOUNDS, Q_BOUNDS) \
+    FA_INSTANCES_AS(HD, 2, , FWD_BOUNDS, Q_BOUNDS) FA_INSTANCES_AS(HD, 1, _s1, FWD_BOUNDS, Q_BOUNDS)
 
-FA_INSTANCES(32)
-FA_INSTANCES(64)
+FA_INSTANCES(32, (FA_THREADS), (FA_THREADS))
+FA_INSTANCES(64, (FA_THREADS, 4), (FA_THREADS, 3))

@@ -16,8 +16,29 @@
 //! composed attention on the device once per process before anything uses them; a kernel that
 //! does not compile or does not agree leaves the chunked attention in charge, with a warning.
 //! `LORAHOST_FLASH=0` switches them off (A/B timings).
+//!
+//! The key (or query) loops are pipelined: the next tile's copies to shared memory (`cp.async`)
+//! are in flight while the current one is multiplied, in the other of two buffers, so a block
+//! no longer waits for each tile's loads. `LORAHOST_FLASH_PIPELINE=0` runs the one-stage
+//! builds of the same kernels ([`one_stage`]; A/B timings).
 
 use crate::cuda_kernels::Arg;
+
+/// `l` (a forward or backward launch of [`forward_launch`] / [`backward_launches`]) with the
+/// one-stage build of its kernel (load a tile, then multiply it); `fa_delta` is left as it is.
+pub fn one_stage(mut l: Launch) -> Launch {
+    if l.name.starts_with("fa_forward_") || l.name.starts_with("fa_backward_") {
+        l.name.push_str("_s1");
+    }
+    l
+}
+
+/// Whether the kernels run pipelined (`LORAHOST_FLASH_PIPELINE=0`: no).
+#[cfg(feature = "cuda")]
+fn pipelined() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LORAHOST_FLASH_PIPELINE").is_ok_and(|v| v == "0"))
+}
 
 /// The kernels' CUDA C source (compiled after [`crate::cuda_kernels::PRELUDE`] and
 /// [`crate::cuda_kernels::TENSOR_CORE`]).
@@ -374,6 +395,10 @@ mod imp {
     }
 
     fn run(device: &Device, l: &Launch) -> Result<()> {
+        if !super::pipelined() {
+            let l = super::one_stage(l.clone());
+            return KERNELS.launch(device, MODULE, &l.name, l.grid, l.block, &l.args);
+        }
         KERNELS.launch(device, MODULE, &l.name, l.grid, l.block, &l.args)
     }
 
@@ -526,9 +551,8 @@ mod tests {
     #[test]
     fn launch_arguments_match_the_kernel_signatures() {
         let params = |name: &str| -> usize {
-            // The instantiated kernels are declared through FA_INSTANCES(HD).
-            let templated =
-                format!("void __launch_bounds__(FA_THREADS) {}_##HD(", name.rsplit_once('_').unwrap().0);
+            // The instantiated kernels are declared through FA_INSTANCES_AS(HD, STAGES, SUFFIX, ..).
+            let templated = format!(" {}_##HD##SUFFIX(", name.rsplit_once('_').unwrap().0);
             let open = [format!("void {name}("), templated]
                 .iter()
                 .find_map(|p| SOURCE.find(p.as_str()).map(|at| at + p.len() - 1))
@@ -576,6 +600,10 @@ mod tests {
         assert_eq!((kv.grid, q.grid), ((3, 6, 1), (2, 6, 1)));
         // 420 query rows, one warp each, four warps per block.
         assert_eq!(delta.grid, (105, 1, 1));
+        // The one-stage builds: the same arguments under the suffix the source instantiates.
+        let names = [f, kv, q, delta].map(|l| one_stage(l).name);
+        assert_eq!(names, ["fa_forward_64_s1", "fa_backward_kv_64_s1", "fa_backward_q_64_s1", "fa_delta"]);
+        assert!(SOURCE.contains("FA_INSTANCES_AS(HD, 1, _s1,"));
     }
 
     #[test]

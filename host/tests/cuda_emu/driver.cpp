@@ -41,18 +41,18 @@ using Args = std::vector<uint64_t>;
 #define U(i) ((unsigned long long)a.at(i))
 #define U8(i) ((unsigned char*)P(i))
 
-#define KERNELS(HD)                                                                                     \
-    {"fa_forward_" #HD, [](const Args& a) {                                                           \
-         fa_forward_##HD(V(0), V(4), V(8), V(12), F(16), I(17), I(18), I(19), R(20));                 \
-     }},                                                                                                \
-    {"fa_backward_kv_" #HD, [](const Args& a) {                                                       \
-         fa_backward_kv_##HD(V(0), V(4), V(8), V(12), F(16), F(17), V(18), V(22), I(26), I(27), I(28),  \
+#define KERNELS_AS(NAME)                                                                                \
+    {"fa_forward_" #NAME, [](const Args& a) { fa_forward_##NAME(V(0), V(4), V(8), V(12), F(16), I(17), I(18), I(19), R(20)); }}, \
+    {"fa_backward_kv_" #NAME, [](const Args& a) {                                                     \
+         fa_backward_kv_##NAME(V(0), V(4), V(8), V(12), F(16), F(17), V(18), V(22), I(26), I(27), I(28), \
              R(29), R(30));                                                                             \
      }},                                                                                                \
-    {"fa_backward_q_" #HD, [](const Args& a) {                                                        \
-         fa_backward_q_##HD(V(0), V(4), V(8), V(12), F(16), F(17), V(18), I(22), I(23), I(24), R(25),   \
+    {"fa_backward_q_" #NAME, [](const Args& a) {                                                      \
+         fa_backward_q_##NAME(V(0), V(4), V(8), V(12), F(16), F(17), V(18), I(22), I(23), I(24), R(25), \
              R(26));                                                                                    \
      }},
+// The pipelined build (fa_forward_64, ...) and the one-stage build (fa_forward_64_s1, ...).
+#define KERNELS(HD) KERNELS_AS(HD) KERNELS_AS(HD##_s1)
 
 #define DT(T, i) ((T*)P(i))
 #define NORMS(S, T)                                                                                     \
@@ -115,7 +115,9 @@ static const std::map<std::string, void (*)(const Args&)> kernels = {
     KERNELS(32) KERNELS(64) NORMS(bf16, bf16_t) NORMS(f32, float)};
 static const std::map<std::string, size_t> arity = {
     {"fa_forward_32", 21}, {"fa_forward_64", 21}, {"fa_backward_kv_32", 31}, {"fa_backward_kv_64", 31},
-    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"conv_pack_bf16", 6}, {"conv_unpack_bf16", 6}, {"grad_stats", 3},
+    {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_forward_32_s1", 21}, {"fa_forward_64_s1", 21},
+    {"fa_backward_kv_32_s1", 31}, {"fa_backward_kv_64_s1", 31}, {"fa_backward_q_32_s1", 27},
+    {"fa_backward_q_64_s1", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"conv_pack_bf16", 6}, {"conv_unpack_bf16", 6}, {"grad_stats", 3},
     {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"keep_mask", 4}, {"lr_down_2", 11}, {"lr_down_4", 11}, {"lr_down_8", 11}, {"lr_grad_a_1", 12}, {"lr_grad_a_2", 12}, {"lr_grad_a_4", 12}, {"lr_sum", 4}, {"lr_input_grad_1", 13}, {"lr_input_grad_2", 13}, {"lr_input_grad_4", 13}, {"act_drop_bf16", 9}, {"input_grad_bf16", 10}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
     NORM_ARITY(bf16) NORM_ARITY(f32) {"ln_fwd_warp_bf16_1", 6}, {"ln_fwd_warp_bf16_2", 6},
     {"ln_fwd_warp_bf16_4", 6}, {"ln_bwd_warp_bf16_1", 6}, {"ln_bwd_warp_bf16_2", 6}, {"ln_bwd_warp_bf16_4", 6}};

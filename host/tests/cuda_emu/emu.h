@@ -22,7 +22,7 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 using std::max;
 using std::min;
 
@@ -139,6 +139,15 @@ inline void emu_ldsm(unsigned* r, const unsigned short* p, bool trans) {
 }
 inline void ldsm_x4(unsigned* r, const unsigned short* p) { emu_ldsm(r, p, false); }
 inline void ldsm_x4_t(unsigned* r, const unsigned short* p) { emu_ldsm(r, p, true); }
+
+// cp.async as an immediate copy (the kernels' barriers order it as on the GPU, where it lands
+// later: a copy into a buffer other warps still read shows up here as a wrong result).
+inline void tc_cp16(void* dst, const void* src, bool valid) {
+    if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+}
+inline void tc_cp_commit() {}
+template <int N>
+inline void tc_cp_wait() {}
 
 // Run `kernel` over `grid` blocks of `threads` threads, one block at a time.
 inline void emu_launch(dim3 grid, unsigned threads, const std::function<void()>& kernel) {
