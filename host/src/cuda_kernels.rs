@@ -306,8 +306,9 @@ pub fn launch(
     let candle_core::Device::Cuda(dev) = device else {
         candle_core::bail!("kernel {name}: not a CUDA device")
     };
-    let func = dev.get_or_load_custom_func(name, module, ptx)?;
-    let mut builder = func.builder();
+    let func = function(dev, module, name, ptx)?;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
     for a in args {
         builder.arg(&a.0);
     }
@@ -316,6 +317,31 @@ pub fn launch(
     // sizes the kernel indexes, scalars by value).
     unsafe { builder.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// The kernel `name` of `module` on `dev`, looked up in the driver once per process: candle's
+/// `get_or_load_custom_func` asks the driver again on every call (a C string and a
+/// `cuModuleGetFunction` per launch, thousands of launches a step).
+#[cfg(feature = "cuda")]
+fn function(
+    dev: &candle_core::CudaDevice,
+    module: &str,
+    name: &str,
+    ptx: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+    use std::collections::HashMap;
+    // Device → module → kernel (looked up by &str: no allocation on a hit).
+    type Cache = HashMap<candle_core::cuda_backend::DeviceId, HashMap<String, HashMap<String, CudaFunction>>>;
+    static CACHE: std::sync::Mutex<Option<Cache>> = std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let modules = cache.get_or_insert_with(HashMap::new).entry(dev.id()).or_default();
+    if let Some(f) = modules.get(module).and_then(|m| m.get(name)) {
+        return Ok(f.clone());
+    }
+    let f = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
+    modules.entry(module.to_string()).or_default().insert(name.to_string(), f.clone());
+    Ok(f)
 }
 
 /// A new contiguous CUDA tensor of `shape` and `dtype` on `like`'s device, not initialised (a
