@@ -7,7 +7,8 @@
 #   target/hf_sam3_bench.py, and run `bash tools/gpu_check.sh [quick]` from the repository root.
 # `quick` skips the larger batches (4, 8, 16 with checkpointing) and batch 2 with checkpointing.
 # Order: selftest of the training ops on the GPU (f32, bf16: selftest_*.txt), forward parity,
-# bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl), PyTorch eager b2, bf16
+# bench b2 with a 2-step profile (profile / profile_ops in bench.jsonl), PyTorch eager b2, the ViT
+# blocks on their own (bench_isolated.jsonl), bf16
 # demo training, then b8 --ckpt, b4, b8, b8 --ckpt-mlp, b12, b16 --ckpt, b2 --ckpt. BUDGET (seconds, default 520) bounds the run:
 # a step that would not fit is cut short or skipped, so the results always come back. NO_AB=1
 # skips the A/B runs (AB="conv ..." picks some) (flash attention off; ViT blocks op by op; the convolutions on the
@@ -85,6 +86,10 @@ done
 # `step_s_median` says whether the host's per-operation cost bounds the step).
 step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 --profile 2 --json "$OUT/bench.jsonl"
 [ -n "$REF" ] && step 200 "bench pytorch eager b2" "$PY" "$REF" --batch 2 --json "$OUT/bench.jsonl"
+# The ViT blocks on their own, the GPU kept busy so that it never waits for the host: their
+# kernels' own time against the same blocks' time inside a step (profile_ops above).
+step 60 "bench lorahost b2 isolated blocks" "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 2 --warmup 1 \
+  --isolated 3 --json "$OUT/bench_isolated.jsonl"
 # A/B: the same workload with the flash attention kernels off (the chunked attention), and with
 # all of lorahost's own CUDA kernels (flash attention, convolution, LayerNorm, AdamW, fused
 # elementwise) off: candle's composed operations.
@@ -149,7 +154,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_noflash.jsonl bench_flash1stage.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_nolorakernels.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_isolated.jsonl bench_noflash.jsonl bench_flash1stage.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_nolorakernels.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1
@@ -168,6 +173,8 @@ for line in open(sys.argv[1]):
         print("  part %-28s device %8.1f ms  host %8.1f ms" % (p["part"], p["ms"], p.get("host_ms", 0)))
     for o in (r.get("profile_ops") or [])[:40]:
         print("  op %-50s %6.1f calls  device %8.2f ms  host %8.2f ms" % (o["op"], o["calls"], o["ms"], o.get("host_ms", 0)))
+    for o in (r.get("isolated") or [])[:40]:
+        print("  isolated %-44s %6.1f calls  device %8.2f ms  host %8.2f ms" % (o["op"], o["calls"], o["ms"], o.get("host_ms", 0)))
 EOF
   done
 } > "$FINAL/summary.txt"

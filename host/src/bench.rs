@@ -52,6 +52,9 @@ pub struct BenchOptions {
     /// the optimizer and the costliest operations timed on the device and the host: where a
     /// step's time goes.
     pub profile_steps: usize,
+    /// After that, a window and a global ViT block on their own, forward and backward this many
+    /// times each, with the device kept busy meanwhile ([`isolated_blocks`]).
+    pub isolated_reps: usize,
 }
 
 impl BenchOptions {
@@ -149,6 +152,82 @@ pub struct BenchResult {
     /// With `--profile`: operations timed inside the parts, the most expensive first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile_ops: Option<Vec<ProfileOp>>,
+    /// With `--isolated`: the ViT blocks on their own (per block; see [`isolated_blocks`]), then
+    /// the operations inside them, the most expensive first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolated: Option<Vec<ProfileOp>>,
+}
+
+/// The ViT's blocks on their own (`--isolated`): the first window block and the first global
+/// one, each `reps` times forward (as the model runs it: the block op where it serves) and
+/// backward from a weighted sum of its output, on a random (B, g, g, C) input. On CUDA the
+/// repetitions are queued behind a chain of large products that keeps the device busy while
+/// the host issues them, so the device never waits for the host: `ms` is the kernels' own time
+/// per block and `host_ms` the host's time to issue it. Against the same blocks inside a step
+/// (`profile_ops`, whose device time includes any wait for the host), the difference is the
+/// device's idle time. The operations inside the blocks are timed the same way and follow.
+pub fn isolated_blocks(
+    model: &Sam3Model,
+    device: &Device,
+    dtype: DType,
+    batch: usize,
+    reps: usize,
+) -> Result<Vec<ProfileOp>> {
+    let vit = &model.vision.backbone;
+    let window = vit.layers.iter().find(|l| l.window_size > 0);
+    let global = vit.layers.iter().find(|l| l.window_size == 0);
+    let (mut blocks, mut ops) = (Vec::new(), Vec::new());
+    for (kind, layer) in [("window", window), ("global", global)] {
+        let Some(layer) = layer else { continue };
+        let grid = (layer.rope.len() as f64).sqrt().round() as usize;
+        let width = layer.attention.q_proj.weight.dim(1)?;
+        let shape = (batch, grid, grid, width);
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)?;
+        let weights = Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?;
+        let (forward, backward) =
+            (format!("vit {kind} block (forward)"), format!("vit {kind} block (backward)"));
+        let run = || -> Result<()> {
+            let x = x.as_tensor();
+            let y = if crate::sam3::vit_block::enabled() && crate::sam3::vit_block::serves(layer, x) {
+                crate::sam3::vit_block::forward(layer, x, vit.checkpoint)?
+            } else {
+                crate::rng::keyed(device, || layer.forward(x))?
+            };
+            crate::profile::mark(&forward);
+            let grads = (y * &weights)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            drop(grads);
+            crate::profile::mark(&backward);
+            Ok(())
+        };
+        // Once unprofiled (kernels compiled and checked, memory pooled), then the timed runs.
+        run()?;
+        device.synchronize()?;
+        crate::profile::enable(device);
+        if device.is_cuda() {
+            // About 40 ms of products on an H100 class GPU (20 of 8192² · 8192 in bf16):
+            // longer than the host takes to issue a few blocks' forward and backward.
+            let m = Tensor::randn(0f32, 1.0, (8192, 8192), device)?.to_dtype(DType::BF16)?;
+            for _ in 0..20 {
+                drop(m.matmul(&m)?);
+            }
+        }
+        for _ in 0..reps {
+            crate::profile::restart();
+            run()?;
+        }
+        let report = crate::profile::disable(reps);
+        let as_op = |t: crate::profile::Timing| ProfileOp {
+            op: t.name,
+            ms: t.device_s * 1e3,
+            host_ms: t.host_s * 1e3,
+            calls: t.calls,
+        };
+        blocks.extend(report.parts.into_iter().map(as_op));
+        ops.extend(report.inner.into_iter().map(as_op));
+    }
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    blocks.extend(ops);
+    Ok(blocks)
 }
 
 /// The model config of the benchmark.
@@ -378,6 +457,10 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     } else {
         (None, None)
     };
+    let isolated = match o.isolated_reps {
+        0 => None,
+        reps => Some(isolated_blocks(&model, &device, dtype, b, reps)?),
+    };
     let res = BenchResult {
         device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
         tiny: o.tiny,
@@ -401,6 +484,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         estimated_peak_gib: gib(predicted.total),
         profile,
         profile_ops,
+        isolated,
     };
     if let Some(p) = &o.json {
         let line = serde_json::to_string(&res)? + "\n";
@@ -413,4 +497,42 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
             .with_context(|| format!("appending to {}", p.display()))?;
     }
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--isolated`: both kinds of ViT block, forward and backward, each timed once per
+    /// repetition, then the operations inside them (the block op's own span among them).
+    #[test]
+    fn isolated_blocks_time_both_kinds_and_their_operations() -> Result<()> {
+        let o = BenchOptions {
+            device: crate::inference::DeviceArg::Cpu,
+            tiny: true,
+            batch: 1,
+            steps: 1,
+            warmup: 1,
+            dtype: crate::inference::DTypeArg::F32,
+            rank: 4,
+            vision_lora: true,
+            ckpt: false,
+            ckpt_mlp: false,
+            json: None,
+            profile_steps: 0,
+            isolated_reps: 2,
+        };
+        let r = run(&o)?;
+        let isolated = r.isolated.expect("isolated timings");
+        for kind in ["window", "global"] {
+            for pass in ["forward", "backward"] {
+                let name = format!("vit {kind} block ({pass})");
+                let t = isolated.iter().find(|t| t.op == name).unwrap_or_else(|| panic!("{name}"));
+                assert!(t.ms > 0.0 && t.calls == 1.0, "{name}: {t:?}");
+            }
+        }
+        assert!(isolated.iter().any(|t| t.op.starts_with("linear forward") && t.op.ends_with("lora")));
+        assert!(r.profile_ops.is_none());
+        Ok(())
+    }
 }

@@ -198,6 +198,13 @@ pub enum Command {
         /// `profile_ops` in the JSON; the timed steps are not slowed).
         #[arg(long, default_value_t = 0, value_name = "STEPS")]
         profile: usize,
+        /// After that, time a window and a global ViT block on their own, forward and backward
+        /// this many times each, the GPU kept busy meanwhile so that it never waits for the
+        /// host: the kernels' own time and the host's time to issue them, per block and per
+        /// operation (`isolated` in the JSON; against `profile_ops`, the difference is the time
+        /// the device waited for the host in a step).
+        #[arg(long, default_value_t = 0, value_name = "REPS")]
+        isolated: usize,
     },
     /// Check the training ops lorahost implements itself (lean attention, adapted linear, frozen
     /// 3×3 convolution and norms) on a device: forward and every input gradient against the composed computation in
@@ -683,6 +690,7 @@ pub fn run(cli: Cli) -> Result<()> {
             estimate_only,
             json,
             profile,
+            isolated,
         } => {
             for (flag, v) in [("--batch", batch), ("--steps", steps), ("--rank", rank)] {
                 if *v == 0 {
@@ -702,6 +710,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 ckpt_mlp: *ckpt_mlp,
                 json: json.clone(),
                 profile_steps: *profile,
+                isolated_reps: *isolated,
             };
             if *estimate_only {
                 println!("{}", serde_json::to_string(&crate::bench::estimate_only(&opts)?)?);
