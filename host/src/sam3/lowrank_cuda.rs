@@ -25,6 +25,10 @@ pub const SOURCE: &str = include_str!("lowrank.cu");
 /// The largest adapter rank the kernels take.
 pub const MAX_RANK: usize = 64;
 
+/// The most rows the kernels take (the input gradient's grid has one block row per 64 rows,
+/// at most 65,535 of them).
+pub const MAX_ROWS: usize = 65_535 * 64;
+
 /// Threads per block of both kernels.
 const THREADS: u32 = 128;
 
@@ -119,8 +123,9 @@ pub fn input_grad_launch(
     Launch { name: format!("lr_input_grad_{steps}"), grid, block: THREADS, args }
 }
 
-/// Whether the kernels serve an adapter of rank `r` on the input `x`: CUDA, bf16, 2-D, a
-/// supported shape ([`supported`]), the kernels compiled and checked on this GPU.
+/// Whether the kernels serve an adapter of rank `r` on the input `x`: CUDA, bf16, 2-D, at most
+/// [`MAX_ROWS`] rows, a supported shape ([`supported`]), the kernels compiled and checked on
+/// this GPU.
 pub fn serves(x: &candle_core::Tensor, r: usize) -> bool {
     imp::serves(x, r)
 }
@@ -240,6 +245,7 @@ mod imp {
         x.device().is_cuda()
             && x.dtype() == DType::BF16
             && x.rank() == 2
+            && x.dim(0).is_ok_and(|rows| rows <= super::MAX_ROWS)
             && supported(x.dim(1).unwrap_or(0), r)
             && fused_cuda::serves(x)
             && KERNELS.ready(x.device(), probe)
