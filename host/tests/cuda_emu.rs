@@ -869,6 +869,30 @@ fn epilogue_and_rope_kernels_match_their_formulas_in_emulation() {
     }
 }
 
+/// The adapter factors' conversion: A cast to bf16, then B times the scale cast to bf16, in one
+/// buffer, against the casts written out here (f32 product, round to nearest even), on a grid
+/// whose stride leaves several entries per thread.
+#[test]
+fn factor_conversion_matches_the_casts_in_emulation() {
+    let Some((_tmp, dir, exe)) = setup("factors") else { return };
+    let mut rng = Rng(81);
+    let (na, nb, scale) = (37usize, 50usize, 2.5f32);
+    let (a, b) = (rng.values(na), rng.values(nb));
+    // Not only bf16 values: the conversion must round.
+    let a: Vec<f32> = a.iter().map(|v| v * 1.337).collect();
+    let mut plan = buffers(&dir, &[(&a, false), (&b, false)], &[(na + nb) * 2]);
+    let mut l =
+        fused_cuda::factors_launch([buffer_addr(0, 0), buffer_addr(1, 0), buffer_addr(2, 0)], na, nb, scale);
+    (l.grid, l.block) = ((2, 1, 1), 32);
+    plan += &launch_line(&l);
+    plan += &format!("output 2 {}\n", dir.join("factors.bin").display());
+    run_plan(&exe, &dir, &plan);
+    let got = from_bf16_bytes(&std::fs::read(dir.join("factors.bin")).unwrap());
+    let want: Vec<f32> =
+        a.iter().map(|&v| round_bf16(v)).chain(b.iter().map(|&v| round_bf16(v * scale))).collect();
+    assert_eq!(got, want);
+}
+
 /// The counter-based generator (the host's `mask_key` and the kernels' `pair_bits` and
 /// `kept`), written out here: entry `i` of the mask at position `offset` of stream `seed`.
 fn keep_draw(seed: u64, offset: u64, i: u64, threshold: u32) -> bool {

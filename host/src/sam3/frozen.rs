@@ -54,10 +54,19 @@ impl AdapterPart {
 
     /// `A` and `scale · B` in `dt` (the prepared copies when there are).
     fn factors_in(&self, a: &Tensor, b: &Tensor, dt: candle_core::DType) -> Result<(Tensor, Tensor)> {
-        match &self.prepared {
-            Some(p) => Ok(p.clone()),
-            None => Ok((a.to_dtype(dt)?, (b * self.scale)?.to_dtype(dt)?)),
+        if let Some(p) = &self.prepared {
+            return Ok(p.clone());
         }
+        // On the GPU in bf16, nothing to differentiate: both in one launch (the same values).
+        if dt == candle_core::DType::BF16
+            && !a.track_op()
+            && !b.track_op()
+            && a.dtype() == candle_core::DType::F32
+            && super::fused_cuda::serves(a)
+        {
+            return super::fused_cuda::adapter_factors(a, b, self.scale);
+        }
+        Ok((a.to_dtype(dt)?, (b * self.scale)?.to_dtype(dt)?))
     }
 }
 

@@ -113,6 +113,14 @@ pub fn rope(
     imp::rope(y, cos, sin, batch, heads, inverse)
 }
 
+/// An adapter's factors as a bf16 layer's products read them: `A` and `scale · B` (f32 `a` (r,
+/// in), `b` (out, r)) converted in one launch into one buffer, as two views of it (the
+/// composed conversion is three operations: a scaling and two casts). The values are those of
+/// `(a.to_dtype(bf16), (b · scale).to_dtype(bf16))`.
+pub fn adapter_factors(a: &Tensor, b: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    imp::adapter_factors(a, b, scale)
+}
+
 /// A linear layer's output `y + bias + z` (bias broadcast over rows; `z` the adapter's part)
 /// in one pass, as a new tensor.
 pub fn linear_epilogue(y: &Tensor, bias: Option<&Tensor>, z: Option<&Tensor>) -> Result<Tensor> {
@@ -312,6 +320,14 @@ __device__ void epilogue(const T* y, const T* bias, const T* z, T* out, long lon
     }
 }
 
+// out = [a, b · scale] in bf16 (na then nb entries): an adapter's factors as the layer's
+// products read them (A, and B with LoRA's scale folded in), one launch for both.
+extern "C" __global__ void factors_bf16(const float* a, long long na, const float* b, long long nb, float scale,
+        bf16_t* out) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < na + nb; i += (long long)gridDim.x * blockDim.x)
+        st(out, i, i < na ? a[i] : b[i - na] * scale);
+}
+
 #define DEFINE(T, S) \
 extern "C" __global__ void epilogue_##S(const T* y, const T* bias, const T* z, T* out, long long n, int cols) { epilogue(y, bias, z, out, n, cols); } \
 extern "C" __global__ void rope_##S(const T* src, const float* cs, const float* sn, T* dst, int batch, int heads, int n_tok, int d, int inverse) { rope(src, cs, sn, dst, batch, heads, n_tok, d, inverse); } \
@@ -322,6 +338,14 @@ extern "C" __global__ void input_grad_##S(const T* d1, const T* d2, const unsign
 DEFINE(bf16_t, bf16)
 DEFINE(float, f32)
 "#;
+
+/// The factor conversion's launch: `out` (bf16, `na + nb`) = `a` (f32, `na`) then `b` (f32,
+/// `nb`) times `scale`, on the addresses `[a, b, out]`.
+pub fn factors_launch([a, b, out]: [u64; 3], na: usize, nb: usize, scale: f32) -> Launch {
+    let (grid, block) = crate::cuda_kernels::elementwise_grid(na + nb);
+    let args = vec![Arg(a), Arg::i64(na as i64), Arg(b), Arg::i64(nb as i64), Arg::f32(scale), Arg(out)];
+    Launch { name: "factors_bf16".into(), grid, block, args }
+}
 
 /// The linear epilogue's launch (`epilogue_<suffix>`): `out = y + bias[col] + z` over `n`
 /// elements in rows of `cols`, on the addresses `[y, bias, z, out]` (0 for an absent bias or
@@ -488,6 +512,9 @@ mod imp {
     pub fn linear_epilogue(_: &Tensor, _: Option<&Tensor>, _: Option<&Tensor>) -> Result<Tensor> {
         candle_core::bail!("fused ops: built without CUDA")
     }
+    pub fn adapter_factors(_: &Tensor, _: &Tensor, _: f64) -> Result<(Tensor, Tensor)> {
+        candle_core::bail!("fused ops: built without CUDA")
+    }
     pub fn dropout_storage(
         _: &Tensor,
         _: Option<&Tensor>,
@@ -546,7 +573,7 @@ pub(crate) fn kernel_mask(
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{act_code, epilogue_launch, rope_launch, Activation, KeepMask, MaskArgs, HELPERS, SOURCE};
-    use super::{act_drop_launch, input_grad_launch, keep_mask_launch};
+    use super::{act_drop_launch, factors_launch, input_grad_launch, keep_mask_launch};
     use crate::cuda_kernels::{device_address, launch, row_threads, uninit, Arg};
     use candle_core::{DType, Result, Tensor};
 
@@ -767,6 +794,21 @@ mod imp {
         }
         let addrs = [device_address(&y)?, opt_addr(&bias)?.0, opt_addr(&z)?.0, dst];
         epilogue_launch(suffix, addrs, n, cols).run(y.device(), MODULE, ptx)
+    }
+
+    pub fn adapter_factors(a: &Tensor, b: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+        let Some(ptx) = ptx() else { candle_core::bail!("fused ops: factor kernel unavailable") };
+        if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+            candle_core::bail!("fused ops: factors of {:?} and {:?}, not f32", a.dtype(), b.dtype());
+        }
+        let (a, b) = (a.detach().contiguous()?, b.detach().contiguous()?);
+        let (na, nb) = (a.elem_count(), b.elem_count());
+        let out = uninit(&a, &[na + nb], DType::BF16)?;
+        if na + nb > 0 {
+            let addrs = [device_address(&a)?, device_address(&b)?, device_address(&out)?];
+            factors_launch(addrs, na, nb, scale as f32).run(a.device(), MODULE, ptx)?;
+        }
+        Ok((out.narrow(0, 0, na)?.reshape(a.shape())?, out.narrow(0, na, nb)?.reshape(b.shape())?))
     }
 
     pub fn linear_epilogue(y: &Tensor, bias: Option<&Tensor>, z: Option<&Tensor>) -> Result<Tensor> {

@@ -83,6 +83,7 @@ using Args = std::vector<uint64_t>;
 
 static const std::map<std::string, void (*)(const Args&)> kernels = {
     {"epilogue_bf16", [](const Args& a) { epilogue_bf16(BF(0), BF(1), BF(2), BF(3), L(4), I(5)); }},
+    {"factors_bf16", [](const Args& a) { factors_bf16(F(0), L(1), F(2), L(3), R(4), BF(5)); }},
     {"keep_mask", [](const Args& a) { keep_mask(U8(0), U(1), (unsigned)a.at(2), L(3)); }},
     {"act_drop_bf16", [](const Args& a) {
         act_drop_bf16(BF(0), U8(1), U(2), (unsigned)a.at(3), R(4), I(5), BF(6), BF(7), L(8)); }},
@@ -118,7 +119,7 @@ static const std::map<std::string, size_t> arity = {
     {"fa_backward_q_32", 27}, {"fa_backward_q_64", 27}, {"fa_forward_32_s1", 21}, {"fa_forward_64_s1", 21},
     {"fa_backward_kv_32_s1", 31}, {"fa_backward_kv_64_s1", 31}, {"fa_backward_q_32_s1", 27},
     {"fa_backward_q_64_s1", 27}, {"fa_delta", 13}, {"conv3x3_bf16", 9}, {"conv_pack_bf16", 6}, {"conv_unpack_bf16", 6}, {"grad_stats", 3},
-    {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"keep_mask", 4}, {"lr_down_2", 11}, {"lr_down_4", 11}, {"lr_down_8", 11}, {"lr_grad_a_1", 12}, {"lr_grad_a_2", 12}, {"lr_grad_a_4", 12}, {"lr_sum", 4}, {"lr_input_grad_1", 13}, {"lr_input_grad_2", 13}, {"lr_input_grad_4", 13}, {"act_drop_bf16", 9}, {"input_grad_bf16", 10}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
+    {"epilogue_bf16", 6}, {"rope_bf16", 9}, {"keep_mask", 4}, {"factors_bf16", 6}, {"lr_down_2", 11}, {"lr_down_4", 11}, {"lr_down_8", 11}, {"lr_grad_a_1", 12}, {"lr_grad_a_2", 12}, {"lr_grad_a_4", 12}, {"lr_sum", 4}, {"lr_input_grad_1", 13}, {"lr_input_grad_2", 13}, {"lr_input_grad_4", 13}, {"act_drop_bf16", 9}, {"input_grad_bf16", 10}, {"rows_copy_16", 14}, {"rows_copy_4", 14}, {"rows_copy_2", 14},
     NORM_ARITY(bf16) NORM_ARITY(f32) {"ln_fwd_warp_bf16_1", 6}, {"ln_fwd_warp_bf16_2", 6},
     {"ln_fwd_warp_bf16_4", 6}, {"ln_bwd_warp_bf16_1", 6}, {"ln_bwd_warp_bf16_2", 6}, {"ln_bwd_warp_bf16_4", 6}};
 
