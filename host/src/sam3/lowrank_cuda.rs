@@ -1,12 +1,14 @@
 //! An adapter's low-rank products on the GPU with the dropout drawn in place
-//! ([`SOURCE`], `lowrank.cu`): the down-projection `h = drop(act(x))·Aᵀ` of the forward and the
-//! factor gradient `dA = gᵀ·drop(act(x))` of the backward, each one tensor-core kernel that
-//! reads `x` once and draws the mask entry by entry as it goes.
+//! ([`SOURCE`], `lowrank.cu`): the down-projection `h = drop(act(x))·Aᵀ` of the forward, and
+//! in backward the factor gradient `dA = gᵀ·drop(act(x))` and the layer's input gradient
+//! `(dy·W + drop(g·A)) ⊙ act'(x)`, each one tensor-core kernel that reads its large operand
+//! once and draws the mask entry by entry as it goes.
 //!
-//! Composed, each first had [`super::fused_cuda`]'s activation/dropout kernel write the
+//! Composed, the first two had [`super::fused_cuda`]'s activation/dropout kernel write the
 //! dropped-out input (as large as `x`: 10,368 × 1024 per ViT projection at SAM3's batch 2,
-//! × 4736 before fc2) for a matrix product to read back: two activation-sized passes and two
-//! launches per adapted linear, forward and backward. The values are the same entries
+//! × 4736 before fc2) for a matrix product to read back, and the third had a product write
+//! `g·A` (as large again) for the elementwise kernel to read: an activation-sized write and
+//! read and a launch more each, per adapted linear and step. The values are the same entries
 //! (`bf16(act(x)·scale)` where kept, the same generator draws), multiplied in f32 on the tensor
 //! cores like cuBLAS's products; `dA` sums the rows in chunks (partial sums, then one pass
 //! adding them in order: deterministic).
@@ -29,7 +31,7 @@ pub const MAX_RANK: usize = 64;
 /// at most 65,535 of them).
 pub const MAX_ROWS: usize = 65_535 * 64;
 
-/// Threads per block of both kernels.
+/// Threads per block of the kernels.
 const THREADS: u32 = 128;
 
 /// Whether the kernels take a product of rank `r` over `k`-wide rows: `r` and `k` even (a pair
