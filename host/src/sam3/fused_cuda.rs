@@ -7,7 +7,9 @@
 //! - adapted linears: the input activation and the dropped-out adapter input in one pass
 //!   (forward, and its recomputation in backward), and the input gradient
 //!   `(dy·W + drop(g·A)) ⊙ act'(x)` in one pass instead of about fifteen (the f32 GELU
-//!   derivative alone was ten).
+//!   derivative alone was ten), and the adapter's factors cast to bf16 in one launch;
+//! - dropout: the keep mask's counter-based generator ([`HELPERS`], shared with
+//!   [`super::lowrank_cuda`]), which every kernel that applies a mask draws again.
 //!
 //! All compute in f32 and round once to the activations' dtype. The same kernels serve the
 //! tracked and the untracked computation, so checkpointed recomputation reproduces the forward
