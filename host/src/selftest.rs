@@ -330,7 +330,53 @@ pub fn run(device: &Device, dtype: DType) -> Result<Vec<Check>> {
     if crate::sam3::fused_cuda::serves(&Tensor::zeros(1, dtype, device)?) {
         checks.push(fused_elementwise_check(device, dtype)?);
     }
+    if crate::sam3::lowrank_cuda::serves(&Tensor::zeros((2, 2), dtype, device)?, 2) {
+        checks.push(lowrank_check(device, dtype)?);
+    }
     Ok(checks)
+}
+
+/// The LoRA kernels (GPU, bf16): the down-projection, the factor gradient and the input
+/// gradient with a GELU and a counter mask, against the composed f64 computation on the CPU
+/// with the same draws as bytes. `forward` is the down-projection's relative error, the two
+/// gradients are reported as such.
+fn lowrank_check(device: &Device, dtype: DType) -> Result<Check> {
+    use crate::sam3::lowrank_cuda;
+    let (rows, k, r, p) = (70usize, 144usize, 32usize, 0.25);
+    let x = Input::new("x", &[rows, k], device, dtype, 80)?;
+    let a = Input::new("a", &[r, k], device, dtype, 81)?;
+    let g = Input::new("g", &[rows, r], device, dtype, 82)?;
+    let d1 = Input::new("d1", &[rows, k], device, dtype, 83)?;
+    let mask = crate::rng::KeepMask::Counter {
+        seed: 11,
+        offset: 4321,
+        p,
+        shape: x.device.as_tensor().shape().clone(),
+        device: device.clone(),
+    };
+    let act = Activation::Gelu;
+    let keep = (mask.tensor()?.to_device(&Device::Cpu)?.to_dtype(DType::F64)? / (1.0 - p))?;
+    let xr = x.reference.as_tensor();
+    // drop(act(x)) as the kernels form it: the activation rounded to the dtype once scaled.
+    let xm = (act.apply(xr)? * &keep)?.to_dtype(dtype)?.to_dtype(DType::F64)?;
+    let (ar, gr) = (a.reference.as_tensor(), g.reference.as_tensor());
+    let (xd, ad, gd) = (x.device.as_tensor(), a.device.as_tensor(), g.device.as_tensor());
+    let forward = rel(&xm.matmul(&ar.t()?)?, &lowrank_cuda::down(xd, ad, Some(act), Some(&mask), p)?)?;
+    let da = rel(&gr.t()?.matmul(&xm)?, &lowrank_cuda::grad_a(gd, xd, Some(act), Some(&mask), p)?)?;
+    let dx_want =
+        ((d1.reference.as_tensor() + (gr.matmul(ar)? * &keep)?)? * crate::sam3::frozen::act_grad(act, xr)?)?;
+    let dx_got = lowrank_cuda::input_grad(d1.device.as_tensor(), gd, ad, Some(&mask), p, Some((act, xd)))?;
+    let dx = rel(&dx_want, &dx_got)?;
+    let tolerance = tolerance(dtype);
+    let grads = vec![("A (factor gradient)".to_string(), da), ("x (input gradient)".to_string(), dx)];
+    let ok = forward <= tolerance && da <= tolerance && dx <= tolerance;
+    Ok(Check {
+        name: "LoRA kernels (down-projection, factor and input gradients)".into(),
+        forward,
+        grads,
+        tolerance,
+        ok,
+    })
 }
 
 /// The names of a ViT block's adapter factors, in the order of its linears.
