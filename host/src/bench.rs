@@ -159,7 +159,7 @@ pub struct BenchResult {
 }
 
 /// The ViT's blocks on their own (`--isolated`): the first window block and the first global
-/// one, each `reps` times forward (as the model runs it: the block op where it serves) and
+/// one, each `reps` times forward (as the model runs it, [`crate::sam3::vision::ViTModel::forward_layer`]) and
 /// backward from a weighted sum of its output, on a random (B, g, g, C) input. On CUDA the
 /// repetitions are queued behind a chain of large products that keeps the device busy while
 /// the host issues them, so the device never waits for the host: `ms` is the kernels' own time
@@ -187,12 +187,7 @@ pub fn isolated_blocks(
         let (forward, backward) =
             (format!("vit {kind} block (forward)"), format!("vit {kind} block (backward)"));
         let run = || -> Result<()> {
-            let x = x.as_tensor();
-            let y = if crate::sam3::vit_block::enabled() && crate::sam3::vit_block::serves(layer, x) {
-                crate::sam3::vit_block::forward(layer, x, vit.checkpoint)?
-            } else {
-                crate::rng::keyed(device, || layer.forward(x))?
-            };
+            let y = vit.forward_layer(layer, x.as_tensor())?;
             crate::profile::mark(&forward);
             let grads = (y * &weights)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
             drop(grads);

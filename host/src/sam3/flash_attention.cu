@@ -50,6 +50,16 @@ __device__ __forceinline__ void fa_load_tile_async(bf16_t (*sm)[HD + FA_PAD], co
     }
 }
 
+// The loader of the key loops (forward, dQ): key tile `at` and its value tile into buffer `buf`.
+template <int HD>
+__device__ __forceinline__ auto fa_kv_loader(bf16_t (*ks)[FA_COLS][HD + FA_PAD], bf16_t (*vs)[FA_COLS][HD + FA_PAD],
+        const bf16_t* kp, long long k_sn, const bf16_t* vp, long long v_sn, int nk) {
+    return [=](int buf, int at) {
+        fa_load_tile_async<HD>(ks[buf], kp, k_sn, at, nk);
+        fa_load_tile_async<HD>(vs[buf], vp, v_sn, at, nk);
+    };
+}
+
 // The key loop's pipeline. STAGES 2: tile t + 1's copies (cp.async) are in flight while tile t
 // is multiplied, in the other of two shared buffers; STAGES 1: each tile is loaded, then
 // multiplied. Call fa_pipe_start once, then fa_pipe_next at the top of each iteration `it`
@@ -165,10 +175,7 @@ __device__ void fa_forward(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_OUT(o), float*
     float acc[HD / 8][4];
     tc_zero<HD / 8>(acc);
     float m0 = fa_neg_inf(), m1 = fa_neg_inf(), l0 = 0.f, l1 = 0.f;
-    const auto load = [&](int buf, int at) {
-        fa_load_tile_async<HD>(ks[buf], kp, k_sn, at, nk);
-        fa_load_tile_async<HD>(vs[buf], vp, v_sn, at, nk);
-    };
+    const auto load = fa_kv_loader<HD>(ks, vs, kp, k_sn, vp, v_sn, nk);
     const int tiles = (nk + FA_COLS - 1) / FA_COLS;
     fa_pipe_start<STAGES>(load);
     for (int it = 0; it < tiles; ++it) {
@@ -310,10 +317,7 @@ __device__ void fa_backward_q(FA_VIEW(q), FA_VIEW(k), FA_VIEW(v), FA_VIEW(d), co
     const float dl1 = r1 < nq ? delta[(long long)bh * nq + r1] : 0.f;
     float dqa[HD / 8][4];
     tc_zero<HD / 8>(dqa);
-    const auto load = [&](int buf, int at) {
-        fa_load_tile_async<HD>(ks[buf], kp, k_sn, at, nk);
-        fa_load_tile_async<HD>(vs[buf], vp, v_sn, at, nk);
-    };
+    const auto load = fa_kv_loader<HD>(ks, vs, kp, k_sn, vp, v_sn, nk);
     const int tiles = (nk + FA_COLS - 1) / FA_COLS;
     fa_pipe_start<STAGES>(load);
     for (int it = 0; it < tiles; ++it) {

@@ -463,34 +463,38 @@ impl ViTModel {
     pub fn forward_spatial(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut x = self.layer_norm.forward(&self.embeddings.forward(pixel_values)?)?;
         for layer in &self.layers {
-            if super::vit_block::enabled() && super::vit_block::serves(layer, &x) {
-                match super::vit_block::forward(layer, &x, self.checkpoint) {
-                    Ok(y) => {
-                        x = y;
-                        continue;
-                    }
-                    Err(e) => super::vit_block::fall_back(e)?,
-                }
-            }
-            x = match self.checkpoint == super::vit_block::Checkpointing::Full {
-                true => {
-                    use super::visit::VisitLinears;
-                    let mut block = layer.clone();
-                    let mut vars = Vec::new();
-                    block.visit_linears(&mut |lin| {
-                        if let Some(a) = &lin.lora {
-                            vars.extend([a.a.clone(), a.b.clone()]);
-                        }
-                    });
-                    let f: super::recompute::Block = std::sync::Arc::new(move |x| block.forward(x));
-                    super::recompute::checkpointed(f, vars, &self.anchor, &x)?
-                }
-                // Under its own dropout sub-stream, as a checkpointed block runs: the same
-                // masks with and without checkpointing.
-                false => crate::rng::keyed(x.device(), || layer.forward(&x))?,
-            };
+            x = self.forward_layer(layer, &x)?;
         }
         Ok(x)
+    }
+
+    /// One of the blocks on channels-last `x` (B, g, g, C), as [`Self::forward_spatial`] runs it:
+    /// as one op where [`super::vit_block::serves`], else op by op (checkpointed or under its
+    /// own dropout sub-stream).
+    pub fn forward_layer(&self, layer: &ViTLayer, x: &Tensor) -> Result<Tensor> {
+        if super::vit_block::enabled() && super::vit_block::serves(layer, x) {
+            match super::vit_block::forward(layer, x, self.checkpoint) {
+                Ok(y) => return Ok(y),
+                Err(e) => super::vit_block::fall_back(e)?,
+            }
+        }
+        Ok(match self.checkpoint == super::vit_block::Checkpointing::Full {
+            true => {
+                use super::visit::VisitLinears;
+                let mut block = layer.clone();
+                let mut vars = Vec::new();
+                block.visit_linears(&mut |lin| {
+                    if let Some(a) = &lin.lora {
+                        vars.extend([a.a.clone(), a.b.clone()]);
+                    }
+                });
+                let f: super::recompute::Block = std::sync::Arc::new(move |x| block.forward(x));
+                super::recompute::checkpointed(f, vars, &self.anchor, x)?
+            }
+            // Under its own dropout sub-stream, as a checkpointed block runs: the same
+            // masks with and without checkpointing.
+            false => crate::rng::keyed(x.device(), || layer.forward(x))?,
+        })
     }
 
     /// Like [`ViTModel::forward_spatial`], returning every intermediate map (transformers'
