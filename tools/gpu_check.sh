@@ -72,9 +72,9 @@ step() {
   timeout "$t" "$@" >> "$OUT/steps.log" 2>&1
   echo "$name exit $?" >> "$OUT/steps.log"
 }
-# ab NAME: whether the A/B run NAME is on (AB="noflash pipeline blockops conv cublaslt textcache countermasks lorakernels composed" by default;
+# ab NAME: whether the A/B run NAME is on (AB="detrops sidegrads noflash pipeline blockops conv cublaslt textcache countermasks lorakernels composed" by default;
 # NO_AB=1: none).
-ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-noflash pipeline blockops conv cublaslt textcache countermasks lorakernels composed} " == *" $1 "* ]]; }
+ab() { [ -z "${NO_AB:-}" ] && [[ " ${AB:-detrops sidegrads noflash pipeline blockops conv cublaslt textcache countermasks lorakernels composed} " == *" $1 "* ]]; }
 REF=""
 for ref in target/hf_sam3_bench.py shared/gpu/hf_sam3_bench.py ../shared/gpu/hf_sam3_bench.py; do
   [ -f "$ref" ] && { REF=$ref; break; }
@@ -90,6 +90,14 @@ step 200 "bench lorahost b2" "$BIN" bench --device cuda --dtype bf16 --batch 2 -
 # kernels' own time against the same blocks' time inside a step (profile_ops above).
 step 60 "bench lorahost b2 isolated blocks" "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 2 --warmup 1 \
   --isolated 3 --json "$OUT/bench_isolated.jsonl"
+# The DETR encoder, decoder and geometry layers recorded op by op (about 1,300 more graph
+# operations per step: `graph_ops` in the JSON) instead of one op per layer.
+ab detrops && step 60 "bench lorahost b2 detr layers op by op" env LORAHOST_DETR_LAYER_OP=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_detrops.jsonl"
+# The layer ops' LoRA gradients back through candle's graph (each op's factors concatenated
+# into one operand and split again) instead of the side store.
+ab sidegrads && step 60 "bench lorahost b2 no side store" env LORAHOST_SIDE_GRADS=0 \
+  "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_nosidegrads.jsonl"
 # A/B: the same workload with the flash attention kernels off (the chunked attention), and with
 # all of lorahost's own CUDA kernels (flash attention, convolution, LayerNorm, AdamW, fused
 # elementwise) off: candle's composed operations.
@@ -119,7 +127,7 @@ ab countermasks && step 60 "bench lorahost b2 drawn masks" env LORAHOST_COUNTER_
 # or the elementwise kernel to read back) instead of the LoRA kernels.
 ab lorakernels && step 60 "bench lorahost b2 no LoRA kernels" env LORAHOST_LORA_KERNELS=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --json "$OUT/bench_nolorakernels.jsonl"
-ab composed && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 LORAHOST_CUBLASLT=0 LORAHOST_LORA_KERNELS=0 \
+ab composed && step 120 "bench lorahost b2 composed" env LORAHOST_FLASH=0 LORAHOST_CONV=0 LORAHOST_FUSED_NORM=0 LORAHOST_FUSED_ADAMW=0 LORAHOST_FUSED_OPS=0 LORAHOST_FUSED_STATS=0 LORAHOST_VIT_BLOCK_OP=0 LORAHOST_CUBLASLT=0 LORAHOST_LORA_KERNELS=0 LORAHOST_DETR_LAYER_OP=0 LORAHOST_SIDE_GRADS=0 \
   "$BIN" bench --device cuda --dtype bf16 --batch 2 --steps 4 --warmup 2 --profile 1 --json "$OUT/bench_composed.jsonl"
 
 # 3. A short GPU training run on the synthetic data: the loss must fall. The demo without its
@@ -154,7 +162,7 @@ log "done"
   echo "=== ldd (missing)"; grep "not found" "$OUT/ldd.txt"
   # Each bench line in brief, and the profiles: device ms (CUDA events) and host ms per part and
   # for the costliest operations.
-  for f in bench.jsonl bench_isolated.jsonl bench_noflash.jsonl bench_flash1stage.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_nolorakernels.jsonl bench_composed.jsonl; do
+  for f in bench.jsonl bench_isolated.jsonl bench_detrops.jsonl bench_nosidegrads.jsonl bench_noflash.jsonl bench_flash1stage.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_drawnmasks.jsonl bench_nolorakernels.jsonl bench_composed.jsonl; do
     [ -f "$OUT/$f" ] || continue
     echo "=== $f"
     "$PY" - "$OUT/$f" <<'EOF' 2>&1
@@ -166,9 +174,9 @@ for line in open(sys.argv[1]):
         continue
     if "step_s_median" not in r:
         print(line.strip()[:300]); continue
-    print("batch %s ckpt %s: %.3f s/step, %.2f img/s, peak %.1f GiB, host issue %s s" % (
+    print("batch %s ckpt %s: %.3f s/step, %.2f img/s, peak %.1f GiB, host issue %s s, graph ops %s" % (
         r.get("batch"), ("mlp" if r.get("ckpt_mlp") else r.get("ckpt")), r["step_s_median"], r.get("images_per_s", 0),
-        r.get("peak_mem_gib", 0), r.get("host_issue_s_median", "?")))
+        r.get("peak_mem_gib", 0), r.get("host_issue_s_median", "?"), r.get("graph_ops", "?")))
     for p in r.get("profile") or []:
         print("  part %-28s device %8.1f ms  host %8.1f ms" % (p["part"], p["ms"], p.get("host_ms", 0)))
     for o in (r.get("profile_ops") or [])[:40]:
@@ -178,7 +186,7 @@ for line in open(sys.argv[1]):
 EOF
   done
 } > "$FINAL/summary.txt"
-for f in bench.jsonl bench_noflash.jsonl bench_blockops.jsonl bench_convkernel.jsonl bench_nocublaslt.jsonl bench_notextcache.jsonl bench_composed.jsonl demo_metrics.jsonl; do
+for f in bench.jsonl bench_isolated.jsonl bench_detrops.jsonl bench_noflash.jsonl bench_composed.jsonl demo_metrics.jsonl; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/$f"
 done
 cat "$FINAL/summary.txt" | grep -v "^{" | tail -60

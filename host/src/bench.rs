@@ -133,6 +133,10 @@ pub struct BenchResult {
     pub host_issue_s_median: f64,
     /// batch / median.
     pub images_per_s: f64,
+    /// Operations recorded on a step's training graph (forward to the loss): each costs the
+    /// host a launch or more in forward and in backward, so on a fast device the host's share
+    /// of a step grows with it.
+    pub graph_ops: usize,
     /// Last loss.
     pub loss: f64,
     /// Peak memory of the run, GiB: on CUDA the high-water mark of the memory pool's allocated
@@ -366,9 +370,13 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let mut peak_used = used_before;
     // One step: (loss, seconds until forward and backward were issued, the host's part of it
     // before it first waits for the device: the gradient norm's read-back).
+    let mut graph_ops = 0;
     let mut step = |peak_used: &mut u64| -> Result<(f64, f64)> {
         let t0 = Instant::now();
-        let out = model.forward_with(&inputs, ForwardOptions { train: true, dac: false })?;
+        // The layer ops' LoRA gradients go to the side store, merged after backward.
+        let out = crate::sam3::recompute::with_side_grads(|| {
+            model.forward_with(&inputs, ForwardOptions { train: true, dac: false })
+        })?;
         let sig_mean = |x: &Tensor| crate::sam3::nn::sigmoid(&x.to_dtype(DType::F32)?)?.mean_all();
         let loss = (sig_mean(&out.pred_masks)?
             + out.pred_boxes.to_dtype(DType::F32)?.mean_all()?
@@ -376,6 +384,9 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
             + out.presence_logits.to_dtype(DType::F32)?.mean_all()?
             + out.semantic_seg.to_dtype(DType::F32)?.mean_all()?)?;
         crate::profile::mark("loss");
+        if graph_ops == 0 {
+            graph_ops = loss.sorted_nodes().len();
+        }
         *peak_used = (*peak_used).max(device_used(&device));
         let mut grads = loss.backward()?;
         crate::sam3::recompute::merge_side_grads(&mut grads)?;
@@ -472,6 +483,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         step_s_min: times[0],
         host_issue_s_median: issue[issue.len() / 2],
         images_per_s: b as f64 / med,
+        graph_ops,
         loss,
         peak_mem_gib: gib(peak),
         peak_reserved_gib: pool_peak.filter(|p| p.0 > 0).map(|(_, reserved)| gib(reserved)),

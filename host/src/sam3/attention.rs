@@ -312,23 +312,26 @@ pub(crate) enum AttentionStep {
 }
 
 impl AttentionStep {
-    /// `softmax(q kᵀ · scale) v` of untracked (B, H, N, Dh) operands (laid out (B, Nq, H, Dh),
-    /// contiguous, when `tokens_major`) and what its backward needs.
+    /// `softmax(q kᵀ · scale + bias) v` of untracked (B, H, N, Dh) operands (laid out (B, Nq,
+    /// H, Dh), contiguous, when `tokens_major`) with an optional constant additive `bias`
+    /// (broadcastable to (B, H, Nq, Nk)) and what its backward needs.
     pub(crate) fn forward(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         scale: f64,
+        bias: Option<&Tensor>,
         tokens_major: bool,
     ) -> Result<(Tensor, AttentionStep)> {
         let label = || profile_label("forward", q, k);
-        if super::flash_cuda::serves(q, k, v) {
+        if bias.is_none() && super::flash_cuda::serves(q, k, v) {
             let (o, lse) =
                 crate::profile::inner(label, || super::flash_cuda::forward(q, k, v, scale, tokens_major))?;
             return Ok((o, AttentionStep::Flash { lse, scale, tokens_major }));
         }
         let chunk = if q.device().is_cuda() { CUDA_CHUNK_ELEMENTS } else { CHUNK_ELEMENTS };
-        let lean = Lean { scale, bias: None, chunk_elements: chunk, probs: probs_dtype(q) };
+        let lean =
+            Lean { scale, bias: bias.map(|b| b.detach()), chunk_elements: chunk, probs: probs_dtype(q) };
         let o = crate::profile::inner(label, || lean.forward(q, k, v))?;
         let o = if tokens_major { o.transpose(1, 2)?.contiguous()? } else { o };
         Ok((o, AttentionStep::Lean { lean, tokens_major }))

@@ -368,6 +368,8 @@ impl DetrDecoder {
         let mut ref_inputs = Vec::with_capacity(self.layers.len());
         let mut presence_logits = Vec::with_capacity(self.layers.len());
         let mut ref_out = reference_boxes.clone();
+        // The prompt and the memory as the layer ops' one context operand (made once).
+        let mut context: Option<Tensor> = None;
         for layer in &self.layers {
             let sine = box_encoding(&reference_boxes, c / 2)?.to_dtype(dtype)?;
             let query_pos = self.ref_point_head.forward(&sine)?;
@@ -375,18 +377,46 @@ impl DetrDecoder {
                 [(h, w)] => Some(self.rpb_bias(&reference_boxes, (*h, *w), dtype)?),
                 _ => None,
             };
-            hidden = layer.forward(
-                &hidden,
-                &query_pos,
-                text_features,
-                vision_features,
-                vision_pos_encoding,
-                text_bias.as_ref(),
-                vision_bias.as_ref(),
+            let (text_bias, vision_bias) = (text_bias.as_ref(), vision_bias.as_ref());
+            // On a training graph one op per layer (fewer, larger operations; the same values),
+            // reading the prompt and the memory as one context operand.
+            let mut op_out = None;
+            let inputs = super::detr_block::DecoderLayerInputs {
+                query_pos: &query_pos,
+                text: text_features,
+                memory: vision_features,
+                vision_pos: vision_pos_encoding,
+                text_bias,
+                vision_bias,
                 num_o2m,
-                self.dropout,
-                opts.train,
-            )?;
+                dropout: self.dropout,
+                train: opts.train,
+            };
+            if super::detr_block::serves_decoder(layer, &hidden, &inputs) {
+                if context.is_none() {
+                    context = Some(Tensor::cat(&[text_features, vision_features], 1)?);
+                }
+                let ctx = context.as_ref().expect("made above");
+                match super::detr_block::decoder_forward(layer, &hidden, ctx, &inputs) {
+                    Ok(h) => op_out = Some(h),
+                    Err(e) => super::detr_block::fall_back(e)?,
+                }
+            }
+            hidden = match op_out {
+                Some(h) => h,
+                None => layer.forward(
+                    &hidden,
+                    &query_pos,
+                    text_features,
+                    vision_features,
+                    vision_pos_encoding,
+                    text_bias,
+                    vision_bias,
+                    num_o2m,
+                    self.dropout,
+                    opts.train,
+                )?,
+            };
 
             let normed = self.output_layer_norm.forward(&hidden.narrow(1, 1, n)?)?;
             let delta = self.box_head.forward(&normed)?.to_dtype(DType::F32)?;

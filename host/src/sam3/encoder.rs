@@ -163,7 +163,19 @@ impl DetrEncoder {
 
         let mut hidden = features;
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, text_features, &pos, mask.as_ref(), self.dropout, train)?;
+            let (mask, p) = (mask.as_ref(), self.dropout);
+            // On a training graph one op per layer (fewer, larger operations; the same values).
+            if super::detr_block::serves_encoder(layer, &hidden, text_features, &pos, mask) {
+                match super::detr_block::encoder_forward(layer, &hidden, text_features, &pos, mask, p, train)
+                {
+                    Ok(h) => {
+                        hidden = h;
+                        continue;
+                    }
+                    Err(e) => super::detr_block::fall_back(e)?,
+                }
+            }
+            hidden = layer.forward(&hidden, text_features, &pos, mask, p, train)?;
         }
         Ok(DetrEncoderOutput {
             last_hidden_state: hidden,

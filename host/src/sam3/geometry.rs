@@ -111,6 +111,13 @@ impl GeometryEncoderLayer {
     }
 }
 
+/// The image tokens the layers cross-attend to (B, HW, d) and their positions, the keys being
+/// their sum.
+struct VisionTokens {
+    vision: Tensor,
+    pos: Option<Tensor>,
+}
+
 /// The geometry / exemplar encoder.
 #[derive(Debug, Clone)]
 pub struct GeometryEncoder {
@@ -221,7 +228,7 @@ impl GeometryEncoder {
                 box_labels.dims()
             );
         }
-        let (vision, vision_key) = self.vision_tokens(img_feats, img_pos_embeds)?;
+        let vision = self.vision_tokens(img_feats, img_pos_embeds)?;
         let cls = self.cls_tokens(b, img_feats.dtype())?;
         let ones = Tensor::ones((b, 1), DType::U8, img_feats.device())?;
         let (prompt, mask) = if n == 0 {
@@ -234,7 +241,7 @@ impl GeometryEncoder {
                 None => concat_padded_sequences(&boxes, &box_mask.ne(0f64)?, &cls, &ones)?,
             }
         };
-        self.encode_tokens(&prompt, &mask, &vision, &vision_key, train)
+        self.encode_tokens(&prompt, &mask, &vision, train)
     }
 
     /// Meta's text-only path: no boxes, the output is the CLS token alone, (B, 1, d), mask ones.
@@ -250,10 +257,10 @@ impl GeometryEncoder {
         train: bool,
     ) -> Result<GeometryOutput> {
         let b = img_feats.dim(0)?;
-        let (vision, vision_key) = self.vision_tokens(img_feats, img_pos_embeds)?;
+        let vision = self.vision_tokens(img_feats, img_pos_embeds)?;
         let cls = self.cls_tokens(b, img_feats.dtype())?;
         let ones = Tensor::ones((b, 1), DType::U8, img_feats.device())?;
-        self.encode_tokens(&cls, &ones, &vision, &vision_key, train)
+        self.encode_tokens(&cls, &ones, &vision, train)
     }
 
     /// The geometry part of transformers' `Sam3Model.forward`, with a choice for prompts without
@@ -341,13 +348,12 @@ impl GeometryEncoder {
     }
 
     /// Raw image tokens (B, HW, d) and the cross-attention keys tokens + pos.
-    fn vision_tokens(&self, img_feats: &Tensor, img_pos_embeds: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    fn vision_tokens(&self, img_feats: &Tensor, img_pos_embeds: Option<&Tensor>) -> Result<VisionTokens> {
         let vision = img_feats.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
-        let key = match img_pos_embeds {
-            Some(p) => (&vision + p.to_dtype(vision.dtype())?.flatten_from(2)?.transpose(1, 2)?)?,
-            None => vision.clone(),
-        };
-        Ok((vision, key))
+        let pos = img_pos_embeds
+            .map(|p| p.to_dtype(vision.dtype())?.flatten_from(2)?.transpose(1, 2))
+            .transpose()?;
+        Ok(VisionTokens { vision, pos })
     }
 
     /// transformers' `_encode_boxes`: (B, N, d) box tokens.
@@ -409,15 +415,33 @@ impl GeometryEncoder {
         &self,
         prompt: &Tensor,
         mask: &Tensor,
-        vision: &Tensor,
-        key: &Tensor,
+        vision: &VisionTokens,
         train: bool,
     ) -> Result<GeometryOutput> {
         let mut x = self.prompt_layer_norm.forward(&self.final_proj.forward(prompt)?)?;
         let bias = key_padding_bias(mask)?;
         let p = if train { self.dropout } else { 0.0 };
+        let (pos, tokens) = (vision.pos.as_ref(), &vision.vision);
+        // The keys of the op-by-op layers, made once when the first one needs them.
+        let mut key = None;
         for layer in &self.layers {
-            x = layer.forward(&x, vision, key, Some(&bias), p)?;
+            // On a training graph one op per layer (fewer, larger operations; the same values).
+            if super::detr_block::serves_geometry(layer, &x, tokens, pos, Some(&bias)) {
+                match super::detr_block::geometry_forward(layer, &x, tokens, pos, Some(&bias), p) {
+                    Ok(y) => {
+                        x = y;
+                        continue;
+                    }
+                    Err(e) => super::detr_block::fall_back(e)?,
+                }
+            }
+            if key.is_none() {
+                key = Some(match pos {
+                    Some(pos) => (tokens + pos)?,
+                    None => tokens.clone(),
+                });
+            }
+            x = layer.forward(&x, tokens, key.as_ref().expect("made above"), Some(&bias), p)?;
         }
         let last_hidden_state = self.output_layer_norm.forward(&x)?;
         Ok(GeometryOutput { last_hidden_state, attention_mask: mask.ne(0f64)? })

@@ -515,6 +515,59 @@ fn dropout_with(x: &Tensor, residual: Option<&Tensor>, p: f64) -> Result<Tensor>
     }
 }
 
+/// A residual dropout drawn by [`dropout_step`], for its backward.
+pub(crate) struct DropoutStep {
+    mask: Option<crate::rng::KeepMask>,
+    p: f64,
+    /// The counter kernels apply the mask (else the composed multiplication by it).
+    fused: bool,
+}
+
+/// `residual + drop(x)` (`residual` None: `drop(x)`) of untracked operands, unrecorded, for ops
+/// with a hand-written backward ([`super::detr_block`]): the same draws and values as the
+/// recorded [`crate::rng::dropout`] / [`crate::rng::dropout_add`] (`p` ≤ 0 or not `train`: no
+/// dropout, nothing drawn).
+pub(crate) fn dropout_step(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    p: f64,
+    train: bool,
+) -> Result<(Tensor, DropoutStep)> {
+    let plain = |x: Tensor| match residual {
+        Some(r) => r + x,
+        None => Ok(x),
+    };
+    if !train || p <= 0.0 {
+        return Ok((plain(x.clone())?, DropoutStep { mask: None, p: 0.0, fused: false }));
+    }
+    if p >= 1.0 {
+        return Ok((plain(x.zeros_like()?)?, DropoutStep { mask: None, p, fused: false }));
+    }
+    let mask = crate::rng::keep_mask_for_kernels(x.shape(), p, x.device())?;
+    let fused = matches!(mask, crate::rng::KeepMask::Counter { .. })
+        && super::fused_cuda::serves(x)
+        && residual.is_none_or(|r| r.dtype() == x.dtype() && r.shape() == x.shape());
+    let y = if fused {
+        let s = super::fused_cuda::dropout_storage(x, residual, &mask, p)?;
+        Tensor::from_storage(s, x.shape().clone(), candle_core::op::BackpropOp::none(), false)
+    } else {
+        plain(x.broadcast_mul(&crate::rng::scaled_mask(&mask.tensor()?, p, x.dtype())?)?)?
+    };
+    Ok((y, DropoutStep { mask: Some(mask), p, fused }))
+}
+
+impl DropoutStep {
+    /// The dropped branch's gradient for the output gradient `dy` (the residual's is `dy`).
+    pub(crate) fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            None if self.p >= 1.0 => dy.zeros_like(),
+            None => Ok(dy.clone()),
+            Some(m) if self.fused => super::fused_cuda::adapter_input(dy, None, Some(m), self.p),
+            Some(m) => dy.broadcast_mul(&crate::rng::scaled_mask(&m.tensor()?, self.p, dy.dtype())?),
+        }
+    }
+}
+
 /// Inverted dropout `drop(x)` with probability `p` in (0, 1) (see [`crate::rng::dropout`]).
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     dropout_with(x, None, p)

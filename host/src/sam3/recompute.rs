@@ -23,6 +23,46 @@ use super::ops::{precomputed_kernels, Precomputed};
 thread_local! {
     static NO_GRAD: Cell<bool> = const { Cell::new(false) };
     static SIDE: RefCell<Option<GradStore>> = const { RefCell::new(None) };
+    static SIDE_FOR_OPS: Cell<bool> = const { Cell::new(false) };
+    static ANCHORS: RefCell<Vec<(candle_core::DeviceLocation, Var)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run a forward `f` whose caller merges the side store into the gradients after backward
+/// ([`merge_side_grads`]): the layer ops recorded inside ([`super::vit_block`],
+/// [`super::detr_block`]) then hand their LoRA gradients to the side store instead of
+/// returning them through candle's graph. Through the graph, an op's factors enter as one
+/// concatenated operand, and candle's backward pays about six launches per factor to split
+/// it again (a narrow, a reshape and a zero-plus-add per gradient edge): several hundred
+/// per step in the DETR layers alone. A plain `loss.backward()` without this scope still gets
+/// every gradient. `LORAHOST_SIDE_GRADS=0` keeps them on the graph anyway (A/B timings).
+pub fn with_side_grads<R>(f: impl FnOnce() -> R) -> R {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| !std::env::var("LORAHOST_SIDE_GRADS").is_ok_and(|v| v == "0"));
+    let prev = SIDE_FOR_OPS.with(|c| c.replace(on));
+    let r = f();
+    SIDE_FOR_OPS.with(|c| c.set(prev));
+    r
+}
+
+/// Whether this thread is inside [`with_side_grads`].
+pub fn side_grads_active() -> bool {
+    SIDE_FOR_OPS.with(|c| c.get())
+}
+
+/// A one-element trainable stand-in on `device` (one per device and thread): an op on it is
+/// recorded on a training graph even when its other operands are untracked (the layer ops'
+/// LoRA factors, whose gradients go to the side store); it never gets a gradient.
+pub fn anchor(device: &candle_core::Device) -> Result<Var> {
+    let at = device.location();
+    ANCHORS.with(|a| {
+        let mut a = a.borrow_mut();
+        if let Some((_, v)) = a.iter().find(|(l, _)| *l == at) {
+            return Ok(v.clone());
+        }
+        let v = Var::zeros(1, candle_core::DType::F32, device)?;
+        a.push((at, v.clone()));
+        Ok(v)
+    })
 }
 
 /// Whether this thread is inside [`no_grad`]: LoRA adapters use detached weights.
@@ -55,7 +95,7 @@ pub fn merge_side_grads(grads: &mut GradStore) -> Result<()> {
 
 /// Add gradients of trainable weights that an op's backward computed itself to this thread's
 /// side store, which [`merge_side_grads`] empties.
-fn add_side_grads(grads: impl IntoIterator<Item = (Var, Tensor)>) -> Result<()> {
+pub(crate) fn add_side_grads(grads: impl IntoIterator<Item = (Var, Tensor)>) -> Result<()> {
     SIDE.with(|s| -> Result<()> {
         let mut s = s.borrow_mut();
         let side = s.get_or_insert_with(GradStore::default);

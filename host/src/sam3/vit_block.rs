@@ -9,7 +9,9 @@
 //! [`AttentionStep`], the LayerNorm kernels) and keeps what the backward needs; the backward
 //! chains their backward functions by hand and adds each branch's gradient once. The block's
 //! LoRA factors enter the op as one concatenated operand, so their gradients come back through
-//! candle's graph like any other (one small tensor per block).
+//! candle's graph like any other (one small tensor per block); where the caller merges the
+//! side store after backward ([`super::recompute::with_side_grads`]: the trainer, the bench)
+//! they go there instead, which spares candle splitting the operand again.
 //!
 //! Kept for backward: q and k (rotated, heads first), v, the attention output and its
 //! log-sum-exp (flash) or nothing more (the chunked path), the residual sum x + attn(x), fc1's
@@ -31,6 +33,7 @@ use std::sync::Mutex;
 
 use super::attention::AttentionStep;
 use super::frozen::LinearStep;
+use super::layer_op::{out_of_memory, OpFactors};
 use super::ops::{binary_storage, Binary, OutputMap, Precomputed};
 use super::ops::{
     layer_norm_composed, layer_norm_composed_mapped, layer_norm_input_grad, precomputed_kernels,
@@ -108,11 +111,6 @@ pub fn fall_back(e: candle_core::Error) -> Result<()> {
     tracing::warn!("the ViT block op failed ({text}); recording the blocks op by op from here on");
     FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
-}
-
-/// Whether an error's text says the device (or host) ran out of memory.
-fn out_of_memory(text: &str) -> bool {
-    text.to_lowercase().contains("out of memory") || text.contains("OUT_OF_MEMORY")
 }
 
 /// What the forward keeps for the backward.
@@ -227,7 +225,7 @@ fn run(layer: &ViTLayer, x: &Tensor, prepared: &Prepared, keep_h: bool) -> Resul
     let v_proj = LinearStep::new(&att.v_proj, None, None, (rows.shape(), dt), dev, take(2))?;
     let v = v_proj.forward(&rows)?.reshape((lay.seqs, lay.tokens, heads, d))?.transpose(1, 2)?;
     drop(rows);
-    let (o, attention) = AttentionStep::forward(&q, &k, &v, 1.0 / (d as f64).sqrt(), true)?;
+    let (o, attention) = AttentionStep::forward(&q, &k, &v, 1.0 / (d as f64).sqrt(), None, true)?;
     let o_rows = o.reshape((lay.seqs * lay.tokens, c))?;
     let out_map = lay.maps.as_ref().map(|(_, unpartition)| unpartition.clone());
     let o_proj = LinearStep::new(&att.o_proj, None, out_map, (o_rows.shape(), dt), dev, take(3))?;
@@ -314,13 +312,14 @@ fn backward(
 
 /// The recorded op: on (x) for a block without adapters, on (x, factors) for one with them,
 /// `factors` being every adapter's A and B flattened and concatenated (so the factors'
-/// gradients flow back through candle's own graph, as one small tensor).
+/// gradients flow back through candle's own graph, as one small tensor); inside
+/// [`super::recompute::with_side_grads`] on (x, anchor), the gradients going to the side store.
 struct BlockOp {
     layer: ViTLayer,
     /// The block's dropout sub-stream key (the recomputation replays it).
     key: u64,
-    /// The adapter factors in the order of the concatenated operand.
-    factors: Vec<Var>,
+    /// The adapter factors and the way their gradients leave the op.
+    factors: OpFactors,
     /// The factors as the layers read them (for the recomputation).
     prepared: Prepared,
     /// What the forward kept; `None` with checkpointing (or once the backward took it).
@@ -344,23 +343,12 @@ impl BlockOp {
                 },
             )?,
         };
-        let mut grads = Vec::with_capacity(self.factors.len());
+        let mut grads = Vec::with_capacity(self.factors.vars.len());
         let dx = crate::profile::inner(
             || format!("vit {kind} block backward"),
             || backward(&self.layer, &xd, saved, &grad.detach(), x.track_op(), &mut grads),
         )?;
-        if self.factors.is_empty() {
-            return Ok((dx, None));
-        }
-        let flat = self
-            .factors
-            .iter()
-            .map(|v| match grads.iter().find(|(g, _)| g.id() == v.id()) {
-                Some((_, g)) => g.flatten_all(),
-                None => v.as_detached_tensor().zeros_like()?.flatten_all(),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((dx, Some(Tensor::cat(&flat, 0)?)))
+        Ok((dx, self.factors.gradient(grads)?))
     }
 }
 
@@ -404,14 +392,9 @@ fn linears(layer: &ViTLayer) -> [&super::nn::Linear; 6] {
 /// block has LoRA factors to train outside [`super::recompute::no_grad`]) and its own weights
 /// are frozen (the op computes no gradient for them; a trainable one keeps the op-by-op path).
 pub fn serves(layer: &ViTLayer, x: &Tensor) -> bool {
-    let norms = [&layer.layer_norm1, &layer.layer_norm2];
-    let trainable =
-        linears(layer).iter().any(|l| l.weight.track_op() || l.bias.as_ref().is_some_and(|b| b.track_op()))
-            || norms.iter().any(|n| n.weight.track_op() || n.bias.track_op());
-    if trainable {
-        return false;
-    }
-    x.track_op() || (!super::recompute::no_grad_active() && linears(layer).iter().any(|l| l.lora.is_some()))
+    let lins = linears(layer);
+    super::layer_op::frozen(&lins, &[&layer.layer_norm1, &layer.layer_norm2])
+        && super::layer_op::records(&[x], &lins)
 }
 
 /// `layer(x)` for channels-last `x` (B, H, W, C) as one recorded op (see the module docs),
@@ -423,17 +406,10 @@ pub fn forward(layer: &ViTLayer, x: &Tensor, checkpointing: Checkpointing) -> Re
     let key = crate::rng::next_key();
     let xd = x.detach();
     let kind = if layer.window_size > 0 { "window" } else { "global" };
-    let factors: Vec<Var> = linears(layer)
-        .iter()
-        .filter_map(|l| l.lora.as_ref())
-        .flat_map(|l| [l.a.clone(), l.b.clone()])
-        .collect();
-    let operand = if factors.is_empty() {
-        None
-    } else {
-        let flat = factors.iter().map(|v| v.as_tensor().flatten_all()).collect::<Result<Vec<_>>>()?;
-        Some(Tensor::cat(&flat, 0)?)
-    };
+    // In a side-store scope the factors' gradients skip candle's graph: the op is on an anchor
+    // and each layer converts its own factors (one launch each on the GPU).
+    let factors = OpFactors::of(linears(layer));
+    let operand = factors.operand()?;
     let prepared = prepare(layer, operand.as_ref(), x.dtype())?;
     let (out, saved) = crate::profile::inner(
         || format!("vit {kind} block forward"),
@@ -446,6 +422,7 @@ pub fn forward(layer: &ViTLayer, x: &Tensor, checkpointing: Checkpointing) -> Re
             Result::Ok((out, saved))
         },
     )?;
+    let side = factors.side;
     let op = BlockOp {
         layer: layer.clone(),
         key,
@@ -456,6 +433,7 @@ pub fn forward(layer: &ViTLayer, x: &Tensor, checkpointing: Checkpointing) -> Re
     };
     match operand {
         Some(f) => x.apply_op2(&f, op),
+        None if side => x.apply_op2(super::recompute::anchor(x.device())?.as_tensor(), op),
         None => x.apply_op1(op),
     }
 }
@@ -535,6 +513,10 @@ mod tests {
         OpCheckpointed,
         /// The block op recomputing fc1's output in backward.
         OpMlpRecomputed,
+        /// The block op with its factor gradients in the side store.
+        OpSide,
+        /// The same, checkpointed.
+        OpSideCheckpointed,
     }
 
     /// The blocks' output and the gradients (of x when tracked, then A and B of every adapter)
@@ -550,19 +532,30 @@ mod tests {
         for layer in layers {
             y = match path {
                 Path::Ops => crate::rng::keyed(y.device(), || layer.forward(&y))?,
-                Path::Op | Path::OpCheckpointed | Path::OpMlpRecomputed => {
+                _ => {
                     assert!(serves(layer, &y));
                     let checkpointing = match path {
-                        Path::OpCheckpointed => Checkpointing::Full,
+                        Path::OpCheckpointed | Path::OpSideCheckpointed => Checkpointing::Full,
                         Path::OpMlpRecomputed => Checkpointing::Mlp,
                         _ => Checkpointing::Off,
                     };
-                    forward(layer, &y, checkpointing)?
+                    match path {
+                        Path::OpSide | Path::OpSideCheckpointed => {
+                            crate::sam3::recompute::with_side_grads(|| forward(layer, &y, checkpointing))?
+                        }
+                        _ => forward(layer, &y, checkpointing)?,
+                    }
                 }
             };
         }
-        // A plain backward: the op's factor gradients flow through candle's graph.
-        let grads = (&y * target)?.sum_all()?.backward()?;
+        // A plain backward: the op's factor gradients flow through candle's graph, or (side
+        // paths) into the side store, merged after it.
+        let mut grads = (&y * target)?.sum_all()?.backward()?;
+        let through_graph = grads.get_ids().count();
+        crate::sam3::recompute::merge_side_grads(&mut grads)?;
+        if matches!(path, Path::OpSide | Path::OpSideCheckpointed) {
+            assert!(grads.get_ids().count() > through_graph, "{path:?}: nothing came through the side store");
+        }
         let mut out = Vec::new();
         if x.track_op() {
             out.push(grads.get(x).expect("a gradient for x").clone());
@@ -605,7 +598,13 @@ mod tests {
                 let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(m > 0.0 && m.is_finite(), "a gradient is {m}");
             }
-            for path in [Path::Op, Path::OpCheckpointed, Path::OpMlpRecomputed] {
+            for path in [
+                Path::Op,
+                Path::OpCheckpointed,
+                Path::OpMlpRecomputed,
+                Path::OpSide,
+                Path::OpSideCheckpointed,
+            ] {
                 let (y, got) = run_path(&layers, &x, &target, path)?;
                 let dy = max_rel(&y, &want_y)?;
                 assert!(dy < 1e-6, "{path:?} (tracked {tracked}): output differs by {dy}");

@@ -1510,7 +1510,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             crate::sam3::recompute::clear_side_grads(); // nothing left from an aborted backward
             let heap_before = crate::alloc_stats::live();
             crate::alloc_stats::reset_peak();
-            let (mut loss, out) = batch_loss(&model, &batch, &tokenizer, &weights, true, &exemplar)?;
+            // The layer ops' LoRA gradients go to the side store, merged after backward.
+            let (mut loss, out) = crate::sam3::recompute::with_side_grads(|| {
+                batch_loss(&model, &batch, &tokenizer, &weights, true, &exemplar)
+            })?;
             let heap_forward = crate::alloc_stats::live();
             if !plugins.is_empty() {
                 let terms: Vec<LossTerm> = WEIGHTED_TERMS
