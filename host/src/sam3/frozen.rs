@@ -357,6 +357,34 @@ impl AdapterPart {
 }
 
 impl LinearCore {
+    /// The recorded op's backward ([`frozen_linear`]): [`Self::backward`] on `x`'s rows (any
+    /// rank; the output gradient `dy` shaped like the op's output), the input gradient shaped
+    /// like `x`; profiled.
+    fn backward_of(
+        &self,
+        x: &Tensor,
+        ab: Option<(&Tensor, &Tensor)>,
+        dy: &Tensor,
+        needs: Needs,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let rows2 = |t: &Tensor| -> Result<Tensor> {
+            match t.dims() {
+                [lead @ .., last] => t.contiguous()?.reshape((lead.iter().product::<usize>(), *last)),
+                [] => candle_core::bail!("frozen linear: a scalar operand"),
+            }
+        };
+        let x2 = rows2(x)?;
+        // A mapped output's gradient goes through the map's backward as it is.
+        let dy2 = if self.map.is_some() { dy.clone() } else { rows2(dy)? };
+        let label = || profile_label("backward", &x2, &self.w, ab.is_some());
+        let (dx, da, db) = crate::profile::inner(label, || self.backward(&x2, ab, &dy2, needs))?;
+        let dx = match dx {
+            Some(d) if x.rank() != 2 => Some(d.reshape(x.dims())?),
+            d => d,
+        };
+        Ok((dx, da, db))
+    }
+
     /// Gradients for (x, A, B) as `needs` asks (each in its operand's dtype); `ab` is `None`
     /// without an adapter.
     fn backward(
@@ -475,9 +503,8 @@ impl CustomOp1 for FrozenLinear {
     precomputed_kernels!(_x);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let label = || profile_label("backward", x, &self.core.w, false);
         let needs = Needs { dx: x.track_op(), da: false, db: false };
-        Ok(crate::profile::inner(label, || self.core.backward(x, None, dy, needs))?.0)
+        Ok(self.core.backward_of(x, None, dy, needs)?.0)
     }
 }
 
@@ -496,9 +523,8 @@ impl CustomOp3 for FrozenLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let label = || profile_label("backward", x, &self.core.w, true);
         let needs = Needs { dx: x.track_op(), da: a.track_op(), db: b.track_op() };
-        crate::profile::inner(label, || self.core.backward(x, Some((a, b)), dy, needs))
+        self.core.backward_of(x, Some((a, b)), dy, needs)
     }
 }
 
@@ -563,10 +589,11 @@ pub fn frozen_conv3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.apply_op1(FrozenConv3x3 { w_back: w_back.contiguous()?, out })
 }
 
-/// `act(x)·Wᵀ + b`, plus `lora`'s `scale·(drop(act(x))·Aᵀ)·Bᵀ` when given, for a 2-D `x`
-/// (rows, in) and `w` (out, in), written through `map` when given. On a training graph with a
-/// frozen `w` and `b` this is one op (see the module docs); a trainable `w` or `b` takes the
-/// composed path and gets its gradient.
+/// `act(x)·Wᵀ + b`, plus `lora`'s `scale·(drop(act(x))·Aᵀ)·Bᵀ` when given, for `x` (..., in)
+/// (its rows: the leading dimensions together) and `w` (out, in), written through `map` when
+/// given (a 2-D `x` only). On a training graph with a frozen `w` and `b` this is one op on `x`
+/// as it is, whatever its rank (see the module docs; no reshape is recorded on either side);
+/// a trainable `w` or `b` takes the composed path and gets its gradient.
 pub fn frozen_linear(
     x: &Tensor,
     w: &Tensor,
@@ -575,10 +602,20 @@ pub fn frozen_linear(
     lora: Option<&LoraAdapter>,
     map: Option<&OutputMap>,
 ) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&in_dim, lead)) = dims.split_last() else {
+        candle_core::bail!("frozen linear: a scalar input")
+    };
+    if dims.len() != 2 && map.is_some() {
+        candle_core::bail!("frozen linear: an output map needs a 2-D input, got {dims:?}");
+    }
+    let rows: usize = lead.iter().product();
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank ≥ 1") = w.dim(0)?;
     let mut adapter = match lora {
         Some(l) => {
             let (a, b) = l.factors();
-            let mask = l.keep_mask(&Shape::from(x.dims()), x.device())?;
+            let mask = l.keep_mask(&Shape::from((rows, in_dim)), x.device())?;
             Some((AdapterPart::new(mask, l), a, b))
         }
         None => None,
@@ -587,10 +624,11 @@ pub fn frozen_linear(
     let trainable_base = w.track_op() || bias.is_some_and(|b| b.track_op());
     let dt = x.dtype();
     if !tracked || trainable_base {
-        let y = parts(x, w, bias, act, adapter.as_ref().map(|(p, a, b)| (p, a, b)))?.tensor()?;
+        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+        let y = parts(&x2, w, bias, act, adapter.as_ref().map(|(p, a, b)| (p, a, b)))?.tensor()?;
         return match map {
             Some(m) => (m.forward)(&y)?.to_dtype(dt),
-            None => Ok(y),
+            None => y.reshape(out_dims),
         };
     }
     let (w, bias) = (w.detach().to_dtype(dt)?, bias.map(|b| b.detach().to_dtype(dt)).transpose()?);
@@ -598,11 +636,12 @@ pub fn frozen_linear(
         part.prepared = Some(part.factors_in(&a.detach(), &b.detach(), dt)?);
     }
     let detached = adapter.as_ref().map(|(p, a, b)| (p, a.detach(), b.detach()));
-    let forward =
-        || parts(&x.detach(), &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)));
-    let label = || profile_label("forward", x, &w, detached.is_some());
+    // The rows as the products read them (no graph: the op is recorded on `x` itself).
+    let xd = x.detach().contiguous()?.reshape((rows, in_dim))?;
+    let forward = || parts(&xd, &w, bias.as_ref(), act, detached.as_ref().map(|(p, a, b)| (*p, a, b)));
+    let label = || profile_label("forward", &xd, &w, detached.is_some());
     let out = crate::profile::inner(label, || match map {
-        None => forward()?.precomputed(dt),
+        None => Ok(forward()?.precomputed(dt)?.reshaped(Shape::from(out_dims))),
         Some(m) => Precomputed::new(&(m.forward)(&forward()?.tensor()?)?, dt),
     })?;
     let map = map.cloned();
@@ -844,6 +883,40 @@ mod tests {
                     assert!(d < tol, "gradient differs by {d} ({act:?}, {p:?})");
                 }
                 assert!(gg.get(&w).is_none() && gg.get(&bias).is_none());
+            }
+        }
+        Ok(())
+    }
+
+    /// An input of rank 3 (and a non-contiguous one): one op on the input itself, nothing else
+    /// recorded; the same output and gradients as the 2-D op on the rows, dropout included.
+    #[test]
+    fn takes_inputs_of_any_rank_as_one_op() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f64, 1.0, (4, 3), &dev)?;
+        let bias = Tensor::randn(0f64, 1.0, 4, &dev)?;
+        let t = Tensor::randn(0f64, 1.0, (2, 5, 4), &dev)?;
+        let lora = adapter(&dev, 0.4)?;
+        let act = Some(Activation::Relu);
+        for transposed in [false, true] {
+            let base = Tensor::randn(0f64, 1.0, (2, 5, 3), &dev)?;
+            let xv = Var::from_tensor(&if transposed { base.transpose(0, 1)?.contiguous()? } else { base })?;
+            let x = if transposed { xv.as_tensor().transpose(0, 1)? } else { xv.as_tensor().clone() };
+            crate::rng::reseed(&[12]);
+            let got = frozen_linear(&x, &w, Some(&bias), act, Some(&lora), None)?;
+            assert_eq!(got.dims(), &[2, 5, 4]);
+            // The op and its leaves x, A, B (and x's transposition): no reshape recorded.
+            let nodes = got.sorted_nodes().len();
+            assert_eq!(nodes, if transposed { 5 } else { 4 }, "graph nodes");
+            crate::rng::reseed(&[12]);
+            let rows = x.contiguous()?.reshape((10, 3))?;
+            let want = frozen_linear(&rows, &w, Some(&bias), act, Some(&lora), None)?.reshape((2, 5, 4))?;
+            assert!(max_diff(&got, &want) < 1e-12);
+            let gg = (got * &t)?.sum_all()?.backward()?;
+            let gw = (want * &t)?.sum_all()?.backward()?;
+            for v in [xv.as_tensor(), lora.a.as_tensor(), lora.b.as_tensor()] {
+                let d = max_diff(gg.get(v).unwrap(), gw.get(v).unwrap());
+                assert!(d < 1e-12, "gradient differs by {d} (transposed {transposed})");
             }
         }
         Ok(())

@@ -61,22 +61,9 @@ impl Linear {
     /// `self(act(x))`: on a training graph the activation is folded into this layer's op, so
     /// its output is recomputed in backward instead of kept (see [`super::frozen`]).
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().unwrap_or(&0);
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-        // Frozen base weight: differentiated in x (and the adapter) only.
-        let y = super::frozen::frozen_linear(
-            &x2,
-            &self.weight,
-            self.bias.as_ref(),
-            act,
-            self.lora.as_ref(),
-            None,
-        )?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        // Frozen base weight: differentiated in x (and the adapter) only; one op on `x` as it
+        // is, whatever its rank.
+        super::frozen::frozen_linear(x, &self.weight, self.bias.as_ref(), act, self.lora.as_ref(), None)
     }
 
     /// `self(x)` for a 2-D `x` (rows, in), written through `map` (on a training graph inside

@@ -79,6 +79,12 @@ impl Precomputed {
         Precomputed(Mutex::new(Some((s, shape))))
     }
 
+    /// The same result viewed as `shape` (as many elements; the storage is contiguous).
+    pub(crate) fn reshaped(self, shape: Shape) -> Self {
+        let inner = self.0.into_inner().ok().flatten().map(|(s, _)| (s, shape));
+        Precomputed(Mutex::new(inner))
+    }
+
     fn take(&self) -> Result<(Storage, Shape)> {
         let out = self.0.lock().ok().and_then(|mut o| o.take());
         out.ok_or_else(|| candle_core::Error::Msg("custom op: forward result already taken".into()))
