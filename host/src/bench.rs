@@ -30,6 +30,8 @@ pub struct BenchOptions {
     pub device: crate::inference::DeviceArg,
     /// The tiny model instead of full-size SAM3.
     pub tiny: bool,
+    /// A transformers SAM3 `config.json` to build instead (random weights).
+    pub model_config: Option<PathBuf>,
     /// Images per step.
     pub batch: usize,
     /// Timed steps (the median is reported).
@@ -105,6 +107,9 @@ pub struct BenchResult {
     pub device: String,
     /// Tiny model.
     pub tiny: bool,
+    /// The model config given with `--model-config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_config: Option<String>,
     /// Images per step.
     pub batch: usize,
     /// Compute dtype.
@@ -229,8 +234,16 @@ pub fn isolated_blocks(
     Ok(blocks)
 }
 
-/// The model config of the benchmark.
-fn bench_config(tiny: bool) -> Result<Sam3Config> {
+/// The model config of the benchmark: `--model-config`, else the tiny or the full one.
+fn bench_config(o: &BenchOptions) -> Result<Sam3Config> {
+    if let Some(path) = &o.model_config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the model config {} (--model-config)", path.display()))?;
+        let (config, _) = Sam3Config::from_json(&text, path)
+            .with_context(|| format!("{}: not a SAM3 config.json (--model-config)", path.display()))?;
+        return Ok(config);
+    }
+    let tiny = o.tiny;
     let (config, _) = Sam3Config::from_json(
         if tiny { TINY_CONFIG } else { FULL_CONFIG },
         Path::new(if tiny { "examples/tiny_sam3/config.json" } else { "host/assets/sam3_config.json" }),
@@ -242,7 +255,7 @@ fn bench_config(tiny: bool) -> Result<Sam3Config> {
 /// (`--estimate-only`; any machine).
 pub fn estimate_only(o: &BenchOptions) -> Result<crate::memory::MemoryEstimate> {
     let dtype = o.dtype.dtype();
-    estimate(o, &bench_config(o.tiny)?, dtype)
+    estimate(o, &bench_config(o)?, dtype)
 }
 
 /// The LoRA config of the benchmark (hf_sam3_bench.py's targets).
@@ -327,7 +340,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let device = o.device.device()?;
     o.dtype.check(&device)?;
     let dtype = o.dtype.dtype();
-    let config = bench_config(o.tiny)?;
+    let config = bench_config(o)?;
     let predicted = estimate(o, &config, dtype)?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     device.synchronize()?;
@@ -470,6 +483,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let res = BenchResult {
         device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
         tiny: o.tiny,
+        model_config: o.model_config.as_ref().map(|p| p.display().to_string()),
         batch: b,
         dtype: format!("{dtype:?}").to_lowercase(),
         rank: o.rank,
@@ -510,6 +524,38 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
 mod tests {
     use super::*;
 
+    /// `--model-config`: the given shape is built (SAM3's layer counts: more graph operations
+    /// than the tiny model's); a missing file is an error naming it.
+    #[test]
+    fn model_config_builds_the_given_shape() -> Result<()> {
+        let mut o = BenchOptions {
+            device: crate::inference::DeviceArg::Cpu,
+            tiny: true,
+            model_config: None,
+            batch: 1,
+            steps: 1,
+            warmup: 1,
+            dtype: crate::inference::DTypeArg::F32,
+            rank: 4,
+            vision_lora: true,
+            ckpt: false,
+            ckpt_mlp: false,
+            json: None,
+            profile_steps: 0,
+            isolated_reps: 0,
+        };
+        let tiny = run(&o)?;
+        let deep = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench/full_depth_tiny_width.json");
+        o.model_config = Some(deep.clone());
+        let r = run(&o)?;
+        assert_eq!(r.model_config.as_deref(), Some(deep.display().to_string().as_str()));
+        assert!(r.graph_ops > tiny.graph_ops && tiny.graph_ops > 0, "{} vs {}", r.graph_ops, tiny.graph_ops);
+        o.model_config = Some(PathBuf::from("/nonexistent/sam3.json"));
+        let e = format!("{:#}", run(&o).unwrap_err());
+        assert!(e.contains("/nonexistent/sam3.json") && e.contains("--model-config"), "{e}");
+        Ok(())
+    }
+
     /// `--isolated`: both kinds of ViT block, forward and backward, each timed once per
     /// repetition, then the operations inside them (the block op's own span among them).
     #[test]
@@ -517,6 +563,7 @@ mod tests {
         let o = BenchOptions {
             device: crate::inference::DeviceArg::Cpu,
             tiny: true,
+            model_config: None,
             batch: 1,
             steps: 1,
             warmup: 1,

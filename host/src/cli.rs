@@ -163,6 +163,11 @@ pub enum Command {
         /// The tiny demo shape instead of full-size SAM3 (1008², 840M parameters).
         #[arg(long)]
         tiny: bool,
+        /// A transformers SAM3 `config.json` to build instead (random weights): your own model
+        /// shape, or `examples/bench/full_depth_tiny_width.json` (SAM3's layer counts at the
+        /// demo's widths: `graph_ops` of the full workload on any machine).
+        #[arg(long, value_name = "CONFIG_JSON", conflicts_with = "tiny")]
+        model_config: Option<PathBuf>,
         /// Images per step.
         #[arg(long, default_value_t = 2)]
         batch: usize,
@@ -207,8 +212,10 @@ pub enum Command {
         isolated: usize,
     },
     /// Check the training ops lorahost implements itself (lean attention, adapted linear, frozen
-    /// 3×3 convolution and norms) on a device: forward and every input gradient against the composed computation in
-    /// f64 on the CPU. Run it first on a new GPU build; exits non-zero if an op is off.
+    /// 3×3 convolution and norms, the ViT block and DETR layer ops) on a device: forward and
+    /// every input gradient against the composed computation in f64 on the CPU (the layer ops
+    /// against the same layers op by op). Run it first on a new GPU build; exits non-zero if an
+    /// op is off.
     Selftest {
         /// Device.
         #[arg(long, value_enum, default_value = "cpu")]
@@ -680,6 +687,7 @@ pub fn run(cli: Cli) -> Result<()> {
             device,
             dtype,
             tiny,
+            model_config,
             batch,
             steps,
             warmup,
@@ -700,6 +708,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let opts = crate::bench::BenchOptions {
                 device: *device,
                 tiny: *tiny,
+                model_config: model_config.clone(),
                 batch: *batch,
                 steps: *steps,
                 warmup: *warmup,
