@@ -303,8 +303,10 @@ impl DetrDecoder {
                 .unsqueeze(2) // (B, N, 1, 2)
         };
         let coords = |len: usize| -> Result<Tensor> {
-            let v: Vec<f32> = (0..len).map(|i| i as f32 / len as f32).collect();
-            Tensor::from_vec(v, (1, 1, len, 1), dev)?.to_dtype(dtype)
+            super::ops::cached_constant(format!("rpb coords {len} {dtype:?}"), dev, || {
+                let v: Vec<f32> = (0..len).map(|i| i as f32 / len as f32).collect();
+                Tensor::from_vec(v, (1, 1, len, 1), dev)?.to_dtype(dtype)
+            })
         };
         let log_scale = |d: Tensor| -> Result<Tensor> {
             let d8 = (d * 8.0)?;

@@ -659,16 +659,19 @@ pub struct DecoderLayerInputs<'a> {
     pub query_pos: &'a Tensor,
     /// Prompt tokens (B, T, C).
     pub text: &'a Tensor,
-    /// Image memory (B, HW, C) and its positions.
+    /// Image memory (B, HW, C).
     pub memory: &'a Tensor,
+    /// The memory's positions (B, HW, C), added to its keys.
     pub vision_pos: &'a Tensor,
-    /// The attention biases (prompt padding; boxRPB with the presence row).
+    /// The prompt's key-padding bias (B, 1, 1, T).
     pub text_bias: Option<&'a Tensor>,
+    /// The boxRPB bias with the presence token's zero row (B, heads, 1 + N, HW).
     pub vision_bias: Option<&'a Tensor>,
     /// DAC's one-to-many queries (the last ones).
     pub num_o2m: usize,
-    /// Residual dropout, applied when `train`.
+    /// Residual dropout probability, applied when `train`.
     pub dropout: f64,
+    /// Training mode (the residual dropout on).
     pub train: bool,
 }
 

@@ -582,11 +582,15 @@ pub fn frozen_conv3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (w, b) = (w.detach(), b.detach());
     let label = || format!("conv3x3 forward {:?}", x.dims());
     let y = crate::profile::inner(label, || forward(&x.detach(), &w, &b))?;
-    let reversed = Tensor::new(&[2u32, 1, 0], w.device())?;
-    let w_back = w.to_dtype(dt)?.transpose(0, 1)?.contiguous()?.index_select(&reversed, 2)?;
-    let w_back = w_back.index_select(&reversed, 3)?;
+    // The flipped kernel of a frozen weight is the same every step: made once.
+    let w_back =
+        super::ops::cached_constant(format!("conv3x3 flipped {:?} {dt:?}", w.id()), w.device(), || {
+            let reversed = Tensor::new(&[2u32, 1, 0], w.device())?;
+            let w_back = w.to_dtype(dt)?.transpose(0, 1)?.contiguous()?.index_select(&reversed, 2)?;
+            w_back.index_select(&reversed, 3)?.contiguous()
+        })?;
     let out = Precomputed::new(&y, dt)?;
-    x.apply_op1(FrozenConv3x3 { w_back: w_back.contiguous()?, out })
+    x.apply_op1(FrozenConv3x3 { w_back, out })
 }
 
 /// `act(x)·Wᵀ + b`, plus `lora`'s `scale·(drop(act(x))·Aᵀ)·Bᵀ` when given, for `x` (..., in)

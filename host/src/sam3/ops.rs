@@ -34,6 +34,33 @@ pub(crate) fn storage_as(t: &Tensor, dtype: DType) -> Result<Storage> {
     })
 }
 
+/// A small constant tensor (a frequency table, a coordinate grid, a flipped frozen kernel) made
+/// once per process, `key` and device by `make` and shared after that. Made on the host at
+/// each use, such a tensor costs a copy from pageable host memory, which the CUDA driver may
+/// serialise with the stream (the host then waits for the device to catch up), besides the
+/// operations that build it. The cache is bounded (cleared past 512 entries).
+pub(crate) fn cached_constant(
+    key: String,
+    device: &candle_core::Device,
+    make: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    type Cache = Mutex<std::collections::HashMap<(String, candle_core::DeviceLocation), Tensor>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let at = (key, device.location());
+    if let Some(t) = cache.lock().ok().and_then(|c| c.get(&at).cloned()) {
+        return Ok(t);
+    }
+    let t = make()?.detach();
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= 512 {
+            c.clear();
+        }
+        c.insert(at, t.clone());
+    }
+    Ok(t)
+}
+
 /// An elementwise binary operation an op writes straight into its output storage.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Binary {

@@ -12,8 +12,10 @@ fn dim_t(num_feats: usize, temperature: f64) -> Vec<f64> {
 /// Encode values already scaled (e.g. by 2π) into `num_feats` channels per value:
 /// input (..., ) → output (..., num_feats), interleaved sin/cos.
 pub fn encode_values(v: &Tensor, num_feats: usize, temperature: f64) -> Result<Tensor> {
-    let dt =
-        Tensor::new(dim_t(num_feats, temperature).iter().map(|x| *x as f32).collect::<Vec<_>>(), v.device())?;
+    let key = format!("dim_t {num_feats} {temperature}");
+    let dt = super::ops::cached_constant(key, v.device(), || {
+        Tensor::new(dim_t(num_feats, temperature).iter().map(|x| *x as f32).collect::<Vec<_>>(), v.device())
+    })?;
     let v = v.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
     let x = v.broadcast_div(&dt)?; // (..., n)
     let dims = x.dims().to_vec();
