@@ -524,11 +524,9 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
 mod tests {
     use super::*;
 
-    /// `--model-config`: the given shape is built (SAM3's layer counts: more graph operations
-    /// than the tiny model's); a missing file is an error naming it.
-    #[test]
-    fn model_config_builds_the_given_shape() -> Result<()> {
-        let mut o = BenchOptions {
+    /// One timed step of the tiny model at batch 1, rank 4, on the CPU.
+    fn tiny_options() -> BenchOptions {
+        BenchOptions {
             device: crate::inference::DeviceArg::Cpu,
             tiny: true,
             model_config: None,
@@ -543,7 +541,14 @@ mod tests {
             json: None,
             profile_steps: 0,
             isolated_reps: 0,
-        };
+        }
+    }
+
+    /// `--model-config`: the given shape is built (SAM3's layer counts: more graph operations
+    /// than the tiny model's); a missing file is an error naming it.
+    #[test]
+    fn model_config_builds_the_given_shape() -> Result<()> {
+        let mut o = tiny_options();
         let tiny = run(&o)?;
         let deep = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench/full_depth_tiny_width.json");
         o.model_config = Some(deep.clone());
@@ -560,22 +565,7 @@ mod tests {
     /// repetition, then the operations inside them (the block op's own span among them).
     #[test]
     fn isolated_blocks_time_both_kinds_and_their_operations() -> Result<()> {
-        let o = BenchOptions {
-            device: crate::inference::DeviceArg::Cpu,
-            tiny: true,
-            model_config: None,
-            batch: 1,
-            steps: 1,
-            warmup: 1,
-            dtype: crate::inference::DTypeArg::F32,
-            rank: 4,
-            vision_lora: true,
-            ckpt: false,
-            ckpt_mlp: false,
-            json: None,
-            profile_steps: 0,
-            isolated_reps: 2,
-        };
+        let o = BenchOptions { isolated_reps: 2, ..tiny_options() };
         let r = run(&o)?;
         let isolated = r.isolated.expect("isolated timings");
         for kind in ["window", "global"] {
