@@ -529,10 +529,7 @@ impl candle_core::CustomOp2 for CounterDropout {
 /// multiplication by the drawn mask (and the sum). The same mask draws either way.
 fn dropout_with(x: &Tensor, residual: Option<&Tensor>, p: f64) -> Result<Tensor> {
     let mask = crate::rng::keep_mask_for_kernels(x.shape(), p, x.device())?;
-    let fused = matches!(mask, crate::rng::KeepMask::Counter { .. })
-        && super::fused_cuda::serves(x)
-        && residual.is_none_or(|r| r.dtype() == x.dtype() && r.shape() == x.shape());
-    if !fused {
+    if !counter_kernels_apply(&mask, x, residual) {
         let dropped = mul_constant(x, &crate::rng::scaled_mask(&mask.tensor()?, p, x.dtype())?)?;
         return match residual {
             Some(r) => r + dropped,
@@ -546,6 +543,14 @@ fn dropout_with(x: &Tensor, residual: Option<&Tensor>, p: f64) -> Result<Tensor>
         Some(r) => x.apply_op2(r, op),
         None => x.apply_op1(op),
     }
+}
+
+/// Whether the counter-mask kernels apply `mask` to `x` (and add `residual`): a counter mask
+/// on an input the fused kernels serve, the residual alike; else the composed multiplication.
+fn counter_kernels_apply(mask: &crate::rng::KeepMask, x: &Tensor, residual: Option<&Tensor>) -> bool {
+    matches!(mask, crate::rng::KeepMask::Counter { .. })
+        && super::fused_cuda::serves(x)
+        && residual.is_none_or(|r| r.dtype() == x.dtype() && r.shape() == x.shape())
 }
 
 /// A residual dropout drawn by [`dropout_step`], for its backward.
@@ -577,9 +582,7 @@ pub(crate) fn dropout_step(
         return Ok((plain(x.zeros_like()?)?, DropoutStep { mask: None, p, fused: false }));
     }
     let mask = crate::rng::keep_mask_for_kernels(x.shape(), p, x.device())?;
-    let fused = matches!(mask, crate::rng::KeepMask::Counter { .. })
-        && super::fused_cuda::serves(x)
-        && residual.is_none_or(|r| r.dtype() == x.dtype() && r.shape() == x.shape());
+    let fused = counter_kernels_apply(&mask, x, residual);
     let y = if fused {
         let s = super::fused_cuda::dropout_storage(x, residual, &mask, p)?;
         Tensor::from_storage(s, x.shape().clone(), candle_core::op::BackpropOp::none(), false)

@@ -50,8 +50,9 @@ pub fn side_grads_active() -> bool {
 }
 
 /// A one-element trainable stand-in on `device` (one per device and thread): an op on it is
-/// recorded on a training graph even when its other operands are untracked (the layer ops'
-/// LoRA factors, whose gradients go to the side store); it never gets a gradient.
+/// recorded on a training graph even when its other operands are untracked (a checkpointed
+/// block after frozen layers, a layer op whose LoRA gradients go to the side store); it never
+/// gets a gradient.
 pub fn anchor(device: &candle_core::Device) -> Result<Var> {
     let at = device.location();
     ANCHORS.with(|a| {

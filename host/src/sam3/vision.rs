@@ -432,11 +432,6 @@ pub struct ViTModel {
     pub layers: Vec<ViTLayer>,
     /// Activation checkpointing of every block (see [`super::vit_block::Checkpointing`]).
     pub checkpoint: super::vit_block::Checkpointing,
-    /// A one-element trainable stand-in on the model's device that records a checkpointed
-    /// block on a training graph even when its input is untracked (the first block follows the
-    /// frozen patch embedding; only where the ViT block op is off, see [`super::vit_block`]);
-    /// it never gets a gradient.
-    pub anchor: candle_core::Var,
 }
 
 impl ViTModel {
@@ -454,7 +449,6 @@ impl ViTModel {
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             layers,
             checkpoint: Default::default(),
-            anchor: candle_core::Var::zeros(1, DType::F32, &device)?,
         })
     }
 
@@ -489,7 +483,10 @@ impl ViTModel {
                     }
                 });
                 let f: super::recompute::Block = std::sync::Arc::new(move |x| block.forward(x));
-                super::recompute::checkpointed(f, vars, &self.anchor, x)?
+                // The anchor records the block even when its input is untracked (the first
+                // block follows the frozen patch embedding).
+                let anchor = super::recompute::anchor(x.device())?;
+                super::recompute::checkpointed(f, vars, &anchor, x)?
             }
             // Under its own dropout sub-stream, as a checkpointed block runs: the same
             // masks with and without checkpointing.
