@@ -393,17 +393,31 @@ impl Runtime {
             self.cache_dir.as_ref().map(|d| d.join(format!("{sha256}-{}.cwasm", self.compat_key())));
         if let Some(p) = &cache_path {
             if p.exists() {
-                // SAFETY: the cache directory holds only artifacts this runtime wrote with
-                // `precompile_component` for an engine with the same compatibility hash.
-                match unsafe { Component::deserialize_file(&self.engine, p) } {
-                    Ok(c) => {
-                        let info =
-                            CompileInfo { sha256, elapsed: start.elapsed(), cached: true, size: bytes.len() };
-                        return Ok((c, info));
+                match read_verified(p) {
+                    Ok(cached) => {
+                        // SAFETY: `cached` is exactly the bytes `precompile_component` produced
+                        // when the entry was written (its sha-256 matches the checksum written
+                        // with it), for an engine with the same compatibility hash (in the name).
+                        // They are deserialized from this buffer, not re-read from the file.
+                        match unsafe { Component::deserialize(&self.engine, &cached) } {
+                            Ok(c) => {
+                                let info = CompileInfo {
+                                    sha256,
+                                    elapsed: start.elapsed(),
+                                    cached: true,
+                                    size: bytes.len(),
+                                };
+                                return Ok((c, info));
+                            }
+                            Err(e) => {
+                                tracing::warn!("discarding unreadable cache entry {}: {e}", p.display());
+                                discard_entry(p);
+                            }
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!("discarding unreadable cache entry {}: {e}", p.display());
-                        let _ = std::fs::remove_file(p);
+                    Err(reason) => {
+                        tracing::warn!("discarding cache entry {}: {reason}; recompiling", p.display());
+                        discard_entry(p);
                     }
                 }
             }
@@ -412,7 +426,7 @@ impl Runtime {
         // SAFETY: `serialized` was produced just above by this engine.
         let component = unsafe { Component::deserialize(&self.engine, &serialized) }.map_err(invalid)?;
         if let Some(p) = &cache_path {
-            if let Err(e) = crate::fsutil::write_atomic(p, &serialized) {
+            if let Err(e) = write_entry(p, &serialized) {
                 tracing::warn!("cannot write component cache {}: {e}", p.display());
             }
         }
@@ -464,6 +478,58 @@ impl Runtime {
     }
 }
 
+/// The checksum file of a cache entry: `<entry>.sha256`, the lower-case hex sha-256 of the
+/// entry's exact bytes. wasmtime trusts a compiled artifact's machine code blindly, so an entry
+/// whose bytes were damaged on disk would crash the process (SIGSEGV, SIGILL) instead of failing
+/// to load; the checksum is what makes a damaged entry detectable.
+fn checksum_path(entry: &Path) -> PathBuf {
+    let mut name = entry.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
+/// Read a cache entry whole and check it against its checksum file. `Err` says why the entry
+/// must not be trusted: no checksum (an entry from before checksums, or a write cut short),
+/// a malformed one, or bytes that do not match it.
+fn read_verified(entry: &Path) -> Result<Vec<u8>, String> {
+    let sum_path = checksum_path(entry);
+    let expected = match std::fs::read(&sum_path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("it has no checksum ({} is missing)", sum_path.display()));
+        }
+        Err(e) => return Err(format!("cannot read its checksum {}: {e}", sum_path.display())),
+    };
+    let expected = expected.trim_ascii();
+    if expected.len() != 64 || !expected.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!("its checksum {} is malformed", sum_path.display()));
+    }
+    let bytes = std::fs::read(entry).map_err(|e| format!("cannot read it: {e}"))?;
+    let actual = hex(&Sha256::digest(&bytes));
+    if actual.as_bytes() != expected {
+        return Err(format!(
+            "its sha-256 is {actual}, its checksum says {} (the file is corrupted)",
+            String::from_utf8_lossy(expected)
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Write a cache entry and then its checksum, each atomically (temporary file, then rename).
+/// A reader that comes between the two, or after a crash between them, finds a checksum that
+/// is missing or does not match, and recompiles.
+fn write_entry(entry: &Path, serialized: &[u8]) -> std::io::Result<()> {
+    crate::fsutil::write_atomic(entry, serialized)?;
+    let sum = format!("{}\n", hex(&Sha256::digest(serialized)));
+    crate::fsutil::write_atomic(&checksum_path(entry), sum.as_bytes())
+}
+
+/// Remove a cache entry that cannot be trusted, with its checksum.
+fn discard_entry(entry: &Path) {
+    let _ = std::fs::remove_file(entry);
+    let _ = std::fs::remove_file(checksum_path(entry));
+}
+
 #[derive(PartialEq)]
 enum Kind {
     Module,
@@ -479,5 +545,170 @@ fn wasmparser_kind(bytes: &[u8]) -> Option<Kind> {
         (1, 0, 0, 0) => Some(Kind::Module),
         (_, _, 1, 0) => Some(Kind::Component),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::bindings::RunInfo;
+    use std::process::Command;
+
+    /// A real plugin component (the reference cosine schedule), built with the plugin workspace
+    /// when it is not there yet (as the integration tests do).
+    fn test_component() -> (PathBuf, Vec<u8>) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+        let path = root.join("target/wasm32-wasip2/release/cosine_schedule.wasm");
+        if !path.exists() {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let out = Command::new(cargo)
+                .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "cosine_schedule"])
+                .arg("--manifest-path")
+                .arg(root.join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(root.join("target"))
+                .env_remove("CARGO_TARGET_DIR")
+                .env_remove("CARGO_BUILD_TARGET")
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .output()
+                .expect("cannot run cargo to build the test plugin");
+            assert!(
+                out.status.success(),
+                "building the test plugin failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        (path, bytes)
+    }
+
+    fn run_info() -> RunInfo {
+        RunInfo {
+            total_steps: 100,
+            warmup_steps: 10,
+            accumulation: 1,
+            batch_size: 2,
+            effective_batch_size: 2,
+            base_lr: 1e-4,
+            scheduler: "cosine".into(),
+            dataset_size: 20,
+            steps_per_epoch: 10,
+            seed: 7,
+            start_step: 1,
+        }
+    }
+
+    /// The only `.cwasm` entry in `dir`.
+    fn only_entry(dir: &Path) -> PathBuf {
+        let entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect();
+        assert_eq!(entries.len(), 1, "one cache entry expected in {}: {entries:?}", dir.display());
+        entries.into_iter().next().unwrap()
+    }
+
+    /// The entry's checksum file holds the sha-256 of the entry's bytes as they are now.
+    fn assert_checksum_valid(entry: &Path) {
+        let sum = std::fs::read_to_string(checksum_path(entry)).expect("the entry has a checksum file");
+        let bytes = std::fs::read(entry).unwrap();
+        assert_eq!(sum.trim(), hex(&Sha256::digest(&bytes)), "checksum of {}", entry.display());
+        assert!(read_verified(entry).is_ok());
+    }
+
+    /// Offset and size of the `.text` section (the machine code) of a 64-bit little-endian ELF.
+    fn text_section(elf: &[u8]) -> (usize, usize) {
+        assert_eq!(&elf[..4], b"\x7fELF", "a compiled component is an ELF file");
+        assert_eq!((elf[4], elf[5]), (2, 1), "64-bit little-endian ELF expected");
+        let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+        let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+        let header = |i: usize| shoff + i * shentsize;
+        let strtab = u64_at(header(shstrndx) + 0x18);
+        for i in 0..shnum {
+            let h = header(i);
+            let name_at = strtab + u32_at(h);
+            let name_end = name_at + elf[name_at..].iter().position(|&b| b == 0).unwrap();
+            if &elf[name_at..name_end] == b".text" {
+                return (u64_at(h + 0x18), u64_at(h + 0x20));
+            }
+        }
+        panic!("no .text section in the compiled component");
+    }
+
+    /// Bytes damaged inside the compiled machine code (where wasmtime's own checks of the
+    /// artifact's metadata do not look) are caught by the checksum: the entry is discarded,
+    /// the component recompiled and runs, and the entry is rewritten with a valid checksum.
+    /// Without the checksum the damaged code would be loaded as is (and crash when run).
+    #[test]
+    fn corrupted_machine_code_in_cache_is_recompiled() {
+        let (path, bytes) = test_component();
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+
+        let rt = Runtime::new(Some(cache.clone())).unwrap();
+        let (_, info) = rt.compile(&bytes, &path).unwrap();
+        assert!(!info.cached, "first compile cannot come from the empty cache");
+        let entry = only_entry(&cache);
+        assert_checksum_valid(&entry);
+        let (_, info) = rt.compile(&bytes, &path).unwrap();
+        assert!(info.cached, "an intact entry is loaded from the cache");
+
+        // Flip 64 bytes in the middle of the machine code, as a bad disk sector would.
+        let mut damaged = std::fs::read(&entry).unwrap();
+        let (text_at, text_len) = text_section(&damaged);
+        assert!(text_len >= 1024, "the test component has code ({text_len} bytes)");
+        let at = text_at + text_len / 2;
+        for b in &mut damaged[at..at + 64] {
+            *b = !*b;
+        }
+        std::fs::write(&entry, &damaged).unwrap();
+        assert!(read_verified(&entry).is_err(), "the damage is detected");
+
+        // A new process (fresh engine) loads the plugin fully: compile, instantiate, describe, init.
+        drop(rt);
+        let rt = Runtime::new(Some(cache.clone())).unwrap();
+        let prepared =
+            super::super::instance::prepare(&rt, &bytes, &path, "{}", &run_info(), &Limits::default())
+                .expect("the plugin loads from a damaged cache");
+        assert!(!prepared.compile.cached, "a damaged entry must be recompiled, not loaded");
+        assert_eq!(prepared.manifest.name, "cosine_schedule");
+        drop(prepared);
+
+        // The entry was rewritten: intact bytes, a valid checksum, and a cache hit next time.
+        assert_eq!(only_entry(&cache), entry);
+        assert_ne!(std::fs::read(&entry).unwrap(), damaged, "the damaged entry was rewritten");
+        assert_checksum_valid(&entry);
+        let (_, info) = rt.compile(&bytes, &path).unwrap();
+        assert!(info.cached, "the rewritten entry is loaded from the cache");
+    }
+
+    /// Entries without a checksum (written before checksums existed, or a write cut short) and
+    /// entries with an unreadable one are stale: recompiled and rewritten, never trusted.
+    #[test]
+    fn cache_entry_without_valid_checksum_is_recompiled() {
+        let (path, bytes) = test_component();
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let rt = Runtime::new(Some(cache.clone())).unwrap();
+        let (_, info) = rt.compile(&bytes, &path).unwrap();
+        assert!(!info.cached);
+        let entry = only_entry(&cache);
+
+        std::fs::remove_file(checksum_path(&entry)).unwrap();
+        let (_, info) = rt.compile(&bytes, &path).unwrap();
+        assert!(!info.cached, "an entry without a checksum is recompiled");
+        assert_checksum_valid(&entry);
+
+        std::fs::write(checksum_path(&entry), "not a checksum\n").unwrap();
+        let (_, info) = rt.compile(&bytes, &path).unwrap();
+        assert!(!info.cached, "an entry with a malformed checksum is recompiled");
+        assert_checksum_valid(&entry);
+
+        let (_, info) = rt.compile(&bytes, &path).unwrap();
+        assert!(info.cached);
     }
 }
