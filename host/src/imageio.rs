@@ -24,6 +24,41 @@ pub enum ImageError {
         /// Why.
         reason: String,
     },
+    /// A header that declares more pixels than lorahost decodes ([`MAX_IMAGE_SIDE`],
+    /// [`MAX_IMAGE_PIXELS`]): a huge photo, or a corrupt or hostile header ("decompression
+    /// bomb") that would make the decoder allocate tens of GiB.
+    #[error(
+        "cannot decode image {path}: it declares {width}x{height} pixels, over lorahost's limit of {} megapixels \
+         (e.g. 20000x20000) and {} px a side: downscale it (if it is not that large, its header is corrupt: \
+         export it again)",
+        MAX_IMAGE_PIXELS / 1_000_000,
+        MAX_IMAGE_SIDE
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The width its header declares.
+        width: u32,
+        /// The height its header declares.
+        height: u32,
+    },
+}
+
+/// The longest side, in pixels, of an image lorahost decodes (JPEG's own maximum).
+pub const MAX_IMAGE_SIDE: u32 = 65_535;
+
+/// The most pixels an image lorahost decodes may have: 20000x20000. Decoding one takes about
+/// 1.2 GB as 8-bit RGB (more while converting); a header declaring more is refused before any
+/// pixel buffer is allocated.
+pub const MAX_IMAGE_PIXELS: u64 = 400_000_000;
+
+/// The most bytes the decoders may allocate for their own buffers (the pixel buffer itself is
+/// bounded by [`MAX_IMAGE_PIXELS`]: at most 3.2 GB, 16-bit RGBA).
+const MAX_DECODE_BYTES: u64 = 4 << 30;
+
+/// Whether an image of `width`x`height` pixels is one lorahost decodes.
+fn within_limits(width: u32, height: u32) -> bool {
+    width <= MAX_IMAGE_SIDE && height <= MAX_IMAGE_SIDE && width as u64 * height as u64 <= MAX_IMAGE_PIXELS
 }
 
 /// How an image's EXIF orientation was used by [`load_rgb_for_annotations`].
@@ -84,14 +119,21 @@ fn jpeg_truncated(bytes: &[u8]) -> bool {
 /// Decode a file: the raw pixels and the EXIF orientation, without applying it.
 fn decode_raw(path: &Path) -> Result<(DynamicImage, image::metadata::Orientation), ImageError> {
     let decode = |reason: String| ImageError::Decode { path: path.into(), reason: reason.replace('\n', " ") };
-    let bytes =
-        std::fs::read(path).map_err(|e| ImageError::Read { path: path.into(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| ImageError::Read {
+        path: path.into(),
+        reason: if path.is_dir() { "it is a directory, not an image file".into() } else { e.to_string() },
+    })?;
     if bytes.is_empty() {
         return Err(decode("the file is empty (0 bytes): copy or export it again".into()));
     }
-    let reader = ImageReader::new(std::io::Cursor::new(&bytes))
+    let mut reader = ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Read { path: path.into(), reason: e.to_string() })?;
+    // The decoders' own buffers are bounded; the pixel buffer is checked below, from the
+    // header, before it is allocated (`DynamicImage::from_decoder` does not check limits).
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
     if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_truncated(&bytes) {
         return Err(decode(format!(
             "the JPEG is truncated ({} bytes, no end-of-image marker): the lower part would decode as grey; copy or export it again",
@@ -99,6 +141,10 @@ fn decode_raw(path: &Path) -> Result<(DynamicImage, image::metadata::Orientation
         )));
     }
     let mut decoder = reader.into_decoder().map_err(|e| decode(e.to_string()))?;
+    let (width, height) = decoder.dimensions();
+    if !within_limits(width, height) {
+        return Err(ImageError::TooLarge { path: path.into(), width, height });
+    }
     let orientation = decoder.orientation().map_err(|e| decode(e.to_string()))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| decode(e.to_string()))?;
     Ok((img, orientation))
@@ -149,7 +195,7 @@ pub fn to_pixel_values(img: &RgbImage, size: usize, device: &Device) -> candle_c
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -175,6 +221,80 @@ mod tests {
         assert!(e.contains("broken.jpg"), "{e}");
         let e = load_rgb(&dir.path().join("none.png")).unwrap_err().to_string();
         assert!(e.contains("none.png") && e.contains("cannot read"), "{e}");
+    }
+
+    /// A PNG of `width`x`height` pixels (8-bit RGB) by hand: the header, then `idat` as its only
+    /// image data chunk (whatever it decodes to).
+    pub(crate) fn png_with_header(width: u32, height: u32, idat: &[u8]) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &b in bytes {
+                crc ^= b as u32;
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                }
+            }
+            !crc
+        }
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+            out.extend((data.len() as u32).to_be_bytes());
+            let start = out.len();
+            out.extend(kind);
+            out.extend(data);
+            let crc = crc32(&out[start..]);
+            out.extend(crc.to_be_bytes());
+        };
+        let mut ihdr = Vec::new();
+        ihdr.extend(width.to_be_bytes());
+        ihdr.extend(height.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]); // 8 bits, RGB, deflate, adaptive filters, not interlaced
+        chunk(b"IHDR", &ihdr);
+        chunk(b"IDAT", idat);
+        chunk(b"IEND", &[]);
+        out
+    }
+
+    /// A "decompression bomb": a header claiming 100000x100000 pixels (30 GB of RGB) over a
+    /// few bytes of data. Refused from the header, named, before any pixel buffer exists (it
+    /// used to abort the process with "memory allocation failed").
+    #[test]
+    fn huge_declared_size_is_refused_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        // An empty zlib stream: a valid, tiny IDAT.
+        let empty_zlib = [0x78, 0x9C, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
+        let p = dir.path().join("bomb.png");
+        std::fs::write(&p, png_with_header(100_000, 100_000, &empty_zlib)).unwrap();
+        for e in [load_rgb(&p).unwrap_err(), load_rgb_for_annotations(&p, Some((100, 100))).unwrap_err()] {
+            assert!(matches!(e, ImageError::TooLarge { width: 100_000, height: 100_000, .. }), "{e:?}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("bomb.png") && msg.contains("100000x100000") && msg.contains("downscale"),
+                "{msg}"
+            );
+        }
+        // One side too long, within the pixel count.
+        let p = dir.path().join("strip.png");
+        std::fs::write(&p, png_with_header(70_000, 2, &empty_zlib)).unwrap();
+        assert!(matches!(load_rgb(&p), Err(ImageError::TooLarge { width: 70_000, height: 2, .. })));
+        // A small image with the same broken data is a plain decode error.
+        let p = dir.path().join("small.png");
+        std::fs::write(&p, png_with_header(4, 4, &empty_zlib)).unwrap();
+        assert!(matches!(load_rgb(&p), Err(ImageError::Decode { .. })));
+        // Real large photos stay within the limits: 20000x20000, a 60000x6000 panorama.
+        assert!(within_limits(20_000, 20_000) && within_limits(60_000, 6_000));
+        assert!(!within_limits(20_001, 20_000) && !within_limits(65_536, 1));
+    }
+
+    #[test]
+    fn a_directory_is_no_image_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("photo.jpg");
+        std::fs::create_dir(&p).unwrap();
+        let e = load_rgb(&p).unwrap_err();
+        assert!(matches!(e, ImageError::Read { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("photo.jpg") && msg.contains("is a directory, not an image file"), "{msg}");
     }
 
     #[test]

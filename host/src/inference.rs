@@ -400,9 +400,9 @@ impl Predictor {
         }
         std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
         let mut json = serde_json::json!({
-            "image": o.image,
-            "model": o.model_dir,
-            "adapter": o.adapter,
+            "image": path_json(&o.image),
+            "model": path_json(&o.model_dir),
+            "adapter": o.adapter.as_deref().map(path_json),
             "width": w,
             "height": h,
             "threshold": o.threshold,
@@ -505,6 +505,13 @@ pub fn count_text(r: &PromptResult, threshold: f32, name_prompt: bool) -> String
     }
 }
 
+/// A path as a JSON string, for the documents `predict` writes. Bytes that are not UTF-8 (a
+/// file named on another system) show as U+FFFD: serde refuses such a path, and
+/// `serde_json::json!` panics on it, so a `PathBuf` must never go into JSON as it is.
+pub fn path_json(path: &Path) -> serde_json::Value {
+    serde_json::Value::String(path.to_string_lossy().into_owned())
+}
+
 /// `lorahost predict` on one image: writes `detections.json` and `overlay.png` into `out`.
 pub fn predict(o: &PredictOptions) -> Result<Prediction> {
     Predictor::load(o)?.predict(o)
@@ -528,4 +535,42 @@ pub fn image_out_dirs(images: &[PathBuf], out: &Path) -> Vec<PathBuf> {
             out.join(candidate)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image whose file name is not UTF-8 is segmented, and its `detections.json` names it
+    /// (the undecodable byte as U+FFFD); putting the `PathBuf` into `json!` panicked.
+    #[cfg(unix)]
+    #[test]
+    fn a_non_utf8_file_name_is_written_as_text() {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join(std::ffi::OsStr::from_bytes(b"b\xffd.png"));
+        image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([(x * 6) as u8, (y * 8) as u8, 90]))
+            .save(&image)
+            .unwrap();
+        let o = PredictOptions {
+            model_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny_sam3"),
+            adapter: None,
+            image,
+            prompts: vec!["crack".into()],
+            boxes: Vec::new(),
+            out: tmp.path().join("out"),
+            threshold: 0.5,
+            nms_iou: 0.5,
+            device: DeviceArg::Cpu,
+            dtype: DTypeArg::F32,
+        };
+        let p = predict(&o).unwrap();
+        assert_eq!((p.width, p.height), (40, 30));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(o.out.join("detections.json")).unwrap()).unwrap();
+        assert!(json["image"].as_str().unwrap().ends_with("b\u{fffd}d.png"), "{json}");
+        assert!(json["model"].as_str().unwrap().ends_with("tiny_sam3"), "{json}");
+        assert!(json["adapter"].is_null(), "{json}");
+        assert_eq!(path_json(Path::new("a/b.png")), serde_json::json!("a/b.png"));
+    }
 }

@@ -77,9 +77,20 @@ fn as_id(v: &Value) -> Option<u64> {
     }
 }
 
-/// An image width or height (None for absent, 0, or not a number: some exporters write 0).
+/// The largest image width or height taken from the JSON: anything above is no real size.
+const MAX_JSON_DIM: u64 = 1_000_000;
+
+/// An image width or height (None for absent, 0, or not a usable pixel count: some exporters
+/// write 0).
 fn as_dim(v: Option<&Value>) -> Option<u32> {
-    as_id(v?).filter(|d| *d > 0 && *d <= u32::MAX as u64).map(|d| d as u32)
+    as_id(v?).filter(|d| *d > 0 && *d <= MAX_JSON_DIM).map(|d| d as u32)
+}
+
+/// A width or height given but unusable (negative, fractional, absurdly large, not a number),
+/// as JSON; None when usable, absent, null or 0 (the "unknown" some exporters write).
+fn bad_dim(v: Option<&Value>) -> Option<String> {
+    let v = v?;
+    (!v.is_null() && as_id(v) != Some(0) && as_dim(Some(v)).is_none()).then(|| show(v))
 }
 
 /// A JSON value for a message: compact, truncated.
@@ -296,6 +307,9 @@ pub enum FindingKind {
     DegenerateBox,
     /// A box reaching outside the image; it is clipped to the image.
     BoxOutsideImage,
+    /// A polygon with points far outside the image (another unit or format?); its mask is
+    /// still used, clipped to the image.
+    PolygonOutsideImage,
     /// A segmentation that cannot be decoded (unknown type, bad RLE, bad polygon, size mismatch).
     UndecodableMask,
     /// A mask that decodes to no pixels.
@@ -638,6 +652,24 @@ impl Split {
                     format!(
                         "{} is listed twice (image ids {other} and {id}): each entry's objects are missing from the other's targets (their categories are not used as negatives there); merge their annotations under one image",
                         im.file_name
+                    ),
+                );
+            }
+            let bad: Vec<String> = [("width", &im.width), ("height", &im.height)]
+                .into_iter()
+                .filter_map(|(what, v)| bad_dim(v.as_ref()).map(|v| format!("{what} {v}")))
+                .collect();
+            if !bad.is_empty() {
+                finding(
+                    Severity::Warning,
+                    FindingKind::SizeMismatch,
+                    Some(id),
+                    None,
+                    format!(
+                        "{} has {}, not {} in pixels (a whole number from 1 to {MAX_JSON_DIM}): the JSON width/height are ignored and the decoded image's size is used; check the export",
+                        im.file_name,
+                        bad.join(" and "),
+                        if bad.len() > 1 { "sizes" } else { "a size" }
                     ),
                 );
             }
@@ -1072,7 +1104,8 @@ impl Split {
             Err(e) => {
                 let kind = match e {
                     crate::imageio::ImageError::Read { .. } => FindingKind::MissingImage,
-                    crate::imageio::ImageError::Decode { .. } => FindingKind::CorruptImage,
+                    crate::imageio::ImageError::Decode { .. }
+                    | crate::imageio::ImageError::TooLarge { .. } => FindingKind::CorruptImage,
                 };
                 let hint = if kind == FindingKind::MissingImage {
                     near_miss(&self.dir, &im.file_name)
@@ -1158,6 +1191,18 @@ impl Split {
                     format!("bbox {:?} {what} ({w}x{h})", o.bbox_xywh),
                 );
             }
+            if let Some(Segmentation::Polygons(polys)) = &o.segmentation {
+                if let Some(problem) = polygon_far_outside(polys, w, h) {
+                    push(
+                        &mut out,
+                        Severity::Warning,
+                        FindingKind::PolygonOutsideImage,
+                        &self.annotation_file,
+                        Some(o.ann_id),
+                        problem,
+                    );
+                }
+            }
             let mask = o.segmentation.as_ref().map(|seg| seg.decode(h as usize, w as usize));
             let extent = match (&o.segmentation, &mask) {
                 (Some(seg), Some(Ok(_))) => seg.extent(h as usize, w as usize),
@@ -1233,21 +1278,43 @@ fn box_from_segmentation(seg: &Segmentation, json_size: Option<(u32, u32)>) -> R
     Ok([e[0], e[1], e[2] - e[0], e[3] - e[1]])
 }
 
+/// How far outside a `w`x`h` image a polygon point may lie, in image sizes, before it is
+/// reported: a little outside is an annotation tool's slack (clipped), 10 times the size is
+/// another unit or frame.
+const FAR_OUTSIDE: f64 = 10.0;
+
+/// The first polygon point more than [`FAR_OUTSIDE`] times the image size from the origin, as a
+/// message; None when all lie near the image.
+fn polygon_far_outside(polys: &[Vec<f64>], w: u32, h: u32) -> Option<String> {
+    let (wf, hf) = (w as f64, h as f64);
+    polys.iter().enumerate().find_map(|(i, p)| {
+        p.chunks_exact(2).find(|xy| xy[0].abs() > FAR_OUTSIDE * wf || xy[1].abs() > FAR_OUTSIDE * hf).map(
+            |xy| {
+                format!(
+                    "polygon {i} has the point ({}, {}), far outside the {w}x{h} image (over {FAR_OUTSIDE} times its size): the coordinates are in another unit or frame, or corrupt; the mask is clipped to the image, so check it",
+                    xy[0], xy[1]
+                )
+            },
+        )
+    })
+}
+
 /// A hint for a missing image file: a file in the folder whose name differs only in case or in
-/// the path separator.
-fn near_miss(dir: &Path, file_name: &str) -> String {
+/// the path separator. The file itself (a directory, an unreadable file) is no near miss: the
+/// error says what is wrong with it.
+pub(super) fn near_miss(dir: &Path, file_name: &str) -> String {
     let slashed = file_name.replace('\\', "/");
     if slashed != file_name && dir.join(&slashed).is_file() {
         return format!(" (the file exists as {slashed}: write file_name with / separators)");
     }
     let target = Path::new(&slashed);
-    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else { return String::new() };
-    let name = name.to_string_lossy().to_lowercase();
+    let (Some(parent), Some(exact)) = (target.parent(), target.file_name()) else { return String::new() };
+    let name = exact.to_string_lossy().to_lowercase();
     let folder = dir.join(parent);
     let Ok(entries) = std::fs::read_dir(&folder) else { return String::new() };
     for e in entries.flatten() {
         let other = e.file_name().to_string_lossy().to_string();
-        if other.to_lowercase() == name {
+        if e.file_name() != exact && other.to_lowercase() == name && e.path().is_file() {
             return format!(" (a file named {other} exists: names are case-sensitive here; fix file_name or rename the file)");
         }
     }

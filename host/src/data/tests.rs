@@ -812,3 +812,176 @@ fn segmentation_extent_from_geometry() {
     assert_eq!(rle.extent(6, 5), Some([0.0, 0.0, 2.0, 6.0]));
     assert_eq!(Segmentation::Rle { h: 6, w: 5, counts: vec![30] }.extent(6, 5), None);
 }
+
+/// A PNG whose header declares 100000x100000 pixels over a few bytes of data (it used to abort
+/// `doctor` and `train` with "memory allocation failed"): a corrupt image like any other,
+/// named with its declared size, skipped; the other images are checked.
+#[test]
+fn an_image_declaring_a_huge_size_is_a_named_corrupt_image() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("train");
+    png(&dir.join("ok.png"), 10, 8);
+    let empty_zlib = [0x78, 0x9C, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
+    std::fs::write(
+        dir.join("bomb.png"),
+        crate::imageio::tests::png_with_header(100_000, 100_000, &empty_zlib),
+    )
+    .unwrap();
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [
+                {"id": 1, "file_name": "ok.png", "width": 10, "height": 8},
+                {"id": 2, "file_name": "bomb.png", "width": 100000, "height": 100000}
+            ],
+            "annotations": [
+                {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
+                {"id": 11, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2]}
+            ],
+            "categories": [{"id": 1, "name": "crack"}]
+        }),
+    );
+    let ds = Dataset::load(d.path()).unwrap();
+    let f = ds.preflight();
+    let dump = f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n");
+    let bomb: Vec<_> = f.iter().filter(|x| x.image_id == Some(2)).collect();
+    assert_eq!(bomb.len(), 1, "{dump}");
+    assert_eq!((bomb[0].kind, bomb[0].severity), (FindingKind::CorruptImage, Severity::Error), "{dump}");
+    assert_eq!(bomb[0].file, dir.join("bomb.png"));
+    let m = &bomb[0].message;
+    assert!(m.contains("100000x100000") && m.contains("downscale") && m.contains("skipped"), "{m}");
+    assert!(!f.iter().any(|x| x.image_id == Some(1) && x.severity == Severity::Error), "{dump}");
+    // Training's sample builder refuses it the same way.
+    let split = ds.split("train").unwrap();
+    let e = build_sample(split, 1, &opts(8, 6, false)).unwrap_err().to_string();
+    assert!(e.contains("bomb.png") && e.contains("100000x100000"), "{e}");
+    assert!(build_sample(split, 0, &opts(8, 6, false)).is_ok());
+}
+
+/// The "names are case-sensitive" hint only when a file differing in case exists; a path that
+/// is a directory says so; an unreadable file keeps the OS error.
+#[test]
+fn missing_image_hints_name_the_real_problem() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("train");
+    png(&dir.join("Other.PNG"), 10, 8);
+    std::fs::create_dir_all(dir.join("folder.png")).unwrap();
+    png(&dir.join("locked.png"), 10, 8);
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [
+                {"id": 1, "file_name": "folder.png"},
+                {"id": 2, "file_name": "other.png"},
+                {"id": 3, "file_name": "locked.png"}
+            ],
+            "annotations": [],
+            "categories": [{"id": 1, "name": "crack"}]
+        }),
+    );
+    let ds = Dataset::load(d.path()).unwrap();
+    let f = ds.preflight();
+    let dump = f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n");
+    let of = |id: u64| {
+        f.iter()
+            .find(|x| x.image_id == Some(id) && x.kind == FindingKind::MissingImage)
+            .map(|x| x.message.clone())
+    };
+    let m = of(1).unwrap_or_else(|| panic!("{dump}"));
+    assert!(m.contains("is a directory, not an image file"), "{m}");
+    assert!(!m.contains("case-sensitive") && !m.contains("os error"), "{m}");
+    let m = of(2).unwrap_or_else(|| panic!("{dump}"));
+    assert!(m.contains("a file named Other.PNG exists"), "{m}");
+    // The file itself, whatever kept it from being read, is no near miss (only another case is).
+    assert_eq!(super::coco::near_miss(&dir, "locked.png"), "");
+    assert_eq!(super::coco::near_miss(&dir, "folder.png"), "");
+    assert!(super::coco::near_miss(&dir, "LOCKED.png").contains("a file named locked.png exists"));
+    // An unreadable file (only testable without root, who reads anything).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let locked = dir.join("locked.png");
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+        if std::fs::read(&locked).is_err() {
+            let f = ds.preflight();
+            let m = f
+                .iter()
+                .find(|x| x.image_id == Some(3) && x.kind == FindingKind::MissingImage)
+                .map(|x| x.message.clone())
+                .unwrap();
+            assert!(m.contains("ermission denied") && !m.contains("case-sensitive"), "{m}");
+        }
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+/// Image sizes in the JSON that are no sizes (negative, absurd, fractional, text) are warned
+/// about per image, naming the file and id, and ignored (0 still means "unknown", silently);
+/// polygon points far outside the image are warned about per annotation.
+#[test]
+fn implausible_sizes_and_far_away_polygons_are_warned() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("train");
+    for name in ["a.png", "b.png", "c.png", "d.png", "e.png"] {
+        png(&dir.join(name), 40, 30);
+    }
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [
+                {"id": 1, "file_name": "a.png", "width": -112, "height": 30},
+                {"id": 2, "file_name": "b.png", "width": 40, "height": 1e12},
+                {"id": 3, "file_name": "c.png", "width": 40.5, "height": "big"},
+                {"id": 4, "file_name": "d.png", "width": 0, "height": 0},
+                {"id": 5, "file_name": "e.png", "width": 40, "height": 30}
+            ],
+            "annotations": [
+                {"id": 50, "image_id": 5, "category_id": 1, "bbox": [1, 1, 10, 10],
+                 "segmentation": [[1, 1, 11, 1, 11, 11, 1, 11]]},
+                {"id": 51, "image_id": 5, "category_id": 1, "bbox": [1, 1, 10, 10],
+                 "segmentation": [[1, 1, 11, 1, 11, 11, 1, 11], [1, 1, 4000, 1, 1, 11]]},
+                {"id": 52, "image_id": 5, "category_id": 1, "bbox": [1, 1, 10, 10],
+                 "segmentation": [[1, 1, 11, 1, 11, -350, 1, 11]]}
+            ],
+            "categories": [{"id": 1, "name": "crack"}]
+        }),
+    );
+    let ds = Dataset::load(d.path()).unwrap();
+    let split = ds.split("train").unwrap();
+    let json = dir.join(super::coco::ANNOTATION_FILE);
+    let size_warning = |id: u64| {
+        split
+            .findings
+            .iter()
+            .find(|x| x.kind == FindingKind::SizeMismatch && x.image_id == Some(id))
+            .map(|x| (x.severity, x.file.clone(), x.message.clone()))
+    };
+    for (id, file, text) in [
+        (1, "a.png", "width -112"),
+        (2, "b.png", "height 1000000000000"),
+        (3, "c.png", "width 40.5 and height \"big\""),
+    ] {
+        let (severity, f, m) = size_warning(id).unwrap_or_else(|| panic!("image {id}: {:?}", split.findings));
+        assert_eq!((severity, f), (Severity::Warning, json.clone()));
+        assert!(m.contains(file) && m.contains(text) && m.contains("ignored"), "{m}");
+        assert_eq!(split.images[id as usize - 1].json_size, None);
+    }
+    assert_eq!(size_warning(4), None, "0 means unknown");
+    assert_eq!(size_warning(5), None);
+    let f = ds.preflight();
+    let dump = f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n");
+    let far = |ann: u64| {
+        f.iter()
+            .find(|x| x.kind == FindingKind::PolygonOutsideImage && x.ann_id == Some(ann))
+            .map(|x| x.to_string())
+    };
+    assert_eq!(far(50), None, "{dump}");
+    let m = far(51).unwrap_or_else(|| panic!("{dump}"));
+    assert!(m.starts_with("warning") && m.contains("polygon 1 has the point (4000, 1)"), "{m}");
+    assert!(m.contains("image 5 annotation 51") && m.contains("40x30"), "{m}");
+    let m = far(52).unwrap_or_else(|| panic!("{dump}"));
+    assert!(m.contains("polygon 0 has the point (11, -350)"), "{m}");
+}
