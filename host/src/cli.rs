@@ -1,5 +1,6 @@
 //! The `lorahost` command line.
 
+use crate::inference::path_json;
 use crate::metrics::Trace;
 use crate::plugin::{self, hook_list, PluginOverrides, PluginSet, PluginSpec, Runtime};
 use crate::replay;
@@ -144,6 +145,10 @@ pub enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an --out that already holds a previous export (without it, such an --out
+        /// is refused and its files named).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Work with plugins: check, replay a recorded run through them, scaffold a new one.
     #[command(subcommand)]
@@ -680,8 +685,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Export { config, adapter, merge, out } => {
-            crate::export::export(config, adapter, *merge, out)
+        Command::Export { config, adapter, merge, out, overwrite } => {
+            crate::export::export(config, adapter, *merge, out, *overwrite)
         }
         Command::Bench {
             device,
@@ -852,7 +857,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         }
                         print(&p, "");
                         // The best score of any query (the first detection's when there is one).
-                        let mut entry = serde_json::json!({"image": img, "out": dir, "detections": total, "best_score": best});
+                        let mut entry = serde_json::json!({"image": path_json(img), "out": path_json(dir), "detections": total, "best_score": best});
                         if p.prompts.len() > 1 {
                             entry["prompts"] = p
                                 .prompts
@@ -864,13 +869,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                     Err(e) => {
                         tracing::error!("{}: {e:#}", img.display());
-                        summary.push(serde_json::json!({"image": img, "error": format!("{e:#}")}));
+                        summary.push(serde_json::json!({"image": path_json(img), "error": format!("{e:#}")}));
                         failed.push(img.display().to_string());
                     }
                 }
             }
             std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-            let mut doc = serde_json::json!({"model": model, "adapter": adapter, "threshold": threshold, "images": summary});
+            let mut doc = serde_json::json!({"model": model.as_deref().map(path_json), "adapter": adapter.as_deref().map(path_json), "threshold": threshold, "images": summary});
             match prompt_list.as_slice() {
                 [one] => doc["prompt"] = serde_json::json!(one),
                 list => doc["prompts"] = serde_json::json!(list),
@@ -1005,6 +1010,20 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Every command-line argument is UTF-8; else the first that is not, named (its undecodable
+/// bytes shown as �) with the fix. lorahost records paths in JSON and YAML, which hold text.
+pub fn check_utf8_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<()> {
+    for (i, a) in args.into_iter().enumerate().skip(1) {
+        if a.to_str().is_none() {
+            bail!(
+                "argument {i} ({:?}) is not valid UTF-8: lorahost records paths in JSON and YAML (run.json, config.yaml), which hold text; rename the file or folder to a UTF-8 name",
+                a.to_string_lossy()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Set up logging to stderr (`LORAHOST_LOG` filter, default info).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LORAHOST_LOG")
@@ -1018,4 +1037,26 @@ pub fn init_logging() {
         .with_ansi(ansi)
         .with_target(false)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    /// An argument that is not UTF-8 is named (by position, its bytes shown lossily) with the
+    /// fix; UTF-8 arguments, non-ASCII ones included, pass.
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_arguments_are_named() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let ok = ["lorahost", "train", "--config", "données/ç.yaml"].map(OsString::from);
+        super::check_utf8_args(ok).unwrap();
+        let bad = vec![
+            OsString::from("lorahost"),
+            OsString::from("train"),
+            OsString::from("--config"),
+            OsString::from_vec(b"cfg_\xff.yaml".to_vec()),
+        ];
+        let e = super::check_utf8_args(bad).unwrap_err().to_string();
+        assert!(e.contains("argument 3") && e.contains("cfg_\u{fffd}.yaml") && e.contains("rename"), "{e}");
+    }
 }

@@ -479,19 +479,15 @@ impl LoraSet {
         let rank = cfg.get("r").and_then(|r| r.as_u64()).filter(|r| *r > 0).ok_or_else(|| {
             file_err(&cfg_path, format!("r is {}: an adapter's rank is a whole number > 0", cfg["r"]))
         })? as usize;
-        let alpha = cfg.get("lora_alpha").and_then(|a| a.as_f64()).ok_or_else(|| {
-            file_err(
-                &cfg_path,
-                format!("lora_alpha is {}: a number is needed (scale = lora_alpha / r)", cfg["lora_alpha"]),
-            )
-        })?;
-        let keys: Vec<String> = candle_core::safetensors::load(&weights, &Device::Cpu)
-            .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?
-            .into_keys()
-            .map(|k| normalize_peft_key(&k))
-            .collect();
-        let mut modules: Vec<String> = keys
-            .iter()
+        // Checked (a number > 0) by read_peft_config.
+        let alpha = cfg.get("lora_alpha").and_then(|a| a.as_f64()).unwrap_or(0.0);
+        // The shapes the file holds, from its header alone: the rank must be theirs before
+        // anything of that rank is allocated (an `r` of 10^12 is no adapter to build).
+        let shapes: BTreeMap<String, Vec<usize>> =
+            safetensors_shapes(&weights)?.into_iter().map(|(k, s)| (normalize_peft_key(&k), s)).collect();
+        check_rank(rank, &shapes, &cfg_path, &weights)?;
+        let mut modules: Vec<String> = shapes
+            .keys()
             .filter_map(|k| {
                 k.strip_prefix("base_model.model.")?.strip_suffix(".lora_A.weight").map(String::from)
             })
@@ -616,6 +612,27 @@ impl LoraSet {
             lines.push(fix);
             return Err(PeftError::Mismatch { path: weights, report: lines.join("\n") });
         }
+        // Diverged adapters (NaN/Inf) are refused: applied, they make every output NaN, and
+        // merged, a NaN model.
+        let mut non_finite = Vec::new();
+        for k in self.vars.keys() {
+            let finite = all_finite(&tensors[k]).map_err(|e| file_err(&weights, e.to_string()))?;
+            if !finite {
+                non_finite.push(k.as_str());
+            }
+        }
+        if let Some(first) = non_finite.first() {
+            let more = match non_finite.len() {
+                1 => String::new(),
+                n => format!(" (and {} more of its {} tensors)", n - 1, self.vars.len()),
+            };
+            return Err(file_err(
+                &weights,
+                format!(
+                    "the adapter holds NaN/Inf values in {first}{more}: its training diverged; use an earlier checkpoint (output_dir/checkpoints/step-N/adapter) or train again with a lower learning rate"
+                ),
+            ));
+        }
         for (k, v) in &self.vars {
             let t = tensors[k].to_dtype(DType::F32).and_then(|t| t.to_device(v.device()));
             let t = t.map_err(|e| file_err(&weights, e.to_string()))?;
@@ -670,6 +687,20 @@ fn read_peft_config(dir: &std::path::Path) -> std::result::Result<serde_json::Va
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?)
             .map_err(|e| file_err(&cfg_path, format!("not valid JSON: {e}")))?;
+    // The scale is lora_alpha / r: a zero or negative alpha (which training refuses) would
+    // switch the adapters off or apply them backwards.
+    match cfg.get("lora_alpha").and_then(|a| a.as_f64()) {
+        Some(a) if a.is_finite() && a > 0.0 => {}
+        _ => {
+            return Err(file_err(
+                &cfg_path,
+                format!(
+                    "lora_alpha is {}: it must be a number > 0 (the adapters are applied with scale lora_alpha / r, and training refuses alpha <= 0 too); set it to the lora_alpha the adapters were trained with",
+                    cfg.get("lora_alpha").unwrap_or(&serde_json::Value::Null)
+                ),
+            ))
+        }
+    }
     // PEFT options that change what the weights mean: refused by name rather than applied
     // with the wrong scale or shape.
     let unsupported = unsupported_peft_options(&cfg);
@@ -683,6 +714,122 @@ fn read_peft_config(dir: &std::path::Path) -> std::result::Result<serde_json::Va
         ));
     }
     Ok(cfg)
+}
+
+/// Whether every value of `t` is finite (no NaN, no ±Inf).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()))
+}
+
+/// The largest safetensors header accepted (the `safetensors` crate's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// The shape of every tensor in the safetensors file `path`, read from its header alone
+/// (nothing is loaded). Each shape is checked against the bytes the file holds for it, so a
+/// shape read here is one the file really has and can size what is allocated.
+fn safetensors_shapes(
+    path: &std::path::Path,
+) -> std::result::Result<BTreeMap<String, Vec<usize>>, PeftError> {
+    use std::io::Read;
+    let bad = |reason: String| PeftError::File {
+        path: path.into(),
+        reason: format!("not a readable safetensors file: {reason}"),
+    };
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| PeftError::File { path: path.into(), reason: e.to_string() })?;
+    let size = f.metadata().map_err(|e| PeftError::File { path: path.into(), reason: e.to_string() })?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| bad(format!("{size} bytes, too short for a header")))?;
+    let n = u64::from_le_bytes(len);
+    if n > size - 8 || n > MAX_SAFETENSORS_HEADER {
+        return Err(bad(format!("its header length {n} does not fit the file ({size} bytes)")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("reading its header: {e}")))?;
+    let entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not a JSON object: {e}")))?;
+    let data_len = size - 8 - n;
+    let mut out = BTreeMap::new();
+    for (key, e) in entries {
+        if key == "__metadata__" {
+            continue;
+        }
+        let dtype = e.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let width: u64 = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "F8_E4M3" | "F8_E5M2" | "I8" | "U8" | "BOOL" => 1,
+            _ => return Err(bad(format!("{key}: dtype {:?} is not one a LoRA weight has", e.get("dtype")))),
+        };
+        let shape: Option<Vec<u64>> =
+            e.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+        let offsets: Option<[u64; 2]> =
+            e.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| match a.as_slice() {
+                [b, e] => Some([b.as_u64()?, e.as_u64()?]),
+                _ => None,
+            });
+        let (Some(shape), Some([begin, end])) = (shape, offsets) else {
+            return Err(bad(format!("{key}: no shape and data_offsets in the header")));
+        };
+        let bytes = shape.iter().try_fold(width, |acc, d| acc.checked_mul(*d));
+        if begin > end || end > data_len || bytes != Some(end - begin) {
+            return Err(bad(format!(
+                "{key}: shape {shape:?} of {dtype} does not fit the {} bytes the file holds for it (data_offsets [{begin}, {end}], {data_len} bytes of data)",
+                end.saturating_sub(begin)
+            )));
+        }
+        let shape: Vec<usize> = shape.iter().map(|d| *d as usize).collect();
+        out.insert(key, shape);
+    }
+    Ok(out)
+}
+
+/// Check `rank` (an adapter folder's `r`) against the factors its weights file holds (`shapes`,
+/// by normalized key): `lora_A` is (r, in), `lora_B` is (out, r).
+fn check_rank(
+    rank: usize,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    cfg_path: &std::path::Path,
+    weights: &std::path::Path,
+) -> std::result::Result<(), PeftError> {
+    let file_err = |path: &std::path::Path, reason: String| PeftError::File { path: path.into(), reason };
+    // Rank → an example key of it.
+    let mut ranks: BTreeMap<usize, (&str, &[usize])> = BTreeMap::new();
+    for (k, s) in shapes {
+        let r = if k.ends_with(".lora_A.weight") {
+            s.first()
+        } else if k.ends_with(".lora_B.weight") {
+            s.get(1)
+        } else {
+            continue;
+        };
+        match (s.len(), r) {
+            (2, Some(r)) => {
+                ranks.entry(*r).or_insert((k, s));
+            }
+            _ => return Err(file_err(weights, format!("{k} is {s:?}: a LoRA factor is a matrix"))),
+        }
+    }
+    if ranks.is_empty() || (ranks.len() == 1 && ranks.contains_key(&rank)) {
+        return Ok(());
+    }
+    if let [(r, (k, s))] = ranks.iter().collect::<Vec<_>>()[..] {
+        return Err(file_err(
+            cfg_path,
+            format!(
+                "r is {rank}, but {} holds rank-{r} factors ({k} is {s:?}; lora_A is (r, in), lora_B is (out, r)): set \"r\": {r} here, the rank the adapters were trained with, or use the adapter folder these weights came from",
+                weights.display()
+            ),
+        ));
+    }
+    Err(file_err(
+        weights,
+        format!(
+            "holds LoRA factors of several ranks ({}); lorahost applies one r to every module (no per-module rank_pattern)",
+            ranks.iter().map(|(r, (k, s))| format!("{r}: {k} is {s:?}")).collect::<Vec<_>>().join(", ")
+        ),
+    ))
 }
 
 /// A PEFT state-dict key in the form lorahost names its variables: without PEFT's adapter-name
@@ -836,6 +983,120 @@ mod tests {
         );
         assert!(!d.contains('\n'));
         assert_eq!(loaded.difference_from(&trained, &same), None);
+    }
+
+    /// A saved rank-2 adapter of q_proj/v_proj (random, finite factors) in a new folder.
+    fn saved_adapter() -> (tempfile::TempDir, std::path::PathBuf) {
+        let mut model = fixture_model();
+        let set = LoraSet::attach(&mut model, &config(2, 4.0, &["q_proj", "v_proj"]), &Device::Cpu).unwrap();
+        for v in set.vars().values() {
+            v.set(&Tensor::randn(0f32, 0.1, v.dims(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = dir.path().join("best");
+        set.save_peft(&adapter, "tiny").unwrap();
+        (dir, adapter)
+    }
+
+    /// Set `key` of the folder's adapter_config.json to `value`.
+    fn edit_config(adapter: &std::path::Path, key: &str, value: serde_json::Value) {
+        let p = adapter.join(ADAPTER_CONFIG);
+        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(&p, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    }
+
+    /// An `r` that is not the rank of the stored factors (10^12 once aborted the process
+    /// allocating 128 TB) is refused before anything is allocated, naming the file, the rank
+    /// the weights have and the fix.
+    #[test]
+    fn an_r_that_disagrees_with_the_stored_factors_is_refused_before_allocating() {
+        let (_dir, adapter) = saved_adapter();
+        for r in [1_000_000_000_000u64, 4, 1] {
+            edit_config(&adapter, "r", r.into());
+            let mut model = fixture_model();
+            let e = LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).err().unwrap().to_string();
+            assert!(e.contains(ADAPTER_CONFIG) && e.contains(&format!("r is {r}")), "{e}");
+            assert!(e.contains("rank-2 factors") && e.contains("set \"r\": 2"), "{e}");
+        }
+        edit_config(&adapter, "r", 2.into());
+        let mut model = fixture_model();
+        assert!(LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).is_ok());
+    }
+
+    /// A safetensors header whose shape does not fit the bytes stored for it (a huge rank
+    /// claimed by a small file) is refused as unreadable, before any allocation.
+    #[test]
+    fn a_header_shape_larger_than_its_data_is_refused() {
+        let (_dir, adapter) = saved_adapter();
+        let weights = adapter.join(ADAPTER_WEIGHTS);
+        let header = serde_json::json!({
+            "base_model.model.detr_encoder.layers.0.self_attn.q_proj.lora_A.weight":
+                {"dtype": "F32", "shape": [1_000_000_000_000u64, 32], "data_offsets": [0, 8]},
+        })
+        .to_string();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend([0u8; 8]);
+        std::fs::write(&weights, bytes).unwrap();
+        edit_config(&adapter, "r", 1_000_000_000_000u64.into());
+        let mut model = fixture_model();
+        let e = LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains(ADAPTER_WEIGHTS) && e.contains("does not fit"), "{e}");
+        std::fs::write(&weights, b"\xff\xff\xff\xff\xff\xff\xff\x7f{}").unwrap();
+        let e = LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains(ADAPTER_WEIGHTS) && e.contains("header length"), "{e}");
+    }
+
+    /// A zero or negative `lora_alpha` (training refuses alpha <= 0) is refused on load too,
+    /// naming the file, rather than applied with a reversed or zero scale.
+    #[test]
+    fn a_lora_alpha_of_zero_or_below_is_refused_on_load() {
+        let (_dir, adapter) = saved_adapter();
+        for alpha in [serde_json::json!(-16), serde_json::json!(0.0), serde_json::json!("16")] {
+            edit_config(&adapter, "lora_alpha", alpha.clone());
+            let mut model = fixture_model();
+            let e = LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).err().unwrap().to_string();
+            assert!(e.contains(ADAPTER_CONFIG) && e.contains(&format!("lora_alpha is {alpha}")), "{e}");
+            assert!(e.contains("> 0"), "{e}");
+            // Loading into attached adapters (resuming) refuses it alike.
+            let mut model = fixture_model();
+            let set =
+                LoraSet::attach(&mut model, &config(2, 4.0, &["q_proj", "v_proj"]), &Device::Cpu).unwrap();
+            let e = set.load_peft(&adapter).unwrap_err().to_string();
+            assert!(e.contains(ADAPTER_CONFIG) && e.contains("lora_alpha is"), "{e}");
+        }
+        edit_config(&adapter, "lora_alpha", 4.0.into());
+        let mut model = fixture_model();
+        assert_eq!(LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).unwrap().config.alpha, 4.0);
+    }
+
+    /// Diverged adapters (NaN or Inf in a factor, in f32 or bf16) are refused on load, naming
+    /// the file and the tensor, with the way out.
+    #[test]
+    fn nan_or_inf_adapter_weights_are_refused_naming_the_tensor() {
+        let (_dir, adapter) = saved_adapter();
+        let weights = adapter.join(ADAPTER_WEIGHTS);
+        let good = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+        let key = good.keys().filter(|k| k.ends_with("lora_B.weight")).min().unwrap().clone();
+        for (bad, dtype) in [(f32::NAN, DType::F32), (f32::INFINITY, DType::F32), (f32::NAN, DType::BF16)] {
+            let mut tensors = good.clone();
+            let t = &tensors[&key];
+            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[1] = bad;
+            let t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+            tensors.insert(key.clone(), t);
+            let tensors: HashMap<String, Tensor> =
+                tensors.into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+            candle_core::safetensors::save(&tensors, &weights).unwrap();
+            let mut model = fixture_model();
+            let e = LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).err().unwrap().to_string();
+            assert!(e.contains(ADAPTER_WEIGHTS) && e.contains("NaN/Inf") && e.contains(&key), "{e}");
+            assert!(e.contains("earlier checkpoint") && !e.contains("more of its"), "{e}");
+        }
+        candle_core::safetensors::save(&good, &weights).unwrap();
+        let mut model = fixture_model();
+        assert!(LoraSet::attach_peft(&mut model, &adapter, &Device::Cpu).is_ok());
     }
 
     #[test]
