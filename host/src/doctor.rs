@@ -432,6 +432,7 @@ impl Broken {
 fn contradiction_fix(problem: &str) -> (String, String) {
     let key = problem
         .split(|c: char| c.is_whitespace() || c == ':' || c == ',')
+        .map(|w| w.trim_matches('`'))
         .find(|w| {
             let section = w.split('.').next().unwrap_or("");
             w.contains('.')
@@ -492,31 +493,18 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
             return None;
         }
     };
-    let text = if opts.overrides.is_empty() {
-        text
-    } else {
-        let mut doc: serde_yaml::Value = match serde_yaml::from_str(&text) {
-            Ok(d) => d,
-            Err(e) => {
-                r.add(
-                    "F11",
-                    Severity::Error,
-                    format!("{} is not valid YAML", path.display()),
-                    e.to_string(),
-                    "fix the YAML syntax",
-                );
-                return None;
-            }
-        };
-        // Lenient: an override naming no setting is reported with the config's unknown keys
-        // (F11 warning, with a suggestion) and the diagnosis goes on.
-        if let Err(e) = crate::train::apply_overrides(&mut doc, &opts.overrides, false) {
+    // Lenient: an override naming no setting is reported with the config's unknown keys
+    // (F11 warning, with a suggestion) and the diagnosis goes on.
+    let overrides = match crate::train::parse_overrides(&opts.overrides, false) {
+        Ok(o) => o,
+        Err(e) => {
             r.add("F11", Severity::Error, "bad --override", e.to_string(), "use SECTION.KEY=VALUE");
             return None;
         }
-        serde_yaml::to_string(&doc).unwrap_or_default()
     };
-    let (mut cfg, warnings) = match TrainConfig::from_yaml_unvalidated(&text, path) {
+    // Each value that cannot be used is its own finding; the rest of the config is still read
+    // (the value at its default) and checked.
+    let read = match TrainConfig::read(&text, path, &overrides) {
         Ok(c) => c,
         Err(e) => {
             r.add(
@@ -524,12 +512,26 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
                 Severity::Error,
                 "the config does not parse",
                 e.to_string(),
-                "fix the value named above",
+                "fix the YAML as the message says",
             );
             return None;
         }
     };
-    for w in warnings {
+    let mut broken = Broken::default();
+    for p in &read.problems {
+        let (key, fix) = contradiction_fix(p);
+        let message = p.split_once(": ").map_or(p.as_str(), |(head, _)| head).to_string();
+        r.add(
+            "F11",
+            Severity::Error,
+            format!("a setting lorahost cannot use: {message}"),
+            format!("{}: {p}", path.display()),
+            fix,
+        );
+        broken.0.push(key);
+    }
+    let (mut cfg, notes) = (read.config, read.notes);
+    for w in notes.unknown {
         r.add(
             "F11",
             Severity::Warning,
@@ -538,12 +540,38 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
             "rename or remove the key (a typo here is a setting that silently does nothing)",
         );
     }
+    for w in notes.ignored {
+        r.add(
+            "F11",
+            Severity::Warning,
+            "a key lorahost knows but does not apply",
+            w,
+            "do what the evidence says instead, and remove the key",
+        );
+    }
+    for w in notes.defaulted {
+        r.add(
+            "D0",
+            Severity::Info,
+            "a setting left to lorahost's default",
+            w,
+            "nothing to do if the default suits",
+        );
+    }
+    for w in notes.read_as {
+        r.add(
+            "D0",
+            Severity::Info,
+            "a key read under lorahost's name, or a value read as lorahost takes it",
+            w,
+            "nothing to do when this is what you meant (write it as lorahost names it to silence this)",
+        );
+    }
     for n in cfg.resolve_relative_to(path) {
         r.add("D0", Severity::Info, "a relative path was found next to the config", n, "nothing to do");
     }
     // Every contradiction on its own, with its own fix; the diagnosis goes on with the checks
     // that do not need the values named.
-    let mut broken = Broken::default();
     match cfg.validate(path) {
         Ok(()) => {}
         Err(TrainConfigError::Contradiction { problems, .. }) => {
@@ -617,7 +645,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
                 format!(
                     "set training.warmup_steps below {} (e.g. {})",
                     e.total_steps,
-                    (e.total_steps / 10).max(1)
+                    (e.total_steps / 10).max(1).min(e.total_steps - 1)
                 ),
             );
         } else if e.warmup_steps * 5 > e.total_steps {
@@ -629,10 +657,16 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
                     100.0 * e.warmup_steps as f64 / e.total_steps.max(1) as f64
                 ),
                 ev,
-                format!(
-                    "warmup counts optimizer steps, not micro-batches: e.g. training.warmup_steps: {}",
-                    (e.total_steps / 10).max(1)
-                ),
+                match (e.total_steps / 10).max(1) {
+                    // A tenth of the run is no shorter: the run itself is short.
+                    tenth if tenth >= e.warmup_steps => format!(
+                        "the run is only {} optimizer steps: train longer (training.num_epochs) or set training.warmup_steps: 0",
+                        e.total_steps
+                    ),
+                    tenth => format!(
+                        "warmup counts optimizer steps, not micro-batches: e.g. training.warmup_steps: {tenth}"
+                    ),
+                },
             );
         } else if e.warmup_steps > 0 {
             r.add("D1", Severity::Info, "warmup length in optimizer steps", ev, "none needed");
@@ -911,6 +945,11 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
                 "F4",
                 "boxes reaching outside the image (wrong units or format?)",
                 "boxes are clipped to the image; if many are far outside, the boxes are in another unit or format",
+            ),
+            FindingKind::PolygonOutsideImage => (
+                "F4",
+                "polygons with points far outside the image (wrong units or format?)",
+                "the masks are clipped to the image; points this far out mean the polygons are in another unit or format: fix the export",
             ),
             FindingKind::BoxFormat => (
                 "F5",

@@ -544,6 +544,11 @@ pub(crate) fn unknown_keys(v: &serde_yaml::Value) -> Vec<String> {
                 ));
             } else if ["dataset", "checkpoint"].contains(&k) {
                 // SAM3_LoRA's standalone layout: read by from_yaml_unvalidated.
+            } else if k == "data" {
+                out.push(
+                    "unknown section `data` ignored: lorahost reads the dataset folder from training.data_dir (holding train/ and valid/)"
+                        .into(),
+                );
             } else if !sections.contains(&k) {
                 let hint =
                     suggest(k, &sections).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
@@ -589,6 +594,10 @@ const ALIASES: &[(&str, &str, &str, &str, &str)] = &[
     ("training", "grad_clip", "training", "max_grad_norm", ""),
     ("training", "clip_grad_norm", "training", "max_grad_norm", ""),
     ("training", "max_norm", "training", "max_grad_norm", ""),
+    ("training", "gradient_clip", "training", "max_grad_norm", ""),
+    ("training", "gradient_clip_val", "training", "max_grad_norm", ""),
+    ("training", "max_epochs", "training", "num_epochs", ""),
+    ("training", "scheduler", "training", "lr_scheduler", ""),
     ("training", "log_every_n_steps", "training", "logging_steps", " (counted in optimizer steps)"),
     ("output", "log_every_n_steps", "training", "logging_steps", " (counted in optimizer steps)"),
     (
@@ -852,13 +861,37 @@ fn normalize(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String
         }
         let Some(m) = sec.as_mapping_mut() else {
             errors.push(format!("{section}: expected a mapping of `key: value` lines, got {}", show(sec)));
+            doc.remove(*section);
             continue;
         };
         let keys: Vec<String> = m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
         for key in keys {
             let Some(kind) = kind_of(section, &key) else { continue };
+            let before = errors.len();
+            normalize_value(m, section, &key, kind, &defaults, notes, errors);
+            // A value lorahost cannot use is reported and dropped: the rest is still read.
+            if errors.len() > before {
+                m.remove(key.as_str());
+            }
+        }
+    }
+    normalize_plugins_and_loss(doc, errors);
+}
+
+/// [`normalize`] for one known key of `section` in `m`.
+fn normalize_value(
+    m: &mut Mapping,
+    section: &str,
+    key: &str,
+    kind: Kind,
+    defaults: &Value,
+    notes: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) {
+    {
+        {
             let name = format!("{section}.{key}");
-            let v = m.get_mut(key.as_str()).expect("listed key");
+            let Some(v) = m.get_mut(key) else { return };
             if let Value::Tagged(t) = v {
                 let inner = std::mem::replace(&mut t.value, Value::Null);
                 *v = inner;
@@ -872,13 +905,13 @@ fn normalize(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String
                     *v = Value::from(0.0);
                 } else {
                     if name != "training.data_dir" {
-                        let d = defaults.get(*section).and_then(|s| s.get(key.as_str()));
+                        let d = defaults.get(section).and_then(|s| s.get(key));
                         let d = d.map(|d| serde_yaml::to_string(d).unwrap_or_default().trim().to_string());
                         notes.push(format!("`{name}: null` read as its default ({})", d.unwrap_or_default()));
                     }
-                    m.remove(key.as_str());
+                    m.remove(key);
                 }
-                continue;
+                return;
             }
             let got = show(v);
             let bad = |what: &str| format!("{name}: expected {what}, got {got}");
@@ -941,42 +974,61 @@ fn normalize(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String
             }
         }
     }
-    for (i, p) in doc.get_mut("plugins").and_then(Value::as_sequence_mut).into_iter().flatten().enumerate() {
-        let Some(m) = p.as_mapping_mut() else {
-            errors.push(format!(
-                "plugins[{i}]: expected a mapping with a path (- path: plugin.wasm), got {}",
-                show(p)
-            ));
-            continue;
-        };
-        if !m.get("path").is_some_and(|p| p.is_string()) {
-            errors.push(format!("plugins[{i}].path: expected the path of a .wasm plugin"));
-        }
-        for key in ["budget_ms", "memory_mb"] {
-            if let Some(v) = m.get_mut(key) {
-                match as_number(v).filter(|f| *f >= 0.0 && f.fract() == 0.0 && !v.is_bool()) {
-                    Some(f) => *v = Value::from(f as u64),
-                    None if v.is_null() => {
-                        m.remove(key);
-                    }
-                    None => {
-                        errors.push(format!("plugins[{i}].{key}: expected a whole number, got {}", show(v)))
-                    }
-                }
-            }
-        }
+}
+
+/// [`normalize`] for `plugins:` and `loss:`: wrong shapes are errors and are dropped.
+fn normalize_plugins_and_loss(doc: &mut Mapping, errors: &mut Vec<String>) {
+    if let Some(list) = doc.get_mut("plugins").and_then(Value::as_sequence_mut) {
+        let mut i = 0;
+        list.retain_mut(|p| {
+            let keep = normalize_plugin(i, p, errors);
+            i += 1;
+            keep
+        });
     }
     if let Some(p) = doc.get("plugins").filter(|p| !p.is_sequence() && !p.is_null()) {
         errors.push(format!("plugins: expected a list (- path: plugin.wasm), got {}", show(p)));
+        doc.remove("plugins");
     }
     if let Some(l) = doc.get("loss").filter(|l| !l.is_mapping() && !l.is_null()) {
         errors.push(format!("loss: expected a mapping of loss term weights, got {}", show(l)));
+        doc.remove("loss");
     }
     for k in ["plugins", "loss"] {
         if doc.get(k).is_some_and(Value::is_null) {
             doc.remove(k);
         }
     }
+}
+
+/// One `plugins:` entry brought to shape; `false` (after an error) when it cannot be used.
+fn normalize_plugin(i: usize, p: &mut Value, errors: &mut Vec<String>) -> bool {
+    let Some(m) = p.as_mapping_mut() else {
+        errors.push(format!(
+            "plugins[{i}]: expected a mapping with a path (- path: plugin.wasm), got {}",
+            show(p)
+        ));
+        return false;
+    };
+    if !m.get("path").is_some_and(|p| p.is_string()) {
+        errors.push(format!("plugins[{i}].path: expected the path of a .wasm plugin"));
+        return false;
+    }
+    for key in ["budget_ms", "memory_mb"] {
+        if let Some(v) = m.get_mut(key) {
+            match as_number(v).filter(|f| *f >= 0.0 && f.fract() == 0.0 && !v.is_bool()) {
+                Some(f) => *v = Value::from(f as u64),
+                None if v.is_null() => {
+                    m.remove(key);
+                }
+                None => {
+                    errors.push(format!("plugins[{i}].{key}: expected a whole number, got {}", show(v)));
+                    m.remove(key);
+                }
+            }
+        }
+    }
+    true
 }
 
 /// The section `name` of `doc`, created when missing (a `null` section becomes empty).
@@ -1004,6 +1056,11 @@ fn alias(
         return;
     };
     let (from, to) = (format!("{sec}.{key}"), format!("{to_sec}.{to_key}"));
+    // `null` says nothing (as for every other key): the setting keeps its own value or default.
+    if v.is_null() {
+        drop_empty_foreign_section(doc, sec);
+        return;
+    }
     let existing = doc.get(to_sec).and_then(|s| s.get(to_key)).filter(|v| !v.is_null()).cloned();
     match existing {
         Some(e) if !same_value(&e, &v) => errors.push(format!(
@@ -1021,6 +1078,11 @@ fn alias(
             }
         }
     }
+    drop_empty_foreign_section(doc, sec);
+}
+
+/// Remove `sec` when it is another layout's section (not lorahost's) and nothing is left in it.
+fn drop_empty_foreign_section(doc: &mut Mapping, sec: &str) {
     if doc.get(sec).and_then(Value::as_mapping).is_some_and(Mapping::is_empty)
         && !KNOWN.iter().any(|(s, _)| *s == sec)
     {
@@ -1122,7 +1184,7 @@ fn legacy_data_paths(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Ve
 }
 
 /// clary97's `training.augment:` mapping (hflip, vflip, brightness, contrast, ...).
-fn augment_mapping(doc: &mut Mapping, notes: &mut Vec<String>) {
+fn augment_mapping(doc: &mut Mapping, notes: &mut Vec<String>, ignored: &mut Vec<String>) {
     let Some(t) = doc.get_mut("training").and_then(Value::as_mapping_mut) else { return };
     let Some(Value::Mapping(m)) = t.get("augment").cloned() else { return };
     let mut hflip = false;
@@ -1144,7 +1206,7 @@ fn augment_mapping(doc: &mut Mapping, notes: &mut Vec<String>) {
         format!("`training.augment` without hflip: true read as `training.augment: false` ({what})")
     });
     if !unsupported.is_empty() {
-        notes.push(format!(
+        ignored.push(format!(
             "training.augment: {} not supported by lorahost (ignored)",
             unsupported.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
                 + if unsupported.len() == 1 { " is" } else { " are" }
@@ -1325,45 +1387,190 @@ fn target_modules(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<S
     }
 }
 
+/// What reading a config found besides the values: every message about a key, by kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigNotes {
+    /// Keys that name no setting: ignored (with a suggestion when one is close).
+    pub unknown: Vec<String>,
+    /// Keys lorahost knows from other trainers but does not apply, with what to do instead.
+    pub ignored: Vec<String>,
+    /// Keys read under lorahost's name, and values read as lorahost takes them.
+    pub read_as: Vec<String>,
+    /// Settings the config leaves out whose lorahost default does something SAM3_LoRA's
+    /// trainer did not (a run that moves over behaves differently): not in [`Self::iter`],
+    /// `doctor` lists them.
+    pub defaulted: Vec<String>,
+}
+
+impl ConfigNotes {
+    /// Every message: the unknown keys, then the ignored ones, then how keys were read.
+    pub fn iter(&self) -> impl Iterator<Item = &String> {
+        self.unknown.iter().chain(&self.ignored).chain(&self.read_as)
+    }
+
+    /// Nothing to say.
+    pub fn is_empty(&self) -> bool {
+        self.iter().next().is_none()
+    }
+}
+
+/// A config as [`TrainConfig::read`] could read it.
+#[derive(Debug, Clone)]
+pub struct ConfigRead {
+    /// The settings (a value that could not be used is at its default).
+    pub config: TrainConfig,
+    /// What was said about keys.
+    pub notes: ConfigNotes,
+    /// Values lorahost cannot use, and settings that contradict each other, each with its fix.
+    pub problems: Vec<String>,
+}
+
+/// Set `key` (dot-separated path) in `doc` to `value`, creating mappings on the way.
+pub(crate) fn set_path(doc: &mut Value, key: &str, value: Value) {
+    let mut node = doc;
+    for part in key.split('.') {
+        if !node.is_mapping() {
+            *node = Value::Mapping(Mapping::new());
+        }
+        let Some(map) = node.as_mapping_mut() else { return };
+        node = map.entry(Value::String(part.to_string())).or_insert(Value::Null);
+    }
+    *node = value;
+}
+
+/// The setting a dotted key gives (lorahost's own name for SAM3_LoRA's aliases and legacy keys).
+fn setting_of(key: &str) -> String {
+    let (sec, k) = key.split_once('.').unwrap_or(("", key));
+    if let Some((.., to_sec, to_key, _)) = ALIASES.iter().find(|(s, a, ..)| *s == sec && *a == k) {
+        return format!("{to_sec}.{to_key}");
+    }
+    match (sec, k) {
+        ("training", "train_data_path" | "val_data_path") => "training.data_dir".into(),
+        ("training", "fp16" | "bf16") => "training.mixed_precision".into(),
+        _ => key.to_string(),
+    }
+}
+
+/// Every spelling of settings that other trainers' configs have ([`setting_of`] reads them).
+fn spellings() -> impl Iterator<Item = String> {
+    let aliases = ALIASES.iter().flat_map(|(s, k, ts, tk, _)| [format!("{s}.{k}"), format!("{ts}.{tk}")]);
+    let legacy = ["train_data_path", "val_data_path", "fp16", "bf16"].map(|k| format!("training.{k}"));
+    aliases.chain(legacy)
+}
+
+/// A command-line override: `key` set to `value` in `doc`, and every other spelling of the
+/// same setting in the file removed (the command line wins over the file, whichever name the
+/// file used).
+fn apply_override(doc: &mut Mapping, key: &str, value: Value, notes: &mut Vec<String>) {
+    let setting = setting_of(key);
+    let mut seen = std::collections::BTreeSet::new();
+    let candidates = spellings().chain(std::iter::once(setting.clone()));
+    for other in candidates.filter(|o| o != key && setting_of(o) == setting) {
+        if !seen.insert(other.clone()) {
+            continue;
+        }
+        let Some((sec, k)) = other.split_once('.') else { continue };
+        let removed = doc.get_mut(sec).and_then(Value::as_mapping_mut).and_then(|m| m.remove(k));
+        if removed.is_some_and(|v| !v.is_null()) {
+            notes.push(format!("`{other}` in the file is replaced by --override {key}"));
+        }
+        drop_empty_foreign_section(doc, sec);
+    }
+    let mut v = Value::Mapping(std::mem::take(doc));
+    set_path(&mut v, key, value);
+    if let Value::Mapping(m) = v {
+        *doc = m;
+    }
+}
+
+/// [`ConfigNotes::defaulted`] for `doc`.
+fn defaults_unlike_sam3_lora(doc: &Mapping) -> Vec<String> {
+    let d = TrainingSection::default();
+    [
+        (
+            "lr_scheduler",
+            format!("a {} LR schedule", d.lr_scheduler),
+            "kept the learning rate constant (its scheduler keys were never applied, F10)",
+        ),
+        (
+            "max_grad_norm",
+            format!("gradient clipping at norm {}", d.max_grad_norm),
+            "did not clip gradients (F10)",
+        ),
+        ("seed", format!("seed {}", d.seed), "was not seeded (each run differed)"),
+    ]
+    .into_iter()
+    .filter(|(key, ..)| !has(doc, "training", key))
+    .map(|(key, what, theirs)| {
+        format!("training.{key} is not given: lorahost applies its default, {what}; SAM3_LoRA's trainer {theirs}. Set training.{key} to choose")
+    })
+    .collect()
+}
+
+/// What [`migrate`] and [`normalize`] found: notes by kind, and the values lorahost cannot use
+/// (each such key is dropped, so the rest of the config can still be read and checked).
+#[derive(Default)]
+struct Reading {
+    notes: ConfigNotes,
+    errors: Vec<String>,
+}
+
 /// Sections and keys of the standalone layout, TC4451's and others that have a lorahost
-/// equivalent: read, pointed at, or warned about by name. Returns (notes, errors).
-fn migrate(doc: &mut Mapping) -> (Vec<String>, Vec<String>) {
-    let (mut notes, mut errors) = (Vec::new(), Vec::new());
+/// equivalent: read, pointed at, or warned about by name.
+fn migrate(doc: &mut Mapping, r: &mut Reading) {
+    let (notes, errors) = (&mut r.notes.read_as, &mut r.errors);
     for a in ALIASES {
-        alias(doc, *a, &mut notes, &mut errors);
+        alias(doc, *a, notes, errors);
     }
     for sec in ["dataset", "checkpoint"] {
-        if let Some(Value::Mapping(m)) = doc.get(sec) {
-            let keys: Vec<String> =
-                m.keys().map(|k| k.as_str().map(str::to_string).unwrap_or_else(|| show(k))).collect();
-            let read = if sec == "dataset" { "dataset.data_root" } else { "checkpoint.save_dir" };
-            notes.push(format!(
-                "{} not read: lorahost reads only {read} of SAM3_LoRA's standalone `{sec}:` section",
-                keys.iter().map(|k| format!("`{sec}.{k}`")).collect::<Vec<_>>().join(", ")
-            ));
-            doc.remove(sec);
+        if let Some(v) = doc.remove(sec) {
+            let keys: Vec<String> = v
+                .as_mapping()
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .map(|k| k.as_str().map(str::to_string).unwrap_or_else(|| show(k)))
+                .collect();
+            if !keys.is_empty() {
+                let read = if sec == "dataset" { "dataset.data_root" } else { "checkpoint.save_dir" };
+                r.notes.ignored.push(format!(
+                    "{} not read: lorahost reads only {read} of SAM3_LoRA's standalone `{sec}:` section",
+                    keys.iter().map(|k| format!("`{sec}.{k}`")).collect::<Vec<_>>().join(", ")
+                ));
+            }
         }
     }
-    precision_flags(doc, &mut notes, &mut errors);
-    betas(doc, &mut notes, &mut errors);
+    precision_flags(doc, notes, errors);
+    betas(doc, notes, errors);
     for sec in ["training", "output", "hardware", "lora"] {
         let Some(m) = doc.get(sec).and_then(Value::as_mapping).cloned() else { continue };
         let t = doc.get("training").and_then(Value::as_mapping).cloned().unwrap_or_default();
         for (k, v) in &m {
             let Some(k) = k.as_str() else { continue };
             if let Some(note) = pointer(sec, k, v, &t) {
-                notes.extend(note);
+                r.notes.ignored.extend(note);
                 if let Some(m) = doc.get_mut(sec).and_then(Value::as_mapping_mut) {
                     m.remove(k);
                 }
             }
         }
     }
-    augment_mapping(doc, &mut notes);
-    scheduler_names(doc, &mut notes);
-    target_modules(doc, &mut notes, &mut errors);
-    legacy_data_paths(doc, &mut notes, &mut errors);
-    (notes, errors)
+    augment_mapping(doc, notes, &mut r.notes.ignored);
+    scheduler_names(doc, notes);
+    target_modules(doc, notes, errors);
+    legacy_data_paths(doc, notes, errors);
+    mask_decoder_flag(doc, notes);
+}
+
+/// `lora.apply_to_mask_decoder: false`: lorahost applies it; SAM3_LoRA's flag matched no module,
+/// so runs there adapted the segmentation head's prompt cross-attention regardless.
+fn mask_decoder_flag(doc: &Mapping, notes: &mut Vec<String>) {
+    let v = doc.get("lora").and_then(|l| l.get("apply_to_mask_decoder"));
+    if v.and_then(as_bool) == Some(false) {
+        notes.push(
+            "`lora.apply_to_mask_decoder: false` is applied: no adapters in the mask decoder (segmentation head). SAM3_LoRA's flag matched no module (F9), so its runs adapted the head's prompt cross-attention anyway; set it true to train what those runs trained"
+                .into(),
+        );
+    }
 }
 
 /// The key of a YAML line (`key: value`, `- key: value`), unquoted.
@@ -1416,6 +1623,14 @@ fn yaml_error(text: &str, e: &serde_yaml::Error) -> String {
             }
         }
     }
+    if msg.contains(" as u128") || msg.contains(" as i128") {
+        // serde_yaml's words for a whole number beyond 64 bits.
+        let at = e.location().map(|l| format!("line {}: ", l.line())).unwrap_or_default();
+        let number = msg.split('`').nth(1).unwrap_or("a number");
+        return format!(
+            "{at}{number} is too large a whole number (at most 18446744073709551615): give a smaller value"
+        );
+    }
     let mut out = format!("not valid YAML: {msg}");
     let lines: Vec<&str> = text.lines().collect();
     let err_line = e.location().map(|l| l.line());
@@ -1442,23 +1657,50 @@ fn yaml_error(text: &str, e: &serde_yaml::Error) -> String {
 
 impl TrainConfig {
     /// Read a YAML file: the config and the warnings (unknown keys) to show.
-    pub fn from_file(path: &Path) -> Result<(Self, Vec<String>), TrainConfigError> {
+    pub fn from_file(path: &Path) -> Result<(Self, ConfigNotes), TrainConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| TrainConfigError::Read { path: path.into(), source })?;
         Self::from_yaml(&text, path)
     }
 
     /// Parse YAML text (`origin` names it in messages).
-    pub fn from_yaml(text: &str, origin: &Path) -> Result<(Self, Vec<String>), TrainConfigError> {
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<(Self, ConfigNotes), TrainConfigError> {
         let (cfg, warnings) = Self::from_yaml_unvalidated(text, origin)?;
         cfg.validate(origin)?;
         Ok((cfg, warnings))
     }
 
     /// Parse YAML text into a config without [`Self::validate`] (so every contradiction can
-    /// be listed on its own, as `doctor` does): the warnings (unknown keys, keys read under
-    /// another name) with it.
-    pub fn from_yaml_unvalidated(text: &str, origin: &Path) -> Result<(Self, Vec<String>), TrainConfigError> {
+    /// be listed on its own, as `doctor` does): the notes (unknown keys, keys read under
+    /// another name) with it. A value lorahost cannot use is an error.
+    pub fn from_yaml_unvalidated(text: &str, origin: &Path) -> Result<(Self, ConfigNotes), TrainConfigError> {
+        Self::from_yaml_overridden(text, origin, &[])
+    }
+
+    /// [`Self::from_yaml_unvalidated`] with command-line `overrides` (a dotted key and its value)
+    /// applied over the file's values (see [`ConfigRead`]).
+    pub fn from_yaml_overridden(
+        text: &str,
+        origin: &Path,
+        overrides: &[(String, Value)],
+    ) -> Result<(Self, ConfigNotes), TrainConfigError> {
+        let read = Self::read(text, origin, overrides)?;
+        if !read.problems.is_empty() {
+            return Err(TrainConfigError::Contradiction { path: origin.into(), problems: read.problems });
+        }
+        Ok((read.config, read.notes))
+    }
+
+    /// Read YAML text as far as it can be read: `overrides` (a dotted key and its value, from
+    /// `--override`) replace the file's value and every other spelling of the same setting in
+    /// the file (SAM3_LoRA's aliases and legacy keys); each value lorahost cannot use is a
+    /// problem, dropped so that the rest is still read (as `doctor` lists them). Only YAML that
+    /// does not parse, or a config that is not a mapping, is an error.
+    pub fn read(
+        text: &str,
+        origin: &Path,
+        overrides: &[(String, Value)],
+    ) -> Result<ConfigRead, TrainConfigError> {
         let invalid = |reason: String| TrainConfigError::Invalid { path: origin.into(), reason };
         // A UTF-8 byte-order mark (Windows editors write one) is not part of the document.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -1472,20 +1714,22 @@ impl TrainConfig {
                 "the config must be a mapping of sections (model, lora, training, ...)".into(),
             ));
         };
-        let (mut warnings, mut errors) = migrate(doc);
-        normalize(doc, &mut warnings, &mut errors);
-        if !errors.is_empty() {
-            return Err(TrainConfigError::Contradiction { path: origin.into(), problems: errors });
+        let mut r = Reading::default();
+        for (key, v) in overrides {
+            apply_override(doc, key, v.clone(), &mut r.notes.read_as);
         }
+        migrate(doc, &mut r);
+        normalize(doc, &mut r.notes.read_as, &mut r.errors);
         // SAM3_LoRA requires data_dir; lorahost's default is only for configs built in code.
         let data_dir_given = has(doc, "training", "data_dir");
-        warnings.extend(unknown_keys(&value));
-        let mut cfg: TrainConfig = serde_path_to_error::deserialize(value)
+        r.notes.defaulted = defaults_unlike_sam3_lora(doc);
+        r.notes.unknown = unknown_keys(&value);
+        let mut config: TrainConfig = serde_path_to_error::deserialize(value)
             .map_err(|e| invalid(format!("{}: {}", e.path(), e.inner())))?;
         if !data_dir_given {
-            cfg.training.data_dir = PathBuf::new();
+            config.training.data_dir = PathBuf::new();
         }
-        Ok((cfg, warnings))
+        Ok(ConfigRead { config, notes: r.notes, problems: r.errors })
     }
 
     /// Relative input paths (`training.data_dir`, `model.path`, `model.cache_dir`, each plugin's
@@ -1903,7 +2147,8 @@ mod tests {
             Path::new("c.yaml"),
         )
         .unwrap();
-        let all = w.join("\n");
+        assert_eq!(w.unknown.len(), 3, "{w:?}");
+        let all = w.unknown.join("\n");
         assert!(all.contains("`training.warmup_stpes`") && all.contains("`training.warmup_steps`"), "{all}");
         assert!(all.contains("`lora.rnak`") && all.contains("`lora.rank`"), "{all}");
         assert!(all.contains("`loras`") && all.contains("`lora`"), "{all}");
@@ -1951,7 +2196,9 @@ mod tests {
         assert!(e.contains("broken.yaml") && e.contains("YAML"), "{e}");
     }
     fn parse(yaml: &str) -> Result<(TrainConfig, Vec<String>), String> {
-        TrainConfig::from_yaml_unvalidated(yaml, Path::new("c.yaml")).map_err(|e| e.to_string())
+        TrainConfig::from_yaml_unvalidated(yaml, Path::new("c.yaml"))
+            .map(|(c, notes)| (c, notes.iter().cloned().collect()))
+            .map_err(|e| e.to_string())
     }
 
     /// No message about a key lorahost reads or answers calls it unknown or a typo.
@@ -2025,6 +2272,59 @@ mod tests {
 
     /// Fork, PEFT and transformers names are read as lorahost's, with a note; both names with
     /// different values are an error; keys lorahost does differently say what to do.
+    /// Notes come by kind; `null` on another layout's key and an empty standalone section say
+    /// nothing; forks' names for the scheduler, clipping and epochs are read; each value that
+    /// cannot be used is its own problem, dropped so that the rest is still read.
+    #[test]
+    fn notes_by_kind_nulls_and_problems_read_leniently() {
+        let read = |y: &str| TrainConfig::read(y, Path::new("c.yaml"), &[]).unwrap();
+        let r = read(
+            "dataset:\n  data_root: null\ncheckpoint: {}\ntraining:\n  data_dir: d\n  scheduler: linear\n\
+             \x20\x20gradient_clip: 0.5\n  max_epochs: 3\n  auto_resume: true\n  warmup_stpes: 1\n",
+        );
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        let t = &r.config.training;
+        assert_eq!((t.data_dir.as_path(), t.max_grad_norm, t.num_epochs), (Path::new("d"), 0.5, 3));
+        assert_eq!(t.scheduler(), Some(Scheduler::Linear));
+        assert_eq!(r.notes.unknown.len(), 1, "{:?}", r.notes);
+        assert!(r.notes.unknown[0].contains("warmup_stpes"));
+        assert_eq!(r.notes.ignored.len(), 1, "{:?}", r.notes);
+        assert!(r.notes.ignored[0].contains("auto_resume"));
+        assert_eq!(r.notes.read_as.len(), 3, "{:?}", r.notes);
+        assert!(
+            r.notes.iter().all(|n| !n.contains("dataset.") && !n.contains("checkpoint.")),
+            "{:?}",
+            r.notes
+        );
+        // Three unusable values: three problems, each key at its default, the rest read.
+        let r = read(
+            "training:\n  data_dir: d\n  batch_size: many\n  learning_rate: 3e-4\n  fp16: true\n  bf16: true\n\
+             lora: 7\nplugins:\n  - path: a.wasm\n    budget_ms: soon\n  - 3\n",
+        );
+        assert_eq!(r.problems.len(), 5, "{:?}", r.problems);
+        assert_eq!(r.config.training.batch_size, TrainingSection::default().batch_size);
+        assert_eq!(r.config.training.learning_rate, 3e-4);
+        assert_eq!(r.config.lora, LoraSection::default());
+        assert_eq!(r.config.plugins.len(), 1);
+        assert!(r.config.plugins[0].budget_ms.is_none());
+        let e = TrainConfig::from_yaml_unvalidated("training:\n  batch_size: many\n", Path::new("c.yaml"));
+        assert!(matches!(e, Err(TrainConfigError::Contradiction { .. })));
+        // SAM3_LoRA's mask-decoder flag matched nothing there; lorahost applies it, and says so.
+        let r = read("lora:\n  apply_to_mask_decoder: false\ndata:\n  root: d\n");
+        assert!(r.notes.read_as.iter().any(|n| n.contains("F9")), "{:?}", r.notes);
+        assert!(r.notes.unknown.iter().any(|n| n.contains("training.data_dir")), "{:?}", r.notes);
+        // Left out: lorahost's schedule, clipping and seed, said apart from the other notes.
+        assert_eq!(r.notes.defaulted.len(), 3, "{:?}", r.notes);
+        assert!(r.notes.iter().all(|n| !n.contains("is not given")));
+        let r = read("training:\n  lr_scheduler: constant\n  max_grad_norm: 0\n  seed: 1\n");
+        assert!(r.notes.defaulted.is_empty(), "{:?}", r.notes);
+        // A whole number beyond 64 bits: its line and a plain fix, no serde wording.
+        let e = TrainConfig::from_yaml("training:\n  seed: 99999999999999999999\n", Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("99999999999999999999 is too large") && !e.contains("u128"), "{e}");
+    }
+
     #[test]
     fn fork_and_peft_keys_are_read_or_pointed_at() {
         let (c, w) = parse(

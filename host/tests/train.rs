@@ -181,6 +181,29 @@ fn resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights() {
     std::fs::write(&state, v.to_string()).unwrap();
     let e = format!("{:#}", train(&resume).unwrap_err());
     assert!(e.contains("does not fit this run"), "{e}");
+
+    // No checkpoint that holds its state (interrupted saves) in a folder that holds a run:
+    // --resume refuses, naming them, and moves nothing; in an empty folder it starts the run.
+    let stateless = tmp.path().join("stateless");
+    copy_dir(&full.join("checkpoints/step-00000002"), &stateless.join("checkpoints/step-00000002"));
+    std::fs::remove_file(stateless.join("checkpoints/step-00000002/trainer_state.json")).unwrap();
+    let cfg_d = config(tmp.path(), &data, &stateless, "  save_steps: 1\n", &plugin_yaml);
+    let e =
+        format!("{:#}", train(&TrainOptions { resume: Some(Resume::Latest), ..opts(&cfg_d) }).unwrap_err());
+    assert!(e.contains("no checkpoint it can continue from") && e.contains("step-00000002"), "{e}");
+    assert!(stateless.join("checkpoints/step-00000002/adapter_model.safetensors").is_file());
+    assert!(!stateless.join("previous-runs").exists());
+    let fresh = tmp.path().join("fresh");
+    let cfg_e = config(tmp.path(), &data, &fresh, "", &plugin_yaml);
+    let s = run(&TrainOptions { resume: Some(Resume::Latest), max_steps: Some(1), ..opts(&cfg_e) });
+    assert_eq!(s.steps, 1);
+    // A start that fails (a plugin that does not load) leaves the earlier run where it was.
+    let broken_plugin = tmp.path().join("not-a-plugin.wasm");
+    std::fs::write(&broken_plugin, b"not wasm").unwrap();
+    let with_broken =
+        TrainOptions { plugins: vec![lorahost::plugin::PluginSpec::new(&broken_plugin)], ..opts(&cfg_e) };
+    assert!(train(&with_broken).is_err());
+    assert!(!fresh.join("previous-runs").exists() && fresh.join("metrics.jsonl").is_file());
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

@@ -138,6 +138,11 @@ pub fn step_dir(root: &Path, step: u64) -> PathBuf {
 
 /// Completed checkpoints under `root`, oldest first.
 pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    step_dirs(root).into_iter().filter(|(_, d)| d.join(STATE_FILE).is_file()).collect()
+}
+
+/// Every `step-N` directory under `root`, by step.
+fn step_dirs(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
@@ -145,11 +150,17 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-            e.path().join(STATE_FILE).is_file().then(|| (step, e.path()))
+            Some((step, e.path()))
         })
         .collect();
     out.sort();
     out
+}
+
+/// The `step-N` directories under `root` that hold no [`STATE_FILE`] (a save that did not
+/// finish, or a damaged checkpoint), by step.
+pub fn incomplete(root: &Path) -> Vec<(u64, PathBuf)> {
+    step_dirs(root).into_iter().filter(|(_, d)| !d.join(STATE_FILE).is_file()).collect()
 }
 
 /// Remove leftovers of interrupted saves (hidden `.partial` / `.old` directories).

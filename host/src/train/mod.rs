@@ -115,19 +115,12 @@ pub struct TrainSummary {
     pub already_complete: bool,
 }
 
-/// Apply `section.key=value` overrides to a YAML document (a mapping, or empty). `strict`
-/// (training): an override whose key names no setting is an error; otherwise (doctor) it is
-/// applied and reported with the document's other unknown keys.
-pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String], strict: bool) -> Result<()> {
-    if overrides.is_empty() {
-        return Ok(());
-    }
-    if doc.is_null() {
-        *doc = serde_yaml::Value::Mapping(Default::default());
-    }
-    if !doc.is_mapping() {
-        bail!("the config must be a mapping of sections (model, lora, training, ...), not a list or a value");
-    }
+/// `section.key=value` overrides from the command line as (key, value) pairs, which
+/// [`TrainConfig::read`] applies over the file (each replacing the file's other spellings of the
+/// same setting). `strict` (training): a key that names no setting is an error; otherwise
+/// (doctor) it is kept and reported with the config's other unknown keys.
+pub fn parse_overrides(overrides: &[String], strict: bool) -> Result<Vec<(String, serde_yaml::Value)>> {
+    let mut out = Vec::with_capacity(overrides.len());
     for o in overrides {
         let (key, value) =
             o.split_once('=').with_context(|| format!("--override {o:?}: expected SECTION.KEY=VALUE"))?;
@@ -135,7 +128,7 @@ pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String], strict
             .with_context(|| format!("--override {o:?}: the value is not YAML"))?;
         // A key typed on the command line that matches no setting is a mistake, not a warning.
         let mut alone = serde_yaml::Value::Mapping(Default::default());
-        set_path(&mut alone, key, value.clone());
+        crate::train_config::set_path(&mut alone, key, value.clone());
         if let Some(unknown) = crate::train_config::unknown_keys(&alone).into_iter().next().filter(|_| strict)
         {
             let named = crate::train_config::settings_named(key);
@@ -146,43 +139,26 @@ pub fn apply_overrides(doc: &mut serde_yaml::Value, overrides: &[String], strict
             };
             bail!("--override {o:?}: {}{hint}", unknown.replace(" ignored", ""));
         }
-        set_path(doc, key, value);
+        out.push((key.to_string(), value));
     }
-    Ok(())
-}
-
-/// Set `key` (dot-separated path) in `doc` to `value`, creating mappings on the way.
-fn set_path(doc: &mut serde_yaml::Value, key: &str, value: serde_yaml::Value) {
-    let mut node = doc;
-    for part in key.split('.') {
-        if !node.is_mapping() {
-            *node = serde_yaml::Value::Mapping(Default::default());
-        }
-        let Some(map) = node.as_mapping_mut() else { return };
-        node = map.entry(serde_yaml::Value::String(part.to_string())).or_insert(serde_yaml::Value::Null);
-    }
-    *node = value;
+    Ok(out)
 }
 
 /// Read, override and validate the config; warnings are logged.
 pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {}; pass --config with a training YAML", path.display()))?;
+    let overrides = parse_overrides(overrides, true).with_context(|| format!("{}", path.display()))?;
     // A byte-order mark (Windows editors) is not YAML content.
-    let text = text.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(text);
-    let text = if overrides.is_empty() {
-        text
-    } else {
-        let mut doc: serde_yaml::Value =
-            serde_yaml::from_str(&text).with_context(|| format!("{}: not valid YAML", path.display()))?;
-        apply_overrides(&mut doc, overrides, true).with_context(|| format!("{}", path.display()))?;
-        serde_yaml::to_string(&doc)?
-    };
-    if text.trim().is_empty() || serde_yaml::from_str::<serde_yaml::Value>(&text).is_ok_and(|v| v.is_null()) {
+    let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    if overrides.is_empty()
+        && (body.trim().is_empty()
+            || serde_yaml::from_str::<serde_yaml::Value>(body).is_ok_and(|v| v.is_null()))
+    {
         tracing::warn!("{}: the config is empty: every setting is at its default", path.display());
     }
-    let (mut cfg, warnings) = TrainConfig::from_yaml(&text, path)?;
-    for w in warnings {
+    let (mut cfg, notes) = TrainConfig::from_yaml_overridden(&text, path, &overrides)?;
+    for w in notes.iter() {
         tracing::warn!("{}: {w}", path.display());
     }
     for n in cfg.resolve_relative_to(path) {
@@ -357,29 +333,51 @@ fn validation_extra(step: u64, v: &validate::ValidationResult) -> Vec<NamedValue
         .collect()
 }
 
-/// Meta's loss weights with the config's `loss:` section applied.
+/// Meta's loss weights with the config's `loss:` section applied. Every setting that cannot be
+/// used is named in one error; a term lorahost does not compute, given weight 0 (off, as forks'
+/// configs write it), is accepted with a warning.
 pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
     let mut w = LossWeights::default();
+    let mut problems = Vec::new();
+    let mut unknown = Vec::new();
     for (k, v) in &cfg.loss {
-        let f = || {
-            v.as_f64()
-                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-                .filter(|f: &f64| f.is_finite() && *f >= 0.0)
-                .with_context(|| format!("loss.{k}: {v} is not a number >= 0"))
+        let number = v
+            .as_f64()
+            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+            .filter(|f: &f64| f.is_finite() && *f >= 0.0);
+        let mut set = |slot: &mut f64| match number {
+            Some(f) => *slot = f,
+            None => problems.push(format!("loss.{k}: {v} is not a number >= 0")),
         };
         if let Some(term) = w.term_mut(k) {
-            *term = f()?;
+            set(term);
             continue;
         }
         match k.as_str() {
-            "o2m_weight" => w.o2m_weight = f()?,
-            "pos_weight" => w.pos_weight = f()?,
-            "aux" => w.aux = v.as_bool().with_context(|| format!("loss.aux: {v} is not true/false"))?,
-            _ => bail!(
-                "loss.{k}: unknown loss setting; known: loss_bbox, loss_giou, loss_ce, presence_loss, \
-                 loss_mask, loss_dice, o2m_weight, pos_weight, aux"
-            ),
+            "o2m_weight" => set(&mut w.o2m_weight),
+            "pos_weight" => set(&mut w.pos_weight),
+            "aux" => match v.as_bool() {
+                Some(b) => w.aux = b,
+                None => problems.push(format!("loss.aux: {v} is not true/false")),
+            },
+            _ if number == Some(0.0) => {
+                tracing::warn!(
+                    "loss.{k}: 0 — lorahost has no such loss term, and weight 0 leaves it off anyway"
+                )
+            }
+            _ => unknown.push(format!("loss.{k}")),
         }
+    }
+    if !unknown.is_empty() {
+        problems.push(format!(
+            "{}: {} no loss term lorahost computes (a weight of 0 turns a term off); known: loss_bbox, \
+             loss_giou, loss_ce, presence_loss, loss_mask, loss_dice, o2m_weight, pos_weight, aux",
+            unknown.join(", "),
+            if unknown.len() == 1 { "is" } else { "are" }
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
     }
     Ok(w)
 }
@@ -686,41 +684,60 @@ impl MetricsLog {
     fn open(path: &Path, header: &RunHeader, keep_until: Option<u64>) -> Result<Self> {
         let mut kept = Vec::new();
         if let Some(last) = keep_until {
-            let mut dropped = Vec::new();
-            if let Ok(text) = std::fs::read_to_string(path) {
-                for line in text.lines() {
-                    let v: serde_json::Value = match serde_json::from_str(line) {
-                        Ok(v) => v,
-                        Err(_) => continue,
-                    };
-                    let step = v.get("step").and_then(|s| s.as_u64());
-                    if v.get("run").is_some() || step.is_some_and(|s| s <= last) {
-                        kept.push(line.to_string());
-                    } else {
-                        dropped.push(line);
-                    }
-                }
-                // The records after the resume point belong to the abandoned branch (its
-                // checkpoints are set aside too): kept beside the log, not lost.
-                if !dropped.is_empty() {
-                    let dir = path.parent().unwrap_or(Path::new("."));
-                    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    let to = crate::fsutil::first_free(|k| match k {
-                        0 => dir.join(format!("{stem}.abandoned-after-step-{last}.jsonl")),
-                        k => dir.join(format!("{stem}.abandoned-after-step-{last}-{k}.jsonl")),
-                    });
-                    let mut body = dropped.join("\n");
-                    body.push('\n');
-                    crate::fsutil::write_atomic(&to, body.as_bytes())
-                        .with_context(|| format!("writing {}", to.display()))?;
-                    tracing::warn!(
-                        "{}: {} record(s) after step {last} (the resume point) moved to {}",
-                        path.display(),
-                        dropped.len(),
-                        to.display()
-                    );
+            // The log is rewritten below: one that exists but cannot be read is an error, never
+            // replaced by an empty one.
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => bail!(
+                    "cannot read {} ({e}) to continue it: make it readable (or move it away to start its log afresh)",
+                    path.display()
+                ),
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            let (mut dropped, mut unreadable) = (Vec::new(), Vec::new());
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    unreadable.push(line);
+                    continue;
+                };
+                let step = v.get("step").and_then(|s| s.as_u64());
+                if v.get("run").is_some() || step.is_some_and(|s| s <= last) {
+                    kept.push(line.to_string());
+                } else {
+                    dropped.push(line);
                 }
             }
+            // The records after the resume point belong to the abandoned branch (its
+            // checkpoints are set aside too), and lines that are not JSON records: kept beside
+            // the log, not lost.
+            let set_aside = |lines: &[&str], what: &str, name: &dyn Fn(usize) -> String| -> Result<()> {
+                if lines.is_empty() {
+                    return Ok(());
+                }
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let to = crate::fsutil::first_free(|k| dir.join(name(k)));
+                let mut body = lines.join("\n");
+                body.push('\n');
+                crate::fsutil::write_atomic(&to, body.as_bytes())
+                    .with_context(|| format!("writing {}", to.display()))?;
+                tracing::warn!("{}: {} {what} moved to {}", path.display(), lines.len(), to.display());
+                Ok(())
+            };
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let numbered = |base: String| {
+                move |k: usize| if k == 0 { format!("{base}.jsonl") } else { format!("{base}-{k}.jsonl") }
+            };
+            set_aside(
+                &dropped,
+                &format!("record(s) after step {last} (the resume point)"),
+                &numbered(format!("{stem}.abandoned-after-step-{last}")),
+            )?;
+            set_aside(
+                &unreadable,
+                "line(s) that are not JSON records",
+                &numbered(format!("{stem}.unreadable")),
+            )?;
         }
         if kept.is_empty() {
             kept.push(serde_json::json!({ "run": header }).to_string());
@@ -988,13 +1005,42 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let resume_dir = match &opts.resume {
         None => None,
         Some(Resume::Dir(d)) => Some(d.clone()),
-        Some(Resume::Latest) => match checkpoint::list(&ckpt_root).pop() {
-            Some((_, d)) => Some(d),
-            None => {
-                tracing::warn!("--resume: no checkpoint under {}; starting fresh", ckpt_root.display());
-                None
+        Some(Resume::Latest) => {
+            let usable = checkpoint::list(&ckpt_root);
+            let newest = usable.last().map(|(step, _)| *step);
+            // A step-N folder without its state (an interrupted or damaged save): skipped, said.
+            let damaged: Vec<String> = checkpoint::incomplete(&ckpt_root)
+                .into_iter()
+                .filter(|(step, _)| newest.is_none_or(|n| *step > n))
+                .map(|(_, d)| d.display().to_string())
+                .collect();
+            match usable.last() {
+                Some((step, d)) => {
+                    if !damaged.is_empty() {
+                        tracing::warn!(
+                            "--resume: {} hold(s) no {} (an interrupted or damaged save): resuming from step {step} instead",
+                            damaged.join(", "),
+                            checkpoint::STATE_FILE
+                        );
+                    }
+                    Some(d.clone())
+                }
+                // Nothing was trained here yet: --resume starts the run.
+                None if damaged.is_empty() && !log_dir.join("metrics.jsonl").exists() => {
+                    tracing::info!("--resume: no checkpoint under {} yet: starting the run", ckpt_root.display());
+                    None
+                }
+                None => bail!(
+                    "--resume: {} holds an earlier run but no checkpoint it can continue from{}: resume from a checkpoint directory with --resume DIR, or run without --resume to start afresh (the earlier outputs are then moved to previous-runs/)",
+                    out_dir.display(),
+                    if damaged.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({} hold(s) no {})", damaged.join(", "), checkpoint::STATE_FILE)
+                    }
+                ),
             }
-        },
+        }
     };
     // The record of this run's settings (`config.yaml` beside the outputs and in each checkpoint).
     // The plugins: the config's (with their own limits), then the command line's, with the
@@ -1051,18 +1097,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     .collect();
     record["loss"] = serde_yaml::to_value(loss).unwrap_or_default();
     let record_text = config_record_text(&record, opts);
-    // A fresh run into a folder that holds an earlier run: the earlier run's outputs are set
-    // aside, so the two never mix (pruning, --resume and best/ would otherwise pick across them)
-    // and nothing written before is lost.
-    if resume_dir.is_none() {
-        if let Some(to) = set_aside_earlier_run(&out_dir, &log_dir)? {
-            tracing::warn!(
-                "{} held an earlier run: its outputs were moved to {} (to continue a run instead, pass --resume)",
-                out_dir.display(),
-                to.display()
-            );
-        }
-    }
     let mut header_changed = false;
     if let Some(dir) = &resume_dir {
         let (s, tensors) = checkpoint::load(dir)?;
@@ -1156,7 +1190,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         // are cut back to the resume point too): set aside, so a later plain --resume cannot
         // pick them up.
         let mut abandoned = 0;
-        for (step, d) in checkpoint::list(&ckpt_root).into_iter().filter(|(st, _)| *st > s.step) {
+        // (Incomplete ones too: this run's saves would otherwise replace them.)
+        let later = checkpoint::list(&ckpt_root).into_iter().chain(checkpoint::incomplete(&ckpt_root));
+        for (step, d) in later.filter(|(st, _)| *st > s.step) {
             let to = crate::fsutil::first_free(|k| match k {
                 0 => ckpt_root.join(format!("abandoned-step-{step:08}")),
                 k => ckpt_root.join(format!("abandoned-step-{step:08}-{k}")),
@@ -1225,6 +1261,20 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     };
     let runtime = Runtime::new(opts.cache_dir.clone())?;
     let mut plugins = PluginSet::load(runtime, &specs, &run_info)?;
+    // (After everything that can refuse to start, the plugins included: a start that fails
+    // leaves the folder as it was.)
+    // A fresh run into a folder that holds an earlier run: the earlier run's outputs are set
+    // aside, so the two never mix (pruning, --resume and best/ would otherwise pick across them)
+    // and nothing written before is lost.
+    if resume_dir.is_none() {
+        if let Some(to) = set_aside_earlier_run(&out_dir, &log_dir)? {
+            tracing::warn!(
+                "{} held an earlier run: its outputs were moved to {} (to continue a run instead, pass --resume)",
+                out_dir.display(),
+                to.display()
+            );
+        }
+    }
     for p in plugins.plugins() {
         tracing::info!("plugin {} {} ({})", p.name(), p.manifest().version, p.path().display());
     }
@@ -2195,25 +2245,70 @@ mod tests {
         assert!(!is_better("map", 0.0, 4.0, Some(&Best { loss: None, ..best(0.0) })));
     }
 
-    /// Training's overrides: a key that names no setting is an error that says where the key
-    /// lives; a document that is not a mapping is refused; doctor's lenient mode applies them.
+    /// Continuing a metrics log keeps the records up to the resume point and sets aside, never
+    /// drops, the later records and the lines that are not JSON (bytes that are not UTF-8
+    /// included); a log that exists but cannot be read is an error, not replaced.
     #[test]
-    fn overrides_refuse_unknown_keys_and_non_mappings() {
-        let set = |o: &str| vec![o.to_string()];
-        let mut doc: serde_yaml::Value = serde_yaml::from_str("training:\n  batch_size: 4\n").unwrap();
-        apply_overrides(&mut doc, &set("training.batch_size=2"), true).unwrap();
-        assert_eq!(doc["training"]["batch_size"].as_u64(), Some(2));
-        let e = apply_overrides(&mut doc, &set("batch_size=2"), true).unwrap_err().to_string();
+    fn metrics_log_on_resume_loses_no_line() {
+        let dir = std::env::temp_dir().join(format!("lorahost-metrics-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let mut body = b"{\"run\":{}}\n{\"step\":1}\n{\"step\":2}\n".to_vec();
+        body.extend_from_slice(b"\xff\xfe garbage\n{\"step\":3}\n");
+        std::fs::write(&path, &body).unwrap();
+        drop(MetricsLog::open(&path, &RunHeader::default(), Some(2)).unwrap());
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(read("metrics.jsonl").lines().count(), 3, "{}", read("metrics.jsonl"));
+        assert_eq!(read("metrics.abandoned-after-step-2.jsonl").trim(), "{\"step\":3}");
+        assert!(read("metrics.unreadable.jsonl").contains("garbage"));
+        let blocked = dir.join("blocked.jsonl");
+        std::fs::create_dir_all(&blocked).unwrap();
+        let e = MetricsLog::open(&blocked, &RunHeader::default(), Some(2)).map(|_| ()).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Training's overrides: a key that names no setting is an error that says where the key
+    /// lives; doctor's lenient mode keeps it; the command line wins over the file, whichever
+    /// name the file gives the setting (SAM3_LoRA's aliases and legacy keys).
+    #[test]
+    fn overrides_refuse_unknown_keys_and_replace_every_spelling() {
+        let set = |o: &[&str]| o.iter().map(|o| o.to_string()).collect::<Vec<_>>();
+        let e = parse_overrides(&set(&["batch_size=2"]), true).unwrap_err().to_string();
         assert!(e.contains("--override") && e.contains("training.batch_size"), "{e}");
-        let e = apply_overrides(&mut doc, &set("training.batch_sise=2"), true).unwrap_err().to_string();
+        let e = parse_overrides(&set(&["training.batch_sise=2"]), true).unwrap_err().to_string();
         assert!(e.contains("training.batch_size"), "{e}");
-        apply_overrides(&mut doc, &set("training.batch_sise=2"), false).unwrap();
-        assert_eq!(doc["training"]["batch_sise"].as_u64(), Some(2));
-        let mut list: serde_yaml::Value = serde_yaml::from_str("- a\n- b\n").unwrap();
-        let e = apply_overrides(&mut list, &set("training.batch_size=2"), true).unwrap_err().to_string();
-        assert!(e.contains("mapping"), "{e}");
-        let mut empty = serde_yaml::Value::Null;
-        apply_overrides(&mut empty, &set("lora.rank=8"), true).unwrap();
-        assert_eq!(empty["lora"]["rank"].as_u64(), Some(8));
+        assert_eq!(parse_overrides(&set(&["training.batch_sise=2"]), false).unwrap().len(), 1);
+        let e = parse_overrides(&set(&["training.batch_size"]), true).unwrap_err().to_string();
+        assert!(e.contains("SECTION.KEY=VALUE"), "{e}");
+        let read = |yaml: &str, o: &[&str]| {
+            let o = parse_overrides(&set(o), true).unwrap();
+            TrainConfig::from_yaml_overridden(yaml, Path::new("c.yaml"), &o)
+        };
+        let (c, _) = read("training:\n  batch_size: 4\n", &["training.batch_size=2"]).unwrap();
+        assert_eq!(c.training.batch_size, 2);
+        let (c, _) = read("", &["lora.rank=8"]).unwrap();
+        assert_eq!(c.lora.rank, 8);
+        // SAM3_LoRA's legacy data paths, its standalone layout and an alias: replaced, said so.
+        let legacy = "training:\n  train_data_path: data/train\n  val_data_path: data/valid\n  epochs: 3\n";
+        let (c, notes) = read(legacy, &["training.data_dir=/elsewhere", "training.num_epochs=5"]).unwrap();
+        assert_eq!(c.training.data_dir, Path::new("/elsewhere"));
+        assert_eq!(c.training.num_epochs, 5);
+        let said: Vec<&String> =
+            notes.read_as.iter().filter(|n| n.contains("replaced by --override")).collect();
+        assert_eq!(said.len(), 3, "{notes:?}");
+        let standalone = "dataset:\n  data_root: ./data\ncheckpoint:\n  save_dir: ./ck\n";
+        let (c, notes) = read(standalone, &["training.data_dir=/d", "output.output_dir=/o"]).unwrap();
+        assert_eq!(
+            (c.training.data_dir.as_path(), c.output.output_dir.as_path()),
+            (Path::new("/d"), Path::new("/o"))
+        );
+        assert!(notes.iter().all(|n| !n.contains("not read")), "{notes:?}");
+        // An override given under the alias replaces lorahost's own key in the file.
+        let (c, _) = read("training:\n  num_epochs: 10\n", &["training.epochs=2"]).unwrap();
+        assert_eq!(c.training.num_epochs, 2);
+        let (c, _) = read("training:\n  mixed_precision: bf16\n", &["training.fp16=true"]).unwrap();
+        assert_eq!(c.training.mixed_precision, "fp16");
     }
 }
