@@ -181,9 +181,15 @@ pub fn forward(
     ] {
         tensors.insert(name.to_string(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?);
     }
+    // The folder is created as training creates its output_dir (a missing one is no reason to
+    // lose the forward just run).
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {} for --out: choose another --out", dir.display()))?;
+    }
     let tmp = out.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+        .with_context(|| format!("cannot write {}", out.display()))?;
     crate::train::checkpoint::set_created_permissions(&tmp)?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot move the result to {}", out.display()))?;
     println!("wrote {}", out.display());
@@ -205,9 +211,13 @@ pub fn model_for_adapter(adapter: &Path) -> Result<PathBuf> {
             candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         );
     };
-    let (cfg, _) = crate::train_config::TrainConfig::from_file(found).with_context(|| {
-        format!("reading the run's settings from {} (or give --model DIR)", found.display())
-    })?;
+    // Only the model is read from it: the rest (data, outputs) need not be valid here.
+    let text = std::fs::read_to_string(found)
+        .with_context(|| format!("cannot read {} (or give --model DIR)", found.display()))?;
+    let (cfg, _) =
+        crate::train_config::TrainConfig::from_yaml_unvalidated(&text, found).with_context(|| {
+            format!("reading the run's settings from {} (or give --model DIR)", found.display())
+        })?;
     let dir = crate::train::resolve_model(&cfg)
         .with_context(|| format!("the base model named in {} (give --model DIR instead)", found.display()))?;
     tracing::info!("base model {} (from {})", dir.display(), found.display());
@@ -540,6 +550,19 @@ pub fn image_out_dirs(images: &[PathBuf], out: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The base model of a run's adapters comes from the run's recorded config, which needs only
+    /// its `model:` section here (no data_dir: predict reads no dataset).
+    #[test]
+    fn the_base_model_is_read_from_a_record_holding_only_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let best = dir.path().join("best");
+        std::fs::create_dir_all(&best).unwrap();
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny_sam3");
+        let record = format!("model:\n  path: {}\n", model.display());
+        std::fs::write(dir.path().join(crate::train::checkpoint::CONFIG_RECORD), record).unwrap();
+        assert_eq!(model_for_adapter(&best).unwrap(), model);
+    }
 
     /// An image whose file name is not UTF-8 is segmented, and its `detections.json` names it
     /// (the undecodable byte as U+FFFD); putting the `PathBuf` into `json!` panicked.

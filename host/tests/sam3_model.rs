@@ -160,7 +160,8 @@ fn matches_transformers_tiny_b() {
 fn forward_command_writes_the_contract_outputs() {
     let dir = fixture("tiny_a");
     let out_dir = tempfile::tempdir().unwrap();
-    let out = out_dir.path().join("out.safetensors");
+    // Into a folder that does not exist yet: created, as training creates its output_dir.
+    let out = out_dir.path().join("results").join("out.safetensors");
     let status = Command::new(env!("CARGO_BIN_EXE_lorahost"))
         .args(["forward", "--model"])
         .arg(&dir)
