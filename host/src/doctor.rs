@@ -45,7 +45,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// How bad a finding is.
@@ -427,6 +427,21 @@ impl Broken {
     }
 }
 
+/// One config problem as its own F11 error (`what: the problem's head`, its fix), the key it
+/// names marked broken so the checks that need it are skipped.
+fn setting_problem(r: &mut Report, broken: &mut Broken, path: &Path, what: &str, problem: &str) {
+    let (key, fix) = contradiction_fix(problem);
+    let message = problem.split_once(": ").map_or(problem, |(head, _)| head);
+    r.add(
+        "F11",
+        Severity::Error,
+        format!("{what}: {message}"),
+        format!("{}: {problem}", path.display()),
+        fix,
+    );
+    broken.0.push(key);
+}
+
 /// The config key a contradiction names (its first `section.key` word) and the fix it carries:
 /// the part from its first imperative ("set ...", "use ..."), else one for the key.
 fn contradiction_fix(problem: &str) -> (String, String) {
@@ -519,16 +534,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
     };
     let mut broken = Broken::default();
     for p in &read.problems {
-        let (key, fix) = contradiction_fix(p);
-        let message = p.split_once(": ").map_or(p.as_str(), |(head, _)| head).to_string();
-        r.add(
-            "F11",
-            Severity::Error,
-            format!("a setting lorahost cannot use: {message}"),
-            format!("{}: {p}", path.display()),
-            fix,
-        );
-        broken.0.push(key);
+        setting_problem(r, &mut broken, path, "a setting lorahost cannot use", p);
     }
     let (mut cfg, notes) = (read.config, read.notes);
     for w in notes.unknown {
@@ -575,17 +581,8 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
     match cfg.validate(path) {
         Ok(()) => {}
         Err(TrainConfigError::Contradiction { problems, .. }) => {
-            for p in problems {
-                let (key, fix) = contradiction_fix(&p);
-                let message = p.split_once(": ").map_or(p.as_str(), |(head, _)| head).to_string();
-                r.add(
-                    "F11",
-                    Severity::Error,
-                    format!("contradictory or impossible setting: {message}"),
-                    format!("{}: {p}", path.display()),
-                    fix,
-                );
-                broken.0.push(key);
+            for p in &problems {
+                setting_problem(r, &mut broken, path, "contradictory or impossible setting", p);
             }
         }
         Err(e) => {
