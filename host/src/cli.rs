@@ -91,8 +91,8 @@ pub enum Command {
         #[arg(long, value_name = "GiB")]
         host_memory_gb: Option<f64>,
         /// Draw the ground truth as training builds it (the model's square input with each
-        /// prompt's boxes and masks in its colour; with training.augment also the flipped,
-        /// zoomed-out variant) into DIR, with an index overlays.json.
+        /// prompt's boxes and masks in its colour; with training.augment also the augmented
+        /// variant) into DIR, with an index overlays.json.
         #[arg(long, value_name = "DIR")]
         gt_overlays: Option<PathBuf>,
         /// Images per split to draw with --gt-overlays (spread over the split).

@@ -253,7 +253,8 @@ fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut 
     let mut entries = Vec::new();
     for name in ["train", "valid", "test"] {
         let Some(split) = ds.split(name) else { continue };
-        match crate::data::overlay::write_overlays(split, &base, images, t.augment && name == "train", dir) {
+        let augment = if name == "train" { t.augment } else { crate::data::augment::Augmentation::NONE };
+        match crate::data::overlay::write_overlays(split, &base, images, &augment, dir) {
             Ok(e) => entries.extend(e),
             Err(e) => {
                 r.add(

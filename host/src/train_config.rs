@@ -236,10 +236,10 @@ pub struct TrainingSection {
     /// Micro-batches per optimizer step.
     #[serde(deserialize_with = "count")]
     pub gradient_accumulation_steps: usize,
-    /// Augmentation: horizontal flip (p = 0.5) and zoom-out (p = 0.5: content scaled by
-    /// U[0.5, 1) into the top-left of the square input, the rest padded), seeded per image
-    /// and epoch.
-    pub augment: bool,
+    /// Augmentation of training images: `true` = horizontal flip and zoom-out (p = 0.5 each),
+    /// or a mapping of `hflip`, `vflip`, `zoom_out` (probabilities), `brightness` and
+    /// `contrast` (amounts); see [`crate::data::augment`]. Seeded per image and epoch.
+    pub augment: crate::data::augment::Augmentation,
     /// lorahost: when `data_dir` has no `train/` split yet, write the bundled synthetic crack
     /// dataset there first (demo and tests).
     pub synthetic: bool,
@@ -280,7 +280,7 @@ impl Default for TrainingSection {
             mixed_precision: "no".into(),
             seed: 42,
             gradient_accumulation_steps: 1,
-            augment: false,
+            augment: crate::data::augment::Augmentation::NONE,
             synthetic: false,
             box_prompt_prob: 0.0,
             gradient_checkpointing: Default::default(),
@@ -635,10 +635,27 @@ const ALIASES: &[(&str, &str, &str, &str, &str)] = &[
 /// Keys of SAM3_LoRA's forks that lorahost does differently: what to do instead. The key is
 /// not read. `active` values only: `false`, `null` and "" say nothing.
 fn pointer(section: &str, key: &str, v: &Value, t: &Mapping) -> Option<Option<String>> {
-    let shown = show(v);
-    let active = !matches!(v, Value::Null | Value::Bool(false))
-        && v.as_str().is_none_or(|s| !s.trim().is_empty() && !is_false_word(s));
+    // A feature section of a fork (`srf_lite: {enabled: true, ...}`) is on unless it says
+    // `enabled: false`.
+    let switch = v.as_mapping().map(|m| m.get("enabled").and_then(as_bool) != Some(false));
+    let shown = if v.is_mapping() { "{...}".to_string() } else { show(v) };
+    let active = switch.unwrap_or_else(|| {
+        !matches!(v, Value::Null | Value::Bool(false))
+            && v.as_str().is_none_or(|s| !s.trim().is_empty() && !is_false_word(s))
+    });
     let text = match (section, key) {
+        ("model", "srf_lite") => {
+            "lorahost has no SRF-lite adapters (jeb223's fork): this run trains the LoRA adapters only".into()
+        }
+        ("model", "depth_guidance") => {
+            "lorahost has no depth-guidance branch (jeb223's fork): it trains on the RGB images only".into()
+        }
+        ("training", "boundary_optimization" | "semantic_optimization" | "depth_optimization") => {
+            "lorahost has no boundary, semantic or depth auxiliary losses (jeb223's fork): it trains Meta's SAM3 loss, whose terms the `loss:` section weights".into()
+        }
+        ("training", "low_light_augmentation") => {
+            "lorahost has no low-light augmentation (jeb223's fork); training.augment has brightness and contrast jitter, e.g. `augment: {hflip: 0.5, brightness: 0.3, contrast: 0.25}`".into()
+        }
         ("training" | "output", "auto_resume") => {
             "lorahost resumes when asked: `lorahost train --config ... --resume` continues from the newest checkpoint in output_dir".to_string()
         }
@@ -802,6 +819,7 @@ enum Kind {
     List,
     Precision,
     Checkpointing,
+    Augment,
 }
 
 fn kind_of(section: &str, key: &str) -> Option<Kind> {
@@ -839,7 +857,8 @@ fn kind_of(section: &str, key: &str) -> Option<Kind> {
         ("training", "mixed_precision") => Precision,
         ("lora", k) if k.starts_with("apply_to_") => Bool,
         ("training", "gradient_checkpointing") => Checkpointing,
-        ("training", "augment" | "synthetic")
+        ("training", "augment") => Augment,
+        ("training", "synthetic")
         | ("output", "save_lora_only" | "push_to_hub")
         | ("evaluation", "save_predictions" | "compute_metrics_during_training")
         | ("hardware", "dataloader_pin_memory" | "use_compile") => Bool,
@@ -964,6 +983,7 @@ fn normalize_value(
                     (None, Some(t)) if t == "full" => *v = Value::Bool(true),
                     _ => errors.push(bad("true, false or mlp (fc1's output recomputed)")),
                 },
+                Kind::Augment => normalize_augment(v, notes, errors),
                 Kind::Precision => match (v.as_str(), as_bool(v)) {
                     // YAML 1.1 `off` / `no` (and `false`) mean no mixed precision.
                     (_, Some(false)) => *v = Value::String("no".into()),
@@ -972,6 +992,49 @@ fn normalize_value(
                     (None, None) => errors.push(bad("no, bf16 or fp16")),
                 },
             }
+        }
+    }
+}
+
+/// [`normalize`] for `training.augment`: a boolean, or a mapping whose values become numbers
+/// (`true` in a mapping = 0.5 for a flip or zoom-out, 0.1 for brightness or contrast).
+fn normalize_augment(v: &mut Value, notes: &mut Vec<String>, errors: &mut Vec<String>) {
+    use crate::data::augment::Augmentation;
+    if let Some(b) = as_bool(v) {
+        *v = Value::Bool(b);
+        return;
+    }
+    let Some(m) = v.as_mapping_mut() else {
+        errors.push(format!(
+            "training.augment: expected true, false or a mapping of hflip, vflip, zoom_out (probabilities) and brightness, contrast (amounts), got {}",
+            show(v)
+        ));
+        return;
+    };
+    let keys: Vec<Value> = m.keys().cloned().collect();
+    for key in keys {
+        let name = key.as_str().unwrap_or_default().to_string();
+        let Some(x) = m.get_mut(&key) else { continue };
+        let photometric = matches!(name.as_str(), "brightness" | "contrast");
+        let value = match (as_bool(x), as_number(x)) {
+            _ if x.is_null() => Some(0.0),
+            (Some(b), _) if x.is_bool() || x.is_string() => {
+                let on = if photometric { 0.1 } else { 0.5 };
+                if b {
+                    notes.push(format!("`training.augment.{name}: true` read as {on}"));
+                }
+                Some(if b { on } else { 0.0 })
+            }
+            (_, Some(n)) if Augmentation::accepts(&name, n) => Some(n),
+            _ => None,
+        };
+        match value {
+            Some(n) => *x = Value::from(n),
+            None => errors.push(format!(
+                "training.augment.{name}: expected {}, got {}",
+                Augmentation::expected(&name),
+                show(x)
+            )),
         }
     }
 }
@@ -1183,36 +1246,50 @@ fn legacy_data_paths(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Ve
     t.insert(Value::String("data_dir".into()), Value::String(root.display().to_string()));
 }
 
-/// clary97's `training.augment:` mapping (hflip, vflip, brightness, contrast, ...).
+/// A `training.augment:` mapping in other trainers' words: flip aliases read under lorahost's
+/// names, `enabled: false` switches augmentation off, and transforms lorahost does not have are
+/// named and left out. (Values are checked by [`normalize_augment`].)
 fn augment_mapping(doc: &mut Mapping, notes: &mut Vec<String>, ignored: &mut Vec<String>) {
     let Some(t) = doc.get_mut("training").and_then(Value::as_mapping_mut) else { return };
     let Some(Value::Mapping(m)) = t.get("augment").cloned() else { return };
-    let mut hflip = false;
+    let mut out = Mapping::new();
     let mut unsupported = Vec::new();
+    let mut enabled = true;
     for (k, v) in &m {
         let k = k.as_str().map(str::to_string).unwrap_or_else(|| show(k));
-        let on = as_bool(v).unwrap_or_else(|| as_number(v).is_none_or(|x| x != 0.0) && !v.is_null());
-        if matches!(k.as_str(), "hflip" | "horizontal_flip" | "fliplr") {
-            hflip = as_bool(v).unwrap_or(on);
-        } else if on {
-            unsupported.push(k);
+        let name = match k.as_str() {
+            "horizontal_flip" | "fliplr" | "h_flip" | "random_horizontal_flip" => "hflip",
+            "vertical_flip" | "flipud" | "v_flip" | "random_vertical_flip" => "vflip",
+            "enabled" | "enable" => {
+                enabled = as_bool(v) != Some(false);
+                continue;
+            }
+            k if crate::data::augment::KEYS.contains(&k) => k,
+            _ => {
+                if !v.is_null() && as_bool(v) != Some(false) && as_number(v) != Some(0.0) {
+                    unsupported.push(k);
+                }
+                continue;
+            }
+        };
+        if name != k {
+            notes.push(format!("`training.augment.{k}` read as `training.augment.{name}`"));
         }
+        out.insert(Value::String(name.into()), v.clone());
     }
-    let what =
-        "lorahost's augmentation is horizontal flip plus zoom-out (p = 0.5 each), switched on together";
-    notes.push(if hflip {
-        format!("`training.augment.hflip: true` read as `training.augment: true`: {what}")
-    } else {
-        format!("`training.augment` without hflip: true read as `training.augment: false` ({what})")
-    });
     if !unsupported.is_empty() {
         ignored.push(format!(
-            "training.augment: {} not supported by lorahost (ignored)",
+            "training.augment: {} not an augmentation lorahost has (it has {}; ignored)",
             unsupported.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
-                + if unsupported.len() == 1 { " is" } else { " are" }
+                + if unsupported.len() == 1 { " is" } else { " are" },
+            crate::data::augment::KEYS.join(", ")
         ));
     }
-    t.insert(Value::String("augment".into()), Value::Bool(hflip));
+    if !enabled {
+        notes.push("`training.augment.enabled: false`: no augmentation".into());
+        out = Mapping::new();
+    }
+    t.insert(Value::String("augment".into()), Value::Mapping(out));
 }
 
 /// transformers' `fp16: true` / `bf16: true` flags.
@@ -1462,6 +1539,21 @@ fn spellings() -> impl Iterator<Item = String> {
 /// same setting in the file removed (the command line wins over the file, whichever name the
 /// file used).
 fn apply_override(doc: &mut Mapping, key: &str, value: Value, notes: &mut Vec<String>) {
+    // `training.augment.vflip=0.5` over the file's `augment: true` adds to what `true` means.
+    if key.starts_with("training.augment.") {
+        if let Some(a) = doc.get_mut("training").and_then(|t| t.get_mut("augment")) {
+            if let Some(on) = as_bool(a) {
+                let policy =
+                    if on { crate::data::augment::Augmentation::DEFAULT } else { Default::default() };
+                let m: Mapping = crate::data::augment::KEYS
+                    .iter()
+                    .zip(policy.values())
+                    .map(|(k, v)| (Value::String(k.to_string()), Value::from(v)))
+                    .collect();
+                *a = Value::Mapping(m);
+            }
+        }
+    }
     let setting = setting_of(key);
     let mut seen = std::collections::BTreeSet::new();
     let candidates = spellings().chain(std::iter::once(setting.clone()));
@@ -1541,7 +1633,7 @@ fn migrate(doc: &mut Mapping, r: &mut Reading) {
     }
     precision_flags(doc, notes, errors);
     betas(doc, notes, errors);
-    for sec in ["training", "output", "hardware", "lora"] {
+    for sec in ["model", "training", "output", "hardware", "lora"] {
         let Some(m) = doc.get(sec).and_then(Value::as_mapping).cloned() else { continue };
         let t = doc.get("training").and_then(Value::as_mapping).cloned().unwrap_or_default();
         for (k, v) in &m {
@@ -2412,19 +2504,88 @@ mod tests {
         assert!(unknown_keys(&serde_yaml::from_str("training:\n  lr: 1\n  fp16: true\n").unwrap()).is_empty());
     }
 
-    /// clary97's `training.augment:` mapping.
+    /// jeb223's feature sections: named as not applied when on, silent when `enabled: false`,
+    /// never "unknown".
     #[test]
-    fn augment_mapping_reads_hflip_and_names_the_rest() {
-        let (c, w) = parse(
-            "training:\n  data_dir: d\n  augment:\n    hflip: true\n    vflip: true\n    brightness: 0.2\n    contrast: 0\n",
+    fn fork_feature_sections_are_answered_by_whether_they_are_on() {
+        let (_, w) = parse(
+            "model:\n  srf_lite:\n    enabled: true\n    num_levels: 4\n  depth_guidance:\n    enabled: false\n    depth_dir: depth\n\
+             training:\n  data_dir: d\n  low_light_augmentation:\n    enabled: true\n  boundary_optimization:\n    enabled: false\n\
+             \x20\x20semantic_optimization:\n    loss_weight: 20\n",
         )
         .unwrap();
-        assert!(c.training.augment);
         let all = w.join("\n");
-        assert!(all.contains("zoom-out") && all.contains("`vflip`") && all.contains("`brightness`"), "{all}");
-        assert!(!all.contains("`contrast`"), "a disabled entry is not reported: {all}");
-        let (c, _) = parse("training:\n  data_dir: d\n  augment:\n    vflip: true\n").unwrap();
-        assert!(!c.training.augment);
+        assert!(all.contains("`model.srf_lite: {...}` is not read: lorahost has no SRF-lite"), "{all}");
+        assert!(
+            all.contains("`training.low_light_augmentation: {...}`") && all.contains("brightness"),
+            "{all}"
+        );
+        assert!(
+            all.contains("`training.semantic_optimization: {...}`"),
+            "a section without `enabled` is on: {all}"
+        );
+        assert!(!all.contains("depth_guidance") && !all.contains("boundary_optimization"), "{all}");
+        assert!(!all.contains("unknown"), "{all}");
+    }
+
+    /// `training.augment`: booleans, lorahost's mapping, clary97's and other forks' spellings,
+    /// values out of range as problems, and overrides on top of `augment: true`.
+    #[test]
+    fn augment_reads_booleans_mappings_and_other_spellings() {
+        use crate::data::augment::Augmentation;
+        let aug = |y: &str| parse(&format!("training:\n  data_dir: d\n  augment: {y}\n")).unwrap();
+        assert_eq!(aug("true").0.training.augment, Augmentation::DEFAULT);
+        assert_eq!(aug("off").0.training.augment, Augmentation::NONE);
+        assert_eq!(aug("null").0.training.augment, Augmentation::NONE);
+        // SAM3-LoRA-Crack's transforms, written out; a flip given as true is p = 0.5.
+        let (c, w) = aug("{hflip: true, vflip: true, brightness: 0.1, contrast: 0.1}");
+        assert_eq!(c.training.augment, Augmentation::SAM3_LORA_CRACK);
+        assert!(w.iter().any(|n| n.contains("hflip: true` read as 0.5")), "{w:?}");
+        // Keys left out are off; aliases read under lorahost's names; zero is off.
+        let (c, w) = aug("{flipud: 0.3, zoom_out: 1, contrast: 0}");
+        assert_eq!(
+            c.training.augment,
+            Augmentation { vflip: 0.3, zoom_out: 1.0, ..Augmentation::NONE },
+            "{w:?}"
+        );
+        assert!(w.iter().any(|n| n.contains("`training.augment.flipud` read as `training.augment.vflip`")));
+        // Transforms lorahost lacks are named (not the ones switched off); the rest is read.
+        let (c, w) = aug("{hflip: 0.5, rotate: 15, hue: 0, saturation: false}");
+        assert_eq!(c.training.augment, Augmentation { hflip: 0.5, ..Augmentation::NONE });
+        let all = w.join("\n");
+        assert!(all.contains("`rotate` is not an augmentation") && !all.contains("hue"), "{all}");
+        assert_eq!(aug("{enabled: false, hflip: true}").0.training.augment, Augmentation::NONE);
+        // A value out of range is a problem naming the key and the range; the rest is read.
+        let read = |y: &str| TrainConfig::read(y, Path::new("c.yaml"), &[]).unwrap();
+        let r = read("training:\n  seed: 3\n  augment:\n    hflip: 2\n");
+        assert_eq!(r.config.training.seed, 3);
+        assert_eq!(r.config.training.augment, Augmentation::NONE);
+        assert!(
+            r.problems.iter().any(|p| p.contains("training.augment.hflip") && p.contains("[0, 1]")),
+            "{:?}",
+            r.problems
+        );
+        let r = read("training:\n  augment: [hflip]\n");
+        assert!(r.problems.iter().any(|p| p.contains("training.augment: expected true, false or a mapping")));
+        // An override of one transform adds to the file's `augment: true`.
+        let over = |file: &str, k: &str, v: &str| {
+            let o = vec![(k.to_string(), serde_yaml::from_str(v).unwrap())];
+            TrainConfig::read(file, Path::new("c.yaml"), &o).unwrap().config.training.augment
+        };
+        let t = "training:\n  augment: true\n";
+        assert_eq!(
+            over(t, "training.augment.vflip", "0.5"),
+            Augmentation { vflip: 0.5, ..Augmentation::DEFAULT }
+        );
+        assert_eq!(over(t, "training.augment", "false"), Augmentation::NONE);
+        assert_eq!(
+            over("{}", "training.augment.brightness", "0.2"),
+            Augmentation { brightness: 0.2, ..Augmentation::NONE }
+        );
+        // The run's record reads back as written.
+        let (c, _) = aug("{vflip: 0.25, contrast: 0.05}");
+        let again = parse(&serde_yaml::to_string(&c).unwrap()).unwrap().0;
+        assert_eq!(again.training.augment, c.training.augment);
     }
 
     /// What PyYAML (YAML 1.1) accepts: yes/no/on/off booleans, null = the default, a BOM;
@@ -2440,7 +2601,7 @@ mod tests {
         .unwrap();
         let l = &c.lora;
         assert!(l.apply_to_vision_encoder && l.apply_to_text_encoder && !l.apply_to_geometry_encoder);
-        assert!(!l.apply_to_detr_encoder && !l.apply_to_mask_decoder && c.training.augment);
+        assert!(!l.apply_to_detr_encoder && !l.apply_to_mask_decoder && c.training.augment.is_on());
         assert_eq!(c.training.max_grad_norm, 0.0, "null = no clipping");
         assert_eq!((c.training.warmup_steps, c.training.seed), (0, 3));
         assert!((c.training.learning_rate - 1e-4).abs() < 1e-18);

@@ -129,7 +129,7 @@ fn resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights() {
         tmp.path(),
         &data,
         &full,
-        "  save_steps: 1\n  save_total_limit: 0\n  augment: true\n",
+        "  save_steps: 1\n  save_total_limit: 0\n  augment: {hflip: 0.5, vflip: 0.5, zoom_out: 0.5, brightness: 0.1, contrast: 0.1}\n",
         &plugin_yaml,
     );
     run(&opts(&cfg_a));
@@ -141,7 +141,7 @@ fn resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights() {
         tmp.path(),
         &data,
         &part,
-        "  save_steps: 1\n  save_total_limit: 0\n  augment: true\n",
+        "  save_steps: 1\n  save_total_limit: 0\n  augment: {hflip: 0.5, vflip: 0.5, zoom_out: 0.5, brightness: 0.1, contrast: 0.1}\n",
         &plugin_yaml,
     );
     let s = run(&TrainOptions { resume: Some(Resume::Latest), ..opts(&cfg_b) });

@@ -1,5 +1,5 @@
 //! Building model inputs and targets from a [`Split`]: the image resized to the square model
-//! size and normalized (as SAM3, aspect ratio not preserved), optional horizontal flip applied to
+//! size and normalized (as SAM3, aspect ratio not preserved), optional flips and zoom-out applied to
 //! pixels, boxes and masks together, per-query targets with boxes in normalized CxCyWH and masks
 //! nearest-resized to the mask resolution; then stacking samples into a batch.
 
@@ -20,16 +20,54 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Flip this sample horizontally (the caller decides, e.g. from a seeded coin).
     pub hflip: bool,
+    /// Flip this sample vertically.
+    pub vflip: bool,
     /// Zoom-out augmentation (Meta's random resize + pad to a square): the image, boxes and
     /// masks are shrunk by this factor into the top-left corner of the square input and the
     /// rest is padding (0 after normalization). 1.0 = none; valid range (0, 1].
     pub scale: f64,
+    /// Contrast factor applied to the normalized content around mid-grey (1.0 = none).
+    pub contrast: f32,
+    /// Brightness shift added to the normalized content (0.0 = none); the result is clamped
+    /// to [-1, 1], the range of real pixels.
+    pub brightness: f32,
 }
 
 impl SampleOptions {
     /// Options without augmentation.
     pub fn plain(image_size: usize, mask_size: usize, num_negatives: usize, seed: u64) -> Self {
-        SampleOptions { image_size, mask_size, num_negatives, seed, hflip: false, scale: 1.0 }
+        SampleOptions {
+            image_size,
+            mask_size,
+            num_negatives,
+            seed,
+            hflip: false,
+            vflip: false,
+            scale: 1.0,
+            contrast: 1.0,
+            brightness: 0.0,
+        }
+    }
+
+    /// These options with an augmentation draw applied.
+    pub fn augmented(self, d: &super::augment::Draw) -> Self {
+        SampleOptions {
+            hflip: d.hflip,
+            vflip: d.vflip,
+            scale: d.scale,
+            contrast: d.contrast,
+            brightness: d.brightness,
+            ..self
+        }
+    }
+}
+
+/// Reverse the order of the rows (of width `w`) of a row-major mask: a vertical flip.
+fn flip_rows(mask: &mut [bool], w: usize) {
+    let h = mask.len() / w.max(1);
+    for y in 0..h / 2 {
+        let (top, bottom) = mask.split_at_mut((h - 1 - y) * w);
+        top[y * w..(y + 1) * w].swap_with_slice(&mut bottom[..w]);
     }
 }
 
@@ -148,6 +186,18 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
     if opts.hflip {
         image::imageops::flip_horizontal_in_place(&mut img);
     }
+    if opts.vflip {
+        image::imageops::flip_vertical_in_place(&mut img);
+    }
+    if !(opts.contrast > 0.0 && opts.contrast.is_finite() && opts.brightness.is_finite()) {
+        return Err(DataError::Invalid {
+            what: "sample options",
+            reason: format!(
+                "contrast {} and brightness {} (use a contrast factor > 0 and a finite shift)",
+                opts.contrast, opts.brightness
+            ),
+        });
+    }
     if !(opts.scale > 0.0 && opts.scale <= 1.0) {
         return Err(DataError::Invalid {
             what: "sample options",
@@ -158,7 +208,12 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
     let s = opts.image_size;
     let k = ((s as f64 * opts.scale).round() as usize).clamp(1, s);
     let f = k as f32 / s as f32;
-    let pixel_values = crate::imageio::to_pixel_values(&img, k, &Device::Cpu)?;
+    let mut pixel_values = crate::imageio::to_pixel_values(&img, k, &Device::Cpu)?;
+    if opts.contrast != 1.0 || opts.brightness != 0.0 {
+        // Photometric jitter of the content only (padding stays 0), saturating like a camera.
+        pixel_values =
+            pixel_values.affine(opts.contrast as f64, opts.brightness as f64)?.clamp(-1f32, 1f32)?;
+    }
     let pixel_values = if k < s {
         pixel_values.pad_with_zeros(2, 0, s - k)?.pad_with_zeros(3, 0, s - k)?
     } else {
@@ -180,7 +235,10 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
         };
         for &oi in &q.objects {
             let o = &im.objects[oi];
-            let bx = box_to_cxcywh(o.bbox_xywh, w, h, opts.hflip);
+            let mut bx = box_to_cxcywh(o.bbox_xywh, w, h, opts.hflip);
+            if opts.vflip {
+                bx[1] = 1.0 - bx[1];
+            }
             let bx = [bx[0] * f, bx[1] * f, bx[2] * f, bx[3] * f];
             if bx[2] <= 0.0 || bx[3] <= 0.0 {
                 // Entirely outside the image: degenerate once clipped (a preflight error). A
@@ -191,7 +249,10 @@ pub fn build_sample(split: &Split, index: usize, opts: &SampleOptions) -> Result
             t.boxes.push(bx);
             // A mask that cannot be decoded at this size (the preflight names it), or that
             // is empty at the mask resolution, leaves a box-only target: no mask loss.
-            let full = o.segmentation.as_ref().and_then(|seg| seg.decode(h as usize, w as usize).ok());
+            let mut full = o.segmentation.as_ref().and_then(|seg| seg.decode(h as usize, w as usize).ok());
+            if let Some(f) = full.as_mut().filter(|f| opts.vflip && f.len() == (w * h) as usize) {
+                flip_rows(f, w as usize);
+            }
             let resized = full.map(|full| {
                 if km == m {
                     resize_mask_nearest(&full, h as usize, w as usize, m, opts.hflip)

@@ -5,10 +5,12 @@
 //!
 //! - [`rle`]: COCO RLE (uncompressed and compressed string) and polygon rasterization.
 //! - [`coco`]: loading, preflight, fingerprint, queries.
-//! - [`batch`]: resize/normalize/flip into model inputs and targets, stacking into tensors.
+//! - [`augment`]: the augmentation policy (`training.augment`) and its seeded draws.
+//! - [`batch`]: resize/normalize/augment into model inputs and targets, stacking into tensors.
 //! - [`overlay`]: pictures of the targets as training builds them (`doctor --gt-overlays`).
 //! - [`synthetic`]: the bundled synthetic crack dataset.
 
+pub mod augment;
 pub mod batch;
 pub mod coco;
 pub mod overlay;

@@ -1,5 +1,5 @@
 //! Ground-truth overlays: the images as training sees them (resized to the model's square
-//! input, flipped and zoomed out when augmentation is on) with the targets training builds for
+//! input, and also augmented when augmentation is on) with the targets training builds for
 //! them drawn on top: each prompt's boxes and masks in the prompt's colour.
 //!
 //! This is the check people did by hand with SAM3_LoRA's `verify_gt_transforms.py`: boxes
@@ -7,6 +7,7 @@
 //! against their image (F24) or labels of the wrong class (F6, D8) are obvious in a picture
 //! and easy to miss in numbers. `lorahost doctor --gt-overlays DIR` writes them.
 
+use super::augment::{Augmentation, Draw};
 use super::batch::{build_sample, Sample, SampleOptions};
 use super::coco::Split;
 use super::DataError;
@@ -28,7 +29,8 @@ pub struct OverlayRecord {
     pub image_id: u64,
     /// The decoded image's (width, height) before resizing.
     pub original_size: (u32, u32),
-    /// Whether this is the augmented variant (flipped and zoomed out).
+    /// Whether this is the augmented variant (every transform of `training.augment` at a
+    /// visible setting).
     pub augmented: bool,
     /// The prompts of the image: positives with their objects, and the negatives drawn.
     pub queries: Vec<OverlayQuery>,
@@ -126,8 +128,9 @@ pub fn render(sample: &Sample, mask_size: usize, colors: &BTreeMap<String, [u8; 
 }
 
 /// Write overlays of `count` images of `split` (spread evenly over it) into `dir`, each as
-/// training builds it with `base` (hflip and scale are set here: plain, and when `augmented`
-/// also flipped and zoomed out to 0.75). Colours follow the split's prompts in name order.
+/// training builds it with `base` (its augmentation fields are set here: plain, and when
+/// `augment` is on also with every transform it has at a visible setting,
+/// [`Augmentation::showcase`]). Colours follow the split's prompts in name order.
 /// An image whose sample cannot be built (unreadable, undecodable) becomes an
 /// [`OverlayEntry::Failed`] and the others are still drawn; only an output that cannot be
 /// written is an error.
@@ -135,7 +138,7 @@ pub fn write_overlays(
     split: &Split,
     base: &SampleOptions,
     count: usize,
-    augmented: bool,
+    augment: &Augmentation,
     dir: &Path,
 ) -> Result<Vec<OverlayEntry>, DataError> {
     let io =
@@ -152,10 +155,11 @@ pub fn write_overlays(
     picked.dedup();
     let mut out = Vec::new();
     for index in picked {
-        let variants: &[(bool, f64)] =
-            if augmented { &[(false, 1.0), (true, 0.75)] } else { &[(false, 1.0)] };
-        for &(hflip, scale) in variants {
-            let opts = SampleOptions { hflip, scale, ..*base };
+        let variants: &[Draw] =
+            if augment.is_on() { &[Draw::NONE, augment.showcase()] } else { &[Draw::NONE] };
+        for (variant, draw) in variants.iter().enumerate() {
+            let augmented = variant > 0;
+            let opts = base.augmented(draw);
             let im = &split.images[index];
             let sample = match build_sample(split, index, &opts) {
                 Ok(s) => s,
@@ -176,7 +180,7 @@ pub fn write_overlays(
                 "{}_{index:04}_{}{}.png",
                 split.name,
                 sanitize(&stem),
-                if hflip { "_augmented" } else { "" }
+                if augmented { "_augmented" } else { "" }
             );
             let file = dir.join(name);
             let mut png = Vec::new();
@@ -189,7 +193,7 @@ pub fn write_overlays(
                 image: im.path.clone(),
                 image_id: im.id,
                 original_size: sample.original_size,
-                augmented: hflip,
+                augmented,
                 queries: sample
                     .queries
                     .iter()
@@ -243,7 +247,7 @@ mod tests {
         let split = ds.split("train").unwrap();
         let base = SampleOptions::plain(64, 16, 1, 7);
         let out = dir.path().join("ov");
-        let recs: Vec<OverlayRecord> = write_overlays(split, &base, 2, true, &out)
+        let recs: Vec<OverlayRecord> = write_overlays(split, &base, 2, &Augmentation::DEFAULT, &out)
             .unwrap()
             .iter()
             .map(|e| e.written().unwrap().clone())

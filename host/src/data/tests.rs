@@ -20,7 +20,7 @@ fn write_json(dir: &Path, split: &str, v: serde_json::Value) {
 }
 
 fn opts(size: usize, mask: usize, hflip: bool) -> SampleOptions {
-    SampleOptions { image_size: size, mask_size: mask, num_negatives: 1, seed: 7, hflip, scale: 1.0 }
+    SampleOptions { hflip, ..SampleOptions::plain(size, mask, 1, 7) }
 }
 
 /// One 5x6 (w x h) image with a polygon, an uncompressed RLE and a compressed RLE (the
@@ -589,6 +589,87 @@ fn hflip_keeps_boxes_masks_and_pixels_consistent() {
                 assert!(((bx[0] + bx[2] / 2.0) * 64.0 - hi).abs() < 1e-3, "{bx:?} {hi}");
             }
         }
+    }
+}
+
+/// A vertical flip mirrors pixels, box centres and masks top to bottom, together; with a
+/// horizontal flip too it is a half turn.
+#[test]
+fn vflip_keeps_boxes_masks_and_pixels_consistent() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec { train_images: 3, valid_images: 0, size: 64, ..Default::default() };
+    write_synthetic(d.path(), &spec).unwrap();
+    let split = Split::load(d.path(), "train").unwrap();
+    let pixels = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for i in 0..3 {
+        let a = build_sample(&split, i, &opts(64, 64, false)).unwrap();
+        let v = build_sample(&split, i, &SampleOptions { vflip: true, ..opts(64, 64, false) }).unwrap();
+        let hv = build_sample(&split, i, &SampleOptions { vflip: true, ..opts(64, 64, true) }).unwrap();
+        assert_eq!(pixels(&v.pixel_values), pixels(&a.pixel_values.flip(&[2]).unwrap()));
+        assert_eq!(pixels(&hv.pixel_values), pixels(&a.pixel_values.flip(&[2, 3]).unwrap()));
+        assert!(a.queries.iter().any(|q| !q.boxes.is_empty()));
+        for ((qa, qv), qhv) in a.queries.iter().zip(&v.queries).zip(&hv.queries) {
+            for ((ba, bv), bhv) in qa.boxes.iter().zip(&qv.boxes).zip(&qhv.boxes) {
+                assert!(
+                    (ba[1] - (1.0 - bv[1])).abs() < 1e-6 && ba[0] == bv[0] && ba[2..] == bv[2..],
+                    "{ba:?} {bv:?}"
+                );
+                assert!((ba[0] - (1.0 - bhv[0])).abs() < 1e-6 && (ba[1] - (1.0 - bhv[1])).abs() < 1e-6);
+            }
+            for g in 0..qa.boxes.len() {
+                let ma = &qa.masks[g * 4096..(g + 1) * 4096];
+                let mv = &qv.masks[g * 4096..(g + 1) * 4096];
+                let mhv = &qhv.masks[g * 4096..(g + 1) * 4096];
+                for y in 0..64 {
+                    for x in 0..64 {
+                        assert_eq!(ma[y * 64 + x], mv[(63 - y) * 64 + x], "vflip mask at ({x}, {y})");
+                        assert_eq!(ma[y * 64 + x], mhv[(63 - y) * 64 + 63 - x], "half turn at ({x}, {y})");
+                    }
+                }
+                // The flipped box bounds the flipped mask.
+                let bx = qv.boxes[g];
+                let ys: Vec<usize> = (0..4096).filter(|&k| mv[k]).map(|k| k / 64).collect();
+                let (lo, hi) = (*ys.iter().min().unwrap() as f32, *ys.iter().max().unwrap() as f32 + 1.0);
+                assert!(((bx[1] - bx[3] / 2.0) * 64.0 - lo).abs() < 1e-3, "{bx:?} {lo}");
+                assert!(((bx[1] + bx[3] / 2.0) * 64.0 - hi).abs() < 1e-3, "{bx:?} {hi}");
+            }
+        }
+    }
+}
+
+/// Brightness and contrast change the content's pixels (clamped to the real range), not the
+/// padding of a zoom-out, and never the targets.
+#[test]
+fn brightness_and_contrast_change_pixels_only() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec { train_images: 1, valid_images: 0, size: 64, ..Default::default() };
+    write_synthetic(d.path(), &spec).unwrap();
+    let split = Split::load(d.path(), "train").unwrap();
+    let plain = build_sample(&split, 0, &opts(32, 16, false)).unwrap();
+    let jitter = SampleOptions { contrast: 1.1, brightness: -0.1, scale: 0.5, ..opts(32, 16, false) };
+    let j = build_sample(&split, 0, &jitter).unwrap();
+    let zoomed = build_sample(&split, 0, &SampleOptions { scale: 0.5, ..opts(32, 16, false) }).unwrap();
+    let z = zoomed.pixel_values.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let jv = j.pixel_values.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut changed = 0;
+    for (k, (a, b)) in z.iter().zip(&jv).enumerate() {
+        let (y, x) = ((k / 32) % 32, k % 32);
+        if y >= 16 || x >= 16 {
+            assert_eq!(*b, 0.0, "padding changed at {k}");
+        } else {
+            assert!((b - (a * 1.1 - 0.1).clamp(-1.0, 1.0)).abs() < 1e-6, "pixel {k}: {a} -> {b}");
+            changed += usize::from(a != b);
+        }
+    }
+    assert!(changed > 100, "{changed}");
+    assert!(jv.iter().all(|v| (-1.0..=1.0).contains(v)));
+    assert_eq!(zoomed.queries, j.queries);
+    assert_eq!(plain.queries.len(), j.queries.len());
+    for bad in [
+        SampleOptions { contrast: 0.0, ..opts(32, 16, false) },
+        SampleOptions { brightness: f32::NAN, ..opts(32, 16, false) },
+    ] {
+        assert!(build_sample(&split, 0, &bad).is_err());
     }
 }
 

@@ -797,6 +797,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         );
     }
     tracing::info!("data: {} loader thread(s) (training.num_workers)", t.num_workers.max(1));
+    tracing::info!("data: augmentation: {} (training.augment)", t.augment.describe());
 
     // Data.
     if t.synthetic && !t.data_dir.join("train").join(crate::data::coco::ANNOTATION_FILE).is_file() {
@@ -1385,15 +1386,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         );
         state.best = None;
     }
-    let sample_opts =
-        |index_in_split: usize, epoch: u32, split: &Split, flip: bool, scale: f64| SampleOptions {
+    let sample_opts = |index_in_split: usize, epoch: u32, split: &Split| {
+        SampleOptions::plain(
             image_size,
             mask_size,
-            num_negatives: t.num_negatives,
-            seed: SplitMix64::from_parts(&[seed, epoch as u64, split.images[index_in_split].id]).next_u64(),
-            hflip: flip,
-            scale,
-        };
+            t.num_negatives,
+            SplitMix64::from_parts(&[seed, epoch as u64, split.images[index_in_split].id]).next_u64(),
+        )
+    };
     let mut summary = TrainSummary { output_dir: out_dir.clone(), ..Default::default() };
     let run_validation = |model: &Sam3Model, with_metrics: bool| -> Result<Option<ValidationResult>> {
         let Some(vs) = valid_split.as_ref() else { return Ok(None) };
@@ -1520,21 +1520,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let sopts: Vec<SampleOptions> = idx
                 .iter()
                 .map(|&i| {
-                    let flip = t.augment
-                        && SplitMix64::from_parts(&[
-                            seed,
-                            0xF11B,
-                            state.epoch as u64,
-                            train_split.images[i].id,
-                        ])
-                        .next_f64()
-                            < 0.5;
-                    // Zoom-out on half of the images: content scaled by U[0.5, 1), padded.
-                    let mut zr =
-                        SplitMix64::from_parts(&[seed, 0x200E, state.epoch as u64, train_split.images[i].id]);
-                    let scale =
-                        if t.augment && zr.next_f64() < 0.5 { 0.5 + 0.5 * zr.next_f64() } else { 1.0 };
-                    sample_opts(i, state.epoch, &train_split, flip, scale)
+                    let draw = t.augment.draw(seed, state.epoch, train_split.images[i].id);
+                    sample_opts(i, state.epoch, &train_split).augmented(&draw)
                 })
                 .collect();
             let heap_data = crate::alloc_stats::live();

@@ -101,15 +101,13 @@ pub struct ValidationSet<'a> {
 
 impl ValidationSet<'_> {
     fn options(&self, i: usize) -> SampleOptions {
-        SampleOptions {
-            image_size: self.image_size,
-            mask_size: self.mask_size,
-            num_negatives: self.negatives,
-            // Fixed per image: the same negatives at every evaluation.
-            seed: SplitMix64::from_parts(&[self.seed, 0x7A11D, self.split.images[i].id]).next_u64(),
-            hflip: false,
-            scale: 1.0,
-        }
+        // Fixed per image: the same negatives at every evaluation; never augmented.
+        SampleOptions::plain(
+            self.image_size,
+            self.mask_size,
+            self.negatives,
+            SplitMix64::from_parts(&[self.seed, 0x7A11D, self.split.images[i].id]).next_u64(),
+        )
     }
 
     /// Forward every batch (eval mode) and hand its samples, batch, loss and outputs to `f`.
