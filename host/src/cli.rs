@@ -683,6 +683,24 @@ pub fn run(cli: Cli) -> Result<()> {
             for (p, n) in &r.negative_only {
                 println!("    {p:<24} {n}");
             }
+            if let Some(p) = r.pixel {
+                println!(
+                    "  pixels ({} image/prompt {} of the dataset's categories, predictions scoring >= {}, on the {}x{} mask grid):",
+                    p.pairs,
+                    if p.pairs == 1 { "pair" } else { "pairs" },
+                    p.threshold,
+                    r.mask_size,
+                    r.mask_size
+                );
+                println!(
+                    "    IoU {:.4} (micro {:.4})  precision {:.4}  recall {:.4}  F1 {:.4}  Dice {:.4}",
+                    p.mean_iou, p.micro_iou, p.precision, p.recall, p.f1, p.dice
+                );
+                println!(
+                    "    within ±{} px: precision {:.4}  recall {:.4}  F1 {:.4}  clDice {:.4}",
+                    p.tolerance, p.relaxed_precision, p.relaxed_recall, p.relaxed_f1, p.cldice
+                );
+            }
             Ok(())
         }
         Command::Export { config, adapter, merge, out, overwrite } => {

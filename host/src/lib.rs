@@ -28,6 +28,7 @@ pub mod loss;
 pub mod matcher;
 pub mod memory;
 pub mod metrics;
+pub mod pixel_metrics;
 pub mod plugin;
 pub mod profile;
 pub mod replay;

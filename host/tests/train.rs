@@ -699,6 +699,13 @@ fn evaluate_reproduces_the_validation_of_training() {
     assert_eq!(trained.per_prompt.values().map(|p| p.queries).sum::<usize>() + negative_only, m.queries);
     let with_gt: Vec<f64> = trained.per_prompt.values().filter(|p| p.positives > 0).map(|p| p.map).collect();
     assert!((with_gt.iter().sum::<f64>() / with_gt.len() as f64 - m.map).abs() < 1e-12);
+    // Pixel metrics: as training's validation gave them, over one pair per image and category
+    // (crack and stain, present or absent), not over the generic-word negatives.
+    let (p, want) = (trained.pixel.unwrap(), last.pixel.unwrap());
+    assert_eq!(p, want);
+    assert_eq!(p.pairs, trained.images * 2);
+    assert!(p.pairs < m.queries);
+    assert!(p.relaxed_f1 >= 0.0 && p.relaxed_f1 <= 1.0 && p.cldice >= 0.0 && p.cldice <= 1.0);
     let base = evaluate(&opts(None)).unwrap();
     assert!((base.loss - s.initial_validation_loss.unwrap()).abs() < 1e-9);
     assert!(base.loss != trained.loss);

@@ -62,6 +62,10 @@ pub struct EvaluateReport {
     pub per_prompt: BTreeMap<String, EvalSummary>,
     /// Prompts without ground truth in the split (generic negatives): their false positives.
     pub negative_only: BTreeMap<String, crate::evaluation::NegativeOnly>,
+    /// Pixel metrics (strict, relaxed, clDice) over the pairs of the dataset's categories.
+    pub pixel: Option<crate::pixel_metrics::PixelMetrics>,
+    /// Side of the square mask grid the masks are scored on (288 for SAM3).
+    pub mask_size: usize,
 }
 
 /// Evaluate (see the module docs).
@@ -177,5 +181,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         metrics: r.summary,
         per_prompt: r.per_prompt,
         negative_only: r.negative_only,
+        pixel: r.pixel,
+        mask_size,
     })
 }

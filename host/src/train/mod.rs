@@ -1966,18 +1966,24 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             if let Some(v) = validation {
                 progress.finish();
                 tracing::info!(
-                    "step {step}: validation loss {:.4}{}",
+                    "step {step}: validation loss {:.4}{}{}",
                     v.loss,
                     v.summary
                         .map(|s| format!(
                             " mAP {:.4} AP50 {:.4} cgF1 {:.2} (pmF1 {:.3}, IL_MCC {:.3})",
                             s.map, s.ap50, s.cgf1, s.pmf1, s.il_mcc
                         ))
+                        .unwrap_or_default(),
+                    v.pixel
+                        .map(|p| format!(
+                            "; pixel F1 {:.3}, ±{} px {:.3}, clDice {:.3}",
+                            p.f1, p.tolerance, p.relaxed_f1, p.cldice
+                        ))
                         .unwrap_or_default()
                 );
                 val_curve.push((step, v.loss));
                 val_extra = validation_extra(step, &v);
-                log.line(&serde_json::json!({"event": "validation", "step": step, "loss": v.loss, "losses": v.terms, "metrics": v.summary}).to_string());
+                log.line(&serde_json::json!({"event": "validation", "step": step, "loss": v.loss, "losses": v.terms, "metrics": v.summary, "pixel": v.pixel}).to_string());
                 let value = match metric_name.as_str() {
                     "map" => v.summary.map(|s| s.map),
                     "cgf1" => v.summary.map(|s| s.cgf1),
