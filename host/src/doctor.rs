@@ -1041,6 +1041,7 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
         }
     }
     mask_checks(cfg, &ds, r);
+    thin_structure_check(cfg, &ds, r);
     prompt_checks(&ds, r);
     negative_checks(cfg, &ds, r);
     true
@@ -1104,6 +1105,88 @@ fn mask_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
                 },
             );
         }
+    }
+}
+
+/// Objects sampled by [`thin_structure_check`].
+const THIN_SAMPLE: usize = 100;
+
+/// F20: thin structures (cracks, vessels, wires) measured on the model's mask grid (288² for
+/// SAM3), where the loss and the metrics see them. A mask with no pixel left there trains as a
+/// box-only object; one or two pixels wide there, COCO mAP judges it harshly.
+fn thin_structure_check(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
+    let Some(train) = ds.split("train") else { return };
+    let m = crate::train::resolve_model(cfg)
+        .ok()
+        .and_then(|p| crate::sam3::config::Sam3Config::from_file(&model_config_path(&p)).ok())
+        .map(|(c, _)| c.target_mask_size())
+        .unwrap_or(288);
+    // Objects with a mask and an image size in the JSON, spread over the split.
+    let objects: Vec<(&crate::data::coco::Object, (u32, u32))> = train
+        .images
+        .iter()
+        .filter_map(|i| i.json_size.map(|size| (i, size)))
+        .flat_map(|(i, size)| i.objects.iter().filter(|o| o.segmentation.is_some()).map(move |o| (o, size)))
+        .collect();
+    if objects.is_empty() {
+        return;
+    }
+    let step = objects.len().div_ceil(THIN_SAMPLE);
+    let (mut widths, mut vanished, mut sampled) = (Vec::new(), Vec::new(), 0usize);
+    for (o, (w, h)) in objects.iter().step_by(step) {
+        let Some(full) = o.segmentation.as_ref().and_then(|s| s.decode(*h as usize, *w as usize).ok()) else {
+            continue;
+        };
+        if !full.contains(&true) {
+            continue;
+        }
+        sampled += 1;
+        let grid = crate::data::batch::resize_mask_nearest(&full, *h as usize, *w as usize, m, false);
+        match crate::pixel_metrics::mean_width(&grid, m, m) {
+            Some(width) => widths.push(width),
+            None => vanished.push(o.ann_id),
+        }
+    }
+    if sampled == 0 {
+        return;
+    }
+    widths.sort_by(f64::total_cmp);
+    let median = widths.get(widths.len() / 2).copied();
+    let evidence = format!(
+        "{}: of {sampled} masks sampled, {} have no pixel on the {m}×{m} mask grid{}{}",
+        train.annotation_file.display(),
+        vanished.len(),
+        if vanished.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (annotations {}{})",
+                vanished.iter().take(5).map(|i| i.to_string()).collect::<Vec<_>>().join(", "),
+                if vanished.len() > 5 { ", ..." } else { "" }
+            )
+        },
+        median.map(|w| format!("; the others' median width there is {w:.1} px")).unwrap_or_default()
+    );
+    let tile = "tile the images (e.g. 1008-pixel crops with overlap, crack-free tiles kept as negatives) so the structures stay several pixels wide at the mask grid";
+    if vanished.len() * 10 >= sampled {
+        r.add(
+            "F20",
+            Severity::Warning,
+            format!(
+                "{:.0}% of the training masks vanish when resized to the {m}×{m} mask grid: they train as box-only objects (no mask or dice loss)",
+                100.0 * vanished.len() as f64 / sampled as f64
+            ),
+            evidence,
+            tile,
+        );
+    } else if median.is_some_and(|w| w < 3.0) {
+        r.add(
+            "F20",
+            Severity::Info,
+            "thin structures: at the mask grid most masks are under 3 px wide, where a one-pixel offset fails COCO's IoU thresholds",
+            evidence,
+            format!("judge the model by the pixel metrics validation and `lorahost evaluate` report (±{} px relaxed F1, clDice) rather than mAP; or {tile}", crate::pixel_metrics::TOLERANCE),
+        );
     }
 }
 

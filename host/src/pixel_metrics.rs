@@ -23,6 +23,12 @@
 
 use crate::evaluation::EvalQuery;
 
+/// Score a prediction needs to count in validation's pixel metrics (cgF1's too).
+pub const THRESHOLD: f32 = 0.5;
+/// Tolerance of validation's relaxed pixel metrics and clDice, in mask pixels
+/// (SAM3-LoRA-Crack's).
+pub const TOLERANCE: usize = 2;
+
 /// Pixel metrics over a set of (image, prompt) pairs (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct PixelMetrics {
@@ -175,6 +181,14 @@ pub fn skeletonize(mask: &[bool], h: usize, w: usize) -> Vec<bool> {
     }
 }
 
+/// Mean width of the shape in `mask` (h × w), in pixels: its area over its skeleton's length.
+/// `None` for an empty mask.
+pub fn mean_width(mask: &[bool], h: usize, w: usize) -> Option<f64> {
+    let area = mask.iter().filter(|&&v| v).count();
+    let length = skeletonize(mask, h, w).iter().filter(|&&v| v).count();
+    (area > 0).then(|| area as f64 / length.max(1) as f64)
+}
+
 /// Pixel counts summed over pairs.
 #[derive(Debug, Default, PartialEq)]
 struct Sums {
@@ -304,6 +318,21 @@ mod tests {
             gt_masks: if gt.contains(&true) { vec![gt.to_vec()] } else { vec![] },
             predictions: preds.iter().map(|(s, m)| Prediction { score: *s, mask: m.clone() }).collect(),
         }
+    }
+
+    #[test]
+    fn mean_width_is_area_over_skeleton_length() {
+        let (line, h, w) = grid(&["........", "########", "........"]);
+        assert_eq!(mean_width(&line, h, w), Some(1.0));
+        let mut bar = vec![false; 12 * 40];
+        for y in 3..8 {
+            for x in 2..38 {
+                bar[y * 40 + x] = true;
+            }
+        }
+        let width = mean_width(&bar, 12, 40).unwrap();
+        assert!((4.5..6.0).contains(&width), "a 5-pixel bar: {width}");
+        assert_eq!(mean_width(&[false; 9], 3, 3), None);
     }
 
     #[test]

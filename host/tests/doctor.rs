@@ -412,6 +412,41 @@ fn box_only_objects_are_found_with_what_they_cost() {
     assert!(has(&r, "F23", Severity::Error, "mAP -1"), "{}", explain(&r));
 }
 
+/// F20: masks that vanish on the mask grid (32² for the tiny model, 112-pixel images) are
+/// a warning; masks that survive but are under 3 cells wide are thin structures to judge by
+/// the pixel metrics; wide masks say nothing.
+#[test]
+fn thin_structures_on_the_mask_grid_are_found() {
+    let band = |y0: f64, y1: f64| {
+        move |v: &mut serde_json::Value| {
+            for a in v["annotations"].as_array_mut().unwrap() {
+                a["segmentation"] = serde_json::json!([[0.0, y0, 112.0, y0, 112.0, y1, 0.0, y1]]);
+                a["bbox"] = serde_json::json!([0.0, y0, 112.0, y1 - y0]);
+                a["area"] = serde_json::json!(112.0 * (y1 - y0));
+            }
+        }
+    };
+    // The synthetic cracks are thin; a 40-row band is not.
+    let r = run(&setup(), &[]);
+    assert!(has(&r, "F20", Severity::Info, "thin structures"), "{}", explain(&r));
+    let s = setup();
+    mutate_split(&s.data, "train", band(20.0, 60.0));
+    let r = run(&s, &[]);
+    assert!(!r.findings.iter().any(|f| f.code == "F20"), "{}", explain(&r));
+    // Two image rows between the grid's sampling rows (1 and 5): nothing left of any mask.
+    let s = setup();
+    mutate_split(&s.data, "train", band(2.0, 4.0));
+    let r = run(&s, &[]);
+    assert!(has(&r, "F20", Severity::Warning, "100% of the training masks vanish"), "{}", explain(&r));
+    assert!(has(&r, "F20", Severity::Warning, "no pixel on the 32×32 mask grid"), "{}", explain(&r));
+    // Seven rows: two grid rows wide.
+    let s = setup();
+    mutate_split(&s.data, "train", band(20.0, 27.0));
+    let r = run(&s, &[]);
+    assert!(has(&r, "F20", Severity::Info, "median width there is 2."), "{}", explain(&r));
+    assert!(!has(&r, "F20", Severity::Warning, ""), "{}", explain(&r));
+}
+
 #[test]
 fn splits_with_other_prompts_and_most_boxes_in_another_format_are_errors() {
     let s = setup();

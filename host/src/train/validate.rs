@@ -40,16 +40,11 @@ pub struct ValidationResult {
     /// their false positives.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub negative_only: BTreeMap<String, crate::evaluation::NegativeOnly>,
-    /// Pixel metrics (strict, ±[`PIXEL_TOLERANCE`] px relaxed, clDice) over the image/prompt
+    /// Pixel metrics (strict, ±[`crate::pixel_metrics::TOLERANCE`] px relaxed, clDice) over the image/prompt
     /// pairs of the dataset's categories, when computed: what thin structures are judged by.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pixel: Option<crate::pixel_metrics::PixelMetrics>,
 }
-
-/// Score a prediction needs to count in the pixel metrics (cgF1's too).
-pub const PIXEL_THRESHOLD: f32 = 0.5;
-/// Tolerance of the relaxed pixel metrics and clDice, in mask pixels.
-pub const PIXEL_TOLERANCE: usize = 2;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
@@ -231,7 +226,11 @@ pub fn validate(
             set.split.categories.iter().map(|c| c.prompt.as_str()).collect();
         let pairs: Vec<&EvalQuery> =
             queries.iter().filter(|q| categories.contains(q.prompt.as_str())).collect();
-        crate::pixel_metrics::pixel_metrics(&pairs, PIXEL_THRESHOLD, PIXEL_TOLERANCE)?
+        crate::pixel_metrics::pixel_metrics(
+            &pairs,
+            crate::pixel_metrics::THRESHOLD,
+            crate::pixel_metrics::TOLERANCE,
+        )?
     } else {
         None
     };
