@@ -150,6 +150,32 @@ pub enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Cut a dataset's large images into overlapping tiles with their masks, so thin structures
+    /// (cracks) keep their width at the model's mask grid (F20). Writes OUT/<split>/ with PNG
+    /// tiles and an _annotations.coco.json (cropped masks as RLE); train on OUT as data_dir.
+    Tile {
+        /// The dataset folder (train/, valid/, test/ with _annotations.coco.json).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Output folder (new or empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Tile side in pixels (SAM3's input is 1008: a tile is seen at full resolution).
+        #[arg(long, default_value_t = 1008)]
+        size: u32,
+        /// Overlap of neighbouring tiles in pixels.
+        #[arg(long, default_value_t = 128)]
+        overlap: u32,
+        /// Share of the tiles without any object to keep as negatives, in [0, 1].
+        #[arg(long, default_value_t = 0.25)]
+        empty_tiles: f64,
+        /// Fewest mask pixels an object needs inside a tile to be annotated there.
+        #[arg(long, default_value_t = 8)]
+        min_pixels: usize,
+        /// Seed of the choice of empty tiles.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Work with plugins: check, replay a recorded run through them, scaffold a new one.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -701,6 +727,34 @@ pub fn run(cli: Cli) -> Result<()> {
                     p.tolerance, p.relaxed_precision, p.relaxed_recall, p.relaxed_f1, p.cldice
                 );
             }
+            Ok(())
+        }
+        Command::Tile { data_dir, out, size, overlap, empty_tiles, min_pixels, seed } => {
+            let opts = crate::data::tiling::TileOptions {
+                size: *size,
+                overlap: *overlap,
+                empty_fraction: *empty_tiles,
+                min_pixels: *min_pixels,
+                seed: *seed,
+            };
+            let splits = crate::data::tiling::tile_dataset(data_dir, out, &opts)
+                .with_context(|| format!("tiling {}", data_dir.display()))?;
+            for s in &splits {
+                println!(
+                    "{}: {} images -> {} tiles with objects, {} empty kept ({} dropped); {} objects -> {} annotations",
+                    s.split,
+                    s.images,
+                    s.tiles_with_objects,
+                    s.empty_tiles_kept,
+                    s.empty_tiles_dropped,
+                    s.objects,
+                    s.annotations
+                );
+                for (file, e) in &s.failed {
+                    println!("  left out {}: {e}", file.display());
+                }
+            }
+            println!("tiles in {}: train with training.data_dir: {}", out.display(), out.display());
             Ok(())
         }
         Command::Export { config, adapter, merge, out, overwrite } => {

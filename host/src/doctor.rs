@@ -1167,7 +1167,7 @@ fn thin_structure_check(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
         },
         median.map(|w| format!("; the others' median width there is {w:.1} px")).unwrap_or_default()
     );
-    let tile = "tile the images (e.g. 1008-pixel crops with overlap, crack-free tiles kept as negatives) so the structures stay several pixels wide at the mask grid";
+    let tile = "tile the images so the structures stay several pixels wide at the mask grid: `lorahost tile --data-dir DATA --out TILES` (1008-pixel crops with overlap, some object-free tiles kept as negatives), then train with training.data_dir: TILES";
     if vanished.len() * 10 >= sampled {
         r.add(
             "F20",

@@ -252,3 +252,44 @@ fn evaluate_and_export_read_the_adapter_layout_and_evaluate_a_merged_model() {
         run(lorahost().args(["evaluate", "--config"]).arg(&cfg).args(["--model"]).arg(d.join("nope")));
     assert!(!ok && err.contains("--model") && err.contains("nope"), "{err}");
 }
+
+/// `tile` writes a dataset `doctor` and training load: the summary names what was written, and
+/// an --out that holds files is refused.
+#[test]
+fn tile_writes_a_dataset_that_loads() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    lorahost::data::synthetic::write_synthetic(
+        &data,
+        &lorahost::data::synthetic::SyntheticSpec {
+            seed: 2,
+            train_images: 3,
+            valid_images: 1,
+            size: 160,
+            max_cracks: 2,
+        },
+    )
+    .unwrap();
+    let out = d.path().join("tiles");
+    let tile = |out: &std::path::Path| {
+        run(lorahost().args(["tile", "--data-dir"]).arg(&data).arg("--out").arg(out).args([
+            "--size",
+            "96",
+            "--overlap",
+            "32",
+            "--empty-tiles",
+            "1",
+        ]))
+    };
+    let (ok, stdout, err) = tile(&out);
+    assert!(ok, "{err}");
+    // 160 px sides: tiles at 0 and 64 on each axis, 4 per image, all kept.
+    assert!(stdout.contains("train: 3 images -> "), "{stdout}");
+    let ds = lorahost::data::coco::Dataset::load(&out).unwrap();
+    assert_eq!(ds.split("train").unwrap().images.len(), 12);
+    assert_eq!(ds.split("valid").unwrap().images.len(), 4);
+    let objects: usize = ds.split("train").unwrap().images.iter().map(|i| i.objects.len()).sum();
+    assert!(objects >= 3, "{objects}");
+    let (ok, _, err) = tile(&out);
+    assert!(!ok && err.contains("not empty"), "{err}");
+}

@@ -9,6 +9,7 @@
 //! - [`batch`]: resize/normalize/augment into model inputs and targets, stacking into tensors.
 //! - [`overlay`]: pictures of the targets as training builds them (`doctor --gt-overlays`).
 //! - [`synthetic`]: the bundled synthetic crack dataset.
+//! - [`tiling`]: cutting large images into overlapping tiles with their masks (`lorahost tile`).
 
 pub mod augment;
 pub mod batch;
@@ -16,6 +17,7 @@ pub mod coco;
 pub mod overlay;
 pub mod rle;
 pub mod synthetic;
+pub mod tiling;
 
 use std::path::PathBuf;
 
