@@ -317,6 +317,14 @@ pub enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Predict on overlapping square tiles of this many pixels when an image is larger
+        /// (as `lorahost tile` cut the training data), detections placed back in the image
+        /// and overlap duplicates removed by NMS; text prompts only.
+        #[arg(long, value_name = "PIXELS")]
+        tile: Option<u32>,
+        /// Overlap of neighbouring tiles with --tile, in pixels.
+        #[arg(long, value_name = "PIXELS", default_value_t = 128, requires = "tile")]
+        tile_overlap: u32,
         /// Score threshold.
         #[arg(long, default_value_t = 0.5)]
         threshold: f32,
@@ -840,6 +848,8 @@ pub fn run(cli: Cli) -> Result<()> {
             prompts,
             boxes,
             out,
+            tile,
+            tile_overlap,
             threshold,
             nms_iou,
             device,
@@ -876,6 +886,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 nms_iou: *nms_iou,
                 device: *device,
                 dtype: *dtype,
+                tile: tile.map(|t| (t, *tile_overlap)),
             };
             let predictor = crate::inference::Predictor::load(&opts)?;
             // Each prompt's count (with the best score when nothing passed) and detections.

@@ -247,6 +247,10 @@ pub struct PredictOptions {
     pub device: DeviceArg,
     /// Dtype.
     pub dtype: DTypeArg,
+    /// Predict on overlapping square tiles of this side (and overlap) when the image is larger,
+    /// instead of the whole image squeezed to the model's input: for models trained on tiles
+    /// (`lorahost tile`) and thin structures in large photos.
+    pub tile: Option<(u32, u32)>,
 }
 
 /// The image files `predict` reads from its `--image` arguments: files as given, folders as
@@ -316,35 +320,24 @@ impl Predictor {
         Ok(Predictor { model, tokenizer, device, _adapters: adapters })
     }
 
-    /// Segment `o.image` with each prompt and write `detections.json` and `overlay.png` into
-    /// `o.out`. One prompt: `detections.json` holds `prompt`, `presence_score`, `best_score` and
-    /// `detections` at the top level; several: a `prompts` list of those, in the order given,
-    /// and the overlay colours each prompt's detections in its own colour.
-    pub fn predict(&self, o: &PredictOptions) -> Result<Prediction> {
-        let prompts = prompt_list(&o.prompts, !o.boxes.is_empty())?;
+    /// Run the model on `img` with each prompt (and the box prompts, in `img`'s pixels):
+    /// per prompt, its detections at `img`'s resolution.
+    fn segment(
+        &self,
+        img: &image::RgbImage,
+        prompts: &[String],
+        boxes: &[[f32; 4]],
+        o: &PredictOptions,
+    ) -> Result<Vec<PromptResult>> {
         let (model, device) = (&self.model, &self.device);
-        let img = imageio::load_rgb(&o.image)?;
         let (w, h) = (img.width() as usize, img.height() as usize);
-        for b in &o.boxes {
-            let inside = b[0].max(0.0) < b[2].min(w as f32) && b[1].max(0.0) < b[3].min(h as f32);
-            if !inside {
-                tracing::warn!(
-                    "--box {},{},{},{} does not overlap the {w}x{h} image {} (pixel x0,y0,x1,y1): it prompts nothing there",
-                    b[0],
-                    b[1],
-                    b[2],
-                    b[3],
-                    o.image.display()
-                );
-            }
-        }
         let size = model.image_size();
-        let pixel_values = imageio::to_pixel_values(&img, size, device)?;
+        let pixel_values = imageio::to_pixel_values(img, size, device)?;
         let ctx = model.config().text_config.max_position_embeddings;
         // Every prompt in one batch: the vision backbone runs once, the rest per prompt.
         let p = prompts.len();
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
-        for prompt in &prompts {
+        for prompt in prompts {
             let (i, m) = self.tokenizer.encode(prompt, ctx);
             ids.extend(i.iter().map(|&i| i as i64));
             mask.extend(m.iter().map(|&i| i as i64));
@@ -354,15 +347,15 @@ impl Predictor {
         let prompt_keys = Some(crate::sam3::text::PromptKey::rows(&ids, &mask, t));
         let input_ids = Tensor::from_vec(ids, (p, t), device)?;
         let attention_mask = Tensor::from_vec(mask, (p, t), device)?;
-        let (input_boxes, input_boxes_labels) = if o.boxes.is_empty() {
+        let (input_boxes, input_boxes_labels) = if boxes.is_empty() {
             (None, None)
         } else {
             let mut data = Vec::new();
-            for b in &o.boxes {
+            for b in boxes {
                 let (x0, y0, x1, y1) = (b[0] / w as f32, b[1] / h as f32, b[2] / w as f32, b[3] / h as f32);
                 data.extend([(x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0).abs(), (y1 - y0).abs()]);
             }
-            let n = o.boxes.len();
+            let n = boxes.len();
             let data: Vec<f32> = (0..p).flat_map(|_| data.iter().copied()).collect();
             (
                 Some(Tensor::from_vec(data, (p, n, 4), device)?),
@@ -393,7 +386,7 @@ impl Predictor {
         let (_, q, mh, mw) = out.pred_masks.dims4()?;
         let masks = f32v(&out.pred_masks)?;
         let mut results = Vec::new();
-        for (k, prompt) in prompts.into_iter().enumerate() {
+        for (k, prompt) in prompts.iter().cloned().enumerate() {
             let raw = RawOutputs {
                 logits: &logits[k * q..(k + 1) * q],
                 presence_logit: presence[k],
@@ -408,6 +401,97 @@ impl Predictor {
                 detections: postprocess::detections(&raw, (w, h), o.threshold, o.nms_iou),
             });
         }
+        Ok(results)
+    }
+
+    /// [`Self::segment`] on overlapping `size`-pixel tiles of `img` (as `lorahost tile` cuts
+    /// them), each detection moved to its place in the image, and duplicates from the overlaps
+    /// removed by NMS; the presence and best scores are each prompt's highest over the tiles.
+    fn segment_tiled(
+        &self,
+        img: &image::RgbImage,
+        prompts: &[String],
+        o: &PredictOptions,
+        size: u32,
+        overlap: u32,
+    ) -> Result<Vec<PromptResult>> {
+        if size < 32 || overlap >= size {
+            bail!("--tile {size} --tile-overlap {overlap}: use a tile of 32 pixels or more and an overlap smaller than it");
+        }
+        let (w, h) = (img.width(), img.height());
+        let stride = size - overlap;
+        let (xs, ys) = (
+            crate::data::tiling::tile_positions(w, size, stride),
+            crate::data::tiling::tile_positions(h, size, stride),
+        );
+        let (tw, th) = (size.min(w), size.min(h));
+        let mut merged: Vec<PromptResult> = prompts
+            .iter()
+            .map(|p| PromptResult {
+                prompt: p.clone(),
+                presence_score: 0.0,
+                best_score: 0.0,
+                detections: Vec::new(),
+            })
+            .collect();
+        for &y0 in &ys {
+            for &x0 in &xs {
+                let tile = image::imageops::crop_imm(img, x0, y0, tw, th).to_image();
+                for (m, r) in merged.iter_mut().zip(self.segment(&tile, prompts, &[], o)?) {
+                    m.presence_score = m.presence_score.max(r.presence_score);
+                    m.best_score = m.best_score.max(r.best_score);
+                    m.detections.extend(r.detections.into_iter().map(|d| place(d, (x0, y0), (w, h))));
+                }
+            }
+        }
+        for m in &mut merged {
+            m.detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+            let boxes: Vec<[f32; 4]> = m.detections.iter().map(|d| d.bbox).collect();
+            let scores: Vec<f32> = m.detections.iter().map(|d| d.score).collect();
+            let keep = postprocess::nms(&boxes, &scores, o.nms_iou);
+            let mut all: Vec<Option<Detection>> =
+                std::mem::take(&mut m.detections).into_iter().map(Some).collect();
+            m.detections = keep.into_iter().filter_map(|k| all[k].take()).collect();
+        }
+        tracing::info!(
+            "{}: {} tiles of {size} px (overlap {overlap})",
+            o.image.display(),
+            xs.len() * ys.len()
+        );
+        Ok(merged)
+    }
+
+    /// Segment `o.image` with each prompt and write `detections.json` and `overlay.png` into
+    /// `o.out`. One prompt: `detections.json` holds `prompt`, `presence_score`, `best_score` and
+    /// `detections` at the top level; several: a `prompts` list of those, in the order given,
+    /// and the overlay colours each prompt's detections in its own colour. With `o.tile` and an
+    /// image larger than a tile, the model runs on tiles ([`Self::segment_tiled`]).
+    pub fn predict(&self, o: &PredictOptions) -> Result<Prediction> {
+        let prompts = prompt_list(&o.prompts, !o.boxes.is_empty())?;
+        let img = imageio::load_rgb(&o.image)?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        for b in &o.boxes {
+            let inside = b[0].max(0.0) < b[2].min(w as f32) && b[1].max(0.0) < b[3].min(h as f32);
+            if !inside {
+                tracing::warn!(
+                    "--box {},{},{},{} does not overlap the {w}x{h} image {} (pixel x0,y0,x1,y1): it prompts nothing there",
+                    b[0],
+                    b[1],
+                    b[2],
+                    b[3],
+                    o.image.display()
+                );
+            }
+        }
+        let results = match o.tile {
+            Some((size, overlap)) if img.width() > size || img.height() > size => {
+                if !o.boxes.is_empty() {
+                    bail!("--tile predicts text prompts only: give --box without --tile (a box prompt belongs to the whole image)");
+                }
+                self.segment_tiled(&img, &prompts, o, size, overlap)?
+            }
+            _ => self.segment(&img, &prompts, &o.boxes, o)?,
+        };
         std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
         let mut json = serde_json::json!({
             "image": path_json(&o.image),
@@ -437,6 +521,26 @@ impl Predictor {
             .context("cannot encode the overlay PNG")?;
         crate::fsutil::write_atomic(&o.out.join("overlay.png"), &png)?;
         Ok(Prediction { width: w, height: h, prompts: results })
+    }
+}
+
+/// A detection of the tile at `(x0, y0)` moved into the `(w, h)` image.
+fn place(d: Detection, (x0, y0): (u32, u32), (w, h): (u32, u32)) -> Detection {
+    let [th, tw] = d.segmentation.size;
+    let part = postprocess::rle_decode(&d.segmentation);
+    let (w, h) = (w as usize, h as usize);
+    let mut full = vec![false; w * h];
+    for y in 0..th {
+        let row = (y0 as usize + y) * w + x0 as usize;
+        full[row..row + tw].copy_from_slice(&part[y * tw..(y + 1) * tw]);
+    }
+    let (dx, dy) = (x0 as f32, y0 as f32);
+    let [bx0, by0, bx1, by1] = d.bbox;
+    Detection {
+        bbox: [bx0 + dx, by0 + dy, bx1 + dx, by1 + dy],
+        bbox_xywh: [bx0 + dx, by0 + dy, bx1 - bx0, by1 - by0],
+        segmentation: postprocess::rle_encode(&full, h, w),
+        ..d
     }
 }
 
@@ -586,6 +690,7 @@ mod tests {
             nms_iou: 0.5,
             device: DeviceArg::Cpu,
             dtype: DTypeArg::F32,
+            tile: None,
         };
         let p = predict(&o).unwrap();
         assert_eq!((p.width, p.height), (40, 30));

@@ -235,6 +235,7 @@ fn predict_applies_an_adapter_as_merging_it_would() {
             nms_iou: 1.0,
             device: lorahost::inference::DeviceArg::Cpu,
             dtype: lorahost::inference::DTypeArg::F32,
+            tile: None,
         };
         lorahost::inference::predict(&opts).unwrap();
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join(out).join("detections.json")).unwrap())
@@ -450,4 +451,74 @@ fn several_prompts_give_one_entry_each_as_single_runs_would() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--prompt number 2 is empty"), "{err}");
+}
+
+/// `predict --tile`: each tile's detections are those of the tile cut out and predicted alone,
+/// moved to the tile's place (boxes shifted, masks pasted into the image); with NMS off every
+/// one is kept, and the presence score is the best tile's. An image no larger than a tile is
+/// predicted whole, and --box with --tile is refused.
+#[test]
+fn tiled_prediction_places_each_tiles_detections_in_the_image() {
+    use lorahost::inference::{predict, DTypeArg, DeviceArg, PredictOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir(&model);
+    let img = image::RgbImage::from_fn(70, 40, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+    });
+    let img_path = tmp.path().join("big.png");
+    img.save(&img_path).unwrap();
+    let opts = |image: &Path, out: &str, tile: Option<(u32, u32)>| PredictOptions {
+        model_dir: model.clone(),
+        adapter: None,
+        image: image.to_path_buf(),
+        prompts: vec!["crack".into()],
+        boxes: Vec::new(),
+        out: tmp.path().join(out),
+        threshold: 0.0,
+        nms_iou: 1.0,
+        device: DeviceArg::Cpu,
+        dtype: DTypeArg::F32,
+        tile,
+    };
+    // Tiles of 32 with overlap 8: x at 0, 24, 38; y at 0, 8.
+    let tiled = predict(&opts(&img_path, "tiled", Some((32, 8)))).unwrap();
+    let dets = &tiled.prompts[0].detections;
+    let mut presence = 0f32;
+    for (x0, y0) in [(0u32, 0u32), (24, 0), (38, 0), (0, 8), (24, 8), (38, 8)] {
+        let crop = image::imageops::crop_imm(&img, x0, y0, 32, 32).to_image();
+        let crop_path = tmp.path().join(format!("tile_{x0}_{y0}.png"));
+        crop.save(&crop_path).unwrap();
+        let alone = predict(&opts(&crop_path, &format!("alone_{x0}_{y0}"), None)).unwrap();
+        presence = presence.max(alone.prompts[0].presence_score);
+        assert!(!alone.prompts[0].detections.is_empty());
+        for a in &alone.prompts[0].detections {
+            let (dx, dy) = (x0 as f32, y0 as f32);
+            let want = [a.bbox[0] + dx, a.bbox[1] + dy, a.bbox[2] + dx, a.bbox[3] + dy];
+            let d = dets
+                .iter()
+                .find(|d| d.score == a.score && d.bbox == want)
+                .unwrap_or_else(|| panic!("tile ({x0}, {y0}) detection {want:?} missing"));
+            assert_eq!(d.segmentation.size, [40, 70]);
+            let (full, part) = (rle_decode(&d.segmentation), rle_decode(&a.segmentation));
+            for (i, v) in full.iter().enumerate() {
+                let (x, y) = ((i % 70) as u32, (i / 70) as u32);
+                let inside = x >= x0 && x < x0 + 32 && y >= y0 && y < y0 + 32;
+                let want = inside && part[((y - y0) * 32 + (x - x0)) as usize];
+                assert_eq!(*v, want, "tile ({x0}, {y0}) pixel ({x}, {y})");
+            }
+        }
+    }
+    assert_eq!(tiled.prompts[0].presence_score, presence);
+    // No larger than a tile: the whole image, as without --tile.
+    let whole = predict(&opts(&img_path, "whole", None)).unwrap();
+    let big_tile = predict(&opts(&img_path, "big_tile", Some((100, 8)))).unwrap();
+    let scores = |p: &lorahost::inference::Prediction| {
+        p.prompts[0].detections.iter().map(|d| d.score).collect::<Vec<_>>()
+    };
+    assert_eq!(scores(&whole), scores(&big_tile));
+    let mut with_box = opts(&img_path, "box", Some((32, 8)));
+    with_box.boxes = vec![[1.0, 1.0, 10.0, 10.0]];
+    assert!(predict(&with_box).unwrap_err().to_string().contains("--tile predicts text prompts only"));
 }
