@@ -1085,7 +1085,7 @@ fn mask_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
             );
         } else {
             let metric = cfg.evaluation.metric.to_ascii_lowercase();
-            let by_metric = ["iou", "map", "cgf1"].contains(&metric.as_str());
+            let by_metric = metric != "loss" && crate::train_config::METRICS.contains(&metric.as_str());
             r.add(
                 "F23",
                 if by_metric { Severity::Error } else { Severity::Warning },

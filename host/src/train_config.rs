@@ -343,7 +343,8 @@ impl Default for OutputSection {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct EvaluationSection {
-    /// Model-selection metric: "loss", "map" (COCO mask mAP), "cgf1", "iou".
+    /// Model-selection metric: "loss", "map" (COCO mask mAP), "cgf1", "iou" (= map), or the
+    /// pixel metrics "pixel_f1", "relaxed_f1", "cldice" ([`crate::pixel_metrics`]).
     pub metric: String,
     /// Write predictions of the validation set.
     pub save_predictions: bool,
@@ -481,6 +482,9 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("evaluation", &["metric", "save_predictions", "compute_metrics_during_training"]),
     ("hardware", &["device", "dataloader_pin_memory", "use_compile"]),
 ];
+
+/// The names `evaluation.metric` takes.
+pub const METRICS: [&str; 7] = ["loss", "iou", "map", "cgf1", "pixel_f1", "relaxed_f1", "cldice"];
 
 /// Keys that [`TrainConfig::from_yaml_unvalidated`] reads under lorahost's name or answers
 /// with what to do instead (so they are not "unknown", in a config or an `--override`).
@@ -1967,8 +1971,11 @@ impl TrainConfig {
                 self.hardware.device
             ));
         }
-        if !["loss", "iou", "map", "cgf1"].contains(&self.evaluation.metric.to_ascii_lowercase().as_str()) {
-            p.push(format!("evaluation.metric {:?}: use loss, iou, map or cgf1", self.evaluation.metric));
+        if !METRICS.contains(&self.evaluation.metric.to_ascii_lowercase().as_str()) {
+            p.push(format!(
+                "evaluation.metric {:?}: use loss, iou (= map), map, cgf1, or for thin structures pixel_f1, relaxed_f1 or cldice",
+                self.evaluation.metric
+            ));
         }
         if self.output.push_to_hub {
             p.push("output.push_to_hub is true: lorahost does not upload; set it to false".into());

@@ -316,10 +316,23 @@ fn every_key_of_the_full_config_has_an_observable_effect() {
 
     // evaluation.
     let m = lab.run(&["evaluation.metric=loss"]);
+    let cl = lab.run(&["evaluation.metric=cldice"]);
+    // The best by clDice is a validation with the highest clDice.
+    let cldice_best = cl.run["best"]["value"].as_f64().unwrap();
+    let cldices: Vec<f64> = cl
+        .events
+        .iter()
+        .filter(|e| e["event"] == "validation")
+        .filter_map(|e| e["pixel"]["cldice"].as_f64())
+        .collect();
     check(
         "evaluation.metric",
-        m.run["best"]["metric"] == "loss" && base.run["best"]["metric"] == "map",
-        "best-checkpoint metric (iou = mask mAP)",
+        m.run["best"]["metric"] == "loss"
+            && base.run["best"]["metric"] == "map"
+            && cl.run["best"]["metric"] == "cldice"
+            && !cldices.is_empty()
+            && cldices.iter().all(|c| *c <= cldice_best),
+        "best-checkpoint metric (iou = mask mAP; pixel metrics too)",
     );
     let sp = lab.run(&["evaluation.save_predictions=true"]);
     check(

@@ -329,6 +329,13 @@ fn validation_extra(step: u64, v: &validate::ValidationResult) -> Vec<NamedValue
         .chain(v.summary.iter().flat_map(|s| {
             [("validation.map", s.map), ("validation.ap50", s.ap50), ("validation.cgf1", s.cgf1)]
         }))
+        .chain(v.pixel.iter().flat_map(|p| {
+            [
+                ("validation.pixel_f1", p.f1),
+                ("validation.relaxed_f1", p.relaxed_f1),
+                ("validation.cldice", p.cldice),
+            ]
+        }))
         .map(|(name, value)| NamedValue { name: name.into(), value })
         .collect()
 }
@@ -1370,6 +1377,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     extra.push(NamedValue { name: format!("validation.{k}"), value: x });
                 }
             }
+            for (k, name) in [("f1", "pixel_f1"), ("relaxed_f1", "relaxed_f1"), ("cldice", "cldice")] {
+                if let Some(x) = v["pixel"][k].as_f64() {
+                    extra.push(NamedValue { name: format!("validation.{name}"), value: x });
+                }
+            }
             resumed_val_extra = extra;
         }
     }
@@ -1987,6 +1999,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 let value = match metric_name.as_str() {
                     "map" => v.summary.map(|s| s.map),
                     "cgf1" => v.summary.map(|s| s.cgf1),
+                    "pixel_f1" => v.pixel.map(|p| p.f1),
+                    "relaxed_f1" => v.pixel.map(|p| p.relaxed_f1),
+                    "cldice" => v.pixel.map(|p| p.cldice),
                     _ => Some(v.loss),
                 };
                 if let Some(value) = value {
