@@ -12,7 +12,9 @@
 //! After each validation the host adds the latest results to every later step's `extra`
 //! values: `validation.step` (the step validated at), `validation.loss`, and when metrics are
 //! computed (`evaluation.compute_metrics_during_training: true`, or an `evaluation.metric`
-//! other than `loss`) `validation.map`, `validation.ap50`, `validation.cgf1`. The validation
+//! other than `loss`) `validation.map`, `validation.ap50`, `validation.cgf1`, and the pixel
+//! metrics for thin structures `validation.pixel_f1`, `validation.relaxed_f1`,
+//! `validation.cldice` (watch one of those for cracks: `metric: validation.cldice`). The validation
 //! before training counts as step 0. A validation at step N is
 //! therefore seen at step N + 1, and a stop takes effect after that step. An evaluation is
 //! *new* when `validation.step` changes (or, for traces without it, when the value changes).
