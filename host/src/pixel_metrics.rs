@@ -136,44 +136,56 @@ pub fn dilate(mask: &[bool], h: usize, w: usize, r: usize) -> Vec<bool> {
 /// background.
 pub fn skeletonize(mask: &[bool], h: usize, w: usize) -> Vec<bool> {
     let mut s = mask.to_vec();
-    let at = |s: &[bool], y: isize, x: isize| -> bool {
-        y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w && s[y as usize * w + x as usize]
+    // Only set pixels with a background neighbour can go (an interior pixel has 8 set
+    // neighbours); each pass decides on the state at its start, then the set neighbours of
+    // what it removed join the border.
+    let neighbours = |i: usize| {
+        let (y, x) = ((i / w) as isize, (i % w) as isize);
+        [(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)]
+            .map(|(dy, dx)| (y + dy, x + dx))
+            .map(|(y, x)| {
+                (y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w)
+                    .then(|| y as usize * w + x as usize)
+            })
     };
+    let mut on_border = vec![false; h * w];
+    let mut border: Vec<usize> =
+        (0..h * w).filter(|&i| s[i] && neighbours(i).iter().any(|n| n.is_none_or(|j| !s[j]))).collect();
+    for &i in &border {
+        on_border[i] = true;
+    }
     let mut remove = Vec::new();
     loop {
         let mut changed = false;
         for pass in 0..2 {
             remove.clear();
-            for y in 0..h as isize {
-                for x in 0..w as isize {
-                    if !s[y as usize * w + x as usize] {
-                        continue;
-                    }
-                    // p2..p9: N, NE, E, SE, S, SW, W, NW.
-                    let p = [
-                        at(&s, y - 1, x),
-                        at(&s, y - 1, x + 1),
-                        at(&s, y, x + 1),
-                        at(&s, y + 1, x + 1),
-                        at(&s, y + 1, x),
-                        at(&s, y + 1, x - 1),
-                        at(&s, y, x - 1),
-                        at(&s, y - 1, x - 1),
-                    ];
-                    let b = p.iter().filter(|&&v| v).count();
-                    let a = (0..8).filter(|&k| !p[k] && p[(k + 1) % 8]).count();
-                    let (n, e, so, we) = (p[0], p[2], p[4], p[6]);
-                    // First pass: not (N·E·S or E·S·W); second: not (N·E·W or N·S·W).
-                    let ok = if pass == 0 { !(e && so && (n || we)) } else { !(n && we && (e || so)) };
-                    if (2..=6).contains(&b) && a == 1 && ok {
-                        remove.push(y as usize * w + x as usize);
-                    }
+            for &i in &border {
+                // p2..p9: N, NE, E, SE, S, SW, W, NW.
+                let p = neighbours(i).map(|n| n.is_some_and(|j| s[j]));
+                let b = p.iter().filter(|&&v| v).count();
+                let a = (0..8).filter(|&k| !p[k] && p[(k + 1) % 8]).count();
+                let (n, e, so, we) = (p[0], p[2], p[4], p[6]);
+                // First pass: not (N·E·S or E·S·W); second: not (N·E·W or N·S·W).
+                let ok = if pass == 0 { !(e && so && (n || we)) } else { !(n && we && (e || so)) };
+                if (2..=6).contains(&b) && a == 1 && ok {
+                    remove.push(i);
                 }
             }
             for &i in &remove {
                 s[i] = false;
             }
-            changed |= !remove.is_empty();
+            if !remove.is_empty() {
+                changed = true;
+                for &i in &remove {
+                    for j in neighbours(i).into_iter().flatten() {
+                        if s[j] && !on_border[j] {
+                            on_border[j] = true;
+                            border.push(j);
+                        }
+                    }
+                }
+                border.retain(|&i| s[i]);
+            }
         }
         if !changed {
             return s;
