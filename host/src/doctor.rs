@@ -237,6 +237,16 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
 /// overlays.json with its error and counted in the finding.
 fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut Report) {
     use crate::data::batch::SampleOptions;
+    if dir.exists() && !dir.is_dir() {
+        r.add(
+            "F5",
+            Severity::Warning,
+            "ground-truth overlays could not be written",
+            format!("--gt-overlays {}: a file, not a folder", dir.display()),
+            "give --gt-overlays a folder (it is created if missing) for the overlay PNGs and overlays.json",
+        );
+        return;
+    }
     let model_config = crate::train::resolve_model(cfg).ok().and_then(|p| {
         crate::sam3::config::Sam3Config::from_file(&model_config_path(&p)).ok().map(|(c, _)| c)
     });

@@ -293,6 +293,13 @@ pub struct Predictor {
 impl Predictor {
     /// Load the model of `o` (and its adapters) once.
     pub fn load(o: &PredictOptions) -> Result<Self> {
+        if !o.model_dir.is_dir() {
+            bail!(
+                "--model {}: {}; give the model folder (config.json, model.safetensors, tokenizer.json), or --adapter DIR from a run alone",
+                o.model_dir.display(),
+                if o.model_dir.exists() { "not a folder" } else { "no such folder" }
+            );
+        }
         let device = o.device.device()?;
         o.dtype.check(&device)?;
         crate::sam3::model::check_not_adapter(&o.model_dir)?;

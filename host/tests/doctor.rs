@@ -629,3 +629,20 @@ fn gt_overlays_skip_unreadable_images_and_draw_the_test_split() {
     assert!(f["message"].as_str().unwrap().contains("1 image(s) skipped"), "{f:#}");
     assert!(f["evidence"].as_str().unwrap().contains("synth_train_0002.png"), "{f:#}");
 }
+
+/// `--gt-overlays` naming a file is a finding that says so, not an OS error.
+#[test]
+fn gt_overlays_into_a_file_is_named() {
+    let s = setup();
+    let file = s.dir.path().join("overlays.png");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let r = diagnose(&DoctorOptions {
+        config: s.config.clone(),
+        gt_overlays: Some(file.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(has(&r, "F5", Severity::Warning, "a file, not a folder"), "{}", explain(&r));
+    assert!(!explain(&r).contains("os error"), "{}", explain(&r));
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a folder");
+}

@@ -522,3 +522,23 @@ fn tiled_prediction_places_each_tiles_detections_in_the_image() {
     with_box.boxes = vec![[1.0, 1.0, 10.0, 10.0]];
     assert!(predict(&with_box).unwrap_err().to_string().contains("--tile predicts text prompts only"));
 }
+
+/// `--model` naming no folder says so (not that its tokenizer is missing).
+#[test]
+fn predict_names_a_missing_model_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("a.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["predict", "--model"])
+        .arg(tmp.path().join("nope"))
+        .arg("--image")
+        .arg(&img)
+        .args(["--prompt", "crack", "--out"])
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("nope: no such folder") && !err.contains("tokenizer.json not found"), "{err}");
+}

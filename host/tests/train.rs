@@ -970,3 +970,22 @@ fn a_val_folder_is_named_with_the_rename() {
     assert!(err.contains("there is a val/ folder: rename it to valid/"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("trained 1 optimizer step ("));
 }
+
+/// A file named `previous-runs` in the output folder stops a new run before anything is
+/// moved, with a message naming it.
+#[test]
+fn a_file_where_earlier_runs_go_is_named_and_nothing_moves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let cfg = config(tmp.path(), &data, &out, "  num_epochs: 1\n", "");
+    run(&opts(&cfg));
+    std::fs::write(out.join("previous-runs"), b"notes").unwrap();
+    let before: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let e = format!("{:#}", train(&opts(&cfg)).unwrap_err());
+    assert!(e.contains("previous-runs is a file") && e.contains("nothing was moved"), "{e}");
+    let after: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before.len(), after.len());
+    assert_eq!(std::fs::read(out.join("previous-runs")).unwrap(), b"notes");
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+}

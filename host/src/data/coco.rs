@@ -512,6 +512,12 @@ impl Split {
     pub fn load(data_dir: &Path, name: &str) -> Result<Self, DataError> {
         let dir = data_dir.join(name);
         let annotation_file = dir.join(ANNOTATION_FILE);
+        if annotation_file.is_dir() {
+            return Err(DataError::Io {
+                path: annotation_file,
+                reason: "a folder where the split's COCO JSON file belongs: move the folder away and put the export's _annotations.coco.json there".into(),
+            });
+        }
         if !annotation_file.is_file() {
             let hint = if data_dir.join(ANNOTATION_FILE).is_file() {
                 format!(

@@ -1066,3 +1066,12 @@ fn implausible_sizes_and_far_away_polygons_are_warned() {
     let m = far(52).unwrap_or_else(|| panic!("{dump}"));
     assert!(m.contains("polygon 0 has the point (11, -350)"), "{m}");
 }
+
+/// An annotation "file" that is a folder is named as such, not as missing.
+#[test]
+fn an_annotation_path_that_is_a_folder_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("train").join(super::coco::ANNOTATION_FILE)).unwrap();
+    let e = Split::load(d.path(), "train").unwrap_err().to_string();
+    assert!(e.contains("a folder where the split's COCO JSON file belongs"), "{e}");
+}

@@ -228,6 +228,12 @@ fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBu
         return Ok(None);
     }
     let root = out_dir.join("previous-runs");
+    if root.exists() && !root.is_dir() {
+        bail!(
+            "{} is a file, where lorahost keeps earlier runs: move or rename it (or choose another output.output_dir); nothing was moved",
+            root.display()
+        );
+    }
     let to = crate::fsutil::first_free(|k| root.join(format!("run-{}", k + 1)));
     std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
     for (p, sub) in found {
