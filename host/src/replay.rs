@@ -175,7 +175,8 @@ fn grad_report(rec: &StepRecord) -> GradReport {
             name: "all".into(),
             l2_norm: rec.grad_norm,
             max_abs: rec.grad_norm,
-            nonfinite: u64::from(!rec.grad_norm.is_finite()),
+            // NaN: the trace has no norm (not a non-finite gradient); ±inf: one was non-finite.
+            nonfinite: u64::from(rec.grad_norm.is_infinite()),
             numel: 0,
         }]
     } else {

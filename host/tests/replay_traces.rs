@@ -134,3 +134,31 @@ fn an_lr_failure_on_a_step_without_a_recorded_lr_says_so() {
     assert!(steps[0].events[0].contains("the trace has no LR for this step"), "{:?}", steps[0].events);
     assert_eq!(replay::failure_count(&steps), 2);
 }
+
+/// A trace that records no gradient norm (HF Trainer before 4.38, a hand-written loss log):
+/// spike_guard judges the loss alone, as with the norms recorded, instead of reading the
+/// missing norm as a non-finite gradient and stopping the run.
+#[test]
+fn a_trace_without_grad_norms_is_judged_by_its_loss() {
+    let text = std::fs::read_to_string(repo().join("examples/traces/diagnosis.jsonl")).unwrap();
+    let without: String = text
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if let Some(m) = v.as_object_mut() {
+                m.remove("grad_norm");
+            }
+            format!("{v}\n")
+        })
+        .collect();
+    let actions = |t: &str| -> Vec<(u64, &'static str)> {
+        let t = trace(t);
+        let run = replay::run_info_for(&t);
+        let mut set = load(&[("spike_guard", json!({}))]);
+        replay::replay(&mut set, &t, &run, true).iter().map(|s| (s.step, s.action)).collect()
+    };
+    let (with, without) = (actions(&text), actions(&without));
+    assert_eq!(with.len(), 16);
+    assert_eq!(with, without);
+    assert_eq!(without.iter().filter(|(_, a)| *a != "continue").count(), 1, "{without:?}");
+}

@@ -1695,9 +1695,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         let nonfinite: u64 = stats.iter().map(|s| s.nonfinite).sum();
+        // Plugins read NaN as "not known" (a replayed trace without it): a norm training could
+        // not compute is +inf to them.
+        let hook_norm = if total_norm.is_finite() { total_norm } else { f64::INFINITY };
         let report = GradReport {
             step,
-            total_norm,
+            total_norm: hook_norm,
             max_norm: t.max_grad_norm,
             groups: stats
                 .iter()
@@ -1833,8 +1836,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             loss,
             losses: terms_for_hook,
             lr,
-            grad_norm: total_norm,
-            grad_norm_clipped: clipped_norm,
+            grad_norm: hook_norm,
+            grad_norm_clipped: if clipped_norm.is_finite() { clipped_norm } else { f64::INFINITY },
             batch_size: images,
             object_count: objects,
             step_time_ms: step_ms,

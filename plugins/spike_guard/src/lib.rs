@@ -21,7 +21,9 @@
 //! huge z values.
 //!
 //! The gradient norm (`grad-norm`, before clipping) is checked the same way against its own
-//! window with `grad_z_threshold`; a non-finite gradient norm is a spike too.
+//! window with `grad_z_threshold`; an infinite gradient norm (what the host reports for
+//! gradients it could not compute) is a spike too. A NaN norm means the host does not know it
+//! (a replayed trace that does not record it): only the loss is checked then.
 //!
 //! Warm-up awareness: nothing is flagged from a window holding fewer than `min_history`
 //! values (except non-finite values). Flagged steps are not added to the windows, so a
@@ -288,7 +290,8 @@ impl Plugin for SpikeGuard {
             spike_reason("loss", m.step, m.loss, loss, cfg.z_threshold).into_iter().collect();
         let mut nonfinite = !m.loss.is_finite();
         let mut grad = None;
-        if cfg.grad_z_threshold > 0.0 {
+        // NaN is a norm the host does not know (a replayed trace without one): no grad check.
+        if cfg.grad_z_threshold > 0.0 && !m.grad_norm.is_nan() {
             nonfinite |= !m.grad_norm.is_finite();
             grad = robust_score(&self.state.grad_norms, m.grad_norm, cfg.min_history, cfg.rel_floor);
             reasons.extend(spike_reason("grad norm", m.step, m.grad_norm, grad, cfg.grad_z_threshold));
@@ -434,6 +437,23 @@ mod tests {
         assert!(matches!(g.on_step(&metrics(2, f64::INFINITY, 1.0)), Action::Skip(_)));
         // A non-finite value never enters the window.
         assert!(g.state.losses.is_empty());
+    }
+
+    /// A NaN grad norm is one the host does not know (a replayed trace without it): the loss
+    /// alone decides, and the run is not stopped; an infinite one is a spike.
+    #[test]
+    fn an_unknown_grad_norm_is_not_a_spike_an_infinite_one_is() {
+        let mut g = guard("{}");
+        for step in 1..=30 {
+            let loss = 1.0 + 0.01 * (step % 3) as f64;
+            assert!(matches!(g.on_step(&metrics(step, loss, f64::NAN)), Action::Continue), "step {step}");
+        }
+        assert!(g.state.grad_norms.is_empty());
+        // The loss is still checked without a grad norm.
+        assert!(matches!(g.on_step(&metrics(31, 50.0, f64::NAN)), Action::Skip(r) if r.contains("loss")));
+        assert!(
+            matches!(g.on_step(&metrics(32, 1.0, f64::INFINITY)), Action::Skip(r) if r.contains("grad norm"))
+        );
     }
 
     #[test]
