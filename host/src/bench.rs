@@ -12,7 +12,7 @@ use crate::lora::{Component, LoraConfig, LoraSet};
 use crate::sam3::config::Sam3Config;
 use crate::sam3::model::{ForwardOptions, Sam3Inputs, Sam3Model};
 use crate::train::optim::{group_stats, AdamW, AdamWConfig};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -343,6 +343,20 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let config = bench_config(o)?;
     let predicted = estimate(o, &config, dtype)?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    // On the CPU a workload beyond the host's memory ends in the OOM killer (exit 137, no
+    // message): refuse it while the reason can still be said.
+    if matches!(o.device, crate::inference::DeviceArg::Cpu) {
+        if let Some(free) = crate::memory::host_available().filter(|free| predicted.total > *free) {
+            bail!(
+                "this workload needs about {:.1} GiB (weights {:.1}, activations and backward {:.1}) and the host has {:.1} GiB available: lower --batch (now {}), or use a smaller --model-config / --tiny (`lorahost bench --estimate-only` prints the estimate)",
+                gib(predicted.total),
+                gib(predicted.weights),
+                gib(predicted.activations + predicted.backward),
+                gib(free),
+                o.batch
+            );
+        }
+    }
     device.synchronize()?;
     crate::alloc_stats::reset_peak();
     crate::gpu::reset_peak(&device);

@@ -682,3 +682,10 @@ mod tests {
         assert!(activation_elements(&c, &mask, 1, 1) > 0.0);
     }
 }
+
+/// Memory the host can still give a process (`MemAvailable` in /proc/meminfo), if known.
+pub fn host_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}

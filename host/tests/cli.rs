@@ -293,3 +293,14 @@ fn tile_writes_a_dataset_that_loads() {
     let (ok, _, err) = tile(&out);
     assert!(!ok && err.contains("not empty"), "{err}");
 }
+
+/// `bench` refuses a CPU workload beyond the host's memory with the estimate, instead of
+/// being killed by the OOM killer (exit 137, no message).
+#[cfg(target_os = "linux")]
+#[test]
+fn bench_refuses_a_batch_beyond_the_hosts_memory() {
+    let (ok, _, err) =
+        run(lorahost().args(["bench", "--tiny", "--device", "cpu", "--batch", "100000000", "--steps", "1"]));
+    assert!(!ok);
+    assert!(err.contains("GiB available: lower --batch (now 100000000)"), "{err}");
+}

@@ -519,6 +519,45 @@ impl Sam3Config {
         let v = &self.vision_config.backbone_config;
         let fpn = self.vision_config.fpn_hidden_size;
         let mut errs = Vec::new();
+        // Sizes far beyond any SAM3 (64× its own) are a typo, and building them would end in an
+        // allocation failure or the OOM killer rather than this message.
+        let (t, g, e, d, m) = (
+            &self.text_config,
+            &self.geometry_encoder_config,
+            &self.detr_encoder_config,
+            &self.detr_decoder_config,
+            &self.mask_decoder_config,
+        );
+        let widths = [
+            ("vision_config.backbone_config.hidden_size", v.hidden_size),
+            ("vision_config.backbone_config.intermediate_size", v.intermediate_size),
+            ("vision_config.fpn_hidden_size", fpn),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("geometry_encoder_config.intermediate_size", g.intermediate_size),
+            ("detr_encoder_config.intermediate_size", e.intermediate_size),
+            ("detr_decoder_config.intermediate_size", d.intermediate_size),
+            ("mask_decoder_config.hidden_size", m.hidden_size),
+        ];
+        let counts = [
+            ("vision_config.backbone_config.num_hidden_layers", v.num_hidden_layers, 2048),
+            ("vision_config.backbone_config.image_size", v.image_size, 65_536),
+            ("text_config.num_hidden_layers", t.num_hidden_layers, 2048),
+            ("text_config.vocab_size", t.vocab_size, 4_000_000),
+            ("text_config.max_position_embeddings", t.max_position_embeddings, 8192),
+            ("geometry_encoder_config.num_layers", g.num_layers, 2048),
+            ("detr_encoder_config.num_layers", e.num_layers, 2048),
+            ("detr_decoder_config.num_layers", d.num_layers, 2048),
+            ("detr_decoder_config.num_queries", d.num_queries.unwrap_or(0), 65_536),
+        ];
+        for (name, value, max) in widths.iter().map(|(n, x)| (*n, *x, 65_536)).chain(counts) {
+            if value > max {
+                errs.push(format!("{name} is {value}, beyond any SAM3 (at most {max}; SAM3's own sizes are in its config.json)"));
+            }
+        }
+        if !errs.is_empty() {
+            return Err(errs.join("; "));
+        }
         if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             errs.push(format!(
                 "image_size {} must be a multiple of patch_size {}",
@@ -623,6 +662,26 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(TINY).unwrap();
         v.pointer_mut(section).unwrap().as_object_mut().unwrap().remove(key);
         v.to_string()
+    }
+
+    /// Sizes no SAM3 has are refused by name before anything is built; SAM3's own pass.
+    #[test]
+    fn absurd_sizes_are_named_before_anything_is_allocated() {
+        let huge = TINY.replace(
+            r#""intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "image_size": 112"#,
+            r#""intermediate_size": 1000000000000, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "image_size": 112"#,
+        );
+        assert_ne!(huge, TINY);
+        let e = parse(&huge).unwrap_err();
+        assert!(e.contains("vision_config.backbone_config.intermediate_size is 1000000000000"), "{e}");
+        let queries = TINY.replace(r#""num_queries": 8"#, r#""num_queries": 10000000"#);
+        if queries != TINY {
+            assert!(parse(&queries).unwrap_err().contains("detr_decoder_config.num_queries"));
+        }
+        let asset = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sam3_config.json");
+        assert!(Sam3Config::from_file(&asset).is_ok());
     }
 
     #[test]
