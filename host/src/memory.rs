@@ -594,6 +594,13 @@ pub fn parameter_count(c: &Sam3Config) -> candle_core::Result<usize> {
     Ok(n)
 }
 
+/// Memory the host can still give a process (`MemAvailable` in /proc/meminfo), if known.
+pub fn host_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,11 +688,4 @@ mod tests {
         let mask = Adapted { mask_head: true, ..Adapted::default() };
         assert!(activation_elements(&c, &mask, 1, 1) > 0.0);
     }
-}
-
-/// Memory the host can still give a process (`MemAvailable` in /proc/meminfo), if known.
-pub fn host_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
