@@ -737,12 +737,20 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
         );
     }
     if t.warmup_steps == 0 && t.warmup_ratio <= 0.0 {
+        // Any key naming a warmup, in the file or an override (its value was 0, or unusable
+        // and reported above); otherwise the default applies.
+        let doc = serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap_or_default();
+        let given = names_key(&doc, "warmup") || overrides.iter().any(|(k, _)| k.contains("warmup"));
         r.add(
             "F10",
             Severity::Info,
             "no warmup: the first steps run at the peak LR",
-            "training.warmup_steps: 0",
-            "a short warmup (e.g. 5% of the steps) steadies the first updates",
+            if given {
+                "training.warmup_steps: 0".to_string()
+            } else {
+                format!("{}: no warmup setting (training.warmup_steps defaults to 0)", path.display())
+            },
+            "a short warmup (e.g. 5% of the steps) steadies the first updates: training.warmup_steps",
         );
     }
     if !broken.any(&["training.learning_rate"]) && (t.learning_rate > 1e-3 || t.learning_rate < 1e-6) {
@@ -1115,6 +1123,17 @@ fn mask_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
                 },
             );
         }
+    }
+}
+
+/// Whether any key of `v` (at any depth) contains `needle`.
+fn names_key(v: &serde_yaml::Value, needle: &str) -> bool {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            m.iter().any(|(k, v)| k.as_str().is_some_and(|k| k.contains(needle)) || names_key(v, needle))
+        }
+        serde_yaml::Value::Sequence(s) => s.iter().any(|v| names_key(v, needle)),
+        _ => false,
     }
 }
 

@@ -646,3 +646,19 @@ fn gt_overlays_into_a_file_is_named() {
     assert!(!explain(&r).contains("os error"), "{}", explain(&r));
     assert_eq!(std::fs::read(&file).unwrap(), b"not a folder");
 }
+
+/// F10's evidence says whether the warmup was set to 0 or left out (the default).
+#[test]
+fn no_warmup_says_whether_it_was_set_or_left_out() {
+    let s = setup();
+    let r = run(&s, &["training.warmup_steps=0"]);
+    assert!(has(&r, "F10", Severity::Info, "training.warmup_steps: 0"), "{}", explain(&r));
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, text.replace("  warmup_steps: 2\n", "")).unwrap();
+    let r = run(&s, &[]);
+    assert!(
+        has(&r, "F10", Severity::Info, "no warmup setting (training.warmup_steps defaults to 0)"),
+        "{}",
+        explain(&r)
+    );
+}
