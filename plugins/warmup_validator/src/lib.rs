@@ -33,7 +33,9 @@
 //! And each time it happens:
 //!
 //! - **gradient explosion during warmup**: `grad-norm` > `explosion_factor` × the median
-//!   of the previous grad norms (once at least 3 are known), or a non-finite grad norm.
+//!   of the previous grad norms (once at least 3 are known), or an infinite grad norm (what
+//!   the host reports for gradients that were not finite). A NaN grad norm is one the host
+//!   does not know (a replayed trace that does not record it): it is not checked.
 //!
 //! Note that another plugin answering `scale-lr` during warmup (e.g. `spike_guard`) changes
 //! the LR too and may trigger "LR decreases" or "wrong peak".
@@ -223,6 +225,10 @@ impl WarmupValidator {
             return;
         }
         let history = &mut self.state.grad_norms;
+        // NaN: the host does not know the norm (a replayed trace without it), nothing to check.
+        if m.grad_norm.is_nan() {
+            return;
+        }
         if !m.grad_norm.is_finite() {
             found.push(format!("non-finite gradient norm {} at step {} during warmup", m.grad_norm, m.step));
         } else if history.len() >= MIN_GRAD_HISTORY && m.grad_norm > factor * history.median() {
@@ -472,6 +478,20 @@ mod tests {
         // After warmup, big grad norms are someone else's business (e.g. spike_guard).
         feed(&mut v, [metrics(WARMUP + 1, good_lr(WARMUP + 1), 500.0, 1)]);
         assert_eq!(v.state.violations, 1);
+    }
+
+    /// A NaN grad norm is unknown (a replayed trace without norms): no violation, no stop in
+    /// strict mode, the history untouched; an infinite one is still a violation.
+    #[test]
+    fn an_unknown_grad_norm_is_not_a_violation() {
+        let mut v = validator(r#"{"strict": true}"#, 1);
+        let answers = feed(&mut v, (1..=WARMUP).map(|s| metrics(s, good_lr(s), f64::NAN, 1)));
+        assert!(answers.iter().all(|a| matches!(a, Action::Continue)), "{answers:?}");
+        assert_eq!(v.state.violations, 0);
+        assert_eq!(v.state.grad_norms.len(), 0);
+        let mut v = validator("{}", 1);
+        feed(&mut v, (1..=3).map(|s| metrics(s, good_lr(s), f64::INFINITY, 1)));
+        assert_eq!(v.state.violations, 3);
     }
 
     #[test]
