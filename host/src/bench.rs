@@ -281,11 +281,13 @@ pub fn estimate(
 ) -> Result<crate::memory::MemoryEstimate> {
     let params = std::sync::Arc::new(std::sync::Mutex::new(0usize));
     let mut model = Sam3Model::load(crate::memory::shape_only_var_builder(params.clone()), config)?;
-    let lora = LoraSet::attach(&mut model, &lora_config(o), &Device::Cpu)?;
+    // Adapters of rank 1 stand in for the real ones (each module's A and B grow linearly with
+    // the rank): the estimate allocates nothing that grows with --rank.
+    let lora = LoraSet::attach(&mut model, &LoraConfig { rank: 1, ..lora_config(o) }, &Device::Cpu)?;
     let base_params = params.lock().map(|p| *p).unwrap_or(0);
     let run = crate::memory::RunShape {
         base_params,
-        lora_params: lora.num_params(),
+        lora_params: lora.num_params().saturating_mul(o.rank),
         dtype,
         adapted: crate::memory::Adapted::of(lora.modules.iter().map(|m| m.1)),
         vision_checkpointing: o.checkpointing(),
@@ -348,12 +350,14 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     if matches!(o.device, crate::inference::DeviceArg::Cpu) {
         if let Some(free) = crate::memory::host_available().filter(|free| predicted.total > *free) {
             bail!(
-                "this workload needs about {:.1} GiB (weights {:.1}, activations and backward {:.1}) and the host has {:.1} GiB available: lower --batch (now {}), or use a smaller --model-config / --tiny (`lorahost bench --estimate-only` prints the estimate)",
+                "this workload needs about {:.1} GiB (weights {:.1}, LoRA and optimizer state {:.1}, activations and backward {:.1}) and the host has {:.1} GiB available: lower --batch (now {}) or --rank (now {}), or use a smaller --model-config / --tiny (`lorahost bench --estimate-only` prints the estimate)",
                 gib(predicted.total),
                 gib(predicted.weights),
+                gib(predicted.lora_state),
                 gib(predicted.activations + predicted.backward),
                 gib(free),
-                o.batch
+                o.batch,
+                o.rank
             );
         }
     }
@@ -572,6 +576,21 @@ mod tests {
         o.model_config = Some(PathBuf::from("/nonexistent/sam3.json"));
         let e = format!("{:#}", run(&o).unwrap_err());
         assert!(e.contains("/nonexistent/sam3.json") && e.contains("--model-config"), "{e}");
+        Ok(())
+    }
+
+    /// A rank whose adapters the host cannot hold is refused with the estimate, before any
+    /// adapter is allocated (the estimate itself allocates none of rank size): not an
+    /// allocation failure that aborts the process.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_rank_beyond_the_hosts_memory_is_refused_before_allocating() -> Result<()> {
+        let o = BenchOptions { rank: 1 << 40, ..tiny_options() };
+        let rank1 = estimate_only(&BenchOptions { rank: 1, ..tiny_options() })?;
+        let huge = estimate_only(&o)?;
+        assert_eq!(huge.lora_state, rank1.lora_state << 40);
+        let e = format!("{:#}", run(&o).unwrap_err());
+        assert!(e.contains("LoRA and optimizer state") && e.contains("--rank (now 1099511627776)"), "{e}");
         Ok(())
     }
 

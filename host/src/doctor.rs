@@ -237,12 +237,17 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
 /// overlays.json with its error and counted in the finding.
 fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut Report) {
     use crate::data::batch::SampleOptions;
-    if dir.exists() && !dir.is_dir() {
+    // The folder, or a folder on its way that would have to be created inside a file.
+    if let Some(file) = dir.ancestors().find(|a| a.exists() && !a.is_dir()) {
         r.add(
             "F5",
             Severity::Warning,
             "ground-truth overlays could not be written",
-            format!("--gt-overlays {}: a file, not a folder", dir.display()),
+            if file == dir {
+                format!("--gt-overlays {}: a file, not a folder", dir.display())
+            } else {
+                format!("--gt-overlays {}: {} is a file, not a folder", dir.display(), file.display())
+            },
             "give --gt-overlays a folder (it is created if missing) for the overlay PNGs and overlays.json",
         );
         return;
@@ -737,18 +742,20 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
         );
     }
     if t.warmup_steps == 0 && t.warmup_ratio <= 0.0 {
-        // Any key naming a warmup, in the file or an override (its value was 0, or unusable
-        // and reported above); otherwise the default applies.
-        let doc = serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap_or_default();
-        let given = names_key(&doc, "warmup") || overrides.iter().any(|(k, _)| k.contains("warmup"));
+        // The warmup settings as given (file, then overrides, which win), so the evidence shows
+        // what was written; none given: the default applies, and the evidence says so.
+        let given = warmup_settings(&text, &overrides);
         r.add(
             "F10",
             Severity::Info,
             "no warmup: the first steps run at the peak LR",
-            if given {
-                "training.warmup_steps: 0".to_string()
+            if given.is_empty() {
+                format!(
+                    "{}: neither training.warmup_steps nor training.warmup_ratio is set (no warmup setting; training.warmup_steps defaults to 0)",
+                    path.display()
+                )
             } else {
-                format!("{}: no warmup setting (training.warmup_steps defaults to 0)", path.display())
+                given.join("; ")
             },
             "a short warmup (e.g. 5% of the steps) steadies the first updates: training.warmup_steps",
         );
@@ -1126,15 +1133,31 @@ fn mask_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
     }
 }
 
-/// Whether any key of `v` (at any depth) contains `needle`.
-fn names_key(v: &serde_yaml::Value, needle: &str) -> bool {
-    match v {
-        serde_yaml::Value::Mapping(m) => {
-            m.iter().any(|(k, v)| k.as_str().is_some_and(|k| k.contains(needle)) || names_key(v, needle))
+/// The warmup keys lorahost reads (`training.warmup_steps`, `training.warmup_ratio`) as the
+/// config file (merge keys applied) and then the overrides give them: `key: value` each, an
+/// override as `--override key=value`.
+fn warmup_settings(text: &str, overrides: &[(String, serde_yaml::Value)]) -> Vec<String> {
+    const KEYS: [&str; 2] = ["warmup_steps", "warmup_ratio"];
+    let show = |v: &serde_yaml::Value| match v {
+        serde_yaml::Value::Null => "null (the default, 0)".to_string(),
+        serde_yaml::Value::String(s) => format!("{s:?}"),
+        v => serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_default(),
+    };
+    let mut doc =
+        serde_yaml::from_str::<serde_yaml::Value>(text.trim_start_matches('\u{feff}')).unwrap_or_default();
+    let _ = doc.apply_merge();
+    let mut out: Vec<String> = KEYS
+        .iter()
+        .filter_map(|k| {
+            doc.get("training").and_then(|t| t.get(k)).map(|v| format!("training.{k}: {}", show(v)))
+        })
+        .collect();
+    for (k, v) in overrides {
+        if KEYS.iter().any(|w| k == &format!("training.{w}")) {
+            out.push(format!("--override {k}={}", show(v)));
         }
-        serde_yaml::Value::Sequence(s) => s.iter().any(|v| names_key(v, needle)),
-        _ => false,
     }
+    out
 }
 
 /// Objects sampled by [`thin_structure_check`].

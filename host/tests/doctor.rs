@@ -645,20 +645,36 @@ fn gt_overlays_into_a_file_is_named() {
     assert!(has(&r, "F5", Severity::Warning, "a file, not a folder"), "{}", explain(&r));
     assert!(!explain(&r).contains("os error"), "{}", explain(&r));
     assert_eq!(std::fs::read(&file).unwrap(), b"not a folder");
+    // A folder to be made inside that file: the file is named.
+    let r = diagnose(&DoctorOptions {
+        config: s.config.clone(),
+        gt_overlays: Some(file.join("sub")),
+        ..Default::default()
+    })
+    .unwrap();
+    let named = format!("{} is a file, not a folder", file.display());
+    assert!(has(&r, "F5", Severity::Warning, &named), "{}", explain(&r));
+    assert!(!explain(&r).contains("os error"), "{}", explain(&r));
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a folder");
 }
 
-/// F10's evidence says whether the warmup was set to 0 or left out (the default).
+/// F10's evidence shows the warmup settings as written (file or override), or says that none
+/// is set and the default applies, never a key that was not written.
 #[test]
 fn no_warmup_says_whether_it_was_set_or_left_out() {
     let s = setup();
+    let evidence = |r: &Report| -> String {
+        let f = r.findings.iter().find(|f| f.code == "F10" && f.message.starts_with("no warmup"));
+        f.unwrap_or_else(|| panic!("{}", explain(r))).evidence.clone()
+    };
     let r = run(&s, &["training.warmup_steps=0"]);
-    assert!(has(&r, "F10", Severity::Info, "training.warmup_steps: 0"), "{}", explain(&r));
+    assert_eq!(evidence(&r), "training.warmup_steps: 2; --override training.warmup_steps=0");
     let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&s.config, text.replace("  warmup_steps: 2\n", "")).unwrap();
-    let r = run(&s, &[]);
-    assert!(
-        has(&r, "F10", Severity::Info, "no warmup setting (training.warmup_steps defaults to 0)"),
-        "{}",
-        explain(&r)
-    );
+    std::fs::write(&s.config, text.replace("  warmup_steps: 2\n", "  warmup_ratio: 0\n")).unwrap();
+    assert_eq!(evidence(&run(&s, &[])), "training.warmup_ratio: 0");
+    // Not set (a key lorahost does not read is not a warmup setting): the default, said so.
+    std::fs::write(&s.config, text.replace("  warmup_steps: 2\n", "  warmup: 5\n")).unwrap();
+    let e = evidence(&run(&s, &[]));
+    assert!(e.contains("c.yaml: neither training.warmup_steps nor training.warmup_ratio is set"), "{e}");
+    assert!(e.contains("training.warmup_steps defaults to 0"), "{e}");
 }

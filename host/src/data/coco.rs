@@ -1411,7 +1411,9 @@ impl Dataset {
         let mut splits = vec![Split::load(data_dir, "train")?];
         let mut skipped = Vec::new();
         for name in ["valid", "test"] {
-            if data_dir.join(name).join(ANNOTATION_FILE).is_file() {
+            // A folder in the file's place is a split that does not load (said by
+            // `Split::load`), not an absent one.
+            if data_dir.join(name).join(ANNOTATION_FILE).exists() {
                 match Split::load(data_dir, name) {
                     Ok(s) => splits.push(s),
                     Err(e) if name == "test" => skipped.push(Finding {

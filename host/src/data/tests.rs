@@ -1074,4 +1074,18 @@ fn an_annotation_path_that_is_a_folder_is_named() {
     std::fs::create_dir_all(d.path().join("train").join(super::coco::ANNOTATION_FILE)).unwrap();
     let e = Split::load(d.path(), "train").unwrap_err().to_string();
     assert!(e.contains("a folder where the split's COCO JSON file belongs"), "{e}");
+    // In valid/ too (not "no valid split"); in test/, the split is left out with the reason.
+    let d = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec { seed: 1, train_images: 2, valid_images: 0, size: 32, max_cracks: 1 };
+    write_synthetic(d.path(), &spec).unwrap();
+    std::fs::create_dir_all(d.path().join("test").join(super::coco::ANNOTATION_FILE)).unwrap();
+    let ds = Dataset::load(d.path()).unwrap();
+    assert!(
+        ds.skipped[0].message.contains("a folder where the split's COCO JSON file belongs"),
+        "{:?}",
+        ds.skipped
+    );
+    std::fs::create_dir_all(d.path().join("valid").join(super::coco::ANNOTATION_FILE)).unwrap();
+    let e = Dataset::load(d.path()).unwrap_err().to_string();
+    assert!(e.contains("valid/_annotations.coco.json") && e.contains("a folder where"), "{e}");
 }

@@ -429,6 +429,9 @@ fn normalize(body: &mut serde_json::Value) -> Result<(Vec<String>, Vec<String>),
     Ok((defaulted, warnings))
 }
 
+/// The most parameters a config may describe: 64× SAM3's 0.84 billion (about 215 GB in f32).
+const MAX_PARAMETERS: f64 = 54e9;
+
 impl Sam3Config {
     /// The square size of the ground-truth masks training builds: the mask head's output, the
     /// patch grid times the neck's first scale factor (SAM3: 1008 / 14 · 4 = 288).
@@ -514,13 +517,68 @@ impl Sam3Config {
         Ok(ParsedConfig { config: cfg, layout, defaulted, warnings })
     }
 
+    /// About how many parameters the model these sizes describe has (the linears, embeddings
+    /// and convolutions that grow with them; within a few percent of the real count for SAM3),
+    /// with the part holding most of them and its keys. f64: the product of absurd sizes must
+    /// not overflow.
+    fn approx_parameters(&self) -> (f64, &'static str, String) {
+        let v = &self.vision_config.backbone_config;
+        let t = &self.text_config;
+        let f = self.vision_config.fpn_hidden_size as f64;
+        let n = |x: usize| x as f64;
+        let block = |h: f64, i: f64, attn: f64| attn * h * h + 2.0 * h * i;
+        let pretrain_grid = n(v.pretrain_image_size / v.patch_size.max(1));
+        let vit = n(v.num_hidden_layers) * block(n(v.hidden_size), n(v.intermediate_size), 4.0)
+            + (pretrain_grid * pretrain_grid + 1.0) * n(v.hidden_size)
+            + n(v.num_channels) * n(v.patch_size) * n(v.patch_size) * n(v.hidden_size)
+            + 9.0 * f * n(v.hidden_size);
+        let text = n(t.num_hidden_layers) * block(n(t.hidden_size), n(t.intermediate_size), 4.0)
+            + n(t.vocab_size + t.max_position_embeddings + t.projection_dim.unwrap_or(512))
+                * n(t.hidden_size);
+        let stack = |c: &StackConfig| n(c.num_layers) * block(f, n(c.intermediate_size), 8.0);
+        let g = &self.geometry_encoder_config;
+        let geometry = stack(g) + f * f * n(g.roi_size) * n(g.roi_size);
+        let detr = stack(&self.detr_encoder_config)
+            + stack(&self.detr_decoder_config)
+            + n(self.detr_decoder_config.num_queries.unwrap_or(0)) * f;
+        let mask = n(self.mask_decoder_config.num_upsampling_stages) * 9.0 * f * f;
+        let parts = [
+            (
+                vit,
+                "the ViT",
+                "vision_config.backbone_config: num_hidden_layers, hidden_size, intermediate_size",
+            ),
+            (
+                text,
+                "the text encoder",
+                "text_config: num_hidden_layers, hidden_size, intermediate_size, vocab_size",
+            ),
+            (
+                geometry,
+                "the geometry encoder",
+                "fpn_hidden_size, geometry_encoder_config: num_layers, intermediate_size, roi_size",
+            ),
+            (
+                detr,
+                "the DETR encoder and decoder",
+                "fpn_hidden_size, detr_*_config: num_layers, intermediate_size",
+            ),
+            (mask, "the mask decoder", "fpn_hidden_size, mask_decoder_config.num_upsampling_stages"),
+        ];
+        let total = parts.iter().map(|p| p.0).sum();
+        let (_, part, keys) = parts.iter().copied().fold(parts[0], |a, b| if b.0 > a.0 { b } else { a });
+        (total, part, keys.to_string())
+    }
+
     /// Check the constraints the modeling code relies on.
     pub fn validate(&self) -> Result<(), String> {
         let v = &self.vision_config.backbone_config;
         let fpn = self.vision_config.fpn_hidden_size;
         let mut errs = Vec::new();
-        // Sizes far beyond any SAM3 (64× its own) are a typo, and building them would end in an
-        // allocation failure or the OOM killer rather than this message.
+        // Sizes far beyond any SAM3 (about 64× its own; 16× for the image sizes, whose RoPE
+        // tables and token grids grow with their square) are a typo, and building them would end
+        // in an allocation failure, a panic or the OOM killer rather than this message. So are
+        // the zeros the modeling code divides by or cannot build.
         let (t, g, e, d, m) = (
             &self.text_config,
             &self.geometry_encoder_config,
@@ -528,40 +586,72 @@ impl Sam3Config {
             &self.detr_decoder_config,
             &self.mask_decoder_config,
         );
-        let widths = [
-            ("vision_config.backbone_config.hidden_size", v.hidden_size),
-            ("vision_config.backbone_config.intermediate_size", v.intermediate_size),
-            ("vision_config.fpn_hidden_size", fpn),
-            ("text_config.hidden_size", t.hidden_size),
-            ("text_config.intermediate_size", t.intermediate_size),
-            ("geometry_encoder_config.intermediate_size", g.intermediate_size),
-            ("detr_encoder_config.intermediate_size", e.intermediate_size),
-            ("detr_decoder_config.intermediate_size", d.intermediate_size),
-            ("mask_decoder_config.hidden_size", m.hidden_size),
+        const W: usize = 65_536;
+        const L: usize = 2048;
+        // (key, value, least, most, SAM3's own)
+        let ranges: [(&str, usize, usize, usize, usize); 27] = [
+            ("vision_config.backbone_config.hidden_size", v.hidden_size, 1, W, 1024),
+            ("vision_config.backbone_config.intermediate_size", v.intermediate_size, 1, W, 4736),
+            ("vision_config.backbone_config.num_hidden_layers", v.num_hidden_layers, 0, L, 32),
+            ("vision_config.backbone_config.num_channels", v.num_channels, 1, 192, 3),
+            ("vision_config.backbone_config.image_size", v.image_size, 1, 16_384, 1008),
+            ("vision_config.backbone_config.pretrain_image_size", v.pretrain_image_size, 1, 16_384, 336),
+            ("vision_config.backbone_config.patch_size", v.patch_size, 1, 16_384, 14),
+            ("vision_config.backbone_config.window_size", v.window_size, 0, 1024, 24),
+            ("vision_config.fpn_hidden_size", fpn, 1, W, 256),
+            ("text_config.hidden_size", t.hidden_size, 1, W, 1024),
+            ("text_config.intermediate_size", t.intermediate_size, 1, W, 4096),
+            ("text_config.num_hidden_layers", t.num_hidden_layers, 0, L, 24),
+            ("text_config.vocab_size", t.vocab_size, 1, 4_000_000, 49408),
+            ("text_config.max_position_embeddings", t.max_position_embeddings, 1, 8192, 32),
+            ("text_config.projection_dim", t.projection_dim.unwrap_or(1), 1, W, 512),
+            ("geometry_encoder_config.intermediate_size", g.intermediate_size, 1, W, 2048),
+            ("geometry_encoder_config.num_layers", g.num_layers, 0, L, 3),
+            ("geometry_encoder_config.roi_size", g.roi_size, 1, 448, 7),
+            ("detr_encoder_config.intermediate_size", e.intermediate_size, 1, W, 2048),
+            ("detr_encoder_config.num_layers", e.num_layers, 0, L, 6),
+            ("detr_decoder_config.intermediate_size", d.intermediate_size, 1, W, 2048),
+            ("detr_decoder_config.num_layers", d.num_layers, 1, L, 6),
+            ("detr_decoder_config.num_queries", d.num_queries.unwrap_or(1), 1, W, 200),
+            ("mask_decoder_config.hidden_size", m.hidden_size, 1, W, 256),
+            ("mask_decoder_config.num_upsampling_stages", m.num_upsampling_stages, 0, 192, 3),
+            ("mask_decoder_config.num_attention_heads", m.num_attention_heads, 1, W, 8),
+            ("vision_config.backbone_config.num_attention_heads", v.num_attention_heads, 1, W, 16),
         ];
-        let counts = [
-            ("vision_config.backbone_config.num_hidden_layers", v.num_hidden_layers, 2048),
-            ("vision_config.backbone_config.image_size", v.image_size, 65_536),
-            ("text_config.num_hidden_layers", t.num_hidden_layers, 2048),
-            ("text_config.vocab_size", t.vocab_size, 4_000_000),
-            ("text_config.max_position_embeddings", t.max_position_embeddings, 8192),
-            ("geometry_encoder_config.num_layers", g.num_layers, 2048),
-            ("detr_encoder_config.num_layers", e.num_layers, 2048),
-            ("detr_decoder_config.num_layers", d.num_layers, 2048),
-            ("detr_decoder_config.num_queries", d.num_queries.unwrap_or(0), 65_536),
-        ];
-        for (name, value, max) in widths.iter().map(|(n, x)| (*n, *x, 65_536)).chain(counts) {
-            if value > max {
-                errs.push(format!("{name} is {value}, beyond any SAM3 (at most {max}; SAM3's own sizes are in its config.json)"));
+        for (name, value, least, most, own) in ranges {
+            if value > most {
+                errs.push(format!(
+                    "{name} is {value}, beyond any SAM3 (at most {most}; SAM3's own is {own})"
+                ));
+            } else if value < least {
+                errs.push(format!("{name} is {value}: it must be at least {least} (SAM3's own is {own})"));
             }
         }
         if !errs.is_empty() {
             return Err(errs.join("; "));
         }
+        // Each size within its range can still multiply into a model no machine holds (a
+        // 65536-wide ViT of 2048 layers); building even its shapes or adapters would not end.
+        let (params, part, keys) = self.approx_parameters();
+        if params > MAX_PARAMETERS {
+            return Err(format!(
+                "these sizes describe a model of about {:.1} billion parameters, most of them in {part} \
+                 ({keys}), beyond any SAM3 (at most {:.0} billion; SAM3 has 0.84 billion): check those sizes \
+                 against SAM3's own config.json",
+                params / 1e9,
+                MAX_PARAMETERS / 1e9
+            ));
+        }
         if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             errs.push(format!(
                 "image_size {} must be a multiple of patch_size {}",
                 v.image_size, v.patch_size
+            ));
+        }
+        if v.pretrain_image_size < v.patch_size {
+            errs.push(format!(
+                "pretrain_image_size {} must be at least patch_size {} (its position embeddings are a grid of patches)",
+                v.pretrain_image_size, v.patch_size
             ));
         }
         if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
@@ -598,6 +688,12 @@ impl Sam3Config {
             errs.push(format!(
                 "mask_decoder_config.hidden_size {} must equal fpn_hidden_size {fpn}",
                 m.hidden_size
+            ));
+        }
+        if !m.hidden_size.is_multiple_of(m.num_attention_heads.max(1)) {
+            errs.push(format!(
+                "mask_decoder_config.hidden_size {} not divisible by num_attention_heads {}",
+                m.hidden_size, m.num_attention_heads
             ));
         }
         if !m.hidden_size.is_multiple_of(8) {
@@ -664,24 +760,63 @@ mod tests {
         v.to_string()
     }
 
-    /// Sizes no SAM3 has are refused by name before anything is built; SAM3's own pass.
+    /// TINY with the key at `pointer` (a JSON pointer; the key may be absent) set to `value`.
+    fn with(pointer: &str, value: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(TINY).unwrap();
+        let (section, key) = pointer.rsplit_once('/').unwrap();
+        v.pointer_mut(section).unwrap().as_object_mut().unwrap().insert(key.into(), value);
+        v.to_string()
+    }
+
+    /// Sizes no SAM3 has (and zeros the model code divides by) are refused by name before
+    /// anything is built, as are sizes that multiply into a model no machine holds; SAM3's own
+    /// config passes.
     #[test]
     fn absurd_sizes_are_named_before_anything_is_allocated() {
-        let huge = TINY.replace(
-            r#""intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "image_size": 112"#,
-            r#""intermediate_size": 1000000000000, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "image_size": 112"#,
-        );
-        assert_ne!(huge, TINY);
-        let e = parse(&huge).unwrap_err();
-        assert!(e.contains("vision_config.backbone_config.intermediate_size is 1000000000000"), "{e}");
-        let queries = TINY.replace(r#""num_queries": 8"#, r#""num_queries": 10000000"#);
-        if queries != TINY {
-            assert!(parse(&queries).unwrap_err().contains("detr_decoder_config.num_queries"));
+        use serde_json::json;
+        let vit = "/vision_config/backbone_config";
+        for (pointer, value, expected) in [
+            (
+                format!("{vit}/intermediate_size"),
+                json!(1_000_000_000_000u64),
+                "vision_config.backbone_config.intermediate_size is 1000000000000, beyond any SAM3 (at most 65536",
+            ),
+            (format!("{vit}/hidden_size"), json!(1_000_000_000), "backbone_config.hidden_size is 1000000000"),
+            (format!("{vit}/num_hidden_layers"), json!(1_000_000_000), "num_hidden_layers is 1000000000"),
+            (format!("{vit}/window_size"), json!(1_000_000_000), "window_size is 1000000000"),
+            (format!("{vit}/image_size"), json!(0), "image_size is 0: it must be at least 1"),
+            (format!("{vit}/pretrain_image_size"), json!(7), "pretrain_image_size 7 must be at least patch_size 14"),
+            ("/geometry_encoder_config/roi_size".into(), json!(1_000_000_000), "roi_size is 1000000000"),
+            (
+                "/mask_decoder_config/num_upsampling_stages".into(),
+                json!(1_000_000_000),
+                "num_upsampling_stages is 1000000000",
+            ),
+            ("/mask_decoder_config/num_attention_heads".into(), json!(0), "mask_decoder_config.num_attention_heads is 0"),
+            ("/mask_decoder_config/num_attention_heads".into(), json!(3), "not divisible by num_attention_heads 3"),
+            ("/text_config/vocab_size".into(), json!(0), "text_config.vocab_size is 0"),
+            ("/detr_decoder_config/num_queries".into(), json!(10_000_000), "detr_decoder_config.num_queries is 10000000"),
+            ("/detr_decoder_config/num_layers".into(), json!(0), "detr_decoder_config.num_layers is 0"),
+        ] {
+            let e = parse(&with(&pointer, value)).unwrap_err();
+            assert!(e.contains(expected), "{pointer}: {e}");
         }
+        // Each size within its range, together 2048 layers of a 8192-wide ViT: ~800 billion.
+        let mut v: serde_json::Value = serde_json::from_str(TINY).unwrap();
+        let b = v.pointer_mut(vit).unwrap();
+        (b["hidden_size"], b["intermediate_size"], b["num_hidden_layers"]) =
+            (json!(8192), json!(8192), json!(2048));
+        let e = parse(&v.to_string()).unwrap_err();
+        assert!(e.contains("billion parameters, most of them in the ViT"), "{e}");
+        // SAM3 itself and the tiny configs pass.
         let asset = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sam3_config.json");
-        assert!(Sam3Config::from_file(&asset).is_ok());
+        let (full, _) = Sam3Config::from_file(&asset).unwrap();
+        let (n, ..) = full.approx_parameters();
+        assert!((0.8e9..0.9e9).contains(&n), "{n}");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for tiny in ["examples/tiny_sam3/config.json", "examples/bench/full_depth_tiny_width.json"] {
+            Sam3Config::from_file(&repo.join(tiny)).unwrap();
+        }
     }
 
     #[test]
