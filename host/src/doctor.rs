@@ -234,6 +234,13 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
 /// F5/F24/F6: pictures of the targets as training builds them (the model's square input, and
 /// with `training.augment` also the flipped, zoomed-out variant), for a person to look at, of
 /// the train, valid and test splits. Images that cannot be read are skipped, each listed in
+/// The config of the model `cfg` names, when it resolves and reads (the LoRA checks report
+/// why not).
+fn model_config(cfg: &TrainConfig) -> Option<crate::sam3::config::Sam3Config> {
+    let path = crate::train::resolve_model(cfg).ok()?;
+    crate::sam3::config::Sam3Config::from_file(&model_config_path(&path)).ok().map(|(c, _)| c)
+}
+
 /// overlays.json with its error and counted in the finding.
 fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut Report) {
     use crate::data::batch::SampleOptions;
@@ -252,9 +259,7 @@ fn gt_overlays(cfg: &TrainConfig, dir: &std::path::Path, images: usize, r: &mut 
         );
         return;
     }
-    let model_config = crate::train::resolve_model(cfg).ok().and_then(|p| {
-        crate::sam3::config::Sam3Config::from_file(&model_config_path(&p)).ok().map(|(c, _)| c)
-    });
+    let model_config = model_config(cfg);
     // Without the model's config (reported by the LoRA checks) SAM3's own sizes are drawn.
     let (image_size, mask_size) = model_config
         .map(|c| (c.vision_config.backbone_config.image_size, c.target_mask_size()))
@@ -1168,11 +1173,7 @@ const THIN_SAMPLE: usize = 100;
 /// box-only object; one or two pixels wide there, COCO mAP judges it harshly.
 fn thin_structure_check(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
     let Some(train) = ds.split("train") else { return };
-    let m = crate::train::resolve_model(cfg)
-        .ok()
-        .and_then(|p| crate::sam3::config::Sam3Config::from_file(&model_config_path(&p)).ok())
-        .map(|(c, _)| c.target_mask_size())
-        .unwrap_or(288);
+    let m = model_config(cfg).map(|c| c.target_mask_size()).unwrap_or(288);
     // Objects with a mask and an image size in the JSON, spread over the split.
     let objects: Vec<(&crate::data::coco::Object, (u32, u32))> = train
         .images
@@ -1552,13 +1553,6 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<
     true
 }
 
-/// Available host memory (Linux `MemAvailable`), bytes.
-fn host_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
-}
-
 /// F13: the predicted peak of a micro-batch against the device's memory.
 fn memory_check(
     cfg: &TrainConfig,
@@ -1611,7 +1605,7 @@ fn memory_check(
     let budget = device_memory_gb.map(|g| (g * (1u64 << 30) as f64) as u64).or(if cuda {
         None
     } else {
-        host_available()
+        crate::memory::host_available()
     });
     r.facts.insert(
         "memory".into(),
@@ -1741,7 +1735,8 @@ fn host_memory_check(
     }
     let e = crate::memory::host_estimate(&h, training);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let available = host_memory_gb.map(|g| (g * (1u64 << 30) as f64) as u64).or_else(host_available);
+    let available =
+        host_memory_gb.map(|g| (g * (1u64 << 30) as f64) as u64).or_else(crate::memory::host_available);
     r.facts.insert(
         "host_memory".into(),
         serde_json::json!({"inputs": h, "estimate_bytes": e, "available_bytes": available}),

@@ -21,6 +21,16 @@ pub mod tiling;
 
 use std::path::PathBuf;
 
+/// Bounds `[x, y, w, h]` (pixels) of the set pixels of a row-major mask `w` wide, if any.
+pub(crate) fn mask_bounds(mask: &[bool], w: usize) -> Option<[f64; 4]> {
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    for (i, _) in mask.iter().enumerate().filter(|(_, v)| **v) {
+        let (x, y) = (i % w, i / w);
+        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+    }
+    (x0 != usize::MAX).then(|| [x0 as f64, y0 as f64, (x1 + 1 - x0) as f64, (y1 + 1 - y0) as f64])
+}
+
 /// Why data could not be loaded, built or written. Each variant names the file and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

@@ -69,18 +69,6 @@ fn stamp_segment(mask: &mut [bool], n: usize, a: (f64, f64), b: (f64, f64), r: f
     }
 }
 
-fn bbox_of(mask: &[bool], n: usize) -> Option<[f64; 4]> {
-    let (mut x0, mut y0, mut x1, mut y1) = (n, n, 0, 0);
-    for (i, _) in mask.iter().enumerate().filter(|(_, b)| **b) {
-        let (x, y) = (i % n, i / n);
-        x0 = x0.min(x);
-        y0 = y0.min(y);
-        x1 = x1.max(x);
-        y1 = y1.max(y);
-    }
-    (x0 <= x1).then(|| [x0 as f64, y0 as f64, (x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64])
-}
-
 /// Generate one image: RGB bytes and its annotations (category id, mask, segmentation JSON).
 fn generate_image(
     rng: &mut SplitMix64,
@@ -196,7 +184,7 @@ pub fn write_synthetic(dir: &Path, spec: &SyntheticSpec) -> Result<SyntheticSumm
             write(&dir.join(split).join(&file_name), &png)?;
             images.push(json!({"id": i, "file_name": file_name, "width": n, "height": n}));
             for (cat, mask, seg) in anns {
-                let Some(bbox) = bbox_of(&mask, n) else { continue };
+                let Some(bbox) = super::mask_bounds(&mask, n) else { continue };
                 let area = mask.iter().filter(|b| **b).count();
                 annotations.push(json!({
                     "id": annotations.len(), "image_id": i, "category_id": cat, "bbox": bbox,

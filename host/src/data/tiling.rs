@@ -78,16 +78,6 @@ fn crop(mask: &[bool], w: usize, (x0, y0, tw, th): (usize, usize, usize, usize))
     out
 }
 
-/// Bounds `[x, y, w, h]` of the set pixels of a `w`-wide mask, if any.
-fn bounds(mask: &[bool], w: usize) -> Option<[f64; 4]> {
-    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-    for (i, _) in mask.iter().enumerate().filter(|(_, v)| **v) {
-        let (x, y) = (i % w, i / w);
-        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-    }
-    (x0 != usize::MAX).then(|| [x0 as f64, y0 as f64, (x1 + 1 - x0) as f64, (y1 + 1 - y0) as f64])
-}
-
 /// Tile every split of `data_dir` into `out` (which must not exist or be empty).
 pub fn tile_dataset(data_dir: &Path, out: &Path, opts: &TileOptions) -> Result<Vec<SplitTiles>, DataError> {
     let invalid = |reason: String| DataError::Invalid { what: "tile options", reason };
@@ -159,7 +149,7 @@ fn tile_split(split: &Split, dir: &Path, opts: &TileOptions) -> Result<SplitTile
                         if pixels < opts.min_pixels.max(1) {
                             continue;
                         }
-                        let Some(bbox) = bounds(&part, tw as usize) else { continue };
+                        let Some(bbox) = super::mask_bounds(&part, tw as usize) else { continue };
                         let rle = crate::sam3::postprocess::rle_encode(&part, th as usize, tw as usize);
                         json!({"bbox": bbox, "area": pixels,
                                "segmentation": {"size": [th, tw], "counts": rle.compressed_counts()}})
