@@ -325,6 +325,31 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
     }
 }
 
+/// `e`, or where the device ran out of memory, `e` with what the workload needs (`needs`), the
+/// memory free at the start and the `fix`.
+fn explain_out_of_memory(e: anyhow::Error, needs: &str, free: Option<u64>, fix: &str) -> anyhow::Error {
+    if !crate::sam3::layer_op::out_of_memory(&format!("{e:#}")) {
+        return e;
+    }
+    let free = free.map_or(String::new(), |f| {
+        format!("; {:.1} GiB were free at the start", f as f64 / (1u64 << 30) as f64)
+    });
+    e.context(format!("the device ran out of memory: {needs}{free}: {fix}"))
+}
+
+/// Memory free for the workload, bytes: the device's free memory on a GPU, the host's
+/// available memory on the CPU; `None` when it cannot be read.
+fn device_free(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        Device::Cpu => crate::memory::host_available(),
+        _ => None,
+    }
+}
+
 /// Device memory in use (total − free), bytes; 0 on the CPU.
 fn device_used(device: &Device) -> u64 {
     match device {
@@ -345,22 +370,35 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
     let config = bench_config(o)?;
     let predicted = estimate(o, &config, dtype)?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    // On the CPU a workload beyond the host's memory ends in the OOM killer (exit 137, no
-    // message): refuse it while the reason can still be said.
-    if matches!(o.device, crate::inference::DeviceArg::Cpu) {
-        if let Some(free) = crate::memory::host_available().filter(|free| predicted.total > *free) {
-            bail!(
-                "this workload needs about {:.1} GiB (weights {:.1}, LoRA and optimizer state {:.1}, activations and backward {:.1}) and the host has {:.1} GiB available: lower --batch (now {}) or --rank (now {}), or use a smaller --model-config / --tiny (`lorahost bench --estimate-only` prints the estimate)",
-                gib(predicted.total),
-                gib(predicted.weights),
-                gib(predicted.lora_state),
-                gib(predicted.activations + predicted.backward),
-                gib(free),
-                o.batch,
-                o.rank
-            );
+    let free = device_free(&device);
+    let needs = format!(
+        "this workload needs about {:.1} GiB (weights {:.1}, LoRA and optimizer state {:.1}, activations and backward {:.1})",
+        gib(predicted.total),
+        gib(predicted.weights),
+        gib(predicted.lora_state),
+        gib(predicted.activations + predicted.backward),
+    );
+    let fix = format!(
+        "lower --batch (now {}) or --rank (now {}){}, or use a smaller --model-config / --tiny (`lorahost bench --estimate-only` prints the estimate)",
+        o.batch,
+        o.rank,
+        if device.is_cpu() || o.ckpt { "" } else { ", checkpoint the ViT blocks (--ckpt-mlp, --ckpt)" },
+    );
+    match free.filter(|free| predicted.total > *free) {
+        // On the CPU a workload beyond the host's memory ends in the OOM killer (exit 137, no
+        // message): refuse it while the reason can still be said.
+        Some(free) if device.is_cpu() => {
+            bail!("{needs} and the host has {:.1} GiB available: {fix}", gib(free))
         }
+        // On a GPU running out of memory is an error the run reports (below, with this
+        // estimate); the estimate may be a little high (checkpointed blocks), so try.
+        Some(free) => tracing::warn!(
+            "{needs} and the GPU has {:.1} GiB free: it will probably run out of memory ({fix})",
+            gib(free)
+        ),
+        None => {}
     }
+    let explain = |e: anyhow::Error| explain_out_of_memory(e, &needs, free, &fix);
     device.synchronize()?;
     crate::alloc_stats::reset_peak();
     crate::gpu::reset_peak(&device);
@@ -371,9 +409,11 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         dtype,
         device.clone(),
     );
-    let mut model = Sam3Model::load(vb, &config).context("building the random SAM3")?;
+    let mut model = Sam3Model::load(vb, &config).context("building the random SAM3").map_err(explain)?;
     model.set_vit_checkpointing(o.checkpointing())?;
-    let lora = LoraSet::attach(&mut model, &lora_config(o), &device)?;
+    let lora = LoraSet::attach(&mut model, &lora_config(o), &device)
+        .map_err(anyhow::Error::from)
+        .map_err(explain)?;
     lora.set_training(true);
     let vars: Vec<(String, candle_core::Var)> =
         lora.vars().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -440,15 +480,15 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         Ok((l, issued))
     };
 
-    let (mut loss, _) = step(&mut peak_used)?;
+    let (mut loss, _) = step(&mut peak_used).map_err(explain)?;
     let first = start.elapsed().as_secs_f64();
     for _ in 1..o.warmup {
-        loss = step(&mut peak_used)?.0;
+        loss = step(&mut peak_used).map_err(explain)?.0;
     }
     let (mut times, mut issue) = (Vec::new(), Vec::new());
     for _ in 0..o.steps.max(1) {
         let t0 = Instant::now();
-        let (l, issued) = step(&mut peak_used)?;
+        let (l, issued) = step(&mut peak_used).map_err(explain)?;
         loss = l;
         times.push(t0.elapsed().as_secs_f64());
         issue.push(issued);
@@ -469,7 +509,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchResult> {
         crate::profile::enable(&device);
         for _ in 0..o.profile_steps {
             crate::profile::restart();
-            loss = step(&mut peak_used)?.0;
+            loss = step(&mut peak_used).map_err(explain)?.0;
         }
         let r = crate::profile::disable(o.profile_steps);
         (
@@ -577,6 +617,23 @@ mod tests {
         let e = format!("{:#}", run(&o).unwrap_err());
         assert!(e.contains("/nonexistent/sam3.json") && e.contains("--model-config"), "{e}");
         Ok(())
+    }
+
+    /// An out-of-memory error from the device gets the estimate, the free memory and the fix;
+    /// any other error is left as it was.
+    #[test]
+    fn running_out_of_device_memory_is_explained() {
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let e =
+            explain_out_of_memory(oom, "this workload needs about 90.0 GiB", Some(80 << 30), "lower --batch");
+        let e = format!("{e:#}");
+        assert!(e.starts_with("the device ran out of memory: this workload needs about 90.0 GiB"), "{e}");
+        assert!(
+            e.contains("80.0 GiB were free at the start: lower --batch") && e.contains("OUT_OF_MEMORY"),
+            "{e}"
+        );
+        let other = explain_out_of_memory(anyhow::anyhow!("shape mismatch"), "needs", None, "fix");
+        assert_eq!(format!("{other:#}"), "shape mismatch");
     }
 
     /// A rank whose adapters the host cannot hold is refused with the estimate, before any

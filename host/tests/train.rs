@@ -989,3 +989,20 @@ fn a_file_where_earlier_runs_go_is_named_and_nothing_moves() {
     assert_eq!(std::fs::read(out.join("previous-runs")).unwrap(), b"notes");
     assert!(out.join("adapter/adapter_model.safetensors").is_file());
 }
+
+/// With `synthetic: true`, a folder where train/'s annotation file belongs is reported as such
+/// (with its fix), not written into (an OS error), and nothing is written beside it.
+#[test]
+fn synthetic_data_is_not_written_over_a_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("train/_annotations.coco.json")).unwrap();
+    let out = tmp.path().join("run");
+    let cfg = config(tmp.path(), &data, &out, "  synthetic: true\n", "");
+    let e = format!("{:#}", train(&opts(&cfg)).unwrap_err());
+    assert!(e.contains("a folder where the split's COCO JSON file belongs"), "{e}");
+    assert!(!e.contains("os error"), "{e}");
+    let entries: Vec<_> = std::fs::read_dir(data.join("train")).unwrap().collect();
+    assert_eq!(entries.len(), 1, "nothing written beside the folder");
+    assert!(!data.join("valid").exists());
+}

@@ -813,7 +813,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     tracing::info!("data: augmentation: {} (training.augment)", t.augment.describe());
 
     // Data.
-    if t.synthetic && !t.data_dir.join("train").join(crate::data::coco::ANNOTATION_FILE).is_file() {
+    // Only where nothing is there yet: a folder in the annotation file's place is Dataset::load's
+    // error to report (with its fix), not something to write into.
+    if t.synthetic && !t.data_dir.join("train").join(crate::data::coco::ANNOTATION_FILE).exists() {
         let spec = SyntheticSpec { seed, ..SyntheticSpec::default() };
         let spec = SyntheticSpec { train_images: 24, valid_images: 8, size: 112, max_cracks: 2, ..spec };
         write_synthetic(&t.data_dir, &spec)
