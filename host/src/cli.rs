@@ -150,6 +150,53 @@ pub enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Import a dataset of images and mask images (CrackForest, DeepCrack, Crack500, ISIC,
+    /// Kvasir-SEG style: binary or label masks) as the COCO layout training reads, each mask as
+    /// exact RLE (no polygon tracing that loses one-pixel cracks). Writes OUT/<split>/ with the
+    /// images and an _annotations.coco.json; train on OUT as data_dir.
+    ///
+    /// A mask pairs with the image of the same file stem, or the stem plus a suffix such as _mask,
+    /// _gt, _label or _segmentation. Each connected region of a class becomes one object (or, with
+    /// --instances whole, all of it); an empty mask makes the image a negative.
+    #[command(
+        after_help = "Examples:\n  lorahost import --images CFD/image --masks CFD/gt --prompt crack --out data --valid-share 0.2\n  lorahost import --images ISIC/val --masks ISIC/val_gt --prompt lesion --split valid --out data\n  lorahost import --images scans --masks labels --class 1=crack --class 2=spalling --out data"
+    )]
+    Import {
+        /// The images' folder (JPEG or PNG).
+        #[arg(long, value_name = "DIR")]
+        images: PathBuf,
+        /// The masks' folder (may be the images' folder when the masks carry a suffix).
+        #[arg(long, value_name = "DIR")]
+        masks: PathBuf,
+        /// The dataset folder to write OUT/<split>/ into (a split folder there must be new or empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// What binary masks show (the category name and text prompt), e.g. "crack".
+        #[arg(long, value_name = "NAME", conflicts_with = "class", required_unless_present = "class")]
+        prompt: Option<String>,
+        /// A class of label or colour masks, VALUE=NAME: a grey level (1=crack) or an 8-bit
+        /// colour (255,0,0=crack); repeatable. Pixels of other values are background.
+        #[arg(long, value_name = "VALUE=NAME")]
+        class: Vec<crate::data::masks::MaskClass>,
+        /// The split the images go to.
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Share of the images put into valid/ instead (seeded, by file name).
+        #[arg(long, default_value_t = 0.0)]
+        valid_share: f64,
+        /// Share of the images put into test/ instead (seeded, by file name).
+        #[arg(long, default_value_t = 0.0)]
+        test_share: f64,
+        /// Connected regions or whole classes as objects.
+        #[arg(long, value_enum, default_value = "components")]
+        instances: crate::data::masks::Instances,
+        /// Fewest pixels an object needs; smaller regions are dropped as noise.
+        #[arg(long, default_value_t = 8)]
+        min_pixels: usize,
+        /// Seed of the split choice.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Cut a dataset's large images into overlapping tiles with their masks, so thin structures
     /// (cracks) keep their width at the model's mask grid (F20). Writes OUT/<split>/ with PNG
     /// tiles and an _annotations.coco.json (cropped masks as RLE); train on OUT as data_dir.
@@ -763,6 +810,65 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
             println!("tiles in {}: train with training.data_dir: {}", out.display(), out.display());
+            Ok(())
+        }
+        Command::Import {
+            images,
+            masks,
+            out,
+            prompt,
+            class,
+            split,
+            valid_share,
+            test_share,
+            instances,
+            min_pixels,
+            seed,
+        } => {
+            let classes = match prompt {
+                Some(name) => vec![crate::data::masks::MaskClass {
+                    value: crate::data::masks::MaskValue::Foreground,
+                    name: name.clone(),
+                }],
+                None => class.clone(),
+            };
+            let opts = crate::data::masks::ImportOptions {
+                images: images.clone(),
+                masks: masks.clone(),
+                out: out.clone(),
+                classes,
+                split: split.clone(),
+                valid_share: *valid_share,
+                test_share: *test_share,
+                instances: *instances,
+                min_pixels: *min_pixels,
+                seed: *seed,
+            };
+            let s = crate::data::masks::import_masks(&opts)
+                .with_context(|| format!("importing {} with masks {}", images.display(), masks.display()))?;
+            for sp in &s.splits {
+                println!(
+                    "{}: {} images ({} negatives), {} objects ({} regions under --min-pixels {} dropped)",
+                    sp.split, sp.images, sp.negatives, sp.objects, sp.small_regions_dropped, min_pixels
+                );
+            }
+            for (file, why) in &s.left_out {
+                println!("  left out {}: {why}", file.display());
+            }
+            if !s.unmatched_masks.is_empty() {
+                let shown: Vec<String> =
+                    s.unmatched_masks.iter().take(5).map(|p| p.display().to_string()).collect();
+                println!(
+                    "  {} mask(s) without an image: {}{}",
+                    s.unmatched_masks.len(),
+                    shown.join(", "),
+                    if s.unmatched_masks.len() > 5 { ", ..." } else { "" }
+                );
+            }
+            for note in &s.notes {
+                println!("  note: {note}");
+            }
+            println!("dataset in {}: train with training.data_dir: {}", out.display(), out.display());
             Ok(())
         }
         Command::Export { config, adapter, merge, out, overwrite } => {

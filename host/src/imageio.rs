@@ -157,6 +157,31 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     Ok(img.to_rgb8())
 }
 
+/// An image file's sizes as stored and as displayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frames {
+    /// (width, height) of the stored pixels.
+    pub stored: (u32, u32),
+    /// (width, height) with the EXIF orientation applied.
+    pub displayed: (u32, u32),
+    /// The EXIF orientation value (1: none).
+    pub exif: u8,
+}
+
+/// Decode an image file (checking it whole) for its [`Frames`].
+pub fn frames(path: &Path) -> Result<Frames, ImageError> {
+    let (img, orientation) = decode_raw(path)?;
+    let exif = orientation.to_exif();
+    let stored = (img.width(), img.height());
+    let displayed = if exif >= 5 { (stored.1, stored.0) } else { stored };
+    Ok(Frames { stored, displayed, exif })
+}
+
+/// Decode an image file as stored, its EXIF orientation not applied.
+pub fn load_rgb_stored(path: &Path) -> Result<RgbImage, ImageError> {
+    Ok(decode_raw(path)?.0.to_rgb8())
+}
+
 /// Decode an image to pair with its COCO annotations. The EXIF orientation is applied (the
 /// frame Roboflow and most annotation tools draw in), except when it exchanges width and height
 /// and the JSON `width`/`height` are those of the stored, un-rotated pixels: then the
@@ -297,18 +322,16 @@ pub(crate) mod tests {
         assert!(msg.contains("photo.jpg") && msg.contains("is a directory, not an image file"), "{msg}");
     }
 
-    #[test]
-    fn exif_orientation_is_applied() {
-        // A 4x2 JPEG whose EXIF says "rotate 90° clockwise" (orientation 6) loads as 2x4.
-        let img = RgbImage::from_fn(4, 2, |x, _| image::Rgb([x as u8 * 60, 0, 0]));
+    /// `img` as a JPEG whose EXIF orientation is `exif`.
+    pub(crate) fn jpeg_with_orientation(img: &RgbImage, exif: u8) -> Vec<u8> {
         let mut jpeg = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
-            .encode_image(&DynamicImage::ImageRgb8(img))
+            .encode_image(&DynamicImage::ImageRgb8(img.clone()))
             .unwrap();
-        // APP1 "Exif\0\0" + little-endian TIFF header + one IFD entry: 0x0112 SHORT 1 = 6.
+        // APP1 "Exif\0\0" + little-endian TIFF header + one IFD entry: 0x0112 SHORT 1 = exif.
         let mut tiff = b"II*\0\x08\0\0\0".to_vec();
         tiff.extend([1, 0]); // one entry
-        tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]);
+        tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, exif, 0, 0, 0]);
         tiff.extend([0, 0, 0, 0]); // no next IFD
         let mut app1 = b"Exif\0\0".to_vec();
         app1.extend(tiff);
@@ -316,9 +339,16 @@ pub(crate) mod tests {
         let mut out = vec![0xFF, 0xD8, 0xFF, 0xE1, (len >> 8) as u8, len as u8];
         out.extend(app1);
         out.extend(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // A 4x2 JPEG whose EXIF says "rotate 90° clockwise" (orientation 6) loads as 2x4.
+        let img = RgbImage::from_fn(4, 2, |x, _| image::Rgb([x as u8 * 60, 0, 0]));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("rotated.jpg");
-        std::fs::write(&p, out).unwrap();
+        std::fs::write(&p, jpeg_with_orientation(&img, 6)).unwrap();
         let loaded = load_rgb(&p).unwrap();
         assert_eq!(loaded.dimensions(), (2, 4));
         // Paired with annotations: the JSON size says which frame they were drawn in.

@@ -304,3 +304,68 @@ fn bench_refuses_a_batch_beyond_the_hosts_memory() {
     assert!(!ok);
     assert!(err.contains("GiB available: lower --batch (now 100000000)"), "{err}");
 }
+
+/// `import`: a COCO dataset drawn out as one mask image per image imports back to the same
+/// pixels per image; without `--prompt` or `--class` it says what to give.
+#[test]
+fn import_turns_mask_images_into_a_dataset_with_the_same_pixels() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let spec = lorahost::data::synthetic::SyntheticSpec {
+        seed: 4,
+        train_images: 6,
+        valid_images: 0,
+        size: 96,
+        max_cracks: 2,
+    };
+    lorahost::data::synthetic::write_synthetic(&data, &spec).unwrap();
+    let source = lorahost::data::coco::Dataset::load(&data).unwrap();
+    let masks = d.path().join("gt");
+    std::fs::create_dir_all(&masks).unwrap();
+    let mut unions = std::collections::HashMap::new();
+    for im in &source.split("train").unwrap().images {
+        let mut union = vec![false; 96 * 96];
+        for o in &im.objects {
+            let m = o.segmentation.as_ref().unwrap().decode(96, 96).unwrap();
+            union.iter_mut().zip(m).for_each(|(u, v)| *u |= v);
+        }
+        let png =
+            image::GrayImage::from_fn(96, 96, |x, y| image::Luma([255 * union[(y * 96 + x) as usize] as u8]));
+        let stem = im.file_name.trim_end_matches(".png");
+        png.save(masks.join(format!("{stem}_gt.png"))).unwrap();
+        unions.insert(im.file_name.clone(), union);
+    }
+    let out = d.path().join("imported");
+    let import = |extra: &[&str]| {
+        run(lorahost()
+            .args(["import", "--images"])
+            .arg(data.join("train"))
+            .arg("--masks")
+            .arg(&masks)
+            .arg("--out")
+            .arg(&out)
+            .args(["--min-pixels", "1"])
+            .args(extra))
+    };
+    let (ok, _, err) = import(&[]);
+    assert!(!ok && err.contains("--prompt"), "{err}");
+    let (ok, stdout, err) = import(&["--prompt", "crack", "--valid-share", "0.34"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("train: 4 images") && stdout.contains("valid: 2 images"), "{stdout}");
+    let ds = lorahost::data::coco::Dataset::load(&out).unwrap();
+    let mut seen = 0;
+    for split in ["train", "valid"] {
+        for im in &ds.split(split).unwrap().images {
+            let mut union = vec![false; 96 * 96];
+            for o in &im.objects {
+                let m = o.segmentation.as_ref().unwrap().decode(96, 96).unwrap();
+                union.iter_mut().zip(m).for_each(|(u, v)| *u |= v);
+            }
+            assert_eq!(&union, &unions[&im.file_name], "{}", im.file_name);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 6);
+    let (ok, _, err) = import(&["--prompt", "crack"]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+}

@@ -527,6 +527,13 @@ impl Split {
                 )
             } else if !data_dir.is_dir() {
                 format!(" ({} does not exist)", data_dir.display())
+            } else if let Some((images, masks)) = super::masks::looks_like_mask_pairs(data_dir, name) {
+                format!(
+                    " ({} holds images with mask images, not a COCO export: convert them with `lorahost import --images {} --masks {} --prompt NAME --out NEW_DIR` and set data_dir to NEW_DIR)",
+                    data_dir.display(),
+                    images.display(),
+                    masks.display()
+                )
             } else {
                 String::new()
             };

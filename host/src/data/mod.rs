@@ -9,11 +9,13 @@
 //! - [`batch`]: resize/normalize/augment into model inputs and targets, stacking into tensors.
 //! - [`overlay`]: pictures of the targets as training builds them (`doctor --gt-overlays`).
 //! - [`synthetic`]: the bundled synthetic crack dataset.
+//! - [`masks`]: importing image + mask pairs as COCO RLE (`lorahost import`).
 //! - [`tiling`]: cutting large images into overlapping tiles with their masks (`lorahost tile`).
 
 pub mod augment;
 pub mod batch;
 pub mod coco;
+pub mod masks;
 pub mod overlay;
 pub mod rle;
 pub mod synthetic;
