@@ -331,13 +331,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "transformers")]
         semantics: SemanticsArg,
     },
-    /// Segment images with text prompts (and optional boxes): JSON + overlay PNG.
+    /// Segment images with text prompts (and optional boxes): JSON, overlay and mask PNGs.
     ///
     /// Applies EXIF orientation, resizes to the model size, scores each query as
     /// σ(logit)·σ(presence), keeps those above --threshold, runs NMS, upsamples masks to the
     /// image, and writes OUT/detections.json (boxes in pixels, scores, COCO compressed-RLE
-    /// masks) and OUT/overlay.png. With several --prompt, the image is encoded once and
-    /// detections.json holds a `prompts` list (one entry per prompt). With several images
+    /// masks), OUT/overlay.png and OUT/mask.png (the detections' masks at image size: 0/255, or
+    /// with several prompts prompt k's pixels as value k, as `import --class` reads them). With
+    /// several --prompt, the image is encoded once and detections.json holds a `prompts` list
+    /// (one entry per prompt). With several images
     /// (--image repeated, or a folder) the model loads once, each image gets OUT/<file name>/
     /// and OUT/summary.json lists them all.
     Predict {
@@ -1010,12 +1012,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 let p = predictor.predict(&opts)?;
                 match p.prompts.as_slice() {
                     [one] => println!(
-                        "{}; wrote {}/detections.json and overlay.png",
+                        "{}; wrote {}/detections.json, overlay.png and mask.png",
                         count_text(one, *threshold, true),
                         out.display()
                     ),
                     list => println!(
-                        "{} prompts; wrote {}/detections.json (one entry per prompt) and overlay.png",
+                        "{} prompts; wrote {}/detections.json (one entry per prompt), overlay.png and mask.png (prompt k as value k)",
                         list.len(),
                         out.display()
                     ),

@@ -468,8 +468,9 @@ impl Predictor {
         Ok(merged)
     }
 
-    /// Segment `o.image` with each prompt and write `detections.json` and `overlay.png` into
-    /// `o.out`. One prompt: `detections.json` holds `prompt`, `presence_score`, `best_score` and
+    /// Segment `o.image` with each prompt and write `detections.json`, `overlay.png` and
+    /// `mask.png` ([`postprocess::mask_image`]: 0/255 for one prompt, a label map for several)
+    /// into `o.out`. One prompt: `detections.json` holds `prompt`, `presence_score`, `best_score` and
     /// `detections` at the top level; several: a `prompts` list of those, in the order given,
     /// and the overlay colours each prompt's detections in its own colour. With `o.tile` and an
     /// image larger than a tile, the model runs on tiles ([`Self::segment_tiled`]).
@@ -527,6 +528,12 @@ impl Predictor {
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .context("cannot encode the overlay PNG")?;
         crate::fsutil::write_atomic(&o.out.join("overlay.png"), &png)?;
+        let mask = image::GrayImage::from_raw(w as u32, h as u32, postprocess::mask_image(&per_prompt, w, h))
+            .context("mask image size")?;
+        let mut png = Vec::new();
+        mask.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .context("cannot encode the mask PNG")?;
+        crate::fsutil::write_atomic(&o.out.join("mask.png"), &png)?;
         Ok(Prediction { width: w, height: h, prompts: results })
     }
 }
@@ -633,7 +640,7 @@ pub fn path_json(path: &Path) -> serde_json::Value {
     serde_json::Value::String(path.to_string_lossy().into_owned())
 }
 
-/// `lorahost predict` on one image: writes `detections.json` and `overlay.png` into `out`.
+/// `lorahost predict` on one image: writes `detections.json`, `overlay.png` and `mask.png` into `out`.
 pub fn predict(o: &PredictOptions) -> Result<Prediction> {
     Predictor::load(o)?.predict(o)
 }

@@ -95,6 +95,16 @@ fn predict_writes_detections_and_overlay() {
         let area = rle_decode(&rle).iter().filter(|b| **b).count() as u64;
         assert_eq!(area, d["area"].as_u64().unwrap());
     }
+    // mask.png: 255 exactly where some detection's mask is.
+    let mut union = vec![false; 90 * 60];
+    for d in dets {
+        let rle = Rle::from_compressed([60, 90], d["segmentation"]["counts"].as_str().unwrap()).unwrap();
+        union.iter_mut().zip(rle_decode(&rle)).for_each(|(u, v)| *u |= v);
+    }
+    let mask = image::open(out.join("mask.png")).unwrap().to_luma8();
+    assert_eq!((mask.width(), mask.height()), (90, 60));
+    let want: Vec<u8> = union.iter().map(|&v| if v { 255 } else { 0 }).collect();
+    assert_eq!(mask.as_raw(), &want);
     let overlay = image::open(out.join("overlay.png")).unwrap().to_rgb8();
     assert_eq!((overlay.width(), overlay.height()), (90, 60));
     // The --box prompt is drawn (dashed white and black) on top.
@@ -415,6 +425,23 @@ fn several_prompts_give_one_entry_each_as_single_runs_would() {
         same(&entries[1], &pothole);
         assert!(entries[0]["presence_score"] != entries[1]["presence_score"], "the prompts differ");
         assert!(stdout.contains("\"crack\": ") && stdout.contains("\"pothole road\": "), "{stdout}");
+        // mask.png: at each pixel the number of the prompt with the best-scoring detection there.
+        let (mut want, mut best) = (vec![0u8; 64 * 48], vec![f64::NEG_INFINITY; 64 * 48]);
+        for (k, e) in entries.iter().enumerate() {
+            for d in e["detections"].as_array().unwrap() {
+                let rle =
+                    Rle::from_compressed([48, 64], d["segmentation"]["counts"].as_str().unwrap()).unwrap();
+                let score = d["score"].as_f64().unwrap() as f32 as f64;
+                for (i, on) in rle_decode(&rle).into_iter().enumerate() {
+                    if on && score > best[i] {
+                        (best[i], want[i]) = (score, k as u8 + 1);
+                    }
+                }
+            }
+        }
+        let mask = image::open(tmp.path().join("both/mask.png")).unwrap().to_luma8();
+        assert_eq!(mask.as_raw(), &want);
+        assert!(want.contains(&2), "the check sees pixels of the second prompt");
     }
     // Several images with several prompts: summary.json counts each prompt.
     let imgs = tmp.path().join("imgs");

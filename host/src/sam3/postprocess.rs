@@ -246,6 +246,31 @@ pub fn overlay(img: &image::RgbImage, dets: &[Detection]) -> image::RgbImage {
     overlay_prompts(img, &[dets], &[])
 }
 
+/// The detections as one mask image, row-major, `w`×`h`: with one prompt 255 where any
+/// detection's mask is (0 elsewhere); with several, the prompt's number (1, 2, ... in order)
+/// of the best-scoring detection at each pixel, the label map `lorahost import --class
+/// 1=NAME --class 2=...` reads back.
+pub fn mask_image(per_prompt: &[&[Detection]], w: usize, h: usize) -> Vec<u8> {
+    let mut out = vec![0u8; w * h];
+    let mut best = vec![f32::NEG_INFINITY; w * h];
+    let single = per_prompt.len() == 1;
+    for (k, dets) in per_prompt.iter().enumerate() {
+        let value = if single { 255 } else { (k + 1).min(255) as u8 };
+        for d in dets.iter() {
+            if d.segmentation.size != [h, w] {
+                continue;
+            }
+            for (i, on) in rle_decode(&d.segmentation).into_iter().enumerate() {
+                if on && d.score > best[i] {
+                    best[i] = d.score;
+                    out[i] = value;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Draw the detections of one or several prompts, and the box prompts. One prompt: each
 /// detection in its own [`PALETTE`] colour; several: one colour per prompt (in order). Box
 /// prompts ([x0, y0, x1, y1] pixels) are dashed white and black lines on top.
@@ -351,6 +376,34 @@ fn erode(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One prompt: 255 on every detection's pixels; several: the number of the prompt whose
+    /// detection scores best at each pixel.
+    #[test]
+    fn mask_image_marks_detections_and_the_best_prompt() {
+        let (w, h) = (4, 3);
+        let det = |score: f32, on: &[usize]| {
+            let mut m = vec![false; w * h];
+            on.iter().for_each(|&i| m[i] = true);
+            Detection {
+                score,
+                bbox: [0.0; 4],
+                bbox_xywh: [0.0; 4],
+                query: 0,
+                segmentation: rle_encode(&m, h, w),
+                area: on.len() as u64,
+            }
+        };
+        let a = [det(0.9, &[0, 1]), det(0.6, &[5])];
+        let b = [det(0.7, &[1, 2, 11])];
+        let one = mask_image(&[&a], w, h);
+        assert_eq!(one, [255, 255, 0, 0, 0, 255, 0, 0, 0, 0, 0, 0]);
+        let two = mask_image(&[&a, &b], w, h);
+        // Pixel 1: prompt 1 scores 0.9 there, prompt 2 0.7.
+        assert_eq!(two, [1, 1, 2, 0, 0, 1, 0, 0, 0, 0, 0, 2]);
+        let b_first = mask_image(&[&b, &a], w, h);
+        assert_eq!(b_first, [2, 2, 1, 0, 0, 2, 0, 0, 0, 0, 0, 1]);
+    }
 
     #[test]
     fn rle_roundtrip_and_column_major() {
