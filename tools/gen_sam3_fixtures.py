@@ -2,9 +2,12 @@
 """Generate the SAM 3 parity fixtures in host/tests/fixtures/sam3/ (random weights, tiny configs).
 
 Needs: pip install torch torchvision transformers safetensors   (torchvision for roi_align; CPU only)
-Run:   python3 tools/gen_sam3_fixtures.py [--out DIR] [--skip-grad-check]
+Run:   python3 tools/gen_sam3_fixtures.py [--out DIR] [--only NAME] [--skip-grad-check]
+Sweep: python3 tools/gen_sam3_fixtures.py --sweep N [--sweep-seed S] --out DIR   (random configs, not committed;
+       then LORAHOST_SAM3_PARITY_DIRS=$(cat DIR/sweep_dirs.txt) cargo test --release -p lorahost --test sam3_model
+       -- --ignored matches_transformers_dirs)
 
-For each tiny config (`tiny_a`, `tiny_b`) this builds `transformers.Sam3Model(Sam3Config(...))` in fp32 with
+For each tiny config (`tiny_a`, `tiny_b`, `tiny_c`) this builds `transformers.Sam3Model(Sam3Config(...))` in fp32 with
 eager attention, overwrites EVERY parameter with seeded random values (so that no weight sits at an
 identity/zero init and every weight influences the outputs), runs one forward pass with boxes (and one without,
 the HF text-only path) and writes:
@@ -126,6 +129,176 @@ CASES["tiny_b"] = dict(
 )
 
 
+# tiny_c: what tiny_a/tiny_b leave at SAM3's values (the sweep of random configs found no difference; this case pins
+# the less common shapes and fields, small enough to commit): a grid (6) that is not a multiple of the window (4:
+# padded windows), the last block windowed, a pretrain grid (4) that tiles with a partial copy, patch 8, one input
+# channel, RoPE θ 100, head_dim 12, the FPN's [2, 1, 0.5] (two kept levels, masks at 2g, one pixel-decoder stage used
+# of 2), 3-head text attention, non-ReLU activations in every stack (CLIP's default quick_gelu, tanh-GELU, GELU, SiLU,
+# gelu_new), a sample left-padded and a sample whose boxes are all padding (its CLS token goes first), and boxes larger
+# than the image and across its corner.
+CASES["tiny_c"] = dict(
+    seed=4321,
+    config=dict(
+        vision_config=dict(
+            backbone_config=dict(
+                hidden_size=24, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
+                image_size=48, patch_size=8, window_size=4, global_attn_indexes=[1],
+                pretrain_image_size=32, num_channels=1, hidden_act="gelu_pytorch_tanh",
+                rope_parameters={"rope_type": "axial", "rope_theta": 100.0},
+            ),
+            fpn_hidden_size=16,
+            scale_factors=[2.0, 1.0, 0.5],
+            backbone_feature_sizes=[[12, 12], [6, 6]],
+        ),
+        text_config=dict(
+            vocab_size=40, hidden_size=18, intermediate_size=16, projection_dim=4, num_hidden_layers=2,
+            num_attention_heads=3, max_position_embeddings=8, hidden_act="quick_gelu",
+            bos_token_id=38, eos_token_id=39, pad_token_id=39,
+        ),
+        geometry_encoder_config=dict(hidden_size=16, num_layers=1, num_attention_heads=4, intermediate_size=8,
+                                     roi_size=2, hidden_act="gelu"),
+        detr_encoder_config=dict(hidden_size=16, num_layers=1, num_attention_heads=2, intermediate_size=8,
+                                 hidden_act="silu"),
+        detr_decoder_config=dict(hidden_size=16, num_layers=2, num_queries=4, num_attention_heads=4,
+                                 intermediate_size=8, hidden_act="gelu_new"),
+        mask_decoder_config=dict(hidden_size=16, num_upsampling_stages=2, num_attention_heads=2),
+    ),
+    batch=2,
+    seq_len=6,
+    text_lengths=[4, 6],
+    left_padded=[0],
+    # sample 0: padding boxes only (the CLS token goes to slot 0); sample 1: a padding box between real ones
+    box_labels=[[-10, -10, -10], [0, -10, 1]],
+    # a box larger than the image and one across the top-right corner
+    box_overrides={(1, 0): [0.5, 0.5, 1.2, 1.1], (1, 2): [0.97, 0.04, 0.3, 0.2]},
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweep: seeded random configurations (not committed; `--sweep N --out DIR`, then the ignored Rust test
+# `matches_transformers_dirs` on the directories written, see README.md)
+# --------------------------------------------------------------------------------------------------------------
+
+# every transformers activation lorahost takes (the others are refused by name when the config is read)
+ACTS = ["gelu", "quick_gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "gelu_python", "gelu_python_tanh",
+        "gelu_fast", "swish"]
+
+
+def random_case(seed):
+    """A random small configuration transformers accepts, varying every config field the modeling code reads, and
+    random inputs (batch 1..3, padded text, boxes with padding labels, boxes at and across the image borders)."""
+    import random
+    rng = random.Random(seed)
+    pick = rng.choice
+
+    def heads_for(width):
+        return pick([h for h in (1, 2, 4, 8) if width % h == 0])
+
+    # ViT: head_dim multiple of 4; grid up to 12; window anywhere from 0 (all global) to past the grid.
+    vh = pick([1, 2, 3, 4])
+    vhd = pick([4, 8, 12, 16])
+    vit_hidden = vh * vhd
+    patch = pick([2, 3, 4, 7, 8, 14])
+    scales = pick([
+        [4.0, 2.0, 1.0, 0.5], [4.0, 2.0, 1.0, 0.5], [2.0, 1.0, 0.5], [4.0, 2.0, 1.0], [4.0, 1.0], [1.0, 0.5],
+        [2.0, 1.0], [4.0, 2.0, 1.0, 0.5, 0.5], [4.0, 1.0, 0.5], [1.0, 2.0, 0.5], [0.5, 1.0, 2.0, 4.0],
+    ])
+    grid = rng.randint(2, 12) if rng.random() < 0.85 else rng.randint(13, 28)  # (large: RoIAlign sampling, RPB)
+    layers = rng.randint(1, 4)
+    window = pick([0, 1, 2, 3, 4, 5, 6, grid, grid + 1, rng.randint(1, grid)])
+    globals_ = pick([[], list(range(layers)), [layers - 1], sorted(rng.sample(range(layers), rng.randint(0, layers))),
+                     [0], [layers - 1, layers + 3]])
+    pre_grid = pick([1, 2, grid // 2 or 1, grid, grid + 1, grid + 3, rng.randint(1, grid + 2)])
+    pretrain = pre_grid * patch + pick([0, 0, patch - 1 if patch > 1 else 0])
+    d = pick([8, 16, 24, 32, 48])
+    t_heads = pick([1, 2, 3, 4])
+    t_hidden = t_heads * pick([4, 6, 8, 16])
+    max_pos = rng.randint(4, 20)
+    seq_len = rng.randint(2, max_pos)
+    vocab = rng.randint(16, 200)
+    batch = rng.randint(1, 3)
+    n_boxes = pick([0, 1, 1, 2, 3, 4])
+    labels = [[pick([1, 0, 1, -10]) for _ in range(n_boxes)] for _ in range(batch)]
+    if n_boxes and rng.random() < 0.2:
+        labels[0] = [-10] * n_boxes  # a sample with only padding boxes: its CLS token goes first
+    overrides = {}
+    for b in range(batch):
+        for n in range(n_boxes):
+            if rng.random() < 0.35:  # at / across the borders, tiny, or whole-image boxes
+                overrides[(b, n)] = pick([
+                    [0.02, 0.5, 0.3, 0.2], [0.98, 0.97, 0.4, 0.5], [0.5, 0.0, 0.2, 0.3], [1.0, 1.0, 0.1, 0.1],
+                    [0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 1.4, 1.2], [0.3, 0.7, 0.01, 0.02], [0.0, 0.0, 0.05, 0.6],
+                    [rng.random(), rng.random(), rng.random() * 1.2, rng.random() * 1.2],
+                ])
+    vit = dict(
+        hidden_size=vit_hidden, intermediate_size=rng.randint(4, 72), num_hidden_layers=layers,
+        num_attention_heads=vh, image_size=grid * patch, patch_size=patch, window_size=window,
+        global_attn_indexes=globals_, pretrain_image_size=pretrain, hidden_act=pick(ACTS),
+        layer_norm_eps=pick([1e-6, 1e-6, 1e-5, 1e-3]), num_channels=pick([3, 3, 1, 4]),
+    )
+    if rng.random() < 0.15:  # sizes as [h, w] pairs (square)
+        vit["image_size"] = [grid * patch] * 2
+        vit["pretrain_image_size"] = [pretrain] * 2
+    if rng.random() < 0.15:  # transformers builds no LayerScale (the parameter is not read)
+        vit["layer_scale_init_value"] = 0.1
+    rope = rng.random()
+    if rope < 0.35:
+        vit["rope_parameters"] = {"rope_type": "axial", "rope_theta": pick([10000.0, 100.0, 7.5, 1e6])}
+    elif rope < 0.5:  # the older key (transformers moves it into rope_parameters)
+        vit["rope_theta"] = pick([100.0, 3.0, 1e5])
+
+    def stack(**extra):
+        # (layer_norm_eps of these sub-configs is not read by transformers: its LayerNorms use PyTorch's 1e-5)
+        return dict(hidden_size=d, num_attention_heads=heads_for(d), intermediate_size=rng.randint(4, 64),
+                    hidden_act=pick(ACTS), layer_norm_eps=pick([1e-6, 1e-3]), **extra)
+
+    kept = len(scales) - 1
+    return dict(
+        seed=seed,
+        sweep=True,
+        config=dict(
+            vision_config=dict(backbone_config=vit, fpn_hidden_size=d, scale_factors=scales),
+            text_config=dict(
+                vocab_size=vocab, hidden_size=t_hidden, intermediate_size=rng.randint(4, 96),
+                projection_dim=rng.randint(2, 40), num_hidden_layers=rng.randint(1, 3),
+                num_attention_heads=t_heads, max_position_embeddings=max_pos, hidden_act=pick(ACTS),
+                layer_norm_eps=pick([1e-5, 1e-5, 1e-6, 1e-3]),
+                bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+            ),
+            geometry_encoder_config=stack(num_layers=rng.randint(0, 3), roi_size=rng.randint(1, 7)),
+            detr_encoder_config=stack(num_layers=rng.randint(0, 3)),
+            detr_decoder_config=stack(num_layers=rng.randint(1, 4), num_queries=rng.randint(1, 12)),
+            mask_decoder_config=dict(hidden_size=d, num_attention_heads=heads_for(d), layer_norm_eps=pick([1e-6, 1e-3]),
+                                     num_upsampling_stages=max(kept - 1, 0) + rng.randint(0, 2)),
+        ),
+        batch=batch,
+        seq_len=seq_len,
+        text_lengths=[rng.randint(2, seq_len) for _ in range(batch)],
+        left_padded=[b for b in range(batch) if rng.random() < 0.2],
+        box_labels=labels,
+        box_overrides=overrides,
+    )
+
+
+def describe_case(case):
+    c = case["config"]
+    v = c["vision_config"]["backbone_config"]
+    t = c["text_config"]
+    side = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
+    rope = v.get("rope_parameters", {}).get("rope_theta", v.get("rope_theta", "default"))
+    return (f"vit {v['hidden_size']}/{v['num_attention_heads']}h x{v['num_hidden_layers']} {v['hidden_act']} "
+            f"ch {v['num_channels']} img {v['image_size']}/p{v['patch_size']} (grid {side // v['patch_size']}) "
+            f"win {v['window_size']} glob {v['global_attn_indexes']} pre {v['pretrain_image_size']} "
+            f"eps {v['layer_norm_eps']} rope {rope} ls {v.get('layer_scale_init_value')}; "
+            f"fpn {c['vision_config']['fpn_hidden_size']} {c['vision_config']['scale_factors']}; "
+            f"text {t['hidden_size']}/{t['num_attention_heads']}h x{t['num_hidden_layers']} {t['hidden_act']} "
+            f"maxpos {t['max_position_embeddings']}; geo x{c['geometry_encoder_config']['num_layers']} "
+            f"roi {c['geometry_encoder_config']['roi_size']}; enc x{c['detr_encoder_config']['num_layers']}; "
+            f"dec x{c['detr_decoder_config']['num_layers']} q{c['detr_decoder_config']['num_queries']}; "
+            f"mask stages {c['mask_decoder_config']['num_upsampling_stages']}; B {case['batch']} T {case['seq_len']} "
+            f"lens {case['text_lengths']} left-padded {case.get('left_padded', [])} labels {case['box_labels']}")
+
+
 def build_config(case):
     kw = json.loads(json.dumps(case["config"]))  # deep copy
     kw["vision_config"]["backbone_config"] = Sam3ViTConfig(**kw["vision_config"]["backbone_config"])
@@ -137,22 +310,33 @@ def build_config(case):
 
 
 def check_constraints(cfg):
-    """The §7.2 constraints of docs/sam3-architecture.md (shared docs)."""
+    """What transformers' modeling code itself needs (a config outside these fails inside HF, not in a port).
+
+    A patch grid that is not a multiple of window_size is legal (HF pads the windows), as are a window larger than
+    the grid, window_size 0 (every block global), no global block at all, a pretrain grid smaller or larger than the
+    grid (tiled), an odd grid with a 0.5 level (max-pool floors) and any order of the scale factors."""
     vit = cfg.vision_config.backbone_config
-    grid = vit.image_size // vit.patch_size
-    assert vit.image_size % vit.patch_size == 0
-    assert grid % vit.window_size == 0, "grid must be a multiple of window_size (no window padding)"
+    sizes = [vit.image_size] * 2 if isinstance(vit.image_size, int) else list(vit.image_size)
+    pre = [vit.pretrain_image_size] * 2 if isinstance(vit.pretrain_image_size, int) else list(vit.pretrain_image_size)
+    assert isinstance(vit.patch_size, int), "transformers' ViT divides by patch_size: it must be an int"
+    assert pre[0] == pre[1], "the pretrain position table is square (transformers takes its square root)"
+    grid = min(sizes) // vit.patch_size
+    assert all(s % vit.patch_size == 0 for s in sizes)
+    assert pre[0] >= vit.patch_size, "pretrain grid of at least one patch"
     assert vit.hidden_size % vit.num_attention_heads == 0
     assert (vit.hidden_size // vit.num_attention_heads) % 4 == 0, "ViT head_dim must be divisible by 4"
     assert vit.hidden_size % 4 == 0
+    assert all(s in (4.0, 2.0, 1.0, 0.5) for s in cfg.vision_config.scale_factors)
+    assert len(cfg.vision_config.scale_factors) >= 2, "Sam3Model drops the last level: at least one must remain"
     if 0.5 in cfg.vision_config.scale_factors:
-        assert grid % 2 == 0
+        assert grid >= 2
     d = cfg.vision_config.fpn_hidden_size
     for sub in (cfg.geometry_encoder_config, cfg.detr_encoder_config, cfg.detr_decoder_config,
                 cfg.mask_decoder_config):
         assert sub.hidden_size == d, "all 256-family hidden sizes must equal fpn_hidden_size"
         assert sub.hidden_size % sub.num_attention_heads == 0
     assert cfg.mask_decoder_config.hidden_size % 8 == 0, "GroupNorm(8, C)"
+    assert cfg.detr_decoder_config.num_layers >= 1
     kept = len(cfg.vision_config.scale_factors) - 1
     assert cfg.mask_decoder_config.num_upsampling_stages >= kept - 1
     t = cfg.text_config
@@ -230,21 +414,26 @@ def randomize_parameters(model, gen):
 
 def make_inputs(case, cfg, gen):
     B, T = case["batch"], case["seq_len"]
-    S = cfg.vision_config.backbone_config.image_size
+    vit = cfg.vision_config.backbone_config
+    S = vit.image_size
+    H, W = (S, S) if isinstance(S, int) else S
     vocab = cfg.text_config.vocab_size
     bos, eos = cfg.text_config.bos_token_id, cfg.text_config.eos_token_id
-    pixel_values = torch.randn((B, 3, S, S), generator=gen, dtype=torch.float32)
+    pixel_values = torch.randn((B, vit.num_channels, H, W), generator=gen, dtype=torch.float32)
     input_ids = torch.full((B, T), eos, dtype=torch.int64)
     attention_mask = torch.zeros((B, T), dtype=torch.int64)
     for b, n in enumerate(case["text_lengths"]):
         assert 2 <= n <= T
         words = torch.randint(1, vocab - 2, (n - 2,), generator=gen, dtype=torch.int64)
-        input_ids[b, 0] = bos
-        input_ids[b, 1:n - 1] = words
-        input_ids[b, n - 1] = eos
-        attention_mask[b, :n] = 1
-    assert (attention_mask == 0).any(), "at least one sample must be padded"
+        o = T - n if b in case.get("left_padded", ()) else 0  # (sweep: some samples padded on the left)
+        input_ids[b, o] = bos
+        input_ids[b, o + 1:o + n - 1] = words
+        input_ids[b, o + n - 1] = eos
+        attention_mask[b, o:o + n] = 1
+    strict = not case.get("sweep")
+    assert (attention_mask == 0).any() or not strict, "at least one sample must be padded"
     labels = torch.tensor(case["box_labels"], dtype=torch.int64)
+    assert labels.dim() == 2 and labels.shape[0] == B
     N = labels.shape[1]
     u = torch.rand((B, N, 4), generator=gen, dtype=torch.float32)
     cxcy = 0.2 + 0.6 * u[..., :2]
@@ -252,7 +441,7 @@ def make_inputs(case, cfg, gen):
     input_boxes = torch.cat([cxcy, wh], dim=-1).contiguous()
     for (b, n), box in case.get("box_overrides", {}).items():
         input_boxes[b, n] = torch.tensor(box, dtype=torch.float32)
-    assert (labels == 1).any() and (labels == 0).any()
+    assert (labels == 1).any() and (labels == 0).any() or not strict
     return OrderedDict(
         pixel_values=pixel_values,
         input_ids=input_ids,
@@ -449,9 +638,10 @@ def run_case(name, case, out_root, grad_check=True):
         assert torch.isfinite(getattr(out, k)).all(), k
         assert torch.isfinite(getattr(out_text, k)).all(), k
     pl, pr = out.pred_logits, out.presence_logits
-    assert pl.abs().max() < 11.0, f"pred_logits near the ±12 clamp: {pl.abs().max()}"
-    assert r["decoder.presence_logits"].abs().max() < 9.0, "presence logits near the ±10 clamp"
-    assert pl.std() > 0.05 and out.pred_boxes.std() > 0.01 and out.pred_masks.std() > 0.05
+    if not case.get("sweep"):  # (a swept config is checked as it comes: a saturated output is still compared)
+        assert pl.abs().max() < 11.0, f"pred_logits near the ±12 clamp: {pl.abs().max()}"
+        assert r["decoder.presence_logits"].abs().max() < 9.0, "presence logits near the ±10 clamp"
+        assert pl.std() > 0.05 and out.pred_boxes.std() > 0.01 and out.pred_masks.std() > 0.05
     for i, t in enumerate(vis.fpn_position_encoding):
         assert torch.equal(t, t[:1].expand_as(t)), "position encodings are batch-independent"
 
@@ -514,8 +704,9 @@ def run_case(name, case, out_root, grad_check=True):
                 st.put(rename.get(k, k), v)
 
     # geometry (named features/mask as in the brief + the HF field names)
-    st.put("geometry.features", r["geometry.last_hidden_state"])
-    st.put("geometry.mask", r["geometry.attention_mask"])
+    if "geometry.last_hidden_state" in r:  # (no boxes: HF skips the geometry encoder)
+        st.put("geometry.features", r["geometry.last_hidden_state"])
+        st.put("geometry.mask", r["geometry.attention_mask"])
     put_prefix("geometry")
     put_prefix("encoder")
     put_prefix("decoder")
@@ -548,21 +739,28 @@ def run_case(name, case, out_root, grad_check=True):
     for a, t in aliases.items():
         assert (t[len("inputs:"):] in inputs_st) if t.startswith("inputs:") else (t in keys), (a, t)
 
-    grad_report = check_all_params_matter(model, inputs) if grad_check else None
+    grad_report = check_all_params_matter(model, inputs, cfg) if grad_check else None
 
     return dict(model=model, cfg=cfg, inputs=inputs_st, store=st, dir=d, grad_report=grad_report,
                 out=out, out_text=out_text)
 
 
-# Parameters that no forward path uses (also dead in the real model).
-EXPECTED_DEAD = [
-    r"^text_encoder\.text_projection\.weight$",          # CLIP's own projection (EOS-pooled), unused by Sam3
-    r"^vision_encoder\.neck\.fpn_layers\.3\.",           # 0.5x FPN level, dropped by Sam3Model.forward
-    r"^mask_decoder\.pixel_decoder\.(conv_layers|norms)\.2\.",  # third upsampling stage never runs
-]
+# Parameters that no forward path uses (also dead in the real model). The neck's last level and the pixel-decoder
+# stages past the kept levels depend on the config (SAM3 and tiny_a/tiny_b: fpn_layers.3, stage 2).
+def expected_dead(cfg):
+    levels = len(cfg.vision_config.scale_factors)
+    stages = cfg.mask_decoder_config.num_upsampling_stages
+    unused = "|".join(str(s) for s in range(levels - 2, stages))
+    pats = [
+        r"^text_encoder\.text_projection\.weight$",          # CLIP's own projection (EOS-pooled), unused by Sam3
+        rf"^vision_encoder\.neck\.fpn_layers\.{levels - 1}\.",  # last FPN level, dropped by Sam3Model.forward
+    ]
+    if unused:  # upsampling stages past the kept levels never run
+        pats.append(rf"^mask_decoder\.pixel_decoder\.(conv_layers|norms)\.({unused})\.")
+    return pats
 
 
-def check_all_params_matter(model, inputs):
+def check_all_params_matter(model, inputs, cfg):
     """Back-propagate a random projection of all outputs; every parameter except the known-dead ones must get a
     non-zero gradient (i.e. the fixture actually tests it)."""
     gen = torch.Generator().manual_seed(99)
@@ -580,8 +778,9 @@ def check_all_params_matter(model, inputs):
             dead.append(n)
         else:
             live += 1
-    unexpected = [n for n in dead if not any(re.search(pat, n) for pat in EXPECTED_DEAD)]
-    missing_dead = [pat for pat in EXPECTED_DEAD if not any(re.search(pat, n) for n in dead)]
+    pats = expected_dead(cfg)
+    unexpected = [n for n in dead if not any(re.search(pat, n) for pat in pats)]
+    missing_dead = [pat for pat in pats if not any(re.search(pat, n) for n in dead)]
     assert not unexpected, f"parameters with zero gradient: {unexpected}"
     assert not missing_dead, f"expected-dead parameters got a gradient: {missing_dead}"
     model.zero_grad(set_to_none=True)
@@ -595,21 +794,24 @@ def check_all_params_matter(model, inputs):
 # (regex on the tensor name, meaning / producing HF code). First match wins.
 DESCRIPTIONS = [
     (r"^pixel_values$", "input image, N(0,1) noise (already 'normalized'; no resize/normalize needed)"),
-    (r"^input_ids$", "token ids: [BOS=vocab-2, random words in [1,vocab-2), EOS=vocab-1], right-padded with EOS"),
+    (r"^input_ids$", "token ids: [BOS=vocab-2, random words in [1,vocab-2), EOS=vocab-1], right-padded with EOS "
+                   "(tiny_c sample 0: left-padded)"),
     (r"^attention_mask$", "1 = valid token, 0 = padding"),
     (r"^input_boxes$", "box prompts, normalized cxcywh (cx,cy in 0.2..0.8, w,h in 0.1..0.5); tiny_b box [0,2] "
-                       "crosses the right/top image border"),
+                       "crosses the right/top image border, tiny_c box [1,0] is larger than the image and [1,2] "
+                       "crosses its top-right corner"),
     (r"^input_boxes_labels$", "1 = positive, 0 = negative, -10 = padding box (HF convention)"),
     (r"^pred_logits$", "`Sam3Model.forward` output: last-layer dot-product logits (clamped ±12)"),
     (r"^pred_boxes$", "`Sam3Model.forward` output: last-layer boxes, **xyxy** normalized"),
     (r"^presence_logits$", "`Sam3Model.forward` output: last-layer presence logit (clamped ±10)"),
-    (r"^pred_masks$", "`Sam3Model.forward` output: mask logits (B,Q,4g,4g)"),
+    (r"^pred_masks$", "`Sam3Model.forward` output: mask logits (B,Q,s₀g,s₀g), s₀ = scale_factors[0]"),
     (r"^semantic_seg$", "`Sam3Model.forward` output: semantic logits"),
     (r"^decoder_reference_boxes$", "`Sam3Model.forward` output: input reference boxes (cxcywh) of each decoder layer"),
     (r"^vision\.last_hidden_state$", "`Sam3ViTModel` output (via `Sam3VisionModel`): **(B, g², C_vit)** row-major "
                                      "tokens (HF reshapes (B,g,g,C) to (B,g·g,C)); no final norm"),
-    (r"^vision\.fpn\.(\d)$", "`Sam3VisionNeck` level i (scale 4,2,1,0.5), `get_vision_features().fpn_hidden_states[i]`, "
-                             "(B,C,h,w); level 3 is computed by HF but dropped by `Sam3Model.forward`"),
+    (r"^vision\.fpn\.(\d)$", "`Sam3VisionNeck` level i (scale_factors[i]: 4,2,1,0.5; tiny_c 2,1,0.5), "
+                             "`get_vision_features().fpn_hidden_states[i]`, (B,C,h,w); the last level is computed by "
+                             "HF but dropped by `Sam3Model.forward`"),
     (r"^vision\.fpn_pos\.(\d)$", "`Sam3SinePositionEmbedding` (normalize=True, 2π) for level i, "
                                  "`fpn_position_encoding[i]`, channels [pos_y, pos_x]; identical for every batch entry"),
     (r"^vision\.hidden_states\.(\d+)$", "ViT `hidden_states[i]` (B,g,g,C_vit): [0] = input of layer 0 (patch "
@@ -631,9 +833,11 @@ DESCRIPTIONS = [
     (r"^geometry\.in\.box_embeddings$", "geometry encoder input: the boxes (cxcywh)"),
     (r"^geometry\.in\.box_mask$", "geometry encoder input: `input_boxes_labels != -10` (bool→i64)"),
     (r"^geometry\.in\.box_labels$", "geometry encoder input: labels with -10 replaced by 0"),
-    (r"^geometry\.in\.img_feats\.(\d)$", "geometry encoder input: FPN levels 0..2 (only the last is used)"),
+    (r"^geometry\.in\.img_feats\.(\d)$", "geometry encoder input: the kept FPN levels (all but the last; only "
+                                         "the last of them is used)"),
     (r"^geometry\.in\.img_pos_embeds\.(\d)$", "geometry encoder input: their position encodings"),
-    (r"^encoder\.in\.vision_features\.0$", "`Sam3DetrEncoder` input: the g×g FPN level (list of one map)"),
+    (r"^encoder\.in\.vision_features\.0$", "`Sam3DetrEncoder` input: the last kept FPN level (the g×g one in "
+                                          "every case here; list of one map)"),
     (r"^encoder\.in\.vision_pos_embeds\.0$", "`Sam3DetrEncoder` input: its sine position map"),
     (r"^encoder\.in\.text_features$", "`Sam3DetrEncoder` input: prompt = cat(text.features, geometry.features) "
                                       "along the sequence (B,T+N+1,d)"),
@@ -661,8 +865,8 @@ DESCRIPTIONS = [
                                  "the aux-loss boxes; [-1] = pred_boxes"),
     (r"^heads\.all_pred_logits$", "scoring.out squeezed (L,B,Q): the aux-loss logits; [-1] = pred_logits"),
     (r"^mask\.in\.decoder_queries$", "`Sam3MaskDecoder` input: decoder.intermediate_hidden_states[-1] (B,Q,d)"),
-    (r"^mask\.in\.backbone_features\.(\d)$", "`Sam3MaskDecoder` input: FPN levels 0..2 (the last is replaced by "
-                                             "the encoder memory inside)"),
+    (r"^mask\.in\.backbone_features\.(\d)$", "`Sam3MaskDecoder` input: the kept FPN levels (the last is replaced "
+                                             "by the encoder memory inside)"),
     (r"^mask\.in\.", "`Sam3MaskDecoder` input"),
     (r"^mask\.pred_masks$", "`Sam3MaskDecoder` output"),
     (r"^mask\.semantic_seg$", "`Sam3MaskDecoder` output"),
@@ -764,10 +968,13 @@ def write_readme(out_root, results):
     w("| `inputs.safetensors` | the forward inputs |")
     w("| `outputs.safetensors` | final outputs + per-component inputs/outputs (table below) |")
     w("")
-    w("Regenerate (CPU, ~15 s; byte-identical output): `pip install torch torchvision transformers safetensors` "
-      "then `python3 tools/gen_sam3_fixtures.py` (`--out DIR` to write elsewhere). torchvision is required: HF's "
+    w("Regenerate (CPU, ~15 s; byte-identical output with the same torch build): `pip install torch torchvision "
+      "transformers safetensors` then `python3 tools/gen_sam3_fixtures.py` (`--out DIR` to write elsewhere; "
+      "`--only NAME` writes that case alone and leaves the others' files as they are, e.g. to add a case: another "
+      "torch build or CPU changes the last bits of some outputs). torchvision is required: HF's "
       "geometry encoder calls `torchvision.ops.roi_align`. A full-size random checkpoint in the hub layouts "
-      "(not committed) comes from `tools/gen_sam3_fullsize.py`.")
+      "(not committed) comes from `tools/gen_sam3_fullsize.py`; random configurations for a parity sweep from "
+      "`--sweep N` (see the end of this file).")
     w("")
     w("Reading `outputs.safetensors` from a test: `get(name)` = the tensor `name` if present, else "
       "`aliases[name]` from the JSON in the file's `__metadata__[\"aliases\"]` (a target `inputs:<n>` is read "
@@ -779,8 +986,9 @@ def write_readme(out_root, results):
       "`reference_points` N(0,1), positional tables N(0,0.5²); `dot_product_scoring.{text,query}_proj.weight` ×2.5 and "
       "`detr_decoder.presence_head.layer3.weight` ×3 so that the logits spread over a few units). The generator back-propagates a random projection of all final outputs "
       "and checks that every parameter gets a non-zero gradient, except the ones that are dead in the real "
-      "model too: `text_encoder.text_projection.weight` (CLIP's own projection), `vision_encoder.neck.fpn_layers.3.*` "
-      "(0.5× level) and `mask_decoder.pixel_decoder.{conv_layers,norms}.2.*` (third upsampling stage).")
+      "model too: `text_encoder.text_projection.weight` (CLIP's own projection), the neck's last level "
+      "(`vision_encoder.neck.fpn_layers.3.*`, tiny_c `.2.*`) and the pixel-decoder stages past the kept levels "
+      "(`mask_decoder.pixel_decoder.{conv_layers,norms}.2.*`, tiny_c `.1.*`).")
     w("")
     w("## Configurations")
     w("")
@@ -797,12 +1005,17 @@ def write_readme(out_root, results):
            f"{vit(c).intermediate_size} / {vit(c).num_hidden_layers}")
     cfgrow("ViT window / global layers / pretrain size", lambda c, r: f"{vit(c).window_size} / "
            f"{vit(c).global_attn_indexes} / {vit(c).pretrain_image_size}")
+    cfgrow("ViT act / channels / RoPE θ", lambda c, r: f"{vit(c).hidden_act} / {vit(c).num_channels} / "
+           f"{vit(c).rope_parameters['rope_theta']:g}")
     cfgrow("FPN d / scale factors", lambda c, r: f"{c.vision_config.fpn_hidden_size} / {c.vision_config.scale_factors}")
     cfgrow("text vocab / hidden / heads / mlp / layers / max_pos / proj",
            lambda c, r: f"{c.text_config.vocab_size} / {c.text_config.hidden_size} / "
            f"{c.text_config.num_attention_heads} / {c.text_config.intermediate_size} / "
            f"{c.text_config.num_hidden_layers} / {c.text_config.max_position_embeddings} / "
            f"{c.text_config.projection_dim}")
+    cfgrow("text act", lambda c, r: c.text_config.hidden_act)
+    cfgrow("geometry / DETR encoder / decoder act", lambda c, r: f"{c.geometry_encoder_config.hidden_act} / "
+           f"{c.detr_encoder_config.hidden_act} / {c.detr_decoder_config.hidden_act}")
     cfgrow("geometry layers / heads / mlp / roi_size",
            lambda c, r: f"{c.geometry_encoder_config.num_layers} / {c.geometry_encoder_config.num_attention_heads} / "
            f"{c.geometry_encoder_config.intermediate_size} / {c.geometry_encoder_config.roi_size}")
@@ -816,6 +1029,8 @@ def write_readme(out_root, results):
     cfgrow("B / T / N boxes", lambda c, r: f"{r['inputs']['input_ids'].shape[0]} / "
            f"{r['inputs']['input_ids'].shape[1]} / {r['inputs']['input_boxes'].shape[1]}")
     cfgrow("text lengths", lambda c, r: r["inputs"]["attention_mask"].sum(1).tolist())
+    cfgrow("left-padded samples", lambda c, r: [b for b, m in enumerate(r["inputs"]["attention_mask"].tolist())
+                                                if m[0] == 0] or "—")
     cfgrow("box labels", lambda c, r: r["inputs"]["input_boxes_labels"].tolist())
     cfgrow("parameters", lambda c, r: f"{sum(p.numel() for p in r['model'].parameters()):,} in "
            f"{len(r['model'].state_dict())} tensors")
@@ -861,6 +1076,7 @@ def write_readme(out_root, results):
         w(f"| `{grp}` | {kind} | {e:g} | {cnt} |")
     w("")
     w(README_NOTES)
+    w(README_TAIL)
     with open(os.path.join(out_root, "README.md"), "w") as fh:
         fh.write("\n".join(lines))
 
@@ -876,10 +1092,18 @@ README_NOTES = """## Behaviour of the HF reference that a port must reproduce fo
   of the pairs uses the **x (column)** position, the second half the **y (row)** position (HF's comment "row 0 = h"
   is wrong: `position_ids = stack([x, y])`). inv_freq_k = θ^(−4k/head_dim). Window layers use positions 0..ws−1
   inside each window; global layers use positions scaled by `window_size / g`. RoPE math is done in fp32.
+  A grid that is not a multiple of the window (tiny_c: 6 and 4) is zero-padded at the bottom/right after
+  `layer_norm1`, each window attends over all ws² slots (padding included, no mask), and the padding is cropped
+  after attention; window_size 0 makes every block global (positions scaled by 0). The pretrain table is tiled
+  from its top-left corner (tiny_c: a 4×4 table over a 6×6 grid). `num_channels`, `hidden_act`, `layer_norm_eps`
+  and `rope_parameters.rope_theta` (or the older `rope_theta`) are read; `layer_scale_init_value` is not (no
+  LayerScale is built).
 * **Sine position maps** (FPN): y = row+1, x = col+1, normalized `v / (n + 1e-6) · 2π`, dim_t = 10000^(2⌊i/2⌋/(d/2)),
   interleaved [sin, cos], channel order **[pos_y, pos_x]**.
 * **Text**: CLIP causal attention **plus** the padding mask (masked keys get `finfo(f32).min`, softmax in f32).
   Right padding means valid tokens are unaffected by pads, but the features *at* padded positions depend on it.
+  Left padding (tiny_c sample 0) is taken as it comes: the valid tokens keep positions T−n…T−1 and attend to the
+  valid tokens before them only. `hidden_act` is the text config's (CLIPTextConfig default `quick_gelu`; SAM3 `gelu`).
   `text.features` are all T token features (incl. pads); the 1024→256-style projection is `model.text_projection`
   (with bias), not CLIP's `text_projection` (unused).
 * **Geometry encoder** (only when boxes are given): box tokens = direct Linear(4→d)(cxcywh) + Conv(roi×roi)(RoIAlign
@@ -889,7 +1113,9 @@ README_NOTES = """## Behaviour of the HF reference that a port must reproduce fo
   (`concat_padded_sequences`): a padding box's slot is overwritten by CLS, the slots after it keep the padding
   boxes' embeddings / zeros and are masked (tiny_b sample 1: mask [1,1,1,0]);
   then final_proj → prompt_layer_norm → layers (pre-norm: self-attn with key mask, no pos; cross-attn to the raw
-  level-2 tokens with pos added to **keys only**; ReLU MLP) → output_layer_norm.
+  level-2 tokens with pos added to **keys only**; MLP with the config's `hidden_act`, ReLU in SAM3) →
+  output_layer_norm. A sample whose boxes are all padding (tiny_c sample 0) gets the CLS token in slot 0 and
+  nothing else valid.
 * **Text-only path**: HF `Sam3Model.forward` **skips** the geometry encoder when `input_boxes` is None/empty, so the
   prompt is the text tokens alone (no CLS). The original Meta code always appends the CLS geometry token. The
   `textonly.*` tensors are the HF behaviour.
@@ -908,12 +1134,82 @@ README_NOTES = """## Behaviour of the HF reference that a port must reproduce fo
   prompt tokens (count clamped ≥ 1); logits = query_proj(h) · text_proj(pooled) / √d, clamped **±12**.
 * **Outputs**: `pred_boxes` are **xyxy** (ORIG returns cxcywh); `decoder.reference_boxes` / `decoder_reference_boxes`
   are the *input* boxes of each layer (cxcywh), so layer ℓ's prediction is recomputed from them (`heads.*`).
+* **FPN levels**: `Sam3Model.forward` drops the **last** level of `scale_factors` whatever its scale and keeps the
+  others in their order; the geometry encoder, the DETR encoder and the mask decoder's memory use the last kept one
+  (g×g for SAM3's [4, 2, 1, 0.5] and tiny_c's [2, 1, 0.5]).
 * **Mask decoder**: encoder memory += CrossAttn(LN(memory), prompt, prompt, key mask) (pre-norm, no pos); pixel
-  decoder starts from that memory as a (B,d,g,g) map, then for levels 1 and 0: nearest-upsample to the level's
-  size, add the FPN level, conv3×3 → GroupNorm(8) → ReLU using stage index 0 then 1 (stage 2 unused);
+  decoder starts from that memory as a map of the last kept level's size, then for the other kept levels from the
+  last to the first: nearest-resize to the level's size, add the FPN level, conv3×3 → GroupNorm(8) → ReLU using
+  stage index 0, 1, … (SAM3 and tiny_a/b: stages 0, 1, stage 2 unused; tiny_c: stage 0, stage 1 unused);
   pred_masks = einsum(mask_embedder(decoder.intermediate_hidden_states[-1]), instance_projection(pixels));
   semantic_seg = semantic_projection(pixels).
 """
+
+
+README_TAIL = """## `tiny_a_original/`: Meta's original checkpoint format
+
+`sam3.pt` holds tiny_a's weights converted to the layout of Meta's `sam3.pt` (`{"model": state_dict}`,
+keys `detector.*` with fused `attn.qkv` / `in_proj_*`, the cls row of `pos_embed`, the transposed
+CLIP `text_projection`, and the tensors transformers drops: complex `freqs_cis` buffers,
+`points_*`, `sam2_convs.*`, plus a few `tracker.*` tensors), with tiny_a's `config.json` beside it.
+Regenerate with `python3 tools/gen_sam3_original_fixture.py`. `host/tests/sam3_original.rs` checks
+that lorahost's rename rules recover the transformers tensors bit for bit and reproduce tiny_a's
+outputs.
+
+## Sweep: random configurations (not committed)
+
+`python3 tools/gen_sam3_fixtures.py --sweep N --sweep-seed S --out DIR` writes N random configurations that
+transformers runs (`random_case(seed)`, seeds S…S+N−1) to `DIR/sweep_<seed>/` — the same four files plus
+`case.txt`, a one-line description — and lists them in `DIR/sweep_dirs.txt`. They vary every field the modeling
+code reads: ViT width, heads, head_dim (4…16), depth, MLP width, patch (2…14), grid (2…12), window 0…grid+1 (padded
+windows), global blocks (none, all, first, last, out-of-range indexes), pretrain size (smaller, larger, not a
+multiple of the patch), input channels, activation, LayerNorm eps, RoPE θ (`rope_parameters` or `rope_theta`), sizes
+as `[s, s]`, LayerScale set; FPN width and scale-factor lists (2…5 levels, any order, repeated levels); CLIP width,
+heads, depth, MLP, activation, eps, context length, projection; geometry/DETR encoder depth (0…3), decoder depth,
+queries, heads, MLP widths, activations, ignored eps; roi size; mask-decoder heads and stages; batch 1…3, text
+lengths, left padding, 0…4 boxes with padding labels, samples with padding boxes only, boxes at, across and beyond
+the borders. Then
+
+    LORAHOST_SAM3_PARITY_DIRS=$(cat DIR/sweep_dirs.txt) cargo test --release -p lorahost --test sam3_model -- --ignored matches_transformers_dirs
+
+runs the parity check of tiny_a/b/c on each (a failure names the mismatching outputs, the case and the first
+component that differs). A config transformers itself cannot run is reported and skipped by the generator.
+"""
+
+
+def sweep(out_root, first_seed, count):
+    """Generate `count` random configurations; a configuration transformers itself cannot run is reported and
+    skipped (it is not a legal SAM3 config). Prints one line per configuration."""
+    import traceback
+    written, rejected = [], []
+    for seed in range(first_seed, first_seed + count):
+        case = random_case(seed)
+        name = f"sweep_{seed}"
+        try:
+            cfg = build_config(case)
+            check_constraints(cfg)
+        except Exception as e:  # noqa: BLE001
+            rejected.append((name, f"constraint: {type(e).__name__}: {e}"))
+            print(f"-- {name}: not a legal config ({e})")
+            continue
+        try:
+            res = run_case(name, case, out_root, grad_check=False)
+        except Exception as e:  # noqa: BLE001
+            tb = traceback.format_exc().strip().splitlines()
+            rejected.append((name, f"{type(e).__name__}: {e}"))
+            print(f"!! {name}: generation failed: {type(e).__name__}: {e}\n   {tb[-3] if len(tb) > 2 else ''}\n"
+                  f"   {describe_case(case)}")
+            continue
+        with open(os.path.join(res["dir"], "case.txt"), "w") as fh:
+            fh.write(describe_case(case) + "\n")
+        written.append(res["dir"])
+        print(f"ok {name}: {describe_case(case)}")
+    with open(os.path.join(out_root, "sweep_dirs.txt"), "w") as fh:
+        fh.write(":".join(written) + "\n")
+    print(f"{len(written)} written, {len(rejected)} rejected; LORAHOST_SAM3_PARITY_DIRS=$(cat "
+          f"{os.path.join(out_root, 'sweep_dirs.txt')})")
+    for n, why in rejected:
+        print(f"   rejected {n}: {why}")
 
 
 def main():
@@ -921,15 +1217,28 @@ def main():
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--only", choices=list(CASES), action="append")
     ap.add_argument("--skip-grad-check", action="store_true")
+    ap.add_argument("--sweep", type=int, metavar="N",
+                    help="instead of the committed cases, write N random configurations (random_case) to "
+                         "OUT/sweep_<seed> and list the directories in OUT/sweep_dirs.txt")
+    ap.add_argument("--sweep-seed", type=int, default=1, help="seed of the first swept configuration")
     args = ap.parse_args()
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
     os.makedirs(args.out, exist_ok=True)
+    if args.sweep:
+        return sweep(args.out, args.sweep_seed, args.sweep)
     results = OrderedDict()
+    # With --only, the other cases are regenerated into a scratch directory (the README describes them all) and
+    # their committed files stay as they are: another torch build or CPU computes the last bits of some outputs
+    # differently (tiny_a/tiny_b regenerated with PyPI's torch 2.15.0 build differ by <= 6e-6 from the committed
+    # ones, which came from the CPU wheel), so adding a case must not rewrite the others.
+    import tempfile
+    scratch = tempfile.TemporaryDirectory(prefix="sam3_fixtures_")
     for name, case in CASES.items():
         if args.only and name not in args.only:
+            results[name] = run_case(name, case, scratch.name, grad_check=False)
             continue
         res = run_case(name, case, args.out, grad_check=not args.skip_grad_check)
         results[name] = res
@@ -948,9 +1257,9 @@ def main():
                   f"{len(res['grad_report']['dead'])}")
         for f in sorted(os.listdir(res["dir"])):
             print(f"   {f:22s} {os.path.getsize(os.path.join(res['dir'], f)):>10,} B")
-    if not args.only:
-        write_readme(args.out, results)
-        print(f"README: {os.path.join(args.out, 'README.md')}")
+    write_readme(args.out, results)
+    print(f"README: {os.path.join(args.out, 'README.md')}")
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

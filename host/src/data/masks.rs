@@ -205,11 +205,12 @@ type Pairing = (Vec<(PathBuf, PathBuf)>, Vec<PathBuf>, Vec<PathBuf>);
 
 fn pair(images_dir: &Path, masks_dir: &Path) -> Result<Pairing, DataError> {
     let same_dir = images_dir.canonicalize().ok().is_some_and(|a| masks_dir.canonicalize().ok() == Some(a));
-    let masks = image_files(masks_dir)?;
+    let mut masks = image_files(masks_dir)?;
     let mut images = image_files(images_dir)?;
-    // In a shared folder, a file with a mask suffix is a mask, not an image.
+    // In a shared folder, a file with a mask suffix is a mask, and the others are images.
     if same_dir {
         images.retain(|p| stem_keys(p).1.is_none());
+        masks.retain(|p| stem_keys(p).1.is_some());
     }
     // Exact stems first (in separate folders), then suffixed ones.
     let mut by_key: HashMap<String, PathBuf> = HashMap::new();
@@ -219,10 +220,8 @@ fn pair(images_dir: &Path, masks_dir: &Path) -> Result<Pairing, DataError> {
             by_key.entry(s).or_insert_with(|| m.clone());
         }
     }
-    if !same_dir {
-        for m in &masks {
-            by_key.insert(stem_keys(m).0, m.clone());
-        }
+    for m in &masks {
+        by_key.insert(stem_keys(m).0, m.clone());
     }
     let (mut pairs, mut missing) = (Vec::new(), Vec::new());
     let mut used = std::collections::HashSet::new();
@@ -235,9 +234,7 @@ fn pair(images_dir: &Path, masks_dir: &Path) -> Result<Pairing, DataError> {
             None => missing.push(im),
         }
     }
-    let image_set: std::collections::HashSet<&PathBuf> = pairs.iter().map(|(i, _)| i).collect();
-    let unmatched =
-        masks.into_iter().filter(|m| !(used.contains(m) || (same_dir && image_set.contains(m)))).collect();
+    let unmatched = masks.into_iter().filter(|m| !used.contains(m)).collect();
     Ok((pairs, missing, unmatched))
 }
 
@@ -546,7 +543,7 @@ pub fn import_masks(opts: &ImportOptions) -> Result<ImportSummary, DataError> {
     if pairs.is_empty() {
         return Err(invalid(format!(
             "no image in {} has a mask in {}: a mask is paired by file stem (crack_01.jpg ↔ crack_01.png), \
-             optionally with a suffix such as {} ({} images, {} masks found)",
+             optionally with a suffix such as {} ({} images without a mask, {} masks without an image)",
             opts.images.display(),
             opts.masks.display(),
             MASK_SUFFIXES[..4].join(", "),
