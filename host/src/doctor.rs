@@ -1072,6 +1072,7 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
     }
     mask_checks(cfg, &ds, r);
     thin_structure_check(cfg, &ds, r);
+    crowding_check(cfg, &ds, r);
     prompt_checks(&ds, r);
     negative_checks(cfg, &ds, r);
     true
@@ -1241,6 +1242,46 @@ fn thin_structure_check(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
             format!("judge the model by the pixel metrics validation and `lorahost evaluate` report (±{} px relaxed F1, clDice) rather than mAP; or {tile}", crate::pixel_metrics::TOLERANCE),
         );
     }
+}
+
+/// D9: an image with more objects of one prompt than the decoder has queries (200 for SAM3):
+/// each query is matched to one object, so the rest are never matched, train nothing, and
+/// still count in the loss's normalisation. Usually speckle noise that a mask conversion made
+/// into objects.
+fn crowding_check(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
+    let queries = model_config(cfg).and_then(|c| c.detr_decoder_config.num_queries).unwrap_or(200);
+    let mut crowded: Vec<(String, String, u64, usize)> = Vec::new();
+    for split in ["train", "valid"].iter().filter_map(|n| ds.split(n)) {
+        for im in &split.images {
+            let mut per: BTreeMap<u64, usize> = BTreeMap::new();
+            for o in &im.objects {
+                *per.entry(o.category_id).or_default() += 1;
+            }
+            for (cat, n) in per.into_iter().filter(|(_, n)| *n > queries) {
+                let name = split.category(cat).map_or_else(|| cat.to_string(), |c| c.prompt.clone());
+                crowded.push((split.name.clone(), format!("{} (\"{name}\")", im.file_name), im.id, n));
+            }
+        }
+    }
+    if crowded.is_empty() {
+        return;
+    }
+    let worst = crowded.iter().map(|c| c.3).max().unwrap_or(0);
+    let listed: Vec<String> = crowded
+        .iter()
+        .take(5)
+        .map(|(split, file, id, n)| format!("{split}/{file} image {id}: {n} objects"))
+        .collect();
+    r.add(
+        "D9",
+        Severity::Warning,
+        format!(
+            "{} image(s) have more objects of one prompt than the model's {queries} queries (up to {worst}): the extra objects are never matched, train nothing and still dilute the loss",
+            crowded.len()
+        ),
+        format!("{}{}", listed.join("; "), if crowded.len() > 5 { "; ..." } else { "" }),
+        "these are usually specks of mask noise made into objects: re-import with a larger `lorahost import --min-pixels` or `--instances whole`, drop the tiny annotations, or tile the images (`lorahost tile`) so each tile holds fewer",
+    );
 }
 
 /// D8: validation measures the prompts the model was trained on only where train and valid

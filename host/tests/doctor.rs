@@ -678,3 +678,45 @@ fn no_warmup_says_whether_it_was_set_or_left_out() {
     assert!(e.contains("c.yaml: neither training.warmup_steps nor training.warmup_ratio is set"), "{e}");
     assert!(e.contains("training.warmup_steps defaults to 0"), "{e}");
 }
+
+/// D9: an image with more objects of one prompt than the tiny model's 8 queries is a warning
+/// naming the image and the count; as many as the queries is fine.
+#[test]
+fn more_objects_than_queries_are_found() {
+    let s = setup();
+    let crowd = |n: usize| {
+        move |v: &mut serde_json::Value| {
+            let first = v["annotations"][0].clone();
+            let image_id = first["image_id"].clone();
+            let anns = v["annotations"].as_array_mut().unwrap();
+            anns.retain(|a| a["image_id"] != image_id);
+            for k in 0..n {
+                let mut a = first.clone();
+                a["id"] = serde_json::json!(10_000 + k);
+                a["bbox"] = serde_json::json!([k as f64 * 10.0, 5.0, 8.0, 8.0]);
+                a["segmentation"] = serde_json::json!([[
+                    k as f64 * 10.0,
+                    5.0,
+                    k as f64 * 10.0 + 8.0,
+                    5.0,
+                    k as f64 * 10.0 + 8.0,
+                    13.0,
+                    k as f64 * 10.0,
+                    13.0
+                ]]);
+                anns.push(a);
+            }
+        }
+    };
+    mutate(&s.data, crowd(8));
+    let r = run(&s, &[]);
+    assert!(!r.findings.iter().any(|f| f.code == "D9"), "{}", explain(&r));
+    mutate(&s.data, crowd(11));
+    let r = run(&s, &[]);
+    assert!(
+        has(&r, "D9", Severity::Warning, "more objects of one prompt than the model's 8 queries"),
+        "{}",
+        explain(&r)
+    );
+    assert!(has(&r, "D9", Severity::Warning, ": 11 objects"), "{}", explain(&r));
+}
