@@ -71,10 +71,21 @@ pub enum Command {
     /// real steps. Findings carry the failure-mode codes F1..F27 of the SAM3_LoRA catalogue
     /// (or lorahost's D-codes), a severity, the evidence and the fix. Exits non-zero when any
     /// finding is an error.
+    #[command(
+        after_help = "Examples:\n  lorahost doctor --config configs/full_lora_config.yaml --probe-steps 20\n  lorahost doctor --trace outputs/run/metrics.jsonl          # why does the loss fluctuate?\n  lorahost doctor --trace sam3_lora_log.jsonl --config C.yaml"
+    )]
     Doctor {
-        /// Training YAML.
-        #[arg(long, default_value = "configs/demo.yaml")]
-        config: PathBuf,
+        /// Training YAML [default: configs/demo.yaml, unless --trace is given alone].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Diagnose a recorded run from its metrics log: lorahost's metrics.jsonl, a SAM3_LoRA
+        /// (TC4451) JSONL log, a Hugging Face trainer_state.json or a Lightning metrics.csv.
+        /// How much the loss moves from step to step and which causes the log shows (batch,
+        /// warmup, clipping, LR schedule), settings the header names that the steps do not
+        /// show, whether the loss improves, spikes, slowdowns, over-training. With --config too,
+        /// the setup is checked as well.
+        #[arg(long, value_name = "METRICS")]
+        trace: Option<PathBuf>,
         /// Override a config key: SECTION.KEY=VALUE; repeatable.
         #[arg(long = "override", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
@@ -651,6 +662,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Doctor {
             config,
+            trace,
             overrides,
             expect_fingerprint,
             probe_steps,
@@ -676,21 +688,32 @@ pub fn run(cli: Cli) -> Result<()> {
                     bail!("--expect-fingerprint {f:?}: give at least 8 hex digits of the dataset's content_sha256");
                 }
             }
-            let report = crate::doctor::diagnose(&crate::doctor::DoctorOptions {
-                config: config.clone(),
-                overrides: overrides.clone(),
-                expect_fingerprint: expect_fingerprint.clone(),
-                probe_steps: *probe_steps,
-                device_memory_gb: *device_memory_gb,
-                host_memory_gb: *host_memory_gb,
-                cache_dir: if cli.no_cache {
-                    None
-                } else {
-                    cli.cache_dir.clone().or_else(Runtime::default_cache_dir)
-                },
-                gt_overlays: gt_overlays.clone(),
-                gt_overlay_images: *gt_overlay_images,
-            })?;
+            let trace_only = config.is_none()
+                && trace.is_some()
+                && overrides.is_empty()
+                && *probe_steps == 0
+                && gt_overlays.is_none()
+                && expect_fingerprint.is_none();
+            let report = if let (true, Some(t)) = (trace_only, trace) {
+                crate::doctor::diagnose_trace(t)?
+            } else {
+                crate::doctor::diagnose(&crate::doctor::DoctorOptions {
+                    config: config.clone().unwrap_or_else(|| PathBuf::from("configs/demo.yaml")),
+                    trace: trace.clone(),
+                    overrides: overrides.clone(),
+                    expect_fingerprint: expect_fingerprint.clone(),
+                    probe_steps: *probe_steps,
+                    device_memory_gb: *device_memory_gb,
+                    host_memory_gb: *host_memory_gb,
+                    cache_dir: if cli.no_cache {
+                        None
+                    } else {
+                        cli.cache_dir.clone().or_else(Runtime::default_cache_dir)
+                    },
+                    gt_overlays: gt_overlays.clone(),
+                    gt_overlay_images: *gt_overlay_images,
+                })?
+            };
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -11,7 +11,7 @@
 //!   effective batch, total length and warmup in optimizer steps and epochs (warmup longer than
 //!   training, an effective batch larger than the training set, an effective batch of 1), LR and
 //!   clipping sanity, LoRA scale, adapters already in `output_dir` with another rank/alpha;
-//! - **data** (F12, F1, F4, F5, F6, F7, F21, F23, F24, F26, D6, D8): `data_dir` and its splits,
+//! - **data** (F12, F1, F4, F5, F6, F7, F20, F21, F23, F24, F26, D6, D8, D9): `data_dir` and its splits,
 //!   the fingerprint (compared with `--expect-fingerprint`), the preflight (by file and id; boxes
 //!   in another format for most objects are an error), box-only objects (no mask loss, mAP −1),
 //!   train/valid prompts that differ or classes numbered differently, the negatives per image
@@ -23,7 +23,9 @@
 //! - **plugins** (D7): each configured plugin loads as training would load it;
 //! - **probe** (`--probe-steps N`, F10, F1, F2, F9, F21, D5): N real optimizer steps in a scratch
 //!   directory, then loss variation, per-term losses, gradient-norm distribution, how often
-//!   clipping engaged and the LR actually applied, with recommendations.
+//!   clipping engaged and the LR actually applied, with recommendations;
+//! - **trace** (`--trace FILE`, F10, F11, F14, F15, F27, D10, D11 and the probe's checks): a
+//!   recorded run's metrics log, alone or beside a config ([`crate::run_diagnosis`]).
 //!
 //! | lorahost code | meaning |
 //! |---|---|
@@ -35,6 +37,9 @@
 //! | D6 | no validation split |
 //! | D7 | a configured plugin is missing or does not load (contract, compile, `init` refuses its config) |
 //! | D8 | train and valid prompts differ (validation measures prompts never trained on), or the splits number their classes differently |
+//! | D9 | an image with more objects of one prompt than the decoder has queries |
+//! | D10 | a recorded run's loss does not improve beneath its noise, or rises |
+//! | D11 | loss spikes in a recorded run |
 
 use crate::data::coco::{Dataset, FindingKind, Severity as DataSeverity};
 use crate::lora::{Component, LoraConfig, LoraSet};
@@ -97,6 +102,8 @@ pub struct DoctorOptions {
     pub gt_overlays: Option<PathBuf>,
     /// Images per split to draw with `gt_overlays` (0: 8).
     pub gt_overlay_images: usize,
+    /// A recorded run's metrics log to diagnose as well ([`crate::run_diagnosis`]).
+    pub trace: Option<PathBuf>,
 }
 
 /// The report.
@@ -109,7 +116,8 @@ pub struct Report {
 }
 
 impl Report {
-    fn add(
+    /// Add a finding.
+    pub(crate) fn add(
         &mut self,
         code: &str,
         severity: Severity,
@@ -228,7 +236,28 @@ pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
             );
         }
     }
+    if let Some(path) = &opts.trace {
+        trace_checks(path, Some(cfg.training.max_grad_norm), &mut r)?;
+    }
     Ok(finish(r))
+}
+
+/// `doctor --trace FILE` without a config: the recorded run alone ([`crate::run_diagnosis`]).
+pub fn diagnose_trace(path: &std::path::Path) -> Result<Report> {
+    let mut r = Report::default();
+    trace_checks(path, None, &mut r)?;
+    Ok(finish(r))
+}
+
+fn trace_checks(path: &std::path::Path, max_norm: Option<f64>, r: &mut Report) -> Result<()> {
+    let trace =
+        crate::metrics::Trace::read(path).map_err(|e| anyhow::anyhow!("--trace {}: {e}", path.display()))?;
+    if trace.steps.is_empty() {
+        anyhow::bail!("--trace {}: the log has no step records to diagnose", path.display());
+    }
+    let validation = crate::run_diagnosis::validations(path, &trace);
+    crate::run_diagnosis::analyse_run(&trace, &validation, max_norm.filter(|m| *m > 0.0), r);
+    Ok(())
 }
 
 /// F5/F24/F6: pictures of the targets as training builds them (the model's square input, and
@@ -1841,8 +1870,19 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
     analyse_steps(&trace.steps, cfg.training.max_grad_norm, r);
 }
 
-/// Findings from recorded steps (also used on a finished run's metrics.jsonl).
+/// Findings from recorded steps (the probe's).
 pub fn analyse_steps(steps: &[crate::metrics::StepRecord], max_norm: f64, r: &mut Report) {
+    analyse_recorded_steps(steps, max_norm, true, r)
+}
+
+/// [`analyse_steps`], with its coarse fluctuation check (F10 on the coefficient of variation)
+/// only when `fluctuation` ([`crate::run_diagnosis`] has its own).
+pub(crate) fn analyse_recorded_steps(
+    steps: &[crate::metrics::StepRecord],
+    max_norm: f64,
+    fluctuation: bool,
+    r: &mut Report,
+) {
     if steps.is_empty() {
         return;
     }
@@ -1926,7 +1966,7 @@ pub fn analyse_steps(steps: &[crate::metrics::StepRecord], max_norm: f64, r: &mu
             "check lora targets and components",
         );
     }
-    if cv > 0.3 && steps.len() >= 4 {
+    if fluctuation && cv > 0.3 && steps.len() >= 4 {
         r.add(
             "F10",
             Severity::Warning,

@@ -33,6 +33,7 @@ pub mod plugin;
 pub mod profile;
 pub mod replay;
 pub mod rng;
+pub mod run_diagnosis;
 pub mod sam3;
 pub mod scaffold;
 pub mod selftest;

@@ -720,3 +720,42 @@ fn more_objects_than_queries_are_found() {
     );
     assert!(has(&r, "D9", Severity::Warning, ": 11 objects"), "{}", explain(&r));
 }
+
+/// `doctor --trace`: a recorded run alone (no config read), in lorahost's format and in a
+/// Hugging Face trainer_state.json; beside a config, both are diagnosed; a missing log is named.
+#[test]
+fn a_recorded_run_is_diagnosed_from_its_log() {
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    let trace = common::repo().join("examples/traces/diagnosis.jsonl");
+    let o = Command::new(bin).args(["doctor", "--json", "--trace"]).arg(&trace).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f10 = v["findings"].as_array().unwrap().iter().find(|f| f["code"] == "F10").unwrap();
+    assert!(f10["evidence"].as_str().unwrap().contains("an effective batch of 1"), "{f10}");
+    assert!(v["facts"]["lora"].is_null(), "no config was diagnosed: {}", v["facts"]);
+    // A noisy, flat HF run: noise and no improvement.
+    let d = tempfile::tempdir().unwrap();
+    let history: Vec<String> = (1..=60)
+        .map(|s| {
+            format!(
+                r#"{{"step": {s}, "loss": {}, "learning_rate": 1e-4}}"#,
+                if s % 2 == 0 { 1.3 } else { 0.8 }
+            )
+        })
+        .collect();
+    let hf = d.path().join("trainer_state.json");
+    std::fs::write(&hf, format!(r#"{{"max_steps": 60, "log_history": [{}]}}"#, history.join(","))).unwrap();
+    let o = Command::new(bin).args(["doctor", "--trace"]).arg(&hf).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("[F10] warning: the loss moves by about"), "{text}");
+    assert!(text.contains("[D10] warning: no measurable improvement"), "{text}");
+    assert!(text.contains("a constant LR"), "{text}");
+    // With a config: the setup's findings and the trace's.
+    let s = setup();
+    let r = diagnose(&DoctorOptions { config: s.config.clone(), trace: Some(trace), ..Default::default() })
+        .unwrap();
+    assert!(!r.with_code("F10").is_empty() && r.facts.contains_key("lora") && r.facts.contains_key("trace"));
+    let o = Command::new(bin).args(["doctor", "--trace"]).arg(d.path().join("none.jsonl")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--trace") && err.contains("none.jsonl"), "{err}");
+}

@@ -1,0 +1,629 @@
+//! Diagnosing a recorded run (`lorahost doctor --trace FILE`): the analysis a person does by
+//! hand on a loss log that "fluctuates and nobody can say why", done from the log alone.
+//!
+//! The log is any that [`crate::metrics::Trace`] reads: lorahost's `metrics.jsonl`, the
+//! SAM3_LoRA fork's `train_step` JSONL, a Hugging Face `trainer_state.json` or a Lightning
+//! `metrics.csv`. The findings use the SAM3_LoRA catalogue's codes:
+//! - **F10** how much the loss moves from step to step (the robust spread of relative step
+//!   differences about zero, so a falling trend does not count as noise), whether the gradient norm moves
+//!   with it, and which of the catalogue's causes the log shows (an effective batch of a few
+//!   samples, no warmup, no clipping, a constant LR), with the fix for each;
+//! - **F11** settings the log's header names but the steps do not show (warmup without a ramp,
+//!   accumulation with one micro-batch per step, a scheduler with a constant LR, another LR);
+//! - **D10** whether the loss improves at all beneath the noise, or rises;
+//! - **D11** spikes (a step far above its recent median) and whether the LR was at its peak
+//!   without warmup when they came;
+//! - **F14** steps that became several times slower;
+//! - **F15** a training loss many times the validation loss in a SAM3_LoRA log (its validation
+//!   drops the auxiliary and one-to-many terms);
+//! - **F27** a validation loss that rose again while the training loss fell;
+//! - and the probe's checks on the same steps (F21 non-finite steps, F1/F2 loss magnitude, F9
+//!   zero gradients, D5 clipping on most steps).
+
+use crate::doctor::{Report, Severity};
+use crate::metrics::{StepRecord, Trace, TraceFormat};
+use std::path::Path;
+
+/// Median of `v` (NaN when empty); sorts `v`.
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Robust standard deviation (1.4826 × the median absolute deviation).
+fn robust_sd(v: &[f64]) -> f64 {
+    let m = median(&mut v.to_vec());
+    let mut dev: Vec<f64> = v.iter().map(|x| (x - m).abs()).collect();
+    1.4826 * median(&mut dev)
+}
+
+/// Mean of `v` without its lowest and highest 20% (spikes do not move it).
+fn trimmed_mean(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let cut = v.len() / 5;
+    let kept = &v[cut..v.len() - cut];
+    kept.iter().sum::<f64>() / kept.len().max(1) as f64
+}
+
+/// Pearson correlation of the pairs (NaN when undefined).
+fn correlation(pairs: &[(f64, f64)]) -> f64 {
+    let n = pairs.len() as f64;
+    if n < 3.0 {
+        return f64::NAN;
+    }
+    let (mx, my) = (pairs.iter().map(|p| p.0).sum::<f64>() / n, pairs.iter().map(|p| p.1).sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (x, y) in pairs {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx).powi(2);
+        syy += (y - my).powi(2);
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// Validation losses of the run, by step: lorahost's `validation` events in a JSONL file and
+/// the `validation.step` / `validation.loss` values other formats attach to their steps.
+pub fn validations(path: &Path, trace: &Trace) -> Vec<(u64, f64)> {
+    let mut out: Vec<(u64, f64)> = Vec::new();
+    if trace.format == TraceFormat::Lorahost {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                if v["event"] == "validation" {
+                    if let (Some(s), Some(l)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+                        out.push((s, l));
+                    }
+                }
+            }
+        }
+    }
+    for s in &trace.steps {
+        let get = |k: &str| s.extra.get(k).and_then(|v| crate::metrics::number(v).ok().flatten());
+        if let (Some(at), Some(l)) = (get("validation.step"), get("validation.loss")) {
+            out.push((at as u64, l));
+        }
+    }
+    out.sort_by_key(|v| v.0);
+    out.dedup_by_key(|v| v.0);
+    out.retain(|v| v.1.is_finite());
+    out
+}
+
+/// The recorded run's findings (see the module docs) into `r`; `max_norm` is the clipping
+/// threshold when known (else read from the clipped norms the log has).
+pub fn analyse_run(trace: &Trace, validation: &[(u64, f64)], max_norm: Option<f64>, r: &mut Report) {
+    let steps = &trace.steps;
+    let max_norm = max_norm.unwrap_or_else(|| {
+        let clip = steps
+            .iter()
+            .filter_map(|s| s.grad_norm_clipped.filter(|c| *c < s.grad_norm * 0.999))
+            .fold(0.0, f64::max);
+        // The clipped norms carry the float rounding of the scaling: six significant digits.
+        format!("{clip:.5e}").parse().unwrap_or(clip)
+    });
+    // The step statistics go under `trace_steps` (a probe in the same report keeps `probe`).
+    let probe = r.facts.remove("probe");
+    crate::doctor::analyse_recorded_steps(steps, max_norm, false, r);
+    if let Some(stats) = r.facts.remove("probe") {
+        r.facts.insert("trace_steps".into(), stats);
+    }
+    if let Some(p) = probe {
+        r.facts.insert("probe".into(), p);
+    }
+    let finite: Vec<(u64, f64)> =
+        steps.iter().filter(|s| s.loss.is_finite() && s.loss > 0.0).map(|s| (s.step, s.loss)).collect();
+    let noise = fluctuation(trace, &finite, r);
+    header_checks(trace, r);
+    progress(&finite, noise, r);
+    spikes(steps, noise.unwrap_or(0.0), r);
+    slowdown(steps, r);
+    validation_checks(trace, &finite, validation, r);
+    r.facts.insert(
+        "trace".into(),
+        serde_json::json!({
+            "format": trace.format.describe(), "steps": steps.len(), "header": trace.run,
+            "validation_points": validation.len(), "relative_step_noise": noise,
+            "warnings": trace.warnings,
+        }),
+    );
+}
+
+/// The samples per optimizer step, from the header or the steps.
+fn effective_batch(trace: &Trace) -> Option<u32> {
+    let h = trace.run.as_ref();
+    h.map(|h| h.effective_batch_size)
+        .filter(|b| *b > 0)
+        .or_else(|| h.map(|h| h.batch_size * h.accumulation.max(1)).filter(|b| *b > 0))
+        .or_else(|| {
+            let mut b: Vec<f64> = trace.steps.iter().filter_map(|s| s.batch_size).map(f64::from).collect();
+            (!b.is_empty()).then(|| median(&mut b) as u32)
+        })
+}
+
+/// The LRs applied, in step order (finite ones).
+fn lrs(steps: &[StepRecord]) -> Vec<f64> {
+    steps.iter().map(|s| s.lr).filter(|l| l.is_finite()).collect()
+}
+
+/// F10: the relative step-to-step noise of the loss and its causes in the log. Returns the
+/// noise (1.4826 × the median of |lₜ − lₜ₋₁| / mean(lₜ, lₜ₋₁), over √2).
+fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f64> {
+    if finite.len() < 8 {
+        return None;
+    }
+    let rel: Vec<f64> = finite.windows(2).map(|w| (w[1].1 - w[0].1) / ((w[1].1 + w[0].1) / 2.0)).collect();
+    // Differences of a slowly varying level centre on zero: the spread is taken about zero
+    // (a two-valued series has no spread about its median).
+    let noise =
+        1.4826 * median(&mut rel.iter().map(|d| d.abs()).collect::<Vec<_>>()) / std::f64::consts::SQRT_2;
+    if noise < 0.05 {
+        return Some(noise);
+    }
+    let steps = &trace.steps;
+    let mut causes = Vec::new();
+    let mut fixes = Vec::new();
+    let batch = effective_batch(trace);
+    if let Some(b) = batch.filter(|b| *b < 16) {
+        causes.push(format!("an effective batch of {b} sample(s) per optimizer step"));
+        let k = 16u32.div_ceil(b.max(1));
+        let accumulation = match trace.run.as_ref().filter(|h| h.accumulation > 0) {
+            Some(h) => {
+                format!("gradient_accumulation_steps: {} (now {})", h.accumulation * k, h.accumulation)
+            }
+            None => format!("{k}× the gradient accumulation"),
+        };
+        fixes.push(format!(
+            "{accumulation}, for an effective batch of {}: the noise falls about as 1/√batch, to ~{:.0}%",
+            b * k,
+            100.0 * noise / (k as f64).sqrt()
+        ));
+    }
+    let lr = lrs(steps);
+    let peak = lr.iter().copied().fold(0.0, f64::max);
+    let warmup = trace.run.as_ref().map(|h| h.warmup_steps);
+    if peak > 0.0 && lr.first().is_some_and(|l| *l >= 0.9 * peak) {
+        causes.push(match warmup {
+            Some(w) if w > 0 => format!("no LR ramp at the start although the header says warmup_steps {w}"),
+            _ => "no warmup (the first step ran at the peak LR)".to_string(),
+        });
+        fixes.push("warmup_steps: about 5% of the run".into());
+    }
+    let norms: Vec<f64> = steps.iter().map(|s| s.grad_norm).filter(|g| g.is_finite() && *g > 0.0).collect();
+    let clipped = steps.iter().any(|s| s.grad_norm_clipped.is_some_and(|c| c < s.grad_norm * 0.999));
+    if !clipped && norms.len() >= 8 {
+        let mut sorted = norms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let (p10, p90) = (sorted[sorted.len() / 10], sorted[sorted.len() * 9 / 10]);
+        if p90 > 1.5 * p10 {
+            causes.push(format!("no clipping while the gradient norm ranges {p10:.3}..{p90:.3} (p10..p90)"));
+            fixes.push(format!("max_grad_norm: {:.2} (the median norm) or 1.0", median(&mut norms.clone())));
+        }
+    }
+    if lr.len() >= 8 && lr.iter().all(|l| (l - lr[0]).abs() <= 1e-12 * lr[0].abs().max(1e-30)) {
+        causes.push("a constant LR over the whole run".into());
+        fixes.push("lr_scheduler: cosine".into());
+    }
+    let pairs: Vec<(f64, f64)> = steps
+        .iter()
+        .filter(|s| s.loss.is_finite() && s.grad_norm.is_finite())
+        .map(|s| (s.loss, s.grad_norm))
+        .collect();
+    let corr = correlation(&pairs);
+    let with_norm = if corr > 0.7 {
+        format!("; the gradient norm moves with the loss (r = {corr:.2}): high-loss batches make large steps, so the fluctuation is batch-to-batch difficulty that a larger effective batch averages out")
+    } else {
+        String::new()
+    };
+    if trace.format == TraceFormat::Sam3LoraEvents {
+        causes.push("SAM3_LoRA's raw per-batch total (6 layers × one-to-one and one-to-many terms, divided by the batch's few boxes)".into());
+    }
+    let severity = if noise >= 0.1 { Severity::Warning } else { Severity::Info };
+    let message = format!(
+        "the loss moves by about {:.0}% from one step to the next{}",
+        100.0 * noise,
+        if causes.is_empty() {
+            String::new()
+        } else {
+            format!(", and the log shows {} cause(s) of it", causes.len())
+        }
+    );
+    let evidence = format!(
+        "robust spread of the relative step differences over {} steps: {:.3}{with_norm}{}",
+        finite.len(),
+        noise,
+        if causes.is_empty() { String::new() } else { format!("; causes: {}", causes.join("; ")) }
+    );
+    if fixes.is_empty() {
+        fixes.push(
+            "judge progress on the smoothed curve (loss_curve.png) and the validation loss, not single steps"
+                .into(),
+        );
+    }
+    r.add("F10", severity, message, evidence, fixes.join("; "));
+    Some(noise)
+}
+
+/// F11: what the header says was set against what the steps show.
+fn header_checks(trace: &Trace, r: &mut Report) {
+    let Some(h) = trace.run.as_ref() else { return };
+    let steps = &trace.steps;
+    let lr = lrs(steps);
+    let peak = lr.iter().copied().fold(0.0, f64::max);
+    let w = h.warmup_steps as usize;
+    if w >= 2 && lr.len() > w && peak > 0.0 && lr[0] >= 0.99 * lr[w - 1] {
+        r.add(
+            "F11",
+            Severity::Warning,
+            format!("warmup_steps {w} is in the run's header, but the LR did not ramp up"),
+            format!("LR at step 1: {:e}, at step {w}: {:e}", lr[0], lr[w - 1]),
+            "the trainer parsed warmup but never applied it (SAM3_LoRA's trainer does this): train with one that applies it (lorahost does)",
+        );
+    }
+    let micro: Vec<u32> = steps.iter().filter_map(|s| s.micro_steps).collect();
+    if h.accumulation > 1 && !micro.is_empty() && micro.iter().all(|m| *m == 1) {
+        r.add(
+            "F11",
+            Severity::Warning,
+            format!(
+                "gradient accumulation {} is in the header, but every step ran one micro-batch",
+                h.accumulation
+            ),
+            format!("{} steps, all with micro_steps 1", micro.len()),
+            "the setting was not applied: the effective batch is the micro-batch alone",
+        );
+    }
+    let sched = h.scheduler.to_ascii_lowercase();
+    if !sched.is_empty() && !sched.contains("constant") && lr.len() > w + 8 {
+        let after = &lr[w.min(lr.len())..];
+        if after.iter().all(|l| (l - after[0]).abs() <= 1e-9 * after[0].abs().max(1e-30)) {
+            r.add(
+                "F11",
+                Severity::Warning,
+                format!(
+                    "the header names the {} scheduler, but the LR stayed at {:e} after warmup",
+                    h.scheduler, after[0]
+                ),
+                format!("{} steps after warmup at one LR", after.len()),
+                "the scheduler was not applied",
+            );
+        }
+    }
+    if h.base_lr > 0.0 && peak > 0.0 && (peak / h.base_lr > 2.0 || h.base_lr / peak > 2.0) {
+        r.add(
+            "F11",
+            Severity::Warning,
+            format!("the LR applied peaks at {peak:e}, the header's base LR is {:e}", h.base_lr),
+            format!("{} steps with an LR", lr.len()),
+            "check how the LR reaches the optimizer (a string \"1e-4\" in YAML, a scale applied twice)",
+        );
+    }
+}
+
+/// D10: whether the loss improves beneath its noise (first against last quarter, trimmed means).
+fn progress(finite: &[(u64, f64)], noise: Option<f64>, r: &mut Report) {
+    let n = finite.len();
+    if n < 20 {
+        return;
+    }
+    let m = n / 4;
+    let first = trimmed_mean(finite[..m].iter().map(|p| p.1).collect());
+    let last = trimmed_mean(finite[n - m..].iter().map(|p| p.1).collect());
+    let change = last / first - 1.0;
+    // The standard error of a quarter's trimmed mean (≈1.2 σ/√m), three times, for the ratio.
+    let tolerance = (3.0 * 1.2 * noise.unwrap_or(0.0) * (2.0 / m as f64).sqrt()).max(0.02);
+    let evidence = format!(
+        "mean loss {first:.4} over steps {}..{} and {last:.4} over steps {}..{} (20% trimmed; {:+.1}%; the noise allows ±{:.1}%)",
+        finite[0].0,
+        finite[m - 1].0,
+        finite[n - m].0,
+        finite[n - 1].0,
+        100.0 * change,
+        100.0 * tolerance
+    );
+    if change > tolerance {
+        r.add(
+            "D10",
+            Severity::Warning,
+            "the loss rose over the run: training is diverging",
+            evidence,
+            "lower the learning rate (and warm up, clip); look for the step where it turned (D11 spikes)",
+        );
+    } else if change.abs() <= tolerance && n >= 50 {
+        r.add(
+            "D10",
+            Severity::Warning,
+            "no measurable improvement: the loss ends where it started, within its noise",
+            evidence,
+            "check that the adapters get gradients (F9) and the LR is not ~0; a larger LR or more epochs; check the data reaches the loss (doctor without --trace)",
+        );
+    } else {
+        r.add(
+            "D10",
+            Severity::Info,
+            format!(
+                "the loss fell {:.0}% from the first to the last quarter of the run, beyond its noise",
+                -100.0 * change
+            ),
+            evidence,
+            "none needed",
+        );
+    }
+}
+
+/// D11: steps far above their recent median (more than six times the local or the run's
+/// step noise, and at least 1.5×).
+fn spikes(steps: &[StepRecord], noise: f64, r: &mut Report) {
+    const WINDOW: usize = 20;
+    let finite: Vec<&StepRecord> = steps.iter().filter(|s| s.loss.is_finite() && s.loss > 0.0).collect();
+    if finite.len() < 12 {
+        return;
+    }
+    let peak_lr = lrs(steps).into_iter().fold(0.0, f64::max);
+    let mut found: Vec<(u64, f64, f64, bool)> = Vec::new();
+    for i in 8..finite.len() {
+        let prev: Vec<f64> = finite[i.saturating_sub(WINDOW)..i].iter().map(|s| s.loss.ln()).collect();
+        let base = median(&mut prev.clone());
+        let spread = robust_sd(&prev).max(noise).max(0.02);
+        let x = finite[i].loss.ln();
+        if x - base > (6.0 * spread).max(0.5f64.ln_1p()) {
+            let at_peak = peak_lr > 0.0 && finite[i].lr >= 0.95 * peak_lr;
+            found.push((finite[i].step, finite[i].loss, base.exp(), at_peak));
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    let listed: Vec<String> = found
+        .iter()
+        .take(5)
+        .map(|(s, l, b, _)| format!("step {s}: {l:.4} against a recent median {b:.4} ({:.1}×)", l / b))
+        .collect();
+    let at_peak = found.iter().filter(|f| f.3).count();
+    let no_warmup = steps.first().is_some_and(|s| peak_lr > 0.0 && s.lr >= 0.9 * peak_lr);
+    let mut fix = "load the spike_guard plugin (skips a step whose loss or gradient norm jumps); keep clipping on (max_grad_norm)".to_string();
+    if no_warmup && at_peak > 0 {
+        fix.push_str("; warm up: the spikes came at the peak LR from the first step");
+    }
+    r.add(
+        "D11",
+        if found.len() * 20 > finite.len() { Severity::Warning } else { Severity::Info },
+        format!("{} loss spike(s): steps far above their recent median", found.len()),
+        format!(
+            "{}{}; {at_peak} at the peak LR",
+            listed.join("; "),
+            if found.len() > 5 { "; ..." } else { "" }
+        ),
+        fix,
+    );
+}
+
+/// F14: later steps several times slower than the first ones.
+fn slowdown(steps: &[StepRecord], r: &mut Report) {
+    let times: Vec<(u64, f64)> =
+        steps.iter().filter_map(|s| s.step_time_ms.filter(|t| *t > 0.0).map(|t| (s.step, t))).collect();
+    if times.len() < 20 {
+        return;
+    }
+    let m = (times.len() / 10).max(5);
+    let early = median(&mut times[1..=m].iter().map(|t| t.1).collect::<Vec<_>>());
+    let late = median(&mut times[times.len() - m..].iter().map(|t| t.1).collect::<Vec<_>>());
+    if late > 3.0 * early {
+        r.add(
+            "F14",
+            Severity::Warning,
+            format!("steps became {:.1}× slower over the run", late / early),
+            format!("median step {early:.0} ms early on, {late:.0} ms over the last {m} steps (to step {})", times[times.len() - 1].0),
+            "device memory spilling into shared host memory (Windows WDDM) or a memory leak: check the peak memory per step against the card, lower the batch, or enable gradient checkpointing",
+        );
+    }
+}
+
+/// F15 and F27 from the validation losses.
+fn validation_checks(trace: &Trace, finite: &[(u64, f64)], validation: &[(u64, f64)], r: &mut Report) {
+    let Some(&(last_at, last_val)) = validation.last() else { return };
+    // The training loss around a step: the median of up to 20 steps up to it.
+    let train_at = |at: u64| -> Option<f64> {
+        let upto: Vec<f64> = finite.iter().filter(|p| p.0 <= at).rev().take(20).map(|p| p.1).collect();
+        (!upto.is_empty()).then(|| median(&mut upto.clone()))
+    };
+    if trace.format != TraceFormat::Lorahost {
+        if let Some(t) = train_at(last_at).filter(|t| *t > 5.0 * last_val) {
+            r.add(
+                "F15",
+                Severity::Info,
+                format!("the training loss is {:.0}× the validation loss", t / last_val),
+                format!("training {t:.4} (median of the steps up to {last_at}) against validation {last_val:.4}"),
+                "SAM3_LoRA's validation runs in eval mode, which drops the auxiliary layers and the one-to-many terms: the two are not comparable (lorahost computes both with the same terms)",
+            );
+        }
+    }
+    if validation.len() < 3 {
+        return;
+    }
+    let (best_at, best) =
+        validation.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((last_at, last_val));
+    if best_at < last_at && last_val > 1.1 * best {
+        let train_falls = matches!((train_at(best_at), train_at(last_at)), (Some(a), Some(b)) if b < a);
+        r.add(
+            "F27",
+            Severity::Warning,
+            format!(
+                "the validation loss rose {:.0}% since its best at step {best_at}{}",
+                100.0 * (last_val / best - 1.0),
+                if train_falls { " while the training loss kept falling: over-training" } else { "" }
+            ),
+            format!(
+                "validation {}",
+                validation.iter().map(|(s, v)| format!("{s}: {v:.4}")).collect::<Vec<_>>().join(", ")
+            ),
+            "keep the best checkpoint (evaluation.metric: loss), stop early (the early_stopping plugin), fewer epochs or more data",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(header: &str, steps: &[String]) -> Trace {
+        let mut text = String::new();
+        if !header.is_empty() {
+            text.push_str(&format!("{{\"run\": {header}}}\n"));
+        }
+        for s in steps {
+            text.push_str(s);
+            text.push('\n');
+        }
+        Trace::parse(&text, Path::new("t.jsonl")).unwrap()
+    }
+
+    fn codes(r: &Report) -> Vec<(String, Severity)> {
+        r.findings.iter().map(|f| (f.code.clone(), f.severity)).collect()
+    }
+
+    /// splitmix64 in [0, 1).
+    fn uniform(seed: u64) -> f64 {
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The diagnosed run (the shipped trace): ±15% step noise with the catalogue's causes,
+    /// each named with its fix; the gradient norm moving with the loss.
+    #[test]
+    fn the_diagnosis_trace_gets_its_causes() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/traces/diagnosis.jsonl");
+        let t = Trace::read(&path).unwrap();
+        let mut r = Report::default();
+        analyse_run(&t, &validations(&path, &t), None, &mut r);
+        let f10 = r.with_code("F10");
+        assert_eq!(f10.len(), 1, "{}", r.to_text());
+        let f = f10[0];
+        assert_eq!(f.severity, Severity::Warning, "{}", r.to_text());
+        for cause in
+            ["effective batch of 1", "no warmup", "no clipping", "constant LR", "moves with the loss"]
+        {
+            assert!(f.evidence.contains(cause), "{cause}: {}", f.evidence);
+        }
+        assert!(
+            f.fix.contains("gradient_accumulation_steps: 16") && f.fix.contains("max_grad_norm"),
+            "{}",
+            f.fix
+        );
+    }
+
+    /// A smooth falling curve is not "fluctuating" (its trend is not noise), improves (D10
+    /// info), and has no spikes.
+    #[test]
+    fn a_smooth_falling_loss_is_improvement_not_noise() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/traces/smooth.jsonl");
+        let t = Trace::read(&path).unwrap();
+        let mut r = Report::default();
+        analyse_run(&t, &[], None, &mut r);
+        assert!(r.with_code("F10").is_empty() && r.with_code("D11").is_empty(), "{}", r.to_text());
+        assert!(r.with_code("F11").is_empty(), "{}", r.to_text());
+        let d10 = r.with_code("D10");
+        assert_eq!(d10.len(), 1);
+        assert_eq!(d10[0].severity, Severity::Info, "{}", r.to_text());
+    }
+
+    /// Settings in the header that the steps do not show are F11; a flat noisy loss is D10
+    /// "no improvement"; a rising one "diverging"; one big jump is a D11 spike at the peak LR.
+    #[test]
+    fn unapplied_settings_stalls_divergence_and_spikes() {
+        let header = r#"{"total_steps": 60, "warmup_steps": 10, "accumulation": 4, "batch_size": 2, "effective_batch_size": 8, "base_lr": 0.0001, "scheduler": "cosine"}"#;
+        let steps: Vec<String> = (1..=60)
+            .map(|s| {
+                let loss = 100.0 * (1.0 + 0.2 * (uniform(s) - 0.5)) * if s == 40 { 4.0 } else { 1.0 };
+                format!(
+                    r#"{{"step": {s}, "loss": {loss}, "lr": 0.0001, "grad_norm": 1.0, "micro_steps": 1}}"#
+                )
+            })
+            .collect();
+        let t = trace(header, &steps);
+        let mut r = Report::default();
+        analyse_run(&t, &[], None, &mut r);
+        let text = r.to_text();
+        let f11: Vec<&str> = r.with_code("F11").iter().map(|f| f.message.as_str()).collect();
+        assert_eq!(f11.len(), 3, "{text}");
+        assert!(f11.iter().any(|m| m.contains("warmup_steps 10")), "{text}");
+        assert!(f11.iter().any(|m| m.contains("accumulation 4")), "{text}");
+        assert!(f11.iter().any(|m| m.contains("cosine")), "{text}");
+        assert!(r.with_code("D10")[0].message.contains("no measurable improvement"), "{text}");
+        let d11 = r.with_code("D11");
+        assert!(d11.len() == 1 && d11[0].evidence.starts_with("step 40:"), "{text}");
+        assert!(d11[0].fix.contains("warm up"), "{text}");
+        // Rising by half over the run: diverging.
+        let steps: Vec<String> = (1..=60)
+            .map(|s| {
+                format!(
+                    r#"{{"step": {s}, "loss": {}, "lr": 0.0001}}"#,
+                    100.0 + s as f64 * (1.0 + 0.1 * uniform(s))
+                )
+            })
+            .collect();
+        let mut r = Report::default();
+        analyse_run(&trace("", &steps), &[], None, &mut r);
+        assert!(r.with_code("D10")[0].message.contains("diverging"), "{}", r.to_text());
+        assert!(codes(&r).iter().all(|(c, _)| c != "F11"));
+    }
+
+    /// A validation loss that turns up while training falls is F27; a SAM3_LoRA log whose
+    /// training loss is 10× its validation loss is F15; slower and slower steps are F14.
+    #[test]
+    fn over_training_incomparable_losses_and_slowdown() {
+        let steps: Vec<String> = (1..=40)
+            .map(|s| {
+                format!(
+                    r#"{{"step": {s}, "loss": {}, "lr": 0.0001, "step_time_ms": {}}}"#,
+                    200.0 - 3.0 * s as f64,
+                    if s > 30 { 4000.0 } else { 1000.0 }
+                )
+            })
+            .collect();
+        let t = trace("", &steps);
+        let val = [(10, 12.0), (20, 10.0), (30, 11.0), (40, 13.5)];
+        let mut r = Report::default();
+        analyse_run(&t, &val, None, &mut r);
+        let text = r.to_text();
+        let f27 = r.with_code("F27");
+        assert!(
+            f27.len() == 1 && f27[0].message.contains("best at step 20 while the training loss kept falling"),
+            "{text}"
+        );
+        assert!(r.with_code("F15").is_empty(), "lorahost's own validation has the same terms: {text}");
+        assert!(r.with_code("F14").len() == 1 && r.with_code("F14")[0].message.contains("4.0×"), "{text}");
+        let mut sam = t.clone();
+        sam.format = TraceFormat::Sam3LoraEvents;
+        let mut r = Report::default();
+        analyse_run(&sam, &val, None, &mut r);
+        assert!(
+            r.with_code("F15").first().is_some_and(|f| f.message.contains("training loss is 8×")),
+            "{}",
+            r.to_text()
+        );
+    }
+
+    /// lorahost's own validation events are read from the file, beside the steps.
+    #[test]
+    fn validation_events_are_read() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("metrics.jsonl");
+        std::fs::write(
+            &p,
+            "{\"step\": 1, \"loss\": 3.0}\n{\"event\": \"validation\", \"step\": 1, \"loss\": 2.5}\n{\"step\": 2, \"loss\": 2.0}\n",
+        )
+        .unwrap();
+        let t = Trace::read(&p).unwrap();
+        assert_eq!(validations(&p, &t), vec![(1, 2.5)]);
+    }
+}
