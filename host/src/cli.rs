@@ -173,12 +173,17 @@ pub enum Command {
         after_help = "Examples:\n  lorahost import --images CFD/image --masks CFD/gt --prompt crack --out data --valid-share 0.2\n  lorahost import --images ISIC/val --masks ISIC/val_gt --prompt lesion --split valid --out data\n  lorahost import --images scans --masks labels --class 1=crack --class 2=spalling --out data"
     )]
     Import {
+        /// A dataset folder to import whole: its train/ val/ test/ subfolders (or the folder
+        /// itself), each with an image folder (images, img, ...) beside a mask folder (masks,
+        /// gt, labels, ...), or masks beside their images with a suffix.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["images", "masks"], required_unless_present_all = ["images", "masks"])]
+        from: Option<PathBuf>,
         /// The images' folder (JPEG or PNG).
-        #[arg(long, value_name = "DIR")]
-        images: PathBuf,
+        #[arg(long, value_name = "DIR", requires = "masks")]
+        images: Option<PathBuf>,
         /// The masks' folder (may be the images' folder when the masks carry a suffix).
-        #[arg(long, value_name = "DIR")]
-        masks: PathBuf,
+        #[arg(long, value_name = "DIR", requires = "images")]
+        masks: Option<PathBuf>,
         /// The dataset folder to write OUT/<split>/ into (a split folder there must be new or empty).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -838,6 +843,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Import {
+            from,
             images,
             masks,
             out,
@@ -858,8 +864,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 None => class.clone(),
             };
             let opts = crate::data::masks::ImportOptions {
-                images: images.clone(),
-                masks: masks.clone(),
+                images: images.clone().unwrap_or_default(),
+                masks: masks.clone().unwrap_or_default(),
                 out: out.clone(),
                 classes,
                 split: split.clone(),
@@ -869,8 +875,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 min_pixels: *min_pixels,
                 seed: *seed,
             };
-            let s = crate::data::masks::import_masks(&opts)
-                .with_context(|| format!("importing {} with masks {}", images.display(), masks.display()))?;
+            let s = match from {
+                Some(dir) => crate::data::masks::import_dataset(dir, &opts)
+                    .with_context(|| format!("importing {}", dir.display()))?,
+                None => crate::data::masks::import_masks(&opts).with_context(|| {
+                    format!("importing {} with masks {}", opts.images.display(), opts.masks.display())
+                })?,
+            };
             for sp in &s.splits {
                 println!(
                     "{}: {} images ({} negatives), {} objects ({} regions under --min-pixels {} dropped)",

@@ -528,11 +528,14 @@ impl Split {
             } else if !data_dir.is_dir() {
                 format!(" ({} does not exist)", data_dir.display())
             } else if let Some((images, masks)) = super::masks::looks_like_mask_pairs(data_dir, name) {
+                let command = if super::masks::dataset_layout(data_dir, name).len() > 1 {
+                    format!("lorahost import --from {}", data_dir.display())
+                } else {
+                    format!("lorahost import --images {} --masks {}", images.display(), masks.display())
+                };
                 format!(
-                    " ({} holds images with mask images, not a COCO export: convert them with `lorahost import --images {} --masks {} --prompt NAME --out NEW_DIR` and set data_dir to NEW_DIR)",
+                    " ({} holds images with mask images, not a COCO export: convert them with `{command} --prompt NAME --out NEW_DIR` and set data_dir to NEW_DIR)",
                     data_dir.display(),
-                    images.display(),
-                    masks.display()
                 )
             } else {
                 String::new()

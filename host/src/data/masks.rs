@@ -416,34 +416,128 @@ const MASK_FOLDERS: &[&str] = &[
 const IMAGE_FOLDERS: &[&str] =
     &["images", "image", "imgs", "img", "jpegimages", "inputs", "photos", "originals"];
 
+/// The images' and masks' folders when `base` holds images with mask images: a mask folder
+/// (`masks`, `gt`, `labels`, ...) beside an image folder (`images`, `img`, ...) or beside the
+/// images themselves, or masks beside their images with a suffix.
+fn pairs_in(base: &Path) -> Option<(PathBuf, PathBuf)> {
+    let has_images = |d: &Path| image_files(d).is_ok_and(|f| !f.is_empty());
+    let sub = |names: &[&str]| -> Option<PathBuf> {
+        let entries = std::fs::read_dir(base).ok()?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+                names.contains(&name.as_str()) && has_images(p)
+            })
+            .collect();
+        found.sort();
+        found.into_iter().next()
+    };
+    if let Some(masks) = sub(MASK_FOLDERS) {
+        let images = sub(IMAGE_FOLDERS).or_else(|| has_images(base).then(|| base.to_path_buf()))?;
+        return Some((images, masks));
+    }
+    let files = image_files(base).unwrap_or_default();
+    if files.iter().any(|f| stem_keys(f).1.is_some()) && files.iter().any(|f| stem_keys(f).1.is_none()) {
+        return Some((base.to_path_buf(), base.to_path_buf()));
+    }
+    None
+}
+
 /// Where `dir` (or its `split` subfolder) looks like images with mask images rather than a
 /// COCO export: the images' and the masks' folders, for a hint that names `lorahost import`.
 pub fn looks_like_mask_pairs(dir: &Path, split: &str) -> Option<(PathBuf, PathBuf)> {
-    let has_images = |d: &Path| image_files(d).is_ok_and(|f| !f.is_empty());
-    for base in [dir.join(split), dir.to_path_buf()] {
-        let sub = |names: &[&str]| -> Option<PathBuf> {
-            let entries = std::fs::read_dir(&base).ok()?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    let name = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-                    names.contains(&name.as_str()) && has_images(p)
-                })
-                .collect();
-            found.sort();
-            found.into_iter().next()
-        };
-        if let Some(masks) = sub(MASK_FOLDERS) {
-            let images = sub(IMAGE_FOLDERS).or_else(|| has_images(&base).then(|| base.clone()))?;
-            return Some((images, masks));
-        }
-        // Masks beside their images, marked by a suffix.
-        let files = image_files(&base).unwrap_or_default();
-        if files.iter().any(|f| stem_keys(f).1.is_some()) && files.iter().any(|f| stem_keys(f).1.is_none()) {
-            return Some((base.clone(), base));
+    pairs_in(&dir.join(split)).or_else(|| pairs_in(dir))
+}
+
+/// The split a dataset's subfolder name stands for (`val`, `validation` → `valid`, ...).
+fn split_of(folder: &str) -> Option<&'static str> {
+    match folder.to_lowercase().as_str() {
+        "train" | "training" | "trainval" => Some("train"),
+        "valid" | "val" | "validation" | "dev" => Some("valid"),
+        "test" | "testing" => Some("test"),
+        _ => None,
+    }
+}
+
+/// The (split, images, masks) of a dataset folder `dir`: one entry per split subfolder
+/// (`train/`, `val/`, `test/`, ...) that holds images with masks; else `dir` itself as
+/// `default_split` when it does; else none.
+pub fn dataset_layout(dir: &Path, default_split: &str) -> Vec<(String, PathBuf, PathBuf)> {
+    let mut found: Vec<(String, PathBuf, PathBuf)> = Vec::new();
+    let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect())
+        .unwrap_or_default();
+    subs.sort();
+    for sub in subs {
+        let name = sub.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let (Some(split), Some((images, masks))) = (split_of(&name), pairs_in(&sub)) {
+            if !found.iter().any(|f| f.0 == split) {
+                found.push((split.to_string(), images, masks));
+            }
         }
     }
-    None
+    if found.is_empty() {
+        if let Some((images, masks)) = pairs_in(dir) {
+            found.push((default_split.to_string(), images, masks));
+        }
+    }
+    found
+}
+
+/// [`import_masks`] for a whole dataset folder ([`dataset_layout`]): each split subfolder into
+/// its split (the shares of `opts` are refused then: the dataset is split already); one split
+/// subfolder, or the folder itself, as `opts` says. Every split folder of `opts.out` is checked before any is
+/// written.
+pub fn import_dataset(dir: &Path, opts: &ImportOptions) -> Result<ImportSummary, DataError> {
+    if !dir.is_dir() {
+        return Err(io(dir, "is not a folder: give the dataset folder"));
+    }
+    let layout = dataset_layout(dir, &opts.split);
+    if layout.is_empty() {
+        return Err(invalid(format!(
+            "{} holds no images with mask images: expected train/ val/ test/ subfolders (or the folder itself) with an image folder ({}) beside a mask folder ({}), or masks beside their images with a suffix such as _mask; else give --images and --masks",
+            dir.display(),
+            IMAGE_FOLDERS[..3].join(", "),
+            MASK_FOLDERS[..4].join(", ")
+        )));
+    }
+    if let [(split, images, masks)] = layout.as_slice() {
+        // One split (or none): the shares may divide it.
+        let one = ImportOptions {
+            images: images.clone(),
+            masks: masks.clone(),
+            split: split.clone(),
+            ..opts.clone()
+        };
+        return import_masks(&one);
+    }
+    if opts.valid_share > 0.0 || opts.test_share > 0.0 {
+        return Err(invalid(format!(
+            "{} is split already ({}): leave out --valid-share and --test-share",
+            dir.display(),
+            layout.iter().map(|l| format!("{}/", l.0)).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    for (split, _, _) in &layout {
+        let out = opts.out.join(split);
+        if out.exists() && std::fs::read_dir(&out).map_err(|e| io(&out, e))?.next().is_some() {
+            return Err(io(
+                &out,
+                "the split folder exists and is not empty: choose a new --out (import never mixes with other files)",
+            ));
+        }
+    }
+    let mut all = ImportSummary::default();
+    for (split, images, masks) in layout {
+        let one = ImportOptions { images, masks, split, ..opts.clone() };
+        let s = import_masks(&one)?;
+        all.splits.extend(s.splits);
+        all.left_out.extend(s.left_out);
+        all.unmatched_masks.extend(s.unmatched_masks);
+        all.notes.extend(s.notes);
+    }
+    Ok(all)
 }
 
 /// FNV-1a of a file name: the split draw depends on the name alone.
@@ -912,6 +1006,43 @@ mod tests {
         save(photo(8, 8), &c.join("train/x.jpg"));
         assert_eq!(looks_like_mask_pairs(&c, "train"), None);
         assert!(!Dataset::load(&c).unwrap_err().to_string().contains("lorahost import"));
+    }
+
+    /// A dataset folder split into train/ val/ test/, each with images/ and masks/, imports
+    /// each into its split (val → valid); shares are refused for it; an unsplit folder imports
+    /// into the split asked for.
+    #[test]
+    fn a_split_dataset_folder_imports_split_by_split() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("Crack500");
+        for (split, n) in [("train", 3), ("val", 2), ("test", 1)] {
+            for i in 0..n {
+                save(photo(16, 16), &src.join(format!("{split}/images/{split}{i}.jpg")));
+                save(gray(16, 16, 255, |x, _| x == 3), &src.join(format!("{split}/masks/{split}{i}.png")));
+            }
+        }
+        let out = d.path().join("data");
+        let s = import_dataset(&src, &options(Path::new(""), Path::new(""), &out)).unwrap();
+        let got: Vec<(String, usize)> = s.splits.iter().map(|x| (x.split.clone(), x.images)).collect();
+        assert_eq!(got, [("test".to_string(), 1), ("train".to_string(), 3), ("valid".to_string(), 2)]);
+        let ds = Dataset::load(&out).unwrap();
+        assert_eq!(ds.split("valid").unwrap().images.len(), 2);
+        let mut o = options(Path::new(""), Path::new(""), &d.path().join("data2"));
+        o.valid_share = 0.2;
+        assert!(import_dataset(&src, &o).unwrap_err().to_string().contains("split already"));
+        let e = import_dataset(&src, &options(Path::new(""), Path::new(""), &out)).unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        // One unsplit folder: into --split, with shares.
+        let flat = src.join("train");
+        let mut o = options(Path::new(""), Path::new(""), &d.path().join("data3"));
+        o.valid_share = 0.34;
+        let s = import_dataset(&flat, &o).unwrap();
+        assert_eq!(s.splits.iter().map(|x| x.images).sum::<usize>(), 3);
+        assert_eq!(s.splits.len(), 2);
+        assert!(import_dataset(d.path(), &o)
+            .unwrap_err()
+            .to_string()
+            .contains("holds no images with mask images"));
     }
 
     /// A mask of another size is left out with both sizes named; a bad split name or no pairs
