@@ -24,25 +24,13 @@ use crate::doctor::{Report, Severity};
 use crate::metrics::{StepRecord, Trace, TraceFormat};
 use std::path::Path;
 
-/// Median of `v` (NaN when empty); sorts `v`.
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+use crate::train::slowdown::median;
 
 /// Robust standard deviation (1.4826 × the median absolute deviation).
 fn robust_sd(v: &[f64]) -> f64 {
-    let m = median(&mut v.to_vec());
-    let mut dev: Vec<f64> = v.iter().map(|x| (x - m).abs()).collect();
-    1.4826 * median(&mut dev)
+    let m = median(v);
+    let dev: Vec<f64> = v.iter().map(|x| (x - m).abs()).collect();
+    1.4826 * median(&dev)
 }
 
 /// Mean of `v` without its lowest and highest 20% (spikes do not move it).
@@ -143,8 +131,8 @@ fn effective_batch(trace: &Trace) -> Option<u32> {
         .filter(|b| *b > 0)
         .or_else(|| h.map(|h| h.batch_size * h.accumulation.max(1)).filter(|b| *b > 0))
         .or_else(|| {
-            let mut b: Vec<f64> = trace.steps.iter().filter_map(|s| s.batch_size).map(f64::from).collect();
-            (!b.is_empty()).then(|| median(&mut b) as u32)
+            let b: Vec<f64> = trace.steps.iter().filter_map(|s| s.batch_size).map(f64::from).collect();
+            (!b.is_empty()).then(|| median(&b) as u32)
         })
 }
 
@@ -162,8 +150,7 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
     let rel: Vec<f64> = finite.windows(2).map(|w| (w[1].1 - w[0].1) / ((w[1].1 + w[0].1) / 2.0)).collect();
     // Differences of a slowly varying level centre on zero: the spread is taken about zero
     // (a two-valued series has no spread about its median).
-    let noise =
-        1.4826 * median(&mut rel.iter().map(|d| d.abs()).collect::<Vec<_>>()) / std::f64::consts::SQRT_2;
+    let noise = 1.4826 * median(&rel.iter().map(|d| d.abs()).collect::<Vec<_>>()) / std::f64::consts::SQRT_2;
     if noise < 0.05 {
         return Some(noise);
     }
@@ -204,7 +191,7 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
         let (p10, p90) = (sorted[sorted.len() / 10], sorted[sorted.len() * 9 / 10]);
         if p90 > 1.5 * p10 {
             causes.push(format!("no clipping while the gradient norm ranges {p10:.3}..{p90:.3} (p10..p90)"));
-            fixes.push(format!("max_grad_norm: {:.2} (the median norm) or 1.0", median(&mut norms.clone())));
+            fixes.push(format!("max_grad_norm: {:.2} (the median norm) or 1.0", median(&norms)));
         }
     }
     if lr.len() >= 8 && lr.iter().all(|l| (l - lr[0]).abs() <= 1e-12 * lr[0].abs().max(1e-30)) {
@@ -370,7 +357,7 @@ fn spikes(steps: &[StepRecord], noise: f64, r: &mut Report) {
     let mut found: Vec<(u64, f64, f64, bool)> = Vec::new();
     for i in 8..finite.len() {
         let prev: Vec<f64> = finite[i.saturating_sub(WINDOW)..i].iter().map(|s| s.loss.ln()).collect();
-        let base = median(&mut prev.clone());
+        let base = median(&prev);
         let spread = robust_sd(&prev).max(noise).max(0.02);
         let x = finite[i].loss.ln();
         if x - base > (6.0 * spread).max(0.5f64.ln_1p()) {
@@ -405,25 +392,33 @@ fn spikes(steps: &[StepRecord], noise: f64, r: &mut Report) {
     );
 }
 
-/// F14: later steps several times slower than the first ones.
+/// F14: steps several times slower than the run's first ones, found as training finds them
+/// ([`crate::train::slowdown::SlowdownWatch`]: the median of the last few steps against the
+/// first steps' median); the worst one reported.
 fn slowdown(steps: &[StepRecord], r: &mut Report) {
-    let times: Vec<(u64, f64)> =
-        steps.iter().filter_map(|s| s.step_time_ms.filter(|t| *t > 0.0).map(|t| (s.step, t))).collect();
-    if times.len() < 20 {
-        return;
+    let mut watch = crate::train::slowdown::SlowdownWatch::default();
+    let mut first: Option<u64> = None;
+    let mut worst: Option<(u64, crate::train::slowdown::Slowdown)> = None;
+    for s in steps {
+        let Some(t) = s.step_time_ms else { continue };
+        if let Some(found) = watch.observe(t) {
+            first.get_or_insert(s.step);
+            worst = Some((s.step, found));
+        }
     }
-    let m = (times.len() / 10).max(5);
-    let early = median(&mut times[1..=m].iter().map(|t| t.1).collect::<Vec<_>>());
-    let late = median(&mut times[times.len() - m..].iter().map(|t| t.1).collect::<Vec<_>>());
-    if late > 3.0 * early {
-        r.add(
-            "F14",
-            Severity::Warning,
-            format!("steps became {:.1}× slower over the run", late / early),
-            format!("median step {early:.0} ms early on, {late:.0} ms over the last {m} steps (to step {})", times[times.len() - 1].0),
-            "device memory spilling into shared host memory (Windows WDDM) or a memory leak: check the peak memory per step against the card, lower the batch, or enable gradient checkpointing",
-        );
-    }
+    let (Some(from), Some((at, s))) = (first, worst) else { return };
+    r.add(
+        "F14",
+        Severity::Warning,
+        format!("steps became {:.1}× slower over the run", s.factor()),
+        format!(
+            "median step {:.0} ms over the first steps, {:.0} ms by step {at} (first past {}× at step {from})",
+            s.baseline_ms,
+            s.recent_ms,
+            crate::train::slowdown::FACTOR
+        ),
+        "device memory spilling into shared host memory (Windows WDDM) or a memory leak: check the peak memory per step against the card, lower the batch, or enable gradient checkpointing",
+    );
 }
 
 /// F15 and F27 from the validation losses.
@@ -432,7 +427,7 @@ fn validation_checks(trace: &Trace, finite: &[(u64, f64)], validation: &[(u64, f
     // The training loss around a step: the median of up to 20 steps up to it.
     let train_at = |at: u64| -> Option<f64> {
         let upto: Vec<f64> = finite.iter().filter(|p| p.0 <= at).rev().take(20).map(|p| p.1).collect();
-        (!upto.is_empty()).then(|| median(&mut upto.clone()))
+        (!upto.is_empty()).then(|| median(&upto))
     };
     if trace.format != TraceFormat::Lorahost {
         if let Some(t) = train_at(last_at).filter(|t| *t > 5.0 * last_val) {

@@ -38,7 +38,11 @@ impl Slowdown {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+/// Median of `v` (NaN when empty).
+pub(crate) fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
