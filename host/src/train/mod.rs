@@ -191,6 +191,27 @@ const RUN_OUTPUTS: &[&str] = &[
 
 /// Move an earlier run's outputs in `out_dir` (and its metrics log in `log_dir`) to
 /// `out_dir/previous-runs/run-N/`, keeping the layout: a log in a `log_dir` other than
+/// The run's own diagnosis at its end ([`crate::run_diagnosis`] on its metrics log): each
+/// warning as one log line, and the command for the whole report. Silent on a short run (the
+/// diagnosis needs a few steps) and when the log cannot be read.
+fn run_diagnosis_summary(metrics: &Path, max_grad_norm: f64) {
+    let Ok(trace) = crate::metrics::Trace::read(metrics) else { return };
+    if trace.steps.len() < 8 {
+        return;
+    }
+    let mut r = crate::doctor::Report::default();
+    let validation = crate::run_diagnosis::validations(metrics, &trace);
+    crate::run_diagnosis::analyse_run(&trace, &validation, Some(max_grad_norm).filter(|m| *m > 0.0), &mut r);
+    let warnings: Vec<_> =
+        r.findings.iter().filter(|f| f.severity >= crate::doctor::Severity::Warning).collect();
+    for f in &warnings {
+        tracing::warn!("run diagnosis [{}]: {}; fix: {}", f.code, f.message, f.fix);
+    }
+    if !warnings.is_empty() {
+        tracing::info!("the whole diagnosis of this run: lorahost doctor --trace {}", metrics.display());
+    }
+}
+
 /// `out_dir` goes to the same relative folder (`logs/metrics.jsonl` → `run-N/logs/`; a
 /// `log_dir` outside `out_dir` → `run-N/<its name>/`), so no file overwrites another. Returns
 /// where they went, or None when there was no run.
@@ -2089,6 +2110,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let png = out_dir.join("loss_curve.png");
     plot::write_loss_curve(&png, &train_curve, &val_curve)?;
     tracing::info!("loss curve: {} (training loss per step, light blue; smoothed, dark blue; validation, orange; log scale)", png.display());
+    run_diagnosis_summary(&metrics_path, cfg.training.max_grad_norm);
     summary.steps = state.step;
     summary.skipped_steps = state.skipped_steps;
     let run_json = serde_json::json!({
