@@ -1872,15 +1872,17 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
 
 /// Findings from recorded steps (the probe's).
 pub fn analyse_steps(steps: &[crate::metrics::StepRecord], max_norm: f64, r: &mut Report) {
-    analyse_recorded_steps(steps, max_norm, true, r)
+    analyse_recorded_steps(steps, max_norm, true, "probe", r)
 }
 
 /// [`analyse_steps`], with its coarse fluctuation check (F10 on the coefficient of variation)
-/// only when `fluctuation` ([`crate::run_diagnosis`] has its own).
+/// only when `fluctuation` ([`crate::run_diagnosis`] has its own), the step statistics under
+/// the fact `facts_key`.
 pub(crate) fn analyse_recorded_steps(
     steps: &[crate::metrics::StepRecord],
     max_norm: f64,
     fluctuation: bool,
+    facts_key: &str,
     r: &mut Report,
 ) {
     if steps.is_empty() {
@@ -1923,7 +1925,7 @@ pub(crate) fn analyse_recorded_steps(
         }
     }
     r.facts.insert(
-        "probe".into(),
+        facts_key.into(),
         serde_json::json!({
             "steps": steps.len(), "loss_mean": mean, "loss_cv": cv, "loss_first": losses.first(), "loss_last": losses.last(),
             "grad_norm_p10_p50_p90": [q(0.1), q(0.5), q(0.9)], "clipped_steps": clipped,

@@ -179,7 +179,13 @@ pub fn frames(path: &Path) -> Result<Frames, ImageError> {
 
 /// Decode an image file as stored, its EXIF orientation not applied.
 pub fn load_rgb_stored(path: &Path) -> Result<RgbImage, ImageError> {
-    Ok(decode_raw(path)?.0.to_rgb8())
+    Ok(decode_stored(path)?.to_rgb8())
+}
+
+/// Decode an image file as stored, in its own colour type and bit depth (a mask image), with
+/// the same checks as every other read (empty or truncated files, declared sizes too large).
+pub fn decode_stored(path: &Path) -> Result<DynamicImage, ImageError> {
+    Ok(decode_raw(path)?.0)
 }
 
 /// Decode an image to pair with its COCO annotations. The EXIF orientation is applied (the

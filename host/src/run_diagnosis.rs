@@ -98,14 +98,7 @@ pub fn analyse_run(trace: &Trace, validation: &[(u64, f64)], max_norm: Option<f6
         format!("{clip:.5e}").parse().unwrap_or(clip)
     });
     // The step statistics go under `trace_steps` (a probe in the same report keeps `probe`).
-    let probe = r.facts.remove("probe");
-    crate::doctor::analyse_recorded_steps(steps, max_norm, false, r);
-    if let Some(stats) = r.facts.remove("probe") {
-        r.facts.insert("trace_steps".into(), stats);
-    }
-    if let Some(p) = probe {
-        r.facts.insert("probe".into(), p);
-    }
+    crate::doctor::analyse_recorded_steps(steps, max_norm, false, "trace_steps", r);
     let finite: Vec<(u64, f64)> =
         steps.iter().filter(|s| s.loss.is_finite() && s.loss > 0.0).map(|s| (s.step, s.loss)).collect();
     let noise = fluctuation(trace, &finite, r);

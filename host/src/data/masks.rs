@@ -248,12 +248,7 @@ struct ClassMap {
 }
 
 fn read_mask(path: &Path, classes: &[MaskClass]) -> Result<ClassMap, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let img = image::ImageReader::new(std::io::Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .decode()
-        .map_err(|e| format!("cannot decode the mask: {e}"))?;
+    let img = crate::imageio::decode_stored(path).map_err(|e| e.to_string())?;
     let sixteen = matches!(
         img.color(),
         image::ColorType::L16 | image::ColorType::La16 | image::ColorType::Rgb16 | image::ColorType::Rgba16
