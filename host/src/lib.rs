@@ -37,5 +37,6 @@ pub mod run_diagnosis;
 pub mod sam3;
 pub mod scaffold;
 pub mod selftest;
+pub mod tfevents;
 pub mod train;
 pub mod train_config;

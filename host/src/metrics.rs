@@ -13,8 +13,9 @@
 //! also takes Python's bare `NaN` / `Infinity` / `-Infinity`, numbers written as strings
 //! (`"1e-4"`, `"NaN"`), a UTF-8 BOM, CRLF line ends and a truncated last line (a run killed
 //! mid-write: dropped with a warning). Besides lorahost's own log it reads a Hugging Face
-//! `trainer_state.json`, the SAM3_LoRA fork's (TC4451) JSONL with `train_step` events, and a
-//! PyTorch Lightning `metrics.csv` (see [`Trace::parse`]).
+//! `trainer_state.json`, the SAM3_LoRA fork's (TC4451) JSONL with `train_step` events, a
+//! PyTorch Lightning `metrics.csv` (see [`Trace::parse`]) and TensorBoard event files
+//! ([`crate::tfevents`], through [`Trace::read`]).
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -294,6 +295,8 @@ pub enum TraceFormat {
     Sam3LoraEvents,
     /// A PyTorch Lightning CSVLogger `metrics.csv`.
     LightningCsv,
+    /// TensorBoard event files (`events.out.tfevents.*`), see [`crate::tfevents`].
+    TensorBoard,
 }
 
 impl TraceFormat {
@@ -304,12 +307,13 @@ impl TraceFormat {
             TraceFormat::HuggingFace => "a Hugging Face trainer_state.json",
             TraceFormat::Sam3LoraEvents => "a SAM3_LoRA (TC4451) train_step log",
             TraceFormat::LightningCsv => "a Lightning metrics.csv",
+            TraceFormat::TensorBoard => "TensorBoard event files",
         }
     }
 }
 
 /// What the reader accepts, for error messages.
-pub const SUPPORTED_FORMATS: &str = "lorahost's metrics.jsonl (one JSON object per line with `step` and `loss`), a Hugging Face Trainer trainer_state.json (`log_history`), the SAM3_LoRA fork's JSONL (`{\"event\": \"train_step\", \"step\": N, \"loss\": ...}` lines) or a PyTorch Lightning metrics.csv (`step` and a `train_loss`/`loss` column); see docs/metrics-schema.md";
+pub const SUPPORTED_FORMATS: &str = "lorahost's metrics.jsonl (one JSON object per line with `step` and `loss`), a Hugging Face Trainer trainer_state.json (`log_history`), the SAM3_LoRA fork's JSONL (`{\"event\": \"train_step\", \"step\": N, \"loss\": ...}` lines) a PyTorch Lightning metrics.csv (`step` and a `train_loss`/`loss` column) or TensorBoard event files (an events.out.tfevents.* file or its folder); see docs/metrics-schema.md";
 
 /// Why a metrics log could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -459,19 +463,50 @@ impl Repeats {
 
 impl Trace {
     /// Read a metrics log (any format [`Trace::parse`] takes).
+    ///
+    /// A folder is read as TensorBoard logs when it (or a subfolder) holds event files, and so is
+    /// a file named `*tfevents*` or holding TFRecords ([`crate::tfevents`]).
     pub fn read(path: &Path) -> Result<Trace, TraceError> {
         if path.is_dir() {
             let candidate = path.join("metrics.jsonl");
+            if !candidate.is_file() {
+                let events = crate::tfevents::event_files_in(path)?;
+                if !events.is_empty() {
+                    return Self::logged(crate::tfevents::trace_from_event_files(&events, path)?);
+                }
+            }
             let hint = if candidate.is_file() {
                 format!("did you mean {}?", candidate.display())
             } else {
-                "name the metrics file (lorahost writes <output_dir>/metrics.jsonl)".to_string()
+                "name the metrics file (lorahost writes <output_dir>/metrics.jsonl; TensorBoard logs are read from an events.out.tfevents.* file or its folder)".to_string()
             };
             return Err(TraceError::Format { path: path.into(), reason: format!("is a directory; {hint}") });
         }
-        let text =
-            std::fs::read_to_string(path).map_err(|error| TraceError::Read { path: path.into(), error })?;
-        Self::parse(&text, path)
+        let bytes = std::fs::read(path).map_err(|error| TraceError::Read { path: path.into(), error })?;
+        let text = std::str::from_utf8(&bytes);
+        if crate::tfevents::is_event_file_name(path)
+            || (text.is_err() && crate::tfevents::looks_like_event_file(&bytes))
+        {
+            return Self::logged(crate::tfevents::trace_from_event_files(&[path.to_path_buf()], path)?);
+        }
+        match text {
+            Ok(text) => Self::parse(text, path),
+            Err(e) => Err(TraceError::Format {
+                path: path.into(),
+                reason: format!(
+                    "not a text file (invalid UTF-8 at byte {}) nor a TensorBoard event file\n  fix: give {SUPPORTED_FORMATS}",
+                    e.valid_up_to()
+                ),
+            }),
+        }
+    }
+
+    /// `trace` after logging its warnings.
+    fn logged(trace: Trace) -> Result<Trace, TraceError> {
+        for w in &trace.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(trace)
     }
 
     /// Parse a metrics log (`origin` names it in errors and warnings):
@@ -484,11 +519,7 @@ impl Trace {
     /// Warnings (dropped truncated last line, repeated steps, step 0) are logged and kept in
     /// [`Trace::warnings`].
     pub fn parse(text: &str, origin: &Path) -> Result<Trace, TraceError> {
-        let trace = Self::parse_quiet(text, origin)?;
-        for w in &trace.warnings {
-            tracing::warn!("{w}");
-        }
-        Ok(trace)
+        Self::logged(Self::parse_quiet(text, origin)?)
     }
 
     fn parse_quiet(text: &str, origin: &Path) -> Result<Trace, TraceError> {

@@ -1,0 +1,837 @@
+//! TensorBoard event files (`events.out.tfevents.*`) read as a training log, so that
+//! `lorahost doctor --trace` and `lorahost plugin replay --trace` take the runs people log to
+//! TensorBoard: SAM3's and SAM2's official trainers, the Hugging Face Trainer's
+//! `report_to="tensorboard"`, Lightning's `TensorBoardLogger`, any `SummaryWriter`.
+//!
+//! An event file is a sequence of TFRecords (a little-endian u64 length, its masked CRC-32C, the
+//! data, the data's masked CRC-32C), each an `Event` protocol buffer (wall time, step, and a
+//! `Summary` of tagged values). Scalars come either as `simple_value` (the writers' default) or
+//! as a one-element tensor (TensorFlow 2, and `new_style=True`: float, double, integer, half or
+//! bfloat16, in the value fields or in `tensor_content`); histograms, images, text and tensors
+//! of more than one element are skipped. Only the fields needed are decoded, by hand (a few
+//! dozen lines against a protobuf code generator and TensorFlow's schema files).
+//!
+//! The tags are matched to a step record by name ([`Trace`]'s fields): the training loss is the
+//! tag with `loss` in its name and no validation word (`val`, `eval`, `test`, ...) that has the
+//! most points, the total rather than a component (`train/loss` before `train/loss_mask`), the
+//! shorter name on a tie; the other loss tags logged at as many steps become the record's
+//! `losses`. The LR is a tag with `lr` or `learning_rate` in its name (held between its points),
+//! the gradient norm one with `grad` and `norm`, the epoch a tag named `epoch`, the validation
+//! loss a loss tag with a validation word (it reaches the steps after it, as
+//! `validation.step` / `validation.loss`). Which tags were read is in [`Trace::warnings`].
+//!
+//! Steps are the writer's global steps; a run whose loss starts at step 0 (SAM2/SAM3's trainer,
+//! Lightning) is shifted to lorahost's 1-based steps. A step's time is the wall-clock time
+//! since the loss's previous point in the same file over the steps between them, so a resumed
+//! run's restart is not counted as a slow step. A folder is read with all its event files
+//! (those of a resumed run in the same folder are merged, the later file's points replacing the
+//! earlier file's at the same step); a folder holding several runs' folders is an error that
+//! names them. A file cut off in its last record (the run still writing) loses that record with
+//! a warning; a record whose checksum fails ends the file's reading with a warning.
+
+use crate::metrics::{RunHeader, StepRecord, Trace, TraceError, TraceFormat};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Whether `path`'s file name is a TensorBoard event file's (`events.out.tfevents.*`).
+pub fn is_event_file_name(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("tfevents"))
+}
+
+/// Whether `bytes` begin with a TFRecord whose length checksum holds (a TensorBoard event file
+/// whatever its name).
+pub fn looks_like_event_file(bytes: &[u8]) -> bool {
+    bytes.len() >= 12
+        && masked_crc(&bytes[..8]) == u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default())
+}
+
+/// CRC-32C (Castagnoli), the checksum TFRecords carry.
+fn crc32c(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { (c >> 1) ^ 0x82f6_3b78 } else { c >> 1 };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut crc = !0u32;
+    for &b in data {
+        crc = TABLE[((crc ^ b as u32) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// TFRecord's masked CRC: rotated right by 15 bits plus a constant.
+fn masked_crc(data: &[u8]) -> u32 {
+    let c = crc32c(data);
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+/// The records of an event file (`origin` for messages), and a warning when the end was cut
+/// off or a checksum failed (what came before is kept).
+fn records<'a>(bytes: &'a [u8], origin: &Path) -> Result<(Vec<&'a [u8]>, Option<String>), TraceError> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let cut = |at: usize| {
+        format!(
+            "{}: the last record (from byte {at}) is cut off (the run still writing, or a copy of a file being written): dropped",
+            origin.display()
+        )
+    };
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.len() < 12 {
+            return Ok((out, Some(cut(at))));
+        }
+        let header_ok =
+            masked_crc(&rest[..8]) == u32::from_le_bytes(rest[8..12].try_into().unwrap_or_default());
+        if !header_ok {
+            if out.is_empty() {
+                return Err(TraceError::Format {
+                    path: origin.into(),
+                    reason: "not a TensorBoard event file: its first record's length checksum does not hold\n  fix: give an events.out.tfevents.* file written by TensorBoard's SummaryWriter (or its folder)".into(),
+                });
+            }
+            let w = format!(
+                "{}: the record at byte {at} is corrupt (its length checksum does not hold): the file is read up to there",
+                origin.display()
+            );
+            return Ok((out, Some(w)));
+        }
+        let len = u64::from_le_bytes(rest[..8].try_into().unwrap_or_default());
+        let Some(end) =
+            usize::try_from(len).ok().and_then(|l| l.checked_add(16)).filter(|&e| e <= rest.len())
+        else {
+            return Ok((out, Some(cut(at))));
+        };
+        let data = &rest[12..end - 4];
+        if masked_crc(data) != u32::from_le_bytes(rest[end - 4..end].try_into().unwrap_or_default()) {
+            let w = format!(
+                "{}: the record at byte {at} is corrupt (its data checksum does not hold): the file is read up to there",
+                origin.display()
+            );
+            return Ok((out, Some(w)));
+        }
+        out.push(data);
+        at += end;
+    }
+    Ok((out, None))
+}
+
+/// A malformed protocol buffer.
+#[derive(Debug)]
+struct Malformed;
+
+/// A protocol buffer field's value by wire type.
+enum Field<'a> {
+    Varint(u64),
+    Fixed64([u8; 8]),
+    Bytes(&'a [u8]),
+    Fixed32([u8; 4]),
+}
+
+/// The fields of one protocol buffer message, in order.
+struct Fields<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn of(buf: &'a [u8]) -> Self {
+        Fields { buf, at: 0 }
+    }
+
+    fn varint(&mut self) -> Result<u64, Malformed> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *self.buf.get(self.at).ok_or(Malformed)?;
+            self.at += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Malformed)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(Malformed)?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u64, Field<'a>), Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.buf.len() {
+            return None;
+        }
+        let mut read = || -> Result<(u64, Field<'a>), Malformed> {
+            let key = self.varint()?;
+            let field = match key & 7 {
+                0 => Field::Varint(self.varint()?),
+                1 => Field::Fixed64(self.take(8)?.try_into().map_err(|_| Malformed)?),
+                2 => {
+                    let n = usize::try_from(self.varint()?).map_err(|_| Malformed)?;
+                    Field::Bytes(self.take(n)?)
+                }
+                5 => Field::Fixed32(self.take(4)?.try_into().map_err(|_| Malformed)?),
+                _ => return Err(Malformed),
+            };
+            Ok((key >> 3, field))
+        };
+        let r = read();
+        if r.is_err() {
+            self.at = self.buf.len();
+        }
+        Some(r)
+    }
+}
+
+/// IEEE half precision bits as a number.
+fn f16_value(bits: u16) -> f64 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((bits >> 10) & 0x1f);
+    let frac = f64::from(bits & 0x3ff);
+    sign * match exp {
+        0 => frac * 2f64.powi(-24),
+        31 if frac == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
+    }
+}
+
+/// The number in a `TensorProto` holding one element of a numeric type, else `None` (a
+/// histogram, text, an image, a tensor of several elements).
+fn tensor_scalar(buf: &[u8]) -> Result<Option<f64>, Malformed> {
+    // TensorFlow's DataType numbers.
+    const FLOAT: u64 = 1;
+    const DOUBLE: u64 = 2;
+    const INT32: u64 = 3;
+    const UINT8: u64 = 4;
+    const INT16: u64 = 5;
+    const INT8: u64 = 6;
+    const INT64: u64 = 9;
+    const BFLOAT16: u64 = 14;
+    const HALF: u64 = 19;
+    let (mut dtype, mut elements, mut content) = (0u64, 1u64, None);
+    let mut values: Vec<f64> = Vec::new();
+    let mut halves: Vec<u16> = Vec::new();
+    for f in Fields::of(buf) {
+        match f? {
+            (1, Field::Varint(v)) => dtype = v,
+            (2, Field::Bytes(shape)) => {
+                for d in Fields::of(shape) {
+                    if let (2, Field::Bytes(dim)) = d? {
+                        for s in Fields::of(dim) {
+                            if let (1, Field::Varint(size)) = s? {
+                                elements = elements.saturating_mul(size);
+                            }
+                        }
+                    }
+                }
+            }
+            (4, Field::Bytes(c)) => content = Some(c),
+            (5, Field::Fixed32(b)) => values.push(f64::from(f32::from_le_bytes(b))),
+            (5, Field::Bytes(p)) => values
+                .extend(p.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))),
+            (6, Field::Fixed64(b)) => values.push(f64::from_le_bytes(b)),
+            (6, Field::Bytes(p)) => values.extend(p.chunks_exact(8).map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                f64::from_le_bytes(b)
+            })),
+            // int_val (int32 and narrower) and int64_val: varints, packed or not.
+            (7 | 10, Field::Varint(v)) => values.push(v as i64 as f64),
+            (7 | 10, Field::Bytes(p)) => {
+                let mut r = Fields::of(p);
+                while r.at < p.len() {
+                    values.push(r.varint()? as i64 as f64);
+                }
+            }
+            // half_val: the 16 bits of a half or bfloat16 per varint.
+            (13, Field::Varint(v)) => halves.push(v as u16),
+            (13, Field::Bytes(p)) => {
+                let mut r = Fields::of(p);
+                while r.at < p.len() {
+                    halves.push(r.varint()? as u16);
+                }
+            }
+            _ => {}
+        }
+    }
+    if elements != 1 {
+        return Ok(None);
+    }
+    let half = |bits: u16| {
+        if dtype == BFLOAT16 {
+            f64::from(f32::from_bits(u32::from(bits) << 16))
+        } else {
+            f16_value(bits)
+        }
+    };
+    if let Some(c) = content {
+        let v = match (dtype, c.len()) {
+            (FLOAT, 4) => f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            (DOUBLE, 8) => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                f64::from_le_bytes(b)
+            }
+            (INT32, 4) => f64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            (INT64, 8) => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                i64::from_le_bytes(b) as f64
+            }
+            (INT16, 2) => f64::from(i16::from_le_bytes([c[0], c[1]])),
+            (UINT8, 1) => f64::from(c[0]),
+            (INT8, 1) => f64::from(c[0] as i8),
+            (HALF | BFLOAT16, 2) => half(u16::from_le_bytes([c[0], c[1]])),
+            _ => return Ok(None),
+        };
+        return Ok(Some(v));
+    }
+    Ok(match dtype {
+        FLOAT | DOUBLE | INT32 | INT64 | INT16 | INT8 | UINT8 if values.len() == 1 => Some(values[0]),
+        HALF | BFLOAT16 if halves.len() == 1 => Some(half(halves[0])),
+        _ => None,
+    })
+}
+
+/// One scalar point of a tag.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScalarPoint {
+    /// The writer's global step.
+    pub step: i64,
+    /// Seconds since the epoch when it was written.
+    pub wall_time: f64,
+    /// The value.
+    pub value: f64,
+    /// Milliseconds per step since the tag's previous point in the same file (`None` for a
+    /// file's first point of the tag, or a step that did not advance).
+    pub ms_per_step: Option<f64>,
+}
+
+/// The scalars of one event file by tag, each tag's points in the file's order.
+#[derive(Debug, Default)]
+pub struct EventFile {
+    /// The file.
+    pub path: PathBuf,
+    /// The tags' points.
+    pub scalars: BTreeMap<String, Vec<ScalarPoint>>,
+    /// The wall time of its first scalar (orders a folder's files), +∞ without any.
+    pub first_wall_time: f64,
+    /// A cut-off end or a failed checksum.
+    pub warning: Option<String>,
+}
+
+/// Read one event file's scalars.
+pub fn read_event_file(path: &Path) -> Result<EventFile, TraceError> {
+    let bytes = std::fs::read(path).map_err(|error| TraceError::Read { path: path.into(), error })?;
+    parse_event_file(&bytes, path)
+}
+
+/// The scalars of an event file's bytes (`origin` names it in messages).
+pub fn parse_event_file(bytes: &[u8], origin: &Path) -> Result<EventFile, TraceError> {
+    let (recs, warning) = records(bytes, origin)?;
+    let mut file =
+        EventFile { path: origin.into(), first_wall_time: f64::INFINITY, warning, ..Default::default() };
+    let malformed = |i: usize| {
+        TraceError::Format {
+        path: origin.into(),
+        reason: format!(
+            "record {} is not a readable TensorBoard event (its checksum holds, its contents do not)\n  fix: give an events.out.tfevents.* file written by TensorBoard's SummaryWriter",
+            i + 1
+        ),
+    }
+    };
+    for (i, rec) in recs.iter().enumerate() {
+        let (wall, step, values) = event(rec).map_err(|_| malformed(i))?;
+        for (tag, value) in values {
+            file.first_wall_time = file.first_wall_time.min(wall);
+            let points = file.scalars.entry(tag).or_default();
+            let ms_per_step = points
+                .last()
+                .filter(|p| step > p.step)
+                .map(|p| (wall - p.wall_time) * 1000.0 / (step - p.step) as f64);
+            points.push(ScalarPoint { step, wall_time: wall, value, ms_per_step });
+        }
+    }
+    Ok(file)
+}
+
+/// An event's wall time, step and scalar values by tag.
+type EventScalars = (f64, i64, Vec<(String, f64)>);
+
+fn event(buf: &[u8]) -> Result<EventScalars, Malformed> {
+    let (mut wall, mut step, mut values) = (0.0, 0i64, Vec::new());
+    for f in Fields::of(buf) {
+        match f? {
+            (1, Field::Fixed64(b)) => wall = f64::from_le_bytes(b),
+            (2, Field::Varint(v)) => step = v as i64,
+            (5, Field::Bytes(summary)) => {
+                for v in Fields::of(summary) {
+                    if let (1, Field::Bytes(value)) = v? {
+                        if let Some(tv) = summary_value(value)? {
+                            values.push(tv);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((wall, step, values))
+}
+
+/// A `Summary.Value`'s tag and number, when it is a scalar.
+fn summary_value(buf: &[u8]) -> Result<Option<(String, f64)>, Malformed> {
+    let (mut tag, mut value) = (None, None);
+    for f in Fields::of(buf) {
+        match f? {
+            (1, Field::Bytes(t)) => tag = Some(String::from_utf8_lossy(t).into_owned()),
+            (2, Field::Fixed32(b)) => value = Some(f64::from(f32::from_le_bytes(b))),
+            (8, Field::Bytes(t)) => value = tensor_scalar(t)?,
+            _ => {}
+        }
+    }
+    Ok(tag.zip(value))
+}
+
+/// The event files under `dir` (its subfolders too, four levels down) of one run: several
+/// folders holding event files are several runs, an error naming them.
+pub fn event_files_in(dir: &Path) -> Result<Vec<PathBuf>, TraceError> {
+    fn walk(d: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(d) else { return };
+        let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() && depth < 4 {
+                walk(&p, depth + 1, out);
+            } else if p.is_file() && is_event_file_name(&p) {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, 0, &mut files);
+    let mut folders: Vec<&Path> = files.iter().filter_map(|f| f.parent()).collect();
+    folders.dedup();
+    if folders.len() > 1 {
+        let names: Vec<String> = folders
+            .iter()
+            .map(|f| {
+                let n = files.iter().filter(|p| p.parent() == Some(*f)).count();
+                format!("{} ({n} event file{})", f.display(), if n == 1 { "" } else { "s" })
+            })
+            .collect();
+        return Err(TraceError::Format {
+            path: dir.into(),
+            reason: format!(
+                "holds the TensorBoard logs of {} runs: {}\n  fix: give one run's folder (or one events file)",
+                names.len(),
+                names.join(", ")
+            ),
+        });
+    }
+    Ok(files)
+}
+
+/// Lower-case words of a tag (split at anything not a letter or digit).
+fn words(tag: &str) -> Vec<String> {
+    tag.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+fn is_validation(tag: &str) -> bool {
+    words(tag).iter().any(|w| {
+        matches!(w.as_str(), "val" | "valid" | "validation" | "eval" | "evaluation" | "test" | "dev")
+    })
+}
+
+fn is_loss(tag: &str) -> bool {
+    words(tag).iter().any(|w| w == "loss" || w == "losses" || w.ends_with("loss"))
+}
+
+/// A total loss rather than a component: the last part of the tag has no word but the usual
+/// decorations (`train/loss`, `train_all_loss`, `loss_step`; not `loss_mask`).
+fn is_total(tag: &str) -> bool {
+    let leaf = tag.rsplit('/').next().unwrap_or(tag);
+    words(leaf).iter().all(|w| {
+        matches!(
+            w.as_str(),
+            "train"
+                | "training"
+                | "step"
+                | "steps"
+                | "loss"
+                | "losses"
+                | "all"
+                | "total"
+                | "core"
+                | "objective"
+                | "batch"
+        )
+    })
+}
+
+/// Among `tags` with their point counts, the one with the most points (counts within 10% of
+/// the most count as equal), then `prefer`red, then the shortest name.
+fn pick<'a>(tags: &[(&'a str, usize)], prefer: impl Fn(&str) -> bool) -> Option<&'a str> {
+    let most = tags.iter().map(|t| t.1).max()?;
+    tags.iter().filter(|t| t.1 * 10 >= most * 9).min_by_key(|(t, _)| (!prefer(t), t.len(), *t)).map(|t| t.0)
+}
+
+/// The tags' points merged over `files` (ordered by their first scalar's wall time; a later
+/// file's point replaces an earlier one at the same step), and how many steps were replaced.
+fn merge(mut files: Vec<EventFile>) -> (BTreeMap<String, BTreeMap<i64, ScalarPoint>>, usize) {
+    files.sort_by(|a, b| a.first_wall_time.total_cmp(&b.first_wall_time).then_with(|| a.path.cmp(&b.path)));
+    let mut out: BTreeMap<String, BTreeMap<i64, ScalarPoint>> = BTreeMap::new();
+    let mut replaced = 0;
+    for (i, f) in files.into_iter().enumerate() {
+        for (tag, points) in f.scalars {
+            let series = out.entry(tag).or_default();
+            for p in points {
+                if series.insert(p.step, p).is_some() && i > 0 {
+                    replaced += 1;
+                }
+            }
+        }
+    }
+    (out, replaced)
+}
+
+/// A [`Trace`] from TensorBoard event files (`origin`: the file or folder given; see the
+/// module docs for how tags become step records).
+pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace, TraceError> {
+    let mut warnings = Vec::new();
+    let mut files = Vec::new();
+    for p in paths {
+        let f = read_event_file(p)?;
+        warnings.extend(f.warning.clone());
+        files.push(f);
+    }
+    let (series, replaced) = merge(files);
+    let counts: Vec<(&str, usize)> = series.iter().map(|(t, s)| (t.as_str(), s.len())).collect();
+    let losses: Vec<(&str, usize)> =
+        counts.iter().copied().filter(|(t, _)| is_loss(t) && !is_validation(t)).collect();
+    let Some(loss_tag) = pick(&losses, is_total) else {
+        let detail = if counts.is_empty() {
+            format!("{} TensorBoard event file(s) without any scalar", paths.len())
+        } else {
+            let tags: Vec<&str> = counts.iter().map(|t| t.0).collect();
+            format!(
+                "TensorBoard event files whose scalar tags have no training loss (a tag with `loss` in its name and no val/eval/test): {}",
+                tags.join(", ")
+            )
+        };
+        return Err(TraceError::Empty { path: origin.into(), detail });
+    };
+    let loss = &series[loss_tag];
+    let n_loss = loss.len();
+    let components: Vec<&str> =
+        losses.iter().filter(|(t, n)| *t != loss_tag && *n * 2 >= n_loss).map(|t| t.0).collect();
+    let others = |f: &dyn Fn(&str) -> bool| -> Vec<(&str, usize)> {
+        counts.iter().copied().filter(|(t, _)| *t != loss_tag && f(t)).collect()
+    };
+    let lr_tag = pick(
+        &others(&|t| {
+            let w = words(t);
+            !is_validation(t)
+                && (w.iter().any(|w| w == "lr" || w == "learningrate")
+                    || w.windows(2).any(|p| p[0] == "learning" && p[1] == "rate"))
+        }),
+        |_| true,
+    );
+    let gn_tag = pick(
+        &others(&|t| {
+            let w = words(t);
+            !is_validation(t)
+                && w.iter().any(|w| w.starts_with("grad"))
+                && w.iter().any(|w| w.ends_with("norm"))
+                && !w.iter().any(|w| w.starts_with("clip"))
+        }),
+        |t| words(t).iter().any(|w| w == "total" || w == "global"),
+    );
+    let epoch_tag = pick(
+        &others(&|t| {
+            !is_validation(t) && t.rsplit('/').next().is_some_and(|l| l.eq_ignore_ascii_case("epoch"))
+        }),
+        |_| true,
+    );
+    let val_tag = pick(&others(&|t| is_loss(t) && is_validation(t)), is_total);
+    // 0-based writers (SAM2/SAM3's trainer, Lightning) to lorahost's 1-based steps.
+    let shift = i64::from(loss.keys().next().is_some_and(|&s| s == 0));
+    let negative = loss.keys().filter(|&&s| s + shift < 1).count();
+    if negative > 0 {
+        warnings.push(format!("{}: {negative} loss point(s) at negative steps: dropped", origin.display()));
+    }
+    let get = |tag: Option<&str>, step: i64| tag.and_then(|t| series[t].get(&step)).map(|p| p.value);
+    let held = |tag: Option<&str>, step: i64| {
+        tag.and_then(|t| series[t].range(..=step).next_back()).map(|(_, p)| p.value)
+    };
+    let validations: Vec<(i64, f64)> =
+        val_tag.map(|t| series[t].iter().map(|(s, p)| (s + shift, p.value)).collect()).unwrap_or_default();
+    // Hugging Face logs the epochs completed as a fraction (1.0 ends the first epoch, whose
+    // 0-based number is 0); Lightning and most loops the 0-based epoch.
+    let fractional_epochs = epoch_tag.is_some_and(|t| series[t].values().any(|p| p.value.fract() != 0.0));
+    let mut steps = Vec::with_capacity(n_loss);
+    for (&s, p) in loss.iter().filter(|(&s, _)| s + shift >= 1) {
+        let mut rec = StepRecord::new(
+            (s + shift) as u64,
+            p.value,
+            held(lr_tag, s).unwrap_or(f64::NAN),
+            get(gn_tag, s).unwrap_or(f64::NAN),
+        );
+        rec.step_time_ms = p.ms_per_step.filter(|t| t.is_finite() && *t >= 0.0);
+        rec.epoch = held(epoch_tag, s).filter(|e| e.is_finite() && *e >= 0.0).map(|e| {
+            if fractional_epochs {
+                ((e - 1e-6).ceil().max(1.0) - 1.0) as u32
+            } else {
+                e as u32
+            }
+        });
+        for c in &components {
+            if let Some(v) = get(Some(c), s) {
+                rec.losses.insert(c.rsplit('/').next().unwrap_or(c).to_string(), v);
+            }
+        }
+        if let Some(&(at, v)) = validations.iter().rev().find(|(at, _)| *at < s + shift) {
+            rec.extra.insert("validation.step".into(), serde_json::json!(at as f64));
+            rec.extra.insert("validation.loss".into(), serde_json::json!(v));
+        }
+        steps.push(rec);
+    }
+    if steps.is_empty() {
+        return Err(TraceError::Empty {
+            path: origin.into(),
+            detail: format!("the loss tag `{loss_tag}` has no point at a step >= 0"),
+        });
+    }
+    let name = |t: Option<&str>| t.map_or_else(|| "none".to_string(), |t| format!("`{t}`"));
+    let mut read = format!(
+        "{}: TensorBoard tags read: loss `{loss_tag}` ({n_loss} points), LR {}, gradient norm {}, epoch {}, validation loss {}",
+        origin.display(),
+        name(lr_tag),
+        name(gn_tag),
+        name(epoch_tag),
+        name(val_tag)
+    );
+    if !components.is_empty() {
+        read.push_str(&format!(
+            ", loss terms {}",
+            components.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    warnings.push(read);
+    if replaced > 0 {
+        warnings.push(format!(
+            "{}: {replaced} point(s) logged again at the same step by a later event file (a resumed run): the later values are used",
+            origin.display()
+        ));
+    }
+    if lr_tag.is_none() {
+        warnings.push(format!(
+            "{}: no LR tag (a scalar named `lr` or `learning_rate`): the LR is unknown (NaN); LR-schedule plugins get scheduled_lr NaN",
+            origin.display()
+        ));
+    }
+    let header = None::<RunHeader>;
+    Ok(Trace { run: header, segments: Vec::new(), steps, format: TraceFormat::TensorBoard, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A protocol buffer field (key and value) as bytes.
+    fn field(num: u64, wire: u64, body: &[u8]) -> Vec<u8> {
+        let mut out = varint((num << 3) | wire);
+        if wire == 2 {
+            out.extend(varint(body.len() as u64));
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn varint(mut v: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return out;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn record(data: &[u8]) -> Vec<u8> {
+        let len = (data.len() as u64).to_le_bytes();
+        let mut out = len.to_vec();
+        out.extend(masked_crc(&len).to_le_bytes());
+        out.extend_from_slice(data);
+        out.extend(masked_crc(data).to_le_bytes());
+        out
+    }
+
+    fn scalar_event(wall: f64, step: u64, tag: &str, value: &[u8]) -> Vec<u8> {
+        let mut v = field(1, 2, tag.as_bytes());
+        v.extend_from_slice(value);
+        let summary = field(1, 2, &v);
+        let mut e = field(1, 1, &wall.to_le_bytes());
+        e.extend(field(2, 0, &varint(step)));
+        e.extend(field(5, 2, &summary));
+        e
+    }
+
+    /// CRC-32C's check value, and TFRecord's masking of it.
+    #[test]
+    fn crc32c_matches_its_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
+    }
+
+    /// Every tensor encoding TensorBoard writers use for a scalar gives its number; tensors of
+    /// several elements and strings give none.
+    #[test]
+    fn one_element_tensors_of_each_type_are_scalars() {
+        let tensor = |dtype: u64, rest: Vec<u8>| {
+            let mut t = field(1, 0, &varint(dtype));
+            t.extend(rest);
+            tensor_scalar(&t).unwrap()
+        };
+        let dims = |sizes: &[u64]| {
+            let mut shape = Vec::new();
+            for s in sizes {
+                shape.extend(field(2, 2, &field(1, 0, &varint(*s))));
+            }
+            field(2, 2, &shape)
+        };
+        assert_eq!(tensor(1, field(5, 2, &2.5f32.to_le_bytes())), Some(2.5));
+        assert_eq!(tensor(1, field(5, 5, &(-1.25f32).to_le_bytes())), Some(-1.25));
+        assert_eq!(tensor(2, field(6, 2, &0.1f64.to_le_bytes())), Some(0.1));
+        assert_eq!(tensor(1, field(4, 2, &3.0f32.to_le_bytes())), Some(3.0));
+        assert_eq!(tensor(9, field(10, 0, &varint(-7i64 as u64))), Some(-7.0));
+        assert_eq!(tensor(3, field(7, 2, &varint(42))), Some(42.0));
+        // Half 1.5 = 0x3e00; bfloat16 1.5 = 0x3fc0.
+        assert_eq!(tensor(19, field(13, 0, &varint(0x3e00))), Some(1.5));
+        assert_eq!(tensor(14, field(4, 2, &0x3fc0u16.to_le_bytes())), Some(1.5));
+        let mut one = dims(&[1]);
+        one.extend(field(5, 2, &4.0f32.to_le_bytes()));
+        assert_eq!(tensor(1, one), Some(4.0));
+        let mut three = dims(&[3]);
+        three.extend(field(5, 2, &[1f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()));
+        assert_eq!(tensor(1, three), None);
+        assert_eq!(tensor(7, field(8, 2, b"text")), None);
+        assert_eq!(f16_value(0x7c00), f64::INFINITY);
+        assert_eq!(f16_value(0x0001), 2f64.powi(-24));
+    }
+
+    /// A cut-off last record is dropped with a warning, a corrupt one ends the reading there, a
+    /// file that is not a TFRecord file is an error naming it.
+    #[test]
+    fn cut_corrupt_and_foreign_files() {
+        let path = Path::new("run/events.out.tfevents.1");
+        let mut bytes = Vec::new();
+        for s in 1..=3u64 {
+            bytes.extend(record(&scalar_event(
+                100.0 + s as f64,
+                s,
+                "loss",
+                &field(2, 5, &(s as f32).to_le_bytes()),
+            )));
+        }
+        let whole = parse_event_file(&bytes, path).unwrap();
+        assert_eq!(whole.scalars["loss"].len(), 3);
+        assert!(whole.warning.is_none());
+        assert_eq!(whole.scalars["loss"][2].ms_per_step, Some(1000.0));
+        let cut = parse_event_file(&bytes[..bytes.len() - 5], path).unwrap();
+        assert_eq!(cut.scalars["loss"].len(), 2);
+        assert!(cut.warning.unwrap().contains("cut off"));
+        let mut corrupt = bytes.clone();
+        let second = record(&scalar_event(101.0, 1, "loss", &field(2, 5, &1f32.to_le_bytes()))).len();
+        corrupt[second + 14] ^= 0x40;
+        let c = parse_event_file(&corrupt, path).unwrap();
+        assert_eq!(c.scalars["loss"].len(), 1);
+        assert!(c.warning.unwrap().contains("corrupt"));
+        let e = parse_event_file(b"step,loss\n1,2.0\n", path).unwrap_err().to_string();
+        assert!(e.contains("events.out.tfevents.1") && e.contains("not a TensorBoard event file"), "{e}");
+        assert!(!looks_like_event_file(b"step,loss\n1,2.0\n") && looks_like_event_file(&bytes));
+    }
+
+    /// Event files whose scalars have no training loss: an error naming the tags there are;
+    /// a run logged from step 0 is shifted to 1-based steps, the LR held between its points.
+    #[test]
+    fn no_loss_tag_names_the_tags_and_zero_based_steps_shift() {
+        let dir = std::env::temp_dir().join(format!("lorahost-tfevents-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f32v = |v: f32| field(2, 5, &v.to_le_bytes());
+        let mut bytes = Vec::new();
+        for s in 0..4u64 {
+            bytes.extend(record(&scalar_event(10.0 + s as f64, s, "metrics/accuracy", &f32v(0.5))));
+        }
+        let path = dir.join("events.out.tfevents.1.host");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = trace_from_event_files(std::slice::from_ref(&path), &dir).unwrap_err().to_string();
+        assert!(e.contains("no training loss") && e.contains("metrics/accuracy"), "{e}");
+        for s in 0..4u64 {
+            bytes.extend(record(&scalar_event(10.0 + s as f64, s, "loss", &f32v(4.0 - s as f32))));
+            if s % 2 == 0 {
+                bytes.extend(record(&scalar_event(
+                    10.0 + s as f64,
+                    s,
+                    "lr-AdamW",
+                    &f32v(0.1 * (s + 1) as f32),
+                )));
+            }
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let t = trace_from_event_files(std::slice::from_ref(&path), &dir).unwrap();
+        let got: Vec<(u64, f64, f64)> =
+            t.steps.iter().map(|s| (s.step, s.loss, (s.lr * 1e6).round() / 1e6)).collect();
+        assert_eq!(got, vec![(1, 4.0, 0.1), (2, 3.0, 0.1), (3, 2.0, 0.3), (4, 1.0, 0.3)]);
+        assert!(t.steps.iter().all(|s| s.grad_norm.is_nan()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The tag choices: the total training loss over a component, an epoch summary or a
+    /// validation loss; LR, gradient norm and validation tags by their words.
+    #[test]
+    fn tags_are_matched_by_their_words() {
+        let losses = [("train/loss", 40), ("train/loss_mask", 40), ("train/train_loss", 1), ("eval/loss", 4)];
+        let train: Vec<_> = losses.iter().copied().filter(|(t, _)| is_loss(t) && !is_validation(t)).collect();
+        assert_eq!(pick(&train, is_total), Some("train/loss"));
+        let lightning = [("train_loss_step", 300), ("train_loss_epoch", 10), ("val_loss", 10)];
+        let train: Vec<_> =
+            lightning.iter().copied().filter(|(t, _)| is_loss(t) && !is_validation(t)).collect();
+        assert_eq!(pick(&train, is_total), Some("train_loss_step"));
+        let sam = [
+            ("Step_Losses/Losses/train_all_loss_mask", 90),
+            ("Step_Losses/Losses/train_all_loss", 90),
+            ("Losses/train_all_loss", 3),
+        ];
+        assert_eq!(pick(&sam, is_total), Some("Step_Losses/Losses/train_all_loss"));
+        assert!(
+            is_validation("eval/loss")
+                && is_validation("Losses/val_all_loss")
+                && !is_validation("train/evaluated")
+        );
+        assert!(!is_total("train/loss_dice") && is_total("loss") && is_total("train_loss_step"));
+    }
+}
