@@ -272,6 +272,9 @@ pub struct Trace {
     pub format: TraceFormat,
     /// What the reader had to drop or guess (also logged as warnings).
     pub warnings: Vec<String>,
+    /// Each record's loss is the mean over the steps since the previous record, not one
+    /// step's loss (the Hugging Face Trainer logs so every `logging_steps`).
+    pub loss_is_interval_mean: bool,
 }
 
 /// A run header and the steps it governs (from `from_step` to the next segment's).
@@ -899,7 +902,9 @@ impl Trace {
     /// run) replaces the earlier records, as in JSONL; entries without `learning_rate` give NaN
     /// (a warning says so).
     pub fn from_hf_trainer_state(v: &Value, origin: &Path) -> Result<Trace, TraceError> {
-        let mut trace = Trace { format: TraceFormat::HuggingFace, ..Default::default() };
+        // The Trainer logs the mean loss since its previous log.
+        let mut trace =
+            Trace { format: TraceFormat::HuggingFace, loss_is_interval_mean: true, ..Default::default() };
         let mut repeats = Repeats::default();
         let mut validation: Option<(f64, f64)> = None;
         let mut spe: Option<(u64, f64)> = None;

@@ -5,7 +5,9 @@
 //! SAM3_LoRA fork's `train_step` JSONL, a Hugging Face `trainer_state.json` or a Lightning
 //! `metrics.csv`. The findings use the SAM3_LoRA catalogue's codes:
 //! - **F10** how much the loss moves from step to step (the robust spread of relative step
-//!   differences about zero, so a falling trend does not count as noise), whether the gradient norm moves
+//!   differences about zero, so a falling trend does not count as noise; a log whose points are
+//!   means over the steps between them, the Hugging Face Trainer's, scaled back to single
+//!   steps), whether the gradient norm moves
 //!   with it, and which of the catalogue's causes the log shows (an effective batch of a few
 //!   samples, no warmup, no clipping, a constant LR), with the fix for each;
 //! - **F11** settings the log's header names but the steps do not show (warmup without a ramp,
@@ -134,8 +136,12 @@ fn lrs(steps: &[StepRecord]) -> Vec<f64> {
     steps.iter().map(|s| s.lr).filter(|l| l.is_finite()).collect()
 }
 
-/// F10: the relative step-to-step noise of the loss and its causes in the log. Returns the
-/// noise (1.4826 × the median of |lₜ − lₜ₋₁| / mean(lₜ, lₜ₋₁), over √2).
+/// F10: the relative noise of the loss from one logged point to the next and its causes in the
+/// log. Returns that noise (1.4826 × the median of |lₜ − lₜ₋₁| / mean(lₜ, lₜ₋₁), over √2).
+/// A log whose points are each the mean over the steps since the previous one (the Hugging
+/// Face Trainer's, every `logging_steps`) has 1/√n of one step's noise for n steps a point:
+/// the finding is about the steps (×√n), the returned noise about the points (what the other
+/// checks compare).
 fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f64> {
     if finite.len() < 8 {
         return None;
@@ -144,26 +150,40 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
     // Differences of a slowly varying level centre on zero: the spread is taken about zero
     // (a two-valued series has no spread about its median).
     let noise = 1.4826 * median(&rel.iter().map(|d| d.abs()).collect::<Vec<_>>()) / std::f64::consts::SQRT_2;
-    if noise < 0.05 {
+    // The logging interval: the median step gap between points.
+    let gaps: Vec<f64> = finite.windows(2).map(|w| w[1].0.saturating_sub(w[0].0) as f64).collect();
+    let every = median(&gaps).max(1.0).round();
+    let averaged = trace.loss_is_interval_mean && every > 1.0;
+    let per_step = if averaged { noise * every.sqrt() } else { noise };
+    if per_step < 0.05 {
         return Some(noise);
     }
     let steps = &trace.steps;
     let mut causes = Vec::new();
     let mut fixes = Vec::new();
     let batch = effective_batch(trace);
+    // trainer_state.json has the per-step batch but not the gradient accumulation.
+    let accumulation_unknown = trace.format == TraceFormat::HuggingFace;
     if let Some(b) = batch.filter(|b| *b < 16) {
-        causes.push(format!("an effective batch of {b} sample(s) per optimizer step"));
         let k = 16u32.div_ceil(b.max(1));
-        let accumulation = match trace.run.as_ref().filter(|h| h.accumulation > 0) {
-            Some(h) => {
-                format!("gradient_accumulation_steps: {} (now {})", h.accumulation * k, h.accumulation)
+        let accumulation = if accumulation_unknown {
+            causes.push(format!(
+                "a batch of {b} sample(s) per step (train_batch_size; trainer_state.json does not record gradient_accumulation_steps, so this is the effective batch if that was 1)"
+            ));
+            format!("gradient_accumulation_steps: {k}× what it was")
+        } else {
+            causes.push(format!("an effective batch of {b} sample(s) per optimizer step"));
+            match trace.run.as_ref().filter(|h| h.accumulation > 0) {
+                Some(h) => {
+                    format!("gradient_accumulation_steps: {} (now {})", h.accumulation * k, h.accumulation)
+                }
+                None => format!("{k}× the gradient accumulation"),
             }
-            None => format!("{k}× the gradient accumulation"),
         };
         fixes.push(format!(
             "{accumulation}, for an effective batch of {}: the noise falls about as 1/√batch, to ~{:.0}%",
             b * k,
-            100.0 * noise / (k as f64).sqrt()
+            100.0 * per_step / (k as f64).sqrt()
         ));
     }
     let lr = lrs(steps);
@@ -205,19 +225,32 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
     if trace.format == TraceFormat::Sam3LoraEvents {
         causes.push("SAM3_LoRA's raw per-batch total (6 layers × one-to-one and one-to-many terms, divided by the batch's few boxes)".into());
     }
-    let severity = if noise >= 0.1 { Severity::Warning } else { Severity::Info };
-    let message = format!(
-        "the loss moves by about {:.0}% from one step to the next{}",
-        100.0 * noise,
-        if causes.is_empty() {
-            String::new()
-        } else {
-            format!(", and the log shows {} cause(s) of it", causes.len())
-        }
-    );
+    let severity = if per_step >= 0.1 { Severity::Warning } else { Severity::Info };
+    let shown = if causes.is_empty() {
+        String::new()
+    } else {
+        format!(", and the log shows {} cause(s) of it", causes.len())
+    };
+    let message = if averaged {
+        format!(
+            "the loss moves by about {:.0}% from one step to the next (the log's points, each the mean of the {every} steps since the previous one, by {:.0}%){shown}",
+            100.0 * per_step,
+            100.0 * noise
+        )
+    } else if every > 1.0 {
+        format!("the loss moves by about {:.0}% from one logged step to the next (logged every {every} steps){shown}", 100.0 * noise)
+    } else {
+        format!("the loss moves by about {:.0}% from one step to the next{shown}", 100.0 * noise)
+    };
+    let per_step_note = if averaged {
+        format!(" (each point the mean of {every} steps: ×√{every} = {per_step:.3} for single steps, if they vary independently)")
+    } else {
+        String::new()
+    };
     let evidence = format!(
-        "robust spread of the relative step differences over {} steps: {:.3}{with_norm}{}",
+        "robust spread of the relative differences between {} logged points{}: {:.3}{per_step_note}{with_norm}{}",
         finite.len(),
+        if every > 1.0 { format!(" (every {every} steps)") } else { String::new() },
         noise,
         if causes.is_empty() { String::new() } else { format!("; causes: {}", causes.join("; ")) }
     );
@@ -506,6 +539,51 @@ mod tests {
             f.fix.contains("gradient_accumulation_steps: 16") && f.fix.contains("max_grad_norm"),
             "{}",
             f.fix
+        );
+    }
+
+    /// A Hugging Face log every 10 steps, each point the mean of 10 steps whose loss varies by
+    /// 20%: the points vary by ~6%, the finding is about the steps (~20%, a warning); the same
+    /// points as single logged steps (another format) are reported as they are (~6%, info).
+    #[test]
+    fn interval_means_are_scaled_back_to_single_steps() {
+        let gauss = |i: u64| {
+            let (u, v) = (uniform(2 * i).max(1e-12), uniform(2 * i + 1));
+            (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        };
+        let mut history = Vec::new();
+        let mut jsonl = Vec::new();
+        for p in 1..=200u64 {
+            let mean = (0..10).map(|k| 10.0 * (1.0 + 0.2 * gauss(p * 10 + k))).sum::<f64>() / 10.0;
+            let step = p * 10;
+            history.push(serde_json::json!({"step": step, "loss": mean, "learning_rate": 1e-4, "epoch": step as f64 / 100.0}));
+            jsonl.push(format!(r#"{{"step": {step}, "loss": {mean}, "lr": 0.0001, "grad_norm": 1.0}}"#));
+        }
+        let state = serde_json::json!({"log_history": history, "max_steps": 2000, "train_batch_size": 4});
+        let hf = Trace::parse(&state.to_string(), Path::new("trainer_state.json")).unwrap();
+        assert!(hf.loss_is_interval_mean);
+        let mut r = Report::default();
+        analyse_run(&hf, &[], None, &mut r);
+        let f = r.with_code("F10")[0].clone();
+        assert_eq!(f.severity, Severity::Warning, "{}", r.to_text());
+        let per_step: f64 =
+            f.message.split("about ").nth(1).unwrap().split('%').next().unwrap().parse().unwrap();
+        assert!((15.0..=26.0).contains(&per_step), "{}", f.message);
+        assert!(f.message.contains("mean of the 10 steps"), "{}", f.message);
+        assert!(f.evidence.contains("does not record gradient_accumulation_steps"), "{}", f.evidence);
+        assert!(f.fix.contains("gradient_accumulation_steps: 4× what it was"), "{}", f.fix);
+        let plain = trace("", &jsonl);
+        assert!(!plain.loss_is_interval_mean);
+        let mut r = Report::default();
+        analyse_run(&plain, &[], None, &mut r);
+        let f = r.with_code("F10")[0].clone();
+        assert_eq!(f.severity, Severity::Info, "{}", r.to_text());
+        let points: f64 =
+            f.message.split("about ").nth(1).unwrap().split('%').next().unwrap().parse().unwrap();
+        assert!(
+            (4.0..=9.0).contains(&points) && f.message.contains("logged every 10 steps"),
+            "{}",
+            f.message
         );
     }
 

@@ -651,7 +651,16 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
         ));
     }
     let header = None::<RunHeader>;
-    Ok(Trace { run: header, segments: Vec::new(), steps, format: TraceFormat::TensorBoard, warnings })
+    // transformers' TensorBoardCallback (its tag names) logs the mean loss since its last log.
+    let loss_is_interval_mean = loss_tag == "train/loss" && lr_tag == Some("train/learning_rate");
+    Ok(Trace {
+        run: header,
+        segments: Vec::new(),
+        steps,
+        format: TraceFormat::TensorBoard,
+        warnings,
+        loss_is_interval_mean,
+    })
 }
 
 #[cfg(test)]
