@@ -18,6 +18,8 @@ lorahost already reads, so `host/tests/tfevents.rs` can check the event-file rea
   folder repeats steps 50..59 with other values. `writer/expected.jsonl` is the same run as
   lorahost's metrics log (1-based steps, the resumed values, step times from the wall clock of
   each file's previous point).
+- `sam3_trainer/`: SAM3's official trainer's TensorBoard logging, call for call (see
+  `sam3_trainer_run`), and `sam3_trainer/expected.jsonl`, the same run as a metrics log.
 """
 import json
 import math
@@ -138,8 +140,91 @@ def writer_run(out):
             f.write(json.dumps(rec) + "\n")
 
 
+def sam3_trainer_run(out):
+    """The logging of SAM3's official trainer (facebookresearch/sam3, sam3/train/trainer.py and
+    sam3/train/utils/logger.py), call for call: `add_scalar(..., new_style=True)` through
+    `torch.utils.tensorboard.SummaryWriter`; per-step tags every `log_scalar_frequency` steps at
+    the 0-based step counter (`Step_Losses/Losses/train_all_loss` and its terms under it,
+    `Optim/lr`, `Optim/weight_decay`, the `Step_Stats/<phase>/...` meters, the validation
+    meters at the validation step counter), the epoch's `log_dict` at the epoch number
+    (`Losses/<phase>_all_loss...`, `Trainer/where`, `Trainer/epoch`, `Trainer/steps_<phase>`).
+    3 epochs of 60 steps, logged every 10; validation after each epoch."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(log_dir=out, filename_suffix="2f1c7a9e-0000-4000-8000-000000000000")
+    log = lambda name, v, step, wall: w.add_scalar(name, v, global_step=step, walltime=wall, new_style=True)
+    freq, per_epoch, epochs, val_iters = 10, 60, 3, 20
+    wall = 1_764_100_000.0
+    steps = {"train": 0, "val": 0}
+    expected, validations, epoch_ends = {}, [], {}
+    terms = ["loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"]
+    for epoch in range(epochs):
+        sums = {t: 0.0 for t in ["core"] + terms}
+        for it in range(per_epoch):
+            g = steps["train"]
+            s = g + 1
+            core = (4.0 * math.exp(-s / 60.0) + 1.0) * (1 + 0.15 * noise(s, 3))
+            parts = {t: core * (i + 1) / 15.0 for i, t in enumerate(terms)}
+            for t in terms:
+                sums[t] += parts[t]
+            sums["core"] += core
+            lr = 5e-4 * (1 + math.cos(math.pi * g / (per_epoch * epochs))) / 2
+            wall += 0.8
+            if g % freq == 0:
+                for t in terms:
+                    log(f"Step_Losses/Losses/train_all_loss/{t}", parts[t], g, wall)
+                log("Step_Losses/Losses/train_all_loss", core, g, wall)
+            steps["train"] += 1
+            if it % freq == 0:
+                log("Optim/lr", lr, g, wall)
+                log("Optim/weight_decay", 0.1, g, wall)
+                for name, v in [("Batch Time", 0.8), ("Data Time", 0.05), ("Mem (GB)", 20.5),
+                                ("Time Elapsed", wall - 1_764_100_000.0), ("Losses/train_all_loss", core)]:
+                    log(f"Step_Stats/train/{name}", v, steps["train"], wall)
+                rec = {"step": s, "loss": core, "lr": lr, "grad_norm": None, "epoch": epoch,
+                       "losses": {t: parts[t] for t in terms}, "wall": wall}
+                expected[s] = rec
+        log("Step_Stats/train/Time Elapsed", wall - 1_764_100_000.0, steps["train"], wall)
+        outs = {"Losses/train_all_loss": sums["core"] / per_epoch}
+        outs.update({f"Losses/train_all_{t}": sums[t] / per_epoch for t in terms})
+        outs.update({"Trainer/where": (epoch + 1) / epochs, "Trainer/epoch": epoch, "Trainer/steps_train": steps["train"]})
+        for k, v in outs.items():
+            log(k, v, epoch, wall)
+        epoch_ends[epoch] = steps["train"]
+        total = 0.0
+        for it in range(val_iters):
+            v = 0.9 * (4.0 * math.exp(-steps["train"] / 60.0) + 1.0) * (1 + 0.05 * noise(it, epoch))
+            total += v
+            wall += 0.3
+            if it % freq == 0:
+                log("Step_Stats/val/Losses/val_all_loss", v, steps["val"], wall)
+            steps["val"] += 1
+        val = total / val_iters
+        for k, v in {"Losses/val_all_loss": val, "Trainer/where": (epoch + 1) / epochs, "Trainer/epoch": epoch,
+                     "Trainer/steps_val": steps["val"]}.items():
+            log(k, v, epoch, wall)
+        validations.append((steps["train"], val))
+    w.close()
+    # The step time: the wall clock between logged loss points over the steps between them.
+    prev = None
+    with open(os.path.join(os.path.dirname(out), "expected.jsonl"), "w") as f:
+        for s in sorted(expected):
+            rec = dict(expected[s])
+            rec["grad_norm"] = float("nan")
+            if prev is not None:
+                # Validation pauses count into the interval they fall in.
+                rec["step_time_ms"] = (rec["wall"] - expected[prev]["wall"]) * 1000.0 / (s - prev)
+            del rec["wall"]
+            seen = [(at, v) for at, v in validations if at < s]
+            if seen:
+                rec["validation.step"] = float(seen[-1][0])
+                rec["validation.loss"] = seen[-1][1]
+            prev = s
+            f.write(json.dumps({k: v for k, v in rec.items() if v is not None}).replace("NaN", "null") + "\n")
+
+
 def main():
-    only = sys.argv[1:] or ["hf", "writer"]
+    only = sys.argv[1:] or ["hf", "writer", "sam3_trainer"]
     if "hf" in only:
         out = os.path.join(here, "hf")
         shutil.rmtree(out, ignore_errors=True)
@@ -150,6 +235,11 @@ def main():
         shutil.rmtree(base, ignore_errors=True)
         os.makedirs(os.path.join(base, "run"))
         writer_run(os.path.join(base, "run"))
+    if "sam3_trainer" in only:
+        base = os.path.join(here, "sam3_trainer")
+        shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(os.path.join(base, "tensorboard"))
+        sam3_trainer_run(os.path.join(base, "tensorboard"))
     for root, _, files in os.walk(here):
         for f in sorted(files):
             p = os.path.join(root, f)

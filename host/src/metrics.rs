@@ -275,6 +275,12 @@ pub struct Trace {
     /// Each record's loss is the mean over the steps since the previous record, not one
     /// step's loss (the Hugging Face Trainer logs so every `logging_steps`).
     pub loss_is_interval_mean: bool,
+    /// Validation losses as (the step after which it was measured, loss), from the formats that
+    /// log them beside the steps (Hugging Face `eval_loss`, Lightning `val_loss`, SAM3_LoRA's
+    /// epoch summaries, TensorBoard), including one after the last step, which no step record
+    /// carries as `validation.loss`. lorahost's own `validation` events are read by
+    /// [`crate::run_diagnosis::validations`].
+    pub validation: Vec<(u64, f64)>,
 }
 
 /// A run header and the steps it governs (from `from_step` to the next segment's).
@@ -735,6 +741,7 @@ impl<'a> JsonlReader<'a> {
                         (obj.get("val_loss").and_then(|v| number(v).ok().flatten()), self.tc_last)
                     {
                         self.tc_validation = Some((last, v));
+                        self.trace.validation.push((last, v));
                     }
                 }
                 // Events (validation, plugin reloads, ...) carry a `step` too; not step records.
@@ -927,6 +934,7 @@ impl Trace {
             let step = whole(step).map_err(|m| err(format!("`step`: {m}")))?.unwrap_or(0);
             if let Some(l) = num("eval_loss")? {
                 validation = Some((step as f64, l));
+                trace.validation.push((step, l));
             }
             if e.get("loss").is_none() {
                 continue;
@@ -1058,7 +1066,11 @@ impl Trace {
                 _ => rows.push((step, vals)),
             }
         }
-        let mut trace = Trace { format: TraceFormat::LightningCsv, ..Default::default() };
+        let mut trace = Trace {
+            format: TraceFormat::LightningCsv,
+            validation: validations.clone(),
+            ..Default::default()
+        };
         let mut repeats = Repeats::default();
         let mut lr_carry = None;
         for (s, [loss, lr, gn, epoch]) in rows {

@@ -81,6 +81,8 @@ pub fn validations(path: &Path, trace: &Trace) -> Vec<(u64, f64)> {
             out.push((at as u64, l));
         }
     }
+    // With the ones no step carries (after the last step).
+    out.extend(trace.validation.iter().copied());
     out.sort_by_key(|v| v.0);
     out.dedup_by_key(|v| v.0);
     out.retain(|v| v.1.is_finite());

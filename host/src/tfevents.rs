@@ -19,6 +19,11 @@
 //! the gradient norm one with `grad` and `norm`, the epoch a tag named `epoch`, the validation
 //! loss a loss tag with a validation word (it reaches the steps after it, as
 //! `validation.step` / `validation.loss`). Which tags were read is in [`Trace::warnings`].
+//! SAM2/SAM3's official trainer (recognised by its `Trainer/steps_train` tag) logs each
+//! epoch's summary (`Losses/`, `Trainer/`, `Meters_*/`) at the epoch number, not a step: those
+//! tags are placed at the epoch's last step (the validation loss is the summary's, not the
+//! validation meters logged at the validation step counter), and a step's epoch is the number
+//! of epochs ended before it.
 //!
 //! Steps are the writer's global steps; a run whose loss starts at step 0 (SAM2/SAM3's trainer,
 //! Lightning) is shifted to lorahost's 1-based steps. A step's time is the wall-clock time
@@ -515,6 +520,9 @@ fn merge(mut files: Vec<EventFile>) -> (BTreeMap<String, BTreeMap<i64, ScalarPoi
     (out, replaced)
 }
 
+/// The tag of SAM2/SAM3's official trainer with the steps done by each epoch's end.
+const SAM_STEPS_TRAIN: &str = "Trainer/steps_train";
+
 /// A [`Trace`] from TensorBoard event files (`origin`: the file or folder given; see the
 /// module docs for how tags become step records).
 pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace, TraceError> {
@@ -526,9 +534,18 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
         files.push(f);
     }
     let (series, replaced) = merge(files);
+    // SAM2/SAM3's official trainer logs its per-step tags (`Step_Losses/`, `Step_Stats/`,
+    // `Optim/`) at the step counter and each epoch's summary (`Losses/`, `Trainer/`,
+    // `Meters_*/`) at the epoch number, with `Trainer/steps_train`, the steps done by the
+    // epoch's end: the summaries are placed at those steps.
+    let epoch_ends: Option<&BTreeMap<i64, ScalarPoint>> = series.get(SAM_STEPS_TRAIN);
+    let epoch_level = |t: &str| {
+        epoch_ends.is_some()
+            && (t.starts_with("Losses/") || t.starts_with("Trainer/") || t.starts_with("Meters_"))
+    };
     let counts: Vec<(&str, usize)> = series.iter().map(|(t, s)| (t.as_str(), s.len())).collect();
     let losses: Vec<(&str, usize)> =
-        counts.iter().copied().filter(|(t, _)| is_loss(t) && !is_validation(t)).collect();
+        counts.iter().copied().filter(|(t, _)| is_loss(t) && !is_validation(t) && !epoch_level(t)).collect();
     let Some(loss_tag) = pick(&losses, is_total) else {
         let detail = if counts.is_empty() {
             format!("{} TensorBoard event file(s) without any scalar", paths.len())
@@ -543,10 +560,15 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
     };
     let loss = &series[loss_tag];
     let n_loss = loss.len();
-    let components: Vec<&str> =
-        losses.iter().filter(|(t, n)| *t != loss_tag && *n * 2 >= n_loss).map(|t| t.0).collect();
+    let leaf = |t: &'_ str| t.rsplit('/').next().unwrap_or(t).to_string();
+    // Terms: the other loss tags logged as often (not the same loss under another name).
+    let components: Vec<&str> = losses
+        .iter()
+        .filter(|(t, n)| *t != loss_tag && *n * 2 >= n_loss && leaf(t) != leaf(loss_tag))
+        .map(|t| t.0)
+        .collect();
     let others = |f: &dyn Fn(&str) -> bool| -> Vec<(&str, usize)> {
-        counts.iter().copied().filter(|(t, _)| *t != loss_tag && f(t)).collect()
+        counts.iter().copied().filter(|(t, _)| *t != loss_tag && !epoch_level(t) && f(t)).collect()
     };
     let lr_tag = pick(
         &others(&|t| {
@@ -573,7 +595,18 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
         }),
         |_| true,
     );
-    let val_tag = pick(&others(&|t| is_loss(t) && is_validation(t)), is_total);
+    let val_tag = match epoch_ends {
+        // The epoch summaries' validation loss (its per-step meters count validation steps).
+        Some(_) => pick(
+            &counts
+                .iter()
+                .copied()
+                .filter(|(t, _)| epoch_level(t) && is_loss(t) && is_validation(t))
+                .collect::<Vec<_>>(),
+            is_total,
+        ),
+        None => pick(&others(&|t| is_loss(t) && is_validation(t)), is_total),
+    };
     // 0-based writers (SAM2/SAM3's trainer, Lightning) to lorahost's 1-based steps.
     let shift = i64::from(loss.keys().next().is_some_and(|&s| s == 0));
     let negative = loss.keys().filter(|&&s| s + shift < 1).count();
@@ -584,8 +617,16 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
     let held = |tag: Option<&str>, step: i64| {
         tag.and_then(|t| series[t].range(..=step).next_back()).map(|(_, p)| p.value)
     };
-    let validations: Vec<(i64, f64)> =
-        val_tag.map(|t| series[t].iter().map(|(s, p)| (s + shift, p.value)).collect()).unwrap_or_default();
+    // The step (raw) of a validation point: an epoch summary's is the epoch's last step.
+    let validation_step = |s: i64| match epoch_ends {
+        Some(ends) => ends.get(&s).map(|n| n.value as i64 - 1),
+        None => Some(s),
+    };
+    let validations: Vec<(i64, f64)> = val_tag
+        .map(|t| {
+            series[t].iter().filter_map(|(&s, p)| Some((validation_step(s)? + shift, p.value))).collect()
+        })
+        .unwrap_or_default();
     // Hugging Face logs the epochs completed as a fraction (1.0 ends the first epoch, whose
     // 0-based number is 0); Lightning and most loops the 0-based epoch.
     let fractional_epochs = epoch_tag.is_some_and(|t| series[t].values().any(|p| p.value.fract() != 0.0));
@@ -598,16 +639,20 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
             get(gn_tag, s).unwrap_or(f64::NAN),
         );
         rec.step_time_ms = p.ms_per_step.filter(|t| t.is_finite() && *t >= 0.0);
-        rec.epoch = held(epoch_tag, s).filter(|e| e.is_finite() && *e >= 0.0).map(|e| {
-            if fractional_epochs {
-                ((e - 1e-6).ceil().max(1.0) - 1.0) as u32
-            } else {
-                e as u32
-            }
-        });
+        rec.epoch = match epoch_ends {
+            // The epochs that ended before this step.
+            Some(ends) => Some(ends.values().filter(|n| n.value <= s as f64).count() as u32),
+            None => held(epoch_tag, s).filter(|e| e.is_finite() && *e >= 0.0).map(|e| {
+                if fractional_epochs {
+                    ((e - 1e-6).ceil().max(1.0) - 1.0) as u32
+                } else {
+                    e as u32
+                }
+            }),
+        };
         for c in &components {
             if let Some(v) = get(Some(c), s) {
-                rec.losses.insert(c.rsplit('/').next().unwrap_or(c).to_string(), v);
+                rec.losses.insert(leaf(c), v);
             }
         }
         if let Some(&(at, v)) = validations.iter().rev().find(|(at, _)| *at < s + shift) {
@@ -628,7 +673,7 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
         origin.display(),
         name(lr_tag),
         name(gn_tag),
-        name(epoch_tag),
+        if epoch_ends.is_some() { format!("`{SAM_STEPS_TRAIN}`") } else { name(epoch_tag) },
         name(val_tag)
     );
     if !components.is_empty() {
@@ -653,6 +698,7 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
     let header = None::<RunHeader>;
     // transformers' TensorBoardCallback (its tag names) logs the mean loss since its last log.
     let loss_is_interval_mean = loss_tag == "train/loss" && lr_tag == Some("train/learning_rate");
+    let validation = validations.iter().filter(|v| v.0 >= 0).map(|&(s, v)| (s as u64, v)).collect();
     Ok(Trace {
         run: header,
         segments: Vec::new(),
@@ -660,6 +706,7 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
         format: TraceFormat::TensorBoard,
         warnings,
         loss_is_interval_mean,
+        validation,
     })
 }
 

@@ -51,6 +51,11 @@ fn a_hugging_face_run_reads_as_its_trainer_state() {
             }
             assert!(g.step_time_ms.is_some() || g.step == 1);
         }
+        // Evaluations after steps 10, 20, 30 and 40 (the last step), as in trainer_state.json.
+        let vals = lorahost::run_diagnosis::validations(&path, &got);
+        let hf = lorahost::run_diagnosis::validations(&dir.join("trainer_state.json"), &want);
+        assert_eq!(vals.iter().map(|v| v.0).collect::<Vec<_>>(), [10, 20, 30, 40]);
+        assert!(vals.iter().zip(&hf).all(|(a, b)| a.0 == b.0 && close(a.1, b.1)), "{vals:?} vs {hf:?}");
         let read = got.warnings.iter().find(|w| w.contains("tags read")).unwrap();
         assert!(read.contains("loss `train/loss`") && read.contains("LR `train/learning_rate`"), "{read}");
         assert!(read.contains("validation loss `eval/loss`"), "{read}");
@@ -64,9 +69,41 @@ fn a_hugging_face_run_reads_as_its_trainer_state() {
 #[test]
 fn a_resumed_summary_writer_run_reads_as_its_metrics_log() {
     let dir = fixtures().join("writer");
-    let want = Trace::read(&dir.join("expected.jsonl")).unwrap();
-    let got = Trace::read(&dir.join("run")).unwrap();
+    let got = same_as_expected(&dir.join("run"), &dir.join("expected.jsonl"));
     assert_eq!(got.steps.len(), 100);
+    assert!(got.warnings.iter().any(|w| w.contains("resumed run")), "{:?}", got.warnings);
+}
+
+/// SAM3's official trainer's logging (per-step tags at the 0-based step counter every
+/// `log_scalar_frequency` steps, each epoch's summary at the epoch number with
+/// `Trainer/steps_train`): the loss and its terms, the LR, the epoch of each step, and each
+/// epoch's validation loss reaching the steps after that epoch, not the validation meters
+/// logged at the validation step counter.
+#[test]
+fn sam3_official_trainer_logs_read_as_their_metrics_log() {
+    let dir = fixtures().join("sam3_trainer");
+    let got = same_as_expected(&dir.join("tensorboard"), &dir.join("expected.jsonl"));
+    assert_eq!(got.steps.len(), 18);
+    assert_eq!(
+        got.steps.iter().map(|s| s.epoch.unwrap()).collect::<Vec<_>>(),
+        [0; 6].iter().chain(&[1; 6]).chain(&[2; 6]).copied().collect::<Vec<u32>>()
+    );
+    // The third epoch's validation comes after the last step: no step carries it, the trace does.
+    let vals = lorahost::run_diagnosis::validations(&dir.join("tensorboard"), &got);
+    assert_eq!(vals.iter().map(|v| v.0).collect::<Vec<_>>(), [60, 120, 180]);
+    let read = got.warnings.iter().find(|w| w.contains("tags read")).unwrap();
+    assert!(
+        read.contains("loss `Step_Losses/Losses/train_all_loss`")
+            && read.contains("validation loss `Losses/val_all_loss`"),
+        "{read}"
+    );
+}
+
+/// The trace read from `events` against the metrics log `expected`, field by field (within
+/// float32 rounding); returns the former.
+fn same_as_expected(events: &Path, expected: &Path) -> Trace {
+    let want = Trace::read(expected).unwrap();
+    let got = Trace::read(events).unwrap();
     assert_eq!(got.steps.len(), want.steps.len());
     for (g, w) in got.steps.iter().zip(&want.steps) {
         assert_eq!(g.step, w.step);
@@ -94,8 +131,11 @@ fn a_resumed_summary_writer_run_reads_as_its_metrics_log() {
                 (a, b) => assert_eq!(a, b, "step {}: {k}", g.step),
             }
         }
+        if w.epoch.is_some() {
+            assert_eq!(g.epoch, w.epoch, "step {}", g.step);
+        }
     }
-    assert!(got.warnings.iter().any(|w| w.contains("resumed run")), "{:?}", got.warnings);
+    got
 }
 
 /// `doctor --trace` on the resumed run: the slowdown from step 81 on (F14) is found from the
