@@ -79,8 +79,9 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Diagnose a recorded run from its metrics log: lorahost's metrics.jsonl, a SAM3_LoRA
-        /// (TC4451) JSONL log, a Hugging Face trainer_state.json, a Lightning metrics.csv, or
-        /// TensorBoard event files (an events.out.tfevents.* file or its run's folder).
+        /// (TC4451) JSONL log, a Hugging Face trainer_state.json, a CSV log (Lightning's
+        /// metrics.csv, a W&B or TensorBoard export), or TensorBoard event files (an
+        /// events.out.tfevents.* file or its run's folder).
         /// How much the loss moves from step to step and which causes the log shows (batch,
         /// warmup, clipping, LR schedule), settings the header names that the steps do not
         /// show, whether the loss improves, spikes, slowdowns, over-training. With --config too,
@@ -429,8 +430,8 @@ pub enum PluginCommand {
     /// The trace is the metrics JSONL that `lorahost train` writes (one JSON object per
     /// optimizer step with at least step and loss; see docs/metrics-schema.md), a Hugging Face
     /// Trainer trainer_state.json (its log_history), a SAM3_LoRA (TC4451 fork) JSONL log
-    /// (`train_step` events), a Lightning CSVLogger metrics.csv or TensorBoard event files (a
-    /// file or its run's folder). The hooks are called in the
+    /// (`train_step` events), a CSV log (Lightning CSVLogger, W&B, TensorBoard export) or
+    /// TensorBoard event files (a file or its run's folder). The hooks are called in the
     /// order training calls them (loss weights per micro-step, gradients, LR, step); the data
     /// sampling hooks cannot be replayed. With --json,
     /// prints one JSON object per step with `step` and `action` (continue, skip, scale_lr,

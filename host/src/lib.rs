@@ -23,6 +23,7 @@ pub mod fsutil;
 pub mod gpu;
 pub mod imageio;
 pub mod inference;
+pub(crate) mod log_columns;
 pub mod lora;
 pub mod loss;
 pub mod matcher;

@@ -304,6 +304,8 @@ pub enum TraceFormat {
     Sam3LoraEvents,
     /// A PyTorch Lightning CSVLogger `metrics.csv`.
     LightningCsv,
+    /// Another CSV metrics log (a W&B history export, a TensorBoard scalar download).
+    Csv,
     /// TensorBoard event files (`events.out.tfevents.*`), see [`crate::tfevents`].
     TensorBoard,
 }
@@ -316,13 +318,14 @@ impl TraceFormat {
             TraceFormat::HuggingFace => "a Hugging Face trainer_state.json",
             TraceFormat::Sam3LoraEvents => "a SAM3_LoRA (TC4451) train_step log",
             TraceFormat::LightningCsv => "a Lightning metrics.csv",
+            TraceFormat::Csv => "a CSV metrics export",
             TraceFormat::TensorBoard => "TensorBoard event files",
         }
     }
 }
 
 /// What the reader accepts, for error messages.
-pub const SUPPORTED_FORMATS: &str = "lorahost's metrics.jsonl (one JSON object per line with `step` and `loss`), a Hugging Face Trainer trainer_state.json (`log_history`), the SAM3_LoRA fork's JSONL (`{\"event\": \"train_step\", \"step\": N, \"loss\": ...}` lines) a PyTorch Lightning metrics.csv (`step` and a `train_loss`/`loss` column) or TensorBoard event files (an events.out.tfevents.* file or its folder); see docs/metrics-schema.md";
+pub const SUPPORTED_FORMATS: &str = "lorahost's metrics.jsonl (one JSON object per line with `step` and `loss`), a Hugging Face Trainer trainer_state.json (`log_history`), the SAM3_LoRA fork's JSONL (`{\"event\": \"train_step\", \"step\": N, \"loss\": ...}` lines) a CSV log (a PyTorch Lightning metrics.csv, a W&B or TensorBoard CSV export: a `step` column and a column with `loss` in its name) or TensorBoard event files (an events.out.tfevents.* file or its folder); see docs/metrics-schema.md";
 
 /// Why a metrics log could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -996,46 +999,82 @@ impl Trace {
         Ok(trace)
     }
 
-    /// A PyTorch Lightning CSVLogger `metrics.csv`: a `step` column (Lightning's global step,
-    /// 0-based: the number of optimizer steps done before the row, so a row at step s is
-    /// lorahost's step s + 1), a loss column (`train_loss_step`, `train_loss`, `loss`, or the first
-    /// `train_loss*`), the LR from an `lr-*` column (LearningRateMonitor), `grad_norm`, `epoch`;
-    /// rows of the same step are merged (Lightning writes one row per log call). A `val_loss`
-    /// row reaches the following steps as `validation.step` / `validation.loss`.
+    /// A CSV metrics log: a PyTorch Lightning CSVLogger `metrics.csv`, a W&B history export, or
+    /// a TensorBoard scalar download (`Wall time,Step,Value`).
+    ///
+    /// The step column is `step` (Lightning's global step, 0-based: the number of optimizer
+    /// steps done before the row, so a row at step s is lorahost's step s + 1), or `Step`,
+    /// `global_step`, `trainer/global_step`, `train/global_step`, `_step` (an export's; shifted to
+    /// 1-based only when the loss starts at step 0). The other columns are matched by the words
+    /// of their names as TensorBoard tags are ([`crate::log_columns`]): the training loss
+    /// (`train_loss_step` before `train_loss_epoch`, the total before a term), the LR (`lr-*`
+    /// from LearningRateMonitor, held over rows without one), the gradient norm, `epoch`, the
+    /// validation loss (reaching the following steps as `validation.step` / `validation.loss`);
+    /// W&B's `__MIN` / `__MAX` columns are skipped. A TensorBoard download's `Value` is taken
+    /// as the loss (with a warning) and its `Wall time` gives the step times. Rows of the same
+    /// step are merged (Lightning writes one row per log call). Quoted cells may hold commas.
     pub fn from_lightning_csv(text: &str, origin: &Path) -> Result<Trace, TraceError> {
-        let format_err = |reason: String| TraceError::Format { path: origin.into(), reason };
-        let split = |l: &str| -> Vec<String> {
-            l.trim().split(',').map(|c| c.trim().trim_matches('"').to_string()).collect()
+        use crate::log_columns::{
+            is_epoch, is_grad_norm, is_loss, is_lr, is_total, is_validation, pick, prefers_total_norm,
         };
+        let format_err = |reason: String| TraceError::Format { path: origin.into(), reason };
         let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
         let (_, head) = lines.next().ok_or_else(|| format_err("empty CSV".into()))?;
-        let cols = split(head);
-        let col = |names: &[&str]| names.iter().find_map(|n| cols.iter().position(|c| c == n));
-        let Some(step_col) = col(&["step"]) else {
+        let cols = csv_cells(head);
+        let rows: Vec<(usize, Vec<String>)> = lines.map(|(i, l)| (i, csv_cells(l))).collect();
+        let find =
+            |names: &[&str]| names.iter().find_map(|n| cols.iter().position(|c| c.eq_ignore_ascii_case(n)));
+        let lightning = cols.iter().any(|c| c == "step");
+        let Some(step_col) =
+            find(&["step", "global_step", "trainer/global_step", "train/global_step", "_step"])
+        else {
             return Err(format_err(format!(
                 "a CSV file with columns {} but no `step` column: unsupported format\n  fix: give {SUPPORTED_FORMATS}",
                 cols.join(", ")
             )));
         };
-        let loss_col = col(&["train_loss_step", "train_loss", "loss", "train/loss"])
-            .or_else(|| cols.iter().position(|c| c.starts_with("train_loss")));
-        let Some(loss_col) = loss_col else {
-            return Err(format_err(format!(
-                "a CSV file with columns {} but no loss column (`train_loss_step`, `train_loss` or `loss`)\n  fix: give {SUPPORTED_FORMATS}",
-                cols.join(", ")
-            )));
+        // Non-empty cells per column: how often each series was logged.
+        let counts: Vec<(&str, usize)> = cols
+            .iter()
+            .enumerate()
+            .filter(|(c, name)| *c != step_col && !name.ends_with("__MIN") && !name.ends_with("__MAX"))
+            .map(|(c, name)| {
+                (name.as_str(), rows.iter().filter(|(_, r)| r.get(c).is_some_and(|v| !v.is_empty())).count())
+            })
+            .collect();
+        let role = |f: &dyn Fn(&str) -> bool, prefer: &dyn Fn(&str) -> bool| {
+            let c: Vec<(&str, usize)> = counts.iter().copied().filter(|(t, n)| *n > 0 && f(t)).collect();
+            pick(&c, prefer).and_then(|name| cols.iter().position(|c| c == name))
         };
-        let lr_col = col(&["lr", "learning_rate"]).or_else(|| cols.iter().position(|c| c.starts_with("lr-")));
-        let gn_col =
-            col(&["grad_norm"]).or_else(|| cols.iter().position(|c| c.starts_with("grad_2.0_norm_total")));
-        let val_col =
-            col(&["val_loss", "val/loss"]).or_else(|| cols.iter().position(|c| c.starts_with("val_loss")));
-        let epoch_col = col(&["epoch"]);
-        // Per Lightning step: (loss, lr, grad_norm, epoch).
-        let mut rows: Vec<(u64, [Option<f64>; 4])> = Vec::new();
+        let mut warnings = Vec::new();
+        let loss_col = role(&|t| is_loss(t) && !is_validation(t), &is_total);
+        let wall_col = find(&["wall time", "wall_time"]);
+        let loss_col = match (loss_col, find(&["value"])) {
+            (Some(c), _) => c,
+            (None, Some(v)) => {
+                warnings.push(format!(
+                    "{}: a `{}` column and no loss column (a TensorBoard scalar download): its values are taken as the training loss",
+                    origin.display(),
+                    cols[v]
+                ));
+                v
+            }
+            (None, None) => {
+                return Err(format_err(format!(
+                    "a CSV file with columns {} but no loss column (a name with the word `loss`, e.g. `train_loss_step`, `train_loss` or `loss`)\n  fix: give {SUPPORTED_FORMATS}",
+                    cols.join(", ")
+                )))
+            }
+        };
+        let not_loss = |t: &str| t != cols[loss_col];
+        let lr_col = role(&|t| not_loss(t) && !is_validation(t) && is_lr(t), &|_| true);
+        let gn_col = role(&|t| not_loss(t) && !is_validation(t) && is_grad_norm(t), &prefers_total_norm);
+        let val_col = role(&|t| not_loss(t) && is_loss(t) && is_validation(t), &is_total);
+        let epoch_col = role(&|t| !is_validation(t) && is_epoch(t), &|_| true);
+        // Per step: (loss, lr, grad_norm, epoch, wall time).
+        let mut merged: Vec<(u64, [Option<f64>; 5])> = Vec::new();
         let mut validations: Vec<(u64, f64)> = Vec::new();
-        for (i, line) in lines {
-            let cells = split(line);
+        for (i, cells) in &rows {
             let cell = |c: Option<usize>| -> Result<Option<f64>, TraceError> {
                 let Some(s) = c.and_then(|c| cells.get(c)).filter(|s| !s.is_empty()) else { return Ok(None) };
                 parse_number_text(s).map(Some).ok_or_else(|| TraceError::Line {
@@ -1049,13 +1088,14 @@ impl Trace {
                 .ok_or_else(|| TraceError::Line {
                     path: origin.into(),
                     line: i + 1,
-                    reason: "`step` is not a whole number >= 0".into(),
+                    reason: format!("`{}` is not a whole number >= 0", cols[step_col]),
                 })? as u64;
             if let Some(v) = cell(val_col)? {
                 validations.push((step, v));
             }
-            let vals = [cell(Some(loss_col))?, cell(lr_col)?, cell(gn_col)?, cell(epoch_col)?];
-            match rows.last_mut() {
+            let vals =
+                [cell(Some(loss_col))?, cell(lr_col)?, cell(gn_col)?, cell(epoch_col)?, cell(wall_col)?];
+            match merged.last_mut() {
                 Some((s, have)) if *s == step => {
                     for (h, v) in have.iter_mut().zip(vals) {
                         if v.is_some() {
@@ -1063,47 +1103,90 @@ impl Trace {
                         }
                     }
                 }
-                _ => rows.push((step, vals)),
+                _ => merged.push((step, vals)),
             }
         }
-        let mut trace = Trace {
-            format: TraceFormat::LightningCsv,
-            validation: validations.clone(),
-            ..Default::default()
-        };
+        // Lightning's step counts the steps done before the row; an export's is the writer's
+        // global step, 0-based only if the loss starts there.
+        let first_loss = merged.iter().find(|(_, v)| v[0].is_some()).map(|(s, _)| *s);
+        let shift = u64::from(lightning || first_loss == Some(0));
+        let validations: Vec<(u64, f64)> =
+            validations.into_iter().map(|(s, v)| (if lightning { s } else { s + shift }, v)).collect();
+        let format = if lightning { TraceFormat::LightningCsv } else { TraceFormat::Csv };
+        let mut trace = Trace { format, validation: validations.clone(), ..Default::default() };
         let mut repeats = Repeats::default();
         let mut lr_carry = None;
-        for (s, [loss, lr, gn, epoch]) in rows {
+        let mut prev_wall: Option<(u64, f64)> = None;
+        for (s, [loss, lr, gn, epoch, wall]) in merged {
             // LearningRateMonitor may log on rows without a loss: the LR holds until it changes.
             lr_carry = lr.or(lr_carry);
             let Some(loss) = loss else { continue };
-            let step = s + 1;
+            let step = s + shift;
             let mut rec = StepRecord::new(step, loss, lr_carry.unwrap_or(f64::NAN), gn.unwrap_or(f64::NAN));
             rec.epoch = epoch.filter(|e| *e >= 0.0).map(|e| e as u32);
-            if let Some((at, v)) = validations.iter().rev().find(|(at, _)| *at < step) {
+            if let Some(w) = wall {
+                if let Some((ps, pw)) = prev_wall.filter(|(ps, _)| step > *ps) {
+                    rec.step_time_ms = Some((w - pw) * 1000.0 / (step - ps) as f64).filter(|t| *t >= 0.0);
+                }
+                prev_wall = Some((step, w));
+            }
+            if let Some((at, v)) = trace.validation.iter().rev().find(|(at, _)| *at < step) {
                 rec.extra.insert("validation.step".into(), serde_json::json!(*at as f64));
                 rec.extra.insert("validation.loss".into(), serde_json::json!(v));
             }
-            repeats.push(&mut trace.steps, rec, || format!("Lightning step {s}"));
+            repeats.push(&mut trace.steps, rec, || format!("step {s} (column `{}`)", cols[step_col]));
         }
         if trace.steps.is_empty() {
             return Err(TraceError::Empty {
                 path: origin.into(),
-                detail: format!(
-                    "a Lightning metrics.csv whose `{}` column is empty in every row",
-                    cols[loss_col]
-                ),
+                detail: format!("a CSV log whose `{}` column is empty in every row", cols[loss_col]),
             });
         }
+        trace.warnings = warnings;
         trace.warnings.extend(repeats.warning(origin));
+        let name = |c: Option<usize>| c.map_or_else(|| "none".to_string(), |c| format!("`{}`", cols[c]));
+        if !lightning {
+            trace.warnings.push(format!(
+                "{}: CSV columns read: step `{}`, loss `{}`, LR {}, gradient norm {}, epoch {}, validation loss {}",
+                origin.display(),
+                cols[step_col],
+                cols[loss_col],
+                name(lr_col),
+                name(gn_col),
+                name(epoch_col),
+                name(val_col)
+            ));
+        }
         if lr_col.is_none() {
             trace.warnings.push(format!(
-                "{}: no `lr-*` column (add Lightning's LearningRateMonitor): the LR is unknown (NaN); LR-schedule plugins get scheduled_lr NaN",
+                "{}: no LR column (Lightning: add LearningRateMonitor, which writes `lr-*`): the LR is unknown (NaN); LR-schedule plugins get scheduled_lr NaN",
                 origin.display()
             ));
         }
         Ok(trace)
     }
+}
+
+/// The cells of a CSV line: comma-separated, a cell in double quotes may hold commas and `""`
+/// for a quote; cells trimmed.
+fn csv_cells(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cell = String::new();
+    let mut quoted = false;
+    let mut chars = line.trim().chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                cell.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cell).trim().to_string()),
+            c => cell.push(c),
+        }
+    }
+    out.push(cell.trim().to_string());
+    out
 }
 
 impl StepRecord {
@@ -1327,6 +1410,45 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("val_stats.json:1") && e.contains("per-epoch"), "{e}");
+    }
+
+    /// CSV logs other than Lightning's fixed columns: the series by their names' words
+    /// (the per-step loss over the per-epoch one, LR, gradient norm, validation loss); a W&B
+    /// chart export (`Step`, `<run> - train/loss`, its `__MIN`/`__MAX`, a quoted name with a
+    /// comma), 1-based as written; a TensorBoard scalar download (`Wall time,Step,Value`) from
+    /// step 0, shifted, with step times from its wall clock.
+    #[test]
+    fn csv_columns_are_matched_by_their_words() {
+        let csv = "epoch,step,train_loss_epoch,train_loss_step,lr-AdamW/pg1,grad_2.0_norm_total,val/loss\n\
+                   0,0,,2.0,0.1,5.0,\n0,1,,1.8,,4.0,\n0,1,1.9,,,,\n0,1,,,,,1.7\n1,2,,1.6,0.05,3.0,\n";
+        let t = Trace::parse(csv, Path::new("metrics.csv")).unwrap();
+        assert_eq!(t.format, TraceFormat::LightningCsv);
+        let got: Vec<(u64, f64, f64, f64)> =
+            t.steps.iter().map(|s| (s.step, s.loss, s.lr, s.grad_norm)).collect();
+        assert_eq!(got, [(1, 2.0, 0.1, 5.0), (2, 1.8, 0.1, 4.0), (3, 1.6, 0.05, 3.0)]);
+        assert_eq!(t.steps[2].extra["validation.loss"], 1.7);
+        assert_eq!(t.validation, [(1, 1.7)]);
+
+        let wandb = "\"Step\",\"run-a, lr 1e-4 - train/loss\",\"run-a, lr 1e-4 - train/loss__MIN\",\"run-a, lr 1e-4 - train/loss__MAX\",\"run-a, lr 1e-4 - train/learning_rate\"\n\
+                     \"10\",\"2.5\",\"2.4\",\"2.6\",\"0.0001\"\n\"20\",\"2.25\",\"2.2\",\"2.3\",\"0.0001\"\n";
+        let t = Trace::parse(wandb, Path::new("wandb_export.csv")).unwrap();
+        assert_eq!(t.format, TraceFormat::Csv);
+        let got: Vec<(u64, f64, f64)> = t.steps.iter().map(|s| (s.step, s.loss, s.lr)).collect();
+        assert_eq!(got, [(10, 2.5, 1e-4), (20, 2.25, 1e-4)]);
+        assert!(
+            t.warnings.iter().any(|w| w.contains("loss `run-a, lr 1e-4 - train/loss`")),
+            "{:?}",
+            t.warnings
+        );
+
+        let tb = "Wall time,Step,Value\n1700000000.0,0,3.0\n1700000001.5,1,2.5\n1700000004.5,3,2.0\n";
+        let t = Trace::parse(tb, Path::new("run-.-tag-train_loss.csv")).unwrap();
+        let got: Vec<(u64, f64, Option<f64>)> =
+            t.steps.iter().map(|s| (s.step, s.loss, s.step_time_ms)).collect();
+        assert_eq!(got, [(1, 3.0, None), (2, 2.5, Some(1500.0)), (4, 2.0, Some(1500.0))]);
+        assert!(t.warnings.iter().any(|w| w.contains("taken as the training loss")), "{:?}", t.warnings);
+        let e = Trace::parse("Step,accuracy\n1,0.5\n", Path::new("x.csv")).unwrap_err().to_string();
+        assert!(e.contains("no loss column") && e.contains("accuracy"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,9 @@
 //! names them. A file cut off in its last record (the run still writing) loses that record with
 //! a warning; a record whose checksum fails ends the file's reading with a warning.
 
+use crate::log_columns::{
+    is_epoch, is_grad_norm, is_loss, is_lr, is_total, is_validation, pick, prefers_total_norm,
+};
 use crate::metrics::{RunHeader, StepRecord, Trace, TraceError, TraceFormat};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -454,53 +457,6 @@ pub fn event_files_in(dir: &Path) -> Result<Vec<PathBuf>, TraceError> {
     Ok(files)
 }
 
-/// Lower-case words of a tag (split at anything not a letter or digit).
-fn words(tag: &str) -> Vec<String> {
-    tag.split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_lowercase)
-        .collect()
-}
-
-fn is_validation(tag: &str) -> bool {
-    words(tag).iter().any(|w| {
-        matches!(w.as_str(), "val" | "valid" | "validation" | "eval" | "evaluation" | "test" | "dev")
-    })
-}
-
-fn is_loss(tag: &str) -> bool {
-    words(tag).iter().any(|w| w == "loss" || w == "losses" || w.ends_with("loss"))
-}
-
-/// A total loss rather than a component: the last part of the tag has no word but the usual
-/// decorations (`train/loss`, `train_all_loss`, `loss_step`; not `loss_mask`).
-fn is_total(tag: &str) -> bool {
-    let leaf = tag.rsplit('/').next().unwrap_or(tag);
-    words(leaf).iter().all(|w| {
-        matches!(
-            w.as_str(),
-            "train"
-                | "training"
-                | "step"
-                | "steps"
-                | "loss"
-                | "losses"
-                | "all"
-                | "total"
-                | "core"
-                | "objective"
-                | "batch"
-        )
-    })
-}
-
-/// Among `tags` with their point counts, the one with the most points (counts within 10% of
-/// the most count as equal), then `prefer`red, then the shortest name.
-fn pick<'a>(tags: &[(&'a str, usize)], prefer: impl Fn(&str) -> bool) -> Option<&'a str> {
-    let most = tags.iter().map(|t| t.1).max()?;
-    tags.iter().filter(|t| t.1 * 10 >= most * 9).min_by_key(|(t, _)| (!prefer(t), t.len(), *t)).map(|t| t.0)
-}
-
 /// The tags' points merged over `files` (ordered by their first scalar's wall time; a later
 /// file's point replaces an earlier one at the same step), and how many steps were replaced.
 fn merge(mut files: Vec<EventFile>) -> (BTreeMap<String, BTreeMap<i64, ScalarPoint>>, usize) {
@@ -570,31 +526,9 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
     let others = |f: &dyn Fn(&str) -> bool| -> Vec<(&str, usize)> {
         counts.iter().copied().filter(|(t, _)| *t != loss_tag && !epoch_level(t) && f(t)).collect()
     };
-    let lr_tag = pick(
-        &others(&|t| {
-            let w = words(t);
-            !is_validation(t)
-                && (w.iter().any(|w| w == "lr" || w == "learningrate")
-                    || w.windows(2).any(|p| p[0] == "learning" && p[1] == "rate"))
-        }),
-        |_| true,
-    );
-    let gn_tag = pick(
-        &others(&|t| {
-            let w = words(t);
-            !is_validation(t)
-                && w.iter().any(|w| w.starts_with("grad"))
-                && w.iter().any(|w| w.ends_with("norm"))
-                && !w.iter().any(|w| w.starts_with("clip"))
-        }),
-        |t| words(t).iter().any(|w| w == "total" || w == "global"),
-    );
-    let epoch_tag = pick(
-        &others(&|t| {
-            !is_validation(t) && t.rsplit('/').next().is_some_and(|l| l.eq_ignore_ascii_case("epoch"))
-        }),
-        |_| true,
-    );
+    let lr_tag = pick(&others(&|t| !is_validation(t) && is_lr(t)), |_| true);
+    let gn_tag = pick(&others(&|t| !is_validation(t) && is_grad_norm(t)), prefers_total_norm);
+    let epoch_tag = pick(&others(&|t| !is_validation(t) && is_epoch(t)), |_| true);
     let val_tag = match epoch_ends {
         // The epoch summaries' validation loss (its per-step meters count validation steps).
         Some(_) => pick(
@@ -864,30 +798,5 @@ mod tests {
         assert_eq!(got, vec![(1, 4.0, 0.1), (2, 3.0, 0.1), (3, 2.0, 0.3), (4, 1.0, 0.3)]);
         assert!(t.steps.iter().all(|s| s.grad_norm.is_nan()));
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// The tag choices: the total training loss over a component, an epoch summary or a
-    /// validation loss; LR, gradient norm and validation tags by their words.
-    #[test]
-    fn tags_are_matched_by_their_words() {
-        let losses = [("train/loss", 40), ("train/loss_mask", 40), ("train/train_loss", 1), ("eval/loss", 4)];
-        let train: Vec<_> = losses.iter().copied().filter(|(t, _)| is_loss(t) && !is_validation(t)).collect();
-        assert_eq!(pick(&train, is_total), Some("train/loss"));
-        let lightning = [("train_loss_step", 300), ("train_loss_epoch", 10), ("val_loss", 10)];
-        let train: Vec<_> =
-            lightning.iter().copied().filter(|(t, _)| is_loss(t) && !is_validation(t)).collect();
-        assert_eq!(pick(&train, is_total), Some("train_loss_step"));
-        let sam = [
-            ("Step_Losses/Losses/train_all_loss_mask", 90),
-            ("Step_Losses/Losses/train_all_loss", 90),
-            ("Losses/train_all_loss", 3),
-        ];
-        assert_eq!(pick(&sam, is_total), Some("Step_Losses/Losses/train_all_loss"));
-        assert!(
-            is_validation("eval/loss")
-                && is_validation("Losses/val_all_loss")
-                && !is_validation("train/evaluated")
-        );
-        assert!(!is_total("train/loss_dice") && is_total("loss") && is_total("train_loss_step"));
     }
 }
