@@ -177,7 +177,9 @@ pub enum Command {
     Import {
         /// A dataset folder to import whole: its train/ val/ test/ subfolders (or the folder
         /// itself), each with an image folder (images, img, ...) beside a mask folder (masks,
-        /// gt, labels, ...), or masks beside their images with a suffix.
+        /// gt, labels, ...), or masks beside their images with a suffix; or a YOLO dataset
+        /// (images/ beside labels/*.txt, names in data.yaml) or LabelMe JSON files, whose
+        /// polygons are kept as drawn.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["images", "masks"], required_unless_present_all = ["images", "masks"])]
         from: Option<PathBuf>,
         /// The images' folder (JPEG or PNG).
@@ -189,8 +191,9 @@ pub enum Command {
         /// The dataset folder to write OUT/<split>/ into (a split folder there must be new or empty).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// What binary masks show (the category name and text prompt), e.g. "crack".
-        #[arg(long, value_name = "NAME", conflicts_with = "class", required_unless_present = "class")]
+        /// What binary masks show (the category name and text prompt), e.g. "crack" (mask
+        /// imports; YOLO and LabelMe datasets name their classes).
+        #[arg(long, value_name = "NAME", conflicts_with = "class")]
         prompt: Option<String>,
         /// A class of label or colour masks, VALUE=NAME: a grey level (1=crack) or an 8-bit
         /// colour (255,0,0=crack); repeatable. Pixels of other values are background.
@@ -879,17 +882,40 @@ pub fn run(cli: Cli) -> Result<()> {
                 min_pixels: *min_pixels,
                 seed: *seed,
             };
-            let s = match from {
-                Some(dir) => crate::data::masks::import_dataset(dir, &opts)
+            let labels = from.as_deref().and_then(crate::data::labels::detect);
+            let s = match (from, labels) {
+                (Some(dir), Some(format)) => {
+                    if !opts.classes.is_empty() {
+                        anyhow::bail!(
+                            "{} is a {format} dataset, which names its classes itself: leave out --prompt and --class",
+                            dir.display()
+                        );
+                    }
+                    let lo = crate::data::labels::LabelImportOptions {
+                        out: out.clone(),
+                        split: split.clone(),
+                        valid_share: *valid_share,
+                        test_share: *test_share,
+                        seed: *seed,
+                    };
+                    crate::data::labels::import_labels(dir, Some(format), &lo)
+                        .with_context(|| format!("importing {}", dir.display()))?
+                }
+                (Some(dir), None) => crate::data::masks::import_dataset(dir, &opts)
                     .with_context(|| format!("importing {}", dir.display()))?,
-                None => crate::data::masks::import_masks(&opts).with_context(|| {
+                (None, _) => crate::data::masks::import_masks(&opts).with_context(|| {
                     format!("importing {} with masks {}", opts.images.display(), opts.masks.display())
                 })?,
             };
             for sp in &s.splits {
+                let dropped = if labels.is_none() {
+                    format!(" ({} regions under --min-pixels {min_pixels} dropped)", sp.small_regions_dropped)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{}: {} images ({} negatives), {} objects ({} regions under --min-pixels {} dropped)",
-                    sp.split, sp.images, sp.negatives, sp.objects, sp.small_regions_dropped, min_pixels
+                    "{}: {} images ({} negatives), {} objects{dropped}",
+                    sp.split, sp.images, sp.negatives, sp.objects
                 );
             }
             for (file, why) in &s.left_out {

@@ -165,16 +165,16 @@ pub struct ImportSummary {
     pub notes: Vec<String>,
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> DataError {
+pub(super) fn io(path: &Path, e: impl std::fmt::Display) -> DataError {
     DataError::Io { path: path.to_path_buf(), reason: e.to_string() }
 }
 
-fn invalid(reason: String) -> DataError {
+pub(super) fn invalid(reason: String) -> DataError {
     DataError::Invalid { what: "import options", reason }
 }
 
 /// The image files of `dir` (sorted by name).
-fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+pub(super) fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     if !dir.is_dir() {
         let why = if dir.exists() { "is not a folder" } else { "does not exist" };
         return Err(io(dir, format!("{why}: give the folder that holds the files")));
@@ -446,7 +446,7 @@ pub fn looks_like_mask_pairs(dir: &Path, split: &str) -> Option<(PathBuf, PathBu
 }
 
 /// The split a dataset's subfolder name stands for (`val`, `validation` → `valid`, ...).
-fn split_of(folder: &str) -> Option<&'static str> {
+pub(super) fn split_of(folder: &str) -> Option<&'static str> {
     match folder.to_lowercase().as_str() {
         "train" | "training" | "trainval" => Some("train"),
         "valid" | "val" | "validation" | "dev" => Some("valid"),
@@ -543,11 +543,22 @@ fn name_hash(name: &str) -> u64 {
 /// The split of each of `names`: `test_share` and `valid_share` of them (rounded, at least one
 /// each where the share is above 0 and images remain) chosen by a seeded draw per name.
 fn assign_splits(names: &[String], opts: &ImportOptions) -> Vec<String> {
+    split_names(names, &opts.split, opts.valid_share, opts.test_share, opts.seed)
+}
+
+/// [`assign_splits`] with its settings given one by one: the rest go to `split`.
+pub(super) fn split_names(
+    names: &[String],
+    split: &str,
+    valid_share: f64,
+    test_share: f64,
+    seed: u64,
+) -> Vec<String> {
     let n = names.len();
     let mut order: Vec<(u64, usize)> = names
         .iter()
         .enumerate()
-        .map(|(i, name)| (super::SplitMix64::from_parts(&[opts.seed, 0x1A9E, name_hash(name)]).next_u64(), i))
+        .map(|(i, name)| (super::SplitMix64::from_parts(&[seed, 0x1A9E, name_hash(name)]).next_u64(), i))
         .collect();
     order.sort();
     let count = |share: f64, left: usize| -> usize {
@@ -556,9 +567,9 @@ fn assign_splits(names: &[String], opts: &ImportOptions) -> Vec<String> {
         }
         ((share * n as f64).round() as usize).clamp(1, left - 1)
     };
-    let tests = count(opts.test_share, n);
-    let valids = count(opts.valid_share, n - tests);
-    let mut out = vec![opts.split.clone(); n];
+    let tests = count(test_share, n);
+    let valids = count(valid_share, n - tests);
+    let mut out = vec![split.to_string(); n];
     for (k, (_, i)) in order.into_iter().enumerate() {
         if k < tests {
             out[i] = "test".into();
@@ -572,6 +583,19 @@ fn assign_splits(names: &[String], opts: &ImportOptions) -> Vec<String> {
 /// The image as it will be written (its bytes and file name) for a mask of `mask_size`, or why
 /// it cannot pair with it; a note when its EXIF orientation decided the frame.
 fn image_for_mask(path: &Path, mask_size: (u32, u32)) -> Result<(Vec<u8>, String, Option<String>), String> {
+    image_in_frame(path, mask_size, false)
+}
+
+/// The image as it will be written for annotations made on a frame of `size`: as stored
+/// without an EXIF orientation; with one, as a PNG of the frame that has that size (where both
+/// have it, the displayed frame if `prefer_displayed`, as annotation tools that apply EXIF
+/// drew on, else the stored one).
+pub(super) fn image_in_frame(
+    path: &Path,
+    size: (u32, u32),
+    prefer_displayed: bool,
+) -> Result<(Vec<u8>, String, Option<String>), String> {
+    let mask_size = size;
     let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let crate::imageio::Frames { stored, displayed, exif } =
         crate::imageio::frames(path).map_err(|e| e.to_string())?;
@@ -588,7 +612,7 @@ fn image_for_mask(path: &Path, mask_size: (u32, u32)) -> Result<(Vec<u8>, String
         return Ok((bytes, file_name, None));
     }
     // An EXIF orientation: write the frame the mask fits, as a PNG without the tag.
-    let (img, frame) = if fits(stored) {
+    let (img, frame) = if fits(stored) && !(prefer_displayed && fits(displayed)) {
         (crate::imageio::load_rgb_stored(path).map_err(|e| e.to_string())?, "stored")
     } else if fits(displayed) {
         (crate::imageio::load_rgb(path).map_err(|e| e.to_string())?, "displayed (EXIF applied)")

@@ -15,6 +15,7 @@
 pub mod augment;
 pub mod batch;
 pub mod coco;
+pub mod labels;
 pub mod masks;
 pub mod overlay;
 pub mod rle;
