@@ -1451,8 +1451,15 @@ fn target_modules(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<S
             errors.push(regex_error(&s));
             *v = Value::Sequence(Vec::new()); // reported; no second error about the type
         } else {
-            notes.push(format!("`lora.target_modules: {s}` read as the list [{s}]"));
-            *v = Value::Sequence(vec![Value::String(s)]);
+            // No module name holds a comma or a space: "q_proj, v_proj" lists two.
+            let parts: Vec<String> = s
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect();
+            let shown: Vec<String> = parts.iter().map(|p| format!("{p:?}")).collect();
+            notes.push(format!("`lora.target_modules: {s}` read as the list [{}]", shown.join(", ")));
+            *v = Value::Sequence(parts.into_iter().map(Value::String).collect());
         }
         return;
     }
@@ -2017,7 +2024,9 @@ impl TrainConfig {
     /// The config as a run records it (`config.yaml` in the output directory and in each
     /// checkpoint): every setting, defaults included, paths made absolute, and `extra_plugins`
     /// (the command line's) appended to `plugins`, so `lorahost train --config` on the record
-    /// trains the same run from any working directory.
+    /// trains the same run from any working directory. A `logging_dir` inside `output_dir` is
+    /// recorded relative to it (as training resolves a relative one), so the record run with
+    /// another `output_dir` logs there, not into the recorded run's folder.
     pub fn snapshot(&self, extra_plugins: &[PluginEntry]) -> serde_yaml::Value {
         let mut c = self.clone();
         c.plugins.extend(extra_plugins.iter().cloned());
@@ -2030,12 +2039,17 @@ impl TrainConfig {
         };
         abs(&mut c.training.data_dir);
         abs(&mut c.output.output_dir);
-        // A relative logging_dir lives inside output_dir (as training resolves it).
-        if let Some(l) = c.output.logging_dir.as_mut().filter(|l| l.is_relative()) {
-            *l = c.output.output_dir.join(&*l);
+        if let Some(l) = c.output.logging_dir.as_mut() {
+            // Relative to output_dir where it lies inside it (a relative one always does).
+            let inside = if l.is_relative() { c.output.output_dir.join(&*l) } else { l.clone() };
+            let inside = lexically_normal(&inside);
+            match inside.strip_prefix(&c.output.output_dir) {
+                Ok(rel) if !rel.as_os_str().is_empty() => *l = rel.to_path_buf(),
+                Ok(_) => *l = PathBuf::from("."),
+                Err(_) => abs(l),
+            }
         }
-        for p in [&mut c.model.path, &mut c.model.cache_dir, &mut c.output.logging_dir].into_iter().flatten()
-        {
+        for p in [&mut c.model.path, &mut c.model.cache_dir].into_iter().flatten() {
             abs(p);
         }
         for p in &mut c.plugins {
@@ -2147,8 +2161,21 @@ mod tests {
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(back.training.data_dir, cwd.join("cracks"));
         assert_eq!(back.output.output_dir, cwd.join(&cfg.output.output_dir));
-        // A relative logging_dir is inside output_dir, as training resolves it.
-        assert_eq!(back.output.logging_dir, Some(cwd.join(&cfg.output.output_dir).join("logs")));
+        // A logging_dir inside output_dir stays relative to it, as training resolves it (so the
+        // record run with another output_dir logs there).
+        assert_eq!(back.output.logging_dir, Some(PathBuf::from("logs")));
+        let mut inside = cfg.clone();
+        inside.output.logging_dir = Some(cwd.join(&cfg.output.output_dir).join("tb/../logs2"));
+        assert_eq!(
+            inside.snapshot(&[]).get("output").unwrap().get("logging_dir").unwrap().as_str(),
+            Some("logs2")
+        );
+        let mut outside = cfg.clone();
+        outside.output.logging_dir = Some("/var/log/runs".into());
+        assert_eq!(
+            outside.snapshot(&[]).get("output").unwrap().get("logging_dir").unwrap().as_str(),
+            Some("/var/log/runs")
+        );
         assert_eq!(back.plugins, vec![PluginEntry { path: cwd.join("p/guard.wasm"), ..cli.clone() }]);
         let same = TrainConfig {
             training: back.training.clone(),
@@ -2692,6 +2719,10 @@ mod tests {
         let (c, w) = parse("lora:\n  target_modules: q_proj\n").unwrap();
         assert_eq!(c.lora.target_modules, ["q_proj"]);
         assert_eq!(w.len(), 1, "{w:?}");
+        // No module name has a comma or a space: a string of several is their list.
+        let (c, w) = parse("lora:\n  target_modules: \"q_proj,k_proj, v_proj  out_proj\"\n").unwrap();
+        assert_eq!(c.lora.target_modules, ["q_proj", "k_proj", "v_proj", "out_proj"]);
+        assert!(w.iter().any(|m| m.contains(r#"["q_proj", "k_proj", "v_proj", "out_proj"]"#)), "{w:?}");
         for (yaml, glob) in [
             ("lora:\n  target_modules: \".*attn.*\"\n", "\"*attn*\""),
             ("lora:\n  target_modules: [q_proj, \".*\\\\.(q|v)_proj$\"]\n", "\"*.q_proj\", \"*.v_proj\""),

@@ -926,6 +926,60 @@ fn setting_aside_keeps_the_logging_dir_layout() {
     assert_eq!(steps(&out.join("logs")).steps.len(), 1);
 }
 
+/// A run's recorded config.yaml trained again into another output_dir logs into that folder,
+/// and the recorded run keeps its log; a record naming the earlier run's logging_dir (as
+/// records made before the fix did) is refused before anything of that run is touched.
+#[test]
+fn a_recorded_config_rerun_elsewhere_leaves_the_recorded_run_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 2);
+    let a = tmp.path().join("a");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &a,
+        "  num_epochs: 1\n  batch_size: 1\n  gradient_accumulation_steps: 1\n",
+        "",
+    );
+    run(&TrainOptions {
+        max_steps: Some(2),
+        overrides: vec!["output.logging_dir=logs".into()],
+        ..opts(&cfg)
+    });
+    let a_log = std::fs::read(a.join("logs/metrics.jsonl")).unwrap();
+    let record = a.join("config.yaml");
+    assert!(std::fs::read_to_string(&record).unwrap().contains("logging_dir: logs"));
+    let b = tmp.path().join("b");
+    let o = |out: &Path| TrainOptions {
+        max_steps: Some(1),
+        overrides: vec![format!("output.output_dir={}", out.display())],
+        ..opts(&record)
+    };
+    run(&o(&b));
+    assert_eq!(steps(&b.join("logs")).steps.len(), 1);
+    assert!(!b.join("previous-runs").exists());
+    assert_eq!(std::fs::read(a.join("logs/metrics.jsonl")).unwrap(), a_log);
+    // An older record: logging_dir absolute, inside the recorded run.
+    let text = std::fs::read_to_string(&record).unwrap();
+    let old = tmp.path().join("old.yaml");
+    std::fs::write(
+        &old,
+        text.replace("logging_dir: logs", &format!("logging_dir: {}", a.join("logs").display())),
+    )
+    .unwrap();
+    let c = tmp.path().join("c");
+    let e = train(&TrainOptions {
+        max_steps: Some(1),
+        overrides: vec![format!("output.output_dir={}", c.display())],
+        ..opts(&old)
+    })
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("another run's metrics log") && e.contains("logging_dir"), "{e}");
+    assert_eq!(std::fs::read(a.join("logs/metrics.jsonl")).unwrap(), a_log);
+    assert!(!a.join("previous-runs").exists() && !c.join("previous-runs").exists());
+}
+
 /// A skip answered by one plugin rolls the update back even when another stops on that step.
 #[test]
 fn a_skip_beside_a_stop_still_rolls_the_update_back() {

@@ -527,6 +527,12 @@ impl Split {
                 )
             } else if !data_dir.is_dir() {
                 format!(" ({} does not exist)", data_dir.display())
+            } else if let Some(format) = super::labels::detect(data_dir) {
+                format!(
+                    " ({} is a {format} dataset, not a COCO export: convert it with `lorahost import --from {} --out NEW_DIR` and set data_dir to NEW_DIR)",
+                    data_dir.display(),
+                    data_dir.display()
+                )
             } else if let Some((images, masks)) = super::masks::looks_like_mask_pairs(data_dir, name) {
                 let command = if super::masks::dataset_layout(data_dir, name).len() > 1 {
                     format!("lorahost import --from {}", data_dir.display())

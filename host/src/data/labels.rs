@@ -830,6 +830,9 @@ mod tests {
             coco["annotations"][0]["area"].as_f64().unwrap(),
             mask.iter().filter(|&&m| m).count() as f64
         );
+        // Training on the YOLO folder itself says how to convert it.
+        let e = Split::load(&src, "train").unwrap_err().to_string();
+        assert!(e.contains("YOLO dataset") && e.contains("lorahost import --from"), "{e}");
         // Nothing is written into a split folder that holds files; names are required.
         let e = import_labels(&src, None, &options(&out)).unwrap_err().to_string();
         assert!(e.contains("not empty"), "{e}");

@@ -189,8 +189,6 @@ const RUN_OUTPUTS: &[&str] = &[
     "nonfinite_batches.jsonl",
 ];
 
-/// Move an earlier run's outputs in `out_dir` (and its metrics log in `log_dir`) to
-/// `out_dir/previous-runs/run-N/`, keeping the layout: a log in a `log_dir` other than
 /// The run's own diagnosis at its end ([`crate::run_diagnosis`] on its metrics log): each
 /// warning as one log line, and the command for the whole report. Silent on a short run (the
 /// diagnosis needs a few steps) and when the log cannot be read.
@@ -212,9 +210,13 @@ fn run_diagnosis_summary(metrics: &Path, max_grad_norm: f64) {
     }
 }
 
+/// Move an earlier run's outputs in `out_dir` (and its metrics log in `log_dir`) to
+/// `out_dir/previous-runs/run-N/`, keeping the layout: a log in a `log_dir` other than
 /// `out_dir` goes to the same relative folder (`logs/metrics.jsonl` → `run-N/logs/`; a
 /// `log_dir` outside `out_dir` → `run-N/<its name>/`), so no file overwrites another. Returns
-/// where they went, or None when there was no run.
+/// where they went, or None when there was no run. Refuses when only a `log_dir` outside
+/// `out_dir` holds a log: that is another run's (its folder is elsewhere), which must neither
+/// be moved into this run's folder nor written over.
 fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBuf>> {
     let is_log = |p: &Path| {
         p.file_name()
@@ -242,6 +244,15 @@ fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBu
                 found.push((e.path(), sub.clone()));
             }
         }
+    }
+    let outside = !same_dir(log_dir, out_dir) && log_dir.strip_prefix(out_dir).is_err();
+    if outside && !found.is_empty() && found.iter().all(|(p, _)| p.parent() == Some(log_dir)) {
+        bail!(
+            "output.logging_dir {} holds another run's metrics log ({}) and output.output_dir {} holds no run: this run would write over that log. Set output.logging_dir to a folder of this run (`logs` puts it inside output_dir) or to an empty folder; a config.yaml recorded by an earlier lorahost names the recorded run's own logging_dir. Nothing was written",
+            log_dir.display(),
+            found[0].0.display(),
+            out_dir.display()
+        );
     }
     // Only an empty checkpoints/ folder and nothing else: no run to keep.
     let ckpts = out_dir.join("checkpoints");
