@@ -40,6 +40,7 @@
 //! | D9 | an image with more objects of one prompt than the decoder has queries |
 //! | D10 | a recorded run's loss does not improve beneath its noise, or rises |
 //! | D11 | loss spikes in a recorded run |
+//! | D12 | with the config's `target_modules`, SAM3_LoRA adapted other layers than lorahost (it matched them against Meta's original names) |
 
 use crate::data::coco::{Dataset, FindingKind, Severity as DataSeverity};
 use crate::lora::{Component, LoraConfig, LoraSet};
@@ -1273,6 +1274,76 @@ fn thin_structure_check(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
     }
 }
 
+/// D12: where SAM3_LoRA, given the same `target_modules`, adapts other layers than lorahost
+/// ([`crate::lora::sam3_lora_differences`]): a config brought from SAM3_LoRA trains other
+/// adapters here, which a user comparing the two runs must know; the fix names SAM3_LoRA's
+/// layers by component.
+fn sam3_lora_target_check(cfg: &TrainConfig, lora: &LoraSet, r: &mut Report) {
+    let l = &cfg.lora;
+    let on: Vec<Component> = [
+        (l.apply_to_vision_encoder, Component::Vision),
+        (l.apply_to_text_encoder, Component::Text),
+        (l.apply_to_geometry_encoder, Component::Geometry),
+        (l.apply_to_detr_encoder, Component::DetrEncoder),
+        (l.apply_to_detr_decoder, Component::DetrDecoder),
+        (l.apply_to_mask_decoder, Component::MaskDecoder),
+    ]
+    .into_iter()
+    .filter_map(|(f, c)| f.then_some(c))
+    .collect();
+    let adapted: Vec<&str> = lora.modules.iter().map(|m| m.0.as_str()).collect();
+    let diffs = crate::lora::sam3_lora_differences(&l.target_modules, &on, &adapted);
+    if diffs.is_empty() {
+        return;
+    }
+    let list = |k: &[&str]| if k.is_empty() { "none".to_string() } else { k.join(", ") };
+    let evidence: Vec<String> = diffs
+        .iter()
+        .map(|(c, here, theirs)| {
+            format!("{}: lorahost adapts {}; SAM3_LoRA adapted {}", c.name(), list(here), list(theirs))
+        })
+        .collect();
+    // SAM3_LoRA's layers by component, each in lorahost's names.
+    let prefix = |c: Component| match c {
+        Component::Vision => "vision_encoder",
+        Component::Text => "text_encoder",
+        Component::Geometry => "geometry_encoder",
+        Component::DetrEncoder => "detr_encoder",
+        Component::DetrDecoder => "detr_decoder",
+        Component::MaskDecoder => "mask_decoder",
+    };
+    let mut globs = Vec::new();
+    for c in &on {
+        let kinds: Vec<&str> = match diffs.iter().find(|d| d.0 == *c) {
+            Some(d) => d.2.clone(),
+            None => {
+                let mut k: Vec<&str> = adapted
+                    .iter()
+                    .filter(|p| Component::of(p) == Some(*c))
+                    .map(|p| p.rsplit('.').next().unwrap_or(p))
+                    .collect();
+                k.sort();
+                k.dedup();
+                k
+            }
+        };
+        for k in kinds {
+            let k = if k == "o_proj" && *c == Component::Text { "out_proj" } else { k };
+            globs.push(format!("\"{}.*.{k}\"", prefix(*c)));
+        }
+    }
+    r.add(
+        "D12",
+        Severity::Info,
+        "with these lora.target_modules, SAM3_LoRA adapted other layers than lorahost does: lorahost reads the names as transformers' SAM3 layers (what they name), SAM3_LoRA matched them as parts of Meta's original layer names (its ViT attention is one fused `qkv` and a `proj`, its DETR and geometry MLPs `linear1`/`linear2`, CLIP's `c_fc`/`c_proj`)",
+        evidence.join("; "),
+        format!(
+            "nothing, to train what the names say; to train the layers SAM3_LoRA trained (e.g. to compare runs), target them by component: target_modules: [{}]",
+            globs.join(", ")
+        ),
+    );
+}
+
 /// D9: an image with more objects of one prompt than the decoder has queries (200 for SAM3):
 /// each query is matched to one object, so the rest are never matched, train nothing, and
 /// still count in the loss's normalisation. Usually speckle noise that a mask conversion made
@@ -1589,6 +1660,7 @@ fn lora_checks(cfg: &TrainConfig, r: &mut Report, budgets: (Option<f64>, Option<
             );
         }
     }
+    sam3_lora_target_check(cfg, &lora, r);
     // A rank at or above a layer's smaller side adds parameters but no expressiveness: the
     // update B·A already spans every matrix of that shape.
     let rank = cfg.lora.rank;

@@ -164,6 +164,70 @@ impl LoraAdapter {
     }
 }
 
+/// The layer kinds [`sam3_lora_differences`] compares, in transformers' names as lorahost
+/// matches them.
+const KINDS: [&str; 6] = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"];
+
+/// The names SAM3_LoRA's modules of each kind ([`KINDS`]) have in Meta's original model, per
+/// component (its ViT attention is one fused `qkv` and a `proj`; CLIP's MLP `c_fc`/`c_proj`;
+/// the DETR and geometry layers' `linear1`/`linear2` and MHA `q/k/v/out_proj`).
+fn meta_names(c: Component) -> [&'static str; 6] {
+    match c {
+        Component::Vision => ["qkv", "qkv", "qkv", "proj", "fc1", "fc2"],
+        Component::Text => ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
+        _ => ["q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2"],
+    }
+}
+
+/// The kind ([`KINDS`] index) of a lorahost module by its last name.
+fn kind_of(path: &str) -> Option<usize> {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    let last = if last == "out_proj" { "o_proj" } else { last };
+    KINDS.iter().position(|k| *k == last)
+}
+
+/// Where SAM3_LoRA, given the same `target_modules` (plain names, its schema), adapts other
+/// layers than lorahost does. SAM3_LoRA matches a name when it equals a pattern or contains it
+/// (`proj` matches `q_proj`), against Meta's original module names; lorahost reads its names as
+/// transformers' ([`expand`]). Per component in `components` (the vision, text, geometry and
+/// DETR ones): (component, the kinds adapted here, the kinds SAM3_LoRA adapts), for those that
+/// differ. `adapted` are the paths lorahost adapts. Empty when a pattern is a glob or a path
+/// (lorahost's own schema, nothing to compare).
+pub fn sam3_lora_differences(
+    patterns: &[String],
+    components: &[Component],
+    adapted: &[&str],
+) -> Vec<(Component, Vec<&'static str>, Vec<&'static str>)> {
+    if patterns.is_empty()
+        || patterns.iter().any(|p| !p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for &c in components {
+        if c == Component::MaskDecoder {
+            continue;
+        }
+        let here: Vec<&'static str> = KINDS
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| adapted.iter().any(|p| Component::of(p) == Some(c) && kind_of(p) == Some(*k)))
+            .map(|(_, name)| *name)
+            .collect();
+        let names = meta_names(c);
+        let theirs: Vec<&'static str> = KINDS
+            .iter()
+            .zip(names)
+            .filter(|(_, meta)| patterns.iter().any(|p| meta == p || meta.contains(p.as_str())))
+            .map(|(k, _)| *k)
+            .collect();
+        if here != theirs {
+            out.push((c, here, theirs));
+        }
+    }
+    out
+}
+
 /// Expand the original trainer's module names to transformers' names.
 fn expand(pattern: &str) -> Vec<String> {
     let alias: &[&str] = match pattern {
@@ -876,6 +940,43 @@ fn unsupported_peft_options(cfg: &serde_json::Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SAM3_LoRA's layer choice for the same names: its ViT attention is a fused `qkv` and a
+    /// `proj` (so `q_proj` never matched there) and its DETR MLPs `linear1`/`linear2` (so
+    /// `fc1`/`fc2` were the ViT's only); its substring rule makes `proj` match every projection;
+    /// globs are lorahost's own schema and not compared.
+    #[test]
+    fn sam3_lora_layer_choice_by_meta_names() {
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let attn = ["q_proj", "k_proj", "v_proj", "o_proj"];
+        let mut adapted: Vec<String> = Vec::new();
+        for k in attn {
+            adapted.push(format!("vision_encoder.backbone.layers.0.attention.{k}"));
+            adapted.push(format!("detr_decoder.layers.0.self_attn.{k}"));
+        }
+        let a: Vec<&str> = adapted.iter().map(String::as_str).collect();
+        let d = sam3_lora_differences(
+            &p(&["q_proj", "k_proj", "v_proj", "out_proj"]),
+            &[Component::Vision, Component::DetrDecoder],
+            &a,
+        );
+        assert_eq!(d, vec![(Component::Vision, attn.to_vec(), vec![])]);
+        let ffn = [
+            "vision_encoder.backbone.layers.0.mlp.fc1",
+            "vision_encoder.backbone.layers.0.mlp.fc2",
+            "detr_encoder.layers.0.mlp.fc1",
+            "detr_encoder.layers.0.mlp.fc2",
+        ];
+        let d =
+            sam3_lora_differences(&p(&["fc1", "fc2"]), &[Component::Vision, Component::DetrEncoder], &ffn);
+        assert_eq!(d, vec![(Component::DetrEncoder, vec!["fc1", "fc2"], vec![])]);
+        // `proj` is part of every projection's name in SAM3_LoRA (the DETR's q/k/v too), but not
+        // of the ViT's fused `qkv`.
+        let d = sam3_lora_differences(&p(&["proj"]), &[Component::Vision, Component::DetrDecoder], &a);
+        assert_eq!(d, vec![(Component::Vision, attn.to_vec(), vec!["o_proj"])]);
+        assert!(sam3_lora_differences(&p(&["vision_encoder.*.q_proj"]), &[Component::Vision], &a).is_empty());
+        assert!(sam3_lora_differences(&p(&["qkv", "proj"]), &[Component::Vision], &a).is_empty());
+    }
 
     fn fixture_model() -> Sam3Model {
         let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam3/tiny_a");

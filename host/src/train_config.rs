@@ -1607,6 +1607,25 @@ fn defaults_unlike_sam3_lora(doc: &Mapping) -> Vec<String> {
     .map(|(key, what, theirs)| {
         format!("training.{key} is not given: lorahost applies its default, {what}; SAM3_LoRA's trainer {theirs}. Set training.{key} to choose")
     })
+    .chain(lora_defaults(doc))
+    .collect()
+}
+
+/// The LoRA keys SAM3_LoRA requires (it stops with a KeyError without them) that the config
+/// leaves out, with the default lorahost applies instead.
+fn lora_defaults(doc: &Mapping) -> Vec<String> {
+    let d = LoraSection::default();
+    [
+        ("rank", d.rank.to_string()),
+        ("alpha", d.alpha.to_string()),
+        ("dropout", d.dropout.to_string()),
+        ("target_modules", format!("[{}]", d.target_modules.join(", "))),
+    ]
+    .into_iter()
+    .filter(|(key, _)| !has(doc, "lora", key))
+    .map(|(key, value)| {
+        format!("lora.{key} is not given: lorahost applies its default, {value}; SAM3_LoRA's trainer requires it (it stops with a KeyError). Set lora.{key} to choose")
+    })
     .collect()
 }
 
@@ -2439,10 +2458,12 @@ mod tests {
         let r = read("lora:\n  apply_to_mask_decoder: false\ndata:\n  root: d\n");
         assert!(r.notes.read_as.iter().any(|n| n.contains("F9")), "{:?}", r.notes);
         assert!(r.notes.unknown.iter().any(|n| n.contains("training.data_dir")), "{:?}", r.notes);
-        // Left out: lorahost's schedule, clipping and seed, said apart from the other notes.
-        assert_eq!(r.notes.defaulted.len(), 3, "{:?}", r.notes);
+        // Left out: lorahost's schedule, clipping and seed, and the LoRA keys SAM3_LoRA requires,
+        // said apart from the other notes.
+        assert_eq!(r.notes.defaulted.len(), 7, "{:?}", r.notes);
+        assert!(r.notes.defaulted.iter().any(|n| n.contains("lora.rank is not given") && n.contains("16")));
         assert!(r.notes.iter().all(|n| !n.contains("is not given")));
-        let r = read("training:\n  lr_scheduler: constant\n  max_grad_norm: 0\n  seed: 1\n");
+        let r = read("training:\n  lr_scheduler: constant\n  max_grad_norm: 0\n  seed: 1\nlora:\n  r: 8\n  lora_alpha: 16\n  dropout: 0\n  target_modules: [q_proj]\n");
         assert!(r.notes.defaulted.is_empty(), "{:?}", r.notes);
         // A whole number beyond 64 bits: its line and a plain fix, no serde wording.
         let e = TrainConfig::from_yaml("training:\n  seed: 99999999999999999999\n", Path::new("c.yaml"))

@@ -34,7 +34,18 @@ fn tiny_model_dir_with(dir: &Path, tweak: impl Fn(&mut serde_json::Value)) {
     Sam3Model::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &config).unwrap();
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let t = var.as_tensor();
-        let r = Tensor::randn(0f32, 1.0, t.shape(), &Device::Cpu).unwrap();
+        // Seeded by the name: every run of a test sees the same model (a random one per run
+        // made outcomes such as "the second prompt wins some pixel" hold only sometimes).
+        let seed =
+            name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        let mut rng = lorahost::data::SplitMix64::from_parts(&[seed, 1]);
+        let normal: Vec<f32> = (0..t.elem_count())
+            .map(|_| {
+                let (u, v) = (rng.next_f64().max(1e-12), rng.next_f64());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect();
+        let r = Tensor::from_vec(normal, t.shape(), &Device::Cpu).unwrap();
         let fan_in = t.dims().iter().skip(1).product::<usize>().max(1) as f64;
         let v = if name.contains("norm") && name.ends_with("weight") {
             (r * 0.1).unwrap() + 1.0
