@@ -1280,17 +1280,7 @@ fn thin_structure_check(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
 /// layers by component.
 fn sam3_lora_target_check(cfg: &TrainConfig, lora: &LoraSet, r: &mut Report) {
     let l = &cfg.lora;
-    let on: Vec<Component> = [
-        (l.apply_to_vision_encoder, Component::Vision),
-        (l.apply_to_text_encoder, Component::Text),
-        (l.apply_to_geometry_encoder, Component::Geometry),
-        (l.apply_to_detr_encoder, Component::DetrEncoder),
-        (l.apply_to_detr_decoder, Component::DetrDecoder),
-        (l.apply_to_mask_decoder, Component::MaskDecoder),
-    ]
-    .into_iter()
-    .filter_map(|(f, c)| f.then_some(c))
-    .collect();
+    let on = LoraConfig::from_section(l).components;
     let adapted: Vec<&str> = lora.modules.iter().map(|m| m.0.as_str()).collect();
     let diffs = crate::lora::sam3_lora_differences(&l.target_modules, &on, &adapted);
     if diffs.is_empty() {

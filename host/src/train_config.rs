@@ -554,8 +554,17 @@ pub(crate) fn unknown_keys(v: &serde_yaml::Value) -> Vec<String> {
                         .into(),
                 );
             } else if !sections.contains(&k) {
-                let hint =
-                    suggest(k, &sections).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+                // A key written at the top level instead of inside its section.
+                let home = KNOWN.iter().find(|(_, keys)| keys.contains(&k)).map(|(s, _)| format!("{s}.{k}"));
+                let hint = match home {
+                    Some(h) => format!(
+                        " (`{k}` is a key of a section: did you mean `{h}`, indented under `{}:`?)",
+                        h.split('.').next().unwrap_or_default()
+                    ),
+                    None => {
+                        suggest(k, &sections).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default()
+                    }
+                };
                 out.push(format!("unknown section `{k}` ignored{hint}"));
             }
             continue;
@@ -2458,6 +2467,13 @@ mod tests {
         let r = read("lora:\n  apply_to_mask_decoder: false\ndata:\n  root: d\n");
         assert!(r.notes.read_as.iter().any(|n| n.contains("F9")), "{:?}", r.notes);
         assert!(r.notes.unknown.iter().any(|n| n.contains("training.data_dir")), "{:?}", r.notes);
+        // A section's key at the top level names its section.
+        let r = read("learning_rate: 1e-4\ntraining:\n  batch_size: 2\n");
+        assert!(
+            r.notes.unknown.iter().any(|n| n.contains("did you mean `training.learning_rate`")),
+            "{:?}",
+            r.notes
+        );
         // Left out: lorahost's schedule, clipping and seed, and the LoRA keys SAM3_LoRA requires,
         // said apart from the other notes.
         assert_eq!(r.notes.defaulted.len(), 7, "{:?}", r.notes);
