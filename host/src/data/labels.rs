@@ -22,7 +22,8 @@
 //! holds anything is never written into.
 
 use super::masks::{
-    image_files, image_in_frame, invalid, io, split_names, split_of, ImportSummary, SplitImport,
+    begin_split, finish_split, image_files, image_in_frame, invalid, io, split_names, split_of,
+    ImportSummary, SplitImport,
 };
 use super::DataError;
 use serde_json::Value;
@@ -75,8 +76,9 @@ struct Object {
 struct Item {
     /// The image file (or where its embedded data came from).
     image: PathBuf,
-    /// Embedded image bytes (LabelMe `imageData`) when the file is absent.
-    embedded: Option<Vec<u8>>,
+    /// The LabelMe JSON whose `imageData` is the image, when the file is absent (decoded when
+    /// written, so a dataset's images are never all held at once).
+    embedded: Option<PathBuf>,
     /// The annotation file.
     source: PathBuf,
     /// The frame the annotations were drawn on, when the annotation file says.
@@ -169,7 +171,8 @@ fn labelme_layout(dir: &Path) -> Vec<(Option<String>, PathBuf)> {
     out
 }
 
-/// The LabelMe JSON files of `dir` (a `.json` with `shapes`), sorted.
+/// The LabelMe JSON files of `dir` (a `.json` naming `shapes` and `imagePath`; not parsed
+/// here: such files may embed their image, and [`labelme_item`] parses each once), sorted.
 fn labelme_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| {
@@ -178,9 +181,7 @@ fn labelme_files(dir: &Path) -> Vec<PathBuf> {
                 .filter(|p| p.is_file() && p.extension().is_some_and(|x| x.eq_ignore_ascii_case("json")))
                 .filter(|p| {
                     std::fs::read_to_string(p)
-                        .ok()
-                        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                        .is_some_and(|v| v.get("shapes").is_some_and(Value::is_array))
+                        .is_ok_and(|t| t.contains("\"shapes\"") && t.contains("\"imagePath\""))
                 })
                 .collect()
         })
@@ -312,11 +313,11 @@ fn yolo_objects(path: &Path, classes: usize, notes: &mut Vec<String>) -> Result<
     Ok(out)
 }
 
-/// A LabelMe file's image, frame and objects (class names looked up in `classes`); shapes left
-/// out are counted in `skipped` by kind.
+/// A LabelMe file's image, frame and objects, each object's class its label's index in
+/// `labels` (labels met first are added); shapes left out are counted in `skipped` by kind.
 fn labelme_item(
     path: &Path,
-    classes: &[String],
+    labels: &mut Vec<String>,
     skipped: &mut BTreeMap<String, usize>,
 ) -> Result<Item, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
@@ -338,16 +339,13 @@ fn labelme_item(
     };
     let embedded = if image.is_file() {
         None
+    } else if v["imageData"].is_string() {
+        Some(path.to_path_buf())
     } else {
-        match v["imageData"].as_str() {
-            Some(b64) => Some(decode_base64(b64).ok_or("its imageData is not valid base64")?),
-            None => {
-                return Err(format!(
-                    "its image {} does not exist and the JSON embeds none (imageData)",
-                    image.display()
-                ))
-            }
-        }
+        return Err(format!(
+            "its image {} does not exist and the JSON embeds none (imageData)",
+            image.display()
+        ));
     };
     let size = match (v["imageWidth"].as_u64(), v["imageHeight"].as_u64()) {
         (Some(w), Some(h)) if w > 0 && h > 0 => Some((w as u32, h as u32)),
@@ -357,11 +355,10 @@ fn labelme_item(
     let mut groups: BTreeMap<(usize, i64), usize> = BTreeMap::new();
     let mut objects: Vec<Object> = Vec::new();
     for (k, shape) in v["shapes"].as_array().into_iter().flatten().enumerate() {
-        let Some(label) = shape["label"].as_str().map(str::trim) else {
-            *skipped.entry("without a label".into()).or_default() += 1;
+        let Some(label) = shape["label"].as_str().map(str::trim).filter(|l| !l.is_empty()) else {
+            *skipped.entry("shapes without a label".into()).or_default() += 1;
             continue;
         };
-        let Some(class) = classes.iter().position(|c| c == label) else { continue };
         let pts: Vec<(f64, f64)> = shape["points"]
             .as_array()
             .into_iter()
@@ -387,6 +384,13 @@ fn labelme_item(
             (kind, _) => {
                 *skipped.entry(format!("{kind} shapes")).or_default() += 1;
                 continue;
+            }
+        };
+        let class = match labels.iter().position(|c| c == label) {
+            Some(c) => c,
+            None => {
+                labels.push(label.to_string());
+                labels.len() - 1
             }
         };
         let group = shape["group_id"].as_i64().unwrap_or(-1 - k as i64);
@@ -489,32 +493,24 @@ pub fn import_labels(
             names
         }
         LabelFormat::LabelMe => {
-            let layout = labelme_layout(dir);
-            let mut labels = std::collections::BTreeSet::new();
-            for (_, folder) in &layout {
-                for f in labelme_files(folder) {
-                    let v: Value = std::fs::read_to_string(&f)
-                        .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok())
-                        .unwrap_or_default();
-                    for s in v["shapes"].as_array().into_iter().flatten() {
-                        if let Some(l) = s["label"].as_str().map(str::trim).filter(|l| !l.is_empty()) {
-                            labels.insert(l.to_string());
-                        }
-                    }
-                }
-            }
-            let names: Vec<String> = labels.into_iter().collect();
-            let mut skipped = BTreeMap::new();
-            for (split, folder) in layout {
+            let (mut labels, mut skipped) = (Vec::new(), BTreeMap::new());
+            for (split, folder) in labelme_layout(dir) {
                 let mut items = Vec::new();
                 for f in labelme_files(&folder) {
-                    match labelme_item(&f, &names, &mut skipped) {
+                    match labelme_item(&f, &mut labels, &mut skipped) {
                         Ok(item) => items.push(item),
                         Err(e) => summary.left_out.push((f.clone(), e)),
                     }
                 }
                 sources.push((split, items));
+            }
+            // The class names sorted; each object's class from the order labels were met.
+            let mut names = labels.clone();
+            names.sort();
+            let rank: Vec<usize> =
+                labels.iter().map(|l| names.iter().position(|n| n == l).unwrap_or_default()).collect();
+            for o in sources.iter_mut().flat_map(|s| s.1.iter_mut()).flat_map(|i| i.objects.iter_mut()) {
+                o.class = rank[o.class];
             }
             for (kind, n) in skipped {
                 summary.notes.push(format!(
@@ -607,18 +603,13 @@ fn write_split(
     summary: &mut ImportSummary,
     box_only: &mut usize,
 ) -> Result<SplitImport, DataError> {
-    let target = out.join(split);
-    let tmp = out.join(format!(".import-{split}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let tmp = begin_split(out, split)?;
     let mut done = SplitImport { split: split.to_string(), ..Default::default() };
     let (mut images, mut annotations) = (Vec::new(), Vec::new());
     let mut taken = std::collections::HashSet::new();
     for item in items {
         let written = match &item.embedded {
-            Some(bytes) => embedded_image(&item, bytes),
+            Some(json) => embedded_image(&item, json),
             None => frame_of(&item).and_then(|size| {
                 let (bytes, name, note) = image_in_frame(&item.image, size, true)?;
                 Ok((bytes, name, note, size))
@@ -696,14 +687,7 @@ fn write_split(
         "images": images, "annotations": annotations, "categories": categories,
         "info": {"description": format!("imported by lorahost from {}", dir.display())},
     });
-    let file = tmp.join(super::coco::ANNOTATION_FILE);
-    let text = serde_json::to_vec(&coco).map_err(|e| io(&file, e))?;
-    crate::fsutil::write_atomic(&file, &text).map_err(|e| io(&file, e))?;
-    if target.exists() {
-        // Checked empty before anything was written.
-        std::fs::remove_dir(&target).map_err(|e| io(&target, e))?;
-    }
-    std::fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
+    finish_split(&tmp, &out.join(split), &coco)?;
     Ok(done)
 }
 
@@ -719,7 +703,11 @@ fn frame_of(item: &Item) -> Result<(u32, u32), String> {
 /// A LabelMe file's embedded image, written as it is under the name its JSON gives.
 type Written = (Vec<u8>, String, Option<String>, (u32, u32));
 
-fn embedded_image(item: &Item, bytes: &[u8]) -> Result<Written, String> {
+fn embedded_image(item: &Item, json: &Path) -> Result<Written, String> {
+    let text = std::fs::read_to_string(json).map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let bytes = v["imageData"].as_str().and_then(decode_base64).ok_or("its imageData is not valid base64")?;
+    let bytes = bytes.as_slice();
     let img =
         image::load_from_memory(bytes).map_err(|e| format!("its embedded imageData is not an image: {e}"))?;
     let ext = match image::guess_format(bytes) {

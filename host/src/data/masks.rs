@@ -632,6 +632,29 @@ pub(super) fn image_in_frame(
     Ok((png, format!("{stem}.png"), Some(note)))
 }
 
+/// The temporary folder a split of `out` is written into (emptied if an interrupted import
+/// left it).
+pub(super) fn begin_split(out: &Path, split: &str) -> Result<PathBuf, DataError> {
+    let tmp = out.join(format!(".import-{split}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// Write `coco` as the split's annotation file in `tmp` and rename `tmp` into place as
+/// `target` (which the caller checked is absent or empty).
+pub(super) fn finish_split(tmp: &Path, target: &Path, coco: &serde_json::Value) -> Result<(), DataError> {
+    let file = tmp.join(super::coco::ANNOTATION_FILE);
+    let text = serde_json::to_vec(coco).map_err(|e| io(&file, e))?;
+    crate::fsutil::write_atomic(&file, &text).map_err(|e| io(&file, e))?;
+    if target.exists() {
+        std::fs::remove_dir(target).map_err(|e| io(target, e))?;
+    }
+    std::fs::rename(tmp, target).map_err(|e| io(target, e))
+}
+
 /// Import image + mask pairs as `opts` says (see the module docs).
 pub fn import_masks(opts: &ImportOptions) -> Result<ImportSummary, DataError> {
     if !["train", "valid", "test"].contains(&opts.split.as_str()) {
@@ -692,12 +715,7 @@ pub fn import_masks(opts: &ImportOptions) -> Result<ImportSummary, DataError> {
     }
     let mut large = 0;
     for s in order {
-        let dir = opts.out.join(s);
-        let tmp = opts.out.join(format!(".import-{s}.partial"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        let tmp = begin_split(&opts.out, s)?;
         let mut done = SplitImport { split: s.to_string(), ..Default::default() };
         let (mut images, mut annotations) = (Vec::new(), Vec::new());
         let mut taken = std::collections::HashSet::new();
@@ -764,14 +782,7 @@ pub fn import_masks(opts: &ImportOptions) -> Result<ImportSummary, DataError> {
             "images": images, "annotations": annotations, "categories": categories,
             "info": {"description": format!("imported by lorahost from {} and {}", opts.images.display(), opts.masks.display())},
         });
-        let file = tmp.join(super::coco::ANNOTATION_FILE);
-        let text = serde_json::to_vec(&coco).map_err(|e| io(&file, e))?;
-        crate::fsutil::write_atomic(&file, &text).map_err(|e| io(&file, e))?;
-        if dir.exists() {
-            // Checked empty above.
-            std::fs::remove_dir(&dir).map_err(|e| io(&dir, e))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+        finish_split(&tmp, &opts.out.join(s), &coco)?;
         summary.splits.push(done);
     }
     if large > 0 {
