@@ -19,6 +19,7 @@ Examples:
   lorahost train --config configs/full_lora_config.yaml --plugin spike_guard.wasm
   lorahost train --config configs/full_lora_config.yaml --resume
   lorahost doctor --config configs/full_lora_config.yaml --probe-steps 20
+  lorahost lr-find --config configs/full_lora_config.yaml
   lorahost export --config configs/full_lora_config.yaml --adapter outputs/sam3_lora_full/best --merge --out merged/
   lorahost plugin check plugins/target/wasm32-wasip2/release/spike_guard.wasm
   lorahost plugin replay spike_guard.wasm --trace examples/traces/diagnosis.jsonl
@@ -137,6 +138,38 @@ pub enum Command {
         /// Override a config key: SECTION.KEY=VALUE; repeatable.
         #[arg(long = "override", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find a learning rate: an LR range test on the config's model, data and batch. Trains
+    /// with the LR rising exponentially from --start-lr to --end-lr, one value per optimizer
+    /// step, until the loss diverges, then suggests the LR where the smoothed loss fell
+    /// fastest. Writes metrics.jsonl, a TensorBoard file, lr_find.png and lr_find.json into
+    /// --out (default <output_dir>/lr-find); the run's own folder is not touched, no plugin is
+    /// loaded, nothing is validated or saved.
+    #[command(
+        after_help = "Example:\n  lorahost lr-find --config configs/full_lora_config.yaml --steps 100\n  lorahost train --config configs/full_lora_config.yaml --override training.learning_rate=<the suggestion>"
+    )]
+    LrFind {
+        /// Training YAML.
+        #[arg(long, default_value = "configs/demo.yaml")]
+        config: PathBuf,
+        /// Override a config key: SECTION.KEY=VALUE; repeatable.
+        #[arg(long = "override", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The first step's LR.
+        #[arg(long, default_value_t = 1e-7)]
+        start_lr: f64,
+        /// The last step's LR (the test usually stops before, when the loss diverges).
+        #[arg(long, default_value_t = 1.0)]
+        end_lr: f64,
+        /// Optimizer steps from --start-lr to --end-lr.
+        #[arg(long, default_value_t = 100)]
+        steps: u64,
+        /// The test's folder [default: <output_dir>/lr-find].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -640,6 +673,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 } else {
                     cli.cache_dir.clone().or_else(Runtime::default_cache_dir)
                 },
+                lr_range: None,
             };
             let _signals = crate::train::interrupt::install();
             let s = crate::train::train(&opts)?;
@@ -736,6 +770,24 @@ pub fn run(cli: Cli) -> Result<()> {
                     "doctor found {} error(s)",
                     report.findings.iter().filter(|f| f.severity == crate::doctor::Severity::Error).count()
                 );
+            }
+            Ok(())
+        }
+        Command::LrFind { config, overrides, start_lr, end_lr, steps, out, json } => {
+            let range =
+                crate::lr_find::LrRange::new(*start_lr, *end_lr, *steps).map_err(anyhow::Error::msg)?;
+            let _signals = crate::train::interrupt::install();
+            let r = crate::lr_find::run(&crate::lr_find::LrFindOptions {
+                config: config.clone(),
+                overrides: overrides.clone(),
+                range,
+                out: out.clone(),
+                cache_dir: None,
+            })?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", crate::lr_find::describe(&r, config));
             }
             Ok(())
         }

@@ -802,7 +802,7 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
             if t.learning_rate > 5e-2 { Severity::Error } else { Severity::Warning },
             "learning rate outside the usual LoRA range [1e-6, 1e-3]",
             format!("training.learning_rate {:e}", t.learning_rate),
-            "SAM3 LoRA runs use 5e-5 .. 2e-4",
+            "SAM3 LoRA runs use 5e-5 .. 2e-4; `lorahost lr-find` measures the range on this model and data",
         );
     }
     let scale = cfg.lora.alpha / cfg.lora.rank.max(1) as f64;
@@ -1906,6 +1906,8 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
     let scratch = std::env::temp_dir().join(format!("lorahost-doctor-{}", std::process::id()));
     let mut overrides = opts.overrides.clone();
     overrides.push(format!("output.output_dir={}", scratch.display()));
+    // The logs too (an absolute logging_dir would put the probe's log beside the user's).
+    overrides.push(format!("output.logging_dir={}", scratch.display()));
     overrides.push("training.eval_steps=1000000000".into());
     overrides.push("training.save_steps=1000000000".into());
     overrides.push("output.save_lora_only=true".into());
@@ -1919,7 +1921,7 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
         ..Default::default()
     };
     let outcome = crate::train::train(&t);
-    let metrics = scratch.join(cfg.output.logging_dir.clone().unwrap_or_default()).join("metrics.jsonl");
+    let metrics = scratch.join("metrics.jsonl");
     let trace = crate::metrics::Trace::read(&metrics);
     let _ = std::fs::remove_dir_all(&scratch);
     if let Err(e) = outcome {

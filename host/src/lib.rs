@@ -26,6 +26,7 @@ pub mod inference;
 pub(crate) mod log_columns;
 pub mod lora;
 pub mod loss;
+pub mod lr_find;
 pub mod matcher;
 pub mod memory;
 pub mod metrics;

@@ -70,9 +70,28 @@ pub(crate) fn is_grad_norm(tag: &str) -> bool {
         && !w.iter().any(|w| w.starts_with("clip"))
 }
 
-/// Among gradient norms: the total or global one before per-layer ones.
+/// Among gradient norms: the total or global one before per-layer ones (a word `total` or
+/// `global`, or no word but the norm's own: `train/grad_norm` before `grad_norm/vision`).
 pub(crate) fn prefers_total_norm(tag: &str) -> bool {
-    words(tag).iter().any(|w| w == "total" || w == "global")
+    let w = words(tag);
+    w.iter().any(|w| w == "total" || w == "global")
+        || w.iter().all(|w| {
+            matches!(
+                w.as_str(),
+                "train"
+                    | "training"
+                    | "step"
+                    | "grad"
+                    | "grads"
+                    | "gradient"
+                    | "gradients"
+                    | "norm"
+                    | "gradnorm"
+                    | "l2"
+                    | "2"
+                    | "0"
+            )
+        })
 }
 
 /// Whether a name is the epoch's (its last part is `epoch`).
@@ -107,5 +126,8 @@ mod tests {
                 && !is_validation("train/evaluated")
         );
         assert!(!is_total("train/loss_dice") && is_total("loss") && is_total("train_loss_step"));
+        let norms = [("grad_norm/vision_encoder", 50), ("train/grad_norm", 50), ("grad_norm/text", 50)];
+        assert_eq!(pick(&norms, prefers_total_norm), Some("train/grad_norm"));
+        assert!(prefers_total_norm("grad_2.0_norm_total") && !prefers_total_norm("grad_norm/fc1"));
     }
 }

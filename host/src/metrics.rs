@@ -476,23 +476,24 @@ impl Repeats {
 impl Trace {
     /// Read a metrics log (any format [`Trace::parse`] takes).
     ///
-    /// A folder is read as TensorBoard logs when it (or a subfolder) holds event files, and so is
-    /// a file named `*tfevents*` or holding TFRecords ([`crate::tfevents`]).
+    /// A folder is read through its `metrics.jsonl` when it has one (a lorahost run's
+    /// logging folder, which also holds its TensorBoard files), else as TensorBoard logs when it
+    /// (or a subfolder) holds event files; a file named `*tfevents*` or holding TFRecords is
+    /// read as TensorBoard logs too ([`crate::tfevents`]).
     pub fn read(path: &Path) -> Result<Trace, TraceError> {
         if path.is_dir() {
             let candidate = path.join("metrics.jsonl");
-            if !candidate.is_file() {
-                let events = crate::tfevents::event_files_in(path)?;
-                if !events.is_empty() {
-                    return Self::logged(crate::tfevents::trace_from_event_files(&events, path)?);
-                }
+            if candidate.is_file() {
+                return Self::read(&candidate);
             }
-            let hint = if candidate.is_file() {
-                format!("did you mean {}?", candidate.display())
-            } else {
-                "name the metrics file (lorahost writes <output_dir>/metrics.jsonl; TensorBoard logs are read from an events.out.tfevents.* file or its folder)".to_string()
-            };
-            return Err(TraceError::Format { path: path.into(), reason: format!("is a directory; {hint}") });
+            let events = crate::tfevents::event_files_in(path)?;
+            if !events.is_empty() {
+                return Self::logged(crate::tfevents::trace_from_event_files(&events, path)?);
+            }
+            return Err(TraceError::Format {
+                path: path.into(),
+                reason: "is a directory without a metrics log; name the metrics file (lorahost writes <output_dir>/metrics.jsonl; TensorBoard logs are read from an events.out.tfevents.* file or its folder)".into(),
+            });
         }
         let bytes = std::fs::read(path).map_err(|error| TraceError::Read { path: path.into(), error })?;
         let text = std::str::from_utf8(&bytes);
@@ -1513,6 +1514,12 @@ mod tests {
         let e = Trace::read(&dir).unwrap_err();
         assert!(std::error::Error::source(&e).is_none());
         assert!(e.to_string().contains("is a directory"), "{e}");
-        let _ = std::fs::remove_dir(&dir);
+        // A lorahost run's folder: its metrics.jsonl, not the TensorBoard files beside it.
+        std::fs::write(dir.join("metrics.jsonl"), "{\"step\": 1, \"loss\": 2.5}\n").unwrap();
+        let mut w = crate::tfevents::EventWriter::create(&dir, None).unwrap();
+        w.scalars(1, &[("train/loss".into(), 7.0)]).unwrap();
+        let t = Trace::read(&dir).unwrap();
+        assert_eq!((t.format, t.steps[0].loss), (TraceFormat::Lorahost, 2.5));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -64,7 +64,9 @@ fn correlation(pairs: &[(f64, f64)]) -> f64 {
 pub fn validations(path: &Path, trace: &Trace) -> Vec<(u64, f64)> {
     let mut out: Vec<(u64, f64)> = Vec::new();
     if trace.format == TraceFormat::Lorahost {
-        if let Ok(text) = std::fs::read_to_string(path) {
+        // A run's folder is read through its metrics.jsonl (`Trace::read`).
+        let file = if path.is_dir() { path.join("metrics.jsonl") } else { path.to_path_buf() };
+        if let Ok(text) = std::fs::read_to_string(file) {
             for line in text.lines() {
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
                 if v["event"] == "validation" {
@@ -349,7 +351,7 @@ fn progress(finite: &[(u64, f64)], noise: Option<f64>, r: &mut Report) {
             Severity::Warning,
             "the loss rose over the run: training is diverging",
             evidence,
-            "lower the learning rate (and warm up, clip); look for the step where it turned (D11 spikes)",
+            "lower the learning rate (and warm up, clip): `lorahost lr-find --config C.yaml` measures where the loss stops falling on your data; look for the step where it turned (D11 spikes)",
         );
     } else if change.abs() <= tolerance && n >= 50 {
         r.add(
@@ -357,7 +359,7 @@ fn progress(finite: &[(u64, f64)], noise: Option<f64>, r: &mut Report) {
             Severity::Warning,
             "no measurable improvement: the loss ends where it started, within its noise",
             evidence,
-            "check that the adapters get gradients (F9) and the LR is not ~0; a larger LR or more epochs; check the data reaches the loss (doctor without --trace)",
+            "check that the adapters get gradients (F9) and the LR is not ~0; a larger LR (`lorahost lr-find --config C.yaml` measures the range on your data) or more epochs; check the data reaches the loss (doctor without --trace)",
         );
     } else {
         r.add(

@@ -32,7 +32,11 @@
 //! (those of a resumed run in the same folder are merged, the later file's points replacing the
 //! earlier file's at the same step); a folder holding several runs' folders is an error that
 //! names them. A file cut off in its last record (the run still writing) loses that record with
-//! a warning; a record whose checksum fails ends the file's reading with a warning.
+//! a warning; a record whose checksum fails ends the file's reading with a warning. A file that
+//! starts with a session START (`SummaryWriter(purge_step=N)`, a resumed lorahost run) drops the
+//! earlier files' points from that step on, as TensorBoard does.
+//!
+//! [`EventWriter`] writes such files: `lorahost train` logs its runs to TensorBoard with it.
 
 use crate::log_columns::{
     is_epoch, is_grad_norm, is_loss, is_lr, is_total, is_validation, pick, prefers_total_norm,
@@ -343,6 +347,10 @@ pub struct EventFile {
     pub first_wall_time: f64,
     /// A cut-off end or a failed checksum.
     pub warning: Option<String>,
+    /// The step of its first `SessionLog` START (a resumed run's restart, what
+    /// `SummaryWriter(purge_step=N)` writes): earlier files' points from that step on belong to
+    /// an abandoned run and are dropped, as TensorBoard drops them.
+    pub purge_from: Option<i64>,
 }
 
 /// Read one event file's scalars.
@@ -366,7 +374,10 @@ pub fn parse_event_file(bytes: &[u8], origin: &Path) -> Result<EventFile, TraceE
     }
     };
     for (i, rec) in recs.iter().enumerate() {
-        let (wall, step, values) = event(rec).map_err(|_| malformed(i))?;
+        let (wall, step, values, start) = event(rec).map_err(|_| malformed(i))?;
+        if start && file.purge_from.is_none() {
+            file.purge_from = Some(step);
+        }
         for (tag, value) in values {
             file.first_wall_time = file.first_wall_time.min(wall);
             let points = file.scalars.entry(tag).or_default();
@@ -380,11 +391,11 @@ pub fn parse_event_file(bytes: &[u8], origin: &Path) -> Result<EventFile, TraceE
     Ok(file)
 }
 
-/// An event's wall time, step and scalar values by tag.
-type EventScalars = (f64, i64, Vec<(String, f64)>);
+/// An event's wall time, step, scalar values by tag, and whether it is a session's START.
+type EventScalars = (f64, i64, Vec<(String, f64)>, bool);
 
 fn event(buf: &[u8]) -> Result<EventScalars, Malformed> {
-    let (mut wall, mut step, mut values) = (0.0, 0i64, Vec::new());
+    let (mut wall, mut step, mut values, mut start) = (0.0, 0i64, Vec::new(), false);
     for f in Fields::of(buf) {
         match f? {
             (1, Field::Fixed64(b)) => wall = f64::from_le_bytes(b),
@@ -398,10 +409,15 @@ fn event(buf: &[u8]) -> Result<EventScalars, Malformed> {
                     }
                 }
             }
+            (7, Field::Bytes(session_log)) => {
+                for f in Fields::of(session_log) {
+                    start |= matches!(f?, (1, Field::Varint(1)));
+                }
+            }
             _ => {}
         }
     }
-    Ok((wall, step, values))
+    Ok((wall, step, values, start))
 }
 
 /// A `Summary.Value`'s tag and number, when it is a scalar.
@@ -458,12 +474,20 @@ pub fn event_files_in(dir: &Path) -> Result<Vec<PathBuf>, TraceError> {
 }
 
 /// The tags' points merged over `files` (ordered by their first scalar's wall time; a later
-/// file's point replaces an earlier one at the same step), and how many steps were replaced.
+/// file's point replaces an earlier one at the same step, and a file that starts with a
+/// session START drops the earlier files' points from its step on), and how many points were
+/// replaced or dropped.
 fn merge(mut files: Vec<EventFile>) -> (BTreeMap<String, BTreeMap<i64, ScalarPoint>>, usize) {
     files.sort_by(|a, b| a.first_wall_time.total_cmp(&b.first_wall_time).then_with(|| a.path.cmp(&b.path)));
     let mut out: BTreeMap<String, BTreeMap<i64, ScalarPoint>> = BTreeMap::new();
     let mut replaced = 0;
     for (i, f) in files.into_iter().enumerate() {
+        if let Some(from) = f.purge_from {
+            for series in out.values_mut() {
+                let dropped = series.split_off(&from);
+                replaced += dropped.len();
+            }
+        }
         for (tag, points) in f.scalars {
             let series = out.entry(tag).or_default();
             for p in points {
@@ -619,7 +643,7 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
     warnings.push(read);
     if replaced > 0 {
         warnings.push(format!(
-            "{}: {replaced} point(s) logged again at the same step by a later event file (a resumed run): the later values are used",
+            "{}: {replaced} point(s) logged again at the same step by a later event file, or after the step a later file restarts at (a resumed run): the later file's values are used",
             origin.display()
         ));
     }
@@ -644,50 +668,157 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
     })
 }
 
+/// A protocol buffer field (key and value) as bytes (`wire`: 0 varint, 1 fixed 64-bit, 2 bytes,
+/// 5 fixed 32-bit; a varint's `body` is already encoded).
+fn field(num: u64, wire: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = varint((num << 3) | wire);
+    if wire == 2 {
+        out.extend(varint(body.len() as u64));
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// A protocol buffer varint.
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// One TFRecord: the length, its masked CRC, the data, the data's masked CRC.
+fn record(data: &[u8]) -> Vec<u8> {
+    let len = (data.len() as u64).to_le_bytes();
+    let mut out = len.to_vec();
+    out.extend(masked_crc(&len).to_le_bytes());
+    out.extend_from_slice(data);
+    out.extend(masked_crc(data).to_le_bytes());
+    out
+}
+
+/// An `Event` with its wall time, step and one `what` field (`num`, bytes).
+fn event_bytes(wall: f64, step: u64, num: u64, what: &[u8]) -> Vec<u8> {
+    let mut e = field(1, 1, &wall.to_le_bytes());
+    e.extend(field(2, 0, &varint(step)));
+    e.extend(field(num, 2, what));
+    e
+}
+
+/// Seconds since the Unix epoch, as event files record wall time.
+fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Appends scalars to a new TensorBoard event file, so that `tensorboard --logdir DIR` shows a
+/// run while it trains. Each [`EventWriter::scalars`] call is one `Event` (one step's values
+/// under their tags, as `simple_value`) written whole with one `write` and flushed: TensorBoard
+/// reads the file as it grows, and a run killed mid-write leaves at most a cut-off last record,
+/// which TensorBoard and [`parse_event_file`] skip. A resumed run writes a new file that starts
+/// with a `SessionLog` START at the first step it will log: TensorBoard then drops the earlier
+/// files' points from that step on (the abandoned branch after the resume point), as
+/// `SummaryWriter(purge_step=...)` does, and [`trace_from_event_files`] does the same.
+#[derive(Debug)]
+pub struct EventWriter {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl EventWriter {
+    /// Create `events.out.tfevents.<seconds>.<host>.<pid>.lorahost` (a free name) in `dir`, with
+    /// its version record and, when `purge_from` is given, the START record at that step.
+    pub fn create(dir: &Path, purge_from: Option<u64>) -> std::io::Result<Self> {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| std::env::var("COMPUTERNAME").ok())
+            .map(|h| {
+                h.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect()
+            })
+            .filter(|h: &String| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let wall = now();
+        let base = format!("events.out.tfevents.{}.{host}.{}", wall as u64, std::process::id());
+        let mut k = 0;
+        let (file, path) = loop {
+            let path =
+                dir.join(if k == 0 { format!("{base}.lorahost") } else { format!("{base}.{k}.lorahost") });
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => break (f, path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 1000 => k += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        let mut w = EventWriter { file, path };
+        let step = purge_from.unwrap_or(0);
+        w.write(&event_bytes(wall, step, 3, b"brain.Event:2"))?;
+        if let Some(step) = purge_from {
+            // SessionLog { status: START (1) }.
+            w.write(&event_bytes(wall, step, 7, &field(1, 0, &varint(1))))?;
+        }
+        Ok(w)
+    }
+
+    /// The file written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write `values` (tag, number; non-finite numbers as they are) as one event at `step`.
+    pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) -> std::io::Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut summary = Vec::new();
+        for (tag, v) in values {
+            let mut value = field(1, 2, tag.as_bytes());
+            value.extend(field(2, 5, &(*v as f32).to_le_bytes()));
+            summary.extend(field(1, 2, &value));
+        }
+        self.write(&event_bytes(now(), step, 5, &summary))
+    }
+
+    /// Write `images` (tag, PNG bytes, width, height) as one event at `step`: TensorBoard's
+    /// Images tab shows them, with a slider over the steps logged under the same tag.
+    pub fn images(&mut self, step: u64, images: &[(String, Vec<u8>, u32, u32)]) -> std::io::Result<()> {
+        if images.is_empty() {
+            return Ok(());
+        }
+        let mut summary = Vec::new();
+        for (tag, png, w, h) in images {
+            // Summary.Image { height, width, colorspace (3: RGB), encoded_image_string }.
+            let mut image = field(1, 0, &varint(u64::from(*h)));
+            image.extend(field(2, 0, &varint(u64::from(*w))));
+            image.extend(field(3, 0, &varint(3)));
+            image.extend(field(4, 2, png));
+            let mut value = field(1, 2, tag.as_bytes());
+            value.extend(field(4, 2, &image));
+            summary.extend(field(1, 2, &value));
+        }
+        self.write(&event_bytes(now(), step, 5, &summary))
+    }
+
+    fn write(&mut self, event: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.file.write_all(&record(event))?;
+        self.file.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A protocol buffer field (key and value) as bytes.
-    fn field(num: u64, wire: u64, body: &[u8]) -> Vec<u8> {
-        let mut out = varint((num << 3) | wire);
-        if wire == 2 {
-            out.extend(varint(body.len() as u64));
-        }
-        out.extend_from_slice(body);
-        out
-    }
-
-    fn varint(mut v: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return out;
-            }
-            out.push(b | 0x80);
-        }
-    }
-
-    fn record(data: &[u8]) -> Vec<u8> {
-        let len = (data.len() as u64).to_le_bytes();
-        let mut out = len.to_vec();
-        out.extend(masked_crc(&len).to_le_bytes());
-        out.extend_from_slice(data);
-        out.extend(masked_crc(data).to_le_bytes());
-        out
-    }
-
     fn scalar_event(wall: f64, step: u64, tag: &str, value: &[u8]) -> Vec<u8> {
         let mut v = field(1, 2, tag.as_bytes());
         v.extend_from_slice(value);
-        let summary = field(1, 2, &v);
-        let mut e = field(1, 1, &wall.to_le_bytes());
-        e.extend(field(2, 0, &varint(step)));
-        e.extend(field(5, 2, &summary));
-        e
+        event_bytes(wall, step, 5, &field(1, 2, &v))
     }
 
     /// CRC-32C's check value, and TFRecord's masking of it.

@@ -325,7 +325,40 @@ pub struct OutputSection {
     pub push_to_hub: bool,
     /// Accepted for compatibility.
     pub hub_model_id: Option<String>,
+    /// What the run logs to besides `metrics.jsonl` (transformers' `report_to`): `tensorboard`
+    /// (the default: event files in `logging_dir`) or `none`. Written as a name or a list.
+    pub report_to: Vec<String>,
 }
+
+impl OutputSection {
+    /// Whether the run writes TensorBoard event files: `report_to` names `tensorboard` or
+    /// `all`, or only integrations lorahost does not have (their tools import TensorBoard
+    /// logs); not with `none` or an empty list.
+    pub fn tensorboard(&self) -> bool {
+        let names: Vec<String> = self.report_to.iter().map(|n| n.trim().to_ascii_lowercase()).collect();
+        if names.iter().any(|n| n == "none") || names.is_empty() {
+            return false;
+        }
+        names.iter().any(|n| n == "tensorboard" || n == "all")
+            || names.iter().all(|n| OTHER_TRACKERS.contains(&n.as_str()))
+    }
+}
+
+/// `report_to` names transformers takes that lorahost has no integration for.
+const OTHER_TRACKERS: &[&str] = &[
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "clearml",
+    "neptune",
+    "dvclive",
+    "azure_ml",
+    "codecarbon",
+    "dagshub",
+    "flyte",
+    "trackio",
+    "swanlab",
+];
 
 impl Default for OutputSection {
     fn default() -> Self {
@@ -335,6 +368,7 @@ impl Default for OutputSection {
             save_lora_only: true,
             push_to_hub: false,
             hub_model_id: None,
+            report_to: vec!["tensorboard".into()],
         }
     }
 }
@@ -478,7 +512,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "gradient_checkpointing",
         ],
     ),
-    ("output", &["output_dir", "logging_dir", "save_lora_only", "push_to_hub", "hub_model_id"]),
+    ("output", &["output_dir", "logging_dir", "save_lora_only", "push_to_hub", "hub_model_id", "report_to"]),
     ("evaluation", &["metric", "save_predictions", "compute_metrics_during_training"]),
     ("hardware", &["device", "dataloader_pin_memory", "use_compile"]),
 ];
@@ -866,7 +900,7 @@ fn kind_of(section: &str, key: &str) -> Option<Kind> {
             "learning_rate" | "weight_decay" | "adam_beta1" | "adam_beta2" | "adam_epsilon" | "max_grad_norm"
             | "box_prompt_prob" | "warmup_ratio",
         ) => Number,
-        ("lora", "target_modules") | ("training", "generic_negatives") => List,
+        ("lora", "target_modules") | ("training", "generic_negatives") | ("output", "report_to") => List,
         ("training", "mixed_precision") => Precision,
         ("lora", k) if k.starts_with("apply_to_") => Bool,
         ("training", "gradient_checkpointing") => Checkpointing,
@@ -973,6 +1007,8 @@ fn normalize_value(
                 Kind::List => {
                     let (item, example) = if name == "training.generic_negatives" {
                         ("a word", "a list of words such as [teapot, violin] ([] for none)")
+                    } else if name == "output.report_to" {
+                        ("a name", "tensorboard or none")
                     } else {
                         ("a module name", "a list of module names such as [q_proj, v_proj]")
                     };
@@ -1484,6 +1520,47 @@ fn target_modules(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<S
     }
 }
 
+/// `output.report_to` as transformers takes it: a name, `"a, b"`, or a list; lower case. Names
+/// of other trackers get a note (TensorBoard event files are written, which they import); an
+/// unknown name is an error with the names taken.
+fn report_to(doc: &mut Mapping, notes: &mut Vec<String>, errors: &mut Vec<String>) {
+    let Some(v) = doc.get_mut("output").and_then(Value::as_mapping_mut).and_then(|o| o.get_mut("report_to"))
+    else {
+        return;
+    };
+    let names: Vec<String> = match v {
+        Value::Null => vec!["tensorboard".into()],
+        Value::String(s) => s
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Value::Sequence(items) => items.iter().filter_map(|e| e.as_str().map(str::to_string)).collect(),
+        _ => return, // the type check names it
+    };
+    let names: Vec<String> = names.iter().map(|n| n.trim().to_ascii_lowercase()).collect();
+    for n in &names {
+        if OTHER_TRACKERS.contains(&n.as_str()) {
+            let import = match n.as_str() {
+                "wandb" => " (`wandb sync --sync-tensorboard <logging_dir>` uploads them to W&B)",
+                "mlflow" | "comet_ml" | "clearml" | "neptune" => " (its TensorBoard import reads them)",
+                _ => "",
+            };
+            notes.push(format!(
+                "output.report_to: lorahost has no {n} integration; it writes TensorBoard event files to the logging_dir instead{import}"
+            ));
+        } else if !matches!(n.as_str(), "tensorboard" | "all" | "none") {
+            let hint = suggest(n, &["tensorboard", "none", "all"])
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            errors.push(format!(
+                "output.report_to: `{n}` is not a logger lorahost knows{hint}: use tensorboard (event files in the logging_dir, the default) or none"
+            ));
+        }
+    }
+    *v = Value::Sequence(names.into_iter().map(Value::String).collect());
+}
+
 /// What reading a config found besides the values: every message about a key, by kind.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigNotes {
@@ -1688,6 +1765,7 @@ fn migrate(doc: &mut Mapping, r: &mut Reading) {
     augment_mapping(doc, notes, &mut r.notes.ignored);
     scheduler_names(doc, notes);
     target_modules(doc, notes, errors);
+    report_to(doc, notes, errors);
     legacy_data_paths(doc, notes, errors);
     mask_decoder_flag(doc, notes);
 }
@@ -2741,6 +2819,37 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// `output.report_to` as transformers takes it: TensorBoard by default, `none` turns it off,
+    /// a tracker lorahost lacks gets TensorBoard files and a note, a misspelt name an error.
+    #[test]
+    fn report_to_forms() {
+        let (c, _) = parse("output:\n  output_dir: o\n").unwrap();
+        assert!(c.output.tensorboard());
+        for (yaml, on) in [
+            ("none", false),
+            ("[]", false),
+            ("tensorboard", true),
+            ("\"all\"", true),
+            ("[TensorBoard, wandb]", true),
+            ("\"none, tensorboard\"", false),
+            ("null", true),
+        ] {
+            let (c, _) = parse(&format!("output:\n  report_to: {yaml}\n")).unwrap();
+            assert_eq!(c.output.tensorboard(), on, "{yaml}: {:?}", c.output.report_to);
+        }
+        let (c, w) = parse("output:\n  report_to: wandb\n").unwrap();
+        assert!(c.output.tensorboard(), "W&B imports the event files");
+        assert!(
+            w.iter()
+                .any(|m| m.contains("no wandb integration") && m.contains("wandb sync --sync-tensorboard")),
+            "{w:?}"
+        );
+        let e = parse("output:\n  report_to: tensorbord\n").unwrap_err();
+        assert!(e.contains("output.report_to") && e.contains("did you mean `tensorboard`"), "{e}");
+        let e = parse("output:\n  report_to: {a: 1}\n").unwrap_err();
+        assert!(e.contains("output.report_to") && e.contains("tensorboard or none"), "{e}");
     }
 
     /// `target_modules` as a string: all-linear, one name; regex patterns are refused with

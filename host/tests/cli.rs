@@ -369,3 +369,57 @@ fn import_turns_mask_images_into_a_dataset_with_the_same_pixels() {
     let (ok, _, err) = import(&["--prompt", "crack"]);
     assert!(!ok && err.contains("not empty"), "{err}");
 }
+
+/// `lr-find` on the bundled demo: a JSON report whose points follow the planned sweep, its
+/// files in --out, the human report with the command to train; bad ranges are refused by name.
+#[test]
+fn lr_find_reports_a_suggestion_and_refuses_bad_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lrf");
+    let (ok, stdout, err) = run(lorahost()
+        .current_dir(repo())
+        .args([
+            "lr-find",
+            "--config",
+            "configs/demo.yaml",
+            "--steps",
+            "12",
+            "--start-lr",
+            "1e-5",
+            "--end-lr",
+            "1e-1",
+            "--json",
+            "--out",
+        ])
+        .arg(&out));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["planned_steps"], 12);
+    let points = v["suggestion"]["points"].as_array().unwrap();
+    assert!(!points.is_empty() && points.len() <= 12);
+    let first_lr = points[0][0].as_f64().unwrap();
+    assert!((first_lr / 1e-5 - 1.0).abs() < 1e-9, "{first_lr}");
+    for f in ["lr_find.json", "lr_find.png", "metrics.jsonl"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let (ok, stdout, err) = run(lorahost()
+        .current_dir(repo())
+        .args(["lr-find", "--config", "configs/demo.yaml", "--steps", "10", "--end-lr", "1e-2"])
+        .arg("--out")
+        .arg(dir.path().join("second")));
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("lorahost train --config configs/demo.yaml --override training.learning_rate=")
+            || stdout.contains("did not fall"),
+        "{stdout}"
+    );
+    for (args, named) in [
+        (["--start-lr", "1e-3", "--end-lr", "1e-4"], "--end-lr"),
+        (["--end-lr", "50", "--steps", "100"], "--end-lr 50"),
+        (["--steps", "3", "--end-lr", "1"], "--steps 3"),
+    ] {
+        let (ok, _, err) =
+            run(lorahost().current_dir(repo()).args(["lr-find", "--config", "configs/demo.yaml"]).args(args));
+        assert!(!ok && err.contains(named), "{args:?}: {err}");
+    }
+}

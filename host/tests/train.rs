@@ -101,7 +101,7 @@ fn a_tiny_run_lowers_the_validation_loss_and_writes_every_output() {
     let last = s.final_validation.as_ref().unwrap().loss;
     assert!(last < first * 0.9, "validation loss {first} -> {last}");
     let trace = steps(&out);
-    let header = trace.run.unwrap();
+    let header = trace.run.clone().unwrap();
     // 8 images / batch 2 = 4 micro-batches = 2 optimizer steps per epoch.
     assert_eq!((header.total_steps, header.steps_per_epoch, header.effective_batch_size), (12, 2, 4));
     assert_eq!(trace.steps.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
@@ -115,6 +115,22 @@ fn a_tiny_run_lowers_the_validation_loss_and_writes_every_output() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert!(image::open(out.join("loss_curve.png")).is_ok());
+    // The TensorBoard file: the same steps as metrics.jsonl, every validation, and pictures of
+    // the validation predictions at each one (before training too).
+    let events: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| lorahost::tfevents::is_event_file_name(p))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let tb = lorahost::tfevents::trace_from_event_files(&events, &out).unwrap();
+    let f32s = |t: &Trace| t.steps.iter().map(|s| (s.step, s.loss as f32, s.lr as f32)).collect::<Vec<_>>();
+    assert_eq!(f32s(&tb), f32s(&trace));
+    assert_eq!(tb.validation.first().map(|v| v.0), Some(0));
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let tag = b"val_images/";
+    assert!(bytes.windows(tag.len()).filter(|w| w == tag).count() >= 2, "validation pictures");
 }
 
 #[test]
@@ -895,6 +911,27 @@ fn a_fresh_run_sets_an_earlier_run_in_its_folder_aside() {
     let s = run(&TrainOptions { max_steps: Some(4), resume: Some(Resume::Latest), ..opts(&cfg) });
     assert_eq!(s.steps, 4);
     assert!(!out.join("previous-runs/run-2").exists(), "a resume sets nothing aside");
+    // The TensorBoard files went with their runs: the earlier run's six steps in run-1, this
+    // run's file and its resume's beside each other, read as one run of four steps.
+    let event_files = |d: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| lorahost::tfevents::is_event_file_name(p))
+            .collect();
+        v.sort();
+        v
+    };
+    let tb = |d: &Path| lorahost::tfevents::trace_from_event_files(&event_files(d), d).unwrap();
+    assert_eq!(tb(&earlier).steps.len(), 6);
+    assert_eq!(event_files(&out).len(), 2);
+    let resumed = tb(&out);
+    assert_eq!(resumed.steps.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(
+        resumed.steps.iter().map(|s| s.loss as f32).collect::<Vec<_>>(),
+        steps(&out).steps.iter().map(|s| s.loss as f32).collect::<Vec<_>>()
+    );
 }
 
 /// Setting an earlier run aside keeps a logging_dir's layout: `logs/metrics.jsonl` goes to
@@ -975,7 +1012,7 @@ fn a_recorded_config_rerun_elsewhere_leaves_the_recorded_run_alone() {
     })
     .unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("another run's metrics log") && e.contains("logging_dir"), "{e}");
+    assert!(e.contains("another run's log") && e.contains("logging_dir"), "{e}");
     assert_eq!(std::fs::read(a.join("logs/metrics.jsonl")).unwrap(), a_log);
     assert!(!a.join("previous-runs").exists() && !c.join("previous-runs").exists());
 }
@@ -1059,4 +1096,71 @@ fn synthetic_data_is_not_written_over_a_folder() {
     let entries: Vec<_> = std::fs::read_dir(data.join("train")).unwrap().collect();
     assert_eq!(entries.len(), 1, "nothing written beside the folder");
     assert!(!data.join("valid").exists());
+}
+
+/// `lorahost lr-find`: the LR rises exponentially step by step (checked against the formula),
+/// the curve is read and written, nothing is validated
+/// or saved, the config's plugins are not loaded, and an earlier run in the output folder is
+/// left exactly as it was.
+#[test]
+fn lr_find_sweeps_the_lr_and_leaves_the_run_alone() {
+    use lorahost::lr_find::{run as lr_find, LrFindOptions, LrRange};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  batch_size: 1\n  gradient_accumulation_steps: 1\n",
+        "plugins:\n  - path: /nonexistent/spike_guard.wasm\n",
+    );
+    // An earlier run in the output folder (its plugin removed from the config for it).
+    let plain = config(tmp.path(), &data, &out, "  batch_size: 1\n  gradient_accumulation_steps: 1\n", "");
+    run(&TrainOptions { max_steps: Some(2), ..opts(&plain) });
+    let before: Vec<(PathBuf, Vec<u8>)> = ["metrics.jsonl", "run.json", "adapter/adapter_model.safetensors"]
+        .iter()
+        .map(|f| (out.join(f), std::fs::read(out.join(f)).unwrap()))
+        .collect();
+    let (start, end, n) = (1e-6, 10.0, 12u64);
+    let r = lr_find(&LrFindOptions {
+        config: cfg.clone(),
+        overrides: vec![],
+        range: LrRange::new(start, end, n).unwrap(),
+        out: None,
+        cache_dir: None,
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let dir = out.join("lr-find");
+    assert_eq!(r.out, dir);
+    let trace = steps(&dir);
+    for s in &trace.steps {
+        let want = start * (end / start).powf((s.step - 1) as f64 / (n - 1) as f64);
+        assert!((s.lr / want - 1.0).abs() < 1e-9, "step {}: LR {} want {want}", s.step, s.lr);
+    }
+    // SAM3's loss is bounded enough that this tiny model need not diverge even at LR 10: the
+    // sweep either ran to its end or stopped on divergence (DivergenceWatch's own tests).
+    assert!(
+        (r.steps == n && r.stopped.is_none())
+            || (r.steps < n
+                && r.stopped.as_deref().is_some_and(|w| w.contains("diverged") || w.contains("not finite"))),
+        "{r:?}"
+    );
+    assert_eq!(trace.steps.len() as u64, r.steps);
+    let sg = r.suggestion.as_ref().unwrap();
+    assert_eq!(sg.points.len(), trace.steps.iter().take_while(|s| s.loss.is_finite()).count());
+    for f in ["lr_find.json", "lr_find.png", "metrics.jsonl"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("lr_find.json")).unwrap()).unwrap();
+    assert_eq!(json["steps"], r.steps);
+    assert!(!dir.join("checkpoints").exists() && !dir.join("adapter").exists() && !dir.join("best").exists());
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert!(!text.contains("\"validation\""), "nothing validated");
+    for (p, bytes) in before {
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
+    }
+    assert!(!out.join("previous-runs").exists());
+    assert!(LrRange::new(1e-3, 1e-5, 100).is_err());
 }

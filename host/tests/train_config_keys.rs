@@ -303,6 +303,17 @@ fn every_key_of_the_full_config_has_an_observable_effect() {
     // output.
     check("output.output_dir", base.out.join("adapter").is_dir(), "outputs land there");
     check("output.logging_dir", base.out.join("logs/metrics.jsonl").is_file(), "metrics in logging_dir");
+    let event_files = |o: &Outcome| {
+        std::fs::read_dir(o.out.join("logs"))
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().contains("tfevents")).count())
+            .unwrap_or(0)
+    };
+    let no_tb = lab.run(&["output.report_to=none"]);
+    check(
+        "output.report_to",
+        event_files(&base) == 1 && event_files(&no_tb) == 0,
+        "TensorBoard files in logging_dir unless none",
+    );
     let merged = lab.run(&["output.save_lora_only=false"]);
     check(
         "output.save_lora_only",

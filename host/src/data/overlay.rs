@@ -94,37 +94,99 @@ pub struct OverlayQuery {
     pub box_only: usize,
 }
 
-/// The sample as an RGB picture of the model input with its targets drawn: boxes from the
-/// normalized CxCyWH targets, masks nearest-upsampled from the `mask_size` targets.
-pub fn render(sample: &Sample, mask_size: usize, colors: &BTreeMap<String, [u8; 3]>) -> image::RgbImage {
+/// The sample's model input as an RGB picture, and its side.
+fn input_picture(sample: &Sample) -> (image::RgbImage, usize) {
     let pv = sample.pixel_values.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default();
     let s = (pv.len() / 3).isqrt();
     let hw = s * s;
-    let mut img = image::RgbImage::from_fn(s as u32, s as u32, |x, y| {
+    let img = image::RgbImage::from_fn(s as u32, s as u32, |x, y| {
         let p = y as usize * s + x as usize;
         let c = |k: usize| ((pv[k * hw + p] + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
         image::Rgb([c(0), c(1), c(2)])
     });
-    let m = mask_size;
+    (img, s)
+}
+
+/// An `m`×`m` mask nearest-upsampled to `s`×`s`.
+fn upsample(mask: &[bool], m: usize, s: usize) -> Vec<bool> {
+    (0..s * s).map(|p| mask[(p / s) * m / s * m + (p % s) * m / s]).collect()
+}
+
+/// Draw one query's targets (boxes, and masks where valid) on a picture of side `s`.
+fn draw_targets(
+    img: &mut image::RgbImage,
+    q: &super::batch::QueryTarget,
+    s: usize,
+    m: usize,
+    color: [u8; 3],
+) {
+    for (g, b) in q.boxes.iter().enumerate() {
+        let valid = q.mask_valid.get(g).copied().unwrap_or(false);
+        let mask = (valid && q.masks.len() >= (g + 1) * m * m)
+            .then(|| upsample(&q.masks[g * m * m..(g + 1) * m * m], m, s));
+        let sf = s as f32;
+        let xyxy = [
+            (b[0] - b[2] / 2.0) * sf,
+            (b[1] - b[3] / 2.0) * sf,
+            (b[0] + b[2] / 2.0) * sf,
+            (b[1] + b[3] / 2.0) * sf,
+        ];
+        draw_instance(img, mask.as_deref(), xyxy, color);
+    }
+}
+
+/// The sample as an RGB picture of the model input with its targets drawn: boxes from the
+/// normalized CxCyWH targets, masks nearest-upsampled from the `mask_size` targets.
+pub fn render(sample: &Sample, mask_size: usize, colors: &BTreeMap<String, [u8; 3]>) -> image::RgbImage {
+    let (mut img, s) = input_picture(sample);
     for q in sample.queries.iter().filter(|q| !q.negative) {
-        let color = colors.get(&q.prompt).copied().unwrap_or(PALETTE[0]);
-        for (g, b) in q.boxes.iter().enumerate() {
-            let valid = q.mask_valid.get(g).copied().unwrap_or(false);
-            let mask = (valid && q.masks.len() >= (g + 1) * m * m).then(|| {
-                let src = &q.masks[g * m * m..(g + 1) * m * m];
-                (0..hw).map(|p| src[(p / s) * m / s * m + (p % s) * m / s]).collect::<Vec<bool>>()
-            });
-            let sf = s as f32;
-            let xyxy = [
-                (b[0] - b[2] / 2.0) * sf,
-                (b[1] - b[3] / 2.0) * sf,
-                (b[0] + b[2] / 2.0) * sf,
-                (b[1] + b[3] / 2.0) * sf,
-            ];
-            draw_instance(&mut img, mask.as_deref(), xyxy, color);
-        }
+        draw_targets(&mut img, q, s, mask_size, colors.get(&q.prompt).copied().unwrap_or(PALETTE[0]));
     }
     img
+}
+
+/// A validation panel for TensorBoard: the model input with `prompt`'s ground truth (left) and,
+/// beside it, the model's detections for that prompt scoring `threshold` or more (right, each
+/// in its own colour with its mask's bounding box), each half scaled to `side` px.
+/// `predictions` are at the `mask_size` resolution.
+pub fn prediction_panel(
+    sample: &Sample,
+    prompt: &str,
+    predictions: &[crate::evaluation::Prediction],
+    mask_size: usize,
+    threshold: f32,
+    side: u32,
+) -> image::RgbImage {
+    let (plain, s) = input_picture(sample);
+    let m = mask_size;
+    let mut truth = plain.clone();
+    for q in sample.queries.iter().filter(|q| !q.negative && q.prompt == prompt) {
+        draw_targets(&mut truth, q, s, m, PALETTE[0]);
+    }
+    let mut found = plain;
+    for (k, p) in predictions.iter().filter(|p| p.score >= threshold && p.mask.len() == m * m).enumerate() {
+        let mask = upsample(&p.mask, m, s);
+        let on: Vec<(usize, usize)> = (0..s * s).filter(|&i| mask[i]).map(|i| (i % s, i / s)).collect();
+        let Some(x0) = on.iter().map(|p| p.0).min() else { continue };
+        let x1 = on.iter().map(|p| p.0).max().unwrap_or(x0) + 1;
+        let y0 = on.iter().map(|p| p.1).min().unwrap_or(0);
+        let y1 = on.iter().map(|p| p.1).max().unwrap_or(y0) + 1;
+        draw_instance(
+            &mut found,
+            Some(&mask),
+            [x0 as f32, y0 as f32, x1 as f32, y1 as f32],
+            PALETTE[1 + k % (PALETTE.len() - 1)],
+        );
+    }
+    let side = side.max(1);
+    let scale = |img: &image::RgbImage| {
+        image::imageops::resize(img, side, side, image::imageops::FilterType::Triangle)
+    };
+    const GAP: u32 = 4;
+    let mut panel = image::RgbImage::from_pixel(2 * side + GAP, side, image::Rgb([255, 255, 255]));
+    image::imageops::replace(&mut panel, &scale(&truth), 0, 0);
+    image::imageops::replace(&mut panel, &scale(&found), i64::from(side + GAP), 0);
+    panel
 }
 
 /// Write overlays of `count` images of `split` (spread evenly over it) into `dir`, each as
@@ -230,6 +292,66 @@ mod tests {
     use super::*;
     use crate::data::coco::Dataset;
     use crate::data::synthetic::{write_synthetic, SyntheticSpec};
+
+    /// A validation panel: the truth (red) on the left half, each detection at or above the
+    /// threshold on the right in its own colour, inside its mask's box; one below it not drawn.
+    #[test]
+    fn prediction_panels_put_truth_and_detections_side_by_side() {
+        use crate::data::batch::QueryTarget;
+        use crate::evaluation::Prediction;
+        let (s, m) = (32usize, 8usize);
+        let pixel_values =
+            candle_core::Tensor::zeros((1, 3, s, s), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+        // Truth: the mask's top-left quarter, box [0, 0.5]².
+        let truth: Vec<bool> = (0..m * m).map(|i| i % m < m / 2 && i / m < m / 2).collect();
+        let q = QueryTarget {
+            image_index: 0,
+            prompt: "crack".into(),
+            negative: false,
+            ann_ids: vec![1],
+            boxes: vec![[0.25, 0.25, 0.5, 0.5]],
+            masks: truth,
+            mask_valid: vec![true],
+        };
+        let sample = Sample {
+            image_id: 3,
+            pixel_values,
+            original_size: (s as u32, s as u32),
+            flipped: false,
+            queries: vec![q],
+        };
+        // A detection in the bottom-right quarter (score 0.9) and one in the top-left (0.3).
+        let quarter = |right: bool| -> Vec<bool> {
+            (0..m * m).map(|i| ((i % m >= m / 2) == right) && ((i / m >= m / 2) == right)).collect()
+        };
+        let preds =
+            [Prediction { score: 0.9, mask: quarter(true) }, Prediction { score: 0.3, mask: quarter(false) }];
+        let side = 64u32;
+        let panel = prediction_panel(&sample, "crack", &preds, m, 0.5, side);
+        assert_eq!(panel.dimensions(), (2 * side + 4, side));
+        let near = |p: &image::Rgb<u8>, c: [u8; 3]| p.0.iter().zip(c).all(|(a, b)| a.abs_diff(b) < 40);
+        // Pixels of colour `c` in the `n`-wide square at (x0, y0).
+        let count = |x0: u32, y0: u32, n: u32, c: [u8; 3]| {
+            (x0..x0 + n)
+                .flat_map(|x| (y0..y0 + n).map(move |y| (x, y)))
+                .filter(|&(x, y)| near(panel.get_pixel(x, y), c))
+                .count()
+        };
+        let (right, h) = (side + 4, side / 2);
+        assert!(count(0, 0, h, PALETTE[0]) > 100, "truth in the left half's top-left quarter");
+        assert_eq!(
+            count(h + 4, h + 4, h - 4, PALETTE[0]),
+            0,
+            "none in the other corner (past the resampled edge)"
+        );
+        assert!(count(right + h, h, h, PALETTE[1]) > 100, "the 0.9 detection");
+        assert_eq!(
+            count(right, 0, h, PALETTE[1]) + count(right, 0, h, PALETTE[2]),
+            0,
+            "the 0.3 one is not drawn"
+        );
+    }
 
     /// The drawn pixels are where the annotations are: each box outline lies on the box the COCO
     /// file gives (scaled to the model input), in its prompt's colour, and mask tint only inside

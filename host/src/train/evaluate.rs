@@ -166,6 +166,7 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         negatives: t.num_negatives,
         seed: t.seed as u64,
         batch_size: t.batch_size,
+        panels: 0,
     };
     let r = validate(&model, &set, &loss_weights(&cfg)?, true)?;
     Ok(EvaluateReport {

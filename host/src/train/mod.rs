@@ -32,6 +32,7 @@ pub mod plot;
 pub mod schedule;
 pub mod slowdown;
 pub mod stats_cuda;
+mod tensorboard;
 mod validate;
 
 pub use validate::{validate, ValidationResult, ValidationSet};
@@ -83,6 +84,10 @@ pub struct TrainOptions {
     pub overrides: Vec<String>,
     /// Compiled-plugin cache (None: no cache).
     pub cache_dir: Option<PathBuf>,
+    /// An LR range test (`lorahost lr-find`) instead of the configured schedule: the LR rises
+    /// exponentially over its steps, no plugin is loaded, nothing is validated or saved but the
+    /// logs, and the run stops when the loss diverges ([`crate::lr_find`]).
+    pub lr_range: Option<crate::lr_find::LrRange>,
 }
 
 /// Where to resume from.
@@ -176,6 +181,9 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Validation image/prompt pairs drawn for the TensorBoard log at each validation.
+const VALIDATION_PANELS: usize = 4;
+
 /// The outputs a run writes into `output_dir` (and `logging_dir`).
 const RUN_OUTPUTS: &[&str] = &[
     "checkpoints",
@@ -222,6 +230,7 @@ fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBu
         p.file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("metrics") && n.ends_with(".jsonl"))
+            || crate::tfevents::is_event_file_name(p)
     };
     // (file, folder under run-N it goes to)
     let mut found: Vec<(PathBuf, PathBuf)> = RUN_OUTPUTS
@@ -248,7 +257,7 @@ fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBu
     let outside = !same_dir(log_dir, out_dir) && log_dir.strip_prefix(out_dir).is_err();
     if outside && !found.is_empty() && found.iter().all(|(p, _)| p.parent() == Some(log_dir)) {
         bail!(
-            "output.logging_dir {} holds another run's metrics log ({}) and output.output_dir {} holds no run: this run would write over that log. Set output.logging_dir to a folder of this run (`logs` puts it inside output_dir) or to an empty folder; a config.yaml recorded by an earlier lorahost names the recorded run's own logging_dir. Nothing was written",
+            "output.logging_dir {} holds another run's log ({}) and output.output_dir {} holds no run: this run would write over that log. Set output.logging_dir to a folder of this run (`logs` puts it inside output_dir) or to an empty folder; a config.yaml recorded by an earlier lorahost names the recorded run's own logging_dir. Nothing was written",
             log_dir.display(),
             found[0].0.display(),
             out_dir.display()
@@ -910,8 +919,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             t.num_negatives
         );
     }
-    let valid_split = dataset.split("valid").cloned();
-    if valid_split.is_none() {
+    let valid_split = dataset.split("valid").cloned().filter(|_| opts.lr_range.is_none());
+    if valid_split.is_none() && opts.lr_range.is_none() {
         // Other names people give the validation folder (Roboflow's is valid/).
         let other = ["val", "validation", "eval", "dev"].into_iter().find(|n| t.data_dir.join(n).is_dir());
         tracing::warn!(
@@ -973,8 +982,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 
     // Schedule.
     let eff = cfg.effective(train_ids.len());
-    let total = eff.total_steps as u64;
-    let warmup = eff.warmup_steps as u64;
+    let (total, warmup) = match opts.lr_range {
+        Some(r) => (r.steps, 0),
+        None => (eff.total_steps as u64, eff.warmup_steps as u64),
+    };
     let accum = t.gradient_accumulation_steps.max(1);
     let scheduler = t.scheduler().unwrap_or(crate::train_config::Scheduler::Cosine);
     tracing::info!(
@@ -1108,6 +1119,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         })
         .collect();
     specs.extend(opts.plugins.iter().cloned());
+    if opts.lr_range.is_some() && !specs.is_empty() {
+        tracing::info!(
+            "LR range test: the {} plugin(s) are not loaded (the test sets the LR itself)",
+            specs.len()
+        );
+        specs.clear();
+    }
     opts.plugin_overrides.apply(&mut specs).map_err(anyhow::Error::msg)?;
     let mut record = cfg.snapshot(&[]);
     // The plugins as they run (command-line plugins and settings folded in).
@@ -1380,6 +1398,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         .with_context(|| format!("writing {}", out_dir.join(CONFIG_RECORD).display()))?;
     let metrics_path = log_dir.join("metrics.jsonl");
     let mut log = MetricsLog::open(&metrics_path, &header, resume_dir.as_ref().map(|_| state.step))?;
+    let mut tensorboard = tensorboard::TensorBoardLog::open(
+        &log_dir,
+        cfg.output.tensorboard(),
+        resume_dir.as_ref().map(|_| state.step),
+    );
     let mut train_curve: Vec<(u64, f64)> = Vec::new();
 
     let mut val_curve: Vec<(u64, f64)> = Vec::new();
@@ -1462,6 +1485,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             negatives: t.num_negatives,
             seed,
             batch_size: t.batch_size,
+            // Pictures of the predictions for the TensorBoard log.
+            panels: if cfg.output.tensorboard() { VALIDATION_PANELS } else { 0 },
         };
         let r = validate(model, &set, &base_weights, with_metrics)?;
         Ok(Some(r))
@@ -1485,10 +1510,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             summary.initial_validation_loss = Some(v.loss);
             val_curve.push((0, v.loss));
             val_extra = validation_extra(0, &v);
-            log.line(
-                &serde_json::json!({"event": "validation", "step": 0, "loss": v.loss, "losses": v.terms})
-                    .to_string(),
-            );
+            let event =
+                serde_json::json!({"event": "validation", "step": 0, "loss": v.loss, "losses": v.terms});
+            log.line(&event.to_string());
+            tensorboard.validation(0, &event);
+            tensorboard.images(0, &v.panels);
         }
     }
 
@@ -1501,6 +1527,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
     let micro_per_epoch = eff.micro_batches_per_epoch as u64;
     let mut consecutive_nonfinite = 0u32;
+    let mut range_watch = crate::lr_find::DivergenceWatch::default();
     let mut lr_capped_warned = false;
     let save = |state: &TrainerState, opt: &AdamW, plugins: &mut PluginSet| -> Result<PathBuf> {
         let mut s = state.clone();
@@ -1752,7 +1779,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let mut reason: Option<String> = None;
         let mut decided_by: Option<String> = None;
         let mut applied = false;
-        let scheduled = schedule::lr_at(scheduler, t.learning_rate, step, warmup, total);
+        let scheduled = match opts.lr_range {
+            Some(r) => r.lr_at(step),
+            None => schedule::lr_at(scheduler, t.learning_rate, step, warmup, total),
+        };
         let lr = plugins.lr_for_step(&LrRequest {
             step,
             total_steps: total,
@@ -1971,7 +2001,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             log.line(&event_json(step, &e).to_string());
         }
         log.line(&rec.to_json_line());
+        tensorboard.step(&rec);
         if let Some(why) = diverged.take() {
+            summary.stopped = Some(why);
+            break 'outer;
+        }
+        if let Some(why) = opts.lr_range.and_then(|_| range_watch.observe(loss)) {
+            tracing::info!("LR range test: stopping after step {step} at LR {lr:.3e}: {why}");
             summary.stopped = Some(why);
             break 'outer;
         }
@@ -2038,7 +2074,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 );
                 val_curve.push((step, v.loss));
                 val_extra = validation_extra(step, &v);
-                log.line(&serde_json::json!({"event": "validation", "step": step, "loss": v.loss, "losses": v.terms, "metrics": v.summary, "pixel": v.pixel}).to_string());
+                let event = serde_json::json!({"event": "validation", "step": step, "loss": v.loss, "losses": v.terms, "metrics": v.summary, "pixel": v.pixel});
+                log.line(&event.to_string());
+                tensorboard.validation(step, &event);
+                tensorboard.images(step, &v.panels);
                 let value = match metric_name.as_str() {
                     "map" => v.summary.map(|s| s.map),
                     "cgf1" => v.summary.map(|s| s.cgf1),
@@ -2063,7 +2102,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         let save_now = if t.save_steps > 0 { step.is_multiple_of(t.save_steps as u64) } else { epoch_done };
-        if save_now || want_checkpoint || last {
+        if opts.lr_range.is_none() && (save_now || want_checkpoint || last) {
             save(&state, &opt, &mut plugins)?;
         }
         plugins.step_boundary();
@@ -2075,14 +2114,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     progress.finish();
 
-    // Final outputs.
-    write_adapter_dir(&out_dir.join("adapter"), &lora, &base_name)?;
-    if !cfg.output.save_lora_only && !summary.interrupted {
+    // Final outputs (an LR range test's adapters are not a model anyone should use).
+    if opts.lr_range.is_none() {
+        write_adapter_dir(&out_dir.join("adapter"), &lora, &base_name)?;
+    }
+    if !cfg.output.save_lora_only && !summary.interrupted && opts.lr_range.is_none() {
         let merged = out_dir.join("merged");
         crate::export::write_merged(&model_path, &lora, &merged)?;
         tracing::info!("merged full weights: {}", merged.display());
     }
-    if cfg.evaluation.save_predictions && !summary.interrupted {
+    if cfg.evaluation.save_predictions && !summary.interrupted && opts.lr_range.is_none() {
         if let Some(vs) = valid_split.as_ref() {
             lora.set_training(false);
             let path = out_dir.join("predictions.json");
@@ -2095,6 +2136,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 negatives: t.num_negatives,
                 seed,
                 batch_size: t.batch_size,
+                panels: 0,
             };
             match validate::write_predictions(&model, &set, &path) {
                 Err(e) if validate::is_interrupted(&e) => {
@@ -2121,7 +2163,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let png = out_dir.join("loss_curve.png");
     plot::write_loss_curve(&png, &train_curve, &val_curve)?;
     tracing::info!("loss curve: {} (training loss per step, light blue; smoothed, dark blue; validation, orange; log scale)", png.display());
-    run_diagnosis_summary(&metrics_path, cfg.training.max_grad_norm);
+    if opts.lr_range.is_none() {
+        run_diagnosis_summary(&metrics_path, cfg.training.max_grad_norm);
+    }
     summary.steps = state.step;
     summary.skipped_steps = state.skipped_steps;
     let run_json = serde_json::json!({

@@ -196,6 +196,112 @@ fn x_ticks(max: u64) -> Vec<u64> {
     (0..=max / spacing).map(|i| i * spacing).collect()
 }
 
+/// The plot area's grid lines, tick marks and labels (`xs`, `ys`: pixel position and label), and
+/// its two axis lines.
+fn axes(img: &mut RgbImage, xs: &[(f64, String)], ys: &[(f64, String)]) {
+    let (x0, x1, y0, y1) = (LEFT, W as f64 - RIGHT, TOP, H as f64 - BOTTOM);
+    for (y, l) in ys {
+        line(img, (x0, *y), (x1, *y), GRID);
+        line(img, (x0 - 4.0, *y), (x0, *y), INK);
+        text(img, x0 as i64 - 7 - text_width(l), *y as i64 - 3, l, INK);
+    }
+    for (x, l) in xs {
+        line(img, (*x, y0), (*x, y1), GRID);
+        line(img, (*x, y1), (*x, y1 + 4.0), INK);
+        text(img, *x as i64 - text_width(l) / 2, y1 as i64 + 8, l, INK);
+    }
+    line(img, (x0, y0), (x0, y1), INK);
+    line(img, (x0, y1), (x1, y1), INK);
+}
+
+/// How a legend entry is drawn.
+#[derive(Clone, Copy)]
+enum Key {
+    Line,
+    Dot,
+    Mark,
+}
+
+/// Titles of both axes and a legend of (label, colour, key).
+fn frame(img: &mut RgbImage, x_title: &str, y_title: &str, legend: &[(&str, Rgb<u8>, Key)]) {
+    let (x0, x1, y0, y1) = (LEFT, W as f64 - RIGHT, TOP, H as f64 - BOTTOM);
+    text(img, ((x0 + x1) / 2.0) as i64 - text_width(x_title) / 2, H as i64 - 14, x_title, INK);
+    text_vertical(img, 6, ((y0 + y1) / 2.0) as i64, y_title, INK);
+    let mut lx = x0 as i64 + 4;
+    for &(label, c, key) in legend {
+        match key {
+            Key::Mark => line(img, (lx as f64 + 8.0, 9.0), (lx as f64 + 8.0, 21.0), c),
+            Key::Dot => dot(img, (lx as f64 + 8.0, 15.0), c),
+            Key::Line => {
+                for dy in 0..2 {
+                    line(img, (lx as f64, 14.0 + dy as f64), (lx as f64 + 16.0, 14.0 + dy as f64), c);
+                }
+            }
+        }
+        text(img, lx + 22, 12, label, INK);
+        lx += 22 + text_width(label) + 18;
+    }
+}
+
+/// The LR range test's curve (`lorahost lr-find`): each step's loss (light blue) and the
+/// smoothed loss (dark blue) against the LR, both axes log-scaled, with the suggested LR as a
+/// vertical orange line; written as a PNG atomically. `points`: (LR, loss, smoothed loss).
+pub fn write_lr_curve(path: &Path, points: &[(f64, f64, f64)], suggested: Option<f64>) -> anyhow::Result<()> {
+    let img = render_lr(points, suggested);
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    crate::fsutil::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+fn render_lr(points: &[(f64, f64, f64)], suggested: Option<f64>) -> RgbImage {
+    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
+    frame(
+        &mut img,
+        "learning rate (log scale)",
+        "loss (log scale)",
+        &[("loss", TRAIN, Key::Line), ("smoothed", SMOOTH, Key::Line), ("suggested", VAL, Key::Mark)],
+    );
+    let ok = |v: f64| v.is_finite() && v > 0.0;
+    let pts: Vec<(f64, f64, f64)> =
+        points.iter().copied().filter(|p| ok(p.0) && ok(p.1) && ok(p.2)).collect();
+    let (x0, x1, y0, y1) = (LEFT, W as f64 - RIGHT, TOP, H as f64 - BOTTOM);
+    if pts.len() < 2 {
+        text(&mut img, ((x0 + x1) / 2.0) as i64 - 60, ((y0 + y1) / 2.0) as i64, "no finite loss values", INK);
+        return img;
+    }
+    let range = |f: &dyn Fn(&(f64, f64, f64)) -> f64| {
+        let lo = pts.iter().map(f).fold(f64::INFINITY, f64::min);
+        let hi = pts.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+        let pad = ((hi - lo) * 0.04).max(0.02);
+        (lo - pad, hi + pad)
+    };
+    let (xlo, xhi) = range(&|p| p.0.log10());
+    let (ylo, yhi) = range(&|p| p.1.log10().min(p.2.log10()));
+    let (ylo, yhi) = (ylo.min(range(&|p| p.2.log10()).0), yhi);
+    let map = |lr: f64, v: f64| {
+        (x0 + (x1 - x0) * (lr.log10() - xlo) / (xhi - xlo), y0 + (y1 - y0) * (yhi - v.log10()) / (yhi - ylo))
+    };
+    let ys: Vec<(f64, String)> =
+        y_ticks(ylo, yhi).into_iter().map(|v| (map(1.0, v).1, value_label(v))).collect();
+    let xs: Vec<(f64, String)> =
+        y_ticks(xlo, xhi).into_iter().map(|v| (map(v, 1.0).0, value_label(v))).collect();
+    axes(&mut img, &xs, &ys);
+    for w in pts.windows(2) {
+        line(&mut img, map(w[0].0, w[0].1), map(w[1].0, w[1].1), TRAIN);
+    }
+    for w in pts.windows(2) {
+        line(&mut img, map(w[0].0, w[0].2), map(w[1].0, w[1].2), SMOOTH);
+    }
+    if let Some(lr) = suggested.filter(|lr| ok(*lr)) {
+        let (x, _) = map(lr, 1.0);
+        for dx in 0..2 {
+            line(&mut img, (x + dx as f64, y0), (x + dx as f64, y1), VAL);
+        }
+    }
+    img
+}
+
 /// Draw `train` (step, loss) and `val` (step, loss) and write a PNG atomically.
 pub fn write_loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)]) -> anyhow::Result<()> {
     let img = render(train, val);
@@ -211,23 +317,12 @@ fn render(train: &[(u64, f64)], val: &[(u64, f64)]) -> RgbImage {
     let pts: Vec<(u64, f64)> = train.iter().chain(val).copied().filter(finite).collect();
     let (x0, x1, y0, y1) = (LEFT, W as f64 - RIGHT, TOP, H as f64 - BOTTOM);
     // Axis titles and legend, drawn even when there is nothing to plot.
-    let title = "optimizer step";
-    text(&mut img, ((x0 + x1) / 2.0) as i64 - text_width(title) / 2, H as i64 - 14, title, INK);
-    text_vertical(&mut img, 6, ((y0 + y1) / 2.0) as i64, "loss (log scale)", INK);
-    let mut lx = x0 as i64 + 4;
-    for (label, c, is_dot) in
-        [("training", TRAIN, false), ("smoothed", SMOOTH, false), ("validation", VAL, true)]
-    {
-        if is_dot {
-            dot(&mut img, (lx as f64 + 8.0, 15.0), c);
-        } else {
-            for dy in 0..2 {
-                line(&mut img, (lx as f64, 14.0 + dy as f64), (lx as f64 + 16.0, 14.0 + dy as f64), c);
-            }
-        }
-        text(&mut img, lx + 22, 12, label, INK);
-        lx += 22 + text_width(label) + 18;
-    }
+    frame(
+        &mut img,
+        "optimizer step",
+        "loss (log scale)",
+        &[("training", TRAIN, Key::Line), ("smoothed", SMOOTH, Key::Line), ("validation", VAL, Key::Dot)],
+    );
     if pts.is_empty() {
         text(&mut img, ((x0 + x1) / 2.0) as i64 - 60, ((y0 + y1) / 2.0) as i64, "no finite loss values", INK);
         return img;
@@ -241,22 +336,10 @@ fn render(train: &[(u64, f64)], val: &[(u64, f64)]) -> RgbImage {
     let map = |s: u64, v: f64| {
         (x0 + (x1 - x0) * s as f64 / max_step as f64, y0 + (y1 - y0) * (hi - v.log10()) / (hi - lo))
     };
-    for v in y_ticks(lo, hi) {
-        let (_, y) = map(0, v);
-        line(&mut img, (x0, y), (x1, y), GRID);
-        line(&mut img, (x0 - 4.0, y), (x0, y), INK);
-        let l = value_label(v);
-        text(&mut img, x0 as i64 - 7 - text_width(&l), y as i64 - 3, &l, INK);
-    }
-    for s in x_ticks(max_step) {
-        let (x, _) = map(s, 1.0);
-        line(&mut img, (x, y0), (x, y1), GRID);
-        line(&mut img, (x, y1), (x, y1 + 4.0), INK);
-        let l = s.to_string();
-        text(&mut img, x as i64 - text_width(&l) / 2, y1 as i64 + 8, &l, INK);
-    }
-    line(&mut img, (x0, y0), (x0, y1), INK);
-    line(&mut img, (x0, y1), (x1, y1), INK);
+    let ys: Vec<(f64, String)> = y_ticks(lo, hi).into_iter().map(|v| (map(0, v).1, value_label(v))).collect();
+    let xs: Vec<(f64, String)> =
+        x_ticks(max_step).into_iter().map(|s| (map(s, 1.0).0, s.to_string())).collect();
+    axes(&mut img, &xs, &ys);
     let tr: Vec<(u64, f64)> = train.iter().copied().filter(finite).collect();
     for w in tr.windows(2) {
         line(&mut img, map(w[0].0, w[0].1), map(w[1].0, w[1].1), TRAIN);
@@ -316,6 +399,9 @@ mod tests {
             "smoothed",
             "validation",
             "no finite loss values",
+            "learning rate (log scale)",
+            "loss",
+            "suggested",
         ] {
             for c in s.chars() {
                 assert!(glyph(c).is_some(), "no glyph for {c:?} in {s:?}");
@@ -348,5 +434,23 @@ mod tests {
         // Nothing to plot: still a valid image with the titles.
         let empty = render(&[(1, f64::NAN)], &[]);
         assert!(empty.pixels().any(|p| *p == INK));
+    }
+
+    /// The LR curve: both curves, the suggestion's line at its place on the log LR axis.
+    #[test]
+    fn lr_curve_marks_the_suggestion() {
+        let pts: Vec<(f64, f64, f64)> =
+            (0..60).map(|i| (10f64.powf(-7.0 + i as f64 / 10.0), 2.0 + (i % 3) as f64 * 0.1, 2.1)).collect();
+        let img = render_lr(&pts, Some(1e-4));
+        let count = |c: Rgb<u8>| img.pixels().filter(|p| **p == c).count();
+        assert!(count(TRAIN) > 100 && count(SMOOTH) > 100, "curves missing");
+        // The LR axis spans 1e-7..~8e-2 (padded): 1e-4 sits a bit past the middle.
+        let (x0, x1) = (LEFT, W as f64 - RIGHT);
+        let (lo, hi) = (-7.0 - 0.236, (-7.0f64 + 5.9) + 0.236);
+        let want = x0 + (x1 - x0) * (-4.0 - lo) / (hi - lo);
+        let column =
+            |x: u32| (TOP as u32..(H - BOTTOM as u32)).filter(|&y| *img.get_pixel(x, y) == VAL).count();
+        assert!(column(want.round() as u32) > 300, "no suggestion line at x {want}");
+        assert!(render_lr(&[], None).pixels().any(|p| *p == INK));
     }
 }

@@ -44,7 +44,15 @@ pub struct ValidationResult {
     /// pairs of the dataset's categories, when computed: what thin structures are judged by.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pixel: Option<crate::pixel_metrics::PixelMetrics>,
+    /// Pictures of the first [`ValidationSet::panels`] image/prompt pairs with objects: the
+    /// ground truth beside the detections ([`crate::data::overlay::prediction_panel`]), named
+    /// `<image id>_<prompt>` (the same pairs at every validation, so a run's pictures line up).
+    #[serde(skip)]
+    pub panels: Vec<(String, image::RgbImage)>,
 }
+
+/// Side of each half of a validation panel, in pixels.
+pub const PANEL_SIDE: u32 = 288;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
@@ -101,6 +109,8 @@ pub struct ValidationSet<'a> {
     pub seed: u64,
     /// Images per forward pass.
     pub batch_size: usize,
+    /// Validation panels to draw (0: none).
+    pub panels: usize,
 }
 
 impl ValidationSet<'_> {
@@ -173,6 +183,7 @@ pub fn validate(
     let mut terms: BTreeMap<String, f64> = BTreeMap::new();
     let mut queries = Vec::new();
     let mut box_only = 0usize;
+    let mut panels = Vec::new();
     let m = set.mask_size;
     set.for_each_batch(model, weights, |samples, batch, l, out| {
         loss += l.terms.get("total").copied().unwrap_or(f64::NAN);
@@ -180,8 +191,21 @@ pub fn validate(
             *terms.entry(k).or_default() += v;
         }
         n += 1;
+        let want_panels = panels.len() < set.panels;
+        let preds = if with_metrics || want_panels { predictions(&out)? } else { Vec::new() };
+        if want_panels {
+            for (q, p) in batch.queries.iter().zip(&preds) {
+                if panels.len() < set.panels && !q.negative && q.mask_valid.contains(&true) {
+                    let sample = &samples[q.image_index];
+                    let name = format!("{}_{}", sample.image_id, q.prompt);
+                    let picture =
+                        crate::data::overlay::prediction_panel(sample, &q.prompt, p, m, 0.5, PANEL_SIDE);
+                    panels.push((name, picture));
+                }
+            }
+        }
         if with_metrics {
-            for (q, p) in batch.queries.iter().zip(predictions(&out)?) {
+            for (q, p) in batch.queries.iter().zip(preds) {
                 // A box-only object has no mask to score against: its query is left out of the
                 // mask metrics rather than counted as a miss (or its detection as a false one).
                 if q.mask_valid.contains(&false) {
@@ -241,6 +265,7 @@ pub fn validate(
         per_prompt: per.scored,
         negative_only: per.negative_only,
         pixel,
+        panels,
     })
 }
 
