@@ -270,6 +270,7 @@ fn lora_config(o: &BenchOptions) -> LoraConfig {
         dropout: 0.1,
         target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"].map(String::from).to_vec(),
         components,
+        use_rslora: false,
     }
 }
 

@@ -805,8 +805,9 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
             "SAM3 LoRA runs use 5e-5 .. 2e-4; `lorahost lr-find` measures the range on this model and data",
         );
     }
+    // (With use_rslora the scale is alpha/√rank by design, larger at high ranks.)
     let scale = cfg.lora.alpha / cfg.lora.rank.max(1) as f64;
-    if !broken.any(&["lora.rank", "lora.alpha"]) && !(0.5..=4.0).contains(&scale) {
+    if !broken.any(&["lora.rank", "lora.alpha"]) && !cfg.lora.use_rslora && !(0.5..=4.0).contains(&scale) {
         r.add(
             "D4",
             Severity::Warning,
@@ -841,13 +842,22 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
         let Ok(text) = std::fs::read(&p) else { continue };
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) else { continue };
         let (fr, fa) = (v["r"].as_u64(), v["lora_alpha"].as_f64());
-        if fr != Some(cfg.lora.rank as u64) || fa != Some(cfg.lora.alpha) {
+        let frs = v["use_rslora"].as_bool().unwrap_or(false);
+        if fr != Some(cfg.lora.rank as u64) || fa != Some(cfg.lora.alpha) || frs != cfg.lora.use_rslora {
             r.add(
                 "F25",
                 Severity::Warning,
                 "the output directory holds adapters of another LoRA layout: they will not load with this config",
-                format!("{}: r {:?} alpha {:?}; config: r {} alpha {}", p.display(), fr, fa, cfg.lora.rank, cfg.lora.alpha),
-                "use a new output.output_dir, or the rank/alpha the adapters were trained with",
+                format!(
+                    "{}: r {:?} alpha {:?} use_rslora {frs}; config: r {} alpha {} use_rslora {}",
+                    p.display(),
+                    fr,
+                    fa,
+                    cfg.lora.rank,
+                    cfg.lora.alpha,
+                    cfg.lora.use_rslora
+                ),
+                "use a new output.output_dir, or the rank/alpha (and use_rslora) the adapters were trained with",
             );
         }
     }

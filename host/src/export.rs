@@ -45,7 +45,7 @@ pub fn write_merged(model_dir: &Path, lora: &LoraSet, out: &Path) -> Result<()> 
         );
     }
     let vars = lora.vars();
-    let scale = lora.config.alpha / lora.config.rank.max(1) as f64;
+    let scale = lora.config.scale();
     let mut merged = 0;
     for (path, _, _, _) in &lora.modules {
         let key = format!("base_model.model.{path}");
@@ -228,6 +228,7 @@ mod tests {
             dropout: 0.0,
             target_modules: vec!["text_projection".into()],
             components: vec![Component::Text],
+            use_rslora: false,
         };
         let lora = LoraSet::attach(&mut model, &cfg, &dev).unwrap();
         (fixture, lora, dev)
@@ -358,6 +359,7 @@ mod tests {
             dropout: 0.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             components: vec![Component::DetrEncoder, Component::DetrDecoder],
+            use_rslora: false,
         };
         let lora = LoraSet::attach(&mut model, &trained, &dev).unwrap();
         for v in lora.vars().values() {

@@ -71,7 +71,7 @@ impl Component {
 pub struct LoraConfig {
     /// Rank.
     pub rank: usize,
-    /// alpha (scale = alpha / rank).
+    /// alpha (scale = alpha / rank, or alpha / √rank with `use_rslora`).
     pub alpha: f64,
     /// Dropout on the adapter input (training only).
     pub dropout: f64,
@@ -79,9 +79,16 @@ pub struct LoraConfig {
     pub target_modules: Vec<String>,
     /// Components to adapt.
     pub components: Vec<Component>,
+    /// Rank-stabilized LoRA (PEFT's `use_rslora`): scale alpha / √rank.
+    pub use_rslora: bool,
 }
 
 impl LoraConfig {
+    /// The adapters' scale: alpha / rank, or alpha / √rank with `use_rslora` (PEFT's rule).
+    pub fn scale(&self) -> f64 {
+        lora_scale(self.alpha, self.rank, self.use_rslora)
+    }
+
     /// From the training config's `lora:` section.
     pub fn from_section(l: &crate::train_config::LoraSection) -> Self {
         let mut components = Vec::new();
@@ -103,7 +110,19 @@ impl LoraConfig {
             dropout: l.dropout,
             target_modules: l.target_modules.clone(),
             components,
+            use_rslora: l.use_rslora,
         }
+    }
+}
+
+/// LoRA's scale: `alpha / rank`, or `alpha / √rank` for rank-stabilized LoRA (rsLoRA, Kalajdzievski
+/// 2023; PEFT's `use_rslora`), whose updates keep their size as the rank grows.
+pub fn lora_scale(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
+    let r = rank.max(1) as f64;
+    if use_rslora {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
     }
 }
 
@@ -313,7 +332,7 @@ impl LoraSet {
         let mut vars = BTreeMap::new();
         let mut modules = Vec::new();
         let mut failure: Option<candle_core::Error> = None;
-        let scale = config.alpha / config.rank.max(1) as f64;
+        let scale = config.scale();
         model.visit_linears(&mut |lin: &mut Linear| {
             if failure.is_some() {
                 return;
@@ -387,6 +406,12 @@ impl LoraSet {
         if section.alpha != self.config.alpha {
             parts
                 .push(format!("alpha {} (the adapter's lora_alpha is {})", section.alpha, self.config.alpha));
+        }
+        if section.use_rslora != self.config.use_rslora {
+            parts.push(format!(
+                "use_rslora {} (the adapter's is {})",
+                section.use_rslora, self.config.use_rslora
+            ));
         }
         let mine: std::collections::BTreeSet<&str> =
             self.modules.iter().map(|(p, _, _, _)| p.as_str()).collect();
@@ -497,7 +522,7 @@ impl LoraSet {
             "inference_mode": true,
             "init_lora_weights": true,
             "modules_to_save": null,
-            "use_rslora": false,
+            "use_rslora": self.config.use_rslora,
             "use_dora": false,
             "layers_to_transform": null,
             "layers_pattern": null,
@@ -545,6 +570,7 @@ impl LoraSet {
         })? as usize;
         // Checked (a number > 0) by read_peft_config.
         let alpha = cfg.get("lora_alpha").and_then(|a| a.as_f64()).unwrap_or(0.0);
+        let use_rslora = cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
         // The shapes the file holds, from its header alone: the rank must be theirs before
         // anything of that rank is allocated (an `r` of 10^12 is no adapter to build).
         let shapes: BTreeMap<String, Vec<usize>> =
@@ -577,6 +603,7 @@ impl LoraSet {
                 Component::DetrDecoder,
                 Component::MaskDecoder,
             ],
+            use_rslora,
         };
         let set = Self::attach(model, &config, device).map_err(|e| match e {
             LoraError::NoMatch { .. } => file_err(
@@ -635,6 +662,15 @@ impl LoraSet {
                 cfg["lora_alpha"], self.config.alpha
             ));
         }
+        let rslora = cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        if rslora != self.config.use_rslora {
+            head.push(format!(
+                "  use_rslora: file has {rslora}, config has {} (trained with scale alpha/{}; the config applies alpha/{})",
+                self.config.use_rslora,
+                if rslora { "√r" } else { "r" },
+                if rslora { "r" } else { "√r" }
+            ));
+        }
         let mut problems = Vec::new();
         let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&weights, &Device::Cpu)
             .map_err(|e| file_err(&weights, format!("not a readable safetensors file: {e}")))?
@@ -661,12 +697,14 @@ impl LoraSet {
             problems.sort();
             let mut lines = head;
             lines.extend(cap_per_kind(&problems, 8));
-            let fix = if rank_differs || alpha_differs {
+            let fix = if rank_differs || alpha_differs || rslora != self.config.use_rslora {
                 format!(
-                    "  fix: these adapters were trained with r {} and lora_alpha {} ({}): set lora.rank and lora.alpha (and the target modules) as they were trained, or give the adapter folder of this config; `lorahost evaluate`, `export` and `predict --adapter` read them from the folder themselves",
+                    "  fix: these adapters were trained with r {} and lora_alpha {}{} ({}): set lora.rank and lora.alpha{} (and the target modules) as they were trained, or give the adapter folder of this config; `lorahost evaluate`, `export` and `predict --adapter` read them from the folder themselves",
                     cfg["r"],
                     cfg["lora_alpha"],
-                    cfg_path.display()
+                    if rslora { ", use_rslora true" } else { "" },
+                    cfg_path.display(),
+                    if rslora != self.config.use_rslora { " and lora.use_rslora" } else { "" }
                 )
             } else if problems.iter().any(|p| p.starts_with("  mis-shaped")) {
                 "  fix: same rank, other shapes: these adapters were trained on a model of another size; use that model (model.path / --model)".to_string()
@@ -772,7 +810,7 @@ fn read_peft_config(dir: &std::path::Path) -> std::result::Result<serde_json::Va
         return Err(file_err(
             &cfg_path,
             format!(
-                "uses PEFT options lorahost does not apply: {}; lorahost adapters are plain LoRA (scale lora_alpha / r, one r and alpha for every module, no bias, no DoRA, no modules_to_save)",
+                "uses PEFT options lorahost does not apply: {}; lorahost adapters are plain LoRA or rsLoRA (scale lora_alpha / r, or / √r with use_rslora; one r and alpha for every module, no bias, no DoRA, no modules_to_save)",
                 unsupported.join("; ")
             ),
         ));
@@ -914,9 +952,6 @@ fn unsupported_peft_options(cfg: &serde_json::Value) -> Vec<String> {
     {
         out.push(format!("peft_type {t} (only LORA)"));
     }
-    if cfg.get("use_rslora").and_then(|v| v.as_bool()) == Some(true) {
-        out.push("use_rslora (scale lora_alpha / sqrt(r))".into());
-    }
     if cfg.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
         out.push("use_dora".into());
     }
@@ -995,6 +1030,7 @@ mod tests {
                 Component::DetrEncoder,
                 Component::DetrDecoder,
             ],
+            use_rslora: false,
         }
     }
 

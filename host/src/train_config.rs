@@ -119,6 +119,9 @@ pub struct LoraSection {
     pub apply_to_detr_decoder: bool,
     /// Adapt the mask head (in SAM3_LoRA this flag matched nothing; here it does).
     pub apply_to_mask_decoder: bool,
+    /// Rank-stabilized LoRA (PEFT's `use_rslora`): scale = alpha / √rank, so a higher rank does
+    /// not shrink the update.
+    pub use_rslora: bool,
 }
 
 impl Default for LoraSection {
@@ -136,6 +139,7 @@ impl Default for LoraSection {
             apply_to_detr_encoder: true,
             apply_to_detr_decoder: true,
             apply_to_mask_decoder: true,
+            use_rslora: false,
         }
     }
 }
@@ -479,6 +483,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "apply_to_detr_encoder",
             "apply_to_detr_decoder",
             "apply_to_mask_decoder",
+            "use_rslora",
         ],
     ),
     (
@@ -902,7 +907,7 @@ fn kind_of(section: &str, key: &str) -> Option<Kind> {
         ) => Number,
         ("lora", "target_modules") | ("training", "generic_negatives") | ("output", "report_to") => List,
         ("training", "mixed_precision") => Precision,
-        ("lora", k) if k.starts_with("apply_to_") => Bool,
+        ("lora", k) if k.starts_with("apply_to_") || k == "use_rslora" => Bool,
         ("training", "gradient_checkpointing") => Checkpointing,
         ("training", "augment") => Augment,
         ("training", "synthetic")
@@ -2123,7 +2128,7 @@ impl TrainConfig {
             } else {
                 warmup_steps as f64 / steps_per_epoch as f64
             },
-            lora_scale: self.lora.alpha / self.lora.rank.max(1) as f64,
+            lora_scale: crate::lora::lora_scale(self.lora.alpha, self.lora.rank, self.lora.use_rslora),
         }
     }
 

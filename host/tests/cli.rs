@@ -173,6 +173,7 @@ fn evaluate_and_export_read_the_adapter_layout_and_evaluate_a_merged_model() {
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
         components: vec![Component::DetrEncoder, Component::DetrDecoder],
+        use_rslora: false,
     };
     let lora = LoraSet::attach(&mut model, &trained, &Device::Cpu).unwrap();
     for v in lora.vars().values() {

@@ -41,6 +41,7 @@ fn config(targets: &[&str], components: Vec<Component>) -> LoraConfig {
         dropout: 0.0,
         target_modules: targets.iter().map(|s| s.to_string()).collect(),
         components,
+        use_rslora: false,
     }
 }
 
@@ -205,9 +206,17 @@ fn adapters_round_trip_through_the_peft_format() {
     let again = fresh.forward(&inputs()).unwrap();
     let d = (&again.pred_masks - &want.pred_masks).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    // rsLoRA adapters loaded into plain LoRA ones (another scale) are a named mismatch.
+    let mut c = cfg_json.clone();
+    c["use_rslora"] = serde_json::json!(true);
+    std::fs::write(renamed.path().join("adapter_config.json"), c.to_string()).unwrap();
+    let e = set2.load_peft(renamed.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("use_rslora: file has true, config has false") && e.contains("lora.use_rslora"),
+        "{e}"
+    );
     // Options that change what the weights mean are refused by name, not applied wrongly.
     for (key, value) in [
-        ("use_rslora", serde_json::json!(true)),
         ("alpha_pattern", serde_json::json!({"v_proj": 32})),
         ("use_dora", serde_json::json!(true)),
         ("bias", serde_json::json!("lora_only")),
@@ -308,4 +317,60 @@ fn activation_checkpointing_draws_the_plain_dropout_masks() {
     // Dropout does act: the masks change the loss.
     let (l_nodrop, _) = checkpoint_run(Checkpointing::Off, 0.0);
     assert_ne!(l_plain, l_nodrop);
+}
+
+/// A rank-stabilized adapter made by PEFT (`use_rslora`: scale lora_alpha / √r) loads and
+/// reproduces PEFT's outputs on the same inputs (fixture by tools/gen_peft_rslora_fixture.py);
+/// read as plain LoRA (scale lora_alpha / r) it would not, so the comparison can fail. Saved
+/// again by lorahost, the adapter still says use_rslora and loads the same.
+#[test]
+fn rslora_adapters_made_by_peft_reproduce_peft() {
+    let dev = Device::Cpu;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_rslora");
+    let want = candle_core::safetensors::load(dir.join("outputs.safetensors"), &dev).unwrap();
+    let run = |adapter: &Path| {
+        let mut model = Sam3Model::load_dir(&fixture(), &dev, DType::F32).unwrap();
+        model.set_semantics(lorahost::sam3::model::Semantics::Transformers);
+        let set = LoraSet::attach_peft(&mut model, adapter, &dev).unwrap();
+        (model.forward(&inputs()).unwrap(), set)
+    };
+    let worst = |o: &lorahost::sam3::model::Sam3Outputs| {
+        [
+            ("pred_logits", &o.pred_logits),
+            ("pred_boxes", &o.pred_boxes),
+            ("presence_logits", &o.presence_logits),
+            ("pred_masks", &o.pred_masks),
+        ]
+        .iter()
+        .map(|(k, t)| {
+            let d = (*t - &want[*k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = want[*k].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            d / scale
+        })
+        .fold(0f32, f32::max)
+    };
+    let (out, set) = run(&dir);
+    assert!(set.config.use_rslora && (set.config.scale() - 3.0).abs() < 1e-12, "6 / √4");
+    let err = worst(&out);
+    assert!(err < 1e-4, "relative error {err}");
+    // The same weights as plain LoRA: a scale of 1.5 instead of 3, visibly other outputs.
+    let plain = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("adapter_model.safetensors"), plain.path().join("adapter_model.safetensors"))
+        .unwrap();
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    std::fs::write(
+        plain.path().join("adapter_config.json"),
+        text.replace("\"use_rslora\": true", "\"use_rslora\": false"),
+    )
+    .unwrap();
+    let (out_plain, _) = run(plain.path());
+    assert!(worst(&out_plain) > 100.0 * err.max(1e-6), "the scale must matter: {}", worst(&out_plain));
+    // Saved by lorahost: use_rslora recorded, the same outputs again.
+    let again = tempfile::tempdir().unwrap();
+    set.save_peft(again.path(), "facebook/sam3").unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.path().join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["use_rslora"], true);
+    assert_eq!(worst(&run(again.path()).0), err);
 }

@@ -231,6 +231,7 @@ fn predict_applies_an_adapter_as_merging_it_would() {
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "fc1".into(), "fc2".into()],
         components: vec![Component::Vision, Component::Text, Component::DetrEncoder, Component::DetrDecoder],
+        use_rslora: false,
     };
     let lora = LoraSet::attach(&mut m, &cfg, &Device::Cpu).unwrap();
     for v in lora.vars().values() {

@@ -1164,3 +1164,34 @@ fn lr_find_sweeps_the_lr_and_leaves_the_run_alone() {
     assert!(!out.join("previous-runs").exists());
     assert!(LrRange::new(1e-3, 1e-5, 100).is_err());
 }
+
+/// `lora.use_rslora: true` trains rank-stabilized adapters: the adapters written say so and load
+/// with scale alpha / √rank.
+#[test]
+fn rslora_training_writes_rslora_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 2);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 1\n  batch_size: 1\n  gradient_accumulation_steps: 1\n",
+        "",
+    );
+    run(&TrainOptions { overrides: vec!["lora.use_rslora=true".into()], ..opts(&cfg) });
+    let adapter_cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((adapter_cfg["use_rslora"].as_bool(), adapter_cfg["r"].as_u64()), (Some(true), Some(4)));
+    let mut model = lorahost::sam3::model::Sam3Model::load_dir(
+        &common::repo().join("examples/tiny_sam3"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let set = lorahost::lora::LoraSet::attach_peft(&mut model, &out.join("adapter"), &Device::Cpu).unwrap();
+    assert_eq!(set.config.scale(), 8.0 / 2.0, "alpha 8 / √4");
+    let run_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["lora"]["use_rslora"], true);
+}

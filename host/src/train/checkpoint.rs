@@ -351,6 +351,7 @@ mod tests {
             dropout: 0.0,
             target_modules: vec!["q_proj".into()],
             components: vec![Component::DetrDecoder],
+            use_rslora: false,
         };
         let lora = LoraSet::attach(&mut model, &cfg, &Device::Cpu).unwrap();
         let vars = lora.vars().iter().map(|(k, v)| (k.clone(), v.clone())).collect();

@@ -957,9 +957,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         );
     }
     tracing::info!(
-        "LoRA r={} alpha={} dropout={}: {} modules, {} trainable parameters",
+        "LoRA r={} alpha={}{} (scale {}) dropout={}: {} modules, {} trainable parameters",
         lora_cfg.rank,
         lora_cfg.alpha,
+        if lora_cfg.use_rslora { " rsLoRA" } else { "" },
+        lora_cfg.scale(),
         lora_cfg.dropout,
         lora.modules.len(),
         lora.num_params()
@@ -2173,7 +2175,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         "model": {"name": cfg.model.name, "path": model_path},
         "hub_model_id": cfg.output.hub_model_id,
         "dataset": fp,
-        "lora": {"modules": lora.modules.len(), "parameters": lora.num_params(), "rank": lora_cfg.rank, "alpha": lora_cfg.alpha},
+        "lora": {"modules": lora.modules.len(), "parameters": lora.num_params(), "rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "use_rslora": lora_cfg.use_rslora},
         "effective": {"batch_size": eff.effective_batch_size, "total_steps": total, "warmup_steps": warmup, "steps_per_epoch": eff.steps_per_epoch},
         "precision": t.mixed_precision.to_ascii_lowercase(),
         "dtype": dtype.as_str(),
