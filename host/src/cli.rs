@@ -141,6 +141,15 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Write pictures of the worst image/prompt pairs here: the ground truth (red) beside
+        /// the detections scoring 0.5 or more, lowest pixel IoU first (`panels.json` indexes
+        /// them). A new or empty folder, or one an earlier --panels wrote (its pictures are
+        /// replaced).
+        #[arg(long, value_name = "DIR")]
+        panels: Option<PathBuf>,
+        /// How many pairs --panels draws.
+        #[arg(long, default_value_t = 24)]
+        panel_count: usize,
     },
     /// Find a learning rate: an LR range test on the config's model, data and batch. Trains
     /// with the LR rising exponentially from --start-lr to --end-lr, one value per optimizer
@@ -791,13 +800,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Evaluate { config, adapter, model, split, overrides, json } => {
+        Command::Evaluate { config, adapter, model, split, overrides, json, panels, panel_count } => {
             let r = crate::train::evaluate::evaluate(&crate::train::evaluate::EvaluateOptions {
                 config: config.clone(),
                 overrides: overrides.clone(),
                 adapter: adapter.clone(),
                 model: model.clone(),
                 split: split.clone(),
+                panels: panels.clone(),
+                panel_count: *panel_count,
             })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -870,6 +881,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     "    within ±{} px: precision {:.4}  recall {:.4}  F1 {:.4}  clDice {:.4}",
                     p.tolerance, p.relaxed_precision, p.relaxed_recall, p.relaxed_f1, p.cldice
                 );
+            }
+            if let Some(dir) = panels {
+                println!(
+                    "  the {} image/prompt pairs whose detections overlap their ground truth least (pixel IoU, worst first): {}",
+                    r.panels.len(),
+                    dir.join("panels.json").display()
+                );
+                for p in r.panels.iter().take(5) {
+                    println!("    IoU {:.3}  {}  {}", p.iou, p.prompt, p.image.display());
+                }
             }
             Ok(())
         }

@@ -535,6 +535,14 @@ impl Trace {
         Self::logged(Self::parse_quiet(text, origin)?)
     }
 
+    /// [`Trace::read`] of a text log without logging its warnings (they stay in
+    /// [`Trace::warnings`]): for a log read again and again while it is written.
+    pub fn read_quiet(path: &Path) -> Result<Trace, TraceError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|error| TraceError::Read { path: path.into(), error })?;
+        Self::parse_quiet(&text, path)
+    }
+
     fn parse_quiet(text: &str, origin: &Path) -> Result<Trace, TraceError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let data = |l: &&str| {

@@ -732,6 +732,42 @@ fn evaluate_reproduces_the_validation_of_training() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("did you mean valid?"), "{e}");
+    // --panels: the worst pairs, worst first; the two worst of all are the two drawn with a
+    // count of two; the metrics are the same with or without pictures; files and index written.
+    let all_dir = tmp.path().join("panels-all");
+    let panels = |dir: &Path, n: usize| {
+        evaluate(&EvaluateOptions {
+            panels: Some(dir.to_path_buf()),
+            panel_count: n,
+            ..opts(Some(out.join("adapter")))
+        })
+        .unwrap()
+    };
+    let all = panels(&all_dir, 100);
+    assert_eq!(all.loss, trained.loss);
+    let positives = trained.per_prompt.values().map(|p| p.positives).sum::<usize>();
+    assert_eq!(all.panels.len(), positives, "every pair with objects");
+    assert!(all.panels.windows(2).all(|w| w[0].iou <= w[1].iou));
+    let two_dir = tmp.path().join("panels-two");
+    let two = panels(&two_dir, 2);
+    let key = |p: &lorahost::train::evaluate::PanelRecord| (p.image_id, p.prompt.clone());
+    assert_eq!(
+        two.panels.iter().map(key).collect::<Vec<_>>(),
+        all.panels[..2].iter().map(key).collect::<Vec<_>>()
+    );
+    for p in &two.panels {
+        assert!(image::open(&p.file).is_ok(), "{}", p.file.display());
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(two_dir.join("panels.json")).unwrap()).unwrap();
+    assert_eq!(index.as_array().unwrap().len(), 2);
+    // Again into the same folder: the earlier pictures are replaced; a folder of other files is refused.
+    let again = panels(&two_dir, 1);
+    assert_eq!(std::fs::read_dir(&two_dir).unwrap().count(), 2, "one picture and the index");
+    assert_eq!(again.panels.len(), 1);
+    let e =
+        evaluate(&EvaluateOptions { panels: Some(data.clone()), panel_count: 1, ..opts(None) }).unwrap_err();
+    assert!(format!("{e:#}").contains("holds other files"), "{e:#}");
 }
 
 /// Resume after a change of settings: a batch or accumulation change is refused (the epoch
@@ -1194,4 +1230,37 @@ fn rslora_training_writes_rslora_adapters() {
     let run_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run_json["lora"]["use_rslora"], true);
+}
+
+/// The diagnosis during training: a run with every F10 cause planted (batch 1, no accumulation,
+/// no warmup, no clipping, a constant LR) is told so at its first validation with enough steps,
+/// as a `diagnosis` event in its log, each code once.
+#[test]
+fn a_noisy_run_is_diagnosed_while_it_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let cfg = config(
+        tmp.path(),
+        &data,
+        &out,
+        "  num_epochs: 5\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  warmup_steps: 0\n  lr_scheduler: constant\n  max_grad_norm: 0\n  eval_steps: 10\n",
+        "",
+    );
+    run(&opts(&cfg));
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "diagnosis")
+        .collect();
+    let f10: Vec<&serde_json::Value> = events.iter().filter(|e| e["code"] == "F10").collect();
+    assert_eq!(f10.len(), 1, "{events:?}");
+    assert_eq!(f10[0]["step"], 10, "{events:?}");
+    assert!(f10[0]["fix"].as_str().unwrap().contains("gradient_accumulation_steps"), "{:?}", f10[0]);
+    let mut codes: Vec<&str> = events.iter().map(|e| e["code"].as_str().unwrap()).collect();
+    let n = codes.len();
+    codes.sort();
+    codes.dedup();
+    assert_eq!(codes.len(), n, "each code once: {events:?}");
 }

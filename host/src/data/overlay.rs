@@ -274,7 +274,7 @@ pub fn write_overlays(
 }
 
 /// A file-name-safe version of an image's stem.
-fn sanitize(s: &str) -> String {
+pub(crate) fn sanitize(s: &str) -> String {
     let t: String = s
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })

@@ -33,6 +33,25 @@ pub struct EvaluateOptions {
     pub model: Option<PathBuf>,
     /// Split name; None: `test` when present, else `valid`.
     pub split: Option<String>,
+    /// Write pictures of the worst image/prompt pairs (ground truth beside detections) here.
+    pub panels: Option<PathBuf>,
+    /// How many pairs `panels` gets (the lowest pixel IoU first).
+    pub panel_count: usize,
+}
+
+/// One picture `evaluate --panels` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct PanelRecord {
+    /// The PNG.
+    pub file: PathBuf,
+    /// The image (COCO id and file).
+    pub image_id: u64,
+    /// The image file.
+    pub image: PathBuf,
+    /// The prompt.
+    pub prompt: String,
+    /// Pixel IoU of the detections (score ≥ 0.5) with the ground truth, at the mask resolution.
+    pub iou: f64,
 }
 
 /// The result.
@@ -66,6 +85,9 @@ pub struct EvaluateReport {
     pub pixel: Option<crate::pixel_metrics::PixelMetrics>,
     /// Side of the square mask grid the masks are scored on (288 for SAM3).
     pub mask_size: usize,
+    /// The pictures `--panels` wrote, worst first (index in `<panels>/panels.json`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub panels: Vec<PanelRecord>,
 }
 
 /// Evaluate (see the module docs).
@@ -166,9 +188,19 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         negatives: t.num_negatives,
         seed: t.seed as u64,
         batch_size: t.batch_size,
-        panels: 0,
+        panels: match opts.panels {
+            Some(_) => super::validate::Panels::Worst(opts.panel_count),
+            None => super::validate::Panels::None,
+        },
     };
+    if let Some(dir) = &opts.panels {
+        check_panel_dir(dir)?;
+    }
     let r = validate(&model, &set, &loss_weights(&cfg)?, true)?;
+    let panels = match &opts.panels {
+        Some(dir) => write_panels(dir, split, &r.panels)?,
+        None => Vec::new(),
+    };
     Ok(EvaluateReport {
         split: name,
         annotation_file: split.annotation_file.clone(),
@@ -184,5 +216,69 @@ pub fn evaluate(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         negative_only: r.negative_only,
         pixel: r.pixel,
         mask_size,
+        panels,
     })
+}
+
+/// The index `evaluate --panels` writes beside its pictures.
+const PANEL_INDEX: &str = "panels.json";
+
+/// A panels folder to write into: new, empty, or one an earlier `evaluate --panels` wrote (it
+/// has the index). A folder holding other files is refused before the evaluation runs.
+fn check_panel_dir(dir: &std::path::Path) -> Result<()> {
+    if !dir.join(PANEL_INDEX).is_file() && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "--panels {}: the folder holds other files; give a new or empty folder (or one an earlier `evaluate --panels` wrote)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Write `panels` (worst first) as `NNN_<image>_<prompt>.png` and the index, each atomically;
+/// then remove the pictures an earlier index listed that this one does not (only those, by
+/// name, in this folder: nothing is removed before the new pictures are written).
+fn write_panels(
+    dir: &std::path::Path,
+    split: &crate::data::coco::Split,
+    panels: &[super::validate::Panel],
+) -> Result<Vec<PanelRecord>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let index = dir.join(PANEL_INDEX);
+    let earlier: Vec<std::ffi::OsString> = std::fs::read(&index)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b).ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| std::path::Path::new(v["file"].as_str()?).file_name().map(|n| n.to_os_string()))
+        .collect();
+    let mut out = Vec::new();
+    for (k, p) in panels.iter().enumerate() {
+        let image = split.images.iter().find(|im| im.id == p.image_id);
+        let path = image.map(|im| im.path.clone()).unwrap_or_default();
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.image_id.to_string());
+        let sanitize = crate::data::overlay::sanitize;
+        let file = dir.join(format!("{:03}_{}_{}.png", k + 1, sanitize(&stem), sanitize(&p.prompt)));
+        let mut png = Vec::new();
+        p.picture.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        crate::fsutil::write_atomic(&file, &png).with_context(|| format!("writing {}", file.display()))?;
+        out.push(PanelRecord {
+            file,
+            image_id: p.image_id,
+            image: path,
+            prompt: p.prompt.clone(),
+            iou: p.iou,
+        });
+    }
+    crate::fsutil::write_atomic(&index, serde_json::to_string_pretty(&out)?.as_bytes())
+        .with_context(|| format!("writing {}", index.display()))?;
+    for name in earlier {
+        if !out.iter().any(|r| r.file.file_name() == Some(name.as_os_str())) {
+            let _ = std::fs::remove_file(dir.join(&name));
+        }
+    }
+    Ok(out)
 }

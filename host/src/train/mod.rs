@@ -55,7 +55,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use checkpoint::{Best, TrainerState, CONFIG_RECORD};
 use optim::{group_stats_many, AdamW, AdamWConfig};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -201,21 +201,53 @@ const RUN_OUTPUTS: &[&str] = &[
 /// warning as one log line, and the command for the whole report. Silent on a short run (the
 /// diagnosis needs a few steps) and when the log cannot be read.
 fn run_diagnosis_summary(metrics: &Path, max_grad_norm: f64) {
-    let Ok(trace) = crate::metrics::Trace::read(metrics) else { return };
-    if trace.steps.len() < 8 {
-        return;
-    }
-    let mut r = crate::doctor::Report::default();
-    let validation = crate::run_diagnosis::validations(metrics, &trace);
-    crate::run_diagnosis::analyse_run(&trace, &validation, Some(max_grad_norm).filter(|m| *m > 0.0), &mut r);
-    let warnings: Vec<_> =
-        r.findings.iter().filter(|f| f.severity >= crate::doctor::Severity::Warning).collect();
+    let Some(warnings) = diagnose_log(metrics, max_grad_norm) else { return };
     for f in &warnings {
         tracing::warn!("run diagnosis [{}]: {}; fix: {}", f.code, f.message, f.fix);
     }
     if !warnings.is_empty() {
         tracing::info!("the whole diagnosis of this run: lorahost doctor --trace {}", metrics.display());
     }
+}
+
+/// The run diagnosis ([`crate::run_diagnosis`]) of the metrics log as written so far: its
+/// findings of warning severity or above; None when the log cannot be read or has fewer than 8
+/// steps.
+fn diagnose_log(metrics: &Path, max_grad_norm: f64) -> Option<Vec<crate::doctor::Finding>> {
+    let trace = crate::metrics::Trace::read_quiet(metrics).ok()?;
+    if trace.steps.len() < 8 {
+        return None;
+    }
+    let mut r = crate::doctor::Report::default();
+    let validation = crate::run_diagnosis::validations(metrics, &trace);
+    crate::run_diagnosis::analyse_run(&trace, &validation, Some(max_grad_norm).filter(|m| *m > 0.0), &mut r);
+    Some(r.findings.into_iter().filter(|f| f.severity >= crate::doctor::Severity::Warning).collect())
+}
+
+/// The diagnosis during training, at each validation: the findings of [`diagnose_log`] whose
+/// code was not reported before in this run, each as a warning on the console and a
+/// `diagnosis` event in the metrics log (`step`, `code`, `severity`, `message`, `evidence`,
+/// `fix`), so a run going wrong says so while there is time to stop it.
+fn live_diagnosis(
+    metrics: &Path,
+    max_grad_norm: f64,
+    step: u64,
+    reported: &mut BTreeSet<String>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for f in diagnose_log(metrics, max_grad_norm).unwrap_or_default() {
+        if !reported.insert(f.code.clone()) {
+            continue;
+        }
+        tracing::warn!("step {step}: diagnosis [{}]: {}; fix: {}", f.code, f.message, f.fix);
+        let severity = if f.severity >= crate::doctor::Severity::Error { "error" } else { "warning" };
+        lines.push(
+            serde_json::json!({"event": "diagnosis", "step": step, "code": f.code, "severity": severity,
+                "message": f.message, "evidence": f.evidence, "fix": f.fix})
+            .to_string(),
+        );
+    }
+    lines
 }
 
 /// Move an earlier run's outputs in `out_dir` (and its metrics log in `log_dir`) to
@@ -701,6 +733,18 @@ struct Progress {
     start: Instant,
     total: u64,
     first: u64,
+    /// The step this run stops at (`--max-steps`), which the ETA counts to.
+    end: u64,
+}
+
+/// A duration for the console: `45s`, `12m05s`, `3h04m`.
+fn short_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 impl Progress {
@@ -710,13 +754,13 @@ impl Progress {
         }
         let done = step.saturating_sub(self.first) as f64;
         let per = self.start.elapsed().as_secs_f64() / done.max(1.0);
-        let eta = per * self.total.saturating_sub(step) as f64;
+        let eta = short_duration(per * self.end.saturating_sub(step) as f64);
         let width = 30usize;
         let filled = ((step as f64 / self.total.max(1) as f64) * width as f64).round() as usize;
         let bar: String = (0..width).map(|i| if i < filled { '#' } else { '-' }).collect();
         eprint!(
-            "\r[{bar}] step {step}/{} epoch {epoch} loss {loss:.4} lr {lr:.2e} {per:.2}s/step ETA {:.0}s   ",
-            self.total, eta
+            "\r[{bar}] step {step}/{} epoch {epoch} loss {loss:.4} lr {lr:.2e} {per:.2}s/step ETA {eta}   ",
+            self.total
         );
         let _ = std::io::stderr().flush();
     }
@@ -1488,7 +1532,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             seed,
             batch_size: t.batch_size,
             // Pictures of the predictions for the TensorBoard log.
-            panels: if cfg.output.tensorboard() { VALIDATION_PANELS } else { 0 },
+            panels: if cfg.output.tensorboard() {
+                validate::Panels::First(VALIDATION_PANELS)
+            } else {
+                validate::Panels::None
+            },
         };
         let r = validate(model, &set, &base_weights, with_metrics)?;
         Ok(Some(r))
@@ -1520,16 +1568,19 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
 
+    let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
     let progress = Progress {
         tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         start: Instant::now(),
         total,
         first: state.step,
+        end: stop_at,
     };
-    let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
     let micro_per_epoch = eff.micro_batches_per_epoch as u64;
     let mut consecutive_nonfinite = 0u32;
     let mut range_watch = crate::lr_find::DivergenceWatch::default();
+    // Diagnosis codes already reported during this run.
+    let mut diagnosed: BTreeSet<String> = BTreeSet::new();
     let mut lr_capped_warned = false;
     let save = |state: &TrainerState, opt: &AdamW, plugins: &mut PluginSet| -> Result<PathBuf> {
         let mut s = state.clone();
@@ -2078,6 +2129,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 val_extra = validation_extra(step, &v);
                 let event = serde_json::json!({"event": "validation", "step": step, "loss": v.loss, "losses": v.terms, "metrics": v.summary, "pixel": v.pixel});
                 log.line(&event.to_string());
+                if opts.lr_range.is_none() {
+                    for line in live_diagnosis(&metrics_path, t.max_grad_norm, step, &mut diagnosed) {
+                        log.line(&line);
+                    }
+                }
                 tensorboard.validation(step, &event);
                 tensorboard.images(step, &v.panels);
                 let value = match metric_name.as_str() {
@@ -2138,7 +2194,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 negatives: t.num_negatives,
                 seed,
                 batch_size: t.batch_size,
-                panels: 0,
+                panels: validate::Panels::None,
             };
             match validate::write_predictions(&model, &set, &path) {
                 Err(e) if validate::is_interrupted(&e) => {
@@ -2308,6 +2364,14 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(short_duration(44.6), "45s");
+        assert_eq!(short_duration(725.0), "12m05s");
+        assert_eq!(short_duration(3.0 * 3600.0 + 4.0 * 60.0 + 59.0), "3h04m");
+        assert_eq!(short_duration(-1.0), "0s");
+    }
 
     #[test]
     fn device_strings_open_what_they_name() {

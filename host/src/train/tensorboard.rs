@@ -76,13 +76,14 @@ impl TensorBoardLog {
         }
     }
 
-    /// Log a validation's pictures (name, picture) as PNG images tagged `val_images/<name>`.
-    pub(super) fn images(&mut self, step: u64, panels: &[(String, image::RgbImage)]) {
+    /// Log a validation's pictures as PNG images tagged `val_images/<image id>_<prompt>`.
+    pub(super) fn images(&mut self, step: u64, panels: &[super::validate::Panel]) {
         if self.writer.is_none() || panels.is_empty() {
             return;
         }
         let mut encoded = Vec::new();
-        for (name, img) in panels {
+        for p in panels {
+            let (name, img) = (p.name(), &p.picture);
             let mut png = Vec::new();
             if let Err(e) = img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png) {
                 tracing::warn!("cannot encode the validation picture {name}: {e}");
@@ -228,7 +229,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = TensorBoardLog::open(dir.path(), true, None);
         let picture = image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
-        log.images(3, &[("5_crack".into(), picture.clone())]);
+        log.images(
+            3,
+            &[super::super::validate::Panel {
+                image_id: 5,
+                prompt: "crack".into(),
+                iou: 0.0,
+                picture: picture.clone(),
+            }],
+        );
         log.step(&StepRecord::new(3, 1.5, 1e-4, 1.0));
         let file = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
         let bytes = std::fs::read(&file).unwrap();

@@ -44,15 +44,72 @@ pub struct ValidationResult {
     /// pairs of the dataset's categories, when computed: what thin structures are judged by.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pixel: Option<crate::pixel_metrics::PixelMetrics>,
-    /// Pictures of the first [`ValidationSet::panels`] image/prompt pairs with objects: the
-    /// ground truth beside the detections ([`crate::data::overlay::prediction_panel`]), named
-    /// `<image id>_<prompt>` (the same pairs at every validation, so a run's pictures line up).
+    /// Pictures of image/prompt pairs with objects as [`ValidationSet::panels`] chooses them:
+    /// the ground truth beside the detections ([`crate::data::overlay::prediction_panel`]).
     #[serde(skip)]
-    pub panels: Vec<(String, image::RgbImage)>,
+    pub panels: Vec<Panel>,
+}
+
+/// Which validation pairs get a picture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Panels {
+    /// None.
+    #[default]
+    None,
+    /// The first N image/prompt pairs with objects (the same pairs at every validation, so a
+    /// run's pictures line up).
+    First(usize),
+    /// The N pairs whose detections (score ≥ 0.5) overlap their ground truth least (pixel IoU
+    /// of the unions at the mask resolution), worst first: where to look for what goes wrong.
+    Worst(usize),
+}
+
+/// One validation picture.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    /// COCO image id.
+    pub image_id: u64,
+    /// The prompt.
+    pub prompt: String,
+    /// Pixel IoU of the detections' union (score ≥ 0.5) with the ground truth's.
+    pub iou: f64,
+    /// Ground truth (left) beside the detections (right).
+    pub picture: image::RgbImage,
+}
+
+impl Panel {
+    /// `<image id>_<prompt>`.
+    pub fn name(&self) -> String {
+        format!("{}_{}", self.image_id, self.prompt)
+    }
+}
+
+/// Pixel IoU of the union of `preds` scoring `threshold` or more with the union of the valid
+/// ground-truth masks of `q` (both `m`×`m`); 1 when both are empty.
+fn pair_iou(q: &crate::data::batch::QueryTarget, preds: &[Prediction], m: usize, threshold: f32) -> f64 {
+    let (mut inter, mut union) = (0usize, 0usize);
+    for p in 0..m * m {
+        let truth = q
+            .mask_valid
+            .iter()
+            .enumerate()
+            .any(|(g, v)| *v && q.masks.get(g * m * m + p).copied().unwrap_or(false));
+        let found = preds.iter().any(|d| d.score >= threshold && d.mask.get(p).copied().unwrap_or(false));
+        inter += usize::from(truth && found);
+        union += usize::from(truth || found);
+    }
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
 }
 
 /// Side of each half of a validation panel, in pixels.
 pub const PANEL_SIDE: u32 = 288;
+
+/// Detections drawn on a panel and counted in its IoU: score (σ(logit)·σ(presence)) at least this.
+pub const PANEL_THRESHOLD: f32 = 0.5;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
@@ -109,8 +166,8 @@ pub struct ValidationSet<'a> {
     pub seed: u64,
     /// Images per forward pass.
     pub batch_size: usize,
-    /// Validation panels to draw (0: none).
-    pub panels: usize,
+    /// Which pairs get a picture.
+    pub panels: Panels,
 }
 
 impl ValidationSet<'_> {
@@ -191,17 +248,46 @@ pub fn validate(
             *terms.entry(k).or_default() += v;
         }
         n += 1;
-        let want_panels = panels.len() < set.panels;
+        let want_panels = match set.panels {
+            Panels::None => false,
+            Panels::First(n) => panels.len() < n,
+            Panels::Worst(n) => n > 0,
+        };
         let preds = if with_metrics || want_panels { predictions(&out)? } else { Vec::new() };
         if want_panels {
             for (q, p) in batch.queries.iter().zip(&preds) {
-                if panels.len() < set.panels && !q.negative && q.mask_valid.contains(&true) {
-                    let sample = &samples[q.image_index];
-                    let name = format!("{}_{}", sample.image_id, q.prompt);
-                    let picture =
-                        crate::data::overlay::prediction_panel(sample, &q.prompt, p, m, 0.5, PANEL_SIDE);
-                    panels.push((name, picture));
+                if q.negative || !q.mask_valid.contains(&true) {
+                    continue;
                 }
+                let iou = pair_iou(q, p, m, PANEL_THRESHOLD);
+                let keep = match set.panels {
+                    Panels::None => false,
+                    Panels::First(n) => panels.len() < n,
+                    // Kept while among the n worst so far (the best of them gives way).
+                    Panels::Worst(n) => panels.len() < n || panels.iter().any(|k: &Panel| k.iou > iou),
+                };
+                if !keep {
+                    continue;
+                }
+                let sample = &samples[q.image_index];
+                let picture = crate::data::overlay::prediction_panel(
+                    sample,
+                    &q.prompt,
+                    p,
+                    m,
+                    PANEL_THRESHOLD,
+                    PANEL_SIDE,
+                );
+                if let Panels::Worst(n) = set.panels {
+                    if panels.len() >= n {
+                        if let Some(best) =
+                            (0..panels.len()).max_by(|&a, &b| panels[a].iou.total_cmp(&panels[b].iou))
+                        {
+                            panels.remove(best);
+                        }
+                    }
+                }
+                panels.push(Panel { image_id: sample.image_id, prompt: q.prompt.clone(), iou, picture });
             }
         }
         if with_metrics {
@@ -265,7 +351,12 @@ pub fn validate(
         per_prompt: per.scored,
         negative_only: per.negative_only,
         pixel,
-        panels,
+        panels: {
+            if matches!(set.panels, Panels::Worst(_)) {
+                panels.sort_by(|a, b| a.iou.total_cmp(&b.iou));
+            }
+            panels
+        },
     })
 }
 
@@ -289,4 +380,39 @@ pub fn write_predictions(model: &Sam3Model, set: &ValidationSet, path: &Path) ->
     })?;
     crate::fsutil::write_atomic(path, serde_json::to_string(&rows)?.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::batch::QueryTarget;
+
+    /// A pair's IoU: the union of the valid ground-truth masks against the union of the
+    /// detections at or above the threshold (a box-only object's empty mask and a low-scoring
+    /// detection count for nothing).
+    #[test]
+    fn pair_iou_counts_the_unions() {
+        let m = 4;
+        // Truth: cells 0..4 (first row) valid, plus a box-only object (all false, not valid).
+        let mut masks = vec![false; 2 * m * m];
+        masks[..4].iter_mut().for_each(|v| *v = true);
+        let q = QueryTarget {
+            image_index: 0,
+            prompt: "crack".into(),
+            negative: false,
+            ann_ids: vec![1, 2],
+            boxes: vec![[0.5; 4]; 2],
+            masks,
+            mask_valid: vec![true, false],
+        };
+        let cells = |c: &[usize]| (0..m * m).map(|i| c.contains(&i)).collect::<Vec<bool>>();
+        // Detections: cells 2..6 (score 0.9), and 8..16 (score 0.2, ignored).
+        let preds = [
+            Prediction { score: 0.9, mask: cells(&[2, 3, 4, 5]) },
+            Prediction { score: 0.2, mask: cells(&[8, 9, 10, 11, 12, 13, 14, 15]) },
+        ];
+        // Intersection {2, 3}, union {0..6}: 2 / 6.
+        assert!((pair_iou(&q, &preds, m, 0.5) - 2.0 / 6.0).abs() < 1e-12);
+        assert_eq!(pair_iou(&q, &[], m, 0.5), 0.0);
+    }
 }
