@@ -708,6 +708,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("validation mask mAP {:.4} (AP50 {:.4}), cgF1 {:.2}", m.map, m.ap50, m.cgf1);
             }
             if let Some(r) = s.stopped {
+                if s.out_of_memory {
+                    // A failure for scripts and schedulers, with the checkpoint to resume from.
+                    anyhow::bail!("stopped: {r}");
+                }
                 println!("stopped early: {r}");
             }
             if s.interrupted {

@@ -258,7 +258,86 @@ fn trace_checks(path: &std::path::Path, max_norm: Option<f64>, r: &mut Report) -
     }
     let validation = crate::run_diagnosis::validations(path, &trace);
     crate::run_diagnosis::analyse_run(&trace, &validation, max_norm.filter(|m| *m > 0.0), r);
+    let log = if path.is_dir() { path.join("metrics.jsonl") } else { path.to_path_buf() };
+    ending_checks(&log, r);
     Ok(())
+}
+
+/// F13 / D13 from a lorahost log: how its last session ended ([`crate::train::session`]) and
+/// the micro-batches that ran out of device memory.
+fn ending_checks(log: &std::path::Path, r: &mut Report) {
+    use crate::train::session::Ending;
+    let text = std::fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let ooms: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "out_of_memory")
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    if !ooms.is_empty() {
+        let mut steps = ooms.clone();
+        steps.dedup();
+        r.add(
+            "F13",
+            Severity::Warning,
+            format!("{} micro-batch(es) ran out of device memory and were skipped", ooms.len()),
+            format!(
+                "`out_of_memory` events at step(s) {} (each with its images and objects in the log)",
+                steps.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            crate::train::OOM_FIX,
+        );
+    }
+    let ending = crate::train::session::ending_of(&text, &crate::train::session::Session::now(0));
+    match &ending {
+        Ending::Unrecorded { .. } => {
+            let evidence = ending.describe().unwrap_or_default();
+            if ending.oom_killed() {
+                r.add(
+                    "F13",
+                    Severity::Error,
+                    "the run was killed by the OOM killer",
+                    evidence,
+                    crate::train::session::MEMORY_FIX,
+                );
+            } else {
+                r.add(
+                    "D13",
+                    Severity::Warning,
+                    "the run's last session ended without a record: killed or crashed",
+                    evidence,
+                    "`lorahost train --config C --resume` continues from its newest checkpoint; if memory ran out, lower training.batch_size (doctor --config C predicts the peak)",
+                );
+            }
+        }
+        Ending::Running(s) => r.add(
+            "D13",
+            Severity::Info,
+            "the run is still going",
+            format!(
+                "process {} on {} is writing this log (its session started at step {})",
+                s.pid, s.host, s.step
+            ),
+            "none needed",
+        ),
+        Ending::Recorded { step, reason, detail }
+            if reason == "out_of_memory" || reason == "error" || reason == "panic" =>
+        {
+            let (code, severity) =
+                if reason == "out_of_memory" { ("F13", Severity::Error) } else { ("D13", Severity::Warning) };
+            r.add(
+                code,
+                severity,
+                format!("the run's last session failed at step {step} ({reason})"),
+                detail
+                    .as_deref()
+                    .map(|d| d.split(". Fix: ").next().unwrap_or(d).to_string())
+                    .unwrap_or_else(|| "no message recorded (a panic: its message is on that run's stderr)".into()),
+                if reason == "out_of_memory" { crate::train::OOM_FIX } else { "see the message; `lorahost train --config C --resume` continues from the newest checkpoint" },
+            );
+        }
+        _ => {}
+    }
 }
 
 /// F5/F24/F6: pictures of the targets as training builds them (the model's square input, and
@@ -1933,6 +2012,10 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
     let outcome = crate::train::train(&t);
     let metrics = scratch.join("metrics.jsonl");
     let trace = crate::metrics::Trace::read(&metrics);
+    if outcome.is_ok() {
+        // Micro-batches out of memory, and a probe stopped by them (F13).
+        ending_checks(&metrics, r);
+    }
     let _ = std::fs::remove_dir_all(&scratch);
     if let Err(e) = outcome {
         let msg = format!("{e:#}");
@@ -1959,6 +2042,10 @@ pub(crate) fn analyse_recorded_steps(
     facts_key: &str,
     r: &mut Report,
 ) {
+    // (Steps that trained nothing, every micro-batch out of memory, are F13's.)
+    let trained: Vec<crate::metrics::StepRecord> =
+        steps.iter().filter(|s| s.micro_steps != Some(0)).cloned().collect();
+    let steps = &trained[..];
     if steps.is_empty() {
         return;
     }

@@ -94,6 +94,13 @@ pub fn validations(path: &Path, trace: &Trace) -> Vec<(u64, f64)> {
 /// The recorded run's findings (see the module docs) into `r`; `max_norm` is the clipping
 /// threshold when known (else read from the clipped norms the log has).
 pub fn analyse_run(trace: &Trace, validation: &[(u64, f64)], max_norm: Option<f64>, r: &mut Report) {
+    // Steps that trained nothing (every micro-batch ran out of device memory) say nothing
+    // about the loss or the gradients (`doctor` reports them under F13).
+    let trained = Trace {
+        steps: trace.steps.iter().filter(|s| s.micro_steps != Some(0)).cloned().collect(),
+        ..trace.clone()
+    };
+    let trace = &trained;
     let steps = &trace.steps;
     let max_norm = max_norm.unwrap_or_else(|| {
         let clip = steps

@@ -30,6 +30,7 @@ pub mod interrupt;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod session;
 pub mod slowdown;
 pub mod stats_cuda;
 mod tensorboard;
@@ -46,7 +47,7 @@ use crate::loss::{sam3_loss, LossOutput, LossWeights, Targets};
 use crate::metrics::{GradGroupRecord, RunHeader, StepRecord};
 use crate::plugin::{
     Action, BatchRequest, GradGroup, GradReport, LossTerm, LrRequest, MicroBatchInfo, NamedValue,
-    PluginEvent, PluginSet, PluginSpec, RunInfo, Runtime, SampleMeta, StepMetrics,
+    PluginEvent, PluginSet, PluginSpec, RunInfo, Runtime, SampleMeta, StepDecision, StepMetrics,
 };
 use crate::sam3::model::{ForwardOptions, Sam3Inputs, Sam3Model, Semantics};
 use crate::sam3::tokenizer::PromptTokenizer;
@@ -118,6 +119,10 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// A resume of a run that had already reached its last step: nothing was trained or written.
     pub already_complete: bool,
+    /// It stopped because micro-batches kept running out of device memory
+    /// ([`OOM_STOP_AFTER`] in a row); `stopped` says so, with the fix, and a checkpoint of the
+    /// last step is saved.
+    pub out_of_memory: bool,
 }
 
 /// `section.key=value` overrides from the command line as (key, value) pairs, which
@@ -870,8 +875,150 @@ fn grad_groups(lora: &LoraSet) -> Vec<(String, Vec<usize>)> {
     groups.into_iter().map(|(c, v)| (c.name().replace(' ', "_").replace('+', "and"), v)).collect()
 }
 
+/// The position `micro_in_epoch` (micro-batches of `old_batch` samples into the epoch, with
+/// `old_accum` of them per step) in micro-batches of `batch` samples, `accum` per step; None
+/// unless both group the same number of samples per step (so the steps stay the same) and the
+/// position falls on a whole new micro-batch. Unknown old values are taken as unchanged.
+fn regroup(
+    micro_in_epoch: u64,
+    old_batch: Option<usize>,
+    old_accum: Option<usize>,
+    batch: usize,
+    accum: usize,
+) -> Option<u64> {
+    let (ob, oa) = (old_batch.unwrap_or(batch), old_accum.unwrap_or(accum));
+    if ob * oa != batch * accum || batch == 0 {
+        return None;
+    }
+    let samples = micro_in_epoch * ob as u64;
+    samples.is_multiple_of(batch as u64).then_some(samples / batch as u64)
+}
+
 /// Run training as configured. Returns what happened; errors name the file and the fix.
+///
+/// The run's `metrics.jsonl` gets a `session` record when this process starts writing it and
+/// an `end` record when it stops, however it stops short of being killed ([`session`]).
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    let mut end = SessionEnd::default();
+    let result = train_session(opts, &mut end);
+    end.finish(&result);
+    result.map_err(|e| {
+        if crate::sam3::layer_op::out_of_memory(&format!("{e:#}")) {
+            e.context(format!("the device ran out of memory: {OOM_FIX}"))
+        } else {
+            e
+        }
+    })
+}
+
+/// What to do when a micro-batch does not fit on the device.
+pub const OOM_FIX: &str = "lower training.batch_size and raise gradient_accumulation_steps as much (a run resumes with the same product: --resume --override training.batch_size=B/2 --override training.gradient_accumulation_steps=2A), turn on training.gradient_checkpointing (true, or mlp), train in training.mixed_precision: bf16, or cap the objects per image; `lorahost doctor --config C` predicts the peak for your card (F13)";
+
+/// Micro-batches in a row that ran out of device memory (each skipped) after which the run
+/// finishes the step, saves a checkpoint and stops.
+pub const OOM_STOP_AFTER: u32 = 3;
+
+/// The end record of this process's session of a run ([`session::end_record`]): written by
+/// [`train`] when `train_session` returns, and on unwinding from a panic.
+#[derive(Default)]
+struct SessionEnd {
+    /// The log, once the session record is in it.
+    metrics: Option<PathBuf>,
+    /// The last step recorded.
+    step: u64,
+    /// Why it ended when it returns normally (`completed`, `max_steps`, `stopped`, ...).
+    reason: Option<&'static str>,
+    /// The stop's reason.
+    detail: Option<String>,
+    written: bool,
+}
+
+impl SessionEnd {
+    fn write(&mut self, reason: &str, detail: Option<&str>) {
+        let Some(path) = self.metrics.as_ref().filter(|_| !self.written) else { return };
+        self.written = true;
+        let line = session::end_record(self.step, reason, detail);
+        let appended =
+            std::fs::OpenOptions::new().append(true).open(path).and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = appended {
+            tracing::warn!("cannot append the session's end to {}: {e}", path.display());
+        }
+    }
+
+    fn finish(&mut self, result: &Result<TrainSummary>) {
+        match result {
+            Ok(_) => {
+                let detail = self.detail.take();
+                self.write(self.reason.unwrap_or("completed"), detail.as_deref());
+            }
+            Err(e)
+                if e.downcast_ref::<interrupt::StoppedBeforeFirstStep>().is_some()
+                    || validate::is_interrupted(e) =>
+            {
+                self.write("interrupted", None)
+            }
+            Err(e) => self.write("error", Some(&format!("{e:#}"))),
+        }
+    }
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.write("panic", None);
+        }
+    }
+}
+
+/// After micro-batch `at` = (step, micro) failed with `e`: when the device ran out of memory,
+/// the micro-batch is reported (console, an `out_of_memory` event in the log) and counted in
+/// `streak`, and training goes on; any other error is passed on.
+fn skip_out_of_memory(
+    e: anyhow::Error,
+    at: (u64, u32),
+    ids: &[u64],
+    objects: u32,
+    streak: &mut u32,
+    log: &mut MetricsLog,
+) -> Result<()> {
+    let text = format!("{e:#}");
+    if !crate::sam3::layer_op::out_of_memory(&text) {
+        return Err(e);
+    }
+    crate::sam3::recompute::clear_side_grads();
+    *streak += 1;
+    let (step, micro) = at;
+    log.line(
+        &serde_json::json!({"event": "out_of_memory", "step": step, "micro_step": micro, "images": ids.len(),
+            "objects": objects, "image_ids": ids, "error": text})
+        .to_string(),
+    );
+    let fix = if *streak == 1 { format!(". Fix: {OOM_FIX}") } else { String::new() };
+    tracing::warn!(
+        "step {step}: micro-batch {} ({} images, {objects} objects; image ids {ids:?}) ran out of device memory and is skipped ({streak} in a row; {OOM_STOP_AFTER} in a row stop the run){fix}",
+        micro + 1,
+        ids.len(),
+    );
+    Ok(())
+}
+
+/// `LORAHOST_INJECT_OOM=STEP[.MICRO],...`: the named micro-batches (every micro-batch of a
+/// bare STEP) fail as if the device had run out of memory, to rehearse what a run does then
+/// (the tests; a pipeline's handling of the outcome) on any device.
+fn injected_oom() -> Vec<(u64, Option<u32>)> {
+    let Ok(spec) = std::env::var("LORAHOST_INJECT_OOM") else { return Vec::new() };
+    spec.split(',')
+        .filter_map(|p| {
+            let p = p.trim();
+            match p.split_once('.') {
+                Some((s, m)) => Some((s.parse().ok()?, Some(m.parse().ok()?))),
+                None => Some((p.parse().ok()?, None)),
+            }
+        })
+        .collect()
+}
+
+fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSummary> {
     let cfg = load_config(&opts.config, &opts.overrides)?;
     let t = &cfg.training;
     let seed = t.seed as u64;
@@ -1061,14 +1208,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output.output_dir {}", out_dir.display()))?;
     let ckpt_root = out_dir.join("checkpoints");
-    for p in checkpoint::clean_partials(&ckpt_root).into_iter().chain(checkpoint::clean_partials(&out_dir)) {
-        tracing::warn!("removed {} left by an interrupted save", p.display());
-    }
     let log_dir = match &cfg.output.logging_dir {
         Some(d) if d.is_absolute() => d.clone(),
         Some(d) => out_dir.join(d),
         None => out_dir.clone(),
     };
+    // A run still writing this folder keeps it; one that was killed is told what killed it.
+    match session::ending(&log_dir.join("metrics.jsonl")) {
+        session::Ending::Running(s) => bail!(
+            "{} is in use: process {} on {} is still training into it (its session started at step {}); wait for it to finish, stop it (Ctrl-C in its terminal, or kill {} to save a checkpoint and stop), or give this run another output.output_dir",
+            out_dir.display(),
+            s.pid,
+            s.host,
+            s.step,
+            s.pid
+        ),
+        e => {
+            if let Some(text) = e.describe() {
+                tracing::warn!("{}: {text}", out_dir.display());
+            }
+        }
+    }
+    for p in checkpoint::clean_partials(&ckpt_root).into_iter().chain(checkpoint::clean_partials(&out_dir)) {
+        tracing::warn!("removed {} left by an interrupted save", p.display());
+    }
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     // PEFT's base_model_name_or_path: the hub name (model.path is usually a local copy of it,
     // and a path would not travel with the adapters; run.json records the path).
@@ -1243,15 +1406,34 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             |f: fn(&RunHeader) -> u32| old_header.as_ref().map(|h| f(h) as usize).filter(|v| *v > 0);
         let old_batch = s.batch_size.or_else(|| from_header(|h| h.batch_size));
         let old_accum = s.accumulation.or_else(|| from_header(|h| h.accumulation));
+        let mut s = s;
         if old_batch.is_some_and(|b| b != t.batch_size) || old_accum.is_some_and(|a| a != accum) {
-            bail!(
-                "{}: the checkpoint was made with batch_size {} x gradient_accumulation_steps {}, this config has {} x {}: the position in the epoch is counted in those micro-batches, so resuming would skip or repeat samples; resume with the original values, or start a new run in another output_dir",
-                dir.display(),
-                old_batch.map_or("?".into(), |b| b.to_string()),
-                old_accum.map_or("?".into(), |a| a.to_string()),
-                t.batch_size,
-                accum
-            );
+            // The same samples per optimizer step, grouped in other micro-batches (the way out
+            // of running out of memory): the same steps, the same samples in each, the
+            // schedule unchanged; the position in the epoch is counted again in the new
+            // micro-batches.
+            match regroup(s.micro_in_epoch, old_batch, old_accum, t.batch_size, accum) {
+                Some(micro) => {
+                    tracing::warn!(
+                        "{}: resuming with batch_size {} x gradient_accumulation_steps {} where the checkpoint had {} x {}: the same {} samples per optimizer step in other micro-batches (the same steps and samples; dropout and the batch statistics differ)",
+                        dir.display(),
+                        t.batch_size,
+                        accum,
+                        old_batch.unwrap_or(t.batch_size),
+                        old_accum.unwrap_or(accum),
+                        t.batch_size * accum
+                    );
+                    s.micro_in_epoch = micro;
+                }
+                None => bail!(
+                    "{}: the checkpoint was made with batch_size {} x gradient_accumulation_steps {}, this config has {} x {}: the position in the epoch is counted in those micro-batches and the steps in their product, so resuming would skip or repeat samples; resume with the original values or with the same product (e.g. half the batch_size and twice the accumulation), or start a new run in another output_dir",
+                    dir.display(),
+                    old_batch.map_or("?".into(), |b| b.to_string()),
+                    old_accum.map_or("?".into(), |a| a.to_string()),
+                    t.batch_size,
+                    accum
+                ),
+            }
         }
         let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
         if s.step >= stop_at {
@@ -1444,6 +1626,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         .with_context(|| format!("writing {}", out_dir.join(CONFIG_RECORD).display()))?;
     let metrics_path = log_dir.join("metrics.jsonl");
     let mut log = MetricsLog::open(&metrics_path, &header, resume_dir.as_ref().map(|_| state.step))?;
+    log.line(&session::Session::now(state.step).record());
+    end.metrics = Some(metrics_path.clone());
+    end.step = state.step;
     let mut tensorboard = tensorboard::TensorBoardLog::open(
         &log_dir,
         cfg.output.tensorboard(),
@@ -1578,6 +1763,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     };
     let micro_per_epoch = eff.micro_batches_per_epoch as u64;
     let mut consecutive_nonfinite = 0u32;
+    // Micro-batches in a row that ran out of device memory, and the ones to fail on purpose.
+    let mut oom_streak = 0u32;
+    let inject_oom = injected_oom();
     let mut range_watch = crate::lr_find::DivergenceWatch::default();
     // Diagnosis codes already reported during this run.
     let mut diagnosed: BTreeSet<String> = BTreeSet::new();
@@ -1629,6 +1817,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         // Micro-batches of this step.
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut micro = 0u32;
+        // Micro-batches that reached the gradients (not skipped for memory).
+        let mut done = 0u32;
         let mut loss_sum = 0.0;
         let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut applied_weights: BTreeMap<String, f64> = BTreeMap::new();
@@ -1662,9 +1852,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let batch = collate(&samples, mask_size, &device)?;
             let data_peak = crate::alloc_stats::peak().saturating_sub(heap_data);
             step_heap_peak = step_heap_peak.max(crate::alloc_stats::peak());
-            images += samples.len() as u32;
-            objects += samples.iter().flat_map(|s| &s.queries).map(|q| q.boxes.len() as u32).sum::<u32>();
-            batch_ids.extend(samples.iter().map(|s| s.image_id));
+            let micro_objects: u32 =
+                samples.iter().flat_map(|s| &s.queries).map(|q| q.boxes.len() as u32).sum();
 
             crate::rng::reseed(&[seed, step, micro as u64]);
             lora.set_training(true);
@@ -1679,10 +1868,33 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             crate::sam3::recompute::clear_side_grads(); // nothing left from an aborted backward
             let heap_before = crate::alloc_stats::live();
             crate::alloc_stats::reset_peak();
+            // A micro-batch that does not fit on the device is skipped (its graph dropped); the
+            // step goes on with the others (so it ends where it would have in the epoch), and
+            // the run stops after it when too many in a row failed.
+            let ids: Vec<u64> = samples.iter().map(|s| s.image_id).collect();
+            let skipped = |e: anyhow::Error, streak: &mut u32, log: &mut MetricsLog| {
+                skip_out_of_memory(e, (step, micro), &ids, micro_objects, streak, log)
+            };
+            let injected = inject_oom.iter().any(|&(s, m)| s == step && m.is_none_or(|m| m == micro));
             // The layer ops' LoRA gradients go to the side store, merged after backward.
-            let (mut loss, out) = crate::sam3::recompute::with_side_grads(|| {
-                batch_loss(&model, &batch, &tokenizer, &weights, true, &exemplar)
-            })?;
+            let forward = if injected {
+                Err(anyhow::anyhow!(
+                    "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (injected by LORAHOST_INJECT_OOM)"
+                ))
+            } else {
+                crate::sam3::recompute::with_side_grads(|| {
+                    batch_loss(&model, &batch, &tokenizer, &weights, true, &exemplar)
+                })
+            };
+            let (mut loss, out) = match forward {
+                Ok(v) => v,
+                Err(e) => {
+                    skipped(e, &mut oom_streak, &mut log)?;
+                    micro += 1;
+                    state.micro_in_epoch += 1;
+                    continue;
+                }
+            };
             let heap_forward = crate::alloc_stats::live();
             if !plugins.is_empty() {
                 let terms: Vec<LossTerm> = WEIGHTED_TERMS
@@ -1709,15 +1921,33 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     applied_weights.insert(n.to_string(), *w);
                 }
             }
+            let scaled =
+                if state.loss_scale != 1.0 { (&loss.total * state.loss_scale)? } else { loss.total.clone() };
+            let backward = scaled.backward().map_err(anyhow::Error::from).and_then(|mut grads| {
+                crate::sam3::recompute::merge_side_grads(&mut grads)?;
+                Ok(grads)
+            });
+            drop(scaled);
+            let grads = match backward {
+                Ok(g) => g,
+                Err(e) => {
+                    drop((loss, out));
+                    skipped(e, &mut oom_streak, &mut log)?;
+                    micro += 1;
+                    state.micro_in_epoch += 1;
+                    continue;
+                }
+            };
+            oom_streak = 0;
+            done += 1;
+            images += samples.len() as u32;
+            objects += micro_objects;
+            batch_ids.extend(&ids);
             let lv = loss.terms.get("total").copied().unwrap_or(f64::NAN);
             loss_sum += lv;
             for (k, v) in &loss.terms {
                 *term_sums.entry(k.clone()).or_default() += v;
             }
-            let scaled =
-                if state.loss_scale != 1.0 { (&loss.total * state.loss_scale)? } else { loss.total.clone() };
-            let mut grads = scaled.backward()?;
-            crate::sam3::recompute::merge_side_grads(&mut grads)?;
             let heap_peak = crate::alloc_stats::peak();
             step_heap_peak = step_heap_peak.max(heap_peak);
             if tracing::enabled!(target: "lorahost::memory", tracing::Level::DEBUG) {
@@ -1774,8 +2004,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             state.epoch += 1;
             state.micro_in_epoch = 0;
         }
-        let n_micro = micro.max(1) as f64;
-        let loss = loss_sum / n_micro;
+        let n_micro = done.max(1) as f64;
+        let loss = if done == 0 { f64::NAN } else { loss_sum / n_micro };
         let losses: BTreeMap<String, f64> = term_sums.into_iter().map(|(k, v)| (k, v / n_micro)).collect();
 
         // Gradients: average, inspect, guard, clip. A parameter no micro-batch reached has no
@@ -1827,7 +2057,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 })
                 .collect(),
         };
-        let veto = plugins.on_grads(&report).veto;
+        let veto = if done == 0 { None } else { plugins.on_grads(&report).veto };
         let mut action = "continue".to_string();
         let mut reason: Option<String> = None;
         let mut decided_by: Option<String> = None;
@@ -1860,7 +2090,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         };
         let mut clipped_norm = total_norm;
         let mut diverged: Option<String> = None;
-        if nonfinite > 0 || !loss.is_finite() {
+        if done == 0 {
+            // Every micro-batch ran out of memory: nothing to apply, and nothing diverged.
+            state.skipped_steps += 1;
+            action = "skip".into();
+            reason = Some("every micro-batch ran out of device memory".into());
+        } else if nonfinite > 0 || !loss.is_finite() {
             consecutive_nonfinite += 1;
             state.skipped_steps += 1;
             action = "skip".into();
@@ -1944,28 +2179,41 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 weight: applied_weights.get(*n).copied().unwrap_or(0.0),
             })
             .collect();
-        let decision = plugins.on_step(&StepMetrics {
-            step,
-            micro_steps: micro,
-            epoch: epoch_of_step,
-            total_steps: total,
-            warmup_steps: warmup,
-            loss,
-            losses: terms_for_hook,
-            lr,
-            grad_norm: hook_norm,
-            grad_norm_clipped: if clipped_norm.is_finite() { clipped_norm } else { f64::INFINITY },
-            batch_size: images,
-            object_count: objects,
-            step_time_ms: step_ms,
-            memory_bytes: mem,
-            extra: std::iter::once(NamedValue {
-                name: "skipped_steps".into(),
-                value: state.skipped_steps as f64,
+        // A step that trained nothing (every micro-batch out of memory) is not shown to the
+        // plugins: its loss is not a value they could judge.
+        let neutral = StepDecision {
+            action: Action::Continue,
+            decided_by: None,
+            lr_scale: 1.0,
+            checkpoint: false,
+            answers: Vec::new(),
+        };
+        let decision = if done == 0 {
+            neutral
+        } else {
+            plugins.on_step(&StepMetrics {
+                step,
+                micro_steps: done,
+                epoch: epoch_of_step,
+                total_steps: total,
+                warmup_steps: warmup,
+                loss,
+                losses: terms_for_hook,
+                lr,
+                grad_norm: hook_norm,
+                grad_norm_clipped: if clipped_norm.is_finite() { clipped_norm } else { f64::INFINITY },
+                batch_size: images,
+                object_count: objects,
+                step_time_ms: step_ms,
+                memory_bytes: mem,
+                extra: std::iter::once(NamedValue {
+                    name: "skipped_steps".into(),
+                    value: state.skipped_steps as f64,
+                })
+                .chain(val_extra.iter().cloned())
+                .collect(),
             })
-            .chain(val_extra.iter().cloned())
-            .collect(),
-        });
+        };
         let mut stop: Option<String> = None;
         let mut want_checkpoint = decision.checkpoint;
         // A step already skipped (non-finite, vetoed) stays `skip` under a milder answer.
@@ -2009,6 +2257,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             Action::Continue => {}
         }
+        if oom_streak >= OOM_STOP_AFTER && stop.is_none() {
+            let why = format!(
+                "{OOM_STOP_AFTER} micro-batches in a row ran out of device memory (batch_size {}); a checkpoint of step {step} is saved. Fix: {OOM_FIX}",
+                t.batch_size
+            );
+            action = "stop".into();
+            reason = Some(why.clone());
+            stop = Some(why);
+            want_checkpoint = true;
+            summary.out_of_memory = true;
+        }
         if decision.lr_scale != 1.0 {
             state.lr_scale *= decision.lr_scale;
             tracing::info!("step {step}: LR scale now {} (plugin scale-lr)", state.lr_scale);
@@ -2018,7 +2277,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         // Record.
         let mut rec = StepRecord::new(step, loss, lr, total_norm);
         rec.grad_norm_clipped = Some(clipped_norm);
-        rec.micro_steps = Some(micro);
+        rec.micro_steps = Some(done);
         rec.epoch = Some(epoch_of_step);
         rec.total_steps = Some(total);
         rec.warmup_steps = Some(warmup);
@@ -2029,6 +2288,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         rec.object_count = Some(objects);
         rec.step_time_ms = Some(step_ms);
         rec.memory_bytes = Some(mem);
+        if !device.is_cpu() {
+            // The host's side too: what the OOM killer goes by (read back by `session`).
+            rec.extra.insert("host_peak_bytes".into(), serde_json::json!(memory_bytes()));
+        }
         rec.heap_peak_bytes = Some(step_heap_peak.max(crate::alloc_stats::peak())).filter(|p| *p > 0);
         rec.grad_groups = report
             .groups
@@ -2054,6 +2317,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             log.line(&event_json(step, &e).to_string());
         }
         log.line(&rec.to_json_line());
+        end.step = step;
         tensorboard.step(&rec);
         if let Some(why) = diverged.take() {
             summary.stopped = Some(why);
@@ -2225,6 +2489,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         run_diagnosis_summary(&metrics_path, cfg.training.max_grad_norm);
     }
     summary.steps = state.step;
+    end.reason = Some(if summary.interrupted {
+        "interrupted"
+    } else if summary.out_of_memory {
+        "out_of_memory"
+    } else if summary.stopped.is_some() {
+        "stopped"
+    } else if state.step >= total {
+        "completed"
+    } else {
+        "max_steps"
+    });
+    end.detail = summary.stopped.clone();
     summary.skipped_steps = state.skipped_steps;
     let run_json = serde_json::json!({
         "config": std::path::absolute(&opts.config).unwrap_or_else(|_| opts.config.clone()),
@@ -2364,6 +2640,19 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn micro_batches_regroup_only_into_the_same_steps() {
+        // 3 micro-batches of 4 (6 of 2, 12 of 1) into the epoch, 8 samples per step either way.
+        assert_eq!(regroup(3, Some(4), Some(2), 2, 4), Some(6));
+        assert_eq!(regroup(4, Some(1), Some(8), 4, 2), Some(1));
+        assert_eq!(regroup(0, Some(4), Some(2), 8, 1), Some(0));
+        // A position inside a new micro-batch, another product: no.
+        assert_eq!(regroup(1, Some(2), Some(4), 4, 2), None);
+        assert_eq!(regroup(2, Some(4), Some(2), 2, 2), None);
+        // An old value not recorded is taken as unchanged.
+        assert_eq!(regroup(2, None, Some(2), 4, 2), Some(2));
+    }
 
     #[test]
     fn durations_read_at_a_glance() {
