@@ -288,6 +288,19 @@ fn ending_checks(log: &std::path::Path, r: &mut Report) {
             crate::train::OOM_FIX,
         );
     }
+    if let Some(v) = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "memory_pressure")
+    {
+        r.add(
+            "F13",
+            Severity::Warning,
+            format!("the host's memory was nearly exhausted at step {}", v["step"]),
+            v["message"].as_str().unwrap_or("").split(". Fix: ").next().unwrap_or("").to_string(),
+            crate::train::session::MEMORY_FIX,
+        );
+    }
     let ending = crate::train::session::ending_of(&text, &crate::train::session::Session::now(0));
     match &ending {
         Ending::Unrecorded { .. } => {

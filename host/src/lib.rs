@@ -14,6 +14,7 @@
 pub mod alloc_stats;
 pub mod bench;
 pub mod cli;
+pub mod console_log;
 pub mod cuda_kernels;
 pub mod data;
 pub mod doctor;

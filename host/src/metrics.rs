@@ -308,6 +308,9 @@ pub enum TraceFormat {
     Csv,
     /// TensorBoard event files (`events.out.tfevents.*`), see [`crate::tfevents`].
     TensorBoard,
+    /// A trainer's console output (tqdm bars, printed metric dictionaries), see
+    /// [`crate::console_log`].
+    Console,
 }
 
 impl TraceFormat {
@@ -320,12 +323,13 @@ impl TraceFormat {
             TraceFormat::LightningCsv => "a Lightning metrics.csv",
             TraceFormat::Csv => "a CSV metrics export",
             TraceFormat::TensorBoard => "TensorBoard event files",
+            TraceFormat::Console => "a trainer's console output",
         }
     }
 }
 
 /// What the reader accepts, for error messages.
-pub const SUPPORTED_FORMATS: &str = "lorahost's metrics.jsonl (one JSON object per line with `step` and `loss`), a Hugging Face Trainer trainer_state.json (`log_history`), the SAM3_LoRA fork's JSONL (`{\"event\": \"train_step\", \"step\": N, \"loss\": ...}` lines) a CSV log (a PyTorch Lightning metrics.csv, a W&B or TensorBoard CSV export: a `step` column and a column with `loss` in its name) or TensorBoard event files (an events.out.tfevents.* file or its folder); see docs/metrics-schema.md";
+pub const SUPPORTED_FORMATS: &str = "lorahost's metrics.jsonl (one JSON object per line with `step` and `loss`), a Hugging Face Trainer trainer_state.json (`log_history`), the SAM3_LoRA fork's JSONL (`{\"event\": \"train_step\", \"step\": N, \"loss\": ...}` lines) a CSV log (a PyTorch Lightning metrics.csv, a W&B or TensorBoard CSV export: a `step` column and a column with `loss` in its name) TensorBoard event files (an events.out.tfevents.* file or its folder) or a trainer's console output (nohup.out, a SLURM .out file: tqdm bars with the loss, as SAM3_LoRA prints them, or the Hugging Face Trainer's printed {'loss': ...} lines); see docs/metrics-schema.md";
 
 /// Why a metrics log could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -419,7 +423,7 @@ fn quote_non_finite(text: &str) -> Option<String> {
 }
 
 /// Parse JSON, taking Python's bare non-finite numbers too.
-fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+pub(crate) fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
     match serde_json::from_str(text) {
         Ok(v) => Ok(v),
         Err(e) => match quote_non_finite(text) {
@@ -555,6 +559,11 @@ impl Trace {
         };
         let several = text.lines().filter(data).nth(1).is_some();
         let first_value = parse_json(first).ok();
+        if first_value.is_none() && crate::console_log::looks_like(text) {
+            if let Some(trace) = crate::console_log::parse(text) {
+                return Ok(trace);
+            }
+        }
         if first_value.is_none() && (first.starts_with('{') || first.starts_with('[')) {
             // A JSON document over several lines (a pretty-printed trainer_state.json), unless
             // the next line is JSON on its own: JSONL whose first line is bad.

@@ -2,8 +2,9 @@
 //! hand on a loss log that "fluctuates and nobody can say why", done from the log alone.
 //!
 //! The log is any that [`crate::metrics::Trace`] reads: lorahost's `metrics.jsonl`, the
-//! SAM3_LoRA fork's `train_step` JSONL, a Hugging Face `trainer_state.json` or a Lightning
-//! `metrics.csv`. The findings use the SAM3_LoRA catalogue's codes:
+//! SAM3_LoRA fork's `train_step` JSONL, a Hugging Face `trainer_state.json`, a Lightning
+//! `metrics.csv`, TensorBoard event files, or a trainer's console output
+//! ([`crate::console_log`]). The findings use the SAM3_LoRA catalogue's codes:
 //! - **F10** how much the loss moves from step to step (the robust spread of relative step
 //!   differences about zero, so a falling trend does not count as noise; a log whose points are
 //!   means over the steps between them, the Hugging Face Trainer's, scaled back to single
@@ -209,7 +210,11 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
     }
     let norms: Vec<f64> = steps.iter().map(|s| s.grad_norm).filter(|g| g.is_finite() && *g > 0.0).collect();
     let clipped = steps.iter().any(|s| s.grad_norm_clipped.is_some_and(|c| c < s.grad_norm * 0.999));
-    if !clipped && norms.len() >= 8 {
+    // The Hugging Face Trainer clips (max_grad_norm 1.0 unless set otherwise) and logs the
+    // norm before clipping, nothing after: its logs cannot show whether it clipped.
+    let hf = trace.format == crate::metrics::TraceFormat::HuggingFace
+        || (trace.format == crate::metrics::TraceFormat::Console && trace.loss_is_interval_mean);
+    if !clipped && !hf && norms.len() >= 8 {
         let mut sorted = norms.clone();
         sorted.sort_by(f64::total_cmp);
         let (p10, p90) = (sorted[sorted.len() / 10], sorted[sorted.len() * 9 / 10]);

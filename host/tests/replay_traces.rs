@@ -162,3 +162,84 @@ fn a_trace_without_grad_norms_is_judged_by_its_loss() {
     assert_eq!(with, without);
     assert_eq!(without.iter().filter(|(_, a)| *a != "continue").count(), 1, "{without:?}");
 }
+
+fn console_fixture(name: &str) -> std::path::PathBuf {
+    repo().join("host/tests/fixtures/console_logs").join(name)
+}
+
+/// SAM3_LoRA's console output (tqdm through `tools/gen_console_log_fixtures.py`): every batch's
+/// loss at its step, to tqdm's three digits, the epoch summaries' validation losses at the end of
+/// each epoch, and the batch size from the sample count.
+#[test]
+fn sam3_lora_console_output_is_read_step_by_step() {
+    let t = Trace::read(&console_fixture("sam3_lora_stdout.log")).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(console_fixture("sam3_lora_losses.json")).unwrap())
+            .unwrap();
+    let losses: Vec<f64> =
+        expected["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(t.steps.len(), losses.len());
+    let per_epoch = expected["batches_per_epoch"].as_u64().unwrap();
+    for (i, (s, want)) in t.steps.iter().zip(&losses).enumerate() {
+        assert_eq!(s.step, i as u64 + 1);
+        // tqdm prints 3 significant digits.
+        assert!(((s.loss - want) / want).abs() < 5e-3, "step {}: {} vs {want}", s.step, s.loss);
+        assert_eq!(s.epoch, Some((i as u64 / per_epoch) as u32));
+    }
+    let val: Vec<f64> =
+        expected["val_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let at: Vec<u64> = (1..=val.len() as u64).map(|e| e * per_epoch).collect();
+    assert_eq!(t.validation.iter().map(|v| v.0).collect::<Vec<_>>(), at);
+    for ((_, got), want) in t.validation.iter().zip(&val) {
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+    let h = t.run.unwrap();
+    assert_eq!((h.batch_size, h.steps_per_epoch, h.dataset_size), (1, per_epoch, 12));
+    assert!(!t.loss_is_interval_mean);
+}
+
+/// The Hugging Face Trainer's console output: each printed `{'loss': ...}` at the step the
+/// trainer's own trainer_state.json (saved by the same run) records it, with its LR and gradient
+/// norm, and each `eval_loss` as a validation point.
+#[test]
+fn hf_trainer_console_output_matches_its_trainer_state() {
+    let console = Trace::read(&console_fixture("hf_trainer_stdout.log")).unwrap();
+    let state = Trace::read(&console_fixture("hf_trainer_state.json")).unwrap();
+    assert!(console.loss_is_interval_mean && state.loss_is_interval_mean);
+    let brief = |t: &Trace| -> Vec<(u64, f64, f64, f64)> {
+        t.steps.iter().map(|s| (s.step, s.loss, s.lr, s.grad_norm)).collect()
+    };
+    let (got, want) = (brief(&console), brief(&state));
+    assert_eq!(got.len(), want.len(), "{got:?}\n{want:?}");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.0, w.0, "{got:?}\n{want:?}");
+        for (a, b) in [(g.1, w.1), (g.2, w.2), (g.3, w.3)] {
+            // Printed to 4 significant digits.
+            assert!(((a - b) / b).abs() < 1e-3, "step {}: {a} vs {b}", g.0);
+        }
+    }
+    // The Trainer clips by default and logs the norm before: its logs cannot show "no clipping".
+    for log in ["hf_trainer_stdout.log", "hf_trainer_state.json"] {
+        let report = lorahost::doctor::diagnose_trace(&console_fixture(log)).unwrap().to_text();
+        assert!(report.contains("[F10]") && !report.contains("no clipping"), "{log}: {report}");
+    }
+    assert_eq!(console.validation.iter().map(|v| v.0).collect::<Vec<_>>(), [12, 24, 36]);
+    for (c, s) in console.validation.iter().zip(&state.validation) {
+        assert_eq!(c.0, s.0);
+        assert!(((c.1 - s.1) / s.1).abs() < 1e-3, "{c:?} vs {s:?}");
+    }
+}
+
+/// `doctor --trace` on SAM3_LoRA's console output: the run's fluctuation and its causes.
+#[test]
+fn doctor_diagnoses_a_console_log() {
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["doctor", "--trace"])
+        .arg(console_fixture("sam3_lora_stdout.log"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("a trainer's console output") && out.contains("steps 36"), "{out}");
+    assert!(out.contains("[F10]") && out.contains("an effective batch of 1 sample"), "{out}");
+    assert!(out.contains("[F15]"), "SAM3_LoRA's training loss against its eval-mode validation loss: {out}");
+}

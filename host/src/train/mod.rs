@@ -1626,7 +1626,9 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         .with_context(|| format!("writing {}", out_dir.join(CONFIG_RECORD).display()))?;
     let metrics_path = log_dir.join("metrics.jsonl");
     let mut log = MetricsLog::open(&metrics_path, &header, resume_dir.as_ref().map(|_| state.step))?;
-    log.line(&session::Session::now(state.step).record());
+    let this_session = session::Session::now(state.step);
+    log.line(&this_session.record());
+    let mut memory_watch = session::MemoryWatch::default();
     end.metrics = Some(metrics_path.clone());
     end.step = state.step;
     let mut tensorboard = tensorboard::TensorBoardLog::open(
@@ -2171,6 +2173,17 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         }
         // The run's peak so far: the device's tensor memory on CUDA, else the process's.
         let mem = crate::gpu::peak_memory(&device).map(|(held, _)| held).unwrap_or_else(memory_bytes);
+        // The host's memory against what the OOM killer allows: said before it acts.
+        let host = session::HostMemory::now(this_session.memory_limit_bytes);
+        if let Some(warning) = memory_watch.observe(&host) {
+            tracing::warn!("step {step}: {warning}");
+            log.line(
+                &serde_json::json!({"event": "memory_pressure", "step": step, "rss_bytes": host.rss,
+                    "limit_bytes": host.limit, "available_bytes": host.available, "total_bytes": host.total,
+                    "message": warning})
+                .to_string(),
+            );
+        }
         let terms_for_hook: Vec<LossTerm> = WEIGHTED_TERMS
             .iter()
             .map(|n| LossTerm {

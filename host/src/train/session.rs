@@ -10,6 +10,8 @@
 //! doctor --trace` notice the missing record and say what ended the session, comparing the OOM
 //! killer's counters then and now. A session whose process is still alive keeps its folder:
 //! another `lorahost train` refuses to start there instead of moving the live run's files.
+//! While a run trains, [`MemoryWatch`] warns once when the host's memory is close to running
+//! out, before the OOM killer acts.
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -383,6 +385,77 @@ impl Ending {
     }
 }
 
+/// Host memory as the OOM killer sees it, read once per optimizer step by [`MemoryWatch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostMemory {
+    /// This process's resident memory (`VmRSS`).
+    pub rss: u64,
+    /// The memory cgroup's limit, when it has one.
+    pub limit: Option<u64>,
+    /// The machine's available memory (`MemAvailable`: free plus reclaimable).
+    pub available: Option<u64>,
+    /// The machine's memory (`MemTotal`).
+    pub total: Option<u64>,
+}
+
+impl HostMemory {
+    /// Now (Linux; zeros and Nones elsewhere). `limit` is the session's cgroup limit.
+    pub fn now(limit: Option<u64>) -> Self {
+        let kib = |text: &Option<String>, key: &str| {
+            text.as_deref().and_then(|t| counter(&t.replace(':', ""), key)).map(|kb| kb * 1024)
+        };
+        let status = read("/proc/self/status");
+        let meminfo = read("/proc/meminfo");
+        HostMemory {
+            rss: kib(&status, "VmRSS").unwrap_or(0),
+            limit,
+            available: kib(&meminfo, "MemAvailable"),
+            total: kib(&meminfo, "MemTotal"),
+        }
+    }
+}
+
+/// Warns once per run when the host's memory is close to running out, before the OOM killer
+/// ends the run without a word: the process holds [`MemoryWatch::SHARE`] of its cgroup's
+/// limit, or the machine has less than [`MemoryWatch::SPARE`] of its memory available.
+#[derive(Debug, Default)]
+pub struct MemoryWatch {
+    warned: bool,
+}
+
+impl MemoryWatch {
+    /// The share of the cgroup's limit the process may hold before the warning.
+    pub const SHARE: f64 = 0.85;
+    /// The share of the machine's memory that must stay available.
+    pub const SPARE: f64 = 0.05;
+
+    /// The warning for `m`, the first time it is due.
+    pub fn observe(&mut self, m: &HostMemory) -> Option<String> {
+        if self.warned || m.rss == 0 {
+            return None;
+        }
+        let why = match (m.limit, m.available, m.total) {
+            (Some(l), _, _) if m.rss as f64 >= Self::SHARE * l as f64 => format!(
+                "this process holds {} of its memory cgroup's {} limit ({:.0}%)",
+                gib(m.rss),
+                gib(l),
+                100.0 * m.rss as f64 / l as f64
+            ),
+            (_, Some(a), Some(t)) if (a as f64) < Self::SPARE * t as f64 => format!(
+                "the machine has {} of its {} available (this process holds {})",
+                gib(a),
+                gib(t),
+                gib(m.rss)
+            ),
+            _ => return None,
+        };
+        self.warned = true;
+        Some(format!(
+            "host memory is nearly exhausted: {why}; when it runs out the kernel's OOM killer ends the run without a word (exit 137). Fix: {MEMORY_FIX}"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +544,35 @@ mod tests {
         // No session records at all.
         assert_eq!(ending_of(&format!("{step}\n{step}"), &now), Ending::Unknown);
         assert!(Ending::Unknown.describe().is_none());
+    }
+
+    #[test]
+    fn host_memory_near_its_limit_is_warned_about_once() {
+        let gb = 1u64 << 30;
+        let mut w = MemoryWatch::default();
+        let roomy =
+            HostMemory { rss: 10 * gb, limit: Some(24 * gb), available: Some(12 * gb), total: Some(64 * gb) };
+        assert_eq!(w.observe(&roomy), None);
+        // 21 of 24 GiB of the cgroup's limit: 87.5%.
+        let near = HostMemory { rss: 21 * gb, ..roomy };
+        let text = w.observe(&near).unwrap();
+        assert!(
+            text.contains("21.0 GiB of its memory cgroup's 24.0 GiB limit (88%)")
+                && text.contains("exit 137"),
+            "{text}"
+        );
+        assert_eq!(w.observe(&near), None, "once per run");
+        // No cgroup limit: the machine's available memory.
+        let mut w = MemoryWatch::default();
+        let machine = HostMemory { rss: 50 * gb, limit: None, available: Some(2 * gb), total: Some(64 * gb) };
+        assert!(w.observe(&machine).unwrap().contains("2.0 GiB of its 64.0 GiB available"));
+        let mut w = MemoryWatch::default();
+        assert_eq!(w.observe(&HostMemory { available: Some(8 * gb), ..machine }), None);
+        // What this machine reads.
+        let me = HostMemory::now(None);
+        if cfg!(target_os = "linux") {
+            assert!(me.rss > 0 && me.total.is_some() && me.available.is_some(), "{me:?}");
+        }
     }
 
     #[test]
