@@ -277,15 +277,37 @@ fn ending_checks(log: &std::path::Path, r: &mut Report) {
     if !ooms.is_empty() {
         let mut steps = ooms.clone();
         steps.dedup();
+        // The micro-batches the run made smaller, the last of them.
+        let smaller = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .rfind(|v| v["event"] == "micro_batches");
+        let (then, fix) = match &smaller {
+            Some(v) => (
+                format!(
+                    "; from step {} on the run trained in micro-batches of {} x {}",
+                    v["step"].as_u64().unwrap_or(0) + 1,
+                    v["batch_size"],
+                    v["accumulation"]
+                ),
+                format!(
+                    "start such runs with micro-batches that fit (training.batch_size: {}, gradient_accumulation_steps: {}) so that no micro-batch is lost, or: {}",
+                    v["batch_size"],
+                    v["accumulation"],
+                    crate::train::OOM_FIX
+                ),
+            ),
+            None => (String::new(), crate::train::OOM_FIX.to_string()),
+        };
         r.add(
             "F13",
             Severity::Warning,
             format!("{} micro-batch(es) ran out of device memory and were skipped", ooms.len()),
             format!(
-                "`out_of_memory` events at step(s) {} (each with its images and objects in the log)",
+                "`out_of_memory` events at step(s) {} (each with its images and objects in the log){then}",
                 steps.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
             ),
-            crate::train::OOM_FIX,
+            fix,
         );
     }
     if let Some(v) = text

@@ -1420,3 +1420,63 @@ fn steps_in(metrics: &Path) -> usize {
         .map(|t| t.lines().filter(|l| l.starts_with("{\"step\":")).count())
         .unwrap_or(0)
 }
+
+/// A micro-batch of several images that runs out of device memory is skipped, and from the next
+/// step on the micro-batches are halved and doubled in number: the same samples per optimizer
+/// step, the epoch ending where it would have. The checkpoints record the smaller micro-batches,
+/// and the config's own resume onto them.
+#[test]
+fn micro_batches_that_do_not_fit_are_made_smaller_for_the_same_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 12);
+    let out = tmp.path().join("run");
+    // 12 images, 2 x 2: 6 micro-batches and 3 optimizer steps per epoch.
+    let base = "  num_epochs: 2\n  batch_size: 2\n  gradient_accumulation_steps: 2\n  save_steps: 1\n";
+    let cfg = config(tmp.path(), &data, &out, base, "");
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    let o = Command::new(bin)
+        .args(["train", "--no-hot-reload", "--max-steps", "4", "--config"])
+        .arg(&cfg)
+        .env("LORAHOST_INJECT_OOM", "1.0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("micro-batches of 2 images do not fit on the device"), "{err}");
+    assert!(err.contains("training.batch_size: 1, gradient_accumulation_steps: 4"), "{err}");
+    let t = steps(&out);
+    let seen: Vec<_> = t.steps.iter().map(|s| (s.step, s.epoch, s.micro_steps, s.batch_size)).collect();
+    assert_eq!(
+        seen,
+        [
+            (1, Some(0), Some(1), Some(2)),
+            (2, Some(0), Some(4), Some(4)),
+            (3, Some(0), Some(4), Some(4)),
+            (4, Some(1), Some(4), Some(4))
+        ]
+    );
+    let change = events(&out, "micro_batches");
+    assert_eq!(
+        (change.len(), &change[0]["batch_size"], &change[0]["accumulation"]),
+        (1, &serde_json::json!(1), &serde_json::json!(4))
+    );
+    // The log's headers: the config's grouping for step 1 (the one that ran out), 1 x 4 after it.
+    let segments: Vec<(u64, u32, u32)> =
+        t.segments.iter().map(|s| (s.from_step, s.header.batch_size, s.header.accumulation)).collect();
+    assert_eq!(segments, [(1, 2, 2), (2, 1, 4)]);
+    let report = lorahost::doctor::diagnose_trace(&out).unwrap().to_text();
+    assert!(report.contains("from step 2 on the run trained in micro-batches of 1 x 4"), "{report}");
+    // The config's 2 x 2 resumes onto the checkpoint's 1 x 4 (the same product).
+    let o = Command::new(bin)
+        .args(["train", "--no-hot-reload", "--resume", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("where the checkpoint had 1 x 4"), "{err}");
+    let t = steps(&out);
+    let tail: Vec<(u64, Option<u32>, Option<u32>)> =
+        t.steps[4..].iter().map(|s| (s.step, s.epoch, s.micro_steps)).collect();
+    assert_eq!(tail, [(5, Some(1), Some(2)), (6, Some(1), Some(2))]);
+}

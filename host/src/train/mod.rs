@@ -970,14 +970,24 @@ impl Drop for SessionEnd {
     }
 }
 
+/// The micro-batch size to try after `batch` images did not fit: the largest divisor of the
+/// samples per optimizer step (`batch` × `accum`, which must stay) that is at most half of
+/// `batch`; None at one image.
+fn smaller_micro_batch(batch: usize, accum: usize) -> Option<usize> {
+    let per_step = batch * accum;
+    (1..=batch / 2).rev().find(|d| per_step.is_multiple_of(*d))
+}
+
 /// After micro-batch `at` = (step, micro) failed with `e`: when the device ran out of memory,
-/// the micro-batch is reported (console, an `out_of_memory` event in the log) and counted in
-/// `streak`, and training goes on; any other error is passed on.
+/// the micro-batch is reported (console, an `out_of_memory` event in the log; whether smaller
+/// micro-batches follow, `shrinks`) and counted in `streak`, and training goes on; any other
+/// error is passed on.
 fn skip_out_of_memory(
     e: anyhow::Error,
     at: (u64, u32),
     ids: &[u64],
     objects: u32,
+    shrinks: bool,
     streak: &mut u32,
     log: &mut MetricsLog,
 ) -> Result<()> {
@@ -993,9 +1003,15 @@ fn skip_out_of_memory(
             "objects": objects, "image_ids": ids, "error": text})
         .to_string(),
     );
-    let fix = if *streak == 1 { format!(". Fix: {OOM_FIX}") } else { String::new() };
+    let then = if shrinks {
+        "; the micro-batches are made smaller from the next step on".to_string()
+    } else if *streak == 1 {
+        format!(" ({streak} in a row; {OOM_STOP_AFTER} in a row stop the run). Fix: {OOM_FIX}")
+    } else {
+        format!(" ({streak} in a row; {OOM_STOP_AFTER} in a row stop the run)")
+    };
     tracing::warn!(
-        "step {step}: micro-batch {} ({} images, {objects} objects; image ids {ids:?}) ran out of device memory and is skipped ({streak} in a row; {OOM_STOP_AFTER} in a row stop the run){fix}",
+        "step {step}: micro-batch {} ({} images, {objects} objects; image ids {ids:?}) ran out of device memory and is skipped{then}",
         micro + 1,
         ids.len(),
     );
@@ -1424,6 +1440,8 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                         t.batch_size * accum
                     );
                     s.micro_in_epoch = micro;
+                    // The log's header governs the steps after it: this run's grouping.
+                    header_changed = true;
                 }
                 None => bail!(
                     "{}: the checkpoint was made with batch_size {} x gradient_accumulation_steps {}, this config has {} x {}: the position in the epoch is counted in those micro-batches and the steps in their product, so resuming would skip or repeat samples; resume with the original values or with the same product (e.g. half the batch_size and twice the accumulation), or start a new run in another output_dir",
@@ -1763,7 +1781,10 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         first: state.step,
         end: stop_at,
     };
-    let micro_per_epoch = eff.micro_batches_per_epoch as u64;
+    // The micro-batches: the config's, until one does not fit on the device (then smaller ones,
+    // as many more, for the same samples per optimizer step).
+    let (mut micro_size, mut micro_accum) = (t.batch_size, accum);
+    let mut micro_per_epoch = eff.micro_batches_per_epoch as u64;
     let mut consecutive_nonfinite = 0u32;
     // Micro-batches in a row that ran out of device memory, and the ones to fail on purpose.
     let mut oom_streak = 0u32;
@@ -1828,9 +1849,11 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         let mut objects = 0u32;
         let mut batch_ids: Vec<u64> = Vec::new();
         let epoch_of_step = state.epoch;
-        while (micro as usize) < accum && state.micro_in_epoch < micro_per_epoch {
-            let pos = (state.micro_in_epoch as usize) * t.batch_size;
-            let mut ks: Vec<u32> = state.epoch_order.iter().skip(pos).take(t.batch_size).copied().collect();
+        let mut oom_in_step = false;
+        let mut regrouped: Option<RunHeader> = None;
+        while (micro as usize) < micro_accum && state.micro_in_epoch < micro_per_epoch {
+            let pos = (state.micro_in_epoch as usize) * micro_size;
+            let mut ks: Vec<u32> = state.epoch_order.iter().skip(pos).take(micro_size).copied().collect();
             if let Some(ids) = plugins.next_batch(&BatchRequest {
                 step,
                 micro_step: micro,
@@ -1874,8 +1897,9 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
             // step goes on with the others (so it ends where it would have in the epoch), and
             // the run stops after it when too many in a row failed.
             let ids: Vec<u64> = samples.iter().map(|s| s.image_id).collect();
+            let shrinks = smaller_micro_batch(micro_size, micro_accum).is_some();
             let skipped = |e: anyhow::Error, streak: &mut u32, log: &mut MetricsLog| {
-                skip_out_of_memory(e, (step, micro), &ids, micro_objects, streak, log)
+                skip_out_of_memory(e, (step, micro), &ids, micro_objects, shrinks, streak, log)
             };
             let injected = inject_oom.iter().any(|&(s, m)| s == step && m.is_none_or(|m| m == micro));
             // The layer ops' LoRA gradients go to the side store, merged after backward.
@@ -1892,6 +1916,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                 Ok(v) => v,
                 Err(e) => {
                     skipped(e, &mut oom_streak, &mut log)?;
+                    oom_in_step = true;
                     micro += 1;
                     state.micro_in_epoch += 1;
                     continue;
@@ -1935,6 +1960,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                 Err(e) => {
                     drop((loss, out));
                     skipped(e, &mut oom_streak, &mut log)?;
+                    oom_in_step = true;
                     micro += 1;
                     state.micro_in_epoch += 1;
                     continue;
@@ -2005,6 +2031,38 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         if state.micro_in_epoch >= micro_per_epoch {
             state.epoch += 1;
             state.micro_in_epoch = 0;
+        }
+        // A micro-batch ran out of device memory: smaller ones from the next step on, as many
+        // more, so each optimizer step keeps its samples (what `--resume` with the same product
+        // does, done at once).
+        if let Some(smaller) = smaller_micro_batch(micro_size, micro_accum).filter(|_| oom_in_step) {
+            let more = micro_size * micro_accum / smaller;
+            if let Some(position) =
+                regroup(state.micro_in_epoch, Some(micro_size), Some(micro_accum), smaller, more)
+            {
+                tracing::warn!(
+                    "step {step}: micro-batches of {micro_size} images do not fit on the device: from step {} on, {smaller} images x {more} micro-batches per optimizer step (the same {} samples per step; to start so: training.batch_size: {smaller}, gradient_accumulation_steps: {more})",
+                    step + 1,
+                    smaller * more
+                );
+                log.line(
+                    &serde_json::json!({"event": "micro_batches", "step": step, "batch_size": smaller,
+                        "accumulation": more, "from": {"batch_size": micro_size, "accumulation": micro_accum}})
+                    .to_string(),
+                );
+                // A header for the steps after this one (readers take each header's grouping).
+                regrouped = Some(RunHeader {
+                    batch_size: smaller as u32,
+                    accumulation: more as u32,
+                    ..header.clone()
+                });
+                (micro_size, micro_accum) = (smaller, more);
+                micro_per_epoch = train_ids.len().div_ceil(smaller) as u64;
+                state.micro_in_epoch = position;
+                state.batch_size = Some(smaller);
+                state.accumulation = Some(more);
+                oom_streak = 0;
+            }
         }
         let n_micro = done.max(1) as f64;
         let loss = if done == 0 { f64::NAN } else { loss_sum / n_micro };
@@ -2272,8 +2330,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         }
         if oom_streak >= OOM_STOP_AFTER && stop.is_none() {
             let why = format!(
-                "{OOM_STOP_AFTER} micro-batches in a row ran out of device memory (batch_size {}); a checkpoint of step {step} is saved. Fix: {OOM_FIX}",
-                t.batch_size
+                "{OOM_STOP_AFTER} micro-batches in a row ran out of device memory (micro-batches of {micro_size} images); a checkpoint of step {step} is saved. Fix: {OOM_FIX}"
             );
             action = "stop".into();
             reason = Some(why.clone());
@@ -2330,6 +2387,9 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
             log.line(&event_json(step, &e).to_string());
         }
         log.line(&rec.to_json_line());
+        if let Some(h) = regrouped.take() {
+            log.line(&serde_json::json!({ "run": h }).to_string());
+        }
         end.step = step;
         tensorboard.step(&rec);
         if let Some(why) = diverged.take() {
@@ -2653,6 +2713,18 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_micro_batch_that_does_not_fit_is_halved_where_the_step_allows() {
+        assert_eq!(smaller_micro_batch(8, 2), Some(4));
+        assert_eq!(smaller_micro_batch(2, 1), Some(1));
+        // 6 x 1: 3 divides 6; 3 x 1: only 1.
+        assert_eq!(smaller_micro_batch(6, 1), Some(3));
+        assert_eq!(smaller_micro_batch(3, 1), Some(1));
+        // 5 x 2 = 10: 2 (5 is not at most half of 5).
+        assert_eq!(smaller_micro_batch(5, 2), Some(2));
+        assert_eq!(smaller_micro_batch(1, 16), None);
+    }
 
     #[test]
     fn micro_batches_regroup_only_into_the_same_steps() {
