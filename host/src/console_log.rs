@@ -199,7 +199,8 @@ pub fn parse(text: &str) -> Option<Trace> {
                     crate::metrics::number(&serde_json::Value::String(v.clone())).ok().flatten()
                 });
             if let (Some(l), true) = (loss, bar.n < bar.total) {
-                let epoch = epoch_of(&bar.desc).map(|e| e.saturating_sub(1));
+                // (As printed: 1-based in SAM3_LoRA's bars, 0-based in Lightning's; see below.)
+                let epoch = epoch_of(&bar.desc);
                 if epoch.is_some() {
                     per_epoch_total = Some(bar.total);
                 }
@@ -228,6 +229,13 @@ pub fn parse(text: &str) -> Option<Trace> {
         return None;
     }
     let interval_means = steps.values().any(|v| v.4);
+    // Bars count epochs from 1 (SAM3_LoRA: `Epoch {epoch+1}`) unless one says `Epoch 0`
+    // (Lightning's); the records count from 0.
+    let first_epoch = steps.values().filter(|v| !v.4).filter_map(|v| v.3).min();
+    let shift = u32::from(first_epoch.is_some_and(|e| e > 0));
+    for v in steps.values_mut().filter(|v| !v.4) {
+        v.3 = v.3.map(|e| e.saturating_sub(shift));
+    }
     let mut trace = Trace {
         format: TraceFormat::Console,
         loss_is_interval_mean: interval_means,
@@ -267,6 +275,22 @@ pub fn parse(text: &str) -> Option<Trace> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_count_from_zero_whichever_way_the_bars_count() {
+        let bar = |desc: &str, n: u32, loss: f64| {
+            format!("{desc}:  50%|#####     | {n}/4 [00:01<00:01,  2.00it/s, train_loss={loss}]\r")
+        };
+        let lightning: String =
+            (0..2).flat_map(|e| (0..4).map(move |n| bar(&format!("Epoch {e}"), n, 1.0 + n as f64))).collect();
+        let t = parse(&lightning).unwrap();
+        let epochs: Vec<Option<u32>> = t.steps.iter().map(|s| s.epoch).collect();
+        assert_eq!(epochs, [Some(0), Some(0), Some(0), Some(0), Some(1), Some(1), Some(1), Some(1)]);
+        assert_eq!(t.steps[5].loss, 2.0);
+        let sam3: String =
+            (1..3).flat_map(|e| (0..4).map(move |n| bar(&format!("Epoch {e}"), n, 1.0))).collect();
+        assert_eq!(parse(&sam3).unwrap().steps[4].epoch, Some(1));
+    }
 
     #[test]
     fn bars_and_dicts_are_read_as_tqdm_and_python_print_them() {
