@@ -184,9 +184,10 @@ pub fn parse(text: &str) -> Option<Trace> {
             last_n = bar.n;
             place(&mut pending, offset + bar.n, &mut steps, &mut validation);
             let get = |names: &[&str]| {
-                bar.postfix.iter().find(|(k, _)| names.contains(&k.to_ascii_lowercase().as_str())).and_then(
-                    |(_, v)| crate::metrics::number(&serde_json::Value::String(v.clone())).ok().flatten(),
-                )
+                bar.postfix
+                    .iter()
+                    .find(|(k, _)| names.contains(&k.to_ascii_lowercase().as_str()))
+                    .and_then(|(_, v)| crate::metrics::parse_number_text(v))
             };
             let loss = bar
                 .postfix
@@ -195,9 +196,7 @@ pub fn parse(text: &str) -> Option<Trace> {
                     let k = k.to_ascii_lowercase();
                     k.contains("loss") && !is_validation(&k)
                 })
-                .and_then(|(_, v)| {
-                    crate::metrics::number(&serde_json::Value::String(v.clone())).ok().flatten()
-                });
+                .and_then(|(_, v)| crate::metrics::parse_number_text(v));
             if let (Some(l), true) = (loss, bar.n < bar.total) {
                 // (As printed: 1-based in SAM3_LoRA's bars, 0-based in Lightning's; see below.)
                 let epoch = epoch_of(&bar.desc);

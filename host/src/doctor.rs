@@ -268,20 +268,18 @@ fn trace_checks(path: &std::path::Path, max_norm: Option<f64>, r: &mut Report) -
 fn ending_checks(log: &std::path::Path, r: &mut Report) {
     use crate::train::session::Ending;
     let text = std::fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let ooms: Vec<u64> = text
+    let events: Vec<serde_json::Value> = text
         .lines()
+        .filter(|l| l.contains("\"event\""))
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "out_of_memory")
-        .filter_map(|v| v["step"].as_u64())
         .collect();
+    let named = |name: &'static str| events.iter().filter(move |v| v["event"] == name);
+    let ooms: Vec<u64> = named("out_of_memory").filter_map(|v| v["step"].as_u64()).collect();
     if !ooms.is_empty() {
         let mut steps = ooms.clone();
         steps.dedup();
         // The micro-batches the run made smaller, the last of them.
-        let smaller = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .rfind(|v| v["event"] == "micro_batches");
+        let smaller = named("micro_batches").next_back();
         let (then, fix) = match &smaller {
             Some(v) => (
                 format!(
@@ -310,11 +308,7 @@ fn ending_checks(log: &std::path::Path, r: &mut Report) {
             fix,
         );
     }
-    if let Some(v) = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["event"] == "memory_pressure")
-    {
+    if let Some(v) = named("memory_pressure").next() {
         r.add(
             "F13",
             Severity::Warning,

@@ -164,7 +164,7 @@ pub fn number(v: &Value) -> Result<Option<f64>, String> {
 }
 
 /// A number's text: what Rust and Python print (`1e-4`, `nan`, `NaN`, `inf`, `Infinity`, ...).
-fn parse_number_text(s: &str) -> Option<f64> {
+pub(crate) fn parse_number_text(s: &str) -> Option<f64> {
     let t = s.trim();
     match t.to_ascii_lowercase().as_str() {
         "nan" | "+nan" | "-nan" => Some(f64::NAN),

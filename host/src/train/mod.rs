@@ -568,18 +568,6 @@ pub fn resolve_model(cfg: &TrainConfig) -> Result<PathBuf> {
     )
 }
 
-/// Resident memory of this process in bytes (Linux), 0 when unknown.
-fn memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).map(|kb| kb * 1024)
-            })
-        })
-        .unwrap_or(0)
-}
-
 /// Tokenized prompts of a batch and which image each belongs to.
 pub struct PromptBatch {
     /// (Q, T) i64.
@@ -2229,10 +2217,10 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                     .to_string(),
             );
         }
-        // The run's peak so far: the device's tensor memory on CUDA, else the process's.
-        let mem = crate::gpu::peak_memory(&device).map(|(held, _)| held).unwrap_or_else(memory_bytes);
         // The host's memory against what the OOM killer allows: said before it acts.
         let host = session::HostMemory::now(this_session.memory_limit_bytes);
+        // The run's peak so far: the device's tensor memory on CUDA, else the process's.
+        let mem = crate::gpu::peak_memory(&device).map(|(held, _)| held).unwrap_or(host.peak);
         if let Some(warning) = memory_watch.observe(&host) {
             tracing::warn!("step {step}: {warning}");
             log.line(
@@ -2360,7 +2348,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         rec.memory_bytes = Some(mem);
         if !device.is_cpu() {
             // The host's side too: what the OOM killer goes by (read back by `session`).
-            rec.extra.insert("host_peak_bytes".into(), serde_json::json!(memory_bytes()));
+            rec.extra.insert("host_peak_bytes".into(), serde_json::json!(host.peak));
         }
         rec.heap_peak_bytes = Some(step_heap_peak.max(crate::alloc_stats::peak())).filter(|p| *p > 0);
         rec.grad_groups = report

@@ -390,6 +390,8 @@ impl Ending {
 pub struct HostMemory {
     /// This process's resident memory (`VmRSS`).
     pub rss: u64,
+    /// Its peak so far (`VmHWM`).
+    pub peak: u64,
     /// The memory cgroup's limit, when it has one.
     pub limit: Option<u64>,
     /// The machine's available memory (`MemAvailable`: free plus reclaimable).
@@ -408,6 +410,7 @@ impl HostMemory {
         let meminfo = read("/proc/meminfo");
         HostMemory {
             rss: kib(&status, "VmRSS").unwrap_or(0),
+            peak: kib(&status, "VmHWM").unwrap_or(0),
             limit,
             available: kib(&meminfo, "MemAvailable"),
             total: kib(&meminfo, "MemTotal"),
@@ -550,8 +553,13 @@ mod tests {
     fn host_memory_near_its_limit_is_warned_about_once() {
         let gb = 1u64 << 30;
         let mut w = MemoryWatch::default();
-        let roomy =
-            HostMemory { rss: 10 * gb, limit: Some(24 * gb), available: Some(12 * gb), total: Some(64 * gb) };
+        let roomy = HostMemory {
+            rss: 10 * gb,
+            peak: 10 * gb,
+            limit: Some(24 * gb),
+            available: Some(12 * gb),
+            total: Some(64 * gb),
+        };
         assert_eq!(w.observe(&roomy), None);
         // 21 of 24 GiB of the cgroup's limit: 87.5%.
         let near = HostMemory { rss: 21 * gb, ..roomy };
@@ -564,14 +572,23 @@ mod tests {
         assert_eq!(w.observe(&near), None, "once per run");
         // No cgroup limit: the machine's available memory.
         let mut w = MemoryWatch::default();
-        let machine = HostMemory { rss: 50 * gb, limit: None, available: Some(2 * gb), total: Some(64 * gb) };
+        let machine = HostMemory {
+            rss: 50 * gb,
+            peak: 50 * gb,
+            limit: None,
+            available: Some(2 * gb),
+            total: Some(64 * gb),
+        };
         assert!(w.observe(&machine).unwrap().contains("2.0 GiB of its 64.0 GiB available"));
         let mut w = MemoryWatch::default();
         assert_eq!(w.observe(&HostMemory { available: Some(8 * gb), ..machine }), None);
         // What this machine reads.
         let me = HostMemory::now(None);
         if cfg!(target_os = "linux") {
-            assert!(me.rss > 0 && me.total.is_some() && me.available.is_some(), "{me:?}");
+            assert!(
+                me.rss > 0 && me.peak >= me.rss && me.total.is_some() && me.available.is_some(),
+                "{me:?}"
+            );
         }
     }
 
