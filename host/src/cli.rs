@@ -653,6 +653,7 @@ fn parse_box(s: &str) -> Result<[f32; 4]> {
         .collect::<std::result::Result<_, _>>()
         .with_context(|| format!("--box {s:?}: expected four numbers x0,y0,x1,y1"))?;
     match v.as_slice() {
+        v if v.iter().any(|c| !c.is_finite()) => bail!("--box {s:?}: the coordinates must be finite numbers"),
         [x0, y0, x1, y1] if x1 > x0 && y1 > y0 => Ok([*x0, *y0, *x1, *y1]),
         [_, _, _, _] => bail!("--box {s:?}: need x1 > x0 and y1 > y0"),
         _ => bail!("--box {s:?}: expected four numbers x0,y0,x1,y1"),
@@ -747,6 +748,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     bail!("--expect-fingerprint {f:?}: give at least 8 hex digits of the dataset's content_sha256");
                 }
             }
+            // A probe is a short training run: Ctrl-C ends it at a step boundary, and its
+            // scratch folder is removed.
+            let _signals = (*probe_steps > 0).then(crate::train::interrupt::install);
             let trace_only = config.is_none()
                 && trace.is_some()
                 && overrides.is_empty()

@@ -257,6 +257,8 @@ fn trace_checks(path: &std::path::Path, max_norm: Option<f64>, r: &mut Report) -
         anyhow::bail!("--trace {}: the log has no step records to diagnose", path.display());
     }
     let validation = crate::run_diagnosis::validations(path, &trace);
+    // The config's threshold, else the one the log's own record of the settings names.
+    let max_norm = max_norm.or(trace.max_grad_norm);
     crate::run_diagnosis::analyse_run(&trace, &validation, max_norm.filter(|m| *m > 0.0), r);
     let log = if path.is_dir() { path.join("metrics.jsonl") } else { path.to_path_buf() };
     ending_checks(&log, r);
@@ -588,9 +590,18 @@ impl Broken {
 
 /// One config problem as its own F11 error (`what: the problem's head`, its fix), the key it
 /// names marked broken so the checks that need it are skipped.
+/// The byte offsets just after each `sep` in `s` that is not inside backticks (a quoted
+/// `key: value` is not where a message's head ends).
+fn unquoted_ends(s: &str, sep: &str) -> Vec<usize> {
+    s.match_indices(sep)
+        .filter(|(i, _)| s[..*i].matches('`').count().is_multiple_of(2))
+        .map(|(i, m)| i + m.len())
+        .collect()
+}
+
 fn setting_problem(r: &mut Report, broken: &mut Broken, path: &Path, what: &str, problem: &str) {
     let (key, fix) = contradiction_fix(problem);
-    let message = problem.split_once(": ").map_or(problem, |(head, _)| head);
+    let message = unquoted_ends(problem, ": ").first().map_or(problem, |&i| &problem[..i - 2]);
     r.add(
         "F11",
         Severity::Error,
@@ -616,10 +627,9 @@ fn contradiction_fix(problem: &str) -> (String, String) {
         .unwrap_or("")
         .to_string();
     let imperative = ["set ", "use ", "list ", "enable ", "give ", "remove ", "rename "];
-    let from = problem
-        .match_indices(": ")
-        .chain(problem.match_indices("; "))
-        .map(|(i, sep)| i + sep.len())
+    let from = unquoted_ends(problem, ": ")
+        .into_iter()
+        .chain(unquoted_ends(problem, "; "))
         .filter(|&i| imperative.iter().any(|v| problem[i..].starts_with(v)))
         .min();
     if let Some(i) = from {
@@ -641,7 +651,7 @@ fn contradiction_fix(problem: &str) -> (String, String) {
         }
         "" => "change the setting the message names".into(),
         k => {
-            let tail = problem.split_once(": ").map(|(_, t)| t).unwrap_or("");
+            let tail = unquoted_ends(problem, ": ").first().map_or("", |&i| &problem[i..]);
             if tail.is_empty() {
                 format!("change {k}")
             } else {
@@ -676,6 +686,17 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
             return None;
         }
     };
+    // `train` refuses an override that names no setting (a typo on the command line): an
+    // error here too, the diagnosis going on without it.
+    if let Err(e) = crate::train::parse_overrides(&opts.overrides, true) {
+        r.add(
+            "F11",
+            Severity::Error,
+            "train refuses this --override (it names no setting)",
+            format!("{e:#}"),
+            "spell the key as the config names it (SECTION.KEY), or drop the override",
+        );
+    }
     // Each value that cannot be used is its own finding; the rest of the config is still read
     // (the value at its default) and checked.
     let read = match TrainConfig::read(&text, path, &overrides) {
@@ -741,7 +762,12 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
         Ok(()) => {}
         Err(TrainConfigError::Contradiction { problems, .. }) => {
             for p in &problems {
-                setting_problem(r, &mut broken, path, "contradictory or impossible setting", p);
+                // (A key already named as unusable gets no second finding for its consequence,
+                // e.g. regex target_modules read as none.)
+                let key = contradiction_fix(p).0;
+                if key.is_empty() || !broken.0.contains(&key) {
+                    setting_problem(r, &mut broken, path, "contradictory or impossible setting", p);
+                }
             }
         }
         Err(e) => {
@@ -945,6 +971,9 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
             "training.num_negatives: 2 or 3",
         );
     }
+    // The run's adapters in the output folder (a fresh `train` moves them to previous-runs/;
+    // `--resume`, `export` and `evaluate` read them).
+    let mut other_layout = Vec::new();
     for dir in ["adapter", "best"] {
         let p = cfg.output.output_dir.join(dir).join("adapter_config.json");
         let Ok(text) = std::fs::read(&p) else { continue };
@@ -952,22 +981,29 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
         let (fr, fa) = (v["r"].as_u64(), v["lora_alpha"].as_f64());
         let frs = v["use_rslora"].as_bool().unwrap_or(false);
         if fr != Some(cfg.lora.rank as u64) || fa != Some(cfg.lora.alpha) || frs != cfg.lora.use_rslora {
-            r.add(
-                "F25",
-                Severity::Warning,
-                "the output directory holds adapters of another LoRA layout: they will not load with this config",
-                format!(
-                    "{}: r {:?} alpha {:?} use_rslora {frs}; config: r {} alpha {} use_rslora {}",
-                    p.display(),
-                    fr,
-                    fa,
-                    cfg.lora.rank,
-                    cfg.lora.alpha,
-                    cfg.lora.use_rslora
-                ),
-                "use a new output.output_dir, or the rank/alpha (and use_rslora) the adapters were trained with",
-            );
+            let shown = |x: Option<String>| x.unwrap_or_else(|| "(none)".into());
+            other_layout.push(format!(
+                "{}: r {} alpha {} use_rslora {frs}",
+                p.display(),
+                shown(fr.map(|r| r.to_string())),
+                shown(fa.map(|a| a.to_string())),
+            ));
         }
+    }
+    if !other_layout.is_empty() {
+        r.add(
+            "F25",
+            Severity::Warning,
+            "the output directory holds adapters of another LoRA layout: --resume, export and evaluate of them will not load with this config",
+            format!(
+                "{}; config: r {} alpha {} use_rslora {}",
+                other_layout.join("; "),
+                cfg.lora.rank,
+                cfg.lora.alpha,
+                cfg.lora.use_rslora
+            ),
+            "a new run is fine (train moves them to previous-runs/); to continue or use them, set the rank/alpha (and use_rslora) they were trained with, or use a new output.output_dir",
+        );
     }
     Some((cfg, broken))
 }
@@ -975,11 +1011,24 @@ fn config_checks(opts: &DoctorOptions, r: &mut Report) -> Option<(TrainConfig, B
 /// F26: `hardware.device: cuda` opens the device as `train` does; a build without CUDA support,
 /// or a machine without a usable device, is an error here, not at the first step.
 fn device_check(cfg: &TrainConfig, r: &mut Report) {
-    // `cuda` / `cuda:N` (`auto` falls back to the CPU by itself).
-    if cfg.hardware.cuda_ordinal().is_none() {
+    // `cuda` / `cuda:N`; `auto` falls back to the CPU by itself, unless half precision is asked
+    // for (the CPU has none: train refuses).
+    let auto_half = cfg.hardware.device.trim().eq_ignore_ascii_case("auto")
+        && cfg.training.precision().is_some_and(|p| p != crate::train_config::Precision::No);
+    if cfg.hardware.cuda_ordinal().is_none() && !auto_half {
         return;
     }
     if let Err(e) = crate::train::device_for(cfg) {
+        if auto_half {
+            r.add(
+                "F26",
+                Severity::Error,
+                "hardware.device is auto with half precision, and no CUDA device is usable: train stops before the first step",
+                format!("{e:#}"),
+                "set training.mixed_precision: no to train on the CPU, or run on a machine (and a --features cuda build) with a GPU",
+            );
+            return;
+        }
         let fix = if cfg!(feature = "cuda") {
             "no CUDA device could be opened: check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or set hardware.device: cpu (with training.mixed_precision: no)"
         } else {
@@ -999,16 +1048,81 @@ fn device_check(cfg: &TrainConfig, r: &mut Report) {
     }
 }
 
+/// F16: the dataset's prompts (category names and generic negative words) as the model reads
+/// them: cut short by the text encoder's context, or two that become one prompt (then one is
+/// trained as present and absent at once).
+fn token_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
+    let (Some(config), Ok(model_path)) = (model_config(cfg), crate::train::resolve_model(cfg)) else {
+        return;
+    };
+    let dir = if model_path.is_file() {
+        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        model_path
+    };
+    let Ok(tokenizer) = crate::sam3::tokenizer::PromptTokenizer::from_dir(&dir) else { return };
+    let ctx = config.text_config.max_position_embeddings;
+    let fit = tokenizer.prompt_fit(&ds.prompts(), ctx);
+    if !fit.same.is_empty() {
+        let pairs: Vec<String> = fit.same.iter().map(|(a, b)| format!("{a:?} and {b:?}")).collect();
+        r.add(
+            "F16",
+            Severity::Error,
+            "prompts the model cannot tell apart: they are trained as different classes (and as each other's negatives) with the same text",
+            format!("the text encoder reads {ctx} tokens: {}", pairs.join("; ")),
+            "rename the categories (or training.generic_negatives words) so they differ within their first words",
+        );
+    }
+    if !fit.truncated.is_empty() {
+        let long: Vec<String> = fit.truncated.iter().map(|(p, n)| format!("{p:?} ({n} tokens)")).collect();
+        r.add(
+            "F16",
+            Severity::Warning,
+            "prompts longer than the text encoder's context are cut short",
+            format!("context {ctx} tokens (start and end included): {}", long.join("; ")),
+            "shorten the category names to the words that name the object (SAM3 expects short noun phrases)",
+        );
+    }
+}
+
 fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool {
     let dir = &cfg.training.data_dir;
-    if !dir.is_dir() {
+    let has_train = dir.join("train").join(crate::data::coco::ANNOTATION_FILE).exists();
+    if cfg.training.synthetic && !has_train && !dir.is_file() {
+        // `train` writes the synthetic set there on first use (into a new or empty folder).
+        let foreign = dir.is_dir() && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        if foreign {
+            r.add(
+                "F12",
+                Severity::Error,
+                "training.synthetic is true, but training.data_dir holds other files and no train/ split",
+                dir.display().to_string(),
+                "train writes its synthetic dataset only into a new or empty folder: set training.data_dir to one, or training.synthetic: false for your own data",
+            );
+            return false;
+        }
         r.add(
-            "F12",
-            Severity::Error,
-            "training.data_dir does not exist",
+            "D0",
+            Severity::Info,
+            "training.synthetic: train writes the synthetic crack dataset into training.data_dir on first use",
             dir.display().to_string(),
-            "point training.data_dir at the folder holding train/ and valid/ (each with _annotations.coco.json)",
+            "none needed (the data checks run once it exists)",
         );
+        return true;
+    }
+    if !dir.is_dir() {
+        let (what, fix) = if dir.is_file() {
+            (
+                "training.data_dir is a file, not a folder",
+                "point training.data_dir at the folder holding train/ and valid/ (each with _annotations.coco.json), not at a file in it",
+            )
+        } else {
+            (
+                "training.data_dir does not exist",
+                "point training.data_dir at the folder holding train/ and valid/ (each with _annotations.coco.json)",
+            )
+        };
+        r.add("F12", Severity::Error, what, dir.display().to_string(), fix);
         return false;
     }
     let ds = match Dataset::load(dir) {
@@ -1024,6 +1138,7 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
             return false;
         }
     };
+    token_checks(cfg, &ds, r);
     let fp = ds.fingerprint();
     r.facts.insert("dataset".into(), serde_json::to_value(&fp).unwrap_or_default());
     if let Some(want) = &opts.expect_fingerprint {
@@ -2046,7 +2161,19 @@ fn probe(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) {
         ending_checks(&metrics, r);
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    if let Err(e) = outcome {
+    if crate::train::interrupt::requested() {
+        let done = trace.as_ref().map_or(0, |t| t.steps.len());
+        r.add(
+            "D0",
+            Severity::Warning,
+            format!("the probe was interrupted (Ctrl-C) after {done} of {} step(s)", opts.probe_steps),
+            "its scratch run was removed",
+            "run doctor --probe-steps again to finish the probe",
+        );
+        if done == 0 {
+            return;
+        }
+    } else if let Err(e) = outcome {
         let msg = format!("{e:#}");
         let code = if msg.contains("out of memory") { "F13" } else { "F26" };
         r.add(code, Severity::Error, "the probe run failed", msg, "see the message");
@@ -2122,7 +2249,8 @@ pub(crate) fn analyse_recorded_steps(
             "lr_applied": steps.iter().map(|s| s.lr).collect::<Vec<_>>(), "terms_mean": terms,
         }),
     );
-    if nonfinite > 0 {
+    // (A recorded run's are named with its steps by `run_diagnosis`.)
+    if nonfinite > 0 && facts_key != crate::run_diagnosis::TRACE_FACTS {
         r.add(
             "F21",
             Severity::Error,

@@ -122,6 +122,13 @@ pub fn read_inputs(
         if bx.dim(0)? != b || bx.dim(2)? != 4 {
             bail!("{}: input_boxes is {:?}, expected (B={b}, N, 4)", path.display(), bx.dims());
         }
+        let coords = bx.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if let Some(bad) = coords.iter().find(|v| !v.is_finite() || v.abs() > 4.0) {
+            bail!(
+                "{}: input_boxes holds {bad}; boxes are normalized cxcywh (fractions of the image, about 0..1)",
+                path.display()
+            );
+        }
         if let Some(l) = labels {
             if l.dims() != &bx.dims()[..2] {
                 bail!(
@@ -162,6 +169,32 @@ pub fn forward(
     dtype: DTypeArg,
     semantics: Semantics,
 ) -> Result<()> {
+    // --out is checked before the model runs: a directory, or the inputs themselves, would
+    // fail (or lose the inputs) only after the work is done.
+    if out.is_dir() {
+        bail!(
+            "--out {} is a directory: --out names the file to write, e.g. --out {}",
+            out.display(),
+            out.join("outputs.safetensors").display()
+        );
+    }
+    // The folder is created as training creates its output_dir (a missing one is no reason to
+    // lose the forward about to run).
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {} for --out: choose another --out", dir.display()))?;
+    }
+    // (Compared once the folder exists: `x/../in.safetensors` is the inputs too.)
+    let same_file = match (std::fs::canonicalize(out), std::fs::canonicalize(inputs)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => out == inputs,
+    };
+    if same_file {
+        bail!(
+            "--out {} is the --inputs file: writing there would replace the inputs; choose another --out",
+            out.display()
+        );
+    }
     let device = device.device()?;
     dtype.check(&device)?;
     let start = std::time::Instant::now();
@@ -181,17 +214,28 @@ pub fn forward(
     ] {
         tensors.insert(name.to_string(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?);
     }
-    // The folder is created as training creates its output_dir (a missing one is no reason to
-    // lose the forward just run).
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {} for --out: choose another --out", dir.display()))?;
+    // Written beside --out and renamed over it when complete; the temporary file never stays.
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("cannot write {} (for --out {})", tmp.display(), out.display()))
+        .and_then(|()| {
+            crate::train::checkpoint::set_created_permissions(&tmp)
+                .with_context(|| format!("cannot set the permissions of {}", tmp.display()))
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, out).with_context(|| {
+                format!(
+                    "cannot move the result {} to --out {}: choose another --out",
+                    tmp.display(),
+                    out.display()
+                )
+            })
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let tmp = out.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("cannot write {}", out.display()))?;
-    crate::train::checkpoint::set_created_permissions(&tmp)?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot move the result to {}", out.display()))?;
+    written?;
     println!("wrote {}", out.display());
     Ok(())
 }
@@ -359,7 +403,20 @@ impl Predictor {
         } else {
             let mut data = Vec::new();
             for b in boxes {
-                let (x0, y0, x1, y1) = (b[0] / w as f32, b[1] / h as f32, b[2] / w as f32, b[3] / h as f32);
+                // Clipped to the image (a box reaching past it prompts the part inside).
+                let (wf, hf) = (w as f32, h as f32);
+                let (x0, x1) = (b[0].clamp(0.0, wf), b[2].clamp(0.0, wf));
+                let (y0, y1) = (b[1].clamp(0.0, hf), b[3].clamp(0.0, hf));
+                if !(x1 > x0 && y1 > y0) {
+                    bail!(
+                        "--box {},{},{},{} lies outside the {w}×{h} image: give it in the image's pixels as x0,y0,x1,y1",
+                        b[0],
+                        b[1],
+                        b[2],
+                        b[3]
+                    );
+                }
+                let (x0, y0, x1, y1) = (x0 / wf, y0 / hf, x1 / wf, y1 / hf);
                 data.extend([(x0 + x1) / 2.0, (y0 + y1) / 2.0, (x1 - x0).abs(), (y1 - y0).abs()]);
             }
             let n = boxes.len();

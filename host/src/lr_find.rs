@@ -116,35 +116,37 @@ pub fn suggest(points: &[(f64, f64)]) -> Option<Suggestion> {
     if n < 5 {
         return None;
     }
-    // A centred window of about a twentieth of the sweep on each side (narrower at the ends).
-    let h = (n / 20).max(1);
-    let smooth: Vec<f64> = (0..n)
+    // The first loss is the untrained model's, measured before any update: it says nothing
+    // about an LR (and is often far above the next ones), so the curve starts after it.
+    let skip = usize::from(n >= 10);
+    let q = &pts[skip..];
+    let m = q.len();
+    // A centred window of about a twentieth of the sweep on each side (narrower at the ends),
+    // two points at least: one batch's loss against its neighbours' is noise, not a slope.
+    let h = (m / 20).max(2);
+    let smooth: Vec<f64> = (0..m)
         .map(|i| {
-            let w = h.min(i).min(n - 1 - i);
-            let s = &pts[i - w..=i + w];
+            let w = h.min(i).min(m - 1 - i);
+            let s = &q[i - w..=i + w];
             s.iter().map(|p| p.1).sum::<f64>() / s.len() as f64
         })
         .collect();
-    let x: Vec<f64> = pts.iter().map(|p| p.0.log10()).collect();
-    let i_min = (0..n).min_by(|&a, &b| smooth[a].total_cmp(&smooth[b])).unwrap_or(0);
+    let x: Vec<f64> = q.iter().map(|p| p.0.log10()).collect();
+    let i_min = (0..m).min_by(|&a, &b| smooth[a].total_cmp(&smooth[b])).unwrap_or(0);
     // Slopes against log10 LR (central differences), inside the window's reach of the ends.
     let slope = |i: usize| {
-        let (a, b) = (i.saturating_sub(1), (i + 1).min(n - 1));
+        let (a, b) = (i.saturating_sub(1), (i + 1).min(m - 1));
         (smooth[b] - smooth[a]) / (x[b] - x[a]).max(f64::MIN_POSITIVE)
     };
-    let lr = (h..i_min.min(n - 1 - h).saturating_add(1))
-        .filter(|&i| i < n)
+    let lr = (h..i_min.min(m.saturating_sub(1 + h)).saturating_add(1))
+        .filter(|&i| i < m)
         .map(|i| (i, slope(i)))
         .filter(|(_, s)| *s < 0.0)
         .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(i, _)| pts[i].0);
-    Some(Suggestion {
-        lr,
-        min_loss_lr: pts[i_min].0,
-        min_loss: smooth[i_min],
-        last_lr: pts[n - 1].0,
-        points: pts.iter().zip(&smooth).map(|(p, s)| (p.0, p.1, *s)).collect(),
-    })
+        .map(|(i, _)| q[i].0);
+    let mut points: Vec<(f64, f64, f64)> = pts[..skip].iter().map(|p| (p.0, p.1, p.1)).collect();
+    points.extend(q.iter().zip(&smooth).map(|(p, s)| (p.0, p.1, *s)));
+    Some(Suggestion { lr, min_loss_lr: q[i_min].0, min_loss: smooth[i_min], last_lr: pts[n - 1].0, points })
 }
 
 /// What `lorahost lr-find` runs.
@@ -259,12 +261,26 @@ pub fn describe(r: &LrFindReport, config: &Path) -> String {
             s.push_str(&format!(
                 "  suggested training.learning_rate: {lr:.1e} (where the smoothed loss fell fastest)\n"
             ));
-            s.push_str(&format!(
-                "  lowest smoothed loss {:.4} at LR {:.1e}; above it the loss rises (a tenth of it, {:.1e}, is the cautious choice)\n",
-                sg.min_loss,
-                sg.min_loss_lr,
-                sg.min_loss_lr / 10.0
-            ));
+            if sg.min_loss_lr >= sg.last_lr {
+                s.push_str(&format!(
+                    "  the smoothed loss was still at its lowest ({:.4}) at the sweep's last LR, {:.1e}: nothing above it was tried (a larger --end-lr shows where the loss turns)\n",
+                    sg.min_loss, sg.min_loss_lr
+                ));
+            } else {
+                s.push_str(&format!(
+                    "  lowest smoothed loss {:.4} at LR {:.1e}; above it the loss rises (a tenth of it, {:.1e}, is the cautious choice)\n",
+                    sg.min_loss,
+                    sg.min_loss_lr,
+                    sg.min_loss_lr / 10.0
+                ));
+            }
+            if sg.points.len() < 40 {
+                s.push_str(&format!(
+                    "  a short sweep ({} points, each a factor of {:.1} in LR over one batch): the curve is noisy; --steps 100 reads it better\n",
+                    sg.points.len(),
+                    (sg.last_lr / sg.points[0].0).powf(1.0 / (sg.points.len() - 1).max(1) as f64)
+                ));
+            }
             let ratio = r.config_lr / lr;
             let verdict = if r.config_lr >= sg.min_loss_lr {
                 "at or above the lowest-loss LR: expect the loss to rise or spike (seed-trainer F10)".to_string()
@@ -361,5 +377,23 @@ mod tests {
         assert_eq!(suggest(&cut).unwrap().points.len(), 6);
         let mut w = DivergenceWatch::default();
         assert!(w.observe(f64::INFINITY).is_some());
+    }
+
+    /// A short sweep (20 steps of the demo's lr-find, as it ran): the untrained first loss,
+    /// far above the rest, and one batch's noise make no slope; the suggestion is where the
+    /// curve falls (1e-3..0.1), not near the start LR.
+    #[test]
+    fn a_short_noisy_sweep_is_read_where_the_curve_falls() {
+        let losses = [
+            699.5, 439.8, 454.8, 405.4, 371.6, 636.3, 373.0, 532.9, 558.4, 436.9, 600.9, 360.2, 317.6, 302.5,
+            292.7, 222.0, 174.3, 214.5, 227.6, 177.8,
+        ];
+        let range = LrRange::new(1e-7, 1.0, 20).unwrap();
+        let points: Vec<(f64, f64)> =
+            losses.iter().enumerate().map(|(i, l)| (range.lr_at(i as u64 + 1), *l)).collect();
+        let s = suggest(&points).unwrap();
+        let lr = s.lr.unwrap();
+        assert!((1e-4..=0.1).contains(&lr), "suggested {lr:e}");
+        assert_eq!(s.points.len(), 20);
     }
 }

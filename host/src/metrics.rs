@@ -281,6 +281,19 @@ pub struct Trace {
     /// carries as `validation.loss`. lorahost's own `validation` events are read by
     /// [`crate::run_diagnosis::validations`].
     pub validation: Vec<(u64, f64)>,
+    /// The log is the Hugging Face Trainer's, whatever the file (trainer_state.json, its
+    /// console, TensorBoard or W&B logs): its losses are means over the logging interval, and it
+    /// clips (`max_grad_norm` 1.0 unless set otherwise) while logging the norm before clipping.
+    pub hf_trainer: bool,
+    /// The clipping threshold the log's own record of the trainer's settings names (the
+    /// Hugging Face Trainer's arguments in a TensorBoard file; 0 = no clipping), when it has one.
+    pub max_grad_norm: Option<f64>,
+    /// Steps whose logged gradient norm was NaN or infinite (formats that write an absent norm
+    /// as NaN too cannot show it on the step record).
+    pub nonfinite_grad_steps: Vec<u64>,
+    /// How the log says the run ended early, when it does (a console log's CUDA out-of-memory
+    /// error, the shell's `Killed`, a Python traceback): the line that says so.
+    pub ended_by: Option<String>,
 }
 
 /// A run header and the steps it governs (from `from_step` to the next segment's).
@@ -563,6 +576,11 @@ impl Trace {
             if let Some(trace) = crate::console_log::parse(text) {
                 return Ok(trace);
             }
+        }
+        if let Some(reason) =
+            first_value.is_none().then(|| crate::console_log::why_unreadable(text)).flatten()
+        {
+            return Err(TraceError::Format { path: origin.into(), reason });
         }
         if first_value.is_none() && (first.starts_with('{') || first.starts_with('[')) {
             // A JSON document over several lines (a pretty-printed trainer_state.json), unless
@@ -931,8 +949,12 @@ impl Trace {
     /// (a warning says so).
     pub fn from_hf_trainer_state(v: &Value, origin: &Path) -> Result<Trace, TraceError> {
         // The Trainer logs the mean loss since its previous log.
-        let mut trace =
-            Trace { format: TraceFormat::HuggingFace, loss_is_interval_mean: true, ..Default::default() };
+        let mut trace = Trace {
+            format: TraceFormat::HuggingFace,
+            loss_is_interval_mean: true,
+            hf_trainer: true,
+            ..Default::default()
+        };
         let mut repeats = Repeats::default();
         let mut validation: Option<(f64, f64)> = None;
         let mut spe: Option<(u64, f64)> = None;
@@ -963,8 +985,11 @@ impl Trace {
             let loss = num("loss")?.unwrap_or(f64::NAN);
             let lr = num("learning_rate")?;
             no_lr += usize::from(lr.is_none());
-            let mut rec =
-                StepRecord::new(step, loss, lr.unwrap_or(f64::NAN), num("grad_norm")?.unwrap_or(f64::NAN));
+            let grad_norm = num("grad_norm")?;
+            if grad_norm.is_some_and(|g| !g.is_finite()) {
+                trace.nonfinite_grad_steps.push(step);
+            }
+            let mut rec = StepRecord::new(step, loss, lr.unwrap_or(f64::NAN), grad_norm.unwrap_or(f64::NAN));
             if let Some(x) = num("epoch")?.filter(|x| x.is_finite() && *x >= 0.0) {
                 // Completed epochs after this step; 1.0 ends the first epoch (0-based epoch 0).
                 rec.epoch = Some(((x - 1e-6).ceil().max(1.0) - 1.0) as u32);
@@ -1020,10 +1045,12 @@ impl Trace {
     /// A CSV metrics log: a PyTorch Lightning CSVLogger `metrics.csv`, a W&B history export, or
     /// a TensorBoard scalar download (`Wall time,Step,Value`).
     ///
-    /// The step column is `step` (Lightning's global step, 0-based: the number of optimizer
-    /// steps done before the row, so a row at step s is lorahost's step s + 1), or `Step`,
-    /// `global_step`, `trainer/global_step`, `train/global_step`, `_step` (an export's; shifted to
-    /// 1-based only when the loss starts at step 0). The other columns are matched by the words
+    /// The step column is `step` (Lightning's global step when an `epoch` column is beside it,
+    /// 0-based: the number of optimizer steps done before the row, so a row at step s is
+    /// lorahost's step s + 1), or `Step`, `global_step`, `trainer/global_step`,
+    /// `train/global_step`, `_step` (an export's, and a `step` without Lightning's `epoch`;
+    /// shifted to 1-based only when the loss starts at step 0). A W&B export's
+    /// `<run> - <metric>` columns are named by their metric. The other columns are matched by the words
     /// of their names as TensorBoard tags are ([`crate::log_columns`]): the training loss
     /// (`train_loss_step` before `train_loss_epoch`, the total before a term), the LR (`lr-*`
     /// from LearningRateMonitor, held over rows without one), the gradient norm, `epoch`, the
@@ -1038,17 +1065,29 @@ impl Trace {
         let format_err = |reason: String| TraceError::Format { path: origin.into(), reason };
         let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
         let (_, head) = lines.next().ok_or_else(|| format_err("empty CSV".into()))?;
-        let cols = csv_cells(head);
+        let names = csv_cells(head);
+        // A W&B export names each column `<run name> - <metric>`: the metric is the name (the
+        // run's name may hold any word, `test` or `val` included).
+        let cols: Vec<String> = names
+            .iter()
+            .map(|c| c.rsplit_once(" - ").map_or(c.as_str(), |(_, metric)| metric.trim()).to_string())
+            .collect();
         let rows: Vec<(usize, Vec<String>)> = lines.map(|(i, l)| (i, csv_cells(l))).collect();
         let find =
             |names: &[&str]| names.iter().find_map(|n| cols.iter().position(|c| c.eq_ignore_ascii_case(n)));
-        let lightning = cols.iter().any(|c| c == "step");
+        // Lightning's CSVLogger writes `step` and `epoch` on every row.
+        let lightning = cols.iter().any(|c| c == "step") && cols.iter().any(|c| c == "epoch");
+        // The Hugging Face Trainer's W&B / CSV logs: `train/global_step`, or its metric names.
+        let hf_trainer = find(&["train/global_step"]).is_some()
+            || ["train/loss", "train/grad_norm", "train/learning_rate", "train/epoch"]
+                .iter()
+                .all(|n| cols.iter().any(|c| c == n));
         let Some(step_col) =
             find(&["step", "global_step", "trainer/global_step", "train/global_step", "_step"])
         else {
             return Err(format_err(format!(
                 "a CSV file with columns {} but no `step` column: unsupported format\n  fix: give {SUPPORTED_FORMATS}",
-                cols.join(", ")
+                column_list(&names)
             )));
         };
         // Non-empty cells per column: how often each series was logged.
@@ -1073,14 +1112,14 @@ impl Trace {
                 warnings.push(format!(
                     "{}: a `{}` column and no loss column (a TensorBoard scalar download): its values are taken as the training loss",
                     origin.display(),
-                    cols[v]
+                    names[v]
                 ));
                 v
             }
             (None, None) => {
                 return Err(format_err(format!(
                     "a CSV file with columns {} but no loss column (a name with the word `loss`, e.g. `train_loss_step`, `train_loss` or `loss`)\n  fix: give {SUPPORTED_FORMATS}",
-                    cols.join(", ")
+                    column_list(&names)
                 )))
             }
         };
@@ -1098,7 +1137,7 @@ impl Trace {
                 parse_number_text(s).map(Some).ok_or_else(|| TraceError::Line {
                     path: origin.into(),
                     line: i + 1,
-                    reason: format!("column `{}`: {s:?} is not a number", cols[c.unwrap_or(0)]),
+                    reason: format!("column `{}`: {s:?} is not a number", names[c.unwrap_or(0)]),
                 })
             };
             let step = cell(Some(step_col))?
@@ -1106,7 +1145,7 @@ impl Trace {
                 .ok_or_else(|| TraceError::Line {
                     path: origin.into(),
                     line: i + 1,
-                    reason: format!("`{}` is not a whole number >= 0", cols[step_col]),
+                    reason: format!("`{}` is not a whole number >= 0", names[step_col]),
                 })? as u64;
             if let Some(v) = cell(val_col)? {
                 validations.push((step, v));
@@ -1131,7 +1170,15 @@ impl Trace {
         let validations: Vec<(u64, f64)> =
             validations.into_iter().map(|(s, v)| (if lightning { s } else { s + shift }, v)).collect();
         let format = if lightning { TraceFormat::LightningCsv } else { TraceFormat::Csv };
-        let mut trace = Trace { format, validation: validations.clone(), ..Default::default() };
+        let mut validations = validations;
+        validations.sort_by_key(|v| v.0);
+        let mut trace = Trace {
+            format,
+            validation: validations.clone(),
+            hf_trainer,
+            loss_is_interval_mean: hf_trainer,
+            ..Default::default()
+        };
         let mut repeats = Repeats::default();
         let mut lr_carry = None;
         let mut prev_wall: Option<(u64, f64)> = None;
@@ -1140,6 +1187,9 @@ impl Trace {
             lr_carry = lr.or(lr_carry);
             let Some(loss) = loss else { continue };
             let step = s + shift;
+            if gn.is_some_and(|g| !g.is_finite()) {
+                trace.nonfinite_grad_steps.push(step);
+            }
             let mut rec = StepRecord::new(step, loss, lr_carry.unwrap_or(f64::NAN), gn.unwrap_or(f64::NAN));
             rec.epoch = epoch.filter(|e| *e >= 0.0).map(|e| e as u32);
             if let Some(w) = wall {
@@ -1148,27 +1198,30 @@ impl Trace {
                 }
                 prev_wall = Some((step, w));
             }
-            if let Some((at, v)) = trace.validation.iter().rev().find(|(at, _)| *at < step) {
-                rec.extra.insert("validation.step".into(), serde_json::json!(*at as f64));
+            // The last validation before the step (sorted by step: a binary search, as an
+            // export may have one in every row).
+            let before = trace.validation.partition_point(|(at, _)| *at < step);
+            if let Some((at, v)) = before.checked_sub(1).map(|i| trace.validation[i]) {
+                rec.extra.insert("validation.step".into(), serde_json::json!(at as f64));
                 rec.extra.insert("validation.loss".into(), serde_json::json!(v));
             }
-            repeats.push(&mut trace.steps, rec, || format!("step {s} (column `{}`)", cols[step_col]));
+            repeats.push(&mut trace.steps, rec, || format!("step {s} (column `{}`)", names[step_col]));
         }
         if trace.steps.is_empty() {
             return Err(TraceError::Empty {
                 path: origin.into(),
-                detail: format!("a CSV log whose `{}` column is empty in every row", cols[loss_col]),
+                detail: format!("a CSV log whose `{}` column is empty in every row", names[loss_col]),
             });
         }
         trace.warnings = warnings;
         trace.warnings.extend(repeats.warning(origin));
-        let name = |c: Option<usize>| c.map_or_else(|| "none".to_string(), |c| format!("`{}`", cols[c]));
+        let name = |c: Option<usize>| c.map_or_else(|| "none".to_string(), |c| format!("`{}`", names[c]));
         if !lightning {
             trace.warnings.push(format!(
                 "{}: CSV columns read: step `{}`, loss `{}`, LR {}, gradient norm {}, epoch {}, validation loss {}",
                 origin.display(),
-                cols[step_col],
-                cols[loss_col],
+                names[step_col],
+                names[loss_col],
                 name(lr_col),
                 name(gn_col),
                 name(epoch_col),
@@ -1183,6 +1236,23 @@ impl Trace {
         }
         Ok(trace)
     }
+}
+
+/// A CSV header's column names for a message: the first dozen, each cut to 60 characters (a
+/// file that is not CSV at all has one long "column").
+fn column_list(names: &[String]) -> String {
+    let cut = |c: &String| {
+        if c.chars().count() > 60 {
+            format!("{}…", c.chars().take(60).collect::<String>())
+        } else {
+            c.clone()
+        }
+    };
+    let mut out: Vec<String> = names.iter().take(12).map(cut).collect();
+    if names.len() > 12 {
+        out.push(format!("… ({} in all)", names.len()));
+    }
+    out.join(", ")
 }
 
 /// The cells of a CSV line: comma-separated, a cell in double quotes may hold commas and `""`
@@ -1458,6 +1528,20 @@ mod tests {
             "{:?}",
             t.warnings
         );
+
+        // A run named with a validation word; the Hugging Face Trainer's metric names (its loss
+        // points are interval means, its clipping on by default); a NaN gradient norm.
+        let hf = "Step,lora-test-2 - train/loss,lora-test-2 - train/grad_norm,lora-test-2 - train/learning_rate,lora-test-2 - train/epoch\n\
+                  5,2.0,1.5,0.001,0.1\n10,1.9,nan,0.001,0.2\n";
+        let t = Trace::parse(hf, Path::new("wandb_export.csv")).unwrap();
+        let got: Vec<(u64, f64)> = t.steps.iter().map(|s| (s.step, s.loss)).collect();
+        assert_eq!(got, [(5, 2.0), (10, 1.9)]);
+        assert!(t.hf_trainer && t.loss_is_interval_mean);
+        assert_eq!(t.nonfinite_grad_steps, [10]);
+        // `step` without Lightning's `epoch` beside it: a 1-based log as written.
+        let t = Trace::parse("step,total_loss,lr\n1,3.0,0.1\n2,2.5,0.1\n", Path::new("log.csv")).unwrap();
+        assert_eq!(t.format, TraceFormat::Csv);
+        assert_eq!(t.steps.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2]);
 
         let tb = "Wall time,Step,Value\n1700000000.0,0,3.0\n1700000001.5,1,2.5\n1700000004.5,3,2.0\n";
         let t = Trace::parse(tb, Path::new("run-.-tag-train_loss.csv")).unwrap();

@@ -281,7 +281,9 @@ pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: b
             rec.lr
         };
         // As training: the product of scale-lr answers compounds, the LR used is capped.
-        let lr_used = (chained * lr_scale).min(crate::plugin::MAX_LR);
+        // (An unknown LR stays unknown: `NaN.min(x)` is x.)
+        let lr_used =
+            if chained.is_nan() { chained } else { (chained * lr_scale).min(crate::plugin::MAX_LR) };
         // 4. The step's metrics, with the LR training would have used.
         let mut metrics = step_metrics(rec, run);
         metrics.lr = lr_used;
@@ -297,7 +299,7 @@ pub fn replay(set: &mut PluginSet, trace: &Trace, run: &RunInfo, halt_on_stop: b
             (_, Action::Stop(_)) | (None, _) => decision.decided_by.clone(),
             (Some((p, _)), _) => Some(p.clone()),
         };
-        let lr_shown = (has_lr || lr_scale != 1.0).then_some(lr_used);
+        let lr_shown = (has_lr || lr_scale != 1.0).then_some(lr_used).filter(|l| !l.is_nan());
         // Training keeps the product of every scale-lr (each factor in (0, 10], checked by the
         // host; the LR it gives is capped at MAX_LR above).
         lr_scale *= decision.lr_scale;

@@ -29,6 +29,9 @@ use std::path::Path;
 
 use crate::train::slowdown::median;
 
+/// The facts key of a recorded run's step statistics.
+pub(crate) const TRACE_FACTS: &str = "trace_steps";
+
 /// Robust standard deviation (1.4826 × the median absolute deviation).
 fn robust_sd(v: &[f64]) -> f64 {
     let m = median(v);
@@ -103,6 +106,7 @@ pub fn analyse_run(trace: &Trace, validation: &[(u64, f64)], max_norm: Option<f6
     };
     let trace = &trained;
     let steps = &trace.steps;
+    let given_norm = max_norm;
     let max_norm = max_norm.unwrap_or_else(|| {
         let clip = steps
             .iter()
@@ -112,10 +116,32 @@ pub fn analyse_run(trace: &Trace, validation: &[(u64, f64)], max_norm: Option<f6
         format!("{clip:.5e}").parse().unwrap_or(clip)
     });
     // The step statistics go under `trace_steps` (a probe in the same report keeps `probe`).
-    crate::doctor::analyse_recorded_steps(steps, max_norm, false, "trace_steps", r);
+    crate::doctor::analyse_recorded_steps(steps, max_norm, false, TRACE_FACTS, r);
+    nonfinite(trace, r);
+    if let Some(line) = &trace.ended_by {
+        let oom = line.to_ascii_lowercase().contains("out of memory");
+        let killed = line.trim() == "Killed" || line.contains("Killed");
+        r.add(
+            "F13",
+            Severity::Error,
+            if oom {
+                "the run ended out of device memory"
+            } else if killed {
+                "the run was killed (the shell's `Killed`: usually the OOM killer, out of host memory)"
+            } else {
+                "the run ended with an error"
+            },
+            format!("the log's last words after its last step ({}): {}", trace.steps.last().map_or(0, |s| s.step), line.trim()),
+            if oom || killed {
+                "lower training.batch_size (raise gradient_accumulation_steps to keep the effective batch), use bf16 and gradient checkpointing, or fewer workers for host memory; `lorahost doctor --config` predicts the peak memory; lorahost skips a micro-batch that does not fit and makes them smaller instead of dying"
+            } else {
+                "see the traceback in the log"
+            },
+        );
+    }
     let finite: Vec<(u64, f64)> =
         steps.iter().filter(|s| s.loss.is_finite() && s.loss > 0.0).map(|s| (s.step, s.loss)).collect();
-    let noise = fluctuation(trace, &finite, r);
+    let noise = fluctuation(trace, &finite, given_norm, r);
     header_checks(trace, r);
     progress(&finite, noise, r);
     spikes(steps, noise.unwrap_or(0.0), r);
@@ -129,6 +155,81 @@ pub fn analyse_run(trace: &Trace, validation: &[(u64, f64)], max_norm: Option<f6
             "warnings": trace.warnings,
         }),
     );
+}
+
+/// F21: steps whose loss or logged gradient norm is NaN or infinite (and the steps lorahost's
+/// trainer skipped as such), with the first one; a Hugging Face log's zero losses after it
+/// are its NaN filter's.
+fn nonfinite(trace: &Trace, r: &mut Report) {
+    let skipped_by_trainer =
+        |s: &StepRecord| s.action.as_deref() == Some("skip") && s.decided_by.is_none() && s.reason.is_some();
+    let mut at: Vec<u64> = trace
+        .steps
+        .iter()
+        .filter(|s| !s.loss.is_finite() || (trace.format == TraceFormat::Lorahost && skipped_by_trainer(s)))
+        .map(|s| s.step)
+        .collect();
+    at.extend(trace.nonfinite_grad_steps.iter().copied());
+    at.sort_unstable();
+    at.dedup();
+    let Some(&first) = at.first() else { return };
+    let listed: Vec<String> = at.iter().take(8).map(u64::to_string).collect();
+    let mut evidence = format!(
+        "{} of {} logged steps: {}{}",
+        at.len(),
+        trace.steps.len().max(at.len()),
+        listed.join(", "),
+        if at.len() > 8 { ", ..." } else { "" }
+    );
+    let zeros = trace.steps.iter().filter(|s| s.step > first && s.loss == 0.0).count();
+    if trace.hf_trainer && zeros > 0 {
+        evidence.push_str(&format!(
+            "; after it the Trainer logged a loss of exactly 0 at {zeros} point(s): its logging_nan_inf_filter leaves non-finite losses out of the logged mean, so from step {first} on the run trained on NaN (the weights it saved after that are NaN)"
+        ));
+    }
+    let fix = if trace.format == TraceFormat::Lorahost {
+        "lorahost skipped those steps (the weights stay finite): see nonfinite_batches.jsonl in the run's folder for their image ids; check degenerate annotations (zero-area boxes, empty masks); lower the LR".to_string()
+    } else {
+        format!(
+            "resume from a checkpoint saved before step {first} with a lower learning_rate, a warmup and clipping (max_grad_norm: 1.0); with fp16, use bf16 or a loss scaler; check the batches around step {first} for degenerate annotations (zero-area boxes, empty masks); lorahost skips such steps and names their images"
+        )
+    };
+    r.add(
+        "F21",
+        Severity::Error,
+        format!("non-finite loss or gradients at {} logged step(s), the first at step {first}", at.len()),
+        evidence,
+        fix,
+    );
+}
+
+/// Whether the log shows a run without warmup: its first LR was already near the peak at
+/// step 1 or 2, or at a later first logged step that is under 1% of the run (a warmup, if
+/// any, shorter than that). Its description when so.
+fn no_warmup(steps: &[StepRecord]) -> Option<String> {
+    let peak = lrs(steps).into_iter().fold(0.0, f64::max);
+    let first = steps.iter().find(|s| s.lr.is_finite())?;
+    let last = steps.last()?.step;
+    if peak <= 0.0 || first.lr < 0.9 * peak {
+        return None;
+    }
+    if first.step <= 2 {
+        Some("no warmup (the first step ran at the peak LR)".into())
+    } else if first.step * 100 <= last {
+        Some(format!(
+            "no warmup, or one shorter than {} steps ({:.1}% of the run): the LR was at its peak by the first logged step, {}",
+            first.step,
+            100.0 * first.step as f64 / last as f64,
+            first.step
+        ))
+    } else {
+        None
+    }
+}
+
+/// The LR logged at `step` (None if that step has no record with one).
+fn lr_at(steps: &[StepRecord], step: u64) -> Option<f64> {
+    steps.iter().find(|s| s.step == step).map(|s| s.lr).filter(|l| l.is_finite())
 }
 
 /// The samples per optimizer step, from the header or the steps.
@@ -154,14 +255,17 @@ fn lrs(steps: &[StepRecord]) -> Vec<f64> {
 /// Face Trainer's, every `logging_steps`) has 1/√n of one step's noise for n steps a point:
 /// the finding is about the steps (×√n), the returned noise about the points (what the other
 /// checks compare).
-fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f64> {
+fn fluctuation(trace: &Trace, finite: &[(u64, f64)], max_norm: Option<f64>, r: &mut Report) -> Option<f64> {
     if finite.len() < 8 {
         return None;
     }
-    let rel: Vec<f64> = finite.windows(2).map(|w| (w[1].1 - w[0].1) / ((w[1].1 + w[0].1) / 2.0)).collect();
-    // Differences of a slowly varying level centre on zero: the spread is taken about zero
-    // (a two-valued series has no spread about its median).
-    let noise = 1.4826 * median(&rel.iter().map(|d| d.abs()).collect::<Vec<_>>()) / std::f64::consts::SQRT_2;
+    // Second differences of the log loss: a level that moves smoothly (a falling trend, however
+    // steep) cancels out, independent noise of relative size σ per point leaves a spread of
+    // √6·σ (centred on zero, so taken about zero: a two-valued series has no spread about its
+    // median).
+    let logs: Vec<f64> = finite.iter().map(|p| p.1.ln()).collect();
+    let second: Vec<f64> = logs.windows(3).map(|w| (w[2] - 2.0 * w[1] + w[0]).abs()).collect();
+    let noise = 1.4826 * median(&second) / 6f64.sqrt();
     // The logging interval: the median step gap between points.
     let gaps: Vec<f64> = finite.windows(2).map(|w| w[1].0.saturating_sub(w[0].0) as f64).collect();
     let every = median(&gaps).max(1.0).round();
@@ -175,7 +279,9 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
     let mut fixes = Vec::new();
     let batch = effective_batch(trace);
     // trainer_state.json has the per-step batch but not the gradient accumulation.
-    let accumulation_unknown = trace.format == TraceFormat::HuggingFace;
+    let accumulation_unknown = trace.hf_trainer
+        && trace.run.as_ref().is_none_or(|h| h.accumulation <= 1)
+        && trace.max_grad_norm.is_none();
     if let Some(b) = batch.filter(|b| *b < 16) {
         let k = 16u32.div_ceil(b.max(1));
         let accumulation = if accumulation_unknown {
@@ -199,22 +305,26 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
         ));
     }
     let lr = lrs(steps);
-    let peak = lr.iter().copied().fold(0.0, f64::max);
     let warmup = trace.run.as_ref().map(|h| h.warmup_steps);
-    if peak > 0.0 && lr.first().is_some_and(|l| *l >= 0.9 * peak) {
+    if let Some(none) = no_warmup(steps) {
         causes.push(match warmup {
-            Some(w) if w > 0 => format!("no LR ramp at the start although the header says warmup_steps {w}"),
-            _ => "no warmup (the first step ran at the peak LR)".to_string(),
+            Some(w) if w > 0 && steps.first().is_some_and(|s| s.step <= 2) => {
+                format!("no LR ramp at the start although the header says warmup_steps {w}")
+            }
+            _ => none,
         });
         fixes.push("warmup_steps: about 5% of the run".into());
     }
     let norms: Vec<f64> = steps.iter().map(|s| s.grad_norm).filter(|g| g.is_finite() && *g > 0.0).collect();
     let clipped = steps.iter().any(|s| s.grad_norm_clipped.is_some_and(|c| c < s.grad_norm * 0.999));
-    // The Hugging Face Trainer clips (max_grad_norm 1.0 unless set otherwise) and logs the
-    // norm before clipping, nothing after: its logs cannot show whether it clipped.
-    let hf = trace.format == crate::metrics::TraceFormat::HuggingFace
-        || (trace.format == crate::metrics::TraceFormat::Console && trace.loss_is_interval_mean);
-    if !clipped && !hf && norms.len() >= 8 {
+    // Whether the run clipped, when its settings say (a threshold of 0 is no clipping). Else:
+    // the Hugging Face Trainer clips (max_grad_norm 1.0 unless set otherwise) and logs the
+    // norm before clipping, nothing after, so its logs cannot show whether it clipped.
+    let clipping_known_on = match max_norm.or(trace.max_grad_norm) {
+        Some(m) => m > 0.0,
+        None => trace.hf_trainer,
+    };
+    if !clipped && !clipping_known_on && norms.len() >= 8 {
         let mut sorted = norms.clone();
         sorted.sort_by(f64::total_cmp);
         let (p10, p90) = (sorted[sorted.len() / 10], sorted[sorted.len() * 9 / 10]);
@@ -227,11 +337,13 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
         causes.push("a constant LR over the whole run".into());
         fixes.push("lr_scheduler: cosine".into());
     }
-    let pairs: Vec<(f64, f64)> = steps
+    // Step-to-step changes of the two (logs), so a trend both share does not count.
+    let logged: Vec<(f64, f64)> = steps
         .iter()
-        .filter(|s| s.loss.is_finite() && s.grad_norm.is_finite())
-        .map(|s| (s.loss, s.grad_norm))
+        .filter(|s| s.loss.is_finite() && s.loss > 0.0 && s.grad_norm.is_finite() && s.grad_norm > 0.0)
+        .map(|s| (s.loss.ln(), s.grad_norm.ln()))
         .collect();
+    let pairs: Vec<(f64, f64)> = logged.windows(2).map(|w| (w[1].0 - w[0].0, w[1].1 - w[0].1)).collect();
     let corr = correlation(&pairs);
     let with_norm = if corr > 0.7 {
         format!("; the gradient norm moves with the loss (r = {corr:.2}): high-loss batches make large steps, so the fluctuation is batch-to-batch difficulty that a larger effective batch averages out")
@@ -282,19 +394,50 @@ fn fluctuation(trace: &Trace, finite: &[(u64, f64)], r: &mut Report) -> Option<f
 
 /// F11: what the header says was set against what the steps show.
 fn header_checks(trace: &Trace, r: &mut Report) {
-    let Some(h) = trace.run.as_ref() else { return };
-    let steps = &trace.steps;
+    // Each header against the steps it governs (a run resumed with other settings writes a
+    // new one: its LR is not the earlier steps').
+    let segments: Vec<(&crate::metrics::RunHeader, Vec<StepRecord>)> = if trace.segments.is_empty() {
+        trace.run.iter().map(|h| (h, trace.steps.clone())).collect()
+    } else {
+        trace
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, seg)| {
+                let end = trace.segments.get(i + 1).map_or(u64::MAX, |next| next.from_step);
+                let steps =
+                    trace.steps.iter().filter(|s| (seg.from_step..end).contains(&s.step)).cloned().collect();
+                (&seg.header, steps)
+            })
+            .collect()
+    };
+    for (h, steps) in segments {
+        let mut found = Report::default();
+        segment_checks(h, &steps, &mut found);
+        for f in found.findings {
+            if !r.findings.iter().any(|g| g.code == f.code && g.message == f.message) {
+                r.findings.push(f);
+            }
+        }
+    }
+}
+
+/// [`header_checks`] of one header and its steps.
+fn segment_checks(h: &crate::metrics::RunHeader, steps: &[StepRecord], r: &mut Report) {
     let lr = lrs(steps);
     let peak = lr.iter().copied().fold(0.0, f64::max);
     let w = h.warmup_steps as usize;
-    if w >= 2 && lr.len() > w && peak > 0.0 && lr[0] >= 0.99 * lr[w - 1] {
-        r.add(
-            "F11",
-            Severity::Warning,
-            format!("warmup_steps {w} is in the run's header, but the LR did not ramp up"),
-            format!("LR at step 1: {:e}, at step {w}: {:e}", lr[0], lr[w - 1]),
-            "the trainer parsed warmup but never applied it (SAM3_LoRA's trainer does this): train with one that applies it (lorahost does)",
-        );
+    // The LRs at steps 1 and w as logged (a log every few steps may have neither).
+    if let (true, Some(l1), Some(lw)) = (w >= 2 && peak > 0.0, lr_at(steps, 1), lr_at(steps, w as u64)) {
+        if l1 >= 0.99 * lw && lr.len() > w {
+            r.add(
+                "F11",
+                Severity::Warning,
+                format!("warmup_steps {w} is in the run's header, but the LR did not ramp up"),
+                format!("LR at step 1: {l1:e}, at step {w}: {lw:e}"),
+                "the trainer parsed warmup but never applied it (SAM3_LoRA's trainer does this): train with one that applies it (lorahost does)",
+            );
+        }
     }
     let micro: Vec<u32> = steps.iter().filter_map(|s| s.micro_steps).collect();
     if h.accumulation > 1 && !micro.is_empty() && micro.iter().all(|m| *m == 1) {
@@ -310,9 +453,14 @@ fn header_checks(trace: &Trace, r: &mut Report) {
         );
     }
     let sched = h.scheduler.to_ascii_lowercase();
-    if !sched.is_empty() && !sched.contains("constant") && lr.len() > w + 8 {
-        let after = &lr[w.min(lr.len())..];
-        if after.iter().all(|l| (l - after[0]).abs() <= 1e-9 * after[0].abs().max(1e-30)) {
+    let after: Vec<f64> =
+        steps.iter().filter(|s| s.step > w as u64).map(|s| s.lr).filter(|l| l.is_finite()).collect();
+    if !sched.is_empty()
+        && !sched.contains("constant")
+        && after.len() >= 8
+        && after.iter().all(|l| (l - after[0]).abs() <= 1e-9 * after[0].abs().max(1e-30))
+    {
+        {
             r.add(
                 "F11",
                 Severity::Warning,
@@ -416,7 +564,7 @@ fn spikes(steps: &[StepRecord], noise: f64, r: &mut Report) {
         .map(|(s, l, b, _)| format!("step {s}: {l:.4} against a recent median {b:.4} ({:.1}×)", l / b))
         .collect();
     let at_peak = found.iter().filter(|f| f.3).count();
-    let no_warmup = steps.first().is_some_and(|s| peak_lr > 0.0 && s.lr >= 0.9 * peak_lr);
+    let no_warmup = no_warmup(steps).is_some();
     let mut fix = "load the spike_guard plugin (skips a step whose loss or gradient norm jumps); keep clipping on (max_grad_norm)".to_string();
     if no_warmup && at_peak > 0 {
         fix.push_str("; warm up: the spikes came at the peak LR from the first step");
@@ -449,6 +597,11 @@ fn slowdown(steps: &[StepRecord], r: &mut Report) {
         }
     }
     let (Some(from), Some((at, s))) = (first, worst) else { return };
+    // Steps of a few milliseconds (a log's wall clock at its resolution, a toy run) say
+    // nothing about memory spilling.
+    if s.recent_ms < 50.0 {
+        return;
+    }
     r.add(
         "F14",
         Severity::Warning,
@@ -616,6 +769,99 @@ mod tests {
         let d10 = r.with_code("D10");
         assert_eq!(d10.len(), 1);
         assert_eq!(d10[0].severity, Severity::Info, "{}", r.to_text());
+    }
+
+    /// A falling curve logged as interval means every 50 steps (the Hugging Face Trainer's),
+    /// without noise: its trend is not step noise (×√50 would make it a large one), and the
+    /// gradient norm falling with it is no batch-to-batch difficulty. Steps of a few
+    /// milliseconds that get slower are no F14.
+    #[test]
+    fn a_steep_trend_logged_sparsely_is_not_noise_and_tiny_steps_are_not_slow() {
+        let history: Vec<serde_json::Value> = (1..=20u64)
+            .map(|p| {
+                let step = p * 50;
+                let loss = 1.0 + 2.0 * (-(step as f64) / 300.0).exp();
+                serde_json::json!({"step": step, "loss": loss, "grad_norm": 3.0 * loss, "learning_rate": 1e-3, "epoch": p as f64 / 2.0})
+            })
+            .collect();
+        let state = serde_json::json!({"log_history": history, "max_steps": 1000, "train_batch_size": 4});
+        let t = Trace::parse(&state.to_string(), Path::new("trainer_state.json")).unwrap();
+        let mut r = Report::default();
+        analyse_run(&t, &[], None, &mut r);
+        assert!(r.with_code("F10").is_empty(), "{}", r.to_text());
+        assert_eq!(r.with_code("D10").len(), 1, "{}", r.to_text());
+        let steps: Vec<String> = (1..=200)
+            .map(|s| {
+                format!(
+                    r#"{{"step": {s}, "loss": {}, "lr": 0.0001, "step_time_ms": {}}}"#,
+                    10.0 - 0.01 * s as f64,
+                    if s > 100 { 8.0 } else { 1.0 }
+                )
+            })
+            .collect();
+        let mut r = Report::default();
+        analyse_run(&trace("", &steps), &[], None, &mut r);
+        assert!(r.with_code("F14").is_empty(), "{}", r.to_text());
+    }
+
+    /// A run resumed with a lower learning_rate writes a new header: each header is held
+    /// against its own steps (no "the LR applied peaks at 3e-3, the header's is 1e-3"); a header
+    /// whose steps ran at a third of its LR still is F11.
+    #[test]
+    fn each_header_is_checked_against_its_own_steps() {
+        let header = |lr: f64| {
+            format!(r#"{{"run": {{"total_steps": 40, "base_lr": {lr}, "scheduler": "constant"}}}}"#)
+        };
+        let step =
+            |s: u64, lr: f64| format!(r#"{{"step": {s}, "loss": {}, "lr": {lr}}}"#, 10.0 - 0.1 * s as f64);
+        let mut lines = vec![header(3e-3)];
+        lines.extend((1..=20).map(|s| step(s, 3e-3)));
+        lines.push(header(1e-3));
+        lines.extend((21..=40).map(|s| step(s, 1e-3)));
+        let mut r = Report::default();
+        analyse_run(&trace("", &lines), &[], None, &mut r);
+        assert!(r.with_code("F11").is_empty(), "{}", r.to_text());
+        let last = lines.len() - 1;
+        lines[last] = step(40, 3e-3);
+        lines[21] = header(1e-3);
+        for (i, s) in (21..=40).enumerate() {
+            lines[22 + i] = step(s, 3e-3);
+        }
+        let mut r = Report::default();
+        analyse_run(&trace("", &lines), &[], None, &mut r);
+        let f11 = r.with_code("F11");
+        assert!(f11.len() == 1 && f11[0].message.contains("base LR is 1e-3"), "{}", r.to_text());
+    }
+
+    /// A log that says how its run ended early (a console log's CUDA out-of-memory error, the
+    /// shell's `Killed`) is F13 with that line; one that does not, none.
+    #[test]
+    fn a_log_that_ends_out_of_memory_or_killed_is_f13() {
+        let steps: Vec<String> = (1..=20)
+            .map(|s| format!(r#"{{"step": {s}, "loss": {}, "lr": 0.0001}}"#, 10.0 - 0.1 * s as f64))
+            .collect();
+        let mut t = trace("", &steps);
+        let mut r = Report::default();
+        analyse_run(&t, &[], None, &mut r);
+        assert!(r.with_code("F13").is_empty(), "{}", r.to_text());
+        for (line, want) in [
+            (
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
+                "out of device memory",
+            ),
+            ("Killed", "killed"),
+        ] {
+            t.ended_by = Some(line.into());
+            let mut r = Report::default();
+            analyse_run(&t, &[], None, &mut r);
+            let f13 = r.with_code("F13");
+            assert!(f13.len() == 1 && f13[0].message.contains(want), "{}", r.to_text());
+            assert!(
+                f13[0].evidence.contains("step (20)") && f13[0].evidence.contains(line),
+                "{}",
+                f13[0].evidence
+            );
+        }
     }
 
     /// Settings in the header that the steps do not show are F11; a flat noisy loss is D10

@@ -57,6 +57,50 @@ fn type_name(name: &str) -> String {
         .collect()
 }
 
+/// Why `name` (valid snake_case) would not build as the scaffold's crate, if it would not: a
+/// Rust keyword or a crate name Cargo refuses, or a type name the template defines, imports
+/// or uses from the prelude.
+fn reserved(name: &str) -> Option<String> {
+    const KEYWORDS: &[&str] = &[
+        "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern",
+        "false", "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref",
+        "return", "self", "static", "struct", "super", "trait", "true", "type", "unsafe", "use", "where",
+        "while", "abstract", "become", "box", "do", "final", "gen", "macro", "override", "priv", "try",
+        "typeof", "unsized", "virtual", "yield",
+    ];
+    const CRATES: &[&str] = &["std", "core", "alloc", "proc_macro", "test", "lorahost_plugin", "wit_bindgen"];
+    const TYPES: &[&str] = &[
+        "Settings",
+        "State",
+        "Config",
+        "Plugin",
+        "Action",
+        "Hook",
+        "RunInfo",
+        "StepMetrics",
+        "Result",
+        "Option",
+        "Vec",
+        "String",
+        "Default",
+        "Box",
+        "Some",
+        "None",
+        "Ok",
+        "Err",
+    ];
+    if KEYWORDS.contains(&name) {
+        return Some("it is a Rust keyword".into());
+    }
+    if CRATES.contains(&name) {
+        return Some(format!("a crate named `{name}` clashes with one the plugin builds with"));
+    }
+    let ty = type_name(name);
+    TYPES
+        .contains(&ty.as_str())
+        .then(|| format!("the scaffold's type `{ty}` would clash with the template's or the SDK's `{ty}`"))
+}
+
 /// Where a new plugin gets its SDK from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SdkSource {
@@ -78,6 +122,11 @@ pub fn new_plugin(name: &str, parent: &Path, sdk: SdkSource) -> Result<PathBuf> 
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !valid {
         bail!("plugin name {name:?} must be snake_case: lower-case letters, digits and '_', starting with a letter (e.g. `my_scheduler`)");
+    }
+    if let Some(why) = reserved(name) {
+        bail!(
+            "plugin name {name:?} cannot be used: {why}; pick another (e.g. `{name}_plugin` or `my_{name}`)"
+        );
     }
     let sdk = match sdk {
         SdkSource::Path(p) => Some(p),
@@ -227,6 +276,13 @@ mod tests {
         let tmp = std::env::temp_dir();
         assert!(new_plugin("Bad-Name", &tmp, SdkSource::Default).is_err());
         assert!(new_plugin("", &tmp, SdkSource::Default).is_err());
+        // Names whose crate would not build: a keyword, a clashing crate, a clashing type.
+        for name in ["self", "fn", "std", "settings", "state", "config", "step_metrics", "run_info", "result"]
+        {
+            let e = new_plugin(name, &tmp, SdkSource::Default).unwrap_err().to_string();
+            assert!(e.contains("cannot be used"), "{name}: {e}");
+        }
+        assert!(reserved("my_scheduler").is_none() && reserved("settings_guard").is_none());
     }
 
     /// The vendored SDK declares the versions the plugin workspace builds the SDK with.

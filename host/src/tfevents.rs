@@ -41,7 +41,7 @@
 use crate::log_columns::{
     is_epoch, is_grad_norm, is_loss, is_lr, is_total, is_validation, pick, prefers_total_norm,
 };
-use crate::metrics::{RunHeader, StepRecord, Trace, TraceError, TraceFormat};
+use crate::metrics::{RunHeader, RunSegment, StepRecord, Trace, TraceError, TraceFormat};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -347,6 +347,9 @@ pub struct EventFile {
     pub first_wall_time: f64,
     /// A cut-off end or a failed checksum.
     pub warning: Option<String>,
+    /// Its text summaries by tag (the last one of each), e.g. the Hugging Face Trainer's
+    /// `args/text_summary`: its `TrainingArguments` as JSON.
+    pub texts: BTreeMap<String, String>,
     /// The step of its first `SessionLog` START (a resumed run's restart, what
     /// `SummaryWriter(purge_step=N)` writes): earlier files' points from that step on belong to
     /// an abandoned run and are dropped, as TensorBoard drops them.
@@ -378,7 +381,16 @@ pub fn parse_event_file(bytes: &[u8], origin: &Path) -> Result<EventFile, TraceE
         if start && file.purge_from.is_none() {
             file.purge_from = Some(step);
         }
-        for (tag, value) in values {
+        let mut scalars = Vec::with_capacity(values.len());
+        for v in values {
+            match v {
+                Value::Scalar(tag, x) => scalars.push((tag, x)),
+                Value::Text(tag, text) => {
+                    file.texts.insert(tag, text);
+                }
+            }
+        }
+        for (tag, value) in scalars {
             file.first_wall_time = file.first_wall_time.min(wall);
             let points = file.scalars.entry(tag).or_default();
             let ms_per_step = points
@@ -392,7 +404,15 @@ pub fn parse_event_file(bytes: &[u8], origin: &Path) -> Result<EventFile, TraceE
 }
 
 /// An event's wall time, step, scalar values by tag, and whether it is a session's START.
-type EventScalars = (f64, i64, Vec<(String, f64)>, bool);
+type EventScalars = (f64, i64, Vec<Value>, bool);
+
+/// A summary value this reader keeps.
+enum Value {
+    /// A scalar's tag and number.
+    Scalar(String, f64),
+    /// A text summary's tag and text.
+    Text(String, String),
+}
 
 fn event(buf: &[u8]) -> Result<EventScalars, Malformed> {
     let (mut wall, mut step, mut values, mut start) = (0.0, 0i64, Vec::new(), false);
@@ -420,18 +440,39 @@ fn event(buf: &[u8]) -> Result<EventScalars, Malformed> {
     Ok((wall, step, values, start))
 }
 
-/// A `Summary.Value`'s tag and number, when it is a scalar.
-fn summary_value(buf: &[u8]) -> Result<Option<(String, f64)>, Malformed> {
-    let (mut tag, mut value) = (None, None);
+/// A `Summary.Value`'s tag and number when it is a scalar, or its text when it is one string.
+fn summary_value(buf: &[u8]) -> Result<Option<Value>, Malformed> {
+    let (mut tag, mut value, mut text) = (None, None, None);
     for f in Fields::of(buf) {
         match f? {
             (1, Field::Bytes(t)) => tag = Some(String::from_utf8_lossy(t).into_owned()),
             (2, Field::Fixed32(b)) => value = Some(f64::from(f32::from_le_bytes(b))),
-            (8, Field::Bytes(t)) => value = tensor_scalar(t)?,
+            (8, Field::Bytes(t)) => {
+                value = tensor_scalar(t)?;
+                text = tensor_text(t)?;
+            }
             _ => {}
         }
     }
-    Ok(tag.zip(value))
+    Ok(match (tag, value, text) {
+        (Some(tag), Some(v), _) => Some(Value::Scalar(tag, v)),
+        (Some(tag), None, Some(text)) => Some(Value::Text(tag, text)),
+        _ => None,
+    })
+}
+
+/// The string in a `TensorProto` of one string (`add_text`'s summaries), else `None`.
+fn tensor_text(buf: &[u8]) -> Result<Option<String>, Malformed> {
+    const STRING: u64 = 7;
+    let (mut dtype, mut strings) = (0u64, Vec::new());
+    for f in Fields::of(buf) {
+        match f? {
+            (1, Field::Varint(v)) => dtype = v,
+            (8, Field::Bytes(s)) => strings.push(s),
+            _ => {}
+        }
+    }
+    Ok((dtype == STRING && strings.len() == 1).then(|| String::from_utf8_lossy(strings[0]).into_owned()))
 }
 
 /// The event files under `dir` (its subfolders too, four levels down) of one run: several
@@ -513,6 +554,8 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
         warnings.extend(f.warning.clone());
         files.push(f);
     }
+    // The later file's text of a tag wins (a resumed run's arguments).
+    let texts: BTreeMap<String, String> = files.iter().flat_map(|f| f.texts.clone()).collect();
     let (series, replaced) = merge(files);
     // SAM2/SAM3's official trainer logs its per-step tags (`Step_Losses/`, `Step_Stats/`,
     // `Optim/`) at the step counter and each epoch's summary (`Losses/`, `Trainer/`,
@@ -580,11 +623,12 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
         Some(ends) => ends.get(&s).map(|n| n.value as i64 - 1),
         None => Some(s),
     };
-    let validations: Vec<(i64, f64)> = val_tag
+    let mut validations: Vec<(i64, f64)> = val_tag
         .map(|t| {
             series[t].iter().filter_map(|(&s, p)| Some((validation_step(s)? + shift, p.value))).collect()
         })
         .unwrap_or_default();
+    validations.sort_by_key(|v| v.0);
     // Hugging Face logs the epochs completed as a fraction (1.0 ends the first epoch, whose
     // 0-based number is 0); Lightning and most loops the 0-based epoch.
     let fractional_epochs = epoch_tag.is_some_and(|t| series[t].values().any(|p| p.value.fract() != 0.0));
@@ -613,7 +657,8 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
                 rec.losses.insert(leaf(c), v);
             }
         }
-        if let Some(&(at, v)) = validations.iter().rev().find(|(at, _)| *at < s + shift) {
+        let before = validations.partition_point(|(at, _)| *at < s + shift);
+        if let Some(&(at, v)) = before.checked_sub(1).map(|i| &validations[i]) {
             rec.extra.insert("validation.step".into(), serde_json::json!(at as f64));
             rec.extra.insert("validation.loss".into(), serde_json::json!(v));
         }
@@ -653,19 +698,84 @@ pub fn trace_from_event_files(paths: &[PathBuf], origin: &Path) -> Result<Trace,
             origin.display()
         ));
     }
-    let header = None::<RunHeader>;
-    // transformers' TensorBoardCallback (its tag names) logs the mean loss since its last log.
-    let loss_is_interval_mean = loss_tag == "train/loss" && lr_tag == Some("train/learning_rate");
+    // transformers' TensorBoardCallback (its tag names) logs the mean loss since its last log,
+    // and its `TrainingArguments` as the text `args`.
+    let args = hf_training_arguments(&texts);
+    let hf_trainer = args.is_some() || (loss_tag == "train/loss" && lr_tag == Some("train/learning_rate"));
+    let (header, max_grad_norm) = match &args {
+        Some(a) => {
+            warnings.push(format!(
+                "{}: the Hugging Face Trainer's arguments (the `args` text) read: batch {} per device, gradient accumulation {}, warmup {} steps, max_grad_norm {}",
+                origin.display(),
+                a.0.batch_size,
+                a.0.accumulation,
+                a.0.warmup_steps,
+                a.1
+            ));
+            (Some(a.0.clone()), Some(a.1))
+        }
+        None => (None, None),
+    };
+    let segments = match (&header, steps.first()) {
+        (Some(h), Some(first)) => vec![RunSegment { from_step: first.step, header: h.clone() }],
+        _ => Vec::new(),
+    };
     let validation = validations.iter().filter(|v| v.0 >= 0).map(|&(s, v)| (s as u64, v)).collect();
+    let nonfinite_grad_steps = gn_tag
+        .map(|t| {
+            series[t]
+                .iter()
+                .filter(|(&s, p)| s + shift >= 1 && !p.value.is_finite())
+                .map(|(&s, _)| (s + shift) as u64)
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Trace {
         run: header,
-        segments: Vec::new(),
+        segments,
         steps,
         format: TraceFormat::TensorBoard,
         warnings,
-        loss_is_interval_mean,
+        loss_is_interval_mean: hf_trainer,
         validation,
+        hf_trainer,
+        max_grad_norm,
+        nonfinite_grad_steps,
+        ended_by: None,
     })
+}
+
+/// The Hugging Face Trainer's `TrainingArguments` from an event file's text summaries (its
+/// TensorBoardCallback writes them as JSON under `args`): the run header they give and
+/// `max_grad_norm`.
+fn hf_training_arguments(texts: &BTreeMap<String, String>) -> Option<(RunHeader, f64)> {
+    let args = texts.iter().filter(|(t, _)| t.starts_with("args")).find_map(|(_, text)| {
+        let v: serde_json::Value = crate::metrics::parse_json(text).ok()?;
+        (v.get("max_grad_norm").is_some() && v.get("logging_steps").is_some()).then_some(v)
+    })?;
+    let num = |k: &str| args.get(k).and_then(|x| crate::metrics::number(x).ok().flatten());
+    let count = |k: &str| num(k).filter(|x| x.is_finite() && *x >= 0.0).map_or(0, |x| x.round() as u64);
+    let total = num("max_steps").filter(|x| *x > 0.0).map_or(0, |x| x as u64);
+    // `warmup_steps` below 1 is a ratio of the run (transformers 5), as `warmup_ratio` is.
+    let warmup = match num("warmup_steps").unwrap_or(0.0) {
+        w if w >= 1.0 => w.round() as u64,
+        w if w > 0.0 => (w * total as f64).ceil() as u64,
+        _ => (num("warmup_ratio").unwrap_or(0.0).max(0.0) * total as f64).ceil() as u64,
+    };
+    let batch = count("per_device_train_batch_size") as u32;
+    let accumulation = (count("gradient_accumulation_steps") as u32).max(1);
+    let header = RunHeader {
+        total_steps: total,
+        warmup_steps: warmup,
+        accumulation,
+        batch_size: batch,
+        effective_batch_size: batch * accumulation,
+        base_lr: num("learning_rate").unwrap_or(0.0),
+        scheduler: args.get("lr_scheduler_type").and_then(|s| s.as_str()).unwrap_or_default().to_string(),
+        seed: count("seed"),
+        ..Default::default()
+    };
+    Some((header, num("max_grad_norm").unwrap_or(1.0)))
 }
 
 /// A protocol buffer field (key and value) as bytes (`wire`: 0 varint, 1 fixed 64-bit, 2 bytes,

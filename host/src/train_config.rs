@@ -2046,8 +2046,17 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&t.box_prompt_prob) {
             p.push(format!("training.box_prompt_prob is {}: must be in [0, 1]", t.box_prompt_prob));
         }
-        if t.weight_decay < 0.0 {
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
             p.push(format!("training.weight_decay is {}: must be >= 0", t.weight_decay));
+        }
+        // (The update runs in f32, where an ε below its smallest number is 0 too.)
+        if !(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite() && t.adam_epsilon as f32 > 0.0) {
+            // AdamW divides by √v̂ + ε: with ε = 0 an adapter whose gradient is exactly 0 (every
+            // LoRA A while its B is still 0, at the first step) gets 0/0 = NaN.
+            p.push(format!(
+                "training.adam_epsilon is {}: must be > 0 and finite, and representable in f32 (AdamW divides by sqrt(v) + epsilon, so with 0 every adapter whose gradient is 0, e.g. each LoRA A at the first step while B is still 0, becomes NaN); use the default 1e-8",
+                t.adam_epsilon
+            ));
         }
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             p.push("training.adam_beta1/adam_beta2 must be in [0, 1)".into());
@@ -2409,6 +2418,27 @@ mod tests {
         ] {
             assert!(e.contains(needle), "missing {needle:?} in {e}");
         }
+    }
+
+    /// ε = 0 makes AdamW write 0/0 = NaN into every adapter whose gradient is 0 (each LoRA A
+    /// at the first step): refused at load, naming the key and the fix.
+    #[test]
+    fn a_zero_or_non_finite_adam_epsilon_is_refused() {
+        for eps in ["0", "-1e-8", ".nan", ".inf", "1e-300"] {
+            let e = TrainConfig::from_yaml(
+                &format!("training:\n  data_dir: d\n  adam_epsilon: {eps}\n"),
+                Path::new("eps.yaml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("training.adam_epsilon is") && e.contains("1e-8"), "{eps}: {e}");
+        }
+        let (c, _) = TrainConfig::from_yaml(
+            "training:\n  data_dir: d\n  adam_epsilon: 1e-12\n",
+            Path::new("eps.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.training.adam_epsilon, 1e-12);
     }
 
     #[test]

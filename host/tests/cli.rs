@@ -424,3 +424,178 @@ fn lr_find_reports_a_suggestion_and_refuses_bad_ranges() {
         assert!(!ok && err.contains(named), "{args:?}: {err}");
     }
 }
+
+/// A config over the tiny model and a random rank-2 adapter for it, in `d` (for `export`).
+fn tiny_config_and_adapter(d: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use candle_core::{DType, Device, Tensor};
+    use lorahost::lora::{Component, LoraConfig, LoraSet};
+    let data = d.join("data");
+    let spec = lorahost::data::synthetic::SyntheticSpec {
+        seed: 3,
+        train_images: 2,
+        valid_images: 2,
+        size: 112,
+        max_cracks: 2,
+    };
+    lorahost::data::synthetic::write_synthetic(&data, &spec).unwrap();
+    let model_dir = repo().join("examples/tiny_sam3");
+    let mut model = lorahost::sam3::model::Sam3Model::load_dir(&model_dir, &Device::Cpu, DType::F32).unwrap();
+    let trained = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        components: vec![Component::DetrEncoder, Component::DetrDecoder],
+        use_rslora: false,
+    };
+    let lora = LoraSet::attach(&mut model, &trained, &Device::Cpu).unwrap();
+    for v in lora.vars().values() {
+        v.set(&(Tensor::randn(0f32, 1.0, v.shape(), &Device::Cpu).unwrap() * 0.5).unwrap()).unwrap();
+    }
+    let adapter = d.join("best");
+    lora.save_peft(&adapter, "tiny").unwrap();
+    let cfg = d.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model:\n  name: tiny\n  path: {}\nlora:\n  rank: 2\n  alpha: 4\n  target_modules: [q_proj, v_proj]\n\
+             training:\n  data_dir: {}\n  batch_size: 2\n  num_negatives: 1\n  num_workers: 1\n  seed: 5\n\
+             output:\n  output_dir: {}\nhardware:\n  device: cpu\nevaluation:\n  metric: loss\n",
+            model_dir.display(),
+            data.display(),
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    (cfg, adapter)
+}
+
+/// The names in a directory, sorted.
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `export --overwrite` replaces only an earlier export: a folder of the user's files that look
+/// like metadata (labels, notes) is refused with or without it, the files named and kept. An
+/// existing directory (a mount point, a volume) is written into, never renamed: it stays the
+/// same directory, an earlier export in it is replaced only with --overwrite, and nothing is
+/// left beside it. A link --out is written through, the link kept.
+#[test]
+fn export_writes_into_an_existing_out_and_never_replaces_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (cfg, adapter) = tiny_config_and_adapter(d);
+    let export = |out: &std::path::Path, extra: &[&str]| {
+        run(lorahost()
+            .args(["export", "--config"])
+            .arg(&cfg)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(out)
+            .args(extra))
+    };
+    // A labels folder: refused, even with --overwrite, and left as it was.
+    let labels = d.join("labels");
+    std::fs::create_dir_all(&labels).unwrap();
+    for f in ["img1.json", "img2.json", "NOTES.md"] {
+        std::fs::write(labels.join(f), "{\"shapes\": []}").unwrap();
+    }
+    for extra in [&[][..], &["--overwrite"], &["--merge", "--overwrite"]] {
+        let (ok, _, err) = export(&labels, extra);
+        assert!(
+            !ok && err.contains("not an earlier export") && err.contains("NOTES.md, img1.json, img2.json"),
+            "{err}"
+        );
+        assert!(err.contains("even with --overwrite"), "{err}");
+        assert_eq!(names_in(&labels), ["NOTES.md", "img1.json", "img2.json"]);
+    }
+    // An existing directory is written into: the same directory (inode) afterwards.
+    let out = d.join("vol/out");
+    std::fs::create_dir_all(&out).unwrap();
+    #[cfg(unix)]
+    let ino = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&out).unwrap());
+    #[cfg(unix)]
+    let before = ino();
+    let (ok, stdout, err) = export(&out, &["--merge"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("merged"), "{stdout}");
+    assert!(names_in(&out).contains(&"model.safetensors".to_string()), "{:?}", names_in(&out));
+    assert!(names_in(&out).iter().all(|n| !n.starts_with('.')), "{:?}", names_in(&out));
+    let (ok, _, err) = export(&out, &[]);
+    assert!(!ok && err.contains("model.safetensors") && err.contains("--overwrite"), "{err}");
+    let (ok, _, err) = export(&out, &["--overwrite"]);
+    assert!(ok, "{err}");
+    // The adapter export replaced the merged one: only its files are there.
+    assert_eq!(names_in(&out), ["adapter_config.json", "adapter_model.safetensors"]);
+    assert_eq!(names_in(&d.join("vol")), ["out"], "nothing left beside --out");
+    #[cfg(unix)]
+    assert_eq!(ino(), before, "--out was replaced, not written into");
+    // An export beside a file of the user's is refused too.
+    std::fs::write(out.join("NOTES.md"), "mine").unwrap();
+    let (ok, _, err) = export(&out, &["--overwrite"]);
+    assert!(!ok && err.contains("NOTES.md") && err.contains("earlier export and other files"), "{err}");
+    assert!(out.join("NOTES.md").is_file() && out.join("adapter_model.safetensors").is_file());
+    // Through a link: the files land where it points, the link stays.
+    #[cfg(unix)]
+    {
+        let real = d.join("bigdisk/merged");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = d.join("merged");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let (ok, _, err) = export(&link, &["--merge"]);
+        assert!(ok, "{err}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(real.join("model.safetensors").is_file() && real.join("lorahost_merged.json").is_file());
+    }
+}
+
+/// `forward --out` is checked before the model runs: a directory, or the --inputs file itself,
+/// is refused with the fix; a good --out is written with no temporary file left beside it.
+#[test]
+fn forward_checks_out_before_running_and_leaves_no_temporary_file() {
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let inputs = d.join("in.safetensors");
+    let dev = Device::Cpu;
+    let tensors = std::collections::HashMap::from([
+        ("pixel_values".to_string(), Tensor::randn(0f32, 1.0, (1, 3, 112, 112), &dev).unwrap()),
+        ("input_ids".to_string(), Tensor::new(&[[1i64, 5, 7, 2]], &dev).unwrap()),
+        ("attention_mask".to_string(), Tensor::new(&[[1i64, 1, 1, 1]], &dev).unwrap()),
+    ]);
+    candle_core::safetensors::save(&tensors, &inputs).unwrap();
+    let original = std::fs::read(&inputs).unwrap();
+    let forward = |out: &std::path::Path| {
+        run(lorahost()
+            .args(["forward", "--model"])
+            .arg(repo().join("examples/tiny_sam3"))
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--out")
+            .arg(out))
+    };
+    let odir = d.join("odir");
+    std::fs::create_dir_all(&odir).unwrap();
+    let (ok, _, err) = forward(&odir);
+    assert!(!ok && err.contains("is a directory") && err.contains("outputs.safetensors"), "{err}");
+    assert!(!err.contains("forward in"), "refused only after running: {err}");
+    for same in [inputs.clone(), d.join("sub/../in.safetensors")] {
+        let (ok, _, err) = forward(&same);
+        assert!(!ok && err.contains("is the --inputs file"), "{err}");
+    }
+    assert_eq!(std::fs::read(&inputs).unwrap(), original);
+    let out = d.join("res/out.safetensors");
+    let (ok, stdout, err) = forward(&out);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    assert!(candle_core::safetensors::load(&out, &dev).unwrap().contains_key("pred_logits"));
+    assert_eq!(names_in(&d.join("res")), ["out.safetensors"]);
+    assert_eq!(names_in(d), ["in.safetensors", "odir", "res", "sub"]);
+}

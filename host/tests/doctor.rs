@@ -127,7 +127,7 @@ fn config_and_lora_faults_are_found() {
     std::fs::create_dir_all(&adapter).unwrap();
     std::fs::write(adapter.join("adapter_config.json"), r#"{"r": 16, "lora_alpha": 32}"#).unwrap();
     let r = run(&s, &[]);
-    assert!(has(&r, "F25", Severity::Warning, "r Some(16)"), "{}", explain(&r));
+    assert!(has(&r, "F25", Severity::Warning, "r 16 alpha 32"), "{}", explain(&r));
     let r = run(&s, &["training.gradient_accumulation_steps=8"]);
     assert!(has(&r, "D2", Severity::Warning, "longer than an epoch"), "{}", explain(&r));
 }
@@ -348,7 +348,9 @@ fn each_contradiction_is_its_own_finding_and_the_other_checks_go_on() {
         &["lora.dropout=1.0", "training.batch_size=0", "training.num_epochs=0", "training.warmup_stpes=10"],
     );
     let errors: Vec<_> = r.with_code("F11").into_iter().filter(|f| f.severity == Severity::Error).collect();
-    assert_eq!(errors.len(), 3, "{}", explain(&r));
+    // The three contradictions, and the misspelt override train refuses.
+    assert_eq!(errors.len(), 4, "{}", explain(&r));
+    assert!(errors.iter().any(|f| f.message.contains("train refuses this --override")), "{}", explain(&r));
     for key in ["lora.dropout", "training.batch_size", "training.num_epochs"] {
         let f = errors
             .iter()
@@ -758,4 +760,69 @@ fn a_recorded_run_is_diagnosed_from_its_log() {
     let o = Command::new(bin).args(["doctor", "--trace"]).arg(d.path().join("none.jsonl")).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--trace") && err.contains("none.jsonl"), "{err}");
+}
+
+/// Doctor says what train would do with the same config: synthetic data not written yet is
+/// no error (train writes it) but a user's folder for it is; a data_dir naming a file says so;
+/// an --override train refuses is an error; `auto` with half precision on a machine without
+/// a GPU is an error (train stops there); a key quoted with its value keeps its whole message,
+/// and a regex target_modules is one finding, not also "empty".
+#[test]
+fn doctor_agrees_with_train() {
+    let s = setup();
+    let fresh = s.dir.path().join("synthetic");
+    let r = run(&s, &["training.synthetic=true", &format!("training.data_dir={}", fresh.display())]);
+    assert!(r.with_code("F12").is_empty() && has(&r, "D0", Severity::Info, "synthetic"), "{}", explain(&r));
+    let r = run(
+        &s,
+        &["training.synthetic=true", &format!("training.data_dir={}", s.data.join("train").display())],
+    );
+    assert!(has(&r, "F12", Severity::Error, "holds other files"), "{}", explain(&r));
+    let file = s.data.join("train/_annotations.coco.json");
+    let r = run(&s, &[&format!("training.data_dir={}", file.display())]);
+    assert!(has(&r, "F12", Severity::Error, "is a file, not a folder"), "{}", explain(&r));
+    let r = run(&s, &["training.learnin_rate=1e-4"]);
+    assert!(has(&r, "F11", Severity::Error, "train refuses this --override"), "{}", explain(&r));
+    if !cfg!(feature = "cuda") {
+        let r = run(&s, &["hardware.device=auto", "training.mixed_precision=bf16"]);
+        assert!(has(&r, "F26", Severity::Error, "half precision"), "{}", explain(&r));
+    }
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let both =
+        text.replace("  batch_size: 2\n", "  batch_size: 2\n  log_every_n_steps: 5\n  logging_steps: 10\n");
+    std::fs::write(&s.config, both).unwrap();
+    let r = run(&s, &[]);
+    std::fs::write(&s.config, text).unwrap();
+    let f = r.findings.iter().find(|f| f.message.contains("log_every_n_steps")).expect("the conflict");
+    assert!(
+        f.message.ends_with("differ (training.log_every_n_steps is read as training.logging_steps)")
+            || f.message.contains("logging_steps: 10`"),
+        "{}",
+        f.message
+    );
+    assert!(!f.fix.starts_with("training.log_every_n_steps: 5`"), "{}", f.fix);
+    let r = run(&s, &["lora.target_modules=.*(q_proj|v_proj)"]);
+    let f11: Vec<&str> = r.with_code("F11").iter().map(|f| f.message.as_str()).collect();
+    assert!(f11.iter().any(|m| m.contains("regular expression")), "{f11:?}");
+    assert!(!f11.iter().any(|m| m.contains("is empty")), "{f11:?}");
+}
+
+/// Category names the text encoder cuts to the same tokens are one prompt to the model: F16
+/// error naming both (and the cut); names that fit are not mentioned.
+#[test]
+fn categories_the_text_encoder_cannot_tell_apart_are_errors() {
+    let s = setup();
+    let r = run(&s, &[]);
+    assert!(r.with_code("F16").iter().all(|f| !f.message.contains("cannot tell apart")), "{}", explain(&r));
+    let long = "hairline crack running along the left edge of the concrete slab next to the joint of type";
+    for split in ["train", "valid"] {
+        mutate_split(&s.data, split, |v| {
+            for (i, c) in v["categories"].as_array_mut().unwrap().iter_mut().enumerate() {
+                c["name"] = serde_json::json!(format!("{long} {}", ["alpha", "beta", "gamma"][i % 3]));
+            }
+        });
+    }
+    let r = run(&s, &[]);
+    assert!(has(&r, "F16", Severity::Error, "type alpha"), "{}", explain(&r));
+    assert!(has(&r, "F16", Severity::Warning, "cut short"), "{}", explain(&r));
 }

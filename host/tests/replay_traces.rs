@@ -133,6 +133,11 @@ fn an_lr_failure_on_a_step_without_a_recorded_lr_says_so() {
     let steps = replay::replay(&mut set, &t, &run, true);
     assert!(steps[0].events[0].contains("the trace has no LR for this step"), "{:?}", steps[0].events);
     assert_eq!(replay::failure_count(&steps), 2);
+    // A scheduler that answers for the unknown LR: the LR stays unknown (it used to show as
+    // the cap, 10).
+    let mut set = load(&[("cosine_schedule", json!({}))]);
+    let steps = replay::replay(&mut set, &t, &run, true);
+    assert!(steps.iter().all(|s| s.lr.is_none()), "{:?}", steps.iter().map(|s| s.lr).collect::<Vec<_>>());
 }
 
 /// A trace that records no gradient norm (HF Trainer before 4.38, a hand-written loss log):
@@ -242,4 +247,43 @@ fn doctor_diagnoses_a_console_log() {
     assert!(out.contains("a trainer's console output") && out.contains("steps 36"), "{out}");
     assert!(out.contains("[F10]") && out.contains("an effective batch of 1 sample"), "{out}");
     assert!(out.contains("[F15]"), "SAM3_LoRA's training loss against its eval-mode validation loss: {out}");
+}
+
+fn hf_fixture(run: &str, log: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_traces").join(run).join(log)
+}
+
+/// A real Hugging Face run whose loss turned NaN at its 60th step (tools/gen_hf_trace_fixtures.py):
+/// each of its logs (trainer_state.json, the TensorBoard folder with the Trainer's arguments,
+/// the console) gives F21 at step 60, and names the zero losses the Trainer's NaN filter logged
+/// afterwards.
+#[test]
+fn a_hugging_face_run_that_went_nan_is_f21_in_each_of_its_logs() {
+    for log in ["trainer_state.json", "runs", "console.log"] {
+        let r = lorahost::doctor::diagnose_trace(&hf_fixture("nan", log)).unwrap();
+        let f21 = r.with_code("F21");
+        assert_eq!(f21.len(), 1, "{log}: {}", r.to_text());
+        assert_eq!(f21[0].severity, lorahost::doctor::Severity::Error);
+        assert!(f21[0].message.contains("the first at step 60"), "{log}: {}", f21[0].message);
+        assert!(f21[0].evidence.contains("logging_nan_inf_filter"), "{log}: {}", f21[0].evidence);
+    }
+}
+
+/// A real Hugging Face run with warmup_steps 50 logged every 50 steps: its first logged LR is
+/// near the peak, which is no sign of a missing warmup; it clipped (the Trainer's default), so
+/// no log of it gets "no clipping"; the three logs measure the same step noise.
+#[test]
+fn a_hugging_face_run_logged_sparsely_is_not_told_it_lacks_warmup_or_clipping() {
+    let mut noise = Vec::new();
+    for log in ["trainer_state.json", "runs", "console.log"] {
+        let r = lorahost::doctor::diagnose_trace(&hf_fixture("warmup50", log)).unwrap();
+        let text = r.to_text();
+        assert!(!text.contains("no warmup") && !text.contains("no clipping"), "{log}: {text}");
+        let f10 = r.with_code("F10");
+        assert_eq!(f10.len(), 1, "{log}: {text}");
+        let per_step: f64 =
+            f10[0].message.split("about ").nth(1).unwrap().split('%').next().unwrap().parse().unwrap();
+        noise.push(per_step);
+    }
+    assert!(noise.iter().all(|n| (n - noise[0]).abs() <= 2.0), "{noise:?}");
 }

@@ -581,3 +581,45 @@ fn predict_names_a_missing_model_folder() {
     assert!(!o.status.success());
     assert!(err.contains("nope: no such folder") && !err.contains("tokenizer.json not found"), "{err}");
 }
+
+/// A --box reaching far past the image prompts the part inside it (the same detections as the
+/// box clipped by hand); one wholly outside, or with a non-finite coordinate, is refused
+/// naming --box (it used to end in roi_align's internal error).
+#[test]
+fn a_box_past_the_image_is_clipped_and_one_outside_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model_dir(&model);
+    let img = image::RgbImage::from_fn(90, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, 120]));
+    let img_path = tmp.path().join("wall.png");
+    img.save(&img_path).unwrap();
+    let predict = |b: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .args(["predict", "--model"])
+            .arg(&model)
+            .arg("--image")
+            .arg(&img_path)
+            .args(["--prompt", "crack", "--threshold", "0", &format!("--box={b}"), "--out"])
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let detections = |out: &str| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join(out).join("detections.json")).unwrap(),
+        )
+        .unwrap();
+        v["detections"].clone()
+    };
+    let far = predict("-50,10,1e9,40", "far");
+    assert!(far.status.success(), "{}", String::from_utf8_lossy(&far.stderr));
+    let clipped = predict("0,10,90,40", "clipped");
+    assert!(clipped.status.success(), "{}", String::from_utf8_lossy(&clipped.stderr));
+    assert_eq!(detections("far"), detections("clipped"));
+    for b in ["200,10,300,40", "0,0,inf,40"] {
+        let o = predict(b, "refused");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--box") && !err.contains("roi_align"), "{b}: {err}");
+    }
+}

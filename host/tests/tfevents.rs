@@ -59,6 +59,16 @@ fn a_hugging_face_run_reads_as_its_trainer_state() {
         let read = got.warnings.iter().find(|w| w.contains("tags read")).unwrap();
         assert!(read.contains("loss `train/loss`") && read.contains("LR `train/learning_rate`"), "{read}");
         assert!(read.contains("validation loss `eval/loss`"), "{read}");
+        // The Trainer's arguments (the generator's TrainingArguments, written by its
+        // TensorBoardCallback as the `args` text): the run's settings and its clipping.
+        assert!(got.hf_trainer && got.loss_is_interval_mean);
+        assert_eq!(got.max_grad_norm, Some(1.0));
+        let h = got.run.as_ref().expect("a header from the Trainer's arguments");
+        assert_eq!(
+            (h.batch_size, h.accumulation, h.effective_batch_size, h.warmup_steps, h.total_steps),
+            (4, 1, 4, 5, 40)
+        );
+        assert_eq!((h.base_lr, h.scheduler.as_str()), (0.05, "linear"));
     }
 }
 

@@ -1480,3 +1480,177 @@ fn micro_batches_that_do_not_fit_are_made_smaller_for_the_same_steps() {
         t.steps[4..].iter().map(|s| (s.step, s.epoch, s.micro_steps)).collect();
     assert_eq!(tail, [(5, Some(1), Some(2)), (6, Some(1), Some(2))]);
 }
+
+/// Every file under `dir` (relative path -> bytes).
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A resume that is refused (another LoRA layout than the checkpoint's, or another run's
+/// checkpoint into a folder holding a run) moves and cuts nothing: every checkpoint and the
+/// metrics log stay byte for byte. Another run's checkpoint into an empty folder starts there.
+#[test]
+fn a_refused_resume_moves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let base = "  num_epochs: 2\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  save_steps: 2\n";
+    let cfg = config(tmp.path(), &data, &out, base, "");
+    assert_eq!(train(&TrainOptions { max_steps: Some(4), ..opts(&cfg) }).unwrap().steps, 4);
+    let ckpts = out.join("checkpoints");
+    assert!(ckpts.join("step-00000004").is_dir());
+    let before = snapshot(&out);
+    let from_2 = |overrides: &[&str]| TrainOptions {
+        resume: Some(Resume::Dir(ckpts.join("step-00000002"))),
+        max_steps: Some(6),
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        ..opts(&cfg)
+    };
+    for (change, says) in [
+        ("lora.rank=2", "rank: file has 4, config has 2"),
+        ("lora.target_modules=[q_proj, v_proj]", "unexpected"),
+        ("lora.apply_to_mask_decoder=false", "unexpected"),
+    ] {
+        let e = format!("{:#}", train(&from_2(&[change])).unwrap_err());
+        assert!(e.contains("nothing was moved") && e.contains(says), "{change}: {e}");
+        assert!(snapshot(&out) == before, "{change}: the run's files changed");
+    }
+    // Another run's checkpoint (outside this run's checkpoints/): refused while this folder
+    // holds a run, naming both folders.
+    let other = tmp.path().join("other");
+    copy_dir(&ckpts.join("step-00000002"), &other.join("checkpoints/step-00000002"));
+    let foreign = TrainOptions {
+        resume: Some(Resume::Dir(other.join("checkpoints/step-00000002"))),
+        max_steps: Some(3),
+        ..opts(&cfg)
+    };
+    let e = format!("{:#}", train(&foreign).unwrap_err());
+    assert!(
+        e.contains("not one of this run's")
+            && e.contains(&other.canonicalize().unwrap().display().to_string())
+            && e.contains(&out.display().to_string())
+            && e.contains("Nothing was moved"),
+        "{e}"
+    );
+    assert!(snapshot(&out) == before, "another run's checkpoint: the run's files changed");
+    // ... and starts a run from it in a folder that holds none.
+    let fresh = tmp.path().join("fresh");
+    let cfg_fresh = config(tmp.path(), &data, &fresh, base, "");
+    let s = train(&TrainOptions { config: cfg_fresh, ..foreign }).unwrap();
+    assert_eq!(s.steps, 3);
+    // The refused resumes left a plain --resume where the run was: at step 4.
+    let s = train(&TrainOptions { resume: Some(Resume::Latest), max_steps: Some(5), ..opts(&cfg) }).unwrap();
+    assert_eq!(s.steps, 5);
+    assert!(!ckpts.join("abandoned-step-00000004").exists());
+}
+
+/// An optimizer update that leaves NaN/Inf in the adapters (rehearsed with
+/// LORAHOST_INJECT_NAN_UPDATE) is undone and stops the run with an error naming the optimizer
+/// settings: no NaN adapters are saved, and the images are not blamed.
+#[test]
+fn an_update_that_breaks_the_weights_stops_the_run_without_saving_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let base = "  num_epochs: 2\n  batch_size: 1\n  gradient_accumulation_steps: 1\n  save_steps: 1\n";
+    let cfg = config(tmp.path(), &data, &out, base, "");
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["train", "--no-hot-reload", "--config"])
+        .arg(&cfg)
+        .env("LORAHOST_INJECT_NAN_UPDATE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("turned LoRA weights NaN/Inf") && err.contains("training.adam_epsilon"), "{err}");
+    assert!(!out.join("adapter").exists(), "no adapters written after the failed update");
+    assert!(!out.join("nonfinite_batches.jsonl").exists(), "the images are not blamed");
+    assert!(!out.join("checkpoints/step-00000002").exists());
+    let t = steps(&out);
+    let actions: Vec<(u64, Option<String>)> = t.steps.iter().map(|s| (s.step, s.action.clone())).collect();
+    assert_eq!(actions, [(1, Some("continue".into())), (2, Some("skip".into()))]);
+    let end = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(end.lines().last().unwrap().contains("\"reason\":\"error\""), "{end}");
+    // The step-1 checkpoint, the one to resume from, holds finite adapters.
+    for (k, t) in tensors(&out.join("checkpoints/step-00000001")) {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{k}");
+    }
+}
+
+/// `training.synthetic: true` never writes its dataset among a user's files.
+#[test]
+fn synthetic_data_is_not_written_into_a_folder_of_other_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mine");
+    std::fs::create_dir_all(data.join("train")).unwrap();
+    std::fs::write(data.join("train/IMG_0001.jpg"), b"\xff\xd8 not really").unwrap();
+    let out = tmp.path().join("run");
+    let cfg = config(tmp.path(), &data, &out, "  synthetic: true\n", "");
+    let e = format!("{:#}", train(&opts(&cfg)).unwrap_err());
+    assert!(
+        e.contains("IMG_0001.jpg") && e.contains("training.synthetic") && e.contains("new folder"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(data.join("train")).unwrap().count(), 1, "nothing written beside it");
+    assert!(!data.join("valid").exists());
+    // An empty folder is filled.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cfg = config(tmp.path(), &empty, &out, "  synthetic: true\n", "");
+    assert!(train(&TrainOptions { max_steps: Some(1), ..opts(&cfg) }).is_ok());
+    assert!(empty.join("train/_annotations.coco.json").is_file());
+}
+
+/// A relative output_dir is read from the working directory: `--resume` from another folder,
+/// where it holds no run while the same path from the config's project does, is refused
+/// naming both rather than silently starting a new run.
+#[test]
+fn resume_from_another_working_directory_names_the_run_it_would_miss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), 4);
+    let proj = tmp.path().join("proj");
+    let cfgs = proj.join("configs");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&cfgs).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let base = "  num_epochs: 1\n  batch_size: 2\n  gradient_accumulation_steps: 1\n  save_steps: 1\n";
+    let cfg = config(&cfgs, &data, Path::new("runs/x"), base, "");
+    let bin = env!("CARGO_BIN_EXE_lorahost");
+    let train_in = |dir: &Path, extra: &[&str]| {
+        Command::new(bin)
+            .current_dir(dir)
+            .args(["train", "--no-hot-reload", "--max-steps", "1"])
+            .args(extra)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let o = train_in(&proj, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(proj.join("runs/x/checkpoints/step-00000001").is_dir());
+    let o = train_in(&elsewhere, &["--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let near = proj.canonicalize().unwrap().join("runs/x");
+    assert!(
+        err.contains("holds no run")
+            && err.contains(&near.display().to_string())
+            && err.contains("elsewhere"),
+        "{err}"
+    );
+    assert!(!elsewhere.join("runs").exists(), "nothing written in the working directory");
+}

@@ -240,7 +240,7 @@ pub struct Category {
     pub id: u64,
     /// Name as in the file.
     pub name: String,
-    /// The text prompt: the name trimmed and lower-cased.
+    /// The text prompt: the name lower-cased, its whitespace runs one space ([`prompt_text`]).
     pub prompt: String,
     /// Whether at least one usable annotation has this category (only those become negatives).
     pub used: bool,
@@ -449,10 +449,16 @@ pub const GENERIC_NEGATIVES: &[&str] = &[
 /// Whether two prompts name the same thing for negative drawing: equal without case and
 /// surrounding space, or one is the other's plural with "s" / "es" ("teapot", "Teapots").
 pub fn same_prompt(a: &str, b: &str) -> bool {
-    let (a, b) = (a.trim().to_lowercase(), b.trim().to_lowercase());
+    let (a, b) = (prompt_text(a), prompt_text(b));
     let plural =
         |x: &str, y: &str| x.strip_suffix('s').is_some_and(|s| s == y || s.strip_suffix('e') == Some(y));
     a == b || plural(&a, &b) || plural(&b, &a)
+}
+
+/// The text prompt of a category name or word: lower-cased, its whitespace runs one space
+/// (the tokenizer reads `hot  dog` as `hot dog`: they are one prompt).
+pub fn prompt_text(name: &str) -> String {
+    name.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
 /// `words` as generic negatives: trimmed, lower-cased, without empties and repeats, and
@@ -460,7 +466,7 @@ pub fn same_prompt(a: &str, b: &str) -> bool {
 fn generic_words<S: AsRef<str>>(words: impl IntoIterator<Item = S>, prompts: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for w in words {
-        let w = w.as_ref().trim().to_lowercase();
+        let w = prompt_text(w.as_ref());
         if !w.is_empty() && !out.contains(&w) && !prompts.iter().any(|p| same_prompt(p, &w)) {
             out.push(w);
         }
@@ -598,7 +604,7 @@ impl Split {
                 Value::String(n) => n,
                 other => other.to_string(),
             };
-            let prompt = name.trim().to_lowercase();
+            let prompt = prompt_text(&name);
             let cat = Category { id, name, prompt, used: false };
             if let Some(&old) = cat_index.get(&id) {
                 // pycocotools keeps the later entry; the earlier one must not stay a prompt.
@@ -1468,6 +1474,20 @@ impl Dataset {
     pub fn with_generic_negatives<S: AsRef<str>>(mut self, words: impl IntoIterator<Item = S>) -> Self {
         self.set_generic_negatives(words);
         self
+    }
+
+    /// Every text prompt the dataset trains or evaluates with, once each in split order: the
+    /// categories' and the generic negative words.
+    pub fn prompts(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for split in &self.splits {
+            for p in split.categories.iter().map(|c| &c.prompt).chain(&split.generic_negatives) {
+                if !out.contains(p) {
+                    out.push(p.clone());
+                }
+            }
+        }
+        out
     }
 
     /// The split with this name.

@@ -636,7 +636,7 @@ fn write_split(
         let id = images.len() as u64 + 1;
         images.push(serde_json::json!({"id": id, "file_name": file_name, "width": w, "height": h}));
         let (sx, sy) = if item.normalised { (w as f64, h as f64) } else { (1.0, 1.0) };
-        let mut objects = 0;
+        let (mut objects, mut clipped) = (0, 0);
         for o in item.objects {
             let polygons: Vec<Vec<f64>> = o
                 .polygons
@@ -645,8 +645,24 @@ fn write_split(
                 .collect();
             let (bbox, area, segmentation) = match o.bbox {
                 Some([x, y, bw, bh]) => {
+                    // Clipped to the image; one with nothing inside it is left out, as a
+                    // polygon that covers no pixel is.
+                    let (fw, fh) = (w as f64, h as f64);
+                    let (x0, x1) = ((x * sx).clamp(0.0, fw), ((x + bw) * sx).clamp(0.0, fw));
+                    let (y0, y1) = ((y * sy).clamp(0.0, fh), ((y + bh) * sy).clamp(0.0, fh));
+                    if !(x1 > x0 && y1 > y0) {
+                        summary.notes.push(format!(
+                            "{}: a class-{} box lies outside the {w}x{h} image; left out",
+                            item.source.display(),
+                            o.class
+                        ));
+                        continue;
+                    }
+                    if x1 - x0 < bw * sx - 1e-6 || y1 - y0 < bh * sy - 1e-6 {
+                        clipped += 1;
+                    }
                     *box_only += 1;
-                    let b = [x * sx, y * sy, bw * sx, bh * sy];
+                    let b = [x0, y0, x1 - x0, y1 - y0];
                     (b, b[2] * b[3], Value::Array(Vec::new()))
                 }
                 None => {
@@ -678,6 +694,12 @@ fn write_split(
                 "id": annotations.len() as u64 + 1, "image_id": id, "category_id": o.class as u64 + 1,
                 "bbox": bbox, "area": area, "iscrowd": 0, "segmentation": segmentation,
             }));
+        }
+        if clipped > 0 {
+            summary.notes.push(format!(
+                "{}: {clipped} box(es) reaching past the {w}x{h} image clipped to it",
+                item.source.display()
+            ));
         }
         done.images += 1;
         done.objects += objects;
@@ -868,6 +890,29 @@ mod tests {
         let yi = train.images.iter().find(|i| i.file_name == "y.png").unwrap();
         assert_eq!(std::fs::read(out.join("train/y.png")).unwrap(), png);
         assert_eq!(yi.objects.len(), 1);
+    }
+
+    /// YOLO boxes reaching past the image are clipped to it (with a note), a box wholly
+    /// outside is left out (with a note), as polygons are.
+    #[test]
+    fn yolo_boxes_past_the_image_are_clipped_and_outside_ones_left_out() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("yolo");
+        std::fs::create_dir_all(src.join("train/labels")).unwrap();
+        std::fs::write(src.join("data.yaml"), "train: ../train/images\nnc: 1\nnames: ['crack']\n").unwrap();
+        save_image(&src.join("train/images/a.png"), 200, 100);
+        std::fs::write(src.join("train/labels/a.txt"), "0 0.95 0.5 0.2 0.2\n0 1.5 0.5 0.2 0.2\n").unwrap();
+        let out = d.path().join("data");
+        let s = import_labels(&src, None, &options(&out)).unwrap();
+        assert_eq!((s.splits[0].images, s.splits[0].objects), (1, 1), "{s:?}");
+        assert!(s.notes.iter().any(|n| n.contains("box lies outside the 200x100 image")), "{:?}", s.notes);
+        assert!(s.notes.iter().any(|n| n.contains("1 box(es) reaching past")), "{:?}", s.notes);
+        let train = Split::load(&out, "train").unwrap();
+        let b = train.images[0].objects[0].bbox_xywh;
+        assert!(
+            (b[0] - 170.0).abs() < 1e-9 && (b[2] - 30.0).abs() < 1e-9 && (b[3] - 20.0).abs() < 1e-9,
+            "{b:?}"
+        );
     }
 
     #[test]

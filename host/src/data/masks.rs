@@ -279,17 +279,20 @@ fn read_mask(path: &Path, classes: &[MaskClass]) -> Result<ClassMap, String> {
         }
     } else {
         let scale = if sixteen { 1 } else { 257 };
-        let targets: Vec<[u16; 3]> = classes
+        // (A grey level above 255 is no 8-bit mask's: it matches nothing there, rather than
+        // the 255 it would saturate to.)
+        let targets: Vec<Option<[u16; 3]>> = classes
             .iter()
             .map(|c| match c.value {
-                MaskValue::Gray(g) => [g.saturating_mul(scale); 3],
-                MaskValue::Rgb([r, g, b]) => [r as u16 * 257, g as u16 * 257, b as u16 * 257],
-                MaskValue::Foreground => [u16::MAX; 3],
+                MaskValue::Gray(g) if !sixteen && g > 255 => None,
+                MaskValue::Gray(g) => Some([g * scale; 3]),
+                MaskValue::Rgb([r, g, b]) => Some([r as u16 * 257, g as u16 * 257, b as u16 * 257]),
+                MaskValue::Foreground => Some([u16::MAX; 3]),
             })
             .collect();
         for (i, c) in class.iter_mut().enumerate() {
             let v = color(i);
-            match targets.iter().position(|t| *t == v) {
+            match targets.iter().position(|t| *t == Some(v)) {
                 Some(k) => *c = (k + 1) as u8,
                 None if v != [0, 0, 0] => unmatched += 1,
                 None => {}
@@ -675,6 +678,27 @@ pub fn import_masks(opts: &ImportOptions) -> Result<ImportSummary, DataError> {
     if opts.classes.len() > 254 {
         return Err(invalid(format!("{} classes (at most 254)", opts.classes.len())));
     }
+    let key = |name: &str| name.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    for (i, c) in opts.classes.iter().enumerate() {
+        if key(&c.name).is_empty() {
+            return Err(invalid(
+                "an empty class name: the name is the text prompt the class trains (--prompt crack, or --class 1=crack)"
+                    .into(),
+            ));
+        }
+        if let Some(d) = opts.classes[..i].iter().find(|d| d.value == c.value) {
+            return Err(invalid(format!(
+                "the mask value of `{}` is also `{}`'s: one --class per value",
+                c.name, d.name
+            )));
+        }
+        if let Some(d) = opts.classes[..i].iter().find(|d| key(&d.name) == key(&c.name)) {
+            return Err(invalid(format!(
+                "two --class values are named `{}` (`{}`): each class is one text prompt, so they would be two categories with one prompt; give the values one class (relabel the masks), or name them apart",
+                c.name, d.name
+            )));
+        }
+    }
     let (pairs, missing, unmatched) = pair(&opts.images, &opts.masks)?;
     if pairs.is_empty() {
         return Err(invalid(format!(
@@ -846,6 +870,33 @@ mod tests {
         for bad in ["crack", "0=bg", "1=", "x=crack", "1,2=a", "256,0,0=a"] {
             assert!(bad.parse::<MaskClass>().is_err(), "{bad}");
         }
+    }
+
+    /// Classes that would make ambiguous categories are refused before anything is written (an
+    /// empty name, one value twice, one name twice); a grey level above 255 matches no pixel of
+    /// an 8-bit mask (it used to saturate onto 255).
+    #[test]
+    fn ambiguous_classes_are_refused_and_high_levels_match_no_8_bit_pixel() {
+        let d = tempfile::tempdir().unwrap();
+        let (images, masks, out) = (d.path().join("images"), d.path().join("masks"), d.path().join("data"));
+        save(photo(20, 10), &images.join("a.png"));
+        save(gray(20, 10, 255, |x, _| x < 5), &masks.join("a.png"));
+        let with = |list: &[&str]| ImportOptions {
+            classes: list.iter().map(|c| c.parse::<MaskClass>().unwrap()).collect(),
+            ..options(&images, &masks, &out)
+        };
+        let empty = ImportOptions { classes: classes("  "), ..options(&images, &masks, &out) };
+        for (opts, want) in [
+            (empty, "empty class name"),
+            (with(&["1=crack", "1=spalling"]), "one --class per value"),
+            (with(&["1=crack", "2=Crack "]), "named `Crack`"),
+        ] {
+            let e = import_masks(&opts).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(!out.exists());
+        }
+        let s = import_masks(&with(&["300=spalling"])).unwrap();
+        assert_eq!(s.splits[0].objects, 0, "{s:?}");
     }
 
     /// The regions' RLE equals the postprocess encoder's on each region's own mask, 8-connected

@@ -178,6 +178,28 @@ impl PromptTokenizer {
         }
     }
 
+    /// How `prompts` fit a context of `context_length` tokens: the ones cut short (with their
+    /// token count, start and end tokens included), and the pairs that become the same ids
+    /// (cut short alike, or spelt apart only in what the tokenizer ignores): the model sees
+    /// one prompt where the data has two.
+    pub fn prompt_fit(&self, prompts: &[String], context_length: usize) -> PromptFit {
+        let mut fit = PromptFit::default();
+        let mut seen: Vec<(&String, Vec<u32>)> = Vec::new();
+        for p in prompts {
+            let tokens = self.tokenize(p).unwrap_or_default();
+            if tokens.len() + 2 > context_length {
+                fit.truncated.push((p.clone(), tokens.len() + 2));
+            }
+            let ids = self.frame(&tokens, context_length).0;
+            match seen.iter().find(|(_, other)| *other == ids) {
+                Some((q, _)) if *q != p => fit.same.push(((*q).clone(), p.clone())),
+                Some(_) => {}
+                None => seen.push((p, ids)),
+            }
+        }
+        fit
+    }
+
     /// Frame BPE ids as a fixed-length SAM3 sequence.
     fn frame(&self, tokens: &[u32], context_length: usize) -> (Vec<u32>, Vec<u32>) {
         let mut ids = Vec::with_capacity(tokens.len() + 2);
@@ -258,6 +280,15 @@ fn decode_entity(s: &str) -> (Option<char>, usize) {
     (c, end + 1)
 }
 
+/// What [`PromptTokenizer::prompt_fit`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptFit {
+    /// Prompts longer than the context, with their token counts.
+    pub truncated: Vec<(String, usize)>,
+    /// Pairs of prompts the model cannot tell apart.
+    pub same: Vec<(String, String)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +320,28 @@ mod tests {
         // HTML entities are unescaped (twice, as Meta's basic_clean does).
         assert_eq!(t.encode("red &amp;amp; car", 8).0, t.encode("red & car", 8).0);
         assert_eq!(clean_text(" Red&nbsp;CAR &#65;&#x42; "), "red car ab");
+    }
+
+    /// Prompts cut short by the context are named with their length; two that differ only
+    /// past the cut, or only in case and spacing, are one prompt to the model.
+    #[test]
+    fn prompts_that_do_not_fit_or_read_alike_are_found() {
+        let t = fixture();
+        let prompts: Vec<String> =
+            ["red car", "red car red car red car red", "red car red car red car car", "Red  CAR", "the dog"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let fit = t.prompt_fit(&prompts, 8);
+        assert_eq!(
+            fit.truncated.iter().map(|(p, n)| (p.as_str(), *n)).collect::<Vec<_>>(),
+            [("red car red car red car red", 9), ("red car red car red car car", 9)]
+        );
+        assert_eq!(
+            fit.same,
+            [(prompts[1].clone(), prompts[2].clone()), (prompts[0].clone(), prompts[3].clone())]
+        );
+        assert_eq!(t.prompt_fit(&prompts[..1], 8), PromptFit::default());
     }
 
     #[test]

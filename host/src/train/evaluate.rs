@@ -232,6 +232,14 @@ fn check_panel_dir(dir: &std::path::Path) -> Result<()> {
             dir.display()
         );
     }
+    // Writable: found now, not after the whole evaluation ran.
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--panels {}: cannot create the folder", dir.display()))?;
+    let probe = dir.join(format!(".lorahost-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| {
+        format!("--panels {}: cannot write there; make it writable, or give another folder", dir.display())
+    })?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 

@@ -331,6 +331,165 @@ fn set_aside_earlier_run(out_dir: &Path, log_dir: &Path) -> Result<Option<PathBu
     Ok(Some(to))
 }
 
+/// Checkpoints after the resume point `step` belong to a branch this run abandons (its metrics
+/// are cut back to the resume point too): set aside as `checkpoints/abandoned-step-N/`, so a
+/// later plain `--resume` cannot pick them up, and `best/` restored to the resumed state's
+/// `best` (it may hold the abandoned branch's). Called only after everything that can refuse
+/// the resume, so a refused resume moves nothing.
+fn set_aside_abandoned_branch(
+    ckpt_root: &Path,
+    out_dir: &Path,
+    step: u64,
+    best: Option<&Best>,
+) -> Result<()> {
+    let mut abandoned = 0;
+    // (Incomplete ones too: this run's saves would otherwise replace them.)
+    let later = checkpoint::list(ckpt_root).into_iter().chain(checkpoint::incomplete(ckpt_root));
+    for (later_step, d) in later.filter(|(st, _)| *st > step) {
+        let to = crate::fsutil::first_free(|k| match k {
+            0 => ckpt_root.join(format!("abandoned-step-{later_step:08}")),
+            k => ckpt_root.join(format!("abandoned-step-{later_step:08}-{k}")),
+        });
+        if std::fs::rename(&d, &to).is_ok() {
+            tracing::warn!(
+                "{} is newer than the resume point (step {step}): moved to {}",
+                d.display(),
+                to.display()
+            );
+            abandoned += 1;
+        }
+    }
+    if let Some(b) = best.filter(|_| abandoned > 0) {
+        let src = checkpoint::step_dir(ckpt_root, b.step);
+        if src.is_dir() {
+            let tmp = checkpoint::partial_dir(&out_dir.join("best"));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)?;
+            for f in ["adapter_model.safetensors", "adapter_config.json"] {
+                std::fs::copy(src.join(f), tmp.join(f))
+                    .with_context(|| format!("restoring best/ from {}", src.display()))?;
+            }
+            checkpoint::replace_dir(&tmp, &out_dir.join("best"))?;
+            tracing::info!(
+                "best/ restored from {} (best {} {:.4} at step {})",
+                src.display(),
+                b.metric,
+                b.value,
+                b.step
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether `out_dir` (with its log in `log_dir`) holds a run: a checkpoint (complete or not)
+/// or a metrics log.
+fn holds_run(out_dir: &Path, log_dir: &Path) -> bool {
+    let ckpts = out_dir.join("checkpoints");
+    !checkpoint::list(&ckpts).is_empty()
+        || !checkpoint::incomplete(&ckpts).is_empty()
+        || log_dir.join("metrics.jsonl").is_file()
+}
+
+/// `--resume DIR` with a checkpoint from outside this run's `checkpoints/` folder (another
+/// run's) into an `output_dir` that holds a run of its own is refused, moving nothing: resumed
+/// here, the other run's state would be taken as a point in this run's history (this run's
+/// later checkpoints set aside as abandoned, its log cut at that step and continued with the
+/// other run's steps). Into an `output_dir` without a run it starts the run from there.
+fn check_checkpoint_of_this_run(
+    dir: &Path,
+    given: &Path,
+    out_dir: &Path,
+    ckpt_root: &Path,
+    log_dir: &Path,
+) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if same_dir(parent, ckpt_root) || !holds_run(out_dir, log_dir) {
+        return Ok(());
+    }
+    // The other run's folder: the one above its checkpoints/ folder.
+    let other = if parent.file_name().is_some_and(|n| n == "checkpoints") {
+        parent.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    } else {
+        parent
+    };
+    let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    bail!(
+        "--resume {}: that checkpoint is not one of this run's (they are in {}); it belongs to the run in {}, while output.output_dir {} holds a run of its own: resuming there would mix the two (this run's later checkpoints set aside as abandoned, its metrics log continued with the other run's steps). Nothing was moved. To continue that run, point output.output_dir at its folder (--override output.output_dir={}); to start a new run from that checkpoint, give an output_dir that holds no run (e.g. --override output.output_dir=NEW), or copy the checkpoint into one",
+        given.display(),
+        ckpt_root.display(),
+        abs(other).display(),
+        out_dir.display(),
+        abs(other).display()
+    )
+}
+
+/// A relative `output.output_dir` is read from the working directory (as SAM3_LoRA does);
+/// relative inputs fall back to the config's folder. So a command run from another folder
+/// than the run's first one would silently start a new run elsewhere: where the working
+/// directory's `output_dir` holds no run but the same relative path from the config's folder,
+/// or from a folder above it (a project's `configs/` folder: SAM3_LoRA runs from the project
+/// root), does, `--resume` is refused naming both, and a new run is warned about.
+fn check_output_dir_near_config(
+    out_dir: &Path,
+    config: &Path,
+    resume: bool,
+    log_dir_of: &dyn Fn(&Path) -> PathBuf,
+) -> Result<()> {
+    if out_dir.is_absolute() || holds_run(out_dir, &log_dir_of(out_dir)) {
+        return Ok(());
+    }
+    let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let Some(config_dir) = abs(config).parent().map(Path::to_path_buf) else { return Ok(()) };
+    // (The folder it is relative to: run from there, the config's output_dir is that run's.)
+    let Some((root, near)) = config_dir
+        .ancestors()
+        .take(3)
+        .map(|base| (base.to_path_buf(), base.join(out_dir)))
+        .find(|(_, near)| !same_dir(near, out_dir) && holds_run(near, &log_dir_of(near)))
+    else {
+        return Ok(());
+    };
+    let near = abs(&near);
+    let here = std::env::current_dir().map(|c| c.join(out_dir)).unwrap_or_else(|_| out_dir.to_path_buf());
+    if resume {
+        bail!(
+            "--resume: output.output_dir {} is read from the working directory, where it ({}) holds no run, while the same path from {} holds one: {}. Nothing was written. Resume from that folder (cd {}), or with --override output.output_dir={} (or write an absolute output_dir in the config)",
+            out_dir.display(),
+            here.display(),
+            root.display(),
+            near.display(),
+            root.display(),
+            near.display()
+        );
+    }
+    tracing::warn!(
+        "output.output_dir {} is read from the working directory: this run writes to {}, while {} (the same path from {}) holds an earlier run (to continue that one instead, run from {} with --resume, or pass --override output.output_dir={})",
+        out_dir.display(),
+        here.display(),
+        near.display(),
+        root.display(),
+        root.display(),
+        near.display()
+    );
+    Ok(())
+}
+
+/// The first entry of `dir` (by name; inside a folder, its first entry, to name a file), or
+/// None for a new or empty folder: the synthetic dataset is written only where there is nothing
+/// yet (as `doctor`'s F12 says).
+fn foreign_file(dir: &Path) -> Option<PathBuf> {
+    let first = |d: &Path| std::fs::read_dir(d).ok()?.flatten().map(|e| e.path()).min();
+    let mut entry = first(dir)?;
+    for _ in 0..3 {
+        match first(&entry) {
+            Some(inner) if entry.is_dir() => entry = inner,
+            _ => break,
+        }
+    }
+    Some(entry)
+}
+
 /// `config.yaml`'s text: a comment saying what it is, then the settings.
 fn config_record_text(record: &serde_yaml::Value, opts: &TrainOptions) -> String {
     let mut head = format!(
@@ -351,15 +510,23 @@ fn config_record_text(record: &serde_yaml::Value, opts: &TrainOptions) -> String
 /// Whether validation `value` of `metric` ("loss": lower is better; others higher), with the
 /// validation loss `loss`, beats the best so far. A non-finite value (diverged adapters) is
 /// never the best, and a non-finite best (from an older run) is beaten by any finite value. An
-/// equal value of mAP or cgF1 (e.g. 0 while nothing is detected yet) goes to the lower loss.
+/// equal value of mAP or cgF1 (e.g. 0 while nothing is detected yet) goes to the lower loss;
+/// equal in both is no improvement. An mAP of -1 (cannot be computed) never selects a best.
 fn is_better(metric: &str, value: f64, loss: f64, best: Option<&Best>) -> bool {
     value.is_finite()
+        && computable(metric, value)
         && match best {
             None => true,
-            Some(b) if !b.value.is_finite() => true,
+            Some(b) if !b.value.is_finite() || !computable(metric, b.value) => true,
             Some(b) if metric == "loss" => value < b.value,
             Some(b) => value > b.value || (value == b.value && b.loss.is_some_and(|l| loss < l)),
         }
+}
+
+/// Whether `value` of `metric` is a measurement: COCO's mAP is -1 where it cannot be computed
+/// (no ground-truth mask in the validation split), which is no basis for choosing a best.
+fn computable(metric: &str, value: f64) -> bool {
+    !(metric == "map" && value < 0.0)
 }
 
 /// Why a run stopped on Ctrl-C / SIGTERM after `step`, with the command that continues it.
@@ -398,6 +565,24 @@ fn check_tokenizer(tokenizer: &PromptTokenizer, model: &Sam3Model, model_path: &
     tokenizer
         .check_model_vocab(model.config().text_config.vocab_size)
         .with_context(|| format!("tokenizer of {}", model_path.display()))
+}
+
+/// The dataset's prompts (categories and generic negatives) as the text encoder reads them:
+/// two that become the same tokens (cut short alike) would be trained as present and absent
+/// at once, an error; one cut short, a warning (doctor's F16).
+fn check_prompts(tokenizer: &PromptTokenizer, dataset: &Dataset, context: usize) -> Result<()> {
+    let fit = tokenizer.prompt_fit(&dataset.prompts(), context);
+    for (p, n) in &fit.truncated {
+        tracing::warn!(
+            "the prompt {p:?} is {n} tokens, the text encoder reads {context}: it is cut short (shorten the category name to the words that name the object)"
+        );
+    }
+    if let Some((a, b)) = fit.same.first() {
+        bail!(
+            "the prompts {a:?} and {b:?} read as the same {context} tokens to the text encoder: the model would be taught the one text as two classes, each the other's negative (F16); rename the categories (or training.generic_negatives words) so they differ within their first words"
+        );
+    }
+    Ok(())
 }
 
 /// The side of the GT masks: the mask head predicts at the finest FPN level,
@@ -477,10 +662,14 @@ pub fn loss_weights(cfg: &TrainConfig) -> Result<LossWeights> {
 pub fn device_for(cfg: &TrainConfig) -> Result<Device> {
     let name = cfg.hardware.device.trim().to_ascii_lowercase();
     if let Some(ordinal) = cfg.hardware.cuda_ordinal() {
-        return crate::gpu::open_cuda(
-            ordinal,
-            &format!("hardware.device is {name} (set hardware.device: cpu to train on the CPU)"),
-        );
+        // Half precision needs the GPU too: the CPU fix names both settings at once.
+        let half = cfg.training.precision().is_some_and(|p| p != Precision::No);
+        let cpu = if half {
+            "set hardware.device: cpu and training.mixed_precision: no to train on the CPU"
+        } else {
+            "set hardware.device: cpu to train on the CPU"
+        };
+        return crate::gpu::open_cuda(ordinal, &format!("hardware.device is {name} ({cpu})"));
     }
     if name == "auto" {
         // The first GPU when this build and machine have one, else the CPU (said either way).
@@ -1006,6 +1195,26 @@ fn skip_out_of_memory(
     Ok(())
 }
 
+/// `LORAHOST_INJECT_NAN_UPDATE=STEP`: the optimizer update of that step leaves NaN in the
+/// first adapter tensor, to rehearse the guard against an update that breaks the weights.
+fn injected_nan_update() -> Option<u64> {
+    std::env::var("LORAHOST_INJECT_NAN_UPDATE").ok()?.trim().parse().ok()
+}
+
+/// The component groups whose adapter weights hold NaN/Inf entries, as "name (bad of all)":
+/// the gradient statistics' kernel run over the weights (one launch on CUDA).
+fn nonfinite_weights(groups: &[(String, Vec<usize>)], vars: &[Var]) -> Result<Vec<String>> {
+    let members: Vec<Vec<&Tensor>> =
+        groups.iter().map(|(_, ix)| ix.iter().map(|&i| vars[i].as_tensor()).collect()).collect();
+    let named: Vec<(&str, &[&Tensor])> =
+        groups.iter().zip(&members).map(|((name, _), ps)| (name.as_str(), ps.as_slice())).collect();
+    Ok(group_stats_many(&named)?
+        .into_iter()
+        .filter(|g| g.nonfinite > 0)
+        .map(|g| format!("{} ({} of {})", g.name, g.nonfinite, g.numel))
+        .collect())
+}
+
 /// `LORAHOST_INJECT_OOM=STEP[.MICRO],...`: the named micro-batches (every micro-batch of a
 /// bare STEP) fail as if the device had run out of memory, to rehearse what a run does then
 /// (the tests; a pipeline's handling of the outcome) on any device.
@@ -1052,6 +1261,16 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
     // Only where nothing is there yet: a folder in the annotation file's place is Dataset::load's
     // error to report (with its fix), not something to write into.
     if t.synthetic && !t.data_dir.join("train").join(crate::data::coco::ANNOTATION_FILE).exists() {
+        // Never into a folder of the user's: the synthetic set would mix with their files.
+        if let Some(f) = foreign_file(&t.data_dir) {
+            bail!(
+                "training.synthetic is true and training.data_dir {} holds no train/{} but other files ({}): lorahost writes its synthetic dataset only into a new or empty folder, never among other files. Set training.data_dir to a new folder for the synthetic set (or empty this one), or set training.synthetic: false to train on your own data (it needs train/{} in COCO format); nothing was written",
+                t.data_dir.display(),
+                crate::data::coco::ANNOTATION_FILE,
+                f.display(),
+                crate::data::coco::ANNOTATION_FILE
+            );
+        }
         let spec = SyntheticSpec { seed, ..SyntheticSpec::default() };
         let spec = SyntheticSpec { train_images: 24, valid_images: 8, size: 112, max_cracks: 2, ..spec };
         write_synthetic(&t.data_dir, &spec)
@@ -1141,6 +1360,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
     let tokenizer = load_tokenizer(&model_path)?;
     let mut model = Sam3Model::load_dir(&model_path, &device, dtype)?.with_semantics(Semantics::Original);
     check_tokenizer(&tokenizer, &model, &model_path)?;
+    check_prompts(&tokenizer, &dataset, model.config().text_config.max_position_embeddings)?;
     model.set_vit_checkpointing(cfg.training.gradient_checkpointing)?;
     let lora_cfg = LoraConfig::from_section(&cfg.lora);
     let lora = LoraSet::attach_seeded(&mut model, &lora_cfg, seed, &device)
@@ -1187,8 +1407,18 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
     let scheduler = t.scheduler().unwrap_or(crate::train_config::Scheduler::Cosine);
     tracing::info!(
         "effective hyperparameters: batch {} x accumulation {} = {} images per optimizer step; {} micro-batches and {} optimizer steps per epoch; {} epochs = {} optimizer steps; warmup {} steps ({:.2} epochs); lr {:e} ({:?}); AdamW betas ({}, {}) eps {:e} weight decay {}; clip {}; precision {} (frozen weights in {}); seed {}",
-        t.batch_size, accum, eff.effective_batch_size, eff.micro_batches_per_epoch, eff.steps_per_epoch, t.num_epochs, total, warmup, eff.warmup_epochs, t.learning_rate, scheduler, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay, t.max_grad_norm, t.mixed_precision, dtype.as_str(), seed
+        t.batch_size, accum, eff.effective_batch_size, eff.micro_batches_per_epoch, eff.steps_per_epoch,
+        // (An LR range test runs its own number of steps, without warmup.)
+        if opts.lr_range.is_some() { total.div_ceil(eff.steps_per_epoch.max(1) as u64) as usize } else { t.num_epochs },
+        total, warmup, warmup as f64 / eff.steps_per_epoch.max(1) as f64, t.learning_rate, scheduler, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.weight_decay, t.max_grad_norm, t.mixed_precision, dtype.as_str(), seed
     );
+    if opts.lr_range.is_none() && t.learning_rate > 5e-2 {
+        // (doctor's D3 error: far above LoRA's range the adapters diverge within steps.)
+        tracing::warn!(
+            "training.learning_rate {:e} is far above the usual LoRA range (SAM3 LoRA runs use 5e-5 .. 2e-4): expect the loss to diverge; `lorahost lr-find` measures the range on this model and data",
+            t.learning_rate
+        );
+    }
     if warmup >= total && total > 0 {
         tracing::warn!(
             "warmup ({warmup} steps) covers the whole run ({total} steps): the LR never reaches its peak"
@@ -1209,14 +1439,16 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
 
     // Output.
     let out_dir = cfg.output.output_dir.clone();
+    let log_dir_of = |out: &Path| match &cfg.output.logging_dir {
+        Some(d) if d.is_absolute() => d.clone(),
+        Some(d) => out.join(d),
+        None => out.to_path_buf(),
+    };
+    check_output_dir_near_config(&out_dir, &opts.config, opts.resume.is_some(), &log_dir_of)?;
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output.output_dir {}", out_dir.display()))?;
     let ckpt_root = out_dir.join("checkpoints");
-    let log_dir = match &cfg.output.logging_dir {
-        Some(d) if d.is_absolute() => d.clone(),
-        Some(d) => out_dir.join(d),
-        None => out_dir.clone(),
-    };
+    let log_dir = log_dir_of(&out_dir);
     // A run still writing this folder keeps it; one that was killed is told what killed it.
     match session::ending(&log_dir.join("metrics.jsonl")) {
         session::Ending::Running(s) => bail!(
@@ -1299,7 +1531,10 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                 }
                 // Nothing was trained here yet: --resume starts the run.
                 None if damaged.is_empty() && !log_dir.join("metrics.jsonl").exists() => {
-                    tracing::info!("--resume: no checkpoint under {} yet: starting the run", ckpt_root.display());
+                    tracing::info!(
+                        "--resume: no checkpoint under {} yet: starting the run",
+                        ckpt_root.canonicalize().unwrap_or_else(|_| ckpt_root.clone()).display()
+                    );
                     None
                 }
                 None => bail!(
@@ -1314,6 +1549,9 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
             }
         }
     };
+    if let (Some(Resume::Dir(d)), Some(dir)) = (&opts.resume, &resume_dir) {
+        check_checkpoint_of_this_run(dir, d, &out_dir, &ckpt_root, &log_dir)?;
+    }
     // The record of this run's settings (`config.yaml` beside the outputs and in each checkpoint).
     // The plugins: the config's (with their own limits), then the command line's, with the
     // command line's settings over both.
@@ -1441,6 +1679,16 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                 ),
             }
         }
+        // The adapters and the optimizer state first: a checkpoint of another LoRA layout (rank,
+        // alpha, target modules, components) is refused here, before anything is moved or cut.
+        lora.load_peft(dir).with_context(|| {
+            format!(
+                "--resume {}: its adapters do not fit this config's lora section (a run continues with the LoRA layout it was trained with; nothing was moved)",
+                dir.display()
+            )
+        })?;
+        opt.load_state(&tensors, s.optimizer_updates)
+            .with_context(|| format!("optimizer state of {} (nothing was moved)", dir.display()))?;
         let stop_at = opts.max_steps.map_or(total, |m| m.min(total));
         if s.step >= stop_at {
             tracing::warn!(
@@ -1486,51 +1734,6 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
             );
             header_changed = true;
         }
-        // Checkpoints after the resume point belong to a branch this run abandons (its metrics
-        // are cut back to the resume point too): set aside, so a later plain --resume cannot
-        // pick them up.
-        let mut abandoned = 0;
-        // (Incomplete ones too: this run's saves would otherwise replace them.)
-        let later = checkpoint::list(&ckpt_root).into_iter().chain(checkpoint::incomplete(&ckpt_root));
-        for (step, d) in later.filter(|(st, _)| *st > s.step) {
-            let to = crate::fsutil::first_free(|k| match k {
-                0 => ckpt_root.join(format!("abandoned-step-{step:08}")),
-                k => ckpt_root.join(format!("abandoned-step-{step:08}-{k}")),
-            });
-            if std::fs::rename(&d, &to).is_ok() {
-                tracing::warn!(
-                    "{} is newer than the resume point (step {}): moved to {}",
-                    d.display(),
-                    s.step,
-                    to.display()
-                );
-                abandoned += 1;
-            }
-        }
-        // best/ may hold the abandoned branch's best: restore the one this state knows.
-        if let Some(b) = s.best.as_ref().filter(|_| abandoned > 0) {
-            let src = checkpoint::step_dir(&ckpt_root, b.step);
-            if src.is_dir() {
-                let tmp = checkpoint::partial_dir(&out_dir.join("best"));
-                let _ = std::fs::remove_dir_all(&tmp);
-                std::fs::create_dir_all(&tmp)?;
-                for f in ["adapter_model.safetensors", "adapter_config.json"] {
-                    std::fs::copy(src.join(f), tmp.join(f))
-                        .with_context(|| format!("restoring best/ from {}", src.display()))?;
-                }
-                checkpoint::replace_dir(&tmp, &out_dir.join("best"))?;
-                tracing::info!(
-                    "best/ restored from {} (best {} {:.4} at step {})",
-                    src.display(),
-                    b.metric,
-                    b.value,
-                    b.step
-                );
-            }
-        }
-        lora.load_peft(dir).with_context(|| format!("adapters of {}", dir.display()))?;
-        opt.load_state(&tensors, s.optimizer_updates)
-            .with_context(|| format!("optimizer state of {}", dir.display()))?;
         tracing::info!(
             "resumed from {} at step {} (epoch {}, micro-batch {} of it)",
             dir.display(),
@@ -1566,14 +1769,16 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
     // A fresh run into a folder that holds an earlier run: the earlier run's outputs are set
     // aside, so the two never mix (pruning, --resume and best/ would otherwise pick across them)
     // and nothing written before is lost.
-    if resume_dir.is_none() {
-        if let Some(to) = set_aside_earlier_run(&out_dir, &log_dir)? {
-            tracing::warn!(
-                "{} held an earlier run: its outputs were moved to {} (to continue a run instead, pass --resume)",
-                out_dir.display(),
-                to.display()
-            );
-        }
+    // A resume from an earlier checkpoint sets the branch after it aside (only now, after
+    // everything that can refuse the resume: a refused one moves nothing).
+    if resume_dir.is_some() {
+        set_aside_abandoned_branch(&ckpt_root, &out_dir, state.step, state.best.as_ref())?;
+    } else if let Some(to) = set_aside_earlier_run(&out_dir, &log_dir)? {
+        tracing::warn!(
+            "{} held an earlier run: its outputs were moved to {} (to continue a run instead, pass --resume)",
+            out_dir.display(),
+            to.display()
+        );
     }
     for p in plugins.plugins() {
         tracing::info!("plugin {} {} ({})", p.name(), p.manifest().version, p.path().display());
@@ -1691,6 +1896,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
     let metric_name = cfg.evaluation.metric.to_ascii_lowercase();
     let metric_name = if metric_name == "iou" { "map".to_string() } else { metric_name };
     let want_metrics_during = cfg.evaluation.compute_metrics_during_training || metric_name != "loss";
+    let mut uncomputable_warned = false;
     if let Some(b) = state.best.as_ref().filter(|b| b.metric != metric_name) {
         tracing::warn!(
             "evaluation.metric is now {metric_name}, the checkpoint's best was chosen by {} ({:.4} at step {}): best/ is replaced at the next validation, and compared by {metric_name} from then on",
@@ -1777,6 +1983,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
     // Micro-batches in a row that ran out of device memory, and the ones to fail on purpose.
     let mut oom_streak = 0u32;
     let inject_oom = injected_oom();
+    let inject_nan_update = injected_nan_update();
     let mut range_watch = crate::lr_find::DivergenceWatch::default();
     // Diagnosis codes already reported during this run.
     let mut diagnosed: BTreeSet<String> = BTreeSet::new();
@@ -2138,6 +2345,7 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         };
         let mut clipped_norm = total_norm;
         let mut diverged: Option<String> = None;
+        let mut optimizer_failed: Option<String> = None;
         if done == 0 {
             // Every micro-batch ran out of memory: nothing to apply, and nothing diverged.
             state.skipped_steps += 1;
@@ -2192,6 +2400,28 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                 grads.iter().zip(&has_grad).map(|(g, h)| h.then_some(g)).collect();
             opt.step_scaled(&present, lr, clip)?;
             applied = true;
+            // The update itself must leave finite weights (the gradients were): one more pass of
+            // the statistics kernel over the adapters. Otherwise the optimizer, not the data, made
+            // them NaN/Inf (e.g. AdamW's 0/0 with adam_epsilon 0): undone, and the run stops
+            // rather than training on, and saving, broken adapters.
+            if inject_nan_update == Some(step) {
+                vars[0].set(&(vars[0].as_tensor() * f64::NAN)?)?;
+            }
+            let bad = nonfinite_weights(&groups, &vars)?;
+            if !bad.is_empty() {
+                opt.rollback()?;
+                applied = false;
+                state.skipped_steps += 1;
+                action = "skip".into();
+                let why = format!(
+                    "step {step}: the AdamW update turned LoRA weights NaN/Inf in {} although the loss and the gradients were finite: the optimizer step, not the images, caused it: check training.adam_epsilon ({:e}; it must be well above 0, the default is 1e-8), the learning rate applied ({lr:e}) and training.weight_decay ({}). The update was undone and the run stopped; nothing of this step is saved. Fix the setting, then resume from the last checkpoint (--resume) or start again",
+                    bad.join(", "),
+                    t.adam_epsilon,
+                    t.weight_decay
+                );
+                reason = Some("the optimizer update made LoRA weights non-finite".into());
+                optimizer_failed = Some(why);
+            }
             if state.loss_scale > 1.0 {
                 state.loss_scale_good_steps += 1;
                 if state.loss_scale_good_steps >= 2000 {
@@ -2380,6 +2610,9 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         }
         end.step = step;
         tensorboard.step(&rec);
+        if let Some(why) = optimizer_failed.take() {
+            bail!(why);
+        }
         if let Some(why) = diverged.take() {
             summary.stopped = Some(why);
             break 'outer;
@@ -2394,7 +2627,12 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
         if t.logging_steps > 0 && step.is_multiple_of(t.logging_steps as u64) {
             // Epochs are counted from 1 on the console, like steps (0-based in the state).
             let epoch_shown = epoch_of_step + 1;
-            tracing::info!("step {step}/{total} epoch {epoch_shown}/{} loss {loss:.4} lr {lr:.3e} grad_norm {total_norm:.3} -> {clipped_norm:.3} {step_ms:.0} ms {action}", t.num_epochs);
+            let epochs = if opts.lr_range.is_some() {
+                total.div_ceil(eff.steps_per_epoch.max(1) as u64) as usize
+            } else {
+                t.num_epochs
+            };
+            tracing::info!("step {step}/{total} epoch {epoch_shown}/{epochs} loss {loss:.4} lr {lr:.3e} grad_norm {total_norm:.3} -> {clipped_norm:.3} {step_ms:.0} ms {action}");
         }
 
         // Ctrl-C / SIGTERM (installed by the command line): save and stop after this step,
@@ -2470,13 +2708,31 @@ fn train_session(opts: &TrainOptions, end: &mut SessionEnd) -> Result<TrainSumma
                     _ => Some(v.loss),
                 };
                 if let Some(value) = value {
-                    let better = is_better(&metric_name, value, v.loss, state.best.as_ref());
+                    if !computable(&metric_name, value) && !uncomputable_warned {
+                        uncomputable_warned = true;
+                        tracing::warn!(
+                            "step {step}: evaluation.metric {metric_name} cannot be computed on this validation split (COCO mask mAP is {value}: no validation object has a usable mask); best/ is not chosen by it. Use evaluation.metric: loss (or add masks to the validation annotations)"
+                        );
+                    }
+                    let previous = state.best.clone();
+                    let better = is_better(&metric_name, value, v.loss, previous.as_ref());
                     if better {
                         state.best =
                             Some(Best { metric: metric_name.clone(), value, step, loss: Some(v.loss) });
                         write_adapter_dir(&out_dir.join("best"), &lora, &base_name)?;
+                        // A tie in the metric goes to the lower validation loss: said so.
+                        let tie =
+                            match previous.as_ref().filter(|b| b.metric == metric_name && b.value == value) {
+                                Some(b) => format!(
+                                    " (tied with step {}; lower validation loss {:.4} < {:.4})",
+                                    b.step,
+                                    v.loss,
+                                    b.loss.unwrap_or(f64::NAN)
+                                ),
+                                None => String::new(),
+                            };
                         tracing::info!(
-                            "new best {metric_name} {value:.4} at step {step}: {}",
+                            "new best {metric_name} {value:.4} at step {step}{tie}: {}",
                             out_dir.join("best").display()
                         );
                     }
@@ -2767,6 +3023,15 @@ mod tests {
             is_better("map", 0.0, 4.0, Some(&best(0.0))) && !is_better("map", 0.0, 6.0, Some(&best(0.0)))
         );
         assert!(!is_better("map", 0.0, 4.0, Some(&Best { loss: None, ..best(0.0) })));
+        // A tie in both the metric and the loss is no improvement.
+        assert!(
+            !is_better("map", 0.0, 5.0, Some(&best(0.0))) && !is_better("loss", 5.0, 5.0, Some(&best(5.0)))
+        );
+        // mAP -1 (cannot be computed: no ground-truth masks) never selects a best, and a stored
+        // -1 is beaten by any measured mAP; another metric's -1 is a value (cgF1 is signed).
+        assert!(!is_better("map", -1.0, 1.0, None) && !is_better("map", -1.0, 1.0, Some(&best(-1.0))));
+        assert!(is_better("map", 0.0, 9.0, Some(&best(-1.0))));
+        assert!(is_better("cgf1", -1.0, 1.0, None));
     }
 
     /// Continuing a metrics log keeps the records up to the resume point and sets aside, never
