@@ -106,7 +106,15 @@ pub fn read_inputs(
             path.display()
         );
     }
-    let attention_mask = get(&map, "attention_mask", path)?;
+    // Without an attention_mask every token is valid (as transformers reads it).
+    let ones;
+    let attention_mask = match map.get("attention_mask") {
+        Some(m) => m,
+        None => {
+            ones = Tensor::ones(input_ids.dims(), DType::I64, input_ids.device())?;
+            &ones
+        }
+    };
     if attention_mask.dims() != input_ids.dims() || input_ids.dim(0)? != b {
         bail!(
             "{}: input_ids {:?} and attention_mask {:?} must both be (B={b}, T)",
@@ -314,6 +322,25 @@ pub fn expand_images(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
                         })
                 })
                 .collect();
+            // Other image formats are not read: said, not skipped silently.
+            let others: Vec<String> = std::fs::read_dir(a)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let ext = e.path().extension()?.to_str()?.to_ascii_lowercase();
+                    matches!(ext.as_str(), "webp" | "tif" | "tiff" | "bmp" | "gif" | "heic" | "jp2")
+                        .then(|| e.file_name().to_string_lossy().into_owned())
+                })
+                .collect();
+            if !others.is_empty() {
+                tracing::warn!(
+                    "{}: {} image(s) in other formats than JPEG or PNG are not read (e.g. {}): convert them to PNG",
+                    a.display(),
+                    others.len(),
+                    others[0]
+                );
+            }
             if found.is_empty() {
                 bail!("{}: a folder without JPEG or PNG images", a.display());
             }
@@ -368,6 +395,18 @@ impl Predictor {
             }
             None => None,
         };
+        let fit = tokenizer.prompt_fit(&o.prompts, model.config().text_config.max_position_embeddings);
+        for (p, n) in &fit.truncated {
+            tracing::warn!(
+                "--prompt {p:?} is {n} tokens; the text encoder reads {}: it is cut short",
+                model.config().text_config.max_position_embeddings
+            );
+        }
+        for (a, b) in &fit.same {
+            tracing::warn!(
+                "--prompt {a:?} and --prompt {b:?} read as the same tokens: their results are the same"
+            );
+        }
         Ok(Predictor { model, tokenizer, device, _adapters: adapters })
     }
 

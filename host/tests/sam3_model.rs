@@ -311,6 +311,43 @@ fn forward_command_writes_the_contract_outputs() {
     }
 }
 
+/// Inputs without an attention_mask read every token as valid, as transformers does: the same
+/// outputs as with an all-ones mask.
+#[test]
+fn forward_without_an_attention_mask_takes_every_token() {
+    let dir = fixture("tiny_a");
+    let tmp = tempfile::tempdir().unwrap();
+    let r = Reference::open(&dir);
+    let mut without: HashMap<String, Tensor> = r.inputs.clone();
+    without.remove("attention_mask");
+    let mut ones = r.inputs.clone();
+    let m = &r.inputs["attention_mask"];
+    ones.insert("attention_mask".into(), Tensor::ones(m.dims(), m.dtype(), &Device::Cpu).unwrap());
+    let run = |inputs: &HashMap<String, Tensor>, name: &str| {
+        let (i, o) = (
+            tmp.path().join(format!("{name}_in.safetensors")),
+            tmp.path().join(format!("{name}_out.safetensors")),
+        );
+        candle_core::safetensors::save(inputs, &i).unwrap();
+        let s = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .args(["forward", "--model"])
+            .arg(&dir)
+            .arg("--inputs")
+            .arg(&i)
+            .arg("--out")
+            .arg(&o)
+            .output()
+            .unwrap();
+        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+        candle_core::safetensors::load(&o, &Device::Cpu).unwrap()
+    };
+    let (a, b) = (run(&without, "without"), run(&ones, "ones"));
+    for name in ["pred_logits", "pred_boxes", "pred_masks"] {
+        let d = (&a[name] - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+}
+
 fn forward_err(model_dir: &Path, inputs: &Path) -> String {
     let out = tempfile::tempdir().unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))

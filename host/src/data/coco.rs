@@ -1452,8 +1452,30 @@ impl Dataset {
             }
         }
         let mut ds = Self { data_dir: data_dir.into(), splits, skipped };
+        ds.share_trained_categories();
         ds.set_generic_negatives(GENERIC_NEGATIVES);
         Ok(ds)
+    }
+
+    /// A category that the training split annotates is a class the model is trained on: in the
+    /// other splits it is asked as a negative even where no image shows it (an all-negative
+    /// test split of clean walls measures the false "crack" detections), so it is used there.
+    fn share_trained_categories(&mut self) {
+        let Some(train) = self.splits.iter().find(|s| s.name == "train") else { return };
+        let trained: Vec<String> =
+            train.categories.iter().filter(|c| c.used).map(|c| c.prompt.clone()).collect();
+        for split in self.splits.iter_mut().filter(|s| s.name != "train") {
+            let mut shared = Vec::new();
+            for c in split.categories.iter_mut().filter(|c| !c.used && trained.contains(&c.prompt)) {
+                c.used = true;
+                shared.push(c.id);
+            }
+            // Its "not used as a negative" finding no longer holds.
+            split.findings.retain(|f| {
+                f.kind != FindingKind::UnusedCategory
+                    || !shared.iter().any(|id| f.message.starts_with(&format!("category {id} ")))
+            });
+        }
     }
 
     /// Use `words` as every split's generic negatives (`training.generic_negatives`; an empty

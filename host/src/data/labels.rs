@@ -356,7 +356,7 @@ fn labelme_item(
     let mut objects: Vec<Object> = Vec::new();
     for (k, shape) in v["shapes"].as_array().into_iter().flatten().enumerate() {
         let Some(label) = shape["label"].as_str().map(str::trim).filter(|l| !l.is_empty()) else {
-            *skipped.entry("shapes without a label".into()).or_default() += 1;
+            *skipped.entry("shapes without a label (a label is the class)".into()).or_default() += 1;
             continue;
         };
         let pts: Vec<(f64, f64)> = shape["points"]
@@ -381,8 +381,18 @@ fn labelme_item(
                     })
                     .collect()
             }
+            ("polygon", _) => {
+                *skipped.entry("polygons of fewer than 3 points".into()).or_default() += 1;
+                continue;
+            }
+            ("rectangle" | "circle", _) => {
+                *skipped.entry(format!("{kind}s without their 2 points")).or_default() += 1;
+                continue;
+            }
             (kind, _) => {
-                *skipped.entry(format!("{kind} shapes")).or_default() += 1;
+                *skipped
+                    .entry(format!("{kind} shapes (only polygons, rectangles and circles are objects)"))
+                    .or_default() += 1;
                 continue;
             }
         };
@@ -513,9 +523,7 @@ pub fn import_labels(
                 o.class = rank[o.class];
             }
             for (kind, n) in skipped {
-                summary.notes.push(format!(
-                    "{n} LabelMe {kind} left out (only polygons, rectangles and circles are objects)"
-                ));
+                summary.notes.push(format!("{n} LabelMe {kind} left out"));
             }
             names
         }
@@ -593,6 +601,15 @@ fn finish_labels(
     Ok(summary)
 }
 
+/// A class's name for a note (`"crack"`), from the categories written (class k is id k + 1).
+fn class_name(categories: &[Value], class: usize) -> String {
+    categories
+        .iter()
+        .find(|c| c["id"].as_u64() == Some(class as u64 + 1))
+        .and_then(|c| c["name"].as_str())
+        .map_or_else(|| format!("class-{class}"), |n| format!("{n:?}"))
+}
+
 /// Write one split's images and annotation file (temporary folder, then renamed into place).
 fn write_split(
     dir: &Path,
@@ -625,9 +642,13 @@ fn write_split(
             }
         };
         if !taken.insert(file_name.to_lowercase()) {
-            summary
-                .left_out
-                .push((item.image.clone(), format!("a second image named {file_name} in {split}/")));
+            summary.left_out.push((
+                item.image.clone(),
+                format!(
+                    "a second image named {file_name} in {split}/ (from {}; its annotations are left out with it)",
+                    item.source.display()
+                ),
+            ));
             continue;
         }
         summary.notes.extend(note);
@@ -652,9 +673,9 @@ fn write_split(
                     let (y0, y1) = ((y * sy).clamp(0.0, fh), ((y + bh) * sy).clamp(0.0, fh));
                     if !(x1 > x0 && y1 > y0) {
                         summary.notes.push(format!(
-                            "{}: a class-{} box lies outside the {w}x{h} image; left out",
+                            "{}: a {} box lies outside the {w}x{h} image; left out",
                             item.source.display(),
-                            o.class
+                            class_name(categories, o.class)
                         ));
                         continue;
                     }
@@ -671,9 +692,9 @@ fn write_split(
                     let area = mask.iter().filter(|&&m| m).count() as f64;
                     if area == 0.0 {
                         summary.notes.push(format!(
-                            "{}: a class-{} polygon covers no pixel of the {w}x{h} image; left out",
+                            "{}: a {} shape covers no pixel of the {w}x{h} image; left out",
                             item.source.display(),
-                            o.class
+                            class_name(categories, o.class)
                         ));
                         continue;
                     }
@@ -877,7 +898,13 @@ mod tests {
         let out = d.path().join("data");
         let s = import_labels(&src, None, &options(&out)).unwrap();
         assert_eq!((s.splits[0].images, s.splits[0].objects), (2, 3), "{s:?}");
-        assert!(s.notes.iter().any(|n| n.contains("1 LabelMe point shapes left out")), "{:?}", s.notes);
+        assert!(
+            s.notes.iter().any(|n| n.contains(
+                "1 LabelMe point shapes (only polygons, rectangles and circles are objects) left out"
+            )),
+            "{:?}",
+            s.notes
+        );
         let train = Split::load(&out, "train").unwrap();
         assert_eq!(train.categories.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["dent", "scratch"]);
         let xi = train.images.iter().find(|i| i.file_name == "x.png").unwrap();

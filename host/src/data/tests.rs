@@ -1089,3 +1089,44 @@ fn an_annotation_path_that_is_a_folder_is_named() {
     let e = Dataset::load(d.path()).unwrap_err().to_string();
     assert!(e.contains("valid/_annotations.coco.json") && e.contains("a folder where"), "{e}");
 }
+
+/// An all-negative test split (clean images, the dataset's category listed but annotated
+/// nowhere there): the trained category is still asked on its images as a negative, so its
+/// false detections are measured; a category the training split does not annotate is not.
+#[test]
+fn an_all_negative_split_is_asked_for_the_trained_categories() {
+    let d = tempfile::tempdir().unwrap();
+    png(&d.path().join("train/a.png"), 8, 8);
+    png(&d.path().join("test/clean.png"), 8, 8);
+    let cats = serde_json::json!([{"id": 1, "name": "crack"}, {"id": 2, "name": "spall"}]);
+    write_json(
+        d.path(),
+        "train",
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3],
+                             "segmentation": [[1, 1, 4, 1, 4, 4, 1, 4]], "iscrowd": 0}],
+            "categories": cats,
+        }),
+    );
+    write_json(
+        d.path(),
+        "test",
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "clean.png", "width": 8, "height": 8}],
+            "annotations": [],
+            "categories": cats,
+        }),
+    );
+    let ds = Dataset::load(d.path()).unwrap().with_generic_negatives(Vec::<String>::new());
+    let test = ds.split("test").unwrap();
+    let q = test.queries(0, 3, 0);
+    assert_eq!(q.iter().map(|q| (q.prompt.as_str(), q.negative)).collect::<Vec<_>>(), [("crack", true)]);
+    let unused: Vec<&str> = test
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::UnusedCategory)
+        .map(|f| f.message.as_str())
+        .collect();
+    assert!(unused.len() == 1 && unused[0].contains("spall"), "{unused:?}");
+}

@@ -243,7 +243,7 @@ pub enum HiddenAct {
     /// Exact (erf) GELU: `gelu`, `gelu_python`.
     Gelu,
     /// Tanh-approximated GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`: `gelu_new`,
-    /// `gelu_pytorch_tanh`, `gelu_python_tanh`, `gelu_fast`.
+    /// `gelu_pytorch_tanh`, `gelu_python_tanh`, `gelu_fast`, `gelu_accurate`.
     GeluTanh,
     /// `x·σ(1.702·x)`: `quick_gelu` (CLIPTextConfig's default).
     QuickGelu,
@@ -255,13 +255,14 @@ pub enum HiddenAct {
 
 impl HiddenAct {
     /// The accepted `hidden_act` names.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "gelu",
         "gelu_python",
         "gelu_new",
         "gelu_pytorch_tanh",
         "gelu_python_tanh",
         "gelu_fast",
+        "gelu_accurate",
         "quick_gelu",
         "relu",
         "silu",
@@ -272,7 +273,10 @@ impl HiddenAct {
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "gelu" | "gelu_python" => HiddenAct::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_python_tanh" | "gelu_fast" => HiddenAct::GeluTanh,
+            // (`gelu_accurate` is the same tanh formula with its constant precomputed.)
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_python_tanh" | "gelu_fast" | "gelu_accurate" => {
+                HiddenAct::GeluTanh
+            }
             "quick_gelu" => HiddenAct::QuickGelu,
             "relu" => HiddenAct::Relu,
             "silu" | "swish" => HiddenAct::Silu,
