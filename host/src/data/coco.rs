@@ -185,6 +185,31 @@ impl Segmentation {
 }
 
 impl Segmentation {
+    /// The mask inside its extent (grown by 2 px, within the image) of an `h`×`w` image: the
+    /// window and its pixels, row-major; None when it covers nothing. What [`Self::decode`]
+    /// gives there, without a whole-image mask per object.
+    pub fn decode_extent(&self, h: usize, w: usize) -> Result<Option<(rle::Window, Vec<bool>)>, String> {
+        let Some([ex0, ey0, ex1, ey1]) = self.extent(h, w) else { return Ok(None) };
+        let x0 = (ex0.floor() as usize).saturating_sub(2);
+        let y0 = (ey0.floor() as usize).saturating_sub(2);
+        let x1 = ((ex1.ceil() as usize) + 2).min(w);
+        let y1 = ((ey1.ceil() as usize) + 2).min(h);
+        if x1 <= x0 || y1 <= y0 {
+            return Ok(None);
+        }
+        let win = rle::Window { x0, y0, w: x1 - x0, h: y1 - y0 };
+        let mask = match self {
+            Self::Polygons(p) => rle::rasterize_polygons_in(p, h, w, win)?,
+            Self::Rle { h: rh, w: rw, counts } => {
+                if (*rh, *rw) != (h, w) {
+                    return Err(format!("RLE size is {rh}x{rw} but the image is {h}x{w}"));
+                }
+                rle::decode_counts_in(counts, h, w, win)?
+            }
+        };
+        Ok(Some((win, mask)))
+    }
+
     /// The extent [x0, y0, x1, y1] in pixels of an `h`×`w` image, from the geometry (polygon
     /// coordinates of the polygons that enclose anything, clipped; RLE runs), without rasterizing.
     /// None when it covers nothing.

@@ -109,14 +109,64 @@ pub fn decode_counts(counts: &[u64], h: usize, w: usize) -> Result<Vec<bool>, St
     Ok(out)
 }
 
+/// [`decode_counts`] of an `h`×`w` mask, only the pixels of `win` (row-major, `win.w` wide);
+/// the counts are checked as there.
+pub fn decode_counts_in(counts: &[u64], h: usize, w: usize, win: Window) -> Result<Vec<bool>, String> {
+    let total = counts.iter().try_fold(0u64, |a, &c| a.checked_add(c));
+    if h.checked_mul(w).is_none() || total != Some((h * w) as u64) {
+        return decode_counts(counts, h, w).map(|_| Vec::new());
+    }
+    let mut out = vec![false; win.w * win.h];
+    let (xs, ys) = (win.x0..win.x0 + win.w, win.y0..win.y0 + win.h);
+    let mut i = 0usize;
+    for (n, &c) in counts.iter().enumerate() {
+        if n % 2 == 1 {
+            // Column-major runs: only the columns of the window, each run's rows clipped to it.
+            for j in i..i + c as usize {
+                let (x, y) = (j / h, j % h);
+                if xs.contains(&x) && ys.contains(&y) {
+                    out[(y - win.y0) * win.w + x - win.x0] = true;
+                }
+            }
+        }
+        i += c as usize;
+    }
+    Ok(out)
+}
+
 /// Fill COCO polygons (each a flat `[x0, y0, x1, y1, ...]` list in pixels) into a row-major
 /// `h`×`w` mask; see the module docs for the rule. Coordinates must be finite; a polygon of
 /// fewer than 3 points adds nothing, and a trailing odd coordinate is ignored (as pycocotools).
 pub fn rasterize_polygons(polygons: &[Vec<f64>], h: usize, w: usize) -> Result<Vec<bool>, String> {
+    rasterize_polygons_in(polygons, h, w, Window { x0: 0, y0: 0, w, h })
+}
+
+/// A rectangle of an image, `[x0, x0 + w) × [y0, y0 + h)` in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Left column.
+    pub x0: usize,
+    /// Top row.
+    pub y0: usize,
+    /// Width.
+    pub w: usize,
+    /// Height.
+    pub h: usize,
+}
+
+/// [`rasterize_polygons`] of an `h`×`w` image, only the pixels of `win` (row-major, `win.w`
+/// wide): the same pixels the whole mask has there, computed in the image's own coordinates.
+pub fn rasterize_polygons_in(
+    polygons: &[Vec<f64>],
+    h: usize,
+    w: usize,
+    win: Window,
+) -> Result<Vec<bool>, String> {
     if polygons.is_empty() {
         return Err("segmentation is an empty polygon list".into());
     }
-    let mut mask = vec![false; h * w];
+    let (ys, xe) = (win.y0..(win.y0 + win.h).min(h), (win.x0 + win.w).min(w));
+    let mut mask = vec![false; win.h * win.w];
     let mut xs: Vec<f64> = Vec::new();
     for (pi, poly) in polygons.iter().enumerate() {
         if poly.iter().any(|v| !v.is_finite()) {
@@ -128,7 +178,7 @@ pub fn rasterize_polygons(polygons: &[Vec<f64>], h: usize, w: usize) -> Result<V
         if n < 3 {
             continue;
         }
-        for y in 0..h {
+        for y in ys.clone() {
             let yc = y as f64 + 0.5;
             xs.clear();
             for e in 0..n {
@@ -143,9 +193,9 @@ pub fn rasterize_polygons(polygons: &[Vec<f64>], h: usize, w: usize) -> Result<V
                 // Pixels whose center x + 0.5 lies in [a, b).
                 let start = (pair[0] - 0.5).ceil().max(0.0);
                 let end = (pair[1] - 0.5).ceil().min(w as f64);
-                let (start, end) = (start as usize, end.max(0.0) as usize);
+                let (start, end) = ((start as usize).max(win.x0), (end.max(0.0) as usize).min(xe));
                 for x in start..end {
-                    mask[y * w + x] = true;
+                    mask[(y - win.y0) * win.w + x - win.x0] = true;
                 }
             }
         }
@@ -157,6 +207,31 @@ pub fn rasterize_polygons(polygons: &[Vec<f64>], h: usize, w: usize) -> Result<V
 mod tests {
     use super::*;
     use crate::sam3::postprocess::rle_encode;
+
+    /// A window of a mask, decoded or rasterized on its own, is the whole mask's pixels there
+    /// (polygons with edges through pixel centres and past the image, RLE runs across columns).
+    #[test]
+    fn windows_are_the_whole_masks_pixels() {
+        let (h, w) = (23, 31);
+        let polys =
+            vec![vec![2.5, 1.5, 20.25, 3.0, 29.0, 17.5, 7.5, 21.5], vec![-4.0, 10.0, 6.0, 8.5, 3.3, 30.0]];
+        let whole = rasterize_polygons(&polys, h, w).unwrap();
+        let counts = rle_encode(&whole, h, w).counts;
+        for win in [
+            Window { x0: 0, y0: 0, w, h },
+            Window { x0: 3, y0: 2, w: 10, h: 7 },
+            Window { x0: 20, y0: 15, w: 11, h: 8 },
+            Window { x0: 0, y0: 9, w: 5, h: 14 },
+        ] {
+            let want: Vec<bool> = (win.y0..win.y0 + win.h)
+                .flat_map(|y| (win.x0..win.x0 + win.w).map(move |x| (x, y)))
+                .map(|(x, y)| whole[y * w + x])
+                .collect();
+            assert_eq!(rasterize_polygons_in(&polys, h, w, win).unwrap(), want, "{win:?}");
+            assert_eq!(decode_counts_in(&counts, h, w, win).unwrap(), want, "{win:?}");
+        }
+        assert!(decode_counts_in(&[1, 2], 2, 2, Window { x0: 0, y0: 0, w: 1, h: 1 }).is_err());
+    }
 
     #[test]
     fn compressed_roundtrip_and_checks() {

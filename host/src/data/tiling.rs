@@ -69,13 +69,52 @@ pub fn tile_positions(length: u32, tile: u32, stride: u32) -> Vec<u32> {
     p
 }
 
-/// The crop `[x0, x0 + tw) × [y0, y0 + th)` of a row-major `w`-wide mask.
-fn crop(mask: &[bool], w: usize, (x0, y0, tw, th): (usize, usize, usize, usize)) -> Vec<bool> {
-    let mut out = Vec::with_capacity(tw * th);
-    for y in y0..y0 + th {
-        out.extend_from_slice(&mask[y * w + x0..y * w + x0 + tw]);
+/// An object's part in the tile `[x0, x0 + tw) × [y0, y0 + th)`, from the image's mask given
+/// as its pixels in `win` (row-major; empty outside `win`): its pixel count, its box in tile
+/// pixels and the COCO RLE counts of the tile's mask (column-major, as `rle_encode` writes
+/// them), in the time of the overlap rather than of the whole tile (a tile per object and a
+/// megapixel each made images with many objects take minutes).
+fn tile_part(
+    (win, mask): (&super::rle::Window, &[bool]),
+    (x0, y0, tw, th): (usize, usize, usize, usize),
+) -> (usize, Option<[f64; 4]>, Vec<u64>) {
+    let (cx0, cx1) = (x0.max(win.x0), (x0 + tw).min(win.x0 + win.w));
+    let (cy0, cy1) = (y0.max(win.y0), (y0 + th).min(win.y0 + win.h));
+    let total = (tw * th) as u64;
+    let (mut counts, mut pixels) = (Vec::new(), 0usize);
+    // The run of ones in progress (its start) and the index just past the last one.
+    let (mut open, mut end): (Option<u64>, u64) = (None, 0);
+    let (mut bx0, mut by0, mut bx1, mut by1) = (usize::MAX, usize::MAX, 0, 0);
+    for x in cx0..cx1 {
+        for y in cy0..cy1 {
+            if !mask[(y - win.y0) * win.w + x - win.x0] {
+                continue;
+            }
+            pixels += 1;
+            let (tx, ty) = (x - x0, y - y0);
+            (bx0, by0, bx1, by1) = (bx0.min(tx), by0.min(ty), bx1.max(tx), by1.max(ty));
+            let idx = (tx * th + ty) as u64;
+            match open {
+                Some(_) if idx == end => end += 1,
+                _ => {
+                    if let Some(s) = open {
+                        counts.push(end - s);
+                    }
+                    counts.push(idx - end);
+                    open = Some(idx);
+                    end = idx + 1;
+                }
+            }
+        }
     }
-    out
+    if let Some(s) = open {
+        counts.push(end - s);
+    }
+    if end < total || counts.is_empty() {
+        counts.push(total - end);
+    }
+    let bbox = (pixels > 0).then(|| [bx0 as f64, by0 as f64, (bx1 + 1 - bx0) as f64, (by1 + 1 - by0) as f64]);
+    (pixels, bbox, counts)
 }
 
 /// Tile every split of `data_dir` into `out` (which must not exist or be empty).
@@ -134,7 +173,15 @@ fn tile_split(split: &Split, dir: &Path, opts: &TileOptions) -> Result<SplitTile
         // Per tile (row-major over ys, xs): its annotations.
         let mut per_tile: Vec<Vec<serde_json::Value>> = vec![Vec::new(); xs.len() * ys.len()];
         for o in &im.objects {
-            let mask = o.segmentation.as_ref().and_then(|s| s.decode(h as usize, w as usize).ok());
+            // Only the object's extent is decoded (a whole-image mask per object made a
+            // 12-megapixel image with many objects take minutes).
+            let window = o.segmentation.as_ref().map(|s| s.decode_extent(h as usize, w as usize));
+            let mask = match window {
+                Some(Ok(Some(m))) => Some(m),
+                // An empty mask crops to nothing in every tile.
+                Some(Ok(None)) => continue,
+                _ => None,
+            };
             for (t, (&y0, &x0)) in ys.iter().flat_map(|y| xs.iter().map(move |x| (y, x))).enumerate() {
                 let b = o.bbox_xywh;
                 let (bx0, by0, bx1, by1) = (b[0], b[1], b[0] + b[2], b[1] + b[3]);
@@ -143,16 +190,15 @@ fn tile_split(split: &Split, dir: &Path, opts: &TileOptions) -> Result<SplitTile
                     continue;
                 }
                 let ann = match &mask {
-                    Some(m) => {
-                        let part = crop(m, w as usize, (x0 as usize, y0 as usize, tw as usize, th as usize));
-                        let pixels = part.iter().filter(|&&v| v).count();
+                    Some((win, m)) => {
+                        let (pixels, bbox, counts) =
+                            tile_part((win, m), (x0 as usize, y0 as usize, tw as usize, th as usize));
                         if pixels < opts.min_pixels.max(1) {
                             continue;
                         }
-                        let Some(bbox) = super::mask_bounds(&part, tw as usize) else { continue };
-                        let rle = crate::sam3::postprocess::rle_encode(&part, th as usize, tw as usize);
+                        let Some(bbox) = bbox else { continue };
                         json!({"bbox": bbox, "area": pixels,
-                               "segmentation": {"size": [th, tw], "counts": rle.compressed_counts()}})
+                               "segmentation": {"size": [th, tw], "counts": super::rle::encode_compressed_counts(&counts)}})
                     }
                     None => {
                         // Box-only: the box clipped to the tile.
@@ -225,6 +271,30 @@ fn tile_split(split: &Split, dir: &Path, opts: &TileOptions) -> Result<SplitTile
 mod tests {
     use super::*;
     use crate::data::coco::Segmentation;
+
+    #[test]
+    fn tile_part_is_the_whole_tile_crop() {
+        use crate::data::rle::rasterize_polygons;
+        let (h, w) = (40, 50);
+        let polys =
+            vec![vec![3.5, 2.0, 30.0, 5.5, 44.0, 33.0, 9.0, 38.5], vec![0.0, 0.0, 6.0, 0.0, 0.0, 9.0]];
+        let whole = rasterize_polygons(&polys, h, w).unwrap();
+        let seg = crate::data::coco::Segmentation::Polygons(polys);
+        let (win, m) = seg.decode_extent(h, w).unwrap().unwrap();
+        for (x0, y0, tw, th) in
+            [(0, 0, 50, 40), (10, 5, 20, 20), (40, 30, 10, 10), (45, 0, 5, 3), (0, 35, 50, 5)]
+        {
+            let crop: Vec<bool> = (y0..y0 + th)
+                .flat_map(|y| (x0..x0 + tw).map(move |x| (x, y)))
+                .map(|(x, y)| whole[y * w + x])
+                .collect();
+            let rle = crate::sam3::postprocess::rle_encode(&crop, th, tw);
+            let (pixels, bbox, counts) = tile_part((&win, &m), (x0, y0, tw, th));
+            assert_eq!(counts, rle.counts, "{x0},{y0}");
+            assert_eq!(pixels, crop.iter().filter(|&&v| v).count());
+            assert_eq!(bbox, crate::data::mask_bounds(&crop, tw));
+        }
+    }
 
     #[test]
     fn positions_cover_the_side_and_end_at_the_edge() {
