@@ -1055,12 +1055,7 @@ fn token_checks(cfg: &TrainConfig, ds: &Dataset, r: &mut Report) {
     let (Some(config), Ok(model_path)) = (model_config(cfg), crate::train::resolve_model(cfg)) else {
         return;
     };
-    let dir = if model_path.is_file() {
-        model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        model_path
-    };
-    let Ok(tokenizer) = crate::sam3::tokenizer::PromptTokenizer::from_dir(&dir) else { return };
+    let Ok(tokenizer) = crate::train::load_tokenizer(&model_path) else { return };
     let ctx = config.text_config.max_position_embeddings;
     let fit = tokenizer.prompt_fit(&ds.prompts(), ctx);
     if !fit.same.is_empty() {
@@ -1090,13 +1085,12 @@ fn data_checks(cfg: &TrainConfig, opts: &DoctorOptions, r: &mut Report) -> bool 
     let has_train = dir.join("train").join(crate::data::coco::ANNOTATION_FILE).exists();
     if cfg.training.synthetic && !has_train && !dir.is_file() {
         // `train` writes the synthetic set there on first use (into a new or empty folder).
-        let foreign = dir.is_dir() && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-        if foreign {
+        if let Some(file) = crate::train::foreign_file(dir) {
             r.add(
                 "F12",
                 Severity::Error,
                 "training.synthetic is true, but training.data_dir holds other files and no train/ split",
-                dir.display().to_string(),
+                format!("{} holds {}", dir.display(), file.display()),
                 "train writes its synthetic dataset only into a new or empty folder: set training.data_dir to one, or training.synthetic: false for your own data",
             );
             return false;

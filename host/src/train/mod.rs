@@ -478,7 +478,7 @@ fn check_output_dir_near_config(
 /// The first entry of `dir` (by name; inside a folder, its first entry, to name a file), or
 /// None for a new or empty folder: the synthetic dataset is written only where there is nothing
 /// yet (as `doctor`'s F12 says).
-fn foreign_file(dir: &Path) -> Option<PathBuf> {
+pub(crate) fn foreign_file(dir: &Path) -> Option<PathBuf> {
     let first = |d: &Path| std::fs::read_dir(d).ok()?.flatten().map(|e| e.path()).min();
     let mut entry = first(dir)?;
     for _ in 0..3 {
@@ -550,7 +550,7 @@ fn resume_command(opts: &TrainOptions) -> String {
 }
 
 /// The prompt tokenizer beside the model (its directory, or the folder of a `sam3.pt`).
-fn load_tokenizer(model_path: &Path) -> Result<PromptTokenizer> {
+pub(crate) fn load_tokenizer(model_path: &Path) -> Result<PromptTokenizer> {
     let tok_dir = if model_path.is_file() {
         model_path.parent().unwrap_or(Path::new(".")).to_path_buf()
     } else {
